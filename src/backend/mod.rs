@@ -1,0 +1,110 @@
+//! The op set: every tensor operation the LLaVA program uses, as one trait that each backend
+//! implements (DESIGN §2). The model code in `crate::model` is written only against this trait, so the
+//! CPU reference and the CUDA backend run the same orchestration (shapes, offsets, KV-cache
+//! indexing); op-level parity against [`cpu::Cpu`] is then all a new backend has to prove.
+//!
+//! Every tensor is a row-major matrix `[rows, cols]` with f32 semantics; a backend may store it in a
+//! narrower type (the CUDA backend keeps f16/bf16 with f32 accumulation). Sequences are rows,
+//! features are columns; multi-head tensors pack heads along the columns (`[n, heads * head_dim]`),
+//! exactly the layout of the projections' outputs, so no op needs a transpose.
+//!
+//! Ops return fresh tensors except those named `*_into`, which write into an existing one (the KV
+//! cache, image-feature scatter). Shape errors are `Error::Backend`; a backend checks shapes before
+//! touching memory.
+
+pub mod cpu;
+
+use crate::checkpoint::TensorRef;
+use crate::error::{Error, Result};
+
+/// Attention geometry shared by the vision tower (no mask, all heads distinct) and the decoder
+/// (causal, grouped-query).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttnShape {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// Causal masking with the queries at absolute positions `q_pos0 .. q_pos0 + n_q`; keys sit at
+    /// positions `0 .. kv_len`. `None`: every query sees every key (vision tower).
+    pub causal_q_pos0: Option<usize>,
+    /// Number of leading key/value rows to attend over (the filled part of a KV cache).
+    pub kv_len: usize,
+}
+
+pub trait Backend {
+    type Tensor;
+
+    fn name(&self) -> String;
+
+    /// `[rows, cols]` of a tensor.
+    fn dims(&self, t: &Self::Tensor) -> (usize, usize);
+
+    /// Host f32 data, row-major, to a tensor.
+    fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<Self::Tensor>;
+    /// A checkpoint tensor (any supported dtype) viewed as `[rows, cols]`.
+    fn load_weight(&self, t: &TensorRef<'_>, rows: usize, cols: usize) -> Result<Self::Tensor>;
+    /// Tensor to host f32, row-major.
+    fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
+    fn zeros(&self, rows: usize, cols: usize) -> Result<Self::Tensor>;
+
+    /// `y = x · wᵀ (+ bias)`; x `[m, k]`, w `[n, k]` (PyTorch Linear layout), bias `[1, n]`.
+    fn linear(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        bias: Option<&Self::Tensor>,
+    ) -> Result<Self::Tensor>;
+    /// Elementwise `a + b`; `b` may also be a single row broadcast over `a`'s rows.
+    fn add(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
+    /// Row-wise RMSNorm (Llama): `x / sqrt(mean(x²) + eps) * w`, w `[1, cols]`.
+    fn rms_norm(&self, x: &Self::Tensor, w: &Self::Tensor, eps: f32) -> Result<Self::Tensor>;
+    /// Row-wise LayerNorm: `(x - mean) / sqrt(var + eps) * w + b`.
+    fn layer_norm(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        b: &Self::Tensor,
+        eps: f32,
+    ) -> Result<Self::Tensor>;
+    /// Exact (erf) GELU.
+    fn gelu(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
+    /// CLIP's `x * sigmoid(1.702 x)`.
+    fn quick_gelu(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
+    /// `silu(gate) * up`.
+    fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor>;
+    /// Rotary embedding, split-halves layout (HF `rotate_half`), on `[n, heads * head_dim]` rows at
+    /// positions `pos0 .. pos0 + n`.
+    fn rope(
+        &self,
+        x: &Self::Tensor,
+        head_dim: usize,
+        pos0: usize,
+        theta: f32,
+    ) -> Result<Self::Tensor>;
+    /// Scaled dot-product attention: q `[n_q, H·d]`, k and v `[≥kv_len, Hkv·d]` → `[n_q, H·d]`,
+    /// softmax in f32, scale `1/√d`.
+    fn attention(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        shape: AttnShape,
+    ) -> Result<Self::Tensor>;
+    /// Gathers rows of an embedding table `[vocab, d]`; every id must be `< vocab`.
+    fn embedding(&self, table: &Self::Tensor, ids: &[u32]) -> Result<Self::Tensor>;
+    /// Rows `start .. start + n` as a new tensor.
+    fn slice_rows(&self, x: &Self::Tensor, start: usize, n: usize) -> Result<Self::Tensor>;
+    /// Writes all of `src` into `dst` at row `dst_row` (KV-cache append, image-feature scatter).
+    fn copy_rows_into(
+        &self,
+        dst: &mut Self::Tensor,
+        dst_row: usize,
+        src: &Self::Tensor,
+    ) -> Result<()>;
+    /// Index of the largest value in each row (first one on ties, as `torch.argmax`).
+    fn argmax_rows(&self, x: &Self::Tensor) -> Result<Vec<u32>>;
+}
+
+pub(crate) fn shape_err(op: &str, msg: impl std::fmt::Display) -> Error {
+    Error::Backend(format!("{op}: {msg}"))
+}

@@ -1,0 +1,494 @@
+//! `config.json` of a LLaVA-1.5 checkpoint.
+//!
+//! Two field styles exist in the wild (DESIGN §3): the hub's transformers-4.x files, which leave most
+//! of `text_config`/`vision_config` at the class defaults (LlamaConfig, CLIPVisionConfig), and
+//! transformers-5 files, which spell everything out but rename a few keys (`image_token_id`,
+//! `dtype`, `rope_parameters.rope_theta`). Missing fields therefore take the transformers class
+//! defaults, so a hub file and a fully written one describe the same model.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum VisionAct {
+    QuickGelu,
+    Gelu,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct VisionConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub num_channels: usize,
+    pub layer_norm_eps: f64,
+    pub hidden_act: VisionAct,
+}
+
+impl VisionConfig {
+    pub fn grid(&self) -> usize {
+        self.image_size / self.patch_size
+    }
+    pub fn num_patches(&self) -> usize {
+        self.grid() * self.grid()
+    }
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TextConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub max_position_embeddings: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlavaConfig {
+    pub vision: VisionConfig,
+    pub text: TextConfig,
+    pub image_token_id: u32,
+    pub bos_token_id: u32,
+    pub eos_token_ids: Vec<u32>,
+    pub pad_token_id: Option<u32>,
+    /// Index into the vision tower's hidden states (including the embedding output), Python style.
+    pub vision_feature_layer: i64,
+    /// Checkpoint storage dtype as written in the config (informational; tensors carry their own).
+    pub dtype: Option<String>,
+}
+
+impl LlavaConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_json_str(&text).map_err(|msg| Error::Config {
+            path: path.to_path_buf(),
+            msg,
+        })
+    }
+
+    pub fn from_json_str(text: &str) -> std::result::Result<Self, String> {
+        let root: Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
+        let root = Obj::new(&root, "")?;
+        if let Some(mt) = root.opt_str("model_type")? {
+            if mt != "llava" {
+                return Err(format!(
+                    "model_type is {mt:?}; only LLaVA-1.5 (\"llava\") is supported"
+                ));
+            }
+        }
+        let tc = root.child("text_config")?;
+        let vc = root.child("vision_config")?;
+        if let Some(mt) = tc.opt_str("model_type")? {
+            if mt != "llama" {
+                return Err(format!(
+                    "text_config.model_type is {mt:?}; only \"llama\" is supported"
+                ));
+            }
+        }
+
+        // Defaults: transformers' CLIPVisionConfig.
+        let v_act = match vc.opt_str("hidden_act")?.unwrap_or("quick_gelu") {
+            "quick_gelu" => VisionAct::QuickGelu,
+            "gelu" => VisionAct::Gelu,
+            other => {
+                return Err(format!(
+                    "vision_config.hidden_act {other:?} is not supported"
+                ))
+            }
+        };
+        let vision = VisionConfig {
+            hidden_size: vc.usize_or("hidden_size", 768)?,
+            intermediate_size: vc.usize_or("intermediate_size", 3072)?,
+            num_hidden_layers: vc.usize_or("num_hidden_layers", 12)?,
+            num_attention_heads: vc.usize_or("num_attention_heads", 12)?,
+            image_size: vc.usize_or("image_size", 224)?,
+            patch_size: vc.usize_or("patch_size", 32)?,
+            num_channels: vc.usize_or("num_channels", 3)?,
+            layer_norm_eps: vc.f64_or("layer_norm_eps", 1e-5)?,
+            hidden_act: v_act,
+        };
+
+        // Defaults: transformers' LlamaConfig (what the hub's llava-1.5 files rely on).
+        let hidden = tc.usize_or("hidden_size", 4096)?;
+        let heads = tc.usize_or("num_attention_heads", 32)?;
+        let rope_theta = match tc.opt_f64("rope_theta")? {
+            Some(t) => t,
+            None => match tc.opt_child("rope_parameters")? {
+                Some(rp) => {
+                    if let Some(kind) = rp.opt_str("rope_type")? {
+                        if kind != "default" {
+                            return Err(format!(
+                                "text_config.rope_parameters.rope_type {kind:?} is not supported"
+                            ));
+                        }
+                    }
+                    rp.f64_or("rope_theta", 10000.0)?
+                }
+                None => 10000.0,
+            },
+        };
+        if tc.opt_child("rope_scaling")?.is_some() {
+            return Err(
+                "text_config.rope_scaling is not supported (LLaVA-1.5 uses plain RoPE)".into(),
+            );
+        }
+        let text = TextConfig {
+            hidden_size: hidden,
+            intermediate_size: tc.usize_or("intermediate_size", 11008)?,
+            num_hidden_layers: tc.usize_or("num_hidden_layers", 32)?,
+            num_attention_heads: heads,
+            num_key_value_heads: tc.usize_or("num_key_value_heads", heads)?,
+            head_dim: tc.usize_or("head_dim", if heads > 0 { hidden / heads } else { 0 })?,
+            // The top-level vocab_size is the padded one on the hub (32064); text_config's wins
+            // when both exist because it is what the embedding table was built with.
+            vocab_size: match tc.opt_usize("vocab_size")? {
+                Some(v) => v,
+                None => root.usize_or("vocab_size", 32000)?,
+            },
+            rms_norm_eps: tc.f64_or("rms_norm_eps", 1e-6)?,
+            rope_theta,
+            max_position_embeddings: tc.usize_or("max_position_embeddings", 2048)?,
+        };
+
+        let image_token_id = match root.opt_usize("image_token_index")? {
+            Some(v) => v,
+            None => root.usize_or("image_token_id", 32000)?,
+        } as u32;
+        let eos_token_ids = match tc.get("eos_token_id").or_else(|| root.get("eos_token_id")) {
+            None | Some(Value::Null) => vec![2],
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| {
+                    as_u32(v).ok_or_else(|| "eos_token_id entries must be integers".to_string())
+                })
+                .collect::<std::result::Result<_, _>>()?,
+            Some(v) => vec![as_u32(v).ok_or("eos_token_id must be an integer or a list")?],
+        };
+        let bos_token_id = match tc.get("bos_token_id").or_else(|| root.get("bos_token_id")) {
+            None | Some(Value::Null) => 1,
+            Some(v) => as_u32(v).ok_or("bos_token_id must be an integer")?,
+        };
+        let pad_token_id = match root.get("pad_token_id").or_else(|| tc.get("pad_token_id")) {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(as_u32(v).ok_or("pad_token_id must be an integer")?),
+        };
+        let strategy = root
+            .opt_str("vision_feature_select_strategy")?
+            .unwrap_or("default");
+        if strategy != "default" {
+            return Err(format!(
+                "vision_feature_select_strategy {strategy:?} is not supported (LLaVA-1.5 uses \"default\")"
+            ));
+        }
+        let vision_feature_layer = match root.get("vision_feature_layer") {
+            None => -2,
+            Some(Value::Number(n)) if n.as_i64().is_some() => n.as_i64().unwrap(),
+            Some(_) => {
+                return Err(
+                    "vision_feature_layer must be a single integer (lists are not supported)"
+                        .into(),
+                )
+            }
+        };
+        if let Some(act) = root.opt_str("projector_hidden_act")? {
+            if act != "gelu" {
+                return Err(format!(
+                    "projector_hidden_act {act:?} is not supported (expected \"gelu\")"
+                ));
+            }
+        }
+        let dtype = match root.opt_str("torch_dtype")? {
+            Some(d) => Some(d.to_string()),
+            None => root.opt_str("dtype")?.map(str::to_string),
+        };
+        let cfg = LlavaConfig {
+            vision,
+            text,
+            image_token_id,
+            bos_token_id,
+            eos_token_ids,
+            pad_token_id,
+            vision_feature_layer,
+            dtype,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Number of vision encoder layers that actually run: features are taken from hidden state
+    /// `vision_feature_layer` (Python indexing over `num_layers + 1` states), so later layers are
+    /// skipped entirely.
+    pub fn vision_layers_used(&self) -> usize {
+        let n_states = self.vision.num_hidden_layers as i64 + 1;
+        let idx = if self.vision_feature_layer < 0 {
+            n_states + self.vision_feature_layer
+        } else {
+            self.vision_feature_layer
+        };
+        idx as usize
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        let v = &self.vision;
+        let t = &self.text;
+        let pos = |name: &str, x: usize| {
+            if x == 0 {
+                Err(format!("{name} must be positive"))
+            } else {
+                Ok(())
+            }
+        };
+        for (n, x) in [
+            ("vision_config.hidden_size", v.hidden_size),
+            ("vision_config.num_attention_heads", v.num_attention_heads),
+            ("vision_config.num_hidden_layers", v.num_hidden_layers),
+            ("vision_config.patch_size", v.patch_size),
+            ("vision_config.image_size", v.image_size),
+            ("vision_config.intermediate_size", v.intermediate_size),
+            ("text_config.hidden_size", t.hidden_size),
+            ("text_config.num_attention_heads", t.num_attention_heads),
+            ("text_config.num_key_value_heads", t.num_key_value_heads),
+            ("text_config.num_hidden_layers", t.num_hidden_layers),
+            ("text_config.intermediate_size", t.intermediate_size),
+            ("text_config.vocab_size", t.vocab_size),
+            ("text_config.head_dim", t.head_dim),
+            (
+                "text_config.max_position_embeddings",
+                t.max_position_embeddings,
+            ),
+        ] {
+            pos(n, x)?;
+        }
+        if v.num_channels != 3 {
+            return Err(format!(
+                "vision_config.num_channels is {}, expected 3",
+                v.num_channels
+            ));
+        }
+        if v.hidden_size % v.num_attention_heads != 0 {
+            return Err(format!(
+                "vision_config.hidden_size {} is not divisible by num_attention_heads {}",
+                v.hidden_size, v.num_attention_heads
+            ));
+        }
+        if v.image_size % v.patch_size != 0 {
+            return Err(format!(
+                "vision_config.image_size {} is not a multiple of patch_size {}",
+                v.image_size, v.patch_size
+            ));
+        }
+        if t.num_attention_heads % t.num_key_value_heads != 0 {
+            return Err(format!(
+                "text_config.num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                t.num_attention_heads, t.num_key_value_heads
+            ));
+        }
+        if t.head_dim % 2 != 0 {
+            return Err(format!(
+                "text_config head_dim {} must be even for RoPE",
+                t.head_dim
+            ));
+        }
+        let n_states = v.num_hidden_layers as i64 + 1;
+        if self.vision_feature_layer >= n_states || self.vision_feature_layer < -n_states {
+            return Err(format!(
+                "vision_feature_layer {} is out of range for {} vision layers",
+                self.vision_feature_layer, v.num_hidden_layers
+            ));
+        }
+        if self.vision_layers_used() == 0 {
+            return Err(
+                "vision_feature_layer selects the embeddings; at least one layer must run".into(),
+            );
+        }
+        if self.image_token_id as usize >= t.vocab_size {
+            return Err(format!(
+                "image token id {} is outside the vocabulary ({})",
+                self.image_token_id, t.vocab_size
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn as_u32(v: &Value) -> Option<u32> {
+    v.as_u64().and_then(|x| u32::try_from(x).ok())
+}
+
+/// A JSON object with typed accessors that report the field's full path on a type mismatch.
+struct Obj<'a> {
+    map: &'a serde_json::Map<String, Value>,
+    path: String,
+}
+
+impl<'a> Obj<'a> {
+    fn new(v: &'a Value, path: &str) -> std::result::Result<Self, String> {
+        match v {
+            Value::Object(map) => Ok(Obj {
+                map,
+                path: path.to_string(),
+            }),
+            _ => Err(if path.is_empty() {
+                "top level must be a JSON object".to_string()
+            } else {
+                format!("{path} must be a JSON object")
+            }),
+        }
+    }
+    fn key(&self, k: &str) -> String {
+        if self.path.is_empty() {
+            k.to_string()
+        } else {
+            format!("{}.{k}", self.path)
+        }
+    }
+    fn get(&self, k: &str) -> Option<&'a Value> {
+        self.map.get(k)
+    }
+    fn child(&self, k: &str) -> std::result::Result<Obj<'a>, String> {
+        self.opt_child(k)?
+            .ok_or_else(|| format!("missing `{}` (is this a LLaVA config.json?)", self.key(k)))
+    }
+    fn opt_child(&self, k: &str) -> std::result::Result<Option<Obj<'a>>, String> {
+        match self.map.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => Obj::new(v, &self.key(k)).map(Some),
+        }
+    }
+    fn opt_str(&self, k: &str) -> std::result::Result<Option<&'a str>, String> {
+        match self.map.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(_) => Err(format!("`{}` must be a string", self.key(k))),
+        }
+    }
+    fn opt_usize(&self, k: &str) -> std::result::Result<Option<usize>, String> {
+        match self.map.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| {
+                format!("`{}` must be a non-negative integer, got {v}", self.key(k))
+            }),
+        }
+    }
+    fn usize_or(&self, k: &str, d: usize) -> std::result::Result<usize, String> {
+        Ok(self.opt_usize(k)?.unwrap_or(d))
+    }
+    fn opt_f64(&self, k: &str) -> std::result::Result<Option<f64>, String> {
+        match self.map.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .filter(|x| x.is_finite())
+                .map(Some)
+                .ok_or_else(|| format!("`{}` must be a number, got {v}", self.key(k))),
+        }
+    }
+    fn f64_or(&self, k: &str, d: f64) -> std::result::Result<f64, String> {
+        Ok(self.opt_f64(k)?.unwrap_or(d))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // The llava-hf/llava-1.5-7b-hf config.json as published (transformers 4.36 era).
+    const HUB_7B: &str = r#"{
+      "architectures": ["LlavaForConditionalGeneration"], "ignore_index": -100,
+      "image_token_index": 32000, "model_type": "llava", "pad_token_id": 32001,
+      "projector_hidden_act": "gelu",
+      "text_config": {"_name_or_path": "lmsys/vicuna-7b-v1.5", "architectures": ["LlamaForCausalLM"],
+        "max_position_embeddings": 4096, "model_type": "llama", "rms_norm_eps": 1e-05,
+        "torch_dtype": "float16", "vocab_size": 32064},
+      "tie_word_embeddings": false, "torch_dtype": "float16", "transformers_version": "4.36.0.dev0",
+      "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
+        "model_type": "clip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 24,
+        "patch_size": 14, "projection_dim": 768, "vocab_size": 32000},
+      "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "vocab_size": 32064
+    }"#;
+
+    #[test]
+    fn hub_7b_defaults_fill_in_llama_and_clip() {
+        let c = LlavaConfig::from_json_str(HUB_7B).unwrap();
+        assert_eq!(c.text.hidden_size, 4096);
+        assert_eq!(c.text.num_hidden_layers, 32);
+        assert_eq!(c.text.num_key_value_heads, 32);
+        assert_eq!(c.text.intermediate_size, 11008);
+        assert_eq!(c.text.vocab_size, 32064);
+        assert_eq!(c.text.rope_theta, 10000.0);
+        assert_eq!(c.text.head_dim, 128);
+        assert_eq!(c.vision.num_patches(), 576);
+        assert_eq!(c.vision.hidden_act, VisionAct::QuickGelu);
+        assert_eq!(c.image_token_id, 32000);
+        assert_eq!(c.vision_layers_used(), 23);
+        assert_eq!(c.eos_token_ids, vec![2]);
+    }
+
+    #[test]
+    fn transformers5_style_keys() {
+        let t5 = HUB_7B
+            .replace("\"image_token_index\"", "\"image_token_id\"")
+            .replace("\"torch_dtype\"", "\"dtype\"")
+            .replace(
+                "\"rms_norm_eps\": 1e-05,",
+                "\"rms_norm_eps\": 1e-05, \"rope_parameters\": {\"rope_type\": \"default\", \"rope_theta\": 5000.0},",
+            );
+        let c = LlavaConfig::from_json_str(&t5).unwrap();
+        assert_eq!(c.image_token_id, 32000);
+        assert_eq!(c.text.rope_theta, 5000.0);
+        assert_eq!(c.dtype.as_deref(), Some("float16"));
+    }
+
+    #[test]
+    fn malformed_configs_are_errors_naming_the_field() {
+        let cases = [
+            ("{", "not valid JSON"),
+            ("[]", "JSON object"),
+            (r#"{"model_type":"llava"}"#, "text_config"),
+            (
+                &HUB_7B.replace("\"num_hidden_layers\": 24", "\"num_hidden_layers\": \"x\""),
+                "vision_config.num_hidden_layers",
+            ),
+            (
+                &HUB_7B.replace("\"patch_size\": 14", "\"patch_size\": 0"),
+                "patch_size",
+            ),
+            (
+                &HUB_7B.replace("\"patch_size\": 14", "\"patch_size\": 13"),
+                "multiple of patch_size",
+            ),
+            (
+                &HUB_7B.replace("\"model_type\": \"llava\"", "\"model_type\": \"qwen2_vl\""),
+                "model_type",
+            ),
+            (
+                &HUB_7B.replace(
+                    "\"vision_feature_layer\": -2",
+                    "\"vision_feature_layer\": -40",
+                ),
+                "out of range",
+            ),
+        ];
+        for (text, needle) in cases {
+            let err = LlavaConfig::from_json_str(text).unwrap_err();
+            assert!(
+                err.contains(needle),
+                "error {err:?} should mention {needle:?}"
+            );
+        }
+    }
+}

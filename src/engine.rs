@@ -1,0 +1,137 @@
+//! The public entry point: a model folder (HF `llava-hf` layout) opened on a backend, turning an
+//! image file and a question into an answer.
+
+use std::path::{Path, PathBuf};
+
+use crate::backend::Backend;
+use crate::checkpoint::Checkpoint;
+use crate::config::LlavaConfig;
+use crate::error::{Error, Result};
+use crate::model::llava::{StopReason, Timings};
+use crate::model::{Llava, Synthetic};
+use crate::text::TextProcessor;
+use crate::vision::{self, PreprocessConfig};
+
+pub use crate::model::llava::GenerateOptions;
+
+pub struct Engine<B: Backend> {
+    pub backend: B,
+    pub model: Llava<B>,
+    /// Absent for synthetic models, which run at the id level only.
+    pub text: Option<TextProcessor>,
+    pub preprocess: PreprocessConfig,
+    pub dir: Option<PathBuf>,
+}
+
+/// A finished generation, ready for JSON.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub input_ids: Vec<u32>,
+    pub generated_ids: Vec<u32>,
+    pub text: String,
+    pub stop_reason: StopReason,
+    pub timings: Timings,
+}
+
+impl<B: Backend> Engine<B> {
+    /// Opens `dir`: `config.json`, the safetensors weights, `tokenizer.json`, and
+    /// `preprocessor_config.json` when present (CLIP defaults at the tower's size otherwise).
+    pub fn load(backend: B, dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::Checkpoint {
+                path: dir.to_path_buf(),
+                msg: "not a folder (expected a model folder with config.json and safetensors weights)".into(),
+            });
+        }
+        let cfg = LlavaConfig::from_file(&dir.join("config.json"))?;
+        let text = TextProcessor::from_file(&dir.join("tokenizer.json"))?;
+        let pp_path = dir.join("preprocessor_config.json");
+        let preprocess = if pp_path.is_file() {
+            PreprocessConfig::from_file(&pp_path)?
+        } else {
+            PreprocessConfig::clip(cfg.vision.image_size)
+        };
+        if preprocess.crop_height != cfg.vision.image_size
+            || preprocess.crop_width != cfg.vision.image_size
+        {
+            return Err(Error::Config {
+                path: pp_path,
+                msg: format!(
+                    "crop size {}x{} does not match the vision tower's image_size {}",
+                    preprocess.crop_width, preprocess.crop_height, cfg.vision.image_size
+                ),
+            });
+        }
+        let ck = Checkpoint::open(dir)?;
+        let model = Llava::load(&backend, &ck, &cfg)?;
+        Ok(Engine {
+            backend,
+            model,
+            text: Some(text),
+            preprocess,
+            dir: Some(dir.to_path_buf()),
+        })
+    }
+
+    /// Random weights of the shapes `cfg` implies; no tokenizer.
+    pub fn synthetic(backend: B, cfg: &LlavaConfig, seed: u64) -> Result<Self> {
+        let model = Llava::load(&backend, &Synthetic { seed }, cfg)?;
+        Ok(Engine {
+            backend,
+            model,
+            text: None,
+            preprocess: PreprocessConfig::clip(cfg.vision.image_size),
+            dir: None,
+        })
+    }
+
+    pub fn config(&self) -> &LlavaConfig {
+        &self.model.cfg
+    }
+
+    fn text(&self) -> Result<&TextProcessor> {
+        self.text.as_ref().ok_or_else(|| {
+            Error::input("this model has no tokenizer (synthetic models run on token ids only)")
+        })
+    }
+
+    /// Decoded, preprocessed CHW pixels of an image file.
+    pub fn pixels(&self, image: &Path) -> Result<Vec<f32>> {
+        let img = vision::load_image(image)?;
+        vision::preprocess(&img, &self.preprocess)
+    }
+
+    /// Expanded prompt ids for a question.
+    pub fn prompt_ids(&self, question: &str) -> Result<Vec<u32>> {
+        let cfg = self.config();
+        self.text()?
+            .prompt_ids(question, cfg.image_token_id, cfg.vision.num_patches())
+    }
+
+    pub fn generate(
+        &self,
+        image: &Path,
+        question: &str,
+        opts: &GenerateOptions,
+    ) -> Result<Generation> {
+        let input_ids = self.prompt_ids(question)?;
+        let pixels = self.pixels(image)?;
+        let g = self
+            .model
+            .generate_ids(&self.backend, &input_ids, &pixels, opts)?;
+        let text = self.text()?.decode(&g.generated_ids)?;
+        Ok(Generation {
+            input_ids,
+            generated_ids: g.generated_ids,
+            text,
+            stop_reason: g.stop_reason,
+            timings: g.timings,
+        })
+    }
+}
+
+impl<B: Backend> Engine<B> {
+    pub fn backend_name(&self) -> String {
+        self.backend.name()
+    }
+}

@@ -1,0 +1,42 @@
+//! One error type for the library. Every failure a user can cause (bad files, bad shapes, bad
+//! arguments) is a variant with a message that names the offending thing; nothing user-facing panics.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {path}: {msg}")]
+    Config { path: PathBuf, msg: String },
+    #[error("checkpoint {path}: {msg}")]
+    Checkpoint { path: PathBuf, msg: String },
+    #[error("tensor `{name}`: {msg}")]
+    Tensor { name: String, msg: String },
+    #[error("tokenizer {path}: {msg}")]
+    Tokenizer { path: PathBuf, msg: String },
+    #[error("image {path}: {msg}")]
+    Image { path: PathBuf, msg: String },
+    #[error("invalid input: {0}")]
+    Input(String),
+    #[error("backend: {0}")]
+    Backend(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+    pub fn input(msg: impl Into<String>) -> Self {
+        Error::Input(msg.into())
+    }
+}

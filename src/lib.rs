@@ -1,0 +1,17 @@
+//! fastrm: LLaVA-1.5 inference with per-token visual relevancy maps.
+//!
+//! The model is written once against the op set in [`backend`]; the CPU backend (f32) is the
+//! reference every other backend is tested against. See `DESIGN.md` in the shared folder and
+//! `docs/` for the architecture.
+
+pub mod backend;
+pub mod checkpoint;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod model;
+pub mod text;
+pub mod vision;
+
+pub use engine::{Engine, GenerateOptions, Generation};
+pub use error::{Error, Result};

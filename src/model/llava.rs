@@ -1,0 +1,237 @@
+//! LLaVA-1.5 = CLIP tower → projector (linear, GELU, linear) → image features spliced into the
+//! prompt's embeddings at the image-token positions → Llama decoder; greedy generation.
+
+use super::clip::ClipVision;
+use super::llama::{KvCache, Llama};
+use super::WeightSource;
+use crate::backend::Backend;
+use crate::config::LlavaConfig;
+use crate::error::{Error, Result};
+
+pub struct Projector<B: Backend> {
+    w1: B::Tensor,
+    b1: B::Tensor,
+    w2: B::Tensor,
+    b2: B::Tensor,
+}
+
+pub struct Llava<B: Backend> {
+    pub cfg: LlavaConfig,
+    pub vision: ClipVision<B>,
+    pub projector: Projector<B>,
+    pub llm: Llama<B>,
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    Eos,
+    MaxNewTokens,
+    /// The context (`max_position_embeddings`) is full.
+    Context,
+}
+
+impl StopReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StopReason::Eos => "eos",
+            StopReason::MaxNewTokens => "max_new_tokens",
+            StopReason::Context => "context",
+        }
+    }
+}
+
+/// What one greedy run produced at the id level.
+pub struct IdGeneration {
+    pub generated_ids: Vec<u32>,
+    pub stop_reason: StopReason,
+    /// Per step, when asked for: the logits row that chose each generated token.
+    pub step_logits: Vec<Vec<f32>>,
+    /// Per step, when asked for: the final-norm hidden state that produced each token.
+    pub step_hidden: Vec<Vec<f32>>,
+    pub timings: Timings,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Timings {
+    pub vision_s: f64,
+    pub prefill_s: f64,
+    pub decode_s: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    /// Stop at an EOS id (default). Off: always run `max_new_tokens` steps (comparable timings).
+    pub stop_at_eos: bool,
+    /// Keep each step's logits and hidden state (tests, tools).
+    pub keep_steps: bool,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions {
+            max_new_tokens: 64,
+            stop_at_eos: true,
+            keep_steps: false,
+        }
+    }
+}
+
+impl<B: Backend> Llava<B> {
+    pub fn load(b: &B, src: &dyn WeightSource<B>, cfg: &LlavaConfig) -> Result<Self> {
+        let (dv, dt) = (cfg.vision.hidden_size, cfg.text.hidden_size);
+        let projector = Projector {
+            w1: src.get(
+                b,
+                "multi_modal_projector.linear_1.weight",
+                &[dt, dv],
+                dt,
+                dv,
+            )?,
+            b1: src.get(b, "multi_modal_projector.linear_1.bias", &[dt], 1, dt)?,
+            w2: src.get(
+                b,
+                "multi_modal_projector.linear_2.weight",
+                &[dt, dt],
+                dt,
+                dt,
+            )?,
+            b2: src.get(b, "multi_modal_projector.linear_2.bias", &[dt], 1, dt)?,
+        };
+        Ok(Llava {
+            vision: ClipVision::load(b, src, cfg)?,
+            projector,
+            llm: Llama::load(b, src, cfg)?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// Vision features `[P, Dv]` and projected features `[P, D]` for preprocessed CHW pixels.
+    pub fn encode_image(&self, b: &B, pixels: &[f32]) -> Result<(B::Tensor, B::Tensor)> {
+        let feats = self.vision.forward(b, pixels)?;
+        let p = &self.projector;
+        let h = b.gelu(&b.linear(&feats, &p.w1, Some(&p.b1))?)?;
+        let proj = b.linear(&h, &p.w2, Some(&p.b2))?;
+        Ok((feats, proj))
+    }
+
+    /// Prompt embeddings `[n, D]`: token embeddings with the image-token rows replaced, in order, by
+    /// the projected image features. The prompt must hold exactly one run-length's worth of image
+    /// tokens (`n_patches`) — anything else means the prompt and the image disagree.
+    pub fn embed_prompt(&self, b: &B, ids: &[u32], image: &B::Tensor) -> Result<B::Tensor> {
+        let vocab = self.cfg.text.vocab_size;
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+            return Err(Error::input(format!(
+                "token id {bad} is outside the model's vocabulary of {vocab}"
+            )));
+        }
+        let img_id = self.cfg.image_token_id;
+        let (n_img, _) = b.dims(image);
+        let count = ids.iter().filter(|&&i| i == img_id).count();
+        if count != n_img {
+            return Err(Error::input(format!(
+                "prompt has {count} image tokens (id {img_id}) but the image yields {n_img} features"
+            )));
+        }
+        let mut x = b.embedding(&self.llm.embed, ids)?;
+        // Copy feature rows run by run (LLaVA-1.5 prompts have one run; any layout works).
+        let mut feat_row = 0;
+        let mut i = 0;
+        while i < ids.len() {
+            if ids[i] != img_id {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i < ids.len() && ids[i] == img_id {
+                i += 1;
+            }
+            let run = b.slice_rows(image, feat_row, i - start)?;
+            b.copy_rows_into(&mut x, start, &run)?;
+            feat_row += i - start;
+        }
+        Ok(x)
+    }
+
+    /// Greedy generation from expanded prompt ids and preprocessed pixels.
+    pub fn generate_ids(
+        &self,
+        b: &B,
+        ids: &[u32],
+        pixels: &[f32],
+        opts: &GenerateOptions,
+    ) -> Result<IdGeneration> {
+        let ctx = self.cfg.text.max_position_embeddings;
+        if opts.max_new_tokens == 0 {
+            return Err(Error::input("max_new_tokens must be at least 1"));
+        }
+        if ids.is_empty() {
+            return Err(Error::input("the prompt is empty"));
+        }
+        if ids.len() >= ctx {
+            return Err(Error::input(format!(
+                "the prompt is {} tokens (with the image's {} patch tokens) but the model's context is {ctx}; \
+                 shorten the question",
+                ids.len(),
+                self.cfg.vision.num_patches()
+            )));
+        }
+        let mut timings = Timings::default();
+        let t0 = std::time::Instant::now();
+        let (_, image) = self.encode_image(b, pixels)?;
+        timings.vision_s = t0.elapsed().as_secs_f64();
+
+        let t1 = std::time::Instant::now();
+        let x = self.embed_prompt(b, ids, &image)?;
+        // The last generated token is never fed back, so `ids + max_new - 1` positions suffice.
+        let capacity = (ids.len() + opts.max_new_tokens - 1).min(ctx);
+        let mut cache = KvCache::new(b, &self.cfg.text, capacity)?;
+        let hidden = self.llm.forward(b, x, &mut cache)?;
+        let mut last = b.slice_rows(&hidden, ids.len() - 1, 1)?;
+        timings.prefill_s = t1.elapsed().as_secs_f64();
+
+        let t2 = std::time::Instant::now();
+        let mut out = IdGeneration {
+            generated_ids: Vec::new(),
+            stop_reason: StopReason::MaxNewTokens,
+            step_logits: Vec::new(),
+            step_hidden: Vec::new(),
+            timings,
+        };
+        loop {
+            let logits = self.llm.logits(b, &last)?;
+            let next = b.argmax_rows(&logits)?[0];
+            if opts.keep_steps {
+                out.step_logits.push(b.download(&logits)?);
+                out.step_hidden.push(b.download(&last)?);
+            }
+            out.generated_ids.push(next);
+            if opts.stop_at_eos && self.cfg.eos_token_ids.contains(&next) {
+                out.stop_reason = StopReason::Eos;
+                break;
+            }
+            if out.generated_ids.len() >= opts.max_new_tokens {
+                out.stop_reason = StopReason::MaxNewTokens;
+                break;
+            }
+            if cache.len >= ctx {
+                out.stop_reason = StopReason::Context;
+                break;
+            }
+            let x = b.embedding(&self.llm.embed, &[next])?;
+            last = self.llm.forward(b, x, &mut cache)?;
+        }
+        out.timings.decode_s = t2.elapsed().as_secs_f64();
+        Ok(out)
+    }
+
+    /// Teacher-forced full recompute (no reuse of a cache across calls): final hidden states of
+    /// every position of `ids` `[N, D]`. The oracle's layout for parity tests.
+    pub fn forward_full(&self, b: &B, ids: &[u32], pixels: &[f32]) -> Result<B::Tensor> {
+        let (_, image) = self.encode_image(b, pixels)?;
+        let x = self.embed_prompt(b, ids, &image)?;
+        let mut cache = KvCache::new(b, &self.cfg.text, ids.len())?;
+        self.llm.forward(b, x, &mut cache)
+    }
+}

@@ -1,0 +1,109 @@
+//! Text side: `tokenizer.json` through the `tokenizers` crate, the LLaVA-1.5 chat template, and
+//! `<image>` expansion.
+//!
+//! The template is `USER: <image>\n{question} ASSISTANT:` with BOS (added by the tokenizer's
+//! post-processor) and no EOS. transformers' processor expands `<image>` to `n_patches` copies in the
+//! text before tokenizing; since `<image>` is an added token, the text on either side tokenizes the
+//! same whether one copy or many stand between, so we tokenize once and expand the ids.
+
+use std::path::{Path, PathBuf};
+
+use tokenizers::Tokenizer;
+
+use crate::error::{Error, Result};
+
+pub const IMAGE_TOKEN: &str = "<image>";
+
+/// The LLaVA-1.5 conversation template for one user turn.
+pub fn chat_prompt(question: &str) -> String {
+    format!("USER: {IMAGE_TOKEN}\n{question} ASSISTANT:")
+}
+
+pub struct TextProcessor {
+    tok: Tokenizer,
+    path: PathBuf,
+}
+
+impl TextProcessor {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        if !path.is_file() {
+            return Err(Error::Tokenizer {
+                path: path.to_path_buf(),
+                msg: "file not found (the model folder needs a tokenizer.json)".into(),
+            });
+        }
+        let tok = Tokenizer::from_file(path).map_err(|e| Error::Tokenizer {
+            path: path.to_path_buf(),
+            msg: format!("cannot load: {e}"),
+        })?;
+        Ok(TextProcessor {
+            tok,
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn err(&self, msg: impl Into<String>) -> Error {
+        Error::Tokenizer {
+            path: self.path.clone(),
+            msg: msg.into(),
+        }
+    }
+
+    /// Expanded prompt ids for a user question: BOS, template, and `n_patches` image-token ids.
+    pub fn prompt_ids(
+        &self,
+        question: &str,
+        image_token_id: u32,
+        n_patches: usize,
+    ) -> Result<Vec<u32>> {
+        if question.contains(IMAGE_TOKEN) {
+            return Err(Error::input(format!(
+                "the question must not contain {IMAGE_TOKEN}: the engine places the image itself"
+            )));
+        }
+        if question.trim().is_empty() {
+            return Err(Error::input("the question is empty"));
+        }
+        match self.tok.token_to_id(IMAGE_TOKEN) {
+            Some(id) if id == image_token_id => {}
+            Some(id) => {
+                return Err(self.err(format!(
+                    "{IMAGE_TOKEN} has id {id} here but the model's config says {image_token_id}"
+                )))
+            }
+            None => return Err(self.err(format!("no {IMAGE_TOKEN} token in the vocabulary"))),
+        }
+        let enc = self
+            .tok
+            .encode(chat_prompt(question), true)
+            .map_err(|e| self.err(format!("cannot encode the prompt: {e}")))?;
+        let ids = enc.get_ids();
+        let n_img = ids.iter().filter(|&&i| i == image_token_id).count();
+        if n_img != 1 {
+            return Err(self.err(format!(
+                "the template should yield one {IMAGE_TOKEN} token, got {n_img}"
+            )));
+        }
+        let mut out = Vec::with_capacity(ids.len() + n_patches);
+        for &id in ids {
+            if id == image_token_id {
+                out.extend(std::iter::repeat_n(image_token_id, n_patches));
+            } else {
+                out.push(id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Text of generated ids, special tokens (EOS) left out.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tok
+            .decode(ids, true)
+            .map_err(|e| self.err(format!("cannot decode ids: {e}")))
+    }
+
+    /// Text of a single token, as shown next to its map.
+    pub fn token_text(&self, id: u32) -> String {
+        self.tok.decode(&[id], false).unwrap_or_default()
+    }
+}
