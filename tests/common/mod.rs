@@ -1,0 +1,95 @@
+//! Shared helpers for the integration tests: fixture paths, the oracle's recorded tensors, and
+//! tolerance checks that report where and by how much a comparison failed.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use safetensors::{Dtype, SafeTensors};
+
+pub fn fixture_dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+/// Which image file a fixture uses (PNG for `tiny`, JPEG for `clip336`).
+pub fn fixture_image(name: &str) -> PathBuf {
+    let dir = fixture_dir(name);
+    ["image.png", "image.jpg"]
+        .iter()
+        .map(|f| dir.join(f))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("no image.png/jpg in {}", dir.display()))
+}
+
+/// Tensors the Python oracle recorded (`expected.safetensors`), converted to f32 / i64.
+pub struct Expected {
+    pub f32s: HashMap<String, (Vec<usize>, Vec<f32>)>,
+    pub i64s: HashMap<String, Vec<i64>>,
+    pub meta: HashMap<String, String>,
+}
+
+impl Expected {
+    pub fn load(name: &str) -> Self {
+        let path = fixture_dir(name).join("expected.safetensors");
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let (_, md) = SafeTensors::read_metadata(&bytes).unwrap();
+        let meta = md.metadata().clone().unwrap_or_default();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let mut f32s = HashMap::new();
+        let mut i64s = HashMap::new();
+        for (name, v) in st.tensors() {
+            let d = v.data();
+            match v.dtype() {
+                Dtype::F32 => {
+                    let x = d.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+                    f32s.insert(name, (v.shape().to_vec(), x));
+                }
+                Dtype::I64 => {
+                    let x = d.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+                    i64s.insert(name, x);
+                }
+                other => panic!("unexpected dtype {other:?} for {name}"),
+            }
+        }
+        Expected { f32s, i64s, meta }
+    }
+
+    pub fn f32(&self, name: &str) -> &(Vec<usize>, Vec<f32>) {
+        self.f32s.get(name).unwrap_or_else(|| panic!("expected.safetensors has no `{name}`"))
+    }
+
+    pub fn ids(&self, name: &str) -> Vec<u32> {
+        self.i64s
+            .get(name)
+            .unwrap_or_else(|| panic!("expected.safetensors has no `{name}`"))
+            .iter()
+            .map(|&x| x as u32)
+            .collect()
+    }
+}
+
+/// Max |a-b| / (max|b| over the whole tensor): a relative error that does not blow up on values
+/// near zero, which tiny random models produce plenty of.
+pub fn rel_err(got: &[f32], want: &[f32]) -> (f32, usize) {
+    assert_eq!(got.len(), want.len(), "length mismatch");
+    let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1e-12);
+    let mut worst = (0.0f32, 0usize);
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let e = (g - w).abs() / scale;
+        if !(e <= worst.0) {
+            worst = (if e.is_nan() { f32::INFINITY } else { e }, i);
+        }
+    }
+    worst
+}
+
+pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
+    let (e, i) = rel_err(got, want);
+    assert!(
+        e <= tol,
+        "{what}: relative error {e:.3e} > {tol:.0e} at index {i} (got {}, want {})",
+        got[i],
+        want[i]
+    );
+    eprintln!("{what}: max relative error {e:.2e}");
+}
