@@ -73,7 +73,13 @@ pub struct LlavaConfig {
 
 impl LlavaConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::Config {
+                path: path.to_path_buf(),
+                msg: "file not found (a LLaVA model folder has a config.json)".into(),
+            },
+            _ => Error::io(path, e),
+        })?;
         Self::from_json_str(&text).map_err(|msg| Error::Config {
             path: path.to_path_buf(),
             msg,

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use safetensors::{Dtype, SafeTensors};
 
 pub fn fixture_dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 /// Which image file a fixture uses (PNG for `tiny`, JPEG for `clip336`).
@@ -41,11 +43,17 @@ impl Expected {
             let d = v.data();
             match v.dtype() {
                 Dtype::F32 => {
-                    let x = d.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+                    let x = d
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                        .collect();
                     f32s.insert(name, (v.shape().to_vec(), x));
                 }
                 Dtype::I64 => {
-                    let x = d.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+                    let x = d
+                        .chunks_exact(8)
+                        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                        .collect();
                     i64s.insert(name, x);
                 }
                 other => panic!("unexpected dtype {other:?} for {name}"),
@@ -55,7 +63,9 @@ impl Expected {
     }
 
     pub fn f32(&self, name: &str) -> &(Vec<usize>, Vec<f32>) {
-        self.f32s.get(name).unwrap_or_else(|| panic!("expected.safetensors has no `{name}`"))
+        self.f32s
+            .get(name)
+            .unwrap_or_else(|| panic!("expected.safetensors has no `{name}`"))
     }
 
     pub fn ids(&self, name: &str) -> Vec<u32> {
@@ -92,4 +102,56 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
         want[i]
     );
     eprintln!("{what}: max relative error {e:.2e}");
+}
+
+/// One tensor of a safetensors file, owned, for tests that build or corrupt checkpoints.
+pub struct RawTensor {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+pub fn read_safetensors(path: &Path) -> Vec<RawTensor> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<RawTensor> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, v)| RawTensor {
+            name,
+            dtype: v.dtype(),
+            shape: v.shape().to_vec(),
+            data: v.data().to_vec(),
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+pub fn write_safetensors(path: &Path, tensors: &[RawTensor]) {
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|t| {
+            (
+                t.name.clone(),
+                safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.data).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::tensor::serialize_to_file(views, None, path).unwrap();
+}
+
+/// A copy of a fixture's model folder in a fresh temporary directory, for tests that damage it.
+pub fn copy_model(fixture: &str, sub: &str) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = fixture_dir(fixture).join(sub);
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        if !e.file_type().unwrap().is_file() {
+            continue;
+        }
+        std::fs::copy(e.path(), tmp.path().join(e.file_name())).unwrap();
+    }
+    tmp
 }

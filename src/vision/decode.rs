@@ -1,0 +1,424 @@
+//! PNG and JPEG decoding to 8-bit RGB, converting the way `PIL.Image.open(p).convert("RGB")` does.
+//!
+//! The reference pipeline (transformers' CLIP processor) starts from a PIL image converted to RGB,
+//! so each PNG flavour is reduced exactly as Pillow reduces it (checked against Pillow 13.0 by the
+//! fixtures in `tests/fixtures/vision/`):
+//!
+//! | PNG colour type, depth   | Pillow mode on open | `.convert("RGB")`                    |
+//! |--------------------------|---------------------|--------------------------------------|
+//! | grey 1/2/4/8             | `1` / `L`           | `v * 255 / (2^depth - 1)`, replicated |
+//! | grey 16                  | `I;16`              | clamps to 255 (`min(v, 255)`): **rejected here**, see below |
+//! | grey+alpha 8             | `LA`                | grey replicated, alpha dropped        |
+//! | grey+alpha 16, RGB(A) 16 | `RGBA` / `RGB`      | high byte of each sample (truncation) |
+//! | RGB 8, RGBA 8            | `RGB` / `RGBA`      | alpha dropped (not composited)        |
+//! | palette 1/2/4/8          | `P`                 | palette lookup; indices past the palette are black; tRNS ignored |
+//!
+//! 16-bit greyscale is refused with an explanatory error: Pillow keeps it as 16-bit integers and
+//! `convert("RGB")` then saturates every value above 255, turning a normal 16-bit photo almost
+//! entirely white. Copying that would silently feed the model garbage; the user should convert the
+//! file to 8 bits (or to RGB) first.
+//!
+//! No gamma, ICC profile or EXIF orientation is applied (Pillow's `open` + `convert` applies none).
+//!
+//! JPEG goes through `jpeg-decoder`, whose IDCT (stb_image's) and upsampling differ slightly from
+//! libjpeg-turbo's, which Pillow uses: see `tests/vision.rs` for the measured bound. CMYK/YCCK and
+//! 12/16-bit JPEGs are refused. A JPEG without its end-of-image marker is reported as truncated
+//! (Pillow raises "image file is truncated" for those; `jpeg-decoder` would pad with grey).
+//!
+//! Every decoder call runs under `catch_unwind`, so a decoder bug on hostile input becomes an
+//! `Error::Image` instead of a panic escaping to the caller.
+
+use std::io::Cursor;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+
+use super::RgbImage;
+use crate::error::{Error, Result};
+
+/// Largest accepted image side, in pixels (decoded or resized).
+pub const MAX_SIDE: usize = 16384;
+/// Largest accepted pixel count (2^28, ~768 MiB as RGB).
+pub const MAX_PIXELS: usize = 1 << 28;
+
+/// Container formats recognised by their magic bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageFormat {
+    Png,
+    Jpeg,
+}
+
+impl ImageFormat {
+    /// Identifies PNG or JPEG from the first bytes of a file (extensions are not trusted).
+    pub fn detect(bytes: &[u8]) -> Option<Self> {
+        if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
+            Some(ImageFormat::Png)
+        } else if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+            Some(ImageFormat::Jpeg)
+        } else {
+            None
+        }
+    }
+}
+
+/// Reads and decodes a PNG or JPEG file to 8-bit RGB (see the module docs for the conversions).
+///
+/// Errors name `path`: `Error::Io` when the file cannot be read, `Error::Image` when it is empty,
+/// not a PNG/JPEG, truncated, corrupt, too large, or of an unsupported flavour.
+pub fn load_image(path: &Path) -> Result<RgbImage> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    load_image_bytes(&bytes, path)
+}
+
+/// Decodes an in-memory PNG or JPEG; `name_for_errors` is only used in error messages.
+pub fn load_image_bytes(bytes: &[u8], name_for_errors: &Path) -> Result<RgbImage> {
+    let path = name_for_errors;
+    let err = |msg: String| Error::Image {
+        path: path.to_path_buf(),
+        msg,
+    };
+    if bytes.is_empty() {
+        return Err(err("empty file (0 bytes)".into()));
+    }
+    let format = ImageFormat::detect(bytes).ok_or_else(|| err(unknown_format_message(bytes)))?;
+    // Last line of defence: neither decoder should panic on bad input, but if one does, the
+    // caller gets an error naming the file rather than an unwinding panic.
+    let decoded = catch_unwind(AssertUnwindSafe(|| match format {
+        ImageFormat::Png => decode_png(bytes),
+        ImageFormat::Jpeg => decode_jpeg(bytes),
+    }));
+    match decoded {
+        Ok(Ok(img)) => Ok(img),
+        Ok(Err(msg)) => Err(err(msg)),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            let kind = match format {
+                ImageFormat::Png => "PNG",
+                ImageFormat::Jpeg => "JPEG",
+            };
+            Err(err(format!(
+                "{kind} decoder crashed on this file (corrupt data?): {what}"
+            )))
+        }
+    }
+}
+
+/// A helpful message for files that are neither PNG nor JPEG: name the format when it is a
+/// common one, otherwise show the first bytes.
+fn unknown_format_message(bytes: &[u8]) -> String {
+    let known: &[(&[u8], &str)] = &[
+        (b"GIF87a", "GIF"),
+        (b"GIF89a", "GIF"),
+        (b"BM", "BMP"),
+        (b"II*\0", "TIFF"),
+        (b"MM\0*", "TIFF"),
+        (b"\0\0\x01\0", "ICO"),
+        (b"8BPS", "PSD"),
+        (b"%PDF", "PDF"),
+    ];
+    for (magic, name) in known {
+        if bytes.starts_with(magic) {
+            return format!("{name} images are not supported (only PNG and JPEG)");
+        }
+    }
+    if bytes.len() >= 12 && &bytes[0..4] == b"RIFF" && &bytes[8..12] == b"WEBP" {
+        return "WebP images are not supported (only PNG and JPEG)".into();
+    }
+    if bytes.len() >= 12 && &bytes[4..8] == b"ftyp" {
+        return "HEIF/AVIF images are not supported (only PNG and JPEG)".into();
+    }
+    if bytes.starts_with(&[0xFF, 0xD8]) {
+        return "truncated JPEG (file ends inside its first marker)".into();
+    }
+    if b"\x89PNG\r\n\x1a\n".starts_with(&bytes[..bytes.len().min(8)]) {
+        return "truncated PNG (file ends inside its signature)".into();
+    }
+    let head: Vec<String> = bytes.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    format!(
+        "not a PNG or JPEG file (no PNG/JPEG signature; {} bytes, starting {})",
+        bytes.len(),
+        head.join(" ")
+    )
+}
+
+fn check_size(width: usize, height: usize) -> std::result::Result<(), String> {
+    if width == 0 || height == 0 {
+        return Err(format!("image has a zero side ({width}x{height})"));
+    }
+    if width > MAX_SIDE || height > MAX_SIDE || width * height > MAX_PIXELS {
+        return Err(format!(
+            "image is {width}x{height} pixels, over the limit of {MAX_SIDE} px a side and \
+             {MAX_PIXELS} pixels"
+        ));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// PNG
+
+fn decode_png(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
+    use png::{BitDepth, ColorType, Transformations};
+
+    // The decoder's own allocation limit (64 MiB by default) would refuse big but legal images;
+    // our size check below is the real guard, so allow what a maximal image needs.
+    let limits = png::Limits {
+        bytes: MAX_PIXELS * 8 + (1 << 20),
+    };
+    let mut decoder = png::Decoder::new_with_limits(Cursor::new(bytes), limits);
+    // Raw samples: every conversion to RGB is done below, the way Pillow does it.
+    decoder.set_transformations(Transformations::IDENTITY);
+    let bad = |e: png::DecodingError| png_error_message(&e);
+    let (width, height) = {
+        let info = decoder.read_header_info().map_err(bad)?;
+        (info.width as usize, info.height as usize)
+    };
+    check_size(width, height)?;
+    let mut reader = decoder.read_info().map_err(bad)?;
+    let (color, depth) = reader.output_color_type();
+    if color == ColorType::Grayscale && depth == BitDepth::Sixteen {
+        return Err(
+            "16-bit greyscale PNG is not supported: Pillow's convert(\"RGB\") clips \
+                    such images at 255 (mostly white), so convert the file to 8-bit first"
+                .into(),
+        );
+    }
+    let size = reader
+        .output_buffer_size()
+        .ok_or_else(|| "PNG image too large for this platform".to_string())?;
+    let mut buf = vec![0u8; size];
+    let frame = reader.next_frame(&mut buf).map_err(bad)?;
+    let line = frame.line_size;
+    let palette = reader.info().palette.as_ref().map(|p| p.to_vec());
+
+    let mut out = vec![0u8; width * height * 3];
+    let bits = depth as usize; // BitDepth's discriminant is the bit count
+    for y in 0..height {
+        let row = &buf[y * line..(y + 1) * line];
+        let dst = &mut out[y * width * 3..(y + 1) * width * 3];
+        match color {
+            ColorType::Grayscale => {
+                // 1/2/4/8-bit: scale to 0..255 exactly (Pillow's "L;2" unpacker multiplies by
+                // 0x55, "L;4" by 0x11, mode "1" maps 1 to 255).
+                let scale = (255 / ((1u32 << bits) - 1)) as u8;
+                for x in 0..width {
+                    let v = unpack(row, x, bits) * scale;
+                    dst[x * 3..x * 3 + 3].fill(v);
+                }
+            }
+            ColorType::GrayscaleAlpha => {
+                // 8-bit: [L, A]; 16-bit: [L_hi, L_lo, A_hi, A_lo]. Keep the grey high byte.
+                let step = if bits == 16 { 4 } else { 2 };
+                for x in 0..width {
+                    dst[x * 3..x * 3 + 3].fill(row[x * step]);
+                }
+            }
+            ColorType::Rgb | ColorType::Rgba => {
+                let samples = if color == ColorType::Rgb { 3 } else { 4 };
+                let bytes_per_sample = bits / 8;
+                let step = samples * bytes_per_sample;
+                for x in 0..width {
+                    for c in 0..3 {
+                        // Big-endian 16-bit: the first byte is the high byte Pillow keeps.
+                        dst[x * 3 + c] = row[x * step + c * bytes_per_sample];
+                    }
+                }
+            }
+            ColorType::Indexed => {
+                let pal = palette
+                    .as_deref()
+                    .ok_or_else(|| "palette PNG without a PLTE chunk".to_string())?;
+                for x in 0..width {
+                    let i = unpack(row, x, bits) as usize;
+                    // Pillow's palette has 256 entries; those the file does not define are black.
+                    if i * 3 + 2 < pal.len() {
+                        dst[x * 3..x * 3 + 3].copy_from_slice(&pal[i * 3..i * 3 + 3]);
+                    } else {
+                        dst[x * 3..x * 3 + 3].fill(0);
+                    }
+                }
+            }
+        }
+    }
+    Ok(RgbImage {
+        width,
+        height,
+        data: out,
+    })
+}
+
+/// Sample `x` of a row packed at `bits` (1, 2, 4 or 8) bits per sample, most significant first.
+#[inline]
+fn unpack(row: &[u8], x: usize, bits: usize) -> u8 {
+    match bits {
+        8 => row[x],
+        _ => {
+            let per_byte = 8 / bits;
+            let byte = row[x / per_byte];
+            let shift = 8 - bits * (x % per_byte + 1);
+            (byte >> shift) & ((1u8 << bits) - 1)
+        }
+    }
+}
+
+fn png_error_message(e: &png::DecodingError) -> String {
+    match e {
+        png::DecodingError::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            "truncated PNG (file ends before the image data is complete)".into()
+        }
+        png::DecodingError::IoError(io) => format!("PNG read error: {io}"),
+        png::DecodingError::Format(f) => format!("corrupt PNG: {f}"),
+        png::DecodingError::Parameter(p) => format!("PNG decoding failed: {p}"),
+        png::DecodingError::LimitsExceeded => "PNG exceeds the decoder's memory limit".into(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// JPEG
+
+fn decode_jpeg(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
+    use jpeg_decoder::{Decoder, PixelFormat};
+
+    let mut decoder = Decoder::new(Cursor::new(bytes));
+    decoder.read_info().map_err(|e| jpeg_error_message(&e))?;
+    let info = decoder
+        .info()
+        .ok_or_else(|| "JPEG has no frame header".to_string())?;
+    let (width, height) = (info.width as usize, info.height as usize);
+    check_size(width, height)?;
+    match info.pixel_format {
+        PixelFormat::L8 | PixelFormat::RGB24 => {}
+        PixelFormat::CMYK32 => {
+            return Err("CMYK/YCCK JPEG is not supported (convert it to RGB first)".into())
+        }
+        PixelFormat::L16 => {
+            return Err("16-bit (lossless/12-bit) JPEG is not supported".into());
+        }
+    }
+    // jpeg-decoder pads missing entropy data instead of failing; Pillow (libjpeg) reports such
+    // files as truncated. Check the marker structure ourselves before decoding.
+    if !jpeg_reaches_eoi(bytes) {
+        return Err(
+            "truncated JPEG (no end-of-image marker after the last scan; file cut short?)".into(),
+        );
+    }
+    let pixels = decoder.decode().map_err(|e| jpeg_error_message(&e))?;
+    let data = match info.pixel_format {
+        PixelFormat::L8 => {
+            if pixels.len() != width * height {
+                return Err("JPEG decoder returned a wrong-sized buffer".into());
+            }
+            pixels.iter().flat_map(|&v| [v, v, v]).collect()
+        }
+        _ => pixels,
+    };
+    if data.len() != width * height * 3 {
+        return Err("JPEG decoder returned a wrong-sized buffer".into());
+    }
+    Ok(RgbImage {
+        width,
+        height,
+        data,
+    })
+}
+
+fn jpeg_error_message(e: &jpeg_decoder::Error) -> String {
+    match e {
+        jpeg_decoder::Error::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            "truncated JPEG (file ends inside a header)".into()
+        }
+        jpeg_decoder::Error::Unsupported(u) => format!("unsupported JPEG: {u:?}"),
+        other => format!("corrupt JPEG: {other}"),
+    }
+}
+
+/// Walks the JPEG marker structure from SOI and reports whether an EOI marker is reached with
+/// every segment complete. Entropy-coded data after each SOS is skipped the standard way: a 0xFF
+/// followed by 0x00 (stuffing), by 0xD0..=0xD7 (restart markers) or by another 0xFF (fill) is
+/// part of the scan; any other 0xFF xx ends it.
+fn jpeg_reaches_eoi(b: &[u8]) -> bool {
+    let n = b.len();
+    let mut i = 2; // after SOI
+    while i < n {
+        if b[i] != 0xFF {
+            // Garbage between segments: libjpeg skips it (with a warning); so do we.
+            i += 1;
+            continue;
+        }
+        while i < n && b[i] == 0xFF {
+            i += 1; // fill bytes before a marker
+        }
+        if i >= n {
+            return false;
+        }
+        let marker = b[i];
+        i += 1;
+        match marker {
+            0xD9 => return true,
+            0x00 | 0x01 | 0xD0..=0xD8 => continue, // no length field
+            _ => {
+                if i + 2 > n {
+                    return false;
+                }
+                let len = u16::from_be_bytes([b[i], b[i + 1]]) as usize;
+                if len < 2 || i + len > n {
+                    return false;
+                }
+                i += len;
+                if marker == 0xDA {
+                    // Skip the scan's entropy-coded data up to the next real marker.
+                    while i < n {
+                        if b[i] == 0xFF && i + 1 < n {
+                            match b[i + 1] {
+                                0x00 | 0xD0..=0xD7 => i += 2,
+                                0xFF => i += 1,
+                                _ => break,
+                            }
+                        } else {
+                            i += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unpack_packed_samples() {
+        let row = [0b1011_0010u8, 0xF0];
+        assert_eq!(
+            (0..8).map(|x| unpack(&row, x, 1)).collect::<Vec<_>>(),
+            [1, 0, 1, 1, 0, 0, 1, 0]
+        );
+        assert_eq!(
+            (0..4).map(|x| unpack(&row, x, 2)).collect::<Vec<_>>(),
+            [2, 3, 0, 2]
+        );
+        assert_eq!(
+            (0..4).map(|x| unpack(&row, x, 4)).collect::<Vec<_>>(),
+            [11, 2, 15, 0]
+        );
+    }
+
+    #[test]
+    fn eoi_walk() {
+        // SOI, APP0 (len 4), SOS (len 3) + scan data with stuffing and RST, EOI.
+        let ok = [
+            0xFF, 0xD8, 0xFF, 0xE0, 0, 4, 1, 2, 0xFF, 0xDA, 0, 3, 9, 0x12, 0xFF, 0x00, 0x34, 0xFF,
+            0xD0, 0x56, 0xFF, 0xD9,
+        ];
+        assert!(jpeg_reaches_eoi(&ok));
+        for cut in 2..ok.len() {
+            assert!(!jpeg_reaches_eoi(&ok[..cut]), "cut at {cut}");
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! The `fastrm` binary as scripts use it: the `--json` contract, and every kind of bad input ending
+//! in a one-line error that names the problem, a non-zero exit, and no panic.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::{
+    copy_model, fixture_dir, fixture_image, read_safetensors, write_safetensors, Expected,
+};
+use safetensors::Dtype;
+
+fn fastrm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fastrm"))
+        .args(args)
+        .output()
+        .expect("binary runs")
+}
+
+fn generate(model: &Path, image: &Path, prompt: &str, extra: &[&str]) -> Output {
+    let (m, i) = (model.to_str().unwrap(), image.to_str().unwrap());
+    let mut args = vec!["generate", "--model", m, "--image", i, "--prompt", prompt];
+    args.extend_from_slice(extra);
+    fastrm(&args)
+}
+
+/// Asserts a clean failure: exit code 1, nothing on stdout, a single `error:` line mentioning every
+/// needle, and no panic.
+fn assert_fails(out: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {stderr}"
+    );
+    assert_eq!(out.status.code(), Some(1), "exit code; stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    assert!(
+        out.stdout.is_empty(),
+        "partial stdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(stderr.starts_with("error: "), "stderr: {stderr}");
+    for n in needles {
+        assert!(
+            stderr.to_lowercase().contains(&n.to_lowercase()),
+            "stderr {stderr:?} should mention {n:?}"
+        );
+    }
+}
+
+#[test]
+fn json_contract_matches_the_oracle() {
+    let exp = Expected::load("tiny");
+    let want = exp.ids("generated_ids");
+    let out = generate(
+        &fixture_dir("tiny"),
+        &fixture_image("tiny"),
+        &exp.meta["question"],
+        &["--json", "--max-new-tokens", &want.len().to_string()],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("stdout is one JSON object");
+    let ids = |k: &str| -> Vec<u32> {
+        v[k].as_array()
+            .unwrap_or_else(|| panic!("`{k}` is an array"))
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    assert_eq!(ids("input_ids"), exp.ids("input_ids"));
+    // Generation may stop at EOS before the oracle's forced length; it must agree up to there.
+    let got = ids("generated_ids");
+    assert!(!got.is_empty() && got.len() <= want.len());
+    assert_eq!(got[..], want[..got.len()]);
+    assert!(v["text"].is_string());
+    let stop = v["stop_reason"].as_str().unwrap();
+    assert!(
+        ["eos", "max_new_tokens"].contains(&stop),
+        "stop_reason {stop}"
+    );
+    assert_eq!(
+        stop == "eos",
+        got.len() < want.len()
+            || exp.meta["eos_token_id"].parse::<u32>().ok() == got.last().copied()
+    );
+}
+
+#[test]
+fn plain_output_is_the_answer_text() {
+    let out = generate(
+        &fixture_dir("tiny"),
+        &fixture_image("tiny"),
+        "What colour?",
+        &["--max-new-tokens", "3"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
+}
+
+#[test]
+fn bad_arguments() {
+    let model = fixture_dir("tiny");
+    let image = fixture_image("tiny");
+    assert_fails(
+        &generate(&model, &image, "Hi?", &["--max-new-tokens", "0"]),
+        &["max-new-tokens"],
+    );
+    assert_fails(&generate(&model, &image, "", &[]), &["question is empty"]);
+    assert_fails(
+        &generate(&model, &image, "<image> again?", &[]),
+        &["<image>"],
+    );
+    let long = "why ".repeat(400);
+    assert_fails(&generate(&model, &image, &long, &[]), &["context"]);
+    assert_fails(
+        &generate(&model, &image, "Hi?", &["--device", "cuda"]),
+        &["cuda"],
+    );
+    let out = fastrm(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "x",
+    ]);
+    assert_fails(&out, &["--image"]);
+}
+
+#[test]
+fn bad_images() {
+    let model = fixture_dir("tiny");
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("nope.png");
+    assert_fails(&generate(&model, &missing, "Hi?", &[]), &["nope.png"]);
+    let empty = tmp.path().join("empty.jpg");
+    std::fs::write(&empty, b"").unwrap();
+    assert_fails(&generate(&model, &empty, "Hi?", &[]), &["empty.jpg"]);
+    let text = tmp.path().join("notes.png");
+    std::fs::write(&text, b"this is not an image at all").unwrap();
+    assert_fails(&generate(&model, &text, "Hi?", &[]), &["notes.png"]);
+    let png = std::fs::read(fixture_image("tiny")).unwrap();
+    let cut = tmp.path().join("cut.png");
+    std::fs::write(&cut, &png[..png.len() / 2]).unwrap();
+    assert_fails(&generate(&model, &cut, "Hi?", &[]), &["cut.png"]);
+}
+
+#[test]
+fn bad_model_folders() {
+    let image = fixture_image("tiny");
+    let run = |dir: &Path| generate(dir, &image, "Hi?", &["--max-new-tokens", "2"]);
+
+    assert_fails(&run(Path::new("/definitely/not/here")), &["not a folder"]);
+
+    let m = copy_model("tiny", "");
+    std::fs::remove_file(m.path().join("model.safetensors")).unwrap();
+    assert_fails(&run(m.path()), &["model.safetensors"]);
+
+    let m = copy_model("tiny", "");
+    std::fs::remove_file(m.path().join("tokenizer.json")).unwrap();
+    assert_fails(&run(m.path()), &["tokenizer.json"]);
+
+    let m = copy_model("tiny", "");
+    std::fs::write(m.path().join("config.json"), "{\"model_type\": \"llava\", ").unwrap();
+    assert_fails(&run(m.path()), &["config.json", "JSON"]);
+
+    let m = copy_model("tiny", "");
+    let cfg = std::fs::read_to_string(m.path().join("config.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+    v["text_config"]["hidden_size"] = serde_json::json!("big");
+    std::fs::write(m.path().join("config.json"), v.to_string()).unwrap();
+    assert_fails(&run(m.path()), &["text_config.hidden_size"]);
+}
+
+#[test]
+fn bad_checkpoints() {
+    let image = fixture_image("tiny");
+    let run = |dir: &Path| generate(dir, &image, "Hi?", &["--max-new-tokens", "2"]);
+    let st = |m: &tempfile::TempDir| m.path().join("model.safetensors");
+
+    // Truncated: the header promises more bytes than the file has.
+    let m = copy_model("tiny", "");
+    let bytes = std::fs::read(st(&m)).unwrap();
+    std::fs::write(st(&m), &bytes[..bytes.len() - 100]).unwrap();
+    assert_fails(
+        &run(m.path()),
+        &["model.safetensors", "truncated or corrupt"],
+    );
+
+    // Shorter than the header length itself, and empty.
+    std::fs::write(st(&m), &bytes[..5]).unwrap();
+    assert_fails(&run(m.path()), &["model.safetensors", "truncated"]);
+    std::fs::write(st(&m), b"").unwrap();
+    assert_fails(&run(m.path()), &["model.safetensors"]);
+
+    // A header whose offsets point past the end of the file (same length, doctored JSON).
+    let m = copy_model("tiny", "");
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let name = header
+        .as_object()
+        .unwrap()
+        .keys()
+        .find(|k| *k != "__metadata__")
+        .unwrap()
+        .clone();
+    let end = bytes.len() as u64 * 4;
+    header[&name]["data_offsets"] = serde_json::json!([end - 4, end]);
+    let mut text = header.to_string().into_bytes();
+    text.resize(n.max(text.len()), b' ');
+    let mut doctored = (text.len() as u64).to_le_bytes().to_vec();
+    doctored.extend_from_slice(&text);
+    doctored.extend_from_slice(&bytes[8 + n..]);
+    std::fs::write(st(&m), &doctored).unwrap();
+    assert_fails(
+        &run(m.path()),
+        &["model.safetensors", "invalid safetensors"],
+    );
+
+    // A missing tensor, a wrong shape, an unsupported dtype.
+    let target = "language_model.model.layers.1.mlp.up_proj.weight";
+    let m = copy_model("tiny", "");
+    let mut ts = read_safetensors(&st(&m));
+    ts.retain(|t| t.name != target);
+    write_safetensors(&st(&m), &ts);
+    assert_fails(&run(m.path()), &["missing tensor", target]);
+
+    let m = copy_model("tiny", "");
+    let mut ts = read_safetensors(&st(&m));
+    let t = ts.iter_mut().find(|t| t.name == target).unwrap();
+    t.shape = vec![t.shape[1], t.shape[0]];
+    write_safetensors(&st(&m), &ts);
+    assert_fails(&run(m.path()), &[target, "shape"]);
+
+    let m = copy_model("tiny", "");
+    let mut ts = read_safetensors(&st(&m));
+    let t = ts.iter_mut().find(|t| t.name == target).unwrap();
+    t.dtype = Dtype::I32;
+    write_safetensors(&st(&m), &ts);
+    assert_fails(&run(m.path()), &[target, "dtype"]);
+}
