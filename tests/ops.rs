@@ -8,7 +8,14 @@ use fastrm::backend::{AttnShape, Backend};
 use fastrm::model::SplitMix64;
 
 fn rand(rng: &mut SplitMix64, rows: usize, cols: usize, scale: f32) -> CpuTensor {
-    CpuTensor::new((0..rows * cols).map(|_| scale * rng.uniform_sym()).collect(), rows, cols).unwrap()
+    CpuTensor::new(
+        (0..rows * cols)
+            .map(|_| scale * rng.uniform_sym())
+            .collect(),
+        rows,
+        cols,
+    )
+    .unwrap()
 }
 
 fn close(what: &str, got: &[f32], want: &[f64], tol: f64) {
@@ -31,7 +38,9 @@ fn linear_matches_naive() {
         for i in 0..m {
             for j in 0..n {
                 want[i * n + j] = b.data[j] as f64
-                    + (0..k).map(|t| x.data[i * k + t] as f64 * w.data[j * k + t] as f64).sum::<f64>();
+                    + (0..k)
+                        .map(|t| x.data[i * k + t] as f64 * w.data[j * k + t] as f64)
+                        .sum::<f64>();
             }
         }
         close("linear", &y.data, &want, 1e-5);
@@ -56,7 +65,8 @@ fn norms_match_naive() {
         let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / 48.0;
         for j in 0..48 {
             want_rms.push(row[j] / (ms + 1e-5).sqrt() * w.data[j] as f64);
-            want_ln.push((row[j] - mean) / (var + 1e-5).sqrt() * w.data[j] as f64 + b.data[j] as f64);
+            want_ln
+                .push((row[j] - mean) / (var + 1e-5).sqrt() * w.data[j] as f64 + b.data[j] as f64);
         }
     }
     close("rms_norm", &rms.data, &want_rms, 1e-5);
@@ -74,13 +84,20 @@ fn activations_match_formulas() {
     let g1 = Cpu.gelu(&CpuTensor::new(vec![1.0], 1, 1).unwrap()).unwrap();
     assert!((g1.data[0] as f64 - 0.8413447460685429).abs() < 1e-7);
     let gelu = Cpu.gelu(&x).unwrap();
-    let want: Vec<f64> = xs.iter().map(|&v| v * 0.5 * (1.0 + libm::erf(v / 2f64.sqrt()))).collect();
+    let want: Vec<f64> = xs
+        .iter()
+        .map(|&v| v * 0.5 * (1.0 + libm::erf(v / 2f64.sqrt())))
+        .collect();
     close("gelu", &gelu.data, &want, 1e-6);
     let qg = Cpu.quick_gelu(&x).unwrap();
     let want: Vec<f64> = xs.iter().map(|&v| v * sig(1.702 * v)).collect();
     close("quick_gelu", &qg.data, &want, 1e-6);
     let sm = Cpu.silu_mul(&x, &u).unwrap();
-    let want: Vec<f64> = xs.iter().zip(&u.data).map(|(&v, &w)| v * sig(v) * w as f64).collect();
+    let want: Vec<f64> = xs
+        .iter()
+        .zip(&u.data)
+        .map(|(&v, &w)| v * sig(v) * w as f64)
+        .collect();
     close("silu_mul", &sm.data, &want, 1e-6);
 }
 
@@ -119,7 +136,10 @@ fn naive_attention(q: &CpuTensor, k: &CpuTensor, v: &CpuTensor, s: AttnShape) ->
             let scores: Vec<f64> = (0..visible)
                 .map(|j| {
                     (0..d)
-                        .map(|t| q.data[i * h * d + hi * d + t] as f64 * k.data[j * hk * d + kh * d + t] as f64)
+                        .map(|t| {
+                            q.data[i * h * d + hi * d + t] as f64
+                                * k.data[j * hk * d + kh * d + t] as f64
+                        })
                         .sum::<f64>()
                         / (d as f64).sqrt()
                 })
@@ -128,8 +148,9 @@ fn naive_attention(q: &CpuTensor, k: &CpuTensor, v: &CpuTensor, s: AttnShape) ->
             let e: Vec<f64> = scores.iter().map(|x| (x - mx).exp()).collect();
             let z: f64 = e.iter().sum();
             for t in 0..d {
-                out[i * h * d + hi * d + t] =
-                    (0..visible).map(|j| e[j] / z * v.data[j * hk * d + kh * d + t] as f64).sum::<f64>();
+                out[i * h * d + hi * d + t] = (0..visible)
+                    .map(|j| e[j] / z * v.data[j * hk * d + kh * d + t] as f64)
+                    .sum::<f64>();
             }
         }
     }
@@ -150,14 +171,31 @@ fn attention_full_causal_offset_and_gqa() {
         let q = rand(&mut rng, nq, h * d, 2.0);
         let k = rand(&mut rng, rows, hk * d, 2.0);
         let v = rand(&mut rng, rows, hk * d, 1.0);
-        let s = AttnShape { n_heads: h, n_kv_heads: hk, head_dim: d, causal_q_pos0: p0, kv_len };
+        let s = AttnShape {
+            n_heads: h,
+            n_kv_heads: hk,
+            head_dim: d,
+            causal_q_pos0: p0,
+            kv_len,
+        };
         let got = Cpu.attention(&q, &k, &v, s).unwrap();
-        close(&format!("attention {s:?}"), &got.data, &naive_attention(&q, &k, &v, s), 1e-5);
+        close(
+            &format!("attention {s:?}"),
+            &got.data,
+            &naive_attention(&q, &k, &v, s),
+            1e-5,
+        );
     }
     // Queries past the filled cache are a shape error, not garbage.
     let q = rand(&mut rng, 2, 8, 1.0);
     let k = rand(&mut rng, 4, 8, 1.0);
-    let s = AttnShape { n_heads: 1, n_kv_heads: 1, head_dim: 8, causal_q_pos0: Some(3), kv_len: 4 };
+    let s = AttnShape {
+        n_heads: 1,
+        n_kv_heads: 1,
+        head_dim: 8,
+        causal_q_pos0: Some(3),
+        kv_len: 4,
+    };
     assert!(Cpu.attention(&q, &k, &k, s).is_err());
 }
 
