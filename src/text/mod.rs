@@ -73,11 +73,7 @@ impl TextProcessor {
             }
             None => return Err(self.err(format!("no {IMAGE_TOKEN} token in the vocabulary"))),
         }
-        let enc = self
-            .tok
-            .encode(chat_prompt(question), true)
-            .map_err(|e| self.err(format!("cannot encode the prompt: {e}")))?;
-        let ids = enc.get_ids();
+        let ids = self.encode(&chat_prompt(question))?;
         let n_img = ids.iter().filter(|&&i| i == image_token_id).count();
         if n_img != 1 {
             return Err(self.err(format!(
@@ -85,7 +81,7 @@ impl TextProcessor {
             )));
         }
         let mut out = Vec::with_capacity(ids.len() + n_patches);
-        for &id in ids {
+        for id in ids {
             if id == image_token_id {
                 out.extend(std::iter::repeat_n(image_token_id, n_patches));
             } else {
@@ -93,6 +89,14 @@ impl TextProcessor {
             }
         }
         Ok(out)
+    }
+
+    /// Ids of a text with the tokenizer's special tokens (BOS) added, no template, no expansion.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        self.tok
+            .encode(text, true)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| self.err(format!("cannot encode text: {e}")))
     }
 
     /// Text of generated ids, special tokens (EOS) left out.
