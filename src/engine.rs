@@ -12,7 +12,7 @@ use crate::model::{Llava, Synthetic};
 use crate::text::TextProcessor;
 use crate::vision::{self, PreprocessConfig};
 
-pub use crate::model::llava::GenerateOptions;
+pub use crate::model::llava::{Event, GenerateOptions};
 
 pub struct Engine<B: Backend> {
     pub backend: B,
@@ -114,11 +114,22 @@ impl<B: Backend> Engine<B> {
         question: &str,
         opts: &GenerateOptions,
     ) -> Result<Generation> {
+        self.generate_observed(image, question, opts, &mut |_| {})
+    }
+
+    /// [`Self::generate`], reporting progress to `observer`.
+    pub fn generate_observed(
+        &self,
+        image: &Path,
+        question: &str,
+        opts: &GenerateOptions,
+        observer: &mut dyn FnMut(Event),
+    ) -> Result<Generation> {
         let input_ids = self.prompt_ids(question)?;
         let pixels = self.pixels(image)?;
-        let g = self
-            .model
-            .generate_ids(&self.backend, &input_ids, &pixels, opts)?;
+        let g =
+            self.model
+                .generate_ids_observed(&self.backend, &input_ids, &pixels, opts, observer)?;
         let text = self.text()?.decode(&g.generated_ids)?;
         Ok(Generation {
             input_ids,
@@ -128,9 +139,7 @@ impl<B: Backend> Engine<B> {
             timings: g.timings,
         })
     }
-}
 
-impl<B: Backend> Engine<B> {
     pub fn backend_name(&self) -> String {
         self.backend.name()
     }

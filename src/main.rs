@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
 use fastrm::backend::cpu::Cpu;
+use fastrm::engine::Event;
 use fastrm::{Engine, Error, GenerateOptions, Result};
 
 /// The bundled demo model and image, used when `--model` / `--image` are left out.
@@ -80,12 +81,17 @@ fn run(cli: Cli) -> Result<()> {
                 return Err(Error::input("--max-new-tokens must be at least 1"));
             }
             let (model_dir, image) = model_and_image(model, image)?;
+            let mut progress = Progress::new(max_new_tokens);
+            progress.say(&format!("loading {}", model_dir.display()));
             let engine = open(device, &model_dir)?;
             let opts = GenerateOptions {
                 max_new_tokens,
                 ..Default::default()
             };
-            let g = engine.generate(&image, &prompt, &opts)?;
+            progress.say("encoding the image");
+            let g = engine.generate_observed(&image, &prompt, &opts, &mut |e| progress.event(e));
+            progress.clear();
+            let g = g?;
             if json {
                 let grid = engine.config().vision.grid();
                 let out = json!({
@@ -132,5 +138,49 @@ fn open(device: Device, dir: &Path) -> Result<Engine<Cpu>> {
         Device::Cuda => Err(Error::Backend(
             "this build has no CUDA backend yet; use --device cpu".into(),
         )),
+    }
+}
+
+/// A one-line status on stderr, redrawn in place; silent unless stderr is a terminal, so scripts
+/// and `--json` consumers never see it.
+struct Progress {
+    enabled: bool,
+    max_new: usize,
+    start: std::time::Instant,
+}
+
+impl Progress {
+    fn new(max_new: usize) -> Self {
+        use std::io::IsTerminal;
+        Progress {
+            enabled: std::io::stderr().is_terminal(),
+            max_new,
+            start: std::time::Instant::now(),
+        }
+    }
+
+    fn say(&self, msg: &str) {
+        if self.enabled {
+            let t = self.start.elapsed().as_secs_f64();
+            eprint!("\r\x1b[2K[{t:6.1}s] {msg}");
+        }
+    }
+
+    fn event(&self, e: Event) {
+        match e {
+            Event::ImageEncoded => self.say("prefill"),
+            Event::Prefilled { prompt_len } => {
+                self.say(&format!("prefilled {prompt_len} positions"))
+            }
+            Event::Token { index, .. } => {
+                self.say(&format!("token {}/{}", index + 1, self.max_new))
+            }
+        }
+    }
+
+    fn clear(&self) {
+        if self.enabled {
+            eprint!("\r\x1b[2K");
+        }
     }
 }

@@ -59,6 +59,17 @@ pub struct Timings {
     pub decode_s: f64,
 }
 
+/// What a generation run reports as it goes, for progress displays and per-token consumers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// The vision tower and projector are done.
+    ImageEncoded,
+    /// The prompt has been run through the decoder.
+    Prefilled { prompt_len: usize },
+    /// Token `index` (0-based) was chosen.
+    Token { index: usize, id: u32 },
+}
+
 #[derive(Debug, Clone)]
 pub struct GenerateOptions {
     pub max_new_tokens: usize,
@@ -162,6 +173,18 @@ impl<B: Backend> Llava<B> {
         pixels: &[f32],
         opts: &GenerateOptions,
     ) -> Result<IdGeneration> {
+        self.generate_ids_observed(b, ids, pixels, opts, &mut |_| {})
+    }
+
+    /// [`Self::generate_ids`], reporting each phase and token to `observer` as it happens.
+    pub fn generate_ids_observed(
+        &self,
+        b: &B,
+        ids: &[u32],
+        pixels: &[f32],
+        opts: &GenerateOptions,
+        observer: &mut dyn FnMut(Event),
+    ) -> Result<IdGeneration> {
         let ctx = self.cfg.text.max_position_embeddings;
         if opts.max_new_tokens == 0 {
             return Err(Error::input("max_new_tokens must be at least 1"));
@@ -181,6 +204,7 @@ impl<B: Backend> Llava<B> {
         let t0 = std::time::Instant::now();
         let (_, image) = self.encode_image(b, pixels)?;
         timings.vision_s = t0.elapsed().as_secs_f64();
+        observer(Event::ImageEncoded);
 
         let t1 = std::time::Instant::now();
         let x = self.embed_prompt(b, ids, &image)?;
@@ -190,6 +214,9 @@ impl<B: Backend> Llava<B> {
         let hidden = self.llm.forward(b, x, &mut cache)?;
         let mut last = b.slice_rows(&hidden, ids.len() - 1, 1)?;
         timings.prefill_s = t1.elapsed().as_secs_f64();
+        observer(Event::Prefilled {
+            prompt_len: ids.len(),
+        });
 
         let t2 = std::time::Instant::now();
         let mut out = IdGeneration {
@@ -207,6 +234,10 @@ impl<B: Backend> Llava<B> {
                 out.step_hidden.push(b.download(&last)?);
             }
             out.generated_ids.push(next);
+            observer(Event::Token {
+                index: out.generated_ids.len() - 1,
+                id: next,
+            });
             if opts.stop_at_eos && self.cfg.eos_token_ids.contains(&next) {
                 out.stop_reason = StopReason::Eos;
                 break;
