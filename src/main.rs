@@ -81,7 +81,7 @@ fn run(cli: Cli) -> Result<()> {
                 return Err(Error::input("--max-new-tokens must be at least 1"));
             }
             let (model_dir, image) = model_and_image(model, image)?;
-            let mut progress = Progress::new(max_new_tokens);
+            let progress = Progress::new(max_new_tokens);
             progress.say(&format!("loading {}", model_dir.display()));
             let engine = open(device, &model_dir)?;
             let opts = GenerateOptions {

@@ -6,7 +6,7 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{shape_err, AttnShape, Backend};
+use super::{shape_err, AttnGrads, AttnShape, Backend, Cam};
 use crate::checkpoint::TensorRef;
 use crate::error::Result;
 
@@ -139,6 +139,148 @@ pub fn rope_inv_freq(head_dim: usize, theta: f32) -> Vec<f32> {
             1.0f32 / theta.powf(e)
         })
         .collect()
+}
+
+fn check_attention(
+    op: &str,
+    q: &CpuTensor,
+    k: &CpuTensor,
+    v: &CpuTensor,
+    s: AttnShape,
+) -> Result<()> {
+    let (h, hk, d) = (s.n_heads, s.n_kv_heads, s.head_dim);
+    if h == 0 || hk == 0 || h % hk != 0 || q.cols != h * d || k.cols != hk * d || v.cols != hk * d {
+        return Err(shape_err(
+            op,
+            format!(
+                "q [{}, {}], k [{}, {}], v [{}, {}] do not fit {h} heads / {hk} kv heads of {d}",
+                q.rows, q.cols, k.rows, k.cols, v.rows, v.cols
+            ),
+        ));
+    }
+    if k.rows < s.kv_len || v.rows < s.kv_len || s.kv_len == 0 {
+        return Err(shape_err(
+            op,
+            format!(
+                "kv_len {} with k rows {}, v rows {}",
+                s.kv_len, k.rows, v.rows
+            ),
+        ));
+    }
+    if let Some(p0) = s.causal_q_pos0 {
+        if p0 + q.rows > s.kv_len {
+            return Err(shape_err(
+                op,
+                format!(
+                    "queries at {p0}..{} attend past kv_len {}",
+                    p0 + q.rows,
+                    s.kv_len
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Head `hi`'s block of a multi-head k or v tensor (its kv group) as a `[rows, d]` view.
+fn head_view(t: &CpuTensor, s: AttnShape, hi: usize) -> View<'_> {
+    let col = if t.cols == s.n_heads * s.head_dim {
+        hi * s.head_dim
+    } else {
+        (hi / (s.n_heads / s.n_kv_heads)) * s.head_dim
+    };
+    View {
+        data: &t.data[col..],
+        rs: t.cols,
+        cs: 1,
+    }
+}
+
+/// Attention probabilities of head `hi`, `[n_q, kv_len]`, masked entries exactly 0 — the same
+/// numbers for the forward and the backward (which recomputes rather than stores them).
+fn head_probs(q: &CpuTensor, k: &CpuTensor, s: AttnShape, hi: usize) -> Vec<f32> {
+    let (nq, kv, d) = (q.rows, s.kv_len, s.head_dim);
+    let scale = 1.0 / (d as f32).sqrt();
+    let mut scores = vec![0.0f32; nq * kv];
+    let kt = View {
+        rs: 1,
+        cs: k.cols,
+        ..head_view(k, s, hi)
+    };
+    let qv = View {
+        data: &q.data[hi * d..],
+        rs: q.cols,
+        cs: 1,
+    };
+    matmul(nq, kv, d, &mut scores, kv, qv, kt, Parallelism::None);
+    for (i, row) in scores.chunks_exact_mut(kv).enumerate() {
+        let visible = s.causal_q_pos0.map_or(kv, |p0| p0 + i + 1);
+        let (row, masked) = row.split_at_mut(visible);
+        masked.fill(0.0);
+        let mut mx = f32::NEG_INFINITY;
+        for x in row.iter_mut() {
+            *x *= scale;
+            mx = mx.max(*x);
+        }
+        let mut sum = 0.0f32;
+        for x in row.iter_mut() {
+            *x = (*x - mx).exp();
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|x| *x *= inv);
+    }
+    scores
+}
+
+/// Writes a head's `[rows, d]` block into columns `hi·d ..` of a multi-head tensor.
+fn scatter_head(out: &mut CpuTensor, hi: usize, d: usize, block: &[f32]) {
+    let w = out.cols;
+    for (i, src) in block.chunks_exact(d).enumerate() {
+        out.data[i * w + hi * d..i * w + (hi + 1) * d].copy_from_slice(src);
+    }
+}
+
+/// RoPE rotation (`sign` = 1) or its inverse (`sign` = −1, the backward) on every head of every row.
+fn rotate(
+    op: &str,
+    x: &CpuTensor,
+    head_dim: usize,
+    pos0: usize,
+    theta: f32,
+    sign: f32,
+) -> Result<CpuTensor> {
+    if head_dim == 0 || head_dim % 2 != 0 || x.cols % head_dim != 0 {
+        return Err(shape_err(
+            op,
+            format!(
+                "{} columns do not split into heads of even size {head_dim}",
+                x.cols
+            ),
+        ));
+    }
+    let inv = rope_inv_freq(head_dim, theta);
+    let half = head_dim / 2;
+    let mut out = x.clone();
+    for (r, row) in out.data.chunks_exact_mut(x.cols).enumerate() {
+        let pos = (pos0 + r) as f32;
+        // cos/sin of the f32 angle, evaluated accurately and rounded once, like torch.
+        let (cos, sin): (Vec<f32>, Vec<f32>) = inv
+            .iter()
+            .map(|&f| {
+                let a = (f * pos) as f64;
+                (a.cos() as f32, sign * a.sin() as f32)
+            })
+            .unzip();
+        for head in row.chunks_exact_mut(head_dim) {
+            for i in 0..half {
+                let (a, b) = (head[i], head[i + half]);
+                head[i] = a * cos[i] - b * sin[i];
+                head[i + half] = b * cos[i] + a * sin[i];
+            }
+        }
+    }
+    Ok(out)
 }
 
 impl Backend for Cpu {
@@ -301,37 +443,7 @@ impl Backend for Cpu {
     }
 
     fn rope(&self, x: &CpuTensor, head_dim: usize, pos0: usize, theta: f32) -> Result<CpuTensor> {
-        if head_dim == 0 || head_dim % 2 != 0 || x.cols % head_dim != 0 {
-            return Err(shape_err(
-                "rope",
-                format!(
-                    "{} columns do not split into heads of even size {head_dim}",
-                    x.cols
-                ),
-            ));
-        }
-        let inv = rope_inv_freq(head_dim, theta);
-        let half = head_dim / 2;
-        let mut out = x.clone();
-        for (r, row) in out.data.chunks_exact_mut(x.cols).enumerate() {
-            let pos = (pos0 + r) as f32;
-            // cos/sin of the f32 angle, evaluated accurately and rounded once, like torch.
-            let (cos, sin): (Vec<f32>, Vec<f32>) = inv
-                .iter()
-                .map(|&f| {
-                    let a = (f * pos) as f64;
-                    (a.cos() as f32, a.sin() as f32)
-                })
-                .unzip();
-            for head in row.chunks_exact_mut(head_dim) {
-                for i in 0..half {
-                    let (a, b) = (head[i], head[i + half]);
-                    head[i] = a * cos[i] - b * sin[i];
-                    head[i + half] = b * cos[i] + a * sin[i];
-                }
-            }
-        }
-        Ok(out)
+        rotate("rope", x, head_dim, pos0, theta, 1.0)
     }
 
     fn attention(
@@ -341,94 +453,13 @@ impl Backend for Cpu {
         v: &CpuTensor,
         s: AttnShape,
     ) -> Result<CpuTensor> {
-        let (h, hk, d) = (s.n_heads, s.n_kv_heads, s.head_dim);
-        if h == 0
-            || hk == 0
-            || h % hk != 0
-            || q.cols != h * d
-            || k.cols != hk * d
-            || v.cols != hk * d
-        {
-            return Err(shape_err(
-                "attention",
-                format!(
-                    "q [{}, {}], k [{}, {}], v [{}, {}] do not fit {h} heads / {hk} kv heads of {d}",
-                    q.rows, q.cols, k.rows, k.cols, v.rows, v.cols
-                ),
-            ));
-        }
-        if k.rows < s.kv_len || v.rows < s.kv_len || s.kv_len == 0 {
-            return Err(shape_err(
-                "attention",
-                format!(
-                    "kv_len {} with k rows {}, v rows {}",
-                    s.kv_len, k.rows, v.rows
-                ),
-            ));
-        }
-        if let Some(p0) = s.causal_q_pos0 {
-            if p0 + q.rows > s.kv_len {
-                return Err(shape_err(
-                    "attention",
-                    format!(
-                        "queries at {p0}..{} attend past kv_len {}",
-                        p0 + q.rows,
-                        s.kv_len
-                    ),
-                ));
-            }
-        }
-        let (nq, kv) = (q.rows, s.kv_len);
-        let scale = 1.0 / (d as f32).sqrt();
-        let group = h / hk;
+        check_attention("attention", q, k, v, s)?;
+        let (nq, kv, d) = (q.rows, s.kv_len, s.head_dim);
         // One [nq, d] output block per head, computed independently on the rayon pool.
-        let heads: Vec<Vec<f32>> = (0..h)
+        let heads: Vec<Vec<f32>> = (0..s.n_heads)
             .into_par_iter()
             .map(|hi| {
-                let kvh = hi / group;
-                let mut scores = vec![0.0f32; nq * kv];
-                matmul(
-                    nq,
-                    kv,
-                    d,
-                    &mut scores,
-                    kv,
-                    View {
-                        data: &q.data[hi * d..],
-                        rs: q.cols,
-                        cs: 1,
-                    },
-                    View {
-                        data: &k.data[kvh * d..],
-                        rs: 1,
-                        cs: k.cols,
-                    },
-                    Parallelism::None,
-                );
-                for (i, row) in scores.chunks_exact_mut(kv).enumerate() {
-                    let visible = match s.causal_q_pos0 {
-                        Some(p0) => p0 + i + 1,
-                        None => kv,
-                    };
-                    let row = &mut row[..visible];
-                    let mut mx = f32::NEG_INFINITY;
-                    for x in row.iter_mut() {
-                        *x *= scale;
-                        mx = mx.max(*x);
-                    }
-                    let mut sum = 0.0f32;
-                    for x in row.iter_mut() {
-                        *x = (*x - mx).exp();
-                        sum += *x;
-                    }
-                    let inv = 1.0 / sum;
-                    row.iter_mut().for_each(|x| *x *= inv);
-                }
-                if s.causal_q_pos0.is_some() {
-                    for (i, row) in scores.chunks_exact_mut(kv).enumerate() {
-                        row[s.causal_q_pos0.unwrap() + i + 1..].fill(0.0);
-                    }
-                }
+                let probs = head_probs(q, k, s, hi);
                 let mut out = vec![0.0f32; nq * d];
                 matmul(
                     nq,
@@ -437,28 +468,21 @@ impl Backend for Cpu {
                     &mut out,
                     d,
                     View {
-                        data: &scores,
+                        data: &probs,
                         rs: kv,
                         cs: 1,
                     },
-                    View {
-                        data: &v.data[kvh * d..],
-                        rs: v.cols,
-                        cs: 1,
-                    },
+                    head_view(v, s, hi),
                     Parallelism::None,
                 );
                 out
             })
             .collect();
-        let mut out = vec![0.0f32; nq * h * d];
+        let mut out = CpuTensor::new(vec![0.0f32; nq * q.cols], nq, q.cols)?;
         for (hi, block) in heads.iter().enumerate() {
-            for i in 0..nq {
-                out[i * h * d + hi * d..i * h * d + (hi + 1) * d]
-                    .copy_from_slice(&block[i * d..(i + 1) * d]);
-            }
+            scatter_head(&mut out, hi, d, block);
         }
-        CpuTensor::new(out, nq, h * d)
+        Ok(out)
     }
 
     fn embedding(&self, table: &CpuTensor, ids: &[u32]) -> Result<CpuTensor> {
@@ -520,5 +544,246 @@ impl Backend for Cpu {
                 best as u32
             })
             .collect())
+    }
+
+    fn matmul(&self, a: &CpuTensor, b: &CpuTensor) -> Result<CpuTensor> {
+        if a.cols != b.rows {
+            return Err(shape_err(
+                "matmul",
+                format!("[{}, {}] · [{}, {}]", a.rows, a.cols, b.rows, b.cols),
+            ));
+        }
+        let mut out = vec![0.0f32; a.rows * b.cols];
+        matmul(
+            a.rows,
+            b.cols,
+            a.cols,
+            &mut out,
+            b.cols,
+            View {
+                data: &a.data,
+                rs: a.cols,
+                cs: 1,
+            },
+            View {
+                data: &b.data,
+                rs: b.cols,
+                cs: 1,
+            },
+            Parallelism::Rayon(0),
+        );
+        CpuTensor::new(out, a.rows, b.cols)
+    }
+
+    fn linear_bwd(&self, dy: &CpuTensor, w: &CpuTensor) -> Result<CpuTensor> {
+        if dy.cols != w.rows {
+            return Err(shape_err(
+                "linear_bwd",
+                format!("dy [{}, {}] · w [{}, {}]", dy.rows, dy.cols, w.rows, w.cols),
+            ));
+        }
+        self.matmul(dy, w)
+    }
+
+    fn rms_norm_bwd(
+        &self,
+        x: &CpuTensor,
+        w: &CpuTensor,
+        dy: &CpuTensor,
+        eps: f32,
+    ) -> Result<CpuTensor> {
+        row_vector("rms_norm_bwd weight", w, x.cols)?;
+        same_shape("rms_norm_bwd", x, dy)?;
+        let n = x.cols as f64;
+        let mut out = vec![0.0f32; x.data.len()];
+        for ((o, xr), gr) in out
+            .chunks_exact_mut(x.cols)
+            .zip(x.data.chunks_exact(x.cols))
+            .zip(dy.data.chunks_exact(x.cols))
+        {
+            // y_j = w_j x_j r, r = (mean x² + eps)^-½  ⇒
+            // dx_j = r w_j dy_j − x_j r³/n Σ_i dy_i w_i x_i
+            let ms = xr.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / n;
+            let r = 1.0 / (ms + eps as f64).sqrt();
+            let dot: f64 = (0..x.cols)
+                .map(|i| gr[i] as f64 * w.data[i] as f64 * xr[i] as f64)
+                .sum();
+            let c = r * r * r * dot / n;
+            for i in 0..x.cols {
+                o[i] = (r * w.data[i] as f64 * gr[i] as f64 - xr[i] as f64 * c) as f32;
+            }
+        }
+        CpuTensor::new(out, x.rows, x.cols)
+    }
+
+    fn silu_mul_bwd(
+        &self,
+        gate: &CpuTensor,
+        up: &CpuTensor,
+        dy: &CpuTensor,
+    ) -> Result<(CpuTensor, CpuTensor)> {
+        same_shape("silu_mul_bwd", gate, up)?;
+        same_shape("silu_mul_bwd", gate, dy)?;
+        let mut dg = Vec::with_capacity(gate.data.len());
+        let mut du = Vec::with_capacity(gate.data.len());
+        for ((&g, &u), &d) in gate.data.iter().zip(&up.data).zip(&dy.data) {
+            let sig = 1.0 / (1.0 + (-g).exp());
+            du.push(d * g * sig);
+            dg.push(d * u * sig * (1.0 + g * (1.0 - sig)));
+        }
+        Ok((
+            CpuTensor::new(dg, gate.rows, gate.cols)?,
+            CpuTensor::new(du, gate.rows, gate.cols)?,
+        ))
+    }
+
+    fn rope_bwd(
+        &self,
+        dy: &CpuTensor,
+        head_dim: usize,
+        pos0: usize,
+        theta: f32,
+    ) -> Result<CpuTensor> {
+        rotate("rope_bwd", dy, head_dim, pos0, theta, -1.0)
+    }
+
+    fn attention_bwd(
+        &self,
+        q: &CpuTensor,
+        k: &CpuTensor,
+        v: &CpuTensor,
+        dout: &CpuTensor,
+        s: AttnShape,
+        cam: Option<Cam>,
+    ) -> Result<AttnGrads<CpuTensor>> {
+        check_attention("attention_bwd", q, k, v, s)?;
+        same_shape("attention_bwd dout", q, dout)?;
+        let (nq, kv, d) = (q.rows, s.kv_len, s.head_dim);
+        let scale = 1.0 / (d as f32).sqrt();
+        struct Head {
+            dq: Vec<f32>,
+            dk: Vec<f32>,
+            dv: Vec<f32>,
+            cam: Vec<f32>,
+        }
+        let heads: Vec<Head> = (0..s.n_heads)
+            .into_par_iter()
+            .map(|hi| {
+                let p = head_probs(q, k, s, hi);
+                let dov = head_view(dout, s, hi);
+                // dP = dO · Vᵀ  (= ∂s/∂A for this head)
+                let mut dp = vec![0.0f32; nq * kv];
+                let vt = View {
+                    rs: 1,
+                    cs: v.cols,
+                    ..head_view(v, s, hi)
+                };
+                matmul(nq, kv, d, &mut dp, kv, dov, vt, Parallelism::None);
+                let mut cam_h = Vec::new();
+                if let Some(kind) = cam {
+                    cam_h = p
+                        .iter()
+                        .zip(&dp)
+                        .map(|(&a, &g)| match kind {
+                            Cam::Chefer => (a * g).max(0.0),
+                            Cam::GradCam => a * g.max(0.0),
+                        })
+                        .collect();
+                }
+                // dS = P ⊙ (dP − rowsum(dP ⊙ P)), scaled into the logits' units.
+                let mut ds = dp;
+                for (drow, prow) in ds.chunks_exact_mut(kv).zip(p.chunks_exact(kv)) {
+                    let dot: f32 = drow.iter().zip(prow).map(|(a, b)| a * b).sum();
+                    for (x, &pp) in drow.iter_mut().zip(prow) {
+                        *x = pp * (*x - dot) * scale;
+                    }
+                }
+                let mut dq = vec![0.0f32; nq * d];
+                matmul(
+                    nq,
+                    d,
+                    kv,
+                    &mut dq,
+                    d,
+                    View {
+                        data: &ds,
+                        rs: kv,
+                        cs: 1,
+                    },
+                    head_view(k, s, hi),
+                    Parallelism::None,
+                );
+                let mut dk = vec![0.0f32; kv * d];
+                let qv = View {
+                    data: &q.data[hi * d..],
+                    rs: q.cols,
+                    cs: 1,
+                };
+                matmul(
+                    kv,
+                    d,
+                    nq,
+                    &mut dk,
+                    d,
+                    View {
+                        data: &ds,
+                        rs: 1,
+                        cs: kv,
+                    },
+                    qv,
+                    Parallelism::None,
+                );
+                let mut dv = vec![0.0f32; kv * d];
+                matmul(
+                    kv,
+                    d,
+                    nq,
+                    &mut dv,
+                    d,
+                    View {
+                        data: &p,
+                        rs: 1,
+                        cs: kv,
+                    },
+                    dov,
+                    Parallelism::None,
+                );
+                Head {
+                    dq,
+                    dk,
+                    dv,
+                    cam: cam_h,
+                }
+            })
+            .collect();
+        let kvw = s.n_kv_heads * d;
+        let mut dq = CpuTensor::new(vec![0.0; nq * q.cols], nq, q.cols)?;
+        let mut dk = CpuTensor::new(vec![0.0; kv * kvw], kv, kvw)?;
+        let mut dv = CpuTensor::new(vec![0.0; kv * kvw], kv, kvw)?;
+        let group = s.n_heads / s.n_kv_heads;
+        let mut cam_sum = cam.map(|_| vec![0.0f32; nq * kv]);
+        for (hi, h) in heads.iter().enumerate() {
+            scatter_head(&mut dq, hi, d, &h.dq);
+            let kvh = hi / group;
+            for j in 0..kv {
+                let dst = j * kvw + kvh * d;
+                for t in 0..d {
+                    dk.data[dst + t] += h.dk[j * d + t];
+                    dv.data[dst + t] += h.dv[j * d + t];
+                }
+            }
+            if let Some(c) = cam_sum.as_mut() {
+                c.iter_mut().zip(&h.cam).for_each(|(a, b)| *a += b);
+            }
+        }
+        let cam = match cam_sum {
+            Some(mut c) => {
+                let inv = 1.0 / s.n_heads as f32;
+                c.iter_mut().for_each(|x| *x *= inv);
+                Some(CpuTensor::new(c, nq, kv)?)
+            }
+            None => None,
+        };
+        Ok(AttnGrads { dq, dk, dv, cam })
     }
 }

@@ -103,6 +103,66 @@ pub trait Backend {
     ) -> Result<()>;
     /// Index of the largest value in each row (first one on ties, as `torch.argmax`).
     fn argmax_rows(&self, x: &Self::Tensor) -> Result<Vec<u32>>;
+    /// Plain product `a · b`: a `[m, k]`, b `[k, n]` (relevancy folds and products of cams).
+    fn matmul(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
+
+    // ---- Backward ops: activation gradients only, never weight gradients (DESIGN §4). Each takes
+    // what its forward saw plus the gradient of the forward's output, and sits beside its forward in
+    // every backend so the two are implemented (and tested) together.
+
+    /// `dx = dy · w` for `y = x · wᵀ`: dy `[m, n]`, w `[n, k]` → `[m, k]`.
+    fn linear_bwd(&self, dy: &Self::Tensor, w: &Self::Tensor) -> Result<Self::Tensor>;
+    /// Gradient of [`Backend::rms_norm`] with respect to its input.
+    fn rms_norm_bwd(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        dy: &Self::Tensor,
+        eps: f32,
+    ) -> Result<Self::Tensor>;
+    /// Gradients of [`Backend::silu_mul`] with respect to `gate` and `up`.
+    fn silu_mul_bwd(
+        &self,
+        gate: &Self::Tensor,
+        up: &Self::Tensor,
+        dy: &Self::Tensor,
+    ) -> Result<(Self::Tensor, Self::Tensor)>;
+    /// Gradient of [`Backend::rope`]: the inverse rotation.
+    fn rope_bwd(
+        &self,
+        dy: &Self::Tensor,
+        head_dim: usize,
+        pos0: usize,
+        theta: f32,
+    ) -> Result<Self::Tensor>;
+    /// Gradients of [`Backend::attention`] with respect to q, k and v (k and v: `[kv_len, Hkv·d]`),
+    /// recomputing the probabilities from q and k, plus the layer's cam rows when asked.
+    fn attention_bwd(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        dout: &Self::Tensor,
+        shape: AttnShape,
+        cam: Option<Cam>,
+    ) -> Result<AttnGrads<Self::Tensor>>;
+}
+
+/// Which head-averaged map of the attention probabilities `A` and their gradient `∂s/∂A` an
+/// attention backward also emits, `[n_q, kv_len]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cam {
+    /// Chefer et al.: `mean_h max(0, ∂s/∂A ⊙ A)`.
+    Chefer,
+    /// The LLM-layer GradCAM the paper compares against: `mean_h A ⊙ max(0, ∂s/∂A)`.
+    GradCam,
+}
+
+pub struct AttnGrads<T> {
+    pub dq: T,
+    pub dk: T,
+    pub dv: T,
+    pub cam: Option<T>,
 }
 
 pub(crate) fn shape_err(op: &str, msg: impl std::fmt::Display) -> Error {
