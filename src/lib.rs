@@ -9,7 +9,9 @@ pub mod checkpoint;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod explain;
 pub mod model;
+pub mod render;
 pub mod text;
 pub mod vision;
 

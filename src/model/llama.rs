@@ -53,6 +53,25 @@ impl<B: Backend> KvCache<B> {
     }
 }
 
+/// Activations of one decoder layer kept for the backward, all `[n, ·]` over positions `0 .. n`.
+pub struct SavedLayer<B: Backend> {
+    /// Residual stream entering the layer (input of the attention RMSNorm).
+    pub x_in: B::Tensor,
+    /// Queries after RoPE.
+    pub q: B::Tensor,
+    /// Residual stream after attention (input of the MLP RMSNorm).
+    pub x_mid: B::Tensor,
+    pub gate: B::Tensor,
+    pub up: B::Tensor,
+}
+
+/// Everything a forward from position 0 saved: per layer, plus the final residual stream (input of
+/// the final norm).
+pub struct Saved<B: Backend> {
+    pub layers: Vec<SavedLayer<B>>,
+    pub x_out: Option<B::Tensor>,
+}
+
 const PREFIX: &str = "language_model.model";
 
 impl<B: Backend> Llama<B> {
@@ -93,6 +112,37 @@ impl<B: Backend> Llama<B> {
     /// Runs the decoder on input embeddings `x` `[n, D]` at positions `cache.len ..`, appending to
     /// the cache. Returns the last hidden states after the final RMSNorm, `[n, D]`.
     pub fn forward(&self, b: &B, x: B::Tensor, cache: &mut KvCache<B>) -> Result<B::Tensor> {
+        self.forward_impl(b, x, cache, None)
+    }
+
+    /// [`Self::forward`] that also keeps what the activation backward needs (DESIGN §4): per layer
+    /// the residual stream before attention and before the MLP, the rotated queries, and the MLP's
+    /// gate and up projections; keys and values stay in the cache. Only for a forward from
+    /// position 0, which is what the relevancy backward differentiates.
+    pub fn forward_saving(
+        &self,
+        b: &B,
+        x: B::Tensor,
+        cache: &mut KvCache<B>,
+    ) -> Result<(B::Tensor, Saved<B>)> {
+        if cache.len != 0 {
+            return Err(Error::input("forward_saving must start at position 0"));
+        }
+        let mut saved = Saved {
+            layers: Vec::with_capacity(self.layers.len()),
+            x_out: None,
+        };
+        let h = self.forward_impl(b, x, cache, Some(&mut saved))?;
+        Ok((h, saved))
+    }
+
+    fn forward_impl(
+        &self,
+        b: &B,
+        x: B::Tensor,
+        cache: &mut KvCache<B>,
+        mut save: Option<&mut Saved<B>>,
+    ) -> Result<B::Tensor> {
         let t = &self.cfg;
         let (n, _) = b.dims(&x);
         let pos0 = cache.len;
@@ -121,13 +171,29 @@ impl<B: Backend> Llama<B> {
             b.copy_rows_into(&mut cache.k[li], pos0, &k)?;
             b.copy_rows_into(&mut cache.v[li], pos0, &v)?;
             let a = b.attention(&q, &cache.k[li], &cache.v[li], shape)?;
-            x = b.add(&x, &b.linear(&a, &l.o, None)?)?;
-            let h = b.rms_norm(&x, &l.mlp_norm, eps)?;
-            let g = b.silu_mul(&b.linear(&h, &l.gate, None)?, &b.linear(&h, &l.up, None)?)?;
-            x = b.add(&x, &b.linear(&g, &l.down, None)?)?;
+            let x_mid = b.add(&x, &b.linear(&a, &l.o, None)?)?;
+            let h = b.rms_norm(&x_mid, &l.mlp_norm, eps)?;
+            let gate = b.linear(&h, &l.gate, None)?;
+            let up = b.linear(&h, &l.up, None)?;
+            let g = b.silu_mul(&gate, &up)?;
+            let x_out = b.add(&x_mid, &b.linear(&g, &l.down, None)?)?;
+            let x_in = std::mem::replace(&mut x, x_out);
+            if let Some(s) = save.as_deref_mut() {
+                s.layers.push(SavedLayer {
+                    x_in,
+                    q,
+                    x_mid,
+                    gate,
+                    up,
+                });
+            }
         }
         cache.len = pos0 + n;
-        b.rms_norm(&x, &self.norm, eps)
+        let out = b.rms_norm(&x, &self.norm, eps)?;
+        if let Some(s) = save {
+            s.x_out = Some(x);
+        }
+        Ok(out)
     }
 
     pub fn logits(&self, b: &B, hidden: &B::Tensor) -> Result<B::Tensor> {

@@ -1,0 +1,99 @@
+//! The exact Chefer baseline against the oracle's autograd maps (tools/make_fixtures.py computes
+//! them with torch autograd on the full teacher-forced sequence): every generated token's map, the
+//! per-layer cams at step 0, and the full-R form equal to the streamed one.
+
+mod common;
+
+use common::{assert_close, fixture_dir, Expected};
+use fastrm::backend::cpu::Cpu;
+use fastrm::backend::Backend;
+use fastrm::explain::{baseline_maps, chefer_row, RowMode};
+use fastrm::model::llama::KvCache;
+use fastrm::Engine;
+
+fn maps_match(name: &str) {
+    let exp = Expected::load(name);
+    let engine = Engine::load(Cpu, &fixture_dir(name)).unwrap();
+    let (ids, gen) = (exp.ids("input_ids"), exp.ids("generated_ids"));
+    let (_, px) = exp.f32("pixel_values");
+    let (shape, want) = exp.f32("relevancy");
+    let maps = baseline_maps(
+        &engine.backend,
+        &engine.model,
+        &ids,
+        px,
+        &gen,
+        RowMode::Streamed,
+    )
+    .unwrap();
+    assert_eq!(maps.len(), shape[0]);
+    for (t, m) in maps.iter().enumerate() {
+        let w = &want[t * shape[1]..(t + 1) * shape[1]];
+        assert!(
+            w.iter().any(|&x| x > 0.0),
+            "oracle map {t} is all zero: the test would be vacuous"
+        );
+        assert_close(&format!("{name} relevancy token {t}"), m, w, 1e-4);
+    }
+}
+
+#[test]
+fn baseline_maps_tiny() {
+    maps_match("tiny");
+}
+
+#[test]
+fn baseline_maps_clip336() {
+    maps_match("clip336");
+}
+
+#[test]
+fn cams_at_step0_and_full_r() {
+    let exp = Expected::load("tiny");
+    let engine = Engine::load(Cpu, &fixture_dir("tiny")).unwrap();
+    let (b, m) = (&engine.backend, &engine.model);
+    let (ids, gen) = (exp.ids("input_ids"), exp.ids("generated_ids"));
+    let (_, px) = exp.f32("pixel_values");
+    let (_, img) = m.encode_image(b, px).unwrap();
+    let x = m.embed_prompt(b, &ids, &img).unwrap();
+    let mut cache = KvCache::new(b, &m.cfg.text, ids.len()).unwrap();
+    let (_, saved) = m.llm.forward_saving(b, x, &mut cache).unwrap();
+    let p = ids.len() - 1;
+    let streamed = chefer_row(
+        b,
+        &m.llm,
+        &saved,
+        &cache,
+        p,
+        gen[0],
+        RowMode::Streamed,
+        true,
+    )
+    .unwrap();
+    let (cshape, want) = exp.f32("cams_step0");
+    let per = cshape[1] * cshape[2];
+    assert_eq!(streamed.cams.len(), cshape[0]);
+    for (l, cam) in streamed.cams.iter().enumerate() {
+        assert_close(
+            &format!("cam layer {l}"),
+            cam,
+            &want[l * per..(l + 1) * per],
+            1e-4,
+        );
+    }
+    let full = chefer_row(b, &m.llm, &saved, &cache, p, gen[0], RowMode::FullR, false).unwrap();
+    assert_close("full R row vs streamed", &full.row, &streamed.row, 1e-5);
+    assert!(full.cams.is_empty());
+    // Later positions are out of range of this prompt-only forward.
+    assert!(chefer_row(
+        b,
+        &m.llm,
+        &saved,
+        &cache,
+        p + 1,
+        gen[0],
+        RowMode::Streamed,
+        false
+    )
+    .is_err());
+}
