@@ -12,6 +12,7 @@ use crate::model::{Llava, Synthetic};
 use crate::text::TextProcessor;
 use crate::vision::{self, PreprocessConfig};
 
+pub use crate::explain::Method;
 pub use crate::model::llava::{Event, GenerateOptions};
 
 pub struct Engine<B: Backend> {
@@ -31,6 +32,31 @@ pub struct Generation {
     pub text: String,
     pub stop_reason: StopReason,
     pub timings: Timings,
+}
+
+/// One generated token with its relevancy map.
+#[derive(Debug, Clone)]
+pub struct TokenMap {
+    pub index: usize,
+    pub id: u32,
+    /// The token's own text (special tokens shown as themselves).
+    pub text: String,
+    /// Raw relevancy over the image patches, row-major over the grid.
+    pub map: Vec<f32>,
+    /// Normalised entropy of the map, in [0, 1] (see [`crate::explain::map_entropy`]).
+    pub entropy: f32,
+}
+
+/// A finished explain run.
+#[derive(Debug, Clone)]
+pub struct Explained {
+    pub generation: Generation,
+    pub method: Method,
+    /// `[rows, cols]` of the patch grid the maps cover.
+    pub grid: (usize, usize),
+    pub tokens: Vec<TokenMap>,
+    /// Seconds spent on the maps alone.
+    pub maps_s: f64,
 }
 
 impl<B: Backend> Engine<B> {
@@ -101,6 +127,27 @@ impl<B: Backend> Engine<B> {
         vision::preprocess(&img, &self.preprocess)
     }
 
+    /// The image as the model sees it, before rescaling: resized and center-cropped 8-bit RGB, the
+    /// base that heatmaps are drawn on.
+    pub fn model_view(&self, image: &Path) -> Result<vision::RgbImage> {
+        let img = vision::load_image(image)?;
+        let cfg = &self.preprocess;
+        let img = if cfg.do_resize {
+            let (w, h) = match cfg.resize_to {
+                Some((h, w)) => (w, h),
+                None => vision::resize_output_size(img.width, img.height, cfg.shortest_edge),
+            };
+            vision::resize_bicubic(&img, w, h)?
+        } else {
+            img
+        };
+        if cfg.do_center_crop {
+            vision::center_crop(&img, cfg.crop_height, cfg.crop_width)
+        } else {
+            Ok(img)
+        }
+    }
+
     /// Expanded prompt ids for a question.
     pub fn prompt_ids(&self, question: &str) -> Result<Vec<u32>> {
         let cfg = self.config();
@@ -137,6 +184,56 @@ impl<B: Backend> Engine<B> {
             text,
             stop_reason: g.stop_reason,
             timings: g.timings,
+        })
+    }
+
+    /// Greedy generation with a relevancy map per generated token.
+    pub fn explain_observed(
+        &self,
+        image: &Path,
+        question: &str,
+        opts: &GenerateOptions,
+        method: Method,
+        observer: &mut dyn FnMut(Event),
+    ) -> Result<Explained> {
+        let input_ids = self.prompt_ids(question)?;
+        let pixels = self.pixels(image)?;
+        let e = crate::explain::explain_ids(
+            &self.backend,
+            &self.model,
+            &input_ids,
+            &pixels,
+            opts,
+            method,
+            observer,
+        )?;
+        let text = self.text()?;
+        let tokens = e
+            .generated_ids
+            .iter()
+            .zip(e.maps)
+            .enumerate()
+            .map(|(index, (&id, map))| TokenMap {
+                index,
+                id,
+                text: text.token_text(id),
+                entropy: crate::explain::map_entropy(&map),
+                map,
+            })
+            .collect();
+        let g = self.config().vision.grid();
+        Ok(Explained {
+            generation: Generation {
+                input_ids,
+                text: text.decode(&e.generated_ids)?,
+                generated_ids: e.generated_ids,
+                stop_reason: e.stop_reason,
+                timings: e.timings,
+            },
+            method,
+            grid: (g, g),
+            tokens,
+            maps_s: e.maps_s,
         })
     }
 

@@ -4,11 +4,12 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
-use serde_json::json;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::{json, Value};
 
 use fastrm::backend::cpu::Cpu;
-use fastrm::engine::Event;
+use fastrm::engine::{Event, Explained, Generation, Method};
+use fastrm::explain::{default_gradcam_layer, report, RowMode};
 use fastrm::{Engine, Error, GenerateOptions, Result};
 
 /// The bundled demo model and image, used when `--model` / `--image` are left out.
@@ -31,28 +32,62 @@ enum Device {
     Cuda,
 }
 
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
+enum MethodArg {
+    /// Exact Chefer gradient relevancy per token (one backward over the whole prefix each).
+    Baseline,
+    /// LVLM-Interpret's incremental rows: about two decode steps per later token.
+    BaselineIncremental,
+    /// LLM-layer GradCAM at one decoder layer (`--layer`, default the middle one).
+    Gradcam,
+}
+
+/// What every run needs: which model, which image, which question, how long an answer.
+#[derive(Args)]
+struct RunArgs {
+    /// Model folder in the HF llava-hf layout (config.json, safetensors, tokenizer.json).
+    /// Default: the bundled tiny demo model.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Image file (PNG or JPEG). Default with the demo model: the bundled demo photo.
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// The user's question; the LLaVA-1.5 chat template is applied by the engine.
+    #[arg(long)]
+    prompt: String,
+    /// Stop after this many generated tokens (EOS stops earlier).
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: Device,
+    /// Print one JSON object on stdout instead of the human-readable answer.
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Greedy generation: answer a question about an image.
     Generate {
-        /// Model folder in the HF llava-hf layout (config.json, safetensors, tokenizer.json).
-        /// Default: the bundled tiny demo model.
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// Generation with a relevancy map over the image patches for every generated token.
+    Explain {
+        #[command(flatten)]
+        run: RunArgs,
+        #[arg(long, value_enum, default_value = "baseline")]
+        method: MethodArg,
+        /// Baseline only: materialise every layer's cam and the full relevance matrix R, as the
+        /// paper's baseline does (same maps, the paper's cost).
         #[arg(long)]
-        model: Option<PathBuf>,
-        /// Image file (PNG or JPEG). Default with the demo model: the bundled demo photo.
+        full_r: bool,
+        /// GradCAM only: the decoder layer (0-based; default: the middle layer).
         #[arg(long)]
-        image: Option<PathBuf>,
-        /// The user's question; the LLaVA-1.5 chat template is applied by the engine.
+        layer: Option<usize>,
+        /// Write one heatmap PNG per token, a contact sheet and explain.json into this folder.
         #[arg(long)]
-        prompt: String,
-        /// Stop after this many generated tokens (EOS stops earlier).
-        #[arg(long, default_value_t = 64)]
-        max_new_tokens: usize,
-        #[arg(long, value_enum, default_value = "cpu")]
-        device: Device,
-        /// Print one JSON object on stdout instead of the answer text.
-        #[arg(long)]
-        json: bool,
+        out: Option<PathBuf>,
     },
 }
 
@@ -69,75 +104,174 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Generate {
-            model,
-            image,
-            prompt,
-            max_new_tokens,
-            device,
-            json,
-        } => {
-            if max_new_tokens == 0 {
-                return Err(Error::input("--max-new-tokens must be at least 1"));
-            }
-            let (model_dir, image) = model_and_image(model, image)?;
-            let progress = Progress::new(max_new_tokens);
-            progress.say(&format!("loading {}", model_dir.display()));
-            let engine = open(device, &model_dir)?;
-            let opts = GenerateOptions {
-                max_new_tokens,
-                ..Default::default()
-            };
-            progress.say("encoding the image");
-            let g = engine.generate_observed(&image, &prompt, &opts, &mut |e| progress.event(e));
+        Cmd::Generate { run } => {
+            let (engine, image, progress) = start(&run)?;
+            let opts = options(&run);
+            let g =
+                engine.generate_observed(&image, &run.prompt, &opts, &mut |e| progress.event(e));
             progress.clear();
             let g = g?;
-            if json {
-                let grid = engine.config().vision.grid();
-                let out = json!({
-                    "model": model_dir.display().to_string(),
-                    "image": image.display().to_string(),
-                    "prompt": prompt,
-                    "device": engine.backend_name(),
-                    "input_ids": g.input_ids,
-                    "generated_ids": g.generated_ids,
-                    "text": g.text,
-                    "stop_reason": g.stop_reason.as_str(),
-                    "grid": [grid, grid],
-                    "timings_ms": {
-                        "vision": g.timings.vision_s * 1e3,
-                        "prefill": g.timings.prefill_s * 1e3,
-                        "decode": g.timings.decode_s * 1e3,
-                    },
-                });
-                println!("{out}");
+            if run.json {
+                println!("{}", generation_json(&engine, &run, &image, &g));
             } else {
                 println!("{}", g.text.trim());
+            }
+            Ok(())
+        }
+        Cmd::Explain {
+            run,
+            method,
+            full_r,
+            layer,
+            out,
+        } => {
+            if full_r && method != MethodArg::Baseline {
+                return Err(Error::input("--full-r applies to --method baseline only"));
+            }
+            if layer.is_some() && method != MethodArg::Gradcam {
+                return Err(Error::input("--layer applies to --method gradcam only"));
+            }
+            // Fail on an unusable output folder before any expensive work.
+            let staging = out.as_deref().map(report::Staging::new).transpose()?;
+            let (engine, image, progress) = start(&run)?;
+            let n_layers = engine.config().text.num_hidden_layers;
+            let method = match method {
+                MethodArg::Baseline => Method::Baseline {
+                    mode: if full_r {
+                        RowMode::FullR
+                    } else {
+                        RowMode::Streamed
+                    },
+                },
+                MethodArg::BaselineIncremental => Method::BaselineIncremental,
+                MethodArg::Gradcam => Method::GradCam {
+                    layer: layer.unwrap_or_else(|| default_gradcam_layer(n_layers)),
+                },
+            };
+            let opts = options(&run);
+            let ex = engine.explain_observed(&image, &run.prompt, &opts, method, &mut |e| {
+                progress.event(e)
+            });
+            let ex = match ex {
+                Ok(ex) => ex,
+                Err(e) => {
+                    progress.clear();
+                    return Err(e);
+                }
+            };
+            let mut doc = generation_json(&engine, &run, &image, &ex.generation);
+            add_maps(&mut doc, &ex);
+            if let Some(staging) = staging {
+                progress.say("writing heatmaps");
+                let view = engine.model_view(&image)?;
+                let written = staging.write(&view, &ex, &doc);
+                progress.clear();
+                written?;
+            }
+            progress.clear();
+            if run.json {
+                println!("{doc}");
+            } else {
+                print_table(&ex);
             }
             Ok(())
         }
     }
 }
 
-fn model_and_image(model: Option<PathBuf>, image: Option<PathBuf>) -> Result<(PathBuf, PathBuf)> {
-    let demo = Path::new(DEMO_DIR);
-    match (model, image) {
-        (None, image) => Ok((
-            demo.join("model"),
-            image.unwrap_or_else(|| demo.join("image.jpg")),
-        )),
-        (Some(m), Some(i)) => Ok((m, i)),
-        (Some(_), None) => Err(Error::input("--image is required with --model")),
+/// Loads the engine, resolving the demo defaults, with a progress line started.
+fn start(run: &RunArgs) -> Result<(Engine<Cpu>, PathBuf, Progress)> {
+    if run.max_new_tokens == 0 {
+        return Err(Error::input("--max-new-tokens must be at least 1"));
     }
-}
-
-/// The engine on the chosen device, type-erased behind the one thing the CLI needs from it.
-fn open(device: Device, dir: &Path) -> Result<Engine<Cpu>> {
-    match device {
-        Device::Cpu => Engine::load(Cpu, dir),
+    let demo = Path::new(DEMO_DIR);
+    let (model_dir, image) = match (&run.model, &run.image) {
+        (None, image) => (
+            demo.join("model"),
+            image.clone().unwrap_or_else(|| demo.join("image.jpg")),
+        ),
+        (Some(m), Some(i)) => (m.clone(), i.clone()),
+        (Some(_), None) => return Err(Error::input("--image is required with --model")),
+    };
+    let progress = Progress::new(run.max_new_tokens);
+    progress.say(&format!("loading {}", model_dir.display()));
+    let engine = match run.device {
+        Device::Cpu => Engine::load(Cpu, &model_dir),
         Device::Cuda => Err(Error::Backend(
             "this build has no CUDA backend yet; use --device cpu".into(),
         )),
+    };
+    progress.clear();
+    Ok((engine?, image, progress))
+}
+
+fn options(run: &RunArgs) -> GenerateOptions {
+    GenerateOptions {
+        max_new_tokens: run.max_new_tokens,
+        ..Default::default()
+    }
+}
+
+fn generation_json(engine: &Engine<Cpu>, run: &RunArgs, image: &Path, g: &Generation) -> Value {
+    let grid = engine.config().vision.grid();
+    let model = engine.dir.as_ref().map(|d| d.display().to_string());
+    json!({
+        "model": model,
+        "image": image.display().to_string(),
+        "prompt": run.prompt,
+        "device": engine.backend_name(),
+        "input_ids": g.input_ids,
+        "generated_ids": g.generated_ids,
+        "text": g.text,
+        "stop_reason": g.stop_reason.as_str(),
+        "grid": [grid, grid],
+        "timings_ms": {
+            "vision": g.timings.vision_s * 1e3,
+            "prefill": g.timings.prefill_s * 1e3,
+            "decode": g.timings.decode_s * 1e3,
+        },
+    })
+}
+
+fn add_maps(doc: &mut Value, ex: &Explained) {
+    doc["method"] = json!(ex.method.name());
+    if let Method::GradCam { layer } = ex.method {
+        doc["layer"] = json!(layer);
+    }
+    if let Method::Baseline { mode } = ex.method {
+        doc["full_r"] = json!(mode == RowMode::FullR);
+    }
+    doc["timings_ms"]["maps"] = json!(ex.maps_s * 1e3);
+    doc["tokens"] = ex
+        .tokens
+        .iter()
+        .map(|t| json!({"index": t.index, "id": t.id, "text": t.text, "map": t.map, "entropy": t.entropy}))
+        .collect();
+}
+
+/// The human-readable form: the answer, then one line per token with its entropy and the grid
+/// cell holding the most relevance.
+fn print_table(ex: &Explained) {
+    println!("{}", ex.generation.text.trim());
+    println!(
+        "{:>4}  {:<16} {:>8}  peak (row, col)",
+        "#", "token", "entropy"
+    );
+    for t in &ex.tokens {
+        let (best, _) =
+            t.map
+                .iter()
+                .enumerate()
+                .fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b });
+        let shown: String = format!("{:?}", t.text).chars().take(16).collect();
+        println!(
+            "{:>4}  {:<16} {:>8.4}  ({}, {})",
+            t.index,
+            shown,
+            t.entropy,
+            best / ex.grid.1,
+            best % ex.grid.1
+        );
     }
 }
 
@@ -175,6 +309,7 @@ impl Progress {
             Event::Token { index, .. } => {
                 self.say(&format!("token {}/{}", index + 1, self.max_new))
             }
+            Event::Explained { index } => self.say(&format!("map {}", index + 1)),
         }
     }
 

@@ -1,57 +1,261 @@
 //! Per-token relevancy maps over the image patches.
 //!
-//! `baseline`: the Chefer gradient relevancy, by our own activation backward. FastRM's head and the
-//! other methods land beside it.
+//! [`explain_ids`] runs greedy generation and produces one raw map per generated token with the
+//! chosen [`Method`]; [`map_entropy`] is the per-token confidence signal (DESIGN §4).
 
 pub mod baseline;
+pub mod report;
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::model::llama::KvCache;
+use crate::model::llava::{Event, GenerateOptions, StopReason, Timings};
 use crate::model::Llava;
 
-pub use baseline::{chefer_row, Relevance, RowMode};
+pub use baseline::{chefer_row, gradcam_row, Incremental, Relevance, RowMode};
 
-/// Exact baseline maps for every generated token: one teacher-forced forward over the prompt and
-/// the generated ids (saving activations), then one backward per token from its logit. Returns one
-/// map per token, each over the image positions in prompt order (`n_patches` values, raw).
-pub fn baseline_maps<B: Backend>(
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// Exact Chefer relevancy per token, by a backward over the whole prefix.
+    Baseline { mode: RowMode },
+    /// LVLM-Interpret's incremental rows ([`Incremental`]).
+    BaselineIncremental,
+    /// LLM-layer GradCAM at one decoder layer.
+    GradCam { layer: usize },
+}
+
+impl Method {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Method::Baseline { .. } => "baseline",
+            Method::BaselineIncremental => "baseline-incremental",
+            Method::GradCam { .. } => "gradcam",
+        }
+    }
+}
+
+/// The default GradCAM layer: the middle of the decoder (`L / 2`), where the paper's comparison
+/// takes it — late enough to be about the answer, early enough to still be spatial.
+pub fn default_gradcam_layer(n_layers: usize) -> usize {
+    n_layers / 2
+}
+
+pub struct Explanation {
+    pub generated_ids: Vec<u32>,
+    pub stop_reason: StopReason,
+    /// One raw map per generated token over the image positions, in prompt order.
+    pub maps: Vec<Vec<f32>>,
+    pub timings: Timings,
+    /// Seconds spent on the maps alone (backwards and folds; the saving forward included).
+    pub maps_s: f64,
+}
+
+/// Entropy of a map normalised to a distribution, divided by `ln(n)` so it lies in [0, 1]:
+/// 0 when one patch holds all relevance, 1 when it is spread evenly. An all-zero map carries no
+/// preference at all and counts as 1. Negative values are clamped (raw maps are ≥ 0 anyway).
+pub fn map_entropy(map: &[f32]) -> f32 {
+    if map.len() < 2 {
+        return 0.0;
+    }
+    let total: f64 = map.iter().map(|&x| x.max(0.0) as f64).sum();
+    if total <= 0.0 || !total.is_finite() {
+        return 1.0;
+    }
+    let h: f64 = map
+        .iter()
+        .map(|&x| x.max(0.0) as f64 / total)
+        .filter(|&p| p > 0.0)
+        .map(|p| -p * p.ln())
+        .sum();
+    (h / (map.len() as f64).ln()) as f32
+}
+
+/// Greedy generation with a relevancy map per generated token.
+pub fn explain_ids<B: Backend>(
     b: &B,
     model: &Llava<B>,
-    prompt_ids: &[u32],
+    ids: &[u32],
+    pixels: &[f32],
+    opts: &GenerateOptions,
+    method: Method,
+    observer: &mut dyn FnMut(Event),
+) -> Result<Explanation> {
+    if let Method::GradCam { layer } = method {
+        let n = model.cfg.text.num_hidden_layers;
+        if layer >= n {
+            return Err(Error::input(format!(
+                "GradCAM layer {layer} does not exist: the decoder has layers 0..{}",
+                n - 1
+            )));
+        }
+    }
+    let image_pos: Vec<usize> = ids
+        .iter()
+        .enumerate()
+        .filter(|(_, &id)| id == model.cfg.image_token_id)
+        .map(|(i, _)| i)
+        .collect();
+    let pick = |row: &[f32]| -> Vec<f32> { image_pos.iter().map(|&j| row[j]).collect() };
+    match method {
+        Method::BaselineIncremental => incremental(b, model, ids, pixels, opts, observer, &pick),
+        Method::Baseline { .. } | Method::GradCam { .. } => {
+            let g = model.generate_ids_observed(b, ids, pixels, opts, observer)?;
+            let t0 = std::time::Instant::now();
+            let (saved, cache) = teacher_forced(b, model, ids, pixels, &g.generated_ids)?;
+            let n = ids.len();
+            let mut maps = Vec::with_capacity(g.generated_ids.len());
+            for (t, &y) in g.generated_ids.iter().enumerate() {
+                let p = n - 1 + t;
+                let row = match method {
+                    Method::Baseline { mode } => {
+                        chefer_row(b, &model.llm, &saved, &cache, p, y, mode, false)?.row
+                    }
+                    Method::GradCam { layer } => {
+                        gradcam_row(b, &model.llm, &saved, &cache, p, y, layer)?
+                    }
+                    Method::BaselineIncremental => unreachable!(),
+                };
+                maps.push(pick(&row));
+                observer(Event::Explained { index: t });
+            }
+            Ok(Explanation {
+                generated_ids: g.generated_ids,
+                stop_reason: g.stop_reason,
+                maps,
+                timings: g.timings,
+                maps_s: t0.elapsed().as_secs_f64(),
+            })
+        }
+    }
+}
+
+/// A saving forward from position 0 over the prompt and every generated id but the last (which is
+/// explained from the position before it and never fed back).
+fn teacher_forced<B: Backend>(
+    b: &B,
+    model: &Llava<B>,
+    ids: &[u32],
     pixels: &[f32],
     generated: &[u32],
-    mode: RowMode,
-) -> Result<Vec<Vec<f32>>> {
+) -> Result<(crate::model::llama::Saved<B>, KvCache<B>)> {
     if generated.is_empty() {
         return Err(Error::input("no generated tokens to explain"));
     }
-    let n = prompt_ids.len();
+    let n = ids.len();
     let (_, image) = model.encode_image(b, pixels)?;
-    let prompt = model.embed_prompt(b, prompt_ids, &image)?;
-    // The last token is explained from position n-1+T-1 and never fed back.
+    let prompt = model.embed_prompt(b, ids, &image)?;
     let fed = &generated[..generated.len() - 1];
     let total = n + fed.len();
-    let d = model.cfg.text.hidden_size;
-    let mut x = b.zeros(total, d)?;
+    let mut x = b.zeros(total, model.cfg.text.hidden_size)?;
     b.copy_rows_into(&mut x, 0, &prompt)?;
     if !fed.is_empty() {
         b.copy_rows_into(&mut x, n, &b.embedding(&model.llm.embed, fed)?)?;
     }
     let mut cache = KvCache::new(b, &model.cfg.text, total)?;
     let (_, saved) = model.llm.forward_saving(b, x, &mut cache)?;
-    let image_pos: Vec<usize> = prompt_ids
-        .iter()
-        .enumerate()
-        .filter(|(_, &id)| id == model.cfg.image_token_id)
-        .map(|(i, _)| i)
+    Ok((saved, cache))
+}
+
+/// Exact baseline maps for given generated ids (teacher forced), one per token. The building block
+/// of [`explain_ids`] for tests and tools that already have the ids.
+pub fn baseline_maps<B: Backend>(
+    b: &B,
+    model: &Llava<B>,
+    ids: &[u32],
+    pixels: &[f32],
+    generated: &[u32],
+    mode: RowMode,
+) -> Result<Vec<Vec<f32>>> {
+    let (saved, cache) = teacher_forced(b, model, ids, pixels, generated)?;
+    let image_pos: Vec<usize> = (0..ids.len())
+        .filter(|&i| ids[i] == model.cfg.image_token_id)
         .collect();
     generated
         .iter()
         .enumerate()
         .map(|(t, &y)| {
-            let r = chefer_row(b, &model.llm, &saved, &cache, n - 1 + t, y, mode, false)?;
+            let r = chefer_row(
+                b,
+                &model.llm,
+                &saved,
+                &cache,
+                ids.len() - 1 + t,
+                y,
+                mode,
+                false,
+            )?;
             Ok(image_pos.iter().map(|&j| r.row[j]).collect())
         })
         .collect()
+}
+
+/// Greedy generation with saving decode steps, each token's row from its own single-row backward.
+fn incremental<B: Backend>(
+    b: &B,
+    model: &Llava<B>,
+    ids: &[u32],
+    pixels: &[f32],
+    opts: &GenerateOptions,
+    observer: &mut dyn FnMut(Event),
+    pick: &dyn Fn(&[f32]) -> Vec<f32>,
+) -> Result<Explanation> {
+    model.check_request(ids, opts)?;
+    let llm = &model.llm;
+    let mut timings = Timings::default();
+    let mut maps_s = 0.0;
+    let t0 = std::time::Instant::now();
+    let (_, image) = model.encode_image(b, pixels)?;
+    timings.vision_s = t0.elapsed().as_secs_f64();
+    observer(Event::ImageEncoded);
+
+    let t1 = std::time::Instant::now();
+    let x = model.embed_prompt(b, ids, &image)?;
+    let ctx = model.cfg.text.max_position_embeddings;
+    let capacity = (ids.len() + opts.max_new_tokens - 1).min(ctx);
+    let mut cache = KvCache::new(b, &model.cfg.text, capacity)?;
+    let (h, saved) = llm.forward_saving(b, x, &mut cache)?;
+    let last = b.slice_rows(&h, ids.len() - 1, 1)?;
+    let mut next = b.argmax_rows(&llm.logits(b, &last)?)?[0];
+    timings.prefill_s = t1.elapsed().as_secs_f64();
+    observer(Event::Prefilled {
+        prompt_len: ids.len(),
+    });
+
+    let t2 = std::time::Instant::now();
+    let mut generated = vec![next];
+    observer(Event::Token { index: 0, id: next });
+    let tm = std::time::Instant::now();
+    let (mut tracker, row) = Incremental::start(b, llm, &saved, &cache, next, capacity)?;
+    drop(saved);
+    let mut maps = vec![pick(&row)];
+    maps_s += tm.elapsed().as_secs_f64();
+    observer(Event::Explained { index: 0 });
+    let stop_reason = loop {
+        if let Some(r) = model.stop_reason(opts, &generated, cache.len) {
+            break r;
+        }
+        let x = b.embedding(&llm.embed, &[next])?;
+        let (h, saved) = llm.forward_saving(b, x, &mut cache)?;
+        next = b.argmax_rows(&llm.logits(b, &h)?)?[0];
+        generated.push(next);
+        observer(Event::Token {
+            index: generated.len() - 1,
+            id: next,
+        });
+        let tm = std::time::Instant::now();
+        let row = tracker.step(b, llm, &saved, &cache, next)?;
+        maps.push(pick(&row));
+        maps_s += tm.elapsed().as_secs_f64();
+        observer(Event::Explained {
+            index: generated.len() - 1,
+        });
+    };
+    timings.decode_s = t2.elapsed().as_secs_f64() - maps_s;
+    Ok(Explanation {
+        generated_ids: generated,
+        stop_reason,
+        maps,
+        timings,
+        maps_s,
+    })
 }

@@ -53,7 +53,8 @@ impl<B: Backend> KvCache<B> {
     }
 }
 
-/// Activations of one decoder layer kept for the backward, all `[n, ·]` over positions `0 .. n`.
+/// Activations of one decoder layer kept for the backward, all `[m, ·]` over the positions the
+/// saving forward ran.
 pub struct SavedLayer<B: Backend> {
     /// Residual stream entering the layer (input of the attention RMSNorm).
     pub x_in: B::Tensor,
@@ -65,9 +66,10 @@ pub struct SavedLayer<B: Backend> {
     pub up: B::Tensor,
 }
 
-/// Everything a forward from position 0 saved: per layer, plus the final residual stream (input of
-/// the final norm).
+/// Everything a saving forward kept for positions `pos0 ..`: per layer, plus the final residual
+/// stream (input of the final norm).
 pub struct Saved<B: Backend> {
+    pub pos0: usize,
     pub layers: Vec<SavedLayer<B>>,
     pub x_out: Option<B::Tensor>,
 }
@@ -117,18 +119,15 @@ impl<B: Backend> Llama<B> {
 
     /// [`Self::forward`] that also keeps what the activation backward needs (DESIGN §4): per layer
     /// the residual stream before attention and before the MLP, the rotated queries, and the MLP's
-    /// gate and up projections; keys and values stay in the cache. Only for a forward from
-    /// position 0, which is what the relevancy backward differentiates.
+    /// gate and up projections, for the rows this call runs; keys and values stay in the cache.
     pub fn forward_saving(
         &self,
         b: &B,
         x: B::Tensor,
         cache: &mut KvCache<B>,
     ) -> Result<(B::Tensor, Saved<B>)> {
-        if cache.len != 0 {
-            return Err(Error::input("forward_saving must start at position 0"));
-        }
         let mut saved = Saved {
+            pos0: cache.len,
             layers: Vec::with_capacity(self.layers.len()),
             x_out: None,
         };

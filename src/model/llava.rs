@@ -68,6 +68,8 @@ pub enum Event {
     Prefilled { prompt_len: usize },
     /// Token `index` (0-based) was chosen.
     Token { index: usize, id: u32 },
+    /// The relevancy map of token `index` is done (explain runs).
+    Explained { index: usize },
 }
 
 #[derive(Debug, Clone)]
@@ -186,20 +188,7 @@ impl<B: Backend> Llava<B> {
         observer: &mut dyn FnMut(Event),
     ) -> Result<IdGeneration> {
         let ctx = self.cfg.text.max_position_embeddings;
-        if opts.max_new_tokens == 0 {
-            return Err(Error::input("max_new_tokens must be at least 1"));
-        }
-        if ids.is_empty() {
-            return Err(Error::input("the prompt is empty"));
-        }
-        if ids.len() >= ctx {
-            return Err(Error::input(format!(
-                "the prompt is {} tokens (with the image's {} patch tokens) but the model's context is {ctx}; \
-                 shorten the question",
-                ids.len(),
-                self.cfg.vision.num_patches()
-            )));
-        }
+        self.check_request(ids, opts)?;
         let mut timings = Timings::default();
         let t0 = std::time::Instant::now();
         let (_, image) = self.encode_image(b, pixels)?;
@@ -238,16 +227,8 @@ impl<B: Backend> Llava<B> {
                 index: out.generated_ids.len() - 1,
                 id: next,
             });
-            if opts.stop_at_eos && self.cfg.eos_token_ids.contains(&next) {
-                out.stop_reason = StopReason::Eos;
-                break;
-            }
-            if out.generated_ids.len() >= opts.max_new_tokens {
-                out.stop_reason = StopReason::MaxNewTokens;
-                break;
-            }
-            if cache.len >= ctx {
-                out.stop_reason = StopReason::Context;
+            if let Some(r) = self.stop_reason(opts, &out.generated_ids, cache.len) {
+                out.stop_reason = r;
                 break;
             }
             let x = b.embedding(&self.llm.embed, &[next])?;
@@ -255,6 +236,47 @@ impl<B: Backend> Llava<B> {
         }
         out.timings.decode_s = t2.elapsed().as_secs_f64();
         Ok(out)
+    }
+
+    /// Rejects requests that cannot run: no tokens asked for, an empty prompt, or a prompt that
+    /// leaves no room in the context for a generated token.
+    pub fn check_request(&self, ids: &[u32], opts: &GenerateOptions) -> Result<()> {
+        let ctx = self.cfg.text.max_position_embeddings;
+        if opts.max_new_tokens == 0 {
+            return Err(Error::input("max_new_tokens must be at least 1"));
+        }
+        if ids.is_empty() {
+            return Err(Error::input("the prompt is empty"));
+        }
+        if ids.len() >= ctx {
+            return Err(Error::input(format!(
+                "the prompt is {} tokens (with the image's {} patch tokens) but the model's context is {ctx}; \
+                 shorten the question",
+                ids.len(),
+                self.cfg.vision.num_patches()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether greedy generation ends after `generated` (the last id just chosen), with
+    /// `cache_len` positions already in the KV cache.
+    pub fn stop_reason(
+        &self,
+        opts: &GenerateOptions,
+        generated: &[u32],
+        cache_len: usize,
+    ) -> Option<StopReason> {
+        let last = *generated.last()?;
+        if opts.stop_at_eos && self.cfg.eos_token_ids.contains(&last) {
+            Some(StopReason::Eos)
+        } else if generated.len() >= opts.max_new_tokens {
+            Some(StopReason::MaxNewTokens)
+        } else if cache_len >= self.cfg.text.max_position_embeddings {
+            Some(StopReason::Context)
+        } else {
+            None
+        }
     }
 
     /// Teacher-forced full recompute (no reuse of a cache across calls): final hidden states of

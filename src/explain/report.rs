@@ -1,0 +1,109 @@
+//! `explain --out DIR`: one heatmap overlay PNG per token, a contact sheet, and `explain.json`.
+//!
+//! Everything is rendered into a hidden staging folder inside DIR first and moved into place only
+//! when all of it exists, `explain.json` last, so a run that fails or is interrupted never leaves a
+//! set of files that looks complete: either DIR holds a finished run's `explain.json` and its PNGs,
+//! or it holds no new `explain.json`. The staging folder is removed on every exit path that Rust
+//! controls (an error, a panic); a killed process can leave it behind, under a name that says so.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::engine::Explained;
+use crate::error::{Error, Result};
+use crate::render::{contact_sheet, heatmap_overlay, token_caption, write_png, OverlayOptions};
+use crate::vision::RgbImage;
+
+pub const JSON_FILE: &str = "explain.json";
+pub const SHEET_FILE: &str = "sheet.png";
+
+pub fn token_file(index: usize) -> String {
+    format!("token_{index:03}.png")
+}
+
+pub struct Staging {
+    out: PathBuf,
+    tmp: PathBuf,
+}
+
+impl Staging {
+    /// Creates DIR (and parents) and the staging folder in it, proving DIR is writable before any
+    /// expensive work starts.
+    pub fn new(out: &Path) -> Result<Self> {
+        std::fs::create_dir_all(out).map_err(|e| Error::Io {
+            path: out.to_path_buf(),
+            source: std::io::Error::new(e.kind(), format!("cannot create the output folder: {e}")),
+        })?;
+        let tmp = out.join(format!(".fastrm-partial-{}", std::process::id()));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        }
+        std::fs::create_dir(&tmp).map_err(|e| Error::Io {
+            path: out.to_path_buf(),
+            source: std::io::Error::new(e.kind(), format!("output folder is not writable: {e}")),
+        })?;
+        Ok(Staging {
+            out: out.to_path_buf(),
+            tmp,
+        })
+    }
+
+    /// Renders every token's overlay on `view` (the image as the model saw it), the contact sheet
+    /// and the JSON document, then moves them into the output folder, replacing a previous run's
+    /// files. Returns the final paths.
+    pub fn write(self, view: &RgbImage, ex: &Explained, doc: &Value) -> Result<Vec<PathBuf>> {
+        let mut names = Vec::with_capacity(ex.tokens.len() + 2);
+        let mut tiles = Vec::with_capacity(ex.tokens.len());
+        for t in &ex.tokens {
+            let opts = OverlayOptions {
+                caption: token_caption(t.index, &t.text, Some(t.entropy)),
+                ..Default::default()
+            };
+            let img = heatmap_overlay(view, &t.map, ex.grid, &opts)?;
+            let name = token_file(t.index);
+            write_png(&self.tmp.join(&name), &img)?;
+            names.push(name);
+            tiles.push(img);
+        }
+        let columns = (tiles.len() as f64).sqrt().ceil() as usize;
+        let title = format!("{}: {}", ex.method.name(), ex.generation.text.trim());
+        write_png(
+            &self.tmp.join(SHEET_FILE),
+            &contact_sheet(&tiles, columns, &title)?,
+        )?;
+        names.push(SHEET_FILE.to_string());
+        let json =
+            serde_json::to_string_pretty(doc).map_err(|e| Error::input(format!("JSON: {e}")))?;
+        std::fs::write(self.tmp.join(JSON_FILE), json)
+            .map_err(|e| Error::io(self.tmp.join(JSON_FILE), e))?;
+        names.push(JSON_FILE.to_string());
+
+        // A previous run's files must not mix with this one's: its explain.json goes first (so the
+        // folder never claims completeness for a mixed set), then its token PNGs.
+        let old_json = self.out.join(JSON_FILE);
+        if old_json.exists() {
+            std::fs::remove_file(&old_json).map_err(|e| Error::io(&old_json, e))?;
+        }
+        for entry in std::fs::read_dir(&self.out).map_err(|e| Error::io(&self.out, e))? {
+            let entry = entry.map_err(|e| Error::io(&self.out, e))?;
+            let name = entry.file_name().to_string_lossy().to_string();
+            if name.starts_with("token_") && name.ends_with(".png") {
+                std::fs::remove_file(entry.path()).map_err(|e| Error::io(entry.path(), e))?;
+            }
+        }
+        let mut paths = Vec::with_capacity(names.len());
+        for name in &names {
+            let dst = self.out.join(name);
+            std::fs::rename(self.tmp.join(name), &dst).map_err(|e| Error::io(&dst, e))?;
+            paths.push(dst);
+        }
+        Ok(paths)
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.tmp);
+    }
+}
