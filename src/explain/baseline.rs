@@ -324,6 +324,16 @@ impl Incremental {
         Ok(self.row(p))
     }
 
+    /// Number of positions whose rows are in (the prompt plus every explained later token).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Forgets the rows of positions `len ..` so they can be recomputed (benches re-run one step).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
     /// Row `p` of `(I + Ĉ_{L-1}) … (I + Ĉ_0)`: `v = e_p; v += v·Ĉ_l` from the top layer down.
     /// `v` is zero beyond `p` and `Ĉ_l` is lower triangular, so only the leading block is touched.
     fn row(&self, p: usize) -> Vec<f32> {

@@ -74,6 +74,22 @@ pub struct Saved<B: Backend> {
     pub x_out: Option<B::Tensor>,
 }
 
+impl<B: Backend> Saved<B> {
+    /// Bytes the saved activations occupy at f32 (what the backward holds beyond the forward).
+    pub fn f32_bytes(&self, b: &B) -> usize {
+        let size = |t: &B::Tensor| {
+            let (r, c) = b.dims(t);
+            r * c * 4
+        };
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| size(&l.x_in) + size(&l.q) + size(&l.x_mid) + size(&l.gate) + size(&l.up))
+            .sum();
+        layers + self.x_out.as_ref().map_or(0, size)
+    }
+}
+
 const PREFIX: &str = "language_model.model";
 
 impl<B: Backend> Llama<B> {
