@@ -20,10 +20,21 @@
 //!
 //! No gamma, ICC profile or EXIF orientation is applied (Pillow's `open` + `convert` applies none).
 //!
-//! JPEG goes through `jpeg-decoder`, whose IDCT (stb_image's) and upsampling differ slightly from
-//! libjpeg-turbo's, which Pillow uses: see `tests/vision.rs` for the measured bound. CMYK/YCCK and
-//! 12/16-bit JPEGs are refused. A JPEG without its end-of-image marker is reported as truncated
-//! (Pillow raises "image file is truncated" for those; `jpeg-decoder` would pad with grey).
+//! Two places where "the Python reference" itself is ambiguous (this module follows
+//! `Image.open(p).convert("RGB")`, which is what LLaVA's own loader does):
+//! - transformers' `convert_to_rgb` (run by `CLIPImageProcessor` when handed a PIL image with an
+//!   alpha channel or a tRNS transparency) composites onto white instead of dropping alpha, so for
+//!   such images `processor(images=Image.open(p))` differs from this loader;
+//! - transformers' `load_image` (used when the processor is handed a path or URL) also applies
+//!   `ImageOps.exif_transpose`, which this loader does not.
+//!
+//! A PNG whose image data is complete but whose tail (last IDAT checksum, IEND) is cut off still
+//! decodes, as in Pillow; a cut inside the image data is an error.
+//!
+//! JPEG goes through our own port of libjpeg-turbo's decoding path ([`super::jpeg`]), so the
+//! pixels equal Pillow's; only lossless JPEG goes through `jpeg-decoder`. CMYK/YCCK, 12-bit and
+//! arithmetic-coded JPEGs are refused. A JPEG without its end-of-image marker is reported as
+//! truncated (Pillow raises "image file is truncated" for those).
 //!
 //! Every decoder call runs under `catch_unwind`, so a decoder bug on hostile input becomes an
 //! `Error::Image` instead of a panic escaping to the caller.
@@ -144,7 +155,7 @@ fn unknown_format_message(bytes: &[u8]) -> String {
     )
 }
 
-fn check_size(width: usize, height: usize) -> std::result::Result<(), String> {
+pub(crate) fn check_size(width: usize, height: usize) -> std::result::Result<(), String> {
     if width == 0 || height == 0 {
         return Err(format!("image has a zero side ({width}x{height})"));
     }
@@ -190,8 +201,25 @@ fn decode_png(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
         .output_buffer_size()
         .ok_or_else(|| "PNG image too large for this platform".to_string())?;
     let mut buf = vec![0u8; size];
-    let frame = reader.next_frame(&mut buf).map_err(bad)?;
-    let line = frame.line_size;
+    let line = if reader.info().interlaced {
+        reader.next_frame(&mut buf).map_err(bad)?.line_size
+    } else {
+        // Row by row, stopping after the last one: Pillow accepts a file whose image data is
+        // complete even if what follows it (IDAT checksum, IEND) is cut off, and so do we.
+        // `next_frame` would insist on reading up to the next chunk.
+        let line = reader
+            .output_line_size(width as u32)
+            .ok_or_else(|| "PNG image too large for this platform".to_string())?;
+        for y in 0..height {
+            let row = reader
+                .next_row()
+                .map_err(bad)?
+                .ok_or_else(|| "truncated PNG (image data ends early)".to_string())?;
+            buf[y * line..y * line + row.data().len().min(line)]
+                .copy_from_slice(&row.data()[..row.data().len().min(line)]);
+        }
+        line
+    };
     let palette = reader.info().palette.as_ref().map(|p| p.to_vec());
 
     let mut out = vec![0u8; width * height * 3];
@@ -280,6 +308,26 @@ fn png_error_message(e: &png::DecodingError) -> String {
 // JPEG
 
 fn decode_jpeg(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
+    let img = match super::jpeg::decode(bytes) {
+        Ok(img) => img,
+        // Lossless JPEG has no IDCT or subsampling to get wrong, so any correct decoder matches
+        // libjpeg-turbo: hand it to jpeg-decoder.
+        Err(e) if e == super::jpeg::LOSSLESS => return decode_jpeg_lossless(bytes),
+        Err(e) => return Err(e),
+    };
+    let data = match img.channels {
+        1 => img.data.iter().flat_map(|&v| [v, v, v]).collect(),
+        _ => img.data,
+    };
+    Ok(RgbImage {
+        width: img.width,
+        height: img.height,
+        data,
+    })
+}
+
+/// Lossless (SOF3) JPEG through `jpeg-decoder`.
+fn decode_jpeg_lossless(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
     use jpeg_decoder::{Decoder, PixelFormat};
 
     let mut decoder = Decoder::new(Cursor::new(bytes));
@@ -289,30 +337,19 @@ fn decode_jpeg(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
         .ok_or_else(|| "JPEG has no frame header".to_string())?;
     let (width, height) = (info.width as usize, info.height as usize);
     check_size(width, height)?;
-    match info.pixel_format {
-        PixelFormat::L8 | PixelFormat::RGB24 => {}
-        PixelFormat::CMYK32 => {
-            return Err("CMYK/YCCK JPEG is not supported (convert it to RGB first)".into())
-        }
-        PixelFormat::L16 => {
-            return Err("16-bit (lossless/12-bit) JPEG is not supported".into());
-        }
+    if !matches!(info.pixel_format, PixelFormat::L8 | PixelFormat::RGB24) {
+        return Err("lossless JPEG with more than 8 bits or 4 components is not supported".into());
     }
     // jpeg-decoder pads missing entropy data instead of failing; Pillow (libjpeg) reports such
-    // files as truncated. Check the marker structure ourselves before decoding.
+    // files as truncated.
     if !jpeg_reaches_eoi(bytes) {
         return Err(
             "truncated JPEG (no end-of-image marker after the last scan; file cut short?)".into(),
         );
     }
     let pixels = decoder.decode().map_err(|e| jpeg_error_message(&e))?;
-    let data = match info.pixel_format {
-        PixelFormat::L8 => {
-            if pixels.len() != width * height {
-                return Err("JPEG decoder returned a wrong-sized buffer".into());
-            }
-            pixels.iter().flat_map(|&v| [v, v, v]).collect()
-        }
+    let data: Vec<u8> = match info.pixel_format {
+        PixelFormat::L8 => pixels.iter().flat_map(|&v| [v, v, v]).collect(),
         _ => pixels,
     };
     if data.len() != width * height * 3 {

@@ -4,9 +4,10 @@
 //!
 //! - [`load_image`] / [`load_image_bytes`]: PNG and JPEG (format found by magic bytes) to 8-bit RGB,
 //!   converting the way PIL's `.convert("RGB")` does (alpha dropped, palette looked up, grey
-//!   replicated, 16-bit samples reduced to their high byte).
-//! - [`resize_bicubic`]: a bit-exact port of Pillow's `Image.resize(size, Image.BICUBIC)` on 8-bit
-//!   images (fixed-point separable convolution, horizontal pass first).
+//!   replicated, 16-bit samples reduced to their high byte). JPEGs are decoded by a port of
+//!   libjpeg-turbo's pipeline (islow IDCT, fancy upsampling, its YCbCr tables), as Pillow does.
+//! - [`resize_bicubic`]: a bit-exact port of Pillow 13's `Image.resize(size, Image.BICUBIC)` on
+//!   8-bit images (fixed-point separable convolution, with its choice of pass order).
 //! - [`preprocess`]: resize (shortest edge), center crop (zero padding when the image is smaller),
 //!   rescale and normalize, producing the CHW `f32` tensor the vision tower eats.
 //!
@@ -14,13 +15,14 @@
 //! `tools/make_vision_fixtures.py`.
 
 mod decode;
+mod jpeg;
 mod preprocess;
 mod resize;
 
 pub use decode::{load_image, load_image_bytes, ImageFormat, MAX_PIXELS, MAX_SIDE};
 pub use preprocess::{
-    center_crop, load_and_preprocess, preprocess, resize_output_size, PreprocessConfig,
-    CLIP_IMAGE_MEAN, CLIP_IMAGE_STD,
+    center_crop, load_and_preprocess, preprocess, resize_and_crop, resize_output_size,
+    PreprocessConfig, CLIP_IMAGE_MEAN, CLIP_IMAGE_STD,
 };
 pub use resize::resize_bicubic;
 

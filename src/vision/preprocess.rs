@@ -19,7 +19,9 @@ use crate::error::{Error, Result};
 
 /// OpenAI CLIP's per-channel mean (transformers' `OPENAI_CLIP_MEAN`).
 pub const CLIP_IMAGE_MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
-/// OpenAI CLIP's per-channel std (transformers' `OPENAI_CLIP_STD`).
+/// OpenAI CLIP's per-channel std (transformers' `OPENAI_CLIP_STD`). The literals are
+/// transformers' (Python floats); Rust rounds them to f32 exactly as `np.array(.., float32)` does.
+#[allow(clippy::excessive_precision)]
 pub const CLIP_IMAGE_STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
 
 /// The settings of a `CLIPImageProcessor` (`preprocessor_config.json`).
@@ -349,10 +351,10 @@ pub fn center_crop(img: &RgbImage, crop_height: usize, crop_width: usize) -> Res
     })
 }
 
-/// Runs the full `CLIPImageProcessor` pipeline on an RGB image and returns the pixel values as a
-/// CHW `f32` buffer of shape `[3, H, W]` (`H, W` = the crop size, or see
-/// [`PreprocessConfig::output_size`] when cropping is off), i.e. `pixel_values[0]`.
-pub fn preprocess(img: &RgbImage, cfg: &PreprocessConfig) -> Result<Vec<f32>> {
+/// The geometric part of the pipeline: resize (if `do_resize`) then center crop (if
+/// `do_center_crop`), on 8-bit RGB. This is the image the model sees before rescale/normalize,
+/// e.g. the base to draw relevancy heatmaps on.
+pub fn resize_and_crop(img: &RgbImage, cfg: &PreprocessConfig) -> Result<RgbImage> {
     img.validate()?;
     cfg.validate()?;
     let mut cur = std::borrow::Cow::Borrowed(img);
@@ -366,6 +368,14 @@ pub fn preprocess(img: &RgbImage, cfg: &PreprocessConfig) -> Result<Vec<f32>> {
     if cfg.do_center_crop {
         cur = std::borrow::Cow::Owned(center_crop(&cur, cfg.crop_height, cfg.crop_width)?);
     }
+    Ok(cur.into_owned())
+}
+
+/// Runs the full `CLIPImageProcessor` pipeline on an RGB image and returns the pixel values as a
+/// CHW `f32` buffer of shape `[3, H, W]` (`H, W` = the crop size, or see
+/// [`PreprocessConfig::output_size`] when cropping is off), i.e. `pixel_values[0]`.
+pub fn preprocess(img: &RgbImage, cfg: &PreprocessConfig) -> Result<Vec<f32>> {
+    let cur = resize_and_crop(img, cfg)?;
 
     // Per channel, the output is a function of the byte value only: tabulate all 256, exactly as
     // numpy computes them (f64 multiply, cast to f32; then f32 subtract and divide).

@@ -1,5 +1,5 @@
-//! Bit-exact port of Pillow's 8-bit resampling (`src/libImaging/Resample.c`, Pillow 13.0) for the
-//! BICUBIC filter, plus the Python-level decisions `Image.resize` makes before calling it.
+//! Bit-exact port of Pillow's 8-bit resampling (`src/libImaging/Resample.c` of the pillow 13.0.0
+//! release) for the BICUBIC filter, plus the Python-level shortcut of `Image.resize`.
 //!
 //! Why copy it exactly: CLIP was trained on, and transformers feeds LLaVA, images resized by PIL.
 //! Any other bicubic (different kernel support when downscaling, float instead of fixed point,
@@ -12,14 +12,15 @@
 //!    (antialiased) resample. Weights are computed in `f64`, normalised to sum 1, then converted to
 //!    fixed point with 22 fractional bits (`PRECISION_BITS = 32 - 8 - 2`), rounding half away from
 //!    zero.
-//! 2. Horizontal pass first, into an 8-bit temporary image, only over the source rows the vertical
-//!    pass will read. Each output value is `clip8((1 << 21) + sum(in * k))`, i.e. add one half,
-//!    arithmetic shift right by 22, clamp to 0..=255.
-//! 3. Vertical pass on that temporary, same arithmetic.
-//! 4. A pass is skipped when its axis keeps its size (so e.g. a width-only change never touches
-//!    columns' vertical neighbours), and an unchanged size returns a copy.
-//! 5. `Image.resize` itself (Python) swaps the order for very tall images: when
-//!    `height > 100 * width` and the height shrinks, it resizes vertically first, then horizontally.
+//! 2. Pass order (new in Pillow 13): horizontal first, unless the height shrinks by more than
+//!    twice as many pixels as the width (`in_h - out_h > 2 * (in_w - out_w)` with `in_h > out_h`),
+//!    then vertical first. Horizontal-first only resamples the source rows the vertical pass will
+//!    read.
+//! 3. Each output value is `clip8((1 << 21) + sum(in * k))`: add one half, arithmetic shift right
+//!    by 22, clamp to 0..=255. The intermediate image is 8-bit (rounded and clamped too).
+//! 4. A pass is skipped when its axis keeps its size, and `Image.resize` returns a copy when the
+//!    size is unchanged. (Earlier Pillow releases always went horizontal first, apart from a
+//!    Python-level swap for images over 100 times taller than wide; 13.0 replaced both with rule 2.)
 //!
 //! `reducing_gap` is `None` in `Image.resize` and in transformers, so no `reduce()` pre-step.
 
@@ -175,7 +176,7 @@ fn resample_vertical(
 }
 
 /// Pillow's `ImagingResampleInner`. `bbox` is the source box `(x0, y0, x1, y1)`; `Image.resize`
-/// always passes whole-image boxes here (transformers never sets `box`).
+/// passes the whole image (transformers never sets `box`).
 fn resample_inner(
     src: &[u8],
     in_w: usize,
@@ -184,35 +185,57 @@ fn resample_inner(
     out_h: usize,
     bbox: [f32; 4],
 ) -> Vec<u8> {
-    // Note Pillow compares the box's far edge with the OUTPUT size here; for the boxes used by
-    // `Image.resize` this is equivalent to "this axis changes size".
+    // Note Pillow compares the box's far edge with the OUTPUT size here; for a whole-image box
+    // this is equivalent to "this axis changes size".
     let need_horizontal = out_w != in_w || bbox[0] != 0.0 || bbox[2] != out_w as f32;
     let need_vertical = out_h != in_h || bbox[1] != 0.0 || bbox[3] != out_h as f32;
 
-    let vert = precompute_coeffs(in_h, bbox[1], bbox[3], out_h);
-    // Rows of the source the vertical pass reads; the horizontal pass computes only these.
-    let ybox_first = vert.bounds[0].0;
-    let (last_min, last_count) = vert.bounds[out_h - 1];
-    let ybox_last = last_min + last_count;
+    // Pillow 13: "If height is being scaled down more than twice the amount the width is, run
+    // the vertical pass first, to make the horizontal pass faster". C `int` arithmetic; the width
+    // difference may be negative (upscaling).
+    let (dh, dw) = (in_h as i64 - out_h as i64, in_w as i64 - out_w as i64);
+    let horizontal_first = !(dh > 0 && dh > dw * 2);
 
-    if need_horizontal {
-        let horiz = precompute_coeffs(in_w, bbox[0], bbox[2], out_w);
-        let tmp = resample_horizontal(src, in_w, ybox_first, ybox_last - ybox_first, out_w, &horiz);
-        if !need_vertical {
+    if horizontal_first {
+        if need_horizontal {
+            let horiz = precompute_coeffs(in_w, bbox[0], bbox[2], out_w);
+            // Rows of the source the vertical pass will read; only these are resampled
+            // horizontally, and the vertical bounds are shifted by the first of them.
+            let vert = precompute_coeffs(in_h, bbox[1], bbox[3], out_h);
+            let ybox_first = vert.bounds[0].0;
+            let (last_min, last_count) = vert.bounds[out_h - 1];
+            let ybox_last = last_min + last_count;
+            let tmp =
+                resample_horizontal(src, in_w, ybox_first, ybox_last - ybox_first, out_w, &horiz);
+            if !need_vertical {
+                return tmp;
+            }
+            resample_vertical(&tmp, out_w, out_h, ybox_first, &vert)
+        } else if need_vertical {
+            let vert = precompute_coeffs(in_h, bbox[1], bbox[3], out_h);
+            resample_vertical(src, in_w, out_h, 0, &vert)
+        } else {
+            src.to_vec()
+        }
+    } else {
+        // Vertical first over the whole source (no row cropping on this path), then horizontal
+        // over the `out_h` resulting rows.
+        let vert = precompute_coeffs(in_h, bbox[1], bbox[3], out_h);
+        let tmp = resample_vertical(src, in_w, out_h, 0, &vert);
+        if !need_horizontal {
             return tmp;
         }
-        resample_vertical(&tmp, out_w, out_h, ybox_first, &vert)
-    } else if need_vertical {
-        resample_vertical(src, in_w, out_h, 0, &vert)
-    } else {
-        src.to_vec()
+        let horiz = precompute_coeffs(in_w, bbox[0], bbox[2], out_w);
+        resample_horizontal(&tmp, in_w, 0, out_h, out_w, &horiz)
     }
 }
 
-/// `pil_image.resize((width, height), Image.BICUBIC)` on an RGB image, bit for bit.
+/// `pil_image.resize((width, height), Image.BICUBIC)` on an RGB image, bit for bit (Pillow 13.0).
 ///
-/// Includes `Image.resize`'s Python-level shortcuts: an unchanged size returns a copy, and an image
-/// more than 100 times taller than wide that shrinks vertically is resized vertically first.
+/// An unchanged size returns a copy (as `Image.resize` does). Which pass runs first follows
+/// Pillow 13's rule (vertical first when the height shrinks by more than twice what the width
+/// shrinks); earlier Pillow releases ran the horizontal pass first there, so results differ from
+/// them by a few levels for such images (e.g. portraits taller than 2:1 being downscaled).
 ///
 /// Errors (`Error::Input`) when `img` breaks its length invariant or the target size is zero or
 /// beyond [`MAX_SIDE`] / [`MAX_PIXELS`].
@@ -232,16 +255,8 @@ pub fn resize_bicubic(img: &RgbImage, width: usize, height: usize) -> Result<Rgb
     if (in_w, in_h) == (width, height) {
         return Ok(img.clone());
     }
-    let full = |w: usize, h: usize| [0.0, 0.0, w as f32, h as f32];
-    let data = if in_h > in_w * 100 && height < in_h {
-        // Image.resize: `im = self.im.resize((self.size[0], size[1]), resample,
-        // (0, box[1], self.size[0], box[3]))` then `im.resize(size, resample,
-        // (box[0], 0, box[2], size[1]))`.
-        let tall = resample_inner(&img.data, in_w, in_h, in_w, height, full(in_w, in_h));
-        resample_inner(&tall, in_w, height, width, height, full(in_w, height))
-    } else {
-        resample_inner(&img.data, in_w, in_h, width, height, full(in_w, in_h))
-    };
+    let bbox = [0.0, 0.0, in_w as f32, in_h as f32];
+    let data = resample_inner(&img.data, in_w, in_h, width, height, bbox);
     Ok(RgbImage {
         width,
         height,
