@@ -130,22 +130,7 @@ impl<B: Backend> Engine<B> {
     /// The image as the model sees it, before rescaling: resized and center-cropped 8-bit RGB, the
     /// base that heatmaps are drawn on.
     pub fn model_view(&self, image: &Path) -> Result<vision::RgbImage> {
-        let img = vision::load_image(image)?;
-        let cfg = &self.preprocess;
-        let img = if cfg.do_resize {
-            let (w, h) = match cfg.resize_to {
-                Some((h, w)) => (w, h),
-                None => vision::resize_output_size(img.width, img.height, cfg.shortest_edge),
-            };
-            vision::resize_bicubic(&img, w, h)?
-        } else {
-            img
-        };
-        if cfg.do_center_crop {
-            vision::center_crop(&img, cfg.crop_height, cfg.crop_width)
-        } else {
-            Ok(img)
-        }
+        vision::resize_and_crop(&vision::load_image(image)?, &self.preprocess)
     }
 
     /// Expanded prompt ids for a question.
