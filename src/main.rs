@@ -275,12 +275,15 @@ fn print_table(ex: &Explained) {
     }
 }
 
-/// A one-line status on stderr, redrawn in place; silent unless stderr is a terminal, so scripts
-/// and `--json` consumers never see it.
+/// A one-line status with a progress bar on stderr, redrawn in place. It appears only once a run
+/// has taken more than a second (short runs stay quiet) and only when stderr is a terminal, so
+/// scripts and `--json` consumers never see it.
 struct Progress {
     enabled: bool,
     max_new: usize,
     start: std::time::Instant,
+    shown: std::cell::Cell<bool>,
+    tokens: std::cell::Cell<usize>,
 }
 
 impl Progress {
@@ -290,14 +293,25 @@ impl Progress {
             enabled: std::io::stderr().is_terminal(),
             max_new,
             start: std::time::Instant::now(),
+            shown: std::cell::Cell::new(false),
+            tokens: std::cell::Cell::new(0),
         }
     }
 
     fn say(&self, msg: &str) {
-        if self.enabled {
-            let t = self.start.elapsed().as_secs_f64();
+        let t = self.start.elapsed().as_secs_f64();
+        if self.enabled && t > 1.0 {
             eprint!("\r\x1b[2K[{t:6.1}s] {msg}");
+            self.shown.set(true);
         }
+    }
+
+    fn bar(&self, what: &str, done: usize, total: usize) {
+        const W: usize = 24;
+        let total = total.max(done);
+        let fill = W * done / total.max(1);
+        let bar: String = (0..W).map(|i| if i < fill { '#' } else { '.' }).collect();
+        self.say(&format!("{what} [{bar}] {done}/{total}"));
     }
 
     fn event(&self, e: Event) {
@@ -307,14 +321,16 @@ impl Progress {
                 self.say(&format!("prefilled {prompt_len} positions"))
             }
             Event::Token { index, .. } => {
-                self.say(&format!("token {}/{}", index + 1, self.max_new))
+                self.tokens.set(index + 1);
+                self.bar("tokens", index + 1, self.max_new)
             }
-            Event::Explained { index } => self.say(&format!("map {}", index + 1)),
+            // Maps follow generation (or interleave with it): count against the tokens so far.
+            Event::Explained { index } => self.bar("maps  ", index + 1, self.tokens.get()),
         }
     }
 
     fn clear(&self) {
-        if self.enabled {
+        if self.shown.get() {
             eprint!("\r\x1b[2K");
         }
     }
