@@ -7,9 +7,11 @@ mod common;
 use common::{assert_close, fixture_dir, Expected};
 use fastrm::backend::cpu::Cpu;
 use fastrm::backend::Backend;
-use fastrm::explain::{baseline_maps, chefer_row, RowMode};
+use fastrm::explain::{
+    baseline_maps, chefer_row, default_gradcam_layer, explain_ids, Method, RowMode,
+};
 use fastrm::model::llama::KvCache;
-use fastrm::Engine;
+use fastrm::{Engine, GenerateOptions};
 
 fn maps_match(name: &str) {
     let exp = Expected::load(name);
@@ -96,4 +98,89 @@ fn cams_at_step0_and_full_r() {
         false
     )
     .is_err());
+}
+
+/// Runs `explain_ids` on a fixture's prompt and pixels with its generation length.
+fn explain_fixture(name: &str, method: Method) -> Vec<Vec<f32>> {
+    let exp = Expected::load(name);
+    let engine = Engine::load(Cpu, &fixture_dir(name)).unwrap();
+    let gen = exp.ids("generated_ids");
+    let opts = GenerateOptions {
+        max_new_tokens: gen.len(),
+        stop_at_eos: false,
+        keep_steps: false,
+    };
+    let (_, px) = exp.f32("pixel_values");
+    let e = explain_ids(
+        &engine.backend,
+        &engine.model,
+        &exp.ids("input_ids"),
+        px,
+        &opts,
+        method,
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(e.generated_ids, gen, "{name} {method:?}: generated ids");
+    e.maps
+}
+
+fn check_rows(what: &str, maps: &[Vec<f32>], want: &[f32], p: usize) {
+    assert_eq!(maps.len() * p, want.len(), "{what}: token count");
+    for (t, m) in maps.iter().enumerate() {
+        let w = &want[t * p..(t + 1) * p];
+        assert!(
+            w.iter().any(|&x| x > 0.0),
+            "{what}: oracle row {t} is all zero"
+        );
+        assert_close(&format!("{what} token {t}"), m, w, 1e-4);
+    }
+}
+
+#[test]
+fn incremental_matches_lvlm_interpret_reference() {
+    for name in ["tiny", "clip336"] {
+        let exp = Expected::load(name);
+        let (shape, want) = exp.f32("relevancy_incremental");
+        let maps = explain_fixture(name, Method::BaselineIncremental);
+        check_rows(&format!("{name} incremental"), &maps, want, shape[1]);
+        // The variant really differs from the exact maps after token 0 (else this test proves little).
+        let exact = &exp.f32("relevancy").1;
+        let differs = maps[1..].iter().enumerate().any(|(t, m)| {
+            m.iter()
+                .zip(&exact[(t + 1) * shape[1]..])
+                .any(|(a, b)| (a - b).abs() > 1e-5)
+        });
+        assert!(differs, "{name}: incremental maps equal the exact ones");
+    }
+}
+
+#[test]
+fn gradcam_matches_reference_at_every_layer() {
+    for name in ["tiny", "clip336"] {
+        let exp = Expected::load(name);
+        let layer: usize = exp.meta["gradcam_layer"].parse().unwrap();
+        let cfg =
+            fastrm::config::LlavaConfig::from_file(&fixture_dir(name).join("config.json")).unwrap();
+        assert_eq!(layer, default_gradcam_layer(cfg.text.num_hidden_layers));
+        let (shape, want) = exp.f32("gradcam");
+        check_rows(
+            &format!("{name} gradcam"),
+            &explain_fixture(name, Method::GradCam { layer }),
+            want,
+            shape[1],
+        );
+    }
+    let exp = Expected::load("tiny");
+    let (shape, all) = exp.f32("gradcam_all_layers");
+    let per = shape[1] * shape[2];
+    for l in 0..shape[0] {
+        let maps = explain_fixture("tiny", Method::GradCam { layer: l });
+        check_rows(
+            &format!("tiny gradcam layer {l}"),
+            &maps,
+            &all[l * per..(l + 1) * per],
+            shape[2],
+        );
+    }
 }
