@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Oracle fixtures for fastrm, made with real HF `transformers` (pinned in tools/requirements.txt).
 
-Regenerate everything (tokenizer, tiny + clip336 fixtures, demo model; ~2 min on 2 cores):
+Regenerate everything (tokenizer, tiny + clip336 fixtures, demo model; ~2.5 min on 2 cores):
 
     python tools/make_fixtures.py
 
-Bench transformers f32 eager on the mid-size config (writes tools/bench_transformers.json):
+Bench transformers f32 eager on the mid-size config: prefill, decode, exact and incremental relevancy per
+token, peak RSS (writes tools/bench_transformers.json):
 
     python tools/make_fixtures.py --bench
 
@@ -37,6 +38,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -200,7 +202,7 @@ FIXTURES = {
         seed=1000, image_size=30, patch_size=6, v_hidden=32, v_heads=2, v_inter=64, v_layers=3,
         t_hidden=64, t_heads=4, t_kv=2, t_inter=128, t_layers=2, max_pos=256,
         config_style="hub4", image="chelsea", image_wh=(45, 37), image_file="image.png",
-        question="What colour is the cat?", cams=True,
+        question="What colour is the cat?", cams=True, gradcam_all_layers=True,
     ),
     "clip336": dict(
         seed=2000, image_size=336, patch_size=14, v_hidden=32, v_heads=2, v_inter=64, v_layers=3,
@@ -581,9 +583,12 @@ def teacher_forced(model, full_ids, pixel_values):
 
 
 def relevancy_rows(model, full_ids, pixel_values, gen, n, image_pos, want_cams=False):
-    """Chefer relevancy per generated token (see DESIGN §4); autograd on the prefix up to p."""
+    """Chefer relevancy per generated token (see DESIGN §4); autograd on the prefix up to p (the causal
+    model makes this the same as the full teacher-forced sequence). From the same backward, the LLM-layer
+    GradCAM of every layer: row p, image columns of mean_h A_l * relu(dA_l)."""
     L = model.config.text_config.num_hidden_layers
     maps, cams0, stats = [], None, []
+    gradcams, aux = [], {"C0": None, "rows_p": []}  # gradcams[k]: [L, P]; aux: token 0's C_l, rows p of C_l
     for k in range(len(gen)):
         p = n - 1 + k
         ids = full_ids[:, : p + 1]
@@ -605,9 +610,107 @@ def relevancy_rows(model, full_ids, pixel_values, gen, n, image_pos, want_cams=F
         assert torch.allclose(v, R[p], rtol=1e-10, atol=1e-12)
         maps.append(R[p, image_pos].float())
         stats.append(float(max(d.abs().max() for d in dA)))
+        gradcams.append(torch.stack([
+            (a[0].detach() * torch.clamp(d[0].detach(), min=0)).mean(0)[p, image_pos] for d, a in zip(dA, attns)]))
+        if k == 0:
+            aux["C0"] = [c.clone() for c in C]
+        aux["rows_p"].append([c[p].clone() for c in C])
         if k == 0 and want_cams:
             cams0 = torch.stack([c.float() for c in C])
-    return torch.stack(maps), cams0, min(stats)
+    return torch.stack(maps), cams0, min(stats), torch.stack(gradcams, dim=1), aux  # gradcam: [L, T, P]
+
+
+def detach_cache(cache):
+    """Hold the KV cache constant: no gradient may flow into past keys/values."""
+    for layer in cache.layers:
+        layer.keys = layer.keys.detach()
+        layer.values = layer.values.detach()
+
+
+def relevancy_incremental_rows(model, full_ids, pixel_values, gen, n, image_pos, exact_rel, exact_aux):
+    """LVLM-Interpret-style relevancy (DESIGN §4 baseline-incremental), autograd on a KV-cached generation.
+
+    Token 0: forward over the prompt (no cache), backward from the raw logit of gen[0] at p0 = n-1,
+    C_l = mean_h relu(dA_l * A_l) (n x n) -> rows 0..n-1 of a growing per-layer matrix C^_l.
+    Token k >= 1: one-token forward of gen[k-1] at p_k = n-1+k with the cache of all earlier positions
+    DETACHED (the token's own key/value is computed in this forward and gets gradient), backward from the
+    raw logit of gen[k]; the cam row mean_h relu(dA_l * A_l) [p_k+1] becomes row p_k of C^_l.
+    Map of token k: v = e_{p_k}; v += v.C^_l for l = L-1..0 (= row p_k of (I+C^_{L-1})...(I+C^_0)),
+    image columns. Gradients via autograd.grad on the attention tensors (= retain_grad + backward for dA,
+    without touching the weights' .grad).
+
+    Checks: token 0's C_l are bit-identical to the exact backward's; each later token's own row p_k equals
+    row p_k of the exact C_l for that token (dO at p_k is the same in both: gradient reaches position p_k
+    only through its own residual stream), so the maps differ only through the rows < p_k of C^_l."""
+    exact_C0 = exact_aux["C0"]
+    row_diff = 0.0
+    L = model.config.text_config.num_hidden_layers
+    T = len(gen)
+    Nmax = n + T - 1
+    Chat = [torch.zeros(Nmax, Nmax, dtype=torch.float64) for _ in range(L)]
+
+    # token 0 (same computation as the exact token 0)
+    out = model(input_ids=full_ids[:, :n], pixel_values=pixel_values, use_cache=False, output_attentions=True,
+                logits_to_keep=0)
+    attns = list(out.attentions)
+    s = out.logits[0, n - 1, int(gen[0])]
+    assert int(out.logits[0, n - 1].argmax()) == int(gen[0])
+    dA = torch.autograd.grad(s, attns)
+    for l, (d, a) in enumerate(zip(dA, attns)):
+        c = torch.clamp(d[0].detach() * a[0].detach(), min=0).mean(0)  # [n, n]
+        assert torch.equal(c, exact_C0[l]), f"token 0 cams differ from the exact backward's (layer {l})"
+        Chat[l][:n, :n] = c.double()
+    del out, attns, dA
+
+    # KV cache of the prompt, built without a graph (held constant)
+    with torch.no_grad():
+        pre = model(input_ids=full_ids[:, :n], pixel_values=pixel_values, use_cache=True, logits_to_keep=1)
+    cache = pre.past_key_values
+    assert int(pre.logits[0, -1].argmax()) == int(gen[0])
+    argmax_ok = [True]
+
+    maps = []
+    for k in range(T):
+        p = n - 1 + k
+        if k >= 1:
+            detach_cache(cache)
+            o = model(input_ids=gen[k - 1].view(1, 1), past_key_values=cache, use_cache=True,
+                      output_attentions=True, position_ids=torch.tensor([[p]]), cache_position=torch.tensor([p]),
+                      logits_to_keep=1)
+            attns = list(o.attentions)
+            assert len(attns) == L and attns[0].shape[-2:] == (1, p + 1), [a.shape for a in attns]
+            am = int(o.logits[0, -1].argmax())
+            assert am == int(gen[k]), f"KV-cached step {k}: argmax {am} != generated id {int(gen[k])}"
+            argmax_ok.append(am == int(gen[k]))
+            s = o.logits[0, -1, int(gen[k])]
+            dA = torch.autograd.grad(s, attns)
+            for l, (d, a) in enumerate(zip(dA, attns)):
+                row = torch.clamp(d[0].detach() * a[0].detach(), min=0).mean(0)[0]
+                ex = exact_aux["rows_p"][k][l]
+                rd = float((row - ex).abs().max() / ex.abs().max())
+                assert rd <= 1e-4, f"token {k} layer {l}: own cam row differs from the exact one's ({rd:.3g})"
+                row_diff = max(row_diff, rd)
+                Chat[l][p, : p + 1] = row.double()
+            cache = o.past_key_values
+            del o, attns, dA
+        v = torch.zeros(p + 1, dtype=torch.float64)
+        v[p] = 1.0
+        for l in reversed(range(L)):
+            v = v + v @ Chat[l][: p + 1, : p + 1]
+        maps.append(v[image_pos].float())
+    detach_cache(cache)
+    inc = torch.stack(maps)
+    # the R-product form gives the same rows (checked on the last token, the largest R)
+    p = Nmax - 1
+    R = torch.eye(p + 1, dtype=torch.float64)
+    for l in range(L):
+        R = R + Chat[l][: p + 1, : p + 1] @ R
+    assert torch.allclose(R[p, image_pos].float(), inc[-1], rtol=1e-6, atol=1e-9)
+    # token 0: incremental == exact (same cams, bit-for-bit; the map only differs by the f64->f32 rounding of
+    # the row-vector vs R-product forms)
+    d0 = float((inc[0] - exact_rel[0]).abs().max())
+    assert d0 <= 1e-6 * float(exact_rel[0].abs().max()), d0
+    return inc, d0, all(argmax_ok), row_diff
 
 
 def run_oracle(model, proc, spec, im, question, eos_id, pad_id, image_token_id):
@@ -654,10 +757,12 @@ def run_oracle(model, proc, spec, im, question, eos_id, pad_id, image_token_id):
         assert torch.allclose(feats.reshape(P, -1).float(), proj, atol=1e-5), "get_image_features mismatch"
 
     image_pos = (input_ids[0] == image_token_id).nonzero()[:, 0]
-    rel, cams0, min_grad = relevancy_rows(model, full, pv, gen, n, image_pos, want_cams=spec.get("cams", False))
+    rel, cams0, min_grad, gradcam, aux = relevancy_rows(model, full, pv, gen, n, image_pos,
+                                                        want_cams=spec.get("cams", False))
     return dict(
         prompt=prompt, input_ids=input_ids[0], pixel_values=pv[0], gen=gen, gen_logits=gen_logits,
         logits=logits_tf, hidden=hidden.float(), vf=vf, proj=proj, rel=rel, cams0=cams0, n=n,
+        gradcam=gradcam, aux=aux, image_pos=image_pos, full=full,
         min_gap=min(top2_gap(logits_tf), top2_gap(gen_logits)),
         cache_vs_full=float((gen_logits - logits_tf).abs().max()), min_grad=min_grad,
     )
@@ -820,6 +925,19 @@ def make_fixture(name, spec, tok, vocab, image_token_id, pad_id, eos_id, root: P
     if r["cams0"] is not None:
         assert r["cams0"].shape == (L, r["n"], r["n"])
         tensors["cams_step0"] = r["cams0"]
+    # additions (after the seed is accepted; nothing above depends on them)
+    inc, inc_d0, inc_argmax_ok, inc_row_diff = relevancy_incremental_rows(
+        model, r["full"], r["pixel_values"][None], r["gen"], r["n"], r["image_pos"], r["rel"], r["aux"])
+    inc_diff = (inc - r["rel"]).abs()
+    inc_later_max = float(inc_diff[1:].max())
+    inc_later_rel = float((inc_diff[1:].amax(-1) / r["rel"][1:].abs().amax(-1)).max())
+    gc_layer = L // 2
+    P = n_patches(spec)
+    assert r["gradcam"].shape == (L, len(r["gen"]), P) and inc.shape == (len(r["gen"]), P)
+    tensors["relevancy_incremental"] = inc
+    tensors["gradcam"] = r["gradcam"][gc_layer].contiguous()
+    if spec.get("gradcam_all_layers", False):
+        tensors["gradcam_all_layers"] = r["gradcam"].contiguous()
     meta = {
         "generated_by": CMD,
         "fixture": name,
@@ -839,6 +957,21 @@ def make_fixture(name, spec, tok, vocab, image_token_id, pad_id, eos_id, root: P
                      "target = raw logit of generated_ids[k] at p=n_prompt-1+k",
         "cams_step0": "C_l for generated token 0 (p = n_prompt-1), [L, n_prompt, n_prompt]" if r["cams0"] is not None
         else "absent",
+        "relevancy_incremental": "row k: LVLM-Interpret incremental map, autograd on a KV-cached generation "
+                                 "(teacher-forced generated_ids): rows 0..n_prompt-1 of C^_l = mean_h relu(dA*A) "
+                                 "from token 0's backward over the prompt; row p_k = n_prompt-1+k of C^_l from "
+                                 "token k's own one-token forward at p_k (input generated_ids[k-1]) with the past "
+                                 "KV cache detached (the token's own K/V gets gradient), target = raw logit of "
+                                 "generated_ids[k]; map = row p_k of (I+C^_{L-1})...(I+C^_0), image positions. "
+                                 "Row 0 equals relevancy row 0",
+        "relevancy_incremental_max_abs_diff_vs_exact": json.dumps(
+            {"token0": inc_d0, "later_tokens": inc_later_max, "later_tokens_rel_to_row_max": inc_later_rel}),
+        "gradcam": f"row k: LLM-layer GradCAM at layer gradcam_layer, row p=n_prompt-1+k, image positions of "
+                   f"mean_h A_l * relu(dA_l), from the same backward as relevancy (target = raw logit of "
+                   f"generated_ids[k] at p)",
+        "gradcam_layer": str(gc_layer),
+        "gradcam_all_layers": "[L, T, P]: gradcam for every layer l (gradcam = gradcam_all_layers[gradcam_layer])"
+        if "gradcam_all_layers" in tensors else "absent",
         "image_token_id": str(image_token_id),
         "bos_token_id": "1",
         "eos_token_id": str(eos_id),
@@ -883,10 +1016,21 @@ def make_fixture(name, spec, tok, vocab, image_token_id, pad_id, eos_id, root: P
         "vision_attn_entropy": vents, "relevancy_range": [float(r["rel"].min()), float(r["rel"].max())],
         "logits_std": float(r["logits"].std()),
         "shapes": {k: list(v.shape) for k, v in tensors.items()},
+        "relevancy_incremental": {"token0_max_abs_diff_vs_exact": inc_d0, "kv_cached_argmax_equals_generated":
+                                  inc_argmax_ok, "later_tokens_max_abs_diff_vs_exact": inc_later_max,
+                                  "later_tokens_max_diff_rel_to_row_max": inc_later_rel,
+                                  "per_token_max_abs_diff": [float(x) for x in inc_diff.amax(-1)],
+                                  "own_row_max_rel_diff_vs_exact_row": inc_row_diff},
+        "gradcam_layer": gc_layer,
     }
     print(f"  {name}: seed {seed}, n={r['n']}, gen {r['gen'].tolist()} {gen_text!r}, "
           f"min top-2 gap {r['min_gap']:.4g}, cache-vs-full {r['cache_vs_full']:.2e}, "
           f"logit std {summary[name]['logits_std']:.2f}, LLM attn entropy {[round(e, 2) for e in ents]}")
+    print(f"  {name}: incremental relevancy: token 0 max|inc-exact| = {inc_d0:.3g} (asserted <= 1e-6 rel), "
+          f"KV-cached argmax = generated ids at every step: {inc_argmax_ok}; later tokens max|inc-exact| = "
+          f"{inc_later_max:.4g} ({inc_later_rel:.3g} of the row max), per token "
+          f"{[float('%.3g' % x) for x in inc_diff.amax(-1)]}; own cam rows vs exact rows p_k: max rel diff "
+          f"{inc_row_diff:.3g}; gradcam layer {gc_layer}")
 
 
 def make_demo(tok, vocab, image_token_id, pad_id, eos_id, root: Path, summary):
@@ -980,7 +1124,10 @@ def generate_all(root: Path):
 N_DECODE = 24
 
 
-def bench(root: Path):
+N_REL = 3  # relevancy bench: tokens measured after one warm-up token
+
+
+def bench_setup():
     torch.set_num_threads(2)
     spec = MIDSIZE
     model = build_model(spec, spec["vocab"], spec["image_token_id"], spec["pad_id"], 4000)
@@ -991,6 +1138,174 @@ def bench(root: Path):
     text_before = torch.randint(3, 30000, (5,), generator=g)
     text_after = torch.randint(3, 30000, (19,), generator=g)
     ids = torch.cat([torch.tensor([1]), text_before, torch.full((P,), spec["image_token_id"]), text_after])[None]
+    return spec, model, P, pv, ids
+
+
+def loadavg():
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def proc_status_kb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def reset_peak_rss():
+    """Linux: writing 5 to /proc/self/clear_refs resets VmHWM (peak RSS) to the current RSS."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def malloc_trim():
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def exact_token(model, ids_prefix, pv, y, image_pos, mode):
+    """The exact Chefer map of one token the autograd way: forward over the whole prefix (ending at the
+    token's position p) with eager attention and output_attentions, retain_grad on the attention
+    probabilities, backward from the raw logit s of y at p, cams C_l = mean_h relu(dA*A) and the streamed
+    row v = e_p; v += v.C_l (l = L-1..0). mode 'backward': s.backward() with the weights requiring grad
+    (also computes every weight's gradient, what a plain PyTorch user gets); mode 'grad':
+    torch.autograd.grad(s, attentions) (activation gradients only, as the Rust engine does).
+    Returns (forward s, backward+cams+row s, map)."""
+    model.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
+    out = model(input_ids=ids_prefix, pixel_values=pv, use_cache=False, output_attentions=True, logits_to_keep=1)
+    attns = list(out.attentions)
+    if mode == "backward":
+        for a in attns:
+            a.retain_grad()
+    s = out.logits[0, -1, y]
+    t1 = time.perf_counter()
+    if mode == "backward":
+        s.backward()
+        grads = [a.grad for a in attns]
+    else:
+        grads = torch.autograd.grad(s, attns)
+    with torch.no_grad():
+        C = [torch.clamp(d[0] * a[0], min=0).mean(0) for d, a in zip(grads, attns)]
+        N = C[0].shape[0]
+        v = torch.zeros(N)
+        v[N - 1] = 1.0
+        for c in reversed(C):
+            v = v + v @ c
+        m = v[image_pos].clone()
+    t2 = time.perf_counter()
+    del out, attns, grads, C
+    model.zero_grad(set_to_none=True)
+    return t1 - t0, t2 - t1, m
+
+
+def incremental_token(model, cache, y_prev, p, y, Chat, image_pos, mode):
+    """One later token of the incremental (LVLM-Interpret) map: one-token forward of y_prev at position p
+    with the past KV cache detached, output_attentions, backward from the raw logit of y, cam row
+    -> row p of C^_l, map = row p of (I+C^_{L-1})...(I+C^_0) by the streamed row. Returns
+    (forward s, backward+cam row+map s, map, cache, argmax)."""
+    detach_cache(cache)
+    model.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
+    o = model(input_ids=torch.tensor([[y_prev]]), past_key_values=cache, use_cache=True, output_attentions=True,
+              position_ids=torch.tensor([[p]]), cache_position=torch.tensor([p]), logits_to_keep=1)
+    attns = list(o.attentions)
+    if mode == "backward":
+        for a in attns:
+            a.retain_grad()
+    s = o.logits[0, -1, y]
+    t1 = time.perf_counter()
+    if mode == "backward":
+        s.backward()
+        grads = [a.grad for a in attns]
+    else:
+        grads = torch.autograd.grad(s, attns)
+    with torch.no_grad():
+        for l, (d, a) in enumerate(zip(grads, attns)):
+            Chat[l][p, : p + 1] = torch.clamp(d[0] * a[0], min=0).mean(0)[0]
+        v = torch.zeros(p + 1)
+        v[p] = 1.0
+        for l in reversed(range(len(Chat))):
+            v = v + v @ Chat[l][: p + 1, : p + 1]
+        m = v[image_pos].clone()
+    t2 = time.perf_counter()
+    am = int(o.logits[0, -1].argmax())
+    cache = o.past_key_values
+    detach_cache(cache)
+    del o, attns, grads
+    model.zero_grad(set_to_none=True)
+    return t1 - t0, t2 - t1, m, cache, am
+
+
+def bench_mem_child(variant):
+    """Run in a fresh interpreter (--bench-mem VARIANT): peak RSS over one operation on the token at
+    position n (prefix n+1 positions). Prints one JSON line."""
+    spec, model, P, pv, ids = bench_setup()
+    n = ids.shape[1]
+    image_pos = (ids[0] == spec["image_token_id"]).nonzero()[:, 0]
+    # warm-up on a short text-only sequence (lazy imports, thread pools, allocator), then give memory back
+    short = ids[:, :6]  # BOS + text, no image ids
+    o = model(input_ids=short, use_cache=False, output_attentions=True, logits_to_keep=1)
+    o.logits[0, -1, 0].backward()
+    del o
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        y = int(model(input_ids=ids, pixel_values=pv, use_cache=False, logits_to_keep=1).logits[0, -1].argmax())
+    prefix = torch.cat([ids, torch.tensor([[y]])], dim=1)  # token 1: p = n
+    with torch.no_grad():
+        y1 = int(model(input_ids=prefix, pixel_values=pv, use_cache=False, logits_to_keep=1).logits[0, -1].argmax())
+    gc_collect()
+    res = {"variant": variant, "positions": prefix.shape[1]}
+    res["rss_before_kb"] = proc_status_kb("VmRSS")
+    reset_peak_rss()
+    res["hwm_after_reset_kb"] = proc_status_kb("VmHWM")
+    if variant == "plain":
+        with torch.no_grad():
+            model(input_ids=prefix, pixel_values=pv, use_cache=False, logits_to_keep=1)
+        res["peak_kb"] = proc_status_kb("VmHWM")
+    else:
+        mode = {"exact_backward": "backward", "exact_grad": "grad"}[variant]
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=prefix, pixel_values=pv, use_cache=False, output_attentions=True, logits_to_keep=1)
+        attns = list(out.attentions)
+        if mode == "backward":
+            for a in attns:
+                a.retain_grad()
+        s = out.logits[0, -1, y1]
+        res["peak_after_forward_kb"] = proc_status_kb("VmHWM")
+        if mode == "backward":
+            s.backward()
+            grads = [a.grad for a in attns]
+        else:
+            grads = torch.autograd.grad(s, attns)
+        with torch.no_grad():
+            C = [torch.clamp(d[0] * a[0], min=0).mean(0) for d, a in zip(grads, attns)]
+            v = torch.zeros(C[0].shape[0])
+            v[-1] = 1.0
+            for c in reversed(C):
+                v = v + v @ c
+            float(v[image_pos].sum())
+        res["peak_kb"] = proc_status_kb("VmHWM")
+    res["peak_delta_mb"] = round((res["peak_kb"] - res["rss_before_kb"]) / 1024, 1)
+    if "peak_after_forward_kb" in res:
+        res["peak_delta_after_forward_mb"] = round((res["peak_after_forward_kb"] - res["rss_before_kb"]) / 1024, 1)
+    print("BENCH_MEM " + json.dumps(res))
+
+
+def gc_collect():
+    import gc
+
+    gc.collect()
+    malloc_trim()
+
+
+def bench(root: Path):
+    spec, model, P, pv, ids = bench_setup()
     n = ids.shape[1]
     n_params = sum(p.numel() for p in model.parameters())
 
@@ -1046,9 +1361,135 @@ def bench(root: Path):
         "loadavg_1_5_15_before": [round(x, 2) for x in load_before],
         "loadavg_1_5_15_after": [round(x, 2) for x in os.getloadavg()],
     }
+    res.update(bench_relevancy(model, spec, pv, ids))
     print(json.dumps(res, indent=2))
     dump_json(res, root / "tools" / "bench_transformers.json")
     return res
+
+
+def bench_relevancy(model, spec, pv, ids):
+    """Per-token cost of the exact map the autograd way, of the incremental map's later tokens, and the
+    peak RSS of the exact token vs a plain forward (fresh subprocesses)."""
+    n = ids.shape[1]
+    L = spec["t_layers"]
+    image_pos = (ids[0] == spec["image_token_id"]).nonzero()[:, 0]
+    T = 2 + N_REL + 1
+    with torch.no_grad():  # greedy ids to teacher-force
+        o = model(input_ids=ids, pixel_values=pv, use_cache=True, logits_to_keep=1)
+        gen = [int(o.logits[0, -1].argmax())]
+        cache = o.past_key_values
+        for i in range(T - 1):
+            o = model(input_ids=torch.tensor([[gen[-1]]]), past_key_values=cache, use_cache=True,
+                      position_ids=torch.tensor([[n + i]]), cache_position=torch.tensor([n + i]))
+            cache = o.past_key_values
+            gen.append(int(o.logits[0, -1].argmax()))
+    full = torch.cat([ids, torch.tensor([gen])], dim=1)
+    out = {}
+
+    # (a) exact, per token k: forward over the prefix ending at p_k = n-1+k; token 0 is the warm-up
+    maps_exact = {}
+    for mode in ("backward", "grad"):
+        la0 = loadavg()
+        fw, bw = [], []
+        for k in range(0, N_REL + 1):
+            f, b, m = exact_token(model, full[:, : n + k], pv, gen[k], image_pos, mode)
+            if k > 0:
+                fw.append(f)
+                bw.append(b)
+            maps_exact[(mode, k)] = m
+        tot = [a + b for a, b in zip(fw, bw)]
+        out[f"exact_token_{mode}"] = {
+            "positions": [n + k for k in range(1, N_REL + 1)],
+            "forward_ms_median": round(statistics.median(fw) * 1e3, 1),
+            "backward_cams_row_ms_median": round(statistics.median(bw) * 1e3, 1),
+            "total_ms_median": round(statistics.median(tot) * 1e3, 1),
+            "forward_ms_all": [round(x * 1e3, 1) for x in fw],
+            "backward_cams_row_ms_all": [round(x * 1e3, 1) for x in bw],
+            "total_ms_all": [round(x * 1e3, 1) for x in tot],
+            "loadavg_1_5_15_before": la0, "loadavg_1_5_15_after": loadavg(),
+        }
+        print(f"exact ({mode}): {out[f'exact_token_{mode}']}")
+    for k in range(N_REL + 1):
+        d = float((maps_exact[("backward", k)] - maps_exact[("grad", k)]).abs().max())
+        assert d <= 1e-5 * float(maps_exact[("grad", k)].abs().max()), (k, d)
+    out["exact_token_note"] = (
+        f"the exact baseline the autograd way, per generated token k = 1..{N_REL} (token 0 = warm-up): "
+        "forward over the whole prefix (prompt incl. the vision tower + k generated ids, no cache, eager, "
+        "output_attentions=True, logits_to_keep=1 -- only the target row's logits, the cheapest honest "
+        "choice), retain_grad on the 8 attention-probability tensors, backward from the raw logit of the "
+        "teacher-forced greedy id, cams C_l = mean_h relu(dA*A) [N,N] and the streamed row v = e_p; "
+        "v += v.C_l. 'backward' = s.backward() with the weights requiring grad (computes every weight's "
+        "gradient too; what a plain PyTorch user gets, e.g. LVLM-Interpret); 'grad' = "
+        "torch.autograd.grad(s, attentions) (activation gradients only, down to layer 0's attention; what "
+        "the Rust engine computes). Both give the same map (asserted).")
+
+    # (b) incremental: token 0 = the exact token 0; later tokens: one-token forward with the detached cache
+    for mode in ("backward", "grad"):
+        la0 = loadavg()
+        with torch.no_grad():
+            o = model(input_ids=ids, pixel_values=pv, use_cache=True, logits_to_keep=1)
+        cache = o.past_key_values
+        Nmax = n + T
+        Chat = [torch.zeros(Nmax, Nmax) for _ in range(L)]
+        fw, bw = [], []
+        for k in range(1, T):  # k = 1 is the warm-up
+            p = n - 1 + k
+            f, b, m, cache, am = incremental_token(model, cache, gen[k - 1], p, gen[k], Chat, image_pos, mode)
+            assert am == gen[k], (k, am, gen[k])
+            if k > 1:
+                fw.append(f)
+                bw.append(b)
+        tot = [a + b for a, b in zip(fw, bw)]
+        out[f"incremental_later_token_{mode}"] = {
+            "positions": [n - 1 + k for k in range(2, T)],
+            "forward_ms_median": round(statistics.median(fw) * 1e3, 2),
+            "backward_cam_row_map_ms_median": round(statistics.median(bw) * 1e3, 2),
+            "total_ms_median": round(statistics.median(tot) * 1e3, 2),
+            "forward_ms_all": [round(x * 1e3, 2) for x in fw],
+            "backward_cam_row_map_ms_all": [round(x * 1e3, 2) for x in bw],
+            "total_ms_all": [round(x * 1e3, 2) for x in tot],
+            "loadavg_1_5_15_before": la0, "loadavg_1_5_15_after": loadavg(),
+        }
+        print(f"incremental ({mode}): {out[f'incremental_later_token_{mode}']}")
+    out["incremental_note"] = (
+        f"incremental (LVLM-Interpret) map, cost per later token (token 1 = warm-up, then {T - 2} tokens): "
+        "one-token forward of the previous id with the past KV cache detached (eager, output_attentions, "
+        "logits_to_keep=1), backward from the raw logit of the greedy id, cam row mean_h relu(dA*A) [p+1] into "
+        "row p of C^_l, and the map = row p of (I+C^_{L-1})...(I+C^_0) by the streamed row (O(L p^2)). The "
+        "forward also yields the next token, so this replaces the plain decode step; token 0's cost is the "
+        "exact token's. 'backward'/'grad' as for the exact token. Argmax of each step = the greedy id "
+        "(asserted).")
+
+    # (c) peak RSS, fresh subprocess per variant
+    mem = {}
+    for variant in ("plain", "exact_grad", "exact_backward"):
+        la0 = loadavg()
+        r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--bench-mem", variant],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"--bench-mem {variant} failed:\n{r.stderr[-4000:]}")
+        line = [l for l in r.stdout.splitlines() if l.startswith("BENCH_MEM ")][-1]
+        mem[variant] = json.loads(line[len("BENCH_MEM "):])
+        mem[variant]["loadavg_1_5_15_before"] = la0
+        mem[variant]["loadavg_1_5_15_after"] = loadavg()
+        print(f"mem {variant}: {mem[variant]}")
+    out["peak_rss"] = {
+        "method": "Linux /proc/self/status VmHWM (peak resident set), reset to the current RSS by writing 5 to "
+                  "/proc/self/clear_refs right before the operation (psutil is not installed in the venv and "
+                  "has no peak-reset anyway); each variant in a fresh interpreter (same model/inputs, a short "
+                  "warm-up forward+backward, gc + malloc_trim); delta = VmHWM after the operation - VmRSS "
+                  f"before it. Operation on the token at position {n} ({n + 1} positions incl. the vision tower): "
+                  "'plain' = no_grad forward, logits_to_keep=1; 'exact_grad' = forward with output_attentions "
+                  "+ autograd.grad to the attentions + cams + row; 'exact_backward' = the same with "
+                  "retain_grad + s.backward() (weight gradients allocated too). *_after_forward = peak before "
+                  "the backward starts (graph held).",
+        **mem,
+        "exact_grad_minus_plain_peak_delta_mb": round(mem["exact_grad"]["peak_delta_mb"]
+                                                      - mem["plain"]["peak_delta_mb"], 1),
+        "exact_backward_minus_plain_peak_delta_mb": round(mem["exact_backward"]["peak_delta_mb"]
+                                                          - mem["plain"]["peak_delta_mb"], 1),
+    }
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1070,10 +1511,14 @@ def main():
     ap.add_argument("--out", type=Path, default=ROOT, help="write under this root instead of the repo")
     ap.add_argument("--check-determinism", action="store_true",
                     help="regenerate into a temp dir and compare with the files in the repo")
+    ap.add_argument("--bench-mem", choices=["plain", "exact_grad", "exact_backward"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     import transformers
 
     transformers.logging.set_verbosity_error()
+    if args.bench_mem:
+        bench_mem_child(args.bench_mem)
+        return
     if args.bench:
         bench(args.out)
         return
