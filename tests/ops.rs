@@ -166,6 +166,8 @@ fn attention_full_causal_offset_and_gqa() {
         (4, 4, 8, 9, 9, 9, Some(0)),
         (8, 2, 16, 3, 40, 20, Some(17)), // GQA, a decode-like tail inside a larger cache
         (2, 1, 8, 1, 12, 12, Some(11)),
+        (2, 1, 8, 150, 160, 150, Some(0)), // several causal query blocks
+        (2, 2, 8, 70, 100, 100, Some(30)), // blocks with a cache offset
     ];
     for (h, hk, d, nq, rows, kv_len, p0) in cases {
         let q = rand(&mut rng, nq, h * d, 2.0);

@@ -99,6 +99,30 @@ fn matmul(
     }
 }
 
+/// [`matmul`] across the rayon pool. Tall products (prefill, backward) are split into row blocks,
+/// each a single-threaded GEMM: on few cores this scales better than the GEMM's own threading,
+/// whose packing is shared and synchronised. Short ones (decode) use the GEMM's threading.
+fn par_matmul(m: usize, n: usize, k: usize, dst: &mut [f32], lhs: View, rhs: View) {
+    let threads = rayon::current_num_threads().max(1);
+    const MIN_ROWS: usize = 32;
+    if threads == 1 || m < 2 * MIN_ROWS {
+        matmul(m, n, k, dst, n, lhs, rhs, Parallelism::Rayon(0));
+        return;
+    }
+    let block = m.div_ceil(threads).max(MIN_ROWS);
+    dst.par_chunks_mut(block * n)
+        .enumerate()
+        .for_each(|(i, chunk)| {
+            let r0 = i * block;
+            let rows = chunk.len() / n;
+            let sub = View {
+                data: &lhs.data[r0 * lhs.rs..],
+                ..lhs
+            };
+            matmul(rows, n, k, chunk, n, sub, rhs, Parallelism::None);
+        });
+}
+
 fn same_shape(op: &str, a: &CpuTensor, b: &CpuTensor) -> Result<()> {
     if a.rows != b.rows || a.cols != b.cols {
         return Err(shape_err(
@@ -199,20 +223,31 @@ fn head_view(t: &CpuTensor, s: AttnShape, hi: usize) -> View<'_> {
 /// Attention probabilities of head `hi`, `[n_q, kv_len]`, masked entries exactly 0 — the same
 /// numbers for the forward and the backward (which recomputes rather than stores them).
 fn head_probs(q: &CpuTensor, k: &CpuTensor, s: AttnShape, hi: usize) -> Vec<f32> {
-    let (nq, kv, d) = (q.rows, s.kv_len, s.head_dim);
+    let (kv, d) = (s.kv_len, s.head_dim);
     let scale = 1.0 / (d as f32).sqrt();
-    let mut scores = vec![0.0f32; nq * kv];
+    let mut scores = vec![0.0f32; q.rows * kv];
     let kt = View {
         rs: 1,
         cs: k.cols,
         ..head_view(k, s, hi)
     };
-    let qv = View {
-        data: &q.data[hi * d..],
-        rs: q.cols,
-        cs: 1,
-    };
-    matmul(nq, kv, d, &mut scores, kv, qv, kt, Parallelism::None);
+    for (i0, rows, width) in query_blocks(q.rows, s) {
+        let qv = View {
+            data: &q.data[i0 * q.cols + hi * d..],
+            rs: q.cols,
+            cs: 1,
+        };
+        matmul(
+            rows,
+            width,
+            d,
+            &mut scores[i0 * kv..],
+            kv,
+            qv,
+            kt,
+            Parallelism::None,
+        );
+    }
     for (i, row) in scores.chunks_exact_mut(kv).enumerate() {
         let visible = s.causal_q_pos0.map_or(kv, |p0| p0 + i + 1);
         let (row, masked) = row.split_at_mut(visible);
@@ -231,6 +266,47 @@ fn head_probs(q: &CpuTensor, k: &CpuTensor, s: AttnShape, hi: usize) -> Vec<f32>
         row.iter_mut().for_each(|x| *x *= inv);
     }
     scores
+}
+
+/// Query row blocks `(first row, rows, visible keys)`: under a causal mask a block of queries sees
+/// only the keys up to its last row's position, so products over the masked remainder (half of a
+/// prefill's attention work) are skipped. Without a mask: one block over everything.
+fn query_blocks(nq: usize, s: AttnShape) -> impl Iterator<Item = (usize, usize, usize)> {
+    const BLOCK: usize = 64;
+    let step = if s.causal_q_pos0.is_some() {
+        BLOCK
+    } else {
+        nq.max(1)
+    };
+    (0..nq).step_by(step).map(move |i0| {
+        let rows = step.min(nq - i0);
+        let width = s
+            .causal_q_pos0
+            .map_or(s.kv_len, |p0| (p0 + i0 + rows).min(s.kv_len));
+        (i0, rows, width)
+    })
+}
+
+/// `out[nq, d] = P[nq, kv] · V_h[kv, d]` skipping the masked (zero) part of P.
+fn probs_times(p: &[f32], v: View, nq: usize, s: AttnShape, out: &mut [f32]) {
+    let (kv, d) = (s.kv_len, s.head_dim);
+    for (i0, rows, width) in query_blocks(nq, s) {
+        let pv = View {
+            data: &p[i0 * kv..],
+            rs: kv,
+            cs: 1,
+        };
+        matmul(
+            rows,
+            d,
+            width,
+            &mut out[i0 * d..],
+            d,
+            pv,
+            v,
+            Parallelism::None,
+        );
+    }
 }
 
 /// Writes a head's `[rows, d]` block into columns `hi·d ..` of a multi-head tensor.
@@ -339,12 +415,11 @@ impl Backend for Cpu {
             row_vector("linear bias", b, n)?;
         }
         let mut out = vec![0.0f32; m * n];
-        matmul(
+        par_matmul(
             m,
             n,
             k,
             &mut out,
-            n,
             View {
                 data: &x.data,
                 rs: k,
@@ -356,7 +431,6 @@ impl Backend for Cpu {
                 rs: 1,
                 cs: k,
             },
-            Parallelism::Rayon(0),
         );
         if let Some(b) = bias {
             for row in out.chunks_exact_mut(n) {
@@ -454,27 +528,14 @@ impl Backend for Cpu {
         s: AttnShape,
     ) -> Result<CpuTensor> {
         check_attention("attention", q, k, v, s)?;
-        let (nq, kv, d) = (q.rows, s.kv_len, s.head_dim);
+        let (nq, d) = (q.rows, s.head_dim);
         // One [nq, d] output block per head, computed independently on the rayon pool.
         let heads: Vec<Vec<f32>> = (0..s.n_heads)
             .into_par_iter()
             .map(|hi| {
                 let probs = head_probs(q, k, s, hi);
                 let mut out = vec![0.0f32; nq * d];
-                matmul(
-                    nq,
-                    d,
-                    kv,
-                    &mut out,
-                    d,
-                    View {
-                        data: &probs,
-                        rs: kv,
-                        cs: 1,
-                    },
-                    head_view(v, s, hi),
-                    Parallelism::None,
-                );
+                probs_times(&probs, head_view(v, s, hi), nq, s, &mut out);
                 out
             })
             .collect();
@@ -554,12 +615,11 @@ impl Backend for Cpu {
             ));
         }
         let mut out = vec![0.0f32; a.rows * b.cols];
-        matmul(
+        par_matmul(
             a.rows,
             b.cols,
             a.cols,
             &mut out,
-            b.cols,
             View {
                 data: &a.data,
                 rs: a.cols,
@@ -570,7 +630,6 @@ impl Backend for Cpu {
                 rs: b.cols,
                 cs: 1,
             },
-            Parallelism::Rayon(0),
         );
         CpuTensor::new(out, a.rows, b.cols)
     }
@@ -678,7 +737,22 @@ impl Backend for Cpu {
                     cs: v.cols,
                     ..head_view(v, s, hi)
                 };
-                matmul(nq, kv, d, &mut dp, kv, dov, vt, Parallelism::None);
+                for (i0, rows, width) in query_blocks(nq, s) {
+                    let dob = View {
+                        data: &dov.data[i0 * dov.rs..],
+                        ..dov
+                    };
+                    matmul(
+                        rows,
+                        width,
+                        d,
+                        &mut dp[i0 * kv..],
+                        kv,
+                        dob,
+                        vt,
+                        Parallelism::None,
+                    );
+                }
                 let mut cam_h = Vec::new();
                 if let Some(kind) = cam {
                     cam_h = p
@@ -699,20 +773,7 @@ impl Backend for Cpu {
                     }
                 }
                 let mut dq = vec![0.0f32; nq * d];
-                matmul(
-                    nq,
-                    d,
-                    kv,
-                    &mut dq,
-                    d,
-                    View {
-                        data: &ds,
-                        rs: kv,
-                        cs: 1,
-                    },
-                    head_view(k, s, hi),
-                    Parallelism::None,
-                );
+                probs_times(&ds, head_view(k, s, hi), nq, s, &mut dq);
                 let mut dk = vec![0.0f32; kv * d];
                 let qv = View {
                     data: &q.data[hi * d..],
