@@ -6,9 +6,8 @@ mod common;
 
 use common::{assert_close, fixture_dir, Expected};
 use fastrm::backend::cpu::Cpu;
-use fastrm::backend::Backend;
 use fastrm::explain::{
-    baseline_maps, chefer_row, default_gradcam_layer, explain_ids, Method, RowMode,
+    chefer_row, default_gradcam_layer, explain_ids, teacher_forced_maps, Method, RowMode,
 };
 use fastrm::model::llama::KvCache;
 use fastrm::{Engine, GenerateOptions};
@@ -19,15 +18,10 @@ fn maps_match(name: &str) {
     let (ids, gen) = (exp.ids("input_ids"), exp.ids("generated_ids"));
     let (_, px) = exp.f32("pixel_values");
     let (shape, want) = exp.f32("relevancy");
-    let maps = baseline_maps(
-        &engine.backend,
-        &engine.model,
-        &ids,
-        px,
-        &gen,
-        RowMode::Streamed,
-    )
-    .unwrap();
+    let mode = RowMode::Streamed;
+    let (b, m) = (&engine.backend, &engine.model);
+    let maps =
+        teacher_forced_maps(b, m, &ids, px, &gen, Method::Baseline { mode }, &mut |_| {}).unwrap();
     assert_eq!(maps.len(), shape[0]);
     for (t, m) in maps.iter().enumerate() {
         let w = &want[t * shape[1]..(t + 1) * shape[1]];

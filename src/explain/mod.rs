@@ -101,23 +101,8 @@ pub fn explain_ids<B: Backend>(
         Method::Baseline { .. } | Method::GradCam { .. } => {
             let g = model.generate_ids_observed(b, ids, pixels, opts, observer)?;
             let t0 = std::time::Instant::now();
-            let (saved, cache) = teacher_forced(b, model, ids, pixels, &g.generated_ids)?;
-            let n = ids.len();
-            let mut maps = Vec::with_capacity(g.generated_ids.len());
-            for (t, &y) in g.generated_ids.iter().enumerate() {
-                let p = n - 1 + t;
-                let row = match method {
-                    Method::Baseline { mode } => {
-                        chefer_row(b, &model.llm, &saved, &cache, p, y, mode, false)?.row
-                    }
-                    Method::GradCam { layer } => {
-                        gradcam_row(b, &model.llm, &saved, &cache, p, y, layer)?
-                    }
-                    Method::BaselineIncremental => unreachable!(),
-                };
-                maps.push(pick(&row));
-                observer(Event::Explained { index: t });
-            }
+            let maps =
+                teacher_forced_maps(b, model, ids, pixels, &g.generated_ids, method, observer)?;
             Ok(Explanation {
                 generated_ids: g.generated_ids,
                 stop_reason: g.stop_reason,
@@ -156,37 +141,40 @@ fn teacher_forced<B: Backend>(
     Ok((saved, cache))
 }
 
-/// Exact baseline maps for given generated ids (teacher forced), one per token. The building block
-/// of [`explain_ids`] for tests and tools that already have the ids.
-pub fn baseline_maps<B: Backend>(
+/// Maps of the exact baseline or GradCAM for given generated ids, one per token over the image
+/// positions: one saving forward over the prompt and the ids (teacher forced), then one backward
+/// per token from its logit.
+pub fn teacher_forced_maps<B: Backend>(
     b: &B,
     model: &Llava<B>,
     ids: &[u32],
     pixels: &[f32],
     generated: &[u32],
-    mode: RowMode,
+    method: Method,
+    observer: &mut dyn FnMut(Event),
 ) -> Result<Vec<Vec<f32>>> {
     let (saved, cache) = teacher_forced(b, model, ids, pixels, generated)?;
     let image_pos: Vec<usize> = (0..ids.len())
         .filter(|&i| ids[i] == model.cfg.image_token_id)
         .collect();
-    generated
-        .iter()
-        .enumerate()
-        .map(|(t, &y)| {
-            let r = chefer_row(
-                b,
-                &model.llm,
-                &saved,
-                &cache,
-                ids.len() - 1 + t,
-                y,
-                mode,
-                false,
-            )?;
-            Ok(image_pos.iter().map(|&j| r.row[j]).collect())
-        })
-        .collect()
+    let mut maps = Vec::with_capacity(generated.len());
+    for (t, &y) in generated.iter().enumerate() {
+        let p = ids.len() - 1 + t;
+        let row = match method {
+            Method::Baseline { mode } => {
+                chefer_row(b, &model.llm, &saved, &cache, p, y, mode, false)?.row
+            }
+            Method::GradCam { layer } => gradcam_row(b, &model.llm, &saved, &cache, p, y, layer)?,
+            Method::BaselineIncremental => {
+                return Err(Error::input(
+                    "the incremental baseline runs during generation, not teacher forced",
+                ))
+            }
+        };
+        maps.push(image_pos.iter().map(|&j| row[j]).collect());
+        observer(Event::Explained { index: t });
+    }
+    Ok(maps)
 }
 
 /// Greedy generation with saving decode steps, each token's row from its own single-row backward.
