@@ -123,6 +123,10 @@ fn par_matmul(m: usize, n: usize, k: usize, dst: &mut [f32], lhs: View, rhs: Vie
         });
 }
 
+/// Elementwise work is split into chunks of this many values across the rayon pool: large enough
+/// that small tensors stay on one thread, small enough that prefill-sized ones use every core.
+const PAR_CHUNK: usize = 1 << 14;
+
 fn same_shape(op: &str, a: &CpuTensor, b: &CpuTensor) -> Result<()> {
     if a.rows != b.rows || a.cols != b.cols {
         return Err(shape_err(
@@ -454,21 +458,25 @@ impl Backend for Cpu {
             return Ok(out);
         }
         same_shape("add", a, b)?;
-        let data = a.data.iter().zip(&b.data).map(|(x, y)| x + y).collect();
-        CpuTensor::new(data, a.rows, a.cols)
+        let mut out = a.clone();
+        out.data
+            .par_chunks_mut(PAR_CHUNK)
+            .zip(b.data.par_chunks(PAR_CHUNK))
+            .for_each(|(o, y)| o.iter_mut().zip(y).for_each(|(o, y)| *o += y));
+        Ok(out)
     }
 
     fn rms_norm(&self, x: &CpuTensor, w: &CpuTensor, eps: f32) -> Result<CpuTensor> {
         row_vector("rms_norm weight", w, x.cols)?;
         let mut out = x.clone();
-        for row in out.data.chunks_exact_mut(x.cols) {
+        out.data.par_chunks_exact_mut(x.cols).for_each(|row| {
             let ms = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / x.cols as f64;
             // transformers: hidden * rsqrt(variance + eps) in f32, then weight * hidden.
             let inv = 1.0f32 / ((ms as f32) + eps).sqrt();
             for (o, wv) in row.iter_mut().zip(&w.data) {
                 *o = wv * (*o * inv);
             }
-        }
+        });
         Ok(out)
     }
 
@@ -509,8 +517,9 @@ impl Backend for Cpu {
         same_shape("silu_mul", gate, up)?;
         let data = gate
             .data
-            .iter()
+            .par_iter()
             .zip(&up.data)
+            .with_min_len(PAR_CHUNK)
             .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u)
             .collect();
         CpuTensor::new(data, gate.rows, gate.cols)
@@ -655,23 +664,22 @@ impl Backend for Cpu {
         same_shape("rms_norm_bwd", x, dy)?;
         let n = x.cols as f64;
         let mut out = vec![0.0f32; x.data.len()];
-        for ((o, xr), gr) in out
-            .chunks_exact_mut(x.cols)
-            .zip(x.data.chunks_exact(x.cols))
-            .zip(dy.data.chunks_exact(x.cols))
-        {
-            // y_j = w_j x_j r, r = (mean x² + eps)^-½  ⇒
-            // dx_j = r w_j dy_j − x_j r³/n Σ_i dy_i w_i x_i
-            let ms = xr.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / n;
-            let r = 1.0 / (ms + eps as f64).sqrt();
-            let dot: f64 = (0..x.cols)
-                .map(|i| gr[i] as f64 * w.data[i] as f64 * xr[i] as f64)
-                .sum();
-            let c = r * r * r * dot / n;
-            for i in 0..x.cols {
-                o[i] = (r * w.data[i] as f64 * gr[i] as f64 - xr[i] as f64 * c) as f32;
-            }
-        }
+        out.par_chunks_exact_mut(x.cols)
+            .zip(x.data.par_chunks_exact(x.cols))
+            .zip(dy.data.par_chunks_exact(x.cols))
+            .for_each(|((o, xr), gr)| {
+                // y_j = w_j x_j r, r = (mean x² + eps)^-½  ⇒
+                // dx_j = r w_j dy_j − x_j r³/n Σ_i dy_i w_i x_i
+                let ms = xr.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / n;
+                let r = 1.0 / (ms + eps as f64).sqrt();
+                let dot: f64 = (0..x.cols)
+                    .map(|i| gr[i] as f64 * w.data[i] as f64 * xr[i] as f64)
+                    .sum();
+                let c = r * r * r * dot / n;
+                for i in 0..x.cols {
+                    o[i] = (r * w.data[i] as f64 * gr[i] as f64 - xr[i] as f64 * c) as f32;
+                }
+            });
         CpuTensor::new(out, x.rows, x.cols)
     }
 
@@ -683,13 +691,20 @@ impl Backend for Cpu {
     ) -> Result<(CpuTensor, CpuTensor)> {
         same_shape("silu_mul_bwd", gate, up)?;
         same_shape("silu_mul_bwd", gate, dy)?;
-        let mut dg = Vec::with_capacity(gate.data.len());
-        let mut du = Vec::with_capacity(gate.data.len());
-        for ((&g, &u), &d) in gate.data.iter().zip(&up.data).zip(&dy.data) {
-            let sig = 1.0 / (1.0 + (-g).exp());
-            du.push(d * g * sig);
-            dg.push(d * u * sig * (1.0 + g * (1.0 - sig)));
-        }
+        let mut dg = vec![0.0f32; gate.data.len()];
+        let mut du = vec![0.0f32; gate.data.len()];
+        dg.par_chunks_mut(PAR_CHUNK)
+            .zip(du.par_chunks_mut(PAR_CHUNK))
+            .enumerate()
+            .for_each(|(c, (dg, du))| {
+                let at = c * PAR_CHUNK;
+                for i in 0..dg.len() {
+                    let (g, u, d) = (gate.data[at + i], up.data[at + i], dy.data[at + i]);
+                    let sig = 1.0 / (1.0 + (-g).exp());
+                    du[i] = d * g * sig;
+                    dg[i] = d * u * sig * (1.0 + g * (1.0 - sig));
+                }
+            });
         Ok((
             CpuTensor::new(dg, gate.rows, gate.cols)?,
             CpuTensor::new(du, gate.rows, gate.cols)?,
