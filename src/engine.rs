@@ -89,6 +89,7 @@ impl<B: Backend> Engine<B> {
             });
         }
         let ck = Checkpoint::open(dir)?;
+        backend.check_weight_memory(ck.total_elements())?;
         let model = Llava::load(&backend, &ck, &cfg)?;
         Ok(Engine {
             backend,

@@ -113,3 +113,12 @@ fn synthetic_weights_build_the_same_program() {
         .unwrap();
     assert_eq!(g.step_logits, g2.step_logits);
 }
+
+#[test]
+fn models_too_large_for_memory_are_refused_before_loading() {
+    use fastrm::backend::Backend;
+    // 2^50 f32 values: 4.5 PB, more than any machine this runs on.
+    let e = Cpu.check_weight_memory(1 << 50).unwrap_err().to_string();
+    assert!(e.contains("GB") && e.contains("available"), "{e}");
+    Cpu.check_weight_memory(1000).unwrap();
+}

@@ -123,6 +123,14 @@ fn par_matmul(m: usize, n: usize, k: usize, dst: &mut [f32], lhs: View, rhs: Vie
         });
 }
 
+/// `MemAvailable` from /proc/meminfo (Linux); `None` where it cannot be read.
+fn available_memory_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 /// Elementwise work is split into chunks of this many values across the rayon pool: large enough
 /// that small tensors stay on one thread, small enough that prefill-sized ones use every core.
 const PAR_CHUNK: usize = 1 << 14;
@@ -368,6 +376,20 @@ impl Backend for Cpu {
 
     fn name(&self) -> String {
         format!("cpu (f32, {} threads)", rayon::current_num_threads())
+    }
+
+    fn check_weight_memory(&self, n_values: usize) -> Result<()> {
+        let need = n_values as u64 * 4;
+        if let Some(avail) = available_memory_bytes() {
+            if need > avail {
+                return Err(crate::error::Error::Backend(format!(
+                    "the model's weights need {:.1} GB at f32 on the CPU backend but only {:.1} GB of memory is available",
+                    need as f64 / 1e9,
+                    avail as f64 / 1e9
+                )));
+            }
+        }
+        Ok(())
     }
 
     fn dims(&self, t: &CpuTensor) -> (usize, usize) {

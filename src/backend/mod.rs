@@ -39,6 +39,10 @@ pub trait Backend {
     /// `[rows, cols]` of a tensor.
     fn dims(&self, t: &Self::Tensor) -> (usize, usize);
 
+    /// Fails with a clear message when `n_values` weights cannot fit in this backend's memory, so a
+    /// model too large for the machine is refused before loading starts rather than killed midway.
+    fn check_weight_memory(&self, n_values: usize) -> Result<()>;
+
     /// Host f32 data, row-major, to a tensor.
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<Self::Tensor>;
     /// A checkpoint tensor (any supported dtype) viewed as `[rows, cols]`.

@@ -170,6 +170,14 @@ impl Checkpoint {
         &self.dir
     }
 
+    /// Total number of values over every tensor (what loading at f32 multiplies by 4).
+    pub fn total_elements(&self) -> usize {
+        self.tensors
+            .values()
+            .map(|e| e.shape.iter().product::<usize>())
+            .sum()
+    }
+
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.tensors.keys().map(String::as_str)
     }
