@@ -7,6 +7,7 @@ use crate::backend::Backend;
 use crate::checkpoint::Checkpoint;
 use crate::config::LlavaConfig;
 use crate::error::{Error, Result};
+use crate::explain::fastrm::{FastRmHead, HeadWeights};
 use crate::model::llava::{StopReason, Timings};
 use crate::model::{Llava, Synthetic};
 use crate::text::TextProcessor;
@@ -22,6 +23,8 @@ pub struct Engine<B: Backend> {
     pub text: Option<TextProcessor>,
     pub preprocess: PreprocessConfig,
     pub dir: Option<PathBuf>,
+    /// The FastRM head, once loaded with [`Engine::load_head`].
+    pub head: Option<FastRmHead<B>>,
 }
 
 /// A finished generation, ready for JSON.
@@ -97,6 +100,7 @@ impl<B: Backend> Engine<B> {
             text: Some(text),
             preprocess,
             dir: Some(dir.to_path_buf()),
+            head: None,
         })
     }
 
@@ -109,7 +113,19 @@ impl<B: Backend> Engine<B> {
             text: None,
             preprocess: PreprocessConfig::clip(cfg.vision.image_size),
             dir: None,
+            head: None,
         })
+    }
+
+    /// Loads a FastRM head file (`head.safetensors`) for `explain` with [`Method::FastRm`].
+    pub fn load_head(&mut self, path: &Path) -> Result<()> {
+        let w = HeadWeights::load(path)?;
+        self.head = Some(FastRmHead::new(
+            &self.backend,
+            &w,
+            self.config().text.hidden_size,
+        )?);
+        Ok(())
     }
 
     pub fn config(&self) -> &LlavaConfig {
@@ -184,15 +200,18 @@ impl<B: Backend> Engine<B> {
     ) -> Result<Explained> {
         let input_ids = self.prompt_ids(question)?;
         let pixels = self.pixels(image)?;
-        let e = crate::explain::explain_ids(
-            &self.backend,
-            &self.model,
-            &input_ids,
-            &pixels,
-            opts,
-            method,
-            observer,
-        )?;
+        let (b, m) = (&self.backend, &self.model);
+        let e = match (method, &self.head) {
+            (Method::FastRm, Some(head)) => {
+                crate::explain::explain_fastrm(b, m, head, &input_ids, &pixels, opts, observer)?
+            }
+            (Method::FastRm, None) => {
+                return Err(Error::input(
+                    "no FastRM head loaded: pass --head FILE (head.safetensors)",
+                ))
+            }
+            _ => crate::explain::explain_ids(b, m, &input_ids, &pixels, opts, method, observer)?,
+        };
         let text = self.text()?;
         let tokens = e
             .generated_ids

@@ -40,6 +40,8 @@ enum MethodArg {
     BaselineIncremental,
     /// LLM-layer GradCAM at one decoder layer (`--layer`, default the middle one).
     Gradcam,
+    /// The learned FastRM head (`--head FILE`): one fused op per token on the decode step.
+    Fastrm,
 }
 
 /// What every run needs: which model, which image, which question, how long an answer.
@@ -85,6 +87,9 @@ enum Cmd {
         /// GradCAM only: the decoder layer (0-based; default: the middle layer).
         #[arg(long)]
         layer: Option<usize>,
+        /// FastRM only: the head file (head.safetensors).
+        #[arg(long)]
+        head: Option<PathBuf>,
         /// Write one heatmap PNG per token, a contact sheet and explain.json into this folder.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -123,6 +128,7 @@ fn run(cli: Cli) -> Result<()> {
             method,
             full_r,
             layer,
+            head,
             out,
         } => {
             if full_r && method != MethodArg::Baseline {
@@ -131,9 +137,19 @@ fn run(cli: Cli) -> Result<()> {
             if layer.is_some() && method != MethodArg::Gradcam {
                 return Err(Error::input("--layer applies to --method gradcam only"));
             }
+            if head.is_some() != (method == MethodArg::Fastrm) {
+                return Err(Error::input(if head.is_some() {
+                    "--head applies to --method fastrm only"
+                } else {
+                    "--method fastrm needs --head FILE (no trained head is bundled yet)"
+                }));
+            }
             // Fail on an unusable output folder before any expensive work.
             let staging = out.as_deref().map(report::Staging::new).transpose()?;
-            let (engine, image, progress) = start(&run)?;
+            let (mut engine, image, progress) = start(&run)?;
+            if let Some(h) = &head {
+                engine.load_head(h)?;
+            }
             let n_layers = engine.config().text.num_hidden_layers;
             let method = match method {
                 MethodArg::Baseline => Method::Baseline {
@@ -147,6 +163,7 @@ fn run(cli: Cli) -> Result<()> {
                 MethodArg::Gradcam => Method::GradCam {
                     layer: layer.unwrap_or_else(|| default_gradcam_layer(n_layers)),
                 },
+                MethodArg::Fastrm => Method::FastRm,
             };
             let opts = options(&run);
             let ex = engine.explain_observed(&image, &run.prompt, &opts, method, &mut |e| {

@@ -619,6 +619,34 @@ impl Backend for Cpu {
         Ok(())
     }
 
+    fn fastrm_scores(
+        &self,
+        x: &CpuTensor,
+        ln_w: &CpuTensor,
+        ln_b: &CpuTensor,
+        eps: f32,
+        folded: &CpuTensor,
+        c: &CpuTensor,
+        scale: f32,
+    ) -> Result<CpuTensor> {
+        if folded.cols != x.cols {
+            return Err(shape_err(
+                "fastrm_scores",
+                format!(
+                    "folded keys [{}, {}] for hidden size {}",
+                    folded.rows, folded.cols, x.cols
+                ),
+            ));
+        }
+        row_vector("fastrm_scores bias", c, folded.rows)?;
+        let u = self.layer_norm(x, ln_w, ln_b, eps)?;
+        let mut z = self.linear(&u, folded, Some(c))?;
+        z.data
+            .iter_mut()
+            .for_each(|v| *v = 1.0 / (1.0 + (-scale * *v).exp()));
+        Ok(z)
+    }
+
     fn argmax_rows(&self, x: &CpuTensor) -> Result<Vec<u32>> {
         if x.cols == 0 {
             return Err(shape_err("argmax_rows", "tensor has no columns"));

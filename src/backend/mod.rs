@@ -107,6 +107,19 @@ pub trait Backend {
     ) -> Result<()>;
     /// Index of the largest value in each row (first one on ties, as `torch.argmax`).
     fn argmax_rows(&self, x: &Self::Tensor) -> Result<Vec<u32>>;
+    /// The FastRM head's decode step, fused (DESIGN §4): for each row `h` of `x` `[m, D]`,
+    /// `sigmoid(scale · (folded · LayerNorm(h; ln_w, ln_b, eps) + c))` over the `P` image patches,
+    /// with `folded` `[P, D]` and `c` `[1, P]` from the once-per-prefill fold → `[m, P]`.
+    fn fastrm_scores(
+        &self,
+        x: &Self::Tensor,
+        ln_w: &Self::Tensor,
+        ln_b: &Self::Tensor,
+        eps: f32,
+        folded: &Self::Tensor,
+        c: &Self::Tensor,
+        scale: f32,
+    ) -> Result<Self::Tensor>;
     /// Plain product `a · b`: a `[m, k]`, b `[k, n]` (relevancy folds and products of cams).
     fn matmul(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
 

@@ -4,6 +4,7 @@
 //! chosen [`Method`]; [`map_entropy`] is the per-token confidence signal (DESIGN §4).
 
 pub mod baseline;
+pub mod fastrm;
 pub mod report;
 
 use crate::backend::Backend;
@@ -22,6 +23,9 @@ pub enum Method {
     BaselineIncremental,
     /// LLM-layer GradCAM at one decoder layer.
     GradCam { layer: usize },
+    /// The learned FastRM head on the last hidden states ([`fastrm`]); needs a head
+    /// ([`explain_fastrm`]).
+    FastRm,
 }
 
 impl Method {
@@ -30,6 +34,7 @@ impl Method {
             Method::Baseline { .. } => "baseline",
             Method::BaselineIncremental => "baseline-incremental",
             Method::GradCam { .. } => "gradcam",
+            Method::FastRm => "fastrm",
         }
     }
 }
@@ -97,6 +102,9 @@ pub fn explain_ids<B: Backend>(
         .collect();
     let pick = |row: &[f32]| -> Vec<f32> { image_pos.iter().map(|&j| row[j]).collect() };
     match method {
+        Method::FastRm => Err(Error::input(
+            "the FastRM method needs a head: use explain_fastrm",
+        )),
         Method::BaselineIncremental => incremental(b, model, ids, pixels, opts, observer, &pick),
         Method::Baseline { .. } | Method::GradCam { .. } => {
             let g = model.generate_ids_observed(b, ids, pixels, opts, observer)?;
@@ -165,7 +173,7 @@ pub fn teacher_forced_maps<B: Backend>(
                 chefer_row(b, &model.llm, &saved, &cache, p, y, mode, false)?.row
             }
             Method::GradCam { layer } => gradcam_row(b, &model.llm, &saved, &cache, p, y, layer)?,
-            Method::BaselineIncremental => {
+            Method::BaselineIncremental | Method::FastRm => {
                 return Err(Error::input(
                     "the incremental baseline runs during generation, not teacher forced",
                 ))
@@ -175,6 +183,37 @@ pub fn teacher_forced_maps<B: Backend>(
         observer(Event::Explained { index: t });
     }
     Ok(maps)
+}
+
+/// Greedy generation with FastRM maps: the head folds the image positions' hidden states once
+/// after prefill and scores each token's hidden state as it is produced, all on the device.
+pub fn explain_fastrm<B: Backend>(
+    b: &B,
+    model: &Llava<B>,
+    head: &fastrm::FastRmHead<B>,
+    ids: &[u32],
+    pixels: &[f32],
+    opts: &GenerateOptions,
+    observer: &mut dyn FnMut(Event),
+) -> Result<Explanation> {
+    let image_pos = (0..ids.len())
+        .filter(|&i| ids[i] == model.cfg.image_token_id)
+        .collect();
+    let mut hook = fastrm::FastRmHook {
+        head,
+        image_pos,
+        folded: None,
+        maps: Vec::new(),
+        seconds: 0.0,
+    };
+    let g = model.generate_ids_hooked(b, ids, pixels, opts, observer, &mut hook)?;
+    Ok(Explanation {
+        generated_ids: g.generated_ids,
+        stop_reason: g.stop_reason,
+        maps: hook.maps,
+        timings: g.timings,
+        maps_s: hook.seconds,
+    })
 }
 
 /// Greedy generation with saving decode steps, each token's row from its own single-row backward.

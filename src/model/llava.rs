@@ -22,6 +22,21 @@ pub struct Llava<B: Backend> {
     pub llm: Llama<B>,
 }
 
+/// Per-step access to the decoder's final-norm hidden states during generation, on the device
+/// (what the FastRM head reads). Both methods default to doing nothing.
+pub trait StepHook<B: Backend> {
+    /// After prefill: the prompt's hidden states `[n, D]`.
+    fn prefilled(&mut self, _b: &B, _hidden: &B::Tensor) -> Result<()> {
+        Ok(())
+    }
+    /// Token `index` was chosen from `hidden` `[1, D]`, the state at the position before it.
+    fn token(&mut self, _b: &B, _index: usize, _hidden: &B::Tensor) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl<B: Backend> StepHook<B> for () {}
+
 /// Why generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopReason {
@@ -187,6 +202,20 @@ impl<B: Backend> Llava<B> {
         opts: &GenerateOptions,
         observer: &mut dyn FnMut(Event),
     ) -> Result<IdGeneration> {
+        self.generate_ids_hooked(b, ids, pixels, opts, observer, &mut ())
+    }
+
+    /// [`Self::generate_ids_observed`] that also hands the hidden states, on the device, to `hook`:
+    /// the prompt's after prefill and each generated token's as it is chosen.
+    pub fn generate_ids_hooked(
+        &self,
+        b: &B,
+        ids: &[u32],
+        pixels: &[f32],
+        opts: &GenerateOptions,
+        observer: &mut dyn FnMut(Event),
+        hook: &mut dyn StepHook<B>,
+    ) -> Result<IdGeneration> {
         let ctx = self.cfg.text.max_position_embeddings;
         self.check_request(ids, opts)?;
         let mut timings = Timings::default();
@@ -202,6 +231,8 @@ impl<B: Backend> Llava<B> {
         let mut cache = KvCache::new(b, &self.cfg.text, capacity)?;
         let hidden = self.llm.forward(b, x, &mut cache)?;
         let mut last = b.slice_rows(&hidden, ids.len() - 1, 1)?;
+        hook.prefilled(b, &hidden)?;
+        drop(hidden);
         timings.prefill_s = t1.elapsed().as_secs_f64();
         observer(Event::Prefilled {
             prompt_len: ids.len(),
@@ -223,6 +254,7 @@ impl<B: Backend> Llava<B> {
                 out.step_hidden.push(b.download(&last)?);
             }
             out.generated_ids.push(next);
+            hook.token(b, out.generated_ids.len() - 1, &last)?;
             observer(Event::Token {
                 index: out.generated_ids.len() - 1,
                 id: next,

@@ -1,0 +1,353 @@
+//! The FastRM head (DESIGN §4, paper §3): LayerNorm → single-head attention scores → sigmoid.
+//!
+//! `u = LN(h_t)`, `q = W_q u + b_q`; keys `K_j = W_k LN(h_j) + b_k` over the image positions' last
+//! hidden states (after the decoder's final norm); `z_j = q·K_j / √d`; `map = sigmoid(z)`.
+//!
+//! The keys are fixed once the prompt is prefilled, so they are folded into the query projection:
+//! `P = K W_q` (`[n_patches, D]`) and `c = K b_q`, after which each decode step is one fused op,
+//! [`crate::backend::Backend::fastrm_scores`] — LayerNorm of h_t, a GEMV with P, `+ c`, scale,
+//! sigmoid — reading `n_patches·D` values instead of `D·d + n_patches·d`.
+//!
+//! `head.safetensors` holds `ln.weight`, `ln.bias` `[D]`, `q.weight`, `k.weight` `[d, D]`,
+//! `q.bias`, `k.bias` `[d]`, and the config in the header metadata ([`HeadConfig`]).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use safetensors::{Dtype, SafeTensors};
+
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::model::llava::StepHook;
+use crate::model::SplitMix64;
+
+/// Which hidden state the head reads. Only one exists so far; the name is in the file so a head
+/// trained on another one is refused rather than silently misused.
+pub const HIDDEN_STATE: &str = "decoder_final_norm";
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeadConfig {
+    pub hidden_size: usize,
+    pub head_dim: usize,
+    /// The fraction of a baseline map's max above which a patch was labelled relevant in training.
+    pub label_threshold: f32,
+    pub layer_norm_eps: f32,
+    pub hidden_state: String,
+    /// Free text: how the weights were made (training data, steps, seed), or "random".
+    pub provenance: String,
+}
+
+/// Head weights on the host, as stored in `head.safetensors`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeadWeights {
+    pub cfg: HeadConfig,
+    pub ln_w: Vec<f32>,
+    pub ln_b: Vec<f32>,
+    /// `[d, D]`
+    pub wq: Vec<f32>,
+    pub bq: Vec<f32>,
+    /// `[d, D]`
+    pub wk: Vec<f32>,
+    pub bk: Vec<f32>,
+}
+
+impl HeadWeights {
+    /// Seeded random weights (tests, benches, and the starting point of training).
+    pub fn random(hidden_size: usize, head_dim: usize, seed: u64) -> Self {
+        let mut rng = SplitMix64::new(seed);
+        let spread = (3.0 / hidden_size as f32).sqrt();
+        let mut draw = |n: usize, s: f32, base: f32| -> Vec<f32> {
+            (0..n).map(|_| base + s * rng.uniform_sym()).collect()
+        };
+        HeadWeights {
+            cfg: HeadConfig {
+                hidden_size,
+                head_dim,
+                label_threshold: 0.3,
+                layer_norm_eps: 1e-5,
+                hidden_state: HIDDEN_STATE.into(),
+                provenance: format!("random (seed {seed})"),
+            },
+            ln_w: draw(hidden_size, 0.1, 1.0),
+            ln_b: draw(hidden_size, 0.1, 0.0),
+            wq: draw(head_dim * hidden_size, spread, 0.0),
+            bq: draw(head_dim, 0.1, 0.0),
+            wk: draw(head_dim * hidden_size, spread, 0.0),
+            bk: draw(head_dim, 0.1, 0.0),
+        }
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let (dm, d) = (self.cfg.hidden_size, self.cfg.head_dim);
+        let tensors: [(&str, &[f32], Vec<usize>); 6] = [
+            ("ln.weight", &self.ln_w, vec![dm]),
+            ("ln.bias", &self.ln_b, vec![dm]),
+            ("q.weight", &self.wq, vec![d, dm]),
+            ("q.bias", &self.bq, vec![d]),
+            ("k.weight", &self.wk, vec![d, dm]),
+            ("k.bias", &self.bk, vec![d]),
+        ];
+        let bytes: Vec<Vec<u8>> = tensors
+            .iter()
+            .map(|(_, v, _)| bytemuck::cast_slice(v).to_vec())
+            .collect();
+        let views = tensors
+            .iter()
+            .zip(&bytes)
+            .map(|((name, _, shape), b)| {
+                safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), b)
+                    .map(|v| (name.to_string(), v))
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| Error::input(format!("head tensors: {e}")))?;
+        let c = &self.cfg;
+        let meta: HashMap<String, String> = [
+            ("format", "fastrm-head-1".to_string()),
+            ("hidden_size", c.hidden_size.to_string()),
+            ("head_dim", c.head_dim.to_string()),
+            ("label_threshold", c.label_threshold.to_string()),
+            ("layer_norm_eps", c.layer_norm_eps.to_string()),
+            ("hidden_state", c.hidden_state.clone()),
+            ("provenance", c.provenance.clone()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let data = safetensors::tensor::serialize(views, Some(meta))
+            .map_err(|e| Error::input(format!("head: {e}")))?;
+        // Atomic: a temporary file renamed over the target, never a half-written head.
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        std::fs::write(&tmp, data).map_err(|e| Error::io(path, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            Error::io(path, e)
+        })
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let bad = |msg: String| Error::Checkpoint {
+            path: path.to_path_buf(),
+            msg,
+        };
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let (_, md) = SafeTensors::read_metadata(&bytes).map_err(|e| {
+            bad(format!(
+                "not a valid safetensors head file (truncated or corrupt?): {e}"
+            ))
+        })?;
+        let st = SafeTensors::deserialize(&bytes)
+            .map_err(|e| bad(format!("invalid safetensors: {e}")))?;
+        let meta = md.metadata().clone().unwrap_or_default();
+        let field = |k: &str| -> Result<&String> {
+            meta.get(k).ok_or_else(|| {
+                bad(format!(
+                    "header metadata has no `{k}` (is this a FastRM head?)"
+                ))
+            })
+        };
+        let num = |k: &str| -> Result<f64> {
+            field(k)?
+                .parse::<f64>()
+                .ok()
+                .filter(|v| v.is_finite())
+                .ok_or_else(|| bad(format!("metadata `{k}` is not a number")))
+        };
+        let int = |k: &str| -> Result<usize> {
+            let v = num(k)?;
+            if v < 1.0 || v.fract() != 0.0 {
+                return Err(bad(format!("metadata `{k}` must be a positive integer")));
+            }
+            Ok(v as usize)
+        };
+        let cfg = HeadConfig {
+            hidden_size: int("hidden_size")?,
+            head_dim: int("head_dim")?,
+            label_threshold: num("label_threshold")? as f32,
+            layer_norm_eps: num("layer_norm_eps")? as f32,
+            hidden_state: field("hidden_state")?.clone(),
+            provenance: meta.get("provenance").cloned().unwrap_or_default(),
+        };
+        if cfg.hidden_state != HIDDEN_STATE {
+            return Err(bad(format!(
+                "the head reads hidden state {:?}; this engine provides {HIDDEN_STATE:?}",
+                cfg.hidden_state
+            )));
+        }
+        let (dm, d) = (cfg.hidden_size, cfg.head_dim);
+        let get = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
+            let t = st
+                .tensor(name)
+                .map_err(|_| bad(format!("missing tensor `{name}`")))?;
+            if t.shape() != shape {
+                return Err(Error::Tensor {
+                    name: name.into(),
+                    msg: format!(
+                        "shape {:?} in {}, the metadata implies {shape:?}",
+                        t.shape(),
+                        path.display()
+                    ),
+                });
+            }
+            if t.dtype() != Dtype::F32 {
+                return Err(Error::Tensor {
+                    name: name.into(),
+                    msg: format!("dtype {:?} in {}, expected F32", t.dtype(), path.display()),
+                });
+            }
+            Ok(t.data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect())
+        };
+        Ok(HeadWeights {
+            ln_w: get("ln.weight", &[dm])?,
+            ln_b: get("ln.bias", &[dm])?,
+            wq: get("q.weight", &[d, dm])?,
+            bq: get("q.bias", &[d])?,
+            wk: get("k.weight", &[d, dm])?,
+            bk: get("k.bias", &[d])?,
+            cfg,
+        })
+    }
+}
+
+/// A head on a backend.
+pub struct FastRmHead<B: Backend> {
+    pub cfg: HeadConfig,
+    ln_w: B::Tensor,
+    ln_b: B::Tensor,
+    wq: B::Tensor,
+    bq: B::Tensor,
+    wk: B::Tensor,
+    bk: B::Tensor,
+}
+
+/// The keys folded into the query projection for one prompt: `P = K·W_q` `[n_patches, D]` and
+/// `c = K·b_q` `[1, n_patches]`.
+pub struct Folded<B: Backend> {
+    pub p: B::Tensor,
+    pub c: B::Tensor,
+}
+
+impl<B: Backend> FastRmHead<B> {
+    pub fn new(b: &B, w: &HeadWeights, model_hidden: usize) -> Result<Self> {
+        let (dm, d) = (w.cfg.hidden_size, w.cfg.head_dim);
+        if dm != model_hidden {
+            return Err(Error::input(format!(
+                "the head was made for hidden size {dm} but the model's is {model_hidden}"
+            )));
+        }
+        Ok(FastRmHead {
+            ln_w: b.upload(&w.ln_w, 1, dm)?,
+            ln_b: b.upload(&w.ln_b, 1, dm)?,
+            wq: b.upload(&w.wq, d, dm)?,
+            bq: b.upload(&w.bq, 1, d)?,
+            wk: b.upload(&w.wk, d, dm)?,
+            bk: b.upload(&w.bk, 1, d)?,
+            cfg: w.cfg.clone(),
+        })
+    }
+
+    fn scale(&self) -> f32 {
+        1.0 / (self.cfg.head_dim as f32).sqrt()
+    }
+
+    /// Keys of the image positions' hidden states `[n_patches, D]`: `W_k·LN(h_j) + b_k`.
+    fn keys(&self, b: &B, image_hidden: &B::Tensor) -> Result<B::Tensor> {
+        let u = b.layer_norm(
+            image_hidden,
+            &self.ln_w,
+            &self.ln_b,
+            self.cfg.layer_norm_eps,
+        )?;
+        b.linear(&u, &self.wk, Some(&self.bk))
+    }
+
+    /// The once-per-prefill fold.
+    pub fn fold(&self, b: &B, image_hidden: &B::Tensor) -> Result<Folded<B>> {
+        let k = self.keys(b, image_hidden)?;
+        Ok(Folded {
+            p: b.matmul(&k, &self.wq)?,
+            c: b.linear(&self.bq, &k, None)?,
+        })
+    }
+
+    /// The per-token decode form: one fused op over the folded keys. `h` `[m, D]` → `[m, P]`.
+    pub fn scores(&self, b: &B, folded: &Folded<B>, h: &B::Tensor) -> Result<B::Tensor> {
+        let eps = self.cfg.layer_norm_eps;
+        b.fastrm_scores(
+            h,
+            &self.ln_w,
+            &self.ln_b,
+            eps,
+            &folded.p,
+            &folded.c,
+            self.scale(),
+        )
+    }
+
+    /// The paper's unfolded formula, `sigmoid(q·Kᵀ/√d)`, on the host at the end: the reference
+    /// the folded form is tested and benchmarked against.
+    pub fn scores_unfolded(
+        &self,
+        b: &B,
+        image_hidden: &B::Tensor,
+        h: &B::Tensor,
+    ) -> Result<Vec<f32>> {
+        let k = self.keys(b, image_hidden)?;
+        let u = b.layer_norm(h, &self.ln_w, &self.ln_b, self.cfg.layer_norm_eps)?;
+        let q = b.linear(&u, &self.wq, Some(&self.bq))?;
+        let z = b.linear(&q, &k, None)?;
+        let s = self.scale();
+        Ok(b.download(&z)?
+            .into_iter()
+            .map(|v| 1.0 / (1.0 + (-s * v).exp()))
+            .collect())
+    }
+}
+
+/// Generation hook: folds at prefill, scores every generated token on the device.
+pub struct FastRmHook<'a, B: Backend> {
+    pub head: &'a FastRmHead<B>,
+    /// Image positions within the prompt, in order.
+    pub image_pos: Vec<usize>,
+    pub folded: Option<Folded<B>>,
+    pub maps: Vec<Vec<f32>>,
+    /// Seconds spent in the fold and the per-token scores.
+    pub seconds: f64,
+}
+
+impl<B: Backend> StepHook<B> for FastRmHook<'_, B> {
+    fn prefilled(&mut self, b: &B, hidden: &B::Tensor) -> Result<()> {
+        let t = std::time::Instant::now();
+        // Gather the image rows into one [P, D] tensor, one copy per contiguous run (LLaVA-1.5
+        // prompts have a single run).
+        let (_, d) = b.dims(hidden);
+        let mut img = b.zeros(self.image_pos.len(), d)?;
+        let mut i = 0;
+        while i < self.image_pos.len() {
+            let start = i;
+            while i + 1 < self.image_pos.len() && self.image_pos[i + 1] == self.image_pos[i] + 1 {
+                i += 1;
+            }
+            i += 1;
+            let run = b.slice_rows(hidden, self.image_pos[start], i - start)?;
+            b.copy_rows_into(&mut img, start, &run)?;
+        }
+        self.folded = Some(self.head.fold(b, &img)?);
+        self.seconds += t.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    fn token(&mut self, b: &B, _index: usize, hidden: &B::Tensor) -> Result<()> {
+        let t = std::time::Instant::now();
+        let folded = self
+            .folded
+            .as_ref()
+            .ok_or_else(|| Error::input("FastRM scored a token before the prompt was folded"))?;
+        self.maps
+            .push(b.download(&self.head.scores(b, folded, hidden)?)?);
+        self.seconds += t.elapsed().as_secs_f64();
+        Ok(())
+    }
+}
