@@ -56,7 +56,9 @@ fn folded_equals_unfolded_and_the_definition() {
         );
         let folded = head.fold(&Cpu, &kt).unwrap();
         let fused = head.scores(&Cpu, &folded, &ht).unwrap();
-        let unfolded = head.scores_unfolded(&Cpu, &kt, &ht).unwrap();
+        let unfolded = head
+            .scores_unfolded(&Cpu, &head.keys(&Cpu, &kt).unwrap(), &ht)
+            .unwrap();
         assert_eq!((fused.rows, fused.cols), (m, p));
         let mut spread = (1.0f64, 0.0f64);
         for r in 0..m {

@@ -252,8 +252,9 @@ impl<B: Backend> FastRmHead<B> {
         1.0 / (self.cfg.head_dim as f32).sqrt()
     }
 
-    /// Keys of the image positions' hidden states `[n_patches, D]`: `W_k·LN(h_j) + b_k`.
-    fn keys(&self, b: &B, image_hidden: &B::Tensor) -> Result<B::Tensor> {
+    /// Keys of the image positions' hidden states `[n_patches, D]`: `W_k·LN(h_j) + b_k` →
+    /// `[n_patches, d]`.
+    pub fn keys(&self, b: &B, image_hidden: &B::Tensor) -> Result<B::Tensor> {
         let u = b.layer_norm(
             image_hidden,
             &self.ln_w,
@@ -286,18 +287,14 @@ impl<B: Backend> FastRmHead<B> {
         )
     }
 
-    /// The paper's unfolded formula, `sigmoid(q·Kᵀ/√d)`, on the host at the end: the reference
-    /// the folded form is tested and benchmarked against.
-    pub fn scores_unfolded(
-        &self,
-        b: &B,
-        image_hidden: &B::Tensor,
-        h: &B::Tensor,
-    ) -> Result<Vec<f32>> {
-        let k = self.keys(b, image_hidden)?;
+    /// The paper's unfolded formula per token, `sigmoid(q·Kᵀ/√d)` with `q = W_q·LN(h) + b_q` and
+    /// `keys` from [`Self::keys`], the sigmoid on the host: the reference the folded form is tested
+    /// and benchmarked against.
+    pub fn scores_unfolded(&self, b: &B, keys: &B::Tensor, h: &B::Tensor) -> Result<Vec<f32>> {
+        let k = keys;
         let u = b.layer_norm(h, &self.ln_w, &self.ln_b, self.cfg.layer_norm_eps)?;
         let q = b.linear(&u, &self.wq, Some(&self.bq))?;
-        let z = b.linear(&q, &k, None)?;
+        let z = b.linear(&q, k, None)?;
         let s = self.scale();
         Ok(b.download(&z)?
             .into_iter()
