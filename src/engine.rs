@@ -13,7 +13,7 @@ use crate::model::{Llava, Synthetic};
 use crate::text::TextProcessor;
 use crate::vision::{self, PreprocessConfig};
 
-pub use crate::explain::Method;
+pub use crate::explain::{Confidence, Method};
 pub use crate::model::llava::{Event, GenerateOptions};
 
 pub struct Engine<B: Backend> {
@@ -60,6 +60,9 @@ pub struct Explained {
     pub tokens: Vec<TokenMap>,
     /// Seconds spent on the maps alone.
     pub maps_s: f64,
+    /// Mean entropy over the answer and its verdict (calibrated for FastRM heads that carry a
+    /// threshold).
+    pub confidence: Confidence,
 }
 
 impl<B: Backend> Engine<B> {
@@ -213,7 +216,7 @@ impl<B: Backend> Engine<B> {
             _ => crate::explain::explain_ids(b, m, &input_ids, &pixels, opts, method, observer)?,
         };
         let text = self.text()?;
-        let tokens = e
+        let tokens: Vec<TokenMap> = e
             .generated_ids
             .iter()
             .zip(e.maps)
@@ -227,6 +230,17 @@ impl<B: Backend> Engine<B> {
             })
             .collect();
         let g = self.config().vision.grid();
+        let threshold = match (method, &self.head) {
+            (Method::FastRm, Some(h)) => h.cfg.confidence_threshold,
+            _ => None,
+        };
+        let entropies: Vec<f32> = tokens.iter().map(|t: &TokenMap| t.entropy).collect();
+        let confidence = Confidence::of_answer(
+            &entropies,
+            &e.generated_ids,
+            &self.config().eos_token_ids,
+            threshold,
+        );
         Ok(Explained {
             generation: Generation {
                 input_ids,
@@ -239,6 +253,7 @@ impl<B: Backend> Engine<B> {
             grid: (g, g),
             tokens,
             maps_s: e.maps_s,
+            confidence,
         })
     }
 

@@ -259,6 +259,12 @@ fn add_maps(doc: &mut Value, ex: &Explained) {
         doc["full_r"] = json!(mode == RowMode::FullR);
     }
     doc["timings_ms"]["maps"] = json!(ex.maps_s * 1e3);
+    doc["confidence"] = json!({
+        "mean_entropy": ex.confidence.mean_entropy,
+        "threshold": ex.confidence.threshold,
+        "verdict": ex.confidence.verdict(),
+        "tokens": ex.confidence.tokens,
+    });
     doc["tokens"] = ex
         .tokens
         .iter()
@@ -289,6 +295,18 @@ fn print_table(ex: &Explained) {
             best / ex.grid.1,
             best % ex.grid.1
         );
+    }
+    let c = &ex.confidence;
+    match c.threshold {
+        Some(t) => println!(
+            "confidence: {} (mean entropy {:.4} vs threshold {t:.4})",
+            c.verdict(),
+            c.mean_entropy
+        ),
+        None => println!(
+            "mean entropy {:.4} (no calibrated threshold)",
+            c.mean_entropy
+        ),
     }
 }
 

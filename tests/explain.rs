@@ -253,3 +253,22 @@ fn bad_input() {
     let left: Vec<_> = std::fs::read_dir(&out_dir).unwrap().collect();
     assert!(left.is_empty(), "failed run left {left:?}");
 }
+
+#[test]
+fn answer_confidence() {
+    use fastrm::explain::Confidence;
+    // EOS (id 2) is not part of the answer.
+    let c = Confidence::of_answer(&[0.2, 0.4, 0.9], &[7, 8, 2], &[2], Some(0.5));
+    assert!((c.mean_entropy - 0.3).abs() < 1e-6 && c.tokens == 2);
+    assert_eq!(c.verdict(), "confident");
+    assert_eq!(
+        Confidence::of_answer(&[0.8], &[5], &[2], Some(0.5)).verdict(),
+        "uncertain"
+    );
+    assert_eq!(
+        Confidence::of_answer(&[0.8], &[5], &[2], None).verdict(),
+        "uncalibrated"
+    );
+    // An answer that is only EOS still gets a number.
+    assert_eq!(Confidence::of_answer(&[0.6], &[2], &[2], None).tokens, 1);
+}

@@ -225,6 +225,36 @@ fn cli_fastrm_method() {
         assert!(!out.status.success());
         assert!(String::from_utf8_lossy(&out.stderr).contains(needle));
     }
+    // The answer-level confidence: mean entropy over the tokens, against the head's threshold.
+    let hs: Vec<f64> = tokens
+        .iter()
+        .map(|t| t["entropy"].as_f64().unwrap())
+        .collect();
+    let mean = hs.iter().sum::<f64>() / hs.len() as f64;
+    assert!((v["confidence"]["mean_entropy"].as_f64().unwrap() - mean).abs() < 1e-5);
+    assert_eq!(v["confidence"]["verdict"], "uncalibrated");
+    for (threshold, verdict) in [(2.0f32, "confident"), (0.0, "uncertain")] {
+        let mut w = HeadWeights::random(64, 16, 4);
+        w.cfg.confidence_threshold = Some(threshold);
+        let calibrated = tmp.path().join(format!("cal{threshold}.safetensors"));
+        w.save(&calibrated).unwrap();
+        assert_eq!(
+            HeadWeights::load(&calibrated)
+                .unwrap()
+                .cfg
+                .confidence_threshold,
+            Some(threshold)
+        );
+        let out = run(&[
+            "--method",
+            "fastrm",
+            "--head",
+            calibrated.to_str().unwrap(),
+            "--json",
+        ]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["confidence"]["verdict"], verdict);
+    }
     let wide = tmp.path().join("wide.safetensors");
     HeadWeights::random(128, 16, 4).save(&wide).unwrap();
     let out = run(&["--method", "fastrm", "--head", wide.to_str().unwrap()]);

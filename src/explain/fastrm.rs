@@ -35,6 +35,9 @@ pub struct HeadConfig {
     pub hidden_state: String,
     /// Free text: how the weights were made (training data, steps, seed), or "random".
     pub provenance: String,
+    /// Mean map entropy below which an answer counts as confident, calibrated by `fastrm eval`
+    /// (mean of the correct and incorrect answers' mean entropies); `None` until calibrated.
+    pub confidence_threshold: Option<f32>,
 }
 
 /// Head weights on the host, as stored in `head.safetensors`.
@@ -67,6 +70,7 @@ impl HeadWeights {
                 layer_norm_eps: 1e-5,
                 hidden_state: HIDDEN_STATE.into(),
                 provenance: format!("random (seed {seed})"),
+                confidence_threshold: None,
             },
             ln_w: draw(hidden_size, 0.1, 1.0),
             ln_b: draw(hidden_size, 0.1, 0.0),
@@ -111,6 +115,10 @@ impl HeadWeights {
             ("provenance", c.provenance.clone()),
         ]
         .into_iter()
+        .chain(
+            c.confidence_threshold
+                .map(|t| ("confidence_threshold", t.to_string())),
+        )
         .map(|(k, v)| (k.to_string(), v))
         .collect();
         let data = safetensors::tensor::serialize(views, Some(meta))
@@ -166,6 +174,10 @@ impl HeadWeights {
             layer_norm_eps: num("layer_norm_eps")? as f32,
             hidden_state: field("hidden_state")?.clone(),
             provenance: meta.get("provenance").cloned().unwrap_or_default(),
+            confidence_threshold: match meta.get("confidence_threshold") {
+                Some(_) => Some(num("confidence_threshold")? as f32),
+                None => None,
+            },
         };
         if cfg.hidden_state != HIDDEN_STATE {
             return Err(bad(format!(

@@ -75,6 +75,54 @@ pub fn map_entropy(map: &[f32]) -> f32 {
     (h / (map.len() as f64).ln()) as f32
 }
 
+/// The answer-level confidence signal of the paper: the mean normalised entropy of the answer's
+/// maps, compared with a threshold calibrated on correct and incorrect answers. Low entropy means
+/// the model looked somewhere specific.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Confidence {
+    pub mean_entropy: f32,
+    /// From the head's calibration (`fastrm eval`); `None` when there is none.
+    pub threshold: Option<f32>,
+    /// How many tokens the mean is over (the answer's tokens, EOS left out).
+    pub tokens: usize,
+}
+
+impl Confidence {
+    /// Mean entropy over the tokens whose id is not an end-of-sequence id (all tokens if every one
+    /// is).
+    pub fn of_answer(entropies: &[f32], ids: &[u32], eos: &[u32], threshold: Option<f32>) -> Self {
+        let answer: Vec<f32> = entropies
+            .iter()
+            .zip(ids)
+            .filter(|(_, id)| !eos.contains(id))
+            .map(|(&h, _)| h)
+            .collect();
+        let used = if answer.is_empty() {
+            entropies.to_vec()
+        } else {
+            answer
+        };
+        let mean_entropy = if used.is_empty() {
+            1.0
+        } else {
+            used.iter().sum::<f32>() / used.len() as f32
+        };
+        Confidence {
+            mean_entropy,
+            threshold,
+            tokens: used.len(),
+        }
+    }
+
+    pub fn verdict(&self) -> &'static str {
+        match self.threshold {
+            None => "uncalibrated",
+            Some(t) if self.mean_entropy < t => "confident",
+            Some(_) => "uncertain",
+        }
+    }
+}
+
 /// Greedy generation with a relevancy map per generated token.
 pub fn explain_ids<B: Backend>(
     b: &B,
