@@ -912,4 +912,92 @@ impl Backend for Cpu {
         };
         Ok(AttnGrads { dq, dk, dv, cam })
     }
+
+    fn layer_norm_bwd(
+        &self,
+        x: &CpuTensor,
+        w: &CpuTensor,
+        dy: &CpuTensor,
+        eps: f32,
+    ) -> Result<(CpuTensor, CpuTensor, CpuTensor)> {
+        row_vector("layer_norm_bwd weight", w, x.cols)?;
+        same_shape("layer_norm_bwd", x, dy)?;
+        let c = x.cols;
+        let n = c as f64;
+        let mut dx = vec![0.0f32; x.data.len()];
+        // Per row: x̂ = (x − μ) r, r = (var + eps)^-½, y = w x̂ + b  ⇒
+        // dx = r (g − mean(g) − x̂ mean(g x̂)) with g = w ⊙ dy; dw = Σ dy x̂; db = Σ dy.
+        let partial: Vec<(Vec<f64>, Vec<f64>)> = dx
+            .par_chunks_exact_mut(c.max(1))
+            .zip(x.data.par_chunks_exact(c.max(1)))
+            .zip(dy.data.par_chunks_exact(c.max(1)))
+            .map(|((o, xr), gr)| {
+                let mean = xr.iter().map(|&v| v as f64).sum::<f64>() / n;
+                let var = xr.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+                let r = 1.0 / (var + eps as f64).sqrt();
+                let xh: Vec<f64> = xr.iter().map(|&v| (v as f64 - mean) * r).collect();
+                let g: Vec<f64> = (0..c).map(|i| w.data[i] as f64 * gr[i] as f64).collect();
+                let gm = g.iter().sum::<f64>() / n;
+                let gx = g.iter().zip(&xh).map(|(a, b)| a * b).sum::<f64>() / n;
+                for i in 0..c {
+                    o[i] = (r * (g[i] - gm - xh[i] * gx)) as f32;
+                }
+                let dw: Vec<f64> = (0..c).map(|i| gr[i] as f64 * xh[i]).collect();
+                let db: Vec<f64> = gr.iter().map(|&v| v as f64).collect();
+                (dw, db)
+            })
+            .collect();
+        // Summed in row order so the result does not depend on the thread count.
+        let (mut dw, mut db) = (vec![0.0f64; c], vec![0.0f64; c]);
+        for (pw, pb) in &partial {
+            for i in 0..c {
+                dw[i] += pw[i];
+                db[i] += pb[i];
+            }
+        }
+        let f = |v: Vec<f64>| CpuTensor::new(v.into_iter().map(|x| x as f32).collect(), 1, c);
+        Ok((CpuTensor::new(dx, x.rows, c)?, f(dw)?, f(db)?))
+    }
+
+    fn linear_wgrad(&self, dy: &CpuTensor, x: &CpuTensor) -> Result<CpuTensor> {
+        if dy.rows != x.rows {
+            return Err(shape_err(
+                "linear_wgrad",
+                format!(
+                    "dy [{}, {}]ᵀ · x [{}, {}]",
+                    dy.rows, dy.cols, x.rows, x.cols
+                ),
+            ));
+        }
+        let (m, n, k) = (dy.rows, dy.cols, x.cols);
+        let mut out = vec![0.0f32; n * k];
+        par_matmul(
+            n,
+            k,
+            m,
+            &mut out,
+            // dyᵀ as an [n, m] view of the row-major [m, n] gradient.
+            View {
+                data: &dy.data,
+                rs: 1,
+                cs: n,
+            },
+            View {
+                data: &x.data,
+                rs: k,
+                cs: 1,
+            },
+        );
+        CpuTensor::new(out, n, k)
+    }
+
+    fn sum_rows(&self, x: &CpuTensor) -> Result<CpuTensor> {
+        let mut acc = vec![0.0f64; x.cols];
+        for row in x.data.chunks_exact(x.cols.max(1)) {
+            for (a, &v) in acc.iter_mut().zip(row) {
+                *a += v as f64;
+            }
+        }
+        CpuTensor::new(acc.into_iter().map(|v| v as f32).collect(), 1, x.cols)
+    }
 }

@@ -163,6 +163,23 @@ pub trait Backend {
         shape: AttnShape,
         cam: Option<Cam>,
     ) -> Result<AttnGrads<Self::Tensor>>;
+
+    // ---- Parameter gradients: only training the FastRM head (`fastrm train`) needs them; the
+    // relevancy backward above never does.
+
+    /// Gradients of [`Backend::layer_norm`] with respect to its input, weight and bias:
+    /// `(dx [rows, cols], dw [1, cols], db [1, cols])`, the parameter gradients summed over rows.
+    fn layer_norm_bwd(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        dy: &Self::Tensor,
+        eps: f32,
+    ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)>;
+    /// Weight gradient of `y = x · wᵀ`: `dW = dyᵀ · x`, dy `[m, n]`, x `[m, k]` → `[n, k]`.
+    fn linear_wgrad(&self, dy: &Self::Tensor, x: &Self::Tensor) -> Result<Self::Tensor>;
+    /// Column sums `[rows, cols]` → `[1, cols]` (a bias gradient).
+    fn sum_rows(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
 }
 
 /// Which head-averaged map of the attention probabilities `A` and their gradient `∂s/∂A` an
