@@ -13,6 +13,7 @@ pub mod explain;
 pub mod model;
 pub mod render;
 pub mod text;
+pub mod train;
 pub mod vision;
 
 pub use engine::{Engine, GenerateOptions, Generation};

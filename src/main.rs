@@ -94,6 +94,8 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Train the FastRM head on a distilled data set: Adam on per-patch BCE; head + loss curve.
+    Train(fastrm::train::TrainArgs),
 }
 
 fn main() -> ExitCode {
@@ -193,6 +195,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Train(args) => fastrm::train::run(args),
     }
 }
 
