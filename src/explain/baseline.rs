@@ -50,25 +50,63 @@ fn layer_rows<B: Backend>(
     })
 }
 
-/// Gradient at the top of the decoder for target `target` at the last of `m` rows (positions
-/// `pos0 .. pos0 + m`): `∂s/∂x_L`, non-zero in that row only. `x_last` is the final residual row.
-fn seed<B: Backend>(
-    b: &B,
-    llm: &Llama<B>,
-    x_last: &B::Tensor,
-    m: usize,
-    target: u32,
-) -> Result<B::Tensor> {
+/// `∂s/∂x_L` `[1, D]` for the target's raw logit at the row whose final residual is `x_last`
+/// (every other row's gradient is zero).
+fn seed<B: Backend>(b: &B, llm: &Llama<B>, x_last: &B::Tensor, target: u32) -> Result<B::Tensor> {
     if target as usize >= llm.cfg.vocab_size {
         return Err(Error::input(format!(
             "target id {target} is outside the vocabulary"
         )));
     }
     let w_row = b.slice_rows(&llm.lm_head, target as usize, 1)?;
-    let d_last = b.rms_norm_bwd(x_last, &llm.norm, &w_row, llm.cfg.rms_norm_eps as f32)?;
-    let mut dx = b.zeros(m, llm.cfg.hidden_size)?;
-    b.copy_rows_into(&mut dx, m - 1, &d_last)?;
-    Ok(dx)
+    b.rms_norm_bwd(x_last, &llm.norm, &w_row, llm.cfg.rms_norm_eps as f32)
+}
+
+/// The top layer of an exact backward for the token at position `p`, where the incoming gradient
+/// `d_last` is non-zero in row p only: the MLP, the output projection, the query path and the
+/// attention rows run on that one row, and only keys and values carry gradient to every position
+/// `0 ..= p`. The same numbers as [`layer_backward`] over all rows, at a fraction of the work.
+/// Returns `∂s/∂x_in` `[p+1, D]` and row p of the layer's cam `[1, p+1]` when asked (the other
+/// rows of this layer's cam are zero).
+fn top_layer_backward<B: Backend>(
+    b: &B,
+    llm: &Llama<B>,
+    saved: &Saved<B>,
+    cache: &KvCache<B>,
+    p: usize,
+    d_last: &B::Tensor,
+    cam: Option<Cam>,
+) -> Result<(B::Tensor, Option<B::Tensor>)> {
+    let t = &llm.cfg;
+    let li = llm.layers.len() - 1;
+    let l = &llm.layers[li];
+    let eps = t.rms_norm_eps as f32;
+    let theta = t.rope_theta as f32;
+    let n = p + 1;
+    let s = layer_rows(b, &saved.layers[li], p, 1)?;
+    let dg = b.linear_bwd(d_last, &l.down)?;
+    let (dgate, dup) = b.silu_mul_bwd(&s.gate, &s.up, &dg)?;
+    let dh = b.add(&b.linear_bwd(&dgate, &l.gate)?, &b.linear_bwd(&dup, &l.up)?)?;
+    let dx_mid = b.add(d_last, &b.rms_norm_bwd(&s.x_mid, &l.mlp_norm, &dh, eps)?)?;
+    let da = b.linear_bwd(&dx_mid, &l.o)?;
+    let shape = AttnShape {
+        n_heads: t.num_attention_heads,
+        n_kv_heads: t.num_key_value_heads,
+        head_dim: t.head_dim,
+        causal_q_pos0: Some(p),
+        kv_len: n,
+    };
+    let g = b.attention_bwd(&s.q, &cache.k[li], &cache.v[li], &da, shape, cam)?;
+    let dq = b.rope_bwd(&g.dq, t.head_dim, p, theta)?;
+    let dk = b.rope_bwd(&g.dk, t.head_dim, 0, theta)?;
+    let mut dh = b.add(&b.linear_bwd(&dk, &l.k)?, &b.linear_bwd(&g.dv, &l.v)?)?;
+    let dh_p = b.add(&b.slice_rows(&dh, p, 1)?, &b.linear_bwd(&dq, &l.q)?)?;
+    b.copy_rows_into(&mut dh, p, &dh_p)?;
+    let x_in = b.slice_rows(&saved.layers[li].x_in, 0, n)?;
+    let mut dx = b.rms_norm_bwd(&x_in, &l.attn_norm, &dh, eps)?;
+    let dx_p = b.add(&b.slice_rows(&dx, p, 1)?, &dx_mid)?;
+    b.copy_rows_into(&mut dx, p, &dx_p)?;
+    Ok((dx, g.cam))
 }
 
 /// Backward through decoder layer `li` for rows at positions `pos0 .. pos0 + m` (the rows `s` and
@@ -156,16 +194,26 @@ pub fn chefer_row<B: Backend>(
 ) -> Result<Relevance> {
     let x_out = check_saved(saved, cache, p)?;
     let n = p + 1;
-    let mut dx = seed(b, llm, &b.slice_rows(x_out, p, 1)?, n, target)?;
+    let no_cam = || Error::Backend("attention_bwd returned no cam".into());
+    let d_last = seed(b, llm, &b.slice_rows(x_out, p, 1)?, target)?;
+    let top = llm.layers.len() - 1;
+    let (mut dx, cam_p) = top_layer_backward(b, llm, saved, cache, p, &d_last, Some(Cam::Chefer))?;
+    let cam_p = cam_p.ok_or_else(no_cam)?;
+    // v = e_p; the top layer's cam is zero outside row p, so v + v·C_top = e_p + C_top[p].
     let mut e_p = vec![0.0f32; n];
     e_p[p] = 1.0;
-    let mut v = b.upload(&e_p, 1, n)?;
+    let mut v = b.add(&b.upload(&e_p, 1, n)?, &cam_p)?;
     let mut cams: Vec<Option<B::Tensor>> = (0..llm.layers.len()).map(|_| None).collect();
-    for li in (0..llm.layers.len()).rev() {
+    if mode == RowMode::FullR || keep_cams {
+        let mut full = b.zeros(n, n)?;
+        b.copy_rows_into(&mut full, p, &cam_p)?;
+        cams[top] = Some(full);
+    }
+    for li in (0..top).rev() {
         let s = layer_rows(b, &saved.layers[li], 0, n)?;
         let (d, cam) = layer_backward(b, llm, li, &s, cache, 0, &dx, Some(Cam::Chefer))?;
         dx = d;
-        let cam = cam.ok_or_else(|| Error::Backend("attention_bwd returned no cam".into()))?;
+        let cam = cam.ok_or_else(no_cam)?;
         if mode == RowMode::Streamed {
             v = b.add(&v, &b.matmul(&v, &cam)?)?;
         }
@@ -217,8 +265,14 @@ pub fn gradcam_row<B: Backend>(
     }
     let x_out = check_saved(saved, cache, p)?;
     let n = p + 1;
-    let mut dx = seed(b, llm, &b.slice_rows(x_out, p, 1)?, n, target)?;
-    for li in (layer..n_layers).rev() {
+    let d_last = seed(b, llm, &b.slice_rows(x_out, p, 1)?, target)?;
+    let top = n_layers - 1;
+    let cam = (layer == top).then_some(Cam::GradCam);
+    let (mut dx, c) = top_layer_backward(b, llm, saved, cache, p, &d_last, cam)?;
+    if let Some(c) = c {
+        return b.download(&c);
+    }
+    for li in (layer..top).rev() {
         let s = layer_rows(b, &saved.layers[li], 0, n)?;
         let cam = (li == layer).then_some(Cam::GradCam);
         let (d, c) = layer_backward(b, llm, li, &s, cache, 0, &dx, cam)?;
@@ -301,7 +355,7 @@ impl Incremental {
             .x_out
             .as_ref()
             .ok_or_else(|| Error::input("the saved decode step is incomplete"))?;
-        let mut dx = seed(b, llm, x_out, 1, target)?;
+        let mut dx = seed(b, llm, x_out, target)?;
         let c = self.capacity;
         for li in (0..llm.layers.len()).rev() {
             let (d, cam) = layer_backward(
