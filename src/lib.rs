@@ -7,6 +7,7 @@
 pub mod backend;
 pub mod checkpoint;
 pub mod config;
+pub mod distill;
 pub mod engine;
 pub mod error;
 pub mod explain;

@@ -96,6 +96,8 @@ enum Cmd {
     },
     /// Train the FastRM head on a distilled data set: Adam on per-patch BCE; head + loss curve.
     Train(fastrm::train::TrainArgs),
+    /// Build a FastRM training set: answers, baseline maps and hidden states, sharded; resumable.
+    Distill(fastrm::distill::DistillArgs),
 }
 
 fn main() -> ExitCode {
@@ -195,6 +197,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Distill(args) => fastrm::distill::run(args),
         Cmd::Train(args) => fastrm::train::run(args),
     }
 }

@@ -1,0 +1,52 @@
+//! `fastrm distill`'s arguments (flattened into the binary's subcommand enum).
+
+use std::path::PathBuf;
+
+/// Which baseline labels the distilled maps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DistillMethod {
+    /// Exact Chefer gradient relevancy per token (streamed rows).
+    Baseline,
+    /// LVLM-Interpret's incremental rows.
+    BaselineIncremental,
+}
+
+impl DistillMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DistillMethod::Baseline => "baseline",
+            DistillMethod::BaselineIncremental => "baseline-incremental",
+        }
+    }
+}
+
+/// Build a FastRM training set: greedy answers, baseline maps and last hidden states.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DistillArgs {
+    /// Model folder in the HF llava-hf layout.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Questions: the VQA v2 questions JSON or JSONL ({"image","question","answers"?} per line).
+    #[arg(long)]
+    pub questions: PathBuf,
+    /// Images folder (COCO file names for VQA; the base of relative JSONL paths).
+    #[arg(long)]
+    pub images: PathBuf,
+    /// Output folder: manifest.json and shard-NNNNN.safetensors. Rerunning resumes.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, value_enum, default_value = "baseline")]
+    pub method: DistillMethod,
+    /// Only the first N questions of the file.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Stop each answer after this many generated tokens (EOS stops earlier).
+    #[arg(long, default_value_t = 10)]
+    pub max_new_tokens: usize,
+    /// Do not append " Answer the question using up to two words." to each question.
+    #[arg(long)]
+    pub no_suffix: bool,
+    /// Samples per shard (default 16; a resumed folder keeps its own).
+    #[arg(long)]
+    pub shard_size: Option<usize>,
+}

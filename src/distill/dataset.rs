@@ -1,0 +1,244 @@
+//! The question files `distill` reads: the VQA v2 questions JSON and a simple JSONL, told apart by
+//! their content; image paths resolved against the images folder.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// Which input format a question file is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `{"questions": [{"image_id": int, "question": str, "question_id": int}, ...]}` with COCO
+    /// image file names.
+    Vqa,
+    /// One `{"image": path, "question": str, "answers"?: [str]}` object per line; the id is the
+    /// line number (1-based).
+    Jsonl,
+}
+
+impl Format {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Vqa => "vqa",
+            Format::Jsonl => "jsonl",
+        }
+    }
+}
+
+/// Where a sample's image comes from, before it is looked up on disk.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ImageRef {
+    /// A COCO image id: `COCO_val2014_{id:012}.jpg`, `COCO_train2014_{id:012}.jpg` or
+    /// `{id:012}.jpg` in the images folder, the first that exists.
+    Coco(u64),
+    /// A path as written in the JSONL (relative ones are taken inside the images folder).
+    Path(String),
+}
+
+/// One question of the input, in file order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    /// `question_id` (VQA) or the line number (JSONL).
+    pub id: u64,
+    pub question: String,
+    pub image: ImageRef,
+    pub answers: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    pub path: PathBuf,
+    pub format: Format,
+    pub entries: Vec<Entry>,
+    /// FNV-1a 64 of the file's bytes, hex: identifies the input in the manifest.
+    pub fingerprint: String,
+}
+
+/// FNV-1a, 64 bit: a cheap content fingerprint (not a security hash).
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+impl Dataset {
+    /// Reads and validates a question file; the format is detected from the content.
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let fingerprint = format!("{:016x}", fnv1a64(&bytes));
+        let text = String::from_utf8(bytes)
+            .map_err(|e| Error::input(format!("{}: not UTF-8 text: {e}", path.display())))?;
+        if text.trim().is_empty() {
+            return Err(Error::input(format!(
+                "{}: the question file is empty",
+                path.display()
+            )));
+        }
+        let (format, entries) = match serde_json::from_str::<Value>(&text) {
+            Ok(Value::Object(o)) if o.contains_key("questions") => {
+                (Format::Vqa, parse_vqa(path, &o["questions"])?)
+            }
+            Ok(Value::Object(_)) => (Format::Jsonl, parse_jsonl(path, &text)?),
+            Ok(_) => {
+                return Err(Error::input(format!(
+                    "{}: expected the VQA questions JSON ({{\"questions\": [...]}}) or JSONL \
+                     (one {{\"image\", \"question\"}} object per line)",
+                    path.display()
+                )))
+            }
+            Err(whole) => {
+                // Not one JSON document: JSONL if its first line is an object, otherwise report
+                // both readings.
+                let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+                if serde_json::from_str::<serde_json::Map<String, Value>>(first).is_ok() {
+                    (Format::Jsonl, parse_jsonl(path, &text)?)
+                } else {
+                    return Err(Error::input(format!(
+                        "{}: neither VQA questions JSON ({whole}) nor JSONL (line 1 is not a JSON object)",
+                        path.display()
+                    )));
+                }
+            }
+        };
+        if entries.is_empty() {
+            return Err(Error::input(format!(
+                "{}: the question file has no questions",
+                path.display()
+            )));
+        }
+        Ok(Dataset {
+            path: path.to_path_buf(),
+            format,
+            entries,
+            fingerprint,
+        })
+    }
+}
+
+fn parse_vqa(path: &Path, questions: &Value) -> Result<Vec<Entry>> {
+    let list = questions
+        .as_array()
+        .ok_or_else(|| Error::input(format!("{}: `questions` must be an array", path.display())))?;
+    list.iter()
+        .enumerate()
+        .map(|(i, q)| {
+            let bad =
+                |msg: &str| Error::input(format!("{}: questions[{i}]: {msg}", path.display()));
+            let o = q.as_object().ok_or_else(|| bad("not an object"))?;
+            let int = |k: &str| -> Result<u64> {
+                o.get(k)
+                    .ok_or_else(|| bad(&format!("missing `{k}`")))?
+                    .as_u64()
+                    .ok_or_else(|| bad(&format!("`{k}` must be a non-negative integer")))
+            };
+            let question = o
+                .get("question")
+                .ok_or_else(|| bad("missing `question`"))?
+                .as_str()
+                .ok_or_else(|| bad("`question` must be a string"))?
+                .to_string();
+            if question.trim().is_empty() {
+                return Err(bad("`question` is empty"));
+            }
+            Ok(Entry {
+                id: int("question_id")?,
+                image: ImageRef::Coco(int("image_id")?),
+                question,
+                answers: None,
+            })
+        })
+        .collect()
+}
+
+fn parse_jsonl(path: &Path, text: &str) -> Result<Vec<Entry>> {
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line_no = n + 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = |msg: &str| Error::input(format!("{}: line {line_no}: {msg}", path.display()));
+        let v: Value =
+            serde_json::from_str(line).map_err(|e| bad(&format!("invalid JSON: {e}")))?;
+        let o = v.as_object().ok_or_else(|| bad("not a JSON object"))?;
+        let string = |k: &str| -> Result<String> {
+            let s = o
+                .get(k)
+                .ok_or_else(|| bad(&format!("missing `{k}`")))?
+                .as_str()
+                .ok_or_else(|| bad(&format!("`{k}` must be a string")))?;
+            if s.trim().is_empty() {
+                return Err(bad(&format!("`{k}` is empty")));
+            }
+            Ok(s.to_string())
+        };
+        let answers = match o.get("answers") {
+            None | Some(Value::Null) => None,
+            Some(Value::Array(a)) => Some(
+                a.iter()
+                    .map(|x| {
+                        x.as_str()
+                            .map(str::to_string)
+                            .ok_or_else(|| bad("`answers` must be an array of strings"))
+                    })
+                    .collect::<Result<Vec<_>>>()?,
+            ),
+            Some(_) => return Err(bad("`answers` must be an array of strings")),
+        };
+        out.push(Entry {
+            id: line_no as u64,
+            question: string("question")?,
+            image: ImageRef::Path(string("image")?),
+            answers,
+        });
+    }
+    Ok(out)
+}
+
+/// The image file of an entry: a JSONL path (relative to `images`), or the first existing COCO
+/// name for a VQA image id. The error names every name tried.
+pub fn resolve_image(images: &Path, entry: &Entry) -> Result<PathBuf> {
+    match &entry.image {
+        ImageRef::Path(p) => {
+            let p = Path::new(p);
+            let full = if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                images.join(p)
+            };
+            if full.is_file() {
+                Ok(full)
+            } else {
+                Err(Error::input(format!(
+                    "question {}: image {} not found",
+                    entry.id,
+                    full.display()
+                )))
+            }
+        }
+        ImageRef::Coco(id) => {
+            let names = [
+                format!("COCO_val2014_{id:012}.jpg"),
+                format!("COCO_train2014_{id:012}.jpg"),
+                format!("{id:012}.jpg"),
+            ];
+            names
+                .iter()
+                .map(|n| images.join(n))
+                .find(|p| p.is_file())
+                .ok_or_else(|| {
+                    Error::input(format!(
+                        "question {}: no image for image_id {id} in {} (tried {})",
+                        entry.id,
+                        images.display(),
+                        names.join(", ")
+                    ))
+                })
+        }
+    }
+}

@@ -1,0 +1,836 @@
+//! `fastrm distill`: the training set of the FastRM head (issue 4, item 3).
+//!
+//! For every question: the greedy answer with the baseline's raw map per generated token
+//! ([`crate::Engine::explain_observed`]), and the hidden states the head reads — per generated token
+//! the decoder's final-norm state that produced it, per sample the image positions' final-norm
+//! states after prefill — gathered by a second, hooked greedy run on the same ids (asserted to
+//! generate the same tokens).
+//!
+//! On disk (`--out DIR`):
+//! - `manifest.json` ([`Manifest`]): what made the set (model, method, suffix, input file and its
+//!   fingerprint, …) and the completed shards in order, rewritten atomically after each shard.
+//! - `shard-NNNNN.safetensors` ([`Shard`]), up to `shard_size` samples each: `image_hidden`
+//!   `[S, P, D]` f32, `token_hidden` `[M, D]` f32, `maps` `[M, P]` f32, `token_ids`,
+//!   `token_sample` (sample index within the shard), `token_index` (position in its answer)
+//!   `[M]` i64, and the per-sample records ([`SampleRecord`]) as JSON under the header metadata key
+//!   `samples`. Written to a temporary file and renamed.
+//!
+//! Rerunning the same command resumes: samples of completed shards are skipped, a short last shard
+//! (an earlier, smaller `--limit`) is read back and continued, and a shard lost in a crash is redone
+//! from its first sample. The layout is a function of the input, the limit and the shard size only,
+//! so an interrupted and resumed run writes the same shards as an uninterrupted one.
+
+pub mod cli;
+pub mod dataset;
+
+use std::collections::HashMap;
+use std::io::{IsTerminal, Read};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use safetensors::{Dtype, SafeTensors};
+use serde::{Deserialize, Serialize};
+
+use crate::backend::cpu::Cpu;
+use crate::backend::Backend;
+use crate::engine::{Engine, GenerateOptions, Method};
+use crate::error::{Error, Result};
+use crate::explain::RowMode;
+use crate::model::llava::StepHook;
+
+pub use cli::{DistillArgs, DistillMethod};
+pub use dataset::{Dataset, Entry, Format, ImageRef};
+
+/// What the paper appends to every VQA question.
+pub const SUFFIX: &str = " Answer the question using up to two words.";
+/// The labelling threshold the head is trained with (fraction of a map's max), recorded for
+/// `train`.
+pub const LABEL_THRESHOLD: f32 = 0.3;
+pub const MANIFEST_FORMAT: &str = "fastrm-distill";
+pub const MANIFEST_VERSION: u32 = 1;
+pub const SHARD_FORMAT: &str = "fastrm-distill-shard-1";
+pub const DEFAULT_SHARD_SIZE: usize = 16;
+const MANIFEST: &str = "manifest.json";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InputInfo {
+    /// The questions file (canonical path).
+    pub path: String,
+    /// `vqa` or `jsonl`.
+    pub format: String,
+    /// FNV-1a 64 of its bytes, hex.
+    pub fingerprint: String,
+    /// Questions in the file.
+    pub entries: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardInfo {
+    pub file: String,
+    /// Index of its first sample in the input's order.
+    pub first_sample: usize,
+    pub samples: usize,
+    pub tokens: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub version: u32,
+    /// The model folder (canonical path).
+    pub model: String,
+    pub method: String,
+    /// Appended to every question ("" with `--no-suffix`).
+    pub suffix: String,
+    pub max_new_tokens: usize,
+    pub stop_at_eos: bool,
+    pub hidden_size: usize,
+    pub n_patches: usize,
+    pub grid: [usize; 2],
+    pub label_threshold: f32,
+    pub input: InputInfo,
+    /// The images folder (canonical path).
+    pub images: String,
+    pub shard_size: usize,
+    /// Completed shards, in sample order.
+    pub shards: Vec<ShardInfo>,
+    pub samples: usize,
+    pub tokens: usize,
+}
+
+impl Manifest {
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join(MANIFEST);
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let m: Manifest = serde_json::from_str(&text).map_err(|e| {
+            Error::input(format!("{}: not a distill manifest: {e}", path.display()))
+        })?;
+        if m.format != MANIFEST_FORMAT || m.version != MANIFEST_VERSION {
+            return Err(Error::input(format!(
+                "{}: manifest format {} v{} is not {MANIFEST_FORMAT} v{MANIFEST_VERSION}",
+                path.display(),
+                m.format,
+                m.version
+            )));
+        }
+        Ok(m)
+    }
+
+    fn write(&self, dir: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(self)
+            .map_err(|e| Error::input(format!("manifest: {e}")))?;
+        write_atomic(&dir.join(MANIFEST), text.as_bytes())
+    }
+}
+
+/// One sample's record in a shard's metadata.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SampleRecord {
+    /// Index in the input's order.
+    pub sample: usize,
+    /// `question_id` (VQA) or line number (JSONL).
+    pub question_id: u64,
+    /// The question as in the input (without the suffix).
+    pub question: String,
+    pub image: String,
+    /// The greedy answer, decoded without special tokens.
+    pub answer: String,
+    pub answers: Option<Vec<String>>,
+    pub generated_ids: Vec<u32>,
+    pub stop_reason: String,
+}
+
+/// A shard read back into memory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shard {
+    pub first_sample: usize,
+    pub n_patches: usize,
+    pub hidden_size: usize,
+    pub samples: Vec<SampleRecord>,
+    /// `[S·P·D]`
+    pub image_hidden: Vec<f32>,
+    /// `[M·D]`
+    pub token_hidden: Vec<f32>,
+    /// `[M·P]`
+    pub maps: Vec<f32>,
+    pub token_ids: Vec<i64>,
+    pub token_sample: Vec<i64>,
+    pub token_index: Vec<i64>,
+}
+
+pub fn shard_name(i: usize) -> String {
+    format!("shard-{i:05}.safetensors")
+}
+
+impl Shard {
+    fn new(first_sample: usize, n_patches: usize, hidden_size: usize) -> Self {
+        Shard {
+            first_sample,
+            n_patches,
+            hidden_size,
+            samples: Vec::new(),
+            image_hidden: Vec::new(),
+            token_hidden: Vec::new(),
+            maps: Vec::new(),
+            token_ids: Vec::new(),
+            token_sample: Vec::new(),
+            token_index: Vec::new(),
+        }
+    }
+
+    pub fn n_tokens(&self) -> usize {
+        self.token_ids.len()
+    }
+
+    fn push(
+        &mut self,
+        record: SampleRecord,
+        image_hidden: &[f32],
+        tokens: &[(u32, Vec<f32>, Vec<f32>)],
+    ) {
+        let s = self.samples.len() as i64;
+        self.image_hidden.extend_from_slice(image_hidden);
+        for (k, (id, hidden, map)) in tokens.iter().enumerate() {
+            self.token_hidden.extend_from_slice(hidden);
+            self.maps.extend_from_slice(map);
+            self.token_ids.push(*id as i64);
+            self.token_sample.push(s);
+            self.token_index.push(k as i64);
+        }
+        self.samples.push(record);
+    }
+
+    fn to_bytes(&self) -> Result<Vec<u8>> {
+        let (s, m, p, d) = (
+            self.samples.len(),
+            self.n_tokens(),
+            self.n_patches,
+            self.hidden_size,
+        );
+        let f = |v: &[f32]| bytemuck::cast_slice::<f32, u8>(v).to_vec();
+        let i = |v: &[i64]| bytemuck::cast_slice::<i64, u8>(v).to_vec();
+        let tensors: Vec<(&str, Dtype, Vec<usize>, Vec<u8>)> = vec![
+            (
+                "image_hidden",
+                Dtype::F32,
+                vec![s, p, d],
+                f(&self.image_hidden),
+            ),
+            (
+                "token_hidden",
+                Dtype::F32,
+                vec![m, d],
+                f(&self.token_hidden),
+            ),
+            ("maps", Dtype::F32, vec![m, p], f(&self.maps)),
+            ("token_ids", Dtype::I64, vec![m], i(&self.token_ids)),
+            ("token_sample", Dtype::I64, vec![m], i(&self.token_sample)),
+            ("token_index", Dtype::I64, vec![m], i(&self.token_index)),
+        ];
+        let views = tensors
+            .iter()
+            .map(|(name, dt, shape, b)| {
+                safetensors::tensor::TensorView::new(*dt, shape.clone(), b)
+                    .map(|v| (name.to_string(), v))
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| Error::input(format!("shard tensors: {e}")))?;
+        let samples = serde_json::to_string(&self.samples)
+            .map_err(|e| Error::input(format!("shard records: {e}")))?;
+        let meta: HashMap<String, String> = [
+            ("format", SHARD_FORMAT.to_string()),
+            ("first_sample", self.first_sample.to_string()),
+            ("n_samples", s.to_string()),
+            ("n_tokens", m.to_string()),
+            ("samples", samples),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        safetensors::tensor::serialize(views, Some(meta))
+            .map_err(|e| Error::input(format!("shard: {e}")))
+    }
+
+    /// Reads a shard file completely.
+    pub fn read(path: &Path) -> Result<Self> {
+        let bad = |msg: String| Error::input(format!("{}: {msg}", path.display()));
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let (_, md) = SafeTensors::read_metadata(&bytes)
+            .map_err(|e| bad(format!("not a valid safetensors shard: {e}")))?;
+        let meta = md.metadata().clone().unwrap_or_default();
+        let (first_sample, samples) = shard_meta(&meta).map_err(bad)?;
+        let st = SafeTensors::deserialize(&bytes)
+            .map_err(|e| bad(format!("invalid safetensors: {e}")))?;
+        let get = |name: &str, dt: Dtype| -> Result<(Vec<usize>, Vec<u8>)> {
+            let t = st
+                .tensor(name)
+                .map_err(|_| bad(format!("missing tensor `{name}`")))?;
+            if t.dtype() != dt {
+                return Err(bad(format!(
+                    "tensor `{name}` is {:?}, expected {dt:?}",
+                    t.dtype()
+                )));
+            }
+            Ok((t.shape().to_vec(), t.data().to_vec()))
+        };
+        let f32s = |b: Vec<u8>| -> Vec<f32> {
+            b.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        };
+        let i64s = |b: Vec<u8>| -> Vec<i64> {
+            b.chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                .collect()
+        };
+        let (ish, ih) = get("image_hidden", Dtype::F32)?;
+        let (tsh, th) = get("token_hidden", Dtype::F32)?;
+        let (msh, maps) = get("maps", Dtype::F32)?;
+        if ish.len() != 3 || tsh.len() != 2 || msh.len() != 2 {
+            return Err(bad("tensor ranks are not [S,P,D], [M,D], [M,P]".into()));
+        }
+        let (s, p, d, m) = (ish[0], ish[1], ish[2], tsh[0]);
+        if s != samples.len() || tsh[1] != d || msh != [m, p] {
+            return Err(bad(format!(
+                "tensor shapes disagree: image_hidden {ish:?}, token_hidden {tsh:?}, maps {msh:?}, {} records",
+                samples.len()
+            )));
+        }
+        let shard = Shard {
+            first_sample,
+            n_patches: p,
+            hidden_size: d,
+            samples,
+            image_hidden: f32s(ih),
+            token_hidden: f32s(th),
+            maps: f32s(maps),
+            token_ids: i64s(get("token_ids", Dtype::I64)?.1),
+            token_sample: i64s(get("token_sample", Dtype::I64)?.1),
+            token_index: i64s(get("token_index", Dtype::I64)?.1),
+        };
+        if [&shard.token_ids, &shard.token_sample, &shard.token_index]
+            .iter()
+            .any(|v| v.len() != m)
+        {
+            return Err(bad(format!("id tensors are not [{m}]")));
+        }
+        Ok(shard)
+    }
+}
+
+fn shard_meta(
+    meta: &HashMap<String, String>,
+) -> std::result::Result<(usize, Vec<SampleRecord>), String> {
+    if meta.get("format").map(String::as_str) != Some(SHARD_FORMAT) {
+        return Err(format!("not a {SHARD_FORMAT} file"));
+    }
+    let first = meta
+        .get("first_sample")
+        .and_then(|v| v.parse::<usize>().ok())
+        .ok_or("metadata `first_sample` missing or not an integer")?;
+    let samples: Vec<SampleRecord> =
+        serde_json::from_str(meta.get("samples").ok_or("metadata `samples` missing")?)
+            .map_err(|e| format!("metadata `samples`: {e}"))?;
+    Ok((first, samples))
+}
+
+/// The header of a shard only (first sample, records, token count), without reading the tensors.
+fn read_shard_header(
+    path: &Path,
+) -> std::result::Result<(usize, Vec<SampleRecord>, usize), String> {
+    let mut f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n).map_err(|e| e.to_string())?;
+    let n = u64::from_le_bytes(n);
+    if n > 1 << 30 {
+        return Err("header too large".into());
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(|e| e.to_string())?;
+    let v: serde_json::Value = serde_json::from_slice(&header).map_err(|e| e.to_string())?;
+    let meta: HashMap<String, String> =
+        serde_json::from_value(v.get("__metadata__").cloned().unwrap_or_default())
+            .map_err(|e| e.to_string())?;
+    let (first, samples) = shard_meta(&meta)?;
+    let tokens = v
+        .get("token_ids")
+        .and_then(|t| t.get("shape"))
+        .and_then(|s| s.get(0))
+        .and_then(|x| x.as_u64())
+        .ok_or("no token_ids tensor")? as usize;
+    // The file must be complete: its size is the header plus the last tensor's end.
+    let end = v
+        .as_object()
+        .map(|o| {
+            o.values()
+                .filter_map(|t| t.get("data_offsets")?.get(1)?.as_u64())
+                .max()
+                .unwrap_or(0)
+        })
+        .unwrap_or(0);
+    let len = f.metadata().map_err(|e| e.to_string())?.len();
+    if len != 8 + n + end {
+        return Err(format!("truncated ({len} bytes, expected {})", 8 + n + end));
+    }
+    Ok((first, samples, tokens))
+}
+
+/// Writes `path` through a temporary file in the same folder and a rename.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(path, e)
+    })
+}
+
+/// Is `name` one of the files `distill` writes into its folder (shards, the manifest, or their
+/// temporary files)?
+fn is_shard_name(name: &str) -> bool {
+    name.len() == "shard-00000.safetensors".len()
+        && name.starts_with("shard-")
+        && name.ends_with(".safetensors")
+        && name[6..11].bytes().all(|b| b.is_ascii_digit())
+}
+
+fn is_temp_name(name: &str) -> bool {
+    name.starts_with('.')
+        && name.contains(".tmp-")
+        && (name.starts_with(".shard-") || name.starts_with(".manifest.json"))
+}
+
+fn canonical(p: &Path) -> Result<String> {
+    Ok(std::fs::canonicalize(p)
+        .map_err(|e| Error::io(p, e))?
+        .display()
+        .to_string())
+}
+
+/// Collects the hidden states the head trains on during a hooked greedy run.
+struct HiddenHook {
+    image_pos: Vec<usize>,
+    image_hidden: Vec<f32>,
+    tokens: Vec<Vec<f32>>,
+}
+
+impl<B: Backend> StepHook<B> for HiddenHook {
+    fn prefilled(&mut self, b: &B, hidden: &B::Tensor) -> Result<()> {
+        let (_, d) = b.dims(hidden);
+        let all = b.download(hidden)?;
+        self.image_hidden = Vec::with_capacity(self.image_pos.len() * d);
+        for &p in &self.image_pos {
+            self.image_hidden
+                .extend_from_slice(&all[p * d..(p + 1) * d]);
+        }
+        Ok(())
+    }
+
+    fn token(&mut self, b: &B, index: usize, hidden: &B::Tensor) -> Result<()> {
+        debug_assert_eq!(index, self.tokens.len());
+        self.tokens.push(b.download(hidden)?);
+        Ok(())
+    }
+}
+
+/// A sample worked through: its record, image hidden states `[P·D]` and per token (id, hidden
+/// `[D]`, map `[P]`).
+pub struct Distilled {
+    pub record: SampleRecord,
+    pub image_hidden: Vec<f32>,
+    pub tokens: Vec<(u32, Vec<f32>, Vec<f32>)>,
+}
+
+/// Runs one sample: the explain run (answer + maps) and the hooked run (hidden states).
+pub fn distill_sample<B: Backend>(
+    engine: &Engine<B>,
+    sample: usize,
+    entry: &Entry,
+    image: &Path,
+    suffix: &str,
+    method: Method,
+    opts: &GenerateOptions,
+) -> Result<Distilled> {
+    let prompt = format!("{}{suffix}", entry.question);
+    let ctx = |e: Error| Error::input(format!("question {} ({}): {e}", entry.id, image.display()));
+    let ex = engine
+        .explain_observed(image, &prompt, opts, method, &mut |_| {})
+        .map_err(ctx)?;
+    let ids = &ex.generation.input_ids;
+    let pixels = engine.pixels(image).map_err(ctx)?;
+    let img_id = engine.config().image_token_id;
+    let mut hook = HiddenHook {
+        image_pos: (0..ids.len()).filter(|&i| ids[i] == img_id).collect(),
+        image_hidden: Vec::new(),
+        tokens: Vec::new(),
+    };
+    let g = engine
+        .model
+        .generate_ids_hooked(&engine.backend, ids, &pixels, opts, &mut |_| {}, &mut hook)
+        .map_err(ctx)?;
+    if g.generated_ids != ex.generation.generated_ids
+        || hook.tokens.len() != ex.tokens.len()
+        || ex.tokens.len() != g.generated_ids.len()
+    {
+        return Err(Error::input(format!(
+            "question {}: the hidden-state run generated {:?} but the explain run {:?} \
+             (both are greedy on the same model; this is a bug)",
+            entry.id, g.generated_ids, ex.generation.generated_ids
+        )));
+    }
+    let tokens = ex
+        .tokens
+        .into_iter()
+        .zip(hook.tokens)
+        .map(|(t, h)| (t.id, h, t.map))
+        .collect();
+    Ok(Distilled {
+        record: SampleRecord {
+            sample,
+            question_id: entry.id,
+            question: entry.question.clone(),
+            image: image.display().to_string(),
+            answer: ex.generation.text,
+            answers: entry.answers.clone(),
+            generated_ids: ex.generation.generated_ids,
+            stop_reason: ex.generation.stop_reason.as_str().to_string(),
+        },
+        image_hidden: hook.image_hidden,
+        tokens,
+    })
+}
+
+/// A sample-level progress bar with an ETA on stderr (terminals only, after the first second).
+struct Progress {
+    enabled: bool,
+    start: Instant,
+    shown: bool,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Progress {
+            enabled: std::io::stderr().is_terminal(),
+            start: Instant::now(),
+            shown: false,
+        }
+    }
+
+    fn say(&mut self, msg: &str) {
+        let t = self.start.elapsed().as_secs_f64();
+        if self.enabled && t > 1.0 {
+            eprint!("\r\x1b[2K[{t:7.1}s] {msg}");
+            self.shown = true;
+        }
+    }
+
+    /// `done` of `total` samples, `fresh` of them in this run (the rate and ETA come from those).
+    fn bar(&mut self, done: usize, total: usize, fresh: usize) {
+        const W: usize = 24;
+        let fill = W * done / total.max(1);
+        let bar: String = (0..W).map(|i| if i < fill { '#' } else { '.' }).collect();
+        let t = self.start.elapsed().as_secs_f64();
+        let eta = if fresh > 0 {
+            let s = t / fresh as f64 * (total - done) as f64;
+            format!("ETA {}", clock(s))
+        } else {
+            "ETA --:--".into()
+        };
+        self.say(&format!("samples [{bar}] {done}/{total} {eta}"));
+    }
+
+    fn clear(&mut self) {
+        if self.shown {
+            eprint!("\r\x1b[2K");
+            self.shown = false;
+        }
+    }
+}
+
+fn clock(s: f64) -> String {
+    let s = s.max(0.0).round() as u64;
+    if s >= 3600 {
+        format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+    } else {
+        format!("{:02}:{:02}", s / 60, s % 60)
+    }
+}
+
+/// `fastrm distill`.
+pub fn run(args: DistillArgs) -> Result<()> {
+    let t0 = Instant::now();
+    if args.limit == Some(0) {
+        return Err(Error::input("--limit must be at least 1"));
+    }
+    if args.max_new_tokens == 0 {
+        return Err(Error::input("--max-new-tokens must be at least 1"));
+    }
+    if args.shard_size == Some(0) {
+        return Err(Error::input("--shard-size must be at least 1"));
+    }
+    if !args.model.is_dir() {
+        return Err(Error::input(format!(
+            "--model {}: not a folder",
+            args.model.display()
+        )));
+    }
+    if !args.images.is_dir() {
+        return Err(Error::input(format!(
+            "--images {}: not a folder",
+            args.images.display()
+        )));
+    }
+    let data = Dataset::load(&args.questions)?;
+    let target = args
+        .limit
+        .unwrap_or(data.entries.len())
+        .min(data.entries.len());
+    let suffix = if args.no_suffix { "" } else { SUFFIX };
+
+    std::fs::create_dir_all(&args.out).map_err(|e| Error::io(&args.out, e))?;
+    let out = args.out.as_path();
+    let identity = (
+        canonical(&args.model)?,
+        canonical(&args.questions)?,
+        canonical(&args.images)?,
+    );
+    let existing = if out.join(MANIFEST).exists() {
+        Some(Manifest::read(out)?)
+    } else {
+        None
+    };
+    if let Some(m) = &existing {
+        let mismatch = |what: &str, was: &dyn std::fmt::Debug, now: &dyn std::fmt::Debug| {
+            Error::input(format!(
+                "{} holds a distill set made with {what} {was:?}, not {now:?}: use another --out \
+                 or the same settings to resume",
+                out.display()
+            ))
+        };
+        if m.model != identity.0 {
+            return Err(mismatch("model", &m.model, &identity.0));
+        }
+        if m.method != args.method.as_str() {
+            return Err(mismatch("method", &m.method, &args.method.as_str()));
+        }
+        if m.suffix != suffix {
+            return Err(mismatch("suffix", &m.suffix, &suffix));
+        }
+        if m.input.fingerprint != data.fingerprint || m.input.format != data.format.as_str() {
+            return Err(mismatch(
+                "questions file",
+                &format!("{} ({})", m.input.path, m.input.fingerprint),
+                &format!("{} ({})", identity.1, data.fingerprint),
+            ));
+        }
+        if m.images != identity.2 {
+            return Err(mismatch("images folder", &m.images, &identity.2));
+        }
+        if m.max_new_tokens != args.max_new_tokens {
+            return Err(mismatch(
+                "--max-new-tokens",
+                &m.max_new_tokens,
+                &args.max_new_tokens,
+            ));
+        }
+        if let Some(k) = args.shard_size {
+            if k != m.shard_size {
+                return Err(mismatch("--shard-size", &m.shard_size, &k));
+            }
+        }
+    } else if std::fs::read_dir(out)
+        .map_err(|e| Error::io(out, e))?
+        .filter_map(|e| e.ok())
+        .any(|e| {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            !(is_shard_name(&n) || is_temp_name(&n))
+        })
+    {
+        return Err(Error::input(format!(
+            "{}: not empty and has no {MANIFEST}; give an empty or new folder",
+            out.display()
+        )));
+    }
+    let shard_size = existing
+        .as_ref()
+        .map(|m| m.shard_size)
+        .or(args.shard_size)
+        .unwrap_or(DEFAULT_SHARD_SIZE);
+
+    // The completed prefix: listed shards whose files are whole and agree with the manifest.
+    let mut progress = Progress::new();
+    let mut shards: Vec<ShardInfo> = Vec::new();
+    if let Some(m) = &existing {
+        let mut next = 0;
+        for s in &m.shards {
+            let path = out.join(&s.file);
+            let ok = match read_shard_header(&path) {
+                Ok((first, recs, tokens)) => {
+                    s.file == shard_name(shards.len())
+                        && first == next
+                        && s.first_sample == next
+                        && recs.len() == s.samples
+                        && tokens == s.tokens
+                        && recs.iter().enumerate().all(|(i, r)| r.sample == next + i)
+                }
+                Err(_) => false,
+            };
+            if !ok {
+                eprintln!(
+                    "note: {} is missing or does not match the manifest; redoing from sample {next}",
+                    path.display()
+                );
+                break;
+            }
+            next += s.samples;
+            shards.push(s.clone());
+        }
+    }
+    // Leftovers of an interrupted run: temporary files, and shards the manifest does not list.
+    for e in std::fs::read_dir(out)
+        .map_err(|e| Error::io(out, e))?
+        .filter_map(|e| e.ok())
+    {
+        let n = e.file_name().to_string_lossy().to_string();
+        let listed = shards.iter().any(|s| s.file == n);
+        if is_temp_name(&n) || (is_shard_name(&n) && !listed) {
+            std::fs::remove_file(e.path()).map_err(|err| Error::io(e.path(), err))?;
+        }
+    }
+
+    let listed_samples: usize = shards.iter().map(|s| s.samples).sum();
+    // Every image of the run must exist before any expensive work starts.
+    let images: Vec<PathBuf> = data.entries[listed_samples.min(target)..target]
+        .iter()
+        .map(|e| dataset::resolve_image(&args.images, e))
+        .collect::<Result<_>>()?;
+
+    let engine = {
+        progress.say(&format!("loading {}", args.model.display()));
+        let e = Engine::load(Cpu, &args.model);
+        progress.clear();
+        e?
+    };
+    let cfg = engine.config();
+    let (d, p, g) = (
+        cfg.text.hidden_size,
+        cfg.vision.num_patches(),
+        cfg.vision.grid(),
+    );
+    if let Some(m) = &existing {
+        if (m.hidden_size, m.n_patches) != (d, p) {
+            return Err(Error::input(format!(
+                "{}: made with hidden size {} and {} patches; the model has {d} and {p}",
+                out.display(),
+                m.hidden_size,
+                m.n_patches
+            )));
+        }
+    }
+    let mut manifest = Manifest {
+        format: MANIFEST_FORMAT.into(),
+        version: MANIFEST_VERSION,
+        model: identity.0.clone(),
+        method: args.method.as_str().into(),
+        suffix: suffix.into(),
+        max_new_tokens: args.max_new_tokens,
+        stop_at_eos: true,
+        hidden_size: d,
+        n_patches: p,
+        grid: [g, g],
+        label_threshold: LABEL_THRESHOLD,
+        input: InputInfo {
+            path: identity.1.clone(),
+            format: data.format.as_str().into(),
+            fingerprint: data.fingerprint.clone(),
+            entries: data.entries.len(),
+        },
+        images: identity.2.clone(),
+        shard_size,
+        shards,
+        samples: 0,
+        tokens: 0,
+    };
+    let totals = |m: &mut Manifest| {
+        m.samples = m.shards.iter().map(|s| s.samples).sum();
+        m.tokens = m.shards.iter().map(|s| s.tokens).sum();
+    };
+    totals(&mut manifest);
+    manifest.write(out)?;
+
+    // A short last shard (an earlier, smaller --limit) is read back and continued; it stays
+    // listed until its replacement is written.
+    let mut buf: Option<Shard> = None;
+    if listed_samples < target {
+        if let Some(last) = manifest.shards.last() {
+            if last.samples < shard_size {
+                buf = Some(Shard::read(&out.join(&last.file))?);
+            }
+        }
+    }
+
+    let method = match args.method {
+        DistillMethod::Baseline => Method::Baseline {
+            mode: RowMode::Streamed,
+        },
+        DistillMethod::BaselineIncremental => Method::BaselineIncremental,
+    };
+    let opts = GenerateOptions {
+        max_new_tokens: args.max_new_tokens,
+        stop_at_eos: true,
+        keep_steps: false,
+    };
+    let (mut new_samples, mut new_tokens) = (0usize, 0usize);
+    let mut k = listed_samples;
+    while k < target {
+        let shard = buf.get_or_insert_with(|| Shard::new(k, p, d));
+        let entry = &data.entries[k];
+        let image = &images[k - listed_samples];
+        progress.bar(k, target, new_samples);
+        let s = match distill_sample(&engine, k, entry, image, suffix, method, &opts) {
+            Ok(s) => s,
+            Err(e) => {
+                progress.clear();
+                return Err(e);
+            }
+        };
+        new_tokens += s.tokens.len();
+        shard.push(s.record, &s.image_hidden, &s.tokens);
+        k += 1;
+        new_samples += 1;
+        if shard.samples.len() == shard_size || k == target {
+            let shard = buf.take().expect("a shard is in progress");
+            let info = ShardInfo {
+                file: String::new(),
+                first_sample: shard.first_sample,
+                samples: shard.samples.len(),
+                tokens: shard.n_tokens(),
+            };
+            // A continued short shard replaces its listed entry.
+            if manifest
+                .shards
+                .last()
+                .is_some_and(|s| s.first_sample == shard.first_sample)
+            {
+                manifest.shards.pop();
+            }
+            let file = shard_name(manifest.shards.len());
+            write_atomic(&out.join(&file), &shard.to_bytes()?)?;
+            manifest.shards.push(ShardInfo { file, ..info });
+            totals(&mut manifest);
+            manifest.write(out)?;
+        }
+    }
+    progress.clear();
+    println!(
+        "distilled {new_samples} samples ({new_tokens} tokens) in {:.1}s; {}: {} samples, {} tokens, {} shards",
+        t0.elapsed().as_secs_f64(),
+        out.display(),
+        manifest.samples,
+        manifest.tokens,
+        manifest.shards.len()
+    );
+    Ok(())
+}
