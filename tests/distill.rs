@@ -196,6 +196,12 @@ fn vqa_questions_maps_and_hidden_states() {
     assert!(recs[1].image.ends_with("COCO_train2014_000000000007.jpg"));
     assert!(recs[2].image.ends_with("000000000009.jpg"));
     assert!(recs.iter().all(|r| r.answers.is_none()));
+    // `fastrm train` reads the set as written.
+    let ds = fastrm::train::Dataset::open(&out).unwrap();
+    assert_eq!(ds.samples.len(), 4);
+    assert_eq!(ds.tokens.len(), m.tokens);
+    assert_eq!((ds.hidden_size, ds.n_patches), (64, 25));
+    assert_eq!(ds.label_threshold, 0.3);
     check_against_engine(
         &out,
         Method::Baseline {
@@ -254,7 +260,10 @@ fn jsonl_incremental_without_suffix() {
     let out2 = tmp.path().join("abs");
     ok(&distill(&abs, &out2, &["--max-new-tokens", "2"]));
     let (_, sh) = shards(&out2);
-    assert_eq!(sh[0].samples[0].image, img.display().to_string());
+    assert_eq!(
+        sh[0].samples[0].image,
+        std::fs::canonicalize(&img).unwrap().display().to_string()
+    );
 }
 
 fn all_samples(dir: &Path) -> (Manifest, Vec<Shard>) {

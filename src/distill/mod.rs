@@ -442,7 +442,9 @@ pub struct Distilled {
     pub tokens: Vec<(u32, Vec<f32>, Vec<f32>)>,
 }
 
-/// Runs one sample: the explain run (answer + maps) and the hooked run (hidden states).
+/// Runs one sample: the explain run (answer + maps, reported to `observer`) and the hooked run
+/// (hidden states).
+#[allow(clippy::too_many_arguments)]
 pub fn distill_sample<B: Backend>(
     engine: &Engine<B>,
     sample: usize,
@@ -451,11 +453,12 @@ pub fn distill_sample<B: Backend>(
     suffix: &str,
     method: Method,
     opts: &GenerateOptions,
+    observer: &mut dyn FnMut(crate::engine::Event),
 ) -> Result<Distilled> {
     let prompt = format!("{}{suffix}", entry.question);
     let ctx = |e: Error| Error::input(format!("question {} ({}): {e}", entry.id, image.display()));
     let ex = engine
-        .explain_observed(image, &prompt, opts, method, &mut |_| {})
+        .explain_observed(image, &prompt, opts, method, observer)
         .map_err(ctx)?;
     let ids = &ex.generation.input_ids;
     let pixels = engine.pixels(image).map_err(ctx)?;
@@ -506,6 +509,8 @@ struct Progress {
     enabled: bool,
     start: Instant,
     shown: bool,
+    /// The sample bar, to which the current sample's step is appended.
+    line: String,
 }
 
 impl Progress {
@@ -514,6 +519,7 @@ impl Progress {
             enabled: std::io::stderr().is_terminal(),
             start: Instant::now(),
             shown: false,
+            line: String::new(),
         }
     }
 
@@ -537,7 +543,22 @@ impl Progress {
         } else {
             "ETA --:--".into()
         };
-        self.say(&format!("samples [{bar}] {done}/{total} {eta}"));
+        self.line = format!("samples [{bar}] {done}/{total} {eta}");
+        let line = self.line.clone();
+        self.say(&line);
+    }
+
+    /// Within a sample: which token is generated or explained.
+    fn event(&mut self, e: crate::engine::Event) {
+        use crate::engine::Event;
+        let step = match e {
+            Event::ImageEncoded => "prefill".to_string(),
+            Event::Prefilled { .. } => "generating".to_string(),
+            Event::Token { index, .. } => format!("token {}", index + 1),
+            Event::Explained { index } => format!("map {}", index + 1),
+        };
+        let line = format!("{} · {step}", self.line);
+        self.say(&line);
     }
 
     fn clear(&mut self) {
@@ -704,7 +725,10 @@ pub fn run(args: DistillArgs) -> Result<()> {
     // Every image of the run must exist before any expensive work starts.
     let images: Vec<PathBuf> = data.entries[listed_samples.min(target)..target]
         .iter()
-        .map(|e| dataset::resolve_image(&args.images, e))
+        .map(|e| {
+            let p = dataset::resolve_image(&args.images, e)?;
+            std::fs::canonicalize(&p).map_err(|err| Error::io(&p, err))
+        })
         .collect::<Result<_>>()?;
 
     let engine = {
@@ -789,7 +813,10 @@ pub fn run(args: DistillArgs) -> Result<()> {
         let entry = &data.entries[k];
         let image = &images[k - listed_samples];
         progress.bar(k, target, new_samples);
-        let s = match distill_sample(&engine, k, entry, image, suffix, method, &opts) {
+        let s = distill_sample(&engine, k, entry, image, suffix, method, &opts, &mut |e| {
+            progress.event(e)
+        });
+        let s = match s {
             Ok(s) => s,
             Err(e) => {
                 progress.clear();
