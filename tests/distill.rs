@@ -510,6 +510,24 @@ fn bad_inputs() {
     std::fs::copy(images().join("tiny.png"), imgs.join("bad.png")).unwrap();
     let line = ok(&run(&o13));
     assert!(line.contains("distilled 1 samples"), "{line}");
+    // A folder another distill is writing (this test's own, live pid) is refused; a lock left by
+    // a process that is gone is taken over, and released at the end.
+    let locked = t.join("locked");
+    std::fs::create_dir(&locked).unwrap();
+    std::fs::write(locked.join(".distill.lock"), std::process::id().to_string()).unwrap();
+    fails(
+        &distill(&vqa(), &locked, &["--limit", "1"]),
+        &["another distill", ".distill.lock"],
+    );
+    if Path::new("/proc/self").exists() {
+        std::fs::write(locked.join(".distill.lock"), "4000000000").unwrap();
+        ok(&distill(
+            &vqa(),
+            &locked,
+            &["--limit", "1", "--max-new-tokens", "2"],
+        ));
+        assert!(!locked.join(".distill.lock").exists());
+    }
     // An output folder holding something else.
     let busy = t.join("busy");
     std::fs::create_dir(&busy).unwrap();

@@ -401,6 +401,59 @@ fn is_temp_name(name: &str) -> bool {
         && (name.starts_with(".shard-") || name.starts_with(".manifest.json"))
 }
 
+const LOCK: &str = ".distill.lock";
+
+/// `DIR/.distill.lock` holding the writer's pid, removed when the run ends: a second `distill`
+/// into the same folder is refused instead of deleting the first one's temporary files. A lock
+/// whose process is gone (checked through `/proc` where there is one) is taken over.
+struct Lock(PathBuf);
+
+impl Lock {
+    fn take(dir: &Path) -> Result<Self> {
+        let path = dir.join(LOCK);
+        for _ in 0..2 {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(mut f) => {
+                    use std::io::Write;
+                    let _ = write!(f, "{}", std::process::id());
+                    return Ok(Lock(path));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let pid = std::fs::read_to_string(&path).unwrap_or_default();
+                    let pid = pid.trim();
+                    let gone = Path::new("/proc/self").exists()
+                        && !pid.is_empty()
+                        && !Path::new("/proc").join(pid).exists();
+                    if !gone {
+                        return Err(Error::input(format!(
+                            "{} is being written by another distill (pid {pid}); if none is \
+                             running, delete {}",
+                            dir.display(),
+                            path.display()
+                        )));
+                    }
+                    let _ = std::fs::remove_file(&path);
+                }
+                Err(e) => return Err(Error::io(&path, e)),
+            }
+        }
+        Err(Error::input(format!(
+            "{}: could not take the lock",
+            path.display()
+        )))
+    }
+}
+
+impl Drop for Lock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 fn canonical(p: &Path) -> Result<String> {
     Ok(std::fs::canonicalize(p)
         .map_err(|e| Error::io(p, e))?
@@ -611,6 +664,7 @@ pub fn run(args: DistillArgs) -> Result<()> {
 
     std::fs::create_dir_all(&args.out).map_err(|e| Error::io(&args.out, e))?;
     let out = args.out.as_path();
+    let _lock = Lock::take(out)?;
     let identity = (
         canonical(&args.model)?,
         canonical(&args.questions)?,
@@ -666,7 +720,7 @@ pub fn run(args: DistillArgs) -> Result<()> {
         .any(|e| {
             let n = e.file_name();
             let n = n.to_string_lossy();
-            !(is_shard_name(&n) || is_temp_name(&n))
+            !(is_shard_name(&n) || is_temp_name(&n) || n == LOCK)
         })
     {
         return Err(Error::input(format!(
