@@ -138,6 +138,14 @@ fn head_file_round_trip_and_errors() {
     let w = HeadWeights::random(64, 16, 3);
     w.save(&path).unwrap();
     assert_eq!(HeadWeights::load(&path).unwrap(), w);
+    // The same head is the same bytes (fixed metadata order).
+    let again = tmp.path().join("again.safetensors");
+    w.save(&again).unwrap();
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        std::fs::read(&again).unwrap()
+    );
+    std::fs::remove_file(&again).unwrap();
     assert!(
         std::fs::read_dir(tmp.path()).unwrap().count() == 1,
         "no temporary file left behind"

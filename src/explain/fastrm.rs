@@ -11,7 +11,6 @@
 //! `head.safetensors` holds `ln.weight`, `ln.bias` `[D]`, `q.weight`, `k.weight` `[d, D]`,
 //! `q.bias`, `k.bias` `[d]`, and the config in the header metadata ([`HeadConfig`]).
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use safetensors::{Dtype, SafeTensors};
@@ -91,21 +90,11 @@ impl HeadWeights {
             ("k.weight", &self.wk, vec![d, dm]),
             ("k.bias", &self.bk, vec![d]),
         ];
-        let bytes: Vec<Vec<u8>> = tensors
-            .iter()
-            .map(|(_, v, _)| bytemuck::cast_slice(v).to_vec())
-            .collect();
-        let views = tensors
-            .iter()
-            .zip(&bytes)
-            .map(|((name, _, shape), b)| {
-                safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), b)
-                    .map(|v| (name.to_string(), v))
-            })
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| Error::input(format!("head tensors: {e}")))?;
+        // The file is written here rather than by `safetensors::serialize`, whose metadata map
+        // comes out in hash order: with keys in a fixed order the same head is the same bytes.
         let c = &self.cfg;
-        let meta: HashMap<String, String> = [
+        let mut meta = serde_json::Map::new();
+        for (k, v) in [
             ("format", "fastrm-head-1".to_string()),
             ("hidden_size", c.hidden_size.to_string()),
             ("head_dim", c.head_dim.to_string()),
@@ -118,11 +107,30 @@ impl HeadWeights {
         .chain(
             c.confidence_threshold
                 .map(|t| ("confidence_threshold", t.to_string())),
-        )
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
-        let data = safetensors::tensor::serialize(views, Some(meta))
-            .map_err(|e| Error::input(format!("head: {e}")))?;
+        ) {
+            meta.insert(k.to_string(), serde_json::Value::String(v));
+        }
+        let mut header = serde_json::Map::new();
+        header.insert("__metadata__".into(), serde_json::Value::Object(meta));
+        let mut offset = 0usize;
+        for (name, values, shape) in &tensors {
+            let len = values.len() * 4;
+            header.insert(
+                name.to_string(),
+                serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + len]}),
+            );
+            offset += len;
+        }
+        let mut head =
+            serde_json::to_vec(&header).map_err(|e| Error::input(format!("head: {e}")))?;
+        // Pad the header with spaces so the data starts 8-byte aligned, as safetensors writers do.
+        head.resize(head.len().div_ceil(8) * 8, b' ');
+        let mut data = Vec::with_capacity(8 + head.len() + offset);
+        data.extend_from_slice(&(head.len() as u64).to_le_bytes());
+        data.extend_from_slice(&head);
+        for (_, values, _) in &tensors {
+            data.extend_from_slice(bytemuck::cast_slice(values));
+        }
         // Atomic: a temporary file renamed over the target, never a half-written head.
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
         std::fs::write(&tmp, data).map_err(|e| Error::io(path, e))?;
