@@ -383,6 +383,23 @@ fn draw_legend(canvas: &mut Canvas, y: usize, s: usize, max_label: &str) {
     }
 }
 
+/// Draws one line of text (the overlays' bitmap font, non-ASCII shown as a marked box) with its
+/// top-left corner at (`x`, `y`), glyph pixels `scale` image pixels wide, clipped to the image.
+pub fn draw_text(img: &mut RgbImage, x: usize, y: usize, text: &str, scale: usize, color: [u8; 3]) {
+    let width = img.width;
+    let max_w = width.saturating_sub(x);
+    let mut canvas = Canvas {
+        data: &mut img.data,
+        width,
+    };
+    canvas.text(x, y, text, scale.max(1), max_w, color);
+}
+
+/// Width in pixels of `text` drawn by [`draw_text`] at `scale`.
+pub fn text_pixels(text: &str, scale: usize) -> usize {
+    text_width(font::displayable(text).len(), scale.max(1))
+}
+
 /// Width in pixels of `n` characters at scale `s` (no trailing spacing column).
 fn text_width(n: usize, s: usize) -> usize {
     if n == 0 {

@@ -1,15 +1,16 @@
-//! The loss curve as a plain line plot: axes, four horizontal grid lines, the training loss in blue
-//! and the validation loss in orange, x from step 0 to the last step, y from the smallest to the
-//! largest loss shown (5% padding). No text: `render`'s bitmap font is private to it; the numbers
-//! are in the CSV next to the plot.
+//! The loss curve as a line plot: axes with their range and titles, four horizontal grid lines, the
+//! training loss in blue and the validation loss in orange with a legend, x from step 0 to the last
+//! step, y from the smallest to the largest loss shown (5% padding). The exact numbers are in the
+//! CSV next to the plot.
 
 use super::CurvePoint;
 use crate::error::Result;
+use crate::render::{draw_text, text_pixels};
 use crate::vision::RgbImage;
 
 const W: usize = 640;
 const H: usize = 400;
-const MARGIN: usize = 40;
+const MARGIN: usize = 56;
 pub const TRAIN_COLOR: [u8; 3] = [31, 119, 180];
 pub const VAL_COLOR: [u8; 3] = [255, 127, 14];
 
@@ -91,5 +92,49 @@ pub fn loss_plot(curve: &[CurvePoint]) -> Result<RgbImage> {
             cv.line(*p, (p.0 + 2.0, p.1), color);
         }
     }
-    RgbImage::new(W, H, cv.data)
+    let mut img = RgbImage::new(W, H, cv.data)?;
+    let ink = [40, 40, 40];
+    let (left, bottom) = (x0 as usize, y0 as usize);
+    let hi_label = crate::render::format_value(hi as f32);
+    let lo_label = crate::render::format_value(lo as f32);
+    for (label, y) in [(hi_label, y1 as usize), (lo_label, bottom - 8)] {
+        let w = text_pixels(&label, 1);
+        draw_text(&mut img, left.saturating_sub(w + 4), y, &label, 1, ink);
+    }
+    draw_text(&mut img, left, bottom + 4, "0", 1, ink);
+    let last = max_step.to_string();
+    draw_text(
+        &mut img,
+        (x1 as usize).saturating_sub(text_pixels(&last, 1)),
+        bottom + 4,
+        &last,
+        1,
+        ink,
+    );
+    let title = "step";
+    draw_text(
+        &mut img,
+        (left + x1 as usize - text_pixels(title, 1)) / 2,
+        bottom + 20,
+        title,
+        1,
+        ink,
+    );
+    draw_text(&mut img, 4, (y1 as usize + bottom) / 2, "BCE", 1, ink);
+    draw_text(&mut img, 4, (y1 as usize + bottom) / 2 + 10, "loss", 1, ink);
+    let lx = x1 as usize - 90;
+    for (i, (name, color)) in [("train", TRAIN_COLOR), ("validation", VAL_COLOR)]
+        .into_iter()
+        .enumerate()
+    {
+        let y = y1 as usize + 6 + i * 12;
+        for dx in 0..14 {
+            for dy in 3..5 {
+                let p = ((y + dy) * W + lx + dx) * 3;
+                img.data[p..p + 3].copy_from_slice(&color);
+            }
+        }
+        draw_text(&mut img, lx + 18, y, name, 1, ink);
+    }
+    Ok(img)
 }
