@@ -16,8 +16,9 @@
 //! - **Incremental** (LVLM-Interpret): see [`Incremental`].
 
 use crate::backend::{AttnShape, Backend, Cam};
+use crate::config::TextConfig;
 use crate::error::{Error, Result};
-use crate::model::llama::{KvCache, Llama, Saved, SavedLayer};
+use crate::model::llama::{KvCache, Llama, LlamaLayer, Saved, SavedLayer};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RowMode {
@@ -62,6 +63,32 @@ fn seed<B: Backend>(b: &B, llm: &Llama<B>, x_last: &B::Tensor, target: u32) -> R
     b.rms_norm_bwd(x_last, &llm.norm, &w_row, llm.cfg.rms_norm_eps as f32)
 }
 
+/// Backward through a layer's MLP half, `x_out = x_mid + down(silu(gate) ⊙ up)` with
+/// `gate/up = W · rms(x_mid)`: `∂s/∂x_mid` from `∂s/∂x_out`, for the rows `s` holds.
+fn mlp_backward<B: Backend>(
+    b: &B,
+    l: &LlamaLayer<B>,
+    s: &SavedLayer<B>,
+    dx: &B::Tensor,
+    eps: f32,
+) -> Result<B::Tensor> {
+    let dg = b.linear_bwd(dx, &l.down)?;
+    let (dgate, dup) = b.silu_mul_bwd(&s.gate, &s.up, &dg)?;
+    let dh = b.add(&b.linear_bwd(&dgate, &l.gate)?, &b.linear_bwd(&dup, &l.up)?)?;
+    b.add(dx, &b.rms_norm_bwd(&s.x_mid, &l.mlp_norm, &dh, eps)?)
+}
+
+/// Causal attention geometry for `m` query rows at positions `pos0 ..` over keys `0 .. pos0 + m`.
+fn attn_shape(t: &TextConfig, pos0: usize, m: usize) -> AttnShape {
+    AttnShape {
+        n_heads: t.num_attention_heads,
+        n_kv_heads: t.num_key_value_heads,
+        head_dim: t.head_dim,
+        causal_q_pos0: Some(pos0),
+        kv_len: pos0 + m,
+    }
+}
+
 /// The top layer of an exact backward for the token at position `p`, where the incoming gradient
 /// `d_last` is non-zero in row p only: the MLP, the output projection, the query path and the
 /// attention rows run on that one row, and only keys and values carry gradient to every position
@@ -84,19 +111,16 @@ fn top_layer_backward<B: Backend>(
     let theta = t.rope_theta as f32;
     let n = p + 1;
     let s = layer_rows(b, &saved.layers[li], p, 1)?;
-    let dg = b.linear_bwd(d_last, &l.down)?;
-    let (dgate, dup) = b.silu_mul_bwd(&s.gate, &s.up, &dg)?;
-    let dh = b.add(&b.linear_bwd(&dgate, &l.gate)?, &b.linear_bwd(&dup, &l.up)?)?;
-    let dx_mid = b.add(d_last, &b.rms_norm_bwd(&s.x_mid, &l.mlp_norm, &dh, eps)?)?;
+    let dx_mid = mlp_backward(b, l, &s, d_last, eps)?;
     let da = b.linear_bwd(&dx_mid, &l.o)?;
-    let shape = AttnShape {
-        n_heads: t.num_attention_heads,
-        n_kv_heads: t.num_key_value_heads,
-        head_dim: t.head_dim,
-        causal_q_pos0: Some(p),
-        kv_len: n,
-    };
-    let g = b.attention_bwd(&s.q, &cache.k[li], &cache.v[li], &da, shape, cam)?;
+    let g = b.attention_bwd(
+        &s.q,
+        &cache.k[li],
+        &cache.v[li],
+        &da,
+        attn_shape(t, p, 1),
+        cam,
+    )?;
     let dq = b.rope_bwd(&g.dq, t.head_dim, p, theta)?;
     let dk = b.rope_bwd(&g.dk, t.head_dim, 0, theta)?;
     let mut dh = b.add(&b.linear_bwd(&dk, &l.k)?, &b.linear_bwd(&g.dv, &l.v)?)?;
@@ -128,20 +152,10 @@ fn layer_backward<B: Backend>(
     let eps = t.rms_norm_eps as f32;
     let theta = t.rope_theta as f32;
     let (m, _) = b.dims(dx);
-    // MLP: x_out = x_mid + down(silu(gate) ⊙ up), gate/up = W · rms(x_mid).
-    let dg = b.linear_bwd(dx, &l.down)?;
-    let (dgate, dup) = b.silu_mul_bwd(&s.gate, &s.up, &dg)?;
-    let dh = b.add(&b.linear_bwd(&dgate, &l.gate)?, &b.linear_bwd(&dup, &l.up)?)?;
-    let dx_mid = b.add(dx, &b.rms_norm_bwd(&s.x_mid, &l.mlp_norm, &dh, eps)?)?;
+    let dx_mid = mlp_backward(b, l, s, dx, eps)?;
     // Attention: x_mid = x_in + o(attn(rope(q), rope(k), v)), q/k/v = W · rms(x_in).
     let da = b.linear_bwd(&dx_mid, &l.o)?;
-    let shape = AttnShape {
-        n_heads: t.num_attention_heads,
-        n_kv_heads: t.num_key_value_heads,
-        head_dim: t.head_dim,
-        causal_q_pos0: Some(pos0),
-        kv_len: pos0 + m,
-    };
+    let shape = attn_shape(t, pos0, m);
     let g = b.attention_bwd(&s.q, &cache.k[li], &cache.v[li], &da, shape, cam)?;
     let (dk, dv) = if pos0 == 0 {
         (g.dk, g.dv)
