@@ -8,7 +8,6 @@ use std::process::Command;
 
 use common::{fixture_dir, fixture_image, Expected};
 use fastrm::backend::cpu::{Cpu, CpuTensor};
-use fastrm::backend::Backend;
 use fastrm::explain::explain_fastrm;
 use fastrm::explain::fastrm::{FastRmHead, HeadWeights};
 use fastrm::model::SplitMix64;
