@@ -5,29 +5,21 @@
 //!
 //! `cargo bench --bench cpu_step`
 
-use std::path::Path;
-
 use criterion::{criterion_group, criterion_main, Criterion};
-use fastrm::backend::cpu::Cpu;
 use fastrm::backend::Backend;
-use fastrm::config::LlavaConfig;
 use fastrm::model::llama::KvCache;
-use fastrm::Engine;
+
+mod common;
 
 fn bench(c: &mut Criterion) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/midsize_config.json");
-    let cfg = LlavaConfig::from_file(&path).expect("midsize config");
-    let engine = Engine::synthetic(Cpu, &cfg, 1).expect("synthetic model");
+    let common::Midsize {
+        path,
+        cfg,
+        engine,
+        ids,
+        pixels,
+    } = common::midsize();
     let (b, m) = (&engine.backend, &engine.model);
-    // Prompt shaped like a LLaVA question: BOS, a few template ids, the image, a short question.
-    let n_img = cfg.vision.num_patches();
-    let mut ids: Vec<u32> = vec![cfg.bos_token_id, 3148, 1001, 29901];
-    ids.extend(std::iter::repeat_n(cfg.image_token_id, n_img));
-    ids.extend((0..24).map(|i| 400 + i));
-    let s = cfg.vision.image_size;
-    let pixels: Vec<f32> = (0..3 * s * s)
-        .map(|i| ((i % 251) as f32 / 125.0) - 1.0)
-        .collect();
     eprintln!(
         "{} | prompt {} positions | {}",
         path.display(),

@@ -1,0 +1,40 @@
+//! The mid-size setup the CPU benches share: `benches/midsize_config.json` (336 px, 576 patches,
+//! hidden 512, 8 layers) with synthetic weights, a prompt shaped like a LLaVA question (BOS, a few
+//! template ids, the image, a short question) and deterministic pixels.
+
+use std::path::{Path, PathBuf};
+
+use fastrm::backend::cpu::Cpu;
+use fastrm::config::LlavaConfig;
+use fastrm::Engine;
+
+pub struct Midsize {
+    pub path: PathBuf,
+    pub cfg: LlavaConfig,
+    pub engine: Engine<Cpu>,
+    pub ids: Vec<u32>,
+    pub pixels: Vec<f32>,
+}
+
+pub fn midsize() -> Midsize {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/midsize_config.json");
+    let cfg = LlavaConfig::from_file(&path).expect("midsize config");
+    let engine = Engine::synthetic(Cpu, &cfg, 1).expect("synthetic model");
+    let mut ids: Vec<u32> = vec![cfg.bos_token_id, 3148, 1001, 29901];
+    ids.extend(std::iter::repeat_n(
+        cfg.image_token_id,
+        cfg.vision.num_patches(),
+    ));
+    ids.extend((0..24).map(|i| 400 + i));
+    let s = cfg.vision.image_size;
+    let pixels = (0..3 * s * s)
+        .map(|i| ((i % 251) as f32 / 125.0) - 1.0)
+        .collect();
+    Midsize {
+        path,
+        cfg,
+        engine,
+        ids,
+        pixels,
+    }
+}
