@@ -1,6 +1,7 @@
 //! The mid-size setup the CPU benches share: `benches/midsize_config.json` (336 px, 576 patches,
 //! hidden 512, 8 layers) with synthetic weights, a prompt shaped like a LLaVA question (BOS, a few
 //! template ids, the image, a short question) and deterministic pixels.
+#![allow(dead_code)] // each bench uses a different part of the setup
 
 use std::path::{Path, PathBuf};
 
