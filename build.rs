@@ -1,7 +1,73 @@
-// Kernel compilation (kernels/*.cu → checked-in PTX, DESIGN §6) lands with the CUDA backend. Until
-// then the build only has to notice when kernel sources appear, so that the first .cu file added
-// re-runs this script rather than being silently ignored.
+//! Kernels: `kernels/*.cu` → `kernels/ptx/*.ptx` (DESIGN §6).
+//!
+//! The PTX is checked in and embedded with `include_str!`, so a build never needs nvcc. When the
+//! pinned nvcc (13.0, whose PTX ISA 9.0 the GPU hosts' driver 580 accepts) is available — named by
+//! `FASTRM_NVCC`, or `nvcc` on PATH — a changed kernel source is recompiled here; any other nvcc is
+//! left alone with a warning, because a newer compiler emits PTX the driver rejects. CI regenerates
+//! with the pinned compiler and fails on any difference (`tools/ptx.sh --check`).
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const PINNED: &str = "V13.0.88";
+
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=kernels");
+    println!("cargo:rerun-if-env-changed=FASTRM_NVCC");
+    let Some(nvcc) = pinned_nvcc() else { return };
+    let dir = Path::new("kernels");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let header = dir.join("common.cuh");
+    for e in entries.flatten() {
+        let src = e.path();
+        if src.extension().and_then(|x| x.to_str()) != Some("cu") {
+            continue;
+        }
+        let stem = src.file_stem().unwrap().to_string_lossy().into_owned();
+        let out = dir.join("ptx").join(format!("{stem}.ptx"));
+        if !stale(&out, &[&src, &header]) {
+            continue;
+        }
+        let status = Command::new(&nvcc)
+            .args(["-ptx", "-O3", "-arch=sm_80", "-std=c++17", "-o"])
+            .arg(&out)
+            .arg(&src)
+            .status();
+        match status {
+            Ok(s) if s.success() => {}
+            // A kernel that does not compile must fail the build, not ship stale PTX.
+            Ok(s) => panic!("nvcc failed on {} ({s})", src.display()),
+            Err(e) => panic!("could not run {}: {e}", nvcc.display()),
+        }
+    }
+}
+
+fn pinned_nvcc() -> Option<PathBuf> {
+    let nvcc = std::env::var_os("FASTRM_NVCC")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("nvcc"));
+    let out = Command::new(&nvcc).arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if text.contains(PINNED) {
+        Some(nvcc)
+    } else {
+        println!(
+            "cargo:warning=ignoring {} (not nvcc {PINNED}); using the checked-in PTX",
+            nvcc.display()
+        );
+        None
+    }
+}
+
+fn stale(out: &Path, inputs: &[&Path]) -> bool {
+    let Ok(t_out) = std::fs::metadata(out).and_then(|m| m.modified()) else {
+        return true;
+    };
+    inputs.iter().any(|p| {
+        std::fs::metadata(p)
+            .and_then(|m| m.modified())
+            .map_or(true, |t| t > t_out)
+    })
 }

@@ -13,6 +13,7 @@
 //! touching memory.
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::checkpoint::TensorRef;
 use crate::error::{Error, Result};
@@ -50,6 +51,29 @@ pub trait Backend {
     /// Tensor to host f32, row-major.
     fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
     fn zeros(&self, rows: usize, cols: usize) -> Result<Self::Tensor>;
+    /// `[rows, cols]` of `center + spread · u_i`, where `u_i ∈ [-1, 1)` is the i-th draw of
+    /// [`crate::model::SplitMix64`] seeded with `seed`: synthetic weights, made where they live
+    /// (on the GPU for a 7B model) and identical on every backend.
+    fn uniform(
+        &self,
+        rows: usize,
+        cols: usize,
+        seed: u64,
+        center: f32,
+        spread: f32,
+    ) -> Result<Self::Tensor> {
+        let mut rng = crate::model::SplitMix64::new(seed);
+        let data: Vec<f32> = (0..rows * cols)
+            .map(|_| center + spread * rng.uniform_sym())
+            .collect();
+        self.upload(&data, rows, cols)
+    }
+    /// Charges tensors allocated from now on to `tag` in the backend's memory breakdown and
+    /// returns the previous tag. Backends without a breakdown ignore it.
+    fn set_memory_tag(&self, tag: MemTag) -> MemTag {
+        let _ = tag;
+        MemTag::Activations
+    }
 
     /// `y = x · wᵀ (+ bias)`; x `[m, k]`, w `[n, k]` (PyTorch Linear layout), bias `[1, n]`.
     fn linear(
@@ -180,6 +204,38 @@ pub trait Backend {
     fn linear_wgrad(&self, dy: &Self::Tensor, x: &Self::Tensor) -> Result<Self::Tensor>;
     /// Column sums `[rows, cols]` → `[1, cols]` (a bias gradient).
     fn sum_rows(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
+}
+
+/// What a device allocation is for, in the memory breakdown (DESIGN §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum MemTag {
+    Activations = 0,
+    Weights = 1,
+    KvCache = 2,
+    /// Activations saved by a forward for the relevancy backward.
+    Saved = 3,
+    /// The FastRM head and its folded keys.
+    Head = 4,
+}
+
+impl MemTag {
+    pub const ALL: [MemTag; 5] = [
+        MemTag::Activations,
+        MemTag::Weights,
+        MemTag::KvCache,
+        MemTag::Saved,
+        MemTag::Head,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            MemTag::Activations => "activations",
+            MemTag::Weights => "weights",
+            MemTag::KvCache => "kv cache",
+            MemTag::Saved => "saved for backward",
+            MemTag::Head => "fastrm head",
+        }
+    }
 }
 
 /// Which head-averaged map of the attention probabilities `A` and their gradient `∂s/∂A` an

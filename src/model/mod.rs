@@ -59,8 +59,7 @@ impl<B: Backend> WeightSource<B> for Synthetic {
         rows: usize,
         cols: usize,
     ) -> Result<B::Tensor> {
-        let mut rng = SplitMix64::new(self.seed ^ fnv1a(hub_name.as_bytes()));
-        let n = rows * cols;
+        let seed = self.seed ^ fnv1a(hub_name.as_bytes());
         let is_norm = hub_name.ends_with("norm.weight")
             || hub_name.contains("layer_norm")
             || hub_name.contains("layrnorm.weight");
@@ -69,13 +68,11 @@ impl<B: Backend> WeightSource<B> for Synthetic {
         } else {
             shape.first().copied().unwrap_or(1)
         };
-        let data: Vec<f32> = if is_norm && hub_name.ends_with("weight") {
-            (0..n).map(|_| 1.0 + 0.1 * rng.uniform_sym()).collect()
+        if is_norm && hub_name.ends_with("weight") {
+            b.uniform(rows, cols, seed, 1.0, 0.1)
         } else {
-            let spread = (3.0 / fan_in as f32).sqrt();
-            (0..n).map(|_| spread * rng.uniform_sym()).collect()
-        };
-        b.upload(&data, rows, cols)
+            b.uniform(rows, cols, seed, 0.0, (3.0 / fan_in as f32).sqrt())
+        }
     }
 }
 

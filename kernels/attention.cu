@@ -1,0 +1,122 @@
+// Attention forward. Two paths, chosen by the launcher:
+//  * many queries (prefill, vision tower): cuBLAS writes the scores S = Q K^T (f32, [H, n_q, kv]);
+//    `attn_softmax_fwd` turns each row into probabilities P (storage type) with the scale, the
+//    causal mask and an optional key mask; cuBLAS then forms P V.
+//  * few queries (decode): flash-decoding. `attn_decode_fwd` gives each (head, key chunk, query) a
+//    block that keeps its chunk's scores in shared memory and writes a partial (max m, sum l,
+//    unnormalised output o); `attn_decode_combine` merges the chunks of each (query, head).
+// Masks: query i sits at position q_pos0 + i and sees keys 0 ..= q_pos0 + i (q_pos0 < 0: every
+// key); `key_keep` (nullable, one byte per key) hides keys whose byte is 0 from every query.
+// A query that sees no key at all gets a zero output.
+#include "common.cuh"
+
+__device__ __forceinline__ int visible_keys(int q_pos0, int i, int kv_len) {
+    return q_pos0 < 0 ? kv_len : min(kv_len, q_pos0 + i + 1);
+}
+
+// grid: (H * n_q rows of S, row r = h * n_q + i), block: 256. Reads S [H*n_q, kv_len] f32,
+// writes P [H*n_q, kv_len].
+template <typename T>
+__device__ void attn_softmax_fwd_impl(T* p, const float* s, int n_q, int kv_len, int q_pos0, float scale,
+                                      const unsigned char* key_keep) {
+    __shared__ float scratch[32];
+    const long long r = blockIdx.x;
+    const int i = (int)(r % n_q);
+    const int vis = visible_keys(q_pos0, i, kv_len);
+    const float* sr = s + r * kv_len;
+    T* pr = p + r * kv_len;
+    float mx = -INFINITY;
+    for (int j = threadIdx.x; j < vis; j += blockDim.x)
+        if (!key_keep || key_keep[j]) mx = fmaxf(mx, sr[j] * scale);
+    mx = block_max(mx, scratch);
+    float sum = 0.f;
+    for (int j = threadIdx.x; j < vis; j += blockDim.x)
+        if (!key_keep || key_keep[j]) sum += expf(sr[j] * scale - mx);
+    sum = block_sum(sum, scratch);
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    for (int j = threadIdx.x; j < kv_len; j += blockDim.x) {
+        const bool on = j < vis && (!key_keep || key_keep[j]);
+        pr[j] = from_f32<T>(on ? expf(sr[j] * scale - mx) * inv : 0.f);
+    }
+}
+#define SOFTMAX_PARAMS(T) (T* p, const float* s, int n_q, int kv_len, int q_pos0, float scale, const unsigned char* key_keep)
+FASTRM_INSTANTIATE(attn_softmax_fwd, SOFTMAX_PARAMS, (p, s, n_q, kv_len, q_pos0, scale, key_keep))
+
+// grid: (H, n_splits, n_q), block: a multiple of 32 (128), dynamic shared: (head_dim + chunk) f32.
+// q [n_q, H*d], k/v [>= kv_len, Hkv*d]; writes part_o [n_q*H*n_splits, d] and part_ml
+// [n_q*H*n_splits, 2] (f32), entry (i*H + h)*n_splits + split.
+template <typename T>
+__device__ void attn_decode_fwd_impl(float* part_o, float* part_ml, const T* q, const T* k, const T* v,
+                                     int kv_len, int n_heads, int n_kv_heads, int d, int q_pos0,
+                                     float scale, int chunk, const unsigned char* key_keep) {
+    extern __shared__ float smem[];
+    float* qs = smem;          // [d]
+    float* sc = smem + d;      // [chunk]
+    __shared__ float scratch[32];
+    const int h = blockIdx.x, split = blockIdx.y, i = blockIdx.z, n_splits = gridDim.y;
+    const int kvh = h / (n_heads / n_kv_heads);
+    const int qcols = n_heads * d, kcols = n_kv_heads * d;
+    const int vis = visible_keys(q_pos0, i, kv_len);
+    const int j0 = split * chunk, j1 = min(j0 + chunk, vis);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+    for (int t = threadIdx.x; t < d; t += blockDim.x) qs[t] = to_f32(q[(long long)i * qcols + h * d + t]);
+    __syncthreads();
+    for (int j = j0 + warp; j < j1; j += n_warps) {
+        const T* kr = k + (long long)j * kcols + kvh * d;
+        float dot = 0.f;
+        for (int t = lane; t < d; t += 32) dot += qs[t] * to_f32(kr[t]);
+        dot = warp_sum(dot);
+        if (lane == 0) sc[j - j0] = (!key_keep || key_keep[j]) ? dot * scale : -INFINITY;
+    }
+    __syncthreads();
+    float mx = -INFINITY;
+    for (int j = j0 + threadIdx.x; j < j1; j += blockDim.x) mx = fmaxf(mx, sc[j - j0]);
+    mx = block_max(mx, scratch);
+    float sum = 0.f;
+    for (int j = j0 + threadIdx.x; j < j1; j += blockDim.x) {
+        const float e = mx == -INFINITY ? 0.f : expf(sc[j - j0] - mx);
+        sc[j - j0] = e;
+        sum += e;
+    }
+    sum = block_sum(sum, scratch);  // its leading barrier also publishes sc
+    const long long part = ((long long)i * n_heads + h) * n_splits + split;
+    for (int t = threadIdx.x; t < d; t += blockDim.x) {
+        float acc = 0.f;
+        for (int j = j0; j < j1; ++j) acc += sc[j - j0] * to_f32(v[(long long)j * kcols + kvh * d + t]);
+        part_o[part * d + t] = acc;
+    }
+    if (threadIdx.x == 0) {
+        part_ml[2 * part] = mx;
+        part_ml[2 * part + 1] = sum;
+    }
+}
+#define DECODE_PARAMS(T) (float* part_o, float* part_ml, const T* q, const T* k, const T* v, int kv_len, int n_heads, \
+                          int n_kv_heads, int d, int q_pos0, float scale, int chunk, const unsigned char* key_keep)
+FASTRM_INSTANTIATE(attn_decode_fwd, DECODE_PARAMS,
+                   (part_o, part_ml, q, k, v, kv_len, n_heads, n_kv_heads, d, q_pos0, scale, chunk, key_keep))
+
+// grid: (H, n_q), block: any. Writes out [n_q, H*d].
+template <typename T>
+__device__ void attn_decode_combine_impl(T* out, const float* part_o, const float* part_ml, int n_heads, int d,
+                                         int n_splits) {
+    const int h = blockIdx.x, i = blockIdx.y;
+    const long long base = ((long long)i * n_heads + h) * n_splits;
+    float m = -INFINITY;
+    for (int s = 0; s < n_splits; ++s) m = fmaxf(m, part_ml[2 * (base + s)]);
+    float l = 0.f;
+    for (int s = 0; s < n_splits; ++s) {
+        const float ms = part_ml[2 * (base + s)];
+        if (ms != -INFINITY) l += part_ml[2 * (base + s) + 1] * expf(ms - m);
+    }
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    for (int t = threadIdx.x; t < d; t += blockDim.x) {
+        float acc = 0.f;
+        for (int s = 0; s < n_splits; ++s) {
+            const float ms = part_ml[2 * (base + s)];
+            if (ms != -INFINITY) acc += part_o[(base + s) * d + t] * expf(ms - m);
+        }
+        out[(long long)i * n_heads * d + h * d + t] = from_f32<T>(acc * inv);
+    }
+}
+#define COMBINE_PARAMS(T) (T* out, const float* part_o, const float* part_ml, int n_heads, int d, int n_splits)
+FASTRM_INSTANTIATE(attn_decode_combine, COMBINE_PARAMS, (out, part_o, part_ml, n_heads, d, n_splits))

@@ -1,0 +1,45 @@
+// Gathers and reductions that index rather than compute.
+//   embedding_fwd: out[r, :] = table[ids[r], :]          grid: (n rows), block: any
+//   argmax_rows:   out[r] = first index of the row maximum (NaN never wins, as the CPU backend)
+#include "common.cuh"
+
+template <typename T>
+__device__ void embedding_fwd_impl(T* out, const T* table, const unsigned int* ids, int d) {
+    const long long r = blockIdx.x;
+    const T* src = table + (long long)ids[r] * d;
+    for (int t = threadIdx.x; t < d; t += blockDim.x) out[r * d + t] = src[t];
+}
+#define EMB_PARAMS(T) (T* out, const T* table, const unsigned int* ids, int d)
+FASTRM_INSTANTIATE(embedding_fwd, EMB_PARAMS, (out, table, ids, d))
+
+// grid: (rows), block: 256 (a power of two).
+template <typename T>
+__device__ void argmax_rows_impl(unsigned int* out, const T* x, int cols) {
+    __shared__ float sv[256];
+    __shared__ int si[256];
+    const T* xr = x + (long long)blockIdx.x * cols;
+    float best = NAN;
+    int bi = cols;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        const float v = to_f32(xr[c]);
+        if (!isnan(v) && (isnan(best) || v > best)) { best = v; bi = c; }
+    }
+    sv[threadIdx.x] = best;
+    si[threadIdx.x] = bi;
+    __syncthreads();
+    for (int s = blockDim.x >> 1; s > 0; s >>= 1) {
+        if (threadIdx.x < s) {
+            const float ov = sv[threadIdx.x + s];
+            const int oi = si[threadIdx.x + s];
+            const float mv = sv[threadIdx.x];
+            const int mi = si[threadIdx.x];
+            const bool take = !isnan(ov) && (isnan(mv) || ov > mv || (ov == mv && oi < mi));
+            if (take) { sv[threadIdx.x] = ov; si[threadIdx.x] = oi; }
+        }
+        __syncthreads();
+    }
+    // An all-NaN row: index 0, as the CPU backend.
+    if (threadIdx.x == 0) out[blockIdx.x] = si[0] == cols ? 0u : (unsigned int)si[0];
+}
+#define ARGMAX_PARAMS(T) (unsigned int* out, const T* x, int cols)
+FASTRM_INSTANTIATE(argmax_rows, ARGMAX_PARAMS, (out, x, cols))

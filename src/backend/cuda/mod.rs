@@ -1,0 +1,484 @@
+//! The CUDA backend (DESIGN §2, §6): tensors in f16, bf16 or f32 storage with f32 arithmetic,
+//! cuBLAS GEMMs (f32 accumulation) and our kernels from `kernels/*.cu`, embedded as PTX.
+//!
+//! Everything runs in order on one stream. cudarc's per-buffer event tracking is switched off
+//! (it exists for multi-stream programs and costs an event per launch argument), so kernels take
+//! raw device pointers; every launcher checks shapes before it builds a launch.
+//!
+//! Memory: allocations come from the device's stream-ordered pool with its release threshold set
+//! to "never", so after the first decode step the pool already holds every block the loop needs
+//! and the loop makes no `cudaMalloc` — the arena of DESIGN §6 without a hand-written allocator.
+//! A [`Ledger`] attributes every live byte to a [`MemTag`] (weights, KV cache, activations, saved
+//! tensors, head) and keeps each tag's peak, for the breakdown `--memory` and `profile` print.
+//!
+//! Where the driver, cuBLAS or a GPU is missing, [`Cuda::new`] returns an error naming what is
+//! missing; nothing here panics on a machine without CUDA.
+
+mod ops;
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
+use cudarc::driver::{
+    result as drv, sys as drv_sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream,
+    DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
+use cudarc::nvrtc::Ptx;
+use half::{bf16, f16};
+
+use crate::backend::MemTag;
+use crate::error::{Error, Result};
+
+/// The kernels, compiled to PTX by `build.rs` / `tools/ptx.sh` from `kernels/*.cu`.
+pub const PTX: &[(&str, &str)] = &[
+    (
+        "attention",
+        include_str!("../../../kernels/ptx/attention.ptx"),
+    ),
+    (
+        "elementwise",
+        include_str!("../../../kernels/ptx/elementwise.ptx"),
+    ),
+    ("fastrm", include_str!("../../../kernels/ptx/fastrm.ptx")),
+    ("misc", include_str!("../../../kernels/ptx/misc.ptx")),
+    ("norm", include_str!("../../../kernels/ptx/norm.ptx")),
+    ("rope", include_str!("../../../kernels/ptx/rope.ptx")),
+];
+
+/// A storage type: the kernels exist as `<op>_<NAME>` for each.
+pub trait Elem:
+    DeviceRepr + ValidAsZeroBits + Copy + Default + Send + Sync + std::fmt::Debug + 'static
+{
+    const NAME: &'static str;
+    const BLAS: blas_sys::cudaDataType;
+    fn from_f32(x: f32) -> Self;
+    fn to_f32(self) -> f32;
+}
+
+impl Elem for f32 {
+    const NAME: &'static str = "f32";
+    const BLAS: blas_sys::cudaDataType = blas_sys::cudaDataType::CUDA_R_32F;
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl Elem for f16 {
+    const NAME: &'static str = "f16";
+    const BLAS: blas_sys::cudaDataType = blas_sys::cudaDataType::CUDA_R_16F;
+    fn from_f32(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+}
+
+impl Elem for bf16 {
+    const NAME: &'static str = "bf16";
+    const BLAS: blas_sys::cudaDataType = blas_sys::cudaDataType::CUDA_R_16BF;
+    fn from_f32(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+}
+
+/// Live and peak bytes per [`MemTag`].
+#[derive(Default)]
+pub struct Ledger {
+    tag: AtomicU8,
+    live: [AtomicUsize; MemTag::ALL.len()],
+    peak: [AtomicUsize; MemTag::ALL.len()],
+    total_peak: AtomicUsize,
+}
+
+impl Ledger {
+    fn add(&self, tag: MemTag, bytes: usize) {
+        let i = tag as usize;
+        let now = self.live[i].fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.peak[i].fetch_max(now, Ordering::Relaxed);
+        let total: usize = self.live.iter().map(|l| l.load(Ordering::Relaxed)).sum();
+        self.total_peak.fetch_max(total, Ordering::Relaxed);
+    }
+    fn sub(&self, tag: MemTag, bytes: usize) {
+        self.live[tag as usize].fetch_sub(bytes, Ordering::Relaxed);
+    }
+    fn current(&self) -> MemTag {
+        MemTag::ALL[self.tag.load(Ordering::Relaxed) as usize]
+    }
+    /// `(tag, live bytes, peak bytes)` for every tag, then the peak of the sum.
+    pub fn report(&self) -> (Vec<(MemTag, usize, usize)>, usize) {
+        let rows = MemTag::ALL
+            .iter()
+            .map(|&t| {
+                let i = t as usize;
+                (
+                    t,
+                    self.live[i].load(Ordering::Relaxed),
+                    self.peak[i].load(Ordering::Relaxed),
+                )
+            })
+            .collect();
+        (rows, self.total_peak.load(Ordering::Relaxed))
+    }
+}
+
+/// A device matrix `[rows, cols]`, row-major. Its bytes stay charged to the tag that was current
+/// when it was allocated until it is dropped.
+pub struct CudaTensor<T: Elem> {
+    buf: CudaSlice<T>,
+    rows: usize,
+    cols: usize,
+    tag: MemTag,
+    ledger: Arc<Ledger>,
+}
+
+impl<T: Elem> Drop for CudaTensor<T> {
+    fn drop(&mut self) {
+        self.ledger
+            .sub(self.tag, self.buf.len() * std::mem::size_of::<T>());
+    }
+}
+
+impl<T: Elem> CudaTensor<T> {
+    pub fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+    fn len(&self) -> usize {
+        self.rows * self.cols
+    }
+}
+
+/// The CUDA backend over storage type `T` (`f16`, `bf16`, or `f32` for tight parity tests).
+pub struct Cuda<T: Elem> {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    modules: Vec<Arc<CudaModule>>,
+    functions: RefCell<HashMap<&'static str, CudaFunction>>,
+    inv_freq: RefCell<HashMap<(usize, u32), CudaSlice<f32>>>,
+    ledger: Arc<Ledger>,
+    /// Fill every new allocation with NaN bytes (tests): a kernel that forgets to write an output
+    /// element then shows up as NaN instead of passing on leftover zeros.
+    poison: bool,
+    _t: PhantomData<T>,
+}
+
+fn drv_err(what: &str, e: drv::DriverError) -> Error {
+    if e.0 == drv_sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+        Error::Backend(format!("out of GPU memory ({what})"))
+    } else {
+        Error::Backend(format!("CUDA {what}: {e:?}"))
+    }
+}
+
+fn blas_err(what: &str, e: blas::CublasError) -> Error {
+    Error::Backend(format!("cuBLAS {what}: {e:?}"))
+}
+
+/// Why this machine cannot run the CUDA backend, or `None` when it can (a driver, cuBLAS and at
+/// least one GPU). Cheap enough for tests to call before each GPU test.
+pub fn unavailable() -> Option<String> {
+    // SAFETY: these only try to dlopen the libraries; nothing is called through them.
+    if !unsafe { drv_sys::is_culib_present() } {
+        return Some("no CUDA driver (libcuda.so) on this machine".into());
+    }
+    if !unsafe { blas_sys::is_culib_present() } {
+        return Some("cuBLAS (libcublas) not found; add the CUDA 13 libraries to the library path (e.g. /usr/local/cuda/lib64)".into());
+    }
+    match CudaContext::device_count() {
+        Ok(n) if n > 0 => None,
+        Ok(_) => Some("the CUDA driver sees no GPU".into()),
+        Err(e) => Some(format!("the CUDA driver failed to start: {e:?}")),
+    }
+}
+
+impl<T: Elem> Cuda<T> {
+    /// Opens GPU `ordinal`: context, one stream, cuBLAS, and every kernel module.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        if let Some(why) = unavailable() {
+            return Err(Error::Backend(format!(
+                "--device cuda: {why}; use --device cpu"
+            )));
+        }
+        let n = CudaContext::device_count().map_err(|e| drv_err("device count", e))? as usize;
+        if ordinal >= n {
+            return Err(Error::Backend(format!(
+                "GPU {ordinal} does not exist ({n} visible)"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| drv_err("context", e))?;
+        // SAFETY: one stream only, and every buffer is used on it; see the module docs.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(|e| drv_err("stream", e))?;
+        keep_pool_memory(&ctx)?;
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| blas_err("init", e))?;
+        let modules = PTX
+            .iter()
+            .map(|(name, src)| {
+                ctx.load_module(Ptx::from_src(*src))
+                    .map_err(|e| drv_err(&format!("loading kernels {name}.ptx"), e))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Cuda {
+            ctx,
+            stream,
+            blas,
+            modules,
+            functions: RefCell::new(HashMap::new()),
+            inv_freq: RefCell::new(HashMap::new()),
+            ledger: Arc::new(Ledger::default()),
+            poison: false,
+            _t: PhantomData,
+        })
+    }
+
+    /// Poisons every new allocation with NaN bytes (for tests).
+    pub fn poisoned(mut self) -> Self {
+        self.poison = true;
+        self
+    }
+
+    pub fn device_name(&self) -> String {
+        self.ctx.name().unwrap_or_else(|_| "unknown GPU".into())
+    }
+
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// Waits for all queued work (timing, host reads).
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| drv_err("synchronize", e))
+    }
+
+    /// A kernel by its op name; the storage type's suffix is added here.
+    fn func(&self, op: &'static str) -> Result<CudaFunction> {
+        if let Some(f) = self.functions.borrow().get(op) {
+            return Ok(f.clone());
+        }
+        let name = format!("{op}_{}", T::NAME);
+        let f = self
+            .modules
+            .iter()
+            .find_map(|m| m.load_function(&name).ok())
+            .ok_or_else(|| Error::Backend(format!("kernel {name} missing from the PTX")))?;
+        self.functions.borrow_mut().insert(op, f.clone());
+        Ok(f)
+    }
+
+    /// An uninitialised (or poisoned) `[rows, cols]` tensor, charged to the current tag.
+    fn alloc(&self, rows: usize, cols: usize) -> Result<CudaTensor<T>> {
+        let n = (rows * cols).max(1);
+        let bytes = n * std::mem::size_of::<T>();
+        // SAFETY: every op writes all of its output before any read; `poison` makes a kernel
+        // that does not show up in the tests.
+        let buf = unsafe { self.stream.alloc::<T>(n) }.map_err(|e| {
+            drv_err(
+                &format!(
+                    "allocating {:.1} MB for a [{rows}, {cols}] tensor ({})",
+                    bytes as f64 / 1e6,
+                    self.ledger.current().name()
+                ),
+                e,
+            )
+        })?;
+        if self.poison {
+            let (p, _) = buf.device_ptr(&self.stream);
+            // SAFETY: p is this fresh allocation of `bytes` bytes on our stream.
+            unsafe { drv::memset_d8_async(p, 0xff, bytes, self.stream.cu_stream()) }
+                .map_err(|e| drv_err("poison", e))?;
+        }
+        let tag = self.ledger.current();
+        self.ledger.add(tag, bytes);
+        Ok(CudaTensor {
+            buf,
+            rows,
+            cols,
+            tag,
+            ledger: self.ledger.clone(),
+        })
+    }
+
+    fn scratch<U: DeviceRepr>(&self, n: usize) -> Result<CudaSlice<U>> {
+        // SAFETY: scratch buffers are written by the kernel they are made for before any read.
+        unsafe { self.stream.alloc::<U>(n.max(1)) }
+            .map_err(|e| drv_err(&format!("allocating {n} scratch values"), e))
+    }
+
+    fn ptr(&self, t: &CudaTensor<T>) -> u64 {
+        t.buf.device_ptr(&self.stream).0
+    }
+
+    fn raw<U>(&self, s: &CudaSlice<U>) -> u64 {
+        s.device_ptr(&self.stream).0
+    }
+
+    /// Launches `op` with `args` (each a reference to a `DeviceRepr` value: raw pointers as u64).
+    fn launch(&self, op: &'static str, cfg: LaunchConfig, args: &[&dyn KernelArg]) -> Result<()> {
+        let f = self.func(op)?;
+        let mut b = self.stream.launch_builder(&f);
+        for a in args {
+            a.push(&mut b);
+        }
+        // SAFETY: each launcher checks the shapes its kernel indexes with before calling here,
+        // and passes pointers to live buffers of at least those sizes.
+        unsafe { b.launch(cfg) }
+            .map(|_| ())
+            .map_err(|e| drv_err(&format!("launching {op}_{}", T::NAME), e))
+    }
+
+    /// One cuBLAS GEMM (column-major, as cuBLAS sees it) with f32 accumulation; `c_f32` writes
+    /// an f32 output instead of `T`. `batch > 1` strides every operand.
+    fn gemm(&self, g: Gemm) -> Result<()> {
+        let (alpha, beta) = (g.alpha, 0.0f32);
+        let op = |t: bool| {
+            if t {
+                blas_sys::cublasOperation_t::CUBLAS_OP_T
+            } else {
+                blas_sys::cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        let c_type = if g.c_f32 {
+            blas_sys::cudaDataType::CUDA_R_32F
+        } else {
+            T::BLAS
+        };
+        // SAFETY: the callers derive every dimension, leading dimension and stride from checked
+        // tensor shapes, so cuBLAS stays inside the buffers behind a, b and c.
+        unsafe {
+            blas::gemm_strided_batched_ex(
+                *self.blas.handle(),
+                op(g.ta),
+                op(g.tb),
+                g.m as i32,
+                g.n as i32,
+                g.k as i32,
+                (&alpha) as *const f32 as *const _,
+                g.a as *const _,
+                T::BLAS,
+                g.lda as i32,
+                g.sa as i64,
+                g.b as *const _,
+                T::BLAS,
+                g.ldb as i32,
+                g.sb as i64,
+                (&beta) as *const f32 as *const _,
+                g.c as *mut _,
+                c_type,
+                g.ldc as i32,
+                g.sc as i64,
+                g.batch as i32,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| blas_err("gemm", e))
+    }
+
+    /// The RoPE inverse frequencies for `(head_dim, theta)`, uploaded once.
+    fn inv_freq(&self, head_dim: usize, theta: f32) -> Result<u64> {
+        let key = (head_dim, theta.to_bits());
+        if let Some(s) = self.inv_freq.borrow().get(&key) {
+            return Ok(self.raw(s));
+        }
+        let host = crate::backend::cpu::rope_inv_freq(head_dim, theta);
+        let s = self
+            .stream
+            .clone_htod(&host)
+            .map_err(|e| drv_err("upload", e))?;
+        let p = self.raw(&s);
+        self.inv_freq.borrow_mut().insert(key, s);
+        Ok(p)
+    }
+}
+
+/// Lets the pool keep freed blocks instead of returning them to the driver at each
+/// synchronisation, so steady-state decoding never allocates from the driver.
+fn keep_pool_memory(ctx: &Arc<CudaContext>) -> Result<()> {
+    let mut pool: drv_sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold: u64 = u64::MAX;
+    // SAFETY: plain driver calls on the context's own device with valid out-pointers.
+    unsafe {
+        drv_sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+            .result()
+            .map_err(|e| drv_err("memory pool", e))?;
+        drv_sys::cuMemPoolSetAttribute(
+            pool,
+            drv_sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold) as *mut u64 as *mut _,
+        )
+        .result()
+        .map_err(|e| drv_err("memory pool threshold", e))?;
+    }
+    Ok(())
+}
+
+/// cuBLAS's view of one product `C = op(A)·op(B)` (column-major; pointers are raw device
+/// addresses, strides in elements).
+struct Gemm {
+    ta: bool,
+    tb: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: u64,
+    lda: usize,
+    sa: usize,
+    b: u64,
+    ldb: usize,
+    sb: usize,
+    c: u64,
+    ldc: usize,
+    sc: usize,
+    batch: usize,
+    alpha: f32,
+    c_f32: bool,
+}
+
+/// A kernel argument: anything cudarc can push by reference.
+trait KernelArg {
+    fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>);
+}
+
+impl<V: DeviceRepr> KernelArg for V {
+    fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>) {
+        b.arg(self);
+    }
+}
+
+fn grid_1d(n: usize, block: u32) -> LaunchConfig {
+    let blocks = n.div_ceil(block as usize).clamp(1, 65_535) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn per_row(rows: usize, block: u32, shared: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: shared,
+    }
+}

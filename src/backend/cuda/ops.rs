@@ -1,0 +1,881 @@
+//! The op set on the GPU: shape checks first, then one launch (or one cuBLAS call) per op.
+//!
+//! Row-major `[rows, cols]` tensors are, to column-major cuBLAS, their transposes; every product
+//! below is written as the transposed product cuBLAS computes (`yᵀ = w·xᵀ` for `y = x·wᵀ`).
+
+use cudarc::driver::LaunchConfig;
+
+use super::{grid_1d, per_row, Cuda, CudaTensor, Elem, Gemm};
+use crate::backend::{shape_err, AttnGrads, AttnShape, Backend, Cam, MemTag};
+use crate::checkpoint::TensorRef;
+use crate::error::{Error, Result};
+
+const NORM_BLOCK: u32 = 256;
+/// Query rows up to which attention takes the flash-decoding kernels rather than cuBLAS.
+const DECODE_MAX_QUERIES: usize = 8;
+/// Keys per block in the decoding kernel.
+const DECODE_CHUNK: usize = 128;
+
+fn same(op: &str, a: (usize, usize), b: (usize, usize)) -> Result<()> {
+    if a != b {
+        return Err(shape_err(op, format!("shapes {a:?} and {b:?} differ")));
+    }
+    Ok(())
+}
+
+fn row_vec(op: &str, v: (usize, usize), cols: usize) -> Result<()> {
+    if v != (1, cols) {
+        return Err(shape_err(op, format!("expected [1, {cols}], got {v:?}")));
+    }
+    Ok(())
+}
+
+fn i32_dim(op: &str, n: usize) -> Result<i32> {
+    i32::try_from(n)
+        .map_err(|_| shape_err(op, format!("dimension {n} exceeds the kernels' i32 range")))
+}
+
+impl<T: Elem> Cuda<T> {
+    fn unary(&self, op: &'static str, x: &CudaTensor<T>) -> Result<CudaTensor<T>> {
+        let out = self.alloc(x.rows, x.cols)?;
+        let n = x.len() as i64;
+        self.launch(
+            op,
+            grid_1d(x.len(), 256),
+            &[&self.ptr(&out), &self.ptr(x), &n],
+        )?;
+        Ok(out)
+    }
+
+    fn rotate(
+        &self,
+        x: &CudaTensor<T>,
+        head_dim: usize,
+        pos0: usize,
+        theta: f32,
+        sign: f32,
+    ) -> Result<CudaTensor<T>> {
+        if head_dim == 0 || head_dim % 2 != 0 || x.cols % head_dim != 0 {
+            return Err(shape_err(
+                "rope",
+                format!(
+                    "{} columns do not split into heads of even size {head_dim}",
+                    x.cols
+                ),
+            ));
+        }
+        let inv = self.inv_freq(head_dim, theta)?;
+        let out = self.alloc(x.rows, x.cols)?;
+        if x.rows > 0 {
+            let (cols, hd, p0) = (
+                i32_dim("rope", x.cols)?,
+                head_dim as i32,
+                i32_dim("rope", pos0 + x.rows)? - x.rows as i32,
+            );
+            self.launch(
+                "rope_fwd",
+                per_row(x.rows, 128, 0),
+                &[&self.ptr(&out), &self.ptr(x), &inv, &cols, &hd, &p0, &sign],
+            )?;
+        }
+        Ok(out)
+    }
+
+    /// The shared body of attention with and without a key mask (`key_keep`: one flag per key).
+    pub(crate) fn attention_impl(
+        &self,
+        q: &CudaTensor<T>,
+        k: &CudaTensor<T>,
+        v: &CudaTensor<T>,
+        s: AttnShape,
+        key_keep: Option<&[bool]>,
+    ) -> Result<CudaTensor<T>> {
+        let (h, hk, d) = (s.n_heads, s.n_kv_heads, s.head_dim);
+        if h == 0
+            || hk == 0
+            || h % hk != 0
+            || q.cols != h * d
+            || k.cols != hk * d
+            || v.cols != hk * d
+        {
+            return Err(shape_err(
+                "attention",
+                format!(
+                    "q {:?}, k {:?}, v {:?} do not fit {h} heads / {hk} kv heads of {d}",
+                    q.dims(),
+                    k.dims(),
+                    v.dims()
+                ),
+            ));
+        }
+        if k.rows < s.kv_len || v.rows < s.kv_len || s.kv_len == 0 {
+            return Err(shape_err(
+                "attention",
+                format!(
+                    "kv_len {} with k rows {}, v rows {}",
+                    s.kv_len, k.rows, v.rows
+                ),
+            ));
+        }
+        if d > 1024 {
+            return Err(shape_err("attention", format!("head_dim {d} over 1024")));
+        }
+        let kv = s.kv_len;
+        let keep = match key_keep {
+            Some(m) if m.len() < kv => {
+                return Err(shape_err(
+                    "attention",
+                    format!("key mask of {} for {kv} keys", m.len()),
+                ))
+            }
+            Some(m) => {
+                let bytes: Vec<u8> = m[..kv].iter().map(|&b| b as u8).collect();
+                Some(
+                    self.stream
+                        .clone_htod(&bytes)
+                        .map_err(|e| super::drv_err("upload", e))?,
+                )
+            }
+            None => None,
+        };
+        let keep_ptr: u64 = keep.as_ref().map_or(0, |b| self.raw(b));
+        let q_pos0: i32 = match s.causal_q_pos0 {
+            Some(p) => i32_dim("attention", p)?,
+            None => -1,
+        };
+        let scale = 1.0 / (d as f32).sqrt();
+        let nq = q.rows;
+        let out = self.alloc(nq, q.cols)?;
+        if nq == 0 {
+            return Ok(out);
+        }
+        let (kv_i, h_i, hk_i, d_i) = (i32_dim("attention", kv)?, h as i32, hk as i32, d as i32);
+        if nq <= DECODE_MAX_QUERIES {
+            let splits = kv.div_ceil(DECODE_CHUNK);
+            let parts = nq * h * splits;
+            let part_o = self.scratch::<f32>(parts * d)?;
+            let part_ml = self.scratch::<f32>(parts * 2)?;
+            let chunk = DECODE_CHUNK as i32;
+            let cfg = LaunchConfig {
+                grid_dim: (h as u32, splits as u32, nq as u32),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: ((d + DECODE_CHUNK) * 4) as u32,
+            };
+            self.launch(
+                "attn_decode_fwd",
+                cfg,
+                &[
+                    &self.raw(&part_o),
+                    &self.raw(&part_ml),
+                    &self.ptr(q),
+                    &self.ptr(k),
+                    &self.ptr(v),
+                    &kv_i,
+                    &h_i,
+                    &hk_i,
+                    &d_i,
+                    &q_pos0,
+                    &scale,
+                    &chunk,
+                    &keep_ptr,
+                ],
+            )?;
+            let cfg = LaunchConfig {
+                grid_dim: (h as u32, nq as u32, 1),
+                block_dim: (d.next_multiple_of(32).min(1024) as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let n_splits = splits as i32;
+            self.launch(
+                "attn_decode_combine",
+                cfg,
+                &[
+                    &self.ptr(&out),
+                    &self.raw(&part_o),
+                    &self.raw(&part_ml),
+                    &h_i,
+                    &d_i,
+                    &n_splits,
+                ],
+            )?;
+            return Ok(out);
+        }
+        // Many queries: S = Q Kᵀ (f32) per head, softmax to P, O = P V. Heads are strided views
+        // of the packed columns; with grouped queries, query head h = g·kvh + j uses kv head kvh,
+        // so one batched call per j walks the kv heads with stride d.
+        let g = h / hk;
+        let esz = std::mem::size_of::<T>() as u64;
+        let scores = self.scratch::<f32>(h * nq * kv)?;
+        let probs = self.scratch::<T>(h * nq * kv)?;
+        let (qp, kp, vp, op) = (self.ptr(q), self.ptr(k), self.ptr(v), self.ptr(&out));
+        for j in 0..g {
+            self.gemm(Gemm {
+                ta: true,
+                tb: false,
+                m: kv,
+                n: nq,
+                k: d,
+                a: kp,
+                lda: hk * d,
+                sa: d,
+                b: qp + (j * d) as u64 * esz,
+                ldb: h * d,
+                sb: g * d,
+                c: self.raw(&scores) + (j * nq * kv * 4) as u64,
+                ldc: kv,
+                sc: g * nq * kv,
+                batch: hk,
+                alpha: 1.0,
+                c_f32: true,
+            })?;
+        }
+        let nq_i = i32_dim("attention", nq)?;
+        self.launch(
+            "attn_softmax_fwd",
+            per_row(h * nq, 256, 0),
+            &[
+                &self.raw(&probs),
+                &self.raw(&scores),
+                &nq_i,
+                &kv_i,
+                &q_pos0,
+                &scale,
+                &keep_ptr,
+            ],
+        )?;
+        for j in 0..g {
+            self.gemm(Gemm {
+                ta: false,
+                tb: false,
+                m: d,
+                n: nq,
+                k: kv,
+                a: vp,
+                lda: hk * d,
+                sa: d,
+                b: self.raw(&probs) + (j * nq * kv) as u64 * esz,
+                ldb: kv,
+                sb: g * nq * kv,
+                c: op + (j * d) as u64 * esz,
+                ldc: h * d,
+                sc: g * d,
+                batch: hk,
+                alpha: 1.0,
+                c_f32: false,
+            })?;
+        }
+        Ok(out)
+    }
+
+    /// Row-major `out[m, n] = a[m, k] · b` where `b` is `[k, n]` (`b_t = false`) or `[n, k]`
+    /// (`b_t = true`).
+    fn product(
+        &self,
+        a: &CudaTensor<T>,
+        b: &CudaTensor<T>,
+        b_t: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<CudaTensor<T>> {
+        let out = self.alloc(m, n)?;
+        if m == 0 || n == 0 {
+            return Ok(out);
+        }
+        if k == 0 {
+            return Err(shape_err("matmul", "inner dimension 0"));
+        }
+        self.gemm(Gemm {
+            ta: b_t,
+            tb: false,
+            m: n,
+            n: m,
+            k,
+            a: self.ptr(b),
+            lda: if b_t { k } else { n },
+            sa: 0,
+            b: self.ptr(a),
+            ldb: k,
+            sb: 0,
+            c: self.ptr(&out),
+            ldc: n,
+            sc: 0,
+            batch: 1,
+            alpha: 1.0,
+            c_f32: false,
+        })?;
+        Ok(out)
+    }
+
+    fn add_into(&self, out: &CudaTensor<T>, a: &CudaTensor<T>, b: &CudaTensor<T>) -> Result<()> {
+        let (n, blen) = (a.len() as i64, b.len().max(1) as i64);
+        self.launch(
+            "add_fwd",
+            grid_1d(a.len(), 256),
+            &[&self.ptr(out), &self.ptr(a), &self.ptr(b), &n, &blen],
+        )
+    }
+}
+
+impl<T: Elem> Backend for Cuda<T> {
+    type Tensor = CudaTensor<T>;
+
+    fn name(&self) -> String {
+        format!("cuda:{} ({})", T::NAME, self.device_name())
+    }
+
+    fn dims(&self, t: &CudaTensor<T>) -> (usize, usize) {
+        t.dims()
+    }
+
+    fn check_weight_memory(&self, n_values: usize) -> Result<()> {
+        let need = n_values as u64 * std::mem::size_of::<T>() as u64;
+        let (free, total) = self
+            .ctx
+            .mem_get_info()
+            .map_err(|e| super::drv_err("memory info", e))?;
+        if need > free as u64 {
+            return Err(Error::Backend(format!(
+                "the model's weights need {:.1} GB at {} but the GPU has {:.1} GB free of {:.1} GB",
+                need as f64 / 1e9,
+                T::NAME,
+                free as f64 / 1e9,
+                total as f64 / 1e9
+            )));
+        }
+        Ok(())
+    }
+
+    fn set_memory_tag(&self, tag: MemTag) -> MemTag {
+        let prev = self.ledger.current();
+        self.ledger
+            .tag
+            .store(tag as u8, std::sync::atomic::Ordering::Relaxed);
+        prev
+    }
+
+    fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor<T>> {
+        if data.len() != rows * cols {
+            return Err(shape_err(
+                "upload",
+                format!("{} values for [{rows}, {cols}]", data.len()),
+            ));
+        }
+        let host: Vec<T> = data.iter().map(|&v| T::from_f32(v)).collect();
+        let mut t = self.alloc(rows, cols)?;
+        if !host.is_empty() {
+            self.stream
+                .memcpy_htod(&host, &mut t.buf.slice_mut(0..host.len()))
+                .map_err(|e| super::drv_err("upload", e))?;
+        }
+        Ok(t)
+    }
+
+    fn load_weight(&self, t: &TensorRef<'_>, rows: usize, cols: usize) -> Result<CudaTensor<T>> {
+        let n: usize = t.shape.iter().product();
+        if n != rows * cols {
+            return Err(shape_err(
+                "load_weight",
+                format!(
+                    "{} of shape {:?} viewed as [{rows}, {cols}]",
+                    t.name, t.shape
+                ),
+            ));
+        }
+        self.upload(&t.to_f32(), rows, cols)
+    }
+
+    fn download(&self, t: &CudaTensor<T>) -> Result<Vec<f32>> {
+        let n = t.len();
+        let mut host = vec![T::default(); n];
+        if n > 0 {
+            self.stream
+                .memcpy_dtoh(&t.buf.slice(0..n), &mut host)
+                .map_err(|e| super::drv_err("download", e))?;
+            self.synchronize()?;
+        }
+        Ok(host.into_iter().map(T::to_f32).collect())
+    }
+
+    fn zeros(&self, rows: usize, cols: usize) -> Result<CudaTensor<T>> {
+        let mut t = self.alloc(rows, cols)?;
+        self.stream
+            .memset_zeros(&mut t.buf)
+            .map_err(|e| super::drv_err("memset", e))?;
+        Ok(t)
+    }
+
+    fn uniform(
+        &self,
+        rows: usize,
+        cols: usize,
+        seed: u64,
+        center: f32,
+        spread: f32,
+    ) -> Result<CudaTensor<T>> {
+        let out = self.alloc(rows, cols)?;
+        let n = out.len() as i64;
+        self.launch(
+            "fill_uniform",
+            grid_1d(out.len(), 256),
+            &[&self.ptr(&out), &n, &seed, &center, &spread],
+        )?;
+        Ok(out)
+    }
+
+    fn linear(
+        &self,
+        x: &CudaTensor<T>,
+        w: &CudaTensor<T>,
+        bias: Option<&CudaTensor<T>>,
+    ) -> Result<CudaTensor<T>> {
+        if x.cols != w.cols {
+            return Err(shape_err(
+                "linear",
+                format!("x {:?} · wᵀ with w {:?}", x.dims(), w.dims()),
+            ));
+        }
+        if let Some(b) = bias {
+            row_vec("linear bias", b.dims(), w.rows)?;
+        }
+        let y = self.product(x, w, true, x.rows, w.rows, x.cols)?;
+        if let Some(b) = bias {
+            if y.len() > 0 {
+                self.add_into(&y, &y, b)?;
+            }
+        }
+        Ok(y)
+    }
+
+    fn add(&self, a: &CudaTensor<T>, b: &CudaTensor<T>) -> Result<CudaTensor<T>> {
+        if b.dims() != a.dims() && b.dims() != (1, a.cols) {
+            return Err(shape_err("add", format!("{:?} + {:?}", a.dims(), b.dims())));
+        }
+        let out = self.alloc(a.rows, a.cols)?;
+        if a.len() > 0 {
+            self.add_into(&out, a, b)?;
+        }
+        Ok(out)
+    }
+
+    fn rms_norm(&self, x: &CudaTensor<T>, w: &CudaTensor<T>, eps: f32) -> Result<CudaTensor<T>> {
+        row_vec("rms_norm weight", w.dims(), x.cols)?;
+        let out = self.alloc(x.rows, x.cols)?;
+        if x.len() > 0 {
+            let cols = i32_dim("rms_norm", x.cols)?;
+            self.launch(
+                "rms_norm_fwd",
+                per_row(x.rows, NORM_BLOCK, 0),
+                &[&self.ptr(&out), &self.ptr(x), &self.ptr(w), &cols, &eps],
+            )?;
+        }
+        Ok(out)
+    }
+
+    fn layer_norm(
+        &self,
+        x: &CudaTensor<T>,
+        w: &CudaTensor<T>,
+        b: &CudaTensor<T>,
+        eps: f32,
+    ) -> Result<CudaTensor<T>> {
+        row_vec("layer_norm weight", w.dims(), x.cols)?;
+        row_vec("layer_norm bias", b.dims(), x.cols)?;
+        let out = self.alloc(x.rows, x.cols)?;
+        if x.len() > 0 {
+            let cols = i32_dim("layer_norm", x.cols)?;
+            self.launch(
+                "layer_norm_fwd",
+                per_row(x.rows, NORM_BLOCK, 0),
+                &[
+                    &self.ptr(&out),
+                    &self.ptr(x),
+                    &self.ptr(w),
+                    &self.ptr(b),
+                    &cols,
+                    &eps,
+                ],
+            )?;
+        }
+        Ok(out)
+    }
+
+    fn gelu(&self, x: &CudaTensor<T>) -> Result<CudaTensor<T>> {
+        self.unary("gelu_fwd", x)
+    }
+
+    fn quick_gelu(&self, x: &CudaTensor<T>) -> Result<CudaTensor<T>> {
+        self.unary("quick_gelu_fwd", x)
+    }
+
+    fn silu_mul(&self, gate: &CudaTensor<T>, up: &CudaTensor<T>) -> Result<CudaTensor<T>> {
+        same("silu_mul", gate.dims(), up.dims())?;
+        let out = self.alloc(gate.rows, gate.cols)?;
+        let n = gate.len() as i64;
+        self.launch(
+            "silu_mul_fwd",
+            grid_1d(gate.len(), 256),
+            &[&self.ptr(&out), &self.ptr(gate), &self.ptr(up), &n],
+        )?;
+        Ok(out)
+    }
+
+    fn rope(
+        &self,
+        x: &CudaTensor<T>,
+        head_dim: usize,
+        pos0: usize,
+        theta: f32,
+    ) -> Result<CudaTensor<T>> {
+        self.rotate(x, head_dim, pos0, theta, 1.0)
+    }
+
+    fn attention(
+        &self,
+        q: &CudaTensor<T>,
+        k: &CudaTensor<T>,
+        v: &CudaTensor<T>,
+        shape: AttnShape,
+    ) -> Result<CudaTensor<T>> {
+        self.attention_impl(q, k, v, shape, None)
+    }
+
+    fn embedding(&self, table: &CudaTensor<T>, ids: &[u32]) -> Result<CudaTensor<T>> {
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= table.rows) {
+            return Err(shape_err(
+                "embedding",
+                format!("token id {bad} outside the vocabulary of {}", table.rows),
+            ));
+        }
+        let out = self.alloc(ids.len(), table.cols)?;
+        if !ids.is_empty() {
+            let dev_ids = self
+                .stream
+                .clone_htod(ids)
+                .map_err(|e| super::drv_err("upload", e))?;
+            let d = i32_dim("embedding", table.cols)?;
+            self.launch(
+                "embedding_fwd",
+                per_row(ids.len(), 256, 0),
+                &[&self.ptr(&out), &self.ptr(table), &self.raw(&dev_ids), &d],
+            )?;
+        }
+        Ok(out)
+    }
+
+    fn slice_rows(&self, x: &CudaTensor<T>, start: usize, n: usize) -> Result<CudaTensor<T>> {
+        if start + n > x.rows {
+            return Err(shape_err(
+                "slice_rows",
+                format!("rows {start}..{} of {}", start + n, x.rows),
+            ));
+        }
+        let mut out = self.alloc(n, x.cols)?;
+        if n * x.cols > 0 {
+            let src = x.buf.slice(start * x.cols..(start + n) * x.cols);
+            self.stream
+                .memcpy_dtod(&src, &mut out.buf.slice_mut(0..n * x.cols))
+                .map_err(|e| super::drv_err("copy", e))?;
+        }
+        Ok(out)
+    }
+
+    fn copy_rows_into(
+        &self,
+        dst: &mut CudaTensor<T>,
+        dst_row: usize,
+        src: &CudaTensor<T>,
+    ) -> Result<()> {
+        if src.cols != dst.cols || dst_row + src.rows > dst.rows {
+            return Err(shape_err(
+                "copy_rows_into",
+                format!("{:?} at row {dst_row} of {:?}", src.dims(), dst.dims()),
+            ));
+        }
+        let n = src.len();
+        if n > 0 {
+            let c = dst.cols;
+            self.stream
+                .memcpy_dtod(
+                    &src.buf.slice(0..n),
+                    &mut dst.buf.slice_mut(dst_row * c..dst_row * c + n),
+                )
+                .map_err(|e| super::drv_err("copy", e))?;
+        }
+        Ok(())
+    }
+
+    fn argmax_rows(&self, x: &CudaTensor<T>) -> Result<Vec<u32>> {
+        if x.cols == 0 {
+            return Err(shape_err("argmax_rows", "tensor has no columns"));
+        }
+        if x.rows == 0 {
+            return Ok(Vec::new());
+        }
+        let out = self.scratch::<u32>(x.rows)?;
+        let cols = i32_dim("argmax_rows", x.cols)?;
+        self.launch(
+            "argmax_rows",
+            per_row(x.rows, 256, 0),
+            &[&self.raw(&out), &self.ptr(x), &cols],
+        )?;
+        let mut host = vec![0u32; x.rows];
+        self.stream
+            .memcpy_dtoh(&out, &mut host)
+            .map_err(|e| super::drv_err("download", e))?;
+        self.synchronize()?;
+        Ok(host)
+    }
+
+    fn fastrm_scores(
+        &self,
+        x: &CudaTensor<T>,
+        ln_w: &CudaTensor<T>,
+        ln_b: &CudaTensor<T>,
+        eps: f32,
+        folded: &CudaTensor<T>,
+        c: &CudaTensor<T>,
+        scale: f32,
+    ) -> Result<CudaTensor<T>> {
+        if folded.cols != x.cols {
+            return Err(shape_err(
+                "fastrm_scores",
+                format!("folded keys {:?} for hidden size {}", folded.dims(), x.cols),
+            ));
+        }
+        row_vec("fastrm_scores layer norm weight", ln_w.dims(), x.cols)?;
+        row_vec("fastrm_scores layer norm bias", ln_b.dims(), x.cols)?;
+        row_vec("fastrm_scores bias", c.dims(), folded.rows)?;
+        let (dm, p) = (x.cols, folded.rows);
+        let out = self.alloc(x.rows, p)?;
+        if x.rows == 0 || p == 0 {
+            return Ok(out);
+        }
+        // One warp per patch, eight per block: 72 blocks for LLaVA's 576 patches.
+        let per_block: i32 = 8;
+        let cfg = LaunchConfig {
+            grid_dim: (p.div_ceil(per_block as usize) as u32, x.rows as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: (dm * 4) as u32,
+        };
+        if dm * 4 > 48 * 1024 {
+            return Err(shape_err(
+                "fastrm_scores",
+                format!("hidden size {dm} over the kernel's 12288"),
+            ));
+        }
+        let (d_i, p_i) = (i32_dim("fastrm_scores", dm)?, i32_dim("fastrm_scores", p)?);
+        self.launch(
+            "fastrm_scores_fwd",
+            cfg,
+            &[
+                &self.ptr(&out),
+                &self.ptr(x),
+                &self.ptr(ln_w),
+                &self.ptr(ln_b),
+                &self.ptr(folded),
+                &self.ptr(c),
+                &d_i,
+                &p_i,
+                &eps,
+                &scale,
+                &per_block,
+            ],
+        )?;
+        Ok(out)
+    }
+
+    fn matmul(&self, a: &CudaTensor<T>, b: &CudaTensor<T>) -> Result<CudaTensor<T>> {
+        if a.cols != b.rows {
+            return Err(shape_err(
+                "matmul",
+                format!("{:?} · {:?}", a.dims(), b.dims()),
+            ));
+        }
+        self.product(a, b, false, a.rows, b.cols, a.cols)
+    }
+
+    fn linear_bwd(&self, dy: &CudaTensor<T>, w: &CudaTensor<T>) -> Result<CudaTensor<T>> {
+        if dy.cols != w.rows {
+            return Err(shape_err(
+                "linear_bwd",
+                format!("dy {:?} · w {:?}", dy.dims(), w.dims()),
+            ));
+        }
+        self.product(dy, w, false, dy.rows, w.cols, dy.cols)
+    }
+
+    fn rms_norm_bwd(
+        &self,
+        x: &CudaTensor<T>,
+        w: &CudaTensor<T>,
+        dy: &CudaTensor<T>,
+        eps: f32,
+    ) -> Result<CudaTensor<T>> {
+        row_vec("rms_norm_bwd weight", w.dims(), x.cols)?;
+        same("rms_norm_bwd", x.dims(), dy.dims())?;
+        let dx = self.alloc(x.rows, x.cols)?;
+        if x.len() > 0 {
+            let cols = i32_dim("rms_norm_bwd", x.cols)?;
+            self.launch(
+                "rms_norm_bwd",
+                per_row(x.rows, NORM_BLOCK, 0),
+                &[
+                    &self.ptr(&dx),
+                    &self.ptr(x),
+                    &self.ptr(w),
+                    &self.ptr(dy),
+                    &cols,
+                    &eps,
+                ],
+            )?;
+        }
+        Ok(dx)
+    }
+
+    fn silu_mul_bwd(
+        &self,
+        gate: &CudaTensor<T>,
+        up: &CudaTensor<T>,
+        dy: &CudaTensor<T>,
+    ) -> Result<(CudaTensor<T>, CudaTensor<T>)> {
+        same("silu_mul_bwd", gate.dims(), up.dims())?;
+        same("silu_mul_bwd", gate.dims(), dy.dims())?;
+        let dgate = self.alloc(gate.rows, gate.cols)?;
+        let dup = self.alloc(gate.rows, gate.cols)?;
+        let n = gate.len() as i64;
+        self.launch(
+            "silu_mul_bwd",
+            grid_1d(gate.len(), 256),
+            &[
+                &self.ptr(&dgate),
+                &self.ptr(&dup),
+                &self.ptr(gate),
+                &self.ptr(up),
+                &self.ptr(dy),
+                &n,
+            ],
+        )?;
+        Ok((dgate, dup))
+    }
+
+    fn rope_bwd(
+        &self,
+        dy: &CudaTensor<T>,
+        head_dim: usize,
+        pos0: usize,
+        theta: f32,
+    ) -> Result<CudaTensor<T>> {
+        self.rotate(dy, head_dim, pos0, theta, -1.0)
+    }
+
+    fn attention_bwd(
+        &self,
+        _q: &CudaTensor<T>,
+        _k: &CudaTensor<T>,
+        _v: &CudaTensor<T>,
+        _dout: &CudaTensor<T>,
+        _shape: AttnShape,
+        _cam: Option<Cam>,
+    ) -> Result<AttnGrads<CudaTensor<T>>> {
+        Err(Error::Backend(
+            "the attention backward (baseline and GradCAM maps) is not on the CUDA backend yet; \
+             use --device cpu for those methods"
+                .into(),
+        ))
+    }
+
+    fn layer_norm_bwd(
+        &self,
+        x: &CudaTensor<T>,
+        w: &CudaTensor<T>,
+        dy: &CudaTensor<T>,
+        eps: f32,
+    ) -> Result<(CudaTensor<T>, CudaTensor<T>, CudaTensor<T>)> {
+        row_vec("layer_norm_bwd weight", w.dims(), x.cols)?;
+        same("layer_norm_bwd", x.dims(), dy.dims())?;
+        let dx = self.alloc(x.rows, x.cols)?;
+        let dw = self.alloc(1, x.cols)?;
+        let db = self.alloc(1, x.cols)?;
+        let stats = self.scratch::<f32>(2 * x.rows)?;
+        let (rows, cols) = (
+            i32_dim("layer_norm_bwd", x.rows)?,
+            i32_dim("layer_norm_bwd", x.cols)?,
+        );
+        if x.rows > 0 {
+            self.launch(
+                "layer_norm_bwd",
+                per_row(x.rows, NORM_BLOCK, 0),
+                &[
+                    &self.ptr(&dx),
+                    &self.raw(&stats),
+                    &self.ptr(x),
+                    &self.ptr(w),
+                    &self.ptr(dy),
+                    &cols,
+                    &eps,
+                ],
+            )?;
+        }
+        self.launch(
+            "layer_norm_param_bwd",
+            grid_1d(x.cols, 256),
+            &[
+                &self.ptr(&dw),
+                &self.ptr(&db),
+                &self.raw(&stats),
+                &self.ptr(x),
+                &self.ptr(dy),
+                &rows,
+                &cols,
+            ],
+        )?;
+        Ok((dx, dw, db))
+    }
+
+    fn linear_wgrad(&self, dy: &CudaTensor<T>, x: &CudaTensor<T>) -> Result<CudaTensor<T>> {
+        if dy.rows != x.rows {
+            return Err(shape_err(
+                "linear_wgrad",
+                format!("dy {:?}ᵀ · x {:?}", dy.dims(), x.dims()),
+            ));
+        }
+        let (m, n, k) = (dy.rows, dy.cols, x.cols);
+        if m == 0 {
+            return self.zeros(n, k);
+        }
+        let out = self.alloc(n, k)?;
+        // dWᵀ [k, n] (column-major) = xᵀ · dy.
+        self.gemm(Gemm {
+            ta: false,
+            tb: true,
+            m: k,
+            n,
+            k: m,
+            a: self.ptr(x),
+            lda: k,
+            sa: 0,
+            b: self.ptr(dy),
+            ldb: n,
+            sb: 0,
+            c: self.ptr(&out),
+            ldc: k,
+            sc: 0,
+            batch: 1,
+            alpha: 1.0,
+            c_f32: false,
+        })?;
+        Ok(out)
+    }
+
+    fn sum_rows(&self, x: &CudaTensor<T>) -> Result<CudaTensor<T>> {
+        let out = self.alloc(1, x.cols)?;
+        let (rows, cols) = (i32_dim("sum_rows", x.rows)?, i32_dim("sum_rows", x.cols)?);
+        self.launch(
+            "sum_rows",
+            grid_1d(x.cols, 256),
+            &[&self.ptr(&out), &self.ptr(x), &rows, &cols],
+        )?;
+        Ok(out)
+    }
+}
