@@ -86,6 +86,34 @@ impl LlavaConfig {
         })
     }
 
+    /// The shapes of a published LLaVA-1.5 checkpoint, for synthetic (random-weight) runs where
+    /// no checkpoint exists: `llava-1.5-7b` or `llava-1.5-13b` (the llava-hf configs).
+    pub fn named(name: &str) -> std::result::Result<Self, String> {
+        let (hidden, inter, layers, heads) = match name {
+            "llava-1.5-7b" => (4096, 11008, 32, 32),
+            "llava-1.5-13b" => (5120, 13824, 40, 40),
+            _ => {
+                return Err(format!(
+                    "unknown synthetic model {name:?}; known: llava-1.5-7b, llava-1.5-13b"
+                ))
+            }
+        };
+        Self::from_json_str(&format!(
+            r#"{{"model_type": "llava", "image_token_index": 32000, "pad_token_id": 32001,
+                "vision_feature_layer": -2, "vision_feature_select_strategy": "default",
+                "projector_hidden_act": "gelu", "torch_dtype": "float16",
+                "text_config": {{"model_type": "llama", "hidden_size": {hidden},
+                    "intermediate_size": {inter}, "num_hidden_layers": {layers},
+                    "num_attention_heads": {heads}, "num_key_value_heads": {heads},
+                    "vocab_size": 32064, "max_position_embeddings": 4096,
+                    "rms_norm_eps": 1e-5, "rope_theta": 10000.0}},
+                "vision_config": {{"model_type": "clip_vision_model", "hidden_size": 1024,
+                    "intermediate_size": 4096, "num_hidden_layers": 24,
+                    "num_attention_heads": 16, "image_size": 336, "patch_size": 14,
+                    "projection_dim": 768, "hidden_act": "quick_gelu"}}}}"#
+        ))
+    }
+
     pub fn from_json_str(text: &str) -> std::result::Result<Self, String> {
         let root: Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
         let root = Obj::new(&root, "")?;
@@ -238,6 +266,26 @@ impl LlavaConfig {
     /// Number of vision encoder layers that actually run: features are taken from hidden state
     /// `vision_feature_layer` (Python indexing over `num_layers + 1` states), so later layers are
     /// skipped entirely.
+    /// Number of weight values the engine loads for this config (the vision layers it runs,
+    /// the projector, the decoder and its head), for the memory check before synthetic loads.
+    pub fn loaded_parameters(&self) -> usize {
+        let v = &self.vision;
+        let (h, i) = (v.hidden_size, v.intermediate_size);
+        let vision = h * v.num_channels * v.patch_size * v.patch_size
+            + (v.num_patches() + 2) * h
+            + 2 * h
+            + self.vision_layers_used() * (4 * (h * h + h) + 4 * h + 2 * h * i + i + h);
+        let t = &self.text;
+        let (d, kv) = (t.hidden_size, t.num_key_value_heads * t.head_dim);
+        let projector = h * d + d + d * d + d;
+        let layer = 2 * d * (t.num_attention_heads * t.head_dim)
+            + 2 * d * kv
+            + 3 * d * t.intermediate_size
+            + 2 * d;
+        let text = 2 * t.vocab_size * d + t.num_hidden_layers * layer + d;
+        vision + projector + text
+    }
+
     pub fn vision_layers_used(&self) -> usize {
         let n_states = self.vision.num_hidden_layers as i64 + 1;
         let idx = if self.vision_feature_layer < 0 {

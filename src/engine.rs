@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::backend::Backend;
+use crate::backend::{with_memory_tag, Backend, MemTag};
 use crate::checkpoint::Checkpoint;
 use crate::config::LlavaConfig;
 use crate::error::{Error, Result};
@@ -25,6 +25,16 @@ pub struct Engine<B: Backend> {
     pub dir: Option<PathBuf>,
     /// The FastRM head, once loaded with [`Engine::load_head`].
     pub head: Option<FastRmHead<B>>,
+}
+
+/// What a run answers.
+#[derive(Debug, Clone, Copy)]
+pub enum Request<'a> {
+    /// A question about an image file (needs the model's tokenizer).
+    Question { image: &'a Path, question: &'a str },
+    /// An id-level request for models without a tokenizer (synthetic weights): BOS, the image
+    /// tokens, `n_text` seeded text ids, and seeded pixel values.
+    Ids { n_text: usize, seed: u64 },
 }
 
 /// A finished generation, ready for JSON.
@@ -96,7 +106,9 @@ impl<B: Backend> Engine<B> {
         }
         let ck = Checkpoint::open(dir)?;
         backend.check_weight_memory(ck.total_elements())?;
-        let model = Llava::load(&backend, &ck, &cfg)?;
+        let model = with_memory_tag(&backend, MemTag::Weights, || {
+            Llava::load(&backend, &ck, &cfg)
+        })?;
         Ok(Engine {
             backend,
             model,
@@ -109,7 +121,10 @@ impl<B: Backend> Engine<B> {
 
     /// Random weights of the shapes `cfg` implies; no tokenizer.
     pub fn synthetic(backend: B, cfg: &LlavaConfig, seed: u64) -> Result<Self> {
-        let model = Llava::load(&backend, &Synthetic { seed }, cfg)?;
+        backend.check_weight_memory(cfg.loaded_parameters())?;
+        let model = with_memory_tag(&backend, MemTag::Weights, || {
+            Llava::load(&backend, &Synthetic { seed }, cfg)
+        })?;
         Ok(Engine {
             backend,
             model,
@@ -122,12 +137,15 @@ impl<B: Backend> Engine<B> {
 
     /// Loads a FastRM head file (`head.safetensors`) for `explain` with [`Method::FastRm`].
     pub fn load_head(&mut self, path: &Path) -> Result<()> {
-        let w = HeadWeights::load(path)?;
-        self.head = Some(FastRmHead::new(
-            &self.backend,
-            &w,
-            self.config().text.hidden_size,
-        )?);
+        self.set_head(&HeadWeights::load(path)?)
+    }
+
+    /// Uses the head `w` (checked against the model's hidden size).
+    pub fn set_head(&mut self, w: &HeadWeights) -> Result<()> {
+        let hidden = self.config().text.hidden_size;
+        self.head = Some(with_memory_tag(&self.backend, MemTag::Head, || {
+            FastRmHead::new(&self.backend, w, hidden)
+        })?);
         Ok(())
     }
 
@@ -177,12 +195,21 @@ impl<B: Backend> Engine<B> {
         opts: &GenerateOptions,
         observer: &mut dyn FnMut(Event),
     ) -> Result<Generation> {
-        let input_ids = self.prompt_ids(question)?;
-        let pixels = self.pixels(image)?;
+        self.generate_request(&Request::Question { image, question }, opts, observer)
+    }
+
+    /// Greedy generation for any [`Request`].
+    pub fn generate_request(
+        &self,
+        req: &Request<'_>,
+        opts: &GenerateOptions,
+        observer: &mut dyn FnMut(Event),
+    ) -> Result<Generation> {
+        let (input_ids, pixels) = self.resolve(req)?;
         let g =
             self.model
                 .generate_ids_observed(&self.backend, &input_ids, &pixels, opts, observer)?;
-        let text = self.text()?.decode(&g.generated_ids)?;
+        let text = self.decode(&g.generated_ids)?;
         Ok(Generation {
             input_ids,
             generated_ids: g.generated_ids,
@@ -190,6 +217,52 @@ impl<B: Backend> Engine<B> {
             stop_reason: g.stop_reason,
             timings: g.timings,
         })
+    }
+
+    /// Prompt ids and pixel values for a request.
+    pub fn resolve(&self, req: &Request<'_>) -> Result<(Vec<u32>, Vec<f32>)> {
+        match *req {
+            Request::Question { image, question } => {
+                Ok((self.prompt_ids(question)?, self.pixels(image)?))
+            }
+            Request::Ids { n_text, seed } => {
+                let cfg = self.config();
+                let n_img = cfg.vision.num_patches();
+                let vocab = cfg.text.vocab_size as u64;
+                let mut rng = crate::model::SplitMix64::new(seed);
+                let mut ids = vec![cfg.bos_token_id];
+                ids.extend(std::iter::repeat_n(cfg.image_token_id, n_img));
+                // Ordinary text ids: below the image token, which the llava-hf vocabularies
+                // place after the base vocabulary.
+                let text_vocab = vocab.min(cfg.image_token_id as u64).max(3);
+                ids.extend((0..n_text).map(|_| 3 + (rng.next_u64() % (text_vocab - 3)) as u32));
+                let side = cfg.vision.image_size;
+                let pixels = (0..3 * side * side)
+                    .map(|_| 2.0 * rng.uniform_sym())
+                    .collect();
+                Ok((ids, pixels))
+            }
+        }
+    }
+
+    /// Text of generated ids: the tokenizer's decoding, or the ids themselves for a synthetic
+    /// model, which has no tokenizer.
+    fn decode(&self, ids: &[u32]) -> Result<String> {
+        match &self.text {
+            Some(t) => t.decode(ids),
+            None => Ok(ids
+                .iter()
+                .map(|id| format!("<{id}>"))
+                .collect::<Vec<_>>()
+                .join("")),
+        }
+    }
+
+    fn token_text(&self, id: u32) -> String {
+        match &self.text {
+            Some(t) => t.token_text(id),
+            None => format!("<{id}>"),
+        }
     }
 
     /// Greedy generation with a relevancy map per generated token.
@@ -201,8 +274,23 @@ impl<B: Backend> Engine<B> {
         method: Method,
         observer: &mut dyn FnMut(Event),
     ) -> Result<Explained> {
-        let input_ids = self.prompt_ids(question)?;
-        let pixels = self.pixels(image)?;
+        self.explain_request(
+            &Request::Question { image, question },
+            opts,
+            method,
+            observer,
+        )
+    }
+
+    /// Greedy generation with a relevancy map per generated token, for any [`Request`].
+    pub fn explain_request(
+        &self,
+        req: &Request<'_>,
+        opts: &GenerateOptions,
+        method: Method,
+        observer: &mut dyn FnMut(Event),
+    ) -> Result<Explained> {
+        let (input_ids, pixels) = self.resolve(req)?;
         let (b, m) = (&self.backend, &self.model);
         let e = match (method, &self.head) {
             (Method::FastRm, Some(head)) => {
@@ -215,7 +303,6 @@ impl<B: Backend> Engine<B> {
             }
             _ => crate::explain::explain_ids(b, m, &input_ids, &pixels, opts, method, observer)?,
         };
-        let text = self.text()?;
         let tokens: Vec<TokenMap> = e
             .generated_ids
             .iter()
@@ -224,7 +311,7 @@ impl<B: Backend> Engine<B> {
             .map(|(index, (&id, map))| TokenMap {
                 index,
                 id,
-                text: text.token_text(id),
+                text: self.token_text(id),
                 entropy: crate::explain::map_entropy(&map),
                 map,
             })
@@ -244,7 +331,7 @@ impl<B: Backend> Engine<B> {
         Ok(Explained {
             generation: Generation {
                 input_ids,
-                text: text.decode(&e.generated_ids)?,
+                text: self.decode(&e.generated_ids)?,
                 generated_ids: e.generated_ids,
                 stop_reason: e.stop_reason,
                 timings: e.timings,

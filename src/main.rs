@@ -8,7 +8,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 
 use fastrm::backend::cpu::Cpu;
-use fastrm::engine::{Event, Explained, Generation, Method};
+use fastrm::backend::cuda::Cuda;
+use fastrm::backend::Backend;
+use fastrm::engine::{Event, Explained, Generation, Method, Request};
 use fastrm::explain::{default_gradcam_layer, report, RowMode};
 use fastrm::{Engine, Error, GenerateOptions, Result};
 
@@ -32,6 +34,17 @@ enum Device {
     Cuda,
 }
 
+/// Storage type on the GPU (arithmetic is f32 either way).
+#[derive(Clone, Copy, ValueEnum)]
+enum Dtype {
+    F16,
+    Bf16,
+    F32,
+}
+
+/// Text tokens after the image in an id-level (synthetic model) request: about a short question.
+const SYNTHETIC_TEXT_TOKENS: usize = 40;
+
 #[derive(Clone, Copy, PartialEq, ValueEnum)]
 enum MethodArg {
     /// Exact Chefer gradient relevancy per token (one backward over the whole prefix each).
@@ -47,10 +60,12 @@ enum MethodArg {
 /// What every run needs: which model, which image, which question, how long an answer.
 #[derive(Args)]
 struct RunArgs {
-    /// Model folder in the HF llava-hf layout (config.json, safetensors, tokenizer.json).
+    /// Model folder in the HF llava-hf layout (config.json, safetensors, tokenizer.json), or
+    /// `synthetic:llava-1.5-7b` / `synthetic:llava-1.5-13b` (random weights of those shapes, made
+    /// on the device; id-level: the prompt is a fixed image + 40 text ids, the answer is ids).
     /// Default: the bundled tiny demo model.
     #[arg(long)]
-    model: Option<PathBuf>,
+    model: Option<String>,
     /// Image file (PNG or JPEG). Default with the demo model: the bundled demo photo.
     #[arg(long)]
     image: Option<PathBuf>,
@@ -62,6 +77,9 @@ struct RunArgs {
     max_new_tokens: usize,
     #[arg(long, value_enum, default_value = "cpu")]
     device: Device,
+    /// GPU storage type (default f16); the CPU backend always computes in f32.
+    #[arg(long, value_enum)]
+    dtype: Option<Dtype>,
     /// Print one JSON object on stdout instead of the human-readable answer.
     #[arg(long)]
     json: bool,
@@ -111,21 +129,41 @@ fn main() -> ExitCode {
     }
 }
 
+/// Runs `$body` with `$b` bound to the backend `$run` asks for; `$body` calls a generic function,
+/// so each backend gets its own monomorphised copy of the command.
+macro_rules! with_backend {
+    ($run:expr, |$b:ident| $body:expr) => {
+        match ($run.device, $run.dtype) {
+            (Device::Cpu, None | Some(Dtype::F32)) => {
+                let $b = Cpu;
+                $body
+            }
+            (Device::Cpu, Some(_)) => Err(Error::input(
+                "--dtype applies to --device cuda (the CPU backend computes in f32)",
+            )),
+            (Device::Cuda, None | Some(Dtype::F16)) => {
+                let $b = Cuda::<half::f16>::new(0)?;
+                $body
+            }
+            (Device::Cuda, Some(Dtype::Bf16)) => {
+                let $b = Cuda::<half::bf16>::new(0)?;
+                $body
+            }
+            (Device::Cuda, Some(Dtype::F32)) => {
+                let $b = Cuda::<f32>::new(0)?;
+                $body
+            }
+        }
+    };
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Generate { run } => {
-            let (engine, image, progress) = start(&run)?;
-            let opts = options(&run);
-            let g =
-                engine.generate_observed(&image, &run.prompt, &opts, &mut |e| progress.event(e));
-            progress.clear();
-            let g = g?;
-            if run.json {
-                println!("{}", generation_json(&engine, &run, &image, &g));
-            } else {
-                println!("{}", g.text.trim());
+            if run.max_new_tokens == 0 {
+                return Err(Error::input("--max-new-tokens must be at least 1"));
             }
-            Ok(())
+            with_backend!(run, |b| generate(b, &run))
         }
         Cmd::Explain {
             run,
@@ -135,77 +173,167 @@ fn run(cli: Cli) -> Result<()> {
             head,
             out,
         } => {
+            if run.max_new_tokens == 0 {
+                return Err(Error::input("--max-new-tokens must be at least 1"));
+            }
             if full_r && method != MethodArg::Baseline {
                 return Err(Error::input("--full-r applies to --method baseline only"));
             }
             if layer.is_some() && method != MethodArg::Gradcam {
                 return Err(Error::input("--layer applies to --method gradcam only"));
             }
-            if head.is_some() != (method == MethodArg::Fastrm) {
-                return Err(Error::input(if head.is_some() {
-                    "--head applies to --method fastrm only"
-                } else {
-                    "--method fastrm needs --head FILE (no trained head is bundled yet)"
-                }));
+            if head.is_some() && method != MethodArg::Fastrm {
+                return Err(Error::input("--head applies to --method fastrm only"));
             }
-            // Fail on an unusable output folder before any expensive work.
-            let staging = out.as_deref().map(report::Staging::new).transpose()?;
-            let (mut engine, image, progress) = start(&run)?;
-            if let Some(h) = &head {
-                engine.load_head(h)?;
-            }
-            let n_layers = engine.config().text.num_hidden_layers;
-            let method = match method {
-                MethodArg::Baseline => Method::Baseline {
-                    mode: if full_r {
-                        RowMode::FullR
-                    } else {
-                        RowMode::Streamed
-                    },
-                },
-                MethodArg::BaselineIncremental => Method::BaselineIncremental,
-                MethodArg::Gradcam => Method::GradCam {
-                    layer: layer.unwrap_or_else(|| default_gradcam_layer(n_layers)),
-                },
-                MethodArg::Fastrm => Method::FastRm,
+            let ex = ExplainArgs {
+                method,
+                full_r,
+                layer,
+                head,
+                out,
             };
-            let opts = options(&run);
-            let ex = engine.explain_observed(&image, &run.prompt, &opts, method, &mut |e| {
-                progress.event(e)
-            });
-            let ex = match ex {
-                Ok(ex) => ex,
-                Err(e) => {
-                    progress.clear();
-                    return Err(e);
-                }
-            };
-            let mut doc = generation_json(&engine, &run, &image, &ex.generation);
-            add_maps(&mut doc, &ex);
-            if let Some(staging) = staging {
-                progress.say("writing heatmaps");
-                let view = engine.model_view(&image)?;
-                let written = staging.write(&view, &ex, &doc);
-                progress.clear();
-                written?;
-            }
-            progress.clear();
-            if run.json {
-                println!("{doc}");
-            } else {
-                print_table(&ex);
-            }
-            Ok(())
+            with_backend!(run, |b| explain(b, &run, &ex))
         }
         Cmd::Distill(args) => fastrm::distill::run(args),
         Cmd::Train(args) => fastrm::train::run(args),
     }
 }
 
+struct ExplainArgs {
+    method: MethodArg,
+    full_r: bool,
+    layer: Option<usize>,
+    head: Option<PathBuf>,
+    out: Option<PathBuf>,
+}
+
+fn generate<B: Backend>(backend: B, run: &RunArgs) -> Result<()> {
+    let (engine, input, progress) = start(backend, run)?;
+    let opts = options(run);
+    let g = engine.generate_request(&input.request(run), &opts, &mut |e| progress.event(e));
+    progress.clear();
+    let g = g?;
+    if run.json {
+        println!("{}", generation_json(&engine, run, &input, &g));
+    } else {
+        println!("{}", g.text.trim());
+    }
+    Ok(())
+}
+
+fn explain<B: Backend>(backend: B, run: &RunArgs, args: &ExplainArgs) -> Result<()> {
+    if args.head.is_none() && args.method == MethodArg::Fastrm && !is_synthetic(run) {
+        return Err(Error::input(
+            "--method fastrm needs --head FILE (no trained head is bundled yet)",
+        ));
+    }
+    // Fail on an unusable output folder before any expensive work.
+    let staging = args.out.as_deref().map(report::Staging::new).transpose()?;
+    let (mut engine, input, progress) = start(backend, run)?;
+    if let Some(h) = &args.head {
+        engine.load_head(h)?;
+    } else if args.method == MethodArg::Fastrm {
+        // A synthetic model gets a random head of its size: it costs what a trained one does.
+        let d = engine.config().text.hidden_size;
+        engine.set_head(&fastrm::explain::fastrm::HeadWeights::random(d, d, 7))?;
+    }
+    let n_layers = engine.config().text.num_hidden_layers;
+    let method = match args.method {
+        MethodArg::Baseline => Method::Baseline {
+            mode: if args.full_r {
+                RowMode::FullR
+            } else {
+                RowMode::Streamed
+            },
+        },
+        MethodArg::BaselineIncremental => Method::BaselineIncremental,
+        MethodArg::Gradcam => Method::GradCam {
+            layer: args
+                .layer
+                .unwrap_or_else(|| default_gradcam_layer(n_layers)),
+        },
+        MethodArg::Fastrm => Method::FastRm,
+    };
+    let opts = options(run);
+    let ex = engine.explain_request(&input.request(run), &opts, method, &mut |e| {
+        progress.event(e)
+    });
+    let ex = match ex {
+        Ok(ex) => ex,
+        Err(e) => {
+            progress.clear();
+            return Err(e);
+        }
+    };
+    let mut doc = generation_json(&engine, run, &input, &ex.generation);
+    add_maps(&mut doc, &ex);
+    if let Some(staging) = staging {
+        let Input::Image(image) = &input else {
+            progress.clear();
+            return Err(Error::input(
+                "--out needs an image to draw on; synthetic models have none",
+            ));
+        };
+        progress.say("writing heatmaps");
+        let view = engine.model_view(image)?;
+        let written = staging.write(&view, &ex, &doc);
+        progress.clear();
+        written?;
+    }
+    progress.clear();
+    if run.json {
+        println!("{doc}");
+    } else {
+        print_table(&ex);
+    }
+    Ok(())
+}
+
+/// Where a run's inputs come from.
+enum Input {
+    Image(PathBuf),
+    Synthetic,
+}
+
+impl Input {
+    fn request<'a>(&'a self, run: &'a RunArgs) -> Request<'a> {
+        match self {
+            Input::Image(image) => Request::Question {
+                image,
+                question: &run.prompt,
+            },
+            Input::Synthetic => Request::Ids {
+                n_text: SYNTHETIC_TEXT_TOKENS,
+                seed: 0,
+            },
+        }
+    }
+}
+
+fn is_synthetic(run: &RunArgs) -> bool {
+    run.model
+        .as_deref()
+        .is_some_and(|m| m.starts_with("synthetic:"))
+}
+
 /// Loads the engine, resolving the demo defaults, with a progress line started.
-fn start(run: &RunArgs) -> Result<(Engine<Cpu>, PathBuf, Progress)> {
-    if run.max_new_tokens == 0 {
-        return Err(Error::input("--max-new-tokens must be at least 1"));
+fn start<B: Backend>(backend: B, run: &RunArgs) -> Result<(Engine<B>, Input, Progress)> {
+    let progress = Progress::new(run.max_new_tokens);
+    if let Some(name) = run
+        .model
+        .as_deref()
+        .and_then(|m| m.strip_prefix("synthetic:"))
+    {
+        if run.image.is_some() {
+            return Err(Error::input(
+                "--image does not apply to synthetic models (they run at the id level)",
+            ));
+        }
+        let cfg = fastrm::config::LlavaConfig::named(name).map_err(Error::Input)?;
+        progress.say(&format!("making random weights for {name}"));
+        let engine = Engine::synthetic(backend, &cfg, 0);
+        progress.clear();
+        return Ok((engine?, Input::Synthetic, progress));
     }
     let demo = Path::new(DEMO_DIR);
     let (model_dir, image) = match (&run.model, &run.image) {
@@ -213,19 +341,13 @@ fn start(run: &RunArgs) -> Result<(Engine<Cpu>, PathBuf, Progress)> {
             demo.join("model"),
             image.clone().unwrap_or_else(|| demo.join("image.jpg")),
         ),
-        (Some(m), Some(i)) => (m.clone(), i.clone()),
+        (Some(m), Some(i)) => (PathBuf::from(m), i.clone()),
         (Some(_), None) => return Err(Error::input("--image is required with --model")),
     };
-    let progress = Progress::new(run.max_new_tokens);
     progress.say(&format!("loading {}", model_dir.display()));
-    let engine = match run.device {
-        Device::Cpu => Engine::load(Cpu, &model_dir),
-        Device::Cuda => Err(Error::Backend(
-            "this build has no CUDA backend yet; use --device cpu".into(),
-        )),
-    };
+    let engine = Engine::load(backend, &model_dir);
     progress.clear();
-    Ok((engine?, image, progress))
+    Ok((engine?, Input::Image(image), progress))
 }
 
 fn options(run: &RunArgs) -> GenerateOptions {
@@ -235,12 +357,24 @@ fn options(run: &RunArgs) -> GenerateOptions {
     }
 }
 
-fn generation_json(engine: &Engine<Cpu>, run: &RunArgs, image: &Path, g: &Generation) -> Value {
+fn generation_json<B: Backend>(
+    engine: &Engine<B>,
+    run: &RunArgs,
+    input: &Input,
+    g: &Generation,
+) -> Value {
     let grid = engine.config().vision.grid();
-    let model = engine.dir.as_ref().map(|d| d.display().to_string());
+    let model = match &engine.dir {
+        Some(d) => Some(d.display().to_string()),
+        None => run.model.clone(),
+    };
+    let image = match input {
+        Input::Image(p) => Some(p.display().to_string()),
+        Input::Synthetic => None,
+    };
     json!({
         "model": model,
-        "image": image.display().to_string(),
+        "image": image,
         "prompt": run.prompt,
         "device": engine.backend_name(),
         "input_ids": g.input_ids,

@@ -255,6 +255,15 @@ pub struct AttnGrads<T> {
     pub cam: Option<T>,
 }
 
+/// Runs `f` with new allocations charged to `tag`, restoring the previous tag afterwards (also
+/// when `f` fails).
+pub fn with_memory_tag<B: Backend, R>(b: &B, tag: MemTag, f: impl FnOnce() -> R) -> R {
+    let prev = b.set_memory_tag(tag);
+    let r = f();
+    b.set_memory_tag(prev);
+    r
+}
+
 pub(crate) fn shape_err(op: &str, msg: impl std::fmt::Display) -> Error {
     Error::Backend(format!("{op}: {msg}"))
 }

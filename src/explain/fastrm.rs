@@ -15,7 +15,7 @@ use std::path::Path;
 
 use safetensors::{Dtype, SafeTensors};
 
-use crate::backend::Backend;
+use crate::backend::{with_memory_tag, Backend, MemTag};
 use crate::error::{Error, Result};
 use crate::model::llava::StepHook;
 use crate::model::SplitMix64;
@@ -287,9 +287,11 @@ impl<B: Backend> FastRmHead<B> {
     /// The once-per-prefill fold.
     pub fn fold(&self, b: &B, image_hidden: &B::Tensor) -> Result<Folded<B>> {
         let k = self.keys(b, image_hidden)?;
-        Ok(Folded {
-            p: b.matmul(&k, &self.wq)?,
-            c: b.linear(&self.bq, &k, None)?,
+        with_memory_tag(b, MemTag::Head, || {
+            Ok(Folded {
+                p: b.matmul(&k, &self.wq)?,
+                c: b.linear(&self.bq, &k, None)?,
+            })
         })
     }
 

@@ -3,7 +3,7 @@
 //! positions, and attention runs over the cache's first `pos0 + n` rows with a causal offset.
 
 use super::WeightSource;
-use crate::backend::{AttnShape, Backend};
+use crate::backend::{with_memory_tag, AttnShape, Backend, MemTag};
 use crate::config::{LlavaConfig, TextConfig};
 use crate::error::{Error, Result};
 
@@ -40,10 +40,13 @@ impl<B: Backend> KvCache<B> {
         let w = cfg.num_key_value_heads * cfg.head_dim;
         let mut k = Vec::new();
         let mut v = Vec::new();
-        for _ in 0..cfg.num_hidden_layers {
-            k.push(b.zeros(capacity, w)?);
-            v.push(b.zeros(capacity, w)?);
-        }
+        with_memory_tag(b, MemTag::KvCache, || -> Result<()> {
+            for _ in 0..cfg.num_hidden_layers {
+                k.push(b.zeros(capacity, w)?);
+                v.push(b.zeros(capacity, w)?);
+            }
+            Ok(())
+        })?;
         Ok(KvCache {
             k,
             v,

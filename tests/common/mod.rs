@@ -7,10 +7,16 @@ use std::path::{Path, PathBuf};
 
 use safetensors::{Dtype, SafeTensors};
 
+/// The repository root: where the tests were built, or `FASTRM_ROOT` for prebuilt test binaries
+/// run from a copy of the tree elsewhere (the GPU host, `tools/device-check.sh`).
+pub fn repo_root() -> PathBuf {
+    std::env::var_os("FASTRM_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 pub fn fixture_dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
+    repo_root().join("tests/fixtures").join(name)
 }
 
 /// Which image file a fixture uses (PNG for `tiny`, JPEG for `clip336`).
