@@ -1,0 +1,175 @@
+//! The CUDA backend at LLaVA-1.5-7B shapes (synthetic f16 weights, batch 1): device-memory
+//! bandwidth (a device-to-device copy), prefill (vision tower + projector + decoder over 576 image
+//! tokens and 40 text tokens), one decode step at that context, and the fused FastRM step.
+//!
+//! `cargo bench --bench cuda` (skips with a message where there is no GPU). Every timing loop
+//! synchronises the stream before it starts and after its last launch, so it measures the
+//! device's work; each decode number is printed beside its achieved bandwidth and its fraction
+//! of the measured copy bandwidth (DESIGN §7).
+//!
+//! `FASTRM_BENCH_MODEL=llava-1.5-13b` picks the other synthetic shape.
+
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use fastrm::backend::cuda::{self, Cuda};
+use fastrm::backend::Backend;
+use fastrm::config::LlavaConfig;
+use fastrm::engine::Request;
+use fastrm::explain::fastrm::{FastRmHead, HeadWeights};
+use fastrm::model::llama::KvCache;
+use fastrm::Engine;
+use half::f16;
+
+type B = Cuda<f16>;
+
+/// Times `iters` back-to-back runs of `f` between two synchronisations.
+fn timed(b: &B, iters: u64, mut f: impl FnMut()) -> Duration {
+    b.synchronize().unwrap();
+    let t = Instant::now();
+    for _ in 0..iters {
+        f();
+    }
+    b.synchronize().unwrap();
+    t.elapsed()
+}
+
+fn per_iter(b: &B, iters: u64, f: impl FnMut()) -> f64 {
+    timed(b, iters, f).as_secs_f64() / iters as f64
+}
+
+fn bench(c: &mut Criterion) {
+    if let Some(why) = cuda::unavailable() {
+        eprintln!("SKIPPED cuda benches: {why}");
+        return;
+    }
+    let name = std::env::var("FASTRM_BENCH_MODEL").unwrap_or_else(|_| "llava-1.5-7b".into());
+    let cfg = LlavaConfig::named(&name).expect("model name");
+    let backend = B::new(0).expect("CUDA backend");
+    let card = backend.device_name();
+
+    // Bandwidth yardstick: copy 1 GiB device to device (reads + writes 2 GiB).
+    let bytes = 1usize << 30;
+    let src = backend.zeros(1, bytes / 2).unwrap();
+    let mut dst = backend.zeros(1, bytes / 2).unwrap();
+    backend.copy_rows_into(&mut dst, 0, &src).unwrap();
+    let copy_s = per_iter(&backend, 20, || {
+        backend.copy_rows_into(&mut dst, 0, &src).unwrap()
+    });
+    let bw = 2.0 * bytes as f64 / copy_s / 1e9;
+    drop((src, dst));
+    eprintln!("{card}: measured device-to-device copy bandwidth {bw:.0} GB/s");
+
+    let engine = Engine::synthetic(backend, &cfg, 0).expect("synthetic model");
+    let (b, m) = (&engine.backend, &engine.model);
+    let (ids, pixels) = engine
+        .resolve(&Request::Ids {
+            n_text: 40,
+            seed: 0,
+        })
+        .unwrap();
+    let n = ids.len();
+
+    let prefill = || {
+        let (_, img) = m.encode_image(b, &pixels).unwrap();
+        let x = m.embed_prompt(b, &ids, &img).unwrap();
+        let mut cache = KvCache::new(b, &cfg.text, n + 1).unwrap();
+        let h = m.llm.forward(b, x, &mut cache).unwrap();
+        let last = b.slice_rows(&h, n - 1, 1).unwrap();
+        b.argmax_rows(&m.llm.logits(b, &last).unwrap()).unwrap()
+    };
+    prefill();
+    let prefill_s = per_iter(b, 5, || {
+        prefill();
+    });
+
+    let (_, img) = m.encode_image(b, &pixels).unwrap();
+    let x = m.embed_prompt(b, &ids, &img).unwrap();
+    let mut cache = KvCache::new(b, &cfg.text, n + 1).unwrap();
+    let hidden = m.llm.forward(b, x, &mut cache).unwrap();
+    let mut step = || {
+        // The step at position n, again and again: rewind and overwrite that cache row.
+        cache.len = n;
+        let x = b.embedding(&m.llm.embed, &[42]).unwrap();
+        let h = m.llm.forward(b, x, &mut cache).unwrap();
+        b.argmax_rows(&m.llm.logits(b, &h).unwrap()).unwrap()
+    };
+    step();
+    let decode_s = per_iter(b, 30, || {
+        step();
+    });
+    // What a decode step must read: every decoder and lm_head weight, the final norm, and the
+    // KV cache so far (the embedding table is read one row).
+    let t = &cfg.text;
+    let kv_w = t.num_key_value_heads * t.head_dim;
+    let layer = 2 * t.hidden_size * t.num_attention_heads * t.head_dim
+        + 2 * t.hidden_size * kv_w
+        + 3 * t.hidden_size * t.intermediate_size
+        + 2 * t.hidden_size;
+    let step_bytes = 2
+        * (t.num_hidden_layers * layer
+            + t.vocab_size * t.hidden_size
+            + t.hidden_size
+            + 2 * t.num_hidden_layers * (n + 1) * kv_w);
+    let decode_bw = step_bytes as f64 / decode_s / 1e9;
+
+    // The fused FastRM step against the folded keys of the 576 image positions.
+    let d = t.hidden_size;
+    let head = FastRmHead::new(b, &HeadWeights::random(d, d, 1), d).unwrap();
+    let img_pos = 1..1 + cfg.vision.num_patches();
+    let img_hidden = b.slice_rows(&hidden, img_pos.start, img_pos.len()).unwrap();
+    let folded = head.fold(b, &img_hidden).unwrap();
+    let h_t = b.slice_rows(&hidden, n - 1, 1).unwrap();
+    let head_s = per_iter(b, 2000, || {
+        head.scores(b, &folded, &h_t).unwrap();
+    });
+    let head_bytes = 2 * (img_pos.len() * d + img_pos.len() + 3 * d);
+    let head_bw = head_bytes as f64 / head_s / 1e9;
+
+    // The summary the device check greps for; criterion's own statistics follow.
+    eprintln!("RESULT card={card} model={name} dtype=f16 copy_bw_gbs={bw:.0}");
+    eprintln!(
+        "RESULT prefill_ms={:.2} positions={n} vision_patches={}",
+        prefill_s * 1e3,
+        cfg.vision.num_patches()
+    );
+    eprintln!(
+        "RESULT decode_ms={:.3} decode_gbs={decode_bw:.0} decode_pct_of_copy_bw={:.1} context={}",
+        decode_s * 1e3,
+        100.0 * decode_bw / bw,
+        n + 1
+    );
+    eprintln!(
+        "RESULT fastrm_us={:.2} fastrm_gbs={head_bw:.0} fastrm_pct_of_decode={:.3}",
+        head_s * 1e6,
+        100.0 * head_s / decode_s
+    );
+    let (rows, total_peak) = b.ledger().report();
+    for (tag, live, peak) in rows {
+        eprintln!(
+            "RESULT memory {}: live {:.2} GB, peak {:.2} GB",
+            tag.name(),
+            live as f64 / 1e9,
+            peak as f64 / 1e9
+        );
+    }
+    eprintln!("RESULT memory total peak {:.2} GB", total_peak as f64 / 1e9);
+
+    let mut g = c.benchmark_group(format!("cuda_{name}_f16"));
+    g.sample_size(10);
+    g.measurement_time(Duration::from_secs(3));
+    g.warm_up_time(Duration::from_millis(500));
+    g.bench_function("prefill", |bench| {
+        bench.iter_custom(|iters| timed(b, iters, || drop(prefill())))
+    });
+    g.bench_function("decode_step", |bench| {
+        bench.iter_custom(|iters| timed(b, iters, || drop(step())))
+    });
+    g.bench_function("fastrm_step", |bench| {
+        bench.iter_custom(|iters| timed(b, iters, || drop(head.scores(b, &folded, &h_t).unwrap())))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
