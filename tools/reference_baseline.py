@@ -45,7 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpuref_common as C  # noqa: E402
 
-METHODS = ("generate", "baseline", "baseline-incremental")
+METHODS = ("generate", "baseline-incremental", "baseline")  # run order per length: cheap ones first
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -285,8 +285,8 @@ def predict(hist, T, quadratic):
     v = a + b T (linear) on the last two points; with one point scale by (T/T_i)^2 or T/T_i (pessimistic)."""
     if not hist:
         return None
-    if len(hist) == 1:
-        (t1, v1), = hist
+    if len(hist) == 1 or hist[-2][0] == hist[-1][0]:
+        t1, v1 = hist[-1]
         return v1 * (T / t1) ** (2 if quadratic else 1)
     (t1, v1), (t2, v2) = hist[-2:]
     if quadratic:
@@ -369,12 +369,27 @@ def main():
         "runs": [], "skipped": [],
     }
 
-    # warm-up (kernels, cuBLAS handles, allocator), untimed
-    for m in methods:
-        run_one(m, model, ids, pv, 2, image_pos, args, dev)
+    def dump(final=False):
+        """Rewrite the JSON after every run, so a run killed from outside still leaves its results."""
+        res["complete"] = final
+        res["ran"] = [[r["method"], r["tokens"]] for r in res["runs"]]
+        res["wall_s"] = round(time.perf_counter() - t_start, 2)
+        if args.json:
+            tmp = args.json.with_suffix(args.json.suffix + ".tmp")
+            tmp.write_text(json.dumps(res, indent=2) + "\n")
+            tmp.replace(args.json)
 
+    # warm-up (kernels, cuBLAS handles, allocator) at 2 tokens; not a result, but its time and memory seed
+    # the budget predictions for the first length
     hist_t = {m: [] for m in methods}
     hist_mem = {m: [] for m in methods}
+    res["warmup"] = []
+    for m in methods:
+        rec = run_one(m, model, ids, pv, 2, image_pos, args, dev)
+        res["warmup"].append({k: rec.get(k) for k in ("method", "tokens", "latency_s", "peak_bytes")})
+        hist_t[m].append((2, rec["latency_s"]))
+        if rec["peak_bytes"] is not None:
+            hist_mem[m].append((2, rec["peak_bytes"] - res["weights_bytes"]))
     stopped = {}
     for T in lengths:
         for m in methods:
@@ -410,14 +425,17 @@ def main():
             rec["map_bytes"] = 0 if m == "generate" else (
                 None if rec["peak_bytes"] is None or gen_peak is None else rec["peak_bytes"] - gen_peak)
             res["runs"].append(rec)
+            dump()
+            if T == 2:  # replace the warm-up point by the measured one
+                hist_t[m] = [h for h in hist_t[m] if h[0] != 2]
+                hist_mem[m] = [h for h in hist_mem[m] if h[0] != 2]
             hist_t[m].append((T, rec["latency_s"]))
             if rec["peak_bytes"] is not None:
                 hist_mem[m].append((T, rec["peak_bytes"] - res["weights_bytes"]))
             print(f"  {m:<21} T={T:<4} {rec['latency_s']:9.3f} s"
                   + (f"  map/token {1e3 * rec['map_latency_s']:9.2f} ms" if rec["map_latency_s"] else " " * 25)
                   + (f"  peak {C.gib(rec['peak_bytes']):6.2f} GiB" if rec["peak_bytes"] else ""), flush=True)
-    res["ran"] = [[r["method"], r["tokens"]] for r in res["runs"]]
-    res["wall_s"] = round(time.perf_counter() - t_start, 2)
+    dump(final=True)
 
     print(f"\n{res['card']['name']} | llava-1.5-{args.config} {args.dtype} eager | prompt {n} | "
           f"grad {args.grad_mode}, R {args.r_mode} | wall {res['wall_s']} s")
@@ -431,7 +449,6 @@ def main():
     for s in res["skipped"]:
         print(f"skipped {s['method']} T={s['tokens']}: {s['reason']}")
     if args.json:
-        args.json.write_text(json.dumps(res, indent=2) + "\n")
         print(f"wrote {args.json}")
 
 
