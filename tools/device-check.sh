@@ -4,7 +4,7 @@
 # Runs every GPU test, the GPU benches, a short end-to-end profile on synthetic LLaVA-1.5-7B
 # shapes and the transformers comparison; writes full logs to $OUT and prints a compact table
 # last. Each step has its own time limit, so the whole check fits in ~8 minutes.
-#   --reference   also run the PyTorch relevancy baseline (tools/gpu_reference_run.sh; ~4 min more)
+#   --reference   also run the PyTorch relevancy baseline (tools/reference_baseline.py; ~4 min more)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -68,7 +68,8 @@ fi
 step transformers-7b 100 python3 tools/gpu_transformers_bench.py --config 7b --tokens 100 \
     --json "$OUT/transformers.json"
 if [ "${1:-}" = "--reference" ]; then
-    OUT=$OUT step reference-baseline 300 bash tools/gpu_reference_run.sh
+    step reference-baseline 260 python3 tools/reference_baseline.py --config 7b \
+        --tokens 10,20,50,100 --budget-s 180 --json "$OUT/reference_baseline.json"
 fi
 
 {

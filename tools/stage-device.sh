@@ -7,16 +7,20 @@ cd "$(dirname "$0")/.."
 out=stage/device
 rm -rf "$out"
 mkdir -p "$out"
-exe() { # cargo args... -> path of the one executable they build
+exe() { # kind cargo-args... -> path of the executable of target `cuda` of that kind (test, bench)
+    local kind=$1
+    shift
     cargo "$@" --message-format=json 2>/dev/null |
-        python3 -c 'import json,sys
-paths=[m["executable"] for m in map(json.loads, sys.stdin) if m.get("reason")=="compiler-artifact" and m.get("executable")]
+        KIND=$kind python3 -c 'import json, os, sys
+paths = [m["executable"] for m in map(json.loads, sys.stdin)
+         if m.get("reason") == "compiler-artifact" and m.get("executable")
+         and m["target"]["name"] == "cuda" and os.environ["KIND"] in m["target"]["kind"]]
 print(paths[-1])'
 }
 cargo build --release --bin fastrm
 cp target/release/fastrm "$out/fastrm"
-cp "$(exe test --release --no-run --test cuda)" "$out/cuda-tests"
-cp "$(exe bench --no-run --bench cuda)" "$out/cuda-bench"
+cp "$(exe test test --release --no-run --test cuda)" "$out/cuda-tests"
+cp "$(exe bench bench --no-run --bench cuda)" "$out/cuda-bench"
 strip "$out"/*
 git rev-parse HEAD > "$out/COMMIT"
 du -sh "$out"/*

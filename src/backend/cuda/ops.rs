@@ -67,6 +67,7 @@ impl<T: Elem> Cuda<T> {
         let inv = self.inv_freq(head_dim, theta)?;
         let out = self.alloc(x.rows, x.cols)?;
         if x.rows > 0 {
+            // The kernel forms pos0 + row in int: the last position must fit.
             let (cols, hd, p0) = (
                 i32_dim("rope", x.cols)?,
                 head_dim as i32,
@@ -352,6 +353,10 @@ impl<T: Elem> Backend for Cuda<T> {
             .tag
             .store(tag as u8, std::sync::atomic::Ordering::Relaxed);
         prev
+    }
+
+    fn memory_breakdown(&self) -> Vec<(MemTag, usize, usize)> {
+        self.ledger.report().0
     }
 
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor<T>> {
