@@ -372,7 +372,7 @@ fn generation_json<B: Backend>(
         Input::Image(p) => Some(p.display().to_string()),
         Input::Synthetic => None,
     };
-    json!({
+    let mut doc = json!({
         "model": model,
         "image": image,
         "prompt": run.prompt,
@@ -387,7 +387,16 @@ fn generation_json<B: Backend>(
             "prefill": g.timings.prefill_s * 1e3,
             "decode": g.timings.decode_s * 1e3,
         },
-    })
+    });
+    let memory = engine.backend.memory_breakdown();
+    if !memory.is_empty() {
+        doc["memory_bytes"] = memory
+            .iter()
+            .map(|&(tag, live, peak)| (tag.name().to_string(), json!({"live": live, "peak": peak})))
+            .collect::<serde_json::Map<_, _>>()
+            .into();
+    }
+    doc
 }
 
 fn add_maps(doc: &mut Value, ex: &Explained) {

@@ -74,6 +74,11 @@ pub trait Backend {
         let _ = tag;
         MemTag::Activations
     }
+    /// `(tag, live bytes, peak bytes)` per tag, for backends that keep a breakdown (empty
+    /// otherwise).
+    fn memory_breakdown(&self) -> Vec<(MemTag, usize, usize)> {
+        Vec::new()
+    }
 
     /// `y = x · wᵀ (+ bias)`; x `[m, k]`, w `[n, k]` (PyTorch Linear layout), bias `[1, n]`.
     fn linear(
