@@ -402,8 +402,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
             )));
         }
         let answers = entry.answers.as_deref();
+        let has_answers = answers.is_some_and(|a| !a.is_empty());
         let ok0 = metrics::answer_correct(&s.record.answer, answers, &s.record.answer);
-        if answers.is_some_and(|a| !a.is_empty()) {
+        if has_answers {
             let bump = |t: &mut (usize, usize)| {
                 t.0 += ok0 as usize;
                 t.1 += 1;
@@ -419,8 +420,11 @@ pub fn run(args: EvalArgs) -> Result<()> {
         let answer_tok = s.answer_tokens(&eos);
         let fastrm_entropies: Vec<f32> = s.fastrm.iter().map(|m| map_entropy(m)).collect();
         let conf = Confidence::of_answer(&fastrm_entropies, &s.ids, &eos, None);
-        entropies.push(conf.mean_entropy as f64);
-        correct.push(ok0);
+        // Only answers with ground truth can be right or wrong.
+        if has_answers {
+            entropies.push(conf.mean_entropy as f64);
+            correct.push(ok0);
+        }
 
         // Maps of the methods the data set does not hold, computed on demand.
         let mut gradcam: Option<Vec<Vec<f32>>> = None;
@@ -611,7 +615,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
             "sample": s.record.sample,
             "question_id": s.record.question_id,
             "answer": s.record.answer,
-            "correct": ok0,
+            "correct": if has_answers { json!(ok0) } else { Value::Null },
             "mean_entropy": conf.mean_entropy,
             "tokens": s.ids.len(),
         }));
@@ -620,12 +624,16 @@ pub fn run(args: EvalArgs) -> Result<()> {
 
     // 3. Entropy confidence.
     let cal = metrics::calibrate(&entropies, &correct);
+    let has_gt = acc_all.1 > 0;
     let cal_note = match (cal.correct.is_empty(), cal.incorrect.is_empty()) {
+        _ if !has_gt => Some(
+            "no question has ground-truth answers: correctness is unknown, no threshold can be \
+             calibrated",
+        ),
         (_, true) => Some("every answer is correct: no threshold can be calibrated"),
         (true, _) => Some("every answer is wrong: no threshold can be calibrated"),
         _ => None,
     };
-    let has_gt = acc_all.1 > 0;
     let mut written = false;
     if args.write_threshold {
         match cal.threshold {
@@ -686,7 +694,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
             "removed_patches": schedule.iter().map(|&(_, k)| k).collect::<Vec<_>>(),
             "random_seeds": RANDOM_SEEDS,
             "gradcam_layer": gradcam_layer,
-            "correct_means": if has_gt { "matches a ground-truth answer" } else { "equals the unperturbed answer" },
+            "correct_means": "matches a ground-truth answer, or equals the unperturbed answer where the question has none",
             "methods": Value::Object(methods),
         })
     };
@@ -696,7 +704,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let c = cal.counts;
     let confidence = json!({
         "bandwidth_rule": "scott",
-        "correct_means": if has_gt { "matches a ground-truth answer" } else { "no ground truth: every answer counts as correct" },
+        "correct_means": "matches a ground-truth answer (questions without `answers` are left out)",
         "correct": side(&cal.correct, cal.mean_correct, cal.bandwidth_correct),
         "incorrect": side(&cal.incorrect, cal.mean_incorrect, cal.bandwidth_incorrect),
         "threshold": cal.threshold,
@@ -849,11 +857,23 @@ fn perturbation_plot(
 }
 
 fn entropy_plot(cal: &metrics::Calibration) -> Result<crate::vision::RgbImage> {
-    const N: usize = 200;
+    const N: usize = 400;
+    // The x range: the data ± 3 bandwidths, within [0, 1] (entropies are normalised).
+    let all = cal.correct.iter().chain(&cal.incorrect);
+    let (lo, hi) = all.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| {
+        (a.min(x), b.max(x))
+    });
+    let h = cal.bandwidth_correct.max(cal.bandwidth_incorrect);
+    let (lo, hi) = if lo.is_finite() {
+        ((lo - 3.0 * h).max(0.0), (hi + 3.0 * h).min(1.0))
+    } else {
+        (0.0, 1.0)
+    };
+    let (lo, hi) = if hi - lo < 1e-6 { (0.0, 1.0) } else { (lo, hi) };
     let curve = |xs: &[f64], h: f64| -> Vec<(f64, f64)> {
         (0..=N)
             .map(|i| {
-                let x = i as f64 / N as f64;
+                let x = lo + (hi - lo) * i as f64 / N as f64;
                 (x, metrics::kde(xs, h, x))
             })
             .collect()
@@ -873,12 +893,16 @@ fn entropy_plot(cal: &metrics::Calibration) -> Result<crate::vision::RgbImage> {
             points: curve(&cal.incorrect, cal.bandwidth_incorrect),
         });
     }
+    let ymax = series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.1))
+        .fold(1e-9, f64::max);
     line_plot(&LinePlot {
         title: "mean map entropy per answer (Gaussian KDE, Scott)".into(),
         x_label: "normalised entropy".into(),
         y_label: vec!["density".into()],
-        x_range: Some((0.0, 1.0)),
-        y_range: None,
+        x_range: Some((lo, hi)),
+        y_range: Some((0.0, ymax * 1.08)),
         series,
         markers: cal
             .threshold

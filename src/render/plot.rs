@@ -193,7 +193,14 @@ pub fn line_plot(p: &LinePlot) -> Result<RgbImage> {
     for m in &p.markers {
         if m.x.is_finite() && !m.label.is_empty() {
             let x = px(m.x).clamp(x0, x1) as usize;
-            draw_text(&mut img, x + 4, bottom.saturating_sub(20), &m.label, 1, m.color);
+            let w = text_pixels(&m.label, 1);
+            // Right of the line, or left of it when it would run off the plot.
+            let tx = if x + 4 + w > x1 as usize {
+                x.saturating_sub(w + 4)
+            } else {
+                x + 4
+            };
+            draw_text(&mut img, tx, bottom.saturating_sub(20), &m.label, 1, m.color);
         }
     }
     let widest = p
