@@ -93,8 +93,16 @@ fn orderings_and_combined_maps() {
     assert_ne!(o, (0..25).collect::<Vec<_>>());
     o.sort();
     assert_eq!(o, (0..25).collect::<Vec<_>>());
-    assert!(metrics::answer_correct(" Red.", Some(&["red".into()]), "blue"));
-    assert!(!metrics::answer_correct("blue", Some(&["red".into()]), "blue"));
+    assert!(metrics::answer_correct(
+        " Red.",
+        Some(&["red".into()]),
+        "blue"
+    ));
+    assert!(!metrics::answer_correct(
+        "blue",
+        Some(&["red".into()]),
+        "blue"
+    ));
     assert!(metrics::answer_correct("Blue ", None, "blue"));
     assert!(!metrics::answer_correct("green", None, "blue"));
 }
@@ -125,7 +133,9 @@ fn kde_threshold_and_confidence_counts_by_hand() {
     let bw = metrics::scott_bandwidth(&[0.0, 1.0]);
     assert!((bw - 0.5f64.sqrt() * 2f64.powf(-0.2)).abs() < 1e-12);
     // The KDE: a standard normal for one point and h = 1; integrates to 1.
-    assert!((metrics::kde(&[0.0], 1.0, 0.0) - 1.0 / (2.0 * std::f64::consts::PI).sqrt()).abs() < 1e-12);
+    assert!(
+        (metrics::kde(&[0.0], 1.0, 0.0) - 1.0 / (2.0 * std::f64::consts::PI).sqrt()).abs() < 1e-12
+    );
     let xs = [0.3, 0.35, 0.6];
     let h = metrics::scott_bandwidth(&xs);
     let integral: f64 = (-4000..8000)
@@ -192,7 +202,11 @@ fn masks_map_through_the_image_geometry() {
 // ------------------------------------------------------------------------------ masked attention
 
 fn rand_tensor(rng: &mut SplitMix64, rows: usize, cols: usize) -> (Vec<f32>, usize, usize) {
-    ((0..rows * cols).map(|_| rng.uniform_sym()).collect(), rows, cols)
+    (
+        (0..rows * cols).map(|_| rng.uniform_sym()).collect(),
+        rows,
+        cols,
+    )
 }
 
 fn up(t: &(Vec<f32>, usize, usize)) -> <Cpu as Backend>::Tensor {
@@ -201,14 +215,7 @@ fn up(t: &(Vec<f32>, usize, usize)) -> <Cpu as Backend>::Tensor {
 
 /// Attention by the definition, in f64: softmax over the keys that are both causally visible and
 /// kept.
-fn reference(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    nq: usize,
-    s: AttnShape,
-    keep: &[bool],
-) -> Vec<f64> {
+fn reference(q: &[f32], k: &[f32], v: &[f32], nq: usize, s: AttnShape, keep: &[bool]) -> Vec<f64> {
     let (h, hk, d) = (s.n_heads, s.n_kv_heads, s.head_dim);
     let mut out = vec![0.0; nq * h * d];
     for i in 0..nq {
@@ -220,7 +227,9 @@ fn reference(
                 .iter()
                 .map(|&j| {
                     (0..d)
-                        .map(|c| q[i * h * d + hi * d + c] as f64 * k[j * hk * d + g * d + c] as f64)
+                        .map(|c| {
+                            q[i * h * d + hi * d + c] as f64 * k[j * hk * d + g * d + c] as f64
+                        })
                         .sum::<f64>()
                         / (d as f64).sqrt()
                 })
@@ -262,14 +271,22 @@ fn masked_attention_against_plain_attention_and_a_reference() {
         causal_q_pos0: None,
         kv_len: kv,
     };
-    let plain = b.download(&b.attention(&up(&q), &up(&k), &up(&v), s).unwrap()).unwrap();
+    let plain = b
+        .download(&b.attention(&up(&q), &up(&k), &up(&v), s).unwrap())
+        .unwrap();
     let all = b
-        .download(&b.attention_masked(&up(&q), &up(&k), &up(&v), s, &[true; 7]).unwrap())
+        .download(
+            &b.attention_masked(&up(&q), &up(&k), &up(&v), s, &[true; 7])
+                .unwrap(),
+        )
         .unwrap();
     assert_eq!(plain, all);
     let keep = [true, false, true, false, true, true, true];
     let masked = b
-        .download(&b.attention_masked(&up(&q), &up(&k), &up(&v), s, &keep).unwrap())
+        .download(
+            &b.attention_masked(&up(&q), &up(&k), &up(&v), s, &keep)
+                .unwrap(),
+        )
         .unwrap();
     let del = |t: &(Vec<f32>, usize, usize)| {
         let rows: Vec<f32> = (0..kv)
@@ -280,12 +297,27 @@ fn masked_attention_against_plain_attention_and_a_reference() {
     };
     let deleted = b
         .download(
-            &b.attention(&up(&q), &up(&del(&k)), &up(&del(&v)), AttnShape { kv_len: 5, ..s })
-                .unwrap(),
+            &b.attention(
+                &up(&q),
+                &up(&del(&k)),
+                &up(&del(&v)),
+                AttnShape { kv_len: 5, ..s },
+            )
+            .unwrap(),
         )
         .unwrap();
-    assert!(max_err(&masked, &deleted.iter().map(|&x| x as f64).collect::<Vec<_>>()) < 1e-6);
-    assert!(max_err(&masked, &plain.iter().map(|&x| x as f64).collect::<Vec<_>>()) > 1e-3);
+    assert!(
+        max_err(
+            &masked,
+            &deleted.iter().map(|&x| x as f64).collect::<Vec<_>>()
+        ) < 1e-6
+    );
+    assert!(
+        max_err(
+            &masked,
+            &plain.iter().map(|&x| x as f64).collect::<Vec<_>>()
+        ) > 1e-3
+    );
 
     // Causal grouped-query decode block over a longer cache (rows past kv_len ignored, mask longer
     // than kv_len), against the f64 reference; a query whose only visible key is hidden gets 0.
@@ -300,9 +332,14 @@ fn masked_attention_against_plain_attention_and_a_reference() {
     let q = rand_tensor(&mut rng, nq, h * d);
     let k = rand_tensor(&mut rng, cap, hk * d);
     let v = rand_tensor(&mut rng, cap, hk * d);
-    let plain = b.download(&b.attention(&up(&q), &up(&k), &up(&v), s).unwrap()).unwrap();
+    let plain = b
+        .download(&b.attention(&up(&q), &up(&k), &up(&v), s).unwrap())
+        .unwrap();
     let all = b
-        .download(&b.attention_masked(&up(&q), &up(&k), &up(&v), s, &[true; 12]).unwrap())
+        .download(
+            &b.attention_masked(&up(&q), &up(&k), &up(&v), s, &[true; 12])
+                .unwrap(),
+        )
         .unwrap();
     assert_eq!(plain, all);
     let mut keep = [true; 12];
@@ -310,10 +347,17 @@ fn masked_attention_against_plain_attention_and_a_reference() {
     keep[2] = false;
     keep[7] = false; // the second query's own position: visible to the third only
     let masked = b
-        .download(&b.attention_masked(&up(&q), &up(&k), &up(&v), s, &keep).unwrap())
+        .download(
+            &b.attention_masked(&up(&q), &up(&k), &up(&v), s, &keep)
+                .unwrap(),
+        )
         .unwrap();
     let want = reference(&q.0, &k.0, &v.0, nq, s, &keep);
-    assert!(max_err(&masked, &want) < 1e-5, "{}", max_err(&masked, &want));
+    assert!(
+        max_err(&masked, &want) < 1e-5,
+        "{}",
+        max_err(&masked, &want)
+    );
     let s1 = AttnShape {
         causal_q_pos0: Some(0),
         kv_len: 1,
@@ -321,7 +365,10 @@ fn masked_attention_against_plain_attention_and_a_reference() {
     };
     let q1 = rand_tensor(&mut rng, 1, h * d);
     let none = b
-        .download(&b.attention_masked(&up(&q1), &up(&k), &up(&v), s1, &[false]).unwrap())
+        .download(
+            &b.attention_masked(&up(&q1), &up(&k), &up(&v), s1, &[false])
+                .unwrap(),
+        )
         .unwrap();
     assert!(none.iter().all(|&x| x == 0.0), "{none:?}");
     // Too short a mask is an error, not a panic.
@@ -461,8 +508,16 @@ fn cli_end_to_end_with_a_pointing_set() {
     let q2 = "How many balls are there?";
     let answer = |q: &str| -> String {
         let o = fastrm(&[
-            "generate", "--model", m, "--image", img.to_str().unwrap(), "--prompt",
-            &format!("{q}{suffix}"), "--max-new-tokens", "2", "--json",
+            "generate",
+            "--model",
+            m,
+            "--image",
+            img.to_str().unwrap(),
+            "--prompt",
+            &format!("{q}{suffix}"),
+            "--max-new-tokens",
+            "2",
+            "--json",
         ]);
         let v: serde_json::Value = serde_json::from_str(&ok(&o)).unwrap();
         v["text"].as_str().unwrap().to_string()
@@ -477,29 +532,52 @@ fn cli_end_to_end_with_a_pointing_set() {
     let qfile = root.join("set/questions.jsonl");
     std::fs::write(
         &qfile,
-        lines.iter().map(|l| l.to_string() + "\n").collect::<String>(),
+        lines
+            .iter()
+            .map(|l| l.to_string() + "\n")
+            .collect::<String>(),
     )
     .unwrap();
     let data = root.join("data");
     ok(&fastrm(&[
-        "distill", "--model", m, "--questions", qfile.to_str().unwrap(), "--images",
-        root.join("set").to_str().unwrap(), "--out", data.to_str().unwrap(),
-        "--max-new-tokens", "2",
+        "distill",
+        "--model",
+        m,
+        "--questions",
+        qfile.to_str().unwrap(),
+        "--images",
+        root.join("set").to_str().unwrap(),
+        "--out",
+        data.to_str().unwrap(),
+        "--max-new-tokens",
+        "2",
     ]));
     // The extra JSONL keys travel into the shard records.
     let man = fastrm::distill::Manifest::read(&data).unwrap();
     let shard = fastrm::distill::Shard::read(&data.join(&man.shards[0].file)).unwrap();
     assert_eq!(shard.samples[0].qtype.as_deref(), Some("color"));
     assert_eq!(shard.samples[0].n_objects, Some(3));
-    assert_eq!(shard.samples[0].target_mask.as_deref(), Some("masks/00001.png"));
+    assert_eq!(
+        shard.samples[0].target_mask.as_deref(),
+        Some("masks/00001.png")
+    );
     assert_eq!(shard.samples[1].target_mask, None);
 
     let head = root.join("head.safetensors");
     HeadWeights::random(64, 16, 3).save(&head).unwrap();
     let out = root.join("eval");
     let o = fastrm(&[
-        "eval", "--model", m, "--head", head.to_str().unwrap(), "--data",
-        data.to_str().unwrap(), "--out", out.to_str().unwrap(), "--json", "--write-threshold",
+        "eval",
+        "--model",
+        m,
+        "--head",
+        head.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+        "--write-threshold",
     ]);
     let v: serde_json::Value = serde_json::from_str(&ok(&o)).unwrap();
     let file: serde_json::Value =
@@ -514,9 +592,11 @@ fn cli_end_to_end_with_a_pointing_set() {
         let bytes = std::fs::read(out.join(png)).unwrap();
         assert_eq!(&bytes[1..4], b"PNG", "{png}");
     }
-    assert!(std::fs::read_dir(&out)
+    assert!(std::fs::read_dir(&out).unwrap().all(|e| !e
         .unwrap()
-        .all(|e| !e.unwrap().file_name().to_string_lossy().starts_with('.')));
+        .file_name()
+        .to_string_lossy()
+        .starts_with('.')));
     assert_eq!(v["samples"], 2);
 
     // Classification: 9 thresholds, counts covering every token × patch.
@@ -556,7 +636,12 @@ fn cli_end_to_end_with_a_pointing_set() {
                 .collect();
             assert_eq!(acc.len(), 21);
             assert_eq!(acc[0], 0.5, "{name} {dir}: one of the two answers is right");
-            assert_eq!(acc[20], methods["fastrm"]["positive"]["accuracy"][20].as_f64().unwrap());
+            assert_eq!(
+                acc[20],
+                methods["fastrm"]["positive"]["accuracy"][20]
+                    .as_f64()
+                    .unwrap()
+            );
             let auc = c["auc"].as_f64().unwrap();
             assert!((auc - metrics::trapezoid_auc(&fr, &acc)).abs() < 1e-12);
         }
@@ -568,14 +653,22 @@ fn cli_end_to_end_with_a_pointing_set() {
     let per = v["per_sample"].as_array().unwrap();
     assert_eq!(per[0]["correct"], true);
     assert_eq!(per[1]["correct"], false);
-    let e: Vec<f64> = per.iter().map(|s| s["mean_entropy"].as_f64().unwrap()).collect();
+    let e: Vec<f64> = per
+        .iter()
+        .map(|s| s["mean_entropy"].as_f64().unwrap())
+        .collect();
     let t = c["threshold"].as_f64().unwrap();
     assert!((t - (e[0] + e[1]) / 2.0).abs() < 1e-6);
     assert_eq!(c["bandwidth_rule"], "scott");
-    let n: u64 = [&c["below"]["tp"], &c["below"]["fp"], &c["above"]["fn"], &c["above"]["tn"]]
-        .iter()
-        .map(|x| x.as_u64().unwrap())
-        .sum();
+    let n: u64 = [
+        &c["below"]["tp"],
+        &c["below"]["fp"],
+        &c["above"]["fn"],
+        &c["above"]["tn"],
+    ]
+    .iter()
+    .map(|x| x.as_u64().unwrap())
+    .sum();
     assert_eq!(n, 2);
     assert_eq!(c["written_to_head"], true);
     let w = HeadWeights::load(&head).unwrap();
@@ -594,7 +687,10 @@ fn cli_end_to_end_with_a_pointing_set() {
     for (name, r) in pm {
         let hit = r["hit_rate"].as_f64().unwrap();
         let mass = r["mask_mass"].as_f64().unwrap();
-        assert!((0.0..=1.0).contains(&hit) && (0.0..=1.0).contains(&mass), "{name}");
+        assert!(
+            (0.0..=1.0).contains(&hit) && (0.0..=1.0).contains(&mass),
+            "{name}"
+        );
         assert!(r["tokens"].as_u64().unwrap() >= 1);
     }
     assert!((pm["random"]["hit_rate"].as_f64().unwrap() - share).abs() < 1e-9);
@@ -610,10 +706,19 @@ fn cli_end_to_end_with_a_pointing_set() {
 
     // The table form runs too (no perturbation, quick).
     let table = ok(&fastrm(&[
-        "eval", "--model", m, "--head", head.to_str().unwrap(), "--data",
-        data.to_str().unwrap(), "--no-perturbation",
+        "eval",
+        "--model",
+        m,
+        "--head",
+        head.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--no-perturbation",
     ]));
-    assert!(table.contains("threshold") && table.contains("Pointing"), "{table}");
+    assert!(
+        table.contains("threshold") && table.contains("Pointing"),
+        "{table}"
+    );
 
     // Bad input: a missing head, a head of the wrong size, a missing data folder, a folder that
     // is not a data set.
@@ -621,25 +726,59 @@ fn cli_end_to_end_with_a_pointing_set() {
     let d = data.to_str().unwrap();
     let missing = root.join("nope.safetensors");
     fails(
-        &fastrm(&["eval", "--model", m, "--head", missing.to_str().unwrap(), "--data", d]),
+        &fastrm(&[
+            "eval",
+            "--model",
+            m,
+            "--head",
+            missing.to_str().unwrap(),
+            "--data",
+            d,
+        ]),
         &["nope.safetensors"],
     );
     let small = root.join("small.safetensors");
     HeadWeights::random(32, 8, 1).save(&small).unwrap();
     fails(
-        &fastrm(&["eval", "--model", m, "--head", small.to_str().unwrap(), "--data", d]),
+        &fastrm(&[
+            "eval",
+            "--model",
+            m,
+            "--head",
+            small.to_str().unwrap(),
+            "--data",
+            d,
+        ]),
         &["hidden size 32", "64"],
     );
     fails(
-        &fastrm(&["eval", "--model", m, "--head", h, "--data", root.join("none").to_str().unwrap()]),
+        &fastrm(&[
+            "eval",
+            "--model",
+            m,
+            "--head",
+            h,
+            "--data",
+            root.join("none").to_str().unwrap(),
+        ]),
         &["--data", "no such folder"],
     );
     fails(
-        &fastrm(&["eval", "--model", m, "--head", h, "--data", root.join("set").to_str().unwrap()]),
+        &fastrm(&[
+            "eval",
+            "--model",
+            m,
+            "--head",
+            h,
+            "--data",
+            root.join("set").to_str().unwrap(),
+        ]),
         &["manifest.json"],
     );
     fails(
-        &fastrm(&["eval", "--model", m, "--head", h, "--data", d, "--limit", "0"]),
+        &fastrm(&[
+            "eval", "--model", m, "--head", h, "--data", d, "--limit", "0",
+        ]),
         &["--limit"],
     );
 }

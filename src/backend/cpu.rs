@@ -635,7 +635,6 @@ impl Backend for Cpu {
         attention_impl(q, k, v, s, Some(&key_keep[..s.kv_len]))
     }
 
-
     fn embedding(&self, table: &CpuTensor, ids: &[u32]) -> Result<CpuTensor> {
         let mut data = Vec::with_capacity(ids.len() * table.cols);
         for &id in ids {

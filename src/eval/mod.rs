@@ -471,7 +471,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
             for seed in 0..RANDOM_SEEDS {
                 // Negative removal with a random order is the reversed positive order: random
                 // either way, and a different draw than the positive one.
-                let o = metrics::random_order(p, seed.wrapping_mul(0x9E37) ^ s.record.sample as u64);
+                let o =
+                    metrics::random_order(p, seed.wrapping_mul(0x9E37) ^ s.record.sample as u64);
                 let rev: Vec<usize> = o.iter().rev().copied().collect();
                 orders.push(("random", o, rev));
             }
@@ -480,7 +481,11 @@ pub fn run(args: EvalArgs) -> Result<()> {
             let mut cache: HashMap<Vec<usize>, bool> = HashMap::new();
             let n_orders = orders.len();
             for (oi, (name, pos, neg)) in orders.iter().enumerate() {
-                progress.bar(k, total, &format!("perturbation {}/{n_orders} ({name})", oi + 1));
+                progress.bar(
+                    k,
+                    total,
+                    &format!("perturbation {}/{n_orders} ({name})", oi + 1),
+                );
                 for (dir, order) in [pos, neg].into_iter().enumerate() {
                     for (si, &(_, n_removed)) in schedule.iter().enumerate() {
                         let mut removed: Vec<usize> = order[..n_removed].to_vec();
@@ -698,9 +703,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
             "methods": Value::Object(methods),
         })
     };
-    let side = |xs: &[f64], mean: Option<f64>, h: f64| {
-        json!({"count": xs.len(), "mean_entropy": mean, "bandwidth": h})
-    };
+    let side = |xs: &[f64], mean: Option<f64>, h: f64| json!({"count": xs.len(), "mean_entropy": mean, "bandwidth": h});
     let c = cal.counts;
     let confidence = json!({
         "bandwidth_rule": "scott",
@@ -780,8 +783,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
                 names.push(name);
             }
         }
-        let text = serde_json::to_string_pretty(&doc)
-            .map_err(|e| Error::input(format!("JSON: {e}")))?;
+        let text =
+            serde_json::to_string_pretty(&doc).map_err(|e| Error::input(format!("JSON: {e}")))?;
         std::fs::write(st.path(JSON_FILE), text).map_err(|e| Error::io(st.path(JSON_FILE), e))?;
         names.push(JSON_FILE);
         st.commit(&names)?;
@@ -848,7 +851,11 @@ fn perturbation_plot(
                 Series {
                     name: format!("{name} (AUC {auc:.3})"),
                     color: PALETTE[i % PALETTE.len()],
-                    points: fractions.iter().copied().zip(acc[dir].iter().copied()).collect(),
+                    points: fractions
+                        .iter()
+                        .copied()
+                        .zip(acc[dir].iter().copied())
+                        .collect(),
                 }
             })
             .collect(),
@@ -921,9 +928,15 @@ fn print_report(doc: &Value) {
     let f = |v: &Value| v.as_f64().map_or("n/a".to_string(), |x| format!("{x:.4}"));
     println!(
         "{} samples, {} tokens, {} patches; label threshold {}",
-        doc["samples"], doc["tokens"], doc["n_patches"], f(&doc["label_threshold"])
+        doc["samples"],
+        doc["tokens"],
+        doc["n_patches"],
+        f(&doc["label_threshold"])
     );
-    println!("\nFastRM vs binarised {} map", doc["baseline_method"].as_str().unwrap_or(""));
+    println!(
+        "\nFastRM vs binarised {} map",
+        doc["baseline_method"].as_str().unwrap_or("")
+    );
     println!(
         "{:>9} {:>9} {:>9} {:>9} {:>9}",
         "threshold", "accuracy", "precision", "recall", "F1"
@@ -979,7 +992,10 @@ fn print_report(doc: &Value) {
             "\nPointing game ({} samples with a target)",
             doc["pointing"]["samples"]
         );
-        println!("{:<22} {:>9} {:>9} {:>7}", "method", "hit rate", "mass", "tokens");
+        println!(
+            "{:<22} {:>9} {:>9} {:>7}",
+            "method", "hit rate", "mass", "tokens"
+        );
         for (name, v) in m {
             println!(
                 "{:<22} {:>9} {:>9} {:>7}",

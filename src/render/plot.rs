@@ -159,7 +159,14 @@ pub fn line_plot(p: &LinePlot) -> Result<RgbImage> {
         let w = text_pixels(&label, 1);
         draw_text(&mut img, left.saturating_sub(w + 4), y, &label, 1, ink);
     }
-    draw_text(&mut img, left, bottom + 4, &format_value(xlo as f32), 1, ink);
+    draw_text(
+        &mut img,
+        left,
+        bottom + 4,
+        &format_value(xlo as f32),
+        1,
+        ink,
+    );
     let last = format_value(xhi as f32);
     draw_text(
         &mut img,
@@ -200,7 +207,14 @@ pub fn line_plot(p: &LinePlot) -> Result<RgbImage> {
             } else {
                 x + 4
             };
-            draw_text(&mut img, tx, bottom.saturating_sub(20), &m.label, 1, m.color);
+            draw_text(
+                &mut img,
+                tx,
+                bottom.saturating_sub(20),
+                &m.label,
+                1,
+                m.color,
+            );
         }
     }
     let widest = p
