@@ -372,10 +372,9 @@ fn masked_attention_against_plain_attention_and_a_reference() {
         .unwrap();
     assert!(none.iter().all(|&x| x == 0.0), "{none:?}");
     // Too short a mask is an error, not a panic.
-    let err = b
-        .attention_masked(&up(&q), &up(&k), &up(&v), s, &[true; 8])
-        .err()
-        .expect("a short mask is refused");
+    let Err(err) = b.attention_masked(&up(&q), &up(&k), &up(&v), s, &[true; 8]) else {
+        panic!("a short mask must be refused");
+    };
     assert!(err.to_string().contains("key_keep"), "{err}");
 }
 
