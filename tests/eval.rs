@@ -703,6 +703,34 @@ fn cli_end_to_end_with_a_pointing_set() {
     assert_eq!(a["multi_object"]["samples"], 1);
     assert_eq!(a["multi_object"]["accuracy"], 1.0);
 
+    // Only the first (correct) answer: no threshold, said so, and the head is left as it was.
+    let before = std::fs::read(&head).unwrap();
+    let o = fastrm(&[
+        "eval",
+        "--model",
+        m,
+        "--head",
+        head.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--json",
+        "--limit",
+        "1",
+        "--no-perturbation",
+        "--write-threshold",
+    ]);
+    let v1: serde_json::Value = serde_json::from_str(&ok(&o)).unwrap();
+    assert_eq!(v1["samples"], 1);
+    assert!(v1["perturbation"].is_null());
+    assert!(v1["confidence"]["threshold"].is_null());
+    assert!(v1["confidence"]["note"]
+        .as_str()
+        .unwrap()
+        .contains("every answer is correct"));
+    assert_eq!(v1["confidence"]["written_to_head"], false);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("left unchanged"));
+    assert_eq!(std::fs::read(&head).unwrap(), before);
+
     // The table form runs too (no perturbation, quick).
     let table = ok(&fastrm(&[
         "eval",
