@@ -809,3 +809,46 @@ fn cli_end_to_end_with_a_pointing_set() {
         &["--limit"],
     );
 }
+
+#[test]
+fn jsonl_reader_carries_and_checks_the_pointing_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = dir.path().join("q.jsonl");
+    std::fs::write(
+        &q,
+        concat!(
+            r#"{"image": "a.png", "question": "Q?", "answers": ["red"], "type": "color", "target_mask": "masks/a.png", "n_objects": 3}"#,
+            "\n",
+            r#"{"image": "a.png", "question": "Q?", "target_mask": null, "type": null}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    let d = fastrm::distill::Dataset::load(&q).unwrap();
+    let e = &d.entries;
+    assert_eq!(e[0].qtype.as_deref(), Some("color"));
+    assert_eq!(e[0].n_objects, Some(3));
+    assert_eq!(e[0].target_mask.as_deref(), Some("masks/a.png"));
+    assert_eq!(
+        (e[1].qtype.clone(), e[1].n_objects, e[1].target_mask.clone()),
+        (None, None, None)
+    );
+    for (bad, key) in [
+        (
+            r#"{"image": "a.png", "question": "Q?", "n_objects": "three"}"#,
+            "n_objects",
+        ),
+        (
+            r#"{"image": "a.png", "question": "Q?", "target_mask": 5}"#,
+            "target_mask",
+        ),
+        (
+            r#"{"image": "a.png", "question": "Q?", "type": ["a"]}"#,
+            "type",
+        ),
+    ] {
+        std::fs::write(&q, bad).unwrap();
+        let err = fastrm::distill::Dataset::load(&q).unwrap_err().to_string();
+        assert!(err.contains(key) && err.contains("line 1"), "{err}");
+    }
+}
