@@ -10,6 +10,7 @@ pub mod config;
 pub mod distill;
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod explain;
 pub mod model;
 pub mod render;

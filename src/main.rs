@@ -116,6 +116,9 @@ enum Cmd {
     Train(fastrm::train::TrainArgs),
     /// Build a FastRM training set: answers, baseline maps and hidden states, sharded; resumable.
     Distill(fastrm::distill::DistillArgs),
+    /// Evaluate a FastRM head on a distilled set: F1 vs the baseline, perturbation AUCs, entropy
+    /// confidence calibration, pointing game.
+    Eval(fastrm::eval::EvalArgs),
 }
 
 fn main() -> ExitCode {
@@ -196,6 +199,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Distill(args) => fastrm::distill::run(args),
         Cmd::Train(args) => fastrm::train::run(args),
+        Cmd::Eval(args) => fastrm::eval::run(args),
     }
 }
 

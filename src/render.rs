@@ -25,6 +25,7 @@
 
 mod colormap;
 mod font;
+pub mod plot;
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};

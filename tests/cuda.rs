@@ -250,6 +250,15 @@ fn ops<T: Elem>(test: &str) {
             &g.attention(&q.g, &k.g, &v.g, shape).unwrap(),
             &Cpu.attention(&q.c, &k.c, &v.c, shape).unwrap(),
         );
+        // Hidden keys (fastrm eval's perturbation): about a third of them, on both paths.
+        let keep: Vec<bool> = (0..kvr).map(|_| r.next_u64() % 3 != 0).collect();
+        check(
+            &format!("attention_masked q{nq} kv{kv_len} h{h}/{hk} d{d} {causal:?}"),
+            &g,
+            &g.attention_masked(&q.g, &k.g, &v.g, shape, &keep).unwrap(),
+            &Cpu.attention_masked(&q.c, &k.c, &v.c, shape, &keep)
+                .unwrap(),
+        );
     }
 
     // The fused FastRM step at LLaVA-7B's sizes, and a small odd one.

@@ -235,6 +235,18 @@ fn head_view(t: &CpuTensor, s: AttnShape, hi: usize) -> View<'_> {
 /// Attention probabilities of head `hi`, `[n_q, kv_len]`, masked entries exactly 0 — the same
 /// numbers for the forward and the backward (which recomputes rather than stores them).
 fn head_probs(q: &CpuTensor, k: &CpuTensor, s: AttnShape, hi: usize) -> Vec<f32> {
+    head_probs_masked(q, k, s, hi, None)
+}
+
+/// [`head_probs`] with hidden keys (`keep[j] == false`) at probability exactly 0; a row whose every
+/// visible key is hidden is all zeros.
+fn head_probs_masked(
+    q: &CpuTensor,
+    k: &CpuTensor,
+    s: AttnShape,
+    hi: usize,
+    keep: Option<&[bool]>,
+) -> Vec<f32> {
     let (kv, d) = (s.kv_len, s.head_dim);
     let scale = 1.0 / (d as f32).sqrt();
     let mut scores = vec![0.0f32; q.rows * kv];
@@ -264,10 +276,23 @@ fn head_probs(q: &CpuTensor, k: &CpuTensor, s: AttnShape, hi: usize) -> Vec<f32>
         let visible = s.causal_q_pos0.map_or(kv, |p0| p0 + i + 1);
         let (row, masked) = row.split_at_mut(visible);
         masked.fill(0.0);
+        if let Some(keep) = keep {
+            // Hidden keys: −∞ scores, so exp gives exactly 0 and the sum skips them.
+            for (x, &kj) in row.iter_mut().zip(keep) {
+                if !kj {
+                    *x = f32::NEG_INFINITY;
+                }
+            }
+        }
         let mut mx = f32::NEG_INFINITY;
         for x in row.iter_mut() {
             *x *= scale;
             mx = mx.max(*x);
+        }
+        if mx == f32::NEG_INFINITY {
+            // Every visible key is hidden: no attention at all.
+            row.fill(0.0);
+            continue;
         }
         let mut sum = 0.0f32;
         for x in row.iter_mut() {
@@ -319,6 +344,32 @@ fn probs_times(p: &[f32], v: View, nq: usize, s: AttnShape, out: &mut [f32]) {
             Parallelism::None,
         );
     }
+}
+
+/// The attention forward for [`Backend::attention`] and [`Backend::attention_masked`] (shapes
+/// already checked): one `[nq, d]` output block per head, computed independently on the rayon pool.
+fn attention_impl(
+    q: &CpuTensor,
+    k: &CpuTensor,
+    v: &CpuTensor,
+    s: AttnShape,
+    keep: Option<&[bool]>,
+) -> Result<CpuTensor> {
+    let (nq, d) = (q.rows, s.head_dim);
+    let heads: Vec<Vec<f32>> = (0..s.n_heads)
+        .into_par_iter()
+        .map(|hi| {
+            let probs = head_probs_masked(q, k, s, hi, keep);
+            let mut out = vec![0.0f32; nq * d];
+            probs_times(&probs, head_view(v, s, hi), nq, s, &mut out);
+            out
+        })
+        .collect();
+    let mut out = CpuTensor::new(vec![0.0f32; nq * q.cols], nq, q.cols)?;
+    for (hi, block) in heads.iter().enumerate() {
+        scatter_head(&mut out, hi, d, block);
+    }
+    Ok(out)
 }
 
 /// Writes a head's `[rows, d]` block into columns `hi·d ..` of a multi-head tensor.
@@ -559,22 +610,29 @@ impl Backend for Cpu {
         s: AttnShape,
     ) -> Result<CpuTensor> {
         check_attention("attention", q, k, v, s)?;
-        let (nq, d) = (q.rows, s.head_dim);
-        // One [nq, d] output block per head, computed independently on the rayon pool.
-        let heads: Vec<Vec<f32>> = (0..s.n_heads)
-            .into_par_iter()
-            .map(|hi| {
-                let probs = head_probs(q, k, s, hi);
-                let mut out = vec![0.0f32; nq * d];
-                probs_times(&probs, head_view(v, s, hi), nq, s, &mut out);
-                out
-            })
-            .collect();
-        let mut out = CpuTensor::new(vec![0.0f32; nq * q.cols], nq, q.cols)?;
-        for (hi, block) in heads.iter().enumerate() {
-            scatter_head(&mut out, hi, d, block);
+        attention_impl(q, k, v, s, None)
+    }
+
+    fn attention_masked(
+        &self,
+        q: &CpuTensor,
+        k: &CpuTensor,
+        v: &CpuTensor,
+        s: AttnShape,
+        key_keep: &[bool],
+    ) -> Result<CpuTensor> {
+        check_attention("attention_masked", q, k, v, s)?;
+        if key_keep.len() < s.kv_len {
+            return Err(shape_err(
+                "attention_masked",
+                format!(
+                    "key_keep has {} entries for kv_len {}",
+                    key_keep.len(),
+                    s.kv_len
+                ),
+            ));
         }
-        Ok(out)
+        attention_impl(q, k, v, s, Some(&key_keep[..s.kv_len]))
     }
 
     fn embedding(&self, table: &CpuTensor, ids: &[u32]) -> Result<CpuTensor> {

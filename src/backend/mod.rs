@@ -123,6 +123,26 @@ pub trait Backend {
         v: &Self::Tensor,
         shape: AttnShape,
     ) -> Result<Self::Tensor>;
+    /// [`Backend::attention`] with some keys hidden: key row `j` (with its value row) takes part
+    /// only when `key_keep[j]` is true. A hidden key gets probability exactly 0 for every query —
+    /// as if its score were −∞ before the softmax — on top of the causal mask when `shape` has one;
+    /// the softmax renormalises over the keys that remain. With every entry true the result equals
+    /// `attention` (the same numbers, not just close); for non-causal attention it equals
+    /// `attention` on k and v with the hidden rows deleted. A query row that sees no key at all
+    /// (every visible key hidden) gets a zero output row, never NaN.
+    ///
+    /// `key_keep.len()` must be at least `shape.kv_len`; entries past `kv_len` are ignored, so one
+    /// mask sized to the KV cache's capacity serves the prefill and every decode step. Used by
+    /// `fastrm eval`'s perturbation curves to remove image patches from the model's view (forward
+    /// only: no backward op exists or is needed for it).
+    fn attention_masked(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        shape: AttnShape,
+        key_keep: &[bool],
+    ) -> Result<Self::Tensor>;
     /// Gathers rows of an embedding table `[vocab, d]`; every id must be `< vocab`.
     fn embedding(&self, table: &Self::Tensor, ids: &[u32]) -> Result<Self::Tensor>;
     /// Rows `start .. start + n` as a new tensor.

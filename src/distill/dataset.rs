@@ -45,6 +45,15 @@ pub struct Entry {
     pub question: String,
     pub image: ImageRef,
     pub answers: Option<Vec<String>>,
+    /// JSONL only, optional: the question's category (`"type"`, e.g. `color`), for per-type
+    /// accuracy in `fastrm eval`.
+    pub qtype: Option<String>,
+    /// JSONL only, optional: objects in the scene (`"n_objects"`).
+    pub n_objects: Option<u64>,
+    /// JSONL only, optional: the target object's mask (`"target_mask"`), an 8-bit greyscale PNG at
+    /// the image's resolution, nonzero on the object, as written (relative paths are taken from
+    /// the JSONL file's folder); `null` or absent: no target. `fastrm eval`'s pointing game.
+    pub target_mask: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -150,6 +159,9 @@ fn parse_vqa(path: &Path, questions: &Value) -> Result<Vec<Entry>> {
                 image: ImageRef::Coco(int("image_id")?),
                 question,
                 answers: None,
+                qtype: None,
+                n_objects: None,
+                target_mask: None,
             })
         })
         .collect()
@@ -190,11 +202,28 @@ fn parse_jsonl(path: &Path, text: &str) -> Result<Vec<Entry>> {
             ),
             Some(_) => return Err(bad("`answers` must be an array of strings")),
         };
+        let opt_string = |k: &str| -> Result<Option<String>> {
+            match o.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) if !s.trim().is_empty() => Ok(Some(s.clone())),
+                Some(_) => Err(bad(&format!("`{k}` must be a non-empty string or null"))),
+            }
+        };
+        let n_objects = match o.get("n_objects") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(
+                v.as_u64()
+                    .ok_or_else(|| bad("`n_objects` must be a non-negative integer or null"))?,
+            ),
+        };
         out.push(Entry {
             id: line_no as u64,
             question: string("question")?,
             image: ImageRef::Path(string("image")?),
             answers,
+            qtype: opt_string("type")?,
+            n_objects,
+            target_mask: opt_string("target_mask")?,
         });
     }
     Ok(out)

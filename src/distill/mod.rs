@@ -138,6 +138,13 @@ pub struct SampleRecord {
     pub answers: Option<Vec<String>>,
     pub generated_ids: Vec<u32>,
     pub stop_reason: String,
+    /// The JSONL line's `type`, `n_objects` and `target_mask` (as written), when it has them.
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub qtype: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n_objects: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_mask: Option<String>,
 }
 
 /// A shard read back into memory.
@@ -551,6 +558,9 @@ pub fn distill_sample<B: Backend>(
             answers: entry.answers.clone(),
             generated_ids: ex.generation.generated_ids,
             stop_reason: ex.generation.stop_reason.as_str().to_string(),
+            qtype: entry.qtype.clone(),
+            n_objects: entry.n_objects,
+            target_mask: entry.target_mask.clone(),
         },
         image_hidden: hook.image_hidden,
         tokens,

@@ -102,6 +102,38 @@ impl Staging {
     }
 }
 
+impl Staging {
+    /// Where a file named `name` is staged.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.tmp.join(name)
+    }
+
+    /// Moves the staged files `names` into the output folder in order, replacing files of the same
+    /// names; the last one (the run's JSON, by convention) is deleted from the output folder first
+    /// and moved in last, so the folder never pairs a new JSON with old files or the reverse.
+    /// Returns the final paths.
+    pub fn commit(self, names: &[&str]) -> Result<Vec<PathBuf>> {
+        for n in names {
+            if !self.tmp.join(n).is_file() {
+                return Err(Error::input(format!("{n} was not staged")));
+            }
+        }
+        if let Some(last) = names.last() {
+            let old = self.out.join(last);
+            if old.exists() {
+                std::fs::remove_file(&old).map_err(|e| Error::io(&old, e))?;
+            }
+        }
+        let mut paths = Vec::with_capacity(names.len());
+        for n in names {
+            let dst = self.out.join(n);
+            std::fs::rename(self.tmp.join(n), &dst).map_err(|e| Error::io(&dst, e))?;
+            paths.push(dst);
+        }
+        Ok(paths)
+    }
+}
+
 impl Drop for Staging {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.tmp);

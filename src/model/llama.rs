@@ -133,7 +133,24 @@ impl<B: Backend> Llama<B> {
     /// Runs the decoder on input embeddings `x` `[n, D]` at positions `cache.len ..`, appending to
     /// the cache. Returns the last hidden states after the final RMSNorm, `[n, D]`.
     pub fn forward(&self, b: &B, x: B::Tensor, cache: &mut KvCache<B>) -> Result<B::Tensor> {
-        self.forward_impl(b, x, cache, None)
+        self.forward_impl(b, x, cache, None, None)
+    }
+
+    /// [`Self::forward`] with some cache positions hidden from attention: position `j`'s key and
+    /// value are invisible to every query of every layer when `key_keep[j]` is false
+    /// ([`Backend::attention_masked`]). The hidden positions still run through the layers (their
+    /// own rows are computed and cached as usual); nothing reads them. `key_keep` must cover
+    /// positions `0 .. cache.len + n` (one mask sized to the cache's capacity serves the prefill
+    /// and every decode step). The perturbation tests of `fastrm eval` remove image patches this
+    /// way.
+    pub fn forward_masked(
+        &self,
+        b: &B,
+        x: B::Tensor,
+        cache: &mut KvCache<B>,
+        key_keep: &[bool],
+    ) -> Result<B::Tensor> {
+        self.forward_impl(b, x, cache, None, Some(key_keep))
     }
 
     /// [`Self::forward`] that also keeps what the activation backward needs (DESIGN §4): per layer
@@ -150,7 +167,7 @@ impl<B: Backend> Llama<B> {
             layers: Vec::with_capacity(self.layers.len()),
             x_out: None,
         };
-        let h = self.forward_impl(b, x, cache, Some(&mut saved))?;
+        let h = self.forward_impl(b, x, cache, Some(&mut saved), None)?;
         Ok((h, saved))
     }
 
@@ -160,6 +177,7 @@ impl<B: Backend> Llama<B> {
         x: B::Tensor,
         cache: &mut KvCache<B>,
         mut save: Option<&mut Saved<B>>,
+        key_keep: Option<&[bool]>,
     ) -> Result<B::Tensor> {
         let t = &self.cfg;
         let (n, _) = b.dims(&x);
@@ -188,7 +206,10 @@ impl<B: Backend> Llama<B> {
             let v = b.linear(&h, &l.v, None)?;
             b.copy_rows_into(&mut cache.k[li], pos0, &k)?;
             b.copy_rows_into(&mut cache.v[li], pos0, &v)?;
-            let a = b.attention(&q, &cache.k[li], &cache.v[li], shape)?;
+            let a = match key_keep {
+                None => b.attention(&q, &cache.k[li], &cache.v[li], shape)?,
+                Some(keep) => b.attention_masked(&q, &cache.k[li], &cache.v[li], shape, keep)?,
+            };
             let x_mid = b.add(&x, &b.linear(&a, &l.o, None)?)?;
             let h = b.rms_norm(&x_mid, &l.mlp_norm, eps)?;
             let gate = b.linear(&h, &l.gate, None)?;

@@ -216,20 +216,61 @@ impl<B: Backend> Llava<B> {
         observer: &mut dyn FnMut(Event),
         hook: &mut dyn StepHook<B>,
     ) -> Result<IdGeneration> {
+        self.check_request(ids, opts)?;
+        let t0 = std::time::Instant::now();
+        let (_, image) = self.encode_image(b, pixels)?;
+        let vision_s = t0.elapsed().as_secs_f64();
+        observer(Event::ImageEncoded);
+        let mut g = self.generate_from_features(b, ids, &image, opts, None, observer, hook)?;
+        g.timings.vision_s = vision_s;
+        Ok(g)
+    }
+
+    /// Greedy generation from expanded prompt ids and already projected image features `[P, D]`
+    /// ([`Self::encode_image`]'s second output), so one image encoding can serve many runs.
+    ///
+    /// `key_keep`: when given, the prompt positions `j` with `key_keep[j] == false` are hidden from
+    /// attention in every layer, for the prefill and every decode step
+    /// ([`crate::backend::Backend::attention_masked`]); generated positions are always visible.
+    /// Its length must be the prompt's. `None` runs the plain (unmasked) attention op.
+    #[allow(clippy::too_many_arguments)]
+    pub fn generate_from_features(
+        &self,
+        b: &B,
+        ids: &[u32],
+        image: &B::Tensor,
+        opts: &GenerateOptions,
+        key_keep: Option<&[bool]>,
+        observer: &mut dyn FnMut(Event),
+        hook: &mut dyn StepHook<B>,
+    ) -> Result<IdGeneration> {
         let ctx = self.cfg.text.max_position_embeddings;
         self.check_request(ids, opts)?;
         let mut timings = Timings::default();
-        let t0 = std::time::Instant::now();
-        let (_, image) = self.encode_image(b, pixels)?;
-        timings.vision_s = t0.elapsed().as_secs_f64();
-        observer(Event::ImageEncoded);
-
         let t1 = std::time::Instant::now();
-        let x = self.embed_prompt(b, ids, &image)?;
+        let x = self.embed_prompt(b, ids, image)?;
         // The last generated token is never fed back, so `ids + max_new - 1` positions suffice.
         let capacity = (ids.len() + opts.max_new_tokens - 1).min(ctx);
+        let keep: Option<Vec<bool>> = match key_keep {
+            None => None,
+            Some(k) if k.len() != ids.len() => {
+                return Err(Error::input(format!(
+                    "key mask has {} entries for a prompt of {} positions",
+                    k.len(),
+                    ids.len()
+                )))
+            }
+            Some(k) => {
+                let mut v = k.to_vec();
+                v.resize(capacity.max(ids.len()), true);
+                Some(v)
+            }
+        };
         let mut cache = KvCache::new(b, &self.cfg.text, capacity)?;
-        let hidden = self.llm.forward(b, x, &mut cache)?;
+        let hidden = match &keep {
+            None => self.llm.forward(b, x, &mut cache)?,
+            Some(k) => self.llm.forward_masked(b, x, &mut cache, k)?,
+        };
         let mut last = b.slice_rows(&hidden, ids.len() - 1, 1)?;
         hook.prefilled(b, &hidden)?;
         drop(hidden);
@@ -264,7 +305,10 @@ impl<B: Backend> Llava<B> {
                 break;
             }
             let x = b.embedding(&self.llm.embed, &[next])?;
-            last = self.llm.forward(b, x, &mut cache)?;
+            last = match &keep {
+                None => self.llm.forward(b, x, &mut cache)?,
+                Some(k) => self.llm.forward_masked(b, x, &mut cache, k)?,
+            };
         }
         out.timings.decode_s = t2.elapsed().as_secs_f64();
         Ok(out)

@@ -545,6 +545,17 @@ impl<T: Elem> Backend for Cuda<T> {
         self.attention_impl(q, k, v, shape, None)
     }
 
+    fn attention_masked(
+        &self,
+        q: &CudaTensor<T>,
+        k: &CudaTensor<T>,
+        v: &CudaTensor<T>,
+        shape: AttnShape,
+        key_keep: &[bool],
+    ) -> Result<CudaTensor<T>> {
+        self.attention_impl(q, k, v, shape, Some(key_keep))
+    }
+
     fn embedding(&self, table: &CudaTensor<T>, ids: &[u32]) -> Result<CudaTensor<T>> {
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= table.rows) {
             return Err(shape_err(
