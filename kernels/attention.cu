@@ -1,4 +1,4 @@
-// Attention forward. Two paths, chosen by the launcher:
+// Attention forward and backward. The forward has two paths, chosen by the launcher:
 //  * many queries (prefill, vision tower): cuBLAS writes the scores S = Q K^T (f32, [H, n_q, kv]);
 //    `attn_softmax_fwd` turns each row into probabilities P (storage type) with the scale, the
 //    causal mask and an optional key mask; cuBLAS then forms P V.
@@ -120,3 +120,55 @@ __device__ void attn_decode_combine_impl(T* out, const float* part_o, const floa
 }
 #define COMBINE_PARAMS(T) (T* out, const float* part_o, const float* part_ml, int n_heads, int d, int n_splits)
 FASTRM_INSTANTIATE(attn_decode_combine, COMBINE_PARAMS, (out, part_o, part_ml, n_heads, d, n_splits))
+
+// ---- Backward (recomputes the probabilities from the scores; nothing from the forward is kept).
+// With S = Q K^T (f32, unscaled, from cuBLAS) and dP = dO V^T (f32), per row r = h * n_q + i:
+//   P = softmax(scale * S) under the causal mask,  D = sum_j P dP,
+//   dS = scale * P * (dP - D)   (scale folded in, so dQ = dS K and dK = dS^T Q),
+// writing P and dS in the storage type for the cuBLAS products that follow, and overwriting dP
+// with the head's cam entries when asked (cam_kind 1: Chefer max(0, P dP); 2: GradCAM P max(0, dP))
+// for attn_cam_mean. grid: (H * n_q), block: 256.
+template <typename T>
+__device__ void attn_softmax_bwd_impl(T* p_out, T* ds_out, float* dp, const float* s, int n_q, int kv_len,
+                                      int q_pos0, float scale, int cam_kind) {
+    __shared__ float scratch[32];
+    const long long r = blockIdx.x;
+    const int i = (int)(r % n_q);
+    const int vis = visible_keys(q_pos0, i, kv_len);
+    const float* sr = s + r * kv_len;
+    float* dpr = dp + r * kv_len;
+    float mx = -INFINITY;
+    for (int j = threadIdx.x; j < vis; j += blockDim.x) mx = fmaxf(mx, sr[j] * scale);
+    mx = block_max(mx, scratch);
+    float sum = 0.f;
+    for (int j = threadIdx.x; j < vis; j += blockDim.x) sum += expf(sr[j] * scale - mx);
+    sum = block_sum(sum, scratch);
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    float dot = 0.f;
+    for (int j = threadIdx.x; j < vis; j += blockDim.x) dot += expf(sr[j] * scale - mx) * inv * dpr[j];
+    dot = block_sum(dot, scratch);
+    for (int j = threadIdx.x; j < kv_len; j += blockDim.x) {
+        const float pj = j < vis ? expf(sr[j] * scale - mx) * inv : 0.f;
+        const float g = dpr[j];
+        p_out[r * kv_len + j] = from_f32<T>(pj);
+        ds_out[r * kv_len + j] = from_f32<T>(scale * pj * (g - dot));
+        if (cam_kind == 1) dpr[j] = fmaxf(0.f, pj * g);
+        else if (cam_kind == 2) dpr[j] = pj * fmaxf(0.f, g);
+    }
+}
+#define SOFTMAX_BWD_PARAMS(T) (T* p_out, T* ds_out, float* dp, const float* s, int n_q, int kv_len, int q_pos0, \
+                               float scale, int cam_kind)
+FASTRM_INSTANTIATE(attn_softmax_bwd, SOFTMAX_BWD_PARAMS, (p_out, ds_out, dp, s, n_q, kv_len, q_pos0, scale, cam_kind))
+
+// out[e] = mean over the H heads of cam[h * n + e], summed in head order (deterministic).
+// grid-stride over n = n_q * kv_len.
+template <typename T>
+__device__ void attn_cam_mean_impl(T* out, const float* cam, int n_heads, long long n) {
+    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < n; e += (long long)gridDim.x * blockDim.x) {
+        float acc = 0.f;
+        for (int h = 0; h < n_heads; ++h) acc += cam[h * n + e];
+        out[e] = from_f32<T>(acc / n_heads);
+    }
+}
+#define CAM_MEAN_PARAMS(T) (T* out, const float* cam, int n_heads, long long n)
+FASTRM_INSTANTIATE(attn_cam_mean, CAM_MEAN_PARAMS, (out, cam, n_heads, n))

@@ -348,9 +348,9 @@ impl<T: Elem> Cuda<T> {
     }
 
     /// One cuBLAS GEMM (column-major, as cuBLAS sees it) with f32 accumulation; `c_f32` writes
-    /// an f32 output instead of `T`. `batch > 1` strides every operand.
+    /// an f32 output instead of `T`. `batch > 1` strides every operand. `C = α·op(A)·op(B) + β·C`.
     fn gemm(&self, g: Gemm) -> Result<()> {
-        let (alpha, beta) = (g.alpha, 0.0f32);
+        let (alpha, beta) = (g.alpha, g.beta);
         let op = |t: bool| {
             if t {
                 blas_sys::cublasOperation_t::CUBLAS_OP_T
@@ -452,6 +452,8 @@ struct Gemm {
     sc: usize,
     batch: usize,
     alpha: f32,
+    /// 0 overwrites C, 1 accumulates into it.
+    beta: f32,
     c_f32: bool,
 }
 

@@ -35,6 +35,16 @@ fn i32_dim(op: &str, n: usize) -> Result<i32> {
         .map_err(|_| shape_err(op, format!("dimension {n} exceeds the kernels' i32 range")))
 }
 
+/// Attention geometry for the per-head products.
+#[derive(Clone, Copy)]
+struct Heads {
+    nq: usize,
+    kv: usize,
+    h: usize,
+    hk: usize,
+    d: usize,
+}
+
 impl<T: Elem> Cuda<T> {
     fn unary(&self, op: &'static str, x: &CudaTensor<T>) -> Result<CudaTensor<T>> {
         let out = self.alloc(x.rows, x.cols)?;
@@ -82,15 +92,13 @@ impl<T: Elem> Cuda<T> {
         Ok(out)
     }
 
-    /// The shared body of attention with and without a key mask (`key_keep`: one flag per key).
-    pub(crate) fn attention_impl(
+    fn check_attention(
         &self,
         q: &CudaTensor<T>,
         k: &CudaTensor<T>,
         v: &CudaTensor<T>,
         s: AttnShape,
-        key_keep: Option<&[bool]>,
-    ) -> Result<CudaTensor<T>> {
+    ) -> Result<()> {
         let (h, hk, d) = (s.n_heads, s.n_kv_heads, s.head_dim);
         if h == 0
             || hk == 0
@@ -121,6 +129,20 @@ impl<T: Elem> Cuda<T> {
         if d > 1024 {
             return Err(shape_err("attention", format!("head_dim {d} over 1024")));
         }
+        Ok(())
+    }
+
+    /// The shared body of attention with and without a key mask (`key_keep`: one flag per key).
+    pub(crate) fn attention_impl(
+        &self,
+        q: &CudaTensor<T>,
+        k: &CudaTensor<T>,
+        v: &CudaTensor<T>,
+        s: AttnShape,
+        key_keep: Option<&[bool]>,
+    ) -> Result<CudaTensor<T>> {
+        self.check_attention(q, k, v, s)?;
+        let (h, hk, d) = (s.n_heads, s.n_kv_heads, s.head_dim);
         let kv = s.kv_len;
         let keep = match key_keep {
             Some(m) if m.len() < kv => {
@@ -201,35 +223,11 @@ impl<T: Elem> Cuda<T> {
             )?;
             return Ok(out);
         }
-        // Many queries: S = Q Kᵀ (f32) per head, softmax to P, O = P V. Heads are strided views
-        // of the packed columns; with grouped queries, query head h = g·kvh + j uses kv head kvh,
-        // so one batched call per j walks the kv heads with stride d.
-        let g = h / hk;
-        let esz = std::mem::size_of::<T>() as u64;
+        // Many queries: S = Q Kᵀ (f32) per head, softmax to P, O = P V.
+        let heads = Heads { nq, kv, h, hk, d };
         let scores = self.scratch::<f32>(h * nq * kv)?;
         let probs = self.scratch::<T>(h * nq * kv)?;
-        let (qp, kp, vp, op) = (self.ptr(q), self.ptr(k), self.ptr(v), self.ptr(&out));
-        for j in 0..g {
-            self.gemm(Gemm {
-                ta: true,
-                tb: false,
-                m: kv,
-                n: nq,
-                k: d,
-                a: kp,
-                lda: hk * d,
-                sa: d,
-                b: qp + (j * d) as u64 * esz,
-                ldb: h * d,
-                sb: g * d,
-                c: self.raw(&scores) + (j * nq * kv * 4) as u64,
-                ldc: kv,
-                sc: g * nq * kv,
-                batch: hk,
-                alpha: 1.0,
-                c_f32: true,
-            })?;
-        }
+        self.per_head_scores(heads, self.ptr(q), self.ptr(k), self.raw(&scores))?;
         let nq_i = i32_dim("attention", nq)?;
         self.launch(
             "attn_softmax_fwd",
@@ -244,28 +242,100 @@ impl<T: Elem> Cuda<T> {
                 &keep_ptr,
             ],
         )?;
+        self.per_head_times(heads, self.raw(&probs), self.ptr(v), self.ptr(&out))?;
+        Ok(out)
+    }
+
+    /// Per head, `S_h = X_h · Y_hᵀ` into f32 `[H, n_q, kv]`: X `[n_q, H·d]` (queries, or dO),
+    /// Y `[≥kv, Hkv·d]` (keys, or values). Heads are strided views of the packed columns; with
+    /// grouped queries, head h = g·kvh + j reads kv head kvh, so one batched call per j walks the
+    /// kv heads.
+    fn per_head_scores(&self, s: Heads, x: u64, y: u64, out: u64) -> Result<()> {
+        let g = s.h / s.hk;
+        let esz = std::mem::size_of::<T>() as u64;
+        for j in 0..g {
+            self.gemm(Gemm {
+                ta: true,
+                tb: false,
+                m: s.kv,
+                n: s.nq,
+                k: s.d,
+                a: y,
+                lda: s.hk * s.d,
+                sa: s.d,
+                b: x + (j * s.d) as u64 * esz,
+                ldb: s.h * s.d,
+                sb: g * s.d,
+                c: out + (j * s.nq * s.kv * 4) as u64,
+                ldc: s.kv,
+                sc: g * s.nq * s.kv,
+                batch: s.hk,
+                alpha: 1.0,
+                beta: 0.0,
+                c_f32: true,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Per head, `O_h = P_h · Y_h` into `out` `[n_q, H·d]`: P `[H, n_q, kv]` in `T` (probabilities,
+    /// or dS), Y `[≥kv, Hkv·d]` (values, or keys).
+    fn per_head_times(&self, s: Heads, p: u64, y: u64, out: u64) -> Result<()> {
+        let g = s.h / s.hk;
+        let esz = std::mem::size_of::<T>() as u64;
         for j in 0..g {
             self.gemm(Gemm {
                 ta: false,
                 tb: false,
-                m: d,
-                n: nq,
-                k: kv,
-                a: vp,
-                lda: hk * d,
-                sa: d,
-                b: self.raw(&probs) + (j * nq * kv) as u64 * esz,
-                ldb: kv,
-                sb: g * nq * kv,
-                c: op + (j * d) as u64 * esz,
-                ldc: h * d,
-                sc: g * d,
-                batch: hk,
+                m: s.d,
+                n: s.nq,
+                k: s.kv,
+                a: y,
+                lda: s.hk * s.d,
+                sa: s.d,
+                b: p + (j * s.nq * s.kv) as u64 * esz,
+                ldb: s.kv,
+                sb: g * s.nq * s.kv,
+                c: out + (j * s.d) as u64 * esz,
+                ldc: s.h * s.d,
+                sc: g * s.d,
+                batch: s.hk,
                 alpha: 1.0,
+                beta: 0.0,
                 c_f32: false,
             })?;
         }
-        Ok(out)
+        Ok(())
+    }
+
+    /// Per kv head, `out_kvh = Σ_{h in its group} P_hᵀ · X_h` into `out` `[kv, Hkv·d]`: P
+    /// `[H, n_q, kv]` in `T`, X `[n_q, H·d]` (dO for dV, Q for dK).
+    fn per_head_transposed(&self, s: Heads, p: u64, x: u64, out: u64) -> Result<()> {
+        let g = s.h / s.hk;
+        let esz = std::mem::size_of::<T>() as u64;
+        for j in 0..g {
+            self.gemm(Gemm {
+                ta: false,
+                tb: true,
+                m: s.d,
+                n: s.kv,
+                k: s.nq,
+                a: x + (j * s.d) as u64 * esz,
+                lda: s.h * s.d,
+                sa: g * s.d,
+                b: p + (j * s.nq * s.kv) as u64 * esz,
+                ldb: s.kv,
+                sb: g * s.nq * s.kv,
+                c: out,
+                ldc: s.hk * s.d,
+                sc: s.d,
+                batch: s.hk,
+                alpha: 1.0,
+                beta: if j == 0 { 0.0 } else { 1.0 },
+                c_f32: false,
+            })?;
+        }
+        Ok(())
     }
 
     /// Row-major `out[m, n] = a[m, k] · b` where `b` is `[k, n]` (`b_t = false`) or `[n, k]`
@@ -303,6 +373,7 @@ impl<T: Elem> Cuda<T> {
             sc: 0,
             batch: 1,
             alpha: 1.0,
+            beta: 0.0,
             c_f32: false,
         })?;
         Ok(out)
@@ -787,18 +858,89 @@ impl<T: Elem> Backend for Cuda<T> {
 
     fn attention_bwd(
         &self,
-        _q: &CudaTensor<T>,
-        _k: &CudaTensor<T>,
-        _v: &CudaTensor<T>,
-        _dout: &CudaTensor<T>,
-        _shape: AttnShape,
-        _cam: Option<Cam>,
+        q: &CudaTensor<T>,
+        k: &CudaTensor<T>,
+        v: &CudaTensor<T>,
+        dout: &CudaTensor<T>,
+        shape: AttnShape,
+        cam: Option<Cam>,
     ) -> Result<AttnGrads<CudaTensor<T>>> {
-        Err(Error::Backend(
-            "the attention backward (baseline and GradCAM maps) is not on the CUDA backend yet; \
-             use --device cpu for those methods"
-                .into(),
-        ))
+        self.check_attention(q, k, v, shape)?;
+        same("attention_bwd dout", q.dims(), dout.dims())?;
+        let (h, hk, d, kv, nq) = (
+            shape.n_heads,
+            shape.n_kv_heads,
+            shape.head_dim,
+            shape.kv_len,
+            q.rows,
+        );
+        if nq == 0 {
+            // No query: nothing flows back.
+            let cam = match cam {
+                Some(_) => Some(self.alloc(0, kv)?),
+                None => None,
+            };
+            return Ok(AttnGrads {
+                dq: self.alloc(0, h * d)?,
+                dk: self.zeros(kv, hk * d)?,
+                dv: self.zeros(kv, hk * d)?,
+                cam,
+            });
+        }
+        let dq = self.alloc(nq, h * d)?;
+        let dk = self.alloc(kv, hk * d)?;
+        let dv = self.alloc(kv, hk * d)?;
+        let heads = Heads { nq, kv, h, hk, d };
+        // Scores and dP in f32, P and dS in the storage type for the products that follow.
+        let scores = self.scratch::<f32>(h * nq * kv)?;
+        let dp = self.scratch::<f32>(h * nq * kv)?;
+        let probs = self.scratch::<T>(h * nq * kv)?;
+        let ds = self.scratch::<T>(h * nq * kv)?;
+        self.per_head_scores(heads, self.ptr(q), self.ptr(k), self.raw(&scores))?;
+        self.per_head_scores(heads, self.ptr(dout), self.ptr(v), self.raw(&dp))?;
+        let q_pos0: i32 = match shape.causal_q_pos0 {
+            Some(p) => i32_dim("attention_bwd", p)?,
+            None => -1,
+        };
+        let cam_kind: i32 = match cam {
+            None => 0,
+            Some(Cam::Chefer) => 1,
+            Some(Cam::GradCam) => 2,
+        };
+        let (nq_i, kv_i) = (i32_dim("attention_bwd", nq)?, i32_dim("attention_bwd", kv)?);
+        let scale = 1.0 / (d as f32).sqrt();
+        self.launch(
+            "attn_softmax_bwd",
+            per_row(h * nq, 256, 0),
+            &[
+                &self.raw(&probs),
+                &self.raw(&ds),
+                &self.raw(&dp),
+                &self.raw(&scores),
+                &nq_i,
+                &kv_i,
+                &q_pos0,
+                &scale,
+                &cam_kind,
+            ],
+        )?;
+        self.per_head_times(heads, self.raw(&ds), self.ptr(k), self.ptr(&dq))?;
+        self.per_head_transposed(heads, self.raw(&ds), self.ptr(q), self.ptr(&dk))?;
+        self.per_head_transposed(heads, self.raw(&probs), self.ptr(dout), self.ptr(&dv))?;
+        let cam = match cam {
+            Some(_) => {
+                let c = self.alloc(nq, kv)?;
+                let (n, h_i) = ((nq * kv) as i64, h as i32);
+                self.launch(
+                    "attn_cam_mean",
+                    grid_1d(nq * kv, 256),
+                    &[&self.ptr(&c), &self.raw(&dp), &h_i, &n],
+                )?;
+                Some(c)
+            }
+            None => None,
+        };
+        Ok(AttnGrads { dq, dk, dv, cam })
     }
 
     fn layer_norm_bwd(
@@ -879,6 +1021,7 @@ impl<T: Elem> Backend for Cuda<T> {
             sc: 0,
             batch: 1,
             alpha: 1.0,
+            beta: 0.0,
             c_f32: false,
         })?;
         Ok(out)
