@@ -1,6 +1,7 @@
 //! The CUDA backend at LLaVA-1.5-7B shapes (synthetic f16 weights, batch 1): device-memory
 //! bandwidth (a device-to-device copy), prefill (vision tower + projector + decoder over 576 image
-//! tokens and 40 text tokens), one decode step at that context, and the fused FastRM step.
+//! tokens and 40 text tokens), one decode step at that context, the fused FastRM step, and one
+//! baseline map (exact, and an incremental token).
 //!
 //! `cargo bench --bench cuda` (skips with a message where there is no GPU). Every timing loop
 //! synchronises the stream before it starts and after its last launch, so it measures the
@@ -17,6 +18,7 @@ use fastrm::backend::Backend;
 use fastrm::config::LlavaConfig;
 use fastrm::engine::Request;
 use fastrm::explain::fastrm::{FastRmHead, HeadWeights};
+use fastrm::explain::{chefer_row, Incremental, RowMode};
 use fastrm::model::llama::KvCache;
 use fastrm::Engine;
 use half::f16;
@@ -126,6 +128,42 @@ fn bench(c: &mut Criterion) {
     let head_bytes = 2 * (img_pos.len() * d + img_pos.len() + 3 * d);
     let head_bw = head_bytes as f64 / head_s / 1e9;
 
+    // One baseline map at this context: the exact row (a backward over every position) and an
+    // incremental token (a saving decode step plus a one-row backward).
+    let x = m.embed_prompt(b, &ids, &img).unwrap();
+    let mut bcache = KvCache::new(b, &cfg.text, n + 1).unwrap();
+    let (bh, saved) = m.llm.forward_saving(b, x, &mut bcache).unwrap();
+    let last = b.slice_rows(&bh, n - 1, 1).unwrap();
+    let y = b.argmax_rows(&m.llm.logits(b, &last).unwrap()).unwrap()[0];
+    let exact = || {
+        chefer_row(
+            b,
+            &m.llm,
+            &saved,
+            &bcache,
+            n - 1,
+            y,
+            RowMode::Streamed,
+            false,
+        )
+        .unwrap();
+    };
+    exact();
+    let exact_s = per_iter(b, 3, exact);
+    let (mut tracker, _) = Incremental::start(b, &m.llm, &saved, &bcache, y, n + 1).unwrap();
+    drop(saved);
+    let mut incremental = || {
+        bcache.len = n;
+        tracker.truncate(n);
+        let x = b.embedding(&m.llm.embed, &[y]).unwrap();
+        let (h, saved) = m.llm.forward_saving(b, x, &mut bcache).unwrap();
+        let next = b.argmax_rows(&m.llm.logits(b, &h).unwrap()).unwrap()[0];
+        tracker.step(b, &m.llm, &saved, &bcache, next).unwrap();
+    };
+    incremental();
+    let incremental_s = per_iter(b, 5, incremental);
+    drop((tracker, bcache, bh));
+
     // The summary the device check greps for; criterion's own statistics follow.
     eprintln!("RESULT card={card} model={name} dtype=f16 copy_bw_gbs={bw:.0}");
     eprintln!(
@@ -143,6 +181,13 @@ fn bench(c: &mut Criterion) {
         "RESULT fastrm_us={:.2} fastrm_gbs={head_bw:.0} fastrm_pct_of_decode={:.3}",
         head_s * 1e6,
         100.0 * head_s / decode_s
+    );
+    eprintln!(
+        "RESULT baseline_exact_ms={:.1} baseline_incremental_ms={:.2} incremental_in_decode_steps={:.2} fastrm_speedup_vs_exact={:.0}",
+        exact_s * 1e3,
+        incremental_s * 1e3,
+        incremental_s / decode_s,
+        exact_s / head_s
     );
     let (rows, total_peak) = b.ledger().report();
     for (tag, live, peak) in rows {
