@@ -12,6 +12,7 @@ pub mod engine;
 pub mod error;
 pub mod explain;
 pub mod model;
+pub mod profile;
 pub mod render;
 pub mod text;
 pub mod train;

@@ -98,6 +98,9 @@ enum Cmd {
     Train(fastrm::train::TrainArgs),
     /// Build a FastRM training set: answers, baseline maps and hidden states, sharded; resumable.
     Distill(fastrm::distill::DistillArgs),
+    /// Latency and peak memory of generate, FastRM and the baselines over forced output lengths:
+    /// a table, JSON and plots (the paper's latency/memory figure).
+    Profile(fastrm::profile::ProfileArgs),
 }
 
 fn main() -> ExitCode {
@@ -199,6 +202,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Distill(args) => fastrm::distill::run(args),
         Cmd::Train(args) => fastrm::train::run(args),
+        Cmd::Profile(args) => fastrm::profile::run(args),
     }
 }
 

@@ -24,6 +24,7 @@
 //! map of the coldest colour. The colormap is viridis ([`colormap`]).
 
 mod colormap;
+pub mod plot;
 mod font;
 
 use std::fs::{self, OpenOptions};
