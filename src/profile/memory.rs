@@ -343,6 +343,6 @@ mod tests {
             || Err(Error::Backend("no such device".into())),
             Duration::from_millis(5),
         );
-        assert!(r.unwrap_err().to_string().contains("no such device"));
+        assert!(r.err().unwrap().to_string().contains("no such device"));
     }
 }
