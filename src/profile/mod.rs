@@ -384,13 +384,8 @@ pub fn run(args: ProfileArgs) -> Result<()> {
 pub fn open_engine<B: Backend>(b: B, plan: &Plan) -> Result<Engine<B>> {
     match &plan.model {
         ModelSpec::Dir(dir) => Engine::load(b, dir),
-        ModelSpec::Synthetic(m) => {
-            let cfg = match plan.device {
-                DeviceKind::Cpu => m.cpu_config()?,
-                DeviceKind::Cuda => m.cpu_config()?, // CUDA: 7B/13B configs come with the backend.
-            };
-            Engine::synthetic(b, &cfg, SEED)
-        }
+        // CUDA: the 7B/13B configs come with the CUDA backend; until then only the CPU sizes.
+        ModelSpec::Synthetic(m) => Engine::synthetic(b, &m.cpu_config()?, SEED),
     }
 }
 
