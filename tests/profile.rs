@@ -215,6 +215,41 @@ fn synthetic_tiny_prints_the_table() {
     assert_eq!(rows.len(), 4, "{stdout}");
     assert!(rows[0].contains("generate") && rows[1].contains("fastrm"));
     assert!(!stdout.contains("FastRM vs"), "no baseline, no ratios");
+
+    // --full-r and --repeat reach the runs and the JSON.
+    let out = fastrm(&[
+        "profile",
+        "--model",
+        "synthetic:tiny",
+        "--methods",
+        "baseline",
+        "--full-r",
+        "--tokens",
+        "1",
+        "--repeat",
+        "2",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["full_r"], true);
+    assert_eq!(v["repeat"], 2);
+    assert_eq!(v["model"], "synthetic:tiny");
+    assert!(v["head"].is_null(), "no fastrm, no head");
+    assert_eq!(v["ratios"], serde_json::json!([]));
+    let runs = v["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    for r in runs {
+        let reps = r["latency_ms_repeats"].as_array().unwrap();
+        assert_eq!(reps.len(), 2);
+        let reps: Vec<f64> = reps.iter().map(|x| x.as_f64().unwrap()).collect();
+        // The reported latency is one of the repetitions (the median of two: the larger).
+        assert!(reps.contains(&r["latency_ms"].as_f64().unwrap()), "{r}");
+    }
 }
 
 #[test]
