@@ -13,6 +13,7 @@ pub mod error;
 pub mod eval;
 pub mod explain;
 pub mod model;
+pub mod profile;
 pub mod render;
 pub mod text;
 pub mod train;

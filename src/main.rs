@@ -119,6 +119,9 @@ enum Cmd {
     /// Evaluate a FastRM head on a distilled set: F1 vs the baseline, perturbation AUCs, entropy
     /// confidence calibration, pointing game.
     Eval(fastrm::eval::EvalArgs),
+    /// Latency and peak memory of generate, FastRM and the baselines over forced output lengths:
+    /// a table, JSON and plots (the paper's latency/memory figure).
+    Profile(fastrm::profile::ProfileArgs),
 }
 
 fn main() -> ExitCode {
@@ -200,6 +203,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Distill(args) => fastrm::distill::run(args),
         Cmd::Train(args) => fastrm::train::run(args),
         Cmd::Eval(args) => fastrm::eval::run(args),
+        Cmd::Profile(args) => fastrm::profile::run(args),
     }
 }
 

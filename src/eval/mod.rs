@@ -35,7 +35,7 @@ use crate::error::{Error, Result};
 use crate::explain::fastrm::{FastRmHead, HeadWeights};
 use crate::explain::report::Staging;
 use crate::explain::{default_gradcam_layer, map_entropy, Confidence, RowMode};
-use crate::render::plot::{line_plot, LinePlot, Marker, Series, PALETTE};
+use crate::render::plot::{line_plot, Axis, LinePlot, Marker, Series, PALETTE};
 use crate::render::write_png;
 use metrics::Counts;
 
@@ -811,21 +811,27 @@ fn classification_plot(counts: &[Counts]) -> Result<crate::vision::RgbImage> {
             .zip(counts)
             .map(|(&t, c)| (t as f64, f(c)))
             .collect(),
+        markers: true,
     };
-    line_plot(&LinePlot {
-        title: "FastRM vs binarised baseline".into(),
-        x_label: "classification threshold".into(),
-        y_label: vec!["score".into()],
-        x_range: Some((0.1, 0.9)),
-        y_range: Some((0.0, 1.0)),
-        series: vec![
-            series(0, "accuracy", &|c| c.accuracy()),
-            series(1, "precision", &|c| c.precision()),
-            series(2, "recall", &|c| c.recall()),
-            series(3, "F1", &|c| c.f1()),
-        ],
-        markers: vec![],
-    })
+    let mut plot = LinePlot::new(
+        "FastRM vs binarised baseline",
+        fixed(Axis::linear("classification threshold"), 0.1, 0.9),
+        fixed(Axis::linear("score"), 0.0, 1.0),
+    );
+    plot.series = vec![
+        series(0, "accuracy", &|c| c.accuracy()),
+        series(1, "precision", &|c| c.precision()),
+        series(2, "recall", &|c| c.recall()),
+        series(3, "F1", &|c| c.f1()),
+    ];
+    line_plot(&plot)
+}
+
+fn fixed(axis: Axis, lo: f64, hi: f64) -> Axis {
+    Axis {
+        range: Some((lo, hi)),
+        ..axis
+    }
 }
 
 fn perturbation_plot(
@@ -833,34 +839,33 @@ fn perturbation_plot(
     curves: &[(&str, [Vec<f64>; 2])],
     dir: usize,
 ) -> Result<crate::vision::RgbImage> {
-    line_plot(&LinePlot {
-        title: if dir == 0 {
-            "positive perturbation (most relevant removed first)".into()
+    let mut plot = LinePlot::new(
+        if dir == 0 {
+            "positive perturbation (most relevant removed first)"
         } else {
-            "negative perturbation (least relevant removed first)".into()
+            "negative perturbation (least relevant removed first)"
         },
-        x_label: "fraction of image patches removed".into(),
-        y_label: vec!["accuracy".into()],
-        x_range: Some((0.0, 1.0)),
-        y_range: Some((0.0, 1.0)),
-        series: curves
-            .iter()
-            .enumerate()
-            .map(|(i, (name, acc))| {
-                let auc = metrics::trapezoid_auc(fractions, &acc[dir]);
-                Series {
-                    name: format!("{name} (AUC {auc:.3})"),
-                    color: PALETTE[i % PALETTE.len()],
-                    points: fractions
-                        .iter()
-                        .copied()
-                        .zip(acc[dir].iter().copied())
-                        .collect(),
-                }
-            })
-            .collect(),
-        markers: vec![],
-    })
+        fixed(Axis::linear("fraction of image patches removed"), 0.0, 1.0),
+        fixed(Axis::linear("accuracy"), 0.0, 1.0),
+    );
+    plot.series = curves
+        .iter()
+        .enumerate()
+        .map(|(i, (name, acc))| {
+            let auc = metrics::trapezoid_auc(fractions, &acc[dir]);
+            Series {
+                name: format!("{name} (AUC {auc:.3})"),
+                color: PALETTE[i % PALETTE.len()],
+                points: fractions
+                    .iter()
+                    .copied()
+                    .zip(acc[dir].iter().copied())
+                    .collect(),
+                markers: false,
+            }
+        })
+        .collect();
+    line_plot(&plot)
 }
 
 fn entropy_plot(cal: &metrics::Calibration) -> Result<crate::vision::RgbImage> {
@@ -891,6 +896,7 @@ fn entropy_plot(cal: &metrics::Calibration) -> Result<crate::vision::RgbImage> {
             name: format!("correct ({})", cal.correct.len()),
             color: PALETTE[2],
             points: curve(&cal.correct, cal.bandwidth_correct),
+            markers: false,
         });
     }
     if !cal.incorrect.is_empty() {
@@ -898,29 +904,29 @@ fn entropy_plot(cal: &metrics::Calibration) -> Result<crate::vision::RgbImage> {
             name: format!("incorrect ({})", cal.incorrect.len()),
             color: PALETTE[3],
             points: curve(&cal.incorrect, cal.bandwidth_incorrect),
+            markers: false,
         });
     }
     let ymax = series
         .iter()
         .flat_map(|s| s.points.iter().map(|p| p.1))
         .fold(1e-9, f64::max);
-    line_plot(&LinePlot {
-        title: "mean map entropy per answer (Gaussian KDE, Scott)".into(),
-        x_label: "normalised entropy".into(),
-        y_label: vec!["density".into()],
-        x_range: Some((lo, hi)),
-        y_range: Some((0.0, ymax * 1.08)),
-        series,
-        markers: cal
-            .threshold
-            .map(|t| Marker {
-                x: t,
-                label: format!("threshold {t:.3}"),
-                color: [200, 0, 0],
-            })
-            .into_iter()
-            .collect(),
-    })
+    let mut plot = LinePlot::new(
+        "mean map entropy per answer (Gaussian KDE, Scott)",
+        fixed(Axis::linear("normalised entropy"), lo, hi),
+        fixed(Axis::linear("density"), 0.0, ymax * 1.08),
+    );
+    plot.series = series;
+    plot.markers = cal
+        .threshold
+        .map(|t| Marker {
+            x: t,
+            label: format!("threshold {t:.3}"),
+            color: [200, 0, 0],
+        })
+        .into_iter()
+        .collect();
+    line_plot(&plot)
 }
 
 /// The human-readable report.

@@ -4,7 +4,7 @@
 
 use super::CurvePoint;
 use crate::error::Result;
-use crate::render::plot::{line_plot, LinePlot, Series, PALETTE};
+use crate::render::plot::{line_plot, Axis, LinePlot, Series, PALETTE};
 use crate::vision::RgbImage;
 
 pub const TRAIN_COLOR: [u8; 3] = PALETTE[0];
@@ -13,6 +13,9 @@ pub const VAL_COLOR: [u8; 3] = PALETTE[1];
 /// Draws the curve (points with a non-finite loss are skipped).
 pub fn loss_plot(curve: &[CurvePoint]) -> Result<RgbImage> {
     let max_step = curve.iter().map(|c| c.step).max().unwrap_or(1).max(1) as f64;
+    let mut x = Axis::linear("step");
+    x.range = Some((0.0, max_step));
+    let mut plot = LinePlot::new("training loss", x, Axis::linear("BCE loss"));
     let series = |name: &str, color, pick: &dyn Fn(&CurvePoint) -> Option<f64>| Series {
         name: name.into(),
         color,
@@ -20,15 +23,13 @@ pub fn loss_plot(curve: &[CurvePoint]) -> Result<RgbImage> {
             .iter()
             .filter_map(|c| pick(c).map(|v| (c.step as f64, v)))
             .collect(),
+        markers: false,
     };
-    line_plot(&LinePlot {
-        x_label: "step".into(),
-        y_label: vec!["BCE".into(), "loss".into()],
-        x_range: Some((0.0, max_step)),
-        series: vec![
-            series("train", TRAIN_COLOR, &|c| Some(c.train_loss)),
-            series("validation", VAL_COLOR, &|c| c.val_loss),
-        ],
-        ..Default::default()
-    })
+    plot.series
+        .push(series("train", TRAIN_COLOR, &|c| Some(c.train_loss)));
+    if curve.iter().any(|c| c.val_loss.is_some()) {
+        plot.series
+            .push(series("validation", VAL_COLOR, &|c| c.val_loss));
+    }
+    line_plot(&plot)
 }

@@ -1,0 +1,677 @@
+//! `fastrm profile`: latency and peak memory of plain generation, FastRM and the gradient
+//! baselines over forced output lengths — the paper's latency/memory comparison (figure 14).
+//!
+//! For every output length and method the same prompt runs once (or `--repeat` times, median
+//! latency, largest peak) with EOS ignored, so every run produces exactly the asked number of
+//! tokens. Each run is bracketed by a [`timer::PhaseClock`] (wall clock on the CPU; device events
+//! on a device backend) and a [`memory::PhaseMemory`] (process peak RSS on the CPU; NVML device
+//! memory on a GPU). What the maps cost is each method's figure minus plain generation's at the
+//! same length. [`report`] turns the runs into a table, JSON and plots.
+//!
+//! The backend is chosen in exactly one place, [`run`]; a device backend plugs in there with its
+//! clock and memory source and reuses [`profile`] unchanged.
+
+pub mod memory;
+pub mod report;
+pub mod timer;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::backend::cpu::Cpu;
+use crate::backend::Backend;
+use crate::config::LlavaConfig;
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::explain::fastrm::{FastRmHead, HeadWeights};
+use crate::explain::{self, Method, RowMode};
+use crate::model::llava::{GenerateOptions, Timings};
+
+use memory::{MemorySource, MemoryUse, PhaseMemory};
+use report::{Report, RunRecord};
+use timer::{PhaseClock, WallClock};
+
+const DEMO_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/demo");
+const TINY_CONFIG: &str = include_str!("../../assets/demo/model/config.json");
+const MIDSIZE_CONFIG: &str = include_str!("../../benches/midsize_config.json");
+/// Seed of the synthetic weights and of the random FastRM head.
+const SEED: u64 = 0;
+/// Text ids around the image run in a synthetic prompt: BOS + `USER:`-like ids before, a
+/// question-sized run after (a LLaVA-1.5 VQA prompt has about 4 and 15–30).
+const SYNTHETIC_IDS_BEFORE: usize = 4;
+const SYNTHETIC_IDS_AFTER: usize = 20;
+const DEFAULT_QUESTION: &str = "What is shown in this picture? Answer in detail.";
+
+/// `fastrm profile`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ProfileArgs {
+    /// Model folder (HF llava-hf layout), or synthetic:tiny (the demo model's shapes),
+    /// synthetic:midsize (benches/midsize_config.json), synthetic:llava-1.5-7b / -13b (device
+    /// backends only): random weights, no tokenizer. Default: the bundled demo model.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// cpu (this build); cuda once the CUDA backend lands.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Output lengths, comma-separated; every run generates exactly this many tokens (EOS is
+    /// ignored so runs are comparable).
+    #[arg(long, default_value = "10,20,50,100")]
+    pub tokens: String,
+    /// Comma-separated: generate, fastrm, baseline, baseline-incremental. generate is always run:
+    /// the maps' cost is measured against it.
+    #[arg(long, default_value = "generate,fastrm,baseline,baseline-incremental")]
+    pub methods: String,
+    /// baseline: materialise every layer's cam and the full R, as the paper's baseline does.
+    #[arg(long)]
+    pub full_r: bool,
+    /// FastRM head file; default: a random head of the model's size (same cost as a trained one).
+    #[arg(long)]
+    pub head: Option<PathBuf>,
+    /// Image for the prompt (default: the bundled demo photo; its content does not change costs).
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    /// Question for models with a tokenizer (synthetic models use a fixed-length id prompt).
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// Runs per method and length: the median latency and the largest peak are reported.
+    #[arg(long, default_value_t = 1)]
+    pub repeat: usize,
+    /// Memory sampling interval in milliseconds.
+    #[arg(long, default_value_t = 10)]
+    pub sample_ms: u64,
+    /// Write profile.json, profile.txt, latency.png and memory.png into this folder.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Print the JSON report on stdout instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What `profile` can measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ProfMethod {
+    Generate,
+    FastRm,
+    Baseline,
+    BaselineIncremental,
+}
+
+impl ProfMethod {
+    pub const ALL: [ProfMethod; 4] = [
+        ProfMethod::Generate,
+        ProfMethod::FastRm,
+        ProfMethod::Baseline,
+        ProfMethod::BaselineIncremental,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ProfMethod::Generate => "generate",
+            ProfMethod::FastRm => "fastrm",
+            ProfMethod::Baseline => "baseline",
+            ProfMethod::BaselineIncremental => "baseline-incremental",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| {
+                Error::input(format!(
+                    "unknown method `{s}` in --methods: expected {}",
+                    Self::ALL.map(|m| m.name()).join(", ")
+                ))
+            })
+    }
+}
+
+/// `--methods`: known names, generate added first when missing, duplicates dropped, in the order
+/// given otherwise.
+pub fn parse_methods(s: &str) -> Result<Vec<ProfMethod>> {
+    let mut out = vec![ProfMethod::Generate];
+    let mut any = false;
+    for part in s.split(',').map(str::trim) {
+        if part.is_empty() {
+            continue;
+        }
+        any = true;
+        let m = ProfMethod::parse(part)?;
+        if !out.contains(&m) {
+            out.push(m);
+        }
+    }
+    if !any {
+        return Err(Error::input("--methods is empty"));
+    }
+    Ok(out)
+}
+
+/// `--tokens`: positive integers, sorted ascending, duplicates dropped.
+pub fn parse_tokens(s: &str) -> Result<Vec<usize>> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim) {
+        if part.is_empty() {
+            continue;
+        }
+        let n: usize = part.parse().map_err(|_| {
+            Error::input(format!(
+                "--tokens: `{part}` is not a whole number (expected e.g. 10,20,50,100)"
+            ))
+        })?;
+        if n == 0 {
+            return Err(Error::input("--tokens: output lengths must be at least 1"));
+        }
+        out.push(n);
+    }
+    if out.is_empty() {
+        return Err(Error::input(
+            "--tokens is empty (expected output lengths, e.g. 10,20,50,100)",
+        ));
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    Cpu,
+    Cuda,
+}
+
+pub fn parse_device(s: &str) -> Result<DeviceKind> {
+    match s {
+        "cpu" => Ok(DeviceKind::Cpu),
+        "cuda" => Ok(DeviceKind::Cuda),
+        _ => Err(Error::input(format!(
+            "unknown device `{s}`: expected cpu or cuda"
+        ))),
+    }
+}
+
+/// Synthetic models `profile` knows by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyntheticModel {
+    Tiny,
+    Midsize,
+    Llava7b,
+    Llava13b,
+}
+
+impl SyntheticModel {
+    const NAMES: [(&'static str, SyntheticModel); 4] = [
+        ("tiny", SyntheticModel::Tiny),
+        ("midsize", SyntheticModel::Midsize),
+        ("llava-1.5-7b", SyntheticModel::Llava7b),
+        ("llava-1.5-13b", SyntheticModel::Llava13b),
+    ];
+
+    pub fn name(self) -> &'static str {
+        Self::NAMES.iter().find(|(_, m)| *m == self).unwrap().0
+    }
+
+    /// The config on `device`: the LLaVA-1.5 sizes only on the GPU.
+    pub fn config(self, device: DeviceKind) -> Result<LlavaConfig> {
+        match (self, device) {
+            (SyntheticModel::Llava7b | SyntheticModel::Llava13b, DeviceKind::Cuda) => {
+                LlavaConfig::named(self.name()).map_err(Error::Input)
+            }
+            _ => self.cpu_config(),
+        }
+    }
+
+    /// The config for the CPU backend; the LLaVA-1.5 sizes are refused there (28 / 53 GB of f32
+    /// weights, hours per profile on a few cores).
+    pub fn cpu_config(self) -> Result<LlavaConfig> {
+        let text =
+            match self {
+                SyntheticModel::Tiny => TINY_CONFIG,
+                SyntheticModel::Midsize => MIDSIZE_CONFIG,
+                SyntheticModel::Llava7b | SyntheticModel::Llava13b => {
+                    return Err(Error::input(format!(
+                    "synthetic:{} is too big for the CPU backend ({} GB of f32 weights); it is \
+                     for --device cuda. On the CPU use synthetic:tiny or synthetic:midsize",
+                    self.name(),
+                    if self == SyntheticModel::Llava7b { 28 } else { 53 }
+                )))
+                }
+            };
+        LlavaConfig::from_json_str(text)
+            .map_err(|e| Error::input(format!("built-in config of synthetic:{}: {e}", self.name())))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelSpec {
+    Dir(PathBuf),
+    Synthetic(SyntheticModel),
+}
+
+impl ModelSpec {
+    pub fn parse(s: Option<&str>) -> Result<Self> {
+        let Some(s) = s else {
+            return Ok(ModelSpec::Dir(Path::new(DEMO_DIR).join("model")));
+        };
+        match s.strip_prefix("synthetic:") {
+            Some(name) => SyntheticModel::NAMES
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, m)| ModelSpec::Synthetic(*m))
+                .ok_or_else(|| {
+                    Error::input(format!(
+                        "unknown synthetic model `{name}`: expected one of {}",
+                        SyntheticModel::NAMES
+                            .map(|(n, _)| format!("synthetic:{n}"))
+                            .join(", ")
+                    ))
+                }),
+            None => Ok(ModelSpec::Dir(PathBuf::from(s))),
+        }
+    }
+
+    pub fn label(&self) -> String {
+        match self {
+            ModelSpec::Dir(d) => d.display().to_string(),
+            ModelSpec::Synthetic(m) => format!("synthetic:{}", m.name()),
+        }
+    }
+}
+
+/// Everything `profile` needs, validated before any model loads.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub model: ModelSpec,
+    pub device: DeviceKind,
+    pub tokens: Vec<usize>,
+    pub methods: Vec<ProfMethod>,
+    pub full_r: bool,
+    pub head: Option<PathBuf>,
+    pub image: PathBuf,
+    pub prompt: String,
+    pub repeat: usize,
+    pub interval: Duration,
+    pub out: Option<PathBuf>,
+    pub json: bool,
+}
+
+impl Plan {
+    pub fn from_args(a: &ProfileArgs) -> Result<Self> {
+        let device = parse_device(&a.device)?;
+        let methods = parse_methods(&a.methods)?;
+        let tokens = parse_tokens(&a.tokens)?;
+        let model = ModelSpec::parse(a.model.as_deref())?;
+        if a.full_r && !methods.contains(&ProfMethod::Baseline) {
+            return Err(Error::input("--full-r applies to the baseline method only"));
+        }
+        if a.head.is_some() && !methods.contains(&ProfMethod::FastRm) {
+            return Err(Error::input("--head applies to the fastrm method only"));
+        }
+        if a.repeat == 0 {
+            return Err(Error::input("--repeat must be at least 1"));
+        }
+        if a.sample_ms == 0 {
+            return Err(Error::input("--sample-ms must be at least 1"));
+        }
+        if let (ModelSpec::Synthetic(_), Some(_)) = (&model, &a.prompt) {
+            return Err(Error::input(
+                "--prompt needs a model with a tokenizer; synthetic models use a fixed id prompt",
+            ));
+        }
+        if device == DeviceKind::Cpu {
+            if let ModelSpec::Synthetic(m) = model {
+                m.cpu_config()?;
+            }
+        }
+        if let Some(h) = &a.head {
+            if !h.is_file() {
+                return Err(Error::input(format!(
+                    "--head {}: no such file",
+                    h.display()
+                )));
+            }
+        }
+        let image = a
+            .image
+            .clone()
+            .unwrap_or_else(|| Path::new(DEMO_DIR).join("image.jpg"));
+        Ok(Plan {
+            model,
+            device,
+            tokens,
+            methods,
+            full_r: a.full_r,
+            head: a.head.clone(),
+            image,
+            prompt: a.prompt.clone().unwrap_or_else(|| DEFAULT_QUESTION.into()),
+            repeat: a.repeat,
+            interval: Duration::from_millis(a.sample_ms),
+            out: a.out.clone(),
+            json: a.json,
+        })
+    }
+}
+
+/// `fastrm profile`: validates everything cheap first (arguments, the output folder), then opens
+/// the model on the chosen backend and runs [`profile`].
+pub fn run(args: ProfileArgs) -> Result<()> {
+    let plan = Plan::from_args(&args)?;
+    if let Some(out) = &plan.out {
+        report::prepare_out(out)?;
+    }
+    let report = match plan.device {
+        DeviceKind::Cpu => {
+            let engine = open_engine(Cpu, &plan)?;
+            profile(
+                &engine,
+                &WallClock,
+                MemorySource::ProcessRss,
+                &cpu_card(),
+                &plan,
+            )?
+        }
+        // f16 storage, as the paper's measurements; NVML samples the whole GPU's memory.
+        DeviceKind::Cuda => {
+            let engine = open_engine(crate::backend::cuda::Cuda::<half::f16>::new(0)?, &plan)?;
+            let card = engine.backend_name();
+            profile(
+                &engine,
+                &timer::CudaEventClock::new(&engine.backend),
+                MemorySource::Nvml { device: 0 },
+                &card,
+                &plan,
+            )?
+        }
+    };
+    report.emit(&plan)
+}
+
+/// The model the plan names, on backend `b`.
+pub fn open_engine<B: Backend>(b: B, plan: &Plan) -> Result<Engine<B>> {
+    match &plan.model {
+        ModelSpec::Dir(dir) => Engine::load(b, dir),
+        ModelSpec::Synthetic(m) => Engine::synthetic(b, &m.config(plan.device)?, SEED),
+    }
+}
+
+/// "AMD EPYC (2 threads)": the CPU's model name from /proc/cpuinfo and the worker threads used.
+pub fn cpu_card() -> String {
+    let name = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    format!("{name} ({} threads)", rayon::current_num_threads())
+}
+
+/// A synthetic prompt: BOS, [`SYNTHETIC_IDS_BEFORE`] text ids, the image's run of image tokens,
+/// [`SYNTHETIC_IDS_AFTER`] text ids. Text ids are ordinary vocabulary ids (below the image token
+/// and clear of the special ids 0–2).
+pub fn synthetic_prompt(cfg: &LlavaConfig) -> Vec<u32> {
+    let hi = (cfg.image_token_id as usize)
+        .min(cfg.text.vocab_size)
+        .max(4) as u32;
+    let text = |i: usize| 3 + (i as u32 * 7919) % (hi - 3);
+    let mut ids = vec![cfg.bos_token_id];
+    ids.extend((0..SYNTHETIC_IDS_BEFORE).map(text));
+    ids.extend(std::iter::repeat_n(
+        cfg.image_token_id,
+        cfg.vision.num_patches(),
+    ));
+    ids.extend((SYNTHETIC_IDS_BEFORE..SYNTHETIC_IDS_BEFORE + SYNTHETIC_IDS_AFTER).map(text));
+    ids
+}
+
+/// What one measured call returned.
+struct Outcome {
+    generated: usize,
+    timings: Timings,
+    maps_s: f64,
+}
+
+/// One call of `method` producing exactly `n` tokens.
+fn call<B: Backend>(
+    engine: &Engine<B>,
+    head: Option<&FastRmHead<B>>,
+    method: ProfMethod,
+    n: usize,
+    ids: &[u32],
+    pixels: &[f32],
+    full_r: bool,
+) -> Result<Outcome> {
+    let (b, m) = (&engine.backend, &engine.model);
+    let opts = GenerateOptions {
+        max_new_tokens: n,
+        stop_at_eos: false,
+        keep_steps: false,
+    };
+    let quiet = &mut |_| {};
+    let e = match method {
+        ProfMethod::Generate => {
+            let g = m.generate_ids(b, ids, pixels, &opts)?;
+            return Ok(Outcome {
+                generated: g.generated_ids.len(),
+                timings: g.timings,
+                maps_s: 0.0,
+            });
+        }
+        ProfMethod::FastRm => {
+            let head = head.ok_or_else(|| Error::input("profile: no FastRM head"))?;
+            explain::explain_fastrm(b, m, head, ids, pixels, &opts, quiet)?
+        }
+        ProfMethod::Baseline => {
+            let mode = if full_r {
+                RowMode::FullR
+            } else {
+                RowMode::Streamed
+            };
+            explain::explain_ids(b, m, ids, pixels, &opts, Method::Baseline { mode }, quiet)?
+        }
+        ProfMethod::BaselineIncremental => {
+            explain::explain_ids(b, m, ids, pixels, &opts, Method::BaselineIncremental, quiet)?
+        }
+    };
+    if e.maps.len() != e.generated_ids.len() {
+        return Err(Error::Backend(format!(
+            "{}: {} maps for {} tokens",
+            method.name(),
+            e.maps.len(),
+            e.generated_ids.len()
+        )));
+    }
+    Ok(Outcome {
+        generated: e.generated_ids.len(),
+        timings: e.timings,
+        maps_s: e.maps_s,
+    })
+}
+
+/// A one-line status on stderr, only when it is a terminal (scripts and `--json` see nothing).
+struct Status {
+    enabled: bool,
+}
+
+impl Status {
+    fn new() -> Self {
+        use std::io::IsTerminal;
+        Status {
+            enabled: std::io::stderr().is_terminal(),
+        }
+    }
+    fn say(&self, msg: &str) {
+        if self.enabled {
+            eprint!("\r\x1b[2K{msg}");
+        }
+    }
+    fn clear(&self) {
+        if self.enabled {
+            eprint!("\r\x1b[2K");
+        }
+    }
+}
+
+/// Runs the plan on an open engine: at each length an unrecorded warm-up generation, then every
+/// method (`generate` first) `plan.repeat` times.
+pub fn profile<B: Backend, C: PhaseClock>(
+    engine: &Engine<B>,
+    clock: &C,
+    memory: MemorySource,
+    card: &str,
+    plan: &Plan,
+) -> Result<Report> {
+    let cfg = engine.config().clone();
+    // The prompt: tokenized question with the image when the model has a tokenizer, else ids.
+    let (ids, prompt_desc) = if engine.text.is_some() {
+        (
+            engine.prompt_ids(&plan.prompt)?,
+            format!("{:?} with the image", plan.prompt),
+        )
+    } else {
+        (
+            synthetic_prompt(&cfg),
+            format!(
+                "synthetic ids: BOS + {SYNTHETIC_IDS_BEFORE} text ids + {} image tokens + \
+                 {SYNTHETIC_IDS_AFTER} text ids",
+                cfg.vision.num_patches()
+            ),
+        )
+    };
+    let pixels = engine.pixels(&plan.image)?;
+    let longest = *plan.tokens.last().expect("validated non-empty");
+    let ctx = cfg.text.max_position_embeddings;
+    if ids.len() + longest - 1 > ctx {
+        return Err(Error::input(format!(
+            "--tokens {longest}: the prompt's {} positions plus {longest} generated tokens exceed \
+             the model's context of {ctx}",
+            ids.len()
+        )));
+    }
+    let mut head_note = None;
+    let head = if plan.methods.contains(&ProfMethod::FastRm) {
+        let d = cfg.text.hidden_size;
+        let (w, note) = match &plan.head {
+            Some(p) => {
+                let w = HeadWeights::load(p)?;
+                let note = format!("head {} ({})", p.display(), w.cfg.provenance);
+                (w, note)
+            }
+            None => (
+                HeadWeights::random(d, d, SEED),
+                format!(
+                    "random head (hidden {d}, head dim {d}, seed {SEED}): a random head costs \
+                     exactly what a trained head of the same size does"
+                ),
+            ),
+        };
+        head_note = Some(note);
+        Some(FastRmHead::new(&engine.backend, &w, d)?)
+    } else {
+        None
+    };
+    let status = Status::new();
+    let result = run_all(
+        engine,
+        head.as_ref(),
+        clock,
+        memory,
+        plan,
+        &ids,
+        &pixels,
+        &status,
+    );
+    status.clear();
+    let runs = result?;
+    Ok(Report::new(
+        report::Meta {
+            model: plan.model.label(),
+            device: match plan.device {
+                DeviceKind::Cpu => "cpu".into(),
+                DeviceKind::Cuda => "cuda".into(),
+            },
+            backend: engine.backend_name(),
+            card: card.into(),
+            date_utc: report::utc_now(),
+            timer: clock.describe().into(),
+            memory: String::new(),
+            hidden_size: cfg.text.hidden_size,
+            layers: cfg.text.num_hidden_layers,
+            patches: cfg.vision.num_patches(),
+            prompt_len: ids.len(),
+            prompt: prompt_desc,
+            tokens: plan.tokens.clone(),
+            methods: plan.methods.clone(),
+            full_r: plan.full_r,
+            repeat: plan.repeat,
+            head: head_note,
+            warmup: "one plain generation at each length before its runs, not recorded".into(),
+        },
+        memory,
+        plan.interval,
+        runs,
+    ))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_all<B: Backend, C: PhaseClock>(
+    engine: &Engine<B>,
+    head: Option<&FastRmHead<B>>,
+    clock: &C,
+    memory: MemorySource,
+    plan: &Plan,
+    ids: &[u32],
+    pixels: &[f32],
+    status: &Status,
+) -> Result<Vec<RunRecord>> {
+    let total = plan.tokens.len() * plan.methods.len() * plan.repeat;
+    let mut done = 0;
+    let mut runs = Vec::new();
+    for &n in &plan.tokens {
+        // Warm-up, not recorded: the first run after a heavy one (the previous length's
+        // baselines) pays for the allocator's changed state — fresh page faults, a moved mmap
+        // threshold — which would be charged to plain generation and make the maps' cost of the
+        // method measured next look negative.
+        status.say(&format!("profile: warm-up at {n} tokens"));
+        call(engine, head, ProfMethod::Generate, n, ids, pixels, false)?;
+        for &method in &plan.methods {
+            let mut reps = Vec::with_capacity(plan.repeat);
+            for _ in 0..plan.repeat {
+                done += 1;
+                status.say(&format!(
+                    "profile: {} at {n} tokens (run {done}/{total})",
+                    method.name()
+                ));
+                let mem = PhaseMemory::begin(memory, plan.interval)?;
+                let timed = clock.time(|| call(engine, head, method, n, ids, pixels, plan.full_r));
+                let used: MemoryUse = mem.end()?;
+                let (out, secs) = timed?;
+                if out.generated != n {
+                    return Err(Error::Backend(format!(
+                        "{} produced {} tokens where {n} were forced",
+                        method.name(),
+                        out.generated
+                    )));
+                }
+                reps.push((out, secs, used));
+            }
+            runs.push(RunRecord::from_repeats(
+                method,
+                n,
+                reps.into_iter()
+                    .map(|(o, s, u)| report::Rep {
+                        latency_s: s,
+                        vision_s: o.timings.vision_s,
+                        prefill_s: o.timings.prefill_s,
+                        decode_s: o.timings.decode_s,
+                        engine_maps_s: o.maps_s,
+                        memory: u,
+                    })
+                    .collect(),
+            ));
+        }
+    }
+    Ok(runs)
+}

@@ -1,0 +1,574 @@
+//! The profile's results: per-run records, FastRM-vs-baseline ratios, and their three forms — a
+//! text table, a JSON document (`fastrm-profile-1`) and two PNG plots (latency and peak memory
+//! against output length, one line per method: the paper's figure 14).
+//!
+//! Definitions (also written into the JSON):
+//! - `latency`: end-to-end time of one call — vision tower, prefill, every decode step and every
+//!   map — from the phase clock.
+//! - `map latency`: a method's latency minus plain generation's at the same length (so exactly 0
+//!   for `generate`; within noise it can be slightly negative for a method that adds almost nothing).
+//! - `peak memory`: the most memory in use during the call (process RSS on the CPU — weights
+//!   included —, device memory on a GPU); `run memory`: peak minus the amount in use at the call's
+//!   start; `map memory`: a method's run memory minus plain generation's at the same length.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::memory::{MemorySource, MemoryUse};
+use super::{Plan, ProfMethod};
+use crate::error::{Error, Result};
+use crate::render::plot::{line_plot, Axis, LinePlot, Series, PALETTE};
+use crate::render::write_png;
+use crate::vision::RgbImage;
+
+pub const FORMAT: &str = "fastrm-profile-1";
+pub const JSON_FILE: &str = "profile.json";
+pub const TABLE_FILE: &str = "profile.txt";
+pub const LATENCY_PLOT: &str = "latency.png";
+pub const MEMORY_PLOT: &str = "memory.png";
+
+/// Describes the run as a whole.
+#[derive(Debug, Clone)]
+pub struct Meta {
+    pub model: String,
+    pub device: String,
+    pub backend: String,
+    pub card: String,
+    pub date_utc: String,
+    pub timer: String,
+    /// Filled by [`Report::new`] from the memory source and what the runs achieved.
+    pub memory: String,
+    pub hidden_size: usize,
+    pub layers: usize,
+    pub patches: usize,
+    pub prompt_len: usize,
+    pub prompt: String,
+    pub tokens: Vec<usize>,
+    pub methods: Vec<ProfMethod>,
+    pub full_r: bool,
+    pub repeat: usize,
+    /// FastRM's head and the note on its cost (absent when fastrm is not profiled).
+    pub head: Option<String>,
+    pub warmup: String,
+}
+
+/// One repetition of one call.
+#[derive(Debug, Clone, Copy)]
+pub struct Rep {
+    pub latency_s: f64,
+    pub vision_s: f64,
+    pub prefill_s: f64,
+    pub decode_s: f64,
+    /// The engine's own count of seconds spent on maps (explain methods; 0 for generate).
+    pub engine_maps_s: f64,
+    pub memory: MemoryUse,
+}
+
+/// One method at one output length, over its repetitions.
+#[derive(Debug, Clone)]
+pub struct RunRecord {
+    pub method: ProfMethod,
+    pub tokens: usize,
+    /// The median repetition's phases (by latency).
+    pub median: Rep,
+    pub latencies_s: Vec<f64>,
+    /// Largest peak and largest run memory over the repetitions, smallest start.
+    pub peak_bytes: u64,
+    pub start_bytes: u64,
+    pub run_bytes: u64,
+    pub samples: usize,
+    pub exact_peak: bool,
+    /// Filled by [`Report::new`]: latency minus generate's at this length.
+    pub map_latency_s: f64,
+    /// Filled by [`Report::new`]: run memory minus generate's at this length.
+    pub map_bytes: i64,
+}
+
+impl RunRecord {
+    pub fn from_repeats(method: ProfMethod, tokens: usize, mut reps: Vec<Rep>) -> Self {
+        assert!(!reps.is_empty(), "at least one repetition");
+        let latencies_s: Vec<f64> = reps.iter().map(|r| r.latency_s).collect();
+        let peak_bytes = reps.iter().map(|r| r.memory.peak_bytes).max().unwrap_or(0);
+        let start_bytes = reps
+            .iter()
+            .map(|r| r.memory.baseline_bytes)
+            .min()
+            .unwrap_or(0);
+        let run_bytes = reps.iter().map(|r| r.memory.run_bytes()).max().unwrap_or(0);
+        let samples = reps.iter().map(|r| r.memory.samples).sum();
+        let exact_peak = reps.iter().all(|r| r.memory.exact_peak);
+        reps.sort_by(|a, b| a.latency_s.total_cmp(&b.latency_s));
+        let median = reps[reps.len() / 2];
+        RunRecord {
+            method,
+            tokens,
+            median,
+            latencies_s,
+            peak_bytes,
+            start_bytes,
+            run_bytes,
+            samples,
+            exact_peak,
+            map_latency_s: 0.0,
+            map_bytes: 0,
+        }
+    }
+
+    pub fn latency_s(&self) -> f64 {
+        self.median.latency_s
+    }
+}
+
+/// FastRM against one gradient baseline at one output length.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ratio {
+    pub tokens: usize,
+    /// `baseline` or `baseline-incremental`.
+    pub versus: ProfMethod,
+    /// Baseline latency / FastRM latency (end to end).
+    pub latency_speedup: f64,
+    /// Baseline map latency / FastRM map latency; `None` when FastRM's is not positive (its maps
+    /// cost less than this machine's timing noise).
+    pub map_latency_speedup: Option<f64>,
+    /// Baseline map time / FastRM map time, both from the engine's own timers around the map
+    /// work (direct, so meaningful even where FastRM's cost is below the end-to-end noise).
+    pub timed_map_speedup: Option<f64>,
+    /// FastRM peak / baseline peak.
+    pub peak_memory_ratio: f64,
+    /// FastRM map memory (0 when measured ≤ 0: below the resolution of process memory) /
+    /// baseline map memory; `None` when the baseline's is not positive.
+    pub map_memory_ratio: Option<f64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub meta: Meta,
+    pub runs: Vec<RunRecord>,
+    pub ratios: Vec<Ratio>,
+}
+
+impl Report {
+    pub fn new(
+        mut meta: Meta,
+        source: MemorySource,
+        interval: Duration,
+        mut runs: Vec<RunRecord>,
+    ) -> Self {
+        let ms = interval.as_secs_f64() * 1e3;
+        let exact = runs.iter().all(|r| r.exact_peak);
+        meta.memory = match source {
+            MemorySource::ProcessRss if exact => format!(
+                "process peak RSS: VmHWM reset at each run's start (/proc/self/clear_refs), \
+                 freed heap trimmed first; VmRSS also sampled every {ms} ms"
+            ),
+            MemorySource::ProcessRss => format!(
+                "process RSS sampled every {ms} ms (the kernel refused the VmHWM reset: peaks \
+                 shorter than the interval can be missed)"
+            ),
+            MemorySource::Nvml { device } => {
+                format!("GPU {device} used memory from NVML, sampled every {ms} ms")
+            }
+        };
+        let generate: Vec<(usize, f64, u64)> = runs
+            .iter()
+            .filter(|r| r.method == ProfMethod::Generate)
+            .map(|r| (r.tokens, r.latency_s(), r.run_bytes))
+            .collect();
+        for r in &mut runs {
+            if r.method == ProfMethod::Generate {
+                continue;
+            }
+            if let Some(&(_, lat, bytes)) = generate.iter().find(|g| g.0 == r.tokens) {
+                r.map_latency_s = r.latency_s() - lat;
+                r.map_bytes = r.run_bytes as i64 - bytes as i64;
+            }
+        }
+        let find = |m: ProfMethod, n: usize| runs.iter().find(|r| r.method == m && r.tokens == n);
+        let mut ratios = Vec::new();
+        for &n in &meta.tokens {
+            let Some(f) = find(ProfMethod::FastRm, n) else {
+                continue;
+            };
+            for versus in [ProfMethod::Baseline, ProfMethod::BaselineIncremental] {
+                let Some(b) = find(versus, n) else { continue };
+                ratios.push(Ratio {
+                    tokens: n,
+                    versus,
+                    latency_speedup: b.latency_s() / f.latency_s(),
+                    map_latency_speedup: (f.map_latency_s > 0.0)
+                        .then(|| b.map_latency_s / f.map_latency_s),
+                    timed_map_speedup: (f.median.engine_maps_s > 0.0)
+                        .then(|| b.median.engine_maps_s / f.median.engine_maps_s),
+                    peak_memory_ratio: f.peak_bytes as f64 / b.peak_bytes as f64,
+                    map_memory_ratio: (b.map_bytes > 0)
+                        .then(|| f.map_bytes.max(0) as f64 / b.map_bytes as f64),
+                });
+            }
+        }
+        Report { meta, runs, ratios }
+    }
+
+    pub fn to_json(&self) -> Value {
+        let m = &self.meta;
+        let ms = |s: f64| s * 1e3;
+        json!({
+            "format": FORMAT,
+            "model": m.model,
+            "device": m.device,
+            "backend": m.backend,
+            "card": m.card,
+            "date_utc": m.date_utc,
+            "timer": m.timer,
+            "memory": m.memory,
+            "hidden_size": m.hidden_size,
+            "layers": m.layers,
+            "patches": m.patches,
+            "prompt_len": m.prompt_len,
+            "prompt": m.prompt,
+            "tokens": m.tokens,
+            "methods": m.methods.iter().map(|x| x.name()).collect::<Vec<_>>(),
+            "full_r": m.full_r,
+            "repeat": m.repeat,
+            "head": m.head,
+            "warmup": m.warmup,
+            "eos": "ignored: every run generates exactly `tokens` tokens",
+            "definitions": {
+                "latency_ms": "end-to-end time of one call (vision, prefill, decode, maps)",
+                "map_latency_ms": "latency_ms minus generate's at the same length",
+                "engine_maps_ms": "the engine's own timer around the map computations",
+                "peak_memory_bytes": "most memory in use during the call (weights included)",
+                "run_memory_bytes": "peak_memory_bytes minus the memory in use at the call's start",
+                "map_memory_bytes": "run_memory_bytes minus generate's at the same length",
+                "latency_speedup": "versus latency_ms / fastrm latency_ms",
+                "map_latency_speedup": "versus map_latency_ms / fastrm map_latency_ms (null when fastrm's is not positive)",
+                "timed_map_speedup": "versus engine_maps_ms / fastrm engine_maps_ms",
+                "peak_memory_ratio": "fastrm peak_memory_bytes / versus peak_memory_bytes",
+                "map_memory_ratio": "max(0, fastrm map_memory_bytes) / versus map_memory_bytes (null when versus's is not positive)",
+            },
+            "runs": self.runs.iter().map(|r| json!({
+                "method": r.method.name(),
+                "tokens": r.tokens,
+                "latency_ms": ms(r.latency_s()),
+                "map_latency_ms": ms(r.map_latency_s),
+                "engine_maps_ms": ms(r.median.engine_maps_s),
+                "vision_ms": ms(r.median.vision_s),
+                "prefill_ms": ms(r.median.prefill_s),
+                "decode_ms": ms(r.median.decode_s),
+                "latency_ms_repeats": r.latencies_s.iter().map(|&s| ms(s)).collect::<Vec<_>>(),
+                "peak_memory_bytes": r.peak_bytes,
+                "start_memory_bytes": r.start_bytes,
+                "run_memory_bytes": r.run_bytes,
+                "map_memory_bytes": r.map_bytes,
+                "memory_samples": r.samples,
+                "exact_peak": r.exact_peak,
+            })).collect::<Vec<_>>(),
+            "ratios": self.ratios.iter().map(|q| json!({
+                "tokens": q.tokens,
+                "versus": q.versus.name(),
+                "latency_speedup": q.latency_speedup,
+                "map_latency_speedup": q.map_latency_speedup,
+                "timed_map_speedup": q.timed_map_speedup,
+                "peak_memory_ratio": q.peak_memory_ratio,
+                "peak_memory_reduction_pct": (1.0 - q.peak_memory_ratio) * 100.0,
+                "map_memory_ratio": q.map_memory_ratio,
+            })).collect::<Vec<_>>(),
+        })
+    }
+
+    /// The human-readable table (also written as `profile.txt`).
+    pub fn table(&self) -> String {
+        use std::fmt::Write;
+        let m = &self.meta;
+        let mb = |b: f64| b / 1e6;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "model {} (hidden {}, {} layers, {} patches), prompt {} positions",
+            m.model, m.hidden_size, m.layers, m.patches, m.prompt_len
+        );
+        let _ = writeln!(
+            s,
+            "device {} — {}; {}, {}",
+            m.device, m.card, m.date_utc, m.timer
+        );
+        let _ = writeln!(s, "memory: {}", m.memory);
+        if let Some(h) = &m.head {
+            let _ = writeln!(s, "fastrm: {h}");
+        }
+        let _ = writeln!(
+            s,
+            "EOS ignored (every run makes exactly N tokens); {} run(s) each, median latency{}",
+            m.repeat,
+            if m.full_r {
+                "; baseline with --full-r"
+            } else {
+                ""
+            }
+        );
+        let _ = writeln!(s);
+        let _ = writeln!(
+            s,
+            "{:>6}  {:<20} {:>11} {:>10} {:>10} {:>9} {:>9} {:>9}",
+            "tokens", "method", "latency ms", "maps ms", "maps ms*", "peak MB", "run MB", "maps MB"
+        );
+        for r in &self.runs {
+            let _ = writeln!(
+                s,
+                "{:>6}  {:<20} {:>11.1} {:>10.1} {:>10.1} {:>9.1} {:>9.1} {:>9.1}",
+                r.tokens,
+                r.method.name(),
+                r.latency_s() * 1e3,
+                r.map_latency_s * 1e3,
+                r.median.engine_maps_s * 1e3,
+                mb(r.peak_bytes as f64),
+                mb(r.run_bytes as f64),
+                mb(r.map_bytes as f64),
+            );
+        }
+        let _ = writeln!(
+            s,
+            "maps ms: latency minus generate's at the same length; maps ms*: the engine's own \
+             timer around the map work; run MB: peak minus the memory in use at the run's start; \
+             maps MB: run MB minus generate's (MB = 10^6 bytes)"
+        );
+        if !self.ratios.is_empty() {
+            let _ = writeln!(s);
+            let _ = writeln!(
+                s,
+                "FastRM vs gradient baselines (speedup = baseline / fastrm; memory ratio = fastrm / baseline)"
+            );
+            let _ = writeln!(
+                s,
+                "{:>6}  {:<20} {:>9} {:>13} {:>14} {:>11} {:>11}",
+                "tokens",
+                "versus",
+                "speedup",
+                "maps speedup",
+                "maps speedup*",
+                "peak ratio",
+                "maps ratio"
+            );
+            let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
+            for q in &self.ratios {
+                let _ = writeln!(
+                    s,
+                    "{:>6}  {:<20} {:>9.2} {:>13} {:>14} {:>11.3} {:>11}",
+                    q.tokens,
+                    q.versus.name(),
+                    q.latency_speedup,
+                    opt(q.map_latency_speedup),
+                    opt(q.timed_map_speedup),
+                    q.peak_memory_ratio,
+                    opt(q.map_memory_ratio),
+                );
+            }
+        }
+        s
+    }
+
+    fn series(&self, value: impl Fn(&RunRecord) -> f64) -> Vec<Series> {
+        self.meta
+            .methods
+            .iter()
+            .map(|&method| Series {
+                name: method.name().into(),
+                color: method_color(method),
+                points: self
+                    .runs
+                    .iter()
+                    .filter(|r| r.method == method)
+                    .map(|r| (r.tokens as f64, value(r)))
+                    .collect(),
+                markers: true,
+            })
+            .collect()
+    }
+
+    fn x_axis(&self) -> Axis {
+        let mut x = Axis::linear("output tokens (forced)");
+        x.ticks = Some(self.meta.tokens.iter().map(|&n| n as f64).collect());
+        x
+    }
+
+    fn short_model(&self) -> String {
+        let m = &self.meta.model;
+        if m.starts_with("synthetic:") {
+            return m.clone();
+        }
+        // The last two path components: `demo/model` says more than `model`.
+        let parts: Vec<String> = Path::new(m)
+            .components()
+            .rev()
+            .take(2)
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .collect();
+        parts.into_iter().rev().collect::<Vec<_>>().join("/")
+    }
+
+    /// End-to-end latency (seconds) against output length, one line per method; log y when the
+    /// values span more than a factor of 10.
+    pub fn latency_plot(&self) -> Result<RgbImage> {
+        let series = self.series(|r| r.latency_s());
+        let vals: Vec<f64> = series
+            .iter()
+            .flat_map(|s| s.points.iter().map(|p| p.1))
+            .filter(|v| *v > 0.0)
+            .collect();
+        let lo = vals.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = vals.iter().copied().fold(0.0, f64::max);
+        let y = if lo.is_finite() && hi / lo > 10.0 {
+            Axis::log("end-to-end latency (s, log scale)")
+        } else {
+            Axis::linear("end-to-end latency (s)")
+        };
+        let title = format!(
+            "Latency vs output length - {}, {}",
+            self.short_model(),
+            self.meta.device
+        );
+        let mut p = LinePlot::new(&title, self.x_axis(), y);
+        p.series = series;
+        line_plot(&p)
+    }
+
+    /// Peak memory (MB) against output length, one line per method.
+    pub fn memory_plot(&self) -> Result<RgbImage> {
+        let what = if self.meta.device == "cpu" {
+            "peak process memory (MB, RSS)"
+        } else {
+            "peak device memory (MB)"
+        };
+        let title = format!(
+            "Peak memory vs output length - {}, {}",
+            self.short_model(),
+            self.meta.device
+        );
+        let series = self.series(|r| r.peak_bytes as f64 / 1e6);
+        let top = series
+            .iter()
+            .flat_map(|s| s.points.iter().map(|p| p.1))
+            .fold(0.0, f64::max);
+        // From zero: the footprint's proportions, as the paper's figure shows them.
+        let mut y = Axis::linear(what);
+        y.range = Some((0.0, (top * 1.08).max(1e-3)));
+        let mut p = LinePlot::new(&title, self.x_axis(), y);
+        p.series = series;
+        line_plot(&p)
+    }
+
+    /// Writes the files into `out` (already proven writable by [`prepare_out`]) and returns their
+    /// paths; the JSON lists them.
+    pub fn write(&self, out: &Path) -> Result<(Vec<PathBuf>, Value)> {
+        let files: Vec<PathBuf> = [JSON_FILE, TABLE_FILE, LATENCY_PLOT, MEMORY_PLOT]
+            .iter()
+            .map(|f| out.join(f))
+            .collect();
+        write_png(&files[2], &self.latency_plot()?)?;
+        write_png(&files[3], &self.memory_plot()?)?;
+        write_atomic(&files[1], self.table().as_bytes())?;
+        let mut doc = self.to_json();
+        doc["files"] = json!([JSON_FILE, TABLE_FILE, LATENCY_PLOT, MEMORY_PLOT]);
+        let text = serde_json::to_string_pretty(&doc)
+            .map_err(|e| Error::input(format!("profile JSON: {e}")))?;
+        write_atomic(&files[0], text.as_bytes())?;
+        Ok((files, doc))
+    }
+
+    /// The end of `fastrm profile`: files into `--out`, then the JSON or the table on stdout.
+    pub fn emit(&self, plan: &Plan) -> Result<()> {
+        let (files, doc) = match &plan.out {
+            Some(out) => {
+                let (f, d) = self.write(out)?;
+                (f, d)
+            }
+            None => (Vec::new(), self.to_json()),
+        };
+        if plan.json {
+            println!("{doc}");
+        } else {
+            print!("{}", self.table());
+            if !files.is_empty() {
+                println!();
+                for f in &files {
+                    println!("wrote {}", f.display());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One colour per method, the same in every plot.
+pub fn method_color(m: ProfMethod) -> [u8; 3] {
+    match m {
+        ProfMethod::Generate => [110, 110, 110],
+        ProfMethod::FastRm => PALETTE[2],
+        ProfMethod::Baseline => PALETTE[3],
+        ProfMethod::BaselineIncremental => PALETTE[1],
+    }
+}
+
+/// Creates `out` (and parents) and proves it writable, before any model loads.
+pub fn prepare_out(out: &Path) -> Result<()> {
+    let err = |e: std::io::Error, what: &str| Error::Io {
+        path: out.to_path_buf(),
+        source: std::io::Error::new(e.kind(), format!("{what}: {e}")),
+    };
+    std::fs::create_dir_all(out).map_err(|e| err(e, "cannot create the output folder"))?;
+    let probe = out.join(format!(".fastrm-probe-{}", std::process::id()));
+    std::fs::write(&probe, b"").map_err(|e| err(e, "output folder is not writable"))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io(path, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(path, e)
+    })
+}
+
+/// Now, UTC, as `YYYY-MM-DDTHH:MM:SSZ`.
+pub fn utc_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    utc_string(secs)
+}
+
+/// Seconds since the Unix epoch as an ISO-8601 UTC time (proleptic Gregorian calendar).
+pub fn utc_string(secs: u64) -> String {
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Civil date from a day count (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(utc_string(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc_string(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(utc_string(1_795_743_000), "2026-11-27T01:30:00Z");
+    }
+}

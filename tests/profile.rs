@@ -1,0 +1,385 @@
+//! `fastrm profile` on the CPU backend with the bundled model: the table, the JSON and the plots
+//! are well formed and hold the invariants that must hold on any machine (never "FastRM is faster
+//! than the baseline", which a tiny model on a loaded machine need not show); the memory sampler
+//! and the NVML probe; argument errors.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use fastrm::profile::memory::{self, MemorySource, NvmlProbe, PhaseMemory, RssProbe, Sampler};
+use fastrm::profile::report::method_color;
+use fastrm::profile::{parse_methods, parse_tokens, ProfMethod};
+use serde_json::Value;
+
+fn fastrm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fastrm"))
+        .args(args)
+        .output()
+        .expect("binary runs")
+}
+
+fn assert_fails(out: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "exit code; stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    assert!(out.stdout.is_empty(), "partial stdout");
+    assert!(stderr.starts_with("error: "), "stderr: {stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+    for n in needles {
+        assert!(
+            stderr.to_lowercase().contains(&n.to_lowercase()),
+            "stderr {stderr:?} should mention {n:?}"
+        );
+    }
+}
+
+/// Width, height and colour type of a PNG, decoding every pixel.
+fn decode_png(path: &Path) -> (u32, u32, Vec<u8>) {
+    let file = std::io::BufReader::new(
+        std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    );
+    let mut reader = png::Decoder::new(file).read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert_eq!(info.color_type, png::ColorType::Rgb);
+    assert_eq!(info.bit_depth, png::BitDepth::Eight);
+    buf.truncate(info.buffer_size());
+    (info.width, info.height, buf)
+}
+
+const METHODS: [&str; 4] = ["generate", "fastrm", "baseline", "baseline-incremental"];
+
+#[test]
+fn bundled_model_table_json_and_plots() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("nested/prof");
+    let out = fastrm(&[
+        "profile",
+        "--tokens",
+        "4,2",
+        "--out",
+        out_dir.to_str().unwrap(),
+        "--json",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("stdout is one JSON object");
+    assert_eq!(v["format"], "fastrm-profile-1");
+    assert_eq!(v["device"], "cpu");
+    assert_eq!(v["tokens"], serde_json::json!([2, 4]), "sorted lengths");
+    assert_eq!(v["methods"], serde_json::json!(METHODS));
+    assert!(v["card"].as_str().unwrap().contains("threads"));
+    assert!(v["date_utc"].as_str().unwrap().ends_with('Z'));
+    assert!(v["prompt_len"].as_u64().unwrap() > v["patches"].as_u64().unwrap());
+    assert!(
+        v["head"].as_str().unwrap().contains("random head"),
+        "{}",
+        v["head"]
+    );
+    // The file holds the same document, plus the list of files.
+    let file: Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("profile.json")).unwrap())
+            .unwrap();
+    assert_eq!(file["runs"], v["runs"]);
+    assert_eq!(
+        file["files"],
+        serde_json::json!(["profile.json", "profile.txt", "latency.png", "memory.png"])
+    );
+
+    let runs = v["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 8, "every method at every length");
+    let num = |r: &Value, k: &str| -> f64 {
+        r[k].as_f64()
+            .unwrap_or_else(|| panic!("{k} is a number in {r}"))
+    };
+    for n in [2u64, 4] {
+        for m in METHODS {
+            let r = runs
+                .iter()
+                .find(|r| r["method"] == m && r["tokens"].as_u64() == Some(n))
+                .unwrap_or_else(|| panic!("no run for {m} at {n}"));
+            assert!(num(r, "latency_ms") > 0.0, "{r}");
+            for k in ["vision_ms", "prefill_ms", "decode_ms", "engine_maps_ms"] {
+                assert!(num(r, k) >= 0.0, "{k} in {r}");
+            }
+            let phases = num(r, "vision_ms") + num(r, "prefill_ms") + num(r, "decode_ms");
+            assert!(
+                phases <= num(r, "latency_ms") * 1.01 + 1.0,
+                "phases fit inside the end-to-end time: {r}"
+            );
+            let peak = num(r, "peak_memory_bytes");
+            let start = num(r, "start_memory_bytes");
+            assert!(peak > 0.0 && peak >= start, "{r}");
+            assert_eq!(num(r, "run_memory_bytes"), peak - start, "{r}");
+            assert_eq!(r["latency_ms_repeats"].as_array().unwrap().len(), 1);
+            assert!(r["memory_samples"].as_u64().unwrap() >= 2, "{r}");
+            if m == "generate" {
+                assert_eq!(num(r, "map_latency_ms"), 0.0);
+                assert_eq!(num(r, "map_memory_bytes"), 0.0);
+                assert_eq!(num(r, "engine_maps_ms"), 0.0);
+            } else {
+                assert!(num(r, "engine_maps_ms") > 0.0, "maps take time: {r}");
+                let g = runs
+                    .iter()
+                    .find(|g| g["method"] == "generate" && g["tokens"].as_u64() == Some(n))
+                    .unwrap();
+                let diff = num(r, "latency_ms") - num(g, "latency_ms");
+                assert!((num(r, "map_latency_ms") - diff).abs() < 1e-6, "{r}");
+            }
+        }
+        // FastRM against both baselines at every length.
+        for versus in ["baseline", "baseline-incremental"] {
+            let q = v["ratios"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|q| q["versus"] == versus && q["tokens"].as_u64() == Some(n))
+                .unwrap_or_else(|| panic!("no ratio against {versus} at {n}"));
+            assert!(num(q, "latency_speedup") > 0.0);
+            assert!(num(q, "peak_memory_ratio") > 0.0);
+            let red = num(q, "peak_memory_reduction_pct");
+            assert!((red - (1.0 - num(q, "peak_memory_ratio")) * 100.0).abs() < 1e-9);
+        }
+    }
+
+    // The table: a header, one row per run, the ratio block.
+    let table = std::fs::read_to_string(out_dir.join("profile.txt")).unwrap();
+    let header = table
+        .lines()
+        .position(|l| l.trim_start().starts_with("tokens  method"))
+        .expect("run table header");
+    let rows: Vec<&str> = table.lines().skip(header + 1).take(8).collect();
+    for (row, (n, m)) in rows
+        .iter()
+        .zip([2, 4].iter().flat_map(|n| METHODS.map(|m| (n, m))))
+    {
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(cols.len(), 8, "{row}");
+        assert_eq!((cols[0], cols[1]), (n.to_string().as_str(), m), "{row}");
+        assert!(cols[2..].iter().all(|c| c.parse::<f64>().is_ok()), "{row}");
+    }
+    assert!(table.contains("random head"), "{table}");
+    assert!(table.contains("FastRM vs gradient baselines"), "{table}");
+    assert!(table.contains("EOS ignored"), "{table}");
+
+    // The plots: 640x400 RGB, every method's colour present.
+    for name in ["latency.png", "memory.png"] {
+        let (w, h, px) = decode_png(&out_dir.join(name));
+        assert_eq!((w, h), (640, 400), "{name}");
+        for m in METHODS {
+            let c = method_color(ProfMethod::parse(m).unwrap());
+            let n = px.chunks_exact(3).filter(|p| *p == c).count();
+            assert!(n > 30, "{name}: {m}'s colour has {n} pixels");
+        }
+    }
+    // No stray temporary files.
+    let mut names: Vec<String> = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["latency.png", "memory.png", "profile.json", "profile.txt"]
+    );
+}
+
+#[test]
+fn synthetic_tiny_prints_the_table() {
+    let out = fastrm(&[
+        "profile",
+        "--model",
+        "synthetic:tiny",
+        "--methods",
+        "fastrm",
+        "--tokens",
+        "1,2",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.starts_with("model synthetic:tiny"), "{stdout}");
+    assert!(stdout.contains("synthetic") && stdout.contains("random head"));
+    let rows: Vec<&str> = stdout
+        .lines()
+        .filter(|l| {
+            let c: Vec<&str> = l.split_whitespace().collect();
+            c.len() == 8 && c[0].parse::<usize>().is_ok()
+        })
+        .collect();
+    // generate is always run (the maps' cost is measured against it).
+    assert_eq!(rows.len(), 4, "{stdout}");
+    assert!(rows[0].contains("generate") && rows[1].contains("fastrm"));
+    assert!(!stdout.contains("FastRM vs"), "no baseline, no ratios");
+
+    // --full-r and --repeat reach the runs and the JSON.
+    let out = fastrm(&[
+        "profile",
+        "--model",
+        "synthetic:tiny",
+        "--methods",
+        "baseline",
+        "--full-r",
+        "--tokens",
+        "1",
+        "--repeat",
+        "2",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["full_r"], true);
+    assert_eq!(v["repeat"], 2);
+    assert_eq!(v["model"], "synthetic:tiny");
+    assert!(v["head"].is_null(), "no fastrm, no head");
+    assert_eq!(v["ratios"], serde_json::json!([]));
+    let runs = v["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    for r in runs {
+        let reps = r["latency_ms_repeats"].as_array().unwrap();
+        assert_eq!(reps.len(), 2);
+        let reps: Vec<f64> = reps.iter().map(|x| x.as_f64().unwrap()).collect();
+        // The reported latency is one of the repetitions (the median of two: the larger).
+        assert!(reps.contains(&r["latency_ms"].as_f64().unwrap()), "{r}");
+    }
+}
+
+#[test]
+fn argument_errors_are_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let under_file = file.join("sub");
+    let mut cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
+        (
+            vec!["--methods", "generate,magic"],
+            vec!["unknown method", "magic"],
+        ),
+        (vec!["--methods", ","], vec!["--methods is empty"]),
+        (vec!["--tokens", ""], vec!["--tokens is empty"]),
+        (vec!["--tokens", "0,2"], vec!["at least 1"]),
+        (vec!["--tokens", "2,x"], vec!["`x`"]),
+        (vec!["--out", file.to_str().unwrap()], vec!["output folder"]),
+        (
+            vec!["--out", under_file.to_str().unwrap()],
+            vec!["output folder"],
+        ),
+        (vec!["--device", "tpu"], vec!["unknown device"]),
+        (
+            vec!["--model", "synthetic:huge"],
+            vec!["synthetic:tiny", "midsize"],
+        ),
+        (
+            vec!["--model", "synthetic:llava-1.5-7b"],
+            vec!["too big", "cuda"],
+        ),
+        (vec!["--model", "synthetic:llava-1.5-13b"], vec!["too big"]),
+        (
+            vec!["--methods", "generate,fastrm", "--full-r"],
+            vec!["--full-r"],
+        ),
+        (
+            vec!["--methods", "baseline", "--head", "x.safetensors"],
+            vec!["--head"],
+        ),
+        (
+            vec!["--head", "/no/such/head.safetensors"],
+            vec!["no such file"],
+        ),
+        (vec!["--repeat", "0"], vec!["--repeat"]),
+        (vec!["--model", "/no/such/model"], vec!["/no/such/model"]),
+        (vec!["--tokens", "5000"], vec!["context"]),
+    ];
+    // Without a GPU, --device cuda says what is missing (with one, it would run).
+    if fastrm::backend::cuda::unavailable().is_some() {
+        cases.push((
+            vec!["--device", "cuda"],
+            vec!["--device cuda", "--device cpu"],
+        ));
+    }
+    for (args, needles) in cases {
+        let mut all = vec!["profile"];
+        all.extend(&args);
+        let out = fastrm(&all);
+        assert_fails(&out, &needles);
+    }
+    assert!(!under_file.exists());
+}
+
+#[test]
+fn method_and_length_lists() {
+    assert_eq!(
+        parse_methods("baseline, fastrm,baseline").unwrap(),
+        [
+            ProfMethod::Generate,
+            ProfMethod::Baseline,
+            ProfMethod::FastRm
+        ]
+    );
+    assert_eq!(parse_tokens("100,10, 20,10").unwrap(), [10, 20, 100]);
+    assert!(parse_tokens(" , ").is_err());
+}
+
+#[test]
+fn rss_fallback_reports_positive_memory() {
+    assert!(memory::rss_bytes().unwrap() > 0);
+    assert!(memory::peak_rss_bytes().unwrap() > 0);
+    let s = Sampler::start(|| Ok(Box::new(RssProbe) as _), Duration::from_millis(2)).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    let samples = s.stop().unwrap();
+    assert!(samples.len() >= 2, "{samples:?}");
+    assert!(samples.iter().all(|x| x.bytes > 0));
+    assert!(samples.windows(2).all(|w| w[0].t_s <= w[1].t_s));
+
+    // A phase that allocates and touches 64 MB sees at least most of it as its own.
+    let m = PhaseMemory::begin(MemorySource::ProcessRss, Duration::from_millis(5)).unwrap();
+    let v = std::hint::black_box(vec![7u8; 64 << 20]);
+    let used = m.end().unwrap();
+    drop(v);
+    assert!(used.peak_bytes >= used.baseline_bytes);
+    assert!(used.samples >= 2);
+    if used.exact_peak {
+        assert!(used.run_bytes() >= 48 << 20, "{used:?}");
+    }
+}
+
+#[test]
+fn nvml_absence_is_a_clear_error() {
+    match NvmlProbe::open(0) {
+        Ok(_) => {
+            // A GPU host: the probe must sample too.
+            let s = Sampler::start(
+                || Ok(Box::new(NvmlProbe::open(0)?) as _),
+                Duration::from_millis(5),
+            )
+            .unwrap();
+            assert!(s.stop().unwrap().iter().all(|x| x.bytes > 0));
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            assert!(msg.contains("NVML"), "{msg}");
+            if !Path::new("/proc/driver/nvidia").exists() {
+                assert!(
+                    msg.contains("not available") && msg.contains("libnvidia-ml.so.1"),
+                    "{msg}"
+                );
+            }
+            // The sampler reports it the same way, without panicking.
+            let r = Sampler::start(
+                || Ok(Box::new(NvmlProbe::open(0)?) as _),
+                Duration::from_millis(5),
+            );
+            assert!(r.err().unwrap().to_string().contains("NVML"));
+            let r = PhaseMemory::begin(MemorySource::Nvml { device: 0 }, Duration::from_millis(5));
+            assert!(r.err().unwrap().to_string().contains("NVML"));
+        }
+    }
+}
