@@ -57,14 +57,11 @@ step() { # name limit_s command... : runs with a time limit, logs to $OUT/name.l
 step nvidia-smi 20 nvidia-smi
 step cuda-tests 170 "$bin/cuda-tests" --test-threads=1
 step cuda-bench 110 "$bin/cuda-bench" --bench
-step generate-7b 60 "$bin/fastrm" generate --model synthetic:llava-1.5-7b --device cuda \
+step generate-7b 45 "$bin/fastrm" generate --model synthetic:llava-1.5-7b --device cuda \
     --prompt "-" --max-new-tokens 100 --json
-step explain-fastrm-7b 60 "$bin/fastrm" explain --method fastrm --model synthetic:llava-1.5-7b \
-    --device cuda --prompt "-" --max-new-tokens 100 --json
-if "$bin/fastrm" --help | grep -q "^  profile"; then
-    step profile-7b 80 "$bin/fastrm" profile --model synthetic:llava-1.5-7b --device cuda \
-        --tokens 10,50,100 --methods generate,fastrm --out "$OUT/profile"
-fi
+step profile-7b 130 "$bin/fastrm" profile --model synthetic:llava-1.5-7b --device cuda \
+    --tokens 10,20,50,100 --methods generate,fastrm,baseline,baseline-incremental \
+    --out "$OUT/profile"
 step transformers-7b 100 python3 tools/gpu_transformers_bench.py --config 7b --tokens 100 \
     --json "$OUT/transformers.json"
 if [ "${1:-}" = "--reference" ]; then
@@ -79,7 +76,7 @@ fi
     echo "---- bench"
     grep "^RESULT" "$OUT/cuda-bench.log"
     echo "---- 7B id-level runs (timings_ms)"
-    for f in generate-7b explain-fastrm-7b; do
+    for f in generate-7b; do
         python3 - "$OUT/$f.log" "$f" <<'PY'
 import json, sys
 try:
@@ -93,6 +90,8 @@ except Exception as e:
     print(f"{sys.argv[2]}: no JSON ({e})")
 PY
     done
+    echo "---- profile (synthetic 7B, f16)"
+    tail -n 25 "$OUT/profile-7b.log"
     echo "---- transformers (same GPU)"
     tail -n 8 "$OUT/transformers-7b.log"
 } >> "$summary"
