@@ -230,15 +230,23 @@ fn generate<B: Backend>(backend: B, run: &RunArgs) -> Result<()> {
 }
 
 fn explain<B: Backend>(backend: B, run: &RunArgs, args: &ExplainArgs) -> Result<()> {
-    if args.head.is_none() && args.method == MethodArg::Fastrm && !is_synthetic(run) {
+    // FastRM's head: --head, else the bundled demo model's own head, else (synthetic models) a
+    // random head of the model's size, which costs what a trained one does.
+    let bundled = Path::new(DEMO_DIR).join("head.safetensors");
+    let head = match (&args.head, run.model.is_none()) {
+        (Some(h), _) => Some(h.clone()),
+        (None, true) if args.method == MethodArg::Fastrm && bundled.is_file() => Some(bundled),
+        _ => None,
+    };
+    if head.is_none() && args.method == MethodArg::Fastrm && !is_synthetic(run) {
         return Err(Error::input(
-            "--method fastrm needs --head FILE (no trained head is bundled yet)",
+            "--method fastrm needs --head FILE (only the bundled demo model comes with a head)",
         ));
     }
     // Fail on an unusable output folder before any expensive work.
     let staging = args.out.as_deref().map(report::Staging::new).transpose()?;
     let (mut engine, input, progress) = start(backend, run)?;
-    if let Some(h) = &args.head {
+    if let Some(h) = &head {
         engine.load_head(h)?;
     } else if args.method == MethodArg::Fastrm {
         // A synthetic model gets a random head of its size: it costs what a trained one does.
