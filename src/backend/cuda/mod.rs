@@ -220,7 +220,9 @@ impl<T: Elem> Cuda<T> {
         // SAFETY: one stream only, and every buffer is used on it; see the module docs.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(|e| drv_err("stream", e))?;
-        keep_pool_memory(&ctx)?;
+        if ctx.has_async_alloc() {
+            keep_pool_memory(&ctx)?;
+        }
         let blas = CudaBlas::new(stream.clone()).map_err(|e| blas_err("init", e))?;
         let modules = PTX
             .iter()
