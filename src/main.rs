@@ -51,7 +51,7 @@ struct RunArgs {
     /// Default: the bundled tiny demo model.
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Image file (PNG or JPEG). Default with the demo model: the bundled demo photo.
+    /// Image file (PNG or JPEG). Default with the demo model: the bundled demo scene.
     #[arg(long)]
     image: Option<PathBuf>,
     /// The user's question; the LLaVA-1.5 chat template is applied by the engine.
@@ -184,7 +184,7 @@ fn run(cli: Cli) -> Result<()> {
             add_maps(&mut doc, &ex);
             if let Some(staging) = staging {
                 progress.say("writing heatmaps");
-                let view = engine.model_view(&image)?;
+                let view = legible(engine.model_view(&image)?);
                 let written = staging.write(&view, &ex, &doc);
                 progress.clear();
                 written?;
@@ -202,6 +202,30 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// Heatmaps are drawn on the image as the model sees it; a small model's view (the demo model's is
+/// 112x112) is enlarged by an integer factor, nearest neighbour, to at least 336 pixels wide so the
+/// maps and their captions stay legible.
+fn legible(view: fastrm::vision::RgbImage) -> fastrm::vision::RgbImage {
+    const MIN_WIDTH: usize = 336;
+    let k = MIN_WIDTH.div_ceil(view.width.max(1));
+    if k <= 1 {
+        return view;
+    }
+    let (w, h) = (view.width * k, view.height * k);
+    let mut data = Vec::with_capacity(w * h * 3);
+    for y in 0..h {
+        for x in 0..w {
+            let i = ((y / k) * view.width + x / k) * 3;
+            data.extend_from_slice(&view.data[i..i + 3]);
+        }
+    }
+    fastrm::vision::RgbImage {
+        width: w,
+        height: h,
+        data,
+    }
+}
+
 /// Loads the engine, resolving the demo defaults, with a progress line started.
 fn start(run: &RunArgs) -> Result<(Engine<Cpu>, PathBuf, Progress)> {
     if run.max_new_tokens == 0 {
@@ -211,7 +235,7 @@ fn start(run: &RunArgs) -> Result<(Engine<Cpu>, PathBuf, Progress)> {
     let (model_dir, image) = match (&run.model, &run.image) {
         (None, image) => (
             demo.join("model"),
-            image.clone().unwrap_or_else(|| demo.join("image.jpg")),
+            image.clone().unwrap_or_else(|| demo.join("image.png")),
         ),
         (Some(m), Some(i)) => (m.clone(), i.clone()),
         (Some(_), None) => return Err(Error::input("--image is required with --model")),

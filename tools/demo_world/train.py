@@ -143,9 +143,10 @@ def scene_batch(seeds):
     return scenes, pv, (w, ys, pshp), col
 
 
-def packed_batch(text, scenes, rng, turns=(6, 8)):
-    seqs, labs = [], []
-    for sc in scenes:
+def packed_batch(text, scenes, rng, turns=(6, 8), with_targets=False):
+    seqs, labs, targets = [], [], []
+    for b, sc in enumerate(scenes):
+        cov = world.object_coverage(sc, SPEC["patch_size"])[0] if with_targets else None
         k = int(rng.integers(turns[0], turns[1] + 1))
         qs = world.questions_for(sc, k, rng)
         ids, lab = [], []
@@ -154,11 +155,19 @@ def packed_batch(text, scenes, rng, turns=(6, 8)):
             sfx = bool(rng.random() < 0.5)
             p = text.first_turn(q["question"], sfx) if j == 0 else text.later_turn(q["question"], sfx)
             a = text.answer(q["answer"])
+            if with_targets and q["target"]:
+                c = cov[q["target"]].sum(axis=0)
+                tm = c >= 0.12
+                if not tm.any():
+                    tm = c == c.max()
+                # the position that predicts the answer's first token: the prompt's last token
+                targets.append((b, len(ids) + len(p) - 1, torch.from_numpy(tm.astype(np.float32))))
             ids += p + a
             lab += [-100] * len(p) + a
         seqs.append(ids)
         labs.append(lab)
-    return pad(text, seqs, labs)
+    ids, lab = pad(text, seqs, labs)
+    return (ids, lab, targets) if with_targets else (ids, lab)
 
 
 def pad(text, seqs, labs):
@@ -213,13 +222,26 @@ def patch_loss(heads, feats, shp, col):
     return ls, lc
 
 
-def lm_logits(model, ids, feats, text):
+def lm_logits(model, ids, feats, text, attentions=False):
     emb = model.model.language_model.embed_tokens(ids)
     proj = model.model.multi_modal_projector(feats)
     m = ids == text.image
     emb = emb.masked_scatter(m.unsqueeze(-1), proj.reshape(-1, proj.shape[-1]).to(emb.dtype))
-    h = model.model.language_model(inputs_embeds=emb, use_cache=False).last_hidden_state
-    return h
+    out = model.model.language_model(inputs_embeds=emb, use_cache=False, output_attentions=attentions)
+    return (out.last_hidden_state, out.attentions) if attentions else out.last_hidden_state
+
+
+def attention_loss(attns, ids, targets, text, layer, head):
+    """Supervise one attention head: from the position that predicts an answer, the attention mass on the
+    image patches of the question's target object(s) (-log of the mass). Teaches the lookup "find the
+    star" directly instead of waiting for the answer loss to discover it."""
+    a = attns[layer][:, head]  # [B, T, T]
+    img_pos = (ids[0] == text.image).nonzero().flatten()  # the same 64 positions in every row
+    losses = []
+    for b, pos, tm in targets:
+        mass = (a[b, pos, img_pos] * tm).sum()
+        losses.append(-torch.log(mass + 1e-6))
+    return torch.stack(losses).mean() if losses else torch.zeros(())
 
 
 def answer_loss(model, h, lab):
@@ -308,6 +330,13 @@ def main():
     ap.add_argument("--val-every", type=int, default=150)
     ap.add_argument("--threads", type=int, default=1, help="1 is several times faster than 2 on a busy 2-core box")
     ap.add_argument("--patch-shape", type=float, default=1.0, help="weight of the per-patch shape term")
+    ap.add_argument("--first-scene", type=int, default=TRAIN_SEED0, help="seed of the first training scene")
+    ap.add_argument("--att-sup", type=float, default=0.0,
+                    help="weight of the attention supervision (head 0 of --att-layer onto the target's patches)")
+    ap.add_argument("--att-layer", type=int, default=1)
+    ap.add_argument("--stop-after", type=int, default=0,
+                    help="end stage B after this many steps (the learning-rate schedule still follows --steps-b)")
+    ap.add_argument("--init", default=None, help="start from this saved model folder (use with --steps-a 0)")
     ap.add_argument("--turns", type=int, nargs=2, default=[6, 8], help="question turns per image (min max)")
     args = ap.parse_args()
     global PATCH_SHAPE_WEIGHT
@@ -332,12 +361,24 @@ def main():
     for w in world.SHAPES + world.COLOR_NAMES + world.NUMBERS + ["yes", "no", "left", "right", "top", "bottom"]:
         assert len(text.enc(w)) == 1, (w, text.enc(w))
     model, heads = build(vocab, text, args.seed)
+    if args.att_sup:
+        for sub in (model, model.model.language_model):  # attention probabilities need eager attention
+            sub.config._attn_implementation = "eager"
+    if args.init:
+        # continue from a saved model folder (its f16 weights, computed in f32); the auxiliary heads are not
+        # saved, so they start fresh
+        from transformers import LlavaForConditionalGeneration
+
+        init = LlavaForConditionalGeneration.from_pretrained(args.init, dtype=torch.float32)
+        missing = model.load_state_dict(init.state_dict(), strict=True)
+        log(f"initialised from {args.init}: {missing}")
     nparam = sum(p.numel() for p in model.parameters())
     log(f"model {nparam/1e6:.2f} M parameters; spec {json.dumps(SPEC)}")
     rng = np.random.default_rng(args.seed)
     val = val_items(args.val_scenes)
     log(f"validation: {len(val)} questions on {args.val_scenes} held-out scenes")
-    next_seed = TRAIN_SEED0
+    next_seed = args.first_scene
+    assert next_seed >= TRAIN_SEED0
 
     def seeds(n):
         nonlocal next_seed
@@ -385,7 +426,10 @@ def main():
         opt.param_groups[1]["lr"] = 0.0 if frozen else lr_at(step - args.freeze_b, args.steps_b - args.freeze_b,
                                                               args.lr_vision_b, 50)
         scenes, pv, shp, col = scene_batch(seeds(args.batch_b))
-        ids, lab = packed_batch(text, scenes, rng, tuple(args.turns))
+        if args.att_sup:
+            ids, lab, targets = packed_batch(text, scenes, rng, tuple(args.turns), with_targets=True)
+        else:
+            ids, lab = packed_batch(text, scenes, rng, tuple(args.turns))
         if frozen:
             with torch.no_grad():
                 feats = vision_features(model, pv)
@@ -394,20 +438,30 @@ def main():
             feats = vision_features(model, pv)
             ls, lc = patch_loss(heads, feats, shp, col)
             aux = ls + lc
-        h = lm_logits(model, ids, feats, text)
+        if args.att_sup:
+            h, attns = lm_logits(model, ids, feats, text, attentions=True)
+            att = attention_loss(attns, ids, targets, text, args.att_layer, 0)
+        else:
+            h = lm_logits(model, ids, feats, text)
+            att = torch.zeros(())
         lml, tacc = answer_loss(model, h, lab)
-        loss = lml + args.aux_b * aux
+        loss = lml + args.aux_b * aux + args.att_sup * att
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(heads.parameters()), 1.0)
         opt.step()
         if step % 25 == 0 or step == args.steps_b - 1:
-            log(f"B {step:5d} lm {lml.item():.4f} aux {float(aux.detach()):.4f} answer-token acc {tacc:.3f} | "
+            log(f"B {step:5d} lm {lml.item():.4f} aux {float(aux.detach()):.4f} att {float(att.detach()):.4f} answer-token acc {tacc:.3f} | "
                 f"{(time.time()-t0)/(step+1):.2f} s/step")
         if (step + 1) % args.val_every == 0 or step == args.steps_b - 1:
             v = validate(model, text, val)
             log(f"B {step:5d} VAL {json.dumps(v)}")
             save(model, tok, vocab, text, Path(args.out), log)  # each validation: a usable checkpoint
+        if args.stop_after and step + 1 >= args.stop_after:
+            v = validate(model, text, val)
+            log(f"B {step:5d} VAL {json.dumps(v)} (stopping: --stop-after {args.stop_after})")
+            save(model, tok, vocab, text, Path(args.out), log)
+            break
     log("done")
 
 
