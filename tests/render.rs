@@ -611,10 +611,9 @@ fn write_png_errors_name_the_path_and_leave_nothing_behind() {
 
 /// A photo scaled as a LLaVA-1.5 model sees it: shortest edge to 336, center crop 336x336.
 fn demo_base() -> RgbImage {
-    let img = load_image(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/clip336/image.jpg"),
-    )
-    .unwrap();
+    let img =
+        load_image(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/clip336/image.jpg"))
+            .unwrap();
     let (w, h) = resize_output_size(img.width, img.height, 336);
     center_crop(&resize_bicubic(&img, w, h).unwrap(), 336, 336).unwrap()
 }
