@@ -66,7 +66,7 @@ struct RunArgs {
     /// Default: the bundled tiny demo model.
     #[arg(long)]
     model: Option<String>,
-    /// Image file (PNG or JPEG). Default with the demo model: the bundled demo photo.
+    /// Image file (PNG or JPEG). Default with the demo model: the bundled demo scene.
     #[arg(long)]
     image: Option<PathBuf>,
     /// The user's question; the LLaVA-1.5 chat template is applied by the engine.
@@ -291,7 +291,7 @@ fn explain<B: Backend>(backend: B, run: &RunArgs, args: &ExplainArgs) -> Result<
             ));
         };
         progress.say("writing heatmaps");
-        let view = engine.model_view(image)?;
+        let view = legible(engine.model_view(image)?);
         let written = staging.write(&view, &ex, &doc);
         progress.clear();
         written?;
@@ -332,6 +332,30 @@ fn is_synthetic(run: &RunArgs) -> bool {
         .is_some_and(|m| m.starts_with("synthetic:"))
 }
 
+/// Heatmaps are drawn on the image as the model sees it; a small model's view (the demo model's is
+/// 112x112) is enlarged by an integer factor, nearest neighbour, to at least 336 pixels wide so the
+/// maps and their captions stay legible.
+fn legible(view: fastrm::vision::RgbImage) -> fastrm::vision::RgbImage {
+    const MIN_WIDTH: usize = 336;
+    let k = MIN_WIDTH.div_ceil(view.width.max(1));
+    if k <= 1 {
+        return view;
+    }
+    let (w, h) = (view.width * k, view.height * k);
+    let mut data = Vec::with_capacity(w * h * 3);
+    for y in 0..h {
+        for x in 0..w {
+            let i = ((y / k) * view.width + x / k) * 3;
+            data.extend_from_slice(&view.data[i..i + 3]);
+        }
+    }
+    fastrm::vision::RgbImage {
+        width: w,
+        height: h,
+        data,
+    }
+}
+
 /// Loads the engine, resolving the demo defaults, with a progress line started.
 fn start<B: Backend>(backend: B, run: &RunArgs) -> Result<(Engine<B>, Input, Progress)> {
     let progress = Progress::new(run.max_new_tokens);
@@ -355,7 +379,7 @@ fn start<B: Backend>(backend: B, run: &RunArgs) -> Result<(Engine<B>, Input, Pro
     let (model_dir, image) = match (&run.model, &run.image) {
         (None, image) => (
             demo.join("model"),
-            image.clone().unwrap_or_else(|| demo.join("image.jpg")),
+            image.clone().unwrap_or_else(|| demo.join("image.png")),
         ),
         (Some(m), Some(i)) => (PathBuf::from(m), i.clone()),
         (Some(_), None) => return Err(Error::input("--image is required with --model")),

@@ -609,10 +609,11 @@ fn write_png_errors_name_the_path_and_leave_nothing_behind() {
 // ---------------------------------------------------------------------------------------------
 // Samples and timing
 
-/// The demo image as the model sees it: shortest edge to 336, center crop 336x336.
+/// A photo scaled as a LLaVA-1.5 model sees it: shortest edge to 336, center crop 336x336.
 fn demo_base() -> RgbImage {
     let img =
-        load_image(&Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo/image.jpg")).unwrap();
+        load_image(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/clip336/image.jpg"))
+            .unwrap();
     let (w, h) = resize_output_size(img.width, img.height, 336);
     center_crop(&resize_bicubic(&img, w, h).unwrap(), 336, 336).unwrap()
 }
@@ -640,9 +641,9 @@ fn sample_renders() {
     let base = demo_base();
     let tokens = [
         ("\u{2581}The", 0.91, blob(12.0, 12.0, 8.0, 0.02)),
-        ("\u{2581}cat", 0.42, blob(9.0, 13.0, 2.5, 3.1e-4)),
+        ("\u{2581}cup", 0.42, blob(9.0, 13.0, 2.5, 3.1e-4)),
         ("\u{2581}is", 0.88, blob(15.0, 6.0, 6.0, 0.5)),
-        ("\u{2581}looking", 0.55, blob(10.0, 11.0, 2.0, 12.5)),
+        ("\u{2581}full", 0.55, blob(10.0, 11.0, 2.0, 12.5)),
         ("\u{fffd}", 0.97, vec![0.0; 576]),
         ("\n", 0.70, blob(20.0, 20.0, 3.0, 1.0)),
     ];
@@ -656,7 +657,7 @@ fn sample_renders() {
         write_png(&out_dir.join(format!("token_{i:02}.png")), &img).unwrap();
         tiles.push(img);
     }
-    let sheet = contact_sheet(&tiles, 3, "What is the cat doing? -> The cat is looking").unwrap();
+    let sheet = contact_sheet(&tiles, 3, "What is in the cup? -> The cup is full").unwrap();
     write_png(&out_dir.join("sheet.png"), &sheet).unwrap();
     assert_eq!(decode_png(&out_dir.join("sheet.png")), sheet);
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Oracle fixtures for fastrm, made with real HF `transformers` (pinned in tools/requirements.txt).
 
-Regenerate everything (tokenizer, tiny + clip336 fixtures, demo model; ~2.5 min on 2 cores):
+Regenerate everything (tokenizer, tiny + clip336 fixtures; ~2.5 min on 2 cores):
 
     python tools/make_fixtures.py
 
@@ -22,7 +22,6 @@ What is written (see tools/README.md for the tensor lists):
       model-bf16/                              same weights, hub names, bf16, one file
   tests/fixtures/clip336/                      model dir (transformers-5.24 save_pretrained config), f32
       image.jpg, expected.safetensors
-  assets/demo/model/ + image.jpg + README.md   bundled demo model (random weights, f16, hub names)
   benches/midsize_config.json                  shapes for the Rust bench (4.x hub style)
 """
 
@@ -211,12 +210,6 @@ FIXTURES = {
         question="What is in the cup?", cams=False,
     ),
 }
-DEMO = dict(
-    seed=3000, image_size=336, patch_size=14, v_hidden=32, v_heads=2, v_inter=64, v_layers=3,
-    t_hidden=64, t_heads=4, t_kv=4, t_inter=160, t_layers=3, max_pos=1024,
-    config_style="hub4", image="chelsea", image_wh=None, image_file="image.jpg",
-    question="What is the cat doing?",
-)
 MIDSIZE = dict(
     image_size=336, patch_size=14, v_hidden=32, v_heads=2, v_inter=64, v_layers=3,
     t_hidden=512, t_heads=8, t_kv=8, t_inter=1376, t_layers=8, max_pos=4096, vocab=32064,
@@ -1033,62 +1026,6 @@ def make_fixture(name, spec, tok, vocab, image_token_id, pad_id, eos_id, root: P
           f"{inc_row_diff:.3g}; gradcam layer {gc_layer}")
 
 
-def make_demo(tok, vocab, image_token_id, pad_id, eos_id, root: Path, summary):
-    spec = DEMO
-    d = root / "assets" / "demo"
-    md = d / "model"
-    if md.exists():
-        shutil.rmtree(md)
-    im = make_image(spec["image"], spec["image_wh"])
-    save_image(im, d / "image.jpg")
-    seed = spec["seed"]
-    while True:
-        model = build_model(spec, vocab, image_token_id, pad_id, seed)
-        sd = t5_state_dict(model)
-        write_model_dir(md, sd, "hub", torch.float16,
-                        hub4_config_dict(spec, vocab, image_token_id, pad_id, "float16"), spec, tok)
-        m16 = rounded_copy(model, torch.float16)
-        proc = load_processor(md, spec)
-        inputs = proc(images=Image.open(d / "image.jpg").convert("RGB"), text=prompt_for(spec["question"]),
-                      return_tensors="pt")
-        gen, gl = greedy(m16, inputs["input_ids"], inputs["pixel_values"], eos_id, pad_id)
-        if acceptable(gen.tolist(), top2_gap(gl), eos_id, tok.get_vocab_size()):
-            break
-        print(f"  seed {seed} rejected: min gap {top2_gap(gl):.2e}, gen {gen.tolist()}")
-        seed += 1
-        assert seed < spec["seed"] + 50
-    text = proc.tokenizer.decode(gen.tolist(), skip_special_tokens=True)
-    full = torch.cat([inputs["input_ids"][0], gen])[None]
-    verify_dir(md, m16, full, inputs["pixel_values"], teacher_forced(m16, full, inputs["pixel_values"])[0].logits[0],
-               0.0, "assets/demo/model (hub names, f16)")
-    w, h = im.size
-    readme = f"""# Demo model and image
-
-`model/` is a LLaVA-1.5-shaped model in the llava-hf checkpoint layout (config.json in the transformers-4.x
-hub style, `model.safetensors` with hub tensor names, f16, tokenizer and processor files), small enough to
-ship in the repository: CLIP-style vision tower at 336 px with patch 14 (576 patches, a 24x24 map),
-vision width {spec['v_hidden']}, {spec['v_layers']} layers; Llama decoder width {spec['t_hidden']}, {spec['t_layers']} layers,
-{spec['t_heads']} heads; a {tok.get_vocab_size()}-token byte-fallback BPE tokenizer (model vocab padded to {vocab}).
-
-**The weights are random** (seed {seed}, `{CMD}`). The model runs end to end and its relevancy
-maps have the real 24x24 shape, but its answers are meaningless until the trained demo model lands.
-
-`image.jpg`: `skimage.data.chelsea()` ("Chelsea the cat"; scikit-image states: no copyright restrictions,
-CC0 by the photographer, Stefan van der Walt), {w}x{h}, JPEG quality 90, no chroma subsampling.
-
-Prompt to use (the LLaVA-1.5 template; the engine adds BOS):
-
-    USER: <image>
-    {spec['question']} ASSISTANT:
-
-Question: `{spec['question']}`. With transformers {versions()['transformers']} (f32 compute on these f16 weights,
-greedy, {T_NEW} new tokens) the model answers: ids `{gen.tolist()}`, text `{text!r}`.
-"""
-    (d / "README.md").write_text(readme)
-    summary["demo"] = {"generated_ids": gen.tolist(), "generated_text": text, "min_top2_gap": top2_gap(gl)}
-    print(f"  demo: gen {gen.tolist()} {text!r}, min gap {top2_gap(gl):.4g}")
-
-
 def generate_all(root: Path):
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -1109,8 +1046,7 @@ def generate_all(root: Path):
         make_fixture(name, spec, tok, vocab, image_token_id, pad_id, eos_id, root, summary)
     summary["tokenizer"]["hf_class"] = tokenizer_cases(root / "tests/fixtures/tiny", tok,
                                                        root / "tests/fixtures/tokenizer_cases.json")
-    print("demo")
-    make_demo(tok, vocab, image_token_id, pad_id, eos_id, root, summary)
+    # The bundled demo model (assets/demo/) is trained by tools/demo_world/train.py, not written here.
     dump_json(hub4_config_dict(MIDSIZE, MIDSIZE["vocab"], MIDSIZE["image_token_id"], MIDSIZE["pad_id"]),
               root / "benches" / "midsize_config.json")
     return summary
@@ -1524,7 +1460,7 @@ def main():
         return
     if args.check_determinism:
         rels = ["tests/fixtures/tiny", "tests/fixtures/clip336", "tests/fixtures/tokenizer_cases.json",
-                "assets/demo", "benches/midsize_config.json"]
+                "benches/midsize_config.json"]
         with tempfile.TemporaryDirectory() as td:
             generate_all(Path(td))
             a, b = tree_hashes(ROOT, rels), tree_hashes(Path(td), rels)

@@ -40,7 +40,7 @@ const SEED: u64 = 0;
 /// question-sized run after (a LLaVA-1.5 VQA prompt has about 4 and 15–30).
 const SYNTHETIC_IDS_BEFORE: usize = 4;
 const SYNTHETIC_IDS_AFTER: usize = 20;
-const DEFAULT_QUESTION: &str = "What is shown in this picture? Answer in detail.";
+const DEFAULT_QUESTION: &str = "What color is the star?";
 
 /// `fastrm profile`.
 #[derive(clap::Args, Debug, Clone)]
@@ -334,7 +334,7 @@ impl Plan {
         let image = a
             .image
             .clone()
-            .unwrap_or_else(|| Path::new(DEMO_DIR).join("image.jpg"));
+            .unwrap_or_else(|| Path::new(DEMO_DIR).join("image.png"));
         Ok(Plan {
             model,
             device,
