@@ -96,7 +96,9 @@ enum Cmd {
     Explain {
         #[command(flatten)]
         run: RunArgs,
-        #[arg(long, value_enum, default_value = "baseline")]
+        /// Default: fastrm (the bundled demo model carries its trained head; other models need
+        /// --head).
+        #[arg(long, value_enum, default_value = "fastrm")]
         method: MethodArg,
         /// Baseline only: materialise every layer's cam and the full relevance matrix R, as the
         /// paper's baseline does (same maps, the paper's cost).

@@ -112,6 +112,8 @@ fn json_contract_and_oracle_maps() {
     // --full-r: the paper's materialised R gives the same maps.
     let full = json_of(&explain(&[
         "--json",
+        "--method",
+        "baseline",
         "--full-r",
         "--max-new-tokens",
         &gen.len().to_string(),
@@ -231,7 +233,10 @@ fn bad_input() {
     let file = tmp.path().join("plain-file");
     std::fs::write(&file, b"x").unwrap();
     let bad = file.join("maps");
-    fails(&explain(&["--out", bad.to_str().unwrap()]), "plain-file");
+    fails(
+        &explain(&["--method", "baseline", "--out", bad.to_str().unwrap()]),
+        "plain-file",
+    );
 
     // A run that fails after the folder was prepared leaves nothing that looks complete.
     let out_dir = tmp.path().join("maps");
@@ -245,6 +250,8 @@ fn bad_input() {
             "/no/such/image.png",
             "--prompt",
             "hi",
+            "--method",
+            "baseline",
         ])
         .args(["--out", out_dir.to_str().unwrap()])
         .output()

@@ -7,7 +7,9 @@
 #   4. `fastrm distill` of assets/demo_world/eval and `fastrm eval --write-threshold` (the calibrated
 #      confidence threshold goes into the head) → docs/demo-eval/.
 # Needs the fixture tool's Python (tools/requirements.txt; PY=...) for the scene generator.
-#   tools/demo_world/make_head.sh            # SCENES=400 STEPS=2000 LR=1e-3 BATCH=128
+#   tools/demo_world/make_head.sh   # SCENES=400 STEPS=2000 LR=1e-3 BATCH=128 EVAL_LIMIT=200
+# EVAL_LIMIT bounds the evaluation's samples: its perturbation curves cost ~300 masked generations a
+# sample (~2 s each on 2 cores), so all 600 questions take ~20 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-python3}
@@ -15,6 +17,7 @@ SCENES=${SCENES:-400}
 STEPS=${STEPS:-2000}
 LR=${LR:-1e-3}
 BATCH=${BATCH:-128}
+EVAL_LIMIT=${EVAL_LIMIT:-200}
 work=${WORK:-target/demo-head}
 model=assets/demo/model
 head=assets/demo/head.safetensors
@@ -29,5 +32,5 @@ bin=target/release/fastrm
 "$bin" distill --model "$model" --questions assets/demo_world/eval/questions.jsonl \
     --images assets/demo_world/eval --out "$work/distill-eval"
 "$bin" eval --model "$model" --head "$head" --data "$work/distill-eval" --out docs/demo-eval \
-    --write-threshold --json > "$work/eval.json"
+    --write-threshold --limit "$EVAL_LIMIT" --json > "$work/eval.json"
 echo "head: $head; evaluation: docs/demo-eval/eval.json"
