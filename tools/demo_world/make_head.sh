@@ -7,13 +7,13 @@
 #   4. `fastrm distill` of assets/demo_world/eval and `fastrm eval --write-threshold` (the calibrated
 #      confidence threshold goes into the head) → docs/demo-eval/.
 # Needs the fixture tool's Python (tools/requirements.txt; PY=...) for the scene generator.
-#   tools/demo_world/make_head.sh   # SCENES=400 STEPS=2000 LR=1e-3 BATCH=128 EVAL_LIMIT=200
+#   tools/demo_world/make_head.sh   # SCENES=300 STEPS=2000 LR=1e-3 BATCH=128 EVAL_LIMIT=200
 # EVAL_LIMIT bounds the evaluation's samples: its perturbation curves cost ~300 masked generations a
 # sample (~2 s each on 2 cores), so all 600 questions take ~20 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-python3}
-SCENES=${SCENES:-400}
+SCENES=${SCENES:-300}
 STEPS=${STEPS:-2000}
 LR=${LR:-1e-3}
 BATCH=${BATCH:-128}
