@@ -47,21 +47,28 @@ __device__ void rms_norm_bwd_impl(T* dx, const T* x, const T* w, const T* dy, in
 #define RMS_BWD_PARAMS(T) (T* dx, const T* x, const T* w, const T* dy, int cols, float eps)
 FASTRM_INSTANTIATE(rms_norm_bwd, RMS_BWD_PARAMS, (dx, x, w, dy, cols, eps))
 
+// Mean and reciprocal standard deviation of one row, two passes (the row is in L1/L2): the centred
+// variance does not cancel. Every thread of the block gets both.
 template <typename T>
-__device__ void layer_norm_fwd_impl(T* out, const T* x, const T* w, const T* b, int cols, float eps) {
-    __shared__ float scratch[32];
-    const long long row = blockIdx.x;
-    const T* xr = x + row * cols;
+__device__ __forceinline__ void row_mean_rstd(const T* xr, int cols, float eps, float* scratch, float& mu, float& r) {
     float s = 0.f;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) s += to_f32(xr[c]);
-    const float mu = block_sum(s, scratch) / cols;
-    // Two passes over the row (it is in L1/L2): the centred variance does not cancel.
+    mu = block_sum(s, scratch) / cols;
     float v2 = 0.f;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
         const float d = to_f32(xr[c]) - mu;
         v2 += d * d;
     }
-    const float r = rsqrtf(block_sum(v2, scratch) / cols + eps);
+    r = rsqrtf(block_sum(v2, scratch) / cols + eps);
+}
+
+template <typename T>
+__device__ void layer_norm_fwd_impl(T* out, const T* x, const T* w, const T* b, int cols, float eps) {
+    __shared__ float scratch[32];
+    const long long row = blockIdx.x;
+    const T* xr = x + row * cols;
+    float mu, r;
+    row_mean_rstd(xr, cols, eps, scratch, mu, r);
     for (int c = threadIdx.x; c < cols; c += blockDim.x)
         out[row * cols + c] = from_f32<T>((to_f32(xr[c]) - mu) * r * to_f32(w[c]) + to_f32(b[c]));
 }
@@ -74,15 +81,8 @@ __device__ void layer_norm_bwd_impl(T* dx, float* stats, const T* x, const T* w,
     const long long row = blockIdx.x;
     const T* xr = x + row * cols;
     const T* dyr = dy + row * cols;
-    float s = 0.f;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) s += to_f32(xr[c]);
-    const float mu = block_sum(s, scratch) / cols;
-    float v2 = 0.f;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        const float d = to_f32(xr[c]) - mu;
-        v2 += d * d;
-    }
-    const float r = rsqrtf(block_sum(v2, scratch) / cols + eps);
+    float mu, r;
+    row_mean_rstd(xr, cols, eps, scratch, mu, r);
     float sg = 0.f, sgx = 0.f;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
         const float g = to_f32(w[c]) * to_f32(dyr[c]);
