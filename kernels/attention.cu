@@ -14,6 +14,24 @@ __device__ __forceinline__ int visible_keys(int q_pos0, int i, int kv_len) {
     return q_pos0 < 0 ? kv_len : min(kv_len, q_pos0 + i + 1);
 }
 
+// Softmax statistics of one score row over its first `vis` keys (less the hidden ones): the
+// maximum of scale * s and the reciprocal of the sum of exponentials (0 when no key is visible).
+// Every thread of the block gets both; the probability of key j is then
+// expf(s[j] * scale - mx) * inv.
+__device__ __forceinline__ void row_softmax_stats(const float* sr, int vis, float scale,
+                                                  const unsigned char* key_keep, float* scratch,
+                                                  float& mx, float& inv) {
+    mx = -INFINITY;
+    for (int j = threadIdx.x; j < vis; j += blockDim.x)
+        if (!key_keep || key_keep[j]) mx = fmaxf(mx, sr[j] * scale);
+    mx = block_max(mx, scratch);
+    float sum = 0.f;
+    for (int j = threadIdx.x; j < vis; j += blockDim.x)
+        if (!key_keep || key_keep[j]) sum += expf(sr[j] * scale - mx);
+    sum = block_sum(sum, scratch);
+    inv = sum > 0.f ? 1.f / sum : 0.f;
+}
+
 // grid: (H * n_q rows of S, row r = h * n_q + i), block: 256. Reads S [H*n_q, kv_len] f32,
 // writes P [H*n_q, kv_len].
 template <typename T>
@@ -25,15 +43,8 @@ __device__ void attn_softmax_fwd_impl(T* p, const float* s, int n_q, int kv_len,
     const int vis = visible_keys(q_pos0, i, kv_len);
     const float* sr = s + r * kv_len;
     T* pr = p + r * kv_len;
-    float mx = -INFINITY;
-    for (int j = threadIdx.x; j < vis; j += blockDim.x)
-        if (!key_keep || key_keep[j]) mx = fmaxf(mx, sr[j] * scale);
-    mx = block_max(mx, scratch);
-    float sum = 0.f;
-    for (int j = threadIdx.x; j < vis; j += blockDim.x)
-        if (!key_keep || key_keep[j]) sum += expf(sr[j] * scale - mx);
-    sum = block_sum(sum, scratch);
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    float mx, inv;
+    row_softmax_stats(sr, vis, scale, key_keep, scratch, mx, inv);
     for (int j = threadIdx.x; j < kv_len; j += blockDim.x) {
         const bool on = j < vis && (!key_keep || key_keep[j]);
         pr[j] = from_f32<T>(on ? expf(sr[j] * scale - mx) * inv : 0.f);
@@ -137,13 +148,8 @@ __device__ void attn_softmax_bwd_impl(T* p_out, T* ds_out, float* dp, const floa
     const int vis = visible_keys(q_pos0, i, kv_len);
     const float* sr = s + r * kv_len;
     float* dpr = dp + r * kv_len;
-    float mx = -INFINITY;
-    for (int j = threadIdx.x; j < vis; j += blockDim.x) mx = fmaxf(mx, sr[j] * scale);
-    mx = block_max(mx, scratch);
-    float sum = 0.f;
-    for (int j = threadIdx.x; j < vis; j += blockDim.x) sum += expf(sr[j] * scale - mx);
-    sum = block_sum(sum, scratch);
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    float mx, inv;
+    row_softmax_stats(sr, vis, scale, nullptr, scratch, mx, inv);
     float dot = 0.f;
     for (int j = threadIdx.x; j < vis; j += blockDim.x) dot += expf(sr[j] * scale - mx) * inv * dpr[j];
     dot = block_sum(dot, scratch);
