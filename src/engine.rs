@@ -234,7 +234,7 @@ impl<B: Backend> Engine<B> {
                 ids.extend(std::iter::repeat_n(cfg.image_token_id, n_img));
                 // Ordinary text ids: below the image token, which the llava-hf vocabularies
                 // place after the base vocabulary.
-                let text_vocab = vocab.min(cfg.image_token_id as u64).max(3);
+                let text_vocab = vocab.min(cfg.image_token_id as u64).max(4);
                 ids.extend((0..n_text).map(|_| 3 + (rng.next_u64() % (text_vocab - 3)) as u32));
                 let side = cfg.vision.image_size;
                 let pixels = (0..3 * side * side)

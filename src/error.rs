@@ -39,4 +39,16 @@ impl Error {
     pub fn input(msg: impl Into<String>) -> Self {
         Error::Input(msg.into())
     }
+    /// `Ok` when `path` (given by command-line `flag`) is a folder, else an input error naming
+    /// both.
+    pub fn require_dir(flag: &str, path: &std::path::Path) -> Result<()> {
+        if path.is_dir() {
+            Ok(())
+        } else {
+            Err(Error::input(format!(
+                "{flag} {}: not a folder",
+                path.display()
+            )))
+        }
+    }
 }

@@ -653,18 +653,8 @@ pub fn run(args: DistillArgs) -> Result<()> {
     if args.shard_size == Some(0) {
         return Err(Error::input("--shard-size must be at least 1"));
     }
-    if !args.model.is_dir() {
-        return Err(Error::input(format!(
-            "--model {}: not a folder",
-            args.model.display()
-        )));
-    }
-    if !args.images.is_dir() {
-        return Err(Error::input(format!(
-            "--images {}: not a folder",
-            args.images.display()
-        )));
-    }
+    Error::require_dir("--model", &args.model)?;
+    Error::require_dir("--images", &args.images)?;
     let data = Dataset::load(&args.questions)?;
     let target = args
         .limit

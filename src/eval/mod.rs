@@ -188,12 +188,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
             args.data.display()
         )));
     }
-    if !args.model.is_dir() {
-        return Err(Error::input(format!(
-            "--model {}: not a folder",
-            args.model.display()
-        )));
-    }
+    Error::require_dir("--model", &args.model)?;
     let manifest = Manifest::read(&args.data)?;
     let mut head_w = HeadWeights::load(&args.head)?;
     if head_w.cfg.hidden_size != manifest.hidden_size {

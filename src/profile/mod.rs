@@ -21,7 +21,7 @@ use std::time::Duration;
 use crate::backend::cpu::Cpu;
 use crate::backend::Backend;
 use crate::config::LlavaConfig;
-use crate::engine::Engine;
+use crate::engine::{Engine, Request};
 use crate::error::{Error, Result};
 use crate::explain::fastrm::{FastRmHead, HeadWeights};
 use crate::explain::{self, Method, RowMode};
@@ -36,10 +36,8 @@ const TINY_CONFIG: &str = include_str!("../../assets/demo/model/config.json");
 const MIDSIZE_CONFIG: &str = include_str!("../../benches/midsize_config.json");
 /// Seed of the synthetic weights and of the random FastRM head.
 const SEED: u64 = 0;
-/// Text ids around the image run in a synthetic prompt: BOS + `USER:`-like ids before, a
-/// question-sized run after (a LLaVA-1.5 VQA prompt has about 4 and 15–30).
-const SYNTHETIC_IDS_BEFORE: usize = 4;
-const SYNTHETIC_IDS_AFTER: usize = 20;
+/// Text ids after the image in a synthetic prompt: a LLaVA-1.5 VQA prompt has about 20–35.
+const SYNTHETIC_TEXT_IDS: usize = 24;
 const DEFAULT_QUESTION: &str = "What color is the star?";
 
 /// `fastrm profile`.
@@ -408,24 +406,6 @@ pub fn cpu_card() -> String {
     format!("{name} ({} threads)", rayon::current_num_threads())
 }
 
-/// A synthetic prompt: BOS, [`SYNTHETIC_IDS_BEFORE`] text ids, the image's run of image tokens,
-/// [`SYNTHETIC_IDS_AFTER`] text ids. Text ids are ordinary vocabulary ids (below the image token
-/// and clear of the special ids 0–2).
-pub fn synthetic_prompt(cfg: &LlavaConfig) -> Vec<u32> {
-    let hi = (cfg.image_token_id as usize)
-        .min(cfg.text.vocab_size)
-        .max(4) as u32;
-    let text = |i: usize| 3 + (i as u32 * 7919) % (hi - 3);
-    let mut ids = vec![cfg.bos_token_id];
-    ids.extend((0..SYNTHETIC_IDS_BEFORE).map(text));
-    ids.extend(std::iter::repeat_n(
-        cfg.image_token_id,
-        cfg.vision.num_patches(),
-    ));
-    ids.extend((SYNTHETIC_IDS_BEFORE..SYNTHETIC_IDS_BEFORE + SYNTHETIC_IDS_AFTER).map(text));
-    ids
-}
-
 /// What one measured call returned.
 struct Outcome {
     generated: usize,
@@ -524,23 +504,25 @@ pub fn profile<B: Backend, C: PhaseClock>(
     plan: &Plan,
 ) -> Result<Report> {
     let cfg = engine.config().clone();
-    // The prompt: tokenized question with the image when the model has a tokenizer, else ids.
-    let (ids, prompt_desc) = if engine.text.is_some() {
+    // The prompt: tokenized question with the image when the model has a tokenizer, else the
+    // engine's id-level request (what `--model synthetic:…` runs everywhere).
+    let (ids, pixels, prompt_desc) = if engine.text.is_some() {
         (
             engine.prompt_ids(&plan.prompt)?,
+            engine.pixels(&plan.image)?,
             format!("{:?} with the image", plan.prompt),
         )
     } else {
-        (
-            synthetic_prompt(&cfg),
-            format!(
-                "synthetic ids: BOS + {SYNTHETIC_IDS_BEFORE} text ids + {} image tokens + \
-                 {SYNTHETIC_IDS_AFTER} text ids",
-                cfg.vision.num_patches()
-            ),
-        )
+        let (ids, pixels) = engine.resolve(&Request::Ids {
+            n_text: SYNTHETIC_TEXT_IDS,
+            seed: SEED,
+        })?;
+        let desc = format!(
+            "synthetic ids: BOS + {} image tokens + {SYNTHETIC_TEXT_IDS} text ids, seeded pixels",
+            cfg.vision.num_patches()
+        );
+        (ids, pixels, desc)
     };
-    let pixels = engine.pixels(&plan.image)?;
     let longest = *plan.tokens.last().expect("validated non-empty");
     let ctx = cfg.text.max_position_embeddings;
     if ids.len() + longest - 1 > ctx {
