@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::fixture_dir;
+use common::{cli_fails as fails, cli_ok as ok, fixture_dir};
 use fastrm::backend::cpu::Cpu;
 use fastrm::backend::Backend;
 use fastrm::distill::{Manifest, Shard, SUFFIX};
@@ -43,22 +43,6 @@ fn distill(questions: &Path, out: &Path, extra: &[&str]) -> Output {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!err.contains("panicked"), "{err}");
     o
-}
-
-fn ok(o: &Output) -> String {
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout).to_string()
-}
-
-fn fails(o: &Output, needles: &[&str]) {
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success(), "expected failure; stderr: {err}");
-    let line = err.trim();
-    assert!(line.starts_with("error:"), "{err}");
-    assert_eq!(line.lines().count(), 1, "one-line error expected: {err}");
-    for n in needles {
-        assert!(line.contains(n), "{n:?} not in {line:?}");
-    }
 }
 
 fn vqa() -> PathBuf {

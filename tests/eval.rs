@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::fixture_dir;
+use common::{cli_fails as fails, cli_ok as ok, fixture_dir};
 use fastrm::backend::cpu::Cpu;
 use fastrm::backend::{AttnShape, Backend};
 use fastrm::eval::metrics::{self, Counts};
@@ -459,22 +459,6 @@ fn fastrm(args: &[&str]) -> Output {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!err.contains("panicked"), "{err}");
     o
-}
-
-fn ok(o: &Output) -> String {
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout).to_string()
-}
-
-fn fails(o: &Output, needles: &[&str]) {
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success(), "expected failure; stderr: {err}");
-    let line = err.trim();
-    assert!(line.starts_with("error:"), "{err}");
-    assert_eq!(line.lines().count(), 1, "one-line error expected: {err}");
-    for n in needles {
-        assert!(line.contains(n), "{n:?} not in {line:?}");
-    }
 }
 
 fn write_grey_png(path: &Path, w: usize, h: usize, on: impl Fn(usize, usize) -> bool) {

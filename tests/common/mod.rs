@@ -161,3 +161,21 @@ pub fn copy_model(fixture: &str, sub: &str) -> tempfile::TempDir {
     }
     tmp
 }
+
+/// A CLI run that succeeded: its stdout.
+pub fn cli_ok(o: &std::process::Output) -> String {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+/// A CLI run that failed with one `error:` line mentioning every needle.
+pub fn cli_fails(o: &std::process::Output, needles: &[&str]) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "expected failure; stderr: {err}");
+    let line = err.trim();
+    assert!(line.starts_with("error:"), "{err}");
+    assert_eq!(line.lines().count(), 1, "one-line error expected: {err}");
+    for n in needles {
+        assert!(line.contains(n), "{n:?} not in {line:?}");
+    }
+}
