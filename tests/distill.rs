@@ -369,6 +369,35 @@ fn refuses_a_mismatched_folder() {
         .output()
         .unwrap();
     fails(&o, &["model"]);
+    // A model retrained in place (same folder, weight file rewritten) is another model too.
+    let out2 = tmp.path().join("set2");
+    let run2 = |limit: &'static str| {
+        Command::new(env!("CARGO_BIN_EXE_fastrm"))
+            .args(["distill", "--model"])
+            .arg(&model2)
+            .arg("--questions")
+            .arg(vqa())
+            .arg("--images")
+            .arg(images())
+            .arg("--out")
+            .arg(&out2)
+            .args(["--limit", limit, "--max-new-tokens", "2"])
+            .output()
+            .unwrap()
+    };
+    ok(&run2("1"));
+    let weights = model2.join("model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes).unwrap();
+    let later = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
+    std::fs::File::options()
+        .write(true)
+        .open(&weights)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+    fails(&run2("2"), &["other weights", "rewritten"]);
+    assert_eq!(Manifest::read(&out2).unwrap().samples, 1);
     // The folder is untouched and still resumes with its own settings.
     assert_eq!(Manifest::read(&out).unwrap().samples, 1);
     ok(&distill(

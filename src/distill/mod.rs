@@ -79,6 +79,10 @@ pub struct Manifest {
     pub version: u32,
     /// The model folder (canonical path).
     pub model: String,
+    /// Names, lengths and modification times of its weight files: a model retrained in place is another
+    /// model ("" in manifests written before this field existed, which therefore never resume).
+    #[serde(default)]
+    pub model_weights: String,
     pub method: String,
     /// Appended to every question ("" with `--no-suffix`).
     pub suffix: String,
@@ -461,6 +465,30 @@ impl Drop for Lock {
     }
 }
 
+/// FNV-1a of each `*.safetensors` file's name, length and modification time, in name order: cheap for
+/// a 14 GB checkpoint, and it changes whenever a file is rewritten.
+fn weights_fingerprint(model: &Path) -> Result<String> {
+    let mut files: Vec<_> = std::fs::read_dir(model)
+        .map_err(|e| Error::io(model, e))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    let mut desc = String::new();
+    for f in &files {
+        let meta = std::fs::metadata(f).map_err(|e| Error::io(f, e))?;
+        let mtime = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
+        let name = f.file_name().unwrap_or_default().to_string_lossy();
+        desc.push_str(&format!("{name}:{}:{mtime};", meta.len()));
+    }
+    Ok(format!("{:016x}", dataset::fnv1a64(desc.as_bytes())))
+}
+
 fn canonical(p: &Path) -> Result<String> {
     Ok(std::fs::canonicalize(p)
         .map_err(|e| Error::io(p, e))?
@@ -670,6 +698,7 @@ pub fn run(args: DistillArgs) -> Result<()> {
         canonical(&args.questions)?,
         canonical(&args.images)?,
     );
+    let weights = weights_fingerprint(&args.model)?;
     let existing = if out.join(MANIFEST).exists() {
         Some(Manifest::read(out)?)
     } else {
@@ -685,6 +714,15 @@ pub fn run(args: DistillArgs) -> Result<()> {
         };
         if m.model != identity.0 {
             return Err(mismatch("model", &m.model, &identity.0));
+        }
+        if m.model_weights != weights {
+            return Err(Error::input(format!(
+                "{} holds a distill set made with other weights in {} (the model was rewritten since: \
+                 fingerprint {:?}, now {weights:?}): use another --out",
+                out.display(),
+                m.model,
+                m.model_weights
+            )));
         }
         if m.method != args.method.as_str() {
             return Err(mismatch("method", &m.method, &args.method.as_str()));
@@ -811,6 +849,7 @@ pub fn run(args: DistillArgs) -> Result<()> {
         format: MANIFEST_FORMAT.into(),
         version: MANIFEST_VERSION,
         model: identity.0.clone(),
+        model_weights: weights.clone(),
         method: args.method.as_str().into(),
         suffix: suffix.into(),
         max_new_tokens: args.max_new_tokens,
