@@ -6,10 +6,12 @@ vision tower, GELU projector, Llama decoder) on demo-world questions. Seeded, fi
         --log tools/demo_world/train_log.txt
 
 Stages (see tools/demo_world/README.md):
-  A. vision tower alone, per-patch shape and colour classification from the object masks (linear heads on the
-     `vision_feature_layer` output, i.e. exactly the features the projector sees);
-  B. whole model, LM loss on the answers of 4-6 packed question turns per image + the patch loss as an
-     auxiliary term; the vision tower frozen for the first steps, then at a low learning rate.
+  A. vision tower alone, per-patch shape, colour (and row/column) classification from the object masks
+     (linear heads on the `vision_feature_layer` output, i.e. exactly the features the projector sees);
+  B. whole model, LM loss on the answers of 6-8 packed question turns per image + the patch losses as
+     auxiliary terms (on the tower and on the projector's output); the vision tower frozen for the first
+     steps, then at a low learning rate; optionally supervised attention (decoder heads onto the target
+     object's patches, a first-layer head onto the question's colour/shape words).
 Validation: held-out scenes (seeds < 10^6; training scenes use seeds >= 10^6), single-question prompts,
 with the distill suffix; exact match of the greedy answer (teacher-forced argmax of every answer token and the EOS: equal to greedy
 generation's exact match).
@@ -36,6 +38,8 @@ import world  # noqa: E402
 import make_fixtures as mf  # noqa: E402
 
 PATCH_SHAPE_WEIGHT = 1.0  # set from --patch-shape
+POS_WEIGHT = 0.0  # set from --pos-aux
+PROJ_POS = False  # set from --proj-pos
 SUFFIX = " Answer the question using up to two words."  # = src/distill SUFFIX (the engine's distill default)
 TRAIN_SEED0 = 1_000_000  # training scenes: seeds >= this; evaluation / validation scenes: below
 
@@ -90,6 +94,11 @@ class Text:
         self.bos = tok.token_to_id("<s>")
         self.n_patches = (SPEC["image_size"] // SPEC["patch_size"]) ** 2
         self.cache = {}
+        # the tokens that name an object in a question: colour and shape words, alone or fused with the "?"
+        # ("▁star?" is one token), i.e. what the lookup of the question's object must be keyed on
+        vocab = tok.get_vocab()
+        self.key_words = {vocab[f"▁{w}{end}"] for w in world.SHAPES + world.COLOR_NAMES for end in ("", "?")
+                          if f"▁{w}{end}" in vocab}
 
     def enc(self, s, bos=False):
         key = (s, bos)
@@ -144,7 +153,7 @@ def scene_batch(seeds):
 
 
 def packed_batch(text, scenes, rng, turns=(6, 8), with_targets=False):
-    seqs, labs, targets = [], [], []
+    seqs, labs, targets, copies, reads = [], [], [], [], []
     for b, sc in enumerate(scenes):
         cov = world.object_coverage(sc, SPEC["patch_size"])[0] if with_targets else None
         k = int(rng.integers(turns[0], turns[1] + 1))
@@ -161,13 +170,22 @@ def packed_batch(text, scenes, rng, turns=(6, 8), with_targets=False):
                 if not tm.any():
                     tm = c == c.max()
                 # the position that predicts the answer's first token: the prompt's last token
-                targets.append((b, len(ids) + len(p) - 1, torch.from_numpy(tm.astype(np.float32))))
+                targets.append((b, len(ids) + len(p) - 1, torch.from_numpy(tm.astype(np.float32)), q["type"]))
+                if len(q["target"]) == 1:
+                    # the target's centroid as (row, column) cells of the patch grid, for --read-aux
+                    x, y = world._centroid(sc.objects[q["target"][0]])
+                    reads.append((b, len(ids) + len(p) - 1, int(y) // SPEC["patch_size"],
+                                  int(x) // SPEC["patch_size"]))
+            if with_targets:
+                keys = [len(ids) + i for i, t in enumerate(p) if t in text.key_words]
+                if keys:
+                    copies.append((b, len(ids) + len(p) - 1, keys))
             ids += p + a
             lab += [-100] * len(p) + a
         seqs.append(ids)
         labs.append(lab)
     ids, lab = pad(text, seqs, labs)
-    return (ids, lab, targets) if with_targets else (ids, lab)
+    return (ids, lab, targets, copies, reads) if with_targets else (ids, lab)
 
 
 def pad(text, seqs, labs):
@@ -194,6 +212,13 @@ def build(vocab, text, seed):
     heads = torch.nn.ModuleDict({
         "shape": torch.nn.Linear(SPEC["v_hidden"], len(world.SHAPES)),
         "color": torch.nn.Linear(SPEC["v_hidden"], len(world.COLOR_NAMES) + 1),
+        "pos": torch.nn.Linear(SPEC["v_hidden"], 2 * (SPEC["image_size"] // SPEC["patch_size"])),
+        # the same per-patch labels read from the projector's output, i.e. the image embeddings the decoder
+        # sees (see --proj-aux)
+        "proj_shape": torch.nn.Linear(SPEC["t_hidden"], len(world.SHAPES)),
+        "proj_color": torch.nn.Linear(SPEC["t_hidden"], len(world.COLOR_NAMES) + 1),
+        "proj_pos": torch.nn.Linear(SPEC["t_hidden"], 2 * (SPEC["image_size"] // SPEC["patch_size"])),
+        "read_pos": torch.nn.Linear(SPEC["t_hidden"], 2 * (SPEC["image_size"] // SPEC["patch_size"])),
     })
     return model, heads
 
@@ -204,44 +229,76 @@ def vision_features(model, pv):
     return out.hidden_states[-2][:, 1:]  # vision_feature_layer -2, CLS dropped ("default")
 
 
-def patch_loss(heads, feats, shp, col):
+def patch_loss(heads, feats, shp, col, prefix=""):
     """Shape: per object, from the coverage-weighted mean of its patches' features (interior patches of
     flat shapes look alike, so a per-patch shape label is mostly unlearnable locally). Colour: per patch,
     background patches (~85%) weighted down."""
     w, ys, pshp = shp
+    shape_head, color_head = heads[prefix + "shape"], heads[prefix + "color"]
     pooled = torch.bmm(w, feats)  # [B, 4, D]
-    ls = F.cross_entropy(heads["shape"](pooled).flatten(0, 1), ys.flatten(), ignore_index=-100)
+    ls = F.cross_entropy(shape_head(pooled).flatten(0, 1), ys.flatten(), ignore_index=-100)
     if PATCH_SHAPE_WEIGHT:
         # each object patch should also carry its object's shape, so the LM can find "the star" by
         # attending to patches (the pooled term alone allows a code spread over the object's patches)
-        ls = ls + PATCH_SHAPE_WEIGHT * F.cross_entropy(heads["shape"](feats).flatten(0, 1), pshp.flatten(),
+        ls = ls + PATCH_SHAPE_WEIGHT * F.cross_entropy(shape_head(feats).flatten(0, 1), pshp.flatten(),
                                                        ignore_index=-100)
     wc = torch.ones(len(world.COLOR_NAMES) + 1)
     wc[-1] = 0.1
-    lc = F.cross_entropy(heads["color"](feats).flatten(0, 1), col.flatten(), weight=wc)
+    lc = F.cross_entropy(color_head(feats).flatten(0, 1), col.flatten(), weight=wc)
+    if POS_WEIGHT and (PROJ_POS or not prefix):
+        # every patch keeps its row and column, so "on the left or right" can be read from the patches the
+        # decoder attends to (the position embedding alone can be washed out by the shape/colour features)
+        g = SPEC["image_size"] // SPEC["patch_size"]
+        lp = heads[prefix + "pos"](feats)  # [B, g*g, 2g]
+        idx = torch.arange(g * g)
+        lc = lc + POS_WEIGHT * (F.cross_entropy(lp[..., :g].flatten(0, 1), (idx // g).repeat(len(feats)))
+                                + F.cross_entropy(lp[..., g:].flatten(0, 1), (idx % g).repeat(len(feats))))
     return ls, lc
 
 
-def lm_logits(model, ids, feats, text, attentions=False):
+def lm_logits(model, ids, feats, text, attentions=False, full=False):
+    """The decoder's last hidden state; with `full`, also its attentions (None unless `attentions`), the
+    projected image features and every layer's hidden state."""
     emb = model.model.language_model.embed_tokens(ids)
     proj = model.model.multi_modal_projector(feats)
     m = ids == text.image
     emb = emb.masked_scatter(m.unsqueeze(-1), proj.reshape(-1, proj.shape[-1]).to(emb.dtype))
-    out = model.model.language_model(inputs_embeds=emb, use_cache=False, output_attentions=attentions)
-    return (out.last_hidden_state, out.attentions) if attentions else out.last_hidden_state
+    out = model.model.language_model(inputs_embeds=emb, use_cache=False, output_attentions=attentions,
+                                     output_hidden_states=full)
+    if full:
+        return out.last_hidden_state, out.attentions, proj, out.hidden_states
+    return out.last_hidden_state
 
 
-def attention_loss(attns, ids, targets, text, layer, head):
+def attention_loss(attns, ids, targets, text, layer, head, types=None):
     """Supervise one attention head: from the position that predicts an answer, the attention mass on the
     image patches of the question's target object(s) (-log of the mass). Teaches the lookup "find the
     star" directly instead of waiting for the answer loss to discover it."""
     a = attns[layer][:, head]  # [B, T, T]
     img_pos = (ids[0] == text.image).nonzero().flatten()  # the same 64 positions in every row
     losses = []
-    for b, pos, tm in targets:
+    for b, pos, tm, qtype in targets:
+        if types and qtype not in types:
+            continue
         mass = (a[b, pos, img_pos] * tm).sum()
         losses.append(-torch.log(mass + 1e-6))
     return torch.stack(losses).mean() if losses else torch.zeros(())
+
+
+def copy_loss(attns, copies, layer, head):
+    """Supervise one first-layer head: from the position that predicts an answer, the attention mass on the
+    current question's colour/shape words. Without it the decoder could not find "the red object": the
+    prompt's last token never gathered the colour word (a probe read the named colour from it at ~0.5, its
+    first-layer attention on the word was ~1%), so the lookup fell back to shape alone."""
+    a = attns[layer][:, head]
+    losses = [-torch.log(a[b, pos, keys].sum() + 1e-6) for b, pos, keys in copies]
+    return torch.stack(losses).mean() if losses else torch.zeros(())
+
+
+def parse_att_head(spec):
+    """`LAYER:HEAD` or `LAYER:HEAD:TYPE,TYPE...` (only those question types supervise that head)."""
+    parts = spec.split(":")
+    return int(parts[0]), int(parts[1]), set(parts[2].split(",")) if len(parts) > 2 else None
 
 
 def answer_loss(model, h, lab):
@@ -330,18 +387,33 @@ def main():
     ap.add_argument("--val-every", type=int, default=150)
     ap.add_argument("--threads", type=int, default=1, help="1 is several times faster than 2 on a busy 2-core box")
     ap.add_argument("--patch-shape", type=float, default=1.0, help="weight of the per-patch shape term")
+    ap.add_argument("--proj-aux", type=float, default=0.0,
+                    help="weight of the per-patch shape/colour terms on the projector's output (stage B)")
+    ap.add_argument("--copy-head", default=None, metavar="LAYER:HEAD",
+                    help="with --att-sup: also supervise this head onto the question's colour/shape words")
+    ap.add_argument("--read-aux", type=float, default=0.0,
+                    help="weight of the target's row/column read from the answer position (with --att-sup)")
+    ap.add_argument("--read-layer", type=int, default=2,
+                    help="hidden state that --read-aux reads (2 = after the second decoder layer)")
+    ap.add_argument("--proj-pos", action="store_true", help="--proj-aux also has the row/column term")
+    ap.add_argument("--pos-aux", type=float, default=0.0, help="weight of the per-patch row/column term")
     ap.add_argument("--first-scene", type=int, default=TRAIN_SEED0, help="seed of the first training scene")
     ap.add_argument("--att-sup", type=float, default=0.0,
-                    help="weight of the attention supervision (head 0 of --att-layer onto the target's patches)")
-    ap.add_argument("--att-layer", type=int, default=1)
+                    help="weight of the attention supervision (the --att-heads onto the target's patches)")
+    ap.add_argument("--att-heads", nargs="+", default=["1:0"], metavar="LAYER:HEAD[:TYPES]",
+                    help="decoder heads that --att-sup supervises, each on all question types or on the listed "
+                         "ones (comma-separated)")
     ap.add_argument("--stop-after", type=int, default=0,
                     help="end stage B after this many steps (the learning-rate schedule still follows --steps-b)")
     ap.add_argument("--init", default=None, help="start from this saved model folder (use with --steps-a 0)")
     ap.add_argument("--turns", type=int, nargs=2, default=[6, 8], help="question turns per image (min max)")
     args = ap.parse_args()
-    global PATCH_SHAPE_WEIGHT
+    global PATCH_SHAPE_WEIGHT, POS_WEIGHT, PROJ_POS
+    PROJ_POS = args.proj_pos
     PATCH_SHAPE_WEIGHT = args.patch_shape
+    POS_WEIGHT = args.pos_aux
 
+    att_heads = [parse_att_head(spec) for spec in args.att_heads]
     torch.set_num_threads(args.threads)
     logf = open(args.log, "w") if args.log else None
 
@@ -372,6 +444,9 @@ def main():
         init = LlavaForConditionalGeneration.from_pretrained(args.init, dtype=torch.float32)
         missing = model.load_state_dict(init.state_dict(), strict=True)
         log(f"initialised from {args.init}: {missing}")
+        if aux_path(args.init).exists():
+            heads.load_state_dict(torch.load(aux_path(args.init)), strict=False)
+            log(f"auxiliary heads from {aux_path(args.init)}")
     nparam = sum(p.numel() for p in model.parameters())
     log(f"model {nparam/1e6:.2f} M parameters; spec {json.dumps(SPEC)}")
     rng = np.random.default_rng(args.seed)
@@ -409,14 +484,21 @@ def main():
                 acc_s = (heads["shape"](torch.bmm(w, feats)).flatten(0, 1).argmax(-1) == ys.flatten())[fo].float().mean()
                 fg = col.flatten() != len(world.COLOR_NAMES)
                 acc_c = (heads["color"](feats).flatten(0, 1).argmax(-1) == col.flatten())[fg].float().mean()
+                ps = shp[2].flatten()
+                acc_p = (heads["shape"](feats).flatten(0, 1).argmax(-1) == ps)[ps != -100].float().mean()
             log(f"A {step:5d} loss shape {ls.item():.4f} color {lc.item():.4f} | object acc shape "
-                f"{acc_s:.3f} | object-patch acc color {acc_c:.3f} | {(time.time()-t0)/(step+1):.2f} s/step")
+                f"{acc_s:.3f} | object-patch acc shape {acc_p:.3f} color {acc_c:.3f} | "
+                f"{(time.time()-t0)/(step+1):.2f} s/step")
+    if args.steps_a and not args.steps_b:
+        save(model, heads, tok, vocab, text, Path(args.out), log)
 
     # ---- stage B: whole model
     lm_params = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower.")]
+    proj_heads = [p for n, p in heads.named_parameters() if n.startswith(("proj_", "read_"))]
+    vision_heads = [p for n, p in heads.named_parameters() if not n.startswith(("proj_", "read_"))]
     opt = torch.optim.AdamW([
-        {"params": lm_params, "lr": args.lr_b, "weight_decay": 0.01},
-        {"params": list(vt.parameters()) + list(heads.parameters()), "lr": 0.0, "weight_decay": 0.01},
+        {"params": lm_params + proj_heads, "lr": args.lr_b, "weight_decay": 0.01},
+        {"params": list(vt.parameters()) + vision_heads, "lr": 0.0, "weight_decay": 0.01},
     ])
     t0 = time.time()
     best = None
@@ -427,7 +509,7 @@ def main():
                                                               args.lr_vision_b, 50)
         scenes, pv, shp, col = scene_batch(seeds(args.batch_b))
         if args.att_sup:
-            ids, lab, targets = packed_batch(text, scenes, rng, tuple(args.turns), with_targets=True)
+            ids, lab, targets, copies, reads = packed_batch(text, scenes, rng, tuple(args.turns), with_targets=True)
         else:
             ids, lab = packed_batch(text, scenes, rng, tuple(args.turns))
         if frozen:
@@ -438,34 +520,57 @@ def main():
             feats = vision_features(model, pv)
             ls, lc = patch_loss(heads, feats, shp, col)
             aux = ls + lc
+        h, attns, proj, hs = lm_logits(model, ids, feats, text, attentions=bool(args.att_sup), full=True)
         if args.att_sup:
-            h, attns = lm_logits(model, ids, feats, text, attentions=True)
-            att = attention_loss(attns, ids, targets, text, args.att_layer, 0)
+            att = sum(attention_loss(attns, ids, targets, text, *lh) for lh in att_heads) / len(att_heads)
+            if args.copy_head:
+                att = att + copy_loss(attns, copies, *[int(x) for x in args.copy_head.split(":")])
         else:
-            h = lm_logits(model, ids, feats, text)
             att = torch.zeros(())
+        if args.proj_aux:
+            # without this term the projector let colour fade (a linear probe read 0.83 from its output and
+            # 0.40 from the supervised head's values, against 0.997 from the tower) and the decoder answered
+            # one colour for every question, its attention on the right object notwithstanding
+            pls, plc = patch_loss(heads, proj, shp, col, prefix="proj_")
+            paux = pls + plc
+        else:
+            paux = torch.zeros(())
+        if args.read_aux and args.att_sup and reads:
+            # the answer position, after the supervised layer, must know where the target is: the lookup's
+            # values have to carry the patches' row and column, not only their colour and shape
+            b_i, p_i, r_i, c_i = (torch.tensor(v) for v in zip(*reads))
+            lp = heads["read_pos"](hs[args.read_layer][b_i, p_i])
+            g = SPEC["image_size"] // SPEC["patch_size"]
+            raux = F.cross_entropy(lp[:, :g], r_i) + F.cross_entropy(lp[:, g:], c_i)
+        else:
+            raux = torch.zeros(())
         lml, tacc = answer_loss(model, h, lab)
-        loss = lml + args.aux_b * aux + args.att_sup * att
+        loss = lml + args.aux_b * aux + args.proj_aux * paux + args.att_sup * att + args.read_aux * raux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(heads.parameters()), 1.0)
         opt.step()
         if step % 25 == 0 or step == args.steps_b - 1:
-            log(f"B {step:5d} lm {lml.item():.4f} aux {float(aux.detach()):.4f} att {float(att.detach()):.4f} answer-token acc {tacc:.3f} | "
+            log(f"B {step:5d} lm {lml.item():.4f} aux {float(aux.detach()):.4f} proj-aux {float(paux.detach()):.4f} att {float(att.detach()):.4f} read {float(raux.detach()):.4f} answer-token acc {tacc:.3f} | "
                 f"{(time.time()-t0)/(step+1):.2f} s/step")
         if (step + 1) % args.val_every == 0 or step == args.steps_b - 1:
             v = validate(model, text, val)
             log(f"B {step:5d} VAL {json.dumps(v)}")
-            save(model, tok, vocab, text, Path(args.out), log)  # each validation: a usable checkpoint
+            save(model, heads, tok, vocab, text, Path(args.out), log)  # each validation: a usable checkpoint
         if args.stop_after and step + 1 >= args.stop_after:
             v = validate(model, text, val)
             log(f"B {step:5d} VAL {json.dumps(v)} (stopping: --stop-after {args.stop_after})")
-            save(model, tok, vocab, text, Path(args.out), log)
+            save(model, heads, tok, vocab, text, Path(args.out), log)
             break
     log("done")
 
 
-def save(model, tok, vocab, text, out: Path, log):
+def aux_path(model_dir) -> Path:
+    """The auxiliary heads live beside the model folder, not in it: they are training state, not model."""
+    return Path(str(model_dir).rstrip("/") + ".aux.pt")
+
+
+def save(model, heads, tok, vocab, text, out: Path, log):
     out.mkdir(parents=True, exist_ok=True)
     for f in out.iterdir():
         if f.is_file():
@@ -473,6 +578,7 @@ def save(model, tok, vocab, text, out: Path, log):
     sd = mf.t5_state_dict(model)
     mf.write_model_dir(out, sd, "hub", torch.float16,
                        mf.hub4_config_dict(SPEC, vocab, text.image, text.pad, "float16"), SPEC, tok)
+    torch.save(heads.state_dict(), aux_path(out))
     log(f"saved {out} (f16, hub names): {sum((out / f).stat().st_size for f in os.listdir(out))} bytes")
 
 
