@@ -23,7 +23,10 @@ fn images() -> PathBuf {
 }
 
 fn distill(questions: &Path, out: &Path, extra: &[&str]) -> Output {
-    let model = fixture_dir("tiny");
+    distill_with(&fixture_dir("tiny"), questions, out, extra)
+}
+
+fn distill_with(model: &Path, questions: &Path, out: &Path, extra: &[&str]) -> Output {
     let mut args = vec![
         "distill".to_string(),
         "--model".into(),
@@ -356,36 +359,10 @@ fn refuses_a_mismatched_folder() {
             std::fs::copy(f.path(), model2.join(f.file_name())).unwrap();
         }
     }
-    let o = Command::new(env!("CARGO_BIN_EXE_fastrm"))
-        .args(["distill", "--model"])
-        .arg(&model2)
-        .arg("--questions")
-        .arg(vqa())
-        .arg("--images")
-        .arg(images())
-        .arg("--out")
-        .arg(&out)
-        .args(base)
-        .output()
-        .unwrap();
-    fails(&o, &["model"]);
+    fails(&distill_with(&model2, &vqa(), &out, &base), &["model"]);
     // A model retrained in place (same folder, weight file rewritten) is another model too.
     let out2 = tmp.path().join("set2");
-    let run2 = |limit: &'static str| {
-        Command::new(env!("CARGO_BIN_EXE_fastrm"))
-            .args(["distill", "--model"])
-            .arg(&model2)
-            .arg("--questions")
-            .arg(vqa())
-            .arg("--images")
-            .arg(images())
-            .arg("--out")
-            .arg(&out2)
-            .args(["--limit", limit, "--max-new-tokens", "2"])
-            .output()
-            .unwrap()
-    };
-    ok(&run2("1"));
+    ok(&distill_with(&model2, &vqa(), &out2, &base));
     let weights = model2.join("model.safetensors");
     let bytes = std::fs::read(&weights).unwrap();
     std::fs::write(&weights, &bytes).unwrap();
@@ -396,7 +373,15 @@ fn refuses_a_mismatched_folder() {
         .unwrap()
         .set_modified(later)
         .unwrap();
-    fails(&run2("2"), &["other weights", "rewritten"]);
+    fails(
+        &distill_with(
+            &model2,
+            &vqa(),
+            &out2,
+            &["--limit", "2", "--max-new-tokens", "2"],
+        ),
+        &["other weights", "rewritten"],
+    );
     assert_eq!(Manifest::read(&out2).unwrap().samples, 1);
     // The folder is untouched and still resumes with its own settings.
     assert_eq!(Manifest::read(&out).unwrap().samples, 1);
