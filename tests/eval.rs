@@ -161,6 +161,12 @@ fn pointing_game_by_hand() {
     assert_eq!(metrics::pointing(&[1.0, 1.0, 0.0, 0.0], &on).0, 0.5);
     let (hit, mass) = metrics::pointing(&[0.0; 4], &[true, false, false, false]);
     assert!(close(hit, 0.25) && close(mass, 0.25));
+    // The plot's curve: the share of tokens with at least x of their mass on the target.
+    assert_eq!(
+        metrics::at_least(&[0.2, 0.5, 1.0], &[0.0, 0.2, 0.3, 0.6, 1.0]),
+        vec![1.0, 1.0, 2.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0]
+    );
+    assert_eq!(metrics::at_least(&[], &[0.0, 1.0]), vec![0.0, 0.0]);
 }
 
 #[test]
@@ -571,6 +577,7 @@ fn cli_end_to_end_with_a_pointing_set() {
         "entropy_kde.png",
         "perturbation_positive.png",
         "perturbation_negative.png",
+        "pointing.png",
     ] {
         let bytes = std::fs::read(out.join(png)).unwrap();
         assert_eq!(&bytes[1..4], b"PNG", "{png}");

@@ -258,6 +258,15 @@ pub fn pointing(map: &[f32], on: &[bool]) -> (f64, f64) {
     (hit, mass)
 }
 
+/// For each `x`, the fraction of `masses` that are at least `x` (1 for every `x` ≤ the smallest; 0
+/// where there are no masses): how often a method puts at least that share of its map on the target.
+pub fn at_least(masses: &[f64], xs: &[f64]) -> Vec<f64> {
+    let n = masses.len().max(1) as f64;
+    xs.iter()
+        .map(|&x| masses.iter().filter(|&&m| m >= x).count() as f64 / n)
+        .collect()
+}
+
 /// A target mask (8-bit greyscale PNG, or any image: a pixel is on when any channel is nonzero) as
 /// on/off patches of a `grid × grid` patch grid: the binarised mask goes through the image's own
 /// resize and centre crop ([`vision::resize_and_crop`]); a resized pixel is on at ≥ 128, and a

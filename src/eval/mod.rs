@@ -44,6 +44,7 @@ pub const CLASSIFICATION_PNG: &str = "classification.png";
 pub const POSITIVE_PNG: &str = "perturbation_positive.png";
 pub const NEGATIVE_PNG: &str = "perturbation_negative.png";
 pub const ENTROPY_PNG: &str = "entropy_kde.png";
+pub const POINTING_PNG: &str = "pointing.png";
 /// Random removal orders averaged per curve.
 pub const RANDOM_SEEDS: u64 = 5;
 
@@ -159,12 +160,11 @@ impl Drop for Progress {
     }
 }
 
-/// The pointing game's running sums for one method.
-#[derive(Default, Clone, Copy)]
+/// The pointing game for one method: the hits' sum and every answer token's mask mass.
+#[derive(Default, Clone)]
 struct PointSums {
     hits: f64,
-    mass: f64,
-    tokens: usize,
+    masses: Vec<f64>,
 }
 
 const POINT_METHODS: [&str; 5] = [
@@ -603,8 +603,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
                     for &t in &answer_tok {
                         let (hit, mass) = metrics::pointing(&maps[t], &on);
                         e.hits += hit;
-                        e.mass += mass;
-                        e.tokens += 1;
+                        e.masses.push(mass);
                     }
                 }
             } else {
@@ -718,12 +717,13 @@ pub fn run(args: EvalArgs) -> Result<()> {
     } else {
         let mut methods = serde_json::Map::new();
         for &m in &POINT_METHODS {
-            let e = points.get(m).copied().unwrap_or_default();
-            let t = e.tokens.max(1) as f64;
+            let e = points.get(m).cloned().unwrap_or_default();
+            let n = e.masses.len();
+            let mass: f64 = e.masses.iter().sum();
             methods.insert(
                 m.to_string(),
-                json!({"hit_rate": (e.tokens > 0).then(|| e.hits / t),
-                       "mask_mass": (e.tokens > 0).then(|| e.mass / t), "tokens": e.tokens}),
+                json!({"hit_rate": (n > 0).then(|| e.hits / n as f64),
+                       "mask_mass": (n > 0).then(|| mass / n as f64), "tokens": n}),
             );
         }
         json!({
@@ -777,6 +777,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
                 )?;
                 names.push(name);
             }
+        }
+        if points.values().any(|e| !e.masses.is_empty()) {
+            write_png(&st.path(POINTING_PNG), &pointing_plot(&points)?)?;
+            names.push(POINTING_PNG);
         }
         let text =
             serde_json::to_string_pretty(&doc).map_err(|e| Error::input(format!("JSON: {e}")))?;
@@ -858,6 +862,41 @@ fn perturbation_plot(
                     .collect(),
                 markers: false,
             }
+        })
+        .collect();
+    line_plot(&plot)
+}
+
+/// Share of answer tokens whose map puts at least x of its mass on the target, per method (the
+/// hit rate and mean mass in the legend).
+fn pointing_plot(points: &HashMap<&str, PointSums>) -> Result<crate::vision::RgbImage> {
+    let xs: Vec<f64> = (0..=100).map(|i| i as f64 / 100.0).collect();
+    let mut plot = LinePlot::new(
+        "pointing game: map mass on the target object",
+        fixed(
+            Axis::linear("share of the map's mass on the target, at least"),
+            0.0,
+            1.0,
+        ),
+        fixed(Axis::linear("share of answer tokens"), 0.0, 1.0),
+    );
+    plot.series = POINT_METHODS
+        .iter()
+        .enumerate()
+        .filter_map(|(i, m)| {
+            let e = points.get(m).filter(|e| !e.masses.is_empty())?;
+            let n = e.masses.len() as f64;
+            let mean = e.masses.iter().sum::<f64>() / n;
+            Some(Series {
+                name: format!("{m} (hit {:.3}, mass {mean:.3})", e.hits / n),
+                color: PALETTE[i % PALETTE.len()],
+                points: xs
+                    .iter()
+                    .copied()
+                    .zip(metrics::at_least(&e.masses, &xs))
+                    .collect(),
+                markers: false,
+            })
         })
         .collect();
     line_plot(&plot)
