@@ -15,6 +15,7 @@ pub mod explain;
 pub mod model;
 pub mod profile;
 pub mod render;
+pub mod status;
 pub mod text;
 pub mod train;
 pub mod vision;

@@ -12,6 +12,7 @@ use fastrm::backend::cuda::Cuda;
 use fastrm::backend::Backend;
 use fastrm::engine::{Event, Explained, Generation, Method, Request};
 use fastrm::explain::{default_gradcam_layer, report, RowMode};
+use fastrm::status::{bar, StatusLine};
 use fastrm::{Engine, Error, GenerateOptions, Result};
 
 /// The bundled demo model and image, used when `--model` / `--image` are left out.
@@ -501,43 +502,29 @@ fn print_table(ex: &Explained) {
     }
 }
 
-/// A one-line status with a progress bar on stderr, redrawn in place. It appears only once a run
-/// has taken more than a second (short runs stay quiet) and only when stderr is a terminal, so
-/// scripts and `--json` consumers never see it.
+/// Token and map progress of one generation on the status line.
 struct Progress {
-    enabled: bool,
+    status: StatusLine,
     max_new: usize,
-    start: std::time::Instant,
-    shown: std::cell::Cell<bool>,
     tokens: std::cell::Cell<usize>,
 }
 
 impl Progress {
     fn new(max_new: usize) -> Self {
-        use std::io::IsTerminal;
         Progress {
-            enabled: std::io::stderr().is_terminal(),
+            status: StatusLine::timed(),
             max_new,
-            start: std::time::Instant::now(),
-            shown: std::cell::Cell::new(false),
             tokens: std::cell::Cell::new(0),
         }
     }
 
     fn say(&self, msg: &str) {
-        let t = self.start.elapsed().as_secs_f64();
-        if self.enabled && t > 1.0 {
-            eprint!("\r\x1b[2K[{t:6.1}s] {msg}");
-            self.shown.set(true);
-        }
+        self.status.say(msg)
     }
 
     fn bar(&self, what: &str, done: usize, total: usize) {
-        const W: usize = 24;
         let total = total.max(done);
-        let fill = W * done / total.max(1);
-        let bar: String = (0..W).map(|i| if i < fill { '#' } else { '.' }).collect();
-        self.say(&format!("{what} [{bar}] {done}/{total}"));
+        self.say(&format!("{what} [{}] {done}/{total}", bar(done, total)));
     }
 
     fn event(&self, e: Event) {
@@ -556,8 +543,6 @@ impl Progress {
     }
 
     fn clear(&self) {
-        if self.shown.get() {
-            eprint!("\r\x1b[2K");
-        }
+        self.status.clear()
     }
 }

@@ -24,7 +24,7 @@ pub mod cli;
 pub mod dataset;
 
 use std::collections::HashMap;
-use std::io::{IsTerminal, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -37,6 +37,7 @@ use crate::engine::{Engine, GenerateOptions, Method};
 use crate::error::{Error, Result};
 use crate::explain::RowMode;
 use crate::model::llava::StepHook;
+use crate::status::{self, StatusLine};
 
 pub use cli::{DistillArgs, DistillMethod};
 pub use dataset::{Dataset, Entry, Format, ImageRef};
@@ -595,11 +596,9 @@ pub fn distill_sample<B: Backend>(
     })
 }
 
-/// A sample-level progress bar with an ETA on stderr (terminals only, after the first second).
+/// A sample-level progress bar with an ETA on the status line, the current sample's step appended.
 struct Progress {
-    enabled: bool,
-    start: Instant,
-    shown: bool,
+    status: StatusLine,
     /// The sample bar, to which the current sample's step is appended.
     line: String,
 }
@@ -607,40 +606,28 @@ struct Progress {
 impl Progress {
     fn new() -> Self {
         Progress {
-            enabled: std::io::stderr().is_terminal(),
-            start: Instant::now(),
-            shown: false,
+            status: StatusLine::timed(),
             line: String::new(),
-        }
-    }
-
-    fn say(&mut self, msg: &str) {
-        let t = self.start.elapsed().as_secs_f64();
-        if self.enabled && t > 1.0 {
-            eprint!("\r\x1b[2K[{t:7.1}s] {msg}");
-            self.shown = true;
         }
     }
 
     /// `done` of `total` samples, `fresh` of them in this run (the rate and ETA come from those).
     fn bar(&mut self, done: usize, total: usize, fresh: usize) {
-        const W: usize = 24;
-        let fill = W * done / total.max(1);
-        let bar: String = (0..W).map(|i| if i < fill { '#' } else { '.' }).collect();
-        let t = self.start.elapsed().as_secs_f64();
         let eta = if fresh > 0 {
-            let s = t / fresh as f64 * (total - done) as f64;
+            let s = self.status.elapsed() / fresh as f64 * (total - done) as f64;
             format!("ETA {}", clock(s))
         } else {
             "ETA --:--".into()
         };
-        self.line = format!("samples [{bar}] {done}/{total} {eta}");
-        let line = self.line.clone();
-        self.say(&line);
+        self.line = format!(
+            "samples [{}] {done}/{total} {eta}",
+            status::bar(done, total)
+        );
+        self.status.say(&self.line);
     }
 
     /// Within a sample: which token is generated or explained.
-    fn event(&mut self, e: crate::engine::Event) {
+    fn event(&self, e: crate::engine::Event) {
         use crate::engine::Event;
         let step = match e {
             Event::ImageEncoded => "prefill".to_string(),
@@ -648,15 +635,7 @@ impl Progress {
             Event::Token { index, .. } => format!("token {}", index + 1),
             Event::Explained { index } => format!("map {}", index + 1),
         };
-        let line = format!("{} · {step}", self.line);
-        self.say(&line);
-    }
-
-    fn clear(&mut self) {
-        if self.shown {
-            eprint!("\r\x1b[2K");
-            self.shown = false;
-        }
+        self.status.say(&format!("{} · {step}", self.line));
     }
 }
 
@@ -824,9 +803,11 @@ pub fn run(args: DistillArgs) -> Result<()> {
         .collect::<Result<_>>()?;
 
     let engine = {
-        progress.say(&format!("loading {}", args.model.display()));
+        progress
+            .status
+            .say(&format!("loading {}", args.model.display()));
         let e = Engine::load(Cpu, &args.model);
-        progress.clear();
+        progress.status.clear();
         e?
     };
     let cfg = engine.config();
@@ -912,7 +893,7 @@ pub fn run(args: DistillArgs) -> Result<()> {
         let s = match s {
             Ok(s) => s,
             Err(e) => {
-                progress.clear();
+                progress.status.clear();
                 return Err(e);
             }
         };
@@ -943,7 +924,7 @@ pub fn run(args: DistillArgs) -> Result<()> {
             manifest.write(out)?;
         }
     }
-    progress.clear();
+    progress.status.clear();
     println!(
         "distilled {new_samples} samples ({new_tokens} tokens) in {:.1}s; {}: {} samples, {} tokens, {} shards",
         t0.elapsed().as_secs_f64(),

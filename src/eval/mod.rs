@@ -21,7 +21,6 @@
 pub mod metrics;
 
 use std::collections::HashMap;
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -37,6 +36,7 @@ use crate::explain::report::Staging;
 use crate::explain::{default_gradcam_layer, map_entropy, Confidence, RowMode};
 use crate::render::plot::{line_plot, Axis, LinePlot, Marker, Series, PALETTE};
 use crate::render::write_png;
+use crate::status::StatusLine;
 use metrics::Counts;
 
 pub const JSON_FILE: &str = "eval.json";
@@ -109,55 +109,18 @@ impl Sample {
     }
 }
 
-/// A status line with a sample bar on stderr (terminals only, after the first second).
-struct Progress {
-    enabled: bool,
-    start: Instant,
-    shown: bool,
-}
-
-impl Progress {
-    fn new() -> Self {
-        Progress {
-            enabled: std::io::stderr().is_terminal(),
-            start: Instant::now(),
-            shown: false,
-        }
-    }
-
-    fn say(&mut self, msg: &str) {
-        let t = self.start.elapsed().as_secs_f64();
-        if self.enabled && t > 1.0 {
-            eprint!("\r\x1b[2K[{t:7.1}s] {msg}");
-            self.shown = true;
-        }
-    }
-
-    fn bar(&mut self, done: usize, total: usize, step: &str) {
-        const W: usize = 24;
-        let fill = W * done / total.max(1);
-        let bar: String = (0..W).map(|i| if i < fill { '#' } else { '.' }).collect();
-        let t = self.start.elapsed().as_secs_f64();
-        let eta = if done > 0 {
-            format!(" ETA {:.0}s", t / done as f64 * (total - done) as f64)
-        } else {
-            String::new()
-        };
-        self.say(&format!("samples [{bar}] {done}/{total}{eta} · {step}"));
-    }
-
-    fn clear(&mut self) {
-        if self.shown {
-            eprint!("\r\x1b[2K");
-            self.shown = false;
-        }
-    }
-}
-
-impl Drop for Progress {
-    fn drop(&mut self) {
-        self.clear();
-    }
+/// The sample bar with the current step, on the status line.
+fn sample_bar(status: &StatusLine, done: usize, total: usize, step: &str) {
+    let t = status.elapsed();
+    let eta = if done > 0 {
+        format!(" ETA {:.0}s", t / done as f64 * (total - done) as f64)
+    } else {
+        String::new()
+    };
+    status.say(&format!(
+        "samples [{}] {done}/{total}{eta} · {step}",
+        crate::status::bar(done, total)
+    ));
 }
 
 /// The pointing game for one method: the hits' sum and every answer token's mask mass.
@@ -208,7 +171,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     }
     // Fail on an unusable output folder before any expensive work.
     let staging = args.out.as_deref().map(Staging::new).transpose()?;
-    let mut progress = Progress::new();
+    let progress = StatusLine::timed();
 
     // The data set, with the head's maps.
     progress.say("reading the data set");
@@ -351,7 +314,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
 
     let total = samples.len();
     for (k, s) in samples.iter().enumerate() {
-        progress.bar(k, total, "answer");
+        sample_bar(&progress, k, total, "answer");
         let entry = questions.entries.get(s.record.sample).ok_or_else(|| {
             Error::input(format!(
                 "sample {} is past the end of {} ({} questions)",
@@ -422,24 +385,25 @@ pub fn run(args: EvalArgs) -> Result<()> {
         }
 
         // Maps of the methods the data set does not hold, computed on demand.
+        let teacher = |method: Method| -> Result<Vec<Vec<f32>>> {
+            crate::explain::teacher_forced_maps(
+                &b,
+                &engine.model,
+                &ids,
+                &pixels,
+                &s.ids,
+                method,
+                &mut |_| {},
+            )
+            .map_err(ctx)
+        };
         let mut gradcam: Option<Vec<Vec<f32>>> = None;
-        let mut gradcam_maps = |progress: &mut Progress| -> Result<Vec<Vec<f32>>> {
+        let mut gradcam_maps = || -> Result<Vec<Vec<f32>>> {
             if gradcam.is_none() {
-                progress.bar(k, total, "gradcam maps");
-                gradcam = Some(
-                    crate::explain::teacher_forced_maps(
-                        &b,
-                        &engine.model,
-                        &ids,
-                        &pixels,
-                        &s.ids,
-                        Method::GradCam {
-                            layer: gradcam_layer,
-                        },
-                        &mut |_| {},
-                    )
-                    .map_err(ctx)?,
-                );
+                sample_bar(&progress, k, total, "gradcam maps");
+                gradcam = Some(teacher(Method::GradCam {
+                    layer: gradcam_layer,
+                })?);
             }
             Ok(gradcam.clone().expect("just computed"))
         };
@@ -450,7 +414,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
                 let picked: Vec<&[f32]> = answer_tok.iter().map(|&i| maps[i].as_slice()).collect();
                 metrics::combine_maps(&picked)
             };
-            let gc = gradcam_maps(&mut progress)?;
+            let gc = gradcam_maps()?;
             let mut orders: Vec<(&str, Vec<usize>, Vec<usize>)> = vec![];
             for (name, rel) in [
                 ("fastrm", sel(&s.fastrm)),
@@ -476,7 +440,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
             let mut cache: HashMap<Vec<usize>, bool> = HashMap::new();
             let n_orders = orders.len();
             for (oi, (name, pos, neg)) in orders.iter().enumerate() {
-                progress.bar(
+                sample_bar(
+                    &progress,
                     k,
                     total,
                     &format!("perturbation {}/{n_orders} ({name})", oi + 1),
@@ -524,7 +489,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
 
         // 4. Pointing game.
         if let Some(mask_rel) = &entry.target_mask {
-            progress.bar(k, total, "pointing game");
+            sample_bar(&progress, k, total, "pointing game");
             let mp = Path::new(mask_rel);
             let mask_path = if mp.is_absolute() {
                 mp.to_path_buf()
@@ -549,18 +514,6 @@ pub fn run(args: EvalArgs) -> Result<()> {
             })?;
             if on.iter().any(|&x| x) {
                 with_target += 1;
-                let teacher = |method: Method| -> Result<Vec<Vec<f32>>> {
-                    crate::explain::teacher_forced_maps(
-                        &b,
-                        &engine.model,
-                        &ids,
-                        &pixels,
-                        &s.ids,
-                        method,
-                        &mut |_| {},
-                    )
-                    .map_err(ctx)
-                };
                 let incremental = || -> Result<Vec<Vec<f32>>> {
                     let ex = crate::explain::explain_ids(
                         &b,
@@ -591,7 +544,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
                     (s.baseline.clone(), incremental()?)
                 };
                 let uniform = vec![vec![1.0f32; p]; s.ids.len()];
-                let gc = gradcam_maps(&mut progress)?;
+                let gc = gradcam_maps()?;
                 for (name, maps) in [
                     ("fastrm", &s.fastrm),
                     ("baseline", &exact),

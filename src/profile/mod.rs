@@ -26,6 +26,7 @@ use crate::error::{Error, Result};
 use crate::explain::fastrm::{FastRmHead, HeadWeights};
 use crate::explain::{self, Method, RowMode};
 use crate::model::llava::{GenerateOptions, Timings};
+use crate::status::StatusLine;
 
 use memory::{MemorySource, MemoryUse, PhaseMemory};
 use report::{Report, RunRecord};
@@ -470,30 +471,6 @@ fn call<B: Backend>(
     })
 }
 
-/// A one-line status on stderr, only when it is a terminal (scripts and `--json` see nothing).
-struct Status {
-    enabled: bool,
-}
-
-impl Status {
-    fn new() -> Self {
-        use std::io::IsTerminal;
-        Status {
-            enabled: std::io::stderr().is_terminal(),
-        }
-    }
-    fn say(&self, msg: &str) {
-        if self.enabled {
-            eprint!("\r\x1b[2K{msg}");
-        }
-    }
-    fn clear(&self) {
-        if self.enabled {
-            eprint!("\r\x1b[2K");
-        }
-    }
-}
-
 /// Runs the plan on an open engine: at each length an unrecorded warm-up generation, then every
 /// method (`generate` first) `plan.repeat` times.
 pub fn profile<B: Backend, C: PhaseClock>(
@@ -554,7 +531,7 @@ pub fn profile<B: Backend, C: PhaseClock>(
     } else {
         None
     };
-    let status = Status::new();
+    let status = StatusLine::plain();
     let result = run_all(
         engine,
         head.as_ref(),
@@ -606,7 +583,7 @@ fn run_all<B: Backend, C: PhaseClock>(
     plan: &Plan,
     ids: &[u32],
     pixels: &[f32],
-    status: &Status,
+    status: &StatusLine,
 ) -> Result<Vec<RunRecord>> {
     let total = plan.tokens.len() * plan.methods.len() * plan.repeat;
     let mut done = 0;

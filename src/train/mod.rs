@@ -19,7 +19,6 @@
 pub mod data;
 mod plot;
 
-use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -28,6 +27,7 @@ use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::explain::fastrm::HeadWeights;
 use crate::model::SplitMix64;
+use crate::status::{bar, StatusLine};
 
 pub use data::Dataset;
 
@@ -721,32 +721,24 @@ pub fn run(args: TrainArgs) -> Result<()> {
         )));
     }
     let data = Dataset::open(&args.data)?;
-    let tty = std::io::stderr().is_terminal();
-    let start = Instant::now();
+    let status = StatusLine::plain();
     let mut last_draw = 0.0f64;
-    let mut shown = false;
     let mut progress = |step: usize, total: usize, loss: f64| {
-        let t = start.elapsed().as_secs_f64();
-        if !tty || (t - last_draw < 0.1 && step != total) {
+        let t = status.elapsed();
+        if t - last_draw < 0.1 && step != total {
             return;
         }
         last_draw = t;
-        shown = true;
-        const W: usize = 24;
-        let fill = W * step / total.max(1);
-        let bar: String = (0..W).map(|i| if i < fill { '#' } else { '.' }).collect();
         let eta = t / step as f64 * (total - step) as f64;
-        eprint!(
-            "\r\x1b[2Ktrain [{bar}] {step}/{total} loss {loss:.4} elapsed {} ETA {}",
+        status.say(&format!(
+            "train [{}] {step}/{total} loss {loss:.4} elapsed {} ETA {}",
+            bar(step, total),
             fmt_secs(t),
             fmt_secs(eta)
-        );
-        let _ = std::io::stderr().flush();
+        ));
     };
     let report = train(&Cpu, &data, &opts, &mut progress);
-    if shown {
-        eprint!("\r\x1b[2K");
-    }
+    status.clear();
     let report = report?;
     report.head.save(out)?;
     let csv_path = side_path(out, ".loss.csv");
