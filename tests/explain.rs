@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::{assert_close, fixture_dir, fixture_image, Expected};
+use common::{assert_close, file_names, fixture_dir, fixture_image, Expected};
 use fastrm::explain::map_entropy;
 
 fn explain(extra: &[&str]) -> Output {
@@ -166,13 +166,8 @@ fn png_outputs() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let mut names: Vec<String> = std::fs::read_dir(&out_dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
     assert_eq!(
-        names,
+        file_names(&out_dir),
         [
             "explain.json",
             "sheet.png",

@@ -3,6 +3,9 @@
 //! than the baseline", which a tiny model on a loaded machine need not show); the memory sampler
 //! and the NVML probe; argument errors.
 
+mod common;
+use common::{decode_png, file_names};
+
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -35,19 +38,6 @@ fn assert_fails(out: &Output, needles: &[&str]) {
 }
 
 /// Width, height and colour type of a PNG, decoding every pixel.
-fn decode_png(path: &Path) -> (u32, u32, Vec<u8>) {
-    let file = std::io::BufReader::new(
-        std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
-    );
-    let mut reader = png::Decoder::new(file).read_info().unwrap();
-    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
-    let info = reader.next_frame(&mut buf).unwrap();
-    assert_eq!(info.color_type, png::ColorType::Rgb);
-    assert_eq!(info.bit_depth, png::BitDepth::Eight);
-    buf.truncate(info.buffer_size());
-    (info.width, info.height, buf)
-}
-
 const METHODS: [&str; 4] = ["generate", "fastrm", "baseline", "baseline-incremental"];
 
 #[test]
@@ -165,8 +155,9 @@ fn bundled_model_table_json_and_plots() {
 
     // The plots: 640x400 RGB, every method's colour present.
     for name in ["latency.png", "memory.png"] {
-        let (w, h, px) = decode_png(&out_dir.join(name));
-        assert_eq!((w, h), (640, 400), "{name}");
+        let img = decode_png(&out_dir.join(name));
+        assert_eq!((img.width, img.height), (640, 400), "{name}");
+        let px = img.data;
         for m in METHODS {
             let c = method_color(ProfMethod::parse(m).unwrap());
             let n = px.chunks_exact(3).filter(|p| *p == c).count();
@@ -174,13 +165,8 @@ fn bundled_model_table_json_and_plots() {
         }
     }
     // No stray temporary files.
-    let mut names: Vec<String> = std::fs::read_dir(&out_dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
     assert_eq!(
-        names,
+        file_names(&out_dir),
         ["latency.png", "memory.png", "profile.json", "profile.txt"]
     );
 }

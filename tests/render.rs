@@ -1,5 +1,8 @@
 //! Heatmap overlays, contact sheets and atomic PNG writing (`fastrm::render`).
 
+mod common;
+use common::decode_png;
+
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -32,17 +35,6 @@ fn one_hot(rows: usize, cols: usize, r: usize, c: usize, v: f32) -> Vec<f32> {
     let mut m = vec![0.0; rows * cols];
     m[r * cols + c] = v;
     m
-}
-
-fn decode_png(path: &Path) -> RgbImage {
-    let file = std::io::BufReader::new(std::fs::File::open(path).unwrap());
-    let mut reader = png::Decoder::new(file).read_info().unwrap();
-    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
-    let info = reader.next_frame(&mut buf).unwrap();
-    assert_eq!(info.color_type, png::ColorType::Rgb);
-    assert_eq!(info.bit_depth, png::BitDepth::Eight);
-    buf.truncate(info.buffer_size());
-    RgbImage::new(info.width as usize, info.height as usize, buf).unwrap()
 }
 
 fn dist(a: [u8; 3], b: [u8; 3]) -> i32 {

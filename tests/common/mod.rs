@@ -179,3 +179,27 @@ pub fn cli_fails(o: &std::process::Output, needles: &[&str]) {
         assert!(line.contains(n), "{n:?} not in {line:?}");
     }
 }
+
+/// An 8-bit RGB PNG as written by the engine (its colour type and depth asserted).
+pub fn decode_png(path: &Path) -> fastrm::vision::RgbImage {
+    let file = std::io::BufReader::new(
+        std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    );
+    let mut reader = png::Decoder::new(file).read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert_eq!(info.color_type, png::ColorType::Rgb);
+    assert_eq!(info.bit_depth, png::BitDepth::Eight);
+    buf.truncate(info.buffer_size());
+    fastrm::vision::RgbImage::new(info.width as usize, info.height as usize, buf).unwrap()
+}
+
+/// The names in a folder, sorted.
+pub fn file_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
