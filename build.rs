@@ -14,6 +14,8 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=kernels");
     println!("cargo:rerun-if-env-changed=FASTRM_NVCC");
+    #[cfg(feature = "sim")]
+    build_simulator();
     let Some(nvcc) = pinned_nvcc() else { return };
     let dir = Path::new("kernels");
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -70,4 +72,39 @@ fn stale(out: &Path, inputs: &[&Path]) -> bool {
             .and_then(|m| m.modified())
             .map_or(true, |t| t > t_out)
     })
+}
+
+/// The simulated device (`--features sim`): every `kernels/*.cu` compiled as host C++ together with
+/// the runtime in `kernels/sim/`, as one translation unit, so the kernels' static registrations
+/// are linked whenever the runtime is.
+#[cfg(feature = "sim")]
+fn build_simulator() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut kernels: Vec<PathBuf> = std::fs::read_dir(root.join("kernels"))
+        .expect("kernels/ is readable")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().and_then(|x| x.to_str()) == Some("cu"))
+        .collect();
+    kernels.sort();
+    let mut unit = format!(
+        "#include \"{}\"\n",
+        root.join("kernels/sim/runtime.cpp").display()
+    );
+    for k in &kernels {
+        unit.push_str(&format!("#include \"{}\"\n", k.display()));
+    }
+    let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let src = out.join("fastrm_sim.cpp");
+    std::fs::write(&src, unit).expect("OUT_DIR is writable");
+    cc::Build::new()
+        .cpp(true)
+        .file(&src)
+        .define("FASTRM_SIM", None)
+        .flag("-std=c++17")
+        .flag("-ffp-contract=off")
+        .flag("-Wno-unknown-pragmas")
+        .flag("-Wno-sign-compare")
+        .opt_level(2)
+        .compile("fastrm_sim");
 }

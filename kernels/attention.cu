@@ -60,7 +60,7 @@ template <typename T>
 __device__ void attn_decode_fwd_impl(float* part_o, float* part_ml, const T* q, const T* k, const T* v,
                                      int kv_len, int n_heads, int n_kv_heads, int d, int q_pos0,
                                      float scale, int chunk, const unsigned char* key_keep) {
-    extern __shared__ float smem[];
+    FASTRM_DYNAMIC_SHARED(float, smem);
     float* qs = smem;          // [d]
     float* sc = smem + d;      // [chunk]
     __shared__ float scratch[32];

@@ -2,8 +2,12 @@
 // or bf16; all arithmetic is f32), warp/block reductions, and the macro that instantiates one
 // templated kernel body for the three storage types under the names `<op>_<dtype>`.
 #pragma once
+#ifdef FASTRM_SIM
+#include "sim/sim.h"  // host build for the simulated device (kernels/sim/)
+#else
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#endif
 #include <stdint.h>
 
 typedef __half f16;
@@ -54,8 +58,20 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
 }
 
 // One kernel body, three exported entry points: `NAME_f32`, `NAME_f16`, `NAME_bf16`. The body is a
-// template `NAME##_impl<T>` taking exactly the kernel's parameters.
+// template `NAME##_impl<T>` taking exactly the kernel's parameters. The simulator's build registers
+// the three under the same names instead of exporting them.
+#ifdef FASTRM_SIM
+#define FASTRM_INSTANTIATE(NAME, PARAMS, ARGS)                                      \
+    static void NAME##_f32 PARAMS(float) { NAME##_impl<float> ARGS; }             \
+    static void NAME##_f16 PARAMS(f16) { NAME##_impl<f16> ARGS; }                 \
+    static void NAME##_bf16 PARAMS(bf16) { NAME##_impl<bf16> ARGS; }              \
+    static fastrm_sim::Registrar NAME##_registrar(#NAME "_f32", NAME##_f32, #NAME "_f16", \
+                                                  NAME##_f16, #NAME "_bf16", NAME##_bf16);
+#define FASTRM_DYNAMIC_SHARED(T, NAME) T* NAME = static_cast<T*>(fastrm_sim::dynamic_smem())
+#else
 #define FASTRM_INSTANTIATE(NAME, PARAMS, ARGS)                                   \
     extern "C" __global__ void NAME##_f32 PARAMS(float) { NAME##_impl<float> ARGS; } \
     extern "C" __global__ void NAME##_f16 PARAMS(f16) { NAME##_impl<f16> ARGS; }     \
     extern "C" __global__ void NAME##_bf16 PARAMS(bf16) { NAME##_impl<bf16> ARGS; }
+#define FASTRM_DYNAMIC_SHARED(T, NAME) extern __shared__ T NAME[]
+#endif

@@ -10,7 +10,7 @@
 template <typename T>
 __device__ void fastrm_scores_fwd_impl(T* out, const T* x, const T* ln_w, const T* ln_b, const T* folded,
                                        const T* c, int D, int P, float eps, float scale, int per_block) {
-    extern __shared__ float u[];
+    FASTRM_DYNAMIC_SHARED(float, u);
     __shared__ float scratch[32];
     const long long row = blockIdx.y;
     const T* xr = x + row * D;

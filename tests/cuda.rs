@@ -29,16 +29,33 @@ fn skip(test: &str, why: &str) {
     let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
 }
 
+/// The GPU when this machine has one; otherwise, in a `--features sim` build, the simulated
+/// device (the backend's own launchers and the kernels' sources, run on the host); otherwise a
+/// printed skip. Every allocation is poisoned.
 fn gpu<T: Elem>(test: &str) -> Option<Cuda<T>> {
-    if let Some(why) = cuda::unavailable() {
-        skip(test, &why);
-        return None;
+    let Some(why) = cuda::unavailable() else {
+        return Some(
+            Cuda::<T>::new(0)
+                .unwrap_or_else(|e| panic!("a GPU is visible but the backend failed: {e}"))
+                .poisoned(),
+        );
+    };
+    #[cfg(feature = "sim")]
+    {
+        let _ = writeln!(
+            std::io::stderr(),
+            "SIMULATED {test}: {why}; running on the host simulator"
+        );
+        Some(Cuda::<T>::simulated().poisoned())
     }
-    Some(
-        Cuda::<T>::new(0)
-            .unwrap_or_else(|e| panic!("a GPU is visible but the backend failed: {e}"))
-            .poisoned(),
-    )
+    #[cfg(not(feature = "sim"))]
+    {
+        skip(
+            test,
+            &format!("{why} (build with --features sim to run it on the simulator)"),
+        );
+        None
+    }
 }
 
 /// Output tolerance (max |Δ| / max |want|) for each storage type: f32 leaves only summation
@@ -91,9 +108,18 @@ fn ops<T: Elem>(test: &str) {
     let Some(g) = gpu::<T>(test) else { return };
     let mut rng = SplitMix64::new(0xC0DA ^ T::NAME.len() as u64);
     let r = &mut rng;
+    // LLaVA-7B's shapes on a GPU; on the simulator (one CPU core per launch), shapes that still
+    // span several blocks, splits and warps but finish in seconds.
+    let gpu_size = !g.is_simulated();
+    let pick = |real: usize, sim: usize| if gpu_size { real } else { sim };
 
     // Products: small odd shapes and LLaVA-7B's decode and prefill shapes.
-    for &(m, k, n) in &[(3, 17, 5), (1, 4096, 11008), (616, 4096, 4096)] {
+    let products = if gpu_size {
+        [(3, 17, 5), (1, 4096, 11008), (616, 4096, 4096)]
+    } else {
+        [(3, 17, 5), (1, 300, 700), (37, 130, 260)]
+    };
+    for &(m, k, n) in &products {
         let x = pair(&g, &rand(r, m * k, 1.0), m, k);
         let w = pair(&g, &rand(r, n * k, 0.05), n, k);
         let b = pair(&g, &rand(r, n, 1.0), 1, n);
@@ -125,7 +151,7 @@ fn ops<T: Elem>(test: &str) {
         );
     }
 
-    for &(rows, cols) in &[(5, 33), (1, 4096), (616, 4096)] {
+    for &(rows, cols) in &[(5, 33), (1, 4096), (pick(616, 40), pick(4096, 1000))] {
         let x = pair(&g, &rand(r, rows * cols, 2.0), rows, cols);
         let y = pair(&g, &rand(r, rows * cols, 2.0), rows, cols);
         let row = pair(&g, &rand(r, cols, 1.0), 1, cols);
@@ -205,7 +231,11 @@ fn ops<T: Elem>(test: &str) {
     }
 
     // RoPE far into the sequence, where the angle's rounding matters most.
-    for &(rows, heads, hd, pos0) in &[(3, 2, 8, 0), (616, 32, 128, 0), (1, 32, 128, 3000)] {
+    for &(rows, heads, hd, pos0) in &[
+        (3, 2, 8, 0),
+        (pick(616, 40), pick(32, 4), 128, 0),
+        (1, 32, 128, 3000),
+    ] {
         let x = pair(&g, &rand(r, rows * heads * hd, 1.0), rows, heads * hd);
         let s = format!("{rows}x{heads}x{hd}@{pos0}");
         check(
@@ -229,9 +259,23 @@ fn ops<T: Elem>(test: &str) {
         (5, 5, 4, 2, 16, Some(0)),
         (1, 300, 4, 2, 16, Some(299)),
         (3, 301, 8, 8, 64, Some(298)),
-        (577, 577, 16, 16, 64, None),
-        (616, 616, 32, 32, 128, Some(0)),
-        (1, 700, 32, 32, 128, Some(615)),
+        (
+            pick(577, 50),
+            pick(577, 50),
+            pick(16, 4),
+            pick(16, 4),
+            64,
+            None,
+        ),
+        (
+            pick(616, 40),
+            pick(616, 40),
+            pick(32, 4),
+            pick(32, 2),
+            128,
+            Some(0),
+        ),
+        (1, 700, pick(32, 4), pick(32, 4), 128, Some(615)),
     ];
     for &(nq, kvr, h, hk, d, causal) in cases {
         let kv_len = causal.map_or(kvr, |p| p + nq).min(kvr);
@@ -595,13 +639,19 @@ fn baseline_maps_f16() {
     baseline_maps::<f16>("baseline_maps_f16");
 }
 
-/// Synthetic 7B weights are made on the device, and a short id-level generation runs.
+/// Synthetic 7B weights are made on the device, and a short id-level generation runs. The
+/// simulator, whose memory is the host's, makes the demo model's shapes instead.
 #[test]
 fn synthetic_7b_generates() {
     let Some(g) = gpu::<f16>("synthetic_7b_generates") else {
         return;
     };
-    let cfg = fastrm::config::LlavaConfig::named("llava-1.5-7b").unwrap();
+    let cfg = if g.is_simulated() {
+        let text = std::fs::read_to_string("assets/demo/model/config.json").unwrap();
+        fastrm::config::LlavaConfig::from_json_str(&text).unwrap()
+    } else {
+        fastrm::config::LlavaConfig::named("llava-1.5-7b").unwrap()
+    };
     let engine = Engine::synthetic(g, &cfg, 0).unwrap();
     let opts = GenerateOptions {
         max_new_tokens: 3,
@@ -619,7 +669,7 @@ fn synthetic_7b_generates() {
         )
         .unwrap();
     assert_eq!(out.generated_ids.len(), 3);
-    assert_eq!(out.input_ids.len(), 1 + 576 + 40);
+    assert_eq!(out.input_ids.len(), 1 + cfg.vision.num_patches() + 40);
 }
 
 // ---- No GPU needed.

@@ -80,26 +80,14 @@ impl<'a, T: crate::backend::cuda::Elem> CudaEventClock<'a, T> {
 }
 
 impl<T: crate::backend::cuda::Elem> PhaseClock for CudaEventClock<'_, T> {
-    type Mark = cudarc::driver::CudaEvent;
+    type Mark = crate::backend::cuda::Event;
 
     fn mark(&self) -> Result<Self::Mark> {
-        let err = |e: cudarc::driver::DriverError| {
-            crate::error::Error::Backend(format!("CUDA event: {e:?}"))
-        };
-        let e = self
-            .backend
-            .context()
-            .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
-            .map_err(err)?;
-        e.record(self.backend.stream()).map_err(err)?;
-        Ok(e)
+        self.backend.record_event()
     }
 
     fn seconds(&self, start: &Self::Mark, end: &Self::Mark) -> Result<f64> {
-        start
-            .elapsed_ms(end)
-            .map(|ms| ms as f64 / 1e3)
-            .map_err(|e| crate::error::Error::Backend(format!("CUDA event timing: {e:?}")))
+        start.seconds_to(end)
     }
 
     fn describe(&self) -> &'static str {

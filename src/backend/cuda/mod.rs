@@ -15,6 +15,8 @@
 //! missing; nothing here panics on a machine without CUDA.
 
 mod ops;
+#[cfg(feature = "sim")]
+mod sim;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -132,10 +134,18 @@ impl Ledger {
     }
 }
 
+/// One device allocation of `U` values: driver memory from the stream-ordered pool, or a guarded
+/// host buffer on the simulated device.
+enum Mem<U> {
+    Gpu(CudaSlice<U>),
+    #[cfg(feature = "sim")]
+    Sim(sim::HostMem),
+}
+
 /// A device matrix `[rows, cols]`, row-major. Its bytes stay charged to the tag that was current
 /// when it was allocated until it is dropped.
 pub struct CudaTensor<T: Elem> {
-    buf: CudaSlice<T>,
+    buf: Mem<T>,
     rows: usize,
     cols: usize,
     tag: MemTag,
@@ -144,8 +154,7 @@ pub struct CudaTensor<T: Elem> {
 
 impl<T: Elem> Drop for CudaTensor<T> {
     fn drop(&mut self) {
-        self.ledger
-            .sub(self.tag, self.buf.len() * std::mem::size_of::<T>());
+        self.ledger.sub(self.tag, alloc_bytes::<T>(self.len()));
     }
 }
 
@@ -158,14 +167,53 @@ impl<T: Elem> CudaTensor<T> {
     }
 }
 
-/// The CUDA backend over storage type `T` (`f16`, `bf16`, or `f32` for tight parity tests).
-pub struct Cuda<T: Elem> {
+/// Bytes behind an allocation of `n` values (empty tensors still get one value: a valid address).
+fn alloc_bytes<U>(n: usize) -> usize {
+    n.max(1) * std::mem::size_of::<U>()
+}
+
+/// What the backend runs on: a GPU through the driver and cuBLAS, or the host simulator.
+enum Device {
+    Gpu(Gpu),
+    #[cfg(feature = "sim")]
+    Sim,
+}
+
+struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     modules: Vec<Arc<CudaModule>>,
     functions: RefCell<HashMap<&'static str, CudaFunction>>,
-    inv_freq: RefCell<HashMap<(usize, u32), CudaSlice<f32>>>,
+}
+
+/// A point in the stream's work, for timing (`profile`'s phase clock).
+pub enum Event {
+    Gpu(cudarc::driver::CudaEvent),
+    #[cfg(feature = "sim")]
+    Sim(std::time::Instant),
+}
+
+impl Event {
+    /// Seconds from `self` to `end` (waits for `end` to complete).
+    pub fn seconds_to(&self, end: &Event) -> Result<f64> {
+        match (self, end) {
+            (Event::Gpu(a), Event::Gpu(b)) => a
+                .elapsed_ms(b)
+                .map(|ms| ms as f64 / 1e3)
+                .map_err(|e| drv_err("event timing", e)),
+            #[cfg(feature = "sim")]
+            (Event::Sim(a), Event::Sim(b)) => Ok(b.duration_since(*a).as_secs_f64()),
+            #[cfg(feature = "sim")]
+            _ => Err(Error::Backend("events of two different devices".into())),
+        }
+    }
+}
+
+/// The CUDA backend over storage type `T` (`f16`, `bf16`, or `f32` for tight parity tests).
+pub struct Cuda<T: Elem> {
+    dev: Device,
+    inv_freq: RefCell<HashMap<(usize, u32), Mem<f32>>>,
     ledger: Arc<Ledger>,
     /// Fill every new allocation with NaN bytes (tests): a kernel that forgets to write an output
     /// element then shows up as NaN instead of passing on leftover zeros.
@@ -231,17 +279,30 @@ impl<T: Elem> Cuda<T> {
                     .map_err(|e| drv_err(&format!("loading kernels {name}.ptx"), e))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Cuda {
+        Ok(Self::on(Device::Gpu(Gpu {
             ctx,
             stream,
             blas,
             modules,
             functions: RefCell::new(HashMap::new()),
+        })))
+    }
+
+    /// The simulated device (`kernels/sim/`): this backend's code and the kernels' sources run on
+    /// the host, for tests where no GPU exists.
+    #[cfg(feature = "sim")]
+    pub fn simulated() -> Self {
+        Self::on(Device::Sim)
+    }
+
+    fn on(dev: Device) -> Self {
+        Cuda {
+            dev,
             inv_freq: RefCell::new(HashMap::new()),
             ledger: Arc::new(Ledger::default()),
             poison: false,
             _t: PhantomData,
-        })
+        }
     }
 
     /// Poisons every new allocation with NaN bytes (for tests).
@@ -250,66 +311,196 @@ impl<T: Elem> Cuda<T> {
         self
     }
 
+    /// Whether this is the host simulator rather than a GPU.
+    pub fn is_simulated(&self) -> bool {
+        !matches!(self.dev, Device::Gpu(_))
+    }
+
     pub fn device_name(&self) -> String {
-        self.ctx.name().unwrap_or_else(|_| "unknown GPU".into())
+        match &self.dev {
+            Device::Gpu(g) => g.ctx.name().unwrap_or_else(|_| "unknown GPU".into()),
+            #[cfg(feature = "sim")]
+            Device::Sim => "simulated device on the host".into(),
+        }
     }
 
     pub fn ledger(&self) -> &Ledger {
         &self.ledger
     }
 
-    pub fn stream(&self) -> &Arc<CudaStream> {
-        &self.stream
-    }
-
-    pub fn context(&self) -> &Arc<CudaContext> {
-        &self.ctx
-    }
-
     /// Waits for all queued work (timing, host reads).
     pub fn synchronize(&self) -> Result<()> {
-        self.stream
-            .synchronize()
-            .map_err(|e| drv_err("synchronize", e))
+        match &self.dev {
+            Device::Gpu(g) => g
+                .stream
+                .synchronize()
+                .map_err(|e| drv_err("synchronize", e)),
+            #[cfg(feature = "sim")]
+            Device::Sim => Ok(()),
+        }
+    }
+
+    /// Records a timing event on the stream (`CU_EVENT_DEFAULT`: cudarc's default flags disable
+    /// timing, DESIGN §6).
+    pub fn record_event(&self) -> Result<Event> {
+        match &self.dev {
+            Device::Gpu(g) => {
+                let e = g
+                    .ctx
+                    .new_event(Some(drv_sys::CUevent_flags::CU_EVENT_DEFAULT))
+                    .map_err(|e| drv_err("event", e))?;
+                e.record(&g.stream).map_err(|e| drv_err("event", e))?;
+                Ok(Event::Gpu(e))
+            }
+            #[cfg(feature = "sim")]
+            Device::Sim => Ok(Event::Sim(std::time::Instant::now())),
+        }
+    }
+
+    /// Free and total device memory in bytes (`None` on the simulator, whose memory is the host's).
+    fn memory_info(&self) -> Result<Option<(usize, usize)>> {
+        match &self.dev {
+            Device::Gpu(g) => g
+                .ctx
+                .mem_get_info()
+                .map(Some)
+                .map_err(|e| drv_err("memory info", e)),
+            #[cfg(feature = "sim")]
+            Device::Sim => Ok(None),
+        }
     }
 
     /// A kernel by its op name; the storage type's suffix is added here.
-    fn func(&self, op: &'static str) -> Result<CudaFunction> {
-        if let Some(f) = self.functions.borrow().get(op) {
+    fn func(g: &Gpu, op: &'static str) -> Result<CudaFunction> {
+        if let Some(f) = g.functions.borrow().get(op) {
             return Ok(f.clone());
         }
         let name = format!("{op}_{}", T::NAME);
-        let f = self
+        let f = g
             .modules
             .iter()
             .find_map(|m| m.load_function(&name).ok())
             .ok_or_else(|| Error::Backend(format!("kernel {name} missing from the PTX")))?;
-        self.functions.borrow_mut().insert(op, f.clone());
+        g.functions.borrow_mut().insert(op, f.clone());
         Ok(f)
+    }
+
+    /// Uninitialised (or, with `poison`, NaN-filled) memory for `n` values of `U`; `what` names
+    /// it in an out-of-memory error.
+    fn mem<U: DeviceRepr>(&self, n: usize, what: impl FnOnce() -> String) -> Result<Mem<U>> {
+        let bytes = alloc_bytes::<U>(n);
+        let m = match &self.dev {
+            // SAFETY: every op writes all of its output before any read; `poison` makes a kernel
+            // that does not show up in the tests.
+            Device::Gpu(g) => {
+                Mem::Gpu(unsafe { g.stream.alloc::<U>(n.max(1)) }.map_err(|e| drv_err(&what(), e))?)
+            }
+            #[cfg(feature = "sim")]
+            Device::Sim => Mem::Sim(sim::HostMem::new(bytes)?),
+        };
+        if self.poison {
+            self.fill_bytes(self.addr(&m), 0xff, bytes)?;
+        }
+        Ok(m)
+    }
+
+    fn addr<U>(&self, m: &Mem<U>) -> u64 {
+        match (m, &self.dev) {
+            (Mem::Gpu(s), Device::Gpu(g)) => s.device_ptr(&g.stream).0,
+            #[cfg(feature = "sim")]
+            (Mem::Sim(h), _) => h.addr(),
+            #[cfg(feature = "sim")]
+            (Mem::Gpu(_), Device::Sim) => unreachable!("GPU memory on the simulator"),
+        }
+    }
+
+    /// Copies `host` to device address `dst`.
+    fn write<U: DeviceRepr>(&self, dst: u64, host: &[U]) -> Result<()> {
+        if host.is_empty() {
+            return Ok(());
+        }
+        match &self.dev {
+            // SAFETY: callers pass a live allocation of at least host.len() values at dst; the
+            // driver stages pageable memory before returning, so `host` may go after the call.
+            Device::Gpu(g) => unsafe { drv::memcpy_htod_async(dst, host, g.stream.cu_stream()) }
+                .map_err(|e| drv_err("upload", e)),
+            #[cfg(feature = "sim")]
+            // SAFETY: as above; dst is a host address of a simulator allocation.
+            Device::Sim => unsafe {
+                std::ptr::copy_nonoverlapping(host.as_ptr(), dst as *mut U, host.len());
+                Ok(())
+            },
+        }
+    }
+
+    /// Copies `host.len()` values from device address `src` and waits for them.
+    fn read<U: DeviceRepr>(&self, src: u64, host: &mut [U]) -> Result<()> {
+        if host.is_empty() {
+            return Ok(());
+        }
+        match &self.dev {
+            Device::Gpu(g) => {
+                // SAFETY: callers pass a live allocation of at least host.len() values at src;
+                // the synchronisation below completes the copy before `host` is used.
+                unsafe { drv::memcpy_dtoh_async(host, src, g.stream.cu_stream()) }
+                    .map_err(|e| drv_err("download", e))?;
+                self.synchronize()
+            }
+            #[cfg(feature = "sim")]
+            // SAFETY: as above; src is a host address of a simulator allocation.
+            Device::Sim => unsafe {
+                std::ptr::copy_nonoverlapping(src as *const U, host.as_mut_ptr(), host.len());
+                Ok(())
+            },
+        }
+    }
+
+    /// Device-to-device copy of `bytes` (the ranges do not overlap).
+    fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        match &self.dev {
+            // SAFETY: callers derive both ranges from checked tensor shapes.
+            Device::Gpu(g) => {
+                unsafe { drv::memcpy_dtod_async(dst, src, bytes, g.stream.cu_stream()) }
+                    .map_err(|e| drv_err("copy", e))
+            }
+            #[cfg(feature = "sim")]
+            // SAFETY: as above.
+            Device::Sim => unsafe {
+                std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, bytes);
+                Ok(())
+            },
+        }
+    }
+
+    fn fill_bytes(&self, dst: u64, byte: u8, bytes: usize) -> Result<()> {
+        match &self.dev {
+            // SAFETY: dst is a live allocation of at least `bytes` bytes on our stream.
+            Device::Gpu(g) => {
+                unsafe { drv::memset_d8_async(dst, byte, bytes, g.stream.cu_stream()) }
+                    .map_err(|e| drv_err("memset", e))
+            }
+            #[cfg(feature = "sim")]
+            // SAFETY: as above.
+            Device::Sim => unsafe {
+                std::ptr::write_bytes(dst as *mut u8, byte, bytes);
+                Ok(())
+            },
+        }
     }
 
     /// An uninitialised (or poisoned) `[rows, cols]` tensor, charged to the current tag.
     fn alloc(&self, rows: usize, cols: usize) -> Result<CudaTensor<T>> {
-        let n = (rows * cols).max(1);
-        let bytes = n * std::mem::size_of::<T>();
-        // SAFETY: every op writes all of its output before any read; `poison` makes a kernel
-        // that does not show up in the tests.
-        let buf = unsafe { self.stream.alloc::<T>(n) }.map_err(|e| {
-            drv_err(
-                &format!(
-                    "allocating {:.1} MB for a [{rows}, {cols}] tensor ({})",
-                    bytes as f64 / 1e6,
-                    self.ledger.current().name()
-                ),
-                e,
+        let bytes = alloc_bytes::<T>(rows * cols);
+        let buf = self.mem::<T>(rows * cols, || {
+            format!(
+                "allocating {:.1} MB for a [{rows}, {cols}] tensor ({})",
+                bytes as f64 / 1e6,
+                self.ledger.current().name()
             )
         })?;
-        if self.poison {
-            let (p, _) = buf.device_ptr(&self.stream);
-            // SAFETY: p is this fresh allocation of `bytes` bytes on our stream.
-            unsafe { drv::memset_d8_async(p, 0xff, bytes, self.stream.cu_stream()) }
-                .map_err(|e| drv_err("poison", e))?;
-        }
         let tag = self.ledger.current();
         self.ledger.add(tag, bytes);
         Ok(CudaTensor {
@@ -321,37 +512,61 @@ impl<T: Elem> Cuda<T> {
         })
     }
 
-    fn scratch<U: DeviceRepr>(&self, n: usize) -> Result<CudaSlice<U>> {
-        // SAFETY: scratch buffers are written by the kernel they are made for before any read.
-        unsafe { self.stream.alloc::<U>(n.max(1)) }
-            .map_err(|e| drv_err(&format!("allocating {n} scratch values"), e))
+    /// Scratch memory for one op's intermediate values (not charged to a tag).
+    fn scratch<U: DeviceRepr>(&self, n: usize) -> Result<Mem<U>> {
+        self.mem::<U>(n, || format!("allocating {n} scratch values"))
+    }
+
+    /// `host` copied into fresh device memory.
+    fn to_device<U: DeviceRepr>(&self, host: &[U]) -> Result<Mem<U>> {
+        let m = self.scratch::<U>(host.len())?;
+        self.write(self.addr(&m), host)?;
+        Ok(m)
     }
 
     fn ptr(&self, t: &CudaTensor<T>) -> u64 {
-        t.buf.device_ptr(&self.stream).0
-    }
-
-    fn raw<U>(&self, s: &CudaSlice<U>) -> u64 {
-        s.device_ptr(&self.stream).0
+        self.addr(&t.buf)
     }
 
     /// Launches `op` with `args` (each a reference to a `DeviceRepr` value: raw pointers as u64).
     fn launch(&self, op: &'static str, cfg: LaunchConfig, args: &[&dyn KernelArg]) -> Result<()> {
-        let f = self.func(op)?;
-        let mut b = self.stream.launch_builder(&f);
-        for a in args {
-            a.push(&mut b);
+        match &self.dev {
+            Device::Gpu(g) => {
+                let f = Self::func(g, op)?;
+                let mut b = g.stream.launch_builder(&f);
+                for a in args {
+                    a.push(&mut b);
+                }
+                // SAFETY: each launcher checks the shapes its kernel indexes with before calling
+                // here, and passes pointers to live buffers of at least those sizes.
+                unsafe { b.launch(cfg) }
+                    .map(|_| ())
+                    .map_err(|e| drv_err(&format!("launching {op}_{}", T::NAME), e))
+            }
+            #[cfg(feature = "sim")]
+            Device::Sim => {
+                let ptrs: Vec<_> = args.iter().map(|a| a.host_ptr()).collect();
+                let sizes: Vec<_> = args.iter().map(|a| a.width()).collect();
+                sim::launch(
+                    &format!("{op}_{}", T::NAME),
+                    cfg.grid_dim,
+                    cfg.block_dim,
+                    cfg.shared_mem_bytes,
+                    &ptrs,
+                    &sizes,
+                )
+            }
         }
-        // SAFETY: each launcher checks the shapes its kernel indexes with before calling here,
-        // and passes pointers to live buffers of at least those sizes.
-        unsafe { b.launch(cfg) }
-            .map(|_| ())
-            .map_err(|e| drv_err(&format!("launching {op}_{}", T::NAME), e))
     }
 
     /// One cuBLAS GEMM (column-major, as cuBLAS sees it) with f32 accumulation; `c_f32` writes
     /// an f32 output instead of `T`. `batch > 1` strides every operand. `C = α·op(A)·op(B) + β·C`.
     fn gemm(&self, g: Gemm) -> Result<()> {
+        let blas = match &self.dev {
+            Device::Gpu(gpu) => &gpu.blas,
+            #[cfg(feature = "sim")]
+            Device::Sim => return sim::gemm(&g, T::NAME),
+        };
         let (alpha, beta) = (g.alpha, g.beta);
         let op = |t: bool| {
             if t {
@@ -369,7 +584,7 @@ impl<T: Elem> Cuda<T> {
         // tensor shapes, so cuBLAS stays inside the buffers behind a, b and c.
         unsafe {
             blas::gemm_strided_batched_ex(
-                *self.blas.handle(),
+                *blas.handle(),
                 op(g.ta),
                 op(g.tb),
                 g.m as i32,
@@ -400,16 +615,12 @@ impl<T: Elem> Cuda<T> {
     /// The RoPE inverse frequencies for `(head_dim, theta)`, uploaded once.
     fn inv_freq(&self, head_dim: usize, theta: f32) -> Result<u64> {
         let key = (head_dim, theta.to_bits());
-        if let Some(s) = self.inv_freq.borrow().get(&key) {
-            return Ok(self.raw(s));
+        if let Some(m) = self.inv_freq.borrow().get(&key) {
+            return Ok(self.addr(m));
         }
-        let host = crate::backend::cpu::rope_inv_freq(head_dim, theta);
-        let s = self
-            .stream
-            .clone_htod(&host)
-            .map_err(|e| drv_err("upload", e))?;
-        let p = self.raw(&s);
-        self.inv_freq.borrow_mut().insert(key, s);
+        let m = self.to_device(&crate::backend::cpu::rope_inv_freq(head_dim, theta))?;
+        let p = self.addr(&m);
+        self.inv_freq.borrow_mut().insert(key, m);
         Ok(p)
     }
 }
@@ -462,11 +673,25 @@ struct Gemm {
 /// A kernel argument: anything cudarc can push by reference.
 trait KernelArg {
     fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>);
+    /// The value's address and width, for the simulator's launch (which checks the widths
+    /// against the kernel's parameters).
+    #[cfg(feature = "sim")]
+    fn host_ptr(&self) -> *const std::ffi::c_void;
+    #[cfg(feature = "sim")]
+    fn width(&self) -> usize;
 }
 
 impl<V: DeviceRepr> KernelArg for V {
     fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>) {
         b.arg(self);
+    }
+    #[cfg(feature = "sim")]
+    fn host_ptr(&self) -> *const std::ffi::c_void {
+        self as *const V as *const std::ffi::c_void
+    }
+    #[cfg(feature = "sim")]
+    fn width(&self) -> usize {
+        std::mem::size_of::<V>()
     }
 }
 

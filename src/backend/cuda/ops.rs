@@ -153,15 +153,11 @@ impl<T: Elem> Cuda<T> {
             }
             Some(m) => {
                 let bytes: Vec<u8> = m[..kv].iter().map(|&b| b as u8).collect();
-                Some(
-                    self.stream
-                        .clone_htod(&bytes)
-                        .map_err(|e| super::drv_err("upload", e))?,
-                )
+                Some(self.to_device(&bytes)?)
             }
             None => None,
         };
-        let keep_ptr: u64 = keep.as_ref().map_or(0, |b| self.raw(b));
+        let keep_ptr: u64 = keep.as_ref().map_or(0, |b| self.addr(b));
         let q_pos0: i32 = match s.causal_q_pos0 {
             Some(p) => i32_dim("attention", p)?,
             None => -1,
@@ -188,8 +184,8 @@ impl<T: Elem> Cuda<T> {
                 "attn_decode_fwd",
                 cfg,
                 &[
-                    &self.raw(&part_o),
-                    &self.raw(&part_ml),
+                    &self.addr(&part_o),
+                    &self.addr(&part_ml),
                     &self.ptr(q),
                     &self.ptr(k),
                     &self.ptr(v),
@@ -214,8 +210,8 @@ impl<T: Elem> Cuda<T> {
                 cfg,
                 &[
                     &self.ptr(&out),
-                    &self.raw(&part_o),
-                    &self.raw(&part_ml),
+                    &self.addr(&part_o),
+                    &self.addr(&part_ml),
                     &h_i,
                     &d_i,
                     &n_splits,
@@ -227,14 +223,14 @@ impl<T: Elem> Cuda<T> {
         let heads = Heads { nq, kv, h, hk, d };
         let scores = self.scratch::<f32>(h * nq * kv)?;
         let probs = self.scratch::<T>(h * nq * kv)?;
-        self.per_head_scores(heads, self.ptr(q), self.ptr(k), self.raw(&scores))?;
+        self.per_head_scores(heads, self.ptr(q), self.ptr(k), self.addr(&scores))?;
         let nq_i = i32_dim("attention", nq)?;
         self.launch(
             "attn_softmax_fwd",
             per_row(h * nq, 256, 0),
             &[
-                &self.raw(&probs),
-                &self.raw(&scores),
+                &self.addr(&probs),
+                &self.addr(&scores),
                 &nq_i,
                 &kv_i,
                 &q_pos0,
@@ -242,7 +238,7 @@ impl<T: Elem> Cuda<T> {
                 &keep_ptr,
             ],
         )?;
-        self.per_head_times(heads, self.raw(&probs), self.ptr(v), self.ptr(&out))?;
+        self.per_head_times(heads, self.addr(&probs), self.ptr(v), self.ptr(&out))?;
         Ok(out)
     }
 
@@ -402,10 +398,9 @@ impl<T: Elem> Backend for Cuda<T> {
 
     fn check_weight_memory(&self, n_values: usize) -> Result<()> {
         let need = n_values as u64 * std::mem::size_of::<T>() as u64;
-        let (free, total) = self
-            .ctx
-            .mem_get_info()
-            .map_err(|e| super::drv_err("memory info", e))?;
+        let Some((free, total)) = self.memory_info()? else {
+            return Ok(());
+        };
         if need > free as u64 {
             return Err(Error::Backend(format!(
                 "the model's weights need {:.1} GB at {} but the GPU has {:.1} GB free of {:.1} GB",
@@ -438,12 +433,8 @@ impl<T: Elem> Backend for Cuda<T> {
             ));
         }
         let host: Vec<T> = data.iter().map(|&v| T::from_f32(v)).collect();
-        let mut t = self.alloc(rows, cols)?;
-        if !host.is_empty() {
-            self.stream
-                .memcpy_htod(&host, &mut t.buf.slice_mut(0..host.len()))
-                .map_err(|e| super::drv_err("upload", e))?;
-        }
+        let t = self.alloc(rows, cols)?;
+        self.write(self.ptr(&t), &host)?;
         Ok(t)
     }
 
@@ -462,22 +453,14 @@ impl<T: Elem> Backend for Cuda<T> {
     }
 
     fn download(&self, t: &CudaTensor<T>) -> Result<Vec<f32>> {
-        let n = t.len();
-        let mut host = vec![T::default(); n];
-        if n > 0 {
-            self.stream
-                .memcpy_dtoh(&t.buf.slice(0..n), &mut host)
-                .map_err(|e| super::drv_err("download", e))?;
-            self.synchronize()?;
-        }
+        let mut host = vec![T::default(); t.len()];
+        self.read(self.ptr(t), &mut host)?;
         Ok(host.into_iter().map(T::to_f32).collect())
     }
 
     fn zeros(&self, rows: usize, cols: usize) -> Result<CudaTensor<T>> {
-        let mut t = self.alloc(rows, cols)?;
-        self.stream
-            .memset_zeros(&mut t.buf)
-            .map_err(|e| super::drv_err("memset", e))?;
+        let t = self.alloc(rows, cols)?;
+        self.fill_bytes(self.ptr(&t), 0, t.len() * std::mem::size_of::<T>())?;
         Ok(t)
     }
 
@@ -636,15 +619,12 @@ impl<T: Elem> Backend for Cuda<T> {
         }
         let out = self.alloc(ids.len(), table.cols)?;
         if !ids.is_empty() {
-            let dev_ids = self
-                .stream
-                .clone_htod(ids)
-                .map_err(|e| super::drv_err("upload", e))?;
+            let dev_ids = self.to_device(ids)?;
             let d = i32_dim("embedding", table.cols)?;
             self.launch(
                 "embedding_fwd",
                 per_row(ids.len(), 256, 0),
-                &[&self.ptr(&out), &self.ptr(table), &self.raw(&dev_ids), &d],
+                &[&self.ptr(&out), &self.ptr(table), &self.addr(&dev_ids), &d],
             )?;
         }
         Ok(out)
@@ -657,13 +637,13 @@ impl<T: Elem> Backend for Cuda<T> {
                 format!("rows {start}..{} of {}", start + n, x.rows),
             ));
         }
-        let mut out = self.alloc(n, x.cols)?;
-        if n * x.cols > 0 {
-            let src = x.buf.slice(start * x.cols..(start + n) * x.cols);
-            self.stream
-                .memcpy_dtod(&src, &mut out.buf.slice_mut(0..n * x.cols))
-                .map_err(|e| super::drv_err("copy", e))?;
-        }
+        let out = self.alloc(n, x.cols)?;
+        let esz = std::mem::size_of::<T>();
+        self.copy(
+            self.ptr(&out),
+            self.ptr(x) + (start * x.cols * esz) as u64,
+            n * x.cols * esz,
+        )?;
         Ok(out)
     }
 
@@ -679,17 +659,12 @@ impl<T: Elem> Backend for Cuda<T> {
                 format!("{:?} at row {dst_row} of {:?}", src.dims(), dst.dims()),
             ));
         }
-        let n = src.len();
-        if n > 0 {
-            let c = dst.cols;
-            self.stream
-                .memcpy_dtod(
-                    &src.buf.slice(0..n),
-                    &mut dst.buf.slice_mut(dst_row * c..dst_row * c + n),
-                )
-                .map_err(|e| super::drv_err("copy", e))?;
-        }
-        Ok(())
+        let esz = std::mem::size_of::<T>();
+        self.copy(
+            self.ptr(dst) + (dst_row * dst.cols * esz) as u64,
+            self.ptr(src),
+            src.len() * esz,
+        )
     }
 
     fn argmax_rows(&self, x: &CudaTensor<T>) -> Result<Vec<u32>> {
@@ -704,13 +679,10 @@ impl<T: Elem> Backend for Cuda<T> {
         self.launch(
             "argmax_rows",
             per_row(x.rows, 256, 0),
-            &[&self.raw(&out), &self.ptr(x), &cols],
+            &[&self.addr(&out), &self.ptr(x), &cols],
         )?;
         let mut host = vec![0u32; x.rows];
-        self.stream
-            .memcpy_dtoh(&out, &mut host)
-            .map_err(|e| super::drv_err("download", e))?;
-        self.synchronize()?;
+        self.read(self.addr(&out), &mut host)?;
         Ok(host)
     }
 
@@ -896,8 +868,8 @@ impl<T: Elem> Backend for Cuda<T> {
         let dp = self.scratch::<f32>(h * nq * kv)?;
         let probs = self.scratch::<T>(h * nq * kv)?;
         let ds = self.scratch::<T>(h * nq * kv)?;
-        self.per_head_scores(heads, self.ptr(q), self.ptr(k), self.raw(&scores))?;
-        self.per_head_scores(heads, self.ptr(dout), self.ptr(v), self.raw(&dp))?;
+        self.per_head_scores(heads, self.ptr(q), self.ptr(k), self.addr(&scores))?;
+        self.per_head_scores(heads, self.ptr(dout), self.ptr(v), self.addr(&dp))?;
         let q_pos0: i32 = match shape.causal_q_pos0 {
             Some(p) => i32_dim("attention_bwd", p)?,
             None => -1,
@@ -913,10 +885,10 @@ impl<T: Elem> Backend for Cuda<T> {
             "attn_softmax_bwd",
             per_row(h * nq, 256, 0),
             &[
-                &self.raw(&probs),
-                &self.raw(&ds),
-                &self.raw(&dp),
-                &self.raw(&scores),
+                &self.addr(&probs),
+                &self.addr(&ds),
+                &self.addr(&dp),
+                &self.addr(&scores),
                 &nq_i,
                 &kv_i,
                 &q_pos0,
@@ -924,9 +896,9 @@ impl<T: Elem> Backend for Cuda<T> {
                 &cam_kind,
             ],
         )?;
-        self.per_head_times(heads, self.raw(&ds), self.ptr(k), self.ptr(&dq))?;
-        self.per_head_transposed(heads, self.raw(&ds), self.ptr(q), self.ptr(&dk))?;
-        self.per_head_transposed(heads, self.raw(&probs), self.ptr(dout), self.ptr(&dv))?;
+        self.per_head_times(heads, self.addr(&ds), self.ptr(k), self.ptr(&dq))?;
+        self.per_head_transposed(heads, self.addr(&ds), self.ptr(q), self.ptr(&dk))?;
+        self.per_head_transposed(heads, self.addr(&probs), self.ptr(dout), self.ptr(&dv))?;
         let cam = match cam {
             Some(_) => {
                 let c = self.alloc(nq, kv)?;
@@ -934,7 +906,7 @@ impl<T: Elem> Backend for Cuda<T> {
                 self.launch(
                     "attn_cam_mean",
                     grid_1d(nq * kv, 256),
-                    &[&self.ptr(&c), &self.raw(&dp), &h_i, &n],
+                    &[&self.ptr(&c), &self.addr(&dp), &h_i, &n],
                 )?;
                 Some(c)
             }
@@ -966,7 +938,7 @@ impl<T: Elem> Backend for Cuda<T> {
                 per_row(x.rows, NORM_BLOCK, 0),
                 &[
                     &self.ptr(&dx),
-                    &self.raw(&stats),
+                    &self.addr(&stats),
                     &self.ptr(x),
                     &self.ptr(w),
                     &self.ptr(dy),
@@ -981,7 +953,7 @@ impl<T: Elem> Backend for Cuda<T> {
             &[
                 &self.ptr(&dw),
                 &self.ptr(&db),
-                &self.raw(&stats),
+                &self.addr(&stats),
                 &self.ptr(x),
                 &self.ptr(dy),
                 &rows,
