@@ -75,8 +75,8 @@ fn stale(out: &Path, inputs: &[&Path]) -> bool {
 }
 
 /// The simulated device (`--features sim`): every `kernels/*.cu` compiled as host C++ together with
-/// the runtime in `kernels/sim/`, as one translation unit, so the kernels' static registrations
-/// are linked whenever the runtime is.
+/// the runtime and the simulator's self-test kernels in `kernels/sim/`, as one translation unit, so
+/// the kernels' static registrations are linked whenever the runtime is.
 #[cfg(feature = "sim")]
 fn build_simulator() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -91,7 +91,10 @@ fn build_simulator() {
         "#include \"{}\"\n",
         root.join("kernels/sim/runtime.cpp").display()
     );
-    for k in &kernels {
+    for k in kernels
+        .iter()
+        .chain([&root.join("kernels/sim/selftest.cpp")])
+    {
         unit.push_str(&format!("#include \"{}\"\n", k.display()));
     }
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));

@@ -178,3 +178,210 @@ pub fn gemm(g: &Gemm, storage: &str) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::{bf16, f16};
+
+    extern "C" {
+        fn fastrm_sim_to_f16(x: f32) -> u16;
+        fn fastrm_sim_to_bf16(x: f32) -> u16;
+        fn fastrm_sim_from_f16(b: u16) -> f32;
+        fn fastrm_sim_from_bf16(b: u16) -> f32;
+    }
+
+    /// Launches a self-test kernel (`kernels/sim/selftest.cpp`) on `threads` threads with an
+    /// f32 output of `n_out` values.
+    fn selftest(name: &str, threads: u32, n_out: usize) -> Result<Vec<f32>> {
+        let out = HostMem::new(n_out * 4)?;
+        let (p, unused) = (out.addr(), 0i32);
+        launch(
+            name,
+            (1, 1, 1),
+            (threads, 1, 1),
+            0,
+            &[
+                &p as *const u64 as *const c_void,
+                &unused as *const i32 as *const c_void,
+            ],
+            &[8, 4],
+        )?;
+        let mut host = vec![0f32; n_out];
+        // SAFETY: `out` holds n_out f32 values.
+        unsafe {
+            std::ptr::copy_nonoverlapping(out.addr() as *const f32, host.as_mut_ptr(), n_out)
+        };
+        Ok(host)
+    }
+
+    #[test]
+    fn block_reductions_reach_every_thread() {
+        for threads in [32u32, 96, 256, 1024] {
+            let got = selftest("sim_selftest_reduce_f32", threads, 2 * threads as usize).unwrap();
+            let sum = (threads * (threads - 1) / 2) as f32;
+            for t in 0..threads as usize {
+                assert_eq!(got[2 * t], sum, "block_sum, thread {t} of {threads}");
+                assert_eq!(
+                    got[2 * t + 1],
+                    (threads - 1) as f32,
+                    "block_max, thread {t}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn divergent_barriers_are_errors_not_hangs() {
+        let e = selftest("sim_selftest_divergent_f32", 64, 64)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("barrier never completes") && e.contains("__syncthreads"),
+            "{e}"
+        );
+        // A full-mask shuffle in a 16-lane last warp.
+        let e = selftest("sim_selftest_shuffle_f32", 48, 48)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("warp shuffle"), "{e}");
+        // The same kernel in whole warps is fine: every lane sums 32 ones.
+        assert!(selftest("sim_selftest_shuffle_f32", 64, 64)
+            .unwrap()
+            .iter()
+            .all(|&v| v == 32.0));
+    }
+
+    #[test]
+    fn launches_are_checked_like_the_driver_and_the_signature() {
+        let out = HostMem::new(4096).unwrap();
+        let p = out.addr();
+        let (i, l) = (0i32, 0i64);
+        let ptr = |v: &dyn std::any::Any| v as *const dyn std::any::Any as *const c_void;
+        let cases: Vec<(
+            &str,
+            (u32, u32, u32),
+            u32,
+            Vec<*const c_void>,
+            Vec<usize>,
+            &str,
+        )> = vec![
+            (
+                "no_such_kernel_f32",
+                (32, 1, 1),
+                0,
+                vec![],
+                vec![],
+                "no kernel named",
+            ),
+            (
+                "sim_selftest_reduce_f32",
+                (32, 1, 1),
+                0,
+                vec![ptr(&p)],
+                vec![8],
+                "takes 2 arguments",
+            ),
+            (
+                "sim_selftest_reduce_f32",
+                (32, 1, 1),
+                0,
+                vec![ptr(&p), ptr(&l)],
+                vec![8, 8],
+                "argument 1 is 4 bytes wide",
+            ),
+            (
+                "sim_selftest_reduce_f32",
+                (2048, 1, 1),
+                0,
+                vec![ptr(&p), ptr(&i)],
+                vec![8, 4],
+                "outside the hardware's limits",
+            ),
+            (
+                "sim_selftest_reduce_f32",
+                (32, 1, 1),
+                64 * 1024,
+                vec![ptr(&p), ptr(&i)],
+                vec![8, 4],
+                "exceed the default 48 KB",
+            ),
+        ];
+        for (name, block, smem, args, sizes, want) in cases {
+            let e = launch(name, (1, 1, 1), block, smem, &args, &sizes)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{name}: {e}");
+        }
+    }
+
+    #[test]
+    fn gemm_refuses_short_leading_dimensions() {
+        let m = HostMem::new(1024).unwrap();
+        let g = Gemm {
+            ta: false,
+            tb: false,
+            m: 8,
+            n: 2,
+            k: 3,
+            a: m.addr(),
+            lda: 7, // < m
+            sa: 0,
+            b: m.addr(),
+            ldb: 3,
+            sb: 0,
+            c: m.addr(),
+            ldc: 8,
+            sc: 0,
+            batch: 1,
+            alpha: 1.0,
+            beta: 0.0,
+            c_f32: true,
+        };
+        let e = gemm(&g, "f32").unwrap_err().to_string();
+        assert!(e.contains("invalid value"), "{e}");
+    }
+
+    /// The kernels' f16/bf16 conversions (round to nearest even, subnormals, overflow to
+    /// infinity) against the `half` crate: every 16-bit pattern one way, a dense sweep of f32
+    /// bit patterns (every exponent, ties included) the other.
+    #[test]
+    fn storage_conversions_match_the_half_crate() {
+        for b in 0..=u16::MAX {
+            // SAFETY: pure functions.
+            let (g16, gb16) = unsafe { (fastrm_sim_from_f16(b), fastrm_sim_from_bf16(b)) };
+            let (w16, wb16) = (f16::from_bits(b).to_f32(), bf16::from_bits(b).to_f32());
+            assert!(
+                g16.to_bits() == w16.to_bits() || (g16.is_nan() && w16.is_nan()),
+                "f16 {b:#x}"
+            );
+            assert!(
+                gb16.to_bits() == wb16.to_bits() || (gb16.is_nan() && wb16.is_nan()),
+                "bf16 {b:#x}"
+            );
+        }
+        let ties = (0..=u16::MAX).flat_map(|b| {
+            let x = f16::from_bits(b).to_f32().to_bits();
+            [
+                x.wrapping_add(0x1000),
+                x.wrapping_add(0x0fff),
+                x.wrapping_add(0x1001),
+            ]
+        });
+        for bits in (0..=u32::MAX).step_by(997).chain(ties) {
+            let x = f32::from_bits(bits);
+            // SAFETY: pure functions.
+            let (g16, gb16) = unsafe { (fastrm_sim_to_f16(x), fastrm_sim_to_bf16(x)) };
+            let (w16, wb16) = (f16::from_f32(x), bf16::from_f32(x));
+            assert!(
+                g16 == w16.to_bits() || (x.is_nan() && w16.is_nan()),
+                "f16 of {x:e} ({bits:#x}): {g16:#x} vs {:#x}",
+                w16.to_bits()
+            );
+            assert!(
+                gb16 == wb16.to_bits() || (x.is_nan() && wb16.is_nan()),
+                "bf16 of {x:e} ({bits:#x})"
+            );
+        }
+    }
+}
