@@ -33,6 +33,10 @@ struct Cli {
 enum Device {
     Cpu,
     Cuda,
+    /// The simulated CUDA device (builds with `--features sim`): the CUDA backend's code and
+    /// kernels run on the CPU, slowly; for rehearsing GPU runs where no GPU exists.
+    #[cfg(feature = "sim")]
+    Sim,
 }
 
 /// Storage type on the GPU (arithmetic is f32 either way).
@@ -160,6 +164,21 @@ macro_rules! with_backend {
             }
             (Device::Cuda, Some(Dtype::F32)) => {
                 let $b = Cuda::<f32>::new(0)?;
+                $body
+            }
+            #[cfg(feature = "sim")]
+            (Device::Sim, None | Some(Dtype::F16)) => {
+                let $b = Cuda::<half::f16>::simulated();
+                $body
+            }
+            #[cfg(feature = "sim")]
+            (Device::Sim, Some(Dtype::Bf16)) => {
+                let $b = Cuda::<half::bf16>::simulated();
+                $body
+            }
+            #[cfg(feature = "sim")]
+            (Device::Sim, Some(Dtype::F32)) => {
+                let $b = Cuda::<f32>::simulated();
                 $body
             }
         }

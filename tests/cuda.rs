@@ -672,6 +672,94 @@ fn synthetic_7b_generates() {
     assert_eq!(out.input_ids.len(), 1 + cfg.vision.num_patches() + 40);
 }
 
+// ---- The command line on the simulated device: rehearsals of what tools/device-check.sh runs.
+
+#[cfg(feature = "sim")]
+fn fastrm_cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_fastrm"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// `explain --device sim` (the CUDA backend's whole path from the command line: backend choice,
+/// prefill, the fused head per token, the JSON) gives the CPU's answer and maps on the demo model.
+#[cfg(feature = "sim")]
+#[test]
+fn cli_explain_on_the_simulator_matches_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut maps = Vec::new();
+    for device in ["sim", "cpu"] {
+        let out = dir.path().join(device);
+        common::cli_ok(&fastrm_cli(&[
+            "explain",
+            "--device",
+            device,
+            "--prompt",
+            "What color is the star?",
+            "--out",
+            out.to_str().unwrap(),
+        ]));
+        let json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("explain.json")).unwrap()).unwrap();
+        let want = if device == "sim" { "cuda:f16 (simulated" } else { "cpu" };
+        assert!(json["device"].as_str().unwrap().starts_with(want), "{}", json["device"]);
+        maps.push(json);
+    }
+    assert_eq!(maps[0]["generated_ids"], maps[1]["generated_ids"]);
+    let tokens = maps[0]["tokens"].as_array().unwrap();
+    assert!(!tokens.is_empty());
+    for (s, c) in tokens.iter().zip(maps[1]["tokens"].as_array().unwrap()) {
+        let v = |t: &serde_json::Value| -> Vec<f32> {
+            t["map"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect()
+        };
+        // f16 storage on the simulator, f32 on the CPU.
+        let p = pearson(&v(s), &v(c));
+        assert!(p >= 0.999, "token {}: Pearson {p:.5}", s["index"]);
+    }
+}
+
+/// `profile --device sim` runs the profile's device branch (device-event clock, f16 engine,
+/// synthetic model) and writes a well-formed report.
+#[cfg(feature = "sim")]
+#[test]
+fn cli_profile_on_the_simulator() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("prof");
+    common::cli_ok(&fastrm_cli(&[
+        "profile",
+        "--device",
+        "sim",
+        "--model",
+        "synthetic:tiny",
+        "--tokens",
+        "2",
+        "--methods",
+        "generate,fastrm,baseline-incremental",
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("profile.json")).unwrap()).unwrap();
+    assert_eq!(json["device"], "sim");
+    assert_eq!(json["timer"], "CUDA events");
+    assert!(json["backend"].as_str().unwrap().starts_with("cuda:f16"));
+    let runs = json["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 3);
+    for r in runs {
+        assert!(r["latency_ms"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["peak_memory_bytes"].as_u64().unwrap() > 0, "{r}");
+    }
+    for f in ["profile.txt", "latency.png", "memory.png"] {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+}
+
 // ---- No GPU needed.
 
 /// The driver on the GPU hosts (580) accepts PTX ISA ≤ 9.0; every embedded module must say so

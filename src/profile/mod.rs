@@ -49,7 +49,8 @@ pub struct ProfileArgs {
     /// backends only): random weights, no tokenizer. Default: the bundled demo model.
     #[arg(long)]
     pub model: Option<String>,
-    /// cpu (this build); cuda once the CUDA backend lands.
+    /// cpu or cuda (f16 storage; NVML for memory), or, in builds with `--features sim`, sim: the
+    /// CUDA backend on the simulated device (host memory, for rehearsals; its times mean nothing).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Output lengths, comma-separated; every run generates exactly this many tokens (EOS is
@@ -177,12 +178,27 @@ pub fn parse_tokens(s: &str) -> Result<Vec<usize>> {
 pub enum DeviceKind {
     Cpu,
     Cuda,
+    #[cfg(feature = "sim")]
+    Sim,
+}
+
+impl DeviceKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceKind::Cpu => "cpu",
+            DeviceKind::Cuda => "cuda",
+            #[cfg(feature = "sim")]
+            DeviceKind::Sim => "sim",
+        }
+    }
 }
 
 pub fn parse_device(s: &str) -> Result<DeviceKind> {
     match s {
         "cpu" => Ok(DeviceKind::Cpu),
         "cuda" => Ok(DeviceKind::Cuda),
+        #[cfg(feature = "sim")]
+        "sim" => Ok(DeviceKind::Sim),
         _ => Err(Error::input(format!(
             "unknown device `{s}`: expected cpu or cuda"
         ))),
@@ -317,7 +333,7 @@ impl Plan {
                 "--prompt needs a model with a tokenizer; synthetic models use a fixed id prompt",
             ));
         }
-        if device == DeviceKind::Cpu {
+        if device != DeviceKind::Cuda {
             if let ModelSpec::Synthetic(m) = model {
                 m.cpu_config()?;
             }
@@ -377,6 +393,19 @@ pub fn run(args: ProfileArgs) -> Result<()> {
                 &engine,
                 &timer::CudaEventClock::new(&engine.backend),
                 MemorySource::Nvml { device: 0 },
+                &card,
+                &plan,
+            )?
+        }
+        // The simulated device's memory is the process's own.
+        #[cfg(feature = "sim")]
+        DeviceKind::Sim => {
+            let engine = open_engine(crate::backend::cuda::Cuda::<half::f16>::simulated(), &plan)?;
+            let card = engine.backend_name();
+            profile(
+                &engine,
+                &timer::CudaEventClock::new(&engine.backend),
+                MemorySource::ProcessRss,
                 &card,
                 &plan,
             )?
@@ -547,10 +576,7 @@ pub fn profile<B: Backend, C: PhaseClock>(
     Ok(Report::new(
         report::Meta {
             model: plan.model.label(),
-            device: match plan.device {
-                DeviceKind::Cpu => "cpu".into(),
-                DeviceKind::Cuda => "cuda".into(),
-            },
+            device: plan.device.name().into(),
             backend: engine.backend_name(),
             card: card.into(),
             date_utc: report::utc_now(),
