@@ -702,8 +702,16 @@ fn cli_explain_on_the_simulator_matches_the_cpu() {
         ]));
         let json: serde_json::Value =
             serde_json::from_slice(&std::fs::read(out.join("explain.json")).unwrap()).unwrap();
-        let want = if device == "sim" { "cuda:f16 (simulated" } else { "cpu" };
-        assert!(json["device"].as_str().unwrap().starts_with(want), "{}", json["device"]);
+        let want = if device == "sim" {
+            "cuda:f16 (simulated"
+        } else {
+            "cpu"
+        };
+        assert!(
+            json["device"].as_str().unwrap().starts_with(want),
+            "{}",
+            json["device"]
+        );
         maps.push(json);
     }
     assert_eq!(maps[0]["generated_ids"], maps[1]["generated_ids"]);
