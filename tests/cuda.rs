@@ -732,6 +732,24 @@ fn cli_explain_on_the_simulator_matches_the_cpu() {
     }
 }
 
+/// LLaVA-sized models are refused on the simulator up front, not run for hours.
+#[cfg(feature = "sim")]
+#[test]
+fn cli_refuses_llava_sizes_on_the_simulator() {
+    common::cli_fails(
+        &fastrm_cli(&[
+            "generate",
+            "--device",
+            "sim",
+            "--model",
+            "synthetic:llava-1.5-7b",
+            "--prompt",
+            "-",
+        ]),
+        &["simulated device", "--device cuda"],
+    );
+}
+
 /// `profile --device sim` runs the profile's device branch (device-event clock, f16 engine,
 /// synthetic model) and writes a well-formed report.
 #[cfg(feature = "sim")]

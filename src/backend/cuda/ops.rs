@@ -15,6 +15,8 @@ const NORM_BLOCK: u32 = 256;
 const DECODE_MAX_QUERIES: usize = 8;
 /// Keys per block in the decoding kernel.
 const DECODE_CHUNK: usize = 128;
+/// The largest model the simulated device accepts (weights, any storage type).
+const SIM_MAX_WEIGHTS: usize = 100_000_000;
 
 fn same(op: &str, a: (usize, usize), b: (usize, usize)) -> Result<()> {
     if a != b {
@@ -399,6 +401,16 @@ impl<T: Elem> Backend for Cuda<T> {
     fn check_weight_memory(&self, n_values: usize) -> Result<()> {
         let need = n_values as u64 * std::mem::size_of::<T>() as u64;
         let Some((free, total)) = self.memory_info()? else {
+            // The simulator runs every CUDA thread as a fiber on one core: a model of LLaVA's
+            // size would fill host memory and run for hours, so it is refused up front.
+            if n_values > SIM_MAX_WEIGHTS {
+                return Err(Error::Backend(format!(
+                    "the simulated device is for small models (at most {} M weights); this one \
+                     has {} M: use --device cuda on a GPU",
+                    SIM_MAX_WEIGHTS / 1_000_000,
+                    n_values / 1_000_000
+                )));
+            }
             return Ok(());
         };
         if need > free as u64 {
