@@ -647,7 +647,9 @@ fn synthetic_7b_generates() {
         return;
     };
     let cfg = if g.is_simulated() {
-        let text = std::fs::read_to_string("assets/demo/model/config.json").unwrap();
+        let text =
+            std::fs::read_to_string(common::repo_root().join("assets/demo/model/config.json"))
+                .unwrap();
         fastrm::config::LlavaConfig::from_json_str(&text).unwrap()
     } else {
         fastrm::config::LlavaConfig::named("llava-1.5-7b").unwrap()
@@ -715,20 +717,12 @@ fn cli_explain_on_the_simulator_matches_the_cpu() {
         maps.push(json);
     }
     assert_eq!(maps[0]["generated_ids"], maps[1]["generated_ids"]);
-    let tokens = maps[0]["tokens"].as_array().unwrap();
-    assert!(!tokens.is_empty());
-    for (s, c) in tokens.iter().zip(maps[1]["tokens"].as_array().unwrap()) {
-        let v = |t: &serde_json::Value| -> Vec<f32> {
-            t["map"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap() as f32)
-                .collect()
-        };
+    let (sim, cpu) = (common::maps_of(&maps[0]), common::maps_of(&maps[1]));
+    assert!(!sim.is_empty());
+    for (i, (s, c)) in sim.iter().zip(&cpu).enumerate() {
         // f16 storage on the simulator, f32 on the CPU.
-        let p = pearson(&v(s), &v(c));
-        assert!(p >= 0.999, "token {}: Pearson {p:.5}", s["index"]);
+        let p = pearson(s, c);
+        assert!(p >= 0.999, "token {i}: Pearson {p:.5}");
     }
 }
 

@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::{assert_close, file_names, fixture_dir, fixture_image, Expected};
+use common::{assert_close, file_names, fixture_dir, fixture_image, maps_of, Expected};
 use fastrm::explain::map_entropy;
 
 fn explain(extra: &[&str]) -> Output {
@@ -42,22 +42,6 @@ fn json_of(out: &Output) -> serde_json::Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("stdout is one JSON object")
-}
-
-fn maps_of(v: &serde_json::Value) -> Vec<Vec<f32>> {
-    v["tokens"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| {
-            t["map"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap() as f32)
-                .collect()
-        })
-        .collect()
 }
 
 #[test]

@@ -203,3 +203,20 @@ pub fn file_names(dir: &Path) -> Vec<String> {
     names.sort();
     names
 }
+
+/// Every token's map from an `explain.json`, in token order.
+pub fn maps_of(v: &serde_json::Value) -> Vec<Vec<f32>> {
+    v["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            t["map"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect()
+        })
+        .collect()
+}
