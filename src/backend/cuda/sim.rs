@@ -258,60 +258,63 @@ mod tests {
         let p = out.addr();
         let (i, l) = (0i32, 0i64);
         let ptr = |v: &dyn std::any::Any| v as *const dyn std::any::Any as *const c_void;
-        let cases: Vec<(
-            &str,
-            (u32, u32, u32),
-            u32,
-            Vec<*const c_void>,
-            Vec<usize>,
-            &str,
-        )> = vec![
-            (
-                "no_such_kernel_f32",
-                (32, 1, 1),
-                0,
-                vec![],
-                vec![],
-                "no kernel named",
-            ),
-            (
-                "sim_selftest_reduce_f32",
-                (32, 1, 1),
-                0,
-                vec![ptr(&p)],
-                vec![8],
-                "takes 2 arguments",
-            ),
-            (
-                "sim_selftest_reduce_f32",
-                (32, 1, 1),
-                0,
-                vec![ptr(&p), ptr(&l)],
-                vec![8, 8],
-                "argument 1 is 4 bytes wide",
-            ),
-            (
-                "sim_selftest_reduce_f32",
-                (2048, 1, 1),
-                0,
-                vec![ptr(&p), ptr(&i)],
-                vec![8, 4],
-                "outside the hardware's limits",
-            ),
-            (
-                "sim_selftest_reduce_f32",
-                (32, 1, 1),
-                64 * 1024,
-                vec![ptr(&p), ptr(&i)],
-                vec![8, 4],
-                "exceed the default 48 KB",
-            ),
+        struct Case<'a> {
+            name: &'a str,
+            block: (u32, u32, u32),
+            smem: u32,
+            args: Vec<*const c_void>,
+            sizes: Vec<usize>,
+            want: &'a str,
+        }
+        let reduce = "sim_selftest_reduce_f32";
+        let two = || vec![ptr(&p), ptr(&i)];
+        let cases = [
+            Case {
+                name: "no_such_kernel_f32",
+                block: (32, 1, 1),
+                smem: 0,
+                args: vec![],
+                sizes: vec![],
+                want: "no kernel named",
+            },
+            Case {
+                name: reduce,
+                block: (32, 1, 1),
+                smem: 0,
+                args: vec![ptr(&p)],
+                sizes: vec![8],
+                want: "takes 2 arguments",
+            },
+            Case {
+                name: reduce,
+                block: (32, 1, 1),
+                smem: 0,
+                args: vec![ptr(&p), ptr(&l)],
+                sizes: vec![8, 8],
+                want: "argument 1 is 4 bytes wide",
+            },
+            Case {
+                name: reduce,
+                block: (2048, 1, 1),
+                smem: 0,
+                args: two(),
+                sizes: vec![8, 4],
+                want: "outside the hardware's limits",
+            },
+            Case {
+                name: reduce,
+                block: (32, 1, 1),
+                smem: 64 * 1024,
+                args: two(),
+                sizes: vec![8, 4],
+                want: "exceed the default 48 KB",
+            },
         ];
-        for (name, block, smem, args, sizes, want) in cases {
-            let e = launch(name, (1, 1, 1), block, smem, &args, &sizes)
+        for c in cases {
+            let e = launch(c.name, (1, 1, 1), c.block, c.smem, &c.args, &c.sizes)
                 .unwrap_err()
                 .to_string();
-            assert!(e.contains(want), "{name}: {e}");
+            assert!(e.contains(c.want), "{}: {e}", c.name);
         }
     }
 
