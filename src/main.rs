@@ -154,35 +154,30 @@ macro_rules! with_backend {
             (Device::Cpu, Some(_)) => Err(Error::input(
                 "--dtype applies to --device cuda (the CPU backend computes in f32)",
             )),
-            (Device::Cuda, None | Some(Dtype::F16)) => {
-                let $b = Cuda::<half::f16>::new(0)?;
+            // Every other device is a CUDA backend (a GPU, or the simulator in sim builds).
+            (device, None | Some(Dtype::F16)) => {
+                let $b = cuda_backend::<half::f16>(device)?;
                 $body
             }
-            (Device::Cuda, Some(Dtype::Bf16)) => {
-                let $b = Cuda::<half::bf16>::new(0)?;
+            (device, Some(Dtype::Bf16)) => {
+                let $b = cuda_backend::<half::bf16>(device)?;
                 $body
             }
-            (Device::Cuda, Some(Dtype::F32)) => {
-                let $b = Cuda::<f32>::new(0)?;
-                $body
-            }
-            #[cfg(feature = "sim")]
-            (Device::Sim, None | Some(Dtype::F16)) => {
-                let $b = Cuda::<half::f16>::simulated();
-                $body
-            }
-            #[cfg(feature = "sim")]
-            (Device::Sim, Some(Dtype::Bf16)) => {
-                let $b = Cuda::<half::bf16>::simulated();
-                $body
-            }
-            #[cfg(feature = "sim")]
-            (Device::Sim, Some(Dtype::F32)) => {
-                let $b = Cuda::<f32>::simulated();
+            (device, Some(Dtype::F32)) => {
+                let $b = cuda_backend::<f32>(device)?;
                 $body
             }
         }
     };
+}
+
+/// The CUDA backend `device` names: GPU 0, or the simulated device.
+fn cuda_backend<T: fastrm::backend::cuda::Elem>(device: Device) -> Result<Cuda<T>> {
+    match device {
+        #[cfg(feature = "sim")]
+        Device::Sim => Ok(Cuda::simulated()),
+        _ => Cuda::new(0),
+    }
 }
 
 fn run(cli: Cli) -> Result<()> {

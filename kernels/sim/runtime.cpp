@@ -210,33 +210,32 @@ void register_kernel(const char* name, void (*fn)(), Invoke inv, const size_t* s
     registry()[name] = Kernel{fn, inv, sizes, n};
 }
 
-void sync_block() {
+// The calling fiber arrives at a barrier that releases once `needed` fibers have arrived; the
+// last arrival moves the generation on and carries on, the others wait for the scheduler to see it.
+static void arrive(uint64_t& gen, int& arrived, int needed, Wait kind) {
     Run& r = *run;
-    Fiber& f = r.fibers[r.cur];
-    if (++r.block_arrived == r.n_threads) {
-        r.block_arrived = 0;
-        ++r.block_gen;
+    if (++arrived == needed) {
+        arrived = 0;
+        ++gen;
         return;
     }
-    f.wait = Wait::Block;
-    f.gen = r.block_gen;
+    Fiber& f = r.fibers[r.cur];
+    f.wait = kind;
+    f.gen = gen;
     yield_to_scheduler();
 }
 
+void sync_block() {
+    Run& r = *run;
+    arrive(r.block_gen, r.block_arrived, r.n_threads, Wait::Block);
+}
+
+// Always 32 lanes (the full mask our kernels pass): a partial warp never completes and is
+// reported, where hardware would leave the result undefined.
 static void sync_warp() {
     Run& r = *run;
     const int w = r.cur / 32;
-    Fiber& f = r.fibers[r.cur];
-    // Always 32 lanes (the full mask our kernels pass): a partial warp never completes and is
-    // reported, where hardware would leave the result undefined.
-    if (++r.warp_arrived[w] == 32) {
-        r.warp_arrived[w] = 0;
-        ++r.warp_gen[w];
-        return;
-    }
-    f.wait = Wait::Warp;
-    f.gen = r.warp_gen[w];
-    yield_to_scheduler();
+    arrive(r.warp_gen[w], r.warp_arrived[w], 32, Wait::Warp);
 }
 
 // One barrier per shuffle: consecutive shuffles use alternate buffers, and a lane cannot reach
@@ -305,7 +304,7 @@ int fastrm_sim_launch(const char* name, const uint32_t grid[3], const uint32_t b
     r.warp_arrived.assign(n_warps, 0);
     r.lanes[0].assign(threads, 0.f);
     r.lanes[1].assign(threads, 0.f);
-    r.smem.assign(smem_bytes, 0xff);
+    r.smem.resize(smem_bytes);  // poisoned per block by run_block
     Run* outer = run;
     run = &r;
     block_dim = {block[0], block[1], block[2]};

@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::backend::cpu::Cpu;
+use crate::backend::cuda::Cuda;
 use crate::backend::Backend;
 use crate::config::LlavaConfig;
 use crate::engine::{Engine, Request};
@@ -386,32 +387,25 @@ pub fn run(args: ProfileArgs) -> Result<()> {
             )?
         }
         // f16 storage, as the paper's measurements; NVML samples the whole GPU's memory.
-        DeviceKind::Cuda => {
-            let engine = open_engine(crate::backend::cuda::Cuda::<half::f16>::new(0)?, &plan)?;
-            let card = engine.backend_name();
-            profile(
-                &engine,
-                &timer::CudaEventClock::new(&engine.backend),
-                MemorySource::Nvml { device: 0 },
-                &card,
-                &plan,
-            )?
-        }
+        DeviceKind::Cuda => profile_cuda(Cuda::new(0)?, MemorySource::Nvml { device: 0 }, &plan)?,
         // The simulated device's memory is the process's own.
         #[cfg(feature = "sim")]
-        DeviceKind::Sim => {
-            let engine = open_engine(crate::backend::cuda::Cuda::<half::f16>::simulated(), &plan)?;
-            let card = engine.backend_name();
-            profile(
-                &engine,
-                &timer::CudaEventClock::new(&engine.backend),
-                MemorySource::ProcessRss,
-                &card,
-                &plan,
-            )?
-        }
+        DeviceKind::Sim => profile_cuda(Cuda::simulated(), MemorySource::ProcessRss, &plan)?,
     };
     report.emit(&plan)
+}
+
+/// `plan` on a CUDA backend, timed by device events.
+fn profile_cuda(backend: Cuda<half::f16>, memory: MemorySource, plan: &Plan) -> Result<Report> {
+    let engine = open_engine(backend, plan)?;
+    let card = engine.backend_name();
+    profile(
+        &engine,
+        &timer::CudaEventClock::new(&engine.backend),
+        memory,
+        &card,
+        plan,
+    )
 }
 
 /// The model the plan names, on backend `b`.

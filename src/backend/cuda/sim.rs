@@ -87,9 +87,18 @@ impl Drop for HostMem {
     }
 }
 
-fn message(buf: &[u8]) -> String {
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..end]).into_owned()
+/// Calls into the simulator with a message buffer; a non-zero return becomes an error carrying
+/// its message.
+fn checked(what: &str, call: impl FnOnce(*mut c_char, usize) -> i32) -> Result<()> {
+    let mut err = [0u8; 512];
+    if call(err.as_mut_ptr() as *mut c_char, err.len()) == 0 {
+        return Ok(());
+    }
+    let end = err.iter().position(|&b| b == 0).unwrap_or(err.len());
+    Err(Error::Backend(format!(
+        "{what}: {}",
+        String::from_utf8_lossy(&err[..end])
+    )))
 }
 
 /// Runs kernel `name` (with its storage suffix) over the grid.
@@ -103,11 +112,10 @@ pub fn launch(
 ) -> Result<()> {
     let cname = CString::new(name).map_err(|_| Error::Backend(format!("kernel name {name:?}")))?;
     let (g, b) = ([grid.0, grid.1, grid.2], [block.0, block.1, block.2]);
-    let mut err = vec![0u8; 512];
     // SAFETY: args[i] points at a live value of sizes[i] bytes (checked against the kernel's
     // parameter list before any is read); the pointers inside them are addresses of live
     // HostMem allocations that the launcher sized from checked shapes.
-    let rc = unsafe {
+    checked("simulated launch failed", |err, len| unsafe {
         fastrm_sim_launch(
             cname.as_ptr(),
             g.as_ptr(),
@@ -116,17 +124,10 @@ pub fn launch(
             args.as_ptr(),
             sizes.as_ptr(),
             args.len(),
-            err.as_mut_ptr() as *mut c_char,
-            err.len(),
+            err,
+            len,
         )
-    };
-    if rc != 0 {
-        return Err(Error::Backend(format!(
-            "simulated launch failed: {}",
-            message(&err)
-        )));
-    }
-    Ok(())
+    })
 }
 
 /// Storage type code of the simulator's GEMM.
@@ -141,10 +142,9 @@ fn code(name: &str) -> i32 {
 pub fn gemm(g: &Gemm, storage: &str) -> Result<()> {
     let t = code(storage);
     let c_type = if g.c_f32 { 0 } else { t };
-    let mut err = vec![0u8; 512];
     // SAFETY: as for cuBLAS: the callers derive every dimension, leading dimension and stride from
     // checked tensor shapes; the simulator refuses leading dimensions smaller than the matrices.
-    let rc = unsafe {
+    checked("simulated cuBLAS", |err, len| unsafe {
         fastrm_sim_gemm(
             g.ta as i32,
             g.tb as i32,
@@ -166,17 +166,10 @@ pub fn gemm(g: &Gemm, storage: &str) -> Result<()> {
             g.ldc as i64,
             g.sc as i64,
             g.batch as i64,
-            err.as_mut_ptr() as *mut c_char,
-            err.len(),
+            err,
+            len,
         )
-    };
-    if rc != 0 {
-        return Err(Error::Backend(format!(
-            "simulated cuBLAS: {}",
-            message(&err)
-        )));
-    }
-    Ok(())
+    })
 }
 
 #[cfg(test)]
