@@ -27,10 +27,12 @@ fn bench(c: &mut Criterion) {
     let (b, m) = (&engine.backend, &engine.model);
     let n = ids.len();
     let (_, img) = m.encode_image(b, &pixels).unwrap();
-    let prompt = m.embed_prompt(b, &ids, &img).unwrap();
+    let x = m
+        .embed_prompt(b, &m.prompt(ids.clone()).unwrap(), &img)
+        .unwrap();
 
     let mut cache = KvCache::new(b, &cfg.text, n + 1).unwrap();
-    let (h, saved) = m.llm.forward_saving(b, prompt, &mut cache).unwrap();
+    let (h, saved) = m.llm.forward_saving(b, x, &mut cache).unwrap();
     let last = b.slice_rows(&h, n - 1, 1).unwrap();
     let y = b.argmax_rows(&m.llm.logits(b, &last).unwrap()).unwrap()[0];
     let kv_bytes =
@@ -64,7 +66,7 @@ fn bench(c: &mut Criterion) {
         })
     });
 
-    let (mut tracker, _) = Incremental::start(b, &m.llm, &saved, &cache, y, n + 1).unwrap();
+    let (mut tracker, _) = Incremental::start(b, &m.llm, &saved, &cache, n, y, n + 1).unwrap();
     drop(saved);
     g.bench_function("incremental_token", |bench| {
         bench.iter(|| {

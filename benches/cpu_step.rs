@@ -19,6 +19,7 @@ fn bench(c: &mut Criterion) {
         ids,
         pixels,
     } = common::midsize();
+    let prompt = engine.model.prompt(ids.clone()).unwrap();
     let (b, m) = (&engine.backend, &engine.model);
     eprintln!(
         "{} | prompt {} positions | {}",
@@ -32,7 +33,7 @@ fn bench(c: &mut Criterion) {
     g.bench_function("prefill", |bench| {
         bench.iter(|| {
             let (_, img) = m.encode_image(b, &pixels).unwrap();
-            let x = m.embed_prompt(b, &ids, &img).unwrap();
+            let x = m.embed_prompt(b, &prompt, &img).unwrap();
             let mut cache = KvCache::new(b, &cfg.text, ids.len() + 1).unwrap();
             let h = m.llm.forward(b, x, &mut cache).unwrap();
             let last = b.slice_rows(&h, ids.len() - 1, 1).unwrap();
@@ -41,7 +42,7 @@ fn bench(c: &mut Criterion) {
     });
 
     let (_, img) = m.encode_image(b, &pixels).unwrap();
-    let x = m.embed_prompt(b, &ids, &img).unwrap();
+    let x = m.embed_prompt(b, &prompt, &img).unwrap();
     let mut cache = KvCache::new(b, &cfg.text, ids.len() + 1).unwrap();
     m.llm.forward(b, x, &mut cache).unwrap();
     let n = ids.len();

@@ -64,17 +64,17 @@ fn bench(c: &mut Criterion) {
 
     let engine = Engine::synthetic(backend, &cfg, 0).expect("synthetic model");
     let (b, m) = (&engine.backend, &engine.model);
-    let (ids, pixels) = engine
+    let (prompt, pixels) = engine
         .resolve(&Request::Ids {
             n_text: 40,
             seed: 0,
         })
         .unwrap();
-    let n = ids.len();
+    let n = prompt.len();
 
     let prefill = || {
         let (_, img) = m.encode_image(b, &pixels).unwrap();
-        let x = m.embed_prompt(b, &ids, &img).unwrap();
+        let x = m.embed_prompt(b, &prompt, &img).unwrap();
         let mut cache = KvCache::new(b, &cfg.text, n + 1).unwrap();
         let h = m.llm.forward(b, x, &mut cache).unwrap();
         let last = b.slice_rows(&h, n - 1, 1).unwrap();
@@ -86,7 +86,7 @@ fn bench(c: &mut Criterion) {
     });
 
     let (_, img) = m.encode_image(b, &pixels).unwrap();
-    let x = m.embed_prompt(b, &ids, &img).unwrap();
+    let x = m.embed_prompt(b, &prompt, &img).unwrap();
     let mut cache = KvCache::new(b, &cfg.text, n + 1).unwrap();
     let hidden = m.llm.forward(b, x, &mut cache).unwrap();
     let mut step = || {
@@ -130,7 +130,7 @@ fn bench(c: &mut Criterion) {
 
     // One baseline map at this context: the exact row (a backward over every position) and an
     // incremental token (a saving decode step plus a one-row backward).
-    let x = m.embed_prompt(b, &ids, &img).unwrap();
+    let x = m.embed_prompt(b, &prompt, &img).unwrap();
     let mut bcache = KvCache::new(b, &cfg.text, n + 1).unwrap();
     let (bh, saved) = m.llm.forward_saving(b, x, &mut bcache).unwrap();
     let last = b.slice_rows(&bh, n - 1, 1).unwrap();
@@ -150,7 +150,7 @@ fn bench(c: &mut Criterion) {
     };
     exact();
     let exact_s = per_iter(b, 3, exact);
-    let (mut tracker, _) = Incremental::start(b, &m.llm, &saved, &bcache, y, n + 1).unwrap();
+    let (mut tracker, _) = Incremental::start(b, &m.llm, &saved, &bcache, n, y, n + 1).unwrap();
     drop(saved);
     let mut incremental = || {
         bcache.len = n;

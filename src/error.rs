@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     #[error("{path}: {source}")]
     Io {
@@ -25,6 +26,12 @@ pub enum Error {
     Input(String),
     #[error("backend: {0}")]
     Backend(String),
+    /// The run was stopped through its [`crate::engine::CancelToken`].
+    #[error("cancelled")]
+    Cancelled,
+    /// The model, its cache or a run's activations do not fit the device's memory.
+    #[error("out of memory: {0}")]
+    OutOfMemory(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

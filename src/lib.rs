@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod checkpoint;
+pub mod cli;
 pub mod config;
 pub mod distill;
 pub mod engine;
@@ -20,5 +21,8 @@ pub mod text;
 pub mod train;
 pub mod vision;
 
+pub use engine::{
+    AnyEngine, CancelToken, Device, Dtype, ImageInput, Item, Method, Request, RunOptions, TokenStep,
+};
 pub use engine::{Engine, GenerateOptions, Generation};
 pub use error::{Error, Result};

@@ -7,13 +7,12 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 
-use fastrm::backend::cpu::Cpu;
-use fastrm::backend::cuda::Cuda;
-use fastrm::backend::Backend;
-use fastrm::engine::{Event, Explained, Generation, Method, Request};
+use fastrm::engine::{
+    AnyEngine, CancelToken, Explained, Generation, ImageInput, Item, Method, Request, RunOptions,
+};
 use fastrm::explain::{default_gradcam_layer, report, RowMode};
 use fastrm::status::{bar, StatusLine};
-use fastrm::{Engine, Error, GenerateOptions, Result};
+use fastrm::{Error, GenerateOptions, Result};
 
 /// The bundled demo model and image, used when `--model` / `--image` are left out.
 const DEMO_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/demo");
@@ -27,24 +26,6 @@ const DEMO_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/demo");
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum Device {
-    Cpu,
-    Cuda,
-    /// The simulated CUDA device (builds with `--features sim`): the CUDA backend's code and
-    /// kernels run on the CPU, slowly; for rehearsing GPU runs where no GPU exists.
-    #[cfg(feature = "sim")]
-    Sim,
-}
-
-/// Storage type on the GPU (arithmetic is f32 either way).
-#[derive(Clone, Copy, ValueEnum)]
-enum Dtype {
-    F16,
-    Bf16,
-    F32,
 }
 
 /// Text tokens after the image in an id-level (synthetic model) request: about a short question.
@@ -69,22 +50,19 @@ struct RunArgs {
     /// `synthetic:llava-1.5-7b` / `synthetic:llava-1.5-13b` (random weights of those shapes, made
     /// on the device; id-level: the prompt is a fixed image + 40 text ids, the answer is ids).
     /// Default: the bundled tiny demo model.
-    #[arg(long)]
+    #[arg(short, long)]
     model: Option<String>,
     /// Image file (PNG or JPEG). Default with the demo model: the bundled demo scene.
     #[arg(long)]
     image: Option<PathBuf>,
     /// The user's question; the LLaVA-1.5 chat template is applied by the engine.
-    #[arg(long)]
+    #[arg(short, long)]
     prompt: String,
     /// Stop after this many generated tokens (EOS stops earlier).
-    #[arg(long, default_value_t = 64)]
+    #[arg(short = 'n', long, default_value_t = 64)]
     max_new_tokens: usize,
-    #[arg(long, value_enum, default_value = "cpu")]
-    device: Device,
-    /// GPU storage type (default f16); the CPU backend always computes in f32.
-    #[arg(long, value_enum)]
-    dtype: Option<Dtype>,
+    #[command(flatten)]
+    device: fastrm::cli::DeviceArgs,
     /// Print one JSON object on stdout instead of the human-readable answer.
     #[arg(long)]
     json: bool,
@@ -142,51 +120,13 @@ fn main() -> ExitCode {
     }
 }
 
-/// Runs `$body` with `$b` bound to the backend `$run` asks for; `$body` calls a generic function,
-/// so each backend gets its own monomorphised copy of the command.
-macro_rules! with_backend {
-    ($run:expr, |$b:ident| $body:expr) => {
-        match ($run.device, $run.dtype) {
-            (Device::Cpu, None | Some(Dtype::F32)) => {
-                let $b = Cpu;
-                $body
-            }
-            (Device::Cpu, Some(_)) => Err(Error::input(
-                "--dtype applies to --device cuda (the CPU backend computes in f32)",
-            )),
-            // Every other device is a CUDA backend (a GPU, or the simulator in sim builds).
-            (device, None | Some(Dtype::F16)) => {
-                let $b = cuda_backend::<half::f16>(device)?;
-                $body
-            }
-            (device, Some(Dtype::Bf16)) => {
-                let $b = cuda_backend::<half::bf16>(device)?;
-                $body
-            }
-            (device, Some(Dtype::F32)) => {
-                let $b = cuda_backend::<f32>(device)?;
-                $body
-            }
-        }
-    };
-}
-
-/// The CUDA backend `device` names: GPU 0, or the simulated device.
-fn cuda_backend<T: fastrm::backend::cuda::Elem>(device: Device) -> Result<Cuda<T>> {
-    match device {
-        #[cfg(feature = "sim")]
-        Device::Sim => Ok(Cuda::simulated()),
-        _ => Cuda::new(0),
-    }
-}
-
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Generate { run } => {
             if run.max_new_tokens == 0 {
                 return Err(Error::input("--max-new-tokens must be at least 1"));
             }
-            with_backend!(run, |b| generate(b, &run))
+            generate(&run)
         }
         Cmd::Explain {
             run,
@@ -215,7 +155,7 @@ fn run(cli: Cli) -> Result<()> {
                 head,
                 out,
             };
-            with_backend!(run, |b| explain(b, &run, &ex))
+            explain(&run, &ex)
         }
         Cmd::Distill(args) => fastrm::distill::run(args),
         Cmd::Train(args) => fastrm::train::run(args),
@@ -232,12 +172,41 @@ struct ExplainArgs {
     out: Option<PathBuf>,
 }
 
-fn generate<B: Backend>(backend: B, run: &RunArgs) -> Result<()> {
-    let (engine, input, progress) = start(backend, run)?;
+fn generate(run: &RunArgs) -> Result<()> {
+    let (engine, input, progress) = start(run)?;
     let opts = options(run);
-    let g = engine.generate_request(&input.request(run), &opts, &mut |e| progress.event(e));
+    let req = input.request(run);
+    let stream = engine.stream(
+        &req,
+        &RunOptions {
+            generate: opts,
+            ..Default::default()
+        },
+        &CancelToken::default(),
+    );
+    let mut summary = None;
+    for item in stream {
+        let item = match item {
+            Ok(item) => item,
+            Err(e) => {
+                progress.clear();
+                return Err(e);
+            }
+        };
+        progress.event(&item);
+        if let Item::Done(s) = item {
+            summary = Some(s);
+        }
+    }
     progress.clear();
-    let g = g?;
+    let s = summary.ok_or_else(|| Error::Backend("the run ended without a summary".into()))?;
+    let g = Generation {
+        input_ids: s.input_ids,
+        generated_ids: s.generated_ids,
+        text: s.text,
+        stop_reason: s.stop_reason,
+        timings: s.timings,
+    };
     if run.json {
         println!("{}", generation_json(&engine, run, &input, &g));
     } else {
@@ -246,7 +215,7 @@ fn generate<B: Backend>(backend: B, run: &RunArgs) -> Result<()> {
     Ok(())
 }
 
-fn explain<B: Backend>(backend: B, run: &RunArgs, args: &ExplainArgs) -> Result<()> {
+fn explain(run: &RunArgs, args: &ExplainArgs) -> Result<()> {
     // FastRM's head: --head, else the bundled demo model's own head, else (synthetic models) a
     // random head of the model's size, which costs what a trained one does.
     let bundled = Path::new(DEMO_DIR).join("head.safetensors");
@@ -262,7 +231,7 @@ fn explain<B: Backend>(backend: B, run: &RunArgs, args: &ExplainArgs) -> Result<
     }
     // Fail on an unusable output folder before any expensive work.
     let staging = args.out.as_deref().map(report::Staging::new).transpose()?;
-    let (mut engine, input, progress) = start(backend, run)?;
+    let (mut engine, input, progress) = start(run)?;
     if let Some(h) = &head {
         engine.load_head(h)?;
     } else if args.method == MethodArg::Fastrm {
@@ -288,9 +257,8 @@ fn explain<B: Backend>(backend: B, run: &RunArgs, args: &ExplainArgs) -> Result<
         MethodArg::Fastrm => Method::FastRm,
     };
     let opts = options(run);
-    let ex = engine.explain_request(&input.request(run), &opts, method, &mut |e| {
-        progress.event(e)
-    });
+    let req = input.request(run);
+    let ex = engine.explain(&req, &opts, method, &mut |item| progress.event(item));
     let ex = match ex {
         Ok(ex) => ex,
         Err(e) => {
@@ -308,7 +276,7 @@ fn explain<B: Backend>(backend: B, run: &RunArgs, args: &ExplainArgs) -> Result<
             ));
         };
         progress.say("writing heatmaps");
-        let view = legible(engine.model_view(image)?);
+        let view = legible(engine.model_view(&ImageInput::Path(image.clone()))?);
         let written = staging.write(&view, &ex, &doc);
         progress.clear();
         written?;
@@ -329,12 +297,9 @@ enum Input {
 }
 
 impl Input {
-    fn request<'a>(&'a self, run: &'a RunArgs) -> Request<'a> {
+    fn request(&self, run: &RunArgs) -> Request {
         match self {
-            Input::Image(image) => Request::Question {
-                image,
-                question: &run.prompt,
-            },
+            Input::Image(image) => Request::question(image.as_path(), run.prompt.as_str()),
             Input::Synthetic => Request::Ids {
                 n_text: SYNTHETIC_TEXT_TOKENS,
                 seed: 0,
@@ -374,8 +339,9 @@ fn legible(view: fastrm::vision::RgbImage) -> fastrm::vision::RgbImage {
 }
 
 /// Loads the engine, resolving the demo defaults, with a progress line started.
-fn start<B: Backend>(backend: B, run: &RunArgs) -> Result<(Engine<B>, Input, Progress)> {
+fn start(run: &RunArgs) -> Result<(AnyEngine, Input, Progress)> {
     let progress = Progress::new(run.max_new_tokens);
+    let (device, dtype) = run.device.get()?;
     if let Some(name) = run
         .model
         .as_deref()
@@ -388,7 +354,7 @@ fn start<B: Backend>(backend: B, run: &RunArgs) -> Result<(Engine<B>, Input, Pro
         }
         let cfg = fastrm::config::LlavaConfig::named(name).map_err(Error::Input)?;
         progress.say(&format!("making random weights for {name}"));
-        let engine = Engine::synthetic(backend, &cfg, 0);
+        let engine = AnyEngine::synthetic(device, dtype, &cfg, 0);
         progress.clear();
         return Ok((engine?, Input::Synthetic, progress));
     }
@@ -402,7 +368,7 @@ fn start<B: Backend>(backend: B, run: &RunArgs) -> Result<(Engine<B>, Input, Pro
         (Some(_), None) => return Err(Error::input("--image is required with --model")),
     };
     progress.say(&format!("loading {}", model_dir.display()));
-    let engine = Engine::load(backend, &model_dir);
+    let engine = AnyEngine::load(device, dtype, &model_dir);
     progress.clear();
     Ok((engine?, Input::Image(image), progress))
 }
@@ -414,14 +380,9 @@ fn options(run: &RunArgs) -> GenerateOptions {
     }
 }
 
-fn generation_json<B: Backend>(
-    engine: &Engine<B>,
-    run: &RunArgs,
-    input: &Input,
-    g: &Generation,
-) -> Value {
+fn generation_json(engine: &AnyEngine, run: &RunArgs, input: &Input, g: &Generation) -> Value {
     let grid = engine.config().vision.grid();
-    let model = match &engine.dir {
+    let model = match engine.dir() {
         Some(d) => Some(d.display().to_string()),
         None => run.model.clone(),
     };
@@ -445,7 +406,7 @@ fn generation_json<B: Backend>(
             "decode": g.timings.decode_s * 1e3,
         },
     });
-    let memory = engine.backend.memory_breakdown();
+    let memory = engine.memory_breakdown();
     if !memory.is_empty() {
         doc["memory_bytes"] = memory
             .iter()
@@ -541,18 +502,19 @@ impl Progress {
         self.say(&format!("{what} [{}] {done}/{total}", bar(done, total)));
     }
 
-    fn event(&self, e: Event) {
-        match e {
-            Event::ImageEncoded => self.say("prefill"),
-            Event::Prefilled { prompt_len } => {
+    fn event(&self, item: &Item) {
+        match item {
+            Item::ImageEncoded => self.say("prefill"),
+            Item::Prefilled { prompt_len, .. } => {
                 self.say(&format!("prefilled {prompt_len} positions"))
             }
-            Event::Token { index, .. } => {
-                self.tokens.set(index + 1);
-                self.bar("tokens", index + 1, self.max_new)
+            Item::Token(t) => {
+                self.tokens.set(t.index + 1);
+                self.bar("tokens", t.index + 1, self.max_new)
             }
-            // Maps follow generation (or interleave with it): count against the tokens so far.
-            Event::Explained { index } => self.bar("maps  ", index + 1, self.tokens.get()),
+            // Maps after generation: count against the tokens generated.
+            Item::Map(m) => self.bar("maps  ", m.index + 1, self.tokens.get()),
+            _ => {}
         }
     }
 

@@ -470,7 +470,10 @@ fn end_to_end<T: Elem>(test: &str, tol: f32) {
             ..Default::default()
         };
         let out = gpu_engine
-            .generate(&fixture_image("tiny"), question, &opts)
+            .generate(
+                &Request::question(fixture_image("tiny"), question.as_str()),
+                &opts,
+            )
             .unwrap();
         assert_eq!(
             out.generated_ids, want_gen,
@@ -524,20 +527,17 @@ fn fastrm_maps<T: Elem>(test: &str) {
     cpu_engine.set_head(&head).unwrap();
     let image = fixture_image("tiny");
     let question = exp.meta["question"].clone();
-    let req = Request::Question {
-        image: &image,
-        question: &question,
-    };
+    let req = Request::question(image, question);
     let opts = GenerateOptions {
         max_new_tokens: 6,
         stop_at_eos: false,
         ..Default::default()
     };
     let ge = gpu_engine
-        .explain_request(&req, &opts, Method::FastRm, &mut |_| {})
+        .explain(&req, &opts, Method::FastRm, &mut |_| {})
         .unwrap();
     let ce = cpu_engine
-        .explain_request(&req, &opts, Method::FastRm, &mut |_| {})
+        .explain(&req, &opts, Method::FastRm, &mut |_| {})
         .unwrap();
     assert_eq!(ge.tokens.len(), ce.tokens.len());
     for (gt, ct) in ge.tokens.iter().zip(&ce.tokens) {
@@ -588,10 +588,7 @@ fn baseline_maps<T: Elem>(test: &str) {
     let cpu_engine = Engine::load(Cpu, &dir).unwrap();
     let image = fixture_image("tiny");
     let question = exp.meta["question"].clone();
-    let req = Request::Question {
-        image: &image,
-        question: &question,
-    };
+    let req = Request::question(image, question);
     let opts = GenerateOptions {
         max_new_tokens: 5,
         stop_at_eos: false,
@@ -609,10 +606,10 @@ fn baseline_maps<T: Elem>(test: &str) {
     ];
     for method in methods {
         let ge = gpu_engine
-            .explain_request(&req, &opts, method, &mut |_| {})
+            .explain(&req, &opts, method, &mut |_| {})
             .unwrap();
         let ce = cpu_engine
-            .explain_request(&req, &opts, method, &mut |_| {})
+            .explain(&req, &opts, method, &mut |_| {})
             .unwrap();
         for (gt, ct) in ge.tokens.iter().zip(&ce.tokens) {
             if gt.id != ct.id {
@@ -661,13 +658,12 @@ fn synthetic_7b_generates() {
         ..Default::default()
     };
     let out = engine
-        .generate_request(
+        .generate(
             &Request::Ids {
                 n_text: 40,
                 seed: 0,
             },
             &opts,
-            &mut |_| {},
         )
         .unwrap();
     assert_eq!(out.generated_ids.len(), 3);

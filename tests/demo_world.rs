@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use fastrm::backend::cpu::Cpu;
-use fastrm::{Engine, GenerateOptions};
+use fastrm::{Engine, GenerateOptions, Request};
 use serde_json::Value;
 
 fn root() -> PathBuf {
@@ -47,7 +47,9 @@ fn demo_model_reproduces_transformers_answers() {
         let id = case["id"].as_str().unwrap();
         let question = format!("{}{}", case["question"].as_str().unwrap(), suffix);
         let image = eval_dir.join(case["image"].as_str().unwrap());
-        let g = engine.generate(&image, &question, &opts).unwrap();
+        let g = engine
+            .generate(&Request::question(image, question.as_str()), &opts)
+            .unwrap();
         assert_eq!(g.input_ids, ids(&case["input_ids"]), "{id}: prompt ids");
         assert_eq!(
             g.generated_ids,

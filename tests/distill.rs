@@ -12,7 +12,7 @@ use fastrm::backend::Backend;
 use fastrm::distill::{Manifest, Shard, SUFFIX};
 use fastrm::engine::Method;
 use fastrm::explain::RowMode;
-use fastrm::{Engine, GenerateOptions};
+use fastrm::{Engine, GenerateOptions, Request};
 
 fn data_dir() -> PathBuf {
     fixture_dir("distill")
@@ -96,7 +96,12 @@ fn check_against_engine(dir: &Path, method: Method, suffix: &str) {
             let image = Path::new(&rec.image);
             let prompt = format!("{}{suffix}", rec.question);
             let ex = engine
-                .explain_observed(image, &prompt, &opts, method, &mut |_| {})
+                .explain(
+                    &Request::question(image, prompt),
+                    &opts,
+                    method,
+                    &mut |_| {},
+                )
                 .unwrap();
             assert_eq!(ex.generation.generated_ids, rec.generated_ids);
             assert_eq!(ex.generation.text, rec.answer);
@@ -104,7 +109,7 @@ fn check_against_engine(dir: &Path, method: Method, suffix: &str) {
             let ids = &ex.generation.input_ids;
             let mut full = ids.clone();
             full.extend_from_slice(&rec.generated_ids[..n - 1]);
-            let pixels = engine.pixels(image).unwrap();
+            let pixels = engine.pixels(&image.into()).unwrap();
             let h = engine
                 .model
                 .forward_full(&engine.backend, &full, &pixels)

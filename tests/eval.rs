@@ -13,7 +13,8 @@ use fastrm::backend::cpu::Cpu;
 use fastrm::backend::{AttnShape, Backend};
 use fastrm::eval::metrics::{self, Counts};
 use fastrm::explain::fastrm::HeadWeights;
-use fastrm::model::llama::KvCache;
+use fastrm::model::llama::{KvCache, Pass};
+use fastrm::model::session::{Mode, Session};
 use fastrm::model::SplitMix64;
 use fastrm::vision::{PreprocessConfig, RgbImage};
 use fastrm::{Engine, GenerateOptions};
@@ -403,7 +404,7 @@ fn hidden_positions_cannot_influence_the_rest() {
         let t = b.upload(x, n, dm).unwrap();
         let h = match keep {
             None => m.llm.forward(b, t, &mut cache).unwrap(),
-            Some(k) => m.llm.forward_masked(b, t, &mut cache, k).unwrap(),
+            Some(k) => m.llm.run(b, t, &mut cache, Pass::Masked(k), None).unwrap(),
         };
         b.download(&h).unwrap()
     };
@@ -419,7 +420,8 @@ fn hidden_positions_cannot_influence_the_rest() {
 
     // Generation level: every image position hidden, the answer and every step's logits no
     // longer depend on the image.
-    let ids = engine.prompt_ids("What is it?").unwrap();
+    let prompt = engine.prompt("What is it?").unwrap();
+    let ids = prompt.ids().to_vec();
     let img_id = m.cfg.image_token_id;
     let keep: Vec<bool> = ids.iter().map(|&i| i != img_id).collect();
     let opts = GenerateOptions {
@@ -431,18 +433,21 @@ fn hidden_positions_cannot_influence_the_rest() {
         let mut r = SplitMix64::new(seed);
         (0..3 * 30 * 30).map(|_| r.uniform_sym() * 2.0).collect()
     };
+    let session = |f: &_, mode: Mode| Session::prefill(b, m, prompt.clone(), f, &opts, mode);
     let gen = |seed: u64, keep: Option<&[bool]>| {
         let (_, f) = m.encode_image(b, &pix(seed)).unwrap();
-        m.generate_from_features(b, &ids, &f, &opts, keep, &mut |_| {}, &mut ())
-            .unwrap()
+        let mode = keep.map_or(Mode::Plain, |k| Mode::Masked(k.to_vec()));
+        let mut s = session(&f, mode).unwrap();
+        s.run_to_end().unwrap();
+        s.finish()
     };
     let (g1, g2) = (gen(1, Some(&keep)), gen(2, Some(&keep)));
     assert_eq!(g1.generated_ids, g2.generated_ids);
     assert_eq!(g1.step_logits, g2.step_logits);
     let (u1, u2) = (gen(1, None), gen(2, None));
     assert_ne!(u1.step_logits, u2.step_logits);
-    // No mask through the features entry point = the plain pixels entry point.
-    let plain = m.generate_ids(b, &ids, &pix(1), &opts).unwrap();
+    // No mask through the session = the model's plain generation.
+    let plain = m.generate(b, prompt.clone(), &pix(1), &opts).unwrap();
     assert_eq!(plain.step_logits, u1.step_logits);
     assert_eq!(
         gen(1, Some(&vec![true; ids.len()])).step_logits,
@@ -450,9 +455,7 @@ fn hidden_positions_cannot_influence_the_rest() {
     );
     // A mask of the wrong length is refused.
     let (_, f) = m.encode_image(b, &pix(1)).unwrap();
-    assert!(m
-        .generate_from_features(b, &ids, &f, &opts, Some(&[true; 3]), &mut |_| {}, &mut ())
-        .is_err());
+    assert!(session(&f, Mode::Masked(vec![true; 3])).is_err());
 }
 
 // ------------------------------------------------------------------------------ CLI

@@ -8,10 +8,9 @@ use std::process::Command;
 
 use common::{fixture_dir, fixture_image, Expected};
 use fastrm::backend::cpu::{Cpu, CpuTensor};
-use fastrm::explain::explain_fastrm;
 use fastrm::explain::fastrm::{FastRmHead, HeadWeights};
 use fastrm::model::SplitMix64;
-use fastrm::{Engine, GenerateOptions};
+use fastrm::{Engine, GenerateOptions, Method, Request};
 
 /// `sigmoid((W_q LN(h) + b_q) · (W_k LN(k_j) + b_k) / √d)` in f64, straight from the definition.
 fn reference(w: &HeadWeights, keys: &[f32], h: &[f32]) -> Vec<f64> {
@@ -92,7 +91,8 @@ fn maps_during_generation_match_the_formula_on_oracle_hidden_states() {
     let engine = Engine::load(Cpu, &fixture_dir("tiny")).unwrap();
     let dm = engine.config().text.hidden_size;
     let w = HeadWeights::random(dm, 16, 9);
-    let head = FastRmHead::new(&Cpu, &w, dm).unwrap();
+    let mut engine = engine;
+    engine.set_head(&w).unwrap();
     let (ids, gen) = (exp.ids("input_ids"), exp.ids("generated_ids"));
     let opts = GenerateOptions {
         max_new_tokens: gen.len(),
@@ -100,24 +100,22 @@ fn maps_during_generation_match_the_formula_on_oracle_hidden_states() {
         keep_steps: false,
     };
     let (_, px) = exp.f32("pixel_values");
-    let e = explain_fastrm(
-        &engine.backend,
-        &engine.model,
-        &head,
-        &ids,
-        px,
-        &opts,
-        &mut |_| {},
-    )
-    .unwrap();
-    assert_eq!(e.generated_ids, gen);
+    let req = Request::Prepared {
+        prompt: engine.model.prompt(ids.clone()).unwrap(),
+        pixels: px.to_vec(),
+    };
+    let e = engine
+        .explain(&req, &opts, Method::FastRm, &mut |_| {})
+        .unwrap();
+    assert_eq!(e.generation.generated_ids, gen);
+    let maps: Vec<Vec<f32>> = e.tokens.into_iter().map(|t| t.map).collect();
     let (_, hidden) = exp.f32("hidden_final");
     let img_id = engine.config().image_token_id;
     let keys: Vec<f32> = (0..ids.len())
         .filter(|&i| ids[i] == img_id)
         .flat_map(|i| hidden[i * dm..(i + 1) * dm].to_vec())
         .collect();
-    for (k, map) in e.maps.iter().enumerate() {
+    for (k, map) in maps.iter().enumerate() {
         let p = ids.len() - 1 + k;
         let want = reference(&w, &keys, &hidden[p * dm..(p + 1) * dm]);
         assert_eq!(map.len(), 25);

@@ -7,7 +7,7 @@ mod common;
 use common::{fixture_dir, fixture_image, read_safetensors};
 use fastrm::backend::cpu::Cpu;
 use fastrm::checkpoint::{Checkpoint, DType};
-use fastrm::{Engine, GenerateOptions};
+use fastrm::{Engine, GenerateOptions, Request};
 
 #[test]
 fn every_layout_and_dtype_gives_the_same_weights() {
@@ -72,13 +72,10 @@ fn every_layout_and_dtype_gives_the_same_weights() {
             stop_at_eos: false,
             keep_steps: false,
         };
-        let g = engine
-            .generate(&fixture_image("tiny"), "What is this?", &opts)
-            .unwrap();
+        let req = Request::question(fixture_image("tiny"), "What is this?");
+        let g = engine.generate(&req, &opts).unwrap();
         let f32_engine = Engine::load(Cpu, &base).unwrap();
-        let g32 = f32_engine
-            .generate(&fixture_image("tiny"), "What is this?", &opts)
-            .unwrap();
+        let g32 = f32_engine.generate(&req, &opts).unwrap();
         assert_eq!(g.generated_ids, g32.generated_ids, "{sub}: first token");
     }
 }
@@ -99,9 +96,10 @@ fn synthetic_weights_build_the_same_program() {
         stop_at_eos: false,
         keep_steps: true,
     };
+    let prompt = engine.model.prompt(ids).unwrap();
     let g = engine
         .model
-        .generate_ids(&engine.backend, &ids, &pixels, &opts)
+        .generate(&engine.backend, prompt.clone(), &pixels, &opts)
         .unwrap();
     assert_eq!(g.generated_ids.len(), 3);
     assert!(g.step_logits.iter().flatten().all(|x| x.is_finite()));
@@ -109,7 +107,7 @@ fn synthetic_weights_build_the_same_program() {
     let again = Engine::synthetic(Cpu, &cfg, 7).unwrap();
     let g2 = again
         .model
-        .generate_ids(&again.backend, &ids, &pixels, &opts)
+        .generate(&again.backend, prompt, &pixels, &opts)
         .unwrap();
     assert_eq!(g.step_logits, g2.step_logits);
 }

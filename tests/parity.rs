@@ -8,7 +8,7 @@ mod common;
 use common::{assert_close, fixture_dir, fixture_image, Expected};
 use fastrm::backend::cpu::Cpu;
 use fastrm::backend::Backend;
-use fastrm::{Engine, GenerateOptions};
+use fastrm::{Engine, GenerateOptions, Request};
 
 const TOL: f32 = 1e-4;
 
@@ -19,7 +19,7 @@ fn parity(name: &str) {
     let question = &exp.meta["question"];
 
     // Image and text inputs, each from the raw file / string.
-    let pixels = engine.pixels(&fixture_image(name)).unwrap();
+    let pixels = engine.pixels(&fixture_image(name).into()).unwrap();
     let (_, want_px) = exp.f32("pixel_values");
     let max_px = pixels
         .iter()
@@ -30,7 +30,8 @@ fn parity(name: &str) {
         max_px <= 1e-5,
         "{name}: pixel values differ by up to {max_px:e}"
     );
-    let ids = engine.prompt_ids(question).unwrap();
+    let prompt = engine.prompt(question).unwrap();
+    let ids = prompt.ids().to_vec();
     assert_eq!(ids, exp.ids("input_ids"), "{name}: expanded prompt ids");
 
     // Vision tower and projector on the oracle's pixels, so their errors are their own.
@@ -55,7 +56,7 @@ fn parity(name: &str) {
         stop_at_eos: false,
         keep_steps: true,
     };
-    let g = engine.model.generate_ids(b, &ids, want_px, &opts).unwrap();
+    let g = engine.model.generate(b, prompt, want_px, &opts).unwrap();
     assert_eq!(g.generated_ids, want_gen, "{name}: generated ids");
     let (lshape, want_logits) = exp.f32("logits");
     let vocab = lshape[1];
@@ -100,7 +101,10 @@ fn parity(name: &str) {
 
     // The whole pipeline from files, as the CLI runs it.
     let out = engine
-        .generate(&fixture_image(name), question, &opts)
+        .generate(
+            &Request::question(fixture_image(name), question.as_str()),
+            &opts,
+        )
         .unwrap();
     assert_eq!(
         out.generated_ids, want_gen,

@@ -6,11 +6,9 @@ mod common;
 
 use common::{assert_close, fixture_dir, Expected};
 use fastrm::backend::cpu::Cpu;
-use fastrm::explain::{
-    chefer_row, default_gradcam_layer, explain_ids, teacher_forced_maps, Method, RowMode,
-};
+use fastrm::explain::{chefer_row, default_gradcam_layer, Method, RowMode};
 use fastrm::model::llama::KvCache;
-use fastrm::{Engine, GenerateOptions};
+use fastrm::{Engine, GenerateOptions, Request};
 
 fn maps_match(name: &str) {
     let exp = Expected::load(name);
@@ -19,9 +17,7 @@ fn maps_match(name: &str) {
     let (_, px) = exp.f32("pixel_values");
     let (shape, want) = exp.f32("relevancy");
     let mode = RowMode::Streamed;
-    let (b, m) = (&engine.backend, &engine.model);
-    let maps =
-        teacher_forced_maps(b, m, &ids, px, &gen, Method::Baseline { mode }, &mut |_| {}).unwrap();
+    let maps = explain_prepared(&engine, &ids, px, &gen, Method::Baseline { mode });
     assert_eq!(maps.len(), shape[0]);
     for (t, m) in maps.iter().enumerate() {
         let w = &want[t * shape[1]..(t + 1) * shape[1]];
@@ -51,7 +47,9 @@ fn cams_at_step0_and_full_r() {
     let (ids, gen) = (exp.ids("input_ids"), exp.ids("generated_ids"));
     let (_, px) = exp.f32("pixel_values");
     let (_, img) = m.encode_image(b, px).unwrap();
-    let x = m.embed_prompt(b, &ids, &img).unwrap();
+    let x = m
+        .embed_prompt(b, &m.prompt(ids.clone()).unwrap(), &img)
+        .unwrap();
     let mut cache = KvCache::new(b, &m.cfg.text, ids.len()).unwrap();
     let (_, saved) = m.llm.forward_saving(b, x, &mut cache).unwrap();
     let p = ids.len() - 1;
@@ -94,29 +92,41 @@ fn cams_at_step0_and_full_r() {
     .is_err());
 }
 
-/// Runs `explain_ids` on a fixture's prompt and pixels with its generation length.
-fn explain_fixture(name: &str, method: Method) -> Vec<Vec<f32>> {
-    let exp = Expected::load(name);
-    let engine = Engine::load(Cpu, &fixture_dir(name)).unwrap();
-    let gen = exp.ids("generated_ids");
+/// Maps of `method` for the fixture's prompt and pixels, from the engine's one-pass run; the
+/// greedy answer must be the oracle's `gen`.
+fn explain_prepared(
+    engine: &Engine<Cpu>,
+    ids: &[u32],
+    px: &[f32],
+    gen: &[u32],
+    method: Method,
+) -> Vec<Vec<f32>> {
     let opts = GenerateOptions {
         max_new_tokens: gen.len(),
         stop_at_eos: false,
         keep_steps: false,
     };
+    let req = Request::Prepared {
+        prompt: engine.model.prompt(ids.to_vec()).unwrap(),
+        pixels: px.to_vec(),
+    };
+    let e = engine.explain(&req, &opts, method, &mut |_| {}).unwrap();
+    assert_eq!(e.generation.generated_ids, gen, "{method:?}: generated ids");
+    e.tokens.into_iter().map(|t| t.map).collect()
+}
+
+/// Runs `method` on a fixture's prompt and pixels with its generation length.
+fn explain_fixture(name: &str, method: Method) -> Vec<Vec<f32>> {
+    let exp = Expected::load(name);
+    let engine = Engine::load(Cpu, &fixture_dir(name)).unwrap();
     let (_, px) = exp.f32("pixel_values");
-    let e = explain_ids(
-        &engine.backend,
-        &engine.model,
+    explain_prepared(
+        &engine,
         &exp.ids("input_ids"),
         px,
-        &opts,
+        &exp.ids("generated_ids"),
         method,
-        &mut |_| {},
     )
-    .unwrap();
-    assert_eq!(e.generated_ids, gen, "{name} {method:?}: generated ids");
-    e.maps
 }
 
 fn check_rows(what: &str, maps: &[Vec<f32>], want: &[f32], p: usize) {

@@ -33,10 +33,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::cpu::Cpu;
 use crate::backend::Backend;
-use crate::engine::{Engine, GenerateOptions, Method};
+use crate::engine::{CancelToken, Engine, GenerateOptions, Item, Method, Request, RunOptions};
 use crate::error::{Error, Result};
 use crate::explain::RowMode;
-use crate::model::llava::StepHook;
 use crate::status::{self, StatusLine};
 
 pub use cli::{DistillArgs, DistillMethod};
@@ -497,32 +496,6 @@ fn canonical(p: &Path) -> Result<String> {
         .to_string())
 }
 
-/// Collects the hidden states the head trains on during a hooked greedy run.
-struct HiddenHook {
-    image_pos: Vec<usize>,
-    image_hidden: Vec<f32>,
-    tokens: Vec<Vec<f32>>,
-}
-
-impl<B: Backend> StepHook<B> for HiddenHook {
-    fn prefilled(&mut self, b: &B, hidden: &B::Tensor) -> Result<()> {
-        let (_, d) = b.dims(hidden);
-        let all = b.download(hidden)?;
-        self.image_hidden = Vec::with_capacity(self.image_pos.len() * d);
-        for &p in &self.image_pos {
-            self.image_hidden
-                .extend_from_slice(&all[p * d..(p + 1) * d]);
-        }
-        Ok(())
-    }
-
-    fn token(&mut self, b: &B, index: usize, hidden: &B::Tensor) -> Result<()> {
-        debug_assert_eq!(index, self.tokens.len());
-        self.tokens.push(b.download(hidden)?);
-        Ok(())
-    }
-}
-
 /// A sample worked through: its record, image hidden states `[P·D]` and per token (id, hidden
 /// `[D]`, map `[P]`).
 pub struct Distilled {
@@ -531,8 +504,8 @@ pub struct Distilled {
     pub tokens: Vec<(u32, Vec<f32>, Vec<f32>)>,
 }
 
-/// Runs one sample: the explain run (answer + maps, reported to `observer`) and the hooked run
-/// (hidden states).
+/// Runs one sample in one pass — one vision pass, one prefill, the decode steps — that gives the
+/// answer, the baseline's maps and the hidden states together; every item goes to `observer`.
 #[allow(clippy::too_many_arguments)]
 pub fn distill_sample<B: Backend>(
     engine: &Engine<B>,
@@ -542,58 +515,72 @@ pub fn distill_sample<B: Backend>(
     suffix: &str,
     method: Method,
     opts: &GenerateOptions,
-    observer: &mut dyn FnMut(crate::engine::Event),
+    observer: &mut dyn FnMut(&Item),
 ) -> Result<Distilled> {
-    let prompt = format!("{}{suffix}", entry.question);
-    let ctx = |e: Error| Error::input(format!("question {} ({}): {e}", entry.id, image.display()));
-    let ex = engine
-        .explain_observed(image, &prompt, opts, method, observer)
-        .map_err(ctx)?;
-    let ids = &ex.generation.input_ids;
-    let pixels = engine.pixels(image).map_err(ctx)?;
-    let img_id = engine.config().image_token_id;
-    let mut hook = HiddenHook {
-        image_pos: (0..ids.len()).filter(|&i| ids[i] == img_id).collect(),
-        image_hidden: Vec::new(),
-        tokens: Vec::new(),
+    let ctx = |e: Error| match e {
+        Error::Cancelled => e,
+        e => Error::input(format!("question {} ({}): {e}", entry.id, image.display())),
     };
-    let g = engine
-        .model
-        .generate_ids_hooked(&engine.backend, ids, &pixels, opts, &mut |_| {}, &mut hook)
-        .map_err(ctx)?;
-    if g.generated_ids != ex.generation.generated_ids
-        || hook.tokens.len() != ex.tokens.len()
-        || ex.tokens.len() != g.generated_ids.len()
-    {
-        return Err(Error::input(format!(
-            "question {}: the hidden-state run generated {:?} but the explain run {:?} \
-             (both are greedy on the same model; this is a bug)",
-            entry.id, g.generated_ids, ex.generation.generated_ids
-        )));
+    let req = Request::question(image, format!("{}{suffix}", entry.question));
+    let run = RunOptions {
+        generate: opts.clone(),
+        method: Some(method),
+        hidden_states: true,
+    };
+    let mut image_hidden = Vec::new();
+    let mut hidden: Vec<Vec<f32>> = Vec::new();
+    let mut maps: Vec<Option<Vec<f32>>> = Vec::new();
+    for item in engine.stream(&req, &run, &CancelToken::default()) {
+        let item = item.map_err(ctx)?;
+        observer(&item);
+        match item {
+            Item::Prefilled {
+                image_hidden: Some(h),
+                ..
+            } => image_hidden = h,
+            Item::Token(t) => {
+                hidden.push(t.hidden.unwrap_or_default());
+                maps.push(t.map.map(|m| m.map));
+            }
+            Item::Map(m) => {
+                if let Some(slot) = maps.get_mut(m.index) {
+                    *slot = Some(m.map);
+                }
+            }
+            Item::Done(summary) => {
+                let tokens = summary
+                    .generated_ids
+                    .iter()
+                    .zip(hidden)
+                    .zip(maps)
+                    .map(|((&id, h), m)| {
+                        m.map(|m| (id, h, m)).ok_or_else(|| {
+                            Error::Backend(format!("question {}: a token has no map", entry.id))
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                return Ok(Distilled {
+                    record: SampleRecord {
+                        sample,
+                        question_id: entry.id,
+                        question: entry.question.clone(),
+                        image: image.display().to_string(),
+                        answer: summary.text,
+                        answers: entry.answers.clone(),
+                        generated_ids: summary.generated_ids,
+                        stop_reason: summary.stop_reason.as_str().to_string(),
+                        qtype: entry.qtype.clone(),
+                        n_objects: entry.n_objects,
+                        target_mask: entry.target_mask.clone(),
+                    },
+                    image_hidden,
+                    tokens,
+                });
+            }
+            _ => {}
+        }
     }
-    let tokens = ex
-        .tokens
-        .into_iter()
-        .zip(hook.tokens)
-        .map(|(t, h)| (t.id, h, t.map))
-        .collect();
-    Ok(Distilled {
-        record: SampleRecord {
-            sample,
-            question_id: entry.id,
-            question: entry.question.clone(),
-            image: image.display().to_string(),
-            answer: ex.generation.text,
-            answers: entry.answers.clone(),
-            generated_ids: ex.generation.generated_ids,
-            stop_reason: ex.generation.stop_reason.as_str().to_string(),
-            qtype: entry.qtype.clone(),
-            n_objects: entry.n_objects,
-            target_mask: entry.target_mask.clone(),
-        },
-        image_hidden: hook.image_hidden,
-        tokens,
-    })
+    Err(Error::Backend("the run ended without a summary".into()))
 }
 
 /// A sample-level progress bar with an ETA on the status line, the current sample's step appended.
@@ -627,13 +614,13 @@ impl Progress {
     }
 
     /// Within a sample: which token is generated or explained.
-    fn event(&self, e: crate::engine::Event) {
-        use crate::engine::Event;
-        let step = match e {
-            Event::ImageEncoded => "prefill".to_string(),
-            Event::Prefilled { .. } => "generating".to_string(),
-            Event::Token { index, .. } => format!("token {}", index + 1),
-            Event::Explained { index } => format!("map {}", index + 1),
+    fn event(&self, item: &Item) {
+        let step = match item {
+            Item::ImageEncoded => "prefill".to_string(),
+            Item::Prefilled { .. } => "generating".to_string(),
+            Item::Token(t) => format!("token {}", t.index + 1),
+            Item::Map(m) => format!("map {}", m.index + 1),
+            _ => return,
         };
         self.status.say(&format!("{} · {step}", self.line));
     }

@@ -33,7 +33,10 @@ use crate::engine::{Engine, GenerateOptions, Method};
 use crate::error::{Error, Result};
 use crate::explain::fastrm::{FastRmHead, HeadWeights};
 use crate::explain::report::Staging;
-use crate::explain::{default_gradcam_layer, map_entropy, Confidence, RowMode};
+use crate::explain::{
+    default_gradcam_layer, gradient_map, incremental_maps, map_entropy, Confidence, RowMode,
+};
+use crate::model::session::{Mode, Session};
 use crate::render::plot::{line_plot, Axis, LinePlot, Marker, Series, PALETTE};
 use crate::render::write_png;
 use crate::status::StatusLine;
@@ -340,23 +343,38 @@ pub fn run(args: EvalArgs) -> Result<()> {
         };
         let img = crate::vision::load_image(&image_path).map_err(ctx)?;
         let pixels = crate::vision::preprocess(&img, &engine.preprocess).map_err(ctx)?;
-        let ids = engine
-            .prompt_ids(&format!("{}{}", entry.question, manifest.suffix))
+        let prompt = engine
+            .prompt(&format!("{}{}", entry.question, manifest.suffix))
             .map_err(ctx)?;
-        let image_pos: Vec<usize> = (0..ids.len())
-            .filter(|&i| ids[i] == cfg.image_token_id)
-            .collect();
+        let image_pos = prompt.image_positions().to_vec();
         let (_, features) = engine.model.encode_image(&b, &pixels).map_err(ctx)?;
-        let reference = engine
-            .model
-            .generate_from_features(&b, &ids, &features, &opts, None, &mut |_| {}, &mut ())
-            .map_err(ctx)?;
+        // One saving run answers the question again (checked against the data set) and serves
+        // every gradient method's maps.
+        let mut reference = Session::prefill(
+            &b,
+            &engine.model,
+            prompt.clone(),
+            &features,
+            &opts,
+            Mode::SaveAll,
+        )
+        .map_err(ctx)?;
+        reference.run_to_end().map_err(ctx)?;
         generations += 1;
-        if reference.generated_ids != s.record.generated_ids || s.ids != s.record.generated_ids {
+        if s.ids != s.record.generated_ids {
+            return Err(Error::input(format!(
+                "sample {}: the shard's token rows give the answer {:?} but its record says {:?}: \
+                 the shard is inconsistent",
+                s.record.sample, s.ids, s.record.generated_ids
+            )));
+        }
+        if reference.generated() != s.record.generated_ids {
             return Err(Error::input(format!(
                 "sample {}: the model answers {:?} but the data set recorded {:?}: was the data set \
                  made with another model or question file?",
-                s.record.sample, reference.generated_ids, s.record.generated_ids
+                s.record.sample,
+                reference.generated(),
+                s.record.generated_ids
             )));
         }
         let answers = entry.answers.as_deref();
@@ -386,16 +404,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
 
         // Maps of the methods the data set does not hold, computed on demand.
         let teacher = |method: Method| -> Result<Vec<Vec<f32>>> {
-            crate::explain::teacher_forced_maps(
-                &b,
-                &engine.model,
-                &ids,
-                &pixels,
-                &s.ids,
-                method,
-                &mut |_| {},
-            )
-            .map_err(ctx)
+            (0..s.ids.len())
+                .map(|i| gradient_map(&reference, method, i))
+                .collect::<Result<_>>()
+                .map_err(ctx)
         };
         let mut gradcam: Option<Vec<Vec<f32>>> = None;
         let mut gradcam_maps = || -> Result<Vec<Vec<f32>>> {
@@ -456,24 +468,22 @@ pub fn run(args: EvalArgs) -> Result<()> {
                                 let ok = if n_removed == 0 {
                                     ok0
                                 } else {
-                                    let mut keep = vec![true; ids.len()];
+                                    let mut keep = vec![true; prompt.len()];
                                     for &j in &removed {
                                         keep[image_pos[j]] = false;
                                     }
-                                    let g = engine
-                                        .model
-                                        .generate_from_features(
-                                            &b,
-                                            &ids,
-                                            &features,
-                                            &opts,
-                                            Some(&keep),
-                                            &mut |_| {},
-                                            &mut (),
-                                        )
-                                        .map_err(ctx)?;
+                                    let mut run = Session::prefill(
+                                        &b,
+                                        &engine.model,
+                                        prompt.clone(),
+                                        &features,
+                                        &opts,
+                                        Mode::Masked(keep),
+                                    )
+                                    .map_err(ctx)?;
+                                    run.run_to_end().map_err(ctx)?;
                                     generations += 1;
-                                    let answer = text.decode(&g.generated_ids)?;
+                                    let answer = text.decode(run.generated())?;
                                     metrics::answer_correct(&answer, answers, &s.record.answer)
                                 };
                                 cache.insert(removed, ok);
@@ -514,25 +524,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
             })?;
             if on.iter().any(|&x| x) {
                 with_target += 1;
-                let incremental = || -> Result<Vec<Vec<f32>>> {
-                    let ex = crate::explain::explain_ids(
-                        &b,
-                        &engine.model,
-                        &ids,
-                        &pixels,
-                        &opts,
-                        Method::BaselineIncremental,
-                        &mut |_| {},
-                    )
-                    .map_err(ctx)?;
-                    if ex.generated_ids != s.ids {
-                        return Err(Error::input(format!(
-                            "sample {}: the incremental run answered {:?}, not {:?}",
-                            s.record.sample, ex.generated_ids, s.ids
-                        )));
-                    }
-                    Ok(ex.maps)
-                };
+                let incremental = || incremental_maps(&reference).map_err(ctx);
                 let (exact, incr) = if baseline_method == "baseline-incremental" {
                     (
                         teacher(Method::Baseline {

@@ -15,10 +15,9 @@
 //!   backward stops at that layer.
 //! - **Incremental** (LVLM-Interpret): see [`Incremental`].
 
-use crate::backend::{AttnShape, Backend, Cam};
-use crate::config::TextConfig;
+use crate::backend::{Backend, Cam};
 use crate::error::{Error, Result};
-use crate::model::llama::{KvCache, Llama, LlamaLayer, Saved, SavedLayer};
+use crate::model::llama::{KvCache, Llama, Saved};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RowMode {
@@ -35,163 +34,20 @@ pub struct Relevance {
     pub cams: Vec<Vec<f32>>,
 }
 
-/// Rows `start .. start + m` of every saved tensor of a layer.
-fn layer_rows<B: Backend>(
-    b: &B,
-    s: &SavedLayer<B>,
-    start: usize,
-    m: usize,
-) -> Result<SavedLayer<B>> {
-    Ok(SavedLayer {
-        x_in: b.slice_rows(&s.x_in, start, m)?,
-        q: b.slice_rows(&s.q, start, m)?,
-        x_mid: b.slice_rows(&s.x_mid, start, m)?,
-        gate: b.slice_rows(&s.gate, start, m)?,
-        up: b.slice_rows(&s.up, start, m)?,
-    })
-}
-
-/// `∂s/∂x_L` `[1, D]` for the target's raw logit at the row whose final residual is `x_last`
-/// (every other row's gradient is zero).
-fn seed<B: Backend>(b: &B, llm: &Llama<B>, x_last: &B::Tensor, target: u32) -> Result<B::Tensor> {
-    if target as usize >= llm.cfg.vocab_size {
-        return Err(Error::input(format!(
-            "target id {target} is outside the vocabulary"
-        )));
-    }
-    let w_row = b.slice_rows(&llm.lm_head, target as usize, 1)?;
-    b.rms_norm_bwd(x_last, &llm.norm, &w_row, llm.cfg.rms_norm_eps as f32)
-}
-
-/// Backward through a layer's MLP half, `x_out = x_mid + down(silu(gate) ⊙ up)` with
-/// `gate/up = W · rms(x_mid)`: `∂s/∂x_mid` from `∂s/∂x_out`, for the rows `s` holds.
-fn mlp_backward<B: Backend>(
-    b: &B,
-    l: &LlamaLayer<B>,
-    s: &SavedLayer<B>,
-    dx: &B::Tensor,
-    eps: f32,
-) -> Result<B::Tensor> {
-    let dg = b.linear_bwd(dx, &l.down)?;
-    let (dgate, dup) = b.silu_mul_bwd(&s.gate, &s.up, &dg)?;
-    let dh = b.add(&b.linear_bwd(&dgate, &l.gate)?, &b.linear_bwd(&dup, &l.up)?)?;
-    b.add(dx, &b.rms_norm_bwd(&s.x_mid, &l.mlp_norm, &dh, eps)?)
-}
-
-/// Causal attention geometry for `m` query rows at positions `pos0 ..` over keys `0 .. pos0 + m`.
-fn attn_shape(t: &TextConfig, pos0: usize, m: usize) -> AttnShape {
-    AttnShape {
-        n_heads: t.num_attention_heads,
-        n_kv_heads: t.num_key_value_heads,
-        head_dim: t.head_dim,
-        causal_q_pos0: Some(pos0),
-        kv_len: pos0 + m,
-    }
-}
-
-/// The top layer of an exact backward for the token at position `p`, where the incoming gradient
-/// `d_last` is non-zero in row p only: the MLP, the output projection, the query path and the
-/// attention rows run on that one row, and only keys and values carry gradient to every position
-/// `0 ..= p`. The same numbers as [`layer_backward`] over all rows, at a fraction of the work.
-/// Returns `∂s/∂x_in` `[p+1, D]` and row p of the layer's cam `[1, p+1]` when asked (the other
-/// rows of this layer's cam are zero).
-fn top_layer_backward<B: Backend>(
-    b: &B,
-    llm: &Llama<B>,
-    saved: &Saved<B>,
-    cache: &KvCache<B>,
-    p: usize,
-    d_last: &B::Tensor,
-    cam: Option<Cam>,
-) -> Result<(B::Tensor, Option<B::Tensor>)> {
-    let t = &llm.cfg;
-    let li = llm.layers.len() - 1;
-    let l = &llm.layers[li];
-    let eps = t.rms_norm_eps as f32;
-    let theta = t.rope_theta as f32;
-    let n = p + 1;
-    let s = layer_rows(b, &saved.layers[li], p, 1)?;
-    let dx_mid = mlp_backward(b, l, &s, d_last, eps)?;
-    let da = b.linear_bwd(&dx_mid, &l.o)?;
-    let g = b.attention_bwd(
-        &s.q,
-        &cache.k[li],
-        &cache.v[li],
-        &da,
-        attn_shape(t, p, 1),
-        cam,
-    )?;
-    let dq = b.rope_bwd(&g.dq, t.head_dim, p, theta)?;
-    let dk = b.rope_bwd(&g.dk, t.head_dim, 0, theta)?;
-    let mut dh = b.add(&b.linear_bwd(&dk, &l.k)?, &b.linear_bwd(&g.dv, &l.v)?)?;
-    let dh_p = b.add(&b.slice_rows(&dh, p, 1)?, &b.linear_bwd(&dq, &l.q)?)?;
-    b.copy_rows_into(&mut dh, p, &dh_p)?;
-    let x_in = b.slice_rows(&saved.layers[li].x_in, 0, n)?;
-    let mut dx = b.rms_norm_bwd(&x_in, &l.attn_norm, &dh, eps)?;
-    let dx_p = b.add(&b.slice_rows(&dx, p, 1)?, &dx_mid)?;
-    b.copy_rows_into(&mut dx, p, &dx_p)?;
-    Ok((dx, g.cam))
-}
-
-/// Backward through decoder layer `li` for rows at positions `pos0 .. pos0 + m` (the rows `s` and
-/// `dx` hold). Keys and values of positions before `pos0` are constants (the cache); those of the
-/// rows themselves get their gradient. Returns `∂s/∂x_in` `[m, D]` and the cam rows
-/// `[m, pos0 + m]` when asked.
-fn layer_backward<B: Backend>(
-    b: &B,
-    llm: &Llama<B>,
-    li: usize,
-    s: &SavedLayer<B>,
-    cache: &KvCache<B>,
-    pos0: usize,
-    dx: &B::Tensor,
-    cam: Option<Cam>,
-) -> Result<(B::Tensor, Option<B::Tensor>)> {
-    let t = &llm.cfg;
-    let l = &llm.layers[li];
-    let eps = t.rms_norm_eps as f32;
-    let theta = t.rope_theta as f32;
-    let (m, _) = b.dims(dx);
-    let dx_mid = mlp_backward(b, l, s, dx, eps)?;
-    // Attention: x_mid = x_in + o(attn(rope(q), rope(k), v)), q/k/v = W · rms(x_in).
-    let da = b.linear_bwd(&dx_mid, &l.o)?;
-    let shape = attn_shape(t, pos0, m);
-    let g = b.attention_bwd(&s.q, &cache.k[li], &cache.v[li], &da, shape, cam)?;
-    let (dk, dv) = if pos0 == 0 {
-        (g.dk, g.dv)
-    } else {
-        (b.slice_rows(&g.dk, pos0, m)?, b.slice_rows(&g.dv, pos0, m)?)
-    };
-    let dq = b.rope_bwd(&g.dq, t.head_dim, pos0, theta)?;
-    let dk = b.rope_bwd(&dk, t.head_dim, pos0, theta)?;
-    let dh = b.add(
-        &b.add(&b.linear_bwd(&dq, &l.q)?, &b.linear_bwd(&dk, &l.k)?)?,
-        &b.linear_bwd(&dv, &l.v)?,
-    )?;
-    let dx_in = b.add(&dx_mid, &b.rms_norm_bwd(&s.x_in, &l.attn_norm, &dh, eps)?)?;
-    Ok((dx_in, g.cam))
-}
-
-fn check_saved<'a, B: Backend>(
-    saved: &'a Saved<B>,
-    cache: &KvCache<B>,
-    p: usize,
-) -> Result<&'a B::Tensor> {
+/// The saved forward must start at position 0 and reach `p`.
+fn check_saved<B: Backend>(saved: &Saved<B>, p: usize) -> Result<()> {
     if saved.pos0 != 0 {
         return Err(Error::input(
             "the exact backward needs a saving forward from position 0",
         ));
     }
-    if p >= cache.len {
+    if p >= saved.len {
         return Err(Error::input(format!(
             "position {p} is past the {} positions of the saved forward",
-            cache.len
+            saved.len
         )));
     }
-    saved
-        .x_out
-        .as_ref()
-        .ok_or_else(|| Error::input("the saved forward is incomplete"))
+    Ok(())
 }
 
 /// Exact relevance row of the token `target` produced at position `p`, from a saving forward over
@@ -206,12 +62,12 @@ pub fn chefer_row<B: Backend>(
     mode: RowMode,
     keep_cams: bool,
 ) -> Result<Relevance> {
-    let x_out = check_saved(saved, cache, p)?;
+    check_saved(saved, p)?;
     let n = p + 1;
     let no_cam = || Error::Backend("attention_bwd returned no cam".into());
-    let d_last = seed(b, llm, &b.slice_rows(x_out, p, 1)?, target)?;
+    let d_last = llm.backward_seed(b, &llm.saved_output(b, saved, p)?, target)?;
     let top = llm.layers.len() - 1;
-    let (mut dx, cam_p) = top_layer_backward(b, llm, saved, cache, p, &d_last, Some(Cam::Chefer))?;
+    let (mut dx, cam_p) = llm.backward_top(b, saved, cache, p, &d_last, Some(Cam::Chefer))?;
     let cam_p = cam_p.ok_or_else(no_cam)?;
     // v = e_p; the top layer's cam is zero outside row p, so v + v·C_top = e_p + C_top[p].
     let mut e_p = vec![0.0f32; n];
@@ -224,8 +80,7 @@ pub fn chefer_row<B: Backend>(
         cams[top] = Some(full);
     }
     for li in (0..top).rev() {
-        let s = layer_rows(b, &saved.layers[li], 0, n)?;
-        let (d, cam) = layer_backward(b, llm, li, &s, cache, 0, &dx, Some(Cam::Chefer))?;
+        let (d, cam) = llm.backward_layer(b, li, saved, cache, 0, &dx, Some(Cam::Chefer))?;
         dx = d;
         let cam = cam.ok_or_else(no_cam)?;
         if mode == RowMode::Streamed {
@@ -277,19 +132,17 @@ pub fn gradcam_row<B: Backend>(
             n_layers - 1
         )));
     }
-    let x_out = check_saved(saved, cache, p)?;
-    let n = p + 1;
-    let d_last = seed(b, llm, &b.slice_rows(x_out, p, 1)?, target)?;
+    check_saved(saved, p)?;
+    let d_last = llm.backward_seed(b, &llm.saved_output(b, saved, p)?, target)?;
     let top = n_layers - 1;
     let cam = (layer == top).then_some(Cam::GradCam);
-    let (mut dx, c) = top_layer_backward(b, llm, saved, cache, p, &d_last, cam)?;
+    let (mut dx, c) = llm.backward_top(b, saved, cache, p, &d_last, cam)?;
     if let Some(c) = c {
         return b.download(&c);
     }
     for li in (layer..top).rev() {
-        let s = layer_rows(b, &saved.layers[li], 0, n)?;
         let cam = (li == layer).then_some(Cam::GradCam);
-        let (d, c) = layer_backward(b, llm, li, &s, cache, 0, &dx, cam)?;
+        let (d, c) = llm.backward_layer(b, li, saved, cache, 0, &dx, cam)?;
         if let Some(c) = c {
             return b.download(&b.slice_rows(&c, p, 1)?);
         }
@@ -313,19 +166,19 @@ pub struct Incremental {
 }
 
 impl Incremental {
-    /// Starts from the first generated token: `saved`/`cache` come from the saving prefill over the
-    /// `n` prompt positions, `target` is the first generated id. Returns the tracker and the first
-    /// token's row over positions `0 .. n`.
+    /// Starts from the first generated token: `saved`/`cache` come from a saving forward from
+    /// position 0 over at least the `n` prompt positions, `target` is the first generated id.
+    /// Returns the tracker and the first token's row over positions `0 .. n`.
     pub fn start<B: Backend>(
         b: &B,
         llm: &Llama<B>,
         saved: &Saved<B>,
         cache: &KvCache<B>,
+        n: usize,
         target: u32,
         capacity: usize,
     ) -> Result<(Self, Vec<f32>)> {
-        let n = cache.len;
-        if capacity < n {
+        if n == 0 || capacity < n {
             return Err(Error::input(
                 "incremental relevancy capacity is below the prompt length",
             ));
@@ -347,9 +200,10 @@ impl Incremental {
         ))
     }
 
-    /// Token produced by a decode step that ran one row at position `p = len` with a saving
-    /// forward (`saved.pos0 == p`, the cache holding `p + 1` positions): adds row p to every `Ĉ_l`
-    /// and returns the token's relevance row over positions `0 ..= p`.
+    /// Token produced by the decode step at position `p = len`, whose saved activations `saved`
+    /// holds (the step's own, or a whole sequence's), the cache holding at least `p + 1` positions
+    /// (later ones are not read): adds row p to every `Ĉ_l` and returns the token's relevance row
+    /// over positions `0 ..= p`.
     pub fn step<B: Backend>(
         &mut self,
         b: &B,
@@ -359,29 +213,16 @@ impl Incremental {
         target: u32,
     ) -> Result<Vec<f32>> {
         let p = self.len;
-        if saved.pos0 != p || cache.len != p + 1 || p >= self.capacity {
+        if p < saved.pos0 || p >= saved.pos0 + saved.len || cache.len <= p || p >= self.capacity {
             return Err(Error::input(format!(
                 "incremental step expects one new row at position {p} (saved from {}, cache {}, capacity {})",
                 saved.pos0, cache.len, self.capacity
             )));
         }
-        let x_out = saved
-            .x_out
-            .as_ref()
-            .ok_or_else(|| Error::input("the saved decode step is incomplete"))?;
-        let mut dx = seed(b, llm, x_out, target)?;
+        let mut dx = llm.backward_seed(b, &llm.saved_output(b, saved, p)?, target)?;
         let c = self.capacity;
         for li in (0..llm.layers.len()).rev() {
-            let (d, cam) = layer_backward(
-                b,
-                llm,
-                li,
-                &saved.layers[li],
-                cache,
-                p,
-                &dx,
-                Some(Cam::Chefer),
-            )?;
+            let (d, cam) = llm.backward_layer(b, li, saved, cache, p, &dx, Some(Cam::Chefer))?;
             dx = d;
             let cam = b.download(
                 &cam.ok_or_else(|| Error::Backend("attention_bwd returned no cam".into()))?,

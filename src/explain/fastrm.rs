@@ -17,7 +17,6 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::backend::{with_memory_tag, Backend, MemTag};
 use crate::error::{Error, Result};
-use crate::model::llava::StepHook;
 use crate::model::SplitMix64;
 
 /// Which hidden state the head reads. Only one exists so far; the name is in the file so a head
@@ -322,51 +321,5 @@ impl<B: Backend> FastRmHead<B> {
             .into_iter()
             .map(|v| 1.0 / (1.0 + (-s * v).exp()))
             .collect())
-    }
-}
-
-/// Generation hook: folds at prefill, scores every generated token on the device.
-pub struct FastRmHook<'a, B: Backend> {
-    pub head: &'a FastRmHead<B>,
-    /// Image positions within the prompt, in order.
-    pub image_pos: Vec<usize>,
-    pub folded: Option<Folded<B>>,
-    pub maps: Vec<Vec<f32>>,
-    /// Seconds spent in the fold and the per-token scores.
-    pub seconds: f64,
-}
-
-impl<B: Backend> StepHook<B> for FastRmHook<'_, B> {
-    fn prefilled(&mut self, b: &B, hidden: &B::Tensor) -> Result<()> {
-        let t = std::time::Instant::now();
-        // Gather the image rows into one [P, D] tensor, one copy per contiguous run (LLaVA-1.5
-        // prompts have a single run).
-        let (_, d) = b.dims(hidden);
-        let mut img = b.zeros(self.image_pos.len(), d)?;
-        let mut i = 0;
-        while i < self.image_pos.len() {
-            let start = i;
-            while i + 1 < self.image_pos.len() && self.image_pos[i + 1] == self.image_pos[i] + 1 {
-                i += 1;
-            }
-            i += 1;
-            let run = b.slice_rows(hidden, self.image_pos[start], i - start)?;
-            b.copy_rows_into(&mut img, start, &run)?;
-        }
-        self.folded = Some(self.head.fold(b, &img)?);
-        self.seconds += t.elapsed().as_secs_f64();
-        Ok(())
-    }
-
-    fn token(&mut self, b: &B, _index: usize, hidden: &B::Tensor) -> Result<()> {
-        let t = std::time::Instant::now();
-        let folded = self
-            .folded
-            .as_ref()
-            .ok_or_else(|| Error::input("FastRM scored a token before the prompt was folded"))?;
-        self.maps
-            .push(b.download(&self.head.scores(b, folded, hidden)?)?);
-        self.seconds += t.elapsed().as_secs_f64();
-        Ok(())
     }
 }

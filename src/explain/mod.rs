@@ -1,7 +1,7 @@
 //! Per-token relevancy maps over the image patches.
 //!
-//! [`explain_ids`] runs greedy generation and produces one raw map per generated token with the
-//! chosen [`Method`]; [`map_entropy`] is the per-token confidence signal (DESIGN §4).
+//! A [`Method`] makes one raw map per generated token; its [`Mapper`] does the method's work around
+//! a generation [`Session`]. [`map_entropy`] is the per-token confidence signal.
 
 pub mod baseline;
 pub mod fastrm;
@@ -9,8 +9,7 @@ pub mod report;
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::model::llama::KvCache;
-use crate::model::llava::{Event, GenerateOptions, StopReason, Timings};
+use crate::model::session::{Mode, Session};
 use crate::model::Llava;
 
 pub use baseline::{chefer_row, gradcam_row, Incremental, Relevance, RowMode};
@@ -28,6 +27,12 @@ pub enum Method {
     FastRm,
 }
 
+impl serde::Serialize for Method {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
 impl Method {
     pub fn name(&self) -> &'static str {
         match self {
@@ -43,16 +48,6 @@ impl Method {
 /// takes it — late enough to be about the answer, early enough to still be spatial.
 pub fn default_gradcam_layer(n_layers: usize) -> usize {
     n_layers / 2
-}
-
-pub struct Explanation {
-    pub generated_ids: Vec<u32>,
-    pub stop_reason: StopReason,
-    /// One raw map per generated token over the image positions, in prompt order.
-    pub maps: Vec<Vec<f32>>,
-    pub timings: Timings,
-    /// Seconds spent on the maps alone (backwards and folds; the saving forward included).
-    pub maps_s: f64,
 }
 
 /// Entropy of a map normalised to a distribution, divided by `ln(n)` so it lies in [0, 1]:
@@ -85,6 +80,18 @@ pub struct Confidence {
     pub threshold: Option<f32>,
     /// How many tokens the mean is over (the answer's tokens, EOS left out).
     pub tokens: usize,
+}
+
+impl serde::Serialize for Confidence {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("Confidence", 4)?;
+        st.serialize_field("mean_entropy", &self.mean_entropy)?;
+        st.serialize_field("threshold", &self.threshold)?;
+        st.serialize_field("verdict", self.verdict())?;
+        st.serialize_field("tokens", &self.tokens)?;
+        st.end()
+    }
 }
 
 impl Confidence {
@@ -123,214 +130,166 @@ impl Confidence {
     }
 }
 
-/// Greedy generation with a relevancy map per generated token.
-pub fn explain_ids<B: Backend>(
-    b: &B,
-    model: &Llava<B>,
-    ids: &[u32],
-    pixels: &[f32],
-    opts: &GenerateOptions,
-    method: Method,
-    observer: &mut dyn FnMut(Event),
-) -> Result<Explanation> {
-    if let Method::GradCam { layer } = method {
-        let n = model.cfg.text.num_hidden_layers;
-        if layer >= n {
-            return Err(Error::input(format!(
-                "GradCAM layer {layer} does not exist: the decoder has layers 0..{}",
-                n - 1
-            )));
-        }
-    }
-    let image_pos: Vec<usize> = ids
-        .iter()
-        .enumerate()
-        .filter(|(_, &id)| id == model.cfg.image_token_id)
-        .map(|(i, _)| i)
-        .collect();
-    let pick = |row: &[f32]| -> Vec<f32> { image_pos.iter().map(|&j| row[j]).collect() };
-    match method {
-        Method::FastRm => Err(Error::input(
-            "the FastRM method needs a head: use explain_fastrm",
-        )),
-        Method::BaselineIncremental => incremental(b, model, ids, pixels, opts, observer, &pick),
-        Method::Baseline { .. } | Method::GradCam { .. } => {
-            let g = model.generate_ids_observed(b, ids, pixels, opts, observer)?;
-            let t0 = std::time::Instant::now();
-            let maps =
-                teacher_forced_maps(b, model, ids, pixels, &g.generated_ids, method, observer)?;
-            Ok(Explanation {
-                generated_ids: g.generated_ids,
-                stop_reason: g.stop_reason,
-                maps,
-                timings: g.timings,
-                maps_s: t0.elapsed().as_secs_f64(),
-            })
-        }
-    }
+/// A method's work around one [`Session`]: which mode the session runs in, what happens after
+/// prefill, and each token's map — during generation (FastRM, the incremental baseline) or after
+/// it (the exact baseline and GradCAM, whose backwards need every position's activations).
+pub enum Mapper<'h, B: Backend> {
+    FastRm {
+        head: &'h fastrm::FastRmHead<B>,
+        folded: Option<fastrm::Folded<B>>,
+    },
+    Incremental(Option<Incremental>),
+    AfterGeneration(Method),
 }
 
-/// A saving forward from position 0 over the prompt and every generated id but the last (which is
-/// explained from the position before it and never fed back).
-fn teacher_forced<B: Backend>(
-    b: &B,
-    model: &Llava<B>,
-    ids: &[u32],
-    pixels: &[f32],
-    generated: &[u32],
-) -> Result<(crate::model::llama::Saved<B>, KvCache<B>)> {
-    if generated.is_empty() {
-        return Err(Error::input("no generated tokens to explain"));
+impl<'h, B: Backend> Mapper<'h, B> {
+    /// The mapper of `method`; FastRM needs `head`. Checks the method against the model.
+    pub fn new(
+        method: Method,
+        head: Option<&'h fastrm::FastRmHead<B>>,
+        model: &Llava<B>,
+    ) -> Result<Self> {
+        Ok(match method {
+            Method::FastRm => Mapper::FastRm {
+                head: head.ok_or_else(|| {
+                    Error::input("no FastRM head loaded: pass --head FILE (head.safetensors)")
+                })?,
+                folded: None,
+            },
+            Method::BaselineIncremental => Mapper::Incremental(None),
+            Method::GradCam { layer } => {
+                let n = model.cfg.text.num_hidden_layers;
+                if layer >= n {
+                    return Err(Error::input(format!(
+                        "GradCAM layer {layer} does not exist: the decoder has layers 0..{}",
+                        n - 1
+                    )));
+                }
+                Mapper::AfterGeneration(method)
+            }
+            Method::Baseline { .. } => Mapper::AfterGeneration(method),
+        })
     }
-    let n = ids.len();
-    let (_, image) = model.encode_image(b, pixels)?;
-    let prompt = model.embed_prompt(b, ids, &image)?;
-    let fed = &generated[..generated.len() - 1];
-    let total = n + fed.len();
-    let mut x = b.zeros(total, model.cfg.text.hidden_size)?;
-    b.copy_rows_into(&mut x, 0, &prompt)?;
-    if !fed.is_empty() {
-        b.copy_rows_into(&mut x, n, &b.embedding(&model.llm.embed, fed)?)?;
-    }
-    let mut cache = KvCache::new(b, &model.cfg.text, total)?;
-    let (_, saved) = model.llm.forward_saving(b, x, &mut cache)?;
-    Ok((saved, cache))
-}
 
-/// Maps of the exact baseline or GradCAM for given generated ids, one per token over the image
-/// positions: one saving forward over the prompt and the ids (teacher forced), then one backward
-/// per token from its logit.
-pub fn teacher_forced_maps<B: Backend>(
-    b: &B,
-    model: &Llava<B>,
-    ids: &[u32],
-    pixels: &[f32],
-    generated: &[u32],
-    method: Method,
-    observer: &mut dyn FnMut(Event),
-) -> Result<Vec<Vec<f32>>> {
-    let (saved, cache) = teacher_forced(b, model, ids, pixels, generated)?;
-    let image_pos: Vec<usize> = (0..ids.len())
-        .filter(|&i| ids[i] == model.cfg.image_token_id)
-        .collect();
-    let mut maps = Vec::with_capacity(generated.len());
-    for (t, &y) in generated.iter().enumerate() {
-        let p = ids.len() - 1 + t;
-        let row = match method {
-            Method::Baseline { mode } => {
-                chefer_row(b, &model.llm, &saved, &cache, p, y, mode, false)?.row
-            }
-            Method::GradCam { layer } => gradcam_row(b, &model.llm, &saved, &cache, p, y, layer)?,
-            Method::BaselineIncremental | Method::FastRm => {
-                return Err(Error::input(
-                    "the incremental baseline runs during generation, not teacher forced",
-                ))
-            }
+    /// The session mode the method needs.
+    pub fn mode(&self) -> Mode {
+        match self {
+            Mapper::FastRm { .. } => Mode::Plain,
+            Mapper::Incremental(_) => Mode::SaveStep,
+            Mapper::AfterGeneration(_) => Mode::SaveAll,
+        }
+    }
+
+    /// Whether maps come after generation rather than with each token.
+    pub fn after_generation(&self) -> bool {
+        matches!(self, Mapper::AfterGeneration(_))
+    }
+
+    /// After prefill: FastRM folds the image positions' keys into its query projection.
+    pub fn prefilled(&mut self, s: &Session<'_, B>) -> Result<()> {
+        if let Mapper::FastRm { head, folded } = self {
+            *folded = Some(head.fold(s.backend(), &s.image_hidden()?)?);
+        }
+        Ok(())
+    }
+
+    /// The map of the token [`Session::step`] just chose, over the image positions, for the
+    /// methods that map during generation (`None` for the others).
+    pub fn token(&mut self, s: &Session<'_, B>) -> Result<Option<Vec<f32>>> {
+        let b = s.backend();
+        let Some(&id) = s.generated().last() else {
+            return Ok(None);
         };
-        maps.push(image_pos.iter().map(|&j| row[j]).collect());
-        observer(Event::Explained { index: t });
+        let row = match self {
+            Mapper::FastRm { head, folded } => {
+                let folded = folded.as_ref().ok_or_else(|| {
+                    Error::input("FastRM scored a token before the prompt was folded")
+                })?;
+                return Ok(Some(b.download(&head.scores(b, folded, s.hidden())?)?));
+            }
+            Mapper::Incremental(tracker) => {
+                let llm = &s.model().llm;
+                let saved = s.saved().ok_or_else(|| {
+                    Error::input("the incremental baseline needs a saving session")
+                })?;
+                match tracker {
+                    None => {
+                        let (n, capacity) = (s.prompt().len(), s.cache().capacity);
+                        let (t, row) =
+                            Incremental::start(b, llm, saved, s.cache(), n, id, capacity)?;
+                        *tracker = Some(t);
+                        row
+                    }
+                    Some(t) => t.step(b, llm, saved, s.cache(), id)?,
+                }
+            }
+            Mapper::AfterGeneration(_) => return Ok(None),
+        };
+        Ok(Some(s.prompt().image_columns(&row)))
+    }
+
+    /// After generation: the map of generated token `index` by a backward from its logit over the
+    /// session's saved activations (exact baseline, GradCAM).
+    pub fn after(&self, s: &Session<'_, B>, index: usize) -> Result<Vec<f32>> {
+        let Mapper::AfterGeneration(method) = self else {
+            return Err(Error::input("this method maps during generation"));
+        };
+        gradient_map(s, *method, index)
+    }
+}
+
+/// The map of generated token `index` of a finished [`Mode::SaveAll`] session by `method`'s
+/// backward: the exact baseline or GradCAM.
+pub fn gradient_map<B: Backend>(
+    s: &Session<'_, B>,
+    method: Method,
+    index: usize,
+) -> Result<Vec<f32>> {
+    let (b, llm) = (s.backend(), &s.model().llm);
+    let saved = s
+        .saved()
+        .ok_or_else(|| Error::input("gradient maps need a saving session"))?;
+    let y = *s
+        .generated()
+        .get(index)
+        .ok_or_else(|| Error::input(format!("no generated token {index} to explain")))?;
+    let p = s.position_of(index);
+    let row = match method {
+        Method::Baseline { mode } => chefer_row(b, llm, saved, s.cache(), p, y, mode, false)?.row,
+        Method::GradCam { layer } => gradcam_row(b, llm, saved, s.cache(), p, y, layer)?,
+        Method::BaselineIncremental | Method::FastRm => {
+            return Err(Error::input(format!(
+                "{} maps are made during generation",
+                method.name()
+            )))
+        }
+    };
+    Ok(s.prompt().image_columns(&row))
+}
+
+/// Maps of every generated token of a finished [`Mode::SaveAll`] session by the incremental
+/// baseline: token 0's exact backward over the prompt, then each later token's single-row
+/// backward through its own decode step (the same maps a [`Mode::SaveStep`] run makes as it goes).
+pub fn incremental_maps<B: Backend>(s: &Session<'_, B>) -> Result<Vec<Vec<f32>>> {
+    let (b, llm) = (s.backend(), &s.model().llm);
+    let saved = s
+        .saved()
+        .ok_or_else(|| Error::input("gradient maps need a saving session"))?;
+    let mut maps = Vec::new();
+    let mut tracker: Option<Incremental> = None;
+    for (k, &y) in s.generated().iter().enumerate() {
+        let row = match &mut tracker {
+            None => {
+                let n = s.prompt().len();
+                let (t, row) =
+                    Incremental::start(b, llm, saved, s.cache(), n, y, s.cache().capacity)?;
+                tracker = Some(t);
+                row
+            }
+            Some(t) => t.step(b, llm, saved, s.cache(), y)?,
+        };
+        debug_assert_eq!(row.len(), s.position_of(k) + 1);
+        maps.push(s.prompt().image_columns(&row));
     }
     Ok(maps)
-}
-
-/// Greedy generation with FastRM maps: the head folds the image positions' hidden states once
-/// after prefill and scores each token's hidden state as it is produced, all on the device.
-pub fn explain_fastrm<B: Backend>(
-    b: &B,
-    model: &Llava<B>,
-    head: &fastrm::FastRmHead<B>,
-    ids: &[u32],
-    pixels: &[f32],
-    opts: &GenerateOptions,
-    observer: &mut dyn FnMut(Event),
-) -> Result<Explanation> {
-    let image_pos = (0..ids.len())
-        .filter(|&i| ids[i] == model.cfg.image_token_id)
-        .collect();
-    let mut hook = fastrm::FastRmHook {
-        head,
-        image_pos,
-        folded: None,
-        maps: Vec::new(),
-        seconds: 0.0,
-    };
-    let g = model.generate_ids_hooked(b, ids, pixels, opts, observer, &mut hook)?;
-    Ok(Explanation {
-        generated_ids: g.generated_ids,
-        stop_reason: g.stop_reason,
-        maps: hook.maps,
-        timings: g.timings,
-        maps_s: hook.seconds,
-    })
-}
-
-/// Greedy generation with saving decode steps, each token's row from its own single-row backward.
-fn incremental<B: Backend>(
-    b: &B,
-    model: &Llava<B>,
-    ids: &[u32],
-    pixels: &[f32],
-    opts: &GenerateOptions,
-    observer: &mut dyn FnMut(Event),
-    pick: &dyn Fn(&[f32]) -> Vec<f32>,
-) -> Result<Explanation> {
-    model.check_request(ids, opts)?;
-    let llm = &model.llm;
-    let mut timings = Timings::default();
-    let mut maps_s = 0.0;
-    let t0 = std::time::Instant::now();
-    let (_, image) = model.encode_image(b, pixels)?;
-    timings.vision_s = t0.elapsed().as_secs_f64();
-    observer(Event::ImageEncoded);
-
-    let t1 = std::time::Instant::now();
-    let x = model.embed_prompt(b, ids, &image)?;
-    let ctx = model.cfg.text.max_position_embeddings;
-    let capacity = (ids.len() + opts.max_new_tokens - 1).min(ctx);
-    let mut cache = KvCache::new(b, &model.cfg.text, capacity)?;
-    let (h, saved) = llm.forward_saving(b, x, &mut cache)?;
-    let last = b.slice_rows(&h, ids.len() - 1, 1)?;
-    let mut next = b.argmax_rows(&llm.logits(b, &last)?)?[0];
-    timings.prefill_s = t1.elapsed().as_secs_f64();
-    observer(Event::Prefilled {
-        prompt_len: ids.len(),
-    });
-
-    let t2 = std::time::Instant::now();
-    let mut generated = vec![next];
-    observer(Event::Token { index: 0, id: next });
-    let tm = std::time::Instant::now();
-    let (mut tracker, row) = Incremental::start(b, llm, &saved, &cache, next, capacity)?;
-    drop(saved);
-    let mut maps = vec![pick(&row)];
-    maps_s += tm.elapsed().as_secs_f64();
-    observer(Event::Explained { index: 0 });
-    let stop_reason = loop {
-        if let Some(r) = model.stop_reason(opts, &generated, cache.len) {
-            break r;
-        }
-        let x = b.embedding(&llm.embed, &[next])?;
-        let (h, saved) = llm.forward_saving(b, x, &mut cache)?;
-        next = b.argmax_rows(&llm.logits(b, &h)?)?[0];
-        generated.push(next);
-        observer(Event::Token {
-            index: generated.len() - 1,
-            id: next,
-        });
-        let tm = std::time::Instant::now();
-        let row = tracker.step(b, llm, &saved, &cache, next)?;
-        maps.push(pick(&row));
-        maps_s += tm.elapsed().as_secs_f64();
-        observer(Event::Explained {
-            index: generated.len() - 1,
-        });
-    };
-    timings.decode_s = t2.elapsed().as_secs_f64() - maps_s;
-    Ok(Explanation {
-        generated_ids: generated,
-        stop_reason,
-        maps,
-        timings,
-        maps_s,
-    })
 }

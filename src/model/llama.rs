@@ -56,8 +56,8 @@ impl<B: Backend> KvCache<B> {
     }
 }
 
-/// Activations of one decoder layer kept for the backward, all `[m, ·]` over the positions the
-/// saving forward ran.
+/// Activations of one decoder layer kept for the backward, all `[rows, ·]` over the positions the
+/// saving forwards ran (see [`Saved`]).
 pub struct SavedLayer<B: Backend> {
     /// Residual stream entering the layer (input of the attention RMSNorm).
     pub x_in: B::Tensor,
@@ -69,15 +69,32 @@ pub struct SavedLayer<B: Backend> {
     pub up: B::Tensor,
 }
 
-/// Everything a saving forward kept for positions `pos0 ..`: per layer, plus the final residual
-/// stream (input of the final norm).
+/// What saving forwards kept for positions `pos0 .. pos0 + len`: per layer, plus the final
+/// residual stream (input of the final norm). One `Saved` can span several forwards (a prefill and
+/// the decode steps after it): each appends its rows. Storage is made on the first forward — the
+/// forward's own tensors when they fill the whole `capacity` (a prefill saved alone, a decode step),
+/// else a buffer of `capacity` rows that later forwards write into.
 pub struct Saved<B: Backend> {
     pub pos0: usize,
+    pub len: usize,
+    pub capacity: usize,
     pub layers: Vec<SavedLayer<B>>,
+    /// `[capacity, D]`; `None` until a forward has run.
     pub x_out: Option<B::Tensor>,
 }
 
 impl<B: Backend> Saved<B> {
+    /// Room for `capacity` rows starting at position `pos0` (nothing is allocated yet).
+    pub fn new(pos0: usize, capacity: usize) -> Self {
+        Saved {
+            pos0,
+            len: 0,
+            capacity,
+            layers: Vec::new(),
+            x_out: None,
+        }
+    }
+
     /// Bytes the saved activations occupy at f32 (what the backward holds beyond the forward).
     pub fn f32_bytes(&self, b: &B) -> usize {
         let size = |t: &B::Tensor| {
@@ -91,6 +108,51 @@ impl<B: Backend> Saved<B> {
             .sum();
         layers + self.x_out.as_ref().map_or(0, size)
     }
+
+    /// `t`, rows at `row` of this `Saved`, as the storage of a slot that has none yet: the tensor
+    /// itself when it is the whole storage, else a buffer of `capacity` rows with `t` copied in.
+    fn fresh(&self, b: &B, row: usize, t: B::Tensor) -> Result<B::Tensor> {
+        if row == 0 && b.dims(&t).0 == self.capacity {
+            return Ok(t);
+        }
+        let (_, c) = b.dims(&t);
+        let mut dst = with_memory_tag(b, MemTag::Saved, || b.zeros(self.capacity, c))?;
+        b.copy_rows_into(&mut dst, row, &t)?;
+        Ok(dst)
+    }
+
+    fn store_layer(&mut self, b: &B, li: usize, row: usize, l: SavedLayer<B>) -> Result<()> {
+        if let Some(dst) = self.layers.get_mut(li) {
+            for (d, t) in [
+                (&mut dst.x_in, l.x_in),
+                (&mut dst.q, l.q),
+                (&mut dst.x_mid, l.x_mid),
+                (&mut dst.gate, l.gate),
+                (&mut dst.up, l.up),
+            ] {
+                b.copy_rows_into(d, row, &t)?;
+            }
+            return Ok(());
+        }
+        let l = SavedLayer {
+            x_in: self.fresh(b, row, l.x_in)?,
+            q: self.fresh(b, row, l.q)?,
+            x_mid: self.fresh(b, row, l.x_mid)?,
+            gate: self.fresh(b, row, l.gate)?,
+            up: self.fresh(b, row, l.up)?,
+        };
+        self.layers.push(l);
+        Ok(())
+    }
+}
+
+/// How a decoder forward runs.
+#[derive(Clone, Copy)]
+pub enum Pass<'a> {
+    Plain,
+    /// Cache positions `j` with `key_keep[j] == false` are hidden from every query of every layer
+    /// ([`Backend::attention_masked`]); `key_keep` covers positions `0 .. cache.len + n`.
+    Masked(&'a [bool]),
 }
 
 const PREFIX: &str = "language_model.model";
@@ -133,51 +195,35 @@ impl<B: Backend> Llama<B> {
     /// Runs the decoder on input embeddings `x` `[n, D]` at positions `cache.len ..`, appending to
     /// the cache. Returns the last hidden states after the final RMSNorm, `[n, D]`.
     pub fn forward(&self, b: &B, x: B::Tensor, cache: &mut KvCache<B>) -> Result<B::Tensor> {
-        self.forward_impl(b, x, cache, None, None)
+        self.run(b, x, cache, Pass::Plain, None)
     }
 
-    /// [`Self::forward`] with some cache positions hidden from attention: position `j`'s key and
-    /// value are invisible to every query of every layer when `key_keep[j]` is false
-    /// ([`Backend::attention_masked`]). The hidden positions still run through the layers (their
-    /// own rows are computed and cached as usual); nothing reads them. `key_keep` must cover
-    /// positions `0 .. cache.len + n` (one mask sized to the cache's capacity serves the prefill
-    /// and every decode step). The perturbation tests of `fastrm eval` remove image patches this
-    /// way.
-    pub fn forward_masked(
-        &self,
-        b: &B,
-        x: B::Tensor,
-        cache: &mut KvCache<B>,
-        key_keep: &[bool],
-    ) -> Result<B::Tensor> {
-        self.forward_impl(b, x, cache, None, Some(key_keep))
-    }
-
-    /// [`Self::forward`] that also keeps what the activation backward needs (DESIGN §4): per layer
-    /// the residual stream before attention and before the MLP, the rotated queries, and the MLP's
-    /// gate and up projections, for the rows this call runs; keys and values stay in the cache.
+    /// [`Self::forward`] that also keeps, in a fresh [`Saved`] of exactly these rows, what the
+    /// activation backward needs.
     pub fn forward_saving(
         &self,
         b: &B,
         x: B::Tensor,
         cache: &mut KvCache<B>,
     ) -> Result<(B::Tensor, Saved<B>)> {
-        let mut saved = Saved {
-            pos0: cache.len,
-            layers: Vec::with_capacity(self.layers.len()),
-            x_out: None,
-        };
-        let h = self.forward_impl(b, x, cache, Some(&mut saved), None)?;
+        let mut saved = Saved::new(cache.len, b.dims(&x).0);
+        let h = self.run(b, x, cache, Pass::Plain, Some(&mut saved))?;
         Ok((h, saved))
     }
 
-    fn forward_impl(
+    /// The decoder forward in every form: `pass` chooses the attention, and `save`, when given,
+    /// receives (appended at its next row, which must be this call's first position) what the
+    /// activation backward needs: per layer the residual stream before attention and before the
+    /// MLP, the rotated queries, and the MLP's gate and up projections; keys and values stay in the
+    /// cache. Hidden positions of a masked pass still run through the layers (their own rows are
+    /// computed and cached as usual); nothing reads them.
+    pub fn run(
         &self,
         b: &B,
         x: B::Tensor,
         cache: &mut KvCache<B>,
+        pass: Pass<'_>,
         mut save: Option<&mut Saved<B>>,
-        key_keep: Option<&[bool]>,
     ) -> Result<B::Tensor> {
         let t = &self.cfg;
         let (n, _) = b.dims(&x);
@@ -188,6 +234,25 @@ impl<B: Backend> Llama<B> {
                 pos0 + n,
                 cache.capacity
             )));
+        }
+        if let Some(s) = save.as_deref() {
+            if s.pos0 + s.len != pos0 || s.len + n > s.capacity {
+                return Err(Error::input(format!(
+                    "saving {n} rows at position {pos0} into storage for positions {}..{} holding {}",
+                    s.pos0,
+                    s.pos0 + s.capacity,
+                    s.len
+                )));
+            }
+        }
+        if let Pass::Masked(keep) = pass {
+            if keep.len() < pos0 + n {
+                return Err(Error::input(format!(
+                    "key mask covers {} positions; the forward reaches {}",
+                    keep.len(),
+                    pos0 + n
+                )));
+            }
         }
         let eps = t.rms_norm_eps as f32;
         let theta = t.rope_theta as f32;
@@ -206,9 +271,11 @@ impl<B: Backend> Llama<B> {
             let v = b.linear(&h, &l.v, None)?;
             b.copy_rows_into(&mut cache.k[li], pos0, &k)?;
             b.copy_rows_into(&mut cache.v[li], pos0, &v)?;
-            let a = match key_keep {
-                None => b.attention(&q, &cache.k[li], &cache.v[li], shape)?,
-                Some(keep) => b.attention_masked(&q, &cache.k[li], &cache.v[li], shape, keep)?,
+            let a = match pass {
+                Pass::Plain => b.attention(&q, &cache.k[li], &cache.v[li], shape)?,
+                Pass::Masked(keep) => {
+                    b.attention_masked(&q, &cache.k[li], &cache.v[li], shape, keep)?
+                }
             };
             let x_mid = b.add(&x, &b.linear(&a, &l.o, None)?)?;
             let h = b.rms_norm(&x_mid, &l.mlp_norm, eps)?;
@@ -218,19 +285,26 @@ impl<B: Backend> Llama<B> {
             let x_out = b.add(&x_mid, &b.linear(&g, &l.down, None)?)?;
             let x_in = std::mem::replace(&mut x, x_out);
             if let Some(s) = save.as_deref_mut() {
-                s.layers.push(SavedLayer {
+                let row = pos0 - s.pos0;
+                let layer = SavedLayer {
                     x_in,
                     q,
                     x_mid,
                     gate,
                     up,
-                });
+                };
+                s.store_layer(b, li, row, layer)?;
             }
         }
         cache.len = pos0 + n;
         let out = b.rms_norm(&x, &self.norm, eps)?;
         if let Some(s) = save {
-            s.x_out = Some(x);
+            let row = pos0 - s.pos0;
+            match s.x_out.as_mut() {
+                Some(dst) => b.copy_rows_into(dst, row, &x)?,
+                None => s.x_out = Some(s.fresh(b, row, x)?),
+            }
+            s.len += n;
         }
         Ok(out)
     }

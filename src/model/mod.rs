@@ -6,7 +6,9 @@
 
 pub mod clip;
 pub mod llama;
+pub mod llama_backward;
 pub mod llava;
+pub mod session;
 
 use crate::backend::Backend;
 use crate::checkpoint::Checkpoint;

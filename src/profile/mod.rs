@@ -22,10 +22,10 @@ use crate::backend::cpu::Cpu;
 use crate::backend::cuda::Cuda;
 use crate::backend::Backend;
 use crate::config::LlavaConfig;
-use crate::engine::{Engine, Request};
+use crate::engine::{collect, CancelToken, Engine, Request, RunOptions};
 use crate::error::{Error, Result};
-use crate::explain::fastrm::{FastRmHead, HeadWeights};
-use crate::explain::{self, Method, RowMode};
+use crate::explain::fastrm::HeadWeights;
+use crate::explain::{Method, RowMode};
 use crate::model::llava::{GenerateOptions, Timings};
 use crate::status::StatusLine;
 
@@ -409,11 +409,14 @@ fn profile_cuda(backend: Cuda<half::f16>, memory: MemorySource, plan: &Plan) -> 
 }
 
 /// The model the plan names, on backend `b`.
+/// The model the plan names, on backend `b`, with the plan's head.
 pub fn open_engine<B: Backend>(b: B, plan: &Plan) -> Result<Engine<B>> {
-    match &plan.model {
+    let mut engine = match &plan.model {
         ModelSpec::Dir(dir) => Engine::load(b, dir),
         ModelSpec::Synthetic(m) => Engine::synthetic(b, &m.config(plan.device)?, SEED),
-    }
+    }?;
+    install_head(&mut engine, plan)?;
+    Ok(engine)
 }
 
 /// "AMD EPYC (2 threads)": the CPU's model name from /proc/cpuinfo and the worker threads used.
@@ -437,60 +440,76 @@ struct Outcome {
     maps_s: f64,
 }
 
-/// One call of `method` producing exactly `n` tokens.
+/// Puts the plan's FastRM head on the engine (`--head`, else a random head of the model's size)
+/// when the plan measures FastRM.
+pub fn install_head<B: Backend>(engine: &mut Engine<B>, plan: &Plan) -> Result<()> {
+    if !plan.methods.contains(&ProfMethod::FastRm) {
+        return Ok(());
+    }
+    let d = engine.config().text.hidden_size;
+    let w = match &plan.head {
+        Some(p) => HeadWeights::load(p)?,
+        None => HeadWeights::random(d, d, SEED),
+    };
+    engine.set_head(&w)
+}
+
+/// How the report describes the head.
+fn head_note<B: Backend>(engine: &Engine<B>, plan: &Plan) -> Option<String> {
+    let h = engine.head.as_ref()?;
+    let d = engine.config().text.hidden_size;
+    Some(match &plan.head {
+        Some(p) => format!("head {} ({})", p.display(), h.cfg.provenance),
+        None => format!(
+            "random head (hidden {d}, head dim {d}, seed {SEED}): a random head costs exactly \
+             what a trained head of the same size does"
+        ),
+    })
+}
+
+/// One call of `method` producing exactly `n` tokens, through the engine's stream like every
+/// other run.
 fn call<B: Backend>(
     engine: &Engine<B>,
-    head: Option<&FastRmHead<B>>,
     method: ProfMethod,
     n: usize,
-    ids: &[u32],
-    pixels: &[f32],
+    req: &Request,
     full_r: bool,
 ) -> Result<Outcome> {
-    let (b, m) = (&engine.backend, &engine.model);
-    let opts = GenerateOptions {
-        max_new_tokens: n,
-        stop_at_eos: false,
-        keep_steps: false,
+    let mode = if full_r {
+        RowMode::FullR
+    } else {
+        RowMode::Streamed
     };
-    let quiet = &mut |_| {};
-    let e = match method {
-        ProfMethod::Generate => {
-            let g = m.generate_ids(b, ids, pixels, &opts)?;
-            return Ok(Outcome {
-                generated: g.generated_ids.len(),
-                timings: g.timings,
-                maps_s: 0.0,
-            });
-        }
-        ProfMethod::FastRm => {
-            let head = head.ok_or_else(|| Error::input("profile: no FastRM head"))?;
-            explain::explain_fastrm(b, m, head, ids, pixels, &opts, quiet)?
-        }
-        ProfMethod::Baseline => {
-            let mode = if full_r {
-                RowMode::FullR
-            } else {
-                RowMode::Streamed
-            };
-            explain::explain_ids(b, m, ids, pixels, &opts, Method::Baseline { mode }, quiet)?
-        }
-        ProfMethod::BaselineIncremental => {
-            explain::explain_ids(b, m, ids, pixels, &opts, Method::BaselineIncremental, quiet)?
-        }
+    let run = RunOptions {
+        generate: GenerateOptions {
+            max_new_tokens: n,
+            stop_at_eos: false,
+            keep_steps: false,
+        },
+        method: match method {
+            ProfMethod::Generate => None,
+            ProfMethod::FastRm => Some(Method::FastRm),
+            ProfMethod::Baseline => Some(Method::Baseline { mode }),
+            ProfMethod::BaselineIncremental => Some(Method::BaselineIncremental),
+        },
+        hidden_states: false,
     };
-    if e.maps.len() != e.generated_ids.len() {
+    let c = collect(
+        engine.stream(req, &run, &CancelToken::default()),
+        &mut |_| {},
+    )?;
+    let (maps, generated) = (c.tokens.len(), c.generation.generated_ids.len());
+    if run.method.is_some() && maps != generated {
         return Err(Error::Backend(format!(
-            "{}: {} maps for {} tokens",
-            method.name(),
-            e.maps.len(),
-            e.generated_ids.len()
+            "{}: {maps} maps for {generated} tokens",
+            method.name()
         )));
     }
     Ok(Outcome {
-        generated: e.generated_ids.len(),
-        timings: e.timings,
-        maps_s: e.maps_s,
+        generated,
+        timings: c.generation.timings,
+        maps_s: c.summary.maps_s,
     })
 }
 
@@ -506,23 +525,26 @@ pub fn profile<B: Backend, C: PhaseClock>(
     let cfg = engine.config().clone();
     // The prompt: tokenized question with the image when the model has a tokenizer, else the
     // engine's id-level request (what `--model synthetic:…` runs everywhere).
-    let (ids, pixels, prompt_desc) = if engine.text.is_some() {
+    let (req, prompt_desc) = if engine.text.is_some() {
         (
-            engine.prompt_ids(&plan.prompt)?,
-            engine.pixels(&plan.image)?,
+            Request::question(plan.image.as_path(), plan.prompt.as_str()),
             format!("{:?} with the image", plan.prompt),
         )
     } else {
-        let (ids, pixels) = engine.resolve(&Request::Ids {
+        let req = Request::Ids {
             n_text: SYNTHETIC_TEXT_IDS,
             seed: SEED,
-        })?;
+        };
         let desc = format!(
             "synthetic ids: BOS + {} image tokens + {SYNTHETIC_TEXT_IDS} text ids, seeded pixels",
             cfg.vision.num_patches()
         );
-        (ids, pixels, desc)
+        (req, desc)
     };
+    // Resolved once: the runs measure the model, not decoding the image file.
+    let (prompt, pixels) = engine.resolve(&req)?;
+    let ids = prompt.ids().to_vec();
+    let req = Request::Prepared { prompt, pixels };
     let longest = *plan.tokens.last().expect("validated non-empty");
     let ctx = cfg.text.max_position_embeddings;
     if ids.len() + longest - 1 > ctx {
@@ -532,39 +554,8 @@ pub fn profile<B: Backend, C: PhaseClock>(
             ids.len()
         )));
     }
-    let mut head_note = None;
-    let head = if plan.methods.contains(&ProfMethod::FastRm) {
-        let d = cfg.text.hidden_size;
-        let (w, note) = match &plan.head {
-            Some(p) => {
-                let w = HeadWeights::load(p)?;
-                let note = format!("head {} ({})", p.display(), w.cfg.provenance);
-                (w, note)
-            }
-            None => (
-                HeadWeights::random(d, d, SEED),
-                format!(
-                    "random head (hidden {d}, head dim {d}, seed {SEED}): a random head costs \
-                     exactly what a trained head of the same size does"
-                ),
-            ),
-        };
-        head_note = Some(note);
-        Some(FastRmHead::new(&engine.backend, &w, d)?)
-    } else {
-        None
-    };
     let status = StatusLine::plain();
-    let result = run_all(
-        engine,
-        head.as_ref(),
-        clock,
-        memory,
-        plan,
-        &ids,
-        &pixels,
-        &status,
-    );
+    let result = run_all(engine, clock, memory, plan, &req, &status);
     status.clear();
     let runs = result?;
     Ok(Report::new(
@@ -585,7 +576,7 @@ pub fn profile<B: Backend, C: PhaseClock>(
             methods: plan.methods.clone(),
             full_r: plan.full_r,
             repeat: plan.repeat,
-            head: head_note,
+            head: head_note(engine, plan),
             warmup: "one plain generation at each length before its runs, not recorded".into(),
         },
         memory,
@@ -594,15 +585,12 @@ pub fn profile<B: Backend, C: PhaseClock>(
     ))
 }
 
-#[allow(clippy::too_many_arguments)]
 fn run_all<B: Backend, C: PhaseClock>(
     engine: &Engine<B>,
-    head: Option<&FastRmHead<B>>,
     clock: &C,
     memory: MemorySource,
     plan: &Plan,
-    ids: &[u32],
-    pixels: &[f32],
+    req: &Request,
     status: &StatusLine,
 ) -> Result<Vec<RunRecord>> {
     let total = plan.tokens.len() * plan.methods.len() * plan.repeat;
@@ -614,7 +602,7 @@ fn run_all<B: Backend, C: PhaseClock>(
         // threshold — which would be charged to plain generation and make the maps' cost of the
         // method measured next look negative.
         status.say(&format!("profile: warm-up at {n} tokens"));
-        call(engine, head, ProfMethod::Generate, n, ids, pixels, false)?;
+        call(engine, ProfMethod::Generate, n, req, false)?;
         for &method in &plan.methods {
             let mut reps = Vec::with_capacity(plan.repeat);
             for _ in 0..plan.repeat {
@@ -624,7 +612,7 @@ fn run_all<B: Backend, C: PhaseClock>(
                     method.name()
                 ));
                 let mem = PhaseMemory::begin(memory, plan.interval)?;
-                let timed = clock.time(|| call(engine, head, method, n, ids, pixels, plan.full_r));
+                let timed = clock.time(|| call(engine, method, n, req, plan.full_r));
                 let used: MemoryUse = mem.end()?;
                 let (out, secs) = timed?;
                 if out.generated != n {

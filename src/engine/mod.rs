@@ -1,20 +1,29 @@
 //! The public entry point: a model folder (HF `llava-hf` layout) opened on a backend, turning an
-//! image file and a question into an answer.
+//! image and a question into an answer with a relevancy map per token — streamed ([`Stream`]) or
+//! collected ([`Engine::generate`], [`Engine::explain`]). [`AnyEngine`] picks the backend at run
+//! time.
+
+mod any;
+mod stream;
 
 use std::path::{Path, PathBuf};
+
+use serde::Serialize;
 
 use crate::backend::{with_memory_tag, Backend, MemTag};
 use crate::checkpoint::Checkpoint;
 use crate::config::LlavaConfig;
 use crate::error::{Error, Result};
 use crate::explain::fastrm::{FastRmHead, HeadWeights};
-use crate::model::llava::{StopReason, Timings};
+use crate::model::session::Prompt;
 use crate::model::{Llava, Synthetic};
 use crate::text::TextProcessor;
-use crate::vision::{self, PreprocessConfig};
+use crate::vision::{self, PreprocessConfig, RgbImage};
 
 pub use crate::explain::{Confidence, Method};
-pub use crate::model::llava::{Event, GenerateOptions};
+pub use crate::model::llava::{GenerateOptions, StopReason, Timings};
+pub use any::{AnyEngine, Device, Dtype};
+pub use stream::{collect, CancelToken, Collected, Item, RunOptions, Stream, Summary, TokenStep};
 
 pub struct Engine<B: Backend> {
     pub backend: B,
@@ -27,18 +36,78 @@ pub struct Engine<B: Backend> {
     pub head: Option<FastRmHead<B>>,
 }
 
+/// An image as a request carries it.
+#[derive(Debug, Clone)]
+pub enum ImageInput {
+    /// A PNG or JPEG file.
+    Path(PathBuf),
+    /// An encoded PNG or JPEG in memory (an upload, a `data:` URL's payload).
+    Bytes(Vec<u8>),
+    /// Already decoded 8-bit RGB.
+    Decoded(RgbImage),
+}
+
+impl ImageInput {
+    /// Decoded RGB; errors name the file, or `<bytes>` for an in-memory image.
+    pub fn decode(&self) -> Result<RgbImage> {
+        match self {
+            ImageInput::Path(p) => vision::load_image(p),
+            ImageInput::Bytes(b) => vision::load_image_bytes(b, Path::new("<bytes>")),
+            ImageInput::Decoded(img) => Ok(img.clone()),
+        }
+    }
+
+    /// The file, when the image is one.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            ImageInput::Path(p) => Some(p),
+            _ => None,
+        }
+    }
+}
+
+impl From<&Path> for ImageInput {
+    fn from(p: &Path) -> Self {
+        ImageInput::Path(p.to_path_buf())
+    }
+}
+
+impl From<PathBuf> for ImageInput {
+    fn from(p: PathBuf) -> Self {
+        ImageInput::Path(p)
+    }
+}
+
+impl From<RgbImage> for ImageInput {
+    fn from(img: RgbImage) -> Self {
+        ImageInput::Decoded(img)
+    }
+}
+
 /// What a run answers.
-#[derive(Debug, Clone, Copy)]
-pub enum Request<'a> {
-    /// A question about an image file (needs the model's tokenizer).
-    Question { image: &'a Path, question: &'a str },
+#[derive(Debug, Clone)]
+pub enum Request {
+    /// A question about an image (needs the model's tokenizer).
+    Question { image: ImageInput, question: String },
     /// An id-level request for models without a tokenizer (synthetic weights): BOS, the image
     /// tokens, `n_text` seeded text ids, and seeded pixel values.
     Ids { n_text: usize, seed: u64 },
+    /// A prompt and preprocessed CHW pixels made earlier ([`Engine::resolve`]): repeated runs of
+    /// one request (benchmarks) skip decoding and tokenizing.
+    Prepared { prompt: Prompt, pixels: Vec<f32> },
+}
+
+impl Request {
+    pub fn question(image: impl Into<ImageInput>, question: impl Into<String>) -> Self {
+        Request::Question {
+            image: image.into(),
+            question: question.into(),
+        }
+    }
 }
 
 /// A finished generation, ready for JSON.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Generation {
     pub input_ids: Vec<u32>,
     pub generated_ids: Vec<u32>,
@@ -48,7 +117,7 @@ pub struct Generation {
 }
 
 /// One generated token with its relevancy map.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct TokenMap {
     pub index: usize,
     pub id: u32,
@@ -61,7 +130,7 @@ pub struct TokenMap {
 }
 
 /// A finished explain run.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Explained {
     pub generation: Generation,
     pub method: Method,
@@ -159,73 +228,46 @@ impl<B: Backend> Engine<B> {
         })
     }
 
-    /// Decoded, preprocessed CHW pixels of an image file.
-    pub fn pixels(&self, image: &Path) -> Result<Vec<f32>> {
-        let img = vision::load_image(image)?;
-        vision::preprocess(&img, &self.preprocess)
+    /// Decoded, preprocessed CHW pixels of an image.
+    pub fn pixels(&self, image: &ImageInput) -> Result<Vec<f32>> {
+        vision::preprocess(&image.decode()?, &self.preprocess)
     }
 
     /// The image as the model sees it, before rescaling: resized and center-cropped 8-bit RGB, the
     /// base that heatmaps are drawn on.
-    pub fn model_view(&self, image: &Path) -> Result<vision::RgbImage> {
-        vision::resize_and_crop(&vision::load_image(image)?, &self.preprocess)
+    pub fn model_view(&self, image: &ImageInput) -> Result<vision::RgbImage> {
+        vision::resize_and_crop(&image.decode()?, &self.preprocess)
     }
 
-    /// Expanded prompt ids for a question.
-    pub fn prompt_ids(&self, question: &str) -> Result<Vec<u32>> {
+    /// The checked prompt of a question.
+    pub fn prompt(&self, question: &str) -> Result<Prompt> {
         let cfg = self.config();
-        self.text()?
-            .prompt_ids(question, cfg.image_token_id, cfg.vision.num_patches())
+        let ids =
+            self.text()?
+                .prompt_ids(question, cfg.image_token_id, cfg.vision.num_patches())?;
+        Prompt::new(cfg, ids)
     }
 
-    pub fn generate(
-        &self,
-        image: &Path,
-        question: &str,
-        opts: &GenerateOptions,
-    ) -> Result<Generation> {
-        self.generate_observed(image, question, opts, &mut |_| {})
-    }
-
-    /// [`Self::generate`], reporting progress to `observer`.
-    pub fn generate_observed(
-        &self,
-        image: &Path,
-        question: &str,
-        opts: &GenerateOptions,
-        observer: &mut dyn FnMut(Event),
-    ) -> Result<Generation> {
-        self.generate_request(&Request::Question { image, question }, opts, observer)
-    }
-
-    /// Greedy generation for any [`Request`].
-    pub fn generate_request(
-        &self,
-        req: &Request<'_>,
-        opts: &GenerateOptions,
-        observer: &mut dyn FnMut(Event),
-    ) -> Result<Generation> {
-        let (input_ids, pixels) = self.resolve(req)?;
-        let g =
-            self.model
-                .generate_ids_observed(&self.backend, &input_ids, &pixels, opts, observer)?;
-        let text = self.decode(&g.generated_ids)?;
-        Ok(Generation {
-            input_ids,
-            generated_ids: g.generated_ids,
-            text,
-            stop_reason: g.stop_reason,
-            timings: g.timings,
-        })
-    }
-
-    /// Prompt ids and pixel values for a request.
-    pub fn resolve(&self, req: &Request<'_>) -> Result<(Vec<u32>, Vec<f32>)> {
-        match *req {
-            Request::Question { image, question } => {
-                Ok((self.prompt_ids(question)?, self.pixels(image)?))
+    /// The prompt and the preprocessed pixels of a request.
+    pub fn resolve(&self, req: &Request) -> Result<(Prompt, Vec<f32>)> {
+        match req {
+            Request::Prepared { prompt, pixels } => {
+                let side = self.config().vision.image_size;
+                if pixels.len() != 3 * side * side {
+                    return Err(Error::input(format!(
+                        "prepared pixels: {} values, the model takes 3x{side}x{side}",
+                        pixels.len()
+                    )));
+                }
+                Ok((
+                    Prompt::new(self.config(), prompt.ids().to_vec())?,
+                    pixels.clone(),
+                ))
             }
-            Request::Ids { n_text, seed } => {
+            Request::Question { image, question } => {
+                Ok((self.prompt(question)?, self.pixels(image)?))
+            }
+            &Request::Ids { n_text, seed } => {
                 let cfg = self.config();
                 let n_img = cfg.vision.num_patches();
                 let vocab = cfg.text.vocab_size as u64;
@@ -240,107 +282,73 @@ impl<B: Backend> Engine<B> {
                 let pixels = (0..3 * side * side)
                     .map(|_| 2.0 * rng.uniform_sym())
                     .collect();
-                Ok((ids, pixels))
+                Ok((Prompt::new(cfg, ids)?, pixels))
             }
         }
     }
 
     /// Text of generated ids: the tokenizer's decoding, or the ids themselves for a synthetic
     /// model, which has no tokenizer.
-    fn decode(&self, ids: &[u32]) -> Result<String> {
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
         match &self.text {
             Some(t) => t.decode(ids),
-            None => Ok(ids
-                .iter()
-                .map(|id| format!("<{id}>"))
-                .collect::<Vec<_>>()
-                .join("")),
+            None => Ok(ids.iter().map(|id| format!("<{id}>")).collect()),
         }
     }
 
-    fn token_text(&self, id: u32) -> String {
+    /// A token's own text, as shown next to its map.
+    pub fn token_text(&self, id: u32) -> String {
         match &self.text {
             Some(t) => t.token_text(id),
             None => format!("<{id}>"),
         }
     }
 
-    /// Greedy generation with a relevancy map per generated token.
-    pub fn explain_observed(
-        &self,
-        image: &Path,
-        question: &str,
-        opts: &GenerateOptions,
-        method: Method,
-        observer: &mut dyn FnMut(Event),
-    ) -> Result<Explained> {
-        self.explain_request(
-            &Request::Question { image, question },
-            opts,
-            method,
-            observer,
-        )
+    /// Runs `req` step by step: see [`Stream`]. `opts.method` `None` is plain generation.
+    pub fn stream<'e>(
+        &'e self,
+        req: &Request,
+        opts: &RunOptions,
+        cancel: &CancelToken,
+    ) -> Stream<'e, B> {
+        Stream::new(self, req.clone(), opts.clone(), cancel.clone())
     }
 
-    /// Greedy generation with a relevancy map per generated token, for any [`Request`].
-    pub fn explain_request(
+    /// Greedy generation, collected.
+    pub fn generate(&self, req: &Request, opts: &GenerateOptions) -> Result<Generation> {
+        let run = RunOptions {
+            generate: opts.clone(),
+            ..Default::default()
+        };
+        Ok(collect(self.stream(req, &run, &CancelToken::default()), &mut |_| {})?.generation)
+    }
+
+    /// Greedy generation with a relevancy map per generated token, collected; `observer` sees
+    /// every item as it comes (progress displays).
+    pub fn explain(
         &self,
-        req: &Request<'_>,
+        req: &Request,
         opts: &GenerateOptions,
         method: Method,
-        observer: &mut dyn FnMut(Event),
+        observer: &mut dyn FnMut(&Item),
     ) -> Result<Explained> {
-        let (input_ids, pixels) = self.resolve(req)?;
-        let (b, m) = (&self.backend, &self.model);
-        let e = match (method, &self.head) {
-            (Method::FastRm, Some(head)) => {
-                crate::explain::explain_fastrm(b, m, head, &input_ids, &pixels, opts, observer)?
-            }
-            (Method::FastRm, None) => {
-                return Err(Error::input(
-                    "no FastRM head loaded: pass --head FILE (head.safetensors)",
-                ))
-            }
-            _ => crate::explain::explain_ids(b, m, &input_ids, &pixels, opts, method, observer)?,
+        let run = RunOptions {
+            generate: opts.clone(),
+            method: Some(method),
+            ..Default::default()
         };
-        let tokens: Vec<TokenMap> = e
-            .generated_ids
-            .iter()
-            .zip(e.maps)
-            .enumerate()
-            .map(|(index, (&id, map))| TokenMap {
-                index,
-                id,
-                text: self.token_text(id),
-                entropy: crate::explain::map_entropy(&map),
-                map,
-            })
-            .collect();
-        let g = self.config().vision.grid();
-        let threshold = match (method, &self.head) {
-            (Method::FastRm, Some(h)) => h.cfg.confidence_threshold,
-            _ => None,
-        };
-        let entropies: Vec<f32> = tokens.iter().map(|t: &TokenMap| t.entropy).collect();
-        let confidence = Confidence::of_answer(
-            &entropies,
-            &e.generated_ids,
-            &self.config().eos_token_ids,
-            threshold,
-        );
+        let c = collect(self.stream(req, &run, &CancelToken::default()), observer)?;
         Ok(Explained {
-            generation: Generation {
-                input_ids,
-                text: self.decode(&e.generated_ids)?,
-                generated_ids: e.generated_ids,
-                stop_reason: e.stop_reason,
-                timings: e.timings,
-            },
+            generation: c.generation,
             method,
-            grid: (g, g),
-            tokens,
-            maps_s: e.maps_s,
-            confidence,
+            grid: c.grid,
+            tokens: c.tokens,
+            maps_s: c.summary.maps_s,
+            confidence: c.summary.confidence.unwrap_or(Confidence {
+                mean_entropy: 1.0,
+                threshold: None,
+                tokens: 0,
+            }),
         })
     }
 

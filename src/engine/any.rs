@@ -1,0 +1,230 @@
+//! The backend chosen at run time: [`Device`] and [`Dtype`] name it, [`AnyEngine`] holds an
+//! engine on it. Code generic over the backend runs on any of them through [`crate::with_engine`].
+
+use std::path::Path;
+use std::str::FromStr;
+
+use super::{
+    CancelToken, Engine, Explained, GenerateOptions, Generation, Item, Method, Request, RunOptions,
+};
+use crate::backend::cpu::Cpu;
+use crate::backend::cuda::Cuda;
+use crate::backend::MemTag;
+use crate::config::LlavaConfig;
+use crate::error::{Error, Result};
+use crate::explain::fastrm::HeadWeights;
+
+/// Where a model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    /// The CPU reference backend (f32).
+    Cpu,
+    /// A GPU by ordinal (`cuda` is `cuda:0`).
+    Cuda(usize),
+    /// The simulated CUDA device (builds with the `sim` feature): the CUDA backend's code and
+    /// kernels run on the CPU, slowly; for rehearsing GPU runs where no GPU exists.
+    Sim,
+}
+
+impl FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            "sim" => Ok(Device::Sim),
+            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => Ok(Device::Cuda(n)),
+                _ => Err(format!(
+                    "unknown device {s:?}: use cpu, cuda, cuda:N (GPU ordinal N) or sim"
+                )),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+            Device::Sim => write!(f, "sim"),
+        }
+    }
+}
+
+/// Storage type of the weights and activations on a CUDA device (arithmetic is f32 either way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dtype {
+    F16,
+    Bf16,
+    F32,
+}
+
+impl FromStr for Dtype {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f16" => Ok(Dtype::F16),
+            "bf16" => Ok(Dtype::Bf16),
+            "f32" => Ok(Dtype::F32),
+            _ => Err(format!("unknown dtype {s:?}: use f16, bf16 or f32")),
+        }
+    }
+}
+
+/// An engine on the backend a [`Device`] and [`Dtype`] chose at run time.
+pub enum AnyEngine {
+    Cpu(Engine<Cpu>),
+    F16(Engine<Cuda<half::f16>>),
+    Bf16(Engine<Cuda<half::bf16>>),
+    F32(Engine<Cuda<f32>>),
+}
+
+/// Runs `$body` with `$e` bound to the engine inside an [`AnyEngine`] (by reference, or by value
+/// with `move`), once per backend type: each backend gets its own monomorphised copy of `$body`.
+#[macro_export]
+macro_rules! with_engine {
+    ($any:expr, |$e:ident| $body:expr) => {
+        match $any {
+            $crate::engine::AnyEngine::Cpu($e) => $body,
+            $crate::engine::AnyEngine::F16($e) => $body,
+            $crate::engine::AnyEngine::Bf16($e) => $body,
+            $crate::engine::AnyEngine::F32($e) => $body,
+        }
+    };
+}
+
+/// Builds an engine with `$make` (a function generic over the backend, given the backend) on the
+/// backend of `$device` and `$dtype`.
+macro_rules! on_backend {
+    ($device:expr, $dtype:expr, $make:expr) => {
+        match ($device, $dtype) {
+            (Device::Cpu, None | Some(Dtype::F32)) => Ok(AnyEngine::Cpu($make(Cpu)?)),
+            (Device::Cpu, Some(d)) => Err(Error::input(format!(
+                "--dtype {}: the CPU backend computes in f32",
+                dtype_name(d)
+            ))),
+            (device, None | Some(Dtype::F16)) => {
+                Ok(AnyEngine::F16($make(cuda_backend::<half::f16>(device)?)?))
+            }
+            (device, Some(Dtype::Bf16)) => {
+                Ok(AnyEngine::Bf16($make(cuda_backend::<half::bf16>(device)?)?))
+            }
+            (device, Some(Dtype::F32)) => Ok(AnyEngine::F32($make(cuda_backend::<f32>(device)?)?)),
+        }
+    };
+}
+
+fn dtype_name(d: Dtype) -> &'static str {
+    match d {
+        Dtype::F16 => "f16",
+        Dtype::Bf16 => "bf16",
+        Dtype::F32 => "f32",
+    }
+}
+
+/// The CUDA backend `device` names: a GPU, or the simulated device.
+fn cuda_backend<T: crate::backend::cuda::Elem>(device: Device) -> Result<Cuda<T>> {
+    match device {
+        Device::Cuda(n) => Cuda::new(n),
+        #[cfg(feature = "sim")]
+        Device::Sim => Ok(Cuda::simulated()),
+        #[cfg(not(feature = "sim"))]
+        Device::Sim => Err(Error::input(
+            "--device sim: this build has no simulated device (build with --features sim)",
+        )),
+        Device::Cpu => unreachable!("the CPU is not a CUDA device"),
+    }
+}
+
+impl AnyEngine {
+    /// Opens a model folder on `device` (`dtype`: the CUDA storage type, default f16).
+    pub fn load(device: Device, dtype: Option<Dtype>, dir: &Path) -> Result<Self> {
+        on_backend!(device, dtype, |b| Engine::load(b, dir))
+    }
+
+    /// Random weights of `cfg`'s shapes on `device`.
+    pub fn synthetic(
+        device: Device,
+        dtype: Option<Dtype>,
+        cfg: &LlavaConfig,
+        seed: u64,
+    ) -> Result<Self> {
+        on_backend!(device, dtype, |b| Engine::synthetic(b, cfg, seed))
+    }
+
+    /// `synthetic:NAME` (random weights of a named configuration, see
+    /// [`LlavaConfig::named`]) or a model folder.
+    pub fn open(device: Device, dtype: Option<Dtype>, model: &str) -> Result<Self> {
+        match model.strip_prefix("synthetic:") {
+            Some(name) => {
+                let cfg = LlavaConfig::named(name).map_err(Error::Input)?;
+                Self::synthetic(device, dtype, &cfg, 0)
+            }
+            None => Self::load(device, dtype, Path::new(model)),
+        }
+    }
+
+    pub fn config(&self) -> &LlavaConfig {
+        with_engine!(self, |e| e.config())
+    }
+
+    pub fn load_head(&mut self, path: &Path) -> Result<()> {
+        with_engine!(self, |e| e.load_head(path))
+    }
+
+    pub fn set_head(&mut self, w: &HeadWeights) -> Result<()> {
+        with_engine!(self, |e| e.set_head(w))
+    }
+
+    pub fn has_head(&self) -> bool {
+        with_engine!(self, |e| e.head.is_some())
+    }
+
+    pub fn has_tokenizer(&self) -> bool {
+        with_engine!(self, |e| e.text.is_some())
+    }
+
+    pub fn backend_name(&self) -> String {
+        with_engine!(self, |e| e.backend_name())
+    }
+
+    /// `(tag, live bytes, peak bytes)` per memory tag, where the backend keeps a breakdown.
+    pub fn memory_breakdown(&self) -> Vec<(MemTag, usize, usize)> {
+        use crate::backend::Backend;
+        with_engine!(self, |e| e.backend.memory_breakdown())
+    }
+
+    /// See [`Engine::stream`].
+    pub fn stream<'e>(
+        &'e self,
+        req: &Request,
+        opts: &RunOptions,
+        cancel: &CancelToken,
+    ) -> Box<dyn Iterator<Item = Result<Item>> + 'e> {
+        with_engine!(self, |e| Box::new(e.stream(req, opts, cancel)))
+    }
+
+    pub fn generate(&self, req: &Request, opts: &GenerateOptions) -> Result<Generation> {
+        with_engine!(self, |e| e.generate(req, opts))
+    }
+
+    pub fn explain(
+        &self,
+        req: &Request,
+        opts: &GenerateOptions,
+        method: Method,
+        observer: &mut dyn FnMut(&Item),
+    ) -> Result<Explained> {
+        with_engine!(self, |e| e.explain(req, opts, method, observer))
+    }
+
+    pub fn model_view(&self, image: &super::ImageInput) -> Result<crate::vision::RgbImage> {
+        with_engine!(self, |e| e.model_view(image))
+    }
+
+    pub fn dir(&self) -> Option<&Path> {
+        with_engine!(self, |e| e.dir.as_deref())
+    }
+}

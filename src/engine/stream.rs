@@ -1,0 +1,379 @@
+//! The streaming run: one request worked step by step, each step an [`Item`] as soon as it exists.
+//!
+//! Order of items: [`Item::ImageEncoded`], [`Item::Prefilled`], one [`Item::Token`] per generated
+//! token, then — for the exact baseline and GradCAM, whose backwards need the whole answer's
+//! activations — one [`Item::Map`] per token after generation, and last [`Item::Done`]. FastRM and
+//! the incremental baseline put each token's map in its `Token` item. A [`CancelToken`] stops the
+//! run before its next unit of work (decoding the image, the vision tower, the prefill, a decode
+//! step, a map) with [`Error::Cancelled`].
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::{Engine, Generation, Request, TokenMap};
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::explain::{map_entropy, Confidence, Mapper, Method};
+use crate::model::llava::{GenerateOptions, StopReason, Timings};
+use crate::model::session::{Mode, Prompt, Session};
+
+/// Stops a run from another thread: clones share one flag.
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Relaxed)
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// What a run does.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    pub generate: GenerateOptions,
+    /// The relevancy method; `None` generates only.
+    pub method: Option<Method>,
+    /// Attach the final-norm hidden states (what a FastRM head reads) to the items: the image
+    /// positions' after prefill, each token's with its step (`fastrm distill`).
+    pub hidden_states: bool,
+}
+
+/// One generated token, as soon as it exists.
+#[derive(Debug, Clone, Serialize)]
+pub struct TokenStep {
+    pub index: usize,
+    pub id: u32,
+    /// The text this token adds to the answer: the deltas joined are exactly the answer's decoded
+    /// text (spaces included; bytes of an unfinished UTF-8 character wait for the token that ends
+    /// it).
+    pub text_delta: String,
+    /// The token's map, for the methods that map during generation.
+    pub map: Option<TokenMap>,
+    /// `[D]`, with [`RunOptions::hidden_states`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hidden: Option<Vec<f32>>,
+}
+
+/// The end of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub input_ids: Vec<u32>,
+    pub generated_ids: Vec<u32>,
+    pub text: String,
+    pub stop_reason: StopReason,
+    pub timings: Timings,
+    /// Seconds spent on the maps alone (folds, scores, backwards).
+    pub maps_s: f64,
+    /// The answer's confidence, for runs with maps.
+    pub confidence: Option<Confidence>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Item {
+    /// The vision tower and projector are done.
+    ImageEncoded,
+    /// The prompt has been run through the decoder. `image_hidden` `[P·D]` with
+    /// [`RunOptions::hidden_states`].
+    Prefilled {
+        prompt_len: usize,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        image_hidden: Option<Vec<f32>>,
+    },
+    Token(TokenStep),
+    /// A token's map made after generation (exact baseline, GradCAM).
+    Map(TokenMap),
+    Done(Summary),
+}
+
+enum State<'e, B: Backend> {
+    Start(Request),
+    Resolved { prompt: Prompt, pixels: Vec<f32> },
+    Encoded { prompt: Prompt, image: B::Tensor },
+    Decoding(Session<'e, B>),
+    Maps(Session<'e, B>, usize),
+    Finished,
+}
+
+/// The iterator [`Engine::stream`] returns. After an error or [`Item::Done`] it yields nothing.
+pub struct Stream<'e, B: Backend> {
+    engine: &'e Engine<B>,
+    opts: RunOptions,
+    cancel: CancelToken,
+    state: State<'e, B>,
+    mapper: Option<Mapper<'e, B>>,
+    pending: VecDeque<Item>,
+    timings: Timings,
+    maps_s: f64,
+    /// Text already given out in deltas.
+    emitted: String,
+    /// Per token: id and map entropy, for the confidence.
+    entropies: Vec<f32>,
+}
+
+impl<'e, B: Backend> Stream<'e, B> {
+    pub(super) fn new(
+        engine: &'e Engine<B>,
+        req: Request,
+        opts: RunOptions,
+        cancel: CancelToken,
+    ) -> Self {
+        Stream {
+            engine,
+            opts,
+            cancel,
+            state: State::Start(req),
+            mapper: None,
+            pending: VecDeque::new(),
+            timings: Timings::default(),
+            maps_s: 0.0,
+            emitted: String::new(),
+            entropies: Vec::new(),
+        }
+    }
+
+    /// One unit of work; its items go to `pending`.
+    fn advance(&mut self) -> Result<()> {
+        let e = self.engine;
+        let (b, model) = (&e.backend, &e.model);
+        match std::mem::replace(&mut self.state, State::Finished) {
+            State::Start(req) => {
+                if self.opts.generate.max_new_tokens == 0 {
+                    return Err(Error::input("max_new_tokens must be at least 1"));
+                }
+                if let Some(m) = self.opts.method {
+                    self.mapper = Some(Mapper::new(m, e.head.as_ref(), model)?);
+                }
+                let (prompt, pixels) = e.resolve(&req)?;
+                self.state = State::Resolved { prompt, pixels };
+            }
+            State::Resolved { prompt, pixels } => {
+                let t0 = Instant::now();
+                let (_, image) = model.encode_image(b, &pixels)?;
+                self.timings.vision_s = t0.elapsed().as_secs_f64();
+                self.pending.push_back(Item::ImageEncoded);
+                self.state = State::Encoded { prompt, image };
+            }
+            State::Encoded { prompt, image } => {
+                let mode = self.mapper.as_ref().map_or(Mode::Plain, |m| m.mode());
+                let s = Session::prefill(b, model, prompt, &image, &self.opts.generate, mode)?;
+                drop(image);
+                if let Some(m) = self.mapper.as_mut() {
+                    let t0 = Instant::now();
+                    m.prefilled(&s)?;
+                    self.maps_s += t0.elapsed().as_secs_f64();
+                }
+                let image_hidden = if self.opts.hidden_states {
+                    Some(b.download(&s.image_hidden()?)?)
+                } else {
+                    None
+                };
+                self.pending.push_back(Item::Prefilled {
+                    prompt_len: s.prompt().len(),
+                    image_hidden,
+                });
+                self.state = State::Decoding(s);
+            }
+            State::Decoding(mut s) => {
+                let Some(id) = s.step()? else {
+                    return self.after_generation(s);
+                };
+                let index = s.generated().len() - 1;
+                let map = match self.mapper.as_mut() {
+                    Some(m) => {
+                        let t0 = Instant::now();
+                        let map = m.token(&s)?;
+                        self.maps_s += t0.elapsed().as_secs_f64();
+                        map.map(|map| self.token_map(index, id, map))
+                    }
+                    None => None,
+                };
+                let hidden = if self.opts.hidden_states {
+                    Some(b.download(s.hidden())?)
+                } else {
+                    None
+                };
+                let text_delta = self.delta(s.generated(), s.stop_reason().is_some())?;
+                self.pending.push_back(Item::Token(TokenStep {
+                    index,
+                    id,
+                    text_delta,
+                    map,
+                    hidden,
+                }));
+                if s.stop_reason().is_some() {
+                    return self.after_generation(s);
+                }
+                self.state = State::Decoding(s);
+            }
+            State::Maps(s, index) => {
+                let m = self
+                    .mapper
+                    .as_ref()
+                    .expect("maps after generation need a mapper");
+                let t0 = Instant::now();
+                let map = m.after(&s, index)?;
+                self.maps_s += t0.elapsed().as_secs_f64();
+                let id = s.generated()[index];
+                let tm = self.token_map(index, id, map);
+                self.pending.push_back(Item::Map(tm));
+                if index + 1 < s.generated().len() {
+                    self.state = State::Maps(s, index + 1);
+                } else {
+                    self.done(s)?;
+                }
+            }
+            State::Finished => {}
+        }
+        Ok(())
+    }
+
+    fn after_generation(&mut self, s: Session<'e, B>) -> Result<()> {
+        if self.mapper.as_ref().is_some_and(|m| m.after_generation()) {
+            self.state = State::Maps(s, 0);
+            Ok(())
+        } else {
+            self.done(s)
+        }
+    }
+
+    fn done(&mut self, s: Session<'e, B>) -> Result<()> {
+        let e = self.engine;
+        let st = s.timings();
+        let timings = Timings {
+            vision_s: self.timings.vision_s,
+            prefill_s: st.prefill_s,
+            decode_s: st.decode_s,
+        };
+        let confidence = self.opts.method.map(|m| {
+            let threshold = match (m, &e.head) {
+                (Method::FastRm, Some(h)) => h.cfg.confidence_threshold,
+                _ => None,
+            };
+            Confidence::of_answer(
+                &self.entropies,
+                s.generated(),
+                &e.config().eos_token_ids,
+                threshold,
+            )
+        });
+        let generated_ids = s.generated().to_vec();
+        self.pending.push_back(Item::Done(Summary {
+            input_ids: s.prompt().ids().to_vec(),
+            text: e.decode(&generated_ids)?,
+            generated_ids,
+            stop_reason: s.stop_reason().unwrap_or(StopReason::MaxNewTokens),
+            timings,
+            maps_s: self.maps_s,
+            confidence,
+        }));
+        Ok(())
+    }
+
+    fn token_map(&mut self, index: usize, id: u32, map: Vec<f32>) -> TokenMap {
+        let entropy = map_entropy(&map);
+        self.entropies.push(entropy);
+        TokenMap {
+            index,
+            id,
+            text: self.engine.token_text(id),
+            map,
+            entropy,
+        }
+    }
+
+    /// The new text of the answer so far. A decoding that ends in U+FFFD (the bytes of a character
+    /// not finished yet) waits, unless this is the last token.
+    fn delta(&mut self, ids: &[u32], last: bool) -> Result<String> {
+        let full = self.engine.decode(ids)?;
+        if !last && full.ends_with('\u{FFFD}') {
+            return Ok(String::new());
+        }
+        let delta = match full.strip_prefix(self.emitted.as_str()) {
+            Some(d) => d.to_string(),
+            // The tokenizer re-spelled earlier text (rare): nothing more can be taken back, so
+            // only what extends past the given text goes out.
+            None => full
+                .char_indices()
+                .nth(self.emitted.chars().count())
+                .map_or(String::new(), |(i, _)| full[i..].to_string()),
+        };
+        self.emitted = full;
+        Ok(delta)
+    }
+}
+
+impl<B: Backend> Iterator for Stream<'_, B> {
+    type Item = Result<Item>;
+
+    fn next(&mut self) -> Option<Result<Item>> {
+        loop {
+            if let Some(item) = self.pending.pop_front() {
+                return Some(Ok(item));
+            }
+            if matches!(self.state, State::Finished) {
+                return None;
+            }
+            if self.cancel.is_cancelled() {
+                self.state = State::Finished;
+                return Some(Err(Error::Cancelled));
+            }
+            if let Err(e) = self.advance() {
+                self.state = State::Finished;
+                self.pending.clear();
+                return Some(Err(e));
+            }
+        }
+    }
+}
+
+/// A stream's items gathered: the generation, the maps in token order, the summary.
+pub struct Collected {
+    pub generation: Generation,
+    pub grid: (usize, usize),
+    pub tokens: Vec<TokenMap>,
+    pub summary: Summary,
+}
+
+/// Runs a stream to its end, showing `observer` every item first.
+pub fn collect<B: Backend>(
+    stream: Stream<'_, B>,
+    observer: &mut dyn FnMut(&Item),
+) -> Result<Collected> {
+    let g = stream.engine.config().vision.grid();
+    let mut tokens = Vec::new();
+    for item in stream {
+        let item = item?;
+        observer(&item);
+        match item {
+            Item::Token(TokenStep { map: Some(m), .. }) | Item::Map(m) => tokens.push(m),
+            Item::Done(summary) => {
+                return Ok(Collected {
+                    generation: Generation {
+                        input_ids: summary.input_ids.clone(),
+                        generated_ids: summary.generated_ids.clone(),
+                        text: summary.text.clone(),
+                        stop_reason: summary.stop_reason,
+                        timings: summary.timings,
+                    },
+                    grid: (g, g),
+                    tokens,
+                    summary,
+                })
+            }
+            _ => {}
+        }
+    }
+    Err(Error::Backend("the run ended without a summary".into()))
+}

@@ -1,0 +1,345 @@
+//! One generation session: a [`Prompt`] (ids and image span, checked once), a prefill, and greedy
+//! decode steps. Every path that generates — `generate`, every explain method, distill, eval's
+//! perturbation runs, profile — runs this one loop.
+//!
+//! The session is pulled, not pushed: [`Session::step`] chooses one token, and between steps the
+//! caller reads what it needs on the device — the prompt's hidden states after prefill, the hidden
+//! state and logits that chose the token, the saved activations and the KV cache for a backward —
+//! and can stop at any point (cancellation, a client that left). What other engines pass as hooks
+//! is the caller's own code between two steps.
+
+use std::time::Instant;
+
+use super::llama::{KvCache, Pass, Saved};
+use super::llava::{GenerateOptions, IdGeneration, StopReason, Timings};
+use super::Llava;
+use crate::backend::Backend;
+use crate::config::LlavaConfig;
+use crate::error::{Error, Result};
+
+/// Expanded prompt ids with the positions of their image tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prompt {
+    ids: Vec<u32>,
+    image_pos: Vec<usize>,
+}
+
+impl Prompt {
+    /// Checks `ids` against the model: not empty, every id in the vocabulary, exactly the image's
+    /// patch count of image tokens, and room in the context for at least one generated token.
+    pub fn new(cfg: &LlavaConfig, ids: Vec<u32>) -> Result<Self> {
+        let vocab = cfg.text.vocab_size;
+        let ctx = cfg.text.max_position_embeddings;
+        if ids.is_empty() {
+            return Err(Error::input("the prompt is empty"));
+        }
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+            return Err(Error::input(format!(
+                "token id {bad} is outside the model's vocabulary of {vocab}"
+            )));
+        }
+        let image_pos: Vec<usize> = (0..ids.len())
+            .filter(|&i| ids[i] == cfg.image_token_id)
+            .collect();
+        let n_img = cfg.vision.num_patches();
+        if image_pos.len() != n_img {
+            return Err(Error::input(format!(
+                "prompt has {} image tokens (id {}) but the image yields {n_img} features",
+                image_pos.len(),
+                cfg.image_token_id
+            )));
+        }
+        if ids.len() >= ctx {
+            return Err(Error::input(format!(
+                "the prompt is {} tokens (with the image's {n_img} patch tokens) but the model's \
+                 context is {ctx}; shorten the question",
+                ids.len()
+            )));
+        }
+        Ok(Prompt { ids, image_pos })
+    }
+
+    pub fn ids(&self) -> &[u32] {
+        &self.ids
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// Positions of the image tokens, in order.
+    pub fn image_positions(&self) -> &[usize] {
+        &self.image_pos
+    }
+
+    /// The image tokens as contiguous runs `(start, len)` (LLaVA-1.5 prompts have one).
+    pub fn image_runs(&self) -> Vec<(usize, usize)> {
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for &p in &self.image_pos {
+            match runs.last_mut() {
+                Some((s, n)) if *s + *n == p => *n += 1,
+                _ => runs.push((p, 1)),
+            }
+        }
+        runs
+    }
+
+    /// The image columns of a row over positions (a relevance row) — the token's map.
+    pub fn image_columns(&self, row: &[f32]) -> Vec<f32> {
+        self.image_pos.iter().map(|&j| row[j]).collect()
+    }
+
+    /// KV-cache positions a run of at most `max_new` tokens needs within a context of `ctx`: the
+    /// last generated token is never fed back.
+    pub fn capacity(&self, max_new: usize, ctx: usize) -> usize {
+        self.len()
+            .saturating_add(max_new.max(1) - 1)
+            .min(ctx)
+            .max(self.len())
+    }
+}
+
+/// How the decoder runs during a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    Plain,
+    /// The prompt positions `j` with `keep[j] == false` (one entry per prompt position) are hidden
+    /// from attention in every layer, for the prefill and every decode step; generated positions
+    /// are always visible (eval's perturbation tests remove image patches this way).
+    Masked(Vec<bool>),
+    /// Keep every position's saved activations (prefill and decode steps in one [`Saved`]) for
+    /// backwards over the whole sequence after generation: the exact baseline and GradCAM.
+    SaveAll,
+    /// Keep only the latest forward's saved activations (the prefill's, then each decode step's):
+    /// the incremental baseline's per-step backward.
+    SaveStep,
+}
+
+/// A prefilled prompt and its greedy decode steps.
+pub struct Session<'m, B: Backend> {
+    b: &'m B,
+    model: &'m Llava<B>,
+    prompt: Prompt,
+    opts: GenerateOptions,
+    /// The key mask extended over the whole cache (generated positions visible).
+    keep: Option<Vec<bool>>,
+    mode: Mode,
+    cache: KvCache<B>,
+    saved: Option<Saved<B>>,
+    /// `[n, D]` final-norm hidden states of the prompt, until the first decode forward.
+    prompt_hidden: Option<B::Tensor>,
+    /// `[1, D]` the hidden state that chose the latest token (before the first step: the prompt's
+    /// last position).
+    last: B::Tensor,
+    logits: Option<B::Tensor>,
+    generated: Vec<u32>,
+    stop: Option<StopReason>,
+    timings: Timings,
+    step_logits: Vec<Vec<f32>>,
+    step_hidden: Vec<Vec<f32>>,
+}
+
+impl<'m, B: Backend> Session<'m, B> {
+    /// Embeds the prompt with the projected image features `image` `[P, D]`
+    /// ([`Llava::encode_image`]) and runs it through the decoder.
+    pub fn prefill(
+        b: &'m B,
+        model: &'m Llava<B>,
+        prompt: Prompt,
+        image: &B::Tensor,
+        opts: &GenerateOptions,
+        mode: Mode,
+    ) -> Result<Self> {
+        if opts.max_new_tokens == 0 {
+            return Err(Error::input("max_new_tokens must be at least 1"));
+        }
+        let t0 = Instant::now();
+        let n = prompt.len();
+        let capacity = prompt.capacity(opts.max_new_tokens, model.cfg.text.max_position_embeddings);
+        let keep = match &mode {
+            Mode::Masked(k) if k.len() != n => {
+                return Err(Error::input(format!(
+                    "key mask has {} entries for a prompt of {n} positions",
+                    k.len()
+                )))
+            }
+            Mode::Masked(k) => {
+                let mut v = k.clone();
+                v.resize(capacity, true);
+                Some(v)
+            }
+            _ => None,
+        };
+        let x = model.embed_prompt(b, &prompt, image)?;
+        let mut cache = KvCache::new(b, &model.cfg.text, capacity)?;
+        let mut saved = match mode {
+            Mode::SaveAll => Some(Saved::new(0, capacity)),
+            Mode::SaveStep => Some(Saved::new(0, n)),
+            _ => None,
+        };
+        let pass = keep.as_deref().map_or(Pass::Plain, Pass::Masked);
+        let hidden = model.llm.run(b, x, &mut cache, pass, saved.as_mut())?;
+        let last = b.slice_rows(&hidden, n - 1, 1)?;
+        Ok(Session {
+            b,
+            model,
+            prompt,
+            opts: opts.clone(),
+            keep,
+            mode,
+            cache,
+            saved,
+            prompt_hidden: Some(hidden),
+            last,
+            logits: None,
+            generated: Vec::new(),
+            stop: None,
+            timings: Timings {
+                prefill_s: t0.elapsed().as_secs_f64(),
+                ..Default::default()
+            },
+            step_logits: Vec::new(),
+            step_hidden: Vec::new(),
+        })
+    }
+
+    /// Chooses the next greedy token (feeding the previous one back first) and returns it, or
+    /// `None` once the run has stopped ([`Self::stop_reason`]).
+    pub fn step(&mut self) -> Result<Option<u32>> {
+        if self.stop.is_some() {
+            return Ok(None);
+        }
+        let t0 = Instant::now();
+        let (b, llm) = (self.b, &self.model.llm);
+        if let Some(&prev) = self.generated.last() {
+            self.prompt_hidden = None;
+            let x = b.embedding(&llm.embed, &[prev])?;
+            let pass = self.keep.as_deref().map_or(Pass::Plain, Pass::Masked);
+            if self.mode == Mode::SaveStep {
+                self.saved = Some(Saved::new(self.cache.len, 1));
+            }
+            self.last = llm.run(b, x, &mut self.cache, pass, self.saved.as_mut())?;
+        }
+        let logits = llm.logits(b, &self.last)?;
+        let next = b.argmax_rows(&logits)?[0];
+        if self.opts.keep_steps {
+            self.step_logits.push(b.download(&logits)?);
+            self.step_hidden.push(b.download(&self.last)?);
+        }
+        self.logits = Some(logits);
+        self.generated.push(next);
+        self.stop = self.check_stop();
+        self.timings.decode_s += t0.elapsed().as_secs_f64();
+        Ok(Some(next))
+    }
+
+    /// Whether greedy generation ends after the token just chosen.
+    fn check_stop(&self) -> Option<StopReason> {
+        let last = *self.generated.last()?;
+        if self.opts.stop_at_eos && self.model.cfg.eos_token_ids.contains(&last) {
+            Some(StopReason::Eos)
+        } else if self.generated.len() >= self.opts.max_new_tokens {
+            Some(StopReason::MaxNewTokens)
+        } else if self.cache.len >= self.cache.capacity {
+            Some(StopReason::Context)
+        } else {
+            None
+        }
+    }
+
+    /// Runs the remaining steps.
+    pub fn run_to_end(&mut self) -> Result<()> {
+        while self.step()?.is_some() {}
+        Ok(())
+    }
+
+    /// The id-level result (after [`Self::run_to_end`] or the caller's own steps).
+    pub fn finish(self) -> IdGeneration {
+        IdGeneration {
+            generated_ids: self.generated,
+            stop_reason: self.stop.unwrap_or(StopReason::MaxNewTokens),
+            step_logits: self.step_logits,
+            step_hidden: self.step_hidden,
+            timings: self.timings,
+        }
+    }
+
+    pub fn prompt(&self) -> &Prompt {
+        &self.prompt
+    }
+
+    pub fn backend(&self) -> &'m B {
+        self.b
+    }
+
+    pub fn model(&self) -> &'m Llava<B> {
+        self.model
+    }
+
+    /// The prompt's final-norm hidden states `[n, D]`: available after prefill, until the first
+    /// token is fed back.
+    pub fn prompt_hidden(&self) -> Option<&B::Tensor> {
+        self.prompt_hidden.as_ref()
+    }
+
+    /// The image positions' rows of [`Self::prompt_hidden`], gathered into one `[P, D]` tensor.
+    pub fn image_hidden(&self) -> Result<B::Tensor> {
+        let b = self.b;
+        let hidden = self.prompt_hidden.as_ref().ok_or_else(|| {
+            Error::input("the prompt's hidden states are gone once decoding has started")
+        })?;
+        let (_, d) = b.dims(hidden);
+        let runs = self.prompt.image_runs();
+        if let [(start, n)] = runs[..] {
+            return b.slice_rows(hidden, start, n);
+        }
+        let mut img = b.zeros(self.prompt.image_pos.len(), d)?;
+        let mut row = 0;
+        for (start, n) in runs {
+            b.copy_rows_into(&mut img, row, &b.slice_rows(hidden, start, n)?)?;
+            row += n;
+        }
+        Ok(img)
+    }
+
+    /// `[1, D]`: the final-norm hidden state that chose the latest token.
+    pub fn hidden(&self) -> &B::Tensor {
+        &self.last
+    }
+
+    /// `[1, vocab]`: the logits that chose the latest token.
+    pub fn logits(&self) -> Option<&B::Tensor> {
+        self.logits.as_ref()
+    }
+
+    /// What the saving modes kept: with [`Mode::SaveAll`] every position so far; with
+    /// [`Mode::SaveStep`] the forward that produced [`Self::hidden`].
+    pub fn saved(&self) -> Option<&Saved<B>> {
+        self.saved.as_ref()
+    }
+
+    pub fn cache(&self) -> &KvCache<B> {
+        &self.cache
+    }
+
+    pub fn generated(&self) -> &[u32] {
+        &self.generated
+    }
+
+    /// Position of the hidden state that chose generated token `index`.
+    pub fn position_of(&self, index: usize) -> usize {
+        self.prompt.len() - 1 + index
+    }
+
+    pub fn stop_reason(&self) -> Option<StopReason> {
+        self.stop
+    }
+
+    pub fn timings(&self) -> Timings {
+        self.timings
+    }
+}
