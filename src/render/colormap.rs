@@ -1,72 +1,74 @@
 //! The viridis colormap (dark purple → blue → green → yellow; perceptually uniform, readable in
 //! grey scale and by colour-blind viewers) as a 256-entry table.
 //!
-//! The table is built here by piecewise-linear interpolation between anchor colours: viridis
-//! sampled at the evenly spaced points of 3-, 4-, 5-, 6-, 8-, 10- and 20-colour palettes (the
-//! well-known published hex values). The anchors are ~0.03–0.06 apart along a smooth curve, so
-//! the interpolated table stays within a few 8-bit steps of the reference colours, and its green
-//! channel rises strictly from end to end (tests rely on that to read values back).
+//! The table is matplotlib's own: `_viridis_data` in `lib/matplotlib/_cm_listed.py` (256 RGB
+//! triples in [0, 1], by van der Walt, Smith and Firing, CC0), each channel converted to 8 bits as
+//! `round(x * 255)`, which is what `matplotlib.colors.to_hex(matplotlib.cm.viridis(i))` prints for
+//! `i` in `0..256`. (`viridis(i, bytes=True)` truncates instead of rounding: 229 of its entries
+//! have a channel one step lower.) The `colorous` crate embeds this same rounded table but only
+//! exposes it through a B-spline that truncates to `u8`, one step off in 151 of the 256 entries,
+//! hence the table here. To check it against matplotlib:
+//!
+//! ```text
+//! python3 -c "from matplotlib._cm_listed import _viridis_data as d; \
+//!   print(*('%02x%02x%02x' % tuple(round(x * 255) for x in c) for c in d))"
+//! ```
+//!
+//! Rounded to 8 bits the green channel never falls but is not strictly increasing (it repeats
+//! 43 times), and entries 112/113 and 129/130 are the same colour.
 
-use std::sync::OnceLock;
-
-/// `(position in [0, 1], 0xRRGGBB)`, positions increasing.
-const ANCHORS: [(f32, u32); 24] = [
-    (0.0, 0x440154),
-    (1.0 / 9.0, 0x482878),
-    (1.0 / 7.0, 0x46337e),
-    (0.2, 0x414487),
-    (2.0 / 9.0, 0x3e4a89),
-    (0.25, 0x3b528b),
-    (2.0 / 7.0, 0x365c8d),
-    (1.0 / 3.0, 0x31688e),
-    (0.4, 0x2a788e),
-    (3.0 / 7.0, 0x277f8e),
-    (4.0 / 9.0, 0x26828e),
-    (0.5, 0x21908c),
-    (5.0 / 9.0, 0x1f9e89),
-    (4.0 / 7.0, 0x1fa187),
-    (0.6, 0x22a884),
-    (2.0 / 3.0, 0x35b779),
-    (5.0 / 7.0, 0x4ac16d),
-    (0.75, 0x5dc863),
-    (7.0 / 9.0, 0x6dcd59),
-    (0.8, 0x7ad151),
-    (6.0 / 7.0, 0x9fda3a),
-    (8.0 / 9.0, 0xb4de2c),
-    (18.0 / 19.0, 0xdce318),
-    (1.0, 0xfde725),
+/// matplotlib's viridis, `0xRRGGBB`, coldest first; eight a row, so entry `i` is on row `i / 8`.
+#[rustfmt::skip]
+const VIRIDIS: [u32; 256] = [
+    0x440154, 0x440256, 0x450457, 0x450559, 0x46075a, 0x46085c, 0x460a5d, 0x460b5e,
+    0x470d60, 0x470e61, 0x471063, 0x471164, 0x471365, 0x481467, 0x481668, 0x481769,
+    0x48186a, 0x481a6c, 0x481b6d, 0x481c6e, 0x481d6f, 0x481f70, 0x482071, 0x482173,
+    0x482374, 0x482475, 0x482576, 0x482677, 0x482878, 0x482979, 0x472a7a, 0x472c7a,
+    0x472d7b, 0x472e7c, 0x472f7d, 0x46307e, 0x46327e, 0x46337f, 0x463480, 0x453581,
+    0x453781, 0x453882, 0x443983, 0x443a83, 0x443b84, 0x433d84, 0x433e85, 0x423f85,
+    0x424086, 0x424186, 0x414287, 0x414487, 0x404588, 0x404688, 0x3f4788, 0x3f4889,
+    0x3e4989, 0x3e4a89, 0x3e4c8a, 0x3d4d8a, 0x3d4e8a, 0x3c4f8a, 0x3c508b, 0x3b518b,
+    0x3b528b, 0x3a538b, 0x3a548c, 0x39558c, 0x39568c, 0x38588c, 0x38598c, 0x375a8c,
+    0x375b8d, 0x365c8d, 0x365d8d, 0x355e8d, 0x355f8d, 0x34608d, 0x34618d, 0x33628d,
+    0x33638d, 0x32648e, 0x32658e, 0x31668e, 0x31678e, 0x31688e, 0x30698e, 0x306a8e,
+    0x2f6b8e, 0x2f6c8e, 0x2e6d8e, 0x2e6e8e, 0x2e6f8e, 0x2d708e, 0x2d718e, 0x2c718e,
+    0x2c728e, 0x2c738e, 0x2b748e, 0x2b758e, 0x2a768e, 0x2a778e, 0x2a788e, 0x29798e,
+    0x297a8e, 0x297b8e, 0x287c8e, 0x287d8e, 0x277e8e, 0x277f8e, 0x27808e, 0x26818e,
+    0x26828e, 0x26828e, 0x25838e, 0x25848e, 0x25858e, 0x24868e, 0x24878e, 0x23888e,
+    0x23898e, 0x238a8d, 0x228b8d, 0x228c8d, 0x228d8d, 0x218e8d, 0x218f8d, 0x21908d,
+    0x21918c, 0x20928c, 0x20928c, 0x20938c, 0x1f948c, 0x1f958b, 0x1f968b, 0x1f978b,
+    0x1f988b, 0x1f998a, 0x1f9a8a, 0x1e9b8a, 0x1e9c89, 0x1e9d89, 0x1f9e89, 0x1f9f88,
+    0x1fa088, 0x1fa188, 0x1fa187, 0x1fa287, 0x20a386, 0x20a486, 0x21a585, 0x21a685,
+    0x22a785, 0x22a884, 0x23a983, 0x24aa83, 0x25ab82, 0x25ac82, 0x26ad81, 0x27ad81,
+    0x28ae80, 0x29af7f, 0x2ab07f, 0x2cb17e, 0x2db27d, 0x2eb37c, 0x2fb47c, 0x31b57b,
+    0x32b67a, 0x34b679, 0x35b779, 0x37b878, 0x38b977, 0x3aba76, 0x3bbb75, 0x3dbc74,
+    0x3fbc73, 0x40bd72, 0x42be71, 0x44bf70, 0x46c06f, 0x48c16e, 0x4ac16d, 0x4cc26c,
+    0x4ec36b, 0x50c46a, 0x52c569, 0x54c568, 0x56c667, 0x58c765, 0x5ac864, 0x5cc863,
+    0x5ec962, 0x60ca60, 0x63cb5f, 0x65cb5e, 0x67cc5c, 0x69cd5b, 0x6ccd5a, 0x6ece58,
+    0x70cf57, 0x73d056, 0x75d054, 0x77d153, 0x7ad151, 0x7cd250, 0x7fd34e, 0x81d34d,
+    0x84d44b, 0x86d549, 0x89d548, 0x8bd646, 0x8ed645, 0x90d743, 0x93d741, 0x95d840,
+    0x98d83e, 0x9bd93c, 0x9dd93b, 0xa0da39, 0xa2da37, 0xa5db36, 0xa8db34, 0xaadc32,
+    0xaddc30, 0xb0dd2f, 0xb2dd2d, 0xb5de2b, 0xb8de29, 0xbade28, 0xbddf26, 0xc0df25,
+    0xc2df23, 0xc5e021, 0xc8e020, 0xcae11f, 0xcde11d, 0xd0e11c, 0xd2e21b, 0xd5e21a,
+    0xd8e219, 0xdae319, 0xdde318, 0xdfe318, 0xe2e418, 0xe5e419, 0xe7e419, 0xeae51a,
+    0xece51b, 0xefe51c, 0xf1e51d, 0xf4e61e, 0xf6e620, 0xf8e621, 0xfbe723, 0xfde725,
 ];
 
-fn rgb(hex: u32) -> [f32; 3] {
-    [
-        ((hex >> 16) & 0xff) as f32,
-        ((hex >> 8) & 0xff) as f32,
-        (hex & 0xff) as f32,
-    ]
+const fn rgb(hex: u32) -> [u8; 3] {
+    [(hex >> 16) as u8, (hex >> 8) as u8, hex as u8]
 }
 
-fn build() -> [[u8; 3]; 256] {
-    let anchors: Vec<(f32, [f32; 3])> = ANCHORS.iter().map(|&(t, c)| (t, rgb(c))).collect();
-
+const VIRIDIS_RGB: [[u8; 3]; 256] = {
     let mut lut = [[0u8; 3]; 256];
-    let mut seg = 0;
-    for (i, entry) in lut.iter_mut().enumerate() {
-        let t = i as f32 / 255.0;
-        while seg + 2 < anchors.len() && t > anchors[seg + 1].0 {
-            seg += 1;
-        }
-        let (t0, c0) = anchors[seg];
-        let (t1, c1) = anchors[seg + 1];
-        let f = ((t - t0) / (t1 - t0)).clamp(0.0, 1.0);
-        for k in 0..3 {
-            entry[k] = (c0[k] + (c1[k] - c0[k]) * f).round().clamp(0.0, 255.0) as u8;
-        }
+    let mut i = 0;
+    while i < 256 {
+        lut[i] = rgb(VIRIDIS[i]);
+        i += 1;
     }
     lut
-}
+};
 
 /// The 256-entry viridis table: entry 0 is the colour of 0 (cold), entry 255 the colour of 1.
 pub fn viridis() -> &'static [[u8; 3]; 256] {
-    static LUT: OnceLock<[[u8; 3]; 256]> = OnceLock::new();
-    LUT.get_or_init(build)
+    &VIRIDIS_RGB
 }
