@@ -54,8 +54,8 @@ pub struct TokenStep {
     pub index: usize,
     pub id: u32,
     /// The text this token adds to the answer: the deltas joined are exactly the answer's decoded
-    /// text (spaces included; bytes of an unfinished UTF-8 character wait for the token that ends
-    /// it).
+    /// text, spaces included. A byte-fallback token's text waits for the first token after its
+    /// run of bytes (its delta is empty until then).
     pub text_delta: String,
     /// The token's map, for the methods that map during generation.
     pub map: Option<TokenMap>,
@@ -293,17 +293,20 @@ impl<'e, B: Backend> Stream<'e, B> {
         }
     }
 
-    /// The new text of the answer so far. A decoding that ends in U+FFFD (the bytes of a character
-    /// not finished yet) waits, unless this is the last token.
+    /// The new text of the answer so far: the decoding of every id minus what was given out. A
+    /// run of byte-fallback tokens waits until it ends (its decoding can change with each byte
+    /// added), unless this is the last token, so the deltas join to exactly the final decoding.
     fn delta(&mut self, ids: &[u32], last: bool) -> Result<String> {
-        let full = self.engine.decode(ids)?;
-        if !last && full.ends_with('\u{FFFD}') {
+        let e = self.engine;
+        let open_run = e.text.as_ref().is_some_and(|t| t.ends_in_byte_run(ids));
+        if open_run && !last {
             return Ok(String::new());
         }
+        let full = e.decode(ids)?;
         let delta = match full.strip_prefix(self.emitted.as_str()) {
             Some(d) => d.to_string(),
-            // The tokenizer re-spelled earlier text (rare): nothing more can be taken back, so
-            // only what extends past the given text goes out.
+            // The decoder re-spelled text already given out (not seen with closed byte runs):
+            // what was sent cannot be taken back, so only the text past its length goes out.
             None => full
                 .char_indices()
                 .nth(self.emitted.chars().count())

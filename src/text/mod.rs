@@ -106,6 +106,21 @@ impl TextProcessor {
             .map_err(|e| self.err(format!("cannot decode ids: {e}")))
     }
 
+    /// Whether the text of `ids` may still change with later ids: their last token with a text
+    /// is a byte-fallback token (`<0xAB>`). The decoder turns a run of those into text only as a
+    /// whole (an invalid run becomes one U+FFFD per byte), and ids without a token (a padded
+    /// vocabulary's tail) decode to nothing, so they do not end a run.
+    pub fn ends_in_byte_run(&self, ids: &[u32]) -> bool {
+        let last = ids.iter().rev().find_map(|&id| self.tok.id_to_token(id));
+        last.is_some_and(|t| {
+            let b = t.as_bytes();
+            b.len() == 6
+                && t.starts_with("<0x")
+                && t.ends_with('>')
+                && b[3..5].iter().all(u8::is_ascii_hexdigit)
+        })
+    }
+
     /// Text of a single token, as shown next to its map.
     pub fn token_text(&self, id: u32) -> String {
         self.tok.decode(&[id], false).unwrap_or_default()
