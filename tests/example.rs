@@ -1,0 +1,44 @@
+//! The server author's example (`examples/shared_engine.rs`), which `cargo test` builds, run on the
+//! bundled demo model: three answers streamed from one shared engine and one cancelled request.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn example(name: &str) -> PathBuf {
+    // Test binaries live in target/<profile>/deps; examples in target/<profile>/examples.
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap().join("examples");
+    dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX))
+}
+
+#[test]
+fn shared_engine_streams_three_answers_and_cancels_one() {
+    let path = example("shared_engine");
+    assert!(path.is_file(), "{} was not built", path.display());
+    let out = Command::new(&path).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "exit {:?}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The demo model's answers (tests/demo_world.rs pins the model against transformers).
+    for (i, answer) in [(0, "yellow"), (1, "red"), (2, "white")] {
+        let line = format!("[req {i}] done: \"{answer}\"");
+        assert!(stdout.contains(&line), "missing {line:?} in\n{stdout}");
+    }
+    // The client of request 3 left after one token: the run stopped long before its 16.
+    let cancelled = stdout
+        .lines()
+        .find(|l| l.starts_with("[req 3] cancelled after "))
+        .unwrap_or_else(|| panic!("request 3 was not cancelled:\n{stdout}"));
+    let n: usize = cancelled["[req 3] cancelled after ".len()..]
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(n <= 2, "{cancelled}");
+    assert!(!stdout.contains("[req 3] done"), "{stdout}");
+}
