@@ -390,22 +390,23 @@ fn generation_json(engine: &AnyEngine, run: &RunArgs, input: &Input, g: &Generat
         Input::Image(p) => Some(p.display().to_string()),
         Input::Synthetic => None,
     };
-    let mut doc = json!({
-        "model": model,
-        "image": image,
-        "prompt": run.prompt,
-        "device": engine.backend_name(),
-        "input_ids": g.input_ids,
-        "generated_ids": g.generated_ids,
-        "text": g.text,
-        "stop_reason": g.stop_reason.as_str(),
-        "grid": [grid, grid],
-        "timings_ms": {
-            "vision": g.timings.vision_s * 1e3,
-            "prefill": g.timings.prefill_s * 1e3,
-            "decode": g.timings.decode_s * 1e3,
-        },
+    // The library's own serialisation, with the run's context around it and the timings in the
+    // CLI's milliseconds.
+    let mut doc = serde_json::to_value(g).unwrap_or_default();
+    let timings_ms = json!({
+        "vision": g.timings.vision_s * 1e3,
+        "prefill": g.timings.prefill_s * 1e3,
+        "decode": g.timings.decode_s * 1e3,
     });
+    if let Some(o) = doc.as_object_mut() {
+        o.remove("timings");
+        o.insert("model".into(), json!(model));
+        o.insert("image".into(), json!(image));
+        o.insert("prompt".into(), json!(run.prompt));
+        o.insert("device".into(), json!(engine.backend_name()));
+        o.insert("grid".into(), json!([grid, grid]));
+        o.insert("timings_ms".into(), timings_ms);
+    }
     let memory = engine.memory_breakdown();
     if !memory.is_empty() {
         doc["memory_bytes"] = memory
@@ -426,17 +427,8 @@ fn add_maps(doc: &mut Value, ex: &Explained) {
         doc["full_r"] = json!(mode == RowMode::FullR);
     }
     doc["timings_ms"]["maps"] = json!(ex.maps_s * 1e3);
-    doc["confidence"] = json!({
-        "mean_entropy": ex.confidence.mean_entropy,
-        "threshold": ex.confidence.threshold,
-        "verdict": ex.confidence.verdict(),
-        "tokens": ex.confidence.tokens,
-    });
-    doc["tokens"] = ex
-        .tokens
-        .iter()
-        .map(|t| json!({"index": t.index, "id": t.id, "text": t.text, "map": t.map, "entropy": t.entropy}))
-        .collect();
+    doc["confidence"] = serde_json::to_value(ex.confidence).unwrap_or_default();
+    doc["tokens"] = serde_json::to_value(&ex.tokens).unwrap_or_default();
 }
 
 /// The human-readable form: the answer, then one line per token with its entropy and the grid
