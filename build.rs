@@ -1,4 +1,4 @@
-//! Kernels: `kernels/*.cu` → `kernels/ptx/*.ptx` (DESIGN §6).
+//! Kernels: `kernels/*.cu` → `kernels/ptx/*.ptx`, checked in so a build never needs nvcc.
 //!
 //! The PTX is checked in and embedded with `include_str!`, so a build never needs nvcc. When the
 //! pinned nvcc (13.0, whose PTX ISA 9.0 the GPU hosts' driver 580 accepts) is available — named by

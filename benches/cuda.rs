@@ -6,7 +6,7 @@
 //! `cargo bench --bench cuda` (skips with a message where there is no GPU). Every timing loop
 //! synchronises the stream before it starts and after its last launch, so it measures the
 //! device's work; each decode number is printed beside its achieved bandwidth and its fraction
-//! of the measured copy bandwidth (DESIGN §7).
+//! of the measured copy bandwidth.
 //!
 //! `FASTRM_BENCH_MODEL=llava-1.5-13b` picks the other synthetic shape.
 

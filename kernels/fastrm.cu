@@ -1,4 +1,4 @@
-// The FastRM head's decode step, fused into one launch (DESIGN §4):
+// The FastRM head's decode step, fused into one launch:
 //   map[p] = sigmoid(scale * (folded[p, :] . LayerNorm(h; ln_w, ln_b) + c[p]))
 // Reads x [m, D] (hidden states after the decoder's final norm), ln_w/ln_b [D], folded [P, D] (the
 // once-per-prefill K W_q), c [P] (K b_q); writes out [m, P]. Nothing is saved.

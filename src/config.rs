@@ -1,6 +1,6 @@
 //! `config.json` of a LLaVA-1.5 checkpoint.
 //!
-//! Two field styles exist in the wild (DESIGN §3): the hub's transformers-4.x files, which leave most
+//! Two field styles exist in the wild: the hub's transformers-4.x files, which leave most
 //! of `text_config`/`vision_config` at the class defaults (LlamaConfig, CLIPVisionConfig), and
 //! transformers-5 files, which spell everything out but rename a few keys (`image_token_id`,
 //! `dtype`, `rope_parameters.rope_theta`). Missing fields therefore take the transformers class

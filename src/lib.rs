@@ -1,8 +1,12 @@
 //! fastrm: LLaVA-1.5 inference with per-token visual relevancy maps.
 //!
 //! The model is written once against the op set in [`backend`]; the CPU backend (f32) is the
-//! reference every other backend is tested against. See `DESIGN.md` in the shared folder and
-//! `docs/` for the architecture.
+//! reference every other backend is tested against.
+//!
+//! [`Engine`] opens a model on a backend ([`AnyEngine`] picks one at run time) and runs requests
+//! through one generation session ([`model::session`]): [`Engine::stream`] yields each token with
+//! its text and, for FastRM, its relevancy map as soon as it exists; [`Engine::generate`] and
+//! [`Engine::explain`] collect a whole run. `examples/shared_engine.rs` shows a server's use.
 
 pub mod backend;
 pub mod checkpoint;
@@ -13,6 +17,7 @@ pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod explain;
+pub mod fsutil;
 pub mod model;
 pub mod profile;
 pub mod render;

@@ -1,4 +1,4 @@
-//! The CUDA backend against the CPU reference (DESIGN §5): every op on fresh random inputs with
+//! The CUDA backend against the CPU reference: every op on fresh random inputs with
 //! poisoned outputs, at small shapes and at LLaVA-7B's; then end to end on the fixtures.
 //!
 //! Without a GPU (CI, most dev machines) each GPU test prints why it is skipped and returns; the
@@ -514,7 +514,7 @@ fn pearson(a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// FastRM maps from the fused kernel on the GPU against the CPU head, token by token, on the
-/// same forced answer (Pearson ≥ 0.999, DESIGN §5 / issue 5).
+/// same forced answer (Pearson ≥ 0.999).
 fn fastrm_maps<T: Elem>(test: &str) {
     let Some(g) = gpu::<T>(test) else { return };
     let exp = Expected::load("tiny");
@@ -579,7 +579,7 @@ fn top10_overlap(got: &[f32], want: &[f32]) -> f64 {
 }
 
 /// The baseline's maps (exact, incremental, GradCAM) from the GPU backward against the CPU's on
-/// the `tiny` fixture (DESIGN §5: Pearson ≥ 0.99, top-10% overlap ≥ 0.9).
+/// the `tiny` fixture (Pearson ≥ 0.99, top-10% overlap ≥ 0.9).
 fn baseline_maps<T: Elem>(test: &str) {
     let Some(g) = gpu::<T>(test) else { return };
     let exp = Expected::load("tiny");
@@ -779,7 +779,7 @@ fn cli_profile_on_the_simulator() {
 // ---- No GPU needed.
 
 /// The driver on the GPU hosts (580) accepts PTX ISA ≤ 9.0; every embedded module must say so
-/// and target sm_80 (DESIGN §6).
+/// and target sm_80.
 #[test]
 fn embedded_ptx_fits_the_hosts_driver() {
     assert!(!cuda::PTX.is_empty());

@@ -2,7 +2,7 @@
 # Regenerates kernels/ptx/*.ptx with the pinned nvcc and checks the kernels for register spills.
 #   tools/ptx.sh            install the pinned compiler (once, into .nvcc/), regenerate, spill check
 #   tools/ptx.sh --check    the same, then fail if the regenerated PTX differs from the checked-in
-# The compiler comes from pip (DESIGN §6): unpinned installs pull a newer nvcc whose PTX ISA the GPU
+# The compiler comes from pip, pinned: unpinned installs pull a newer nvcc whose PTX ISA the GPU
 # hosts' driver rejects. Needs python3 with venv/pip, gcc, and network access to PyPI.
 set -euo pipefail
 cd "$(dirname "$0")/.."

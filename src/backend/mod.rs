@@ -1,5 +1,5 @@
 //! The op set: every tensor operation the LLaVA program uses, as one trait that each backend
-//! implements (DESIGN §2). The model code in `crate::model` is written only against this trait, so the
+//! implements. The model code in `crate::model` is written only against this trait, so the
 //! CPU reference and the CUDA backend run the same orchestration (shapes, offsets, KV-cache
 //! indexing); op-level parity against [`cpu::Cpu`] is then all a new backend has to prove.
 //!
@@ -156,7 +156,7 @@ pub trait Backend {
     ) -> Result<()>;
     /// Index of the largest value in each row (first one on ties, as `torch.argmax`).
     fn argmax_rows(&self, x: &Self::Tensor) -> Result<Vec<u32>>;
-    /// The FastRM head's decode step, fused (DESIGN §4): for each row `h` of `x` `[m, D]`,
+    /// The FastRM head's decode step, fused: for each row `h` of `x` `[m, D]`,
     /// `sigmoid(scale · (folded · LayerNorm(h; ln_w, ln_b, eps) + c))` over the `P` image patches,
     /// with `folded` `[P, D]` and `c` `[1, P]` from the once-per-prefill fold → `[m, P]`.
     fn fastrm_scores(
@@ -172,7 +172,7 @@ pub trait Backend {
     /// Plain product `a · b`: a `[m, k]`, b `[k, n]` (relevancy folds and products of cams).
     fn matmul(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
 
-    // ---- Backward ops: activation gradients only, never weight gradients (DESIGN §4). Each takes
+    // ---- Backward ops: activation gradients only, never weight gradients. Each takes
     // what its forward saw plus the gradient of the forward's output, and sits beside its forward in
     // every backend so the two are implemented (and tested) together.
 
@@ -231,7 +231,7 @@ pub trait Backend {
     fn sum_rows(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
 }
 
-/// What a device allocation is for, in the memory breakdown (DESIGN §6).
+/// What a device allocation is for, in the memory breakdown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum MemTag {

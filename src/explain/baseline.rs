@@ -1,4 +1,4 @@
-//! Gradient relevancy by our own activation backward through the decoder (DESIGN §4).
+//! Gradient relevancy by our own activation backward through the decoder.
 //!
 //! For a generated token produced at position p, the target is its raw logit
 //! `s = logits[p, y]`. The backward walks the layers from the top, computing activation gradients

@@ -1,4 +1,4 @@
-//! The FastRM head (DESIGN §4, paper §3): LayerNorm → single-head attention scores → sigmoid.
+//! The FastRM head: LayerNorm → single-head attention scores → sigmoid.
 //!
 //! `u = LN(h_t)`, `q = W_q u + b_q`; keys `K_j = W_k LN(h_j) + b_k` over the image positions' last
 //! hidden states (after the decoder's final norm); `z_j = q·K_j / √d`; `map = sigmoid(z)`.
@@ -130,13 +130,8 @@ impl HeadWeights {
         for (_, values, _) in &tensors {
             data.extend_from_slice(bytemuck::cast_slice(values));
         }
-        // Atomic: a temporary file renamed over the target, never a half-written head.
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        std::fs::write(&tmp, data).map_err(|e| Error::io(path, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            Error::io(path, e)
-        })
+        // Atomic: never a half-written head.
+        crate::fsutil::write_atomic(path, &data)
     }
 
     pub fn load(path: &Path) -> Result<Self> {

@@ -467,12 +467,12 @@ impl Report {
             .collect();
         write_png(&files[2], &self.latency_plot()?)?;
         write_png(&files[3], &self.memory_plot()?)?;
-        write_atomic(&files[1], self.table().as_bytes())?;
+        crate::fsutil::write_atomic(&files[1], self.table().as_bytes())?;
         let mut doc = self.to_json();
         doc["files"] = json!([JSON_FILE, TABLE_FILE, LATENCY_PLOT, MEMORY_PLOT]);
         let text = serde_json::to_string_pretty(&doc)
             .map_err(|e| Error::input(format!("profile JSON: {e}")))?;
-        write_atomic(&files[0], text.as_bytes())?;
+        crate::fsutil::write_atomic(&files[0], text.as_bytes())?;
         Ok((files, doc))
     }
 
@@ -521,15 +521,6 @@ pub fn prepare_out(out: &Path) -> Result<()> {
     std::fs::write(&probe, b"").map_err(|e| err(e, "output folder is not writable"))?;
     let _ = std::fs::remove_file(&probe);
     Ok(())
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(path, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(path, e)
-    })
 }
 
 /// Now, UTC, as `YYYY-MM-DDTHH:MM:SSZ`.

@@ -1,4 +1,4 @@
-//! The CUDA backend (DESIGN §2, §6): tensors in f16, bf16 or f32 storage with f32 arithmetic,
+//! The CUDA backend: tensors in f16, bf16 or f32 storage with f32 arithmetic,
 //! cuBLAS GEMMs (f32 accumulation) and our kernels from `kernels/*.cu`, embedded as PTX.
 //!
 //! Everything runs in order on one stream. cudarc's per-buffer event tracking is switched off
@@ -7,7 +7,7 @@
 //!
 //! Memory: allocations come from the device's stream-ordered pool with its release threshold set
 //! to "never", so after the first decode step the pool already holds every block the loop needs
-//! and the loop makes no `cudaMalloc` — the arena of DESIGN §6 without a hand-written allocator.
+//! and the loop makes no `cudaMalloc` — one arena per engine without a hand-written allocator.
 //! A [`Ledger`] attributes every live byte to a [`MemTag`] (weights, KV cache, activations, saved
 //! tensors, head) and keeps each tag's peak, for the breakdown `--memory` and `profile` print.
 //!
@@ -341,7 +341,7 @@ impl<T: Elem> Cuda<T> {
     }
 
     /// Records a timing event on the stream (`CU_EVENT_DEFAULT`: cudarc's default flags disable
-    /// timing, DESIGN §6).
+    /// timing).
     pub fn record_event(&self) -> Result<Event> {
         match &self.dev {
             Device::Gpu(g) => {
