@@ -116,7 +116,9 @@ fn synthetic_weights_build_the_same_program() {
 fn models_too_large_for_memory_are_refused_before_loading() {
     use fastrm::backend::Backend;
     // 2^50 f32 values: 4.5 PB, more than any machine this runs on.
-    let e = Cpu.check_weight_memory(1 << 50).unwrap_err().to_string();
+    let e = Cpu.check_weight_memory(1 << 50).unwrap_err();
+    assert!(matches!(e, fastrm::Error::OutOfMemory(_)), "{e:?}");
+    let e = e.to_string();
     assert!(e.contains("GB") && e.contains("available"), "{e}");
     Cpu.check_weight_memory(1000).unwrap();
 }

@@ -433,7 +433,7 @@ impl Backend for Cpu {
         let need = n_values as u64 * 4;
         if let Some(avail) = available_memory_bytes() {
             if need > avail {
-                return Err(crate::error::Error::Backend(format!(
+                return Err(crate::error::Error::OutOfMemory(format!(
                     "the model's weights need {:.1} GB at f32 on the CPU backend but only {:.1} GB of memory is available",
                     need as f64 / 1e9,
                     avail as f64 / 1e9

@@ -223,7 +223,7 @@ pub struct Cuda<T: Elem> {
 
 fn drv_err(what: &str, e: drv::DriverError) -> Error {
     if e.0 == drv_sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
-        Error::Backend(format!("out of GPU memory ({what})"))
+        Error::OutOfMemory(format!("GPU memory ({what})"))
     } else {
         Error::Backend(format!("CUDA {what}: {e:?}"))
     }

@@ -414,7 +414,7 @@ impl<T: Elem> Backend for Cuda<T> {
             return Ok(());
         };
         if need > free as u64 {
-            return Err(Error::Backend(format!(
+            return Err(Error::OutOfMemory(format!(
                 "the model's weights need {:.1} GB at {} but the GPU has {:.1} GB free of {:.1} GB",
                 need as f64 / 1e9,
                 T::NAME,
