@@ -29,6 +29,10 @@ pub enum Error {
     /// The run was stopped through its [`crate::engine::CancelToken`].
     #[error("cancelled")]
     Cancelled,
+    /// A NaN or infinity where a number must be finite (hidden states, logits, maps): the message
+    /// says where it appeared.
+    #[error("non-finite values: {0}")]
+    NonFinite(String),
     /// The model, its cache or a run's activations do not fit the device's memory.
     #[error("out of memory: {0}")]
     OutOfMemory(String),

@@ -19,7 +19,7 @@ use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::explain::{map_entropy, Confidence, Mapper, Method};
 use crate::model::llava::{GenerateOptions, StopReason, Timings};
-use crate::model::session::{Mode, Prompt, Session};
+use crate::model::session::{check_finite, Mode, Prompt, Session};
 
 /// Stops a run from another thread: clones share one flag.
 #[derive(Debug, Clone, Default)]
@@ -195,7 +195,7 @@ impl<'e, B: Backend> Stream<'e, B> {
                         let t0 = Instant::now();
                         let map = m.token(&s)?;
                         self.maps_s += t0.elapsed().as_secs_f64();
-                        map.map(|map| self.token_map(index, id, map))
+                        map.map(|map| self.token_map(index, id, map)).transpose()?
                     }
                     None => None,
                 };
@@ -226,7 +226,7 @@ impl<'e, B: Backend> Stream<'e, B> {
                 let map = m.after(&s, index)?;
                 self.maps_s += t0.elapsed().as_secs_f64();
                 let id = s.generated()[index];
-                let tm = self.token_map(index, id, map);
+                let tm = self.token_map(index, id, map)?;
                 self.pending.push_back(Item::Map(tm));
                 if index + 1 < s.generated().len() {
                     self.state = State::Maps(s, index + 1);
@@ -281,16 +281,17 @@ impl<'e, B: Backend> Stream<'e, B> {
         Ok(())
     }
 
-    fn token_map(&mut self, index: usize, id: u32, map: Vec<f32>) -> TokenMap {
+    fn token_map(&mut self, index: usize, id: u32, map: Vec<f32>) -> Result<TokenMap> {
+        check_finite(&map, &format!("the relevancy map of token {index}"))?;
         let entropy = map_entropy(&map);
         self.entropies.push(entropy);
-        TokenMap {
+        Ok(TokenMap {
             index,
             id,
             text: self.engine.token_text(id),
             map,
             entropy,
-        }
+        })
     }
 
     /// The new text of the answer so far: the decoding of every id minus what was given out. A

@@ -17,6 +17,18 @@ use crate::backend::Backend;
 use crate::config::LlavaConfig;
 use crate::error::{Error, Result};
 
+/// An error naming `what` when `values` hold a NaN or an infinity: greedy decoding would go on
+/// choosing token 0 from garbage and report success.
+pub fn check_finite(values: &[f32], what: &str) -> Result<()> {
+    match values.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(Error::NonFinite(format!(
+            "{what} holds {} at element {i}: the weights (or the input) produce NaN/Inf",
+            values[i]
+        ))),
+    }
+}
+
 /// Expanded prompt ids with the positions of their image tokens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Prompt {
@@ -184,6 +196,10 @@ impl<'m, B: Backend> Session<'m, B> {
         let pass = keep.as_deref().map_or(Pass::Plain, Pass::Masked);
         let hidden = model.llm.run(b, x, &mut cache, pass, saved.as_mut())?;
         let last = b.slice_rows(&hidden, n - 1, 1)?;
+        check_finite(
+            &b.download(&last)?,
+            "the hidden state at the end of prefill",
+        )?;
         Ok(Session {
             b,
             model,
@@ -224,7 +240,19 @@ impl<'m, B: Backend> Session<'m, B> {
             }
             self.last = llm.run(b, x, &mut self.cache, pass, self.saved.as_mut())?;
         }
+        let index = self.generated.len();
+        if index > 0 {
+            check_finite(
+                &b.download(&self.last)?,
+                &format!("the hidden state that chooses token {index}"),
+            )?;
+        }
         let logits = llm.logits(b, &self.last)?;
+        // The whole row once (a non-finite lm_head row shows there); after that the hidden state
+        // each step is the cheaper check of everything upstream.
+        if index == 0 {
+            check_finite(&b.download(&logits)?, "the logits of token 0")?;
+        }
         let next = b.argmax_rows(&logits)?[0];
         if self.opts.keep_steps {
             self.step_logits.push(b.download(&logits)?);
