@@ -851,7 +851,7 @@ fn jsonl_reader_carries_and_checks_the_pointing_keys() {
 /// through the CUDA backend's code (f16 storage, on the host simulator), and the figures are the
 /// CPU's: the same answers, classification scores within 0.01 (f16 moves probabilities by ~1e-3,
 /// which flips a patch only next to a threshold; here none flips), mean entropies within 1e-4 (f16
-/// gives 1e-6; another head's are ~1e-2 away). The perturbation
+/// gives 1e-6). The perturbation
 /// curves are left out: ~300 masked generations a sample take minutes on the simulator.
 #[cfg(feature = "sim")]
 #[test]

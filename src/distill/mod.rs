@@ -1,10 +1,9 @@
-//! `fastrm distill`: the training set of the FastRM head (issue 4, item 3).
+//! `fastrm distill`: the training set of the FastRM head.
 //!
-//! For every question: the greedy answer with the baseline's raw map per generated token
-//! ([`crate::Engine::explain_observed`]), and the hidden states the head reads — per generated token
-//! the decoder's final-norm state that produced it, per sample the image positions' final-norm
-//! states after prefill — gathered by a second, hooked greedy run on the same ids (asserted to
-//! generate the same tokens).
+//! For every question, in one pass ([`distill_sample`] over [`crate::Engine::stream`]): the greedy
+//! answer with the baseline's raw map per generated token, and the hidden states the head reads —
+//! per generated token the decoder's final-norm state that produced it, per sample the image
+//! positions' final-norm states after prefill. Any backend (`--device`) runs it.
 //!
 //! On disk (`--out DIR`):
 //! - `manifest.json` ([`Manifest`]): what made the set (model, method, suffix, input file and its
