@@ -101,6 +101,8 @@ enum Cmd {
     Train(fastrm::train::TrainArgs),
     /// Build a FastRM training set: answers, baseline maps and hidden states, sharded; resumable.
     Distill(fastrm::distill::DistillArgs),
+    /// Join the folders of `distill --shard I/N` runs into the data set one unsharded run writes.
+    Merge(fastrm::distill::MergeArgs),
     /// Evaluate a FastRM head on a distilled set: F1 vs the baseline, perturbation AUCs, entropy
     /// confidence calibration, pointing game.
     Eval(fastrm::eval::EvalArgs),
@@ -158,6 +160,7 @@ fn run(cli: Cli) -> Result<()> {
             explain(&run, &ex)
         }
         Cmd::Distill(args) => fastrm::distill::run(args),
+        Cmd::Merge(args) => fastrm::distill::merge(args),
         Cmd::Train(args) => fastrm::train::run(args),
         Cmd::Eval(args) => fastrm::eval::run(args),
         Cmd::Profile(args) => fastrm::profile::run(args),

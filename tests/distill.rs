@@ -537,3 +537,206 @@ fn bad_inputs() {
     std::fs::write(busy.join("notes.txt"), "mine").unwrap();
     fails(&distill(&vqa(), &busy, &["--limit", "1"]), &["not empty"]);
 }
+
+// ---- --shard I/N and merge
+
+fn distill_spawn(questions: &Path, out: &Path, extra: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_fastrm"))
+        .arg("distill")
+        .arg("--model")
+        .arg(fixture_dir("tiny"))
+        .arg("--questions")
+        .arg(questions)
+        .arg("--images")
+        .arg(images())
+        .arg("--out")
+        .arg(out)
+        .args(extra)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn merge(out: &Path, inputs: &[&Path]) -> Output {
+    let o = Command::new(env!("CARGO_BIN_EXE_fastrm"))
+        .arg("merge")
+        .arg("--out")
+        .arg(out)
+        .args(inputs)
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("panicked"));
+    o
+}
+
+/// Three `--shard I/3` processes side by side (one of them resuming an earlier, shorter run),
+/// merged, give the single run's data set: the same manifest, and the same shard files' tensors
+/// and records, the maps bit for bit.
+#[test]
+fn three_shard_processes_merged_equal_a_single_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let common = ["--shard-size", "3", "--max-new-tokens", "3"];
+    let with = |extra: &[&'static str]| -> Vec<&'static str> {
+        common.iter().chain(extra).copied().collect()
+    };
+    let single = t.join("single");
+    ok(&distill(&vqa(), &single, &with(&["--limit", "8"])));
+
+    let parts: Vec<PathBuf> = (0..3).map(|i| t.join(format!("part{i}"))).collect();
+    // Shard 1 first stops early (questions 1 and 4), then resumes with the others.
+    let line = ok(&distill(
+        &vqa(),
+        &parts[1],
+        &with(&["--limit", "5", "--shard", "1/3"]),
+    ));
+    assert!(line.contains("distilled 2 samples"), "{line}");
+    let specs = ["0/3", "1/3", "2/3"];
+    let children: Vec<_> = parts
+        .iter()
+        .zip(specs)
+        .map(|(p, s)| distill_spawn(&vqa(), p, &with(&["--limit", "8", "--shard", s])))
+        .collect();
+    let lines: Vec<String> = children
+        .into_iter()
+        .map(|c| ok(&c.wait_with_output().unwrap()))
+        .collect();
+    assert!(lines[1].contains("distilled 1 samples"), "{}", lines[1]);
+    assert!(lines[0].contains("(shard 0/3)"), "{}", lines[0]);
+    // Question k went to shard k mod 3, recorded with its index in the whole file.
+    for (i, p) in parts.iter().enumerate() {
+        let (m, sh) = shards(p);
+        assert_eq!(m.shard.map(|s| (s.index, s.count)), Some((i, 3)));
+        let recs: Vec<usize> = sh
+            .iter()
+            .flat_map(|s| s.samples.iter().map(|r| r.sample))
+            .collect();
+        assert_eq!(recs, (i..8).step_by(3).collect::<Vec<_>>());
+        assert_eq!(sh[0].first_sample, i);
+    }
+
+    // Merged in any order: the single run's set.
+    let merged = t.join("merged");
+    let line = ok(&merge(&merged, &[&parts[2], &parts[0], &parts[1]]));
+    assert!(line.contains("merged 3 shards"), "{line}");
+    let (mm, sm) = shards(&merged);
+    let (ms, ss) = shards(&single);
+    assert_eq!(mm, ms);
+    assert_eq!(sm.len(), 3);
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+    for (a, b) in sm.iter().zip(&ss) {
+        assert_eq!(bits(&a.maps), bits(&b.maps));
+        assert_eq!(bits(&a.image_hidden), bits(&b.image_hidden));
+        assert_eq!(bits(&a.token_hidden), bits(&b.token_hidden));
+    }
+    assert_eq!(sm, ss);
+    // The merged folder is a whole set: distill extends it like the single run's.
+    let line = ok(&distill(&vqa(), &merged, &with(&["--limit", "9"])));
+    assert!(line.contains("distilled 1 samples"), "{line}");
+    ok(&distill(&vqa(), &single, &with(&["--limit", "9"])));
+    assert_eq!(shards(&merged), shards(&single));
+
+    // Refusals: a shard folder resumed as another shard, a missing shard, a short shard, a
+    // folder twice, a whole set, a non-empty output folder.
+    fails(
+        &distill(
+            &vqa(),
+            &parts[0],
+            &with(&["--limit", "8", "--shard", "1/3"]),
+        ),
+        &["--shard", "0/3", "1/3"],
+    );
+    fails(
+        &merge(&t.join("m1"), &[&parts[0], &parts[1]]),
+        &["shard 2/3 missing"],
+    );
+    fails(
+        &merge(&t.join("m2"), &[&parts[0], &parts[0], &parts[2]]),
+        &["both shard 0/3"],
+    );
+    let short = t.join("short");
+    ok(&distill(
+        &vqa(),
+        &short,
+        &with(&["--limit", "3", "--shard", "2/3"]),
+    ));
+    fails(
+        &merge(&t.join("m3"), &[&parts[0], &parts[1], &short]),
+        &["different --limit"],
+    );
+    fails(
+        &merge(&t.join("m4"), &[&single, &parts[1]]),
+        &["not a shard folder"],
+    );
+    fails(
+        &merge(&merged, &[&parts[0], &parts[1], &parts[2]]),
+        &["--out", "not empty"],
+    );
+}
+
+#[test]
+fn bad_shard_specs_name_the_flag() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (spec, why) in [
+        ("0/0", "at least 1"),
+        ("3/3", "below the count"),
+        ("a/b", "not a non-negative integer"),
+        ("2", "I/N"),
+        ("-1/3", "not a non-negative integer"),
+    ] {
+        let out = tmp.path().join(format!("o{}", spec.replace('/', "_")));
+        fails(
+            &distill(&vqa(), &out, &[&format!("--shard={spec}")]),
+            &["--shard", spec, why],
+        );
+        assert!(!out.exists(), "{spec}: nothing written");
+    }
+}
+
+/// `distill --device sim` (the CUDA backend's code and kernels, f16 storage, on the host) gives the
+/// CPU's answers, and maps that agree per token: Pearson ≥ 0.999 (f16 storage gives 0.9999 and
+/// more on the tiny model; another token's map correlates at 0.6 at most, so a map of the wrong
+/// token or an unconverged one fails).
+#[cfg(feature = "sim")]
+#[test]
+fn distill_on_the_simulator_matches_the_cpu() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |device: &str| {
+        let out = tmp.path().join(device);
+        let line = ok(&distill(
+            &vqa(),
+            &out,
+            &["--limit", "3", "--max-new-tokens", "3", "--device", device],
+        ));
+        (line, shards(&out))
+    };
+    let (line, (ms, ss)) = run("sim");
+    assert!(line.contains("on cuda:f16 (simulated"), "{line}");
+    let (_, (mc, sc)) = run("cpu");
+    assert_eq!(ms.samples, 3);
+    assert_eq!(ms.tokens, mc.tokens);
+    let p = mc.n_patches;
+    let mut worst = 1.0f64;
+    for (a, b) in ss.iter().zip(&sc) {
+        for (ra, rb) in a.samples.iter().zip(&b.samples) {
+            assert_eq!(ra.generated_ids, rb.generated_ids);
+            assert_eq!(ra.answer, rb.answer);
+        }
+        assert_eq!(a.token_ids, b.token_ids);
+        for (t, (x, y)) in a.maps.chunks(p).zip(b.maps.chunks(p)).enumerate() {
+            let r = common::pearson(x, y);
+            worst = worst.min(r);
+            assert!(r >= 0.999, "token {t}: Pearson {r:.5}");
+            // A wrong map would not pass: another token's CPU map.
+            let other = &b.maps[((t + 1) % (b.maps.len() / p)) * p..][..p];
+            eprintln!(
+                "token {t}: Pearson {r:.5}, against another token's map {:.3}",
+                common::pearson(x, other)
+            );
+        }
+        assert!(max_rel(&a.token_hidden, &b.token_hidden) < 0.02);
+        assert!(max_rel(&a.image_hidden, &b.image_hidden) < 0.02);
+    }
+    eprintln!("worst per-map Pearson sim vs cpu: {worst:.5}");
+}

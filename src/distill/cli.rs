@@ -49,4 +49,23 @@ pub struct DistillArgs {
     /// Samples per shard (default 16; a resumed folder keeps its own).
     #[arg(long)]
     pub shard_size: Option<usize>,
+    /// I/N: only the questions whose index k in the file has k mod N = I (0 ≤ I < N), for N
+    /// processes sharing one question file; `fastrm merge` joins their folders into the set one
+    /// run would write.
+    #[arg(long, value_name = "I/N")]
+    pub shard: Option<String>,
+    #[command(flatten)]
+    pub device: crate::cli::DeviceArgs,
+}
+
+/// Join the folders of `distill --shard I/N` runs (every I of one N) into the data set a single
+/// `distill` over the whole question file writes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MergeArgs {
+    /// The merged data set's folder (new or empty).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The shard folders, in any order.
+    #[arg(required = true)]
+    pub inputs: Vec<PathBuf>,
 }

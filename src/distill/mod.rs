@@ -1,10 +1,9 @@
-//! `fastrm distill`: the training set of the FastRM head (issue 4, item 3).
+//! `fastrm distill`: the training set of the FastRM head.
 //!
-//! For every question: the greedy answer with the baseline's raw map per generated token
-//! ([`crate::Engine::explain_observed`]), and the hidden states the head reads — per generated token
-//! the decoder's final-norm state that produced it, per sample the image positions' final-norm
-//! states after prefill — gathered by a second, hooked greedy run on the same ids (asserted to
-//! generate the same tokens).
+//! For every question, in one pass ([`distill_sample`] over [`crate::Engine::stream`]): the greedy
+//! answer with the baseline's raw map per generated token, and the hidden states the head reads —
+//! per generated token the decoder's final-norm state that produced it, per sample the image
+//! positions' final-norm states after prefill. Any backend (`--device`) runs it.
 //!
 //! On disk (`--out DIR`):
 //! - `manifest.json` ([`Manifest`]): what made the set (model, method, suffix, input file and its
@@ -19,6 +18,14 @@
 //! (an earlier, smaller `--limit`) is read back and continued, and a shard lost in a crash is redone
 //! from its first sample. The layout is a function of the input, the limit and the shard size only,
 //! so an interrupted and resumed run writes the same shards as an uninterrupted one.
+//!
+//! `--shard I/N` splits the question file among N processes: question k belongs to shard
+//! `k mod N`. Interleaving rather than contiguous blocks keeps a shard's questions the same
+//! whatever `--limit` is (so each shard folder resumes on its own, and a larger limit extends
+//! every shard), and spreads files sorted by kind or length evenly. A shard folder's files hold
+//! its own samples in file order, each recorded with its index in the whole file, and its
+//! manifest records the spec; [`merge`] interleaves the N folders back into the data set one
+//! unsharded run writes, shard files and manifest included.
 
 pub mod cli;
 pub mod dataset;
@@ -31,14 +38,15 @@ use std::time::Instant;
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
-use crate::backend::cpu::Cpu;
 use crate::backend::Backend;
-use crate::engine::{CancelToken, Engine, GenerateOptions, Item, Method, Request, RunOptions};
+use crate::engine::{
+    AnyEngine, CancelToken, Engine, GenerateOptions, Item, Method, Request, RunOptions,
+};
 use crate::error::{Error, Result};
 use crate::explain::RowMode;
 use crate::status::{self, StatusLine};
 
-pub use cli::{DistillArgs, DistillMethod};
+pub use cli::{DistillArgs, DistillMethod, MergeArgs};
 pub use dataset::{Dataset, Entry, Format, ImageRef};
 
 /// What the paper appends to every VQA question.
@@ -62,6 +70,55 @@ pub struct InputInfo {
     pub fingerprint: String,
     /// Questions in the file.
     pub entries: usize,
+}
+
+/// `--shard I/N`: the questions whose index k has `k mod N = I`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardSpec {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl ShardSpec {
+    /// Parses `I/N`; errors name `--shard`.
+    pub fn parse(text: &str) -> Result<Self> {
+        let bad = |why: &str| Error::input(format!("--shard {text:?}: {why}"));
+        let (i, n) = text
+            .split_once('/')
+            .ok_or_else(|| bad("expected I/N, e.g. 0/4 (shard I of N, counting from 0)"))?;
+        let num = |v: &str, what: &str| {
+            v.trim()
+                .parse::<usize>()
+                .map_err(|_| bad(&format!("{what} {v:?} is not a non-negative integer")))
+        };
+        let (index, count) = (num(i, "the index")?, num(n, "the count")?);
+        if count == 0 {
+            return Err(bad("the count N must be at least 1"));
+        }
+        if index >= count {
+            return Err(bad(&format!(
+                "the index must be below the count (0..{}; shards count from 0)",
+                count - 1
+            )));
+        }
+        Ok(ShardSpec { index, count })
+    }
+
+    /// The index in the whole file of this shard's `pos`-th question.
+    pub fn global(&self, pos: usize) -> usize {
+        self.index + pos * self.count
+    }
+
+    /// How many of the first `n` questions of the file are this shard's.
+    pub fn share_of(&self, n: usize) -> usize {
+        n.saturating_sub(self.index).div_ceil(self.count)
+    }
+}
+
+impl std::fmt::Display for ShardSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -96,6 +153,9 @@ pub struct Manifest {
     /// The images folder (canonical path).
     pub images: String,
     pub shard_size: usize,
+    /// `--shard I/N` of a shard folder; absent for a whole (or merged) set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<ShardSpec>,
     /// Completed shards, in sample order.
     pub shards: Vec<ShardInfo>,
     pub samples: usize,
@@ -209,6 +269,23 @@ impl Shard {
             self.token_index.push(k as i64);
         }
         self.samples.push(record);
+    }
+
+    /// Sample `si`'s image hidden states `[P·D]` and per token (id, hidden `[D]`, map `[P]`), as
+    /// [`Shard::push`] takes them.
+    fn sample_rows(&self, si: usize) -> (&[f32], Vec<(u32, Vec<f32>, Vec<f32>)>) {
+        let (p, d) = (self.n_patches, self.hidden_size);
+        let tokens = (0..self.n_tokens())
+            .filter(|&r| self.token_sample[r] == si as i64)
+            .map(|r| {
+                (
+                    self.token_ids[r] as u32,
+                    self.token_hidden[r * d..(r + 1) * d].to_vec(),
+                    self.maps[r * p..(r + 1) * p].to_vec(),
+                )
+            })
+            .collect();
+        (&self.image_hidden[si * p * d..(si + 1) * p * d], tokens)
     }
 
     fn to_bytes(&self) -> Result<Vec<u8>> {
@@ -647,6 +724,8 @@ pub fn run(args: DistillArgs) -> Result<()> {
     if args.shard_size == Some(0) {
         return Err(Error::input("--shard-size must be at least 1"));
     }
+    let spec = args.shard.as_deref().map(ShardSpec::parse).transpose()?;
+    let (device, dtype) = args.device.get()?;
     Error::require_dir("--model", &args.model)?;
     Error::require_dir("--images", &args.images)?;
     let data = Dataset::load(&args.questions)?;
@@ -655,6 +734,10 @@ pub fn run(args: DistillArgs) -> Result<()> {
         .unwrap_or(data.entries.len())
         .min(data.entries.len());
     let suffix = if args.no_suffix { "" } else { SUFFIX };
+    // This folder's samples are positions 0..total of its own sequence; `global` gives each one's
+    // index in the file (the identity without --shard).
+    let global = |pos: usize| spec.map_or(pos, |s| s.global(pos));
+    let total = spec.map_or(target, |s| s.share_of(target));
 
     std::fs::create_dir_all(&args.out).map_err(|e| Error::io(&args.out, e))?;
     let out = args.out.as_path();
@@ -718,6 +801,10 @@ pub fn run(args: DistillArgs) -> Result<()> {
                 return Err(mismatch("--shard-size", &m.shard_size, &k));
             }
         }
+        if m.shard != spec {
+            let show = |s: Option<ShardSpec>| s.map_or("none".to_string(), |s| s.to_string());
+            return Err(mismatch("--shard", &show(m.shard), &show(spec)));
+        }
     } else if std::fs::read_dir(out)
         .map_err(|e| Error::io(out, e))?
         .filter_map(|e| e.ok())
@@ -748,18 +835,22 @@ pub fn run(args: DistillArgs) -> Result<()> {
             let ok = match read_shard_header(&path) {
                 Ok((first, recs, tokens)) => {
                     s.file == shard_name(shards.len())
-                        && first == next
-                        && s.first_sample == next
+                        && first == global(next)
+                        && s.first_sample == global(next)
                         && recs.len() == s.samples
                         && tokens == s.tokens
-                        && recs.iter().enumerate().all(|(i, r)| r.sample == next + i)
+                        && recs
+                            .iter()
+                            .enumerate()
+                            .all(|(i, r)| r.sample == global(next + i))
                 }
                 Err(_) => false,
             };
             if !ok {
                 eprintln!(
-                    "note: {} is missing or does not match the manifest; redoing from sample {next}",
-                    path.display()
+                    "note: {} is missing or does not match the manifest; redoing from sample {}",
+                    path.display(),
+                    global(next)
                 );
                 break;
             }
@@ -781,8 +872,8 @@ pub fn run(args: DistillArgs) -> Result<()> {
 
     let listed_samples: usize = shards.iter().map(|s| s.samples).sum();
     // Every image of the run must exist before any expensive work starts.
-    let images: Vec<PathBuf> = data.entries[listed_samples.min(target)..target]
-        .iter()
+    let images: Vec<PathBuf> = (listed_samples.min(total)..total)
+        .map(|pos| &data.entries[global(pos)])
         .map(|e| {
             let p = dataset::resolve_image(&args.images, e)?;
             std::fs::canonicalize(&p).map_err(|err| Error::io(&p, err))
@@ -793,7 +884,7 @@ pub fn run(args: DistillArgs) -> Result<()> {
         progress
             .status
             .say(&format!("loading {}", args.model.display()));
-        let e = Engine::load(Cpu, &args.model);
+        let e = AnyEngine::load(device, dtype, &args.model);
         progress.status.clear();
         e?
     };
@@ -834,6 +925,7 @@ pub fn run(args: DistillArgs) -> Result<()> {
         },
         images: identity.2.clone(),
         shard_size,
+        shard: spec,
         shards,
         samples: 0,
         tokens: 0,
@@ -848,7 +940,7 @@ pub fn run(args: DistillArgs) -> Result<()> {
     // A short last shard (an earlier, smaller --limit) is read back and continued; it stays
     // listed until its replacement is written.
     let mut buf: Option<Shard> = None;
-    if listed_samples < target {
+    if listed_samples < total {
         if let Some(last) = manifest.shards.last() {
             if last.samples < shard_size {
                 buf = Some(Shard::read(&out.join(&last.file))?);
@@ -869,14 +961,22 @@ pub fn run(args: DistillArgs) -> Result<()> {
     };
     let (mut new_samples, mut new_tokens) = (0usize, 0usize);
     let mut k = listed_samples;
-    while k < target {
-        let shard = buf.get_or_insert_with(|| Shard::new(k, p, d));
-        let entry = &data.entries[k];
+    while k < total {
+        let g = global(k);
+        let shard = buf.get_or_insert_with(|| Shard::new(g, p, d));
+        let entry = &data.entries[g];
         let image = &images[k - listed_samples];
-        progress.bar(k, target, new_samples);
-        let s = distill_sample(&engine, k, entry, image, suffix, method, &opts, &mut |e| {
-            progress.event(e)
-        });
+        progress.bar(k, total, new_samples);
+        let s = crate::with_engine!(&engine, |e| distill_sample(
+            e,
+            g,
+            entry,
+            image,
+            suffix,
+            method,
+            &opts,
+            &mut |ev| progress.event(ev)
+        ));
         let s = match s {
             Ok(s) => s,
             Err(e) => {
@@ -888,7 +988,7 @@ pub fn run(args: DistillArgs) -> Result<()> {
         shard.push(s.record, &s.image_hidden, &s.tokens);
         k += 1;
         new_samples += 1;
-        if shard.samples.len() == shard_size || k == target {
+        if shard.samples.len() == shard_size || k == total {
             let shard = buf.take().expect("a shard is in progress");
             let info = ShardInfo {
                 file: String::new(),
@@ -913,7 +1013,237 @@ pub fn run(args: DistillArgs) -> Result<()> {
     }
     progress.status.clear();
     println!(
-        "distilled {new_samples} samples ({new_tokens} tokens) in {:.1}s; {}: {} samples, {} tokens, {} shards",
+        "distilled {new_samples} samples ({new_tokens} tokens) in {:.1}s on {}; {}{}: {} samples, {} tokens, {} shards",
+        t0.elapsed().as_secs_f64(),
+        engine.backend_name(),
+        out.display(),
+        spec.map_or(String::new(), |s| format!(" (shard {s})")),
+        manifest.samples,
+        manifest.tokens,
+        manifest.shards.len()
+    );
+    Ok(())
+}
+
+/// One shard folder's samples in order, a shard file in memory at a time.
+struct FolderSamples<'a> {
+    dir: &'a Path,
+    files: std::slice::Iter<'a, ShardInfo>,
+    current: Option<Shard>,
+    next: usize,
+}
+
+impl FolderSamples<'_> {
+    /// The next sample: its record, image hidden states and tokens.
+    fn next(&mut self) -> Result<Option<Distilled>> {
+        loop {
+            if let Some(sh) = &mut self.current {
+                if self.next < sh.samples.len() {
+                    let si = self.next;
+                    self.next += 1;
+                    let (image_hidden, tokens) = sh.sample_rows(si);
+                    return Ok(Some(Distilled {
+                        record: sh.samples[si].clone(),
+                        image_hidden: image_hidden.to_vec(),
+                        tokens,
+                    }));
+                }
+            }
+            let Some(info) = self.files.next() else {
+                return Ok(None);
+            };
+            let path = self.dir.join(&info.file);
+            let sh = Shard::read(&path)?;
+            if sh.first_sample != info.first_sample || sh.samples.len() != info.samples {
+                return Err(Error::input(format!(
+                    "{}: does not match its manifest entry (first sample {}, {} samples); rerun                      its distill to repair the folder",
+                    path.display(),
+                    info.first_sample,
+                    info.samples
+                )));
+            }
+            self.current = Some(sh);
+            self.next = 0;
+        }
+    }
+}
+
+/// `fastrm merge`: the folders of `distill --shard I/N` for every I of one N, joined into the
+/// folder one unsharded `distill` with the same settings writes (the same shard files and
+/// manifest), which `train`, `eval` and a further `distill` (to extend it) take as their own.
+pub fn merge(args: MergeArgs) -> Result<()> {
+    let t0 = Instant::now();
+    let inputs = &args.inputs;
+    let manifests: Vec<Manifest> = inputs
+        .iter()
+        .map(|d| {
+            if !d.is_dir() {
+                return Err(Error::input(format!(
+                    "{}: no such folder (give the --out folders of distill --shard I/N)",
+                    d.display()
+                )));
+            }
+            Manifest::read(d)
+        })
+        .collect::<Result<_>>()?;
+    // Every setting but the shard spec and the contents must agree.
+    let settings = |m: &Manifest| {
+        let mut v = serde_json::to_value(Manifest {
+            shard: None,
+            shards: Vec::new(),
+            samples: 0,
+            tokens: 0,
+            ..m.clone()
+        })
+        .unwrap_or_default();
+        // The input's path may differ between machines; its fingerprint may not.
+        if let Some(i) = v.get_mut("input").and_then(|i| i.as_object_mut()) {
+            i.remove("path");
+        }
+        v
+    };
+    let first = settings(&manifests[0]);
+    for (m, dir) in manifests.iter().zip(inputs).skip(1) {
+        let this = settings(m);
+        if this != first {
+            let differ: Vec<String> = first
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(k, v)| this.get(k.as_str()) != Some(v))
+                .map(|(k, _)| k.clone())
+                .collect();
+            return Err(Error::input(format!(
+                "{} and {} were distilled with different settings ({}): they are not shards of one run",
+                inputs[0].display(),
+                dir.display(),
+                differ.join(", ")
+            )));
+        }
+    }
+    let specs: Vec<ShardSpec> = manifests
+        .iter()
+        .zip(inputs)
+        .map(|(m, dir)| {
+            m.shard.ok_or_else(|| {
+                Error::input(format!(
+                    "{} is not a shard folder (made without distill --shard I/N)",
+                    dir.display()
+                ))
+            })
+        })
+        .collect::<Result<_>>()?;
+    let n = specs[0].count;
+    let mut by_index: Vec<Option<usize>> = vec![None; n];
+    for (j, s) in specs.iter().enumerate() {
+        if s.count != n {
+            return Err(Error::input(format!(
+                "{} is shard {s} but {} is shard {}: every folder must come from one --shard I/N split",
+                inputs[j].display(),
+                inputs[0].display(),
+                specs[0]
+            )));
+        }
+        if let Some(other) = by_index[s.index] {
+            return Err(Error::input(format!(
+                "{} and {} are both shard {s}",
+                inputs[other].display(),
+                inputs[j].display()
+            )));
+        }
+        by_index[s.index] = Some(j);
+    }
+    let missing: Vec<String> = (0..n)
+        .filter(|&i| by_index[i].is_none())
+        .map(|i| format!("{i}/{n}"))
+        .collect();
+    if !missing.is_empty() {
+        return Err(Error::input(format!(
+            "shard {} missing: merge needs every shard of the split",
+            missing.join(", ")
+        )));
+    }
+    // The union must be the file's first `total` questions, as one run with --limit total covers.
+    let total: usize = manifests.iter().map(|m| m.samples).sum();
+    for (m, (s, dir)) in manifests.iter().zip(specs.iter().zip(inputs)) {
+        if m.samples != s.share_of(total) {
+            return Err(Error::input(format!(
+                "{} (shard {s}) holds {} samples, but the first {total} questions give it {}:                  the shards were run with different --limit; rerun the short ones with the largest",
+                dir.display(),
+                m.samples,
+                s.share_of(total)
+            )));
+        }
+    }
+
+    let out = args.out.as_path();
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    if std::fs::read_dir(out)
+        .map_err(|e| Error::io(out, e))?
+        .next()
+        .is_some()
+    {
+        return Err(Error::input(format!(
+            "--out {}: not empty; give an empty or new folder",
+            out.display()
+        )));
+    }
+    let _lock = Lock::take(out)?;
+    let m0 = &manifests[0];
+    let (p, d, shard_size) = (m0.n_patches, m0.hidden_size, m0.shard_size);
+    let mut readers: Vec<FolderSamples> = (0..n)
+        .map(|i| {
+            let j = by_index[i].expect("every shard is present");
+            FolderSamples {
+                dir: &inputs[j],
+                files: manifests[j].shards.iter(),
+                current: None,
+                next: 0,
+            }
+        })
+        .collect();
+    let mut manifest = Manifest {
+        shard: None,
+        shards: Vec::new(),
+        samples: 0,
+        tokens: 0,
+        ..m0.clone()
+    };
+    let mut buf: Option<Shard> = None;
+    for g in 0..total {
+        let i = g % n;
+        let s = readers[i].next()?.ok_or_else(|| {
+            Error::input(format!(
+                "{}: its shards end before its manifest's sample count",
+                inputs[by_index[i].expect("present")].display()
+            ))
+        })?;
+        if s.record.sample != g {
+            return Err(Error::input(format!(
+                "{}: holds sample {} where shard {i}/{n} expects {g}",
+                inputs[by_index[i].expect("present")].display(),
+                s.record.sample
+            )));
+        }
+        let shard = buf.get_or_insert_with(|| Shard::new(g, p, d));
+        shard.push(s.record, &s.image_hidden, &s.tokens);
+        if shard.samples.len() == shard_size || g + 1 == total {
+            let shard = buf.take().expect("a shard is in progress");
+            let file = shard_name(manifest.shards.len());
+            write_atomic(&out.join(&file), &shard.to_bytes()?)?;
+            manifest.shards.push(ShardInfo {
+                file,
+                first_sample: shard.first_sample,
+                samples: shard.samples.len(),
+                tokens: shard.n_tokens(),
+            });
+        }
+    }
+    manifest.samples = manifest.shards.iter().map(|s| s.samples).sum();
+    manifest.tokens = manifest.shards.iter().map(|s| s.tokens).sum();
+    manifest.write(out)?;
+    println!(
+        "merged {n} shards in {:.1}s; {}: {} samples, {} tokens, {} shards",
         t0.elapsed().as_secs_f64(),
         out.display(),
         manifest.samples,

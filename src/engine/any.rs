@@ -9,7 +9,7 @@ use super::{
 };
 use crate::backend::cpu::Cpu;
 use crate::backend::cuda::Cuda;
-use crate::backend::MemTag;
+use crate::backend::{Backend, MemTag};
 use crate::config::LlavaConfig;
 use crate::error::{Error, Result};
 use crate::explain::fastrm::HeadWeights;
@@ -95,25 +95,78 @@ macro_rules! with_engine {
     };
 }
 
-/// Builds an engine with `$make` (a function generic over the backend, given the backend) on the
-/// backend of `$device` and `$dtype`.
-macro_rules! on_backend {
-    ($device:expr, $dtype:expr, $make:expr) => {
-        match ($device, $dtype) {
-            (Device::Cpu, None | Some(Dtype::F32)) => Ok(AnyEngine::Cpu($make(Cpu)?)),
-            (Device::Cpu, Some(d)) => Err(Error::input(format!(
-                "--dtype {}: the CPU backend computes in f32",
-                dtype_name(d)
-            ))),
-            (device, None | Some(Dtype::F16)) => {
-                Ok(AnyEngine::F16($make(cuda_backend::<half::f16>(device)?)?))
-            }
-            (device, Some(Dtype::Bf16)) => {
-                Ok(AnyEngine::Bf16($make(cuda_backend::<half::bf16>(device)?)?))
-            }
-            (device, Some(Dtype::F32)) => Ok(AnyEngine::F32($make(cuda_backend::<f32>(device)?)?)),
-        }
-    };
+/// A body generic over the backend, run by [`with_backend`] on the backend a [`Device`] and
+/// [`Dtype`] chose (closures cannot be generic, so the body is a type implementing this).
+pub trait WithBackend {
+    type Output;
+    fn run<B: AnyBackend>(self, backend: B) -> Result<Self::Output>;
+}
+
+/// The backends a [`Device`] and [`Dtype`] can name; an engine on one of them goes into an
+/// [`AnyEngine`].
+pub trait AnyBackend: Backend + Sized {
+    fn wrap(engine: Engine<Self>) -> AnyEngine;
+}
+
+impl AnyBackend for Cpu {
+    fn wrap(engine: Engine<Self>) -> AnyEngine {
+        AnyEngine::Cpu(engine)
+    }
+}
+
+impl AnyBackend for Cuda<half::f16> {
+    fn wrap(engine: Engine<Self>) -> AnyEngine {
+        AnyEngine::F16(engine)
+    }
+}
+
+impl AnyBackend for Cuda<half::bf16> {
+    fn wrap(engine: Engine<Self>) -> AnyEngine {
+        AnyEngine::Bf16(engine)
+    }
+}
+
+impl AnyBackend for Cuda<f32> {
+    fn wrap(engine: Engine<Self>) -> AnyEngine {
+        AnyEngine::F32(engine)
+    }
+}
+
+/// Runs `body` on the backend of `device` and `dtype` (CUDA storage default: f16). The one place
+/// that maps a device and dtype to a backend type: engines and model-less jobs (`train`) both
+/// come through here.
+pub fn with_backend<W: WithBackend>(
+    device: Device,
+    dtype: Option<Dtype>,
+    body: W,
+) -> Result<W::Output> {
+    match (device, dtype) {
+        (Device::Cpu, None | Some(Dtype::F32)) => body.run(Cpu),
+        (Device::Cpu, Some(d)) => Err(Error::input(format!(
+            "--dtype {}: the CPU backend computes in f32",
+            dtype_name(d)
+        ))),
+        (device, None | Some(Dtype::F16)) => body.run(cuda_backend::<half::f16>(device)?),
+        (device, Some(Dtype::Bf16)) => body.run(cuda_backend::<half::bf16>(device)?),
+        (device, Some(Dtype::F32)) => body.run(cuda_backend::<f32>(device)?),
+    }
+}
+
+/// [`Engine::load`] or [`Engine::synthetic`] as a [`WithBackend`] body.
+enum Open<'a> {
+    Dir(&'a Path),
+    Synthetic(&'a LlavaConfig, u64),
+}
+
+impl WithBackend for Open<'_> {
+    type Output = AnyEngine;
+    fn run<B: AnyBackend>(self, backend: B) -> Result<AnyEngine> {
+        let engine = match self {
+            Open::Dir(dir) => Engine::load(backend, dir)?,
+            Open::Synthetic(cfg, seed) => Engine::synthetic(backend, cfg, seed)?,
+        };
+        Ok(B::wrap(engine))
+    }
 }
 
 fn dtype_name(d: Dtype) -> &'static str {
@@ -141,7 +194,7 @@ fn cuda_backend<T: crate::backend::cuda::Elem>(device: Device) -> Result<Cuda<T>
 impl AnyEngine {
     /// Opens a model folder on `device` (`dtype`: the CUDA storage type, default f16).
     pub fn load(device: Device, dtype: Option<Dtype>, dir: &Path) -> Result<Self> {
-        on_backend!(device, dtype, |b| Engine::load(b, dir))
+        with_backend(device, dtype, Open::Dir(dir))
     }
 
     /// Random weights of `cfg`'s shapes on `device`.
@@ -151,7 +204,7 @@ impl AnyEngine {
         cfg: &LlavaConfig,
         seed: u64,
     ) -> Result<Self> {
-        on_backend!(device, dtype, |b| Engine::synthetic(b, cfg, seed))
+        with_backend(device, dtype, Open::Synthetic(cfg, seed))
     }
 
     /// `synthetic:NAME` (random weights of a named configuration, see
@@ -192,7 +245,6 @@ impl AnyEngine {
 
     /// `(tag, live bytes, peak bytes)` per memory tag, where the backend keeps a breakdown.
     pub fn memory_breakdown(&self) -> Vec<(MemTag, usize, usize)> {
-        use crate::backend::Backend;
         with_engine!(self, |e| e.backend.memory_breakdown())
     }
 

@@ -22,7 +22,7 @@ use crate::vision::{self, PreprocessConfig, RgbImage};
 
 pub use crate::explain::{Confidence, Method};
 pub use crate::model::llava::{GenerateOptions, StopReason, Timings};
-pub use any::{AnyEngine, Device, Dtype};
+pub use any::{with_backend, AnyBackend, AnyEngine, Device, Dtype, WithBackend};
 pub use stream::{collect, CancelToken, Collected, Item, RunOptions, Stream, Summary, TokenStep};
 
 pub struct Engine<B: Backend> {

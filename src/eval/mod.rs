@@ -26,10 +26,9 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use crate::backend::cpu::Cpu;
 use crate::backend::Backend;
 use crate::distill::{dataset, Manifest, SampleRecord, Shard};
-use crate::engine::{Engine, GenerateOptions, Method};
+use crate::engine::{AnyEngine, Engine, GenerateOptions, Method};
 use crate::error::{Error, Result};
 use crate::explain::fastrm::{FastRmHead, HeadWeights};
 use crate::explain::report::Staging;
@@ -87,6 +86,8 @@ pub struct EvalArgs {
     /// GradCAM's decoder layer (default: the middle one).
     #[arg(long)]
     pub layer: Option<usize>,
+    #[command(flatten)]
+    pub device: crate::cli::DeviceArgs,
 }
 
 /// One sample of the data set with its maps.
@@ -148,6 +149,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     if args.limit == Some(0) {
         return Err(Error::input("--limit must be at least 1"));
     }
+    let (device, dtype) = args.device.get()?;
     if !args.data.is_dir() {
         return Err(Error::input(format!(
             "--data {}: no such folder (make one with `fastrm distill`)",
@@ -156,7 +158,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     }
     Error::require_dir("--model", &args.model)?;
     let manifest = Manifest::read(&args.data)?;
-    let mut head_w = HeadWeights::load(&args.head)?;
+    let head_w = HeadWeights::load(&args.head)?;
     if head_w.cfg.hidden_size != manifest.hidden_size {
         return Err(Error::input(format!(
             "--head {} was made for hidden size {}, but the data set {} has hidden size {}",
@@ -175,11 +177,28 @@ pub fn run(args: EvalArgs) -> Result<()> {
     // Fail on an unusable output folder before any expensive work.
     let staging = args.out.as_deref().map(Staging::new).transpose()?;
     let progress = StatusLine::timed();
+    progress.say(&format!("loading {}", args.model.display()));
+    let engine = AnyEngine::load(device, dtype, &args.model)?;
+    crate::with_engine!(&engine, |e| run_on(
+        e, &args, &manifest, head_w, staging, progress, t0
+    ))
+}
 
+/// Everything after the model is loaded, on its backend: the head's maps, the generations, the
+/// report.
+fn run_on<B: Backend>(
+    engine: &Engine<B>,
+    args: &EvalArgs,
+    manifest: &Manifest,
+    mut head_w: HeadWeights,
+    staging: Option<Staging>,
+    progress: StatusLine,
+    t0: Instant,
+) -> Result<()> {
     // The data set, with the head's maps.
     progress.say("reading the data set");
-    let b = Cpu;
-    let head = FastRmHead::new(&b, &head_w, manifest.hidden_size)?;
+    let b = &engine.backend;
+    let head = FastRmHead::new(b, &head_w, manifest.hidden_size)?;
     let (p, d) = (manifest.n_patches, manifest.hidden_size);
     let mut samples: Vec<Sample> = Vec::new();
     'shards: for s in &manifest.shards {
@@ -198,7 +217,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
                 .filter(|&r| shard.token_sample[r] == si as i64)
                 .collect();
             let img = b.upload(&shard.image_hidden[si * p * d..(si + 1) * p * d], p, d)?;
-            let folded = head.fold(&b, &img)?;
+            let folded = head.fold(b, &img)?;
             let mut hidden = Vec::with_capacity(rows.len() * d);
             for &r in &rows {
                 hidden.extend_from_slice(&shard.token_hidden[r * d..(r + 1) * d]);
@@ -207,7 +226,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
                 Vec::new()
             } else {
                 let scores =
-                    b.download(&head.scores(&b, &folded, &b.upload(&hidden, rows.len(), d)?)?)?;
+                    b.download(&head.scores(b, &folded, &b.upload(&hidden, rows.len(), d)?)?)?;
                 scores.chunks_exact(p).map(|c| c.to_vec()).collect()
             };
             samples.push(Sample {
@@ -242,8 +261,6 @@ pub fn run(args: EvalArgs) -> Result<()> {
     }
 
     // 2–4 need the model, the question file and the images.
-    progress.say(&format!("loading {}", args.model.display()));
-    let engine = Engine::load(Cpu, &args.model)?;
     let cfg = engine.config().clone();
     if (cfg.text.hidden_size, cfg.vision.num_patches()) != (d, p) {
         return Err(Error::input(format!(
@@ -347,11 +364,11 @@ pub fn run(args: EvalArgs) -> Result<()> {
             .prompt(&format!("{}{}", entry.question, manifest.suffix))
             .map_err(ctx)?;
         let image_pos = prompt.image_positions().to_vec();
-        let (_, features) = engine.model.encode_image(&b, &pixels).map_err(ctx)?;
+        let (_, features) = engine.model.encode_image(b, &pixels).map_err(ctx)?;
         // One saving run answers the question again (checked against the data set) and serves
         // every gradient method's maps.
         let mut reference = Session::prefill(
-            &b,
+            b,
             &engine.model,
             prompt.clone(),
             &features,
@@ -473,7 +490,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
                                         keep[image_pos[j]] = false;
                                     }
                                     let mut run = Session::prefill(
-                                        &b,
+                                        b,
                                         &engine.model,
                                         prompt.clone(),
                                         &features,

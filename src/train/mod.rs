@@ -22,8 +22,8 @@ mod plot;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::backend::cpu::Cpu;
 use crate::backend::Backend;
+use crate::engine::{with_backend, AnyBackend, WithBackend};
 use crate::error::{Error, Result};
 use crate::explain::fastrm::HeadWeights;
 use crate::model::SplitMix64;
@@ -669,6 +669,23 @@ pub struct TrainArgs {
     /// Validation loss every N steps (default: about 50 points over the run).
     #[arg(long)]
     pub eval_every: Option<usize>,
+    #[command(flatten)]
+    pub device: crate::cli::DeviceArgs,
+}
+
+/// [`train`] as a body for [`with_backend`].
+struct TrainOn<'a> {
+    data: &'a Dataset,
+    opts: &'a TrainOptions,
+    progress: &'a mut dyn FnMut(usize, usize, f64),
+}
+
+impl WithBackend for TrainOn<'_> {
+    type Output = (TrainReport, String);
+    fn run<B: AnyBackend>(self, backend: B) -> Result<(TrainReport, String)> {
+        let report = train(&backend, self.data, self.opts, self.progress)?;
+        Ok((report, backend.name()))
+    }
 }
 
 fn side_path(out: &Path, suffix: &str) -> PathBuf {
@@ -688,8 +705,8 @@ fn fmt_secs(s: f64) -> String {
     }
 }
 
-/// The `fastrm train` command: trains on the CPU backend, writes the head, the CSV and the plot,
-/// prints a one-line summary.
+/// The `fastrm train` command: trains on the `--device` backend, writes the head, the CSV and the
+/// plot, prints a one-line summary.
 pub fn run(args: TrainArgs) -> Result<()> {
     let opts = TrainOptions {
         steps: args.steps,
@@ -702,6 +719,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         eval_every: args.eval_every,
     };
     opts.validate()?;
+    let (device, dtype) = args.device.get()?;
     let out = &args.out;
     if out.is_dir() {
         return Err(Error::input(format!(
@@ -737,17 +755,25 @@ pub fn run(args: TrainArgs) -> Result<()> {
             fmt_secs(eta)
         ));
     };
-    let report = train(&Cpu, &data, &opts, &mut progress);
+    let report = with_backend(
+        device,
+        dtype,
+        TrainOn {
+            data: &data,
+            opts: &opts,
+            progress: &mut progress,
+        },
+    );
     status.clear();
-    let report = report?;
+    let (report, backend) = report?;
     report.head.save(out)?;
     let csv_path = side_path(out, ".loss.csv");
     std::fs::write(&csv_path, curve_csv(&report.curve)).map_err(|e| Error::io(&csv_path, e))?;
     crate::render::write_png(&side_path(out, ".loss.png"), &loss_plot(&report.curve)?)?;
     let val = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.4}"));
     println!(
-        "trained {} steps ({} train / {} val samples, {} / {} tokens) in {}: train loss {:.4}, \
-         val loss {} (initial {}, label-mean predictor {}) → {}",
+        "trained {} steps ({} train / {} val samples, {} / {} tokens) in {} on {backend}: train \
+         loss {:.4}, val loss {} (initial {}, label-mean predictor {}) → {}",
         opts.steps,
         report.train_samples,
         report.val_samples,

@@ -220,3 +220,22 @@ pub fn maps_of(v: &serde_json::Value) -> Vec<Vec<f32>> {
         })
         .collect()
 }
+
+/// Pearson correlation of two equally long vectors (1 when both are constant and equal).
+pub fn pearson(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let n = a.len() as f64;
+    let mean = |v: &[f32]| v.iter().map(|&x| x as f64).sum::<f64>() / n;
+    let (ma, mb) = (mean(a), mean(b));
+    let (mut sab, mut saa, mut sbb) = (0.0, 0.0, 0.0);
+    for (&x, &y) in a.iter().zip(b) {
+        let (dx, dy) = (x as f64 - ma, y as f64 - mb);
+        sab += dx * dy;
+        saa += dx * dx;
+        sbb += dy * dy;
+    }
+    if saa == 0.0 && sbb == 0.0 {
+        return if a == b { 1.0 } else { 0.0 };
+    }
+    sab / (saa * sbb).sqrt()
+}
