@@ -27,7 +27,7 @@ use std::time::Instant;
 use serde_json::{json, Value};
 
 use crate::backend::Backend;
-use crate::distill::{dataset, Manifest, SampleRecord, Shard};
+use crate::distill::{dataset, Entry, Manifest, SampleRecord, Shard};
 use crate::engine::{AnyEngine, Engine, GenerateOptions, Method};
 use crate::error::{Error, Result};
 use crate::explain::fastrm::{FastRmHead, HeadWeights};
@@ -184,8 +184,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     ))
 }
 
-/// Everything after the model is loaded, on its backend: the head's maps, the generations, the
-/// report.
+/// Everything after the model is loaded, on its backend: the sections in turn, then the report.
 fn run_on<B: Backend>(
     engine: &Engine<B>,
     args: &EvalArgs,
@@ -195,14 +194,116 @@ fn run_on<B: Backend>(
     progress: StatusLine,
     t0: Instant,
 ) -> Result<()> {
-    // The data set, with the head's maps.
     progress.say("reading the data set");
+    let samples = load_samples(engine, &head_w, manifest, &args.data, args.limit)?;
+    let n_tokens: usize = samples.iter().map(|s| s.ids.len()).sum();
+    let counts = classify(&samples, head_w.cfg.label_threshold);
+
+    let setup = Setup::new(engine, args, manifest)?;
+    let p = manifest.n_patches;
+    let mut accuracy = Accuracy::default();
+    let (mut entropies, mut correct) = (Vec::new(), Vec::new());
+    let mut perturbation = (!args.no_perturbation).then(|| Perturbation::new(&setup.schedule));
+    let mut pointing = Pointing::default();
+    let mut per_sample: Vec<Value> = Vec::new();
+    let mut generations = 0usize;
+    let total = samples.len();
+    for (k, s) in samples.iter().enumerate() {
+        let bar = |step: &str| sample_bar(&progress, k, total, step);
+        bar("answer");
+        let mut w = SampleRun::start(&setup, s)?;
+        accuracy.add(w.entry, w.ok0, w.has_answers);
+        let conf = w.confidence();
+        // Only answers with ground truth can be right or wrong.
+        if w.has_answers {
+            entropies.push(conf.mean_entropy as f64);
+            correct.push(w.ok0);
+        }
+        if let Some(pert) = perturbation.as_mut() {
+            pert.add(&mut w, p, &bar)?;
+        }
+        pointing.add(&mut w, &bar)?;
+        generations += w.generations;
+        per_sample.push(json!({
+            "sample": s.record.sample,
+            "question_id": s.record.question_id,
+            "answer": s.record.answer,
+            "correct": if w.has_answers { json!(w.ok0) } else { Value::Null },
+            "mean_entropy": conf.mean_entropy,
+            "tokens": s.ids.len(),
+        }));
+    }
+    progress.clear();
+
+    let cal = metrics::calibrate(&entropies, &correct);
+    let cal_note = calibration_note(&cal, accuracy.all.1 > 0);
+    let mut written = false;
+    if args.write_threshold {
+        match cal.threshold {
+            Some(t) => {
+                head_w.cfg.confidence_threshold = Some(t as f32);
+                head_w.save(&args.head)?;
+                written = true;
+            }
+            None => eprintln!(
+                "note: {}; {} left unchanged",
+                cal_note.unwrap_or("no threshold"),
+                args.head.display()
+            ),
+        }
+    }
+
+    let (perturbation_json, curves) = match &perturbation {
+        Some(pert) => {
+            let (v, c) = pert.report(samples.len(), &setup.schedule, setup.gradcam_layer);
+            (v, c)
+        }
+        None => (Value::Null, Vec::new()),
+    };
+    let doc = json!({
+        "data": args.data.display().to_string(),
+        "model": args.model.display().to_string(),
+        "head": args.head.display().to_string(),
+        "baseline_method": manifest.method,
+        "samples": samples.len(),
+        "tokens": n_tokens,
+        "n_patches": p,
+        "grid": manifest.grid,
+        "label_threshold": head_w.cfg.label_threshold,
+        "classification": classification_json(&counts),
+        "perturbation": perturbation_json,
+        "confidence": calibration_json(&cal, cal_note, written),
+        "pointing": pointing.report(),
+        "accuracy": accuracy.report(),
+        "per_sample": per_sample,
+        "generations": generations,
+        "seconds": t0.elapsed().as_secs_f64(),
+    });
+    if let Some(st) = staging {
+        write_report(st, &doc, &counts, &cal, &setup.schedule, &curves, &pointing)?;
+    }
+    if args.json {
+        println!("{doc}");
+    } else {
+        print_report(&doc);
+    }
+    Ok(())
+}
+
+/// The data set's samples (the first `limit`), each with the head's maps of its tokens.
+fn load_samples<B: Backend>(
+    engine: &Engine<B>,
+    head_w: &HeadWeights,
+    manifest: &Manifest,
+    data: &Path,
+    limit: Option<usize>,
+) -> Result<Vec<Sample>> {
     let b = &engine.backend;
-    let head = FastRmHead::new(b, &head_w, manifest.hidden_size)?;
+    let head = FastRmHead::new(b, head_w, manifest.hidden_size)?;
     let (p, d) = (manifest.n_patches, manifest.hidden_size);
     let mut samples: Vec<Sample> = Vec::new();
     'shards: for s in &manifest.shards {
-        let shard = Shard::read(&args.data.join(&s.file))?;
+        let shard = Shard::read(&data.join(&s.file))?;
         if (shard.n_patches, shard.hidden_size) != (p, d) {
             return Err(Error::input(format!(
                 "{}: {} patches and hidden size {}, the manifest says {p} and {d}",
@@ -210,7 +311,7 @@ fn run_on<B: Backend>(
             )));
         }
         for (si, record) in shard.samples.iter().enumerate() {
-            if args.limit.is_some_and(|l| samples.len() >= l) {
+            if limit.is_some_and(|l| samples.len() >= l) {
                 break 'shards;
             }
             let rows: Vec<usize> = (0..shard.n_tokens())
@@ -229,9 +330,17 @@ fn run_on<B: Backend>(
                     b.download(&head.scores(b, &folded, &b.upload(&hidden, rows.len(), d)?)?)?;
                 scores.chunks_exact(p).map(|c| c.to_vec()).collect()
             };
+            let ids: Vec<u32> = rows.iter().map(|&r| shard.token_ids[r] as u32).collect();
+            if ids != record.generated_ids {
+                return Err(Error::input(format!(
+                    "{} sample {}: the shard's token rows give the answer {ids:?} but its record \
+                     says {:?}: the shard is inconsistent",
+                    s.file, record.sample, record.generated_ids
+                )));
+            }
             samples.push(Sample {
                 record: record.clone(),
-                ids: rows.iter().map(|&r| shard.token_ids[r] as u32).collect(),
+                ids,
                 baseline: rows
                     .iter()
                     .map(|&r| shard.maps[r * p..(r + 1) * p].to_vec())
@@ -240,18 +349,20 @@ fn run_on<B: Backend>(
             });
         }
     }
-    let n_tokens: usize = samples.iter().map(|s| s.ids.len()).sum();
-    if n_tokens == 0 {
+    if samples.iter().all(|s| s.ids.is_empty()) {
         return Err(Error::input(format!(
             "data set {} has no tokens",
-            args.data.display()
+            data.display()
         )));
     }
+    Ok(samples)
+}
 
-    // 1. Classification against the binarised baseline.
-    let tau = head_w.cfg.label_threshold;
+/// 1. Classification: confusion counts of the head's probabilities against the binarised
+/// baseline maps (labels at `tau`·max), at every threshold of [`metrics::THRESHOLDS`].
+fn classify(samples: &[Sample], tau: f32) -> [Counts; metrics::THRESHOLDS.len()] {
     let mut counts = [Counts::default(); metrics::THRESHOLDS.len()];
-    for s in &samples {
+    for s in samples {
         for (probs, map) in s.fastrm.iter().zip(&s.baseline) {
             let labels = crate::train::labels(map, tau);
             for (c, &t) in counts.iter_mut().zip(&metrics::THRESHOLDS) {
@@ -259,132 +370,163 @@ fn run_on<B: Backend>(
             }
         }
     }
+    counts
+}
 
-    // 2–4 need the model, the question file and the images.
-    let cfg = engine.config().clone();
-    if (cfg.text.hidden_size, cfg.vision.num_patches()) != (d, p) {
-        return Err(Error::input(format!(
-            "--model {} has hidden size {} and {} patches; the data set was made with {d} and {p}",
-            args.model.display(),
-            cfg.text.hidden_size,
-            cfg.vision.num_patches()
-        )));
-    }
-    let qpath = args
-        .questions
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(&manifest.input.path));
-    let questions = dataset::Dataset::load(&qpath).map_err(|e| {
-        Error::input(format!(
-            "the data set's question file: {e} (pass --questions FILE if it moved)"
-        ))
-    })?;
-    if questions.fingerprint != manifest.input.fingerprint {
-        return Err(Error::input(format!(
-            "{} is not the question file the data set was made from (fingerprint {} vs {})",
-            qpath.display(),
-            questions.fingerprint,
-            manifest.input.fingerprint
-        )));
-    }
-    let qdir = qpath
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
-    let images_dir = args
-        .images
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(&manifest.images));
-    let text = engine
-        .text
-        .as_ref()
-        .ok_or_else(|| Error::input("the model has no tokenizer"))?;
-    let eos = cfg.eos_token_ids.clone();
-    let gradcam_layer = args
-        .layer
-        .unwrap_or_else(|| default_gradcam_layer(cfg.text.num_hidden_layers));
-    if gradcam_layer >= cfg.text.num_hidden_layers {
-        return Err(Error::input(format!(
-            "--layer {gradcam_layer} does not exist: the decoder has layers 0..{}",
-            cfg.text.num_hidden_layers - 1
-        )));
-    }
-    let opts = GenerateOptions {
-        max_new_tokens: manifest.max_new_tokens,
-        stop_at_eos: manifest.stop_at_eos,
-        keep_steps: false,
-    };
-    let baseline_method = manifest.method.clone();
-    let schedule = metrics::removal_schedule(p, metrics::PERTURBATION_STEPS);
-    let n_steps = schedule.len();
-    // [method][direction][step] → sum of correctness over samples (random: over seeds too).
-    let mut curves: HashMap<&str, [Vec<f64>; 2]> = PERTURB_METHODS
+fn classification_json(counts: &[Counts]) -> Vec<Value> {
+    counts
         .iter()
-        .map(|&m| (m, [vec![0.0; n_steps], vec![0.0; n_steps]]))
-        .collect();
-    let mut points: HashMap<&str, PointSums> = HashMap::new();
-    let (mut with_target, mut empty_targets) = (0usize, 0usize);
-    let mut per_sample: Vec<Value> = Vec::new();
-    let (mut entropies, mut correct) = (Vec::new(), Vec::new());
-    // Accuracy over samples with ground truth: overall, per type, multi-object.
-    let mut acc_all = (0usize, 0usize);
-    let mut acc_type: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
-    let mut acc_multi = (0usize, 0usize);
-    let mut generations = 0usize;
+        .zip(&metrics::THRESHOLDS)
+        .map(|(c, &t)| {
+            json!({
+                "threshold": t, "accuracy": c.accuracy(), "precision": c.precision(),
+                "recall": c.recall(), "f1": c.f1(),
+                "tp": c.tp, "fp": c.fp, "tn": c.tn, "fn": c.fn_,
+            })
+        })
+        .collect()
+}
 
-    let total = samples.len();
-    for (k, s) in samples.iter().enumerate() {
-        sample_bar(&progress, k, total, "answer");
-        let entry = questions.entries.get(s.record.sample).ok_or_else(|| {
+/// What the sections that run the model share: the question file, where images are, the
+/// generation options the data set was made with.
+struct Setup<'e, B: Backend> {
+    engine: &'e Engine<B>,
+    manifest: &'e Manifest,
+    questions: dataset::Dataset,
+    qpath: PathBuf,
+    qdir: PathBuf,
+    images_dir: PathBuf,
+    /// Look up the recorded image path first (it is where distill found it).
+    images_given: bool,
+    opts: GenerateOptions,
+    gradcam_layer: usize,
+    schedule: Vec<(f64, usize)>,
+}
+
+impl<'e, B: Backend> Setup<'e, B> {
+    fn new(engine: &'e Engine<B>, args: &EvalArgs, manifest: &'e Manifest) -> Result<Self> {
+        let cfg = engine.config();
+        let (p, d) = (manifest.n_patches, manifest.hidden_size);
+        if (cfg.text.hidden_size, cfg.vision.num_patches()) != (d, p) {
+            return Err(Error::input(format!(
+                "--model {} has hidden size {} and {} patches; the data set was made with {d} and {p}",
+                args.model.display(),
+                cfg.text.hidden_size,
+                cfg.vision.num_patches()
+            )));
+        }
+        if engine.text.is_none() {
+            return Err(Error::input("the model has no tokenizer"));
+        }
+        let qpath = args
+            .questions
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(&manifest.input.path));
+        let questions = dataset::Dataset::load(&qpath).map_err(|e| {
             Error::input(format!(
-                "sample {} is past the end of {} ({} questions)",
-                s.record.sample,
-                qpath.display(),
-                questions.entries.len()
+                "the data set's question file: {e} (pass --questions FILE if it moved)"
             ))
         })?;
-        let image_path = {
-            let recorded = PathBuf::from(&s.record.image);
-            if args.images.is_none() && recorded.is_file() {
-                recorded
-            } else {
-                dataset::resolve_image(&images_dir, entry)?
-            }
+        if questions.fingerprint != manifest.input.fingerprint {
+            return Err(Error::input(format!(
+                "{} is not the question file the data set was made from (fingerprint {} vs {})",
+                qpath.display(),
+                questions.fingerprint,
+                manifest.input.fingerprint
+            )));
+        }
+        let layers = cfg.text.num_hidden_layers;
+        let gradcam_layer = args.layer.unwrap_or_else(|| default_gradcam_layer(layers));
+        if gradcam_layer >= layers {
+            return Err(Error::input(format!(
+                "--layer {gradcam_layer} does not exist: the decoder has layers 0..{}",
+                layers - 1
+            )));
+        }
+        Ok(Setup {
+            engine,
+            manifest,
+            qdir: qpath
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| PathBuf::from(".")),
+            qpath,
+            questions,
+            images_dir: args
+                .images
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(&manifest.images)),
+            images_given: args.images.is_some(),
+            opts: GenerateOptions {
+                max_new_tokens: manifest.max_new_tokens,
+                stop_at_eos: manifest.stop_at_eos,
+                keep_steps: false,
+            },
+            gradcam_layer,
+            schedule: metrics::removal_schedule(p, metrics::PERTURBATION_STEPS),
+        })
+    }
+}
+
+/// One sample worked on with the model: its question, image and prompt, and one saving run that
+/// answers the question again (checked against the data set) and serves every gradient map.
+struct SampleRun<'s, 'e, B: Backend> {
+    setup: &'s Setup<'e, B>,
+    sample: &'s Sample,
+    entry: &'s Entry,
+    image_path: PathBuf,
+    /// Width and height of the image file (the target masks are drawn at its size).
+    image_size: (usize, usize),
+    features: B::Tensor,
+    reference: Session<'e, B>,
+    ok0: bool,
+    has_answers: bool,
+    gradcam: Option<Vec<Vec<f32>>>,
+    /// Generations run for this sample.
+    generations: usize,
+}
+
+impl<'s, 'e, B: Backend> SampleRun<'s, 'e, B> {
+    fn start(setup: &'s Setup<'e, B>, s: &'s Sample) -> Result<Self> {
+        let engine = setup.engine;
+        let entry = setup
+            .questions
+            .entries
+            .get(s.record.sample)
+            .ok_or_else(|| {
+                Error::input(format!(
+                    "sample {} is past the end of {} ({} questions)",
+                    s.record.sample,
+                    setup.qpath.display(),
+                    setup.questions.entries.len()
+                ))
+            })?;
+        let recorded = PathBuf::from(&s.record.image);
+        let image_path = if !setup.images_given && recorded.is_file() {
+            recorded
+        } else {
+            dataset::resolve_image(&setup.images_dir, entry)?
         };
-        let ctx = |e: Error| {
-            Error::input(format!(
-                "sample {} ({}): {e}",
-                s.record.sample,
-                image_path.display()
-            ))
-        };
+        let ctx = |e: Error| sample_error(s, &image_path, e);
         let img = crate::vision::load_image(&image_path).map_err(ctx)?;
         let pixels = crate::vision::preprocess(&img, &engine.preprocess).map_err(ctx)?;
         let prompt = engine
-            .prompt(&format!("{}{}", entry.question, manifest.suffix))
+            .prompt(&format!("{}{}", entry.question, setup.manifest.suffix))
             .map_err(ctx)?;
-        let image_pos = prompt.image_positions().to_vec();
-        let (_, features) = engine.model.encode_image(b, &pixels).map_err(ctx)?;
-        // One saving run answers the question again (checked against the data set) and serves
-        // every gradient method's maps.
+        let (_, features) = engine
+            .model
+            .encode_image(&engine.backend, &pixels)
+            .map_err(ctx)?;
         let mut reference = Session::prefill(
-            b,
+            &engine.backend,
             &engine.model,
-            prompt.clone(),
+            prompt,
             &features,
-            &opts,
+            &setup.opts,
             Mode::SaveAll,
         )
         .map_err(ctx)?;
         reference.run_to_end().map_err(ctx)?;
-        generations += 1;
-        if s.ids != s.record.generated_ids {
-            return Err(Error::input(format!(
-                "sample {}: the shard's token rows give the answer {:?} but its record says {:?}: \
-                 the shard is inconsistent",
-                s.record.sample, s.ids, s.record.generated_ids
-            )));
-        }
         if reference.generated() != s.record.generated_ids {
             return Err(Error::input(format!(
                 "sample {}: the model answers {:?} but the data set recorded {:?}: was the data set \
@@ -395,248 +537,227 @@ fn run_on<B: Backend>(
             )));
         }
         let answers = entry.answers.as_deref();
-        let has_answers = answers.is_some_and(|a| !a.is_empty());
-        let ok0 = metrics::answer_correct(&s.record.answer, answers, &s.record.answer);
-        if has_answers {
-            let bump = |t: &mut (usize, usize)| {
-                t.0 += ok0 as usize;
-                t.1 += 1;
-            };
-            bump(&mut acc_all);
-            if let Some(t) = &entry.qtype {
-                bump(acc_type.entry(t.clone()).or_default());
-            }
-            if entry.n_objects.is_some_and(|n| n > 1) {
-                bump(&mut acc_multi);
-            }
-        }
-        let answer_tok = s.answer_tokens(&eos);
-        let fastrm_entropies: Vec<f32> = s.fastrm.iter().map(|m| map_entropy(m)).collect();
-        let conf = Confidence::of_answer(&fastrm_entropies, &s.ids, &eos, None);
-        // Only answers with ground truth can be right or wrong.
-        if has_answers {
-            entropies.push(conf.mean_entropy as f64);
-            correct.push(ok0);
-        }
-
-        // Maps of the methods the data set does not hold, computed on demand.
-        let teacher = |method: Method| -> Result<Vec<Vec<f32>>> {
-            (0..s.ids.len())
-                .map(|i| gradient_map(&reference, method, i))
-                .collect::<Result<_>>()
-                .map_err(ctx)
-        };
-        let mut gradcam: Option<Vec<Vec<f32>>> = None;
-        let mut gradcam_maps = || -> Result<Vec<Vec<f32>>> {
-            if gradcam.is_none() {
-                sample_bar(&progress, k, total, "gradcam maps");
-                gradcam = Some(teacher(Method::GradCam {
-                    layer: gradcam_layer,
-                })?);
-            }
-            Ok(gradcam.clone().expect("just computed"))
-        };
-
-        // 2. Perturbation.
-        if !args.no_perturbation {
-            let sel = |maps: &[Vec<f32>]| -> Vec<f64> {
-                let picked: Vec<&[f32]> = answer_tok.iter().map(|&i| maps[i].as_slice()).collect();
-                metrics::combine_maps(&picked)
-            };
-            let gc = gradcam_maps()?;
-            let mut orders: Vec<(&str, Vec<usize>, Vec<usize>)> = vec![];
-            for (name, rel) in [
-                ("fastrm", sel(&s.fastrm)),
-                ("baseline", sel(&s.baseline)),
-                ("gradcam", sel(&gc)),
-            ] {
-                orders.push((
-                    name,
-                    metrics::removal_order(&rel, true),
-                    metrics::removal_order(&rel, false),
-                ));
-            }
-            for seed in 0..RANDOM_SEEDS {
-                // Negative removal with a random order is the reversed positive order: random
-                // either way, and a different draw than the positive one.
-                let o =
-                    metrics::random_order(p, seed.wrapping_mul(0x9E37) ^ s.record.sample as u64);
-                let rev: Vec<usize> = o.iter().rev().copied().collect();
-                orders.push(("random", o, rev));
-            }
-            // Results by removed set: 0% and 100% are shared by every order, and orders agree
-            // on many prefixes.
-            let mut cache: HashMap<Vec<usize>, bool> = HashMap::new();
-            let n_orders = orders.len();
-            for (oi, (name, pos, neg)) in orders.iter().enumerate() {
-                sample_bar(
-                    &progress,
-                    k,
-                    total,
-                    &format!("perturbation {}/{n_orders} ({name})", oi + 1),
-                );
-                for (dir, order) in [pos, neg].into_iter().enumerate() {
-                    for (si, &(_, n_removed)) in schedule.iter().enumerate() {
-                        let mut removed: Vec<usize> = order[..n_removed].to_vec();
-                        removed.sort_unstable();
-                        let ok = match cache.get(&removed) {
-                            Some(&ok) => ok,
-                            None => {
-                                let ok = if n_removed == 0 {
-                                    ok0
-                                } else {
-                                    let mut keep = vec![true; prompt.len()];
-                                    for &j in &removed {
-                                        keep[image_pos[j]] = false;
-                                    }
-                                    let mut run = Session::prefill(
-                                        b,
-                                        &engine.model,
-                                        prompt.clone(),
-                                        &features,
-                                        &opts,
-                                        Mode::Masked(keep),
-                                    )
-                                    .map_err(ctx)?;
-                                    run.run_to_end().map_err(ctx)?;
-                                    generations += 1;
-                                    let answer = text.decode(run.generated())?;
-                                    metrics::answer_correct(&answer, answers, &s.record.answer)
-                                };
-                                cache.insert(removed, ok);
-                                ok
-                            }
-                        };
-                        curves.get_mut(name).expect("a known method")[dir][si] +=
-                            if ok { 1.0 } else { 0.0 };
-                    }
-                }
-            }
-        }
-
-        // 4. Pointing game.
-        if let Some(mask_rel) = &entry.target_mask {
-            sample_bar(&progress, k, total, "pointing game");
-            let mp = Path::new(mask_rel);
-            let mask_path = if mp.is_absolute() {
-                mp.to_path_buf()
-            } else {
-                qdir.join(mp)
-            };
-            let mask = crate::vision::load_image(&mask_path).map_err(|e| {
-                Error::input(format!("sample {}: target mask: {e}", s.record.sample))
-            })?;
-            let on = metrics::mask_patches(
-                &mask,
-                (img.width, img.height),
-                &engine.preprocess,
-                cfg.vision.grid(),
-            )
-            .map_err(|e| {
-                Error::input(format!(
-                    "sample {}: target mask {}: {e}",
-                    s.record.sample,
-                    mask_path.display()
-                ))
-            })?;
-            if on.iter().any(|&x| x) {
-                with_target += 1;
-                let incremental = || incremental_maps(&reference).map_err(ctx);
-                let (exact, incr) = if baseline_method == "baseline-incremental" {
-                    (
-                        teacher(Method::Baseline {
-                            mode: RowMode::Streamed,
-                        })?,
-                        s.baseline.clone(),
-                    )
-                } else {
-                    (s.baseline.clone(), incremental()?)
-                };
-                let uniform = vec![vec![1.0f32; p]; s.ids.len()];
-                let gc = gradcam_maps()?;
-                for (name, maps) in [
-                    ("fastrm", &s.fastrm),
-                    ("baseline", &exact),
-                    ("baseline-incremental", &incr),
-                    ("gradcam", &gc),
-                    ("random", &uniform),
-                ] {
-                    let e = points.entry(name).or_default();
-                    for &t in &answer_tok {
-                        let (hit, mass) = metrics::pointing(&maps[t], &on);
-                        e.hits += hit;
-                        e.masses.push(mass);
-                    }
-                }
-            } else {
-                empty_targets += 1;
-            }
-        }
-        per_sample.push(json!({
-            "sample": s.record.sample,
-            "question_id": s.record.question_id,
-            "answer": s.record.answer,
-            "correct": if has_answers { json!(ok0) } else { Value::Null },
-            "mean_entropy": conf.mean_entropy,
-            "tokens": s.ids.len(),
-        }));
-    }
-    progress.clear();
-
-    // 3. Entropy confidence.
-    let cal = metrics::calibrate(&entropies, &correct);
-    let has_gt = acc_all.1 > 0;
-    let cal_note = match (cal.correct.is_empty(), cal.incorrect.is_empty()) {
-        _ if !has_gt => Some(
-            "no question has ground-truth answers: correctness is unknown, no threshold can be \
-             calibrated",
-        ),
-        (_, true) => Some("every answer is correct: no threshold can be calibrated"),
-        (true, _) => Some("every answer is wrong: no threshold can be calibrated"),
-        _ => None,
-    };
-    let mut written = false;
-    if args.write_threshold {
-        match cal.threshold {
-            Some(t) => {
-                head_w.cfg.confidence_threshold = Some(t as f32);
-                head_w.save(&args.head)?;
-                written = true;
-            }
-            None => eprintln!(
-                "note: {}; {} left unchanged",
-                cal_note.unwrap_or("no threshold"),
-                args.head.display()
-            ),
-        }
-    }
-
-    // The report.
-    let fractions: Vec<f64> = schedule.iter().map(|&(f, _)| f).collect();
-    let n = samples.len() as f64;
-    let classification: Vec<Value> = counts
-        .iter()
-        .zip(&metrics::THRESHOLDS)
-        .map(|(c, &t)| {
-            json!({
-                "threshold": t, "accuracy": c.accuracy(), "precision": c.precision(),
-                "recall": c.recall(), "f1": c.f1(),
-                "tp": c.tp, "fp": c.fp, "tn": c.tn, "fn": c.fn_,
-            })
+        Ok(SampleRun {
+            setup,
+            sample: s,
+            entry,
+            image_size: (img.width, img.height),
+            features,
+            reference,
+            ok0: metrics::answer_correct(&s.record.answer, answers, &s.record.answer),
+            has_answers: answers.is_some_and(|a| !a.is_empty()),
+            gradcam: None,
+            generations: 1,
+            image_path,
         })
-        .collect();
-    let mut curve_values: Vec<(&str, [Vec<f64>; 2])> = Vec::new();
-    let perturbation = if args.no_perturbation {
-        Value::Null
-    } else {
+    }
+
+    fn ctx(&self, e: Error) -> Error {
+        sample_error(self.sample, &self.image_path, e)
+    }
+
+    /// The answer's confidence from the head's maps.
+    fn confidence(&self) -> Confidence {
+        let s = self.sample;
+        let entropies: Vec<f32> = s.fastrm.iter().map(|m| map_entropy(m)).collect();
+        let eos = &self.setup.engine.config().eos_token_ids;
+        Confidence::of_answer(&entropies, &s.ids, eos, None)
+    }
+
+    /// Maps of a gradient method the data set does not hold, by backwards over the saving run.
+    fn maps(&self, method: Method) -> Result<Vec<Vec<f32>>> {
+        (0..self.sample.ids.len())
+            .map(|i| gradient_map(&self.reference, method, i))
+            .collect::<Result<_>>()
+            .map_err(|e| self.ctx(e))
+    }
+
+    fn gradcam_maps(&mut self) -> Result<Vec<Vec<f32>>> {
+        if self.gradcam.is_none() {
+            let layer = self.setup.gradcam_layer;
+            self.gradcam = Some(self.maps(Method::GradCam { layer })?);
+        }
+        Ok(self.gradcam.clone().expect("just computed"))
+    }
+
+    /// Whether the answer is still correct with the image patches `removed` hidden from
+    /// attention.
+    fn correct_without(&mut self, removed: &[usize]) -> Result<bool> {
+        if removed.is_empty() {
+            return Ok(self.ok0);
+        }
+        let engine = self.setup.engine;
+        let prompt = self.reference.prompt().clone();
+        let mut keep = vec![true; prompt.len()];
+        for &j in removed {
+            keep[prompt.image_positions()[j]] = false;
+        }
+        let mut run = Session::prefill(
+            &engine.backend,
+            &engine.model,
+            prompt,
+            &self.features,
+            &self.setup.opts,
+            Mode::Masked(keep),
+        )
+        .map_err(|e| self.ctx(e))?;
+        run.run_to_end().map_err(|e| self.ctx(e))?;
+        self.generations += 1;
+        let answer = engine.decode(run.generated())?;
+        let s = self.sample;
+        Ok(metrics::answer_correct(
+            &answer,
+            self.entry.answers.as_deref(),
+            &s.record.answer,
+        ))
+    }
+}
+
+fn sample_error(s: &Sample, image: &Path, e: Error) -> Error {
+    Error::input(format!(
+        "sample {} ({}): {e}",
+        s.record.sample,
+        image.display()
+    ))
+}
+
+/// Model accuracy over the samples with ground truth: overall, per question type, on
+/// multi-object scenes (`(correct, samples)` each).
+#[derive(Default)]
+struct Accuracy {
+    all: (usize, usize),
+    by_type: std::collections::BTreeMap<String, (usize, usize)>,
+    multi: (usize, usize),
+}
+
+impl Accuracy {
+    fn add(&mut self, entry: &Entry, ok: bool, has_answers: bool) {
+        if !has_answers {
+            return;
+        }
+        let bump = |t: &mut (usize, usize)| {
+            t.0 += ok as usize;
+            t.1 += 1;
+        };
+        bump(&mut self.all);
+        if let Some(t) = &entry.qtype {
+            bump(self.by_type.entry(t.clone()).or_default());
+        }
+        if entry.n_objects.is_some_and(|n| n > 1) {
+            bump(&mut self.multi);
+        }
+    }
+
+    fn report(&self) -> Value {
+        let acc = |t: (usize, usize)| -> Value {
+            json!({"accuracy": (t.1 > 0).then(|| t.0 as f64 / t.1 as f64), "correct": t.0, "samples": t.1})
+        };
+        if self.all.1 == 0 {
+            return Value::Null;
+        }
+        json!({
+            "overall": acc(self.all),
+            "by_type": self.by_type.iter().map(|(k, &v)| (k.clone(), acc(v))).collect::<serde_json::Map<_, _>>(),
+            "multi_object": acc(self.multi),
+        })
+    }
+}
+
+/// 2. Perturbation: per method, direction and step, the sum over samples of whether the answer
+/// survived (random orders: summed over seeds too).
+struct Perturbation {
+    curves: HashMap<&'static str, [Vec<f64>; 2]>,
+}
+
+impl Perturbation {
+    fn new(schedule: &[(f64, usize)]) -> Self {
+        let n = schedule.len();
+        Perturbation {
+            curves: PERTURB_METHODS
+                .iter()
+                .map(|&m| (m, [vec![0.0; n], vec![0.0; n]]))
+                .collect(),
+        }
+    }
+
+    fn add<B: Backend>(
+        &mut self,
+        w: &mut SampleRun<'_, '_, B>,
+        p: usize,
+        bar: &dyn Fn(&str),
+    ) -> Result<()> {
+        let s = w.sample;
+        let answer_tok = s.answer_tokens(&w.setup.engine.config().eos_token_ids);
+        let sel = |maps: &[Vec<f32>]| -> Vec<f64> {
+            let picked: Vec<&[f32]> = answer_tok.iter().map(|&i| maps[i].as_slice()).collect();
+            metrics::combine_maps(&picked)
+        };
+        bar("gradcam maps");
+        let gc = w.gradcam_maps()?;
+        let mut orders: Vec<(&'static str, Vec<usize>, Vec<usize>)> = vec![];
+        for (name, rel) in [
+            ("fastrm", sel(&s.fastrm)),
+            ("baseline", sel(&s.baseline)),
+            ("gradcam", sel(&gc)),
+        ] {
+            orders.push((
+                name,
+                metrics::removal_order(&rel, true),
+                metrics::removal_order(&rel, false),
+            ));
+        }
+        for seed in 0..RANDOM_SEEDS {
+            // Negative removal with a random order is the reversed positive order: random either
+            // way, and a different draw than the positive one.
+            let o = metrics::random_order(p, seed.wrapping_mul(0x9E37) ^ s.record.sample as u64);
+            let rev: Vec<usize> = o.iter().rev().copied().collect();
+            orders.push(("random", o, rev));
+        }
+        // Results by removed set: 0% and 100% are shared by every order, and orders agree on many
+        // prefixes.
+        let mut cache: HashMap<Vec<usize>, bool> = HashMap::new();
+        let n_orders = orders.len();
+        let schedule = w.setup.schedule.clone();
+        for (oi, (name, pos, neg)) in orders.iter().enumerate() {
+            bar(&format!("perturbation {}/{n_orders} ({name})", oi + 1));
+            for (dir, order) in [pos, neg].into_iter().enumerate() {
+                for (si, &(_, n_removed)) in schedule.iter().enumerate() {
+                    let mut removed: Vec<usize> = order[..n_removed].to_vec();
+                    removed.sort_unstable();
+                    let ok = match cache.get(&removed) {
+                        Some(&ok) => ok,
+                        None => {
+                            let ok = w.correct_without(&removed)?;
+                            cache.insert(removed, ok);
+                            ok
+                        }
+                    };
+                    self.curves.get_mut(name).expect("a known method")[dir][si] +=
+                        if ok { 1.0 } else { 0.0 };
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The section's JSON and its accuracy curves (per method: positive, negative).
+    fn report(
+        &self,
+        n_samples: usize,
+        schedule: &[(f64, usize)],
+        gradcam_layer: usize,
+    ) -> (Value, Vec<(&'static str, [Vec<f64>; 2])>) {
+        let fractions: Vec<f64> = schedule.iter().map(|&(f, _)| f).collect();
+        let n = n_samples as f64;
         let mut methods = serde_json::Map::new();
+        let mut curves = Vec::new();
         for &m in &PERTURB_METHODS {
             let div = if m == "random" {
                 n * RANDOM_SEEDS as f64
             } else {
                 n
             };
-            let c = &curves[m];
+            let c = &self.curves[m];
             let acc = [
                 c[0].iter().map(|v| v / div).collect::<Vec<f64>>(),
                 c[1].iter().map(|v| v / div).collect::<Vec<f64>>(),
@@ -648,38 +769,127 @@ fn run_on<B: Backend>(
                     "negative": {"accuracy": acc[1], "auc": metrics::trapezoid_auc(&fractions, &acc[1])},
                 }),
             );
-            curve_values.push((m, acc));
+            curves.push((m, acc));
         }
-        json!({
+        let doc = json!({
             "fractions": fractions,
             "removed_patches": schedule.iter().map(|&(_, k)| k).collect::<Vec<_>>(),
             "random_seeds": RANDOM_SEEDS,
             "gradcam_layer": gradcam_layer,
             "correct_means": "matches a ground-truth answer, or equals the unperturbed answer where the question has none",
             "methods": Value::Object(methods),
-        })
-    };
+        });
+        (doc, curves)
+    }
+}
+
+/// 3. Entropy confidence: why no threshold could be calibrated, when none could.
+fn calibration_note(cal: &metrics::Calibration, has_ground_truth: bool) -> Option<&'static str> {
+    match (cal.correct.is_empty(), cal.incorrect.is_empty()) {
+        _ if !has_ground_truth => Some(
+            "no question has ground-truth answers: correctness is unknown, no threshold can be \
+             calibrated",
+        ),
+        (_, true) => Some("every answer is correct: no threshold can be calibrated"),
+        (true, _) => Some("every answer is wrong: no threshold can be calibrated"),
+        _ => None,
+    }
+}
+
+fn calibration_json(cal: &metrics::Calibration, note: Option<&str>, written: bool) -> Value {
     let side = |xs: &[f64], mean: Option<f64>, h: f64| json!({"count": xs.len(), "mean_entropy": mean, "bandwidth": h});
     let c = cal.counts;
-    let confidence = json!({
+    json!({
         "bandwidth_rule": "scott",
         "correct_means": "matches a ground-truth answer (questions without `answers` are left out)",
         "correct": side(&cal.correct, cal.mean_correct, cal.bandwidth_correct),
         "incorrect": side(&cal.incorrect, cal.mean_incorrect, cal.bandwidth_incorrect),
         "threshold": cal.threshold,
-        "note": cal_note,
+        "note": note,
         "below": {"tp": c.tp, "fp": c.fp,
                   "tp_rate": cal.threshold.map(|_| frac(c.tp, c.tp + c.fp))},
         "above": {"fn": c.fn_, "tn": c.tn,
                   "tn_rate": cal.threshold.map(|_| frac(c.tn, c.tn + c.fn_))},
         "written_to_head": written,
-    });
-    let pointing = if with_target + empty_targets == 0 {
-        Value::Null
-    } else {
+    })
+}
+
+/// 4. Pointing game, for samples whose question has a target mask.
+#[derive(Default)]
+struct Pointing {
+    points: HashMap<&'static str, PointSums>,
+    with_target: usize,
+    empty_targets: usize,
+}
+
+impl Pointing {
+    fn add<B: Backend>(&mut self, w: &mut SampleRun<'_, '_, B>, bar: &dyn Fn(&str)) -> Result<()> {
+        let Some(mask_rel) = &w.entry.target_mask else {
+            return Ok(());
+        };
+        bar("pointing game");
+        let s = w.sample;
+        let setup = w.setup;
+        let mp = Path::new(mask_rel);
+        let mask_path = if mp.is_absolute() {
+            mp.to_path_buf()
+        } else {
+            setup.qdir.join(mp)
+        };
+        let mask = crate::vision::load_image(&mask_path)
+            .map_err(|e| Error::input(format!("sample {}: target mask: {e}", s.record.sample)))?;
+        let on = metrics::mask_patches(
+            &mask,
+            w.image_size,
+            &setup.engine.preprocess,
+            setup.engine.config().vision.grid(),
+        )
+        .map_err(|e| {
+            Error::input(format!(
+                "sample {}: target mask {}: {e}",
+                s.record.sample,
+                mask_path.display()
+            ))
+        })?;
+        if !on.iter().any(|&x| x) {
+            self.empty_targets += 1;
+            return Ok(());
+        }
+        self.with_target += 1;
+        let (exact, incr) = if setup.manifest.method == "baseline-incremental" {
+            let mode = RowMode::Streamed;
+            (w.maps(Method::Baseline { mode })?, s.baseline.clone())
+        } else {
+            let incr = incremental_maps(&w.reference).map_err(|e| w.ctx(e))?;
+            (s.baseline.clone(), incr)
+        };
+        let uniform = vec![vec![1.0f32; setup.manifest.n_patches]; s.ids.len()];
+        let gc = w.gradcam_maps()?;
+        let answer_tok = s.answer_tokens(&setup.engine.config().eos_token_ids);
+        for (name, maps) in [
+            ("fastrm", &s.fastrm),
+            ("baseline", &exact),
+            ("baseline-incremental", &incr),
+            ("gradcam", &gc),
+            ("random", &uniform),
+        ] {
+            let e = self.points.entry(name).or_default();
+            for &t in &answer_tok {
+                let (hit, mass) = metrics::pointing(&maps[t], &on);
+                e.hits += hit;
+                e.masses.push(mass);
+            }
+        }
+        Ok(())
+    }
+
+    fn report(&self) -> Value {
+        if self.with_target + self.empty_targets == 0 {
+            return Value::Null;
+        }
         let mut methods = serde_json::Map::new();
         for &m in &POINT_METHODS {
-            let e = points.get(m).cloned().unwrap_or_default();
+            let e = self.points.get(m).cloned().unwrap_or_default();
             let n = e.masses.len();
             let mass: f64 = e.masses.iter().sum();
             methods.insert(
@@ -689,73 +899,42 @@ fn run_on<B: Backend>(
             );
         }
         json!({
-            "samples": with_target,
-            "empty_targets": empty_targets,
+            "samples": self.with_target,
+            "empty_targets": self.empty_targets,
             "random": "expected value of a uniformly random map (the target's share of the patches)",
             "methods": Value::Object(methods),
         })
-    };
-    let acc = |t: (usize, usize)| -> Value {
-        json!({"accuracy": (t.1 > 0).then(|| t.0 as f64 / t.1 as f64), "correct": t.0, "samples": t.1})
-    };
-    let accuracy = if has_gt {
-        json!({
-            "overall": acc(acc_all),
-            "by_type": acc_type.iter().map(|(k, &v)| (k.clone(), acc(v))).collect::<serde_json::Map<_, _>>(),
-            "multi_object": acc(acc_multi),
-        })
-    } else {
-        Value::Null
-    };
-    let doc = json!({
-        "data": args.data.display().to_string(),
-        "model": args.model.display().to_string(),
-        "head": args.head.display().to_string(),
-        "baseline_method": baseline_method,
-        "samples": samples.len(),
-        "tokens": n_tokens,
-        "n_patches": p,
-        "grid": manifest.grid,
-        "label_threshold": tau,
-        "classification": classification,
-        "perturbation": perturbation,
-        "confidence": confidence,
-        "pointing": pointing,
-        "accuracy": accuracy,
-        "per_sample": per_sample,
-        "generations": generations,
-        "seconds": t0.elapsed().as_secs_f64(),
-    });
+    }
+}
 
-    if let Some(st) = staging {
-        let mut names = vec![CLASSIFICATION_PNG, ENTROPY_PNG];
-        write_png(&st.path(CLASSIFICATION_PNG), &classification_plot(&counts)?)?;
-        write_png(&st.path(ENTROPY_PNG), &entropy_plot(&cal)?)?;
-        if !curve_values.is_empty() {
-            for (dir, name) in [(0, POSITIVE_PNG), (1, NEGATIVE_PNG)] {
-                write_png(
-                    &st.path(name),
-                    &perturbation_plot(&fractions, &curve_values, dir)?,
-                )?;
-                names.push(name);
-            }
+/// 5. The report's files: eval.json and the plots, moved into `--out` together.
+fn write_report(
+    st: Staging,
+    doc: &Value,
+    counts: &[Counts],
+    cal: &metrics::Calibration,
+    schedule: &[(f64, usize)],
+    curves: &[(&str, [Vec<f64>; 2])],
+    pointing: &Pointing,
+) -> Result<()> {
+    let mut names = vec![CLASSIFICATION_PNG, ENTROPY_PNG];
+    write_png(&st.path(CLASSIFICATION_PNG), &classification_plot(counts)?)?;
+    write_png(&st.path(ENTROPY_PNG), &entropy_plot(cal)?)?;
+    if !curves.is_empty() {
+        let fractions: Vec<f64> = schedule.iter().map(|&(f, _)| f).collect();
+        for (dir, name) in [(0, POSITIVE_PNG), (1, NEGATIVE_PNG)] {
+            write_png(&st.path(name), &perturbation_plot(&fractions, curves, dir)?)?;
+            names.push(name);
         }
-        if points.values().any(|e| !e.masses.is_empty()) {
-            write_png(&st.path(POINTING_PNG), &pointing_plot(&points)?)?;
-            names.push(POINTING_PNG);
-        }
-        let text =
-            serde_json::to_string_pretty(&doc).map_err(|e| Error::input(format!("JSON: {e}")))?;
-        std::fs::write(st.path(JSON_FILE), text).map_err(|e| Error::io(st.path(JSON_FILE), e))?;
-        names.push(JSON_FILE);
-        st.commit(&names)?;
     }
-    if args.json {
-        println!("{doc}");
-    } else {
-        print_report(&doc);
+    if pointing.points.values().any(|e| !e.masses.is_empty()) {
+        write_png(&st.path(POINTING_PNG), &pointing_plot(&pointing.points)?)?;
+        names.push(POINTING_PNG);
     }
-    Ok(())
+    let text = serde_json::to_string_pretty(doc).map_err(|e| Error::input(format!("JSON: {e}")))?;
+    std::fs::write(st.path(JSON_FILE), text).map_err(|e| Error::io(st.path(JSON_FILE), e))?;
+    names.push(JSON_FILE);
+    st.commit(&names).map(|_| ())
 }
 
 fn frac(a: u64, b: u64) -> Option<f64> {
@@ -1020,5 +1199,85 @@ fn print_report(doc: &Value) {
             f(&a["multi_object"]["accuracy"]),
             a["multi_object"]["samples"]
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(baseline: Vec<Vec<f32>>, fastrm: Vec<Vec<f32>>) -> Sample {
+        let ids = vec![5; baseline.len()];
+        Sample {
+            record: SampleRecord {
+                sample: 0,
+                question_id: 0,
+                question: String::new(),
+                image: String::new(),
+                answer: String::new(),
+                answers: None,
+                generated_ids: ids.clone(),
+                stop_reason: "eos".into(),
+                qtype: None,
+                n_objects: None,
+                target_mask: None,
+            },
+            ids,
+            baseline,
+            fastrm,
+        }
+    }
+
+    #[test]
+    fn classification_section_counts_every_token_and_patch() {
+        // Labels at 0.3·max: [1, 0, 1, 0]; probabilities at threshold 0.5 → [1, 1, 0, 0].
+        let s = sample(
+            vec![vec![1.0, 0.1, 0.5, 0.0]],
+            vec![vec![0.9, 0.6, 0.2, 0.1]],
+        );
+        let counts = classify(&[s], 0.3);
+        let at_half = metrics::THRESHOLDS.iter().position(|&t| t == 0.5).unwrap();
+        let c = counts[at_half];
+        assert_eq!((c.tp, c.fp, c.fn_, c.tn), (1, 1, 1, 1));
+        let json = classification_json(&counts);
+        assert_eq!(json.len(), metrics::THRESHOLDS.len());
+        assert_eq!(json[at_half]["f1"], json!(0.5));
+    }
+
+    #[test]
+    fn accuracy_section_counts_only_answers_with_ground_truth() {
+        let entry = |qtype: &str, n: u64| Entry {
+            id: 0,
+            image: dataset::ImageRef::Path(String::new()),
+            question: String::new(),
+            answers: None,
+            qtype: Some(qtype.into()),
+            n_objects: Some(n),
+            target_mask: None,
+        };
+        let mut a = Accuracy::default();
+        assert_eq!(a.report(), Value::Null);
+        a.add(&entry("colour", 1), true, true);
+        a.add(&entry("colour", 3), false, true);
+        a.add(&entry("shape", 2), true, true);
+        a.add(&entry("shape", 2), false, false);
+        let r = a.report();
+        assert_eq!(r["overall"]["samples"], json!(3));
+        assert_eq!(r["by_type"]["colour"]["correct"], json!(1));
+        assert_eq!(r["multi_object"]["samples"], json!(2));
+    }
+
+    #[test]
+    fn calibration_section_says_why_there_is_no_threshold() {
+        let cal = metrics::calibrate(&[0.2, 0.3], &[true, true]);
+        assert!(calibration_note(&cal, true)
+            .unwrap()
+            .contains("every answer is correct"));
+        assert!(calibration_note(&cal, false)
+            .unwrap()
+            .contains("no question"));
+        let cal = metrics::calibrate(&[0.2, 0.8], &[true, false]);
+        assert_eq!(calibration_note(&cal, true), None);
+        assert_eq!(calibration_json(&cal, None, false)["threshold"], json!(0.5));
     }
 }
