@@ -6,11 +6,12 @@
 mod common;
 use common::{decode_png, file_names};
 
-use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use fastrm::profile::memory::{self, MemorySource, NvmlProbe, PhaseMemory, RssProbe, Sampler};
+#[cfg(feature = "cuda")]
+use fastrm::profile::memory::NvmlProbe;
+use fastrm::profile::memory::{self, MemorySource, PhaseMemory, RssProbe, Sampler};
 use fastrm::profile::report::method_color;
 use fastrm::profile::{parse_methods, parse_tokens, ProfMethod};
 use serde_json::Value;
@@ -284,13 +285,21 @@ fn argument_errors_are_one_line() {
         (vec!["--model", "/no/such/model"], vec!["/no/such/model"]),
         (vec!["--tokens", "5000"], vec!["context"]),
     ];
-    // Without a GPU, --device cuda says what is missing (with one, it would run).
+    // Without a GPU, --device cuda says what is missing (with one, it would run); a build
+    // without the CUDA backend says so.
+    #[cfg(feature = "cuda")]
     if fastrm::backend::cuda::unavailable().is_some() {
         cases.push((
-            vec!["--device", "cuda"],
+            vec!["--device", "cuda:0"],
             vec!["--device cuda", "--device cpu"],
         ));
     }
+    #[cfg(not(feature = "cuda"))]
+    cases.push((
+        vec!["--device", "cuda:1"],
+        vec!["rebuild with the `cuda` feature"],
+    ));
+    cases.push((vec!["--device", "cpu", "--dtype", "f16"], vec!["--dtype"]));
     for (args, needles) in cases {
         let mut all = vec!["profile"];
         all.extend(&args);
@@ -337,6 +346,7 @@ fn rss_fallback_reports_positive_memory() {
     }
 }
 
+#[cfg(feature = "cuda")]
 #[test]
 fn nvml_absence_is_a_clear_error() {
     match NvmlProbe::open(0) {
@@ -352,7 +362,7 @@ fn nvml_absence_is_a_clear_error() {
         Err(e) => {
             let msg = e.to_string();
             assert!(msg.contains("NVML"), "{msg}");
-            if !Path::new("/proc/driver/nvidia").exists() {
+            if !std::path::Path::new("/proc/driver/nvidia").exists() {
                 assert!(
                     msg.contains("not available") && msg.contains("libnvidia-ml.so.1"),
                     "{msg}"
