@@ -178,6 +178,7 @@ fn cuda_backend<T: crate::backend::cuda::Elem>(device: Device) -> Result<Cuda<T>
 impl AnyEngine {
     /// Opens a model folder on `device` (`dtype`: the CUDA storage type, default f16).
     pub fn load(device: Device, dtype: Option<Dtype>, dir: &Path) -> Result<Self> {
+        tracing::debug!(%device, ?dtype, dir = %dir.display(), "opening a model");
         on_backend!(device, dtype, |b| Engine::load(b, dir))
     }
 
@@ -188,6 +189,7 @@ impl AnyEngine {
         cfg: &LlavaConfig,
         seed: u64,
     ) -> Result<Self> {
+        tracing::debug!(%device, ?dtype, "making a synthetic model");
         on_backend!(device, dtype, |b| Engine::synthetic(b, cfg, seed))
     }
 

@@ -344,6 +344,11 @@ impl<T: Elem> Cuda<T> {
                     .map_err(|e| drv_err(&format!("loading kernels {name}.ptx"), e))
             })
             .collect::<Result<Vec<_>>>()?;
+        tracing::info!(
+            ordinal,
+            gpu = %ctx.name().unwrap_or_else(|_| "unknown GPU".into()),
+            "CUDA backend on a GPU"
+        );
         Ok(Self::on(Device::Gpu(Gpu {
             ctx,
             stream,
