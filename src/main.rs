@@ -1,7 +1,7 @@
 //! The `fastrm` command line. Errors print one line naming the problem and exit non-zero; nothing
 //! here panics on user input.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -13,9 +13,6 @@ use fastrm::engine::{
 use fastrm::explain::{default_gradcam_layer, report, RowMode};
 use fastrm::status::{bar, StatusLine};
 use fastrm::{Error, GenerateOptions, Result};
-
-/// The bundled demo model and image, used when `--model` / `--image` are left out.
-const DEMO_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/demo");
 
 #[derive(Parser)]
 #[command(
@@ -233,10 +230,9 @@ fn generate(run: &RunArgs) -> Result<()> {
 fn explain(run: &RunArgs, args: &ExplainArgs) -> Result<()> {
     // FastRM's head: --head, else the bundled demo model's own head, else (synthetic models) a
     // random head of the model's size, which costs what a trained one does.
-    let bundled = Path::new(DEMO_DIR).join("head.safetensors");
     let head = match (&args.head, run.model.is_none()) {
         (Some(h), _) => Some(h.clone()),
-        (None, true) if args.method == MethodArg::Fastrm && bundled.is_file() => Some(bundled),
+        (None, true) if args.method == MethodArg::Fastrm => Some(fastrm::demo::head_path()?),
         _ => None,
     };
     if head.is_none() && args.method == MethodArg::Fastrm && !is_synthetic(run) {
@@ -373,11 +369,13 @@ fn start(run: &RunArgs) -> Result<(AnyEngine, Input, Progress)> {
         progress.clear();
         return Ok((engine?, Input::Synthetic, progress));
     }
-    let demo = Path::new(DEMO_DIR);
     let (model_dir, image) = match (&run.model, &run.image) {
         (None, image) => (
-            demo.join("model"),
-            image.clone().unwrap_or_else(|| demo.join("image.png")),
+            fastrm::demo::model_dir()?,
+            match image {
+                Some(i) => i.clone(),
+                None => fastrm::demo::image_path()?,
+            },
         ),
         (Some(m), Some(i)) => (PathBuf::from(m), i.clone()),
         (Some(_), None) => return Err(Error::input("--image is required with --model")),

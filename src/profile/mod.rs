@@ -15,7 +15,7 @@ pub mod memory;
 pub mod report;
 pub mod timer;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::backend::cpu::Cpu;
@@ -35,7 +35,6 @@ use memory::{MemorySource, MemoryUse, PhaseMemory};
 use report::{Report, RunRecord};
 use timer::{PhaseClock, WallClock};
 
-const DEMO_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/demo");
 const TINY_CONFIG: &str = include_str!("../../assets/demo/model/config.json");
 const MIDSIZE_CONFIG: &str = include_str!("../../benches/midsize_config.json");
 /// Seed of the synthetic weights and of the random FastRM head.
@@ -238,7 +237,7 @@ pub enum ModelSpec {
 impl ModelSpec {
     pub fn parse(s: Option<&str>) -> Result<Self> {
         let Some(s) = s else {
-            return Ok(ModelSpec::Dir(Path::new(DEMO_DIR).join("model")));
+            return Ok(ModelSpec::Dir(crate::demo::model_dir()?));
         };
         match s.strip_prefix("synthetic:") {
             Some(name) => SyntheticModel::NAMES
@@ -320,10 +319,10 @@ impl Plan {
                 )));
             }
         }
-        let image = a
-            .image
-            .clone()
-            .unwrap_or_else(|| Path::new(DEMO_DIR).join("image.png"));
+        let image = match &a.image {
+            Some(i) => i.clone(),
+            None => crate::demo::image_path()?,
+        };
         Ok(Plan {
             model,
             device,
