@@ -51,8 +51,9 @@ pub struct ProfileArgs {
     /// backends only): random weights, no tokenizer. Default: the bundled demo model.
     #[arg(short, long)]
     pub model: Option<String>,
-    /// On a GPU memory comes from NVML (the GPU's used memory); on `sim` it is the process's own
-    /// (host memory, for rehearsals; the simulator's times mean nothing).
+    // On a GPU memory comes from NVML (the GPU's used memory); on `sim` it is the process's own
+    // (host memory, for rehearsals; the simulator's times mean nothing). Not a doc comment: clap
+    // drops those on flattened groups.
     #[command(flatten)]
     pub device: DeviceArgs,
     /// Output lengths, comma-separated; every run generates exactly this many tokens (EOS is
