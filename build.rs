@@ -16,6 +16,10 @@ fn main() {
     println!("cargo:rerun-if-env-changed=FASTRM_NVCC");
     #[cfg(feature = "sim")]
     build_simulator();
+    // Only GPU builds load the PTX; a CPU-only or simulator-only build has no use for nvcc.
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
+        return;
+    }
     let Some(nvcc) = pinned_nvcc() else { return };
     let dir = Path::new("kernels");
     let Ok(entries) = std::fs::read_dir(dir) else {

@@ -2,8 +2,8 @@
 //! its tokens with their FastRM maps over a channel as they are generated; one client hangs up
 //! midway and its run is cancelled; the image arrives as bytes, as from an upload.
 //!
-//! `cargo run --release --example shared_engine [DEMO_DIR]` (default: the bundled demo model,
-//! `assets/demo`: `model/`, `head.safetensors`, `image.png`).
+//! `cargo run --release --example shared_engine [DEMO_DIR]` (default: the demo model embedded in
+//! the crate, `fastrm::demo::dir()`: `model/`, `head.safetensors`, `image.png`).
 
 use std::path::PathBuf;
 use std::sync::mpsc::{sync_channel, Receiver};
@@ -32,7 +32,7 @@ fn main() -> Result<(), Error> {
     let dir = std::env::args_os()
         .nth(1)
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/demo"));
+        .map_or_else(fastrm::demo::dir, Ok)?;
     let mut engine = Engine::load(Cpu, &dir.join("model"))?;
     engine.load_head(&dir.join("head.safetensors"))?;
     // `Engine<Cpu>` is `Sync`: one copy of the weights serves every thread.

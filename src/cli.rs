@@ -36,6 +36,12 @@ impl DeviceArgs {
                 "--dtype f16/bf16 applies to CUDA devices; the CPU backend computes in f32",
             ));
         }
+        tracing::debug!(
+            device = %self.device,
+            dtype = ?self.dtype,
+            cpu_threads = rayon::current_num_threads(),
+            "device chosen"
+        );
         Ok((self.device, self.dtype))
     }
 }

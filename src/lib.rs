@@ -12,6 +12,7 @@ pub mod backend;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod distill;
 pub mod engine;
 pub mod error;

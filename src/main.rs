@@ -1,7 +1,7 @@
 //! The `fastrm` command line. Errors print one line naming the problem and exit non-zero; nothing
 //! here panics on user input.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -13,9 +13,6 @@ use fastrm::engine::{
 use fastrm::explain::{default_gradcam_layer, report, RowMode};
 use fastrm::status::{bar, StatusLine};
 use fastrm::{Error, GenerateOptions, Result};
-
-/// The bundled demo model and image, used when `--model` / `--image` are left out.
-const DEMO_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/demo");
 
 #[derive(Parser)]
 #[command(
@@ -112,6 +109,7 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    init_logging();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -120,6 +118,20 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Library events go to stderr, filtered by `RUST_LOG` (e.g. `RUST_LOG=fastrm=debug`). The
+/// default shows warnings only, so normal output stays the answer and the status line.
+fn init_logging() {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::builder()
+        .with_default_directive(tracing_subscriber::filter::LevelFilter::WARN.into())
+        .from_env_lossy();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -221,10 +233,9 @@ fn generate(run: &RunArgs) -> Result<()> {
 fn explain(run: &RunArgs, args: &ExplainArgs) -> Result<()> {
     // FastRM's head: --head, else the bundled demo model's own head, else (synthetic models) a
     // random head of the model's size, which costs what a trained one does.
-    let bundled = Path::new(DEMO_DIR).join("head.safetensors");
     let head = match (&args.head, run.model.is_none()) {
         (Some(h), _) => Some(h.clone()),
-        (None, true) if args.method == MethodArg::Fastrm && bundled.is_file() => Some(bundled),
+        (None, true) if args.method == MethodArg::Fastrm => Some(fastrm::demo::head_path()?),
         _ => None,
     };
     if head.is_none() && args.method == MethodArg::Fastrm && !is_synthetic(run) {
@@ -361,11 +372,13 @@ fn start(run: &RunArgs) -> Result<(AnyEngine, Input, Progress)> {
         progress.clear();
         return Ok((engine?, Input::Synthetic, progress));
     }
-    let demo = Path::new(DEMO_DIR);
     let (model_dir, image) = match (&run.model, &run.image) {
         (None, image) => (
-            demo.join("model"),
-            image.clone().unwrap_or_else(|| demo.join("image.png")),
+            fastrm::demo::model_dir()?,
+            match image {
+                Some(i) => i.clone(),
+                None => fastrm::demo::image_path()?,
+            },
         ),
         (Some(m), Some(i)) => (PathBuf::from(m), i.clone()),
         (Some(_), None) => return Err(Error::input("--image is required with --model")),

@@ -248,3 +248,60 @@ fn bad_checkpoints() {
     write_safetensors(&st(&m), &ts);
     assert_fails(&run(m.path()), &[target, "dtype"]);
 }
+
+/// Without `--model` the bundled demo model comes out of the binary itself: it answers from a
+/// working directory outside the source tree, with no build-time path to lean on.
+#[test]
+fn demo_model_runs_outside_the_source_tree() {
+    let cwd = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_fastrm"))
+        .args(["generate", "-p", "What color is the star?"])
+        .current_dir(cwd.path())
+        .env_remove("CARGO_MANIFEST_DIR")
+        .env("XDG_CACHE_HOME", cache.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "yellow");
+    let demo: Vec<_> = std::fs::read_dir(cache.path().join("fastrm"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        demo.len() == 1 && demo[0].starts_with("demo-"),
+        "one complete demo folder, no temporary ones: {demo:?}"
+    );
+}
+
+/// clap checks its flags when a command is first parsed: `--help` on every command catches two
+/// flags sharing a short name, which would otherwise panic at run time.
+#[test]
+fn every_command_has_help() {
+    for cmd in ["generate", "explain", "train", "distill", "eval", "profile"] {
+        let out = fastrm(&[cmd, "--help"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{cmd} --help: {stderr}");
+        assert!(!stderr.contains("panicked"), "{cmd} --help: {stderr}");
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(help.contains("Usage"), "{cmd} --help: {help}");
+        if cmd == "profile" {
+            for flag in ["-m, --model", "-t, --threads", "--device", "--dtype"] {
+                assert!(help.contains(flag), "profile --help lacks {flag}: {help}");
+            }
+        }
+    }
+    assert!(fastrm(&["--help"]).status.success());
+}
+
+/// A build without the `cuda` feature refuses a GPU with a reason, not a crash.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cpu_only_build_refuses_cuda() {
+    for device in ["cuda", "cuda:1"] {
+        let out = fastrm(&["generate", "--device", device, "-p", "hi"]);
+        assert_fails(&out, &["rebuild with the `cuda` feature"]);
+    }
+}

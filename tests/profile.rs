@@ -6,11 +6,12 @@
 mod common;
 use common::{decode_png, file_names};
 
-use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use fastrm::profile::memory::{self, MemorySource, NvmlProbe, PhaseMemory, RssProbe, Sampler};
+#[cfg(feature = "cuda")]
+use fastrm::profile::memory::NvmlProbe;
+use fastrm::profile::memory::{self, MemorySource, PhaseMemory, RssProbe, Sampler};
 use fastrm::profile::report::method_color;
 use fastrm::profile::{parse_methods, parse_tokens, ProfMethod};
 use serde_json::Value;
@@ -258,7 +259,6 @@ fn argument_errors_are_one_line() {
             vec!["--out", under_file.to_str().unwrap()],
             vec!["output folder"],
         ),
-        (vec!["--device", "tpu"], vec!["unknown device"]),
         (
             vec!["--model", "synthetic:huge"],
             vec!["synthetic:tiny", "midsize"],
@@ -284,13 +284,21 @@ fn argument_errors_are_one_line() {
         (vec!["--model", "/no/such/model"], vec!["/no/such/model"]),
         (vec!["--tokens", "5000"], vec!["context"]),
     ];
-    // Without a GPU, --device cuda says what is missing (with one, it would run).
+    // Without a GPU, --device cuda says what is missing (with one, it would run); a build
+    // without the CUDA backend says so.
+    #[cfg(feature = "cuda")]
     if fastrm::backend::cuda::unavailable().is_some() {
         cases.push((
-            vec!["--device", "cuda"],
+            vec!["--device", "cuda:0"],
             vec!["--device cuda", "--device cpu"],
         ));
     }
+    #[cfg(not(feature = "cuda"))]
+    cases.push((
+        vec!["--device", "cuda:1"],
+        vec!["rebuild with the `cuda` feature"],
+    ));
+    cases.push((vec!["--device", "cpu", "--dtype", "f16"], vec!["--dtype"]));
     for (args, needles) in cases {
         let mut all = vec!["profile"];
         all.extend(&args);
@@ -298,6 +306,12 @@ fn argument_errors_are_one_line() {
         assert_fails(&out, &needles);
     }
     assert!(!under_file.exists());
+    // The device is parsed with the other shared flags, by clap: its usage error (exit 2).
+    let out = fastrm(&["profile", "--device", "tpu"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("unknown device \"tpu\""), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
 #[test]
@@ -337,6 +351,7 @@ fn rss_fallback_reports_positive_memory() {
     }
 }
 
+#[cfg(feature = "cuda")]
 #[test]
 fn nvml_absence_is_a_clear_error() {
     match NvmlProbe::open(0) {
@@ -352,7 +367,7 @@ fn nvml_absence_is_a_clear_error() {
         Err(e) => {
             let msg = e.to_string();
             assert!(msg.contains("NVML"), "{msg}");
-            if !Path::new("/proc/driver/nvidia").exists() {
+            if !std::path::Path::new("/proc/driver/nvidia").exists() {
                 assert!(
                     msg.contains("not available") && msg.contains("libnvidia-ml.so.1"),
                     "{msg}"

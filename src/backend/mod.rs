@@ -13,7 +13,13 @@
 //! touching memory.
 
 pub mod cpu;
+/// Built with the `cuda` feature (GPUs through cudarc) or the `sim` feature (the simulated device
+/// alone, which needs no cudarc).
+#[cfg(any(feature = "cuda", feature = "sim"))]
 pub mod cuda;
+
+/// What a request for a GPU gets in a build without the `cuda` feature.
+pub const NO_CUDA: &str = "this build has no CUDA backend; rebuild with the `cuda` feature";
 
 use crate::checkpoint::TensorRef;
 use crate::error::{Error, Result};

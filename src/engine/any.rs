@@ -8,6 +8,7 @@ use super::{
     CancelToken, Engine, Explained, GenerateOptions, Generation, Item, Method, Request, RunOptions,
 };
 use crate::backend::cpu::Cpu;
+#[cfg(any(feature = "cuda", feature = "sim"))]
 use crate::backend::cuda::Cuda;
 use crate::backend::{Backend, MemTag};
 use crate::config::LlavaConfig;
@@ -74,15 +75,34 @@ impl FromStr for Dtype {
 }
 
 /// An engine on the backend a [`Device`] and [`Dtype`] chose at run time.
+/// The CUDA variants exist in builds with the `cuda` or `sim` feature.
 pub enum AnyEngine {
     Cpu(Engine<Cpu>),
+    #[cfg(any(feature = "cuda", feature = "sim"))]
     F16(Engine<Cuda<half::f16>>),
+    #[cfg(any(feature = "cuda", feature = "sim"))]
     Bf16(Engine<Cuda<half::bf16>>),
+    #[cfg(any(feature = "cuda", feature = "sim"))]
     F32(Engine<Cuda<f32>>),
 }
 
 /// Runs `$body` with `$e` bound to the engine inside an [`AnyEngine`] (by reference, or by value
 /// with `move`), once per backend type: each backend gets its own monomorphised copy of `$body`.
+// Two definitions rather than `#[cfg]` on the arms: a macro's body is expanded in the caller's
+// crate, where this crate's features are not what `cfg` would test.
+#[cfg(not(any(feature = "cuda", feature = "sim")))]
+#[macro_export]
+macro_rules! with_engine {
+    ($any:expr, |$e:ident| $body:expr) => {
+        match $any {
+            $crate::engine::AnyEngine::Cpu($e) => $body,
+        }
+    };
+}
+
+/// Runs `$body` with `$e` bound to the engine inside an [`AnyEngine`] (by reference, or by value
+/// with `move`), once per backend type: each backend gets its own monomorphised copy of `$body`.
+#[cfg(any(feature = "cuda", feature = "sim"))]
 #[macro_export]
 macro_rules! with_engine {
     ($any:expr, |$e:ident| $body:expr) => {
@@ -114,18 +134,21 @@ impl AnyBackend for Cpu {
     }
 }
 
+#[cfg(any(feature = "cuda", feature = "sim"))]
 impl AnyBackend for Cuda<half::f16> {
     fn wrap(engine: Engine<Self>) -> AnyEngine {
         AnyEngine::F16(engine)
     }
 }
 
+#[cfg(any(feature = "cuda", feature = "sim"))]
 impl AnyBackend for Cuda<half::bf16> {
     fn wrap(engine: Engine<Self>) -> AnyEngine {
         AnyEngine::Bf16(engine)
     }
 }
 
+#[cfg(any(feature = "cuda", feature = "sim"))]
 impl AnyBackend for Cuda<f32> {
     fn wrap(engine: Engine<Self>) -> AnyEngine {
         AnyEngine::F32(engine)
@@ -146,9 +169,14 @@ pub fn with_backend<W: WithBackend>(
             "--dtype {}: the CPU backend computes in f32",
             dtype_name(d)
         ))),
+        #[cfg(any(feature = "cuda", feature = "sim"))]
         (device, None | Some(Dtype::F16)) => body.run(cuda_backend::<half::f16>(device)?),
+        #[cfg(any(feature = "cuda", feature = "sim"))]
         (device, Some(Dtype::Bf16)) => body.run(cuda_backend::<half::bf16>(device)?),
+        #[cfg(any(feature = "cuda", feature = "sim"))]
         (device, Some(Dtype::F32)) => body.run(cuda_backend::<f32>(device)?),
+        #[cfg(not(any(feature = "cuda", feature = "sim")))]
+        (device, _) => Err(no_cuda_backend(device)),
     }
 }
 
@@ -169,6 +197,17 @@ impl WithBackend for Open<'_> {
     }
 }
 
+/// Why a build without the CUDA backend cannot open `device`.
+#[cfg(not(any(feature = "cuda", feature = "sim")))]
+fn no_cuda_backend(device: Device) -> Error {
+    match device {
+        Device::Sim => Error::input(
+            "--device sim: this build has no simulated device (build with --features sim)",
+        ),
+        _ => Error::input(format!("--device {device}: {}", crate::backend::NO_CUDA)),
+    }
+}
+
 fn dtype_name(d: Dtype) -> &'static str {
     match d {
         Dtype::F16 => "f16",
@@ -178,6 +217,7 @@ fn dtype_name(d: Dtype) -> &'static str {
 }
 
 /// The CUDA backend `device` names: a GPU, or the simulated device.
+#[cfg(any(feature = "cuda", feature = "sim"))]
 fn cuda_backend<T: crate::backend::cuda::Elem>(device: Device) -> Result<Cuda<T>> {
     match device {
         Device::Cuda(n) => Cuda::new(n),
@@ -194,6 +234,7 @@ fn cuda_backend<T: crate::backend::cuda::Elem>(device: Device) -> Result<Cuda<T>
 impl AnyEngine {
     /// Opens a model folder on `device` (`dtype`: the CUDA storage type, default f16).
     pub fn load(device: Device, dtype: Option<Dtype>, dir: &Path) -> Result<Self> {
+        tracing::debug!(%device, ?dtype, dir = %dir.display(), "opening a model");
         with_backend(device, dtype, Open::Dir(dir))
     }
 
@@ -204,6 +245,7 @@ impl AnyEngine {
         cfg: &LlavaConfig,
         seed: u64,
     ) -> Result<Self> {
+        tracing::debug!(%device, ?dtype, "making a synthetic model");
         with_backend(device, dtype, Open::Synthetic(cfg, seed))
     }
 

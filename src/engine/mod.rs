@@ -148,6 +148,7 @@ impl<B: Backend> Engine<B> {
     /// Opens `dir`: `config.json`, the safetensors weights, `tokenizer.json`, and
     /// `preprocessor_config.json` when present (CLIP defaults at the tower's size otherwise).
     pub fn load(backend: B, dir: &Path) -> Result<Self> {
+        let t0 = std::time::Instant::now();
         if !dir.is_dir() {
             return Err(Error::Checkpoint {
                 path: dir.to_path_buf(),
@@ -178,6 +179,16 @@ impl<B: Backend> Engine<B> {
         let model = with_memory_tag(&backend, MemTag::Weights, || {
             Llava::load(&backend, &ck, &cfg)
         })?;
+        tracing::info!(
+            dir = %dir.display(),
+            backend = %backend.name(),
+            parameters = ck.total_elements(),
+            layers = cfg.text.num_hidden_layers,
+            hidden = cfg.text.hidden_size,
+            patches = cfg.vision.num_patches(),
+            seconds = t0.elapsed().as_secs_f64(),
+            "model loaded"
+        );
         Ok(Engine {
             backend,
             model,
@@ -190,10 +201,18 @@ impl<B: Backend> Engine<B> {
 
     /// Random weights of the shapes `cfg` implies; no tokenizer.
     pub fn synthetic(backend: B, cfg: &LlavaConfig, seed: u64) -> Result<Self> {
+        let t0 = std::time::Instant::now();
         backend.check_weight_memory(cfg.loaded_parameters())?;
         let model = with_memory_tag(&backend, MemTag::Weights, || {
             Llava::load(&backend, &Synthetic { seed }, cfg)
         })?;
+        tracing::info!(
+            backend = %backend.name(),
+            parameters = cfg.loaded_parameters(),
+            seed,
+            seconds = t0.elapsed().as_secs_f64(),
+            "synthetic model made"
+        );
         Ok(Engine {
             backend,
             model,

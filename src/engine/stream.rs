@@ -269,6 +269,16 @@ impl<'e, B: Backend> Stream<'e, B> {
             )
         });
         let generated_ids = s.generated().to_vec();
+        tracing::debug!(
+            prompt_len = s.prompt().ids().len(),
+            generated = generated_ids.len(),
+            vision_s = timings.vision_s,
+            prefill_s = timings.prefill_s,
+            decode_s = timings.decode_s,
+            maps_s = self.maps_s,
+            method = self.opts.method.map(|m| m.name()),
+            "run finished"
+        );
         self.pending.push_back(Item::Done(Summary {
             input_ids: s.prompt().ids().to_vec(),
             text: e.decode(&generated_ids)?,

@@ -92,6 +92,7 @@ impl MemoryProbe for RssProbe {
     }
 }
 
+#[cfg(feature = "cuda")]
 /// Used memory of one GPU as NVML reports it (all processes on the device; the run's own share
 /// is its peak minus the reading at its start).
 pub struct NvmlProbe {
@@ -100,8 +101,10 @@ pub struct NvmlProbe {
 }
 
 /// The library `nvml-wrapper` loads (its default on Linux).
+#[cfg(feature = "cuda")]
 pub const NVML_LIBRARY: &str = "libnvidia-ml.so.1";
 
+#[cfg(feature = "cuda")]
 impl NvmlProbe {
     /// Loads NVML and checks that device `index` exists and reports its memory.
     pub fn open(index: u32) -> Result<Self> {
@@ -133,6 +136,7 @@ impl NvmlProbe {
     }
 }
 
+#[cfg(feature = "cuda")]
 impl MemoryProbe for NvmlProbe {
     fn read(&mut self) -> Result<u64> {
         let dev = self
@@ -288,6 +292,12 @@ impl PhaseMemory {
                     hwm_reset,
                 })
             }
+            #[cfg(not(feature = "cuda"))]
+            MemorySource::Nvml { .. } => Err(Error::input(format!(
+                "NVML memory sampling: {}",
+                crate::backend::NO_CUDA
+            ))),
+            #[cfg(feature = "cuda")]
             MemorySource::Nvml { device } => {
                 let sampler = Sampler::start(
                     move || Ok(Box::new(NvmlProbe::open(device)?) as _),

@@ -15,14 +15,16 @@ pub mod memory;
 pub mod report;
 pub mod timer;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::backend::cpu::Cpu;
+#[cfg(any(feature = "cuda", feature = "sim"))]
 use crate::backend::cuda::Cuda;
 use crate::backend::Backend;
+use crate::cli::DeviceArgs;
 use crate::config::LlavaConfig;
-use crate::engine::{collect, CancelToken, Engine, Request, RunOptions};
+use crate::engine::{collect, CancelToken, Device, Dtype, Engine, Request, RunOptions};
 use crate::error::{Error, Result};
 use crate::explain::fastrm::HeadWeights;
 use crate::explain::{Method, RowMode};
@@ -33,7 +35,6 @@ use memory::{MemorySource, MemoryUse, PhaseMemory};
 use report::{Report, RunRecord};
 use timer::{PhaseClock, WallClock};
 
-const DEMO_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/demo");
 const TINY_CONFIG: &str = include_str!("../../assets/demo/model/config.json");
 const MIDSIZE_CONFIG: &str = include_str!("../../benches/midsize_config.json");
 /// Seed of the synthetic weights and of the random FastRM head.
@@ -48,12 +49,13 @@ pub struct ProfileArgs {
     /// Model folder (HF llava-hf layout), or synthetic:tiny (the demo model's shapes),
     /// synthetic:midsize (benches/midsize_config.json), synthetic:llava-1.5-7b / -13b (device
     /// backends only): random weights, no tokenizer. Default: the bundled demo model.
-    #[arg(long)]
+    #[arg(short, long)]
     pub model: Option<String>,
-    /// cpu or cuda (f16 storage; NVML for memory), or, in builds with `--features sim`, sim: the
-    /// CUDA backend on the simulated device (host memory, for rehearsals; its times mean nothing).
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    // On a GPU memory comes from NVML (the GPU's used memory); on `sim` it is the process's own
+    // (host memory, for rehearsals; the simulator's times mean nothing). Not a doc comment: clap
+    // drops those on flattened groups.
+    #[command(flatten)]
+    pub device: DeviceArgs,
     /// Output lengths, comma-separated; every run generates exactly this many tokens (EOS is
     /// ignored so runs are comparable).
     #[arg(long, default_value = "10,20,50,100")]
@@ -175,37 +177,6 @@ pub fn parse_tokens(s: &str) -> Result<Vec<usize>> {
     Ok(out)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceKind {
-    Cpu,
-    Cuda,
-    #[cfg(feature = "sim")]
-    Sim,
-}
-
-impl DeviceKind {
-    pub fn name(self) -> &'static str {
-        match self {
-            DeviceKind::Cpu => "cpu",
-            DeviceKind::Cuda => "cuda",
-            #[cfg(feature = "sim")]
-            DeviceKind::Sim => "sim",
-        }
-    }
-}
-
-pub fn parse_device(s: &str) -> Result<DeviceKind> {
-    match s {
-        "cpu" => Ok(DeviceKind::Cpu),
-        "cuda" => Ok(DeviceKind::Cuda),
-        #[cfg(feature = "sim")]
-        "sim" => Ok(DeviceKind::Sim),
-        _ => Err(Error::input(format!(
-            "unknown device `{s}`: expected cpu or cuda"
-        ))),
-    }
-}
-
 /// Synthetic models `profile` knows by name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SyntheticModel {
@@ -227,10 +198,10 @@ impl SyntheticModel {
         Self::NAMES.iter().find(|(_, m)| *m == self).unwrap().0
     }
 
-    /// The config on `device`: the LLaVA-1.5 sizes only on the GPU.
-    pub fn config(self, device: DeviceKind) -> Result<LlavaConfig> {
+    /// The config on `device`: the LLaVA-1.5 sizes only on a GPU.
+    pub fn config(self, device: Device) -> Result<LlavaConfig> {
         match (self, device) {
-            (SyntheticModel::Llava7b | SyntheticModel::Llava13b, DeviceKind::Cuda) => {
+            (SyntheticModel::Llava7b | SyntheticModel::Llava13b, Device::Cuda(_)) => {
                 LlavaConfig::named(self.name()).map_err(Error::Input)
             }
             _ => self.cpu_config(),
@@ -267,7 +238,7 @@ pub enum ModelSpec {
 impl ModelSpec {
     pub fn parse(s: Option<&str>) -> Result<Self> {
         let Some(s) = s else {
-            return Ok(ModelSpec::Dir(Path::new(DEMO_DIR).join("model")));
+            return Ok(ModelSpec::Dir(crate::demo::model_dir()?));
         };
         match s.strip_prefix("synthetic:") {
             Some(name) => SyntheticModel::NAMES
@@ -298,7 +269,9 @@ impl ModelSpec {
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub model: ModelSpec,
-    pub device: DeviceKind,
+    pub device: Device,
+    /// The CUDA storage type (default f16, as the paper's measurements); `None` on the CPU.
+    pub dtype: Option<Dtype>,
     pub tokens: Vec<usize>,
     pub methods: Vec<ProfMethod>,
     pub full_r: bool,
@@ -313,7 +286,7 @@ pub struct Plan {
 
 impl Plan {
     pub fn from_args(a: &ProfileArgs) -> Result<Self> {
-        let device = parse_device(&a.device)?;
+        let (device, dtype) = a.device.get()?;
         let methods = parse_methods(&a.methods)?;
         let tokens = parse_tokens(&a.tokens)?;
         let model = ModelSpec::parse(a.model.as_deref())?;
@@ -334,7 +307,7 @@ impl Plan {
                 "--prompt needs a model with a tokenizer; synthetic models use a fixed id prompt",
             ));
         }
-        if device != DeviceKind::Cuda {
+        if !matches!(device, Device::Cuda(_)) {
             if let ModelSpec::Synthetic(m) = model {
                 m.cpu_config()?;
             }
@@ -347,13 +320,14 @@ impl Plan {
                 )));
             }
         }
-        let image = a
-            .image
-            .clone()
-            .unwrap_or_else(|| Path::new(DEMO_DIR).join("image.png"));
+        let image = match &a.image {
+            Some(i) => i.clone(),
+            None => crate::demo::image_path()?,
+        };
         Ok(Plan {
             model,
             device,
+            dtype,
             tokens,
             methods,
             full_r: a.full_r,
@@ -376,7 +350,12 @@ pub fn run(args: ProfileArgs) -> Result<()> {
         report::prepare_out(out)?;
     }
     let report = match plan.device {
-        DeviceKind::Cpu => {
+        Device::Cpu => {
+            if plan.dtype.is_some_and(|d| d != Dtype::F32) {
+                return Err(Error::input(
+                    "--dtype f16/bf16 applies to CUDA devices; the CPU backend computes in f32",
+                ));
+            }
             let engine = open_engine(Cpu, &plan)?;
             profile(
                 &engine,
@@ -386,17 +365,55 @@ pub fn run(args: ProfileArgs) -> Result<()> {
                 &plan,
             )?
         }
-        // f16 storage, as the paper's measurements; NVML samples the whole GPU's memory.
-        DeviceKind::Cuda => profile_cuda(Cuda::new(0)?, MemorySource::Nvml { device: 0 }, &plan)?,
-        // The simulated device's memory is the process's own.
-        #[cfg(feature = "sim")]
-        DeviceKind::Sim => profile_cuda(Cuda::simulated(), MemorySource::ProcessRss, &plan)?,
+        _ => profile_device(&plan)?,
     };
     report.emit(&plan)
 }
 
-/// `plan` on a CUDA backend, timed by device events.
-fn profile_cuda(backend: Cuda<half::f16>, memory: MemorySource, plan: &Plan) -> Result<Report> {
+/// `plan` on the CUDA backend `plan.device` names, in its storage type (default f16).
+#[cfg(any(feature = "cuda", feature = "sim"))]
+fn profile_device(plan: &Plan) -> Result<Report> {
+    match plan.dtype {
+        None | Some(Dtype::F16) => profile_cuda::<half::f16>(plan),
+        Some(Dtype::Bf16) => profile_cuda::<half::bf16>(plan),
+        Some(Dtype::F32) => profile_cuda::<f32>(plan),
+    }
+}
+
+#[cfg(not(any(feature = "cuda", feature = "sim")))]
+fn profile_device(plan: &Plan) -> Result<Report> {
+    Err(match plan.device {
+        Device::Sim => Error::input(
+            "--device sim: this build has no simulated device (build with --features sim)",
+        ),
+        d => Error::input(format!("--device {d}: {}", crate::backend::NO_CUDA)),
+    })
+}
+
+/// `plan` on a CUDA backend, timed by device events. NVML samples GPU `N`'s whole memory for
+/// `cuda:N`: NVML numbers GPUs in PCI bus order, which is the driver's order on single-GPU hosts
+/// and wherever `CUDA_DEVICE_ORDER=PCI_BUS_ID` is set without `CUDA_VISIBLE_DEVICES`. The
+/// simulated device's memory is the process's own.
+#[cfg(any(feature = "cuda", feature = "sim"))]
+fn profile_cuda<T: crate::backend::cuda::Elem>(plan: &Plan) -> Result<Report> {
+    let (backend, memory) = match plan.device {
+        Device::Cuda(n) => (
+            Cuda::<T>::new(n)?,
+            MemorySource::Nvml {
+                device: u32::try_from(n)
+                    .map_err(|_| Error::input(format!("--device cuda:{n}: no such GPU")))?,
+            },
+        ),
+        #[cfg(feature = "sim")]
+        Device::Sim => (Cuda::<T>::simulated(), MemorySource::ProcessRss),
+        #[cfg(not(feature = "sim"))]
+        Device::Sim => {
+            return Err(Error::input(
+                "--device sim: this build has no simulated device (build with --features sim)",
+            ))
+        }
+        Device::Cpu => unreachable!("the CPU is profiled by `run` itself"),
+    };
     let engine = open_engine(backend, plan)?;
     let card = engine.backend_name();
     profile(
@@ -408,7 +425,6 @@ fn profile_cuda(backend: Cuda<half::f16>, memory: MemorySource, plan: &Plan) -> 
     )
 }
 
-/// The model the plan names, on backend `b`.
 /// The model the plan names, on backend `b`, with the plan's head.
 pub fn open_engine<B: Backend>(b: B, plan: &Plan) -> Result<Engine<B>> {
     let mut engine = match &plan.model {
@@ -561,7 +577,7 @@ pub fn profile<B: Backend, C: PhaseClock>(
     Ok(Report::new(
         report::Meta {
             model: plan.model.label(),
-            device: plan.device.name().into(),
+            device: plan.device.to_string(),
             backend: engine.backend_name(),
             card: card.into(),
             date_utc: report::utc_now(),

@@ -67,18 +67,21 @@ mod tests {
     }
 }
 
+#[cfg(any(feature = "cuda", feature = "sim"))]
 /// Device time between CUDA events recorded on the backend's stream (created with
 /// `CU_EVENT_DEFAULT`: the default flags of cudarc disable timing, DESIGN §6).
 pub struct CudaEventClock<'a, T: crate::backend::cuda::Elem> {
     backend: &'a crate::backend::cuda::Cuda<T>,
 }
 
+#[cfg(any(feature = "cuda", feature = "sim"))]
 impl<'a, T: crate::backend::cuda::Elem> CudaEventClock<'a, T> {
     pub fn new(backend: &'a crate::backend::cuda::Cuda<T>) -> Self {
         CudaEventClock { backend }
     }
 }
 
+#[cfg(any(feature = "cuda", feature = "sim"))]
 impl<T: crate::backend::cuda::Elem> PhaseClock for CudaEventClock<'_, T> {
     type Mark = crate::backend::cuda::Event;
 

@@ -24,11 +24,14 @@ use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+#[cfg(feature = "cuda")]
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
+#[cfg(feature = "cuda")]
 use cudarc::driver::{
     result as drv, sys as drv_sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream,
-    DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    DevicePtr, DeviceRepr, PushKernelArg,
 };
+#[cfg(feature = "cuda")]
 use cudarc::nvrtc::Ptx;
 use half::{bf16, f16};
 
@@ -51,11 +54,48 @@ pub const PTX: &[(&str, &str)] = &[
     ("rope", include_str!("../../../kernels/ptx/rope.ptx")),
 ];
 
+/// A plain value that device buffers hold and kernels take by value: cudarc's `DeviceRepr` where
+/// the GPU path is built; without it (a simulator-only build) any `Copy` value, so the simulator
+/// needs no cudarc.
+#[cfg(feature = "cuda")]
+pub trait Repr: DeviceRepr {}
+#[cfg(feature = "cuda")]
+impl<V: DeviceRepr> Repr for V {}
+#[cfg(not(feature = "cuda"))]
+pub trait Repr: Copy + 'static {}
+// The plain numbers cudarc's `DeviceRepr` covers, not every `Copy` type: a reference must not be
+// mistaken for a kernel argument.
+#[cfg(not(feature = "cuda"))]
+macro_rules! repr {
+    ($($t:ty),*) => { $(impl Repr for $t {})* };
+}
+#[cfg(not(feature = "cuda"))]
+repr!(bool, u8, i8, u16, i16, u32, i32, u64, i64, usize, isize, f32, f64, f16, bf16);
+
+/// A kernel launch's shape, as cudarc's `LaunchConfig` (converted for the GPU, read directly by
+/// the simulator).
+#[derive(Debug, Clone, Copy)]
+pub struct LaunchConfig {
+    pub grid_dim: (u32, u32, u32),
+    pub block_dim: (u32, u32, u32),
+    pub shared_mem_bytes: u32,
+}
+
+#[cfg(feature = "cuda")]
+impl From<LaunchConfig> for cudarc::driver::LaunchConfig {
+    fn from(c: LaunchConfig) -> Self {
+        cudarc::driver::LaunchConfig {
+            grid_dim: c.grid_dim,
+            block_dim: c.block_dim,
+            shared_mem_bytes: c.shared_mem_bytes,
+        }
+    }
+}
+
 /// A storage type: the kernels exist as `<op>_<NAME>` for each.
-pub trait Elem:
-    DeviceRepr + ValidAsZeroBits + Copy + Default + Send + Sync + std::fmt::Debug + 'static
-{
+pub trait Elem: Repr + Copy + Default + Send + Sync + std::fmt::Debug + 'static {
     const NAME: &'static str;
+    #[cfg(feature = "cuda")]
     const BLAS: blas_sys::cudaDataType;
     fn from_f32(x: f32) -> Self;
     fn to_f32(self) -> f32;
@@ -63,6 +103,7 @@ pub trait Elem:
 
 impl Elem for f32 {
     const NAME: &'static str = "f32";
+    #[cfg(feature = "cuda")]
     const BLAS: blas_sys::cudaDataType = blas_sys::cudaDataType::CUDA_R_32F;
     fn from_f32(x: f32) -> Self {
         x
@@ -74,6 +115,7 @@ impl Elem for f32 {
 
 impl Elem for f16 {
     const NAME: &'static str = "f16";
+    #[cfg(feature = "cuda")]
     const BLAS: blas_sys::cudaDataType = blas_sys::cudaDataType::CUDA_R_16F;
     fn from_f32(x: f32) -> Self {
         f16::from_f32(x)
@@ -85,6 +127,7 @@ impl Elem for f16 {
 
 impl Elem for bf16 {
     const NAME: &'static str = "bf16";
+    #[cfg(feature = "cuda")]
     const BLAS: blas_sys::cudaDataType = blas_sys::cudaDataType::CUDA_R_16BF;
     fn from_f32(x: f32) -> Self {
         bf16::from_f32(x)
@@ -137,9 +180,11 @@ impl Ledger {
 /// One device allocation of `U` values: driver memory from the stream-ordered pool, or a guarded
 /// host buffer on the simulated device.
 enum Mem<U> {
+    #[cfg(feature = "cuda")]
     Gpu(CudaSlice<U>),
+    /// The type parameter is otherwise unused where only the simulator is built.
     #[cfg(feature = "sim")]
-    Sim(sim::HostMem),
+    Sim(sim::HostMem, PhantomData<U>),
 }
 
 /// A device matrix `[rows, cols]`, row-major. Its bytes stay charged to the tag that was current
@@ -174,11 +219,13 @@ fn alloc_bytes<U>(n: usize) -> usize {
 
 /// What the backend runs on: a GPU through the driver and cuBLAS, or the host simulator.
 enum Device {
+    #[cfg(feature = "cuda")]
     Gpu(Gpu),
     #[cfg(feature = "sim")]
     Sim,
 }
 
+#[cfg(feature = "cuda")]
 struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
@@ -189,6 +236,7 @@ struct Gpu {
 
 /// A point in the stream's work, for timing (`profile`'s phase clock).
 pub enum Event {
+    #[cfg(feature = "cuda")]
     Gpu(cudarc::driver::CudaEvent),
     #[cfg(feature = "sim")]
     Sim(std::time::Instant),
@@ -198,13 +246,14 @@ impl Event {
     /// Seconds from `self` to `end` (waits for `end` to complete).
     pub fn seconds_to(&self, end: &Event) -> Result<f64> {
         match (self, end) {
+            #[cfg(feature = "cuda")]
             (Event::Gpu(a), Event::Gpu(b)) => a
                 .elapsed_ms(b)
                 .map(|ms| ms as f64 / 1e3)
                 .map_err(|e| drv_err("event timing", e)),
             #[cfg(feature = "sim")]
             (Event::Sim(a), Event::Sim(b)) => Ok(b.duration_since(*a).as_secs_f64()),
-            #[cfg(feature = "sim")]
+            #[cfg(all(feature = "cuda", feature = "sim"))]
             _ => Err(Error::Backend("events of two different devices".into())),
         }
     }
@@ -221,6 +270,7 @@ pub struct Cuda<T: Elem> {
     _t: PhantomData<T>,
 }
 
+#[cfg(feature = "cuda")]
 fn drv_err(what: &str, e: drv::DriverError) -> Error {
     if e.0 == drv_sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
         Error::OutOfMemory(format!("GPU memory ({what})"))
@@ -229,12 +279,14 @@ fn drv_err(what: &str, e: drv::DriverError) -> Error {
     }
 }
 
+#[cfg(feature = "cuda")]
 fn blas_err(what: &str, e: blas::CublasError) -> Error {
     Error::Backend(format!("cuBLAS {what}: {e:?}"))
 }
 
 /// Why this machine cannot run the CUDA backend, or `None` when it can (a driver, cuBLAS and at
 /// least one GPU). Cheap enough for tests to call before each GPU test.
+#[cfg(feature = "cuda")]
 pub fn unavailable() -> Option<String> {
     // SAFETY: these only try to dlopen the libraries; nothing is called through them.
     if !unsafe { drv_sys::is_culib_present() } {
@@ -250,8 +302,21 @@ pub fn unavailable() -> Option<String> {
     }
 }
 
+/// Why this machine cannot run the CUDA backend: a build without the `cuda` feature never can.
+#[cfg(not(feature = "cuda"))]
+pub fn unavailable() -> Option<String> {
+    Some(crate::backend::NO_CUDA.into())
+}
+
 impl<T: Elem> Cuda<T> {
+    /// No GPU in a build without the `cuda` feature (the simulator is all there is).
+    #[cfg(not(feature = "cuda"))]
+    pub fn new(_ordinal: usize) -> Result<Self> {
+        Err(Error::input(crate::backend::NO_CUDA))
+    }
+
     /// Opens GPU `ordinal`: context, one stream, cuBLAS, and every kernel module.
+    #[cfg(feature = "cuda")]
     pub fn new(ordinal: usize) -> Result<Self> {
         if let Some(why) = unavailable() {
             return Err(Error::Backend(format!(
@@ -279,6 +344,11 @@ impl<T: Elem> Cuda<T> {
                     .map_err(|e| drv_err(&format!("loading kernels {name}.ptx"), e))
             })
             .collect::<Result<Vec<_>>>()?;
+        tracing::info!(
+            ordinal,
+            gpu = %ctx.name().unwrap_or_else(|_| "unknown GPU".into()),
+            "CUDA backend on a GPU"
+        );
         Ok(Self::on(Device::Gpu(Gpu {
             ctx,
             stream,
@@ -313,11 +383,17 @@ impl<T: Elem> Cuda<T> {
 
     /// Whether this is the host simulator rather than a GPU.
     pub fn is_simulated(&self) -> bool {
-        !matches!(self.dev, Device::Gpu(_))
+        match self.dev {
+            #[cfg(feature = "cuda")]
+            Device::Gpu(_) => false,
+            #[cfg(feature = "sim")]
+            Device::Sim => true,
+        }
     }
 
     pub fn device_name(&self) -> String {
         match &self.dev {
+            #[cfg(feature = "cuda")]
             Device::Gpu(g) => g.ctx.name().unwrap_or_else(|_| "unknown GPU".into()),
             #[cfg(feature = "sim")]
             Device::Sim => "simulated device on the host".into(),
@@ -331,6 +407,7 @@ impl<T: Elem> Cuda<T> {
     /// Waits for all queued work (timing, host reads).
     pub fn synchronize(&self) -> Result<()> {
         match &self.dev {
+            #[cfg(feature = "cuda")]
             Device::Gpu(g) => g
                 .stream
                 .synchronize()
@@ -344,6 +421,7 @@ impl<T: Elem> Cuda<T> {
     /// timing).
     pub fn record_event(&self) -> Result<Event> {
         match &self.dev {
+            #[cfg(feature = "cuda")]
             Device::Gpu(g) => {
                 let e = g
                     .ctx
@@ -360,6 +438,7 @@ impl<T: Elem> Cuda<T> {
     /// Free and total device memory in bytes (`None` on the simulator, whose memory is the host's).
     fn memory_info(&self) -> Result<Option<(usize, usize)>> {
         match &self.dev {
+            #[cfg(feature = "cuda")]
             Device::Gpu(g) => g
                 .ctx
                 .mem_get_info()
@@ -371,6 +450,7 @@ impl<T: Elem> Cuda<T> {
     }
 
     /// A kernel by its op name; the storage type's suffix is added here.
+    #[cfg(feature = "cuda")]
     fn func(g: &Gpu, op: &'static str) -> Result<CudaFunction> {
         if let Some(f) = g.functions.borrow().get(op) {
             return Ok(f.clone());
@@ -387,16 +467,18 @@ impl<T: Elem> Cuda<T> {
 
     /// Uninitialised (or, with `poison`, NaN-filled) memory for `n` values of `U`; `what` names
     /// it in an out-of-memory error.
-    fn mem<U: DeviceRepr>(&self, n: usize, what: impl FnOnce() -> String) -> Result<Mem<U>> {
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    fn mem<U: Repr>(&self, n: usize, what: impl FnOnce() -> String) -> Result<Mem<U>> {
         let bytes = alloc_bytes::<U>(n);
         let m = match &self.dev {
+            #[cfg(feature = "cuda")]
             // SAFETY: every op writes all of its output before any read; `poison` makes a kernel
             // that does not show up in the tests.
             Device::Gpu(g) => {
                 Mem::Gpu(unsafe { g.stream.alloc::<U>(n.max(1)) }.map_err(|e| drv_err(&what(), e))?)
             }
             #[cfg(feature = "sim")]
-            Device::Sim => Mem::Sim(sim::HostMem::new(bytes)?),
+            Device::Sim => Mem::Sim(sim::HostMem::new(bytes)?, PhantomData),
         };
         if self.poison {
             self.fill_bytes(self.addr(&m), 0xff, bytes)?;
@@ -406,20 +488,22 @@ impl<T: Elem> Cuda<T> {
 
     fn addr<U>(&self, m: &Mem<U>) -> u64 {
         match (m, &self.dev) {
+            #[cfg(feature = "cuda")]
             (Mem::Gpu(s), Device::Gpu(g)) => s.device_ptr(&g.stream).0,
             #[cfg(feature = "sim")]
-            (Mem::Sim(h), _) => h.addr(),
-            #[cfg(feature = "sim")]
+            (Mem::Sim(h, _), _) => h.addr(),
+            #[cfg(all(feature = "cuda", feature = "sim"))]
             (Mem::Gpu(_), Device::Sim) => unreachable!("GPU memory on the simulator"),
         }
     }
 
     /// Copies `host` to device address `dst`.
-    fn write<U: DeviceRepr>(&self, dst: u64, host: &[U]) -> Result<()> {
+    fn write<U: Repr>(&self, dst: u64, host: &[U]) -> Result<()> {
         if host.is_empty() {
             return Ok(());
         }
         match &self.dev {
+            #[cfg(feature = "cuda")]
             // SAFETY: callers pass a live allocation of at least host.len() values at dst; the
             // driver stages pageable memory before returning, so `host` may go after the call.
             Device::Gpu(g) => unsafe { drv::memcpy_htod_async(dst, host, g.stream.cu_stream()) }
@@ -434,11 +518,12 @@ impl<T: Elem> Cuda<T> {
     }
 
     /// Copies `host.len()` values from device address `src` and waits for them.
-    fn read<U: DeviceRepr>(&self, src: u64, host: &mut [U]) -> Result<()> {
+    fn read<U: Repr>(&self, src: u64, host: &mut [U]) -> Result<()> {
         if host.is_empty() {
             return Ok(());
         }
         match &self.dev {
+            #[cfg(feature = "cuda")]
             Device::Gpu(g) => {
                 // SAFETY: callers pass a live allocation of at least host.len() values at src;
                 // the synchronisation below completes the copy before `host` is used.
@@ -461,6 +546,7 @@ impl<T: Elem> Cuda<T> {
             return Ok(());
         }
         match &self.dev {
+            #[cfg(feature = "cuda")]
             // SAFETY: callers derive both ranges from checked tensor shapes.
             Device::Gpu(g) => {
                 unsafe { drv::memcpy_dtod_async(dst, src, bytes, g.stream.cu_stream()) }
@@ -477,6 +563,7 @@ impl<T: Elem> Cuda<T> {
 
     fn fill_bytes(&self, dst: u64, byte: u8, bytes: usize) -> Result<()> {
         match &self.dev {
+            #[cfg(feature = "cuda")]
             // SAFETY: dst is a live allocation of at least `bytes` bytes on our stream.
             Device::Gpu(g) => {
                 unsafe { drv::memset_d8_async(dst, byte, bytes, g.stream.cu_stream()) }
@@ -513,12 +600,12 @@ impl<T: Elem> Cuda<T> {
     }
 
     /// Scratch memory for one op's intermediate values (not charged to a tag).
-    fn scratch<U: DeviceRepr>(&self, n: usize) -> Result<Mem<U>> {
+    fn scratch<U: Repr>(&self, n: usize) -> Result<Mem<U>> {
         self.mem::<U>(n, || format!("allocating {n} scratch values"))
     }
 
     /// `host` copied into fresh device memory.
-    fn to_device<U: DeviceRepr>(&self, host: &[U]) -> Result<Mem<U>> {
+    fn to_device<U: Repr>(&self, host: &[U]) -> Result<Mem<U>> {
         let m = self.scratch::<U>(host.len())?;
         self.write(self.addr(&m), host)?;
         Ok(m)
@@ -531,6 +618,7 @@ impl<T: Elem> Cuda<T> {
     /// Launches `op` with `args` (each a reference to a `DeviceRepr` value: raw pointers as u64).
     fn launch(&self, op: &'static str, cfg: LaunchConfig, args: &[&dyn KernelArg]) -> Result<()> {
         match &self.dev {
+            #[cfg(feature = "cuda")]
             Device::Gpu(g) => {
                 let f = Self::func(g, op)?;
                 let mut b = g.stream.launch_builder(&f);
@@ -539,7 +627,7 @@ impl<T: Elem> Cuda<T> {
                 }
                 // SAFETY: each launcher checks the shapes its kernel indexes with before calling
                 // here, and passes pointers to live buffers of at least those sizes.
-                unsafe { b.launch(cfg) }
+                unsafe { b.launch(cfg.into()) }
                     .map(|_| ())
                     .map_err(|e| drv_err(&format!("launching {op}_{}", T::NAME), e))
             }
@@ -562,54 +650,12 @@ impl<T: Elem> Cuda<T> {
     /// One cuBLAS GEMM (column-major, as cuBLAS sees it) with f32 accumulation; `c_f32` writes
     /// an f32 output instead of `T`. `batch > 1` strides every operand. `C = α·op(A)·op(B) + β·C`.
     fn gemm(&self, g: Gemm) -> Result<()> {
-        let blas = match &self.dev {
-            Device::Gpu(gpu) => &gpu.blas,
+        match &self.dev {
+            #[cfg(feature = "cuda")]
+            Device::Gpu(gpu) => cublas_gemm(&gpu.blas, g, T::BLAS),
             #[cfg(feature = "sim")]
-            Device::Sim => return sim::gemm(&g, T::NAME),
-        };
-        let (alpha, beta) = (g.alpha, g.beta);
-        let op = |t: bool| {
-            if t {
-                blas_sys::cublasOperation_t::CUBLAS_OP_T
-            } else {
-                blas_sys::cublasOperation_t::CUBLAS_OP_N
-            }
-        };
-        let c_type = if g.c_f32 {
-            blas_sys::cudaDataType::CUDA_R_32F
-        } else {
-            T::BLAS
-        };
-        // SAFETY: the callers derive every dimension, leading dimension and stride from checked
-        // tensor shapes, so cuBLAS stays inside the buffers behind a, b and c.
-        unsafe {
-            blas::gemm_strided_batched_ex(
-                *blas.handle(),
-                op(g.ta),
-                op(g.tb),
-                g.m as i32,
-                g.n as i32,
-                g.k as i32,
-                (&alpha) as *const f32 as *const _,
-                g.a as *const _,
-                T::BLAS,
-                g.lda as i32,
-                g.sa as i64,
-                g.b as *const _,
-                T::BLAS,
-                g.ldb as i32,
-                g.sb as i64,
-                (&beta) as *const f32 as *const _,
-                g.c as *mut _,
-                c_type,
-                g.ldc as i32,
-                g.sc as i64,
-                g.batch as i32,
-                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
+            Device::Sim => sim::gemm(&g, T::NAME),
         }
-        .map_err(|e| blas_err("gemm", e))
     }
 
     /// The RoPE inverse frequencies for `(head_dim, theta)`, uploaded once.
@@ -625,8 +671,58 @@ impl<T: Elem> Cuda<T> {
     }
 }
 
+/// One cuBLAS GEMM on `blas`'s stream; `ab` is the storage type of A and B (and of C unless
+/// `c_f32`).
+#[cfg(feature = "cuda")]
+fn cublas_gemm(blas: &CudaBlas, g: Gemm, ab: blas_sys::cudaDataType) -> Result<()> {
+    let (alpha, beta) = (g.alpha, g.beta);
+    let op = |t: bool| {
+        if t {
+            blas_sys::cublasOperation_t::CUBLAS_OP_T
+        } else {
+            blas_sys::cublasOperation_t::CUBLAS_OP_N
+        }
+    };
+    let c_type = if g.c_f32 {
+        blas_sys::cudaDataType::CUDA_R_32F
+    } else {
+        ab
+    };
+    // SAFETY: the callers derive every dimension, leading dimension and stride from checked
+    // tensor shapes, so cuBLAS stays inside the buffers behind a, b and c.
+    unsafe {
+        blas::gemm_strided_batched_ex(
+            *blas.handle(),
+            op(g.ta),
+            op(g.tb),
+            g.m as i32,
+            g.n as i32,
+            g.k as i32,
+            (&alpha) as *const f32 as *const _,
+            g.a as *const _,
+            ab,
+            g.lda as i32,
+            g.sa as i64,
+            g.b as *const _,
+            ab,
+            g.ldb as i32,
+            g.sb as i64,
+            (&beta) as *const f32 as *const _,
+            g.c as *mut _,
+            c_type,
+            g.ldc as i32,
+            g.sc as i64,
+            g.batch as i32,
+            blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .map_err(|e| blas_err("gemm", e))
+}
+
 /// Lets the pool keep freed blocks instead of returning them to the driver at each
 /// synchronisation, so steady-state decoding never allocates from the driver.
+#[cfg(feature = "cuda")]
 fn keep_pool_memory(ctx: &Arc<CudaContext>) -> Result<()> {
     let mut pool: drv_sys::CUmemoryPool = std::ptr::null_mut();
     let mut threshold: u64 = u64::MAX;
@@ -672,6 +768,7 @@ struct Gemm {
 
 /// A kernel argument: anything cudarc can push by reference.
 trait KernelArg {
+    #[cfg(feature = "cuda")]
     fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>);
     /// The value's address and width, for the simulator's launch (which checks the widths
     /// against the kernel's parameters).
@@ -681,7 +778,8 @@ trait KernelArg {
     fn width(&self) -> usize;
 }
 
-impl<V: DeviceRepr> KernelArg for V {
+impl<V: Repr> KernelArg for V {
+    #[cfg(feature = "cuda")]
     fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>) {
         b.arg(self);
     }

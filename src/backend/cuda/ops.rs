@@ -3,7 +3,7 @@
 //! Row-major `[rows, cols]` tensors are, to column-major cuBLAS, their transposes; every product
 //! below is written as the transposed product cuBLAS computes (`yᵀ = w·xᵀ` for `y = x·wᵀ`).
 
-use cudarc::driver::LaunchConfig;
+use super::LaunchConfig;
 
 use super::{grid_1d, per_row, Cuda, CudaTensor, Elem, Gemm};
 use crate::backend::{shape_err, AttnGrads, AttnShape, Backend, Cam, MemTag};
