@@ -21,6 +21,7 @@ pub mod fsutil;
 pub mod model;
 pub mod profile;
 pub mod render;
+pub mod serve;
 pub mod status;
 pub mod text;
 pub mod train;
