@@ -703,3 +703,45 @@ fn sigterm_finishes_the_request_in_flight_and_exits_0() {
     let status = server.child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+/// The Python that has the `openai` package: `FASTRM_PYTHON`, else the venv `.ci/run` makes under
+/// `target/`, else `python3`.
+fn python_with_openai() -> Option<std::path::PathBuf> {
+    let venv = repo_root().join("target/pyenv/bin/python");
+    let candidates = std::env::var_os("FASTRM_PYTHON")
+        .map(std::path::PathBuf::from)
+        .into_iter()
+        .chain([venv, "python3".into()]);
+    candidates.into_iter().find(|py| {
+        Command::new(py)
+            .args(["-c", "import openai"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    })
+}
+
+#[test]
+fn the_official_openai_python_client_reads_the_answers() {
+    let Some(py) = python_with_openai() else {
+        eprintln!(
+            "skipped: no Python with the `openai` package (.ci/run installs it into \
+             target/pyenv; or set FASTRM_PYTHON)"
+        );
+        return;
+    };
+    let server = Server::start(&[]);
+    let out = Command::new(py)
+        .arg(repo_root().join("tools/serve_client_test.py"))
+        .arg(format!("http://{}", server.addr))
+        .arg(repo_root().join("assets/demo/image.png"))
+        .args([QUESTION, "yellow"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
