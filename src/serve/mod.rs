@@ -340,7 +340,7 @@ async fn chat_inner(
              (baseline, baseline-incremental, gradcam) need none",
         ));
     }
-    let (tx, mut rx) = mpsc::channel::<Event>(8);
+    let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
     let cancel = CancelToken::new();
     let guard = CancelOnDrop(cancel.clone());
     let job = Job {
@@ -453,7 +453,7 @@ fn sse(v: &Value) -> String {
 
 struct Streaming {
     reply: Reply,
-    rx: mpsc::Receiver<Event>,
+    rx: mpsc::UnboundedReceiver<Event>,
     _guard: CancelOnDrop,
     include_usage: bool,
     completion: usize,
@@ -462,7 +462,7 @@ struct Streaming {
 
 fn stream_response(
     reply: Reply,
-    rx: mpsc::Receiver<Event>,
+    rx: mpsc::UnboundedReceiver<Event>,
     guard: CancelOnDrop,
     include_usage: bool,
 ) -> Response {
@@ -557,7 +557,7 @@ async fn next_frames(s: &mut Streaming) -> Option<String> {
 
 async fn collect_response(
     r: &Reply,
-    rx: &mut mpsc::Receiver<Event>,
+    rx: &mut mpsc::UnboundedReceiver<Event>,
 ) -> std::result::Result<Value, ApiError> {
     let mut maps = Vec::new();
     loop {

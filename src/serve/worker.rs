@@ -35,7 +35,9 @@ pub struct Job {
     pub method: Option<Method>,
     pub ignore_eos: bool,
     pub cancel: CancelToken,
-    pub events: mpsc::Sender<Event>,
+    /// Unbounded: the engine never waits for a client, so a slow reader cannot stall the
+    /// requests queued behind it; one answer's chunks are at most a context's worth.
+    pub events: mpsc::UnboundedSender<Event>,
     pub arrived: Instant,
 }
 
@@ -67,7 +69,7 @@ pub fn run(
                 .map(|s| s.to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
-            let _ = events.blocking_send(Event::Failed(ApiError::server(format!(
+            let _ = events.send(Event::Failed(ApiError::server(format!(
                 "the engine failed on this request: {what}"
             ))));
         }
@@ -77,7 +79,7 @@ pub fn run(
 
 fn run_job(engine: &AnyEngine, job: Job, metrics: &Metrics, token_delay: Duration) {
     let send = |ev: Event| -> bool {
-        if job.events.blocking_send(ev).is_err() {
+        if job.events.send(ev).is_err() {
             // The handler is gone (its client disconnected): stop before the next unit of work.
             job.cancel.cancel();
             false
