@@ -22,6 +22,7 @@ pub mod fsutil;
 pub mod model;
 pub mod profile;
 pub mod render;
+pub mod serve;
 pub mod status;
 pub mod text;
 pub mod train;

@@ -106,6 +106,9 @@ enum Cmd {
     /// Latency and peak memory of generate, FastRM and the baselines over forced output lengths:
     /// a table, JSON and plots (the paper's latency/memory figure).
     Profile(fastrm::profile::ProfileArgs),
+    /// An OpenAI-compatible chat-completions server (SSE streaming) whose answers can carry each
+    /// token's relevancy map; one engine behind a bounded queue.
+    Serve(fastrm::serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -176,6 +179,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Train(args) => fastrm::train::run(args),
         Cmd::Eval(args) => fastrm::eval::run(args),
         Cmd::Profile(args) => fastrm::profile::run(args),
+        Cmd::Serve(args) => fastrm::serve::run(args),
     }
 }
 

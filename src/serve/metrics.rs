@@ -1,0 +1,164 @@
+//! The server's counters in Prometheus' text exposition format, written by hand: a handful of
+//! counters, two gauges and four histograms do not justify a metrics framework.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// Upper bounds in seconds, shared by the latency histograms: from well under a demo-model decode
+/// step to a slow 7B prefill.
+const BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+#[derive(Default)]
+struct Histogram {
+    counts: [u64; BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+impl Histogram {
+    fn observe(&mut self, v: f64) {
+        for (c, &le) in self.counts.iter_mut().zip(&BUCKETS) {
+            if v <= le {
+                *c += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += v;
+    }
+
+    fn write(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (c, le) in self.counts.iter().zip(BUCKETS) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {c}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(out, "{name}_sum {}", self.sum);
+        let _ = writeln!(out, "{name}_count {}", self.count);
+    }
+}
+
+/// Every number `/metrics` shows. Shared by the HTTP handlers and the engine's worker.
+#[derive(Default)]
+pub struct Metrics {
+    /// `(route, status)` → responses.
+    requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
+    pub tokens_generated: AtomicU64,
+    pub cancelled: AtomicU64,
+    pub rejected_queue_full: AtomicU64,
+    /// Jobs accepted and not yet taken by the worker.
+    pub queue_depth: AtomicU64,
+    /// 1 while the worker runs a job.
+    pub busy: AtomicU64,
+    ttft: Mutex<Histogram>,
+    token_latency: Mutex<Histogram>,
+    map_time: Mutex<Histogram>,
+    request_time: Mutex<Histogram>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic elsewhere while holding a metrics lock leaves plain numbers behind; keep counting.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Metrics {
+    pub fn request(&self, route: &'static str, status: u16) {
+        *lock(&self.requests).entry((route, status)).or_default() += 1;
+    }
+
+    pub fn time_to_first_token(&self, s: f64) {
+        lock(&self.ttft).observe(s)
+    }
+
+    pub fn token_latency(&self, s: f64) {
+        lock(&self.token_latency).observe(s)
+    }
+
+    pub fn map_time(&self, s: f64) {
+        lock(&self.map_time).observe(s)
+    }
+
+    pub fn request_time(&self, s: f64) {
+        lock(&self.request_time).observe(s)
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        out.push_str(
+            "# HELP fastrm_http_requests_total HTTP responses by route and status.\n\
+             # TYPE fastrm_http_requests_total counter\n",
+        );
+        for ((route, status), n) in lock(&self.requests).iter() {
+            let _ = writeln!(
+                out,
+                "fastrm_http_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
+            );
+        }
+        let scalar = |out: &mut String, name: &str, kind: &str, help: &str, v: &AtomicU64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
+        };
+        scalar(
+            &mut out,
+            "fastrm_tokens_generated_total",
+            "counter",
+            "Tokens the engine generated, for every request (cancelled ones included).",
+            &self.tokens_generated,
+        );
+        scalar(
+            &mut out,
+            "fastrm_cancelled_total",
+            "counter",
+            "Runs stopped early because their client went away.",
+            &self.cancelled,
+        );
+        scalar(
+            &mut out,
+            "fastrm_rejected_queue_full_total",
+            "counter",
+            "Requests answered 429 because the queue was full.",
+            &self.rejected_queue_full,
+        );
+        scalar(
+            &mut out,
+            "fastrm_queue_depth",
+            "gauge",
+            "Requests waiting for the engine.",
+            &self.queue_depth,
+        );
+        scalar(
+            &mut out,
+            "fastrm_busy",
+            "gauge",
+            "1 while the engine runs a request.",
+            &self.busy,
+        );
+        lock(&self.ttft).write(
+            &mut out,
+            "fastrm_time_to_first_token_seconds",
+            "From a request's arrival to its first generated token (queueing included).",
+        );
+        lock(&self.token_latency).write(
+            &mut out,
+            "fastrm_token_latency_seconds",
+            "Between consecutive generated tokens of a request (its map included).",
+        );
+        lock(&self.map_time).write(
+            &mut out,
+            "fastrm_map_seconds",
+            "Time a request spent on relevancy maps.",
+        );
+        lock(&self.request_time).write(
+            &mut out,
+            "fastrm_request_seconds",
+            "From a request's arrival to the end of its run.",
+        );
+        out
+    }
+}

@@ -1,0 +1,599 @@
+//! `fastrm serve`: OpenAI's chat-completions protocol over HTTP, with each token's relevancy map as
+//! an opt-in extension.
+//!
+//! Handlers check a request (JSON, the `data:` URL, the image's decoding) off the engine, then hand
+//! it to the engine's worker ([`worker`]) through a bounded queue: a full queue answers 429 at
+//! once rather than letting latency grow without bound. Each job streams its items back over its
+//! own channel; when the client goes away the handler's side is dropped and the job's
+//! [`CancelToken`] stops the run before its next unit of work.
+
+pub mod metrics;
+pub mod openai;
+pub mod worker;
+
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Request as HttpRequest, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use crate::engine::{AnyEngine, CancelToken, Item, Method};
+use crate::error::{Error, Result};
+use metrics::Metrics;
+use openai::{ApiError, Limits};
+use worker::{Event, Job};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Model folder in the HF llava-hf layout. Default: the bundled demo model and its head.
+    #[arg(short, long)]
+    pub model: Option<PathBuf>,
+    /// FastRM head file (head.safetensors) for `"relevancy": {"method": "fastrm"}`. Default with
+    /// the demo model: its own head.
+    #[arg(long)]
+    pub head: Option<PathBuf>,
+    #[command(flatten)]
+    pub device: crate::cli::DeviceArgs,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// 0 picks a free port (the chosen address is printed).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Requests that may wait for the engine while it runs another; more get 429.
+    #[arg(long, default_value_t = 16)]
+    pub max_queue: usize,
+    /// Largest accepted image, in bytes after base64 decoding.
+    #[arg(long, default_value_t = 16 << 20)]
+    pub max_image_bytes: usize,
+    /// Largest accepted request body, in bytes.
+    #[arg(long, default_value_t = 24 << 20)]
+    pub max_body_bytes: usize,
+    /// Sleep this many milliseconds after each generated token. For tests: the demo model
+    /// answers faster than a test can observe a queue or a disconnect.
+    #[arg(long, default_value_t = 0, hide = true)]
+    pub test_token_delay_ms: u64,
+}
+
+struct AppState {
+    jobs: mpsc::Sender<Job>,
+    metrics: Arc<Metrics>,
+    model_id: String,
+    limits: Limits,
+    max_body_bytes: usize,
+    n_layers: usize,
+    grid: (usize, usize),
+    has_head: bool,
+    started: u64,
+    next_id: AtomicU64,
+}
+
+/// `fastrm serve`: loads the engine, serves until SIGINT/SIGTERM, then finishes the requests in
+/// flight and returns.
+pub fn run(args: ServeArgs) -> Result<()> {
+    if args.max_queue == 0 {
+        return Err(Error::input("--max-queue must be at least 1"));
+    }
+    let (device, dtype) = args.device.get()?;
+    let (model_dir, head, model_id) = match &args.model {
+        None => (
+            crate::demo::model_dir()?,
+            Some(match &args.head {
+                Some(h) => h.clone(),
+                None => crate::demo::head_path()?,
+            }),
+            "fastrm-demo".to_string(),
+        ),
+        Some(m) => {
+            Error::require_dir("--model", m)?;
+            let id = m
+                .canonicalize()
+                .ok()
+                .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .unwrap_or_else(|| m.display().to_string());
+            (m.clone(), args.head.clone(), id)
+        }
+    };
+    let mut engine = AnyEngine::load(device, dtype, &model_dir)?;
+    if let Some(h) = &head {
+        engine.load_head(h)?;
+    }
+    let cfg = engine.config();
+    let g = cfg.vision.grid();
+    let metrics = Arc::new(Metrics::default());
+    let (jobs, queue) = mpsc::channel::<Job>(args.max_queue);
+    let state = Arc::new(AppState {
+        jobs,
+        metrics: Arc::clone(&metrics),
+        model_id,
+        limits: Limits {
+            max_image_bytes: args.max_image_bytes,
+            context: cfg.text.max_position_embeddings,
+        },
+        max_body_bytes: args.max_body_bytes,
+        n_layers: cfg.text.num_hidden_layers,
+        grid: (g, g),
+        has_head: engine.has_head(),
+        started: unix_now(),
+        next_id: AtomicU64::new(1),
+    });
+    let worker_metrics = Arc::clone(&metrics);
+    let delay = std::time::Duration::from_millis(args.test_token_delay_ms);
+    let worker = std::thread::Builder::new()
+        .name("fastrm-engine".into())
+        .spawn(move || worker::run(engine, queue, worker_metrics, delay))
+        .map_err(|e| Error::Backend(format!("cannot start the engine thread: {e}")))?;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Backend(format!("cannot start the async runtime: {e}")))?;
+    let served = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+            .await
+            .map_err(|e| {
+                Error::input(format!("cannot listen on {}:{}: {e}", args.host, args.port))
+            })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| Error::Backend(format!("listener address: {e}")))?;
+        // Scripts and tests read the address (the port may have been 0) from this line.
+        println!("listening on http://{addr}");
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        axum::serve(listener, router(state))
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+            .map_err(|e| Error::Backend(format!("server: {e}")))
+    });
+    // Every sender of the queue is gone with the router: the worker drains and ends.
+    drop(rt);
+    let _ = worker.join();
+    eprintln!("fastrm serve: stopped");
+    served
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    eprintln!("fastrm serve: shutting down (finishing requests in flight)");
+}
+
+fn router(state: Arc<AppState>) -> Router {
+    let max_body = state.max_body_bytes;
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics_text))
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            count_responses,
+        ))
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(state)
+}
+
+fn route_label(path: &str) -> &'static str {
+    match path {
+        "/v1/chat/completions" => "/v1/chat/completions",
+        "/v1/models" => "/v1/models",
+        "/health" => "/health",
+        "/metrics" => "/metrics",
+        "/" => "/",
+        _ => "other",
+    }
+}
+
+async fn count_responses(
+    State(st): State<Arc<AppState>>,
+    req: HttpRequest,
+    next: Next,
+) -> Response {
+    let route = route_label(req.uri().path());
+    let resp = next.run(req).await;
+    st.metrics.request(route, resp.status().as_u16());
+    resp
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, axum::Json(self.body())).into_response()
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError {
+        status: 404,
+        message: "no such endpoint: POST /v1/chat/completions, GET /v1/models, /health, /metrics"
+            .into(),
+        kind: "invalid_request_error",
+        param: None,
+        code: Some("not_found"),
+    }
+}
+
+async fn health() -> axum::Json<Value> {
+    axum::Json(json!({"status": "ok"}))
+}
+
+async fn models(State(st): State<Arc<AppState>>) -> axum::Json<Value> {
+    axum::Json(json!({
+        "object": "list",
+        "data": [{
+            "id": st.model_id,
+            "object": "model",
+            "created": st.started,
+            "owned_by": "fastrm",
+        }],
+    }))
+}
+
+async fn metrics_text(State(st): State<Arc<AppState>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        st.metrics.render(),
+    )
+        .into_response()
+}
+
+/// Cancels its run when dropped: held by the handler and then by the response body, so a client
+/// that disconnects at any point stops the engine's work for it.
+struct CancelOnDrop(CancelToken);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+async fn chat(
+    State(st): State<Arc<AppState>>,
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> Response {
+    match chat_inner(st, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn chat_inner(
+    st: Arc<AppState>,
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> std::result::Result<Response, ApiError> {
+    let arrived = Instant::now();
+    let body = body.map_err(|rej| {
+        if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large(
+                None,
+                "body_too_large",
+                format!(
+                    "the request body is over the server's limit of {} bytes",
+                    st.max_body_bytes
+                ),
+            )
+        } else {
+            ApiError::invalid(None, "invalid_body", format!("cannot read the body: {rej}"))
+        }
+    })?;
+    // Parsing, base64 and the image's decoding are CPU work off the async threads and off the
+    // engine: a bad image is refused before it takes a place in the queue.
+    let (limits, n_layers) = (st.limits, st.n_layers);
+    let (req, image) = tokio::task::spawn_blocking(move || {
+        let req = openai::parse_chat(&body, limits, n_layers)?;
+        let image = crate::vision::load_image_bytes(&req.image, Path::new("image"))
+            .map_err(|e| worker::engine_error(e, Some(req.image_param.clone())))?;
+        Ok::<_, ApiError>((req, image))
+    })
+    .await
+    .map_err(|e| ApiError::server(format!("request check failed: {e}")))??;
+    if req.relevancy == Some(Method::FastRm) && !st.has_head {
+        return Err(ApiError::invalid(
+            Some("relevancy.method".into()),
+            "unsupported_value",
+            "this server has no FastRM head (start it with --head FILE); the gradient methods \
+             (baseline, baseline-incremental, gradcam) need none",
+        ));
+    }
+    let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
+    let cancel = CancelToken::new();
+    let guard = CancelOnDrop(cancel.clone());
+    let job = Job {
+        image,
+        question: req.question.clone(),
+        max_tokens: req.max_tokens,
+        max_tokens_param: req.max_tokens_param,
+        method: req.relevancy,
+        ignore_eos: req.ignore_eos,
+        cancel,
+        events: tx,
+        arrived,
+    };
+    // Counted before sending: the worker may take the job (and decrement) at once.
+    st.metrics.queue_depth.fetch_add(1, Ordering::Relaxed);
+    if let Err(e) = st.jobs.try_send(job) {
+        st.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+        return Err(match e {
+            mpsc::error::TrySendError::Full(_) => {
+                st.metrics
+                    .rejected_queue_full
+                    .fetch_add(1, Ordering::Relaxed);
+                let mut r = ApiError {
+                    status: 429,
+                    message: "the server is busy: its queue is full; retry shortly".into(),
+                    kind: "rate_limit_error",
+                    param: None,
+                    code: Some("queue_full"),
+                }
+                .into_response();
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                return Ok(r);
+            }
+            mpsc::error::TrySendError::Closed(_) => ApiError {
+                status: 503,
+                message: "the server is shutting down".into(),
+                kind: "server_error",
+                param: None,
+                code: Some("shutting_down"),
+            },
+        });
+    }
+    let prompt_tokens = match rx.recv().await {
+        Some(Event::Started { prompt_tokens }) => prompt_tokens,
+        Some(Event::Failed(e)) => return Err(e),
+        Some(Event::Item(_)) | None => {
+            return Err(ApiError::server(
+                "the engine ended the request without an answer",
+            ))
+        }
+    };
+    let id = format!("chatcmpl-{}", st.next_id.fetch_add(1, Ordering::Relaxed));
+    let ctx = Reply {
+        id,
+        created: unix_now(),
+        model: st.model_id.clone(),
+        grid: st.grid,
+        method: req.relevancy,
+        prompt_tokens,
+    };
+    if req.stream {
+        Ok(stream_response(ctx, rx, guard, req.include_usage))
+    } else {
+        let out = collect_response(&ctx, &mut rx).await;
+        drop(guard);
+        out.map(|v| axum::Json(v).into_response())
+    }
+}
+
+/// What every chunk or response of one request repeats.
+struct Reply {
+    id: String,
+    created: u64,
+    model: String,
+    grid: (usize, usize),
+    method: Option<Method>,
+    prompt_tokens: usize,
+}
+
+impl Reply {
+    fn chunk(&self, delta: Value, finish: Option<&str>) -> Value {
+        json!({
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": null,
+            "choices": [{
+                "index": 0,
+                "delta": delta,
+                "logprobs": null,
+                "finish_reason": finish,
+            }],
+        })
+    }
+
+    fn usage(&self, completion: usize) -> Value {
+        json!({
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+        })
+    }
+}
+
+fn sse(v: &Value) -> String {
+    format!("data: {v}\n\n")
+}
+
+struct Streaming {
+    reply: Reply,
+    rx: mpsc::UnboundedReceiver<Event>,
+    _guard: CancelOnDrop,
+    include_usage: bool,
+    completion: usize,
+    done: bool,
+}
+
+fn stream_response(
+    reply: Reply,
+    rx: mpsc::UnboundedReceiver<Event>,
+    guard: CancelOnDrop,
+    include_usage: bool,
+) -> Response {
+    let mut first = reply.chunk(json!({"role": "assistant", "content": ""}), None);
+    if include_usage {
+        first["usage"] = Value::Null;
+    }
+    let head = futures_util::stream::once(std::future::ready(Ok::<_, Infallible>(Bytes::from(
+        sse(&first),
+    ))));
+    let state = Streaming {
+        reply,
+        rx,
+        _guard: guard,
+        include_usage,
+        completion: 0,
+        done: false,
+    };
+    let rest = futures_util::stream::unfold(state, |mut s| async move {
+        let text = next_frames(&mut s).await?;
+        Some((Ok::<_, Infallible>(Bytes::from(text)), s))
+    });
+    use futures_util::StreamExt;
+    let mut r = Body::from_stream(head.chain(rest)).into_response();
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r
+}
+
+/// The SSE text of the next event worth sending; `None` once `[DONE]` went out.
+async fn next_frames(s: &mut Streaming) -> Option<String> {
+    if s.done {
+        return None;
+    }
+    loop {
+        let ev = s.rx.recv().await;
+        let r = &s.reply;
+        let mut chunk = match ev {
+            Some(Event::Item(Item::Token(t))) => {
+                s.completion += 1;
+                let mut c = r.chunk(json!({"content": t.text_delta}), None);
+                if let Some(m) = &t.map {
+                    c["relevancy"] = openai::token_map_json(m, r.grid);
+                }
+                c
+            }
+            Some(Event::Item(Item::Map(m))) => {
+                let mut c = r.chunk(json!({}), None);
+                c["relevancy"] = openai::token_map_json(&m, r.grid);
+                c
+            }
+            Some(Event::Item(Item::Done(sum))) => {
+                s.done = true;
+                let mut c = r.chunk(json!({}), Some(openai::finish_reason(sum.stop_reason)));
+                if let Some(conf) = &sum.confidence {
+                    c["confidence"] = openai::confidence_json(conf);
+                }
+                if s.include_usage {
+                    c["usage"] = Value::Null;
+                }
+                let mut text = sse(&c);
+                if s.include_usage {
+                    let mut u = r.chunk(json!({}), None);
+                    u["choices"] = json!([]);
+                    u["usage"] = r.usage(s.completion);
+                    text.push_str(&sse(&u));
+                }
+                text.push_str("data: [DONE]\n\n");
+                return Some(text);
+            }
+            Some(Event::Item(_)) | Some(Event::Started { .. }) => continue,
+            Some(Event::Failed(e)) => {
+                s.done = true;
+                return Some(format!("{}data: [DONE]\n\n", sse(&e.body())));
+            }
+            None => {
+                s.done = true;
+                let e = ApiError::server("the engine ended the request without an answer");
+                return Some(format!("{}data: [DONE]\n\n", sse(&e.body())));
+            }
+        };
+        if s.include_usage {
+            chunk["usage"] = Value::Null;
+        }
+        return Some(sse(&chunk));
+    }
+}
+
+async fn collect_response(
+    r: &Reply,
+    rx: &mut mpsc::UnboundedReceiver<Event>,
+) -> std::result::Result<Value, ApiError> {
+    let mut maps = Vec::new();
+    loop {
+        match rx.recv().await {
+            Some(Event::Item(Item::Token(t))) => {
+                if let Some(m) = &t.map {
+                    maps.push(openai::token_map_json(m, r.grid));
+                }
+            }
+            Some(Event::Item(Item::Map(m))) => maps.push(openai::token_map_json(&m, r.grid)),
+            Some(Event::Item(Item::Done(sum))) => {
+                let mut v = json!({
+                    "id": r.id,
+                    "object": "chat.completion",
+                    "created": r.created,
+                    "model": r.model,
+                    "system_fingerprint": null,
+                    "choices": [{
+                        "index": 0,
+                        "message": {"role": "assistant", "content": sum.text, "refusal": null},
+                        "logprobs": null,
+                        "finish_reason": openai::finish_reason(sum.stop_reason),
+                    }],
+                    "usage": r.usage(sum.generated_ids.len()),
+                });
+                if let Some(m) = r.method {
+                    v["relevancy"] = json!({
+                        "method": m.name(),
+                        "grid": [r.grid.0, r.grid.1],
+                        "tokens": maps,
+                        "confidence": sum.confidence.as_ref().map(openai::confidence_json),
+                        "maps_ms": sum.maps_s * 1e3,
+                    });
+                }
+                return Ok(v);
+            }
+            Some(Event::Item(_)) | Some(Event::Started { .. }) => {}
+            Some(Event::Failed(e)) => return Err(e),
+            None => {
+                return Err(ApiError::server(
+                    "the engine ended the request without an answer",
+                ))
+            }
+        }
+    }
+}

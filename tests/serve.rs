@@ -1,0 +1,747 @@
+//! `fastrm serve` as clients see it: the built binary on 127.0.0.1 with a port of its choosing,
+//! spoken to over plain HTTP/1.1. Answers equal `fastrm explain --json`; every malformed request
+//! or limit gets its 4xx in OpenAI's error shape; a full queue answers 429; a client that hangs up
+//! stops its run; SIGTERM finishes what is in flight and exits 0.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+use common::repo_root;
+
+const QUESTION: &str = "What color is the star?";
+
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Server {
+    fn start(extra: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fastrm"))
+            .args(["serve", "--port", "0", "-t", "1"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("fastrm serve starts");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on http://")
+            .unwrap_or_else(|| panic!("first line {line:?}"))
+            .parse()
+            .unwrap();
+        Server { child, addr }
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        let (status, _, body) = request(self.addr, "GET", "/metrics", None);
+        assert_eq!(status, 200);
+        let text = String::from_utf8(body).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn send_request(addr: SocketAddr, method: &str, path: &str, body: Option<&[u8]>) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(b) = body {
+        head.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            b.len()
+        ));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    if let Some(b) = body {
+        // A server that refuses early may close before the whole body is written.
+        let _ = s.write_all(b);
+    }
+    s
+}
+
+/// A response read to its end: status, headers (lower-case names), body (chunked decoded).
+fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    let s = send_request(addr, method, path, body);
+    let mut r = BufReader::new(s);
+    let (status, headers) = read_head(&mut r);
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
+    let mut body = Vec::new();
+    if chunked {
+        while let Some(c) = read_chunk(&mut r) {
+            body.extend(c);
+        }
+    } else {
+        r.read_to_end(&mut body).unwrap();
+    }
+    (status, headers, body)
+}
+
+fn read_head(r: &mut impl BufRead) -> (u16, Vec<(String, String)>) {
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    let status = line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("status line {line:?}"));
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        r.read_line(&mut h).unwrap();
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        let (k, v) = h.split_once(':').unwrap();
+        headers.push((k.trim().to_lowercase(), v.trim().to_string()));
+    }
+    (status, headers)
+}
+
+/// One chunk of a chunked body; `None` at its end.
+fn read_chunk(r: &mut impl BufRead) -> Option<Vec<u8>> {
+    let mut size = String::new();
+    if r.read_line(&mut size).ok()? == 0 {
+        return None;
+    }
+    let n = usize::from_str_radix(size.trim(), 16).ok()?;
+    let mut buf = vec![0; n + 2];
+    r.read_exact(&mut buf).ok()?;
+    buf.truncate(n);
+    (n > 0).then_some(buf)
+}
+
+fn image_url() -> String {
+    let png = std::fs::read(repo_root().join("assets/demo/image.png")).unwrap();
+    format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(png)
+    )
+}
+
+fn chat_body(question: &str, extra: Value) -> Value {
+    let mut v = json!({
+        "model": "fastrm-demo",
+        "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": image_url()}},
+            {"type": "text", "text": question},
+        ]}],
+    });
+    for (k, x) in extra.as_object().unwrap() {
+        v[k] = x.clone();
+    }
+    v
+}
+
+fn post(addr: SocketAddr, body: &Value) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    request(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(body.to_string().as_bytes()),
+    )
+}
+
+/// The `data:` payloads of an SSE body.
+fn sse_events(body: &[u8]) -> Vec<String> {
+    String::from_utf8(body.to_vec())
+        .unwrap()
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: ").map(str::to_string))
+        .collect()
+}
+
+fn explain_json(max_new: usize) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_fastrm"))
+        .args(["explain", "--json", "--method", "fastrm", "-t", "1"])
+        .args(["--prompt", QUESTION, "-n", &max_new.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn decode_map(s: &str) -> Vec<f32> {
+    let bytes = base64::engine::general_purpose::STANDARD.decode(s).unwrap();
+    bytes
+        .chunks_exact(2)
+        .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+        .collect()
+}
+
+/// A wire map against the CLI's f32 map: within half-precision rounding.
+fn assert_map_close(what: &str, got: &Value, want: &Value) {
+    let got = decode_map(got["map_b64"].as_str().unwrap());
+    let want: Vec<f32> = want["map"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect();
+    assert_eq!(got.len(), want.len(), "{what}: map length");
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        let tol = w.abs() * 1e-3 + 1e-7;
+        assert!((g - w).abs() <= tol, "{what}: value {i}: {g} vs {w}");
+    }
+}
+
+fn ids(v: &Value) -> Vec<u64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn answers_equal_explain_json_streamed_and_not() {
+    let want = explain_json(16);
+    let want_ids = ids(&want["generated_ids"]);
+    let want_tokens = want["tokens"].as_array().unwrap();
+    let server = Server::start(&[]);
+    let relevancy = json!({"method": "fastrm"});
+
+    // Streamed, with maps.
+    let (status, headers, body) = post(
+        server.addr,
+        &chat_body(
+            QUESTION,
+            json!({"stream": true, "max_tokens": 16, "relevancy": relevancy}),
+        ),
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert!(headers
+        .iter()
+        .any(|(k, v)| k == "content-type" && v.starts_with("text/event-stream")));
+    let events = sse_events(&body);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let mut text = String::new();
+    let mut got_ids = Vec::new();
+    for c in &chunks {
+        assert_eq!(c["object"], "chat.completion.chunk");
+        if let Some(t) = c["choices"][0]["delta"]["content"].as_str() {
+            text.push_str(t);
+        }
+        if let Some(m) = c.get("relevancy") {
+            let i = m["index"].as_u64().unwrap() as usize;
+            assert_eq!(m["grid"], want["grid"]);
+            assert_map_close(&format!("streamed token {i}"), m, &want_tokens[i]);
+            assert_eq!(
+                m["entropy"].as_f64().unwrap() as f32,
+                want_tokens[i]["entropy"].as_f64().unwrap() as f32
+            );
+            got_ids.push(m["id"].as_u64().unwrap());
+        }
+    }
+    assert_eq!(text, want["text"].as_str().unwrap());
+    assert!(text.contains("yellow"), "{text:?}");
+    assert_eq!(got_ids, want_ids);
+    let last = chunks.last().unwrap();
+    let finish = if want["stop_reason"] == "eos" {
+        "stop"
+    } else {
+        "length"
+    };
+    assert_eq!(last["choices"][0]["finish_reason"], finish);
+    assert_eq!(last["confidence"]["verdict"], want["confidence"]["verdict"]);
+    assert_eq!(
+        last["confidence"]["mean_entropy"],
+        want["confidence"]["mean_entropy"]
+    );
+
+    // Not streamed, with maps.
+    let (status, _, body) = post(
+        server.addr,
+        &chat_body(
+            QUESTION,
+            json!({"max_completion_tokens": 16, "relevancy": relevancy}),
+        ),
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"][0]["message"]["content"], want["text"]);
+    assert_eq!(v["choices"][0]["finish_reason"], finish);
+    let n_in = want["input_ids"].as_array().unwrap().len() as u64;
+    assert_eq!(v["usage"]["prompt_tokens"], n_in);
+    assert_eq!(v["usage"]["completion_tokens"], want_ids.len() as u64);
+    let maps = v["relevancy"]["tokens"].as_array().unwrap();
+    assert_eq!(
+        maps.iter()
+            .map(|m| m["id"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        want_ids
+    );
+    for (i, m) in maps.iter().enumerate() {
+        assert_map_close(&format!("token {i}"), m, &want_tokens[i]);
+    }
+    assert_eq!(
+        v["relevancy"]["confidence"]["verdict"],
+        want["confidence"]["verdict"]
+    );
+
+    // Without the extension: a plain OpenAI stream, no extra keys.
+    let (status, _, body) = post(
+        server.addr,
+        &chat_body(
+            QUESTION,
+            json!({"stream": true, "stream_options": {"include_usage": true}}),
+        ),
+    );
+    assert_eq!(status, 200);
+    let events = sse_events(&body);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let mut text = String::new();
+    for e in &events[..events.len() - 1] {
+        let c: Value = serde_json::from_str(e).unwrap();
+        assert!(
+            c.get("relevancy").is_none() && c.get("confidence").is_none(),
+            "{c}"
+        );
+        if let Some(t) = c["choices"][0]["delta"]["content"].as_str() {
+            text.push_str(t);
+        }
+    }
+    assert_eq!(text, want["text"].as_str().unwrap());
+    let usage: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["completion_tokens"], want_ids.len() as u64);
+
+    // The gradient methods stream their maps after the text, before the final chunk.
+    let (status, _, body) = post(
+        server.addr,
+        &chat_body(
+            QUESTION,
+            json!({"stream": true, "max_tokens": 4, "relevancy": {"method": "baseline"}}),
+        ),
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let events = sse_events(&body);
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let n_text = chunks
+        .iter()
+        .filter(|c| c["choices"][0]["delta"]["content"].is_string())
+        .count();
+    let n_maps = chunks
+        .iter()
+        .filter(|c| c.get("relevancy").is_some())
+        .count();
+    assert_eq!(
+        n_maps + 1,
+        n_text,
+        "one map per token (the role chunk has no map)"
+    );
+    assert!(chunks.last().unwrap().get("confidence").is_some());
+
+    // Room in the context is checked against the prompt.
+    let r = post(
+        server.addr,
+        &chat_body(QUESTION, json!({"max_tokens": 500})),
+    );
+    assert_error(
+        &r,
+        400,
+        Some("max_tokens"),
+        "prompt + max_tokens over the context",
+    );
+
+    // The counters saw it all.
+    assert!(server.metric("fastrm_tokens_generated_total") >= (2 * want_ids.len()) as f64);
+    let (status, _, body) = request(server.addr, "GET", "/v1/models", None);
+    assert_eq!(status, 200);
+    let models: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(models["data"][0]["id"], "fastrm-demo");
+    let (status, _, _) = request(server.addr, "GET", "/health", None);
+    assert_eq!(status, 200);
+}
+
+fn assert_error(
+    resp: &(u16, Vec<(String, String)>, Vec<u8>),
+    status: u16,
+    param: Option<&str>,
+    what: &str,
+) {
+    let body = String::from_utf8_lossy(&resp.2);
+    assert_eq!(resp.0, status, "{what}: {body}");
+    let v: Value =
+        serde_json::from_str(&body).unwrap_or_else(|_| panic!("{what}: not JSON: {body}"));
+    let e = &v["error"];
+    assert!(
+        e["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{what}: {v}"
+    );
+    assert!(e["type"].is_string(), "{what}: {v}");
+    assert_eq!(e["param"].as_str(), param, "{what}: {v}");
+}
+
+#[test]
+fn malformed_requests_and_limits_get_openai_errors() {
+    let server = Server::start(&["--max-image-bytes", "20000", "--max-body-bytes", "40000"]);
+    let a = server.addr;
+    let url = |s: &str| json!({"type": "image_url", "image_url": {"url": s}});
+    let text = json!({"type": "text", "text": QUESTION});
+    let with = |content: Value| json!({"messages": [{"role": "user", "content": content}]});
+    let png = std::fs::read(repo_root().join("assets/demo/image.png")).unwrap();
+    let small = "data:image/png;base64,".to_string()
+        + &base64::engine::general_purpose::STANDARD.encode(&png[..png.len().min(15000)]);
+    let cases: Vec<(Value, u16, Option<&str>, &str)> = vec![
+        (json!({}), 400, Some("messages"), "no messages"),
+        (
+            json!({"messages": "hi"}),
+            400,
+            Some("messages"),
+            "messages not an array",
+        ),
+        (json!({"messages": []}), 400, Some("messages"), "no message"),
+        (
+            json!({"messages": [{"role": "system", "content": "x"}]}),
+            400,
+            Some("messages[0].role"),
+            "system role",
+        ),
+        (
+            with(json!(QUESTION)),
+            400,
+            Some("messages[0].content"),
+            "text only",
+        ),
+        (
+            with(json!([text])),
+            400,
+            Some("messages[0].content"),
+            "no image part",
+        ),
+        (
+            with(json!([url("https://example.com/a.png"), text])),
+            400,
+            Some("messages[0].content[0].image_url.url"),
+            "remote URL",
+        ),
+        (
+            with(json!([url("data:image/png;base64,@@@@"), text])),
+            400,
+            Some("messages[0].content[0].image_url.url"),
+            "bad base64",
+        ),
+        (
+            with(json!([url("data:image/gif;base64,R0lGODlh"), text])),
+            400,
+            Some("messages[0].content[0].image_url.url"),
+            "gif",
+        ),
+        (
+            with(json!([url("data:image/png;base64,aGVsbG8gd29ybGQ="), text])),
+            400,
+            Some("messages[0].content[0].image_url.url"),
+            "not an image",
+        ),
+        (
+            with(json!([url(&small), text])),
+            400,
+            Some("messages[0].content[0].image_url.url"),
+            "truncated PNG",
+        ),
+        (
+            with(json!([
+                url("data:image/png;base64,aGk="),
+                url("data:image/png;base64,aGk="),
+                text
+            ])),
+            400,
+            Some("messages[0].content[1]"),
+            "two images",
+        ),
+        (
+            with(json!([{"type": "image_url", "image_url": 5}, text])),
+            400,
+            Some("messages[0].content[0].image_url"),
+            "image_url wrong type",
+        ),
+        (
+            with(json!([{"type": "audio"}, text])),
+            400,
+            Some("messages[0].content[0].type"),
+            "unknown part",
+        ),
+        (
+            with(json!(7)),
+            400,
+            Some("messages[0].content"),
+            "content wrong type",
+        ),
+    ];
+    for (body, status, param, what) in cases {
+        assert_error(&post(a, &body), status, param, what);
+    }
+    // Fields beside the message, on an otherwise good request.
+    let png_url = image_url();
+    let good = |extra: Value| {
+        let mut v = with(json!([url(&png_url), text]));
+        for (k, x) in extra.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        v
+    };
+    let cases: Vec<(Value, u16, Option<&str>, &str)> = vec![
+        (
+            good(json!({"max_tokens": 0})),
+            400,
+            Some("max_tokens"),
+            "max_tokens 0",
+        ),
+        (
+            good(json!({"max_tokens": "8"})),
+            400,
+            Some("max_tokens"),
+            "max_tokens string",
+        ),
+        (
+            good(json!({"max_completion_tokens": -3})),
+            400,
+            Some("max_completion_tokens"),
+            "negative",
+        ),
+        (
+            good(json!({"max_tokens": 100000})),
+            400,
+            Some("max_tokens"),
+            "beyond the context",
+        ),
+        (
+            good(json!({"stream": "yes"})),
+            400,
+            Some("stream"),
+            "stream wrong type",
+        ),
+        (good(json!({"n": 3})), 400, Some("n"), "n > 1"),
+        (
+            good(json!({"relevancy": {"method": "magic"}})),
+            400,
+            Some("relevancy.method"),
+            "unknown method",
+        ),
+        (
+            good(json!({"relevancy": "fastrm"})),
+            400,
+            Some("relevancy"),
+            "relevancy wrong type",
+        ),
+        (
+            good(json!({"relevancy": {"method": "gradcam", "layer": 99}})),
+            400,
+            Some("relevancy.layer"),
+            "bad layer",
+        ),
+    ];
+    for (body, status, param, what) in cases {
+        assert_error(&post(a, &body), status, param, what);
+    }
+    // Not JSON at all.
+    let r = request(a, "POST", "/v1/chat/completions", Some(b"{not json"));
+    assert_error(&r, 400, None, "bad JSON");
+    // Over the image limit (the demo scene is 23 kB, the limit 20 kB) and the body limit.
+    assert_error(
+        &post(a, &good(json!({}))),
+        413,
+        Some("messages[0].content[0].image_url.url"),
+        "image too large",
+    );
+    let huge = json!({"messages": [], "pad": "x".repeat(50_000)});
+    assert_error(&post(a, &huge), 413, None, "body too large");
+    let r = request(a, "GET", "/nope", None);
+    assert_error(&r, 404, None, "unknown route");
+    // Still serving after all that.
+    let (status, _, _) = request(a, "GET", "/health", None);
+    assert_eq!(status, 200);
+    assert!(
+        server.metric("fastrm_http_requests_total{route=\"/v1/chat/completions\",status=\"400\"}")
+            >= 20.0
+    );
+}
+
+/// Opens a streamed, deliberately long request and reads up to its first text chunk.
+fn open_long_stream(addr: SocketAddr, max_tokens: usize) -> BufReader<TcpStream> {
+    let body = chat_body(
+        QUESTION,
+        json!({"stream": true, "max_tokens": max_tokens, "ignore_eos": true, "relevancy": {"method": "fastrm"}}),
+    );
+    let s = send_request(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(body.to_string().as_bytes()),
+    );
+    let mut r = BufReader::new(s);
+    let (status, _) = read_head(&mut r);
+    assert_eq!(status, 200);
+    let mut seen = String::new();
+    while !seen.contains("\"content\":\"") || seen.matches("data: ").count() < 2 {
+        let c = read_chunk(&mut r).expect("the stream goes on");
+        seen.push_str(&String::from_utf8_lossy(&c));
+    }
+    r
+}
+
+fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !ok() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_client_that_hangs_up_cancels_its_run() {
+    let server = Server::start(&["--test-token-delay-ms", "20"]);
+    let r = open_long_stream(server.addr, 300);
+    drop(r);
+    wait_for("the cancellation", || {
+        server.metric("fastrm_cancelled_total") >= 1.0
+    });
+    let n = server.metric("fastrm_tokens_generated_total");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        server.metric("fastrm_tokens_generated_total"),
+        n,
+        "the run went on"
+    );
+    assert!(n < 100.0, "{n} tokens of 300 before the run stopped");
+    assert_eq!(server.metric("fastrm_busy"), 0.0);
+}
+
+#[test]
+fn a_full_queue_answers_429_with_retry_after() {
+    let server = Server::start(&["--max-queue", "1", "--test-token-delay-ms", "20"]);
+    let running = open_long_stream(server.addr, 300);
+    // The second waits in the queue (its handler holds the connection until the worker starts it).
+    let body = chat_body(QUESTION, json!({"max_tokens": 2}));
+    let waiting = send_request(
+        server.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(body.to_string().as_bytes()),
+    );
+    wait_for("the queued request", || {
+        server.metric("fastrm_queue_depth") == 1.0
+    });
+    let r = post(server.addr, &body);
+    assert_error(&r, 429, None, "third request");
+    assert!(
+        r.1.iter().any(|(k, v)| k == "retry-after" && v == "1"),
+        "{:?}",
+        r.1
+    );
+    assert_eq!(server.metric("fastrm_rejected_queue_full_total"), 1.0);
+    // The running one leaves; the queued one is answered.
+    drop(running);
+    let mut r = BufReader::new(waiting);
+    let (status, _) = read_head(&mut r);
+    assert_eq!(status, 200);
+}
+
+#[cfg(unix)]
+#[test]
+fn sigterm_finishes_the_request_in_flight_and_exits_0() {
+    let mut server = Server::start(&["--test-token-delay-ms", "20"]);
+    let mut r = open_long_stream(server.addr, 20);
+    let pid = server.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let mut rest = Vec::new();
+    while let Some(c) = read_chunk(&mut r) {
+        rest.extend(c);
+    }
+    let rest = String::from_utf8(rest).unwrap();
+    assert!(rest.ends_with("data: [DONE]\n\n"), "{rest}");
+    assert!(rest.contains("\"finish_reason\":\"length\""), "{rest}");
+    let status = server.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+/// The Python that has the `openai` package: `FASTRM_PYTHON`, else the venv `.ci/run` makes under
+/// `target/`, else `python3`.
+fn python_with_openai() -> Option<std::path::PathBuf> {
+    let venv = repo_root().join("target/pyenv/bin/python");
+    let candidates = std::env::var_os("FASTRM_PYTHON")
+        .map(std::path::PathBuf::from)
+        .into_iter()
+        .chain([venv, "python3".into()]);
+    candidates.into_iter().find(|py| {
+        Command::new(py)
+            .args(["-c", "import openai"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    })
+}
+
+#[test]
+fn the_official_openai_python_client_reads_the_answers() {
+    let Some(py) = python_with_openai() else {
+        eprintln!(
+            "skipped: no Python with the `openai` package (.ci/run installs it into \
+             target/pyenv; or set FASTRM_PYTHON)"
+        );
+        return;
+    };
+    let server = Server::start(&[]);
+    let out = Command::new(py)
+        .arg(repo_root().join("tools/serve_client_test.py"))
+        .arg(format!("http://{}", server.addr))
+        .arg(repo_root().join("assets/demo/image.png"))
+        .args([QUESTION, "yellow"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

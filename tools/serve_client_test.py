@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""The official `openai` Python client against a running `fastrm serve`: proves that an unmodified
+client parses the server's responses, streamed and not, and its errors.
+
+    python3 tools/serve_client_test.py http://127.0.0.1:8080 assets/demo/image.png \
+        "What color is the star?" yellow
+
+Exits non-zero with a message on the first check that fails.
+"""
+
+import base64
+import sys
+
+import openai
+
+
+def fail(msg):
+    print(f"FAIL: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+def main():
+    if len(sys.argv) != 5:
+        fail("usage: serve_client_test.py BASE_URL IMAGE QUESTION EXPECTED_WORD")
+    base, image, question, expected = sys.argv[1:]
+    client = openai.OpenAI(base_url=base.rstrip("/") + "/v1", api_key="unused", max_retries=0)
+
+    models = client.models.list()
+    model = models.data[0].id
+    with open(image, "rb") as f:
+        url = "data:image/png;base64," + base64.b64encode(f.read()).decode()
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": url}},
+                {"type": "text", "text": question},
+            ],
+        }
+    ]
+
+    # Streamed, plain.
+    text, finish, roles = "", None, []
+    stream = client.chat.completions.create(
+        model=model, messages=messages, max_tokens=16, stream=True
+    )
+    for chunk in stream:
+        if chunk.object != "chat.completion.chunk":
+            fail(f"chunk object {chunk.object!r}")
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        if delta.role:
+            roles.append(delta.role)
+        if delta.content:
+            text += delta.content
+        if chunk.choices[0].finish_reason:
+            finish = chunk.choices[0].finish_reason
+    if roles != ["assistant"]:
+        fail(f"roles in the stream: {roles}")
+    if expected not in text:
+        fail(f"streamed answer {text!r} lacks {expected!r}")
+    if finish not in ("stop", "length"):
+        fail(f"finish_reason {finish!r}")
+
+    # Streamed with usage and the relevancy extension: extra keys reach the client untouched.
+    maps, confidence, usage = 0, None, None
+    stream = client.chat.completions.create(
+        model=model,
+        messages=messages,
+        max_completion_tokens=16,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"relevancy": {"method": "fastrm"}},
+    )
+    for chunk in stream:
+        extra = chunk.model_extra or {}
+        if "relevancy" in extra:
+            m = extra["relevancy"]
+            rows, cols = m["grid"]
+            if len(base64.b64decode(m["map_b64"])) != 2 * rows * cols:
+                fail(f"map of {len(m['map_b64'])} base64 chars for a {rows}x{cols} grid")
+            maps += 1
+        if "confidence" in extra:
+            confidence = extra["confidence"]
+        if chunk.usage is not None:
+            usage = chunk.usage
+    if maps == 0 or confidence is None or "verdict" not in confidence:
+        fail(f"relevancy extension: {maps} maps, confidence {confidence!r}")
+    if usage is None or usage.completion_tokens != maps:
+        fail(f"usage {usage!r} vs {maps} maps")
+
+    # Not streamed.
+    r = client.chat.completions.create(model=model, messages=messages, max_tokens=16)
+    if r.choices[0].message.content != text:
+        fail(f"non-streamed {r.choices[0].message.content!r} vs streamed {text!r}")
+    if r.usage.total_tokens != r.usage.prompt_tokens + r.usage.completion_tokens:
+        fail(f"usage {r.usage!r}")
+
+    # A refused request surfaces as the client's own error type, with the server's message.
+    bad = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": "https://example.com/x.png"}},
+                {"type": "text", "text": question},
+            ],
+        }
+    ]
+    try:
+        client.chat.completions.create(model=model, messages=bad)
+        fail("a remote image URL was accepted")
+    except openai.BadRequestError as e:
+        if e.status_code != 400 or "fetches nothing" not in str(e):
+            fail(f"remote URL error: {e}")
+
+    print(f"ok: {text!r} ({maps} maps, {confidence['verdict']})")
+
+
+if __name__ == "__main__":
+    main()
