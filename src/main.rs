@@ -4,13 +4,13 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
 
 use fastrm::engine::{
     AnyEngine, CancelToken, Explained, Generation, ImageInput, Item, Method, Request, RunOptions,
 };
-use fastrm::explain::{default_gradcam_layer, report, RowMode};
+use fastrm::explain::{report, MethodName, RowMode};
 use fastrm::status::{bar, StatusLine};
 use fastrm::{Error, GenerateOptions, Result};
 
@@ -27,18 +27,6 @@ struct Cli {
 
 /// Text tokens after the image in an id-level (synthetic model) request: about a short question.
 const SYNTHETIC_TEXT_TOKENS: usize = 40;
-
-#[derive(Clone, Copy, PartialEq, ValueEnum)]
-enum MethodArg {
-    /// Exact Chefer gradient relevancy per token (one backward over the whole prefix each).
-    Baseline,
-    /// LVLM-Interpret's incremental rows: about two decode steps per later token.
-    BaselineIncremental,
-    /// LLM-layer GradCAM at one decoder layer (`--layer`, default the middle one).
-    Gradcam,
-    /// The learned FastRM head (`--head FILE`): one fused op per token on the decode step.
-    Fastrm,
-}
 
 /// What every run needs: which model, which image, which question, how long an answer.
 #[derive(Args)]
@@ -79,7 +67,7 @@ enum Cmd {
         /// Default: fastrm (the bundled demo model carries its trained head; other models need
         /// --head).
         #[arg(long, value_enum, default_value = "fastrm")]
-        method: MethodArg,
+        method: MethodName,
         /// Baseline only: materialise every layer's cam and the full relevance matrix R, as the
         /// paper's baseline does (same maps, the paper's cost).
         #[arg(long)]
@@ -156,13 +144,13 @@ fn run(cli: Cli) -> Result<()> {
             if run.max_new_tokens == 0 {
                 return Err(Error::input("--max-new-tokens must be at least 1"));
             }
-            if full_r && method != MethodArg::Baseline {
+            if full_r && method != MethodName::Baseline {
                 return Err(Error::input("--full-r applies to --method baseline only"));
             }
-            if layer.is_some() && method != MethodArg::Gradcam {
+            if layer.is_some() && method != MethodName::Gradcam {
                 return Err(Error::input("--layer applies to --method gradcam only"));
             }
-            if head.is_some() && method != MethodArg::Fastrm {
+            if head.is_some() && method != MethodName::Fastrm {
                 return Err(Error::input("--head applies to --method fastrm only"));
             }
             let ex = ExplainArgs {
@@ -184,7 +172,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 struct ExplainArgs {
-    method: MethodArg,
+    method: MethodName,
     full_r: bool,
     layer: Option<usize>,
     head: Option<PathBuf>,
@@ -239,10 +227,10 @@ fn explain(run: &RunArgs, args: &ExplainArgs) -> Result<()> {
     // random head of the model's size, which costs what a trained one does.
     let head = match (&args.head, run.model.is_none()) {
         (Some(h), _) => Some(h.clone()),
-        (None, true) if args.method == MethodArg::Fastrm => Some(fastrm::demo::head_path()?),
+        (None, true) if args.method == MethodName::Fastrm => Some(fastrm::demo::head_path()?),
         _ => None,
     };
-    if head.is_none() && args.method == MethodArg::Fastrm && !is_synthetic(run) {
+    if head.is_none() && args.method == MethodName::Fastrm && !is_synthetic(run) {
         return Err(Error::input(
             "--method fastrm needs --head FILE (only the bundled demo model comes with a head)",
         ));
@@ -252,28 +240,13 @@ fn explain(run: &RunArgs, args: &ExplainArgs) -> Result<()> {
     let (mut engine, input, progress) = start(run)?;
     if let Some(h) = &head {
         engine.load_head(h)?;
-    } else if args.method == MethodArg::Fastrm {
+    } else if args.method == MethodName::Fastrm {
         // A synthetic model gets a random head of its size: it costs what a trained one does.
         let d = engine.config().text.hidden_size;
         engine.set_head(&fastrm::explain::fastrm::HeadWeights::random(d, d, 7))?;
     }
     let n_layers = engine.config().text.num_hidden_layers;
-    let method = match args.method {
-        MethodArg::Baseline => Method::Baseline {
-            mode: if args.full_r {
-                RowMode::FullR
-            } else {
-                RowMode::Streamed
-            },
-        },
-        MethodArg::BaselineIncremental => Method::BaselineIncremental,
-        MethodArg::Gradcam => Method::GradCam {
-            layer: args
-                .layer
-                .unwrap_or_else(|| default_gradcam_layer(n_layers)),
-        },
-        MethodArg::Fastrm => Method::FastRm,
-    };
+    let method = args.method.method(args.full_r, args.layer, n_layers)?;
     let opts = options(run);
     let req = input.request(run);
     let ex = engine.explain(&req, &opts, method, &mut |item| progress.event(item));

@@ -27,6 +27,83 @@ pub enum Method {
     FastRm,
 }
 
+/// A method by name, without its parameters: what command lines, request fields and data-set
+/// manifests write (`fastrm`, `baseline`, `baseline-incremental`, `gradcam`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, clap::ValueEnum)]
+pub enum MethodName {
+    /// The learned FastRM head: one fused op per token on the decode step (needs a head).
+    Fastrm,
+    /// Exact Chefer gradient relevancy per token (one backward over the whole prefix each).
+    Baseline,
+    /// LVLM-Interpret's incremental rows: about two decode steps per later token.
+    BaselineIncremental,
+    /// LLM-layer GradCAM at one decoder layer (default: the middle one).
+    Gradcam,
+}
+
+impl MethodName {
+    pub const ALL: [MethodName; 4] = [
+        MethodName::Fastrm,
+        MethodName::Baseline,
+        MethodName::BaselineIncremental,
+        MethodName::Gradcam,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MethodName::Fastrm => "fastrm",
+            MethodName::Baseline => "baseline",
+            MethodName::BaselineIncremental => "baseline-incremental",
+            MethodName::Gradcam => "gradcam",
+        }
+    }
+
+    /// The method with its parameters: `full_r` for the baseline, `layer` for GradCAM (default:
+    /// the middle of `n_layers`); either given to another method is an error naming it.
+    pub fn method(self, full_r: bool, layer: Option<usize>, n_layers: usize) -> Result<Method> {
+        if full_r && self != MethodName::Baseline {
+            return Err(Error::input("full R applies to the baseline method only"));
+        }
+        if layer.is_some() && self != MethodName::Gradcam {
+            return Err(Error::input("a layer applies to the gradcam method only"));
+        }
+        Ok(match self {
+            MethodName::Fastrm => Method::FastRm,
+            MethodName::Baseline => Method::Baseline {
+                mode: if full_r {
+                    RowMode::FullR
+                } else {
+                    RowMode::Streamed
+                },
+            },
+            MethodName::BaselineIncremental => Method::BaselineIncremental,
+            MethodName::Gradcam => Method::GradCam {
+                layer: layer.unwrap_or_else(|| default_gradcam_layer(n_layers)),
+            },
+        })
+    }
+
+    /// Whether its maps come from a backward (what `distill` can label a data set with).
+    pub fn is_gradient(self) -> bool {
+        self != MethodName::Fastrm
+    }
+}
+
+impl std::str::FromStr for MethodName {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        MethodName::ALL
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| {
+                Error::input(format!(
+                    "unknown method {s:?}: use one of {}",
+                    MethodName::ALL.map(|m| m.as_str()).join(", ")
+                ))
+            })
+    }
+}
+
 impl serde::Serialize for Method {
     fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
         s.serialize_str(self.name())
@@ -34,13 +111,17 @@ impl serde::Serialize for Method {
 }
 
 impl Method {
-    pub fn name(&self) -> &'static str {
+    pub fn kind(&self) -> MethodName {
         match self {
-            Method::Baseline { .. } => "baseline",
-            Method::BaselineIncremental => "baseline-incremental",
-            Method::GradCam { .. } => "gradcam",
-            Method::FastRm => "fastrm",
+            Method::Baseline { .. } => MethodName::Baseline,
+            Method::BaselineIncremental => MethodName::BaselineIncremental,
+            Method::GradCam { .. } => MethodName::Gradcam,
+            Method::FastRm => MethodName::Fastrm,
         }
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.kind().as_str()
     }
 }
 

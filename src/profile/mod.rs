@@ -27,7 +27,7 @@ use crate::config::LlavaConfig;
 use crate::engine::{collect, CancelToken, Device, Dtype, Engine, Request, RunOptions};
 use crate::error::{Error, Result};
 use crate::explain::fastrm::HeadWeights;
-use crate::explain::{Method, RowMode};
+use crate::explain::MethodName;
 use crate::model::llava::{GenerateOptions, Timings};
 use crate::status::StatusLine;
 
@@ -90,7 +90,8 @@ pub struct ProfileArgs {
     pub json: bool,
 }
 
-/// What `profile` can measure.
+/// What `profile` can measure: plain generation, or generation with one relevancy method's maps
+/// (named as [`MethodName`] names them; GradCAM is not profiled).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ProfMethod {
     Generate,
@@ -107,13 +108,18 @@ impl ProfMethod {
         ProfMethod::BaselineIncremental,
     ];
 
-    pub fn name(self) -> &'static str {
+    /// The relevancy method measured, `None` for plain generation.
+    pub fn relevancy(self) -> Option<MethodName> {
         match self {
-            ProfMethod::Generate => "generate",
-            ProfMethod::FastRm => "fastrm",
-            ProfMethod::Baseline => "baseline",
-            ProfMethod::BaselineIncremental => "baseline-incremental",
+            ProfMethod::Generate => None,
+            ProfMethod::FastRm => Some(MethodName::Fastrm),
+            ProfMethod::Baseline => Some(MethodName::Baseline),
+            ProfMethod::BaselineIncremental => Some(MethodName::BaselineIncremental),
         }
+    }
+
+    pub fn name(self) -> &'static str {
+        self.relevancy().map_or("generate", MethodName::as_str)
     }
 
     pub fn parse(s: &str) -> Result<Self> {
@@ -492,23 +498,16 @@ fn call<B: Backend>(
     req: &Request,
     full_r: bool,
 ) -> Result<Outcome> {
-    let mode = if full_r {
-        RowMode::FullR
-    } else {
-        RowMode::Streamed
-    };
     let run = RunOptions {
         generate: GenerateOptions {
             max_new_tokens: n,
             stop_at_eos: false,
             keep_steps: false,
         },
-        method: match method {
-            ProfMethod::Generate => None,
-            ProfMethod::FastRm => Some(Method::FastRm),
-            ProfMethod::Baseline => Some(Method::Baseline { mode }),
-            ProfMethod::BaselineIncremental => Some(Method::BaselineIncremental),
-        },
+        method: method
+            .relevancy()
+            .map(|m| m.method(full_r && m == MethodName::Baseline, None, 0))
+            .transpose()?,
         hidden_states: false,
     };
     let c = collect(

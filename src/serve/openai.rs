@@ -5,7 +5,7 @@ use base64::Engine as _;
 use serde_json::{json, Map, Value};
 
 use crate::engine::{Confidence, StopReason, TokenMap};
-use crate::explain::{default_gradcam_layer, Method, RowMode};
+use crate::explain::{Method, MethodName};
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}` with its status.
 #[derive(Debug, Clone)]
@@ -272,23 +272,15 @@ fn parse_method(r: &Map<String, Value>, n_layers: usize) -> Result<Method, ApiEr
             "`relevancy.layer` applies to the gradcam method only",
         ));
     }
-    Ok(match name {
-        "fastrm" => Method::FastRm,
-        "baseline" => Method::Baseline {
-            mode: RowMode::Streamed,
-        },
-        "baseline-incremental" => Method::BaselineIncremental,
-        "gradcam" => Method::GradCam {
-            layer: layer.unwrap_or_else(|| default_gradcam_layer(n_layers)),
-        },
-        other => {
-            return Err(ApiError::invalid(
-                param("relevancy.method"),
-                "unsupported_value",
-                format!("unknown relevancy method {other:?}: use one of {METHODS}"),
-            ))
-        }
-    })
+    let kind: MethodName = name.parse().map_err(|_| {
+        ApiError::invalid(
+            param("relevancy.method"),
+            "unsupported_value",
+            format!("unknown relevancy method {name:?}: use one of {METHODS}"),
+        )
+    })?;
+    kind.method(false, layer, n_layers)
+        .map_err(|e| ApiError::invalid(param("relevancy"), "invalid_value", e.to_string()))
 }
 
 /// The question and the image URL of a user message's content, with the URL's field path.
