@@ -55,24 +55,13 @@ impl std::fmt::Display for Device {
 }
 
 /// Storage type of the weights and activations on a CUDA device (arithmetic is f32 either way).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Dtype {
     F16,
     Bf16,
     F32,
 }
 
-impl FromStr for Dtype {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "f16" => Ok(Dtype::F16),
-            "bf16" => Ok(Dtype::Bf16),
-            "f32" => Ok(Dtype::F32),
-            _ => Err(format!("unknown dtype {s:?}: use f16, bf16 or f32")),
-        }
-    }
-}
 
 /// An engine on the backend a [`Device`] and [`Dtype`] chose at run time.
 /// The CUDA variants exist in builds with the `cuda` or `sim` feature.

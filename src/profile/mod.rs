@@ -123,15 +123,14 @@ impl ProfMethod {
     }
 
     pub fn parse(s: &str) -> Result<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|m| m.name() == s)
-            .ok_or_else(|| {
-                Error::input(format!(
-                    "unknown method `{s}` in --methods: expected {}",
-                    Self::ALL.map(|m| m.name()).join(", ")
-                ))
-            })
+        let known = Self::ALL.map(|m| m.name());
+        match known.iter().position(|&n| n == s) {
+            Some(i) => Ok(Self::ALL[i]),
+            None => Err(Error::input(format!(
+                "unknown method `{s}` in --methods: expected {}",
+                known.join(", ")
+            ))),
+        }
     }
 }
 
