@@ -7,6 +7,32 @@
 //! through one generation session ([`model::session`]): [`Engine::stream`] yields each token with
 //! its text and, for FastRM, its relevancy map as soon as it exists; [`Engine::generate`] and
 //! [`Engine::explain`] collect a whole run. `examples/shared_engine.rs` shows a server's use.
+//!
+//! ```
+//! use fastrm::{AnyEngine, CancelToken, Device, ImageInput, Item, Method, Request, RunOptions};
+//!
+//! # fn main() -> fastrm::Result<()> {
+//! let mut engine = AnyEngine::load(Device::Cpu, None, &fastrm::demo::model_dir()?)?;
+//! engine.load_head(&fastrm::demo::head_path()?)?;
+//! let upload = std::fs::read(fastrm::demo::image_path()?).unwrap();
+//! let req = Request::question(ImageInput::Bytes(upload), "What color is the star?");
+//! let opts = RunOptions { method: Some(Method::FastRm), ..Default::default() };
+//! let cancel = CancelToken::new(); // a clone's cancel() stops the run between two steps
+//! let mut answer = String::new();
+//! for item in engine.stream(&req, &opts, &cancel) {
+//!     match item? {
+//!         Item::Token(t) => {
+//!             answer.push_str(&t.text_delta);
+//!             assert_eq!(t.map.unwrap().map.len(), 64); // the demo model's 8x8 grid
+//!         }
+//!         Item::Done(s) => assert_eq!(s.text, answer),
+//!         _ => {}
+//!     }
+//! }
+//! assert_eq!(answer.trim(), "yellow");
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod backend;
 pub mod checkpoint;
