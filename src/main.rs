@@ -100,6 +100,7 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    fastrm::out::default_sigpipe();
     init_logging();
     let cli = Cli::parse();
     match run(cli) {
@@ -215,11 +216,10 @@ fn generate(run: &RunArgs) -> Result<()> {
         timings: s.timings,
     };
     if run.json {
-        println!("{}", generation_json(&engine, run, &input, &g));
+        fastrm::outln!("{}", generation_json(&engine, run, &input, &g))
     } else {
-        println!("{}", g.text.trim());
+        fastrm::outln!("{}", g.text.trim())
     }
-    Ok(())
 }
 
 fn explain(run: &RunArgs, args: &ExplainArgs) -> Result<()> {
@@ -274,11 +274,10 @@ fn explain(run: &RunArgs, args: &ExplainArgs) -> Result<()> {
     }
     progress.clear();
     if run.json {
-        println!("{doc}");
+        fastrm::outln!("{doc}")
     } else {
-        print_table(&ex);
+        print_table(&ex)
     }
-    Ok(())
 }
 
 /// Where a run's inputs come from.
@@ -426,12 +425,14 @@ fn add_maps(doc: &mut Value, ex: &Explained) {
 
 /// The human-readable form: the answer, then one line per token with its entropy and the grid
 /// cell holding the most relevance.
-fn print_table(ex: &Explained) {
-    println!("{}", ex.generation.text.trim());
-    println!(
+fn print_table(ex: &Explained) -> Result<()> {
+    fastrm::outln!("{}", ex.generation.text.trim())?;
+    fastrm::outln!(
         "{:>4}  {:<16} {:>8}  peak (row, col)",
-        "#", "token", "entropy"
-    );
+        "#",
+        "token",
+        "entropy"
+    )?;
     for t in &ex.tokens {
         let (best, _) =
             t.map
@@ -439,23 +440,23 @@ fn print_table(ex: &Explained) {
                 .enumerate()
                 .fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b });
         let shown: String = format!("{:?}", t.text).chars().take(16).collect();
-        println!(
+        fastrm::outln!(
             "{:>4}  {:<16} {:>8.4}  ({}, {})",
             t.index,
             shown,
             t.entropy,
             best / ex.grid.1,
             best % ex.grid.1
-        );
+        )?;
     }
     let c = &ex.confidence;
     match c.threshold {
-        Some(t) => println!(
+        Some(t) => fastrm::outln!(
             "confidence: {} (mean entropy {:.4} vs threshold {t:.4})",
             c.verdict(),
             c.mean_entropy
         ),
-        None => println!(
+        None => fastrm::outln!(
             "mean entropy {:.4} (no calibrated threshold)",
             c.mean_entropy
         ),

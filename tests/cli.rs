@@ -305,3 +305,44 @@ fn cpu_only_build_refuses_cuda() {
         assert_fails(&out, &["rebuild with the `cuda` feature"]);
     }
 }
+
+/// stdout that cannot take the output: a full disk is an `error:` line and exit 1; a reader that
+/// has gone ends the process by SIGPIPE, quietly — never a panic (exit 101).
+#[test]
+fn unwritable_stdout_is_an_error_and_a_closed_pipe_is_quiet() {
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_fastrm"))
+        .args(["explain", "-p", "What color is the star?"])
+        .stdout(full)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("error: <stdout>") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+
+    // The read end is closed before the command writes: its first line meets a closed pipe.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fastrm"))
+        .args(["explain", "-p", "What color is the star?"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    use std::os::unix::process::ExitStatusExt;
+    const SIGPIPE: i32 = 13; // on Linux
+    assert_eq!(
+        out.status.signal(),
+        Some(SIGPIPE),
+        "{:?} {stderr}",
+        out.status
+    );
+    assert!(stderr.is_empty(), "{stderr}");
+}

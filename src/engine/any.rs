@@ -62,7 +62,6 @@ pub enum Dtype {
     F32,
 }
 
-
 /// An engine on the backend a [`Device`] and [`Dtype`] chose at run time.
 /// The CUDA variants exist in builds with the `cuda` or `sim` feature.
 pub enum AnyEngine {
