@@ -5,14 +5,9 @@
 //! per generated token the decoder's final-norm state that produced it, per sample the image
 //! positions' final-norm states after prefill. Any backend (`--device`) runs it.
 //!
-//! On disk (`--out DIR`):
-//! - `manifest.json` ([`Manifest`]): what made the set (model, method, suffix, input file and its
-//!   fingerprint, …) and the completed shards in order, rewritten atomically after each shard.
-//! - `shard-NNNNN.safetensors` ([`Shard`]), up to `shard_size` samples each: `image_hidden`
-//!   `[S, P, D]` f32, `token_hidden` `[M, D]` f32, `maps` `[M, P]` f32, `token_ids`,
-//!   `token_sample` (sample index within the shard), `token_index` (position in its answer)
-//!   `[M]` i64, and the per-sample records ([`SampleRecord`]) as JSON under the header metadata key
-//!   `samples`. Written to a temporary file and renamed.
+//! On disk (`--out DIR`), in the format [`format`] reads and writes: `manifest.json`
+//! ([`Manifest`]), rewritten after each shard, and `shard-NNNNN.safetensors` ([`Shard`]) of up to
+//! `shard_size` samples each.
 //!
 //! Rerunning the same command resumes: samples of completed shards are skipped, a short last shard
 //! (an earlier, smaller `--limit`) is read back and continued, and a shard lost in a crash is redone
@@ -29,13 +24,11 @@
 
 pub mod cli;
 pub mod dataset;
+pub mod format;
 
-use std::collections::HashMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::Backend;
@@ -48,29 +41,19 @@ use crate::status::{self, StatusLine};
 
 pub use cli::{DistillArgs, DistillMethod, MergeArgs};
 pub use dataset::{Dataset, Entry, Format, ImageRef};
+pub use format::{
+    shard_name, InputInfo, Manifest, SampleRecord, SampleRef, Shard, ShardFile, ShardInfo, Token,
+    TokenSet, MANIFEST_FORMAT, MANIFEST_VERSION, SHARD_FORMAT,
+};
+
+use format::{is_shard_name, is_temp_name, read_shard_header, MANIFEST};
 
 /// What the paper appends to every VQA question.
 pub const SUFFIX: &str = " Answer the question using up to two words.";
 /// The labelling threshold the head is trained with (fraction of a map's max), recorded for
 /// `train`.
 pub const LABEL_THRESHOLD: f32 = 0.3;
-pub const MANIFEST_FORMAT: &str = "fastrm-distill";
-pub const MANIFEST_VERSION: u32 = 1;
-pub const SHARD_FORMAT: &str = "fastrm-distill-shard-1";
 pub const DEFAULT_SHARD_SIZE: usize = 16;
-const MANIFEST: &str = "manifest.json";
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct InputInfo {
-    /// The questions file (canonical path).
-    pub path: String,
-    /// `vqa` or `jsonl`.
-    pub format: String,
-    /// FNV-1a 64 of its bytes, hex.
-    pub fingerprint: String,
-    /// Questions in the file.
-    pub entries: usize,
-}
 
 /// `--shard I/N`: the questions whose index k has `k mod N = I`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,374 +102,6 @@ impl std::fmt::Display for ShardSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.index, self.count)
     }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ShardInfo {
-    pub file: String,
-    /// Index of its first sample in the input's order.
-    pub first_sample: usize,
-    pub samples: usize,
-    pub tokens: usize,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Manifest {
-    pub format: String,
-    pub version: u32,
-    /// The model folder (canonical path).
-    pub model: String,
-    /// Names, lengths and modification times of its weight files: a model retrained in place is another
-    /// model ("" in manifests written before this field existed, which therefore never resume).
-    #[serde(default)]
-    pub model_weights: String,
-    pub method: String,
-    /// Appended to every question ("" with `--no-suffix`).
-    pub suffix: String,
-    pub max_new_tokens: usize,
-    pub stop_at_eos: bool,
-    pub hidden_size: usize,
-    pub n_patches: usize,
-    pub grid: [usize; 2],
-    pub label_threshold: f32,
-    pub input: InputInfo,
-    /// The images folder (canonical path).
-    pub images: String,
-    pub shard_size: usize,
-    /// `--shard I/N` of a shard folder; absent for a whole (or merged) set.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub shard: Option<ShardSpec>,
-    /// Completed shards, in sample order.
-    pub shards: Vec<ShardInfo>,
-    pub samples: usize,
-    pub tokens: usize,
-}
-
-impl Manifest {
-    pub fn read(dir: &Path) -> Result<Self> {
-        let path = dir.join(MANIFEST);
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let m: Manifest = serde_json::from_str(&text).map_err(|e| {
-            Error::input(format!("{}: not a distill manifest: {e}", path.display()))
-        })?;
-        if m.format != MANIFEST_FORMAT || m.version != MANIFEST_VERSION {
-            return Err(Error::input(format!(
-                "{}: manifest format {} v{} is not {MANIFEST_FORMAT} v{MANIFEST_VERSION}",
-                path.display(),
-                m.format,
-                m.version
-            )));
-        }
-        Ok(m)
-    }
-
-    fn write(&self, dir: &Path) -> Result<()> {
-        let text = serde_json::to_string_pretty(self)
-            .map_err(|e| Error::input(format!("manifest: {e}")))?;
-        write_atomic(&dir.join(MANIFEST), text.as_bytes())
-    }
-}
-
-/// One sample's record in a shard's metadata.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SampleRecord {
-    /// Index in the input's order.
-    pub sample: usize,
-    /// `question_id` (VQA) or line number (JSONL).
-    pub question_id: u64,
-    /// The question as in the input (without the suffix).
-    pub question: String,
-    pub image: String,
-    /// The greedy answer, decoded without special tokens.
-    pub answer: String,
-    pub answers: Option<Vec<String>>,
-    pub generated_ids: Vec<u32>,
-    pub stop_reason: String,
-    /// The JSONL line's `type`, `n_objects` and `target_mask` (as written), when it has them.
-    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
-    pub qtype: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub n_objects: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub target_mask: Option<String>,
-}
-
-/// A shard read back into memory.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Shard {
-    pub first_sample: usize,
-    pub n_patches: usize,
-    pub hidden_size: usize,
-    pub samples: Vec<SampleRecord>,
-    /// `[S·P·D]`
-    pub image_hidden: Vec<f32>,
-    /// `[M·D]`
-    pub token_hidden: Vec<f32>,
-    /// `[M·P]`
-    pub maps: Vec<f32>,
-    pub token_ids: Vec<i64>,
-    pub token_sample: Vec<i64>,
-    pub token_index: Vec<i64>,
-}
-
-pub fn shard_name(i: usize) -> String {
-    format!("shard-{i:05}.safetensors")
-}
-
-impl Shard {
-    fn new(first_sample: usize, n_patches: usize, hidden_size: usize) -> Self {
-        Shard {
-            first_sample,
-            n_patches,
-            hidden_size,
-            samples: Vec::new(),
-            image_hidden: Vec::new(),
-            token_hidden: Vec::new(),
-            maps: Vec::new(),
-            token_ids: Vec::new(),
-            token_sample: Vec::new(),
-            token_index: Vec::new(),
-        }
-    }
-
-    pub fn n_tokens(&self) -> usize {
-        self.token_ids.len()
-    }
-
-    fn push(
-        &mut self,
-        record: SampleRecord,
-        image_hidden: &[f32],
-        tokens: &[(u32, Vec<f32>, Vec<f32>)],
-    ) {
-        let s = self.samples.len() as i64;
-        self.image_hidden.extend_from_slice(image_hidden);
-        for (k, (id, hidden, map)) in tokens.iter().enumerate() {
-            self.token_hidden.extend_from_slice(hidden);
-            self.maps.extend_from_slice(map);
-            self.token_ids.push(*id as i64);
-            self.token_sample.push(s);
-            self.token_index.push(k as i64);
-        }
-        self.samples.push(record);
-    }
-
-    /// Sample `si`'s image hidden states `[P·D]` and per token (id, hidden `[D]`, map `[P]`), as
-    /// [`Shard::push`] takes them.
-    fn sample_rows(&self, si: usize) -> (&[f32], Vec<(u32, Vec<f32>, Vec<f32>)>) {
-        let (p, d) = (self.n_patches, self.hidden_size);
-        let tokens = (0..self.n_tokens())
-            .filter(|&r| self.token_sample[r] == si as i64)
-            .map(|r| {
-                (
-                    self.token_ids[r] as u32,
-                    self.token_hidden[r * d..(r + 1) * d].to_vec(),
-                    self.maps[r * p..(r + 1) * p].to_vec(),
-                )
-            })
-            .collect();
-        (&self.image_hidden[si * p * d..(si + 1) * p * d], tokens)
-    }
-
-    fn to_bytes(&self) -> Result<Vec<u8>> {
-        let (s, m, p, d) = (
-            self.samples.len(),
-            self.n_tokens(),
-            self.n_patches,
-            self.hidden_size,
-        );
-        let f = |v: &[f32]| bytemuck::cast_slice::<f32, u8>(v).to_vec();
-        let i = |v: &[i64]| bytemuck::cast_slice::<i64, u8>(v).to_vec();
-        let tensors: Vec<(&str, Dtype, Vec<usize>, Vec<u8>)> = vec![
-            (
-                "image_hidden",
-                Dtype::F32,
-                vec![s, p, d],
-                f(&self.image_hidden),
-            ),
-            (
-                "token_hidden",
-                Dtype::F32,
-                vec![m, d],
-                f(&self.token_hidden),
-            ),
-            ("maps", Dtype::F32, vec![m, p], f(&self.maps)),
-            ("token_ids", Dtype::I64, vec![m], i(&self.token_ids)),
-            ("token_sample", Dtype::I64, vec![m], i(&self.token_sample)),
-            ("token_index", Dtype::I64, vec![m], i(&self.token_index)),
-        ];
-        let views = tensors
-            .iter()
-            .map(|(name, dt, shape, b)| {
-                safetensors::tensor::TensorView::new(*dt, shape.clone(), b)
-                    .map(|v| (name.to_string(), v))
-            })
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| Error::input(format!("shard tensors: {e}")))?;
-        let samples = serde_json::to_string(&self.samples)
-            .map_err(|e| Error::input(format!("shard records: {e}")))?;
-        let meta: HashMap<String, String> = [
-            ("format", SHARD_FORMAT.to_string()),
-            ("first_sample", self.first_sample.to_string()),
-            ("n_samples", s.to_string()),
-            ("n_tokens", m.to_string()),
-            ("samples", samples),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
-        safetensors::tensor::serialize(views, Some(meta))
-            .map_err(|e| Error::input(format!("shard: {e}")))
-    }
-
-    /// Reads a shard file completely.
-    pub fn read(path: &Path) -> Result<Self> {
-        let bad = |msg: String| Error::input(format!("{}: {msg}", path.display()));
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let (_, md) = SafeTensors::read_metadata(&bytes)
-            .map_err(|e| bad(format!("not a valid safetensors shard: {e}")))?;
-        let meta = md.metadata().clone().unwrap_or_default();
-        let (first_sample, samples) = shard_meta(&meta).map_err(bad)?;
-        let st = SafeTensors::deserialize(&bytes)
-            .map_err(|e| bad(format!("invalid safetensors: {e}")))?;
-        let get = |name: &str, dt: Dtype| -> Result<(Vec<usize>, Vec<u8>)> {
-            let t = st
-                .tensor(name)
-                .map_err(|_| bad(format!("missing tensor `{name}`")))?;
-            if t.dtype() != dt {
-                return Err(bad(format!(
-                    "tensor `{name}` is {:?}, expected {dt:?}",
-                    t.dtype()
-                )));
-            }
-            Ok((t.shape().to_vec(), t.data().to_vec()))
-        };
-        let f32s = |b: Vec<u8>| -> Vec<f32> {
-            b.chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect()
-        };
-        let i64s = |b: Vec<u8>| -> Vec<i64> {
-            b.chunks_exact(8)
-                .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-                .collect()
-        };
-        let (ish, ih) = get("image_hidden", Dtype::F32)?;
-        let (tsh, th) = get("token_hidden", Dtype::F32)?;
-        let (msh, maps) = get("maps", Dtype::F32)?;
-        if ish.len() != 3 || tsh.len() != 2 || msh.len() != 2 {
-            return Err(bad("tensor ranks are not [S,P,D], [M,D], [M,P]".into()));
-        }
-        let (s, p, d, m) = (ish[0], ish[1], ish[2], tsh[0]);
-        if s != samples.len() || tsh[1] != d || msh != [m, p] {
-            return Err(bad(format!(
-                "tensor shapes disagree: image_hidden {ish:?}, token_hidden {tsh:?}, maps {msh:?}, {} records",
-                samples.len()
-            )));
-        }
-        let shard = Shard {
-            first_sample,
-            n_patches: p,
-            hidden_size: d,
-            samples,
-            image_hidden: f32s(ih),
-            token_hidden: f32s(th),
-            maps: f32s(maps),
-            token_ids: i64s(get("token_ids", Dtype::I64)?.1),
-            token_sample: i64s(get("token_sample", Dtype::I64)?.1),
-            token_index: i64s(get("token_index", Dtype::I64)?.1),
-        };
-        if [&shard.token_ids, &shard.token_sample, &shard.token_index]
-            .iter()
-            .any(|v| v.len() != m)
-        {
-            return Err(bad(format!("id tensors are not [{m}]")));
-        }
-        Ok(shard)
-    }
-}
-
-fn shard_meta(
-    meta: &HashMap<String, String>,
-) -> std::result::Result<(usize, Vec<SampleRecord>), String> {
-    if meta.get("format").map(String::as_str) != Some(SHARD_FORMAT) {
-        return Err(format!("not a {SHARD_FORMAT} file"));
-    }
-    let first = meta
-        .get("first_sample")
-        .and_then(|v| v.parse::<usize>().ok())
-        .ok_or("metadata `first_sample` missing or not an integer")?;
-    let samples: Vec<SampleRecord> =
-        serde_json::from_str(meta.get("samples").ok_or("metadata `samples` missing")?)
-            .map_err(|e| format!("metadata `samples`: {e}"))?;
-    Ok((first, samples))
-}
-
-/// The header of a shard only (first sample, records, token count), without reading the tensors.
-fn read_shard_header(
-    path: &Path,
-) -> std::result::Result<(usize, Vec<SampleRecord>, usize), String> {
-    let mut f = std::fs::File::open(path).map_err(|e| e.to_string())?;
-    let mut n = [0u8; 8];
-    f.read_exact(&mut n).map_err(|e| e.to_string())?;
-    let n = u64::from_le_bytes(n);
-    if n > 1 << 30 {
-        return Err("header too large".into());
-    }
-    let mut header = vec![0u8; n as usize];
-    f.read_exact(&mut header).map_err(|e| e.to_string())?;
-    let v: serde_json::Value = serde_json::from_slice(&header).map_err(|e| e.to_string())?;
-    let meta: HashMap<String, String> =
-        serde_json::from_value(v.get("__metadata__").cloned().unwrap_or_default())
-            .map_err(|e| e.to_string())?;
-    let (first, samples) = shard_meta(&meta)?;
-    let tokens = v
-        .get("token_ids")
-        .and_then(|t| t.get("shape"))
-        .and_then(|s| s.get(0))
-        .and_then(|x| x.as_u64())
-        .ok_or("no token_ids tensor")? as usize;
-    // The file must be complete: its size is the header plus the last tensor's end.
-    let end = v
-        .as_object()
-        .map(|o| {
-            o.values()
-                .filter_map(|t| t.get("data_offsets")?.get(1)?.as_u64())
-                .max()
-                .unwrap_or(0)
-        })
-        .unwrap_or(0);
-    let len = f.metadata().map_err(|e| e.to_string())?.len();
-    if len != 8 + n + end {
-        return Err(format!("truncated ({len} bytes, expected {})", 8 + n + end));
-    }
-    Ok((first, samples, tokens))
-}
-
-/// Writes `path` through a temporary file in the same folder and a rename.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(path, e)
-    })
-}
-
-/// Is `name` one of the files `distill` writes into its folder (shards, the manifest, or their
-/// temporary files)?
-fn is_shard_name(name: &str) -> bool {
-    name.len() == "shard-00000.safetensors".len()
-        && name.starts_with("shard-")
-        && name.ends_with(".safetensors")
-        && name[6..11].bytes().all(|b| b.is_ascii_digit())
-}
-
-fn is_temp_name(name: &str) -> bool {
-    name.starts_with('.')
-        && name.contains(".tmp-")
-        && (name.starts_with(".shard-") || name.starts_with(".manifest.json"))
 }
 
 const LOCK: &str = ".distill.lock";
@@ -930,11 +545,7 @@ pub fn run(args: DistillArgs) -> Result<()> {
         samples: 0,
         tokens: 0,
     };
-    let totals = |m: &mut Manifest| {
-        m.samples = m.shards.iter().map(|s| s.samples).sum();
-        m.tokens = m.shards.iter().map(|s| s.tokens).sum();
-    };
-    totals(&mut manifest);
+    manifest.count();
     manifest.write(out)?;
 
     // A short last shard (an earlier, smaller --limit) is read back and continued; it stays
@@ -943,7 +554,7 @@ pub fn run(args: DistillArgs) -> Result<()> {
     if listed_samples < total {
         if let Some(last) = manifest.shards.last() {
             if last.samples < shard_size {
-                buf = Some(Shard::read(&out.join(&last.file))?);
+                buf = Some(manifest.open_shard(out, last)?.into_shard()?);
             }
         }
     }
@@ -1005,9 +616,9 @@ pub fn run(args: DistillArgs) -> Result<()> {
                 manifest.shards.pop();
             }
             let file = shard_name(manifest.shards.len());
-            write_atomic(&out.join(&file), &shard.to_bytes()?)?;
+            shard.write(&out.join(&file))?;
             manifest.shards.push(ShardInfo { file, ..info });
-            totals(&mut manifest);
+            manifest.count();
             manifest.write(out)?;
         }
     }
@@ -1025,11 +636,12 @@ pub fn run(args: DistillArgs) -> Result<()> {
     Ok(())
 }
 
-/// One shard folder's samples in order, a shard file in memory at a time.
+/// One shard folder's samples in order, a shard file open at a time.
 struct FolderSamples<'a> {
     dir: &'a Path,
+    manifest: &'a Manifest,
     files: std::slice::Iter<'a, ShardInfo>,
-    current: Option<Shard>,
+    current: Option<ShardFile>,
     next: usize,
 }
 
@@ -1037,32 +649,16 @@ impl FolderSamples<'_> {
     /// The next sample: its record, image hidden states and tokens.
     fn next(&mut self) -> Result<Option<Distilled>> {
         loop {
-            if let Some(sh) = &mut self.current {
+            if let Some(sh) = &self.current {
                 if self.next < sh.samples.len() {
-                    let si = self.next;
                     self.next += 1;
-                    let (image_hidden, tokens) = sh.sample_rows(si);
-                    return Ok(Some(Distilled {
-                        record: sh.samples[si].clone(),
-                        image_hidden: image_hidden.to_vec(),
-                        tokens,
-                    }));
+                    return sh.sample(self.next - 1).map(Some);
                 }
             }
             let Some(info) = self.files.next() else {
                 return Ok(None);
             };
-            let path = self.dir.join(&info.file);
-            let sh = Shard::read(&path)?;
-            if sh.first_sample != info.first_sample || sh.samples.len() != info.samples {
-                return Err(Error::input(format!(
-                    "{}: does not match its manifest entry (first sample {}, {} samples); rerun                      its distill to repair the folder",
-                    path.display(),
-                    info.first_sample,
-                    info.samples
-                )));
-            }
-            self.current = Some(sh);
+            self.current = Some(self.manifest.open_shard(self.dir, info)?);
             self.next = 0;
         }
     }
@@ -1196,6 +792,7 @@ pub fn merge(args: MergeArgs) -> Result<()> {
             let j = by_index[i].expect("every shard is present");
             FolderSamples {
                 dir: &inputs[j],
+                manifest: &manifests[j],
                 files: manifests[j].shards.iter(),
                 current: None,
                 next: 0,
@@ -1230,7 +827,7 @@ pub fn merge(args: MergeArgs) -> Result<()> {
         if shard.samples.len() == shard_size || g + 1 == total {
             let shard = buf.take().expect("a shard is in progress");
             let file = shard_name(manifest.shards.len());
-            write_atomic(&out.join(&file), &shard.to_bytes()?)?;
+            shard.write(&out.join(&file))?;
             manifest.shards.push(ShardInfo {
                 file,
                 first_sample: shard.first_sample,
@@ -1239,8 +836,7 @@ pub fn merge(args: MergeArgs) -> Result<()> {
             });
         }
     }
-    manifest.samples = manifest.shards.iter().map(|s| s.samples).sum();
-    manifest.tokens = manifest.shards.iter().map(|s| s.tokens).sum();
+    manifest.count();
     manifest.write(out)?;
     println!(
         "merged {n} shards in {:.1}s; {}: {} samples, {} tokens, {} shards",
