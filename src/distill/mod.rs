@@ -33,7 +33,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::Backend;
 use crate::engine::{
-    AnyEngine, CancelToken, Engine, GenerateOptions, Item, Method, Request, RunOptions,
+    AnyEngine, CancelToken, Device, Dtype, Engine, GenerateOptions, Item, Method, Request,
+    RunOptions,
 };
 use crate::error::{Error, Result};
 use crate::explain::RowMode;
@@ -330,109 +331,19 @@ fn clock(s: f64) -> String {
 /// `fastrm distill`.
 pub fn run(args: DistillArgs) -> Result<()> {
     let t0 = Instant::now();
-    if args.limit == Some(0) {
-        return Err(Error::input("--limit must be at least 1"));
-    }
-    if args.max_new_tokens == 0 {
-        return Err(Error::input("--max-new-tokens must be at least 1"));
-    }
-    if args.shard_size == Some(0) {
-        return Err(Error::input("--shard-size must be at least 1"));
-    }
-    let spec = args.shard.as_deref().map(ShardSpec::parse).transpose()?;
-    let (device, dtype) = args.device.get()?;
-    Error::require_dir("--model", &args.model)?;
-    Error::require_dir("--images", &args.images)?;
-    let data = Dataset::load(&args.questions)?;
-    let target = args
-        .limit
-        .unwrap_or(data.entries.len())
-        .min(data.entries.len());
-    let suffix = if args.no_suffix { "" } else { SUFFIX };
-    // This folder's samples are positions 0..total of its own sequence; `global` gives each one's
-    // index in the file (the identity without --shard).
-    let global = |pos: usize| spec.map_or(pos, |s| s.global(pos));
-    let total = spec.map_or(target, |s| s.share_of(target));
-
+    let plan = Plan::new(&args)?;
     std::fs::create_dir_all(&args.out).map_err(|e| Error::io(&args.out, e))?;
     let out = args.out.as_path();
     let _lock = Lock::take(out)?;
-    let identity = (
-        canonical(&args.model)?,
-        canonical(&args.questions)?,
-        canonical(&args.images)?,
-    );
-    let weights = weights_fingerprint(&args.model)?;
+    let identity = Identity::of(&args)?;
     let existing = if out.join(MANIFEST).exists() {
         Some(Manifest::read(out)?)
     } else {
         None
     };
-    if let Some(m) = &existing {
-        let mismatch = |what: &str, was: &dyn std::fmt::Debug, now: &dyn std::fmt::Debug| {
-            Error::input(format!(
-                "{} holds a distill set made with {what} {was:?}, not {now:?}: use another --out \
-                 or the same settings to resume",
-                out.display()
-            ))
-        };
-        if m.model != identity.0 {
-            return Err(mismatch("model", &m.model, &identity.0));
-        }
-        if m.model_weights != weights {
-            return Err(Error::input(format!(
-                "{} holds a distill set made with other weights in {} (the model was rewritten since: \
-                 fingerprint {:?}, now {weights:?}): use another --out",
-                out.display(),
-                m.model,
-                m.model_weights
-            )));
-        }
-        if m.method != args.method.as_str() {
-            return Err(mismatch("method", &m.method, &args.method.as_str()));
-        }
-        if m.suffix != suffix {
-            return Err(mismatch("suffix", &m.suffix, &suffix));
-        }
-        if m.input.fingerprint != data.fingerprint || m.input.format != data.format.as_str() {
-            return Err(mismatch(
-                "questions file",
-                &format!("{} ({})", m.input.path, m.input.fingerprint),
-                &format!("{} ({})", identity.1, data.fingerprint),
-            ));
-        }
-        if m.images != identity.2 {
-            return Err(mismatch("images folder", &m.images, &identity.2));
-        }
-        if m.max_new_tokens != args.max_new_tokens {
-            return Err(mismatch(
-                "--max-new-tokens",
-                &m.max_new_tokens,
-                &args.max_new_tokens,
-            ));
-        }
-        if let Some(k) = args.shard_size {
-            if k != m.shard_size {
-                return Err(mismatch("--shard-size", &m.shard_size, &k));
-            }
-        }
-        if m.shard != spec {
-            let show = |s: Option<ShardSpec>| s.map_or("none".to_string(), |s| s.to_string());
-            return Err(mismatch("--shard", &show(m.shard), &show(spec)));
-        }
-    } else if std::fs::read_dir(out)
-        .map_err(|e| Error::io(out, e))?
-        .filter_map(|e| e.ok())
-        .any(|e| {
-            let n = e.file_name();
-            let n = n.to_string_lossy();
-            !(is_shard_name(&n) || is_temp_name(&n) || n == LOCK)
-        })
-    {
-        return Err(Error::input(format!(
-            "{}: not empty and has no {MANIFEST}; give an empty or new folder",
-            out.display()
-        )));
+    match &existing {
+        Some(m) => check_same_run(m, &args, &plan, &identity)?,
+        None => require_fresh(out)?,
     }
     let shard_size = existing
         .as_ref()
@@ -440,55 +351,15 @@ pub fn run(args: DistillArgs) -> Result<()> {
         .or(args.shard_size)
         .unwrap_or(DEFAULT_SHARD_SIZE);
 
-    // The completed prefix: listed shards whose files are whole and agree with the manifest.
     let mut progress = Progress::new();
-    let mut shards: Vec<ShardInfo> = Vec::new();
-    if let Some(m) = &existing {
-        let mut next = 0;
-        for s in &m.shards {
-            let path = out.join(&s.file);
-            let ok = match read_shard_header(&path) {
-                Ok((first, recs, tokens)) => {
-                    s.file == shard_name(shards.len())
-                        && first == global(next)
-                        && s.first_sample == global(next)
-                        && recs.len() == s.samples
-                        && tokens == s.tokens
-                        && recs
-                            .iter()
-                            .enumerate()
-                            .all(|(i, r)| r.sample == global(next + i))
-                }
-                Err(_) => false,
-            };
-            if !ok {
-                eprintln!(
-                    "note: {} is missing or does not match the manifest; redoing from sample {}",
-                    path.display(),
-                    global(next)
-                );
-                break;
-            }
-            next += s.samples;
-            shards.push(s.clone());
-        }
-    }
-    // Leftovers of an interrupted run: temporary files, and shards the manifest does not list.
-    for e in std::fs::read_dir(out)
-        .map_err(|e| Error::io(out, e))?
-        .filter_map(|e| e.ok())
-    {
-        let n = e.file_name().to_string_lossy().to_string();
-        let listed = shards.iter().any(|s| s.file == n);
-        if is_temp_name(&n) || (is_shard_name(&n) && !listed) {
-            std::fs::remove_file(e.path()).map_err(|err| Error::io(e.path(), err))?;
-        }
-    }
-
+    let shards = existing
+        .as_ref()
+        .map_or(Vec::new(), |m| completed_prefix(out, m, &plan));
+    remove_leftovers(out, &shards)?;
     let listed_samples: usize = shards.iter().map(|s| s.samples).sum();
     // Every image of the run must exist before any expensive work starts.
-    let images: Vec<PathBuf> = (listed_samples.min(total)..total)
-        .map(|pos| &data.entries[global(pos)])
+    let images: Vec<PathBuf> = (listed_samples.min(plan.total)..plan.total)
+        .map(|pos| &plan.data.entries[plan.global(pos)])
         .map(|e| {
             let p = dataset::resolve_image(&args.images, e)?;
             std::fs::canonicalize(&p).map_err(|err| Error::io(&p, err))
@@ -499,141 +370,398 @@ pub fn run(args: DistillArgs) -> Result<()> {
         progress
             .status
             .say(&format!("loading {}", args.model.display()));
-        let e = AnyEngine::load(device, dtype, &args.model);
+        let e = AnyEngine::load(plan.device, plan.dtype, &args.model);
         progress.status.clear();
         e?
     };
-    let cfg = engine.config();
-    let (d, p, g) = (
-        cfg.text.hidden_size,
-        cfg.vision.num_patches(),
-        cfg.vision.grid(),
-    );
+    let mut manifest = new_manifest(&args, &plan, identity, engine.config(), shard_size, shards);
     if let Some(m) = &existing {
-        if (m.hidden_size, m.n_patches) != (d, p) {
+        if (m.hidden_size, m.n_patches) != (manifest.hidden_size, manifest.n_patches) {
             return Err(Error::input(format!(
-                "{}: made with hidden size {} and {} patches; the model has {d} and {p}",
+                "{}: made with hidden size {} and {} patches; the model has {} and {}",
                 out.display(),
                 m.hidden_size,
-                m.n_patches
+                m.n_patches,
+                manifest.hidden_size,
+                manifest.n_patches
             )));
         }
     }
-    let mut manifest = Manifest {
-        format: MANIFEST_FORMAT.into(),
-        version: MANIFEST_VERSION,
-        model: identity.0.clone(),
-        model_weights: weights.clone(),
-        method: args.method.as_str().into(),
-        suffix: suffix.into(),
-        max_new_tokens: args.max_new_tokens,
-        stop_at_eos: true,
-        hidden_size: d,
-        n_patches: p,
-        grid: [g, g],
-        label_threshold: LABEL_THRESHOLD,
-        input: InputInfo {
-            path: identity.1.clone(),
-            format: data.format.as_str().into(),
-            fingerprint: data.fingerprint.clone(),
-            entries: data.entries.len(),
-        },
-        images: identity.2.clone(),
-        shard_size,
-        shard: spec,
-        shards,
-        samples: 0,
-        tokens: 0,
-    };
-    manifest.count();
     manifest.write(out)?;
 
     // A short last shard (an earlier, smaller --limit) is read back and continued; it stays
     // listed until its replacement is written.
-    let mut buf: Option<Shard> = None;
-    if listed_samples < total {
+    let mut writer = ShardWriter::new(out, shard_size);
+    if listed_samples < plan.total {
         if let Some(last) = manifest.shards.last() {
             if last.samples < shard_size {
-                buf = Some(manifest.open_shard(out, last)?.into_shard()?);
+                writer.buf = Some(manifest.open_shard(out, last)?.into_shard()?);
             }
         }
     }
 
-    let method = match args.method {
-        DistillMethod::Baseline => Method::Baseline {
-            mode: RowMode::Streamed,
-        },
-        DistillMethod::BaselineIncremental => Method::BaselineIncremental,
+    let run = Remaining {
+        args: &args,
+        plan: &plan,
+        images: &images,
+        first: listed_samples,
     };
-    let opts = GenerateOptions {
-        max_new_tokens: args.max_new_tokens,
-        stop_at_eos: true,
-        keep_steps: false,
-    };
-    let (mut new_samples, mut new_tokens) = (0usize, 0usize);
-    let mut k = listed_samples;
-    while k < total {
-        let g = global(k);
-        let shard = buf.get_or_insert_with(|| Shard::new(g, p, d));
-        let entry = &data.entries[g];
-        let image = &images[k - listed_samples];
-        progress.bar(k, total, new_samples);
-        let s = crate::with_engine!(&engine, |e| distill_sample(
-            e,
-            g,
-            entry,
-            image,
-            suffix,
-            method,
-            &opts,
-            &mut |ev| progress.event(ev)
-        ));
-        let s = match s {
-            Ok(s) => s,
-            Err(e) => {
-                progress.status.clear();
-                return Err(e);
-            }
-        };
-        new_tokens += s.tokens.len();
-        shard.push(s.record, &s.image_hidden, &s.tokens);
-        k += 1;
-        new_samples += 1;
-        if shard.samples.len() == shard_size || k == total {
-            let shard = buf.take().expect("a shard is in progress");
-            let info = ShardInfo {
-                file: String::new(),
-                first_sample: shard.first_sample,
-                samples: shard.samples.len(),
-                tokens: shard.n_tokens(),
-            };
-            // A continued short shard replaces its listed entry.
-            if manifest
-                .shards
-                .last()
-                .is_some_and(|s| s.first_sample == shard.first_sample)
-            {
-                manifest.shards.pop();
-            }
-            let file = shard_name(manifest.shards.len());
-            shard.write(&out.join(&file))?;
-            manifest.shards.push(ShardInfo { file, ..info });
-            manifest.count();
-            manifest.write(out)?;
-        }
-    }
-    progress.status.clear();
+    let (new_samples, new_tokens) =
+        run.distill(&engine, &mut manifest, &mut writer, &mut progress)?;
     println!(
         "distilled {new_samples} samples ({new_tokens} tokens) in {:.1}s on {}; {}{}: {} samples, {} tokens, {} shards",
         t0.elapsed().as_secs_f64(),
         engine.backend_name(),
         out.display(),
-        spec.map_or(String::new(), |s| format!(" (shard {s})")),
+        plan.spec.map_or(String::new(), |s| format!(" (shard {s})")),
         manifest.samples,
         manifest.tokens,
         manifest.shards.len()
     );
     Ok(())
+}
+
+/// What a `distill` run is asked for, its arguments checked before anything is touched.
+struct Plan {
+    spec: Option<ShardSpec>,
+    device: Device,
+    dtype: Option<Dtype>,
+    data: Dataset,
+    suffix: &'static str,
+    /// This folder's samples are positions `0..total` of its own sequence ([`Plan::global`]).
+    total: usize,
+}
+
+impl Plan {
+    fn new(args: &DistillArgs) -> Result<Self> {
+        if args.limit == Some(0) {
+            return Err(Error::input("--limit must be at least 1"));
+        }
+        if args.max_new_tokens == 0 {
+            return Err(Error::input("--max-new-tokens must be at least 1"));
+        }
+        if args.shard_size == Some(0) {
+            return Err(Error::input("--shard-size must be at least 1"));
+        }
+        let spec = args.shard.as_deref().map(ShardSpec::parse).transpose()?;
+        let (device, dtype) = args.device.get()?;
+        Error::require_dir("--model", &args.model)?;
+        Error::require_dir("--images", &args.images)?;
+        let data = Dataset::load(&args.questions)?;
+        let target = args
+            .limit
+            .unwrap_or(data.entries.len())
+            .min(data.entries.len());
+        Ok(Plan {
+            spec,
+            device,
+            dtype,
+            data,
+            suffix: if args.no_suffix { "" } else { SUFFIX },
+            total: spec.map_or(target, |s| s.share_of(target)),
+        })
+    }
+
+    /// The index in the file of this folder's `pos`-th sample (the identity without --shard).
+    fn global(&self, pos: usize) -> usize {
+        self.spec.map_or(pos, |s| s.global(pos))
+    }
+}
+
+/// What a folder's samples were made from: the model (its folder and weight files), the
+/// questions file and the images folder, as canonical paths.
+struct Identity {
+    model: String,
+    weights: String,
+    questions: String,
+    images: String,
+}
+
+impl Identity {
+    fn of(args: &DistillArgs) -> Result<Self> {
+        Ok(Identity {
+            model: canonical(&args.model)?,
+            questions: canonical(&args.questions)?,
+            images: canonical(&args.images)?,
+            weights: weights_fingerprint(&args.model)?,
+        })
+    }
+}
+
+/// An existing folder is resumed only by the run that made it: the same model, weights, method,
+/// suffix, questions, images and settings.
+fn check_same_run(m: &Manifest, args: &DistillArgs, plan: &Plan, id: &Identity) -> Result<()> {
+    let out = &args.out;
+    let mismatch = |what: &str, was: &dyn std::fmt::Debug, now: &dyn std::fmt::Debug| {
+        Err(Error::input(format!(
+            "{} holds a distill set made with {what} {was:?}, not {now:?}: use another --out \
+             or the same settings to resume",
+            out.display()
+        )))
+    };
+    let (data, suffix) = (&plan.data, plan.suffix);
+    if m.model != id.model {
+        return mismatch("model", &m.model, &id.model);
+    }
+    if m.model_weights != id.weights {
+        return Err(Error::input(format!(
+            "{} holds a distill set made with other weights in {} (the model was rewritten since: \
+             fingerprint {:?}, now {:?}): use another --out",
+            out.display(),
+            m.model,
+            m.model_weights,
+            id.weights
+        )));
+    }
+    if m.method != args.method.as_str() {
+        return mismatch("method", &m.method, &args.method.as_str());
+    }
+    if m.suffix != suffix {
+        return mismatch("suffix", &m.suffix, &suffix);
+    }
+    if m.input.fingerprint != data.fingerprint || m.input.format != data.format.as_str() {
+        return mismatch(
+            "questions file",
+            &format!("{} ({})", m.input.path, m.input.fingerprint),
+            &format!("{} ({})", id.questions, data.fingerprint),
+        );
+    }
+    if m.images != id.images {
+        return mismatch("images folder", &m.images, &id.images);
+    }
+    if m.max_new_tokens != args.max_new_tokens {
+        return mismatch("--max-new-tokens", &m.max_new_tokens, &args.max_new_tokens);
+    }
+    if let Some(k) = args.shard_size {
+        if k != m.shard_size {
+            return mismatch("--shard-size", &m.shard_size, &k);
+        }
+    }
+    if m.shard != plan.spec {
+        let show = |s: Option<ShardSpec>| s.map_or("none".to_string(), |s| s.to_string());
+        return mismatch("--shard", &show(m.shard), &show(plan.spec));
+    }
+    Ok(())
+}
+
+/// A folder without a manifest may hold only what an interrupted first run leaves.
+fn require_fresh(out: &Path) -> Result<()> {
+    let foreign = std::fs::read_dir(out)
+        .map_err(|e| Error::io(out, e))?
+        .filter_map(|e| e.ok())
+        .any(|e| {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            !(is_shard_name(&n) || is_temp_name(&n) || n == LOCK)
+        });
+    if foreign {
+        return Err(Error::input(format!(
+            "{}: not empty and has no {MANIFEST}; give an empty or new folder",
+            out.display()
+        )));
+    }
+    Ok(())
+}
+
+/// The completed prefix of a folder: its listed shards up to the first whose file is not whole
+/// or does not agree with the manifest (that one and the rest are redone).
+fn completed_prefix(out: &Path, m: &Manifest, plan: &Plan) -> Vec<ShardInfo> {
+    let mut shards: Vec<ShardInfo> = Vec::new();
+    let mut next = 0;
+    for s in &m.shards {
+        let path = out.join(&s.file);
+        let global = |i: usize| plan.global(next + i);
+        let ok = match read_shard_header(&path) {
+            Ok((first, recs, tokens)) => {
+                s.file == shard_name(shards.len())
+                    && first == global(0)
+                    && s.first_sample == global(0)
+                    && recs.len() == s.samples
+                    && tokens == s.tokens
+                    && recs.iter().enumerate().all(|(i, r)| r.sample == global(i))
+            }
+            Err(_) => false,
+        };
+        if !ok {
+            eprintln!(
+                "note: {} is missing or does not match the manifest; redoing from sample {}",
+                path.display(),
+                global(0)
+            );
+            break;
+        }
+        next += s.samples;
+        shards.push(s.clone());
+    }
+    shards
+}
+
+/// Removes the leftovers of an interrupted run: temporary files, and shards not in `shards`.
+fn remove_leftovers(out: &Path, shards: &[ShardInfo]) -> Result<()> {
+    for e in std::fs::read_dir(out)
+        .map_err(|e| Error::io(out, e))?
+        .filter_map(|e| e.ok())
+    {
+        let n = e.file_name().to_string_lossy().to_string();
+        let listed = shards.iter().any(|s| s.file == n);
+        if is_temp_name(&n) || (is_shard_name(&n) && !listed) {
+            std::fs::remove_file(e.path()).map_err(|err| Error::io(e.path(), err))?;
+        }
+    }
+    Ok(())
+}
+
+/// The manifest of this run, listing the completed `shards`.
+fn new_manifest(
+    args: &DistillArgs,
+    plan: &Plan,
+    id: Identity,
+    cfg: &crate::config::LlavaConfig,
+    shard_size: usize,
+    shards: Vec<ShardInfo>,
+) -> Manifest {
+    let g = cfg.vision.grid();
+    let mut m = Manifest {
+        format: MANIFEST_FORMAT.into(),
+        version: MANIFEST_VERSION,
+        model: id.model,
+        model_weights: id.weights,
+        method: args.method.as_str().into(),
+        suffix: plan.suffix.into(),
+        max_new_tokens: args.max_new_tokens,
+        stop_at_eos: true,
+        hidden_size: cfg.text.hidden_size,
+        n_patches: cfg.vision.num_patches(),
+        grid: [g, g],
+        label_threshold: LABEL_THRESHOLD,
+        input: InputInfo {
+            path: id.questions,
+            format: plan.data.format.as_str().into(),
+            fingerprint: plan.data.fingerprint.clone(),
+            entries: plan.data.entries.len(),
+        },
+        images: id.images,
+        shard_size,
+        shard: plan.spec,
+        shards,
+        samples: 0,
+        tokens: 0,
+    };
+    m.count();
+    m
+}
+
+/// The samples a run still has to distill: this folder's positions `first..plan.total`.
+struct Remaining<'a> {
+    args: &'a DistillArgs,
+    plan: &'a Plan,
+    /// The images of those positions, in order.
+    images: &'a [PathBuf],
+    first: usize,
+}
+
+impl Remaining<'_> {
+    /// Distills them in order, writing each shard as it fills and the manifest after it; returns
+    /// the samples and tokens made.
+    fn distill(
+        &self,
+        engine: &AnyEngine,
+        manifest: &mut Manifest,
+        writer: &mut ShardWriter,
+        progress: &mut Progress,
+    ) -> Result<(usize, usize)> {
+        let method = match self.args.method {
+            DistillMethod::Baseline => Method::Baseline {
+                mode: RowMode::Streamed,
+            },
+            DistillMethod::BaselineIncremental => Method::BaselineIncremental,
+        };
+        let opts = GenerateOptions {
+            max_new_tokens: self.args.max_new_tokens,
+            stop_at_eos: true,
+            keep_steps: false,
+        };
+        let (plan, total) = (self.plan, self.plan.total);
+        let (mut new_samples, mut new_tokens) = (0usize, 0usize);
+        for k in self.first..total {
+            let g = plan.global(k);
+            let (entry, image) = (&plan.data.entries[g], &self.images[k - self.first]);
+            progress.bar(k, total, new_samples);
+            let s = crate::with_engine!(engine, |e| distill_sample(
+                e,
+                g,
+                entry,
+                image,
+                plan.suffix,
+                method,
+                &opts,
+                &mut |ev| progress.event(ev)
+            ));
+            let s = s.inspect_err(|_| progress.status.clear())?;
+            new_tokens += s.tokens.len();
+            new_samples += 1;
+            if writer.push(manifest, g, s, k + 1 == total)? {
+                manifest.write(&self.args.out)?;
+            }
+        }
+        progress.status.clear();
+        Ok((new_samples, new_tokens))
+    }
+}
+
+/// Gathers samples into shards of `shard_size`, writing each shard file when it is full (or
+/// holds the last sample) and listing it in the manifest.
+struct ShardWriter<'a> {
+    out: &'a Path,
+    shard_size: usize,
+    /// The shard being filled.
+    buf: Option<Shard>,
+}
+
+impl<'a> ShardWriter<'a> {
+    fn new(out: &'a Path, shard_size: usize) -> Self {
+        ShardWriter {
+            out,
+            shard_size,
+            buf: None,
+        }
+    }
+
+    /// Adds sample `g` (its index in the file); true when this wrote a shard file and listed it
+    /// in `manifest`.
+    fn push(
+        &mut self,
+        manifest: &mut Manifest,
+        g: usize,
+        s: Distilled,
+        last: bool,
+    ) -> Result<bool> {
+        let (p, d) = (manifest.n_patches, manifest.hidden_size);
+        let shard = self.buf.get_or_insert_with(|| Shard::new(g, p, d));
+        shard.push(s.record, &s.image_hidden, &s.tokens);
+        if shard.samples.len() < self.shard_size && !last {
+            return Ok(false);
+        }
+        let shard = self.buf.take().expect("a shard is in progress");
+        // A continued short shard replaces its listed entry.
+        if manifest
+            .shards
+            .last()
+            .is_some_and(|s| s.first_sample == shard.first_sample)
+        {
+            manifest.shards.pop();
+        }
+        let file = shard_name(manifest.shards.len());
+        shard.write(&self.out.join(&file))?;
+        manifest.shards.push(ShardInfo {
+            file,
+            first_sample: shard.first_sample,
+            samples: shard.samples.len(),
+            tokens: shard.n_tokens(),
+        });
+        manifest.count();
+        Ok(true)
+    }
 }
 
 /// One shard folder's samples in order, a shard file open at a time.
@@ -682,7 +810,75 @@ pub fn merge(args: MergeArgs) -> Result<()> {
             Manifest::read(d)
         })
         .collect::<Result<_>>()?;
-    // Every setting but the shard spec and the contents must agree.
+    check_same_settings(&manifests, inputs)?;
+    let by_index = split_order(&manifests, inputs)?;
+    let total = check_split_limits(&manifests, inputs)?;
+
+    let out = args.out.as_path();
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    if std::fs::read_dir(out)
+        .map_err(|e| Error::io(out, e))?
+        .next()
+        .is_some()
+    {
+        return Err(Error::input(format!(
+            "--out {}: not empty; give an empty or new folder",
+            out.display()
+        )));
+    }
+    let _lock = Lock::take(out)?;
+    let mut readers: Vec<FolderSamples> = by_index
+        .iter()
+        .map(|&j| FolderSamples {
+            dir: &inputs[j],
+            manifest: &manifests[j],
+            files: manifests[j].shards.iter(),
+            current: None,
+            next: 0,
+        })
+        .collect();
+    let mut manifest = Manifest {
+        shard: None,
+        shards: Vec::new(),
+        samples: 0,
+        tokens: 0,
+        ..manifests[0].clone()
+    };
+    let mut writer = ShardWriter::new(out, manifest.shard_size);
+    let n = by_index.len();
+    for g in 0..total {
+        let reader = &mut readers[g % n];
+        let s = reader.next()?.ok_or_else(|| {
+            Error::input(format!(
+                "{}: its shards end before its manifest's sample count",
+                reader.dir.display()
+            ))
+        })?;
+        if s.record.sample != g {
+            return Err(Error::input(format!(
+                "{}: holds sample {} where shard {}/{n} expects {g}",
+                reader.dir.display(),
+                s.record.sample,
+                g % n
+            )));
+        }
+        writer.push(&mut manifest, g, s, g + 1 == total)?;
+    }
+    // Listed only now, so that an interrupted merge leaves no folder that looks complete.
+    manifest.write(out)?;
+    println!(
+        "merged {n} shards in {:.1}s; {}: {} samples, {} tokens, {} shards",
+        t0.elapsed().as_secs_f64(),
+        out.display(),
+        manifest.samples,
+        manifest.tokens,
+        manifest.shards.len()
+    );
+    Ok(())
+}
+
+/// Every setting but the shard spec and the contents must agree between the folders of a split.
+fn check_same_settings(manifests: &[Manifest], inputs: &[PathBuf]) -> Result<()> {
     let settings = |m: &Manifest| {
         let mut v = serde_json::to_value(Manifest {
             shard: None,
@@ -717,6 +913,11 @@ pub fn merge(args: MergeArgs) -> Result<()> {
             )));
         }
     }
+    Ok(())
+}
+
+/// The folders as the N shards of one split: entry I is the index in `inputs` of shard I/N.
+fn split_order(manifests: &[Manifest], inputs: &[PathBuf]) -> Result<Vec<usize>> {
     let specs: Vec<ShardSpec> = manifests
         .iter()
         .zip(inputs)
@@ -759,92 +960,24 @@ pub fn merge(args: MergeArgs) -> Result<()> {
             missing.join(", ")
         )));
     }
-    // The union must be the file's first `total` questions, as one run with --limit total covers.
+    Ok(by_index.into_iter().flatten().collect())
+}
+
+/// The merged sample count; the union of the shard folders must be the file's first `total`
+/// questions, as one run with `--limit total` covers.
+fn check_split_limits(manifests: &[Manifest], inputs: &[PathBuf]) -> Result<usize> {
     let total: usize = manifests.iter().map(|m| m.samples).sum();
-    for (m, (s, dir)) in manifests.iter().zip(specs.iter().zip(inputs)) {
+    for (m, dir) in manifests.iter().zip(inputs) {
+        let Some(s) = m.shard else { continue };
         if m.samples != s.share_of(total) {
             return Err(Error::input(format!(
-                "{} (shard {s}) holds {} samples, but the first {total} questions give it {}:                  the shards were run with different --limit; rerun the short ones with the largest",
+                "{} (shard {s}) holds {} samples, but the first {total} questions give it {}: \
+                 the shards were run with different --limit; rerun the short ones with the largest",
                 dir.display(),
                 m.samples,
                 s.share_of(total)
             )));
         }
     }
-
-    let out = args.out.as_path();
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    if std::fs::read_dir(out)
-        .map_err(|e| Error::io(out, e))?
-        .next()
-        .is_some()
-    {
-        return Err(Error::input(format!(
-            "--out {}: not empty; give an empty or new folder",
-            out.display()
-        )));
-    }
-    let _lock = Lock::take(out)?;
-    let m0 = &manifests[0];
-    let (p, d, shard_size) = (m0.n_patches, m0.hidden_size, m0.shard_size);
-    let mut readers: Vec<FolderSamples> = (0..n)
-        .map(|i| {
-            let j = by_index[i].expect("every shard is present");
-            FolderSamples {
-                dir: &inputs[j],
-                manifest: &manifests[j],
-                files: manifests[j].shards.iter(),
-                current: None,
-                next: 0,
-            }
-        })
-        .collect();
-    let mut manifest = Manifest {
-        shard: None,
-        shards: Vec::new(),
-        samples: 0,
-        tokens: 0,
-        ..m0.clone()
-    };
-    let mut buf: Option<Shard> = None;
-    for g in 0..total {
-        let i = g % n;
-        let s = readers[i].next()?.ok_or_else(|| {
-            Error::input(format!(
-                "{}: its shards end before its manifest's sample count",
-                inputs[by_index[i].expect("present")].display()
-            ))
-        })?;
-        if s.record.sample != g {
-            return Err(Error::input(format!(
-                "{}: holds sample {} where shard {i}/{n} expects {g}",
-                inputs[by_index[i].expect("present")].display(),
-                s.record.sample
-            )));
-        }
-        let shard = buf.get_or_insert_with(|| Shard::new(g, p, d));
-        shard.push(s.record, &s.image_hidden, &s.tokens);
-        if shard.samples.len() == shard_size || g + 1 == total {
-            let shard = buf.take().expect("a shard is in progress");
-            let file = shard_name(manifest.shards.len());
-            shard.write(&out.join(&file))?;
-            manifest.shards.push(ShardInfo {
-                file,
-                first_sample: shard.first_sample,
-                samples: shard.samples.len(),
-                tokens: shard.n_tokens(),
-            });
-        }
-    }
-    manifest.count();
-    manifest.write(out)?;
-    println!(
-        "merged {n} shards in {:.1}s; {}: {} samples, {} tokens, {} shards",
-        t0.elapsed().as_secs_f64(),
-        out.display(),
-        manifest.samples,
-        manifest.tokens,
-        manifest.shards.len()
-    );
-    Ok(())
+    Ok(total)
 }
