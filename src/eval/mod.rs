@@ -1,5 +1,4 @@
-//! `fastrm eval`: how good a FastRM head is, on a distilled data set (issue 4 item 5, issue 7
-//! item 5).
+//! `fastrm eval`: how good a FastRM head is, on a distilled data set.
 //!
 //! 1. **Classification**: the head's per-patch probabilities against the binarised baseline map
 //!    (`y_j = 1[r_j ≥ τ·max r]`, τ the head's `label_threshold`), accuracy / precision / recall /

@@ -1,4 +1,4 @@
-//! `fastrm train`: fits the FastRM head (DESIGN §4) to the baseline maps of a distilled data set
+//! `fastrm train`: fits the FastRM head to the baseline maps of a distilled data set
 //! (`fastrm distill`), with per-patch binary cross-entropy and Adam.
 //!
 //! The head runs here in its unfolded training form, batched over tokens of many samples: for each
