@@ -1047,23 +1047,25 @@ fn entropy_plot(cal: &metrics::Calibration) -> Result<crate::vision::RgbImage> {
             })
             .collect()
     };
-    let mut series = Vec::new();
-    if !cal.correct.is_empty() {
-        series.push(Series {
-            name: format!("correct ({})", cal.correct.len()),
-            color: PALETTE[2],
-            points: curve(&cal.correct, cal.bandwidth_correct),
+    let groups = [
+        ("correct", &cal.correct, cal.bandwidth_correct, PALETTE[2]),
+        (
+            "incorrect",
+            &cal.incorrect,
+            cal.bandwidth_incorrect,
+            PALETTE[3],
+        ),
+    ];
+    let series: Vec<Series> = groups
+        .into_iter()
+        .filter(|(_, xs, _, _)| !xs.is_empty())
+        .map(|(name, xs, bw, color)| Series {
+            name: format!("{name} ({})", xs.len()),
+            color,
+            points: curve(xs, bw),
             markers: false,
-        });
-    }
-    if !cal.incorrect.is_empty() {
-        series.push(Series {
-            name: format!("incorrect ({})", cal.incorrect.len()),
-            color: PALETTE[3],
-            points: curve(&cal.incorrect, cal.bandwidth_incorrect),
-            markers: false,
-        });
-    }
+        })
+        .collect();
     let ymax = series
         .iter()
         .flat_map(|s| s.points.iter().map(|p| p.1))
