@@ -8,14 +8,15 @@ use std::process::Command;
 
 use fastrm::backend::cpu::Cpu;
 use fastrm::backend::Backend;
+use fastrm::distill::{
+    InputInfo, Manifest, SampleRecord, ShardInfo, MANIFEST_FORMAT, MANIFEST_VERSION,
+};
 use fastrm::explain::fastrm::{FastRmHead, HeadWeights};
 use fastrm::model::SplitMix64;
 use fastrm::train::{
     bce_with_logits, head_pass, labels, probabilities, train, Adam, Batch, BatchToken, Dataset,
     Grads, TrainOptions,
 };
-use safetensors::tensor::{serialize_to_file, TensorView};
-use safetensors::Dtype;
 
 // ---------------------------------------------------------------- f64 reference of the loss
 
@@ -215,54 +216,99 @@ struct Shard {
     samples: usize,
 }
 
-fn write_shard(path: &Path, s: &Shard, dm: usize, p: usize) {
+/// Writes `s` through the crate's shard writer, with the records the format requires: sample
+/// `first + i` answers with the ids of its token rows.
+fn write_shard(path: &Path, first: usize, s: &Shard, dm: usize, p: usize) {
     let m = s.token_sample.len();
     let ids: Vec<i64> = (0..m as i64).map(|i| 100 + i).collect();
-    let index: Vec<i64> = (0..m as i64).collect();
-    let b = |v: &[f32]| bytemuck::cast_slice::<f32, u8>(v).to_vec();
-    let bi = |v: &[i64]| bytemuck::cast_slice::<i64, u8>(v).to_vec();
-    let data = [
-        (
-            "image_hidden",
-            Dtype::F32,
-            vec![s.samples, p, dm],
-            b(&s.image_hidden),
-        ),
-        ("token_hidden", Dtype::F32, vec![m, dm], b(&s.token_hidden)),
-        ("maps", Dtype::F32, vec![m, p], b(&s.maps)),
-        ("token_ids", Dtype::I64, vec![m], bi(&ids)),
-        ("token_sample", Dtype::I64, vec![m], bi(&s.token_sample)),
-        ("token_index", Dtype::I64, vec![m], bi(&index)),
-    ];
-    let views: Vec<(String, TensorView)> = data
-        .iter()
-        .map(|(n, dt, shape, bytes)| {
-            (
-                n.to_string(),
-                TensorView::new(*dt, shape.clone(), bytes).unwrap(),
-            )
+    let mut answers: Vec<Vec<u32>> = vec![vec![]; s.samples];
+    let mut index = Vec::with_capacity(m);
+    for (&ts, &id) in s.token_sample.iter().zip(&ids) {
+        match answers.get_mut(ts as usize) {
+            Some(a) => {
+                index.push(a.len() as i64);
+                a.push(id as u32);
+            }
+            // A row of no sample (a corrupt set): refused on reading.
+            None => index.push(0),
+        }
+    }
+    let samples = answers
+        .into_iter()
+        .enumerate()
+        .map(|(i, generated_ids)| SampleRecord {
+            sample: first + i,
+            question_id: (first + i) as u64,
+            question: "what?".into(),
+            image: format!("img{i}.png"),
+            answer: String::new(),
+            answers: None,
+            generated_ids,
+            stop_reason: "eos".into(),
+            qtype: None,
+            n_objects: None,
+            target_mask: None,
         })
         .collect();
-    let recs: Vec<serde_json::Value> = (0..s.samples)
-        .map(|i| serde_json::json!({"image": format!("img{i}.png"), "question": "what?"}))
-        .collect();
-    let meta: HashMap<String, String> = [(
-        "samples".to_string(),
-        serde_json::Value::Array(recs).to_string(),
-    )]
-    .into();
-    serialize_to_file(views, Some(meta), path).unwrap();
+    fastrm::distill::Shard {
+        first_sample: first,
+        n_patches: p,
+        hidden_size: dm,
+        samples,
+        image_hidden: s.image_hidden.clone(),
+        token_hidden: s.token_hidden.clone(),
+        maps: s.maps.clone(),
+        token_ids: ids,
+        token_sample: s.token_sample.clone(),
+        token_index: index,
+    }
+    .write(path)
+    .unwrap();
 }
 
+/// A manifest listing `shards` (file, samples, tokens) in order.
 fn write_manifest(dir: &Path, dm: usize, p: usize, shards: &[(String, usize, usize)]) {
-    let list: Vec<serde_json::Value> = shards
+    let mut first = 0;
+    let shards = shards
         .iter()
-        .map(|(f, s, m)| serde_json::json!({"file": f, "samples": s, "tokens": m}))
+        .map(|(file, samples, tokens)| {
+            first += samples;
+            ShardInfo {
+                file: file.clone(),
+                first_sample: first - samples,
+                samples: *samples,
+                tokens: *tokens,
+            }
+        })
         .collect();
-    let m = serde_json::json!({
-        "version": 1, "hidden_size": dm, "n_patches": p, "label_threshold": 0.3, "shards": list,
-    });
-    std::fs::write(dir.join("manifest.json"), m.to_string()).unwrap();
+    let mut m = Manifest {
+        format: MANIFEST_FORMAT.into(),
+        version: MANIFEST_VERSION,
+        model: "synthetic".into(),
+        model_weights: String::new(),
+        method: "baseline".into(),
+        suffix: String::new(),
+        max_new_tokens: 3,
+        stop_at_eos: true,
+        hidden_size: dm,
+        n_patches: p,
+        grid: [3, 3],
+        label_threshold: 0.3,
+        input: InputInfo {
+            path: "synthetic".into(),
+            format: "jsonl".into(),
+            fingerprint: String::new(),
+            entries: first,
+        },
+        images: "synthetic".into(),
+        shard_size: 25,
+        shard: None,
+        shards,
+        samples: 0,
+        tokens: 0,
+    };
+    m.count();
+    m.write(dir).unwrap();
 }
 
 /// A planted rule: each sample has a class c (of `classes`); a few of its patches carry a large
@@ -319,7 +365,7 @@ fn planted(dir: &Path, seed: u64, n_samples: usize, per_shard: usize) {
             }
         }
         let name = format!("shard-{shard_no:05}.safetensors");
-        write_shard(&dir.join(&name), &sh, dm, p);
+        write_shard(&dir.join(&name), s0, &sh, dm, p);
         shards.push((name, ns, sh.token_sample.len()));
         s0 += ns;
         shard_no += 1;
@@ -650,7 +696,7 @@ fn cli_trains_writes_curve_and_refuses_bad_input() {
             token_sample: vec![],
             samples: 2,
         };
-        write_shard(&d.join("shard-00000.safetensors"), &sh, 16, 9);
+        write_shard(&d.join("shard-00000.safetensors"), 0, &sh, 16, 9);
         write_manifest(d, 16, 9, &[("shard-00000.safetensors".into(), 2, 0)]);
     });
     expect_error(&["train", "--data", &empty, "--out", os], "empty");
@@ -664,7 +710,7 @@ fn cli_trains_writes_curve_and_refuses_bad_input() {
             token_sample: vec![3],
             samples: 1,
         };
-        write_shard(&d.join("shard-00000.safetensors"), &sh, 16, 9);
+        write_shard(&d.join("shard-00000.safetensors"), 0, &sh, 16, 9);
         write_manifest(d, 16, 9, &[("shard-00000.safetensors".into(), 1, 1)]);
     });
     expect_error(

@@ -5,14 +5,9 @@
 //! per generated token the decoder's final-norm state that produced it, per sample the image
 //! positions' final-norm states after prefill. Any backend (`--device`) runs it.
 //!
-//! On disk (`--out DIR`):
-//! - `manifest.json` ([`Manifest`]): what made the set (model, method, suffix, input file and its
-//!   fingerprint, …) and the completed shards in order, rewritten atomically after each shard.
-//! - `shard-NNNNN.safetensors` ([`Shard`]), up to `shard_size` samples each: `image_hidden`
-//!   `[S, P, D]` f32, `token_hidden` `[M, D]` f32, `maps` `[M, P]` f32, `token_ids`,
-//!   `token_sample` (sample index within the shard), `token_index` (position in its answer)
-//!   `[M]` i64, and the per-sample records ([`SampleRecord`]) as JSON under the header metadata key
-//!   `samples`. Written to a temporary file and renamed.
+//! On disk (`--out DIR`), in the format [`format`] reads and writes: `manifest.json`
+//! ([`Manifest`]), rewritten after each shard, and `shard-NNNNN.safetensors` ([`Shard`]) of up to
+//! `shard_size` samples each.
 //!
 //! Rerunning the same command resumes: samples of completed shards are skipped, a short last shard
 //! (an earlier, smaller `--limit`) is read back and continued, and a shard lost in a crash is redone
@@ -29,18 +24,17 @@
 
 pub mod cli;
 pub mod dataset;
+pub mod format;
 
-use std::collections::HashMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::Backend;
 use crate::engine::{
-    AnyEngine, CancelToken, Engine, GenerateOptions, Item, Method, Request, RunOptions,
+    AnyEngine, CancelToken, Device, Dtype, Engine, GenerateOptions, Item, Method, Request,
+    RunOptions,
 };
 use crate::error::{Error, Result};
 use crate::explain::RowMode;
@@ -48,29 +42,19 @@ use crate::status::{self, StatusLine};
 
 pub use cli::{DistillArgs, DistillMethod, MergeArgs};
 pub use dataset::{Dataset, Entry, Format, ImageRef};
+pub use format::{
+    shard_name, InputInfo, Manifest, SampleRecord, SampleRef, Shard, ShardFile, ShardInfo, Token,
+    TokenSet, MANIFEST_FORMAT, MANIFEST_VERSION, SHARD_FORMAT,
+};
+
+use format::{is_shard_name, is_temp_name, read_shard_header, MANIFEST};
 
 /// What the paper appends to every VQA question.
 pub const SUFFIX: &str = " Answer the question using up to two words.";
 /// The labelling threshold the head is trained with (fraction of a map's max), recorded for
 /// `train`.
 pub const LABEL_THRESHOLD: f32 = 0.3;
-pub const MANIFEST_FORMAT: &str = "fastrm-distill";
-pub const MANIFEST_VERSION: u32 = 1;
-pub const SHARD_FORMAT: &str = "fastrm-distill-shard-1";
 pub const DEFAULT_SHARD_SIZE: usize = 16;
-const MANIFEST: &str = "manifest.json";
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct InputInfo {
-    /// The questions file (canonical path).
-    pub path: String,
-    /// `vqa` or `jsonl`.
-    pub format: String,
-    /// FNV-1a 64 of its bytes, hex.
-    pub fingerprint: String,
-    /// Questions in the file.
-    pub entries: usize,
-}
 
 /// `--shard I/N`: the questions whose index k has `k mod N = I`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,374 +103,6 @@ impl std::fmt::Display for ShardSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.index, self.count)
     }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ShardInfo {
-    pub file: String,
-    /// Index of its first sample in the input's order.
-    pub first_sample: usize,
-    pub samples: usize,
-    pub tokens: usize,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Manifest {
-    pub format: String,
-    pub version: u32,
-    /// The model folder (canonical path).
-    pub model: String,
-    /// Names, lengths and modification times of its weight files: a model retrained in place is another
-    /// model ("" in manifests written before this field existed, which therefore never resume).
-    #[serde(default)]
-    pub model_weights: String,
-    pub method: String,
-    /// Appended to every question ("" with `--no-suffix`).
-    pub suffix: String,
-    pub max_new_tokens: usize,
-    pub stop_at_eos: bool,
-    pub hidden_size: usize,
-    pub n_patches: usize,
-    pub grid: [usize; 2],
-    pub label_threshold: f32,
-    pub input: InputInfo,
-    /// The images folder (canonical path).
-    pub images: String,
-    pub shard_size: usize,
-    /// `--shard I/N` of a shard folder; absent for a whole (or merged) set.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub shard: Option<ShardSpec>,
-    /// Completed shards, in sample order.
-    pub shards: Vec<ShardInfo>,
-    pub samples: usize,
-    pub tokens: usize,
-}
-
-impl Manifest {
-    pub fn read(dir: &Path) -> Result<Self> {
-        let path = dir.join(MANIFEST);
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let m: Manifest = serde_json::from_str(&text).map_err(|e| {
-            Error::input(format!("{}: not a distill manifest: {e}", path.display()))
-        })?;
-        if m.format != MANIFEST_FORMAT || m.version != MANIFEST_VERSION {
-            return Err(Error::input(format!(
-                "{}: manifest format {} v{} is not {MANIFEST_FORMAT} v{MANIFEST_VERSION}",
-                path.display(),
-                m.format,
-                m.version
-            )));
-        }
-        Ok(m)
-    }
-
-    fn write(&self, dir: &Path) -> Result<()> {
-        let text = serde_json::to_string_pretty(self)
-            .map_err(|e| Error::input(format!("manifest: {e}")))?;
-        write_atomic(&dir.join(MANIFEST), text.as_bytes())
-    }
-}
-
-/// One sample's record in a shard's metadata.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SampleRecord {
-    /// Index in the input's order.
-    pub sample: usize,
-    /// `question_id` (VQA) or line number (JSONL).
-    pub question_id: u64,
-    /// The question as in the input (without the suffix).
-    pub question: String,
-    pub image: String,
-    /// The greedy answer, decoded without special tokens.
-    pub answer: String,
-    pub answers: Option<Vec<String>>,
-    pub generated_ids: Vec<u32>,
-    pub stop_reason: String,
-    /// The JSONL line's `type`, `n_objects` and `target_mask` (as written), when it has them.
-    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
-    pub qtype: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub n_objects: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub target_mask: Option<String>,
-}
-
-/// A shard read back into memory.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Shard {
-    pub first_sample: usize,
-    pub n_patches: usize,
-    pub hidden_size: usize,
-    pub samples: Vec<SampleRecord>,
-    /// `[S·P·D]`
-    pub image_hidden: Vec<f32>,
-    /// `[M·D]`
-    pub token_hidden: Vec<f32>,
-    /// `[M·P]`
-    pub maps: Vec<f32>,
-    pub token_ids: Vec<i64>,
-    pub token_sample: Vec<i64>,
-    pub token_index: Vec<i64>,
-}
-
-pub fn shard_name(i: usize) -> String {
-    format!("shard-{i:05}.safetensors")
-}
-
-impl Shard {
-    fn new(first_sample: usize, n_patches: usize, hidden_size: usize) -> Self {
-        Shard {
-            first_sample,
-            n_patches,
-            hidden_size,
-            samples: Vec::new(),
-            image_hidden: Vec::new(),
-            token_hidden: Vec::new(),
-            maps: Vec::new(),
-            token_ids: Vec::new(),
-            token_sample: Vec::new(),
-            token_index: Vec::new(),
-        }
-    }
-
-    pub fn n_tokens(&self) -> usize {
-        self.token_ids.len()
-    }
-
-    fn push(
-        &mut self,
-        record: SampleRecord,
-        image_hidden: &[f32],
-        tokens: &[(u32, Vec<f32>, Vec<f32>)],
-    ) {
-        let s = self.samples.len() as i64;
-        self.image_hidden.extend_from_slice(image_hidden);
-        for (k, (id, hidden, map)) in tokens.iter().enumerate() {
-            self.token_hidden.extend_from_slice(hidden);
-            self.maps.extend_from_slice(map);
-            self.token_ids.push(*id as i64);
-            self.token_sample.push(s);
-            self.token_index.push(k as i64);
-        }
-        self.samples.push(record);
-    }
-
-    /// Sample `si`'s image hidden states `[P·D]` and per token (id, hidden `[D]`, map `[P]`), as
-    /// [`Shard::push`] takes them.
-    fn sample_rows(&self, si: usize) -> (&[f32], Vec<(u32, Vec<f32>, Vec<f32>)>) {
-        let (p, d) = (self.n_patches, self.hidden_size);
-        let tokens = (0..self.n_tokens())
-            .filter(|&r| self.token_sample[r] == si as i64)
-            .map(|r| {
-                (
-                    self.token_ids[r] as u32,
-                    self.token_hidden[r * d..(r + 1) * d].to_vec(),
-                    self.maps[r * p..(r + 1) * p].to_vec(),
-                )
-            })
-            .collect();
-        (&self.image_hidden[si * p * d..(si + 1) * p * d], tokens)
-    }
-
-    fn to_bytes(&self) -> Result<Vec<u8>> {
-        let (s, m, p, d) = (
-            self.samples.len(),
-            self.n_tokens(),
-            self.n_patches,
-            self.hidden_size,
-        );
-        let f = |v: &[f32]| bytemuck::cast_slice::<f32, u8>(v).to_vec();
-        let i = |v: &[i64]| bytemuck::cast_slice::<i64, u8>(v).to_vec();
-        let tensors: Vec<(&str, Dtype, Vec<usize>, Vec<u8>)> = vec![
-            (
-                "image_hidden",
-                Dtype::F32,
-                vec![s, p, d],
-                f(&self.image_hidden),
-            ),
-            (
-                "token_hidden",
-                Dtype::F32,
-                vec![m, d],
-                f(&self.token_hidden),
-            ),
-            ("maps", Dtype::F32, vec![m, p], f(&self.maps)),
-            ("token_ids", Dtype::I64, vec![m], i(&self.token_ids)),
-            ("token_sample", Dtype::I64, vec![m], i(&self.token_sample)),
-            ("token_index", Dtype::I64, vec![m], i(&self.token_index)),
-        ];
-        let views = tensors
-            .iter()
-            .map(|(name, dt, shape, b)| {
-                safetensors::tensor::TensorView::new(*dt, shape.clone(), b)
-                    .map(|v| (name.to_string(), v))
-            })
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| Error::input(format!("shard tensors: {e}")))?;
-        let samples = serde_json::to_string(&self.samples)
-            .map_err(|e| Error::input(format!("shard records: {e}")))?;
-        let meta: HashMap<String, String> = [
-            ("format", SHARD_FORMAT.to_string()),
-            ("first_sample", self.first_sample.to_string()),
-            ("n_samples", s.to_string()),
-            ("n_tokens", m.to_string()),
-            ("samples", samples),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
-        safetensors::tensor::serialize(views, Some(meta))
-            .map_err(|e| Error::input(format!("shard: {e}")))
-    }
-
-    /// Reads a shard file completely.
-    pub fn read(path: &Path) -> Result<Self> {
-        let bad = |msg: String| Error::input(format!("{}: {msg}", path.display()));
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let (_, md) = SafeTensors::read_metadata(&bytes)
-            .map_err(|e| bad(format!("not a valid safetensors shard: {e}")))?;
-        let meta = md.metadata().clone().unwrap_or_default();
-        let (first_sample, samples) = shard_meta(&meta).map_err(bad)?;
-        let st = SafeTensors::deserialize(&bytes)
-            .map_err(|e| bad(format!("invalid safetensors: {e}")))?;
-        let get = |name: &str, dt: Dtype| -> Result<(Vec<usize>, Vec<u8>)> {
-            let t = st
-                .tensor(name)
-                .map_err(|_| bad(format!("missing tensor `{name}`")))?;
-            if t.dtype() != dt {
-                return Err(bad(format!(
-                    "tensor `{name}` is {:?}, expected {dt:?}",
-                    t.dtype()
-                )));
-            }
-            Ok((t.shape().to_vec(), t.data().to_vec()))
-        };
-        let f32s = |b: Vec<u8>| -> Vec<f32> {
-            b.chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect()
-        };
-        let i64s = |b: Vec<u8>| -> Vec<i64> {
-            b.chunks_exact(8)
-                .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-                .collect()
-        };
-        let (ish, ih) = get("image_hidden", Dtype::F32)?;
-        let (tsh, th) = get("token_hidden", Dtype::F32)?;
-        let (msh, maps) = get("maps", Dtype::F32)?;
-        if ish.len() != 3 || tsh.len() != 2 || msh.len() != 2 {
-            return Err(bad("tensor ranks are not [S,P,D], [M,D], [M,P]".into()));
-        }
-        let (s, p, d, m) = (ish[0], ish[1], ish[2], tsh[0]);
-        if s != samples.len() || tsh[1] != d || msh != [m, p] {
-            return Err(bad(format!(
-                "tensor shapes disagree: image_hidden {ish:?}, token_hidden {tsh:?}, maps {msh:?}, {} records",
-                samples.len()
-            )));
-        }
-        let shard = Shard {
-            first_sample,
-            n_patches: p,
-            hidden_size: d,
-            samples,
-            image_hidden: f32s(ih),
-            token_hidden: f32s(th),
-            maps: f32s(maps),
-            token_ids: i64s(get("token_ids", Dtype::I64)?.1),
-            token_sample: i64s(get("token_sample", Dtype::I64)?.1),
-            token_index: i64s(get("token_index", Dtype::I64)?.1),
-        };
-        if [&shard.token_ids, &shard.token_sample, &shard.token_index]
-            .iter()
-            .any(|v| v.len() != m)
-        {
-            return Err(bad(format!("id tensors are not [{m}]")));
-        }
-        Ok(shard)
-    }
-}
-
-fn shard_meta(
-    meta: &HashMap<String, String>,
-) -> std::result::Result<(usize, Vec<SampleRecord>), String> {
-    if meta.get("format").map(String::as_str) != Some(SHARD_FORMAT) {
-        return Err(format!("not a {SHARD_FORMAT} file"));
-    }
-    let first = meta
-        .get("first_sample")
-        .and_then(|v| v.parse::<usize>().ok())
-        .ok_or("metadata `first_sample` missing or not an integer")?;
-    let samples: Vec<SampleRecord> =
-        serde_json::from_str(meta.get("samples").ok_or("metadata `samples` missing")?)
-            .map_err(|e| format!("metadata `samples`: {e}"))?;
-    Ok((first, samples))
-}
-
-/// The header of a shard only (first sample, records, token count), without reading the tensors.
-fn read_shard_header(
-    path: &Path,
-) -> std::result::Result<(usize, Vec<SampleRecord>, usize), String> {
-    let mut f = std::fs::File::open(path).map_err(|e| e.to_string())?;
-    let mut n = [0u8; 8];
-    f.read_exact(&mut n).map_err(|e| e.to_string())?;
-    let n = u64::from_le_bytes(n);
-    if n > 1 << 30 {
-        return Err("header too large".into());
-    }
-    let mut header = vec![0u8; n as usize];
-    f.read_exact(&mut header).map_err(|e| e.to_string())?;
-    let v: serde_json::Value = serde_json::from_slice(&header).map_err(|e| e.to_string())?;
-    let meta: HashMap<String, String> =
-        serde_json::from_value(v.get("__metadata__").cloned().unwrap_or_default())
-            .map_err(|e| e.to_string())?;
-    let (first, samples) = shard_meta(&meta)?;
-    let tokens = v
-        .get("token_ids")
-        .and_then(|t| t.get("shape"))
-        .and_then(|s| s.get(0))
-        .and_then(|x| x.as_u64())
-        .ok_or("no token_ids tensor")? as usize;
-    // The file must be complete: its size is the header plus the last tensor's end.
-    let end = v
-        .as_object()
-        .map(|o| {
-            o.values()
-                .filter_map(|t| t.get("data_offsets")?.get(1)?.as_u64())
-                .max()
-                .unwrap_or(0)
-        })
-        .unwrap_or(0);
-    let len = f.metadata().map_err(|e| e.to_string())?.len();
-    if len != 8 + n + end {
-        return Err(format!("truncated ({len} bytes, expected {})", 8 + n + end));
-    }
-    Ok((first, samples, tokens))
-}
-
-/// Writes `path` through a temporary file in the same folder and a rename.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(path, e)
-    })
-}
-
-/// Is `name` one of the files `distill` writes into its folder (shards, the manifest, or their
-/// temporary files)?
-fn is_shard_name(name: &str) -> bool {
-    name.len() == "shard-00000.safetensors".len()
-        && name.starts_with("shard-")
-        && name.ends_with(".safetensors")
-        && name[6..11].bytes().all(|b| b.is_ascii_digit())
-}
-
-fn is_temp_name(name: &str) -> bool {
-    name.starts_with('.')
-        && name.contains(".tmp-")
-        && (name.starts_with(".shard-") || name.starts_with(".manifest.json"))
 }
 
 const LOCK: &str = ".distill.lock";
@@ -715,109 +331,19 @@ fn clock(s: f64) -> String {
 /// `fastrm distill`.
 pub fn run(args: DistillArgs) -> Result<()> {
     let t0 = Instant::now();
-    if args.limit == Some(0) {
-        return Err(Error::input("--limit must be at least 1"));
-    }
-    if args.max_new_tokens == 0 {
-        return Err(Error::input("--max-new-tokens must be at least 1"));
-    }
-    if args.shard_size == Some(0) {
-        return Err(Error::input("--shard-size must be at least 1"));
-    }
-    let spec = args.shard.as_deref().map(ShardSpec::parse).transpose()?;
-    let (device, dtype) = args.device.get()?;
-    Error::require_dir("--model", &args.model)?;
-    Error::require_dir("--images", &args.images)?;
-    let data = Dataset::load(&args.questions)?;
-    let target = args
-        .limit
-        .unwrap_or(data.entries.len())
-        .min(data.entries.len());
-    let suffix = if args.no_suffix { "" } else { SUFFIX };
-    // This folder's samples are positions 0..total of its own sequence; `global` gives each one's
-    // index in the file (the identity without --shard).
-    let global = |pos: usize| spec.map_or(pos, |s| s.global(pos));
-    let total = spec.map_or(target, |s| s.share_of(target));
-
+    let plan = Plan::new(&args)?;
     std::fs::create_dir_all(&args.out).map_err(|e| Error::io(&args.out, e))?;
     let out = args.out.as_path();
     let _lock = Lock::take(out)?;
-    let identity = (
-        canonical(&args.model)?,
-        canonical(&args.questions)?,
-        canonical(&args.images)?,
-    );
-    let weights = weights_fingerprint(&args.model)?;
+    let identity = Identity::of(&args)?;
     let existing = if out.join(MANIFEST).exists() {
         Some(Manifest::read(out)?)
     } else {
         None
     };
-    if let Some(m) = &existing {
-        let mismatch = |what: &str, was: &dyn std::fmt::Debug, now: &dyn std::fmt::Debug| {
-            Error::input(format!(
-                "{} holds a distill set made with {what} {was:?}, not {now:?}: use another --out \
-                 or the same settings to resume",
-                out.display()
-            ))
-        };
-        if m.model != identity.0 {
-            return Err(mismatch("model", &m.model, &identity.0));
-        }
-        if m.model_weights != weights {
-            return Err(Error::input(format!(
-                "{} holds a distill set made with other weights in {} (the model was rewritten since: \
-                 fingerprint {:?}, now {weights:?}): use another --out",
-                out.display(),
-                m.model,
-                m.model_weights
-            )));
-        }
-        if m.method != args.method.as_str() {
-            return Err(mismatch("method", &m.method, &args.method.as_str()));
-        }
-        if m.suffix != suffix {
-            return Err(mismatch("suffix", &m.suffix, &suffix));
-        }
-        if m.input.fingerprint != data.fingerprint || m.input.format != data.format.as_str() {
-            return Err(mismatch(
-                "questions file",
-                &format!("{} ({})", m.input.path, m.input.fingerprint),
-                &format!("{} ({})", identity.1, data.fingerprint),
-            ));
-        }
-        if m.images != identity.2 {
-            return Err(mismatch("images folder", &m.images, &identity.2));
-        }
-        if m.max_new_tokens != args.max_new_tokens {
-            return Err(mismatch(
-                "--max-new-tokens",
-                &m.max_new_tokens,
-                &args.max_new_tokens,
-            ));
-        }
-        if let Some(k) = args.shard_size {
-            if k != m.shard_size {
-                return Err(mismatch("--shard-size", &m.shard_size, &k));
-            }
-        }
-        if m.shard != spec {
-            let show = |s: Option<ShardSpec>| s.map_or("none".to_string(), |s| s.to_string());
-            return Err(mismatch("--shard", &show(m.shard), &show(spec)));
-        }
-    } else if std::fs::read_dir(out)
-        .map_err(|e| Error::io(out, e))?
-        .filter_map(|e| e.ok())
-        .any(|e| {
-            let n = e.file_name();
-            let n = n.to_string_lossy();
-            !(is_shard_name(&n) || is_temp_name(&n) || n == LOCK)
-        })
-    {
-        return Err(Error::input(format!(
-            "{}: not empty and has no {MANIFEST}; give an empty or new folder",
-            out.display()
-        )));
+    match &existing {
+        Some(m) => check_same_run(m, &args, &plan, &identity)?,
+        None => require_fresh(out)?,
     }
     let shard_size = existing
         .as_ref()
@@ -825,55 +351,15 @@ pub fn run(args: DistillArgs) -> Result<()> {
         .or(args.shard_size)
         .unwrap_or(DEFAULT_SHARD_SIZE);
 
-    // The completed prefix: listed shards whose files are whole and agree with the manifest.
     let mut progress = Progress::new();
-    let mut shards: Vec<ShardInfo> = Vec::new();
-    if let Some(m) = &existing {
-        let mut next = 0;
-        for s in &m.shards {
-            let path = out.join(&s.file);
-            let ok = match read_shard_header(&path) {
-                Ok((first, recs, tokens)) => {
-                    s.file == shard_name(shards.len())
-                        && first == global(next)
-                        && s.first_sample == global(next)
-                        && recs.len() == s.samples
-                        && tokens == s.tokens
-                        && recs
-                            .iter()
-                            .enumerate()
-                            .all(|(i, r)| r.sample == global(next + i))
-                }
-                Err(_) => false,
-            };
-            if !ok {
-                eprintln!(
-                    "note: {} is missing or does not match the manifest; redoing from sample {}",
-                    path.display(),
-                    global(next)
-                );
-                break;
-            }
-            next += s.samples;
-            shards.push(s.clone());
-        }
-    }
-    // Leftovers of an interrupted run: temporary files, and shards the manifest does not list.
-    for e in std::fs::read_dir(out)
-        .map_err(|e| Error::io(out, e))?
-        .filter_map(|e| e.ok())
-    {
-        let n = e.file_name().to_string_lossy().to_string();
-        let listed = shards.iter().any(|s| s.file == n);
-        if is_temp_name(&n) || (is_shard_name(&n) && !listed) {
-            std::fs::remove_file(e.path()).map_err(|err| Error::io(e.path(), err))?;
-        }
-    }
-
+    let shards = existing
+        .as_ref()
+        .map_or(Vec::new(), |m| completed_prefix(out, m, &plan));
+    remove_leftovers(out, &shards)?;
     let listed_samples: usize = shards.iter().map(|s| s.samples).sum();
     // Every image of the run must exist before any expensive work starts.
-    let images: Vec<PathBuf> = (listed_samples.min(total)..total)
-        .map(|pos| &data.entries[global(pos)])
+    let images: Vec<PathBuf> = (listed_samples.min(plan.total)..plan.total)
+        .map(|pos| &plan.data.entries[plan.global(pos)])
         .map(|e| {
             let p = dataset::resolve_image(&args.images, e)?;
             std::fs::canonicalize(&p).map_err(|err| Error::io(&p, err))
@@ -884,140 +370,50 @@ pub fn run(args: DistillArgs) -> Result<()> {
         progress
             .status
             .say(&format!("loading {}", args.model.display()));
-        let e = AnyEngine::load(device, dtype, &args.model);
+        let e = AnyEngine::load(plan.device, plan.dtype, &args.model);
         progress.status.clear();
         e?
     };
-    let cfg = engine.config();
-    let (d, p, g) = (
-        cfg.text.hidden_size,
-        cfg.vision.num_patches(),
-        cfg.vision.grid(),
-    );
+    let mut manifest = new_manifest(&args, &plan, identity, engine.config(), shard_size, shards);
     if let Some(m) = &existing {
-        if (m.hidden_size, m.n_patches) != (d, p) {
+        if (m.hidden_size, m.n_patches) != (manifest.hidden_size, manifest.n_patches) {
             return Err(Error::input(format!(
-                "{}: made with hidden size {} and {} patches; the model has {d} and {p}",
+                "{}: made with hidden size {} and {} patches; the model has {} and {}",
                 out.display(),
                 m.hidden_size,
-                m.n_patches
+                m.n_patches,
+                manifest.hidden_size,
+                manifest.n_patches
             )));
         }
     }
-    let mut manifest = Manifest {
-        format: MANIFEST_FORMAT.into(),
-        version: MANIFEST_VERSION,
-        model: identity.0.clone(),
-        model_weights: weights.clone(),
-        method: args.method.as_str().into(),
-        suffix: suffix.into(),
-        max_new_tokens: args.max_new_tokens,
-        stop_at_eos: true,
-        hidden_size: d,
-        n_patches: p,
-        grid: [g, g],
-        label_threshold: LABEL_THRESHOLD,
-        input: InputInfo {
-            path: identity.1.clone(),
-            format: data.format.as_str().into(),
-            fingerprint: data.fingerprint.clone(),
-            entries: data.entries.len(),
-        },
-        images: identity.2.clone(),
-        shard_size,
-        shard: spec,
-        shards,
-        samples: 0,
-        tokens: 0,
-    };
-    let totals = |m: &mut Manifest| {
-        m.samples = m.shards.iter().map(|s| s.samples).sum();
-        m.tokens = m.shards.iter().map(|s| s.tokens).sum();
-    };
-    totals(&mut manifest);
     manifest.write(out)?;
 
     // A short last shard (an earlier, smaller --limit) is read back and continued; it stays
     // listed until its replacement is written.
-    let mut buf: Option<Shard> = None;
-    if listed_samples < total {
+    let mut writer = ShardWriter::new(out, shard_size);
+    if listed_samples < plan.total {
         if let Some(last) = manifest.shards.last() {
             if last.samples < shard_size {
-                buf = Some(Shard::read(&out.join(&last.file))?);
+                writer.buf = Some(manifest.open_shard(out, last)?.into_shard()?);
             }
         }
     }
 
-    let method = match args.method {
-        DistillMethod::Baseline => Method::Baseline {
-            mode: RowMode::Streamed,
-        },
-        DistillMethod::BaselineIncremental => Method::BaselineIncremental,
+    let run = Remaining {
+        args: &args,
+        plan: &plan,
+        images: &images,
+        first: listed_samples,
     };
-    let opts = GenerateOptions {
-        max_new_tokens: args.max_new_tokens,
-        stop_at_eos: true,
-        keep_steps: false,
-    };
-    let (mut new_samples, mut new_tokens) = (0usize, 0usize);
-    let mut k = listed_samples;
-    while k < total {
-        let g = global(k);
-        let shard = buf.get_or_insert_with(|| Shard::new(g, p, d));
-        let entry = &data.entries[g];
-        let image = &images[k - listed_samples];
-        progress.bar(k, total, new_samples);
-        let s = crate::with_engine!(&engine, |e| distill_sample(
-            e,
-            g,
-            entry,
-            image,
-            suffix,
-            method,
-            &opts,
-            &mut |ev| progress.event(ev)
-        ));
-        let s = match s {
-            Ok(s) => s,
-            Err(e) => {
-                progress.status.clear();
-                return Err(e);
-            }
-        };
-        new_tokens += s.tokens.len();
-        shard.push(s.record, &s.image_hidden, &s.tokens);
-        k += 1;
-        new_samples += 1;
-        if shard.samples.len() == shard_size || k == total {
-            let shard = buf.take().expect("a shard is in progress");
-            let info = ShardInfo {
-                file: String::new(),
-                first_sample: shard.first_sample,
-                samples: shard.samples.len(),
-                tokens: shard.n_tokens(),
-            };
-            // A continued short shard replaces its listed entry.
-            if manifest
-                .shards
-                .last()
-                .is_some_and(|s| s.first_sample == shard.first_sample)
-            {
-                manifest.shards.pop();
-            }
-            let file = shard_name(manifest.shards.len());
-            write_atomic(&out.join(&file), &shard.to_bytes()?)?;
-            manifest.shards.push(ShardInfo { file, ..info });
-            totals(&mut manifest);
-            manifest.write(out)?;
-        }
-    }
-    progress.status.clear();
+    let (new_samples, new_tokens) =
+        run.distill(&engine, &mut manifest, &mut writer, &mut progress)?;
     println!(
         "distilled {new_samples} samples ({new_tokens} tokens) in {:.1}s on {}; {}{}: {} samples, {} tokens, {} shards",
         t0.elapsed().as_secs_f64(),
         engine.backend_name(),
         out.display(),
-        spec.map_or(String::new(), |s| format!(" (shard {s})")),
+        plan.spec.map_or(String::new(), |s| format!(" (shard {s})")),
         manifest.samples,
         manifest.tokens,
         manifest.shards.len()
@@ -1025,11 +421,355 @@ pub fn run(args: DistillArgs) -> Result<()> {
     Ok(())
 }
 
-/// One shard folder's samples in order, a shard file in memory at a time.
+/// What a `distill` run is asked for, its arguments checked before anything is touched.
+struct Plan {
+    spec: Option<ShardSpec>,
+    device: Device,
+    dtype: Option<Dtype>,
+    data: Dataset,
+    suffix: &'static str,
+    /// This folder's samples are positions `0..total` of its own sequence ([`Plan::global`]).
+    total: usize,
+}
+
+impl Plan {
+    fn new(args: &DistillArgs) -> Result<Self> {
+        if args.limit == Some(0) {
+            return Err(Error::input("--limit must be at least 1"));
+        }
+        if args.max_new_tokens == 0 {
+            return Err(Error::input("--max-new-tokens must be at least 1"));
+        }
+        if args.shard_size == Some(0) {
+            return Err(Error::input("--shard-size must be at least 1"));
+        }
+        let spec = args.shard.as_deref().map(ShardSpec::parse).transpose()?;
+        let (device, dtype) = args.device.get()?;
+        Error::require_dir("--model", &args.model)?;
+        Error::require_dir("--images", &args.images)?;
+        let data = Dataset::load(&args.questions)?;
+        let target = args
+            .limit
+            .unwrap_or(data.entries.len())
+            .min(data.entries.len());
+        Ok(Plan {
+            spec,
+            device,
+            dtype,
+            data,
+            suffix: if args.no_suffix { "" } else { SUFFIX },
+            total: spec.map_or(target, |s| s.share_of(target)),
+        })
+    }
+
+    /// The index in the file of this folder's `pos`-th sample (the identity without --shard).
+    fn global(&self, pos: usize) -> usize {
+        self.spec.map_or(pos, |s| s.global(pos))
+    }
+}
+
+/// What a folder's samples were made from: the model (its folder and weight files), the
+/// questions file and the images folder, as canonical paths.
+struct Identity {
+    model: String,
+    weights: String,
+    questions: String,
+    images: String,
+}
+
+impl Identity {
+    fn of(args: &DistillArgs) -> Result<Self> {
+        Ok(Identity {
+            model: canonical(&args.model)?,
+            questions: canonical(&args.questions)?,
+            images: canonical(&args.images)?,
+            weights: weights_fingerprint(&args.model)?,
+        })
+    }
+}
+
+/// An existing folder is resumed only by the run that made it: the same model, weights, method,
+/// suffix, questions, images and settings.
+fn check_same_run(m: &Manifest, args: &DistillArgs, plan: &Plan, id: &Identity) -> Result<()> {
+    let out = &args.out;
+    let mismatch = |what: &str, was: &dyn std::fmt::Debug, now: &dyn std::fmt::Debug| {
+        Err(Error::input(format!(
+            "{} holds a distill set made with {what} {was:?}, not {now:?}: use another --out \
+             or the same settings to resume",
+            out.display()
+        )))
+    };
+    let (data, suffix) = (&plan.data, plan.suffix);
+    if m.model != id.model {
+        return mismatch("model", &m.model, &id.model);
+    }
+    if m.model_weights != id.weights {
+        return Err(Error::input(format!(
+            "{} holds a distill set made with other weights in {} (the model was rewritten since: \
+             fingerprint {:?}, now {:?}): use another --out",
+            out.display(),
+            m.model,
+            m.model_weights,
+            id.weights
+        )));
+    }
+    if m.method != args.method.as_str() {
+        return mismatch("method", &m.method, &args.method.as_str());
+    }
+    if m.suffix != suffix {
+        return mismatch("suffix", &m.suffix, &suffix);
+    }
+    if m.input.fingerprint != data.fingerprint || m.input.format != data.format.as_str() {
+        return mismatch(
+            "questions file",
+            &format!("{} ({})", m.input.path, m.input.fingerprint),
+            &format!("{} ({})", id.questions, data.fingerprint),
+        );
+    }
+    if m.images != id.images {
+        return mismatch("images folder", &m.images, &id.images);
+    }
+    if m.max_new_tokens != args.max_new_tokens {
+        return mismatch("--max-new-tokens", &m.max_new_tokens, &args.max_new_tokens);
+    }
+    if let Some(k) = args.shard_size {
+        if k != m.shard_size {
+            return mismatch("--shard-size", &m.shard_size, &k);
+        }
+    }
+    if m.shard != plan.spec {
+        let show = |s: Option<ShardSpec>| s.map_or("none".to_string(), |s| s.to_string());
+        return mismatch("--shard", &show(m.shard), &show(plan.spec));
+    }
+    Ok(())
+}
+
+/// A folder without a manifest may hold only what an interrupted first run leaves.
+fn require_fresh(out: &Path) -> Result<()> {
+    let foreign = std::fs::read_dir(out)
+        .map_err(|e| Error::io(out, e))?
+        .filter_map(|e| e.ok())
+        .any(|e| {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            !(is_shard_name(&n) || is_temp_name(&n) || n == LOCK)
+        });
+    if foreign {
+        return Err(Error::input(format!(
+            "{}: not empty and has no {MANIFEST}; give an empty or new folder",
+            out.display()
+        )));
+    }
+    Ok(())
+}
+
+/// The completed prefix of a folder: its listed shards up to the first whose file is not whole
+/// or does not agree with the manifest (that one and the rest are redone).
+fn completed_prefix(out: &Path, m: &Manifest, plan: &Plan) -> Vec<ShardInfo> {
+    let mut shards: Vec<ShardInfo> = Vec::new();
+    let mut next = 0;
+    for s in &m.shards {
+        let path = out.join(&s.file);
+        let global = |i: usize| plan.global(next + i);
+        let ok = match read_shard_header(&path) {
+            Ok((first, recs, tokens)) => {
+                s.file == shard_name(shards.len())
+                    && first == global(0)
+                    && s.first_sample == global(0)
+                    && recs.len() == s.samples
+                    && tokens == s.tokens
+                    && recs.iter().enumerate().all(|(i, r)| r.sample == global(i))
+            }
+            Err(_) => false,
+        };
+        if !ok {
+            eprintln!(
+                "note: {} is missing or does not match the manifest; redoing from sample {}",
+                path.display(),
+                global(0)
+            );
+            break;
+        }
+        next += s.samples;
+        shards.push(s.clone());
+    }
+    shards
+}
+
+/// Removes the leftovers of an interrupted run: temporary files, and shards not in `shards`.
+fn remove_leftovers(out: &Path, shards: &[ShardInfo]) -> Result<()> {
+    for e in std::fs::read_dir(out)
+        .map_err(|e| Error::io(out, e))?
+        .filter_map(|e| e.ok())
+    {
+        let n = e.file_name().to_string_lossy().to_string();
+        let listed = shards.iter().any(|s| s.file == n);
+        if is_temp_name(&n) || (is_shard_name(&n) && !listed) {
+            std::fs::remove_file(e.path()).map_err(|err| Error::io(e.path(), err))?;
+        }
+    }
+    Ok(())
+}
+
+/// The manifest of this run, listing the completed `shards`.
+fn new_manifest(
+    args: &DistillArgs,
+    plan: &Plan,
+    id: Identity,
+    cfg: &crate::config::LlavaConfig,
+    shard_size: usize,
+    shards: Vec<ShardInfo>,
+) -> Manifest {
+    let g = cfg.vision.grid();
+    let mut m = Manifest {
+        format: MANIFEST_FORMAT.into(),
+        version: MANIFEST_VERSION,
+        model: id.model,
+        model_weights: id.weights,
+        method: args.method.as_str().into(),
+        suffix: plan.suffix.into(),
+        max_new_tokens: args.max_new_tokens,
+        stop_at_eos: true,
+        hidden_size: cfg.text.hidden_size,
+        n_patches: cfg.vision.num_patches(),
+        grid: [g, g],
+        label_threshold: LABEL_THRESHOLD,
+        input: InputInfo {
+            path: id.questions,
+            format: plan.data.format.as_str().into(),
+            fingerprint: plan.data.fingerprint.clone(),
+            entries: plan.data.entries.len(),
+        },
+        images: id.images,
+        shard_size,
+        shard: plan.spec,
+        shards,
+        samples: 0,
+        tokens: 0,
+    };
+    m.count();
+    m
+}
+
+/// The samples a run still has to distill: this folder's positions `first..plan.total`.
+struct Remaining<'a> {
+    args: &'a DistillArgs,
+    plan: &'a Plan,
+    /// The images of those positions, in order.
+    images: &'a [PathBuf],
+    first: usize,
+}
+
+impl Remaining<'_> {
+    /// Distills them in order, writing each shard as it fills and the manifest after it; returns
+    /// the samples and tokens made.
+    fn distill(
+        &self,
+        engine: &AnyEngine,
+        manifest: &mut Manifest,
+        writer: &mut ShardWriter,
+        progress: &mut Progress,
+    ) -> Result<(usize, usize)> {
+        let method = match self.args.method {
+            DistillMethod::Baseline => Method::Baseline {
+                mode: RowMode::Streamed,
+            },
+            DistillMethod::BaselineIncremental => Method::BaselineIncremental,
+        };
+        let opts = GenerateOptions {
+            max_new_tokens: self.args.max_new_tokens,
+            stop_at_eos: true,
+            keep_steps: false,
+        };
+        let (plan, total) = (self.plan, self.plan.total);
+        let (mut new_samples, mut new_tokens) = (0usize, 0usize);
+        for k in self.first..total {
+            let g = plan.global(k);
+            let (entry, image) = (&plan.data.entries[g], &self.images[k - self.first]);
+            progress.bar(k, total, new_samples);
+            let s = crate::with_engine!(engine, |e| distill_sample(
+                e,
+                g,
+                entry,
+                image,
+                plan.suffix,
+                method,
+                &opts,
+                &mut |ev| progress.event(ev)
+            ));
+            let s = s.inspect_err(|_| progress.status.clear())?;
+            new_tokens += s.tokens.len();
+            new_samples += 1;
+            if writer.push(manifest, g, s, k + 1 == total)? {
+                manifest.write(&self.args.out)?;
+            }
+        }
+        progress.status.clear();
+        Ok((new_samples, new_tokens))
+    }
+}
+
+/// Gathers samples into shards of `shard_size`, writing each shard file when it is full (or
+/// holds the last sample) and listing it in the manifest.
+struct ShardWriter<'a> {
+    out: &'a Path,
+    shard_size: usize,
+    /// The shard being filled.
+    buf: Option<Shard>,
+}
+
+impl<'a> ShardWriter<'a> {
+    fn new(out: &'a Path, shard_size: usize) -> Self {
+        ShardWriter {
+            out,
+            shard_size,
+            buf: None,
+        }
+    }
+
+    /// Adds sample `g` (its index in the file); true when this wrote a shard file and listed it
+    /// in `manifest`.
+    fn push(
+        &mut self,
+        manifest: &mut Manifest,
+        g: usize,
+        s: Distilled,
+        last: bool,
+    ) -> Result<bool> {
+        let (p, d) = (manifest.n_patches, manifest.hidden_size);
+        let shard = self.buf.get_or_insert_with(|| Shard::new(g, p, d));
+        shard.push(s.record, &s.image_hidden, &s.tokens);
+        if shard.samples.len() < self.shard_size && !last {
+            return Ok(false);
+        }
+        let shard = self.buf.take().expect("a shard is in progress");
+        // A continued short shard replaces its listed entry.
+        if manifest
+            .shards
+            .last()
+            .is_some_and(|s| s.first_sample == shard.first_sample)
+        {
+            manifest.shards.pop();
+        }
+        let file = shard_name(manifest.shards.len());
+        shard.write(&self.out.join(&file))?;
+        manifest.shards.push(ShardInfo {
+            file,
+            first_sample: shard.first_sample,
+            samples: shard.samples.len(),
+            tokens: shard.n_tokens(),
+        });
+        manifest.count();
+        Ok(true)
+    }
+}
+
+/// One shard folder's samples in order, a shard file open at a time.
 struct FolderSamples<'a> {
     dir: &'a Path,
+    manifest: &'a Manifest,
     files: std::slice::Iter<'a, ShardInfo>,
-    current: Option<Shard>,
+    current: Option<ShardFile>,
     next: usize,
 }
 
@@ -1037,32 +777,16 @@ impl FolderSamples<'_> {
     /// The next sample: its record, image hidden states and tokens.
     fn next(&mut self) -> Result<Option<Distilled>> {
         loop {
-            if let Some(sh) = &mut self.current {
+            if let Some(sh) = &self.current {
                 if self.next < sh.samples.len() {
-                    let si = self.next;
                     self.next += 1;
-                    let (image_hidden, tokens) = sh.sample_rows(si);
-                    return Ok(Some(Distilled {
-                        record: sh.samples[si].clone(),
-                        image_hidden: image_hidden.to_vec(),
-                        tokens,
-                    }));
+                    return sh.sample(self.next - 1).map(Some);
                 }
             }
             let Some(info) = self.files.next() else {
                 return Ok(None);
             };
-            let path = self.dir.join(&info.file);
-            let sh = Shard::read(&path)?;
-            if sh.first_sample != info.first_sample || sh.samples.len() != info.samples {
-                return Err(Error::input(format!(
-                    "{}: does not match its manifest entry (first sample {}, {} samples); rerun                      its distill to repair the folder",
-                    path.display(),
-                    info.first_sample,
-                    info.samples
-                )));
-            }
-            self.current = Some(sh);
+            self.current = Some(self.manifest.open_shard(self.dir, info)?);
             self.next = 0;
         }
     }
@@ -1086,7 +810,75 @@ pub fn merge(args: MergeArgs) -> Result<()> {
             Manifest::read(d)
         })
         .collect::<Result<_>>()?;
-    // Every setting but the shard spec and the contents must agree.
+    check_same_settings(&manifests, inputs)?;
+    let by_index = split_order(&manifests, inputs)?;
+    let total = check_split_limits(&manifests, inputs)?;
+
+    let out = args.out.as_path();
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    if std::fs::read_dir(out)
+        .map_err(|e| Error::io(out, e))?
+        .next()
+        .is_some()
+    {
+        return Err(Error::input(format!(
+            "--out {}: not empty; give an empty or new folder",
+            out.display()
+        )));
+    }
+    let _lock = Lock::take(out)?;
+    let mut readers: Vec<FolderSamples> = by_index
+        .iter()
+        .map(|&j| FolderSamples {
+            dir: &inputs[j],
+            manifest: &manifests[j],
+            files: manifests[j].shards.iter(),
+            current: None,
+            next: 0,
+        })
+        .collect();
+    let mut manifest = Manifest {
+        shard: None,
+        shards: Vec::new(),
+        samples: 0,
+        tokens: 0,
+        ..manifests[0].clone()
+    };
+    let mut writer = ShardWriter::new(out, manifest.shard_size);
+    let n = by_index.len();
+    for g in 0..total {
+        let reader = &mut readers[g % n];
+        let s = reader.next()?.ok_or_else(|| {
+            Error::input(format!(
+                "{}: its shards end before its manifest's sample count",
+                reader.dir.display()
+            ))
+        })?;
+        if s.record.sample != g {
+            return Err(Error::input(format!(
+                "{}: holds sample {} where shard {}/{n} expects {g}",
+                reader.dir.display(),
+                s.record.sample,
+                g % n
+            )));
+        }
+        writer.push(&mut manifest, g, s, g + 1 == total)?;
+    }
+    // Listed only now, so that an interrupted merge leaves no folder that looks complete.
+    manifest.write(out)?;
+    println!(
+        "merged {n} shards in {:.1}s; {}: {} samples, {} tokens, {} shards",
+        t0.elapsed().as_secs_f64(),
+        out.display(),
+        manifest.samples,
+        manifest.tokens,
+        manifest.shards.len()
+    );
+    Ok(())
+}
+
+/// Every setting but the shard spec and the contents must agree between the folders of a split.
+fn check_same_settings(manifests: &[Manifest], inputs: &[PathBuf]) -> Result<()> {
     let settings = |m: &Manifest| {
         let mut v = serde_json::to_value(Manifest {
             shard: None,
@@ -1121,6 +913,11 @@ pub fn merge(args: MergeArgs) -> Result<()> {
             )));
         }
     }
+    Ok(())
+}
+
+/// The folders as the N shards of one split: entry I is the index in `inputs` of shard I/N.
+fn split_order(manifests: &[Manifest], inputs: &[PathBuf]) -> Result<Vec<usize>> {
     let specs: Vec<ShardSpec> = manifests
         .iter()
         .zip(inputs)
@@ -1163,92 +960,24 @@ pub fn merge(args: MergeArgs) -> Result<()> {
             missing.join(", ")
         )));
     }
-    // The union must be the file's first `total` questions, as one run with --limit total covers.
+    Ok(by_index.into_iter().flatten().collect())
+}
+
+/// The merged sample count; the union of the shard folders must be the file's first `total`
+/// questions, as one run with `--limit total` covers.
+fn check_split_limits(manifests: &[Manifest], inputs: &[PathBuf]) -> Result<usize> {
     let total: usize = manifests.iter().map(|m| m.samples).sum();
-    for (m, (s, dir)) in manifests.iter().zip(specs.iter().zip(inputs)) {
+    for (m, dir) in manifests.iter().zip(inputs) {
+        let Some(s) = m.shard else { continue };
         if m.samples != s.share_of(total) {
             return Err(Error::input(format!(
-                "{} (shard {s}) holds {} samples, but the first {total} questions give it {}:                  the shards were run with different --limit; rerun the short ones with the largest",
+                "{} (shard {s}) holds {} samples, but the first {total} questions give it {}: \
+                 the shards were run with different --limit; rerun the short ones with the largest",
                 dir.display(),
                 m.samples,
                 s.share_of(total)
             )));
         }
     }
-
-    let out = args.out.as_path();
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    if std::fs::read_dir(out)
-        .map_err(|e| Error::io(out, e))?
-        .next()
-        .is_some()
-    {
-        return Err(Error::input(format!(
-            "--out {}: not empty; give an empty or new folder",
-            out.display()
-        )));
-    }
-    let _lock = Lock::take(out)?;
-    let m0 = &manifests[0];
-    let (p, d, shard_size) = (m0.n_patches, m0.hidden_size, m0.shard_size);
-    let mut readers: Vec<FolderSamples> = (0..n)
-        .map(|i| {
-            let j = by_index[i].expect("every shard is present");
-            FolderSamples {
-                dir: &inputs[j],
-                files: manifests[j].shards.iter(),
-                current: None,
-                next: 0,
-            }
-        })
-        .collect();
-    let mut manifest = Manifest {
-        shard: None,
-        shards: Vec::new(),
-        samples: 0,
-        tokens: 0,
-        ..m0.clone()
-    };
-    let mut buf: Option<Shard> = None;
-    for g in 0..total {
-        let i = g % n;
-        let s = readers[i].next()?.ok_or_else(|| {
-            Error::input(format!(
-                "{}: its shards end before its manifest's sample count",
-                inputs[by_index[i].expect("present")].display()
-            ))
-        })?;
-        if s.record.sample != g {
-            return Err(Error::input(format!(
-                "{}: holds sample {} where shard {i}/{n} expects {g}",
-                inputs[by_index[i].expect("present")].display(),
-                s.record.sample
-            )));
-        }
-        let shard = buf.get_or_insert_with(|| Shard::new(g, p, d));
-        shard.push(s.record, &s.image_hidden, &s.tokens);
-        if shard.samples.len() == shard_size || g + 1 == total {
-            let shard = buf.take().expect("a shard is in progress");
-            let file = shard_name(manifest.shards.len());
-            write_atomic(&out.join(&file), &shard.to_bytes()?)?;
-            manifest.shards.push(ShardInfo {
-                file,
-                first_sample: shard.first_sample,
-                samples: shard.samples.len(),
-                tokens: shard.n_tokens(),
-            });
-        }
-    }
-    manifest.samples = manifest.shards.iter().map(|s| s.samples).sum();
-    manifest.tokens = manifest.shards.iter().map(|s| s.tokens).sum();
-    manifest.write(out)?;
-    println!(
-        "merged {n} shards in {:.1}s; {}: {} samples, {} tokens, {} shards",
-        t0.elapsed().as_secs_f64(),
-        out.display(),
-        manifest.samples,
-        manifest.tokens,
-        manifest.shards.len()
-    );
-    Ok(())
+    Ok(total)
 }

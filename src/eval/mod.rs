@@ -1,5 +1,4 @@
-//! `fastrm eval`: how good a FastRM head is, on a distilled data set (issue 4 item 5, issue 7
-//! item 5).
+//! `fastrm eval`: how good a FastRM head is, on a distilled data set.
 //!
 //! 1. **Classification**: the head's per-patch probabilities against the binarised baseline map
 //!    (`y_j = 1[r_j ≥ τ·max r]`, τ the head's `label_threshold`), accuracy / precision / recall /
@@ -27,7 +26,7 @@ use std::time::Instant;
 use serde_json::{json, Value};
 
 use crate::backend::Backend;
-use crate::distill::{dataset, Entry, Manifest, SampleRecord, Shard};
+use crate::distill::{dataset, Entry, Manifest, SampleRecord};
 use crate::engine::{AnyEngine, Engine, GenerateOptions, Method};
 use crate::error::{Error, Result};
 use crate::explain::fastrm::{FastRmHead, HeadWeights};
@@ -302,27 +301,20 @@ fn load_samples<B: Backend>(
     let head = FastRmHead::new(b, head_w, manifest.hidden_size)?;
     let (p, d) = (manifest.n_patches, manifest.hidden_size);
     let mut samples: Vec<Sample> = Vec::new();
-    'shards: for s in &manifest.shards {
-        let shard = Shard::read(&data.join(&s.file))?;
-        if (shard.n_patches, shard.hidden_size) != (p, d) {
-            return Err(Error::input(format!(
-                "{}: {} patches and hidden size {}, the manifest says {p} and {d}",
-                s.file, shard.n_patches, shard.hidden_size
-            )));
-        }
+    'shards: for info in &manifest.shards {
+        let shard = manifest.open_shard(data, info)?;
         for (si, record) in shard.samples.iter().enumerate() {
             if limit.is_some_and(|l| samples.len() >= l) {
                 break 'shards;
             }
-            let rows: Vec<usize> = (0..shard.n_tokens())
-                .filter(|&r| shard.token_sample[r] == si as i64)
-                .collect();
-            let img = b.upload(&shard.image_hidden[si * p * d..(si + 1) * p * d], p, d)?;
+            let rows = shard.rows(si);
+            let img = b.upload(&shard.image_hidden(si)?, p, d)?;
             let folded = head.fold(b, &img)?;
-            let mut hidden = Vec::with_capacity(rows.len() * d);
-            for &r in &rows {
-                hidden.extend_from_slice(&shard.token_hidden[r * d..(r + 1) * d]);
-            }
+            let hidden: Vec<f32> = rows
+                .iter()
+                .flat_map(|&r| shard.token_hidden(r))
+                .copied()
+                .collect();
             let fastrm = if rows.is_empty() {
                 Vec::new()
             } else {
@@ -330,21 +322,11 @@ fn load_samples<B: Backend>(
                     b.download(&head.scores(b, &folded, &b.upload(&hidden, rows.len(), d)?)?)?;
                 scores.chunks_exact(p).map(|c| c.to_vec()).collect()
             };
-            let ids: Vec<u32> = rows.iter().map(|&r| shard.token_ids[r] as u32).collect();
-            if ids != record.generated_ids {
-                return Err(Error::input(format!(
-                    "{} sample {}: the shard's token rows give the answer {ids:?} but its record \
-                     says {:?}: the shard is inconsistent",
-                    s.file, record.sample, record.generated_ids
-                )));
-            }
             samples.push(Sample {
                 record: record.clone(),
-                ids,
-                baseline: rows
-                    .iter()
-                    .map(|&r| shard.maps[r * p..(r + 1) * p].to_vec())
-                    .collect(),
+                // The shard's check makes these the record's answer.
+                ids: record.generated_ids.clone(),
+                baseline: rows.iter().map(|&r| shard.token_map(r).to_vec()).collect(),
                 fastrm,
             });
         }
@@ -1065,23 +1047,25 @@ fn entropy_plot(cal: &metrics::Calibration) -> Result<crate::vision::RgbImage> {
             })
             .collect()
     };
-    let mut series = Vec::new();
-    if !cal.correct.is_empty() {
-        series.push(Series {
-            name: format!("correct ({})", cal.correct.len()),
-            color: PALETTE[2],
-            points: curve(&cal.correct, cal.bandwidth_correct),
+    let groups = [
+        ("correct", &cal.correct, cal.bandwidth_correct, PALETTE[2]),
+        (
+            "incorrect",
+            &cal.incorrect,
+            cal.bandwidth_incorrect,
+            PALETTE[3],
+        ),
+    ];
+    let series: Vec<Series> = groups
+        .into_iter()
+        .filter(|(_, xs, _, _)| !xs.is_empty())
+        .map(|(name, xs, bw, color)| Series {
+            name: format!("{name} ({})", xs.len()),
+            color,
+            points: curve(xs, bw),
             markers: false,
-        });
-    }
-    if !cal.incorrect.is_empty() {
-        series.push(Series {
-            name: format!("incorrect ({})", cal.incorrect.len()),
-            color: PALETTE[3],
-            points: curve(&cal.incorrect, cal.bandwidth_incorrect),
-            markers: false,
-        });
-    }
+        })
+        .collect();
     let ymax = series
         .iter()
         .flat_map(|s| s.points.iter().map(|p| p.1))

@@ -284,101 +284,119 @@ pub fn line_plot(plot: &LinePlot) -> Result<RgbImage> {
             top + BOTTOM + 40
         )));
     }
-    let xs = plot
-        .series
-        .iter()
-        .flat_map(|s| s.points.iter().map(|p| p.0));
-    let ys = plot
-        .series
-        .iter()
-        .flat_map(|s| s.points.iter().map(|p| p.1));
-    let (xlo, xhi) = axis_range(&plot.x, xs)?;
-    let (ylo, yhi) = axis_range(&plot.y, ys)?;
-    let x = Mapped {
-        scale: plot.x.scale,
-        lo: xlo,
-        hi: xhi,
-        p0: LEFT as f64,
-        p1: (w - RIGHT) as f64,
-    };
-    let y = Mapped {
-        scale: plot.y.scale,
-        lo: ylo,
-        hi: yhi,
-        p0: (h - BOTTOM) as f64,
-        p1: top as f64,
-    };
+    let x = map_axis(&plot.x, &plot.series, |p| p.0, LEFT, w - RIGHT)?;
+    let y = map_axis(&plot.y, &plot.series, |p| p.1, h - BOTTOM, top)?;
+    let (xticks, yticks) = (ticks(&plot.x, &x), ticks(&plot.y, &y));
     let mut cv = Canvas {
         w,
         h,
         data: vec![255; w * h * 3],
     };
-    let in_range = |m: &Mapped, v: f64| {
-        m.unit(v)
-            .is_some_and(|u| u >= m.lo - 1e-9 * (m.hi - m.lo).abs() && u <= m.hi + 1e-9)
-    };
-    let yticks: Vec<f64> = plot
-        .y
-        .ticks
-        .clone()
-        .unwrap_or_else(|| auto_ticks(plot.y.scale, ylo, yhi))
-        .into_iter()
-        .filter(|&v| in_range(&y, v))
-        .collect();
-    let xticks: Vec<f64> = plot
-        .x
-        .ticks
-        .clone()
-        .unwrap_or_else(|| auto_ticks(plot.x.scale, xlo, xhi))
-        .into_iter()
-        .filter(|&v| in_range(&x, v))
-        .collect();
     // Grid lines under everything else.
-    for &v in &yticks {
-        if let Some(py) = y.px(v) {
-            let yi = py.round() as i64;
-            for xi in x.p0 as i64..=x.p1 as i64 {
-                cv.put(xi, yi, GRID);
-            }
-        }
-    }
-    for &v in &xticks {
-        if let Some(px) = x.px(v) {
-            let xi = px.round() as i64;
-            for yi in y.p1 as i64..=y.p0 as i64 {
-                cv.put(xi, yi, GRID);
-            }
-        }
-    }
+    draw_grid(&mut cv, &x, &y, &xticks, &yticks);
     cv.line((x.p0, y.p0), (x.p1, y.p0), [0, 0, 0]);
     cv.line((x.p0, y.p0), (x.p0, y.p1), [0, 0, 0]);
     for s in &plot.series {
-        let pts: Vec<Option<(f64, f64)>> = s
-            .points
-            .iter()
-            .map(|&(a, b)| Some((x.px(a)?, y.px(b)?)))
-            .collect();
-        for pair in pts.windows(2) {
-            if let [Some(p), Some(q)] = pair {
-                cv.line(*p, *q, s.color);
-            }
-        }
-        for p in pts.iter().flatten() {
-            if s.markers {
-                cv.rect(
-                    p.0.round() as i64 - 2,
-                    p.1.round() as i64 - 2,
-                    6,
-                    6,
-                    s.color,
-                );
-            } else if s.points.len() == 1 {
-                cv.line(*p, (p.0 + 2.0, p.1), s.color);
-            }
+        draw_series(&mut cv, &x, &y, s);
+    }
+    let marker_px = draw_markers(&mut cv, &x, &y, &plot.markers);
+    let mut img = RgbImage::new(w, h, cv.data)?;
+    for (px, m) in marker_px {
+        let lw = text_pixels(&m.label, 1);
+        let tx = (px.round() as usize + 4).min(w.saturating_sub(lw + 2));
+        draw_text(&mut img, tx, y.p1 as usize + 2, &m.label, 1, m.color);
+    }
+    draw_tick_labels(&mut img, &x, &y, &xticks, &yticks);
+    draw_titles(&mut img, plot, &x, &y, top);
+    draw_legend(&mut img, &plot.series, &legend);
+    Ok(img)
+}
+
+/// `axis` over the points' coordinate `coord`, mapped onto the pixels from `p0` to `p1`.
+fn map_axis(
+    axis: &Axis,
+    series: &[Series],
+    coord: fn(&(f64, f64)) -> f64,
+    p0: usize,
+    p1: usize,
+) -> Result<Mapped> {
+    let values = series.iter().flat_map(|s| s.points.iter().map(coord));
+    let (lo, hi) = axis_range(axis, values)?;
+    Ok(Mapped {
+        scale: axis.scale,
+        lo,
+        hi,
+        p0: p0 as f64,
+        p1: p1 as f64,
+    })
+}
+
+/// The axis's ticks (given, or chosen for its range) that fall within the drawn range.
+fn ticks(axis: &Axis, m: &Mapped) -> Vec<f64> {
+    let in_range = |v: f64| {
+        m.unit(v)
+            .is_some_and(|u| u >= m.lo - 1e-9 * (m.hi - m.lo).abs() && u <= m.hi + 1e-9)
+    };
+    axis.ticks
+        .clone()
+        .unwrap_or_else(|| auto_ticks(axis.scale, m.lo, m.hi))
+        .into_iter()
+        .filter(|&v| in_range(v))
+        .collect()
+}
+
+fn draw_grid(cv: &mut Canvas, x: &Mapped, y: &Mapped, xticks: &[f64], yticks: &[f64]) {
+    for py in yticks.iter().filter_map(|&v| y.px(v)) {
+        let yi = py.round() as i64;
+        for xi in x.p0 as i64..=x.p1 as i64 {
+            cv.put(xi, yi, GRID);
         }
     }
-    let mut marker_labels = Vec::new();
-    for m in &plot.markers {
+    for px in xticks.iter().filter_map(|&v| x.px(v)) {
+        let xi = px.round() as i64;
+        for yi in y.p1 as i64..=y.p0 as i64 {
+            cv.put(xi, yi, GRID);
+        }
+    }
+}
+
+/// A series' line through its drawable points, with markers, or a dot where it has one point.
+fn draw_series(cv: &mut Canvas, x: &Mapped, y: &Mapped, s: &Series) {
+    let pts: Vec<Option<(f64, f64)>> = s
+        .points
+        .iter()
+        .map(|&(a, b)| Some((x.px(a)?, y.px(b)?)))
+        .collect();
+    for pair in pts.windows(2) {
+        if let [Some(p), Some(q)] = pair {
+            cv.line(*p, *q, s.color);
+        }
+    }
+    for p in pts.iter().flatten() {
+        if s.markers {
+            cv.rect(
+                p.0.round() as i64 - 2,
+                p.1.round() as i64 - 2,
+                6,
+                6,
+                s.color,
+            );
+        } else if s.points.len() == 1 {
+            cv.line(*p, (p.0 + 2.0, p.1), s.color);
+        }
+    }
+}
+
+/// Dashed vertical lines at the markers within the x range; returns those drawn, with their
+/// pixel column, for their labels.
+fn draw_markers<'m>(
+    cv: &mut Canvas,
+    x: &Mapped,
+    y: &Mapped,
+    markers: &'m [Marker],
+) -> Vec<(f64, &'m Marker)> {
+    let mut drawn = Vec::new();
+    for m in markers {
         if let Some(px) = x.px(m.x) {
             // Dashed: every other 6-pixel run.
             let (y0, y1) = (y.p1 as i64, y.p0 as i64);
@@ -388,27 +406,24 @@ pub fn line_plot(plot: &LinePlot) -> Result<RgbImage> {
                     cv.put(px.round() as i64 + 1, yi, m.color);
                 }
             }
-            marker_labels.push((px, m));
+            drawn.push((px, m));
         }
     }
-    let mut img = RgbImage::new(w, h, cv.data)?;
-    for (px, m) in marker_labels {
-        let lw = text_pixels(&m.label, 1);
-        let tx = (px.round() as usize + 4).min(w.saturating_sub(lw + 2));
-        draw_text(&mut img, tx, y.p1 as usize + 2, &m.label, 1, m.color);
-    }
-    // Tick labels.
-    let bottom = y.p0 as usize;
-    for &v in &yticks {
+    drawn
+}
+
+fn draw_tick_labels(img: &mut RgbImage, x: &Mapped, y: &Mapped, xticks: &[f64], yticks: &[f64]) {
+    let w = img.width;
+    for &v in yticks {
         if let Some(py) = y.px(v) {
             let label = tick_label(v);
             let lw = text_pixels(&label, 1);
             let ty = (py.round() as usize).saturating_sub(4);
-            draw_text(&mut img, (LEFT - 4).saturating_sub(lw), ty, &label, 1, INK);
+            draw_text(img, (LEFT - 4).saturating_sub(lw), ty, &label, 1, INK);
         }
     }
     let mut last_end = 0usize;
-    for &v in &xticks {
+    for &v in xticks {
         if let Some(px) = x.px(v) {
             let label = tick_label(v);
             let lw = text_pixels(&label, 1);
@@ -419,29 +434,31 @@ pub fn line_plot(plot: &LinePlot) -> Result<RgbImage> {
             if tx < last_end + 4 && last_end > 0 {
                 continue;
             }
-            draw_text(&mut img, tx, bottom + 6, &label, 1, INK);
+            draw_text(img, tx, y.p0 as usize + 6, &label, 1, INK);
             last_end = tx + lw;
         }
     }
-    // Titles.
+}
+
+/// The x title under the tick labels, the y title above the plot area, the plot's title on top.
+fn draw_titles(img: &mut RgbImage, plot: &LinePlot, x: &Mapped, y: &Mapped, top: usize) {
     let xt = &plot.x.title;
     let xtw = text_pixels(xt, 1);
     let mid = (x.p0 + x.p1) as usize / 2;
-    draw_text(
-        &mut img,
-        mid.saturating_sub(xtw / 2),
-        bottom + 24,
-        xt,
-        1,
-        INK,
-    );
-    draw_text(&mut img, 4, top - 14, &plot.y.title, 1, INK);
+    let bottom = y.p0 as usize;
+    draw_text(img, mid.saturating_sub(xtw / 2), bottom + 24, xt, 1, INK);
+    draw_text(img, 4, top - 14, &plot.y.title, 1, INK);
     if !plot.title.is_empty() {
         let tw = text_pixels(&plot.title, 1);
-        draw_text(&mut img, (w.saturating_sub(tw)) / 2, 8, &plot.title, 1, INK);
+        let w = img.width;
+        draw_text(img, (w.saturating_sub(tw)) / 2, 8, &plot.title, 1, INK);
     }
-    // Legend, above the plot area.
-    for (s, &(lx, dy)) in plot.series.iter().zip(&legend) {
+}
+
+/// The legend above the plot area: a colour bar and the name per series, at `legend`'s places.
+fn draw_legend(img: &mut RgbImage, series: &[Series], legend: &[(usize, usize)]) {
+    let w = img.width;
+    for (s, &(lx, dy)) in series.iter().zip(legend) {
         let ly = TITLE_ROWS + dy;
         for yy in ly + 3..ly + 5 {
             for xx in lx..(lx + 14).min(w) {
@@ -449,9 +466,8 @@ pub fn line_plot(plot: &LinePlot) -> Result<RgbImage> {
                 img.data[p..p + 3].copy_from_slice(&s.color);
             }
         }
-        draw_text(&mut img, lx + 18, ly, &s.name, 1, INK);
+        draw_text(img, lx + 18, ly, &s.name, 1, INK);
     }
-    Ok(img)
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! `fastrm train`: fits the FastRM head (DESIGN §4) to the baseline maps of a distilled data set
+//! `fastrm train`: fits the FastRM head to the baseline maps of a distilled data set
 //! (`fastrm distill`), with per-patch binary cross-entropy and Adam.
 //!
 //! The head runs here in its unfolded training form, batched over tokens of many samples: for each
@@ -16,7 +16,6 @@
 //! seed (SplitMix64), and the CPU backend's reductions do not depend on the thread count, so two
 //! runs with one seed produce the same weights.
 
-pub mod data;
 mod plot;
 
 use std::path::{Path, PathBuf};
@@ -29,7 +28,9 @@ use crate::explain::fastrm::HeadWeights;
 use crate::model::SplitMix64;
 use crate::status::{bar, StatusLine};
 
-pub use data::Dataset;
+/// The distilled data set as training reads it: the one reader of the format, in
+/// [`crate::distill::format`].
+pub use crate::distill::TokenSet as Dataset;
 
 /// A training batch in host memory: images (each `[P, D]`) and tokens pointing into them.
 #[derive(Debug, Clone)]
