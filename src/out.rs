@@ -17,6 +17,9 @@ pub fn write(args: std::fmt::Arguments<'_>) -> Result<()> {
 /// `println!` that returns a [`crate::Result`] instead of panicking.
 #[macro_export]
 macro_rules! outln {
+    () => {
+        $crate::out::write(format_args!("\n"))
+    };
     ($($arg:tt)*) => {
         $crate::out::write(format_args!("{}\n", format_args!($($arg)*)))
     };

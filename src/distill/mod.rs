@@ -408,7 +408,7 @@ pub fn run(args: DistillArgs) -> Result<()> {
     };
     let (new_samples, new_tokens) =
         run.distill(&engine, &mut manifest, &mut writer, &mut progress)?;
-    println!(
+    crate::outln!(
         "distilled {new_samples} samples ({new_tokens} tokens) in {:.1}s on {}; {}{}: {} samples, {} tokens, {} shards",
         t0.elapsed().as_secs_f64(),
         engine.backend_name(),
@@ -417,7 +417,7 @@ pub fn run(args: DistillArgs) -> Result<()> {
         manifest.samples,
         manifest.tokens,
         manifest.shards.len()
-    );
+    )?;
     Ok(())
 }
 
@@ -866,14 +866,14 @@ pub fn merge(args: MergeArgs) -> Result<()> {
     }
     // Listed only now, so that an interrupted merge leaves no folder that looks complete.
     manifest.write(out)?;
-    println!(
+    crate::outln!(
         "merged {n} shards in {:.1}s; {}: {} samples, {} tokens, {} shards",
         t0.elapsed().as_secs_f64(),
         out.display(),
         manifest.samples,
         manifest.tokens,
         manifest.shards.len()
-    );
+    )?;
     Ok(())
 }
 

@@ -282,9 +282,9 @@ fn run_on<B: Backend>(
         write_report(st, &doc, &counts, &cal, &setup.schedule, &curves, &pointing)?;
     }
     if args.json {
-        println!("{doc}");
+        crate::outln!("{doc}")?;
     } else {
-        print_report(&doc);
+        print_report(&doc)?;
     }
     Ok(())
 }
@@ -1089,56 +1089,62 @@ fn entropy_plot(cal: &metrics::Calibration) -> Result<crate::vision::RgbImage> {
 }
 
 /// The human-readable report.
-fn print_report(doc: &Value) {
+fn print_report(doc: &Value) -> Result<()> {
     let f = |v: &Value| v.as_f64().map_or("n/a".to_string(), |x| format!("{x:.4}"));
-    println!(
+    crate::outln!(
         "{} samples, {} tokens, {} patches; label threshold {}",
         doc["samples"],
         doc["tokens"],
         doc["n_patches"],
         f(&doc["label_threshold"])
-    );
-    println!(
+    )?;
+    crate::outln!(
         "\nFastRM vs binarised {} map",
         doc["baseline_method"].as_str().unwrap_or("")
-    );
-    println!(
+    )?;
+    crate::outln!(
         "{:>9} {:>9} {:>9} {:>9} {:>9}",
-        "threshold", "accuracy", "precision", "recall", "F1"
-    );
+        "threshold",
+        "accuracy",
+        "precision",
+        "recall",
+        "F1"
+    )?;
     for r in doc["classification"].as_array().into_iter().flatten() {
-        println!(
+        crate::outln!(
             "{:>9} {:>9} {:>9} {:>9} {:>9}",
             f(&r["threshold"]).trim_end_matches('0'),
             f(&r["accuracy"]),
             f(&r["precision"]),
             f(&r["recall"]),
             f(&r["f1"])
-        );
+        )?;
     }
     if let Some(m) = doc["perturbation"]["methods"].as_object() {
-        println!("\nPerturbation AUC (positive: lower is better; negative: higher is better)");
-        println!("{:<22} {:>9} {:>9}", "method", "positive", "negative");
+        crate::outln!(
+            "\nPerturbation AUC (positive: lower is better; negative: higher is better)"
+        )?;
+        crate::outln!("{:<22} {:>9} {:>9}", "method", "positive", "negative")?;
         for (name, v) in m {
-            println!(
+            crate::outln!(
                 "{:<22} {:>9} {:>9}",
                 name,
                 f(&v["positive"]["auc"]),
                 f(&v["negative"]["auc"])
-            );
+            )?;
         }
     }
     let c = &doc["confidence"];
-    println!("\nEntropy confidence (Gaussian KDE, Scott's bandwidth)");
-    println!(
+    crate::outln!("\nEntropy confidence (Gaussian KDE, Scott's bandwidth)")?;
+    crate::outln!(
         "correct: {} answers, mean {}; incorrect: {} answers, mean {}",
         c["correct"]["count"],
         f(&c["correct"]["mean_entropy"]),
         c["incorrect"]["count"],
         f(&c["incorrect"]["mean_entropy"])
-    );
+    )?;
     match c["threshold"].as_f64() {
-        Some(t) => println!(
+        Some(t) => crate::outln!(
             "threshold {t:.4}: below TP {} FP {}, above FN {} TN {}{}",
             c["below"]["tp"],
             c["below"]["fp"],
@@ -1149,41 +1155,45 @@ fn print_report(doc: &Value) {
             } else {
                 ""
             }
-        ),
-        None => println!("{}", c["note"].as_str().unwrap_or("no threshold")),
+        )?,
+        None => crate::outln!("{}", c["note"].as_str().unwrap_or("no threshold"))?,
     }
     if let Some(m) = doc["pointing"]["methods"].as_object() {
-        println!(
+        crate::outln!(
             "\nPointing game ({} samples with a target)",
             doc["pointing"]["samples"]
-        );
-        println!(
+        )?;
+        crate::outln!(
             "{:<22} {:>9} {:>9} {:>7}",
-            "method", "hit rate", "mass", "tokens"
-        );
+            "method",
+            "hit rate",
+            "mass",
+            "tokens"
+        )?;
         for (name, v) in m {
-            println!(
+            crate::outln!(
                 "{:<22} {:>9} {:>9} {:>7}",
                 name,
                 f(&v["hit_rate"]),
                 f(&v["mask_mass"]),
                 v["tokens"]
-            );
+            )?;
         }
     }
     if let Some(a) = doc["accuracy"].as_object() {
-        println!("\nModel accuracy: {}", f(&a["overall"]["accuracy"]));
+        crate::outln!("\nModel accuracy: {}", f(&a["overall"]["accuracy"]))?;
         if let Some(t) = a["by_type"].as_object() {
             for (k, v) in t {
-                println!("  {k}: {} ({} samples)", f(&v["accuracy"]), v["samples"]);
+                crate::outln!("  {k}: {} ({} samples)", f(&v["accuracy"]), v["samples"])?;
             }
         }
-        println!(
+        crate::outln!(
             "  multi-object scenes: {} ({} samples)",
             f(&a["multi_object"]["accuracy"]),
             a["multi_object"]["samples"]
-        );
+        )?;
     }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -486,13 +486,13 @@ impl Report {
             None => (Vec::new(), self.to_json()),
         };
         if plan.json {
-            println!("{doc}");
+            crate::outln!("{doc}")?;
         } else {
             print!("{}", self.table());
             if !files.is_empty() {
-                println!();
+                crate::outln!()?;
                 for f in &files {
-                    println!("wrote {}", f.display());
+                    crate::outln!("wrote {}", f.display())?;
                 }
             }
         }

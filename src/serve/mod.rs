@@ -149,7 +149,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             .local_addr()
             .map_err(|e| Error::Backend(format!("listener address: {e}")))?;
         // Scripts and tests read the address (the port may have been 0) from this line.
-        println!("listening on http://{addr}");
+        crate::outln!("listening on http://{addr}")?;
         use std::io::Write;
         let _ = std::io::stdout().flush();
         axum::serve(listener, router(state))

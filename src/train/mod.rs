@@ -772,7 +772,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     std::fs::write(&csv_path, curve_csv(&report.curve)).map_err(|e| Error::io(&csv_path, e))?;
     crate::render::write_png(&side_path(out, ".loss.png"), &loss_plot(&report.curve)?)?;
     let val = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.4}"));
-    println!(
+    crate::outln!(
         "trained {} steps ({} train / {} val samples, {} / {} tokens) in {} on {backend}: train \
          loss {:.4}, val loss {} (initial {}, label-mean predictor {}) → {}",
         opts.steps,
@@ -786,6 +786,6 @@ pub fn run(args: TrainArgs) -> Result<()> {
         val(report.initial_val_loss()),
         val(report.label_mean_val_loss),
         out.display()
-    );
+    )?;
     Ok(())
 }
