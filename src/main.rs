@@ -249,7 +249,8 @@ fn explain(run: &RunArgs, args: &ExplainArgs) -> Result<()> {
     let method = args.method.method(args.full_r, args.layer, n_layers)?;
     let opts = options(run);
     let req = input.request(run);
-    let ex = engine.explain(&req, &opts, method, &mut |item| progress.event(item));
+    let ex = fastrm::with_engine!(&engine, |e| e
+        .explain(&req, &opts, method, &mut |item| { progress.event(item) }));
     let ex = match ex {
         Ok(ex) => ex,
         Err(e) => {

@@ -4,9 +4,7 @@
 use std::path::Path;
 use std::str::FromStr;
 
-use super::{
-    CancelToken, Engine, Explained, GenerateOptions, Generation, Item, Method, Request, RunOptions,
-};
+use super::{CancelToken, Engine, Item, Request, RunOptions};
 use crate::backend::cpu::Cpu;
 #[cfg(any(feature = "cuda", feature = "sim"))]
 use crate::backend::cuda::Cuda;
@@ -286,20 +284,6 @@ impl AnyEngine {
         cancel: &CancelToken,
     ) -> Box<dyn Iterator<Item = Result<Item>> + 'e> {
         with_engine!(self, |e| Box::new(e.stream(req, opts, cancel)))
-    }
-
-    pub fn generate(&self, req: &Request, opts: &GenerateOptions) -> Result<Generation> {
-        with_engine!(self, |e| e.generate(req, opts))
-    }
-
-    pub fn explain(
-        &self,
-        req: &Request,
-        opts: &GenerateOptions,
-        method: Method,
-        observer: &mut dyn FnMut(&Item),
-    ) -> Result<Explained> {
-        with_engine!(self, |e| e.explain(req, opts, method, observer))
     }
 
     pub fn model_view(&self, image: &super::ImageInput) -> Result<crate::vision::RgbImage> {
