@@ -256,6 +256,19 @@ impl Browser {
         );
     }
 
+    /// Moves the mouse onto the centre of `element`.
+    fn hover(&self, element: &str) {
+        self.cmd(
+            "POST",
+            "/actions",
+            Some(json!({"actions": [{
+                "type": "pointer", "id": "mouse", "parameters": {"pointerType": "mouse"},
+                "actions": [{"type": "pointerMove", "duration": 0, "x": 0, "y": 0,
+                             "origin": {ELEMENT_KEY: element}}],
+            }]})),
+        );
+    }
+
     fn script(&self, body: &str) -> Value {
         self.cmd(
             "POST",
@@ -479,6 +492,17 @@ fn viewer_streams_the_answer_and_overlays_the_selected_tokens_map() {
         (got_peak / cols, got_peak % cols),
         (want_peak / cols, want_peak % cols),
         "brightest overlay cell vs the map's maximum"
+    );
+
+    // Hovering another token shows its map; leaving it returns to the clicked one.
+    let shown = "return document.getElementById('overlay').dataset.index";
+    b.hover(&b.find("#answer .tok[data-index='1']"));
+    assert_eq!(b.script(shown), "1", "hover shows the hovered token's map");
+    b.hover(&b.find("#question"));
+    assert_eq!(
+        b.script(shown),
+        "0",
+        "leaving it shows the selected token again"
     );
 
     // For a person to look at: FASTRM_VIEWER_SCREENSHOT=out.png keeps what the browser showed.
