@@ -293,15 +293,18 @@ impl Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        // Ends the browser; chromedriver itself is killed by its guard.
-        let _ = TcpStream::connect(self.addr).map(|_| {
-            http(
-                self.addr,
-                "DELETE",
-                &format!("/session/{}", self.session),
-                None,
-            )
-        });
+        // Ends the browser (chromedriver itself is killed by its guard). Nothing here may panic:
+        // this also runs while a failed assertion unwinds.
+        if let Ok(mut s) = TcpStream::connect(self.addr) {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+            let req = format!(
+                "DELETE /session/{} HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\n\r\n",
+                self.session, self.addr
+            );
+            if s.write_all(req.as_bytes()).is_ok() {
+                let _ = s.read(&mut [0u8; 256]);
+            }
+        }
     }
 }
 
