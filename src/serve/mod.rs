@@ -9,6 +9,7 @@
 
 pub mod metrics;
 pub mod openai;
+pub mod viewer;
 pub mod worker;
 
 use std::convert::Infallible;
@@ -189,6 +190,7 @@ async fn shutdown_signal() {
 fn router(state: Arc<AppState>) -> Router {
     let max_body = state.max_body_bytes;
     Router::new()
+        .route("/", get(viewer_page))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/models", get(models))
         .route("/health", get(health))
@@ -240,12 +242,31 @@ impl IntoResponse for ApiError {
 async fn not_found() -> ApiError {
     ApiError {
         status: 404,
-        message: "no such endpoint: POST /v1/chat/completions, GET /v1/models, /health, /metrics"
+        message: "no such endpoint: POST /v1/chat/completions, GET / (the viewer), /v1/models, \
+             /health, /metrics"
             .into(),
         kind: "invalid_request_error",
         param: None,
         code: Some("not_found"),
     }
+}
+
+async fn viewer_page() -> Response {
+    (
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            ),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static(viewer::CONTENT_SECURITY_POLICY),
+            ),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+        ],
+        viewer::page(),
+    )
+        .into_response()
 }
 
 async fn health() -> axum::Json<Value> {
