@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""HF transformers timing of LLaVA-1.5 plain generation on a GPU, to sit beside `fastrm profile` (issue 5).
+"""HF transformers timing of LLaVA-1.5 plain generation on a GPU, to sit beside `fastrm profile`.
 
 Random weights with the exact llava-hf/llava-1.5-7b-hf (or -13b) shapes, written out in code (no network),
 built on the meta device and initialised in place on the GPU (seconds). f16, SDPA attention, batch 1.

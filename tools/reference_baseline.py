@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Reference cost of the gradient relevancy baseline in HF transformers (issue 6 item 4), to sit beside
+"""Reference cost of the gradient relevancy baseline in HF transformers, to sit beside
 `fastrm profile`.
 
 The procedure the FastRM paper measured (LVLM-Interpret style, Chefer et al. 2021 relevancy):
@@ -18,7 +18,7 @@ grows with k and the held graph (KV cache concatenations included) grows with th
 Methods (rows of the JSON, per output length):
   generate               plain greedy generation, torch.no_grad, same model (eager), manual loop, EOS ignored
   baseline               the procedure above (exact map per token)
-  baseline-incremental   DESIGN section 4 baseline-incremental: KV cache detached before every step, one
+  baseline-incremental   baseline-incremental (LVLM-Interpret): KV cache detached before every step, one
                          single-row backward per token (prompt rows from token 0's backward)
 
 Runtime is bounded by --budget-s: lengths run in ascending order and a (method, length) is skipped when its
@@ -190,7 +190,7 @@ def baseline_maps(model, logits, attns, gen, n, image_pos, grad_mode, r_mode, de
 
 
 def baseline_incremental(model, ids, pv, T, image_pos, grad_mode, device, force=None):
-    """DESIGN section 4 baseline-incremental: token 0 = prefill with grad + backward (prompt rows); token
+    """baseline-incremental (LVLM-Interpret): token 0 = prefill with grad + backward (prompt rows); token
     k >= 1: one-token forward with the past KV cache detached, backward from s_k, its own cam row."""
     n = ids.shape[1]
     L = None

@@ -2,23 +2,7 @@
 
 use std::path::PathBuf;
 
-/// Which baseline labels the distilled maps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum DistillMethod {
-    /// Exact Chefer gradient relevancy per token (streamed rows).
-    Baseline,
-    /// LVLM-Interpret's incremental rows.
-    BaselineIncremental,
-}
-
-impl DistillMethod {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DistillMethod::Baseline => "baseline",
-            DistillMethod::BaselineIncremental => "baseline-incremental",
-        }
-    }
-}
+use crate::explain::MethodName;
 
 /// Build a FastRM training set: greedy answers, baseline maps and last hidden states.
 #[derive(Debug, Clone, clap::Args)]
@@ -35,8 +19,10 @@ pub struct DistillArgs {
     /// Output folder: manifest.json and shard-NNNNN.safetensors. Rerunning resumes.
     #[arg(long)]
     pub out: PathBuf,
+    /// The gradient method that labels the maps: baseline (exact, streamed rows) or
+    /// baseline-incremental.
     #[arg(long, value_enum, default_value = "baseline")]
-    pub method: DistillMethod,
+    pub method: MethodName,
     /// Only the first N questions of the file.
     #[arg(long)]
     pub limit: Option<usize>,

@@ -37,10 +37,10 @@ use crate::engine::{
     RunOptions,
 };
 use crate::error::{Error, Result};
-use crate::explain::RowMode;
+use crate::explain::MethodName;
 use crate::status::{self, StatusLine};
 
-pub use cli::{DistillArgs, DistillMethod, MergeArgs};
+pub use cli::{DistillArgs, MergeArgs};
 pub use dataset::{Dataset, Entry, Format, ImageRef};
 pub use format::{
     shard_name, InputInfo, Manifest, SampleRecord, SampleRef, Shard, ShardFile, ShardInfo, Token,
@@ -434,6 +434,15 @@ struct Plan {
 
 impl Plan {
     fn new(args: &DistillArgs) -> Result<Self> {
+        if !matches!(
+            args.method,
+            MethodName::Baseline | MethodName::BaselineIncremental
+        ) {
+            return Err(Error::input(format!(
+                "--method {}: distill labels with a baseline (baseline or baseline-incremental)",
+                args.method.as_str()
+            )));
+        }
         if args.limit == Some(0) {
             return Err(Error::input("--limit must be at least 1"));
         }
@@ -670,12 +679,8 @@ impl Remaining<'_> {
         writer: &mut ShardWriter,
         progress: &mut Progress,
     ) -> Result<(usize, usize)> {
-        let method = match self.args.method {
-            DistillMethod::Baseline => Method::Baseline {
-                mode: RowMode::Streamed,
-            },
-            DistillMethod::BaselineIncremental => Method::BaselineIncremental,
-        };
+        let n_layers = engine.config().text.num_hidden_layers;
+        let method = self.args.method.method(false, None, n_layers)?;
         let opts = GenerateOptions {
             max_new_tokens: self.args.max_new_tokens,
             stop_at_eos: true,

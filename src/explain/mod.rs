@@ -82,11 +82,6 @@ impl MethodName {
             },
         })
     }
-
-    /// Whether its maps come from a backward (what `distill` can label a data set with).
-    pub fn is_gradient(self) -> bool {
-        self != MethodName::Fastrm
-    }
 }
 
 impl std::str::FromStr for MethodName {

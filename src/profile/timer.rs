@@ -69,7 +69,7 @@ mod tests {
 
 #[cfg(any(feature = "cuda", feature = "sim"))]
 /// Device time between CUDA events recorded on the backend's stream (created with
-/// `CU_EVENT_DEFAULT`: the default flags of cudarc disable timing, DESIGN §6).
+/// `CU_EVENT_DEFAULT`: the default flags of cudarc disable timing).
 pub struct CudaEventClock<'a, T: crate::backend::cuda::Elem> {
     backend: &'a crate::backend::cuda::Cuda<T>,
 }

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Trains the bundled demo model's FastRM head with the engine's own pipeline (issue 4 item 6) and
+# Trains the bundled demo model's FastRM head with the engine's own pipeline and
 # evaluates it on the committed evaluation set:
 #   1. a head-training question set on fresh scenes (seeds 2,000,000+, never seen by the model),
 #   2. `fastrm distill` (answers, exact baseline maps, hidden states),
