@@ -46,7 +46,6 @@ pub mod eval;
 pub mod explain;
 pub mod fsutil;
 pub mod model;
-pub mod out;
 pub mod profile;
 pub mod render;
 pub mod serve;

@@ -4,6 +4,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod term;
+
+use term::{outln, StatusLine, Terminal};
+
 use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
 
@@ -11,7 +15,7 @@ use fastrm::engine::{
     AnyEngine, CancelToken, Explained, Generation, ImageInput, Item, Method, Request, RunOptions,
 };
 use fastrm::explain::{report, MethodName, RowMode};
-use fastrm::status::{bar, StatusLine};
+use fastrm::status::bar;
 use fastrm::{Error, GenerateOptions, Result};
 
 #[derive(Parser)]
@@ -100,7 +104,7 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    fastrm::out::default_sigpipe();
+    term::default_sigpipe();
     init_logging();
     let cli = Cli::parse();
     match run(cli) {
@@ -163,13 +167,22 @@ fn run(cli: Cli) -> Result<()> {
             };
             explain(&run, &ex)
         }
-        Cmd::Distill(args) => fastrm::distill::run(args),
-        Cmd::Merge(args) => fastrm::distill::merge(args),
-        Cmd::Train(args) => fastrm::train::run(args),
-        Cmd::Eval(args) => fastrm::eval::run(args),
-        Cmd::Profile(args) => fastrm::profile::run(args),
-        Cmd::Serve(args) => fastrm::serve::run(args),
+        // The library's jobs draw nothing themselves: they report through this terminal.
+        Cmd::Distill(args) => job(StatusLine::timed(), || fastrm::distill::run(args)),
+        Cmd::Merge(args) => job(StatusLine::plain(), || fastrm::distill::merge(args)),
+        Cmd::Train(args) => job(StatusLine::plain(), || fastrm::train::run(args)),
+        Cmd::Eval(args) => job(StatusLine::timed(), || fastrm::eval::run(args)),
+        Cmd::Profile(args) => job(StatusLine::plain(), || fastrm::profile::run(args)),
+        Cmd::Serve(args) => job(StatusLine::plain(), || fastrm::serve::run(args)),
     }
+}
+
+/// Runs a library job with the terminal as its [`fastrm::status::Ui`].
+fn job(line: StatusLine, f: impl FnOnce() -> Result<()>) -> Result<()> {
+    fastrm::status::install(Box::new(Terminal(line)));
+    let r = f();
+    fastrm::status::clear();
+    r
 }
 
 struct ExplainArgs {
@@ -216,9 +229,9 @@ fn generate(run: &RunArgs) -> Result<()> {
         timings: s.timings,
     };
     if run.json {
-        fastrm::outln!("{}", generation_json(&engine, run, &input, &g))
+        outln!("{}", generation_json(&engine, run, &input, &g))
     } else {
-        fastrm::outln!("{}", g.text.trim())
+        outln!("{}", g.text.trim())
     }
 }
 
@@ -275,7 +288,7 @@ fn explain(run: &RunArgs, args: &ExplainArgs) -> Result<()> {
     }
     progress.clear();
     if run.json {
-        fastrm::outln!("{doc}")
+        outln!("{doc}")
     } else {
         print_table(&ex)
     }
@@ -427,8 +440,8 @@ fn add_maps(doc: &mut Value, ex: &Explained) {
 /// The human-readable form: the answer, then one line per token with its entropy and the grid
 /// cell holding the most relevance.
 fn print_table(ex: &Explained) -> Result<()> {
-    fastrm::outln!("{}", ex.generation.text.trim())?;
-    fastrm::outln!(
+    outln!("{}", ex.generation.text.trim())?;
+    outln!(
         "{:>4}  {:<16} {:>8}  peak (row, col)",
         "#",
         "token",
@@ -441,7 +454,7 @@ fn print_table(ex: &Explained) -> Result<()> {
                 .enumerate()
                 .fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b });
         let shown: String = format!("{:?}", t.text).chars().take(16).collect();
-        fastrm::outln!(
+        outln!(
             "{:>4}  {:<16} {:>8.4}  ({}, {})",
             t.index,
             shown,
@@ -452,12 +465,12 @@ fn print_table(ex: &Explained) -> Result<()> {
     }
     let c = &ex.confidence;
     match c.threshold {
-        Some(t) => fastrm::outln!(
+        Some(t) => outln!(
             "confidence: {} (mean entropy {:.4} vs threshold {t:.4})",
             c.verdict(),
             c.mean_entropy
         ),
-        None => fastrm::outln!(
+        None => outln!(
             "mean entropy {:.4} (no calibrated threshold)",
             c.mean_entropy
         ),

@@ -1,73 +1,61 @@
-//! One status line on stderr, redrawn in place, shared by the long-running commands.
-//!
-//! It is drawn only when stderr is a terminal, so scripts and `--json` consumers never see it.
+//! How long jobs (distill, train, eval, profile, serve) report to whoever runs them. The library
+//! never draws on the terminal itself: the command line installs a [`Ui`] that keeps a status line
+//! on stderr, prints notes and writes the reports to stdout; without one (a server embedding the
+//! library, a test) nothing is shown and reports go nowhere but the files a job writes.
 
-use std::cell::Cell;
-use std::io::{IsTerminal, Write};
-use std::time::Instant;
+use std::sync::OnceLock;
 
-pub struct StatusLine {
-    enabled: bool,
-    start: Instant,
-    /// Print the elapsed time before each message, and nothing during the first second (short
-    /// runs stay quiet).
-    timed: bool,
-    shown: Cell<bool>,
+use crate::error::Result;
+
+pub trait Ui: Send + Sync {
+    /// The current step of a long job; replaces the previous one.
+    fn status(&self, msg: &str);
+    /// Removes the status.
+    fn clear(&self);
+    /// A remark for the user (a skipped step, a redone shard).
+    fn note(&self, msg: &str);
+    /// A job's result, for standard output.
+    fn out(&self, text: &str) -> Result<()>;
 }
 
-impl StatusLine {
-    /// `[   12.3s] message`, silent for the first second.
-    pub fn timed() -> Self {
-        Self::with(true)
-    }
+/// Shows nothing.
+pub struct Quiet;
 
-    /// The bare message, from the start.
-    pub fn plain() -> Self {
-        Self::with(false)
-    }
-
-    fn with(timed: bool) -> Self {
-        StatusLine {
-            enabled: std::io::stderr().is_terminal(),
-            start: Instant::now(),
-            timed,
-            shown: Cell::new(false),
-        }
-    }
-
-    /// Seconds since the line was made.
-    pub fn elapsed(&self) -> f64 {
-        self.start.elapsed().as_secs_f64()
-    }
-
-    pub fn say(&self, msg: &str) {
-        if !self.enabled {
-            return;
-        }
-        let t = self.elapsed();
-        if self.timed {
-            if t <= 1.0 {
-                return;
-            }
-            eprint!("\r\x1b[2K[{t:7.1}s] {msg}");
-        } else {
-            eprint!("\r\x1b[2K{msg}");
-        }
-        let _ = std::io::stderr().flush();
-        self.shown.set(true);
-    }
-
-    pub fn clear(&self) {
-        if self.shown.replace(false) {
-            eprint!("\r\x1b[2K");
-        }
+impl Ui for Quiet {
+    fn status(&self, _: &str) {}
+    fn clear(&self) {}
+    fn note(&self, _: &str) {}
+    fn out(&self, _: &str) -> Result<()> {
+        Ok(())
     }
 }
 
-impl Drop for StatusLine {
-    fn drop(&mut self) {
-        self.clear();
-    }
+static UI: OnceLock<Box<dyn Ui>> = OnceLock::new();
+
+/// Installs the process's [`Ui`] (once; later calls are ignored and return false).
+pub fn install(ui: Box<dyn Ui>) -> bool {
+    UI.set(ui).is_ok()
+}
+
+fn ui() -> &'static dyn Ui {
+    UI.get().map_or(&Quiet, |u| u.as_ref())
+}
+
+pub fn say(msg: &str) {
+    ui().status(msg)
+}
+
+pub fn clear() {
+    ui().clear()
+}
+
+pub fn note(msg: &str) {
+    ui().note(msg)
+}
+
+/// A line of a job's report.
+pub fn out(line: &str) -> Result<()> {
+    ui().out(&format!("{line}\n"))
 }
 
 /// A 24-character bar, `#` for the done share and `.` for the rest.

@@ -38,7 +38,7 @@ use crate::engine::{
 };
 use crate::error::{Error, Result};
 use crate::explain::MethodName;
-use crate::status::{self, StatusLine};
+use crate::status;
 
 pub use cli::{DistillArgs, MergeArgs};
 pub use dataset::{Dataset, Entry, Format, ImageRef};
@@ -278,7 +278,7 @@ pub fn distill_sample<B: Backend>(
 
 /// A sample-level progress bar with an ETA on the status line, the current sample's step appended.
 struct Progress {
-    status: StatusLine,
+    start: std::time::Instant,
     /// The sample bar, to which the current sample's step is appended.
     line: String,
 }
@@ -286,7 +286,7 @@ struct Progress {
 impl Progress {
     fn new() -> Self {
         Progress {
-            status: StatusLine::timed(),
+            start: std::time::Instant::now(),
             line: String::new(),
         }
     }
@@ -294,7 +294,7 @@ impl Progress {
     /// `done` of `total` samples, `fresh` of them in this run (the rate and ETA come from those).
     fn bar(&mut self, done: usize, total: usize, fresh: usize) {
         let eta = if fresh > 0 {
-            let s = self.status.elapsed() / fresh as f64 * (total - done) as f64;
+            let s = self.start.elapsed().as_secs_f64() / fresh as f64 * (total - done) as f64;
             format!("ETA {}", clock(s))
         } else {
             "ETA --:--".into()
@@ -303,7 +303,7 @@ impl Progress {
             "samples [{}] {done}/{total} {eta}",
             status::bar(done, total)
         );
-        self.status.say(&self.line);
+        status::say(&self.line);
     }
 
     /// Within a sample: which token is generated or explained.
@@ -315,7 +315,7 @@ impl Progress {
             Item::Map(m) => format!("map {}", m.index + 1),
             _ => return,
         };
-        self.status.say(&format!("{} · {step}", self.line));
+        status::say(&format!("{} · {step}", self.line));
     }
 }
 
@@ -367,11 +367,9 @@ pub fn run(args: DistillArgs) -> Result<()> {
         .collect::<Result<_>>()?;
 
     let engine = {
-        progress
-            .status
-            .say(&format!("loading {}", args.model.display()));
+        status::say(&format!("loading {}", args.model.display()));
         let e = AnyEngine::load(plan.device, plan.dtype, &args.model);
-        progress.status.clear();
+        status::clear();
         e?
     };
     let mut manifest = new_manifest(&args, &plan, identity, engine.config(), shard_size, shards);
@@ -408,7 +406,7 @@ pub fn run(args: DistillArgs) -> Result<()> {
     };
     let (new_samples, new_tokens) =
         run.distill(&engine, &mut manifest, &mut writer, &mut progress)?;
-    crate::outln!(
+    crate::status::out(&format!(
         "distilled {new_samples} samples ({new_tokens} tokens) in {:.1}s on {}; {}{}: {} samples, {} tokens, {} shards",
         t0.elapsed().as_secs_f64(),
         engine.backend_name(),
@@ -417,7 +415,7 @@ pub fn run(args: DistillArgs) -> Result<()> {
         manifest.samples,
         manifest.tokens,
         manifest.shards.len()
-    )?;
+    ))?;
     Ok(())
 }
 
@@ -592,11 +590,11 @@ fn completed_prefix(out: &Path, m: &Manifest, plan: &Plan) -> Vec<ShardInfo> {
             Err(_) => false,
         };
         if !ok {
-            eprintln!(
+            crate::status::note(&format!(
                 "note: {} is missing or does not match the manifest; redoing from sample {}",
                 path.display(),
                 global(0)
-            );
+            ));
             break;
         }
         next += s.samples;
@@ -702,14 +700,14 @@ impl Remaining<'_> {
                 &opts,
                 &mut |ev| progress.event(ev)
             ));
-            let s = s.inspect_err(|_| progress.status.clear())?;
+            let s = s.inspect_err(|_| status::clear())?;
             new_tokens += s.tokens.len();
             new_samples += 1;
             if writer.push(manifest, g, s, k + 1 == total)? {
                 manifest.write(&self.args.out)?;
             }
         }
-        progress.status.clear();
+        status::clear();
         Ok((new_samples, new_tokens))
     }
 }
@@ -871,14 +869,14 @@ pub fn merge(args: MergeArgs) -> Result<()> {
     }
     // Listed only now, so that an interrupted merge leaves no folder that looks complete.
     manifest.write(out)?;
-    crate::outln!(
+    crate::status::out(&format!(
         "merged {n} shards in {:.1}s; {}: {} samples, {} tokens, {} shards",
         t0.elapsed().as_secs_f64(),
         out.display(),
         manifest.samples,
         manifest.tokens,
         manifest.shards.len()
-    )?;
+    ))?;
     Ok(())
 }
 

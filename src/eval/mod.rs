@@ -37,7 +37,7 @@ use crate::explain::{
 use crate::model::session::{Mode, Session};
 use crate::render::plot::{line_plot, Axis, LinePlot, Marker, Series, PALETTE};
 use crate::render::write_png;
-use crate::status::StatusLine;
+use crate::status;
 use metrics::Counts;
 
 pub const JSON_FILE: &str = "eval.json";
@@ -113,14 +113,14 @@ impl Sample {
 }
 
 /// The sample bar with the current step, on the status line.
-fn sample_bar(status: &StatusLine, done: usize, total: usize, step: &str) {
-    let t = status.elapsed();
+fn sample_bar(start: Instant, done: usize, total: usize, step: &str) {
+    let t = start.elapsed().as_secs_f64();
     let eta = if done > 0 {
         format!(" ETA {:.0}s", t / done as f64 * (total - done) as f64)
     } else {
         String::new()
     };
-    status.say(&format!(
+    status::say(&format!(
         "samples [{}] {done}/{total}{eta} · {step}",
         crate::status::bar(done, total)
     ));
@@ -175,11 +175,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
     }
     // Fail on an unusable output folder before any expensive work.
     let staging = args.out.as_deref().map(Staging::new).transpose()?;
-    let progress = StatusLine::timed();
-    progress.say(&format!("loading {}", args.model.display()));
+    status::say(&format!("loading {}", args.model.display()));
     let engine = AnyEngine::load(device, dtype, &args.model)?;
     crate::with_engine!(&engine, |e| run_on(
-        e, &args, &manifest, head_w, staging, progress, t0
+        e, &args, &manifest, head_w, staging, t0
     ))
 }
 
@@ -190,10 +189,9 @@ fn run_on<B: Backend>(
     manifest: &Manifest,
     mut head_w: HeadWeights,
     staging: Option<Staging>,
-    progress: StatusLine,
     t0: Instant,
 ) -> Result<()> {
-    progress.say("reading the data set");
+    status::say("reading the data set");
     let samples = load_samples(engine, &head_w, manifest, &args.data, args.limit)?;
     let n_tokens: usize = samples.iter().map(|s| s.ids.len()).sum();
     let counts = classify(&samples, head_w.cfg.label_threshold);
@@ -208,7 +206,7 @@ fn run_on<B: Backend>(
     let mut generations = 0usize;
     let total = samples.len();
     for (k, s) in samples.iter().enumerate() {
-        let bar = |step: &str| sample_bar(&progress, k, total, step);
+        let bar = |step: &str| sample_bar(t0, k, total, step);
         bar("answer");
         let mut w = SampleRun::start(&setup, s)?;
         accuracy.add(w.entry, w.ok0, w.has_answers);
@@ -232,7 +230,7 @@ fn run_on<B: Backend>(
             "tokens": s.ids.len(),
         }));
     }
-    progress.clear();
+    status::clear();
 
     let cal = metrics::calibrate(&entropies, &correct);
     let cal_note = calibration_note(&cal, accuracy.all.1 > 0);
@@ -244,11 +242,11 @@ fn run_on<B: Backend>(
                 head_w.save(&args.head)?;
                 written = true;
             }
-            None => eprintln!(
+            None => crate::status::note(&format!(
                 "note: {}; {} left unchanged",
                 cal_note.unwrap_or("no threshold"),
                 args.head.display()
-            ),
+            )),
         }
     }
 
@@ -282,7 +280,7 @@ fn run_on<B: Backend>(
         write_report(st, &doc, &counts, &cal, &setup.schedule, &curves, &pointing)?;
     }
     if args.json {
-        crate::outln!("{doc}")?;
+        crate::status::out(&format!("{doc}"))?;
     } else {
         print_report(&doc)?;
     }
@@ -1091,60 +1089,61 @@ fn entropy_plot(cal: &metrics::Calibration) -> Result<crate::vision::RgbImage> {
 /// The human-readable report.
 fn print_report(doc: &Value) -> Result<()> {
     let f = |v: &Value| v.as_f64().map_or("n/a".to_string(), |x| format!("{x:.4}"));
-    crate::outln!(
+    crate::status::out(&format!(
         "{} samples, {} tokens, {} patches; label threshold {}",
         doc["samples"],
         doc["tokens"],
         doc["n_patches"],
         f(&doc["label_threshold"])
-    )?;
-    crate::outln!(
+    ))?;
+    crate::status::out(&format!(
         "\nFastRM vs binarised {} map",
         doc["baseline_method"].as_str().unwrap_or("")
-    )?;
-    crate::outln!(
+    ))?;
+    crate::status::out(&format!(
         "{:>9} {:>9} {:>9} {:>9} {:>9}",
-        "threshold",
-        "accuracy",
-        "precision",
-        "recall",
-        "F1"
-    )?;
+        "threshold", "accuracy", "precision", "recall", "F1"
+    ))?;
     for r in doc["classification"].as_array().into_iter().flatten() {
-        crate::outln!(
+        crate::status::out(&format!(
             "{:>9} {:>9} {:>9} {:>9} {:>9}",
             f(&r["threshold"]).trim_end_matches('0'),
             f(&r["accuracy"]),
             f(&r["precision"]),
             f(&r["recall"]),
             f(&r["f1"])
-        )?;
+        ))?;
     }
     if let Some(m) = doc["perturbation"]["methods"].as_object() {
-        crate::outln!(
+        crate::status::out(&format!(
             "\nPerturbation AUC (positive: lower is better; negative: higher is better)"
-        )?;
-        crate::outln!("{:<22} {:>9} {:>9}", "method", "positive", "negative")?;
+        ))?;
+        crate::status::out(&format!(
+            "{:<22} {:>9} {:>9}",
+            "method", "positive", "negative"
+        ))?;
         for (name, v) in m {
-            crate::outln!(
+            crate::status::out(&format!(
                 "{:<22} {:>9} {:>9}",
                 name,
                 f(&v["positive"]["auc"]),
                 f(&v["negative"]["auc"])
-            )?;
+            ))?;
         }
     }
     let c = &doc["confidence"];
-    crate::outln!("\nEntropy confidence (Gaussian KDE, Scott's bandwidth)")?;
-    crate::outln!(
+    crate::status::out(&format!(
+        "\nEntropy confidence (Gaussian KDE, Scott's bandwidth)"
+    ))?;
+    crate::status::out(&format!(
         "correct: {} answers, mean {}; incorrect: {} answers, mean {}",
         c["correct"]["count"],
         f(&c["correct"]["mean_entropy"]),
         c["incorrect"]["count"],
         f(&c["incorrect"]["mean_entropy"])
-    )?;
+    ))?;
     match c["threshold"].as_f64() {
-        Some(t) => crate::outln!(
+        Some(t) => crate::status::out(&format!(
             "threshold {t:.4}: below TP {} FP {}, above FN {} TN {}{}",
             c["below"]["tp"],
             c["below"]["fp"],
@@ -1155,43 +1154,47 @@ fn print_report(doc: &Value) -> Result<()> {
             } else {
                 ""
             }
-        )?,
-        None => crate::outln!("{}", c["note"].as_str().unwrap_or("no threshold"))?,
+        ))?,
+        None => crate::status::out(&format!("{}", c["note"].as_str().unwrap_or("no threshold")))?,
     }
     if let Some(m) = doc["pointing"]["methods"].as_object() {
-        crate::outln!(
+        crate::status::out(&format!(
             "\nPointing game ({} samples with a target)",
             doc["pointing"]["samples"]
-        )?;
-        crate::outln!(
+        ))?;
+        crate::status::out(&format!(
             "{:<22} {:>9} {:>9} {:>7}",
-            "method",
-            "hit rate",
-            "mass",
-            "tokens"
-        )?;
+            "method", "hit rate", "mass", "tokens"
+        ))?;
         for (name, v) in m {
-            crate::outln!(
+            crate::status::out(&format!(
                 "{:<22} {:>9} {:>9} {:>7}",
                 name,
                 f(&v["hit_rate"]),
                 f(&v["mask_mass"]),
                 v["tokens"]
-            )?;
+            ))?;
         }
     }
     if let Some(a) = doc["accuracy"].as_object() {
-        crate::outln!("\nModel accuracy: {}", f(&a["overall"]["accuracy"]))?;
+        crate::status::out(&format!(
+            "\nModel accuracy: {}",
+            f(&a["overall"]["accuracy"])
+        ))?;
         if let Some(t) = a["by_type"].as_object() {
             for (k, v) in t {
-                crate::outln!("  {k}: {} ({} samples)", f(&v["accuracy"]), v["samples"])?;
+                crate::status::out(&format!(
+                    "  {k}: {} ({} samples)",
+                    f(&v["accuracy"]),
+                    v["samples"]
+                ))?;
             }
         }
-        crate::outln!(
+        crate::status::out(&format!(
             "  multi-object scenes: {} ({} samples)",
             f(&a["multi_object"]["accuracy"]),
             a["multi_object"]["samples"]
-        )?;
+        ))?;
     }
     Ok(())
 }

@@ -29,7 +29,7 @@ use crate::error::{Error, Result};
 use crate::explain::fastrm::HeadWeights;
 use crate::explain::MethodName;
 use crate::model::llava::{GenerateOptions, Timings};
-use crate::status::StatusLine;
+use crate::status;
 
 use memory::{MemorySource, MemoryUse, PhaseMemory};
 use report::{Report, RunRecord};
@@ -568,9 +568,8 @@ pub fn profile<B: Backend, C: PhaseClock>(
             ids.len()
         )));
     }
-    let status = StatusLine::plain();
-    let result = run_all(engine, clock, memory, plan, &req, &status);
-    status.clear();
+    let result = run_all(engine, clock, memory, plan, &req);
+    status::clear();
     let runs = result?;
     Ok(Report::new(
         report::Meta {
@@ -605,7 +604,6 @@ fn run_all<B: Backend, C: PhaseClock>(
     memory: MemorySource,
     plan: &Plan,
     req: &Request,
-    status: &StatusLine,
 ) -> Result<Vec<RunRecord>> {
     let total = plan.tokens.len() * plan.methods.len() * plan.repeat;
     let mut done = 0;
@@ -615,13 +613,13 @@ fn run_all<B: Backend, C: PhaseClock>(
         // baselines) pays for the allocator's changed state — fresh page faults, a moved mmap
         // threshold — which would be charged to plain generation and make the maps' cost of the
         // method measured next look negative.
-        status.say(&format!("profile: warm-up at {n} tokens"));
+        status::say(&format!("profile: warm-up at {n} tokens"));
         call(engine, ProfMethod::Generate, n, req, false)?;
         for &method in &plan.methods {
             let mut reps = Vec::with_capacity(plan.repeat);
             for _ in 0..plan.repeat {
                 done += 1;
-                status.say(&format!(
+                status::say(&format!(
                     "profile: {} at {n} tokens (run {done}/{total})",
                     method.name()
                 ));

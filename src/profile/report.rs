@@ -486,13 +486,13 @@ impl Report {
             None => (Vec::new(), self.to_json()),
         };
         if plan.json {
-            crate::outln!("{doc}")?;
+            crate::status::out(&format!("{doc}"))?;
         } else {
-            print!("{}", self.table());
+            crate::status::out(self.table().trim_end())?;
             if !files.is_empty() {
-                crate::outln!()?;
+                crate::status::out("")?;
                 for f in &files {
-                    crate::outln!("wrote {}", f.display())?;
+                    crate::status::out(&format!("wrote {}", f.display()))?;
                 }
             }
         }

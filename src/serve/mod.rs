@@ -150,9 +150,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             .local_addr()
             .map_err(|e| Error::Backend(format!("listener address: {e}")))?;
         // Scripts and tests read the address (the port may have been 0) from this line.
-        crate::outln!("listening on http://{addr}")?;
-        use std::io::Write;
-        let _ = std::io::stdout().flush();
+        crate::status::out(&format!("listening on http://{addr}"))?;
         axum::serve(listener, router(state))
             .with_graceful_shutdown(shutdown_signal())
             .await
@@ -161,7 +159,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     // Every sender of the queue is gone with the router: the worker drains and ends.
     drop(rt);
     let _ = worker.join();
-    eprintln!("fastrm serve: stopped");
+    crate::status::note(&format!("fastrm serve: stopped"));
     served
 }
 
@@ -184,7 +182,9 @@ async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = term => {},
     }
-    eprintln!("fastrm serve: shutting down (finishing requests in flight)");
+    crate::status::note(&format!(
+        "fastrm serve: shutting down (finishing requests in flight)"
+    ));
 }
 
 fn router(state: Arc<AppState>) -> Router {

@@ -26,7 +26,7 @@ use crate::engine::{with_backend, AnyBackend, WithBackend};
 use crate::error::{Error, Result};
 use crate::explain::fastrm::HeadWeights;
 use crate::model::SplitMix64;
-use crate::status::{bar, StatusLine};
+use crate::status::{self, bar};
 
 /// The distilled data set as training reads it: the one reader of the format, in
 /// [`crate::distill::format`].
@@ -740,16 +740,16 @@ pub fn run(args: TrainArgs) -> Result<()> {
         )));
     }
     let data = Dataset::open(&args.data)?;
-    let status = StatusLine::plain();
+    let start = Instant::now();
     let mut last_draw = 0.0f64;
     let mut progress = |step: usize, total: usize, loss: f64| {
-        let t = status.elapsed();
+        let t = start.elapsed().as_secs_f64();
         if t - last_draw < 0.1 && step != total {
             return;
         }
         last_draw = t;
         let eta = t / step as f64 * (total - step) as f64;
-        status.say(&format!(
+        status::say(&format!(
             "train [{}] {step}/{total} loss {loss:.4} elapsed {} ETA {}",
             bar(step, total),
             fmt_secs(t),
@@ -765,14 +765,14 @@ pub fn run(args: TrainArgs) -> Result<()> {
             progress: &mut progress,
         },
     );
-    status.clear();
+    status::clear();
     let (report, backend) = report?;
     report.head.save(out)?;
     let csv_path = side_path(out, ".loss.csv");
     std::fs::write(&csv_path, curve_csv(&report.curve)).map_err(|e| Error::io(&csv_path, e))?;
     crate::render::write_png(&side_path(out, ".loss.png"), &loss_plot(&report.curve)?)?;
     let val = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.4}"));
-    crate::outln!(
+    crate::status::out(&format!(
         "trained {} steps ({} train / {} val samples, {} / {} tokens) in {} on {backend}: train \
          loss {:.4}, val loss {} (initial {}, label-mean predictor {}) → {}",
         opts.steps,
@@ -786,6 +786,6 @@ pub fn run(args: TrainArgs) -> Result<()> {
         val(report.initial_val_loss()),
         val(report.label_mean_val_loss),
         out.display()
-    )?;
+    ))?;
     Ok(())
 }
