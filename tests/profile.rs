@@ -281,6 +281,8 @@ fn argument_errors_are_one_line() {
             vec!["no such file"],
         ),
         (vec!["--repeat", "0"], vec!["--repeat"]),
+        (vec!["--repeat", "1000000000000"], vec!["--repeat"]),
+        (vec!["--tokens", "18446744073709551615"], vec!["--tokens"]),
         (vec!["--model", "/no/such/model"], vec!["/no/such/model"]),
         (vec!["--tokens", "5000"], vec!["context"]),
     ];

@@ -636,6 +636,31 @@ fn cli_trains_writes_curve_and_refuses_bad_input() {
         &["train", "--data", ds, "--out", os, "--head-dim", "0"],
         "--head-dim",
     );
+    // Absurd sizes are refused by name, not attempted (an allocation failure aborts).
+    expect_error(
+        &[
+            "train",
+            "--data",
+            ds,
+            "--out",
+            os,
+            "--batch",
+            "1000000000000",
+        ],
+        "--batch",
+    );
+    expect_error(
+        &[
+            "train",
+            "--data",
+            ds,
+            "--out",
+            os,
+            "--head-dim",
+            "10000000000",
+        ],
+        "--head-dim",
+    );
     let missing = dir.path().join("nope");
     expect_error(
         &["train", "--data", missing.to_str().unwrap(), "--out", os],

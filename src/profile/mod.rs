@@ -41,6 +41,9 @@ const MIDSIZE_CONFIG: &str = include_str!("../../benches/midsize_config.json");
 const SEED: u64 = 0;
 /// Text ids after the image in a synthetic prompt: a LLaVA-1.5 VQA prompt has about 20–35.
 const SYNTHETIC_TEXT_IDS: usize = 24;
+/// Largest `--repeat` and `--tokens` length accepted.
+const MAX_REPEAT: usize = 1000;
+const MAX_TOKENS: usize = 1 << 20;
 const DEFAULT_QUESTION: &str = "What color is the star?";
 
 /// `fastrm profile`.
@@ -169,6 +172,11 @@ pub fn parse_tokens(s: &str) -> Result<Vec<usize>> {
         })?;
         if n == 0 {
             return Err(Error::input("--tokens: output lengths must be at least 1"));
+        }
+        if n > MAX_TOKENS {
+            return Err(Error::input(format!(
+                "--tokens: `{part}` is more than {MAX_TOKENS}, far past any model's context"
+            )));
         }
         out.push(n);
     }
@@ -301,11 +309,12 @@ impl Plan {
         if a.head.is_some() && !methods.contains(&ProfMethod::FastRm) {
             return Err(Error::input("--head applies to the fastrm method only"));
         }
-        if a.repeat == 0 {
-            return Err(Error::input("--repeat must be at least 1"));
+        // Bounds a run can reach in a working day; beyond them a typo, not a plan.
+        if !(1..=MAX_REPEAT).contains(&a.repeat) {
+            return Err(Error::input(format!("--repeat must be 1 to {MAX_REPEAT}")));
         }
-        if a.sample_ms == 0 {
-            return Err(Error::input("--sample-ms must be at least 1"));
+        if !(1..=60_000).contains(&a.sample_ms) {
+            return Err(Error::input("--sample-ms must be 1 to 60000"));
         }
         if let (ModelSpec::Synthetic(_), Some(_)) = (&model, &a.prompt) {
             return Err(Error::input(

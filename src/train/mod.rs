@@ -363,11 +363,13 @@ impl TrainOptions {
         if self.steps == 0 {
             return Err(Error::input("--steps must be at least 1"));
         }
-        if self.batch == 0 {
-            return Err(Error::input("--batch must be at least 1"));
+        // Upper bounds far above any useful value, so a typo is an error rather than an
+        // allocation that aborts the process.
+        if !(1..=1 << 20).contains(&self.batch) {
+            return Err(Error::input("--batch must be 1 to 1048576 tokens"));
         }
-        if self.head_dim == Some(0) {
-            return Err(Error::input("--head-dim must be at least 1"));
+        if self.head_dim.is_some_and(|d| !(1..=1 << 16).contains(&d)) {
+            return Err(Error::input("--head-dim must be 1 to 65536"));
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return Err(Error::input("--lr must be a positive number"));
