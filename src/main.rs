@@ -44,7 +44,8 @@ struct RunArgs {
     /// Image file (PNG or JPEG). Default with the demo model: the bundled demo scene.
     #[arg(long)]
     image: Option<PathBuf>,
-    /// The user's question; the LLaVA-1.5 chat template is applied by the engine.
+    /// The user's question (`-`: read it from standard input); the LLaVA-1.5 chat template is
+    /// applied by the engine.
     #[arg(short, long)]
     prompt: String,
     /// Stop after this many generated tokens (EOS stops earlier).
@@ -130,16 +131,36 @@ fn init_logging() {
         .init();
 }
 
+/// `--prompt -`: the question from standard input, without its final line break.
+fn read_prompt(run: &mut RunArgs) -> Result<()> {
+    if run.prompt != "-" {
+        return Ok(());
+    }
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::stdin(), &mut bytes)
+        .map_err(|e| Error::io("<stdin>", e))?;
+    let text = String::from_utf8(bytes)
+        .map_err(|_| Error::input("--prompt -: standard input is not UTF-8 text"))?;
+    let text = text.strip_suffix('\n').unwrap_or(&text);
+    let text = text.strip_suffix('\r').unwrap_or(text);
+    if text.trim().is_empty() {
+        return Err(Error::input("--prompt -: standard input is empty"));
+    }
+    run.prompt = text.to_string();
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Generate { run } => {
+        Cmd::Generate { mut run } => {
+            read_prompt(&mut run)?;
             if run.max_new_tokens == 0 {
                 return Err(Error::input("--max-new-tokens must be at least 1"));
             }
             generate(&run)
         }
         Cmd::Explain {
-            run,
+            mut run,
             method,
             full_r,
             layer,
@@ -149,6 +170,7 @@ fn run(cli: Cli) -> Result<()> {
             if run.max_new_tokens == 0 {
                 return Err(Error::input("--max-new-tokens must be at least 1"));
             }
+            read_prompt(&mut run)?;
             if full_r && method != MethodName::Baseline {
                 return Err(Error::input("--full-r applies to --method baseline only"));
             }

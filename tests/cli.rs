@@ -346,3 +346,28 @@ fn unwritable_stdout_is_an_error_and_a_closed_pipe_is_quiet() {
     );
     assert!(stderr.is_empty(), "{stderr}");
 }
+
+/// `--prompt -` reads the question from standard input; empty or non-UTF-8 input is an error.
+#[test]
+fn prompt_from_stdin() {
+    use std::io::Write;
+    let run = |input: &[u8], cmd: &str| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fastrm"))
+            .args([cmd, "--prompt", "-", "--json"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    for cmd in ["generate", "explain"] {
+        let out = run(b"What color is the star?\n", cmd);
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(doc["prompt"], "What color is the star?", "{cmd}");
+        assert_eq!(doc["text"], "yellow", "{cmd}");
+    }
+    assert_fails(&run(b"", "generate"), &["--prompt -", "empty"]);
+    assert_fails(&run(b"\xff\xfe what", "explain"), &["--prompt -", "UTF-8"]);
+}
