@@ -131,9 +131,10 @@ fn init_logging() {
         .init();
 }
 
-/// `--prompt -`: the question from standard input, without its final line break.
+/// `--prompt -`: the question from standard input, without its final line break. Synthetic
+/// models run at the id level and take no question, so nothing is read for them.
 fn read_prompt(run: &mut RunArgs) -> Result<()> {
-    if run.prompt != "-" {
+    if run.prompt != "-" || is_synthetic(run) {
         return Ok(());
     }
     let mut bytes = Vec::new();

@@ -258,3 +258,60 @@ fn answer_confidence() {
     // An answer that is only EOS still gets a number.
     assert_eq!(Confidence::of_answer(&[0.6], &[2], &[2], None).tokens, 1);
 }
+
+/// `--out` into one folder from several runs at once: each run's files replace the others' as a
+/// whole, so explain.json always lists exactly the token PNGs the folder holds. And a run that
+/// fails leaves no folder it created.
+#[test]
+fn concurrent_writers_and_failed_runs_leave_consistent_folders() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("shared");
+    let bin = env!("CARGO_BIN_EXE_fastrm");
+    for round in 0..40 {
+        // Answers of 1, 2, 3 and 4 tokens (EOS ignored by the length limit where it comes later).
+        let children: Vec<_> = (1..=4)
+            .map(|n| {
+                Command::new(bin)
+                    .args(["explain", "-p", "What color is the star?", "-n"])
+                    .arg(n.to_string())
+                    .arg("--out")
+                    .arg(&out)
+                    .stdout(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for mut c in children {
+            assert!(c.wait().unwrap().success(), "round {round}");
+        }
+        let doc: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("explain.json")).unwrap()).unwrap();
+        let listed: Vec<String> = doc["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| format!("token_{:03}.png", t["index"].as_u64().unwrap()))
+            .collect();
+        let present: Vec<String> = file_names(&out)
+            .into_iter()
+            .filter(|n| n.starts_with("token_"))
+            .collect();
+        assert_eq!(listed, present, "round {round}: explain.json vs the folder");
+    }
+
+    let fresh = tmp.path().join("never");
+    let o = Command::new(bin)
+        .args([
+            "explain",
+            "-p",
+            "Hi?",
+            "--image",
+            "/nonexistent/x.png",
+            "--out",
+        ])
+        .arg(&fresh)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(!fresh.exists(), "a failed run left {}", fresh.display());
+}

@@ -25,12 +25,16 @@ pub fn token_file(index: usize) -> String {
 pub struct Staging {
     out: PathBuf,
     tmp: PathBuf,
+    /// The output folder did not exist before: a run that fails removes it again (when empty).
+    created: bool,
+    committed: bool,
 }
 
 impl Staging {
     /// Creates DIR (and parents) and the staging folder in it, proving DIR is writable before any
     /// expensive work starts.
     pub fn new(out: &Path) -> Result<Self> {
+        let created = !out.exists();
         std::fs::create_dir_all(out).map_err(|e| Error::Io {
             path: out.to_path_buf(),
             source: std::io::Error::new(e.kind(), format!("cannot create the output folder: {e}")),
@@ -46,13 +50,24 @@ impl Staging {
         Ok(Staging {
             out: out.to_path_buf(),
             tmp,
+            created,
+            committed: false,
         })
+    }
+
+    /// Holds the output folder's lock while a run's files replace another's: concurrent runs into
+    /// one folder take turns, so none mixes its files with another's.
+    /// (An advisory lock on the folder itself, so no lock file is left in it.)
+    fn lock(&self) -> Result<std::fs::File> {
+        let f = std::fs::File::open(&self.out).map_err(|e| Error::io(&self.out, e))?;
+        f.lock().map_err(|e| Error::io(&self.out, e))?;
+        Ok(f)
     }
 
     /// Renders every token's overlay on `view` (the image as the model saw it), the contact sheet
     /// and the JSON document, then moves them into the output folder, replacing a previous run's
     /// files. Returns the final paths.
-    pub fn write(self, view: &RgbImage, ex: &Explained, doc: &Value) -> Result<Vec<PathBuf>> {
+    pub fn write(mut self, view: &RgbImage, ex: &Explained, doc: &Value) -> Result<Vec<PathBuf>> {
         let mut names = Vec::with_capacity(ex.tokens.len() + 2);
         let mut tiles = Vec::with_capacity(ex.tokens.len());
         for t in &ex.tokens {
@@ -81,6 +96,8 @@ impl Staging {
 
         // A previous run's files must not mix with this one's: its explain.json goes first (so the
         // folder never claims completeness for a mixed set), then its token PNGs.
+        let _lock = self.lock()?;
+        self.committed = true;
         let old_json = self.out.join(JSON_FILE);
         if old_json.exists() {
             std::fs::remove_file(&old_json).map_err(|e| Error::io(&old_json, e))?;
@@ -112,12 +129,14 @@ impl Staging {
     /// names; the last one (the run's JSON, by convention) is deleted from the output folder first
     /// and moved in last, so the folder never pairs a new JSON with old files or the reverse.
     /// Returns the final paths.
-    pub fn commit(self, names: &[&str]) -> Result<Vec<PathBuf>> {
+    pub fn commit(mut self, names: &[&str]) -> Result<Vec<PathBuf>> {
         for n in names {
             if !self.tmp.join(n).is_file() {
                 return Err(Error::input(format!("{n} was not staged")));
             }
         }
+        let _lock = self.lock()?;
+        self.committed = true;
         if let Some(last) = names.last() {
             let old = self.out.join(last);
             if old.exists() {
@@ -137,5 +156,9 @@ impl Staging {
 impl Drop for Staging {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.tmp);
+        if self.created && !self.committed {
+            // Only an empty folder goes: another run may have written into it meanwhile.
+            let _ = std::fs::remove_dir(&self.out);
+        }
     }
 }
