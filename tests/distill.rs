@@ -740,3 +740,35 @@ fn distill_on_the_simulator_matches_the_cpu() {
     }
     eprintln!("worst per-map Pearson sim vs cpu: {worst:.5}");
 }
+
+/// A run whose first sample fails (a truncated image) completes no shard; the corrected rerun —
+/// here with another question file — starts afresh instead of being refused by the empty set's
+/// manifest.
+#[test]
+fn a_failed_first_sample_does_not_bind_the_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let good = images().join("000000000009.jpg");
+    let bytes = std::fs::read(&good).unwrap();
+    let cut = t.join("cut.jpg");
+    std::fs::write(&cut, &bytes[..bytes.len() / 3]).unwrap();
+    let line = |img: &Path| {
+        format!(
+            "{{\"image\": \"{}\", \"question\": \"Why?\"}}\n",
+            img.display()
+        )
+    };
+    let out = t.join("out");
+    let bad_q = t.join("bad.jsonl");
+    std::fs::write(&bad_q, line(&cut)).unwrap();
+    fails(
+        &distill(&bad_q, &out, &["--max-new-tokens", "2"]),
+        &["cut.jpg"],
+    );
+    let good_q = t.join("good.jsonl");
+    std::fs::write(&good_q, line(&good)).unwrap();
+    let o = distill(&good_q, &out, &["--max-new-tokens", "2"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (m, _) = shards(&out);
+    assert_eq!(m.samples, 1);
+}

@@ -341,6 +341,16 @@ pub fn run(args: DistillArgs) -> Result<()> {
     } else {
         None
     };
+    // A manifest without a completed shard holds no data (a run whose first samples failed): it
+    // binds nothing, so a corrected rerun with other settings starts afresh.
+    let existing = match existing {
+        Some(m) if m.shards.is_empty() => {
+            let path = out.join(MANIFEST);
+            std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+            None
+        }
+        other => other,
+    };
     match &existing {
         Some(m) => check_same_run(m, &args, &plan, &identity)?,
         None => require_fresh(out)?,
