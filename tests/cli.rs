@@ -371,3 +371,20 @@ fn prompt_from_stdin() {
     assert_fails(&run(b"", "generate"), &["--prompt -", "empty"]);
     assert_fails(&run(b"\xff\xfe what", "explain"), &["--prompt -", "UTF-8"]);
 }
+
+/// An image of extreme aspect ratio: an error naming the file and why, not a resize failure.
+#[test]
+fn extreme_aspect_ratio_names_the_file_and_the_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("strip.png");
+    let img = fastrm::vision::RgbImage::new(4000, 2, vec![128; 4000 * 2 * 3]).unwrap();
+    fastrm::render::write_png(&path, &img).unwrap();
+    let out = fastrm(&[
+        "generate",
+        "--image",
+        path.to_str().unwrap(),
+        "-p",
+        "What is it?",
+    ]);
+    assert_fails(&out, &["strip.png", "aspect ratio", "4000x2"]);
+}

@@ -57,6 +57,15 @@ impl ImageInput {
         }
     }
 
+    /// What error messages call the image: its file, or what stands in for one.
+    pub fn name(&self) -> PathBuf {
+        match self {
+            ImageInput::Path(p) => p.clone(),
+            ImageInput::Bytes(_) => PathBuf::from("<bytes>"),
+            ImageInput::Decoded(_) => PathBuf::from("<pixels>"),
+        }
+    }
+
     /// The file, when the image is one.
     pub fn path(&self) -> Option<&Path> {
         match self {
@@ -103,6 +112,17 @@ impl Request {
             image: image.into(),
             question: question.into(),
         }
+    }
+}
+
+/// Input errors about a decoded image (preprocessing) as image errors naming it.
+fn name_image(image: &ImageInput, e: Error) -> Error {
+    match e {
+        Error::Input(msg) => Error::Image {
+            path: image.name(),
+            msg,
+        },
+        e => e,
     }
 }
 
@@ -249,13 +269,14 @@ impl<B: Backend> Engine<B> {
 
     /// Decoded, preprocessed CHW pixels of an image.
     pub fn pixels(&self, image: &ImageInput) -> Result<Vec<f32>> {
-        vision::preprocess(&image.decode()?, &self.preprocess)
+        vision::preprocess(&image.decode()?, &self.preprocess).map_err(|e| name_image(image, e))
     }
 
     /// The image as the model sees it, before rescaling: resized and center-cropped 8-bit RGB, the
     /// base that heatmaps are drawn on.
     pub fn model_view(&self, image: &ImageInput) -> Result<vision::RgbImage> {
         vision::resize_and_crop(&image.decode()?, &self.preprocess)
+            .map_err(|e| name_image(image, e))
     }
 
     /// The checked prompt of a question.

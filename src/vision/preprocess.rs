@@ -363,6 +363,16 @@ pub fn resize_and_crop(img: &RgbImage, cfg: &PreprocessConfig) -> Result<RgbImag
             Some((h, w)) => (w, h),
             None => resize_output_size(img.width, img.height, cfg.shortest_edge),
         };
+        if w.max(h) > super::MAX_SIDE {
+            return Err(Error::input(format!(
+                "its aspect ratio is too extreme: {}x{} scaled to a short side of {} would be \
+                 {w}x{h}, more than {} pixels on a side; crop it nearer to square",
+                img.width,
+                img.height,
+                w.min(h),
+                super::MAX_SIDE
+            )));
+        }
         cur = std::borrow::Cow::Owned(resize_bicubic(&cur, w, h)?);
     }
     if cfg.do_center_crop {
