@@ -745,3 +745,21 @@ fn the_official_openai_python_client_reads_the_answers() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// An image over `--max-image-pixels` is a 413 naming the image field, checked before it takes a
+/// place in the queue.
+#[test]
+fn an_image_over_the_pixel_limit_is_413() {
+    let server = Server::start(&["--max-image-pixels", "1000"]);
+    let resp = post(
+        server.addr,
+        &chat_body("What color is the star?", json!({})),
+    );
+    assert_error(
+        &resp,
+        413,
+        Some("messages[0].content[0].image_url.url"),
+        "too many pixels",
+    );
+    assert!(String::from_utf8_lossy(&resp.2).contains("pixels"));
+}

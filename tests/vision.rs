@@ -307,7 +307,10 @@ fn preprocess_rejects_invalid_inputs() {
     // An extreme aspect ratio whose long side would exceed the limit after resizing.
     let thin = RgbImage::new(16000, 1, vec![1; 48000]).unwrap();
     let err = preprocess(&thin, &PreprocessConfig::clip(336)).unwrap_err();
-    assert!(err.to_string().contains("aspect ratio is too extreme"), "{err}");
+    assert!(
+        err.to_string().contains("aspect ratio is too extreme"),
+        "{err}"
+    );
     assert!(RgbImage::new(0, 3, vec![]).is_err());
     assert!(RgbImage::new(2, 2, vec![0; 11]).is_err());
 }

@@ -57,6 +57,9 @@ pub struct ServeArgs {
     /// Largest accepted image, in bytes after base64 decoding.
     #[arg(long, default_value_t = 16 << 20)]
     pub max_image_bytes: usize,
+    /// Largest accepted image, in pixels (width × height).
+    #[arg(long, default_value_t = 50_000_000)]
+    pub max_image_pixels: usize,
     /// Largest accepted request body, in bytes.
     #[arg(long, default_value_t = 24 << 20)]
     pub max_body_bytes: usize,
@@ -119,6 +122,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         model_id,
         limits: Limits {
             max_image_bytes: args.max_image_bytes,
+            max_image_pixels: args.max_image_pixels,
             context: cfg.text.max_position_embeddings,
         },
         max_body_bytes: args.max_body_bytes,
@@ -342,6 +346,19 @@ async fn chat_inner(
         let req = openai::parse_chat(&body, limits, n_layers)?;
         let image = crate::vision::load_image_bytes(&req.image, Path::new("image"))
             .map_err(|e| worker::engine_error(e, Some(req.image_param.clone())))?;
+        if image.width * image.height > limits.max_image_pixels {
+            return Err(ApiError::too_large(
+                Some(req.image_param.clone()),
+                "image_too_large",
+                format!(
+                    "the image is {}x{} = {} pixels, over the server's limit of {}",
+                    image.width,
+                    image.height,
+                    image.width * image.height,
+                    limits.max_image_pixels
+                ),
+            ));
+        }
         Ok::<_, ApiError>((req, image))
     })
     .await

@@ -85,6 +85,8 @@ pub struct ChatRequest {
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_image_bytes: usize,
+    /// Largest accepted image in pixels (width × height, after decoding).
+    pub max_image_pixels: usize,
     /// The model's context: no answer can be longer.
     pub context: usize,
 }
