@@ -12,7 +12,8 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
 
 use fastrm::engine::{
-    AnyEngine, CancelToken, Explained, Generation, ImageInput, Item, Method, Request, RunOptions,
+    collect, AnyEngine, CancelToken, Explained, Generation, ImageInput, Item, Method, Request,
+    RunOptions,
 };
 use fastrm::explain::{report, MethodName, RowMode};
 use fastrm::status::bar;
@@ -220,37 +221,16 @@ fn generate(run: &RunArgs) -> Result<()> {
     let (engine, input, progress) = start(run)?;
     let opts = options(run);
     let req = input.request(run);
-    let stream = engine.stream(
-        &req,
-        &RunOptions {
-            generate: opts,
-            ..Default::default()
-        },
-        &CancelToken::default(),
-    );
-    let mut summary = None;
-    for item in stream {
-        let item = match item {
-            Ok(item) => item,
-            Err(e) => {
-                progress.clear();
-                return Err(e);
-            }
-        };
-        progress.event(&item);
-        if let Item::Done(s) = item {
-            summary = Some(s);
-        }
-    }
-    progress.clear();
-    let s = summary.ok_or_else(|| Error::Backend("the run ended without a summary".into()))?;
-    let g = Generation {
-        input_ids: s.input_ids,
-        generated_ids: s.generated_ids,
-        text: s.text,
-        stop_reason: s.stop_reason,
-        timings: s.timings,
+    let run_opts = RunOptions {
+        generate: opts,
+        ..Default::default()
     };
+    let c = fastrm::with_engine!(&engine, |e| collect(
+        e.stream(&req, &run_opts, &CancelToken::default()),
+        &mut |item| progress.event(item)
+    ));
+    progress.clear();
+    let g = c?.generation;
     if run.json {
         outln!("{}", generation_json(&engine, run, &input, &g))
     } else {

@@ -16,7 +16,7 @@ mod common;
 
 use std::io::Write;
 
-use common::{assert_close, fixture_dir, fixture_image, Expected};
+use common::{assert_close, fixture_dir, fixture_image, pearson, Expected};
 use fastrm::backend::cpu::Cpu;
 use fastrm::backend::cuda::{self, Cuda, Elem};
 use fastrm::backend::{AttnShape, Backend, Cam};
@@ -499,22 +499,6 @@ fn end_to_end_f16() {
 #[test]
 fn end_to_end_bf16() {
     end_to_end::<bf16>("end_to_end_bf16", 1e-1);
-}
-
-fn pearson(a: &[f32], b: &[f32]) -> f64 {
-    let n = a.len() as f64;
-    let (ma, mb) = (
-        a.iter().map(|&x| x as f64).sum::<f64>() / n,
-        b.iter().map(|&x| x as f64).sum::<f64>() / n,
-    );
-    let (mut sab, mut saa, mut sbb) = (0.0, 0.0, 0.0);
-    for (&x, &y) in a.iter().zip(b) {
-        let (dx, dy) = (x as f64 - ma, y as f64 - mb);
-        sab += dx * dy;
-        saa += dx * dx;
-        sbb += dy * dy;
-    }
-    sab / (saa * sbb).sqrt().max(1e-30)
 }
 
 /// FastRM maps from the fused kernel on the GPU against the CPU head, token by token, on the

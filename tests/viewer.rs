@@ -7,6 +7,8 @@
 //! Without chromium and chromedriver the test says so and passes, except under `CI`, where a
 //! missing browser is a failure (CI installs them).
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -78,22 +80,7 @@ impl Drop for Proc {
 }
 
 fn start_server() -> (Proc, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fastrm"))
-        .args(["serve", "--port", "0", "-t", "1"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("fastrm serve starts");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on http://")
-        .unwrap_or_else(|| panic!("first line {line:?}"))
-        .parse()
-        .unwrap();
+    let (child, addr) = common::spawn_server(&[]);
     (Proc(child), addr)
 }
 

@@ -383,8 +383,8 @@ impl<B: Backend> Engine<B> {
             method,
             grid: c.grid,
             tokens: c.tokens,
-            maps_s: c.summary.maps_s,
-            confidence: c.summary.confidence.unwrap_or(Confidence {
+            maps_s: c.maps_s,
+            confidence: c.confidence.unwrap_or(Confidence {
                 mean_entropy: 1.0,
                 threshold: None,
                 tokens: 0,

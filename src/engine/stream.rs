@@ -352,12 +352,14 @@ impl<B: Backend> Iterator for Stream<'_, B> {
     }
 }
 
-/// A stream's items gathered: the generation, the maps in token order, the summary.
+/// A stream's items gathered: the generation, the maps in token order, what the maps cost and
+/// the answer's confidence.
 pub struct Collected {
     pub generation: Generation,
     pub grid: (usize, usize),
     pub tokens: Vec<TokenMap>,
-    pub summary: Summary,
+    pub maps_s: f64,
+    pub confidence: Option<Confidence>,
 }
 
 /// Runs a stream to its end, showing `observer` every item first.
@@ -375,15 +377,16 @@ pub fn collect<B: Backend>(
             Item::Done(summary) => {
                 return Ok(Collected {
                     generation: Generation {
-                        input_ids: summary.input_ids.clone(),
-                        generated_ids: summary.generated_ids.clone(),
-                        text: summary.text.clone(),
+                        input_ids: summary.input_ids,
+                        generated_ids: summary.generated_ids,
+                        text: summary.text,
                         stop_reason: summary.stop_reason,
                         timings: summary.timings,
                     },
                     grid: (g, g),
                     tokens,
-                    summary,
+                    maps_s: summary.maps_s,
+                    confidence: summary.confidence,
                 })
             }
             _ => {}

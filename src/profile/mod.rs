@@ -532,7 +532,7 @@ fn call<B: Backend>(
     Ok(Outcome {
         generated,
         timings: c.generation.timings,
-        maps_s: c.summary.maps_s,
+        maps_s: c.maps_s,
     })
 }
 

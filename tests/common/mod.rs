@@ -239,3 +239,28 @@ pub fn pearson(a: &[f32], b: &[f32]) -> f64 {
     }
     sab / (saa * sbb).sqrt()
 }
+
+/// `fastrm serve` on an ephemeral port (one CPU thread, `extra` flags), and the address it
+/// announced on its first line of output.
+pub fn spawn_server(extra: &[&str]) -> (std::process::Child, std::net::SocketAddr) {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fastrm"))
+        .args(["serve", "--port", "0", "-t", "1"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("fastrm serve starts");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on http://")
+        .unwrap_or_else(|| panic!("first line {line:?}"))
+        .parse()
+        .unwrap();
+    (child, addr)
+}
