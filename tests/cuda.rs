@@ -118,21 +118,47 @@ fn ops<T: Elem>(test: &str) {
     let pick = |real: usize, sim: usize| if gpu_size { real } else { sim };
 
     // Products: small odd shapes and LLaVA-7B's decode and prefill shapes.
+    // Up to four rows take the decode GEMV kernel (16-byte loads where every row is a multiple
+    // of 16 bytes, as 264 and 72 columns are in each storage type; element loads at 17 and 300
+    // columns in f16), more take cuBLAS; each product runs both ways.
     let products = if gpu_size {
-        [(3, 17, 5), (1, 4096, 11008), (616, 4096, 4096)]
+        [
+            (3, 17, 5),
+            (1, 4096, 11008),
+            (1, 11008, 4096),
+            (4, 72, 9),
+            (616, 4096, 4096),
+        ]
     } else {
-        [(3, 17, 5), (1, 300, 700), (37, 130, 260)]
+        [
+            (3, 17, 5),
+            (1, 300, 700),
+            (1, 264, 70),
+            (4, 72, 9),
+            (37, 130, 260),
+        ]
     };
     for &(m, k, n) in &products {
         let x = pair(&g, &rand(r, m * k, 1.0), m, k);
         let w = pair(&g, &rand(r, n * k, 0.05), n, k);
         let b = pair(&g, &rand(r, n, 1.0), 1, n);
-        check(
-            &format!("linear {m}x{k}x{n}"),
-            &g,
-            &g.linear(&x.g, &w.g, Some(&b.g)).unwrap(),
-            &Cpu.linear(&x.c, &w.c, Some(&b.c)).unwrap(),
-        );
+        for gemv in [true, false] {
+            g.set_gemv(gemv);
+            let path = if gemv { "gemv" } else { "cuBLAS" };
+            check(
+                &format!("linear {m}x{k}x{n} ({path})"),
+                &g,
+                &g.linear(&x.g, &w.g, Some(&b.g)).unwrap(),
+                &Cpu.linear(&x.c, &w.c, Some(&b.c)).unwrap(),
+            );
+            check(
+                &format!("linear {m}x{k}x{n} without bias ({path})"),
+                &g,
+                &g.linear(&x.g, &w.g, None).unwrap(),
+                &Cpu.linear(&x.c, &w.c, None).unwrap(),
+            );
+        }
+        g.set_gemv(true);
         let dy = pair(&g, &rand(r, m * n, 1.0), m, n);
         check(
             &format!("linear_bwd {m}x{k}x{n}"),
@@ -658,6 +684,71 @@ fn synthetic_7b_generates() {
         .unwrap();
     assert_eq!(out.generated_ids.len(), 3);
     assert_eq!(out.input_ids.len(), 1 + cfg.vision.num_patches() + 40);
+}
+
+/// A decode step queues the same launches at every position (nothing in it grows with the
+/// sequence; the split-K attention grows its grid, not its launch count), and a decode linear is
+/// one launch on the GEMV path where cuBLAS plus the bias add would be two.
+#[test]
+fn decode_launches_do_not_grow() {
+    let Some(g) = gpu::<f32>("decode_launches_do_not_grow") else {
+        return;
+    };
+    let text =
+        std::fs::read_to_string(common::repo_root().join("assets/demo/model/config.json")).unwrap();
+    let cfg = fastrm::config::LlavaConfig::from_json_str(&text).unwrap();
+    let engine = Engine::synthetic(g, &cfg, 0).unwrap();
+    let b = &engine.backend;
+    let (prompt, pixels) = engine
+        .resolve(&Request::Ids { n_text: 8, seed: 1 })
+        .unwrap();
+    let opts = GenerateOptions {
+        max_new_tokens: 6,
+        stop_at_eos: false,
+        ..Default::default()
+    };
+    let (_, image) = engine.model.encode_image(b, &pixels).unwrap();
+    let mut s = fastrm::model::session::Session::prefill(
+        b,
+        &engine.model,
+        prompt,
+        &image,
+        &opts,
+        fastrm::model::session::Mode::Plain,
+    )
+    .unwrap();
+    let mut per_step = Vec::new();
+    loop {
+        let before = b.launch_count();
+        if s.step().unwrap().is_none() {
+            break;
+        }
+        per_step.push(b.launch_count() - before);
+    }
+    assert_eq!(per_step.len(), 6);
+    // Step 0 only projects the prefill's last hidden state; steps 1.. are full decoder steps.
+    let steps = &per_step[1..];
+    assert!(
+        steps.iter().all(|&n| n == steps[0]),
+        "launches per decode step vary with position: {per_step:?}"
+    );
+    let layers = cfg.text.num_hidden_layers as u64;
+    assert!(
+        steps[0] >= 7 * layers,
+        "a decode step of {layers} layers queued only {} launches",
+        steps[0]
+    );
+
+    let x = b.upload(&vec![0.5; 64], 1, 64).unwrap();
+    let w = b.upload(&vec![0.25; 64 * 32], 32, 64).unwrap();
+    let bias = b.upload(&[1.0; 32], 1, 32).unwrap();
+    let count = |gemv: bool| {
+        b.set_gemv(gemv);
+        let before = b.launch_count();
+        b.linear(&x, &w, Some(&bias)).unwrap();
+        b.launch_count() - before
+    };
+    assert_eq!((count(true), count(false)), (1, 2));
 }
 
 // ---- The command line on the simulated device: rehearsals of what tools/device-check.sh runs.

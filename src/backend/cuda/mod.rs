@@ -18,7 +18,7 @@ mod ops;
 #[cfg(feature = "sim")]
 mod sim;
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
@@ -49,6 +49,7 @@ pub const PTX: &[(&str, &str)] = &[
         include_str!("../../../kernels/ptx/elementwise.ptx"),
     ),
     ("fastrm", include_str!("../../../kernels/ptx/fastrm.ptx")),
+    ("linear", include_str!("../../../kernels/ptx/linear.ptx")),
     ("misc", include_str!("../../../kernels/ptx/misc.ptx")),
     ("norm", include_str!("../../../kernels/ptx/norm.ptx")),
     ("rope", include_str!("../../../kernels/ptx/rope.ptx")),
@@ -267,6 +268,12 @@ pub struct Cuda<T: Elem> {
     /// Fill every new allocation with NaN bytes (tests): a kernel that forgets to write an output
     /// element then shows up as NaN instead of passing on leftover zeros.
     poison: bool,
+    /// Decode-sized linears (a few rows) by `linear_gemv_fwd` rather than cuBLAS; both stay
+    /// available so one run can measure them side by side (`FASTRM_CUDA_GEMV=0` turns it off).
+    gemv: Cell<bool>,
+    /// Kernel launches and cuBLAS calls queued so far (a decode step's count must not grow with
+    /// its position).
+    launches: Cell<u64>,
     _t: PhantomData<T>,
 }
 
@@ -371,6 +378,8 @@ impl<T: Elem> Cuda<T> {
             inv_freq: RefCell::new(HashMap::new()),
             ledger: Arc::new(Ledger::default()),
             poison: false,
+            gemv: Cell::new(std::env::var("FASTRM_CUDA_GEMV").map_or(true, |v| v != "0")),
+            launches: Cell::new(0),
             _t: PhantomData,
         }
     }
@@ -379,6 +388,20 @@ impl<T: Elem> Cuda<T> {
     pub fn poisoned(mut self) -> Self {
         self.poison = true;
         self
+    }
+
+    /// Chooses the decode linears' path: `linear_gemv_fwd` (`true`) or cuBLAS.
+    pub fn set_gemv(&self, on: bool) {
+        self.gemv.set(on);
+    }
+
+    pub fn gemv_enabled(&self) -> bool {
+        self.gemv.get()
+    }
+
+    /// Kernel launches plus cuBLAS calls queued on this backend so far.
+    pub fn launch_count(&self) -> u64 {
+        self.launches.get()
     }
 
     /// Whether this is the host simulator rather than a GPU.
@@ -617,6 +640,7 @@ impl<T: Elem> Cuda<T> {
 
     /// Launches `op` with `args` (each a reference to a `DeviceRepr` value: raw pointers as u64).
     fn launch(&self, op: &'static str, cfg: LaunchConfig, args: &[&dyn KernelArg]) -> Result<()> {
+        self.launches.set(self.launches.get() + 1);
         match &self.dev {
             #[cfg(feature = "cuda")]
             Device::Gpu(g) => {
@@ -650,6 +674,7 @@ impl<T: Elem> Cuda<T> {
     /// One cuBLAS GEMM (column-major, as cuBLAS sees it) with f32 accumulation; `c_f32` writes
     /// an f32 output instead of `T`. `batch > 1` strides every operand. `C = α·op(A)·op(B) + β·C`.
     fn gemm(&self, g: Gemm) -> Result<()> {
+        self.launches.set(self.launches.get() + 1);
         match &self.dev {
             #[cfg(feature = "cuda")]
             Device::Gpu(gpu) => cublas_gemm(&gpu.blas, g, T::BLAS),
