@@ -15,6 +15,7 @@
 //! missing; nothing here panics on a machine without CUDA.
 
 mod ops;
+pub mod preflight;
 #[cfg(feature = "sim")]
 mod sim;
 
