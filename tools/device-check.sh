@@ -21,7 +21,7 @@
 # All three are rewritten after every step, so a run cut off by the device tool still returns
 # what finished.
 #
-# Options: --only STEP[,STEP] (a targeted rerun), --reference, --with-7b, --dry-run (or
+# Options: --only STEP[,STEP] (a targeted rerun), --limit STEP=SECONDS, --reference, --with-7b, --dry-run (or
 # DEVICE_CHECK_DRY=1: stub commands and a fake library tree instead of the GPU; tests/device_check.rs
 # runs it on the CPU). Test knobs (dry run): DEVICE_CHECK_TIME_SCALE scales every limit;
 # DEVICE_CHECK_STUB_HANG / DEVICE_CHECK_STUB_FAIL name steps whose stub hangs / fails.
@@ -43,7 +43,14 @@ while [ $# -gt 0 ]; do
         --reference) reference=1; shift ;;
         --with-7b) with7b=1; shift ;;
         --dry-run) dry=1; shift ;;
-        *) echo "device-check: unknown argument '$1' (--only STEP[,STEP] --reference --with-7b --dry-run)" >&2; exit 2 ;;
+        --limit)
+            # STEP=SECONDS: a targeted rerun of a step that ran out of time.
+            l=${2:-}; st=${l%%=*}; sec=${l#*=}
+            if [ -z "${limit[$st]:-}" ] || ! [[ $sec =~ ^[0-9]+$ ]] || [ "$sec" -lt 1 ]; then
+                echo "device-check: --limit wants STEP=SECONDS with a known step, got '$l'" >&2; exit 2
+            fi
+            limit[$st]=$sec; shift 2 ;;
+        *) echo "device-check: unknown argument '$1' (--only STEP[,STEP] --limit STEP=SECONDS --reference --with-7b --dry-run)" >&2; exit 2 ;;
     esac
 done
 
