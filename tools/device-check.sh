@@ -13,7 +13,7 @@
 #   reference  (--reference) the PyTorch relevancy baseline at 10 and 100 tokens
 #   write-7b   (--with-7b, off by default; run it alone: --only write-7b) writes a 7B hub-layout
 #              checkpoint to local disk, times loading it on the GPU, deletes it
-# The default limits add up to 275 s, 360 s with --reference (kill grace included), so a rerun
+# The default limits add up to 277 s, 360 s with --reference (kill grace included), so a rerun
 # fits in the device budget.
 #
 # What comes back: at most 3 files in $OUT, none in a folder — summary.txt (the numbers first),
