@@ -467,4 +467,7 @@ fn ledger_peaks_do_not_depend_on_method_order() {
     assert_eq!(saved("generate"), 0, "{a:?}");
     assert_eq!(saved("fastrm"), 0, "{a:?}");
     assert!(saved("baseline") > 0, "{a:?}");
+    // Ops' intermediate buffers are charged to a tag of their own.
+    let scratch = get("generate")[1]["op scratch"].as_u64().unwrap();
+    assert!(scratch > 0, "{a:?}");
 }
