@@ -37,7 +37,8 @@ pub fn check<T: Elem>(b: &Cuda<T>) -> Result<Value> {
     let tol = 1e-2f64;
     let err = f64::from(err);
     let ok = err.is_finite() && err <= tol;
-    let (driver, nvml_name) = nvml_facts();
+    // NVML stays loaded (`_nvml`) until the maps are read: dropping it unloads the library.
+    let (driver, nvml_name, _nvml) = nvml_facts();
     let report = json!({
         "device_name": b.device_name(),
         "nvml_device_name": nvml_name.as_ref().map_or(Value::Null, |n| json!(n)),
@@ -56,14 +57,15 @@ pub fn check<T: Elem>(b: &Cuda<T>) -> Result<Value> {
     Ok(report)
 }
 
-/// The driver version and device 0's name from NVML (which also maps `libnvidia-ml`).
+/// The driver version and device 0's name from NVML, and NVML itself (which maps
+/// `libnvidia-ml` while it lives).
 #[cfg(feature = "cuda")]
-fn nvml_facts() -> (Result<String>, Result<String>) {
+fn nvml_facts() -> (Result<String>, Result<String>, Option<nvml_wrapper::Nvml>) {
     let nvml = match nvml_wrapper::Nvml::init() {
         Ok(n) => n,
         Err(e) => {
             let e = format!("NVML failed to initialise: {e}");
-            return (Err(Error::Backend(e.clone())), Err(Error::Backend(e)));
+            return (Err(Error::Backend(e.clone())), Err(Error::Backend(e)), None);
         }
     };
     let nvml_err = |e: nvml_wrapper::error::NvmlError| Error::Backend(format!("NVML: {e}"));
@@ -72,13 +74,13 @@ fn nvml_facts() -> (Result<String>, Result<String>) {
         .device_by_index(0)
         .and_then(|d| d.name())
         .map_err(nvml_err);
-    (driver, name)
+    (driver, name, Some(nvml))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn nvml_facts() -> (Result<String>, Result<String>) {
+fn nvml_facts() -> (Result<String>, Result<String>, Option<()>) {
     let e = || Err(Error::input(crate::backend::NO_CUDA));
-    (e(), e())
+    (e(), e(), None)
 }
 
 /// `{library: [paths]}`: every file of [`LIBRARIES`] mapped into this process, from
