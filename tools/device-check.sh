@@ -13,7 +13,7 @@
 #   reference  (--reference) the PyTorch relevancy baseline at 10 and 100 tokens
 #   write-7b   (--with-7b, off by default; run it alone: --only write-7b) writes a 7B hub-layout
 #              checkpoint to local disk, times loading it on the GPU, deletes it
-# The default limits add up to 277 s, 360 s with --reference (kill grace included), so a rerun
+# The default limits add up to 287 s, 360 s with --reference (kill grace included), so a rerun
 # fits in the device budget.
 #
 # What comes back: at most 3 files in $OUT, none in a folder — summary.txt (the numbers first),
@@ -32,7 +32,7 @@ OUT=${OUT:-$root/device-out}
 mkdir -p "$OUT"
 
 all_steps=(preflight bench profile tests reference write-7b)
-declare -A limit=([preflight]=20 [bench]=70 [profile]=100 [tests]=75 [reference]=80 [write-7b]=240)
+declare -A limit=([preflight]=15 [bench]=60 [profile]=130 [tests]=70 [reference]=70 [write-7b]=240)
 grace=3 # seconds between timeout's TERM and its KILL
 
 only="" reference=0 with7b=0 dry=${DEVICE_CHECK_DRY:-0}
@@ -141,13 +141,13 @@ PY
 cmd_for() { # step -> the command line in array `cmd`
     case $1 in
         preflight) cmd=("${ours_env[@]}" "$bin/fastrm" gpu-check) ;;
-        bench) cmd=("${ours_env[@]}" "$bin/cuda-bench" --bench) ;;
+        bench) cmd=("${ours_env[@]}" FASTRM_BENCH_QUICK=1 "$bin/cuda-bench" --bench) ;;
         profile) cmd=("${ours_env[@]}" "$bin/fastrm" profile --model synthetic:llava-1.5-7b --device cuda
                       --tokens 10,100 --methods generate,fastrm,baseline,baseline-incremental
                       --repeat 3 --out "$work/profile") ;;
         tests) cmd=("${ours_env[@]}" "$bin/cuda-tests" --test-threads=1) ;;
         reference) cmd=("${python_cmd[@]}" tools/reference_baseline.py --config 7b --tokens 10,100
-                        --budget-s 60 --json "$work/logs/reference.json") ;;
+                        --budget-s 50 --json "$work/logs/reference.json") ;;
         write-7b)
             # The checkpoint goes to the machine's local disk, never under $OUT; info logging
             # prints the "model loaded ... seconds=" line the report reads.
