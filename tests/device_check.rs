@@ -170,6 +170,23 @@ fn a_hanging_step_is_cut_and_the_run_finishes_within_budget() {
         "the hung bench printed nothing: {summary}"
     );
     assert!(summary.find("---- profile").unwrap() < table, "{summary}");
+    // The memory claim both ways, from the stubs' allocated peaks (FastRM 14.6 GB, our baseline
+    // 16.4 GB, PyTorch's 26.0 GB: 1 - 14.6/16.4 and 1 - 14.6/26.0), and NVML's (15 and 20 GB).
+    let head = summary.lines().find(|l| l.contains("allocated:")).unwrap();
+    assert!(
+        head.contains("our baseline 16.40 GB (fastrm 11.0% less)"),
+        "{head}"
+    );
+    assert!(
+        head.contains("PyTorch baseline 26.00 GB (fastrm 43.8% less)"),
+        "{head}"
+    );
+    let nvml = summary.lines().find(|l| l.contains("NVML:")).unwrap();
+    assert!(
+        nvml.contains("our baseline 20.00 GB (fastrm 25.0% less)"),
+        "{nvml}"
+    );
+    assert!(summary.find(head).unwrap() < table, "{summary}");
 }
 
 /// A failing pre-flight fails the run at once: nothing else runs, and the results say so.

@@ -91,6 +91,40 @@ if p:
         S.append(f"  {lib}: {', '.join(paths) or 'not loaded'}")
 elif "preflight" in by:
     S.append("pre-flight: no report (see logs.tar.gz: logs/preflight.log)")
+# The memory claim both ways, counted alike: peak bytes allocated to tensors, weights included (our
+# ledger; PyTorch's max_memory_allocated), FastRM against our own lean baseline (profile) and
+# against the PyTorch baseline (reference); NVML's device-wide peaks beside them.
+prof_runs = (res.get("profile") or {}).get("runs", [])
+ref_runs = (res.get("reference") or {}).get("runs", [])
+
+
+def find(runs, method, tokens, key):
+    for r in runs:
+        if r.get("method") == method and r.get("tokens") == tokens and r.get(key):
+            return r[key]
+    return None
+
+
+def less(f, peak):
+    return f"{peak / 1e9:.2f} GB (fastrm {100 * (1 - f / peak):.1f}% less)"
+
+
+head = []
+for n in sorted({r.get("tokens") for r in prof_runs if r.get("method") == "fastrm"}):
+    f = find(prof_runs, "fastrm", n, "ledger_peak_bytes")
+    if f:
+        line = f"{n:>4} tokens, allocated: fastrm {f / 1e9:.2f} GB"
+        for label, peak in (("our baseline", find(prof_runs, "baseline", n, "ledger_peak_bytes")),
+                            ("PyTorch baseline", find(ref_runs, "baseline", n, "peak_bytes"))):
+            if peak:
+                line += f"; {label} {less(f, peak)}"
+        head.append(line)
+    f, b = find(prof_runs, "fastrm", n, "peak_memory_bytes"), find(prof_runs, "baseline", n, "peak_memory_bytes")
+    if f and b:
+        head.append(f"{n:>4} tokens, NVML: fastrm {f / 1e9:.2f} GB; our baseline {less(f, b)}")
+if head:
+    S.append("---- peak memory, FastRM vs the baselines (weights included)")
+    S += head
 if res.get("bench"):
     S.append("---- bench")
     S += res["bench"]["lines"] or ["(no RESULT lines)"]

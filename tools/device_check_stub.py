@@ -39,7 +39,9 @@ if name == "fastrm" and args[:1] == ["gpu-check"]:
 elif name == "fastrm" and args[:1] == ["profile"]:
     out = arg("--out")
     os.makedirs(out, exist_ok=True)
-    doc = {"format": "fastrm-profile-2", "device": "dry-run stub", "runs": [], "ratios": []}
+    runs = [{"method": "fastrm", "tokens": 10, "ledger_peak_bytes": 14.6e9, "peak_memory_bytes": 15.0e9},
+            {"method": "baseline", "tokens": 10, "ledger_peak_bytes": 16.4e9, "peak_memory_bytes": 20.0e9}]
+    doc = {"format": "fastrm-profile-2", "device": "dry-run stub", "runs": runs, "ratios": []}
     json.dump(doc, open(os.path.join(out, "profile.json"), "w"))
     table = "tokens  method  latency ms\n    10  generate  1.0\n"
     open(os.path.join(out, "profile.txt"), "w").write(table)
@@ -60,7 +62,8 @@ elif name == "cuda-bench":
     print("RESULT decode_ms=1.000 decode_gbs=500 decode_pct_of_copy_bw=50.0 context=617", file=sys.stderr)
 elif name == "reference":
     print("LD_LIBRARY_PATH=" + os.environ.get("LD_LIBRARY_PATH", ""))
-    json.dump({"runs": []}, open(arg("--json"), "w"))
+    json.dump({"runs": [{"method": "baseline", "tokens": 10, "latency_s": 15.0, "peak_bytes": 26.0e9}]},
+              open(arg("--json"), "w"))
 else:
     print(f"stub {name}: unexpected arguments {args}", file=sys.stderr)
     sys.exit(2)
