@@ -165,8 +165,10 @@ for s in "${selected[@]}"; do
         set_step "$s" "not run ($stopped)" "" "" ""
         continue
     fi
-    lim=$(python3 -c "print(max(1, round(${limit[$s]} * $scale, 2)))")
-    kill_after=$(python3 -c "print(max(0.2, round($grace * min(1.0, $scale * 10), 2)))")
+    read -r lim kill_after < <(awk -v l="${limit[$s]}" -v s="$scale" -v g="$grace" 'BEGIN {
+        lim = l * s; if (lim < 1) lim = 1
+        k = g * (s * 10 < 1 ? s * 10 : 1); if (k < 0.2) k = 0.2
+        printf "%g %g\n", lim, k }')
     set_step "$s" "running" "" "" "$lim"
     report
     cmd_for "$s"
@@ -174,7 +176,7 @@ for s in "${selected[@]}"; do
     DC_STEP=$s timeout -k "$kill_after" "$lim" "${cmd[@]}" > "$work/logs/$s.log" 2>&1
     rc=$?
     [ "$s" = write-7b ] && rm -rf "$dir7b" # in case the limit's KILL skipped the step's own cleanup
-    secs=$(python3 -c "print(f'{$(date +%s.%N) - $t0:.1f}')")
+    secs=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
     case $rc in
         0) st=pass ;;
         124|137) st="timed out after ${lim}s"; status=1 ;;
