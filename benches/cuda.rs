@@ -3,9 +3,10 @@
 //! tokens and 40 text tokens), one decode step at that context, the fused FastRM step, and one
 //! baseline map (exact, and an incremental token).
 //!
-//! `cargo bench --bench cuda` (skips with a message where there is no GPU). Every timing loop
-//! synchronises the stream before it starts and after its last launch, so it measures the
-//! device's work; each decode number is printed beside its achieved bandwidth and its fraction
+//! `cargo bench --bench cuda` (skips with a message where there is no GPU; fails instead with
+//! `FASTRM_REQUIRE_GPU=1`; `FASTRM_BENCH_QUICK=1` stops after the `RESULT` summary). Every
+//! timing loop synchronises the stream before it starts and after its last launch, so it measures
+//! the device's work; each decode number is printed beside its achieved bandwidth and its fraction
 //! of the measured copy bandwidth.
 //!
 //! `FASTRM_BENCH_MODEL=llava-1.5-13b` picks the other synthetic shape.
@@ -25,6 +26,9 @@ use half::f16;
 
 type B = Cuda<f16>;
 
+/// A last-level cache at least as large as any target GPU's (an H200 has 60 MB of L2).
+const L2_BYTES: usize = 64 << 20;
+
 /// Times `iters` back-to-back runs of `f` between two synchronisations.
 fn timed(b: &B, iters: u64, mut f: impl FnMut()) -> Duration {
     b.synchronize().unwrap();
@@ -42,6 +46,9 @@ fn per_iter(b: &B, iters: u64, f: impl FnMut()) -> f64 {
 
 fn bench(c: &mut Criterion) {
     if let Some(why) = cuda::unavailable() {
+        if std::env::var("FASTRM_REQUIRE_GPU").as_deref() == Ok("1") {
+            panic!("FASTRM_REQUIRE_GPU=1 but the GPU cannot be used: {why}");
+        }
         eprintln!("SKIPPED cuda benches: {why}");
         return;
     }
@@ -120,10 +127,21 @@ fn bench(c: &mut Criterion) {
     let head = FastRmHead::new(b, &HeadWeights::random(d, d, 1), d).unwrap();
     let img_pos = 1..1 + cfg.vision.num_patches();
     let img_hidden = b.slice_rows(&hidden, img_pos.start, img_pos.len()).unwrap();
-    let folded = head.fold(b, &img_hidden).unwrap();
+    // One folded-key buffer (576 × 4096 f16, 4.7 MB) would stay in a large L2 (60 MB on an
+    // H200) and the step would read cache, not memory: cycle through enough copies that each is
+    // evicted before it is read again, as a real request's keys are between decode steps.
+    let copies = (2 * L2_BYTES).div_ceil(2 * img_pos.len() * d);
+    let folded: Vec<_> = (0..copies)
+        .map(|_| head.fold(b, &img_hidden).unwrap())
+        .collect();
     let h_t = b.slice_rows(&hidden, n - 1, 1).unwrap();
+    let mut next = 0;
+    let mut head_step = || {
+        next = (next + 1) % copies;
+        head.scores(b, &folded[next], &h_t).unwrap()
+    };
     let head_s = per_iter(b, 2000, || {
-        head.scores(b, &folded, &h_t).unwrap();
+        head_step();
     });
     let head_bytes = 2 * (img_pos.len() * d + img_pos.len() + 3 * d);
     let head_bw = head_bytes as f64 / head_s / 1e9;
@@ -178,7 +196,7 @@ fn bench(c: &mut Criterion) {
         n + 1
     );
     eprintln!(
-        "RESULT fastrm_us={:.2} fastrm_gbs={head_bw:.0} fastrm_pct_of_decode={:.3}",
+        "RESULT fastrm_us={:.2} fastrm_gbs={head_bw:.0} fastrm_pct_of_decode={:.3} fastrm_key_copies={copies}",
         head_s * 1e6,
         100.0 * head_s / decode_s
     );
@@ -199,6 +217,11 @@ fn bench(c: &mut Criterion) {
         );
     }
     eprintln!("RESULT memory total peak {:.2} GB", total_peak as f64 / 1e9);
+    // The device check wants the summary above within its time limit; criterion's own
+    // statistics repeat the same three timings.
+    if std::env::var("FASTRM_BENCH_QUICK").as_deref() == Ok("1") {
+        return;
+    }
 
     let mut g = c.benchmark_group(format!("cuda_{name}_f16"));
     g.sample_size(10);
@@ -211,7 +234,7 @@ fn bench(c: &mut Criterion) {
         bench.iter_custom(|iters| timed(b, iters, || drop(step())))
     });
     g.bench_function("fastrm_step", |bench| {
-        bench.iter_custom(|iters| timed(b, iters, || drop(head.scores(b, &folded, &h_t).unwrap())))
+        bench.iter_custom(|iters| timed(b, iters, || drop(head_step())))
     });
     g.finish();
 }

@@ -2,7 +2,8 @@
 //! poisoned outputs, at small shapes and at LLaVA-7B's; then end to end on the fixtures.
 //!
 //! Without a GPU (CI, most dev machines) each GPU test prints why it is skipped and returns; the
-//! tests that need no GPU — the embedded PTX, the error a missing GPU gives — always run.
+//! tests that need no GPU — the embedded PTX, the error a missing GPU gives — always run. With
+//! `FASTRM_REQUIRE_GPU=1` (the device check) a GPU test that cannot reach a GPU panics instead.
 //!
 //! Inputs go to the GPU first and come back rounded to the storage type, and the CPU op runs on
 //! those rounded values, so the tolerances below measure the kernel (its f32 arithmetic and the
@@ -37,7 +38,12 @@ fn skip(test: &str, why: &str) {
 /// device (the backend's own launchers and the kernels' sources, run on the host); otherwise a
 /// printed skip. Every allocation is poisoned.
 fn gpu<T: Elem>(test: &str) -> Option<Cuda<T>> {
-    let Some(why) = cuda::unavailable() else {
+    let why = cuda::unavailable();
+    // On the device machine a missing GPU or cuBLAS must fail the run, not pass it as skips.
+    if let (Some(why), Ok("1")) = (&why, std::env::var("FASTRM_REQUIRE_GPU").as_deref()) {
+        panic!("FASTRM_REQUIRE_GPU=1 but the GPU cannot be used: {why}");
+    }
+    let Some(why) = why else {
         return Some(
             Cuda::<T>::new(0)
                 .unwrap_or_else(|e| panic!("a GPU is visible but the backend failed: {e}"))

@@ -159,7 +159,7 @@ impl<T: Elem> Cuda<T> {
             }
             Some(m) => {
                 let bytes: Vec<u8> = m[..kv].iter().map(|&b| b as u8).collect();
-                Some(self.to_device(&bytes)?)
+                Some(self.to_device(&bytes, MemTag::Scratch)?)
             }
             None => None,
         };
@@ -471,6 +471,18 @@ impl<T: Elem> Backend for Cuda<T> {
         self.ledger.report().0
     }
 
+    fn memory_peak(&self) -> Option<usize> {
+        Some(self.ledger.report().1)
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        Cuda::synchronize(self)
+    }
+
+    fn trim_and_sync(&self) -> Result<()> {
+        Cuda::trim_and_sync(self)
+    }
+
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor<T>> {
         if data.len() != rows * cols {
             return Err(shape_err(
@@ -668,7 +680,7 @@ impl<T: Elem> Backend for Cuda<T> {
         }
         let out = self.alloc(ids.len(), table.cols)?;
         if !ids.is_empty() {
-            let dev_ids = self.to_device(ids)?;
+            let dev_ids = self.to_device(ids, MemTag::Scratch)?;
             let d = i32_dim("embedding", table.cols)?;
             self.launch(
                 "embedding_fwd",
