@@ -352,7 +352,9 @@ impl<T: Elem> Cuda<T> {
         let (xp, wp) = (self.ptr(x), self.ptr(w));
         let bp = bias.map_or(0, |b| self.ptr(b));
         let row_bytes = x.cols * std::mem::size_of::<T>();
-        let vec = i32::from(row_bytes % 16 == 0 && xp % 16 == 0 && wp % 16 == 0);
+        let vec = i32::from(
+            row_bytes.is_multiple_of(16) && xp.is_multiple_of(16) && wp.is_multiple_of(16),
+        );
         let (m, k, n) = (
             i32_dim("linear", x.rows)?,
             i32_dim("linear", x.cols)?,
