@@ -187,6 +187,16 @@ impl<T: Elem> Cuda<T> {
             let part_o = self.scratch::<f32>(parts * d)?;
             let part_ml = self.scratch::<f32>(parts * 2)?;
             let chunk = DECODE_CHUNK as i32;
+            let esz = std::mem::size_of::<T>();
+            let packs = d * esz / 16;
+            let aligned = (d * esz).is_multiple_of(16)
+                && (k.cols * esz).is_multiple_of(16)
+                && self.ptr(k).is_multiple_of(16);
+            let key_lanes: i32 = if aligned && packs > 0 && 32 % packs == 0 {
+                packs as i32
+            } else {
+                0
+            };
             let cfg = LaunchConfig {
                 grid_dim: (h as u32, splits as u32, nq as u32),
                 block_dim: (128, 1, 1),
@@ -209,6 +219,7 @@ impl<T: Elem> Cuda<T> {
                     &scale,
                     &chunk,
                     &keep_ptr,
+                    &key_lanes,
                 ],
             )?;
             let cfg = LaunchConfig {
