@@ -234,14 +234,22 @@ impl Canvas {
     }
 
     /// A line two pixels thick, sampled densely enough to leave no gaps.
-    fn line(&mut self, (x0, y0): (f64, f64), (x1, y1): (f64, f64), c: [u8; 3]) {
+    fn line(&mut self, p: (f64, f64), q: (f64, f64), c: [u8; 3]) {
+        self.pen_line(p, q, 2, c);
+    }
+
+    /// A line drawn with a square pen `pen` pixels wide, centred on the path.
+    fn pen_line(&mut self, (x0, y0): (f64, f64), (x1, y1): (f64, f64), pen: i64, c: [u8; 3]) {
         let n = ((x1 - x0).abs().max((y1 - y0).abs()).ceil() as usize).max(1) * 2;
+        let lo = -(pen - 1) / 2;
         for i in 0..=n {
             let t = i as f64 / n as f64;
             let (x, y) = (x0 + t * (x1 - x0), y0 + t * (y1 - y0));
             let (xi, yi) = (x.round() as i64, y.round() as i64);
-            for (dx, dy) in [(0, 0), (1, 0), (0, 1), (1, 1)] {
-                self.put(xi + dx, yi + dy, c);
+            for dy in lo..lo + pen {
+                for dx in lo..lo + pen {
+                    self.put(xi + dx, yi + dy, c);
+                }
             }
         }
     }
@@ -296,8 +304,11 @@ pub fn line_plot(plot: &LinePlot) -> Result<RgbImage> {
     draw_grid(&mut cv, &x, &y, &xticks, &yticks);
     cv.line((x.p0, y.p0), (x.p1, y.p0), [0, 0, 0]);
     cv.line((x.p0, y.p0), (x.p0, y.p1), [0, 0, 0]);
-    for s in &plot.series {
-        draw_series(&mut cv, &x, &y, s);
+    // Each series is drawn with a narrower pen than the one before, so a series that coincides
+    // with a later one (equal peak memory, say) still shows as a border around it.
+    let n = plot.series.len() as i64;
+    for (i, s) in plot.series.iter().enumerate() {
+        draw_series(&mut cv, &x, &y, s, 2 + 2 * (n - 1 - i as i64));
     }
     let marker_px = draw_markers(&mut cv, &x, &y, &plot.markers);
     let mut img = RgbImage::new(w, h, cv.data)?;
@@ -361,7 +372,7 @@ fn draw_grid(cv: &mut Canvas, x: &Mapped, y: &Mapped, xticks: &[f64], yticks: &[
 }
 
 /// A series' line through its drawable points, with markers, or a dot where it has one point.
-fn draw_series(cv: &mut Canvas, x: &Mapped, y: &Mapped, s: &Series) {
+fn draw_series(cv: &mut Canvas, x: &Mapped, y: &Mapped, s: &Series, pen: i64) {
     let pts: Vec<Option<(f64, f64)>> = s
         .points
         .iter()
@@ -369,20 +380,16 @@ fn draw_series(cv: &mut Canvas, x: &Mapped, y: &Mapped, s: &Series) {
         .collect();
     for pair in pts.windows(2) {
         if let [Some(p), Some(q)] = pair {
-            cv.line(*p, *q, s.color);
+            cv.pen_line(*p, *q, pen, s.color);
         }
     }
+    let side = pen + 4;
     for p in pts.iter().flatten() {
         if s.markers {
-            cv.rect(
-                p.0.round() as i64 - 2,
-                p.1.round() as i64 - 2,
-                6,
-                6,
-                s.color,
-            );
+            let (px, py) = (p.0.round() as i64, p.1.round() as i64);
+            cv.rect(px - side / 2, py - side / 2, side, side, s.color);
         } else if s.points.len() == 1 {
-            cv.line(*p, (p.0 + 2.0, p.1), s.color);
+            cv.pen_line(*p, (p.0 + 2.0, p.1), pen, s.color);
         }
     }
 }
@@ -504,5 +511,24 @@ mod tests {
         assert!(n > 20, "{n} series pixels");
         p.width = 50;
         assert!(line_plot(&p).is_err());
+    }
+
+    #[test]
+    fn coincident_series_stay_visible() {
+        let mut p = LinePlot::new("t", Axis::linear("x"), Axis::linear("y"));
+        for (name, color) in [("first", PALETTE[1]), ("second", PALETTE[2])] {
+            p.series.push(Series {
+                name: name.into(),
+                color,
+                points: vec![(1.0, 5.0), (2.0, 5.0), (4.0, 5.0)],
+                markers: true,
+            });
+        }
+        let img = line_plot(&p).unwrap();
+        for c in [PALETTE[1], PALETTE[2]] {
+            let n = img.data.chunks_exact(3).filter(|px| *px == c).count();
+            // The legend swatch alone is a few dozen pixels; the line is hundreds long.
+            assert!(n > 500, "{c:?}: {n} pixels");
+        }
     }
 }
