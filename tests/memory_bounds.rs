@@ -1,13 +1,18 @@
-//! Peak memory of image decoding, measured by a counting global allocator: an image at the pixel
-//! cap in a wide sample format decodes within its RGB result plus a small allowance, and one
-//! whose decode would exceed `MAX_DECODE_BYTES` is refused from its header, before anything
-//! image-sized is allocated. One test function, so no other test allocates meanwhile.
+//! Peak memory of loading untrusted files, measured by a counting global allocator: an image at
+//! the pixel cap in a wide sample format decodes within its RGB result plus a small allowance, one
+//! whose decode would exceed `MAX_DECODE_BYTES` is refused from its header, and a multi-GB head
+//! file with a bad header is refused without being read. The tests take one lock, so no other
+//! test allocates while one measures.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Mutex;
 
+use fastrm::explain::fastrm::HeadWeights;
 use fastrm::vision::{load_image_bytes, MAX_DECODE_BYTES, MAX_SIDE};
+
+static LOCK: Mutex<()> = Mutex::new(());
 
 struct Counting;
 
@@ -193,6 +198,7 @@ fn progressive_jpeg_header(w: usize, h: usize) -> Vec<u8> {
 
 #[test]
 fn decoding_memory_is_bounded_by_bytes() {
+    let _one = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     const MIB: usize = 1 << 20;
 
     // 16-bit RGBA at 16384 x 8192 (half the pixel cap, to keep the test's own footprint small):
@@ -231,4 +237,112 @@ fn decoding_memory_is_bounded_by_bytes() {
         assert!(msg.contains(part), "message lacks {part:?}: {msg}");
     }
     assert!(peak < MIB, "refusal allocated {peak} bytes");
+}
+
+/// A head file as `HeadWeights::save` lays it out: the header length, `header`, then `data_len`
+/// bytes of data as a hole (the file is sparse, so a multi-GB one costs no disk).
+fn head_file(dir: &Path, name: &str, header: &str, data_len: u64) -> std::path::PathBuf {
+    let path = dir.join(name);
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.set_len(bytes.len() as u64 + data_len).unwrap();
+    path
+}
+
+#[test]
+fn head_file_header_is_checked_before_the_data_is_read() {
+    let _one = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    const GB4: u64 = 4 << 30;
+    let meta = r#""__metadata__":{"format":"fastrm-head-1","hidden_size":"1024","head_dim":"64","label_threshold":"0.5","layer_norm_eps":"1e-5","hidden_state":"decoder_final_norm"}"#;
+    let f32s = |n: u64| n * 4;
+    // Six tensors laid end to end; `q.weight` as the metadata implies.
+    let tensors = |q_shape: &str, q_end: u64| {
+        let (dm, d) = (1024u64, 64u64);
+        let mut o = 0;
+        let mut t = Vec::new();
+        for (name, shape, n) in [
+            ("ln.weight", format!("[{dm}]"), dm),
+            ("ln.bias", format!("[{dm}]"), dm),
+            ("q.weight", q_shape.to_string(), d * dm),
+            ("q.bias", format!("[{d}]"), d),
+            ("k.weight", format!("[{d},{dm}]"), d * dm),
+            ("k.bias", format!("[{d}]"), d),
+        ] {
+            let end = if name == "q.weight" {
+                q_end
+            } else {
+                o + f32s(n)
+            };
+            t.push(format!(
+                r#""{name}":{{"dtype":"F32","shape":{shape},"data_offsets":[{o},{end}]}}"#
+            ));
+            o = end;
+        }
+        t.join(",")
+    };
+    let cases = [
+        // Not JSON, 4 GB of data behind it.
+        (
+            "garbage.safetensors",
+            "{not json".to_string(),
+            GB4,
+            vec!["header is not a JSON object"],
+        ),
+        // A header length beyond the file.
+        (
+            "short.safetensors",
+            "x".repeat(16),
+            0,
+            vec!["header claims"],
+        ),
+        // A tensor's shape that the metadata does not imply.
+        (
+            "shape.safetensors",
+            format!(
+                "{{{meta},{}}}",
+                tensors("[64,1023]", 4096 + 4096 + f32s(64 * 1024))
+            ),
+            GB4,
+            vec!["q.weight", "shape"],
+        ),
+        // Offsets past the end of the file: `k.weight` (bytes 270592..532736 of the data) in a
+        // file holding 300000 bytes of data.
+        (
+            "lying.safetensors",
+            format!(
+                "{{{meta},{}}}",
+                tensors("[64,1024]", 8192 + f32s(64 * 1024))
+            ),
+            300_000,
+            vec!["k.weight", "the file holds only"],
+        ),
+    ];
+    for (name, header, data, needles) in cases {
+        let mut header = header;
+        if name == "short.safetensors" {
+            // The length field says 1 TB.
+            let path = dir.path().join(name);
+            let mut b = (1u64 << 40).to_le_bytes().to_vec();
+            b.extend_from_slice(header.as_bytes());
+            std::fs::write(&path, b).unwrap();
+            header.clear();
+        }
+        let path = if header.is_empty() {
+            dir.path().join(name)
+        } else {
+            head_file(dir.path(), name, &header, data)
+        };
+        let t = std::time::Instant::now();
+        let (res, peak) = peak_of(|| HeadWeights::load(&path));
+        let msg = res.err().expect("bad head refused").to_string();
+        println!("{name}: peak {peak} bytes in {:?}: {msg}", t.elapsed());
+        assert!(msg.contains(name), "{msg}");
+        for n in needles {
+            assert!(msg.contains(n), "{n:?} not in {msg}");
+        }
+        assert!(peak < 1 << 20, "{name}: refusing it allocated {peak} bytes");
+    }
 }
