@@ -1,5 +1,6 @@
 //! A seeded mutation fuzzer, on stable Rust, for the parsers that take untrusted bytes: PNG and
-//! JPEG decoding, the head file, `config.json` and `preprocessor_config.json`.
+//! JPEG decoding, the head file, `config.json`, `preprocessor_config.json`, the distill question
+//! file (VQA JSON and JSONL) and distill shards.
 //!
 //! Each target mutates the seeds of its checked-in corpus (`tests/fuzz/corpus/<target>/`, made by
 //! `cargo test --features sim --test fuzz write_corpus -- --ignored`) with bit flips, byte sets,
@@ -20,6 +21,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use fastrm::config::LlavaConfig;
+use fastrm::distill::dataset::Dataset;
+use fastrm::distill::format::{SampleRecord, Shard, ShardFile};
 use fastrm::explain::fastrm::HeadWeights;
 use fastrm::vision::{load_image_bytes, PreprocessConfig, MAX_DECODE_BYTES};
 
@@ -297,6 +300,38 @@ fn fuzz_preprocessor_config() {
     });
 }
 
+/// Runs `f` on the bytes written to a fresh file in `dir` (the entry points take paths).
+fn via_file(dir: &Path, n: &AtomicUsize, ext: &str, b: &[u8], f: impl FnOnce(&Path)) {
+    let path = dir.join(format!("{}.{ext}", n.fetch_add(1, Relaxed)));
+    std::fs::write(&path, b).unwrap();
+    f(&path);
+    let _ = std::fs::remove_file(&path);
+}
+
+#[test]
+fn fuzz_questions() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = AtomicUsize::new(0);
+    fuzz("questions", true, &|b| {
+        via_file(dir.path(), &n, "json", b, |p| {
+            let _ = Dataset::load(p);
+        })
+    });
+}
+
+#[test]
+fn fuzz_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = AtomicUsize::new(0);
+    fuzz("shard", false, &|b| {
+        via_file(dir.path(), &n, "safetensors", b, |p| {
+            if let Ok(f) = ShardFile::open(p) {
+                let _ = f.into_shard();
+            }
+        })
+    });
+}
+
 /// Writes the corpus: small fixtures of every flavour the decoders handle, the tiny model's
 /// configs, and a small head.
 #[test]
@@ -304,7 +339,15 @@ fn fuzz_preprocessor_config() {
 fn write_corpus() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let inputs = root.join("tests/fixtures/vision/inputs");
-    for target in ["png", "jpeg", "head", "config", "preprocessor_config"] {
+    for target in [
+        "png",
+        "jpeg",
+        "head",
+        "config",
+        "preprocessor_config",
+        "questions",
+        "shard",
+    ] {
         std::fs::create_dir_all(corpus_dir(target)).unwrap();
     }
     for e in std::fs::read_dir(&inputs).unwrap() {
@@ -327,6 +370,34 @@ fn write_corpus() {
         corpus_dir("preprocessor_config").join("tiny.json"),
     )
     .unwrap();
+    let distill = root.join("tests/fixtures/distill");
+    for f in ["questions.jsonl", "vqa_questions.json"] {
+        std::fs::copy(distill.join(f), corpus_dir("questions").join(f)).unwrap();
+    }
+    // A shard of two samples, 4 patches, hidden size 3, with 2 and 1 tokens.
+    let mut shard = Shard::new(0, 4, 3);
+    for s in 0..2usize {
+        let record = SampleRecord {
+            sample: s,
+            question_id: s as u64,
+            question: "What is it?".into(),
+            image: "a.png".into(),
+            answer: "A star".into(),
+            answers: Some(vec!["star".into()]),
+            generated_ids: vec![319, 5810],
+            stop_reason: "eos".into(),
+            qtype: None,
+            n_objects: None,
+            target_mask: None,
+        };
+        let tokens: Vec<(u32, Vec<f32>, Vec<f32>)> = (0..2 - s)
+            .map(|k| (319 + k as u32, vec![0.5, -1.0, 2.0], vec![0.1, 0.2, 0.3, 0.4]))
+            .collect();
+        shard.push(record, &[0.25; 12], &tokens);
+    }
+    shard
+        .write(&corpus_dir("shard").join("two_samples.safetensors"))
+        .unwrap();
     HeadWeights::random(16, 8, 1)
         .save(&corpus_dir("head").join("random_16x8.safetensors"))
         .unwrap();
