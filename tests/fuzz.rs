@@ -1,5 +1,6 @@
 //! A seeded mutation fuzzer, on stable Rust, for the parsers that take untrusted bytes: PNG and
-//! JPEG decoding, the head file, `config.json`, `preprocessor_config.json`, the distill question
+//! JPEG decoding, checkpoints (a single safetensors file, and `model.safetensors.index.json` over
+//! real shards), the head file, `config.json`, `preprocessor_config.json`, the distill question
 //! file (VQA JSON and JSONL) and distill shards.
 //!
 //! Each target mutates the seeds of its checked-in corpus (`tests/fuzz/corpus/<target>/`, made by
@@ -20,6 +21,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use fastrm::checkpoint::Checkpoint;
 use fastrm::config::LlavaConfig;
 use fastrm::distill::dataset::Dataset;
 use fastrm::distill::format::{SampleRecord, Shard, ShardFile};
@@ -309,6 +311,33 @@ fn via_file(dir: &Path, n: &AtomicUsize, ext: &str, b: &[u8], f: impl FnOnce(&Pa
 }
 
 #[test]
+fn fuzz_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    fuzz("checkpoint", false, &|b| {
+        std::fs::write(dir.path().join("model.safetensors"), b).unwrap();
+        let _ = Checkpoint::open(dir.path());
+    });
+}
+
+/// The index over the tiny model's two real shards.
+#[test]
+fn fuzz_checkpoint_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let sharded =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny/model-t5-sharded-f16");
+    for f in [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ] {
+        std::fs::copy(sharded.join(f), dir.path().join(f)).unwrap();
+    }
+    fuzz("checkpoint_index", true, &|b| {
+        std::fs::write(dir.path().join("model.safetensors.index.json"), b).unwrap();
+        let _ = Checkpoint::open(dir.path());
+    });
+}
+
+#[test]
 fn fuzz_questions() {
     let dir = tempfile::tempdir().unwrap();
     let n = AtomicUsize::new(0);
@@ -347,6 +376,8 @@ fn write_corpus() {
         "preprocessor_config",
         "questions",
         "shard",
+        "checkpoint",
+        "checkpoint_index",
     ] {
         std::fs::create_dir_all(corpus_dir(target)).unwrap();
     }
@@ -391,13 +422,49 @@ fn write_corpus() {
             target_mask: None,
         };
         let tokens: Vec<(u32, Vec<f32>, Vec<f32>)> = (0..2 - s)
-            .map(|k| (319 + k as u32, vec![0.5, -1.0, 2.0], vec![0.1, 0.2, 0.3, 0.4]))
+            .map(|k| {
+                (
+                    319 + k as u32,
+                    vec![0.5, -1.0, 2.0],
+                    vec![0.1, 0.2, 0.3, 0.4],
+                )
+            })
             .collect();
         shard.push(record, &[0.25; 12], &tokens);
     }
     shard
         .write(&corpus_dir("shard").join("two_samples.safetensors"))
         .unwrap();
+    std::fs::copy(
+        tiny.join("model-t5-sharded-f16/model.safetensors.index.json"),
+        corpus_dir("checkpoint_index").join("tiny_t5_f16.json"),
+    )
+    .unwrap();
+    // Every dtype a checkpoint may hold, in one small file.
+    let f32s: Vec<u8> = [1.0f32, -2.0, 0.5, 3.0]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let halves: Vec<u8> = vec![0x00, 0x3c, 0x00, 0xc0, 0x00, 0x38, 0x00, 0x42];
+    let views = [
+        ("a.weight", safetensors::Dtype::F32, vec![2, 2], &f32s[..]),
+        ("b.weight", safetensors::Dtype::F16, vec![4], &halves[..]),
+        ("c.bias", safetensors::Dtype::BF16, vec![1, 4], &halves[..]),
+    ];
+    let views: Vec<(&str, safetensors::tensor::TensorView)> = views
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                *n,
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(
+        corpus_dir("checkpoint").join("three_dtypes.safetensors"),
+        safetensors::tensor::serialize(views, None).unwrap(),
+    )
+    .unwrap();
     HeadWeights::random(16, 8, 1)
         .save(&corpus_dir("head").join("random_16x8.safetensors"))
         .unwrap();
