@@ -81,9 +81,26 @@ pub trait Backend {
         MemTag::Activations
     }
     /// `(tag, live bytes, peak bytes)` per tag, for backends that keep a breakdown (empty
-    /// otherwise).
+    /// otherwise). Peaks count from the start or the last [`Backend::trim_and_sync`].
     fn memory_breakdown(&self) -> Vec<(MemTag, usize, usize)> {
         Vec::new()
+    }
+    /// The most bytes live at once, all tags together, since the start or the last
+    /// [`Backend::trim_and_sync`]; `None` for backends without a breakdown.
+    fn memory_peak(&self) -> Option<usize> {
+        None
+    }
+    /// Waits until every queued operation has finished, so a host clock read afterwards times
+    /// the work itself, not its queueing. A no-op where ops finish before they return (the CPU).
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+    /// Starts a measurement on a clean slate: waits for queued work, returns every cached free
+    /// block to the driver (so device memory in use is exactly what is live) and restarts the
+    /// breakdown's peaks from the live bytes. A no-op on the CPU, whose heap `profile` trims
+    /// itself.
+    fn trim_and_sync(&self) -> Result<()> {
+        self.synchronize()
     }
 
     /// `y = x · wᵀ (+ bias)`; x `[m, k]`, w `[n, k]` (PyTorch Linear layout), bias `[1, n]`.
@@ -248,15 +265,18 @@ pub enum MemTag {
     Saved = 3,
     /// The FastRM head and its folded keys.
     Head = 4,
+    /// One op's intermediate buffers (attention scores, split-K partials), freed when it returns.
+    Scratch = 5,
 }
 
 impl MemTag {
-    pub const ALL: [MemTag; 5] = [
+    pub const ALL: [MemTag; 6] = [
         MemTag::Activations,
         MemTag::Weights,
         MemTag::KvCache,
         MemTag::Saved,
         MemTag::Head,
+        MemTag::Scratch,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -265,6 +285,7 @@ impl MemTag {
             MemTag::KvCache => "kv cache",
             MemTag::Saved => "saved for backward",
             MemTag::Head => "fastrm head",
+            MemTag::Scratch => "op scratch",
         }
     }
 }

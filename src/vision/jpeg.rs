@@ -1219,7 +1219,7 @@ fn upsample(plane: &[u8], g: &Upsample, w: usize, out: &mut [u8], ch: usize) -> 
             h2v2_fancy(row(i), row(far), &mut buf);
             put(dst, &buf);
         }
-    } else if h_out % h_in == 0 && v_out % v_in == 0 {
+    } else if h_out.is_multiple_of(h_in) && v_out.is_multiple_of(v_in) {
         // int_upsample (also h2v1_upsample/h2v2_upsample for components <= 2 samples wide):
         // plain replication.
         let (hx, vx) = (h_out / h_in, v_out / v_in);

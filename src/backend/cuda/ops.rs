@@ -11,6 +11,10 @@ use crate::checkpoint::TensorRef;
 use crate::error::{Error, Result};
 
 const NORM_BLOCK: u32 = 256;
+/// Rows of x that `linear_gemv_fwd` takes (its `GEMV_MAX_ROWS`); more go to cuBLAS.
+const GEMV_MAX_ROWS: usize = 4;
+/// Warps per `linear_gemv_fwd` block, one output column each.
+const GEMV_WARPS: usize = 8;
 /// Query rows up to which attention takes the flash-decoding kernels rather than cuBLAS.
 const DECODE_MAX_QUERIES: usize = 8;
 /// Keys per block in the decoding kernel.
@@ -67,7 +71,7 @@ impl<T: Elem> Cuda<T> {
         theta: f32,
         sign: f32,
     ) -> Result<CudaTensor<T>> {
-        if head_dim == 0 || head_dim % 2 != 0 || x.cols % head_dim != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) || !x.cols.is_multiple_of(head_dim) {
             return Err(shape_err(
                 "rope",
                 format!(
@@ -155,7 +159,7 @@ impl<T: Elem> Cuda<T> {
             }
             Some(m) => {
                 let bytes: Vec<u8> = m[..kv].iter().map(|&b| b as u8).collect();
-                Some(self.to_device(&bytes)?)
+                Some(self.to_device(&bytes, MemTag::Scratch)?)
             }
             None => None,
         };
@@ -336,6 +340,38 @@ impl<T: Elem> Cuda<T> {
         Ok(())
     }
 
+    /// `x · wᵀ (+ b)` for a decode step's few rows, by `linear_gemv_fwd` (shapes checked by
+    /// `linear`). The 16-byte path needs every row of `x` and `w` to start on 16 bytes.
+    fn gemv(
+        &self,
+        x: &CudaTensor<T>,
+        w: &CudaTensor<T>,
+        bias: Option<&CudaTensor<T>>,
+    ) -> Result<CudaTensor<T>> {
+        let y = self.alloc(x.rows, w.rows)?;
+        let (xp, wp) = (self.ptr(x), self.ptr(w));
+        let bp = bias.map_or(0, |b| self.ptr(b));
+        let row_bytes = x.cols * std::mem::size_of::<T>();
+        let vec = i32::from(
+            row_bytes.is_multiple_of(16) && xp.is_multiple_of(16) && wp.is_multiple_of(16),
+        );
+        let (m, k, n) = (
+            i32_dim("linear", x.rows)?,
+            i32_dim("linear", x.cols)?,
+            i32_dim("linear", w.rows)?,
+        );
+        self.launch(
+            "linear_gemv_fwd",
+            LaunchConfig {
+                grid_dim: (w.rows.div_ceil(GEMV_WARPS) as u32, 1, 1),
+                block_dim: (GEMV_WARPS as u32 * 32, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            &[&self.ptr(&y), &xp, &wp, &bp, &m, &k, &n, &vec],
+        )?;
+        Ok(y)
+    }
+
     /// Row-major `out[m, n] = a[m, k] · b` where `b` is `[k, n]` (`b_t = false`) or `[n, k]`
     /// (`b_t = true`).
     fn product(
@@ -437,6 +473,18 @@ impl<T: Elem> Backend for Cuda<T> {
         self.ledger.report().0
     }
 
+    fn memory_peak(&self) -> Option<usize> {
+        Some(self.ledger.report().1)
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        Cuda::synchronize(self)
+    }
+
+    fn trim_and_sync(&self) -> Result<()> {
+        Cuda::trim_and_sync(self)
+    }
+
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor<T>> {
         if data.len() != rows * cols {
             return Err(shape_err(
@@ -508,6 +556,9 @@ impl<T: Elem> Backend for Cuda<T> {
         }
         if let Some(b) = bias {
             row_vec("linear bias", b.dims(), w.rows)?;
+        }
+        if self.gemv_enabled() && x.rows <= GEMV_MAX_ROWS && x.len() > 0 && w.len() > 0 {
+            return self.gemv(x, w, bias);
         }
         let y = self.product(x, w, true, x.rows, w.rows, x.cols)?;
         if let Some(b) = bias {
@@ -631,7 +682,7 @@ impl<T: Elem> Backend for Cuda<T> {
         }
         let out = self.alloc(ids.len(), table.cols)?;
         if !ids.is_empty() {
-            let dev_ids = self.to_device(ids)?;
+            let dev_ids = self.to_device(ids, MemTag::Scratch)?;
             let d = i32_dim("embedding", table.cols)?;
             self.launch(
                 "embedding_fwd",
