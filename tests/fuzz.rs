@@ -1,7 +1,7 @@
 //! A seeded mutation fuzzer, on stable Rust, for the parsers that take untrusted bytes: PNG and
 //! JPEG decoding, checkpoints (a single safetensors file, and `model.safetensors.index.json` over
 //! real shards), the head file, `config.json`, `preprocessor_config.json`, the distill question
-//! file (VQA JSON and JSONL) and distill shards.
+//! file (VQA JSON and JSONL), the distill manifest and distill shards.
 //!
 //! Each target mutates the seeds of its checked-in corpus (`tests/fuzz/corpus/<target>/`, made by
 //! `cargo test --features sim --test fuzz write_corpus -- --ignored`) with bit flips, byte sets,
@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use fastrm::checkpoint::Checkpoint;
 use fastrm::config::LlavaConfig;
 use fastrm::distill::dataset::Dataset;
-use fastrm::distill::format::{SampleRecord, Shard, ShardFile};
+use fastrm::distill::format::{InputInfo, Manifest, SampleRecord, Shard, ShardFile, ShardInfo};
 use fastrm::explain::fastrm::HeadWeights;
 use fastrm::vision::{load_image_bytes, PreprocessConfig, MAX_DECODE_BYTES};
 
@@ -361,6 +361,25 @@ fn fuzz_shard() {
     });
 }
 
+/// `manifest.json` in a folder holding the shard it lists (the shard corpus's seed).
+#[test]
+fn fuzz_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        corpus_dir("shard").join("two_samples.safetensors"),
+        dir.path().join("shard-00000.safetensors"),
+    )
+    .unwrap();
+    fuzz("manifest", true, &|b| {
+        std::fs::write(dir.path().join("manifest.json"), b).unwrap();
+        if let Ok(m) = Manifest::read(dir.path()) {
+            for info in &m.shards {
+                let _ = m.open_shard(dir.path(), info);
+            }
+        }
+    });
+}
+
 /// Writes the corpus: small fixtures of every flavour the decoders handle, the tiny model's
 /// configs, and a small head.
 #[test]
@@ -378,6 +397,7 @@ fn write_corpus() {
         "shard",
         "checkpoint",
         "checkpoint_index",
+        "manifest",
     ] {
         std::fs::create_dir_all(corpus_dir(target)).unwrap();
     }
@@ -463,6 +483,45 @@ fn write_corpus() {
     std::fs::write(
         corpus_dir("checkpoint").join("three_dtypes.safetensors"),
         safetensors::tensor::serialize(views, None).unwrap(),
+    )
+    .unwrap();
+    // The manifest of that shard, written to a scratch folder by the real writer.
+    let scratch = tempfile::tempdir().unwrap();
+    let manifest = Manifest {
+        format: "fastrm-distill".into(),
+        version: 1,
+        model: "/models/tiny".into(),
+        model_weights: "model.safetensors:746224:0".into(),
+        method: "fastrm".into(),
+        suffix: " Answer briefly.".into(),
+        max_new_tokens: 8,
+        stop_at_eos: true,
+        hidden_size: 3,
+        n_patches: 4,
+        grid: [2, 2],
+        label_threshold: 0.5,
+        input: InputInfo {
+            path: "/data/questions.jsonl".into(),
+            format: "jsonl".into(),
+            fingerprint: "0123456789abcdef".into(),
+            entries: 2,
+        },
+        images: "/data/images".into(),
+        shard_size: 64,
+        shard: None,
+        shards: vec![ShardInfo {
+            file: "shard-00000.safetensors".into(),
+            first_sample: 0,
+            samples: 2,
+            tokens: 3,
+        }],
+        samples: 2,
+        tokens: 3,
+    };
+    manifest.write(scratch.path()).unwrap();
+    std::fs::copy(
+        scratch.path().join("manifest.json"),
+        corpus_dir("manifest").join("two_samples.json"),
     )
     .unwrap();
     HeadWeights::random(16, 8, 1)
