@@ -435,7 +435,7 @@ fn write_corpus() {
             image: "a.png".into(),
             answer: "A star".into(),
             answers: Some(vec!["star".into()]),
-            generated_ids: vec![319, 5810],
+            generated_ids: (0..2 - s as u32).map(|k| 319 + k).collect(),
             stop_reason: "eos".into(),
             qtype: None,
             n_objects: None,
@@ -455,6 +455,7 @@ fn write_corpus() {
     shard
         .write(&corpus_dir("shard").join("two_samples.safetensors"))
         .unwrap();
+    Shard::read(&corpus_dir("shard").join("two_samples.safetensors")).unwrap();
     std::fs::copy(
         tiny.join("model-t5-sharded-f16/model.safetensors.index.json"),
         corpus_dir("checkpoint_index").join("tiny_t5_f16.json"),
@@ -519,6 +520,14 @@ fn write_corpus() {
         tokens: 3,
     };
     manifest.write(scratch.path()).unwrap();
+    // A seed the reader accepts whole, so mutations start from the deep end.
+    std::fs::copy(
+        corpus_dir("shard").join("two_samples.safetensors"),
+        scratch.path().join("shard-00000.safetensors"),
+    )
+    .unwrap();
+    let back = Manifest::read(scratch.path()).unwrap();
+    back.open_shard(scratch.path(), &back.shards[0]).unwrap();
     std::fs::copy(
         scratch.path().join("manifest.json"),
         corpus_dir("manifest").join("two_samples.json"),
