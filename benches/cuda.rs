@@ -1,7 +1,7 @@
 //! The CUDA backend at LLaVA-1.5-7B shapes (synthetic f16 weights, batch 1): device-memory
 //! bandwidth (a device-to-device copy), prefill (vision tower + projector + decoder over 576 image
-//! tokens and 40 text tokens), one decode step at that context with its linears by cuBLAS and by
-//! the GEMV kernel (and its launch count), each decode linear's shape alone both ways, the
+//! tokens and 40 text tokens), one decode step at that context three ways (linears by cuBLAS or by
+//! the GEMV kernel, fused launches or not) with its launch count, each decode linear's shape alone both ways, the
 //! decoder's prefill in TFLOP/s, the fused FastRM step, and one baseline map (exact, and an
 //! incremental token).
 //!
@@ -105,11 +105,13 @@ fn bench(c: &mut Criterion) {
         let h = m.llm.forward(b, x, &mut cache).unwrap();
         b.argmax_rows(&m.llm.logits(b, &h).unwrap()).unwrap()
     };
-    // The decode linears both ways in one sitting: cuBLAS, then the GEMV kernel (which stays on
-    // for the rest of the bench). Launches are counted on the step itself.
+    // The decode step three ways in one sitting: linears by cuBLAS and one launch per op (the
+    // first design), GEMV linears, and GEMV plus the fused launches (which stay on for the rest of
+    // the bench). Launches are counted on the step itself.
     let mut decode_by_path = Vec::new();
-    for gemv in [false, true] {
+    for (gemv, fuse) in [(false, false), (true, false), (true, true)] {
         b.set_gemv(gemv);
+        b.set_fuse(fuse);
         step();
         let before = b.launch_count();
         step();
@@ -117,9 +119,14 @@ fn bench(c: &mut Criterion) {
         let s = per_iter(b, 30, || {
             step();
         });
-        decode_by_path.push((if gemv { "gemv" } else { "cublas" }, s, launches));
+        let path = match (gemv, fuse) {
+            (false, _) => "cublas_unfused",
+            (true, false) => "gemv_unfused",
+            (true, true) => "gemv_fused",
+        };
+        decode_by_path.push((path, s, launches));
     }
-    let decode_s = decode_by_path[1].1;
+    let decode_s = decode_by_path[2].1;
     // What a decode step must read: every decoder and lm_head weight, the final norm, and the
     // KV cache so far (the embedding table is read one row).
     let t = &cfg.text;

@@ -55,11 +55,13 @@ FASTRM_INSTANTIATE(attn_softmax_fwd, SOFTMAX_PARAMS, (p, s, n_q, kv_len, q_pos0,
 
 // grid: (H, n_splits, n_q), block: a multiple of 32 (128), dynamic shared: (head_dim + chunk) f32.
 // q [n_q, H*d], k/v [>= kv_len, Hkv*d]; writes part_o [n_q*H*n_splits, d] and part_ml
-// [n_q*H*n_splits, 2] (f32), entry (i*H + h)*n_splits + split.
+// [n_q*H*n_splits, 2] (f32), entry (i*H + h)*n_splits + split. key_lanes > 0 (set by the launcher
+// when a key row is that many 16-byte packs, a divisor of 32, and k is 16-byte aligned) scores
+// several keys per warp pass with 16-byte loads; 0 walks one key per warp with element loads.
 template <typename T>
 __device__ void attn_decode_fwd_impl(float* part_o, float* part_ml, const T* q, const T* k, const T* v,
                                      int kv_len, int n_heads, int n_kv_heads, int d, int q_pos0,
-                                     float scale, int chunk, const unsigned char* key_keep) {
+                                     float scale, int chunk, const unsigned char* key_keep, int key_lanes) {
     FASTRM_DYNAMIC_SHARED(float, smem);
     float* qs = smem;          // [d]
     float* sc = smem + d;      // [chunk]
@@ -72,12 +74,32 @@ __device__ void attn_decode_fwd_impl(float* part_o, float* part_ml, const T* q, 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
     for (int t = threadIdx.x; t < d; t += blockDim.x) qs[t] = to_f32(q[(long long)i * qcols + h * d + t]);
     __syncthreads();
-    for (int j = j0 + warp; j < j1; j += n_warps) {
-        const T* kr = k + (long long)j * kcols + kvh * d;
-        float dot = 0.f;
-        for (int t = lane; t < d; t += 32) dot += qs[t] * to_f32(kr[t]);
-        dot = warp_sum(dot);
-        if (lane == 0) sc[j - j0] = (!key_keep || key_keep[j]) ? dot * scale : -INFINITY;
+    if (key_lanes > 0) {
+        // A key row is key_lanes 16-byte packs: each warp scores 32 / key_lanes keys per pass,
+        // a group of key_lanes lanes per key, one pack per lane.
+        constexpr int V = 16 / sizeof(T);
+        const int per_warp = 32 / key_lanes, sub = lane / key_lanes, pack = lane - sub * key_lanes;
+        for (int jb = j0 + warp * per_warp; jb < j1; jb += n_warps * per_warp) {  // warp-uniform
+            const int j = jb + sub;
+            float dot = 0.f;
+            if (j < j1) {
+                const uint4 kv4 = reinterpret_cast<const uint4*>(k + (long long)j * kcols + kvh * d)[pack];
+                T ke[V];
+                memcpy(ke, &kv4, 16);
+#pragma unroll
+                for (int e = 0; e < V; ++e) dot += qs[pack * V + e] * to_f32(ke[e]);
+            }
+            for (int o = key_lanes >> 1; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+            if (pack == 0 && j < j1) sc[j - j0] = (!key_keep || key_keep[j]) ? dot * scale : -INFINITY;
+        }
+    } else {
+        for (int j = j0 + warp; j < j1; j += n_warps) {
+            const T* kr = k + (long long)j * kcols + kvh * d;
+            float dot = 0.f;
+            for (int t = lane; t < d; t += 32) dot += qs[t] * to_f32(kr[t]);
+            dot = warp_sum(dot);
+            if (lane == 0) sc[j - j0] = (!key_keep || key_keep[j]) ? dot * scale : -INFINITY;
+        }
     }
     __syncthreads();
     float mx = -INFINITY;
@@ -102,9 +124,10 @@ __device__ void attn_decode_fwd_impl(float* part_o, float* part_ml, const T* q, 
     }
 }
 #define DECODE_PARAMS(T) (float* part_o, float* part_ml, const T* q, const T* k, const T* v, int kv_len, int n_heads, \
-                          int n_kv_heads, int d, int q_pos0, float scale, int chunk, const unsigned char* key_keep)
+                          int n_kv_heads, int d, int q_pos0, float scale, int chunk, const unsigned char* key_keep, \
+                          int key_lanes)
 FASTRM_INSTANTIATE(attn_decode_fwd, DECODE_PARAMS,
-                   (part_o, part_ml, q, k, v, kv_len, n_heads, n_kv_heads, d, q_pos0, scale, chunk, key_keep))
+                   (part_o, part_ml, q, k, v, kv_len, n_heads, n_kv_heads, d, q_pos0, scale, chunk, key_keep, key_lanes))
 
 // grid: (H, n_q), block: any. Writes out [n_q, H*d].
 template <typename T>

@@ -218,6 +218,10 @@ fn ops<T: Elem>(test: &str) {
             &g.rms_norm(&x.g, &w.g, 1e-5).unwrap(),
             &Cpu.rms_norm(&x.c, &w.c, 1e-5).unwrap(),
         );
+        let (g_sum, g_norm) = g.add_rms_norm(&x.g, &y.g, &w.g, 1e-5).unwrap();
+        let (c_sum, c_norm) = Cpu.add_rms_norm(&x.c, &y.c, &w.c, 1e-5).unwrap();
+        check(&format!("add_rms_norm sum {s}"), &g, &g_sum, &c_sum);
+        check(&format!("add_rms_norm norm {s}"), &g, &g_norm, &c_norm);
         check(
             &format!("layer_norm {s}"),
             &g,
@@ -279,6 +283,22 @@ fn ops<T: Elem>(test: &str) {
             &g,
             &g.rope(&x.g, hd, pos0, 10000.0).unwrap(),
             &Cpu.rope(&x.c, hd, pos0, 10000.0).unwrap(),
+        );
+        // Queries and keys in one launch (keys with half the heads, as grouped queries have).
+        let kh = heads.div_ceil(2);
+        let k = pair(&g, &rand(r, rows * kh * hd, 1.0), rows, kh * hd);
+        let (gq, gk) = g.rope_qk(&x.g, &k.g, hd, pos0, 10000.0).unwrap();
+        check(
+            &format!("rope_qk q {s}"),
+            &g,
+            &gq,
+            &Cpu.rope(&x.c, hd, pos0, 10000.0).unwrap(),
+        );
+        check(
+            &format!("rope_qk k {s}"),
+            &g,
+            &gk,
+            &Cpu.rope(&k.c, hd, pos0, 10000.0).unwrap(),
         );
         check(
             &format!("rope_bwd {s}"),
@@ -693,8 +713,9 @@ fn synthetic_7b_generates() {
 }
 
 /// A decode step queues the same launches at every position (nothing in it grows with the
-/// sequence; the split-K attention grows its grid, not its launch count), and a decode linear is
-/// one launch on the GEMV path where cuBLAS plus the bias add would be two.
+/// sequence; the split-K attention grows its grid, not its launch count), the fused launches save
+/// three per layer, and a decode linear is one launch on the GEMV path where cuBLAS plus the bias
+/// add would be two.
 #[test]
 fn decode_launches_do_not_grow() {
     let Some(g) = gpu::<f32>("decode_launches_do_not_grow") else {
@@ -723,8 +744,10 @@ fn decode_launches_do_not_grow() {
         fastrm::model::session::Mode::Plain,
     )
     .unwrap();
+    // Steps 1 and 2 one launch per op, the rest fused.
     let mut per_step = Vec::new();
     loop {
+        b.set_fuse(per_step.len() > 2);
         let before = b.launch_count();
         if s.step().unwrap().is_none() {
             break;
@@ -732,13 +755,21 @@ fn decode_launches_do_not_grow() {
         per_step.push(b.launch_count() - before);
     }
     assert_eq!(per_step.len(), 6);
+    let layers = cfg.text.num_hidden_layers as u64;
+    // Fused: each layer's two residual adds ride on the norms after them, and q and k rotate in
+    // one launch.
+    assert_eq!(
+        per_step[1] - per_step[3],
+        3 * layers,
+        "launches per step one per op vs fused: {per_step:?}"
+    );
+    assert_eq!(per_step[1], per_step[2], "{per_step:?}");
     // Step 0 only projects the prefill's last hidden state; steps 1.. are full decoder steps.
-    let steps = &per_step[1..];
+    let steps = &per_step[3..];
     assert!(
         steps.iter().all(|&n| n == steps[0]),
         "launches per decode step vary with position: {per_step:?}"
     );
-    let layers = cfg.text.num_hidden_layers as u64;
     assert!(
         steps[0] >= 7 * layers,
         "a decode step of {layers} layers queued only {} launches",

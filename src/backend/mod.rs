@@ -114,6 +114,19 @@ pub trait Backend {
     fn add(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
     /// Row-wise RMSNorm (Llama): `x / sqrt(mean(x²) + eps) * w`, w `[1, cols]`.
     fn rms_norm(&self, x: &Self::Tensor, w: &Self::Tensor, eps: f32) -> Result<Self::Tensor>;
+    /// `(a + b, rms_norm(a + b, w))`: a residual add and the norm after it (one launch on a
+    /// GPU). Both results are exactly what [`Backend::add`] then [`Backend::rms_norm`] give.
+    fn add_rms_norm(
+        &self,
+        a: &Self::Tensor,
+        b: &Self::Tensor,
+        w: &Self::Tensor,
+        eps: f32,
+    ) -> Result<(Self::Tensor, Self::Tensor)> {
+        let sum = self.add(a, b)?;
+        let normed = self.rms_norm(&sum, w, eps)?;
+        Ok((sum, normed))
+    }
     /// Row-wise LayerNorm: `(x - mean) / sqrt(var + eps) * w + b`.
     fn layer_norm(
         &self,
@@ -137,6 +150,20 @@ pub trait Backend {
         pos0: usize,
         theta: f32,
     ) -> Result<Self::Tensor>;
+    /// [`Backend::rope`] of the queries and of the keys of the same rows (one launch on a GPU).
+    fn rope_qk(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        head_dim: usize,
+        pos0: usize,
+        theta: f32,
+    ) -> Result<(Self::Tensor, Self::Tensor)> {
+        Ok((
+            self.rope(q, head_dim, pos0, theta)?,
+            self.rope(k, head_dim, pos0, theta)?,
+        ))
+    }
     /// Scaled dot-product attention: q `[n_q, H·d]`, k and v `[≥kv_len, Hkv·d]` → `[n_q, H·d]`,
     /// softmax in f32, scale `1/√d`.
     fn attention(

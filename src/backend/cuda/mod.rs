@@ -314,6 +314,9 @@ pub struct Cuda<T: Elem> {
     /// Decode-sized linears (a few rows) by `linear_gemv_fwd` rather than cuBLAS; both stay
     /// available so one run can measure them side by side (`FASTRM_CUDA_GEMV=0` turns it off).
     gemv: Cell<bool>,
+    /// The decoder's fused launches (residual add + RMSNorm, RoPE of q and k) rather than one
+    /// launch per op, for the same side-by-side measurement (`FASTRM_CUDA_FUSE=0` turns it off).
+    fuse: Cell<bool>,
     /// Kernel launches and cuBLAS calls queued so far (a decode step's count must not grow with
     /// its position).
     launches: Cell<u64>,
@@ -461,6 +464,7 @@ impl<T: Elem> Cuda<T> {
             ledger: Arc::new(Ledger::default()),
             poison: false,
             gemv: Cell::new(std::env::var("FASTRM_CUDA_GEMV").map_or(true, |v| v != "0")),
+            fuse: Cell::new(std::env::var("FASTRM_CUDA_FUSE").map_or(true, |v| v != "0")),
             launches: Cell::new(0),
             _t: PhantomData,
         }
@@ -479,6 +483,15 @@ impl<T: Elem> Cuda<T> {
 
     pub fn gemv_enabled(&self) -> bool {
         self.gemv.get()
+    }
+
+    /// Chooses between the fused decoder launches (`true`) and one launch per op.
+    pub fn set_fuse(&self, on: bool) {
+        self.fuse.set(on);
+    }
+
+    pub fn fuse_enabled(&self) -> bool {
+        self.fuse.get()
     }
 
     /// Kernel launches plus cuBLAS calls queued on this backend so far.

@@ -36,6 +36,20 @@ fn row_vec(op: &str, v: (usize, usize), cols: usize) -> Result<()> {
     Ok(())
 }
 
+/// Rotary embedding needs whole heads of even size.
+fn check_heads<T: Elem>(x: &CudaTensor<T>, head_dim: usize) -> Result<()> {
+    if head_dim == 0 || !head_dim.is_multiple_of(2) || !x.cols.is_multiple_of(head_dim) {
+        return Err(shape_err(
+            "rope",
+            format!(
+                "{} columns do not split into heads of even size {head_dim}",
+                x.cols
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn i32_dim(op: &str, n: usize) -> Result<i32> {
     i32::try_from(n)
         .map_err(|_| shape_err(op, format!("dimension {n} exceeds the kernels' i32 range")))
@@ -71,15 +85,7 @@ impl<T: Elem> Cuda<T> {
         theta: f32,
         sign: f32,
     ) -> Result<CudaTensor<T>> {
-        if head_dim == 0 || !head_dim.is_multiple_of(2) || !x.cols.is_multiple_of(head_dim) {
-            return Err(shape_err(
-                "rope",
-                format!(
-                    "{} columns do not split into heads of even size {head_dim}",
-                    x.cols
-                ),
-            ));
-        }
+        check_heads(x, head_dim)?;
         let inv = self.inv_freq(head_dim, theta)?;
         let out = self.alloc(x.rows, x.cols)?;
         if x.rows > 0 {
@@ -181,6 +187,16 @@ impl<T: Elem> Cuda<T> {
             let part_o = self.scratch::<f32>(parts * d)?;
             let part_ml = self.scratch::<f32>(parts * 2)?;
             let chunk = DECODE_CHUNK as i32;
+            let esz = std::mem::size_of::<T>();
+            let packs = d * esz / 16;
+            let aligned = (d * esz).is_multiple_of(16)
+                && (k.cols * esz).is_multiple_of(16)
+                && self.ptr(k).is_multiple_of(16);
+            let key_lanes: i32 = if aligned && packs > 0 && 32 % packs == 0 {
+                packs as i32
+            } else {
+                0
+            };
             let cfg = LaunchConfig {
                 grid_dim: (h as u32, splits as u32, nq as u32),
                 block_dim: (128, 1, 1),
@@ -203,6 +219,7 @@ impl<T: Elem> Cuda<T> {
                     &scale,
                     &chunk,
                     &keep_ptr,
+                    &key_lanes,
                 ],
             )?;
             let cfg = LaunchConfig {
@@ -594,6 +611,45 @@ impl<T: Elem> Backend for Cuda<T> {
         Ok(out)
     }
 
+    fn add_rms_norm(
+        &self,
+        a: &CudaTensor<T>,
+        b: &CudaTensor<T>,
+        w: &CudaTensor<T>,
+        eps: f32,
+    ) -> Result<(CudaTensor<T>, CudaTensor<T>)> {
+        if a.dims() != b.dims() {
+            return Err(shape_err(
+                "add_rms_norm",
+                format!("{:?} + {:?}", a.dims(), b.dims()),
+            ));
+        }
+        row_vec("rms_norm weight", w.dims(), a.cols)?;
+        if !self.fuse_enabled() {
+            let sum = self.add(a, b)?;
+            let out = self.rms_norm(&sum, w, eps)?;
+            return Ok((sum, out));
+        }
+        let (sum, out) = (self.alloc(a.rows, a.cols)?, self.alloc(a.rows, a.cols)?);
+        if a.len() > 0 {
+            let cols = i32_dim("add_rms_norm", a.cols)?;
+            self.launch(
+                "add_rms_norm_fwd",
+                per_row(a.rows, NORM_BLOCK, 0),
+                &[
+                    &self.ptr(&sum),
+                    &self.ptr(&out),
+                    &self.ptr(a),
+                    &self.ptr(b),
+                    &self.ptr(w),
+                    &cols,
+                    &eps,
+                ],
+            )?;
+        }
+        Ok((sum, out))
+    }
+
     fn layer_norm(
         &self,
         x: &CudaTensor<T>,
@@ -650,6 +706,61 @@ impl<T: Elem> Backend for Cuda<T> {
         theta: f32,
     ) -> Result<CudaTensor<T>> {
         self.rotate(x, head_dim, pos0, theta, 1.0)
+    }
+
+    fn rope_qk(
+        &self,
+        q: &CudaTensor<T>,
+        k: &CudaTensor<T>,
+        head_dim: usize,
+        pos0: usize,
+        theta: f32,
+    ) -> Result<(CudaTensor<T>, CudaTensor<T>)> {
+        if q.rows != k.rows {
+            return Err(shape_err(
+                "rope",
+                format!(
+                    "queries {:?} and keys {:?} differ in rows",
+                    q.dims(),
+                    k.dims()
+                ),
+            ));
+        }
+        for x in [q, k] {
+            check_heads(x, head_dim)?;
+        }
+        if !self.fuse_enabled() {
+            return Ok((
+                self.rope(q, head_dim, pos0, theta)?,
+                self.rope(k, head_dim, pos0, theta)?,
+            ));
+        }
+        let inv = self.inv_freq(head_dim, theta)?;
+        let (q_out, k_out) = (self.alloc(q.rows, q.cols)?, self.alloc(k.rows, k.cols)?);
+        if q.rows > 0 {
+            let (qc, kc, hd, p0) = (
+                i32_dim("rope", q.cols)?,
+                i32_dim("rope", k.cols)?,
+                head_dim as i32,
+                i32_dim("rope", pos0 + q.rows)? - q.rows as i32,
+            );
+            self.launch(
+                "rope_qk_fwd",
+                per_row(q.rows, 128, 0),
+                &[
+                    &self.ptr(&q_out),
+                    &self.ptr(q),
+                    &self.ptr(&k_out),
+                    &self.ptr(k),
+                    &inv,
+                    &qc,
+                    &kc,
+                    &hd,
+                    &p0,
+                ],
+            )?;
+        }
+        Ok((q_out, k_out))
     }
 
     fn attention(
