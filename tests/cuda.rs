@@ -1000,3 +1000,50 @@ fn masked_sessions_f32() {
         }
     }
 }
+
+/// A device that runs out of memory mid-run fails as a full GPU does: the simulator's pool is
+/// given room for the model but not for the run, and generation stops with
+/// `Error::OutOfMemory` naming GPU memory (the error `CUDA_ERROR_OUT_OF_MEMORY` maps to).
+#[cfg(feature = "sim")]
+#[test]
+fn device_out_of_memory_is_a_named_error() {
+    let dir = fixture_dir("tiny");
+    let exp = Expected::load("tiny");
+    let request = Request::question(fixture_image("tiny"), exp.meta["question"].as_str());
+    let opts = GenerateOptions {
+        max_new_tokens: 4,
+        ..Default::default()
+    };
+    // What loading and a whole run take, measured on an unbounded pool (both deterministic).
+    let engine = Engine::load(Cuda::<f32>::simulated(), &dir).unwrap();
+    let (_, loaded) = engine.backend.simulated_memory().unwrap();
+    engine.generate(&request, &opts).unwrap();
+    let (_, run) = engine.backend.simulated_memory().unwrap();
+    assert!(run > loaded, "a run allocates beyond the weights");
+    drop(engine);
+
+    let budget = loaded + (run - loaded) / 2;
+    let engine = Engine::load(Cuda::<f32>::simulated_with_memory(budget), &dir)
+        .expect("the model alone fits the budget");
+    match engine.generate(&request, &opts) {
+        Err(fastrm::Error::OutOfMemory(msg)) => {
+            assert!(msg.contains("GPU memory"), "{msg}")
+        }
+        Err(e) => panic!("expected OutOfMemory, got {e}"),
+        Ok(_) => panic!("a run needing {run} bytes succeeded within {budget}"),
+    }
+    // What failed was freed: the pool holds what it held after loading.
+    let (now, _) = engine.backend.simulated_memory().unwrap();
+    assert!(now <= budget);
+
+    // The command line: one `error:` line and a failing exit; a malformed budget is named.
+    let cli = |memory: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_fastrm"))
+            .args(["generate", "--device", "sim", "--prompt", "What is it?"])
+            .env("FASTRM_SIM_DEVICE_MEMORY", memory)
+            .output()
+            .unwrap()
+    };
+    common::cli_fails(&cli("100000"), &["out of memory", "GPU memory"]);
+    common::cli_fails(&cli("lots"), &["FASTRM_SIM_DEVICE_MEMORY", "bytes"]);
+}

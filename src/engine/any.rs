@@ -208,7 +208,7 @@ fn cuda_backend<T: crate::backend::cuda::Elem>(device: Device) -> Result<Cuda<T>
     match device {
         Device::Cuda(n) => Cuda::new(n),
         #[cfg(feature = "sim")]
-        Device::Sim => Ok(Cuda::simulated()),
+        Device::Sim => Cuda::simulated_from_env(),
         #[cfg(not(feature = "sim"))]
         Device::Sim => Err(Error::input(
             "--device sim: this build has no simulated device (build with --features sim)",

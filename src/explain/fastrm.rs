@@ -13,8 +13,6 @@
 
 use std::path::Path;
 
-use safetensors::{Dtype, SafeTensors};
-
 use crate::backend::{with_memory_tag, Backend, MemTag};
 use crate::error::{Error, Result};
 use crate::model::SplitMix64;
@@ -51,6 +49,10 @@ pub struct HeadWeights {
     pub wk: Vec<f32>,
     pub bk: Vec<f32>,
 }
+
+/// Largest header a head file may have: its JSON names six tensors and a few metadata strings
+/// (a few hundred bytes), so anything near this is not a head.
+pub const MAX_HEAD_HEADER: usize = 1 << 20;
 
 impl HeadWeights {
     /// Seeded random weights (tests, benches, and the starting point of training).
@@ -134,20 +136,53 @@ impl HeadWeights {
         crate::fsutil::write_atomic(path, &data)
     }
 
+    /// Reads a head file: the header is read and checked first (its length, JSON, the metadata,
+    /// and each tensor's dtype, shape and byte range against the file's length), and only then is
+    /// the file memory-mapped and the six tensors copied out, so a corrupt or lying file is refused
+    /// after reading at most [`MAX_HEAD_HEADER`] bytes.
     pub fn load(path: &Path) -> Result<Self> {
+        use std::io::Read;
         let bad = |msg: String| Error::Checkpoint {
             path: path.to_path_buf(),
             msg,
         };
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let (_, md) = SafeTensors::read_metadata(&bytes).map_err(|e| {
+        let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        let mut n = [0u8; 8];
+        file.read_exact(&mut n).map_err(|_| {
             bad(format!(
-                "not a valid safetensors head file (truncated or corrupt?): {e}"
+                "not a valid safetensors head file: {len} bytes, too short for the 8-byte header length (truncated?)"
             ))
         })?;
-        let st = SafeTensors::deserialize(&bytes)
-            .map_err(|e| bad(format!("invalid safetensors: {e}")))?;
-        let meta = md.metadata().clone().unwrap_or_default();
+        let n = u64::from_le_bytes(n);
+        if n > MAX_HEAD_HEADER as u64 || 8 + n > len {
+            return Err(bad(format!(
+                "not a valid safetensors head file: its header claims {n} bytes, but the file \
+                 is {len} bytes and a head's header may take at most {MAX_HEAD_HEADER} (truncated or corrupt?)"
+            )));
+        }
+        let mut header = vec![0u8; n as usize];
+        file.read_exact(&mut header)
+            .map_err(|e| Error::io(path, e))?;
+        let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+            .map_err(|e| {
+                bad(format!(
+                    "not a valid safetensors head file: the header is not a JSON object ({e})"
+                ))
+            })?;
+        let data_len = len - 8 - n;
+        let mut meta = std::collections::HashMap::new();
+        if let Some(m) = header.get("__metadata__") {
+            let m = m
+                .as_object()
+                .ok_or_else(|| bad("header `__metadata__` is not an object".into()))?;
+            for (k, v) in m {
+                let v = v
+                    .as_str()
+                    .ok_or_else(|| bad(format!("header metadata `{k}` is not a string")))?;
+                meta.insert(k.clone(), v.to_string());
+            }
+        }
         let field = |k: &str| -> Result<&String> {
             meta.get(k).ok_or_else(|| {
                 bad(format!(
@@ -188,38 +223,94 @@ impl HeadWeights {
             )));
         }
         let (dm, d) = (cfg.hidden_size, cfg.head_dim);
-        let get = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
-            let t = st
-                .tensor(name)
-                .map_err(|_| bad(format!("missing tensor `{name}`")))?;
-            if t.shape() != shape {
-                return Err(Error::Tensor {
-                    name: name.into(),
-                    msg: format!(
-                        "shape {:?} in {}, the metadata implies {shape:?}",
-                        t.shape(),
-                        path.display()
+        // Where each tensor's bytes lie in the data section, checked against the header's
+        // claims and the file's length before anything is mapped.
+        let tensor_err = |name: &str, msg: String| Error::Tensor {
+            name: name.into(),
+            msg: format!("{msg} in {}", path.display()),
+        };
+        let range = |name: &str, shape: &[usize]| -> Result<std::ops::Range<usize>> {
+            let t = header
+                .get(name)
+                .ok_or_else(|| bad(format!("missing tensor `{name}`")))?;
+            let want_shape: Vec<serde_json::Value> = shape.iter().map(|&v| v.into()).collect();
+            if t["shape"].as_array() != Some(&want_shape) {
+                return Err(tensor_err(
+                    name,
+                    format!("shape {}, the metadata implies {shape:?}", t["shape"]),
+                ));
+            }
+            if t["dtype"] != "F32" {
+                return Err(tensor_err(
+                    name,
+                    format!("dtype {}, expected F32", t["dtype"]),
+                ));
+            }
+            let offsets = t["data_offsets"]
+                .as_array()
+                .and_then(|o| match o.as_slice() {
+                    [a, b] => Some((a.as_u64()?, b.as_u64()?)),
+                    _ => None,
+                });
+            let Some((start, end)) = offsets else {
+                return Err(tensor_err(
+                    name,
+                    format!(
+                        "data_offsets {} are not two byte offsets",
+                        t["data_offsets"]
                     ),
-                });
+                ));
+            };
+            let want = shape
+                .iter()
+                .try_fold(4u64, |acc, &d| acc.checked_mul(d as u64));
+            if end < start || Some(end - start) != want {
+                return Err(tensor_err(
+                    name,
+                    format!("data_offsets [{start}, {end}] do not hold {shape:?} F32 values"),
+                ));
             }
-            if t.dtype() != Dtype::F32 {
-                return Err(Error::Tensor {
-                    name: name.into(),
-                    msg: format!("dtype {:?} in {}, expected F32", t.dtype(), path.display()),
-                });
+            if end > data_len {
+                return Err(tensor_err(
+                    name,
+                    format!(
+                        "data ends at byte {end} of the data section, but the file holds only \
+                         {data_len} bytes of data (truncated?)"
+                    ),
+                ));
             }
-            Ok(t.data()
+            Ok(start as usize..end as usize)
+        };
+        let names: [(&str, Vec<usize>); 6] = [
+            ("ln.weight", vec![dm]),
+            ("ln.bias", vec![dm]),
+            ("q.weight", vec![d, dm]),
+            ("q.bias", vec![d]),
+            ("k.weight", vec![d, dm]),
+            ("k.bias", vec![d]),
+        ];
+        let ranges = names
+            .iter()
+            .map(|(name, shape)| range(name, shape))
+            .collect::<Result<Vec<_>>>()?;
+        // SAFETY: read-only mapping, dropped before returning; a head file rewritten while it is
+        // being loaded is outside what any mmap-based loader can defend against.
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let data = &mmap[8 + n as usize..];
+        let mut tensors = ranges.into_iter().map(|r| {
+            data[r]
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect())
-        };
+                .collect::<Vec<f32>>()
+        });
+        let mut get = || tensors.next().expect("six ranges");
         Ok(HeadWeights {
-            ln_w: get("ln.weight", &[dm])?,
-            ln_b: get("ln.bias", &[dm])?,
-            wq: get("q.weight", &[d, dm])?,
-            bq: get("q.bias", &[d])?,
-            wk: get("k.weight", &[d, dm])?,
-            bk: get("k.bias", &[d])?,
+            ln_w: get(),
+            ln_b: get(),
+            wq: get(),
+            bq: get(),
+            wk: get(),
+            bk: get(),
             cfg,
         })
     }

@@ -425,7 +425,7 @@ fn profile_cuda<T: crate::backend::cuda::Elem>(plan: &Plan) -> Result<Report> {
             },
         ),
         #[cfg(feature = "sim")]
-        Device::Sim => (Cuda::<T>::simulated(), MemorySource::ProcessRss),
+        Device::Sim => (Cuda::<T>::simulated_from_env()?, MemorySource::ProcessRss),
         #[cfg(not(feature = "sim"))]
         Device::Sim => {
             return Err(Error::input(

@@ -50,6 +50,12 @@ use crate::error::{Error, Result};
 pub const MAX_SIDE: usize = 16384;
 /// Largest accepted pixel count (2^28, ~768 MiB as RGB).
 pub const MAX_PIXELS: usize = 1 << 28;
+/// Most memory one image may take to decode: the RGB result and every buffer the decoder holds
+/// at once (a JPEG's coefficients, 2 bytes a sample, most of all). Every PNG within
+/// [`MAX_PIXELS`] fits; a JPEG at the pixel cap does not (a 4:4:4 one needs about 8 bytes a
+/// pixel, so ~130 megapixels is its largest). Checked from the header before anything
+/// image-sized is allocated. Encoded files larger than this are refused before they are read.
+pub const MAX_DECODE_BYTES: usize = 1 << 30;
 
 /// Container formats recognised by their magic bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,6 +82,19 @@ impl ImageFormat {
 /// Errors name `path`: `Error::Io` when the file cannot be read, `Error::Image` when it is empty,
 /// not a PNG/JPEG, truncated, corrupt, too large, or of an unsupported flavour.
 pub fn load_image(path: &Path) -> Result<RgbImage> {
+    let len = std::fs::metadata(path)
+        .map_err(|e| Error::io(path, e))?
+        .len();
+    if len > MAX_DECODE_BYTES as u64 {
+        return Err(Error::Image {
+            path: path.to_path_buf(),
+            msg: format!(
+                "the file is {}, more than the {} an image may take to decode",
+                fmt_bytes(len as usize),
+                fmt_bytes(MAX_DECODE_BYTES)
+            ),
+        });
+    }
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     load_image_bytes(&bytes, path)
 }
@@ -168,16 +187,30 @@ pub(crate) fn check_size(width: usize, height: usize) -> std::result::Result<(),
     Ok(())
 }
 
+/// The error for an image whose decoding would need `need` bytes, over [`MAX_DECODE_BYTES`];
+/// `kind` names its format ("progressive JPEG, 3 components").
+pub(crate) fn over_budget(width: usize, height: usize, kind: &str, need: usize) -> String {
+    format!(
+        "{width}x{height} {kind} needs {} to decode, over the limit of {}; scale it down first",
+        fmt_bytes(need),
+        fmt_bytes(MAX_DECODE_BYTES)
+    )
+}
+
+fn fmt_bytes(n: usize) -> String {
+    format!("{:.2} GiB ({n} bytes)", n as f64 / (1u64 << 30) as f64)
+}
+
 // ---------------------------------------------------------------------------------------------
 // PNG
 
 fn decode_png(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
-    use png::{BitDepth, ColorType, Transformations};
+    use png::{BitDepth, ColorType, InterlaceInfo, Transformations};
 
-    // The decoder's own allocation limit (64 MiB by default) would refuse big but legal images;
-    // our size check below is the real guard, so allow what a maximal image needs.
+    // Chunk buffers (text, ICC profiles) count against this; the image itself is converted row
+    // by row into our own buffer and never held in the file's sample format.
     let limits = png::Limits {
-        bytes: MAX_PIXELS * 8 + (1 << 20),
+        bytes: PNG_CHUNK_BYTES,
     };
     let mut decoder = png::Decoder::new_with_limits(Cursor::new(bytes), limits);
     // Raw samples: every conversion to RGB is done below, the way Pillow does it.
@@ -197,78 +230,44 @@ fn decode_png(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
                 .into(),
         );
     }
-    let size = reader
-        .output_buffer_size()
+    let line = reader
+        .output_line_size(width as u32)
         .ok_or_else(|| "PNG image too large for this platform".to_string())?;
-    let mut buf = vec![0u8; size];
-    let line = if reader.info().interlaced {
-        reader.next_frame(&mut buf).map_err(bad)?.line_size
+    let need = png_decode_bytes(width, height, line);
+    if need > MAX_DECODE_BYTES {
+        let kind = format!("{}-bit {color:?} PNG", depth as u8);
+        return Err(over_budget(width, height, &kind, need));
+    }
+    let palette = reader.info().palette.as_ref().map(|p| p.to_vec());
+    let convert = RowConverter {
+        color,
+        bits: depth as usize, // BitDepth's discriminant is the bit count
+        palette: palette.as_deref(),
+    };
+    let mut out = vec![0u8; width * height * 3];
+    if reader.info().interlaced {
+        // Each Adam7 pass row is converted to RGB, then spread over the image. A pass row of
+        // sub-byte samples may end in padding bits that read as extra pixels; the spreading
+        // takes only as many pixels as the pass row has.
+        let mut rgb = vec![0u8; (width + 8) * 3];
+        while let Some(row) = reader.next_interlaced_row().map_err(bad)? {
+            let InterlaceInfo::Adam7(pass) = *row.interlace() else {
+                return Err("corrupt PNG: interlaced image yields a non-interlaced row".into());
+            };
+            let n = (row.data().len() * 8 / (convert.bits * convert.samples())).min(width + 8);
+            convert.row(row.data(), &mut rgb[..n * 3])?;
+            png::expand_interlaced_row(&mut out, width * 3, &rgb[..n * 3], &pass, 24);
+        }
     } else {
         // Row by row, stopping after the last one: Pillow accepts a file whose image data is
         // complete even if what follows it (IDAT checksum, IEND) is cut off, and so do we.
         // `next_frame` would insist on reading up to the next chunk.
-        let line = reader
-            .output_line_size(width as u32)
-            .ok_or_else(|| "PNG image too large for this platform".to_string())?;
-        for y in 0..height {
+        for dst in out.chunks_exact_mut(width * 3) {
             let row = reader
                 .next_row()
                 .map_err(bad)?
                 .ok_or_else(|| "truncated PNG (image data ends early)".to_string())?;
-            buf[y * line..y * line + row.data().len().min(line)]
-                .copy_from_slice(&row.data()[..row.data().len().min(line)]);
-        }
-        line
-    };
-    let palette = reader.info().palette.as_ref().map(|p| p.to_vec());
-
-    let mut out = vec![0u8; width * height * 3];
-    let bits = depth as usize; // BitDepth's discriminant is the bit count
-    for y in 0..height {
-        let row = &buf[y * line..(y + 1) * line];
-        let dst = &mut out[y * width * 3..(y + 1) * width * 3];
-        match color {
-            ColorType::Grayscale => {
-                // 1/2/4/8-bit: scale to 0..255 exactly (Pillow's "L;2" unpacker multiplies by
-                // 0x55, "L;4" by 0x11, mode "1" maps 1 to 255).
-                let scale = (255 / ((1u32 << bits) - 1)) as u8;
-                for x in 0..width {
-                    let v = unpack(row, x, bits) * scale;
-                    dst[x * 3..x * 3 + 3].fill(v);
-                }
-            }
-            ColorType::GrayscaleAlpha => {
-                // 8-bit: [L, A]; 16-bit: [L_hi, L_lo, A_hi, A_lo]. Keep the grey high byte.
-                let step = if bits == 16 { 4 } else { 2 };
-                for x in 0..width {
-                    dst[x * 3..x * 3 + 3].fill(row[x * step]);
-                }
-            }
-            ColorType::Rgb | ColorType::Rgba => {
-                let samples = if color == ColorType::Rgb { 3 } else { 4 };
-                let bytes_per_sample = bits / 8;
-                let step = samples * bytes_per_sample;
-                for x in 0..width {
-                    for c in 0..3 {
-                        // Big-endian 16-bit: the first byte is the high byte Pillow keeps.
-                        dst[x * 3 + c] = row[x * step + c * bytes_per_sample];
-                    }
-                }
-            }
-            ColorType::Indexed => {
-                let pal = palette
-                    .as_deref()
-                    .ok_or_else(|| "palette PNG without a PLTE chunk".to_string())?;
-                for x in 0..width {
-                    let i = unpack(row, x, bits) as usize;
-                    // Pillow's palette has 256 entries; those the file does not define are black.
-                    if i * 3 + 2 < pal.len() {
-                        dst[x * 3..x * 3 + 3].copy_from_slice(&pal[i * 3..i * 3 + 3]);
-                    } else {
-                        dst[x * 3..x * 3 + 3].fill(0);
-                    }
-                }
-            }
+            convert.row(row.data(), dst)?;
         }
     }
     Ok(RgbImage {
@@ -276,6 +275,84 @@ fn decode_png(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
         height,
         data: out,
     })
+}
+
+/// Bytes the PNG decoder may allocate besides the image: ancillary chunks it keeps (text, ICC
+/// profile), its limit.
+const PNG_CHUNK_BYTES: usize = 16 << 20;
+
+/// Peak bytes [`decode_png`] allocates for a `width x height` image whose raw rows are `line`
+/// bytes: the RGB result, the chunk allowance, and the decoder's row buffers (the inflated data
+/// stream it keeps grows to a few rows, at least 128 KiB; see `tests/decode_memory.rs`, which
+/// measures it) plus the converted pass row of interlaced files and the inflater's state.
+fn png_decode_bytes(width: usize, height: usize, line: usize) -> usize {
+    let rgb = width * height * 3;
+    let rows = 16 * (line + 1) + (width + 8) * 3;
+    rgb + PNG_CHUNK_BYTES + rows + (1 << 20)
+}
+
+/// Converts raw PNG rows (any colour type and depth but 16-bit grey) to 8-bit RGB.
+struct RowConverter<'a> {
+    color: png::ColorType,
+    bits: usize,
+    palette: Option<&'a [u8]>,
+}
+
+impl RowConverter<'_> {
+    fn samples(&self) -> usize {
+        self.color.samples()
+    }
+
+    /// Converts the first `dst.len() / 3` pixels of `row`.
+    fn row(&self, row: &[u8], dst: &mut [u8]) -> std::result::Result<(), String> {
+        use png::ColorType;
+        let (bits, width) = (self.bits, dst.len() / 3);
+        if row.len() * 8 < width * bits * self.samples() {
+            return Err("corrupt PNG: row shorter than the image width".into());
+        }
+        match self.color {
+            ColorType::Grayscale => {
+                // 1/2/4/8-bit: scale to 0..255 exactly (Pillow's "L;2" unpacker multiplies by
+                // 0x55, "L;4" by 0x11, mode "1" maps 1 to 255).
+                let scale = (255 / ((1u32 << bits) - 1)) as u8;
+                for (x, px) in dst.chunks_exact_mut(3).enumerate() {
+                    px.fill(unpack(row, x, bits) * scale);
+                }
+            }
+            ColorType::GrayscaleAlpha => {
+                // 8-bit: [L, A]; 16-bit: [L_hi, L_lo, A_hi, A_lo]. Keep the grey high byte.
+                let step = if bits == 16 { 4 } else { 2 };
+                for (x, px) in dst.chunks_exact_mut(3).enumerate() {
+                    px.fill(row[x * step]);
+                }
+            }
+            ColorType::Rgb | ColorType::Rgba => {
+                let bytes_per_sample = bits / 8;
+                let step = self.samples() * bytes_per_sample;
+                for (x, px) in dst.chunks_exact_mut(3).enumerate() {
+                    for (c, v) in px.iter_mut().enumerate() {
+                        // Big-endian 16-bit: the first byte is the high byte Pillow keeps.
+                        *v = row[x * step + c * bytes_per_sample];
+                    }
+                }
+            }
+            ColorType::Indexed => {
+                let pal = self
+                    .palette
+                    .ok_or_else(|| "palette PNG without a PLTE chunk".to_string())?;
+                for (x, px) in dst.chunks_exact_mut(3).enumerate() {
+                    let i = unpack(row, x, bits) as usize;
+                    // Pillow's palette has 256 entries; those the file does not define are black.
+                    if i * 3 + 2 < pal.len() {
+                        px.copy_from_slice(&pal[i * 3..i * 3 + 3]);
+                    } else {
+                        px.fill(0);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Sample `x` of a row packed at `bits` (1, 2, 4 or 8) bits per sample, most significant first.
@@ -315,14 +392,10 @@ fn decode_jpeg(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
         Err(e) if e == super::jpeg::LOSSLESS => return decode_jpeg_lossless(bytes),
         Err(e) => return Err(e),
     };
-    let data = match img.channels {
-        1 => img.data.iter().flat_map(|&v| [v, v, v]).collect(),
-        _ => img.data,
-    };
     Ok(RgbImage {
         width: img.width,
         height: img.height,
-        data,
+        data: img.data,
     })
 }
 
@@ -339,6 +412,14 @@ fn decode_jpeg_lossless(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
     check_size(width, height)?;
     if !matches!(info.pixel_format, PixelFormat::L8 | PixelFormat::RGB24) {
         return Err("lossless JPEG with more than 8 bits or 4 components is not supported".into());
+    }
+    // jpeg-decoder holds a scan's differences (4 bytes a sample) and predicted values (2) at
+    // once; interleaving and packing to 8 bits, and our widening to RGB, take less.
+    let channels = info.pixel_format.pixel_bytes();
+    let need = width * height * 6 * channels + (1 << 20);
+    if need > MAX_DECODE_BYTES {
+        let kind = format!("lossless JPEG ({channels} components)");
+        return Err(over_budget(width, height, &kind, need));
     }
     // jpeg-decoder pads missing entropy data instead of failing; Pillow (libjpeg) reports such
     // files as truncated.

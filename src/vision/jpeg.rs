@@ -21,21 +21,22 @@
 //!
 //! Only the pixel arithmetic has to match; the structure is simpler than libjpeg's streaming one:
 //! all scans' coefficients are gathered first, then each component is inverse-transformed into
-//! a full plane, upsampled and colour-converted (same numbers, more memory: about 2 bytes per
-//! sample of coefficients).
+//! a full plane and upsampled into its channel of the result, which is colour-converted in place
+//! (same numbers, more memory: about 2 bytes per sample of coefficients). What that costs is
+//! computed from the frame header, before the coefficients are allocated ([`decode_bytes`]), and
+//! a file over [`MAX_DECODE_BYTES`] is refused.
 //!
 //! Not reproduced: block smoothing of progressive files whose scans leave some of the first AC
 //! coefficients unrefined (libjpeg smooths those; files from normal encoders refine fully),
 //! arithmetic coding, 12/16-bit and lossless JPEG (the caller routes lossless files to
 //! `jpeg-decoder`, which is exact for them), CMYK/YCCK.
 
-use super::decode::check_size;
+use super::decode::{check_size, over_budget, MAX_DECODE_BYTES};
 
-/// Decoded JPEG: `channels` is 1 (greyscale) or 3 (RGB), rows interleaved.
+/// Decoded JPEG, 8-bit RGB (greyscale replicated), rows interleaved.
 pub(crate) struct JpegImage {
     pub width: usize,
     pub height: usize,
-    pub channels: usize,
     pub data: Vec<u8>,
 }
 
@@ -462,6 +463,22 @@ impl<'a> Decoder<'a> {
             c.height_in_blocks = (height * c.v).div_ceil(vmax * 8);
             c.bw = mcus_x * c.h;
             c.bh = mcus_y * c.v;
+        }
+        let need = decode_bytes(&comps, width, height);
+        if need > MAX_DECODE_BYTES {
+            let sampling: Vec<String> = comps.iter().map(|c| format!("{}x{}", c.h, c.v)).collect();
+            let kind = format!(
+                "{} JPEG ({n} components, sampling {})",
+                if progressive {
+                    "progressive"
+                } else {
+                    "sequential"
+                },
+                sampling.join(",")
+            );
+            return Err(over_budget(width, height, &kind, need));
+        }
+        for c in &mut comps {
             c.coefs = vec![0i16; c.bw * c.bh * 64];
         }
         self.frame = Some(if progressive {
@@ -771,15 +788,15 @@ impl<'a> Decoder<'a> {
         }
     }
 
-    /// IDCT, upsampling and colour conversion of the coefficients gathered from all scans.
+    /// IDCT, upsampling and colour conversion of the coefficients gathered from all scans, in the
+    /// order whose peak memory [`decode_bytes`] computes.
     fn output(mut self) -> Res<JpegImage> {
         let (w, h) = (self.width, self.height);
         if self.frame.is_none() {
             return Err("corrupt JPEG: no frame header".into());
         }
-        let n = self.comps.len();
-        let mut planes = Vec::with_capacity(n);
-        for c in &mut self.comps {
+        let mut data = Vec::new();
+        for (ci, c) in self.comps.iter_mut().enumerate() {
             // A component no scan mentioned has all-zero coefficients (libjpeg pre-zeroes).
             let quant = c
                 .quant
@@ -796,18 +813,30 @@ impl<'a> Decoder<'a> {
                 }
             }
             c.coefs = Vec::new(); // free as we go: the coefficients are the largest buffers
+            if data.is_empty() {
+                data = vec![0u8; w * h * 3];
+            }
             let dw = (w * c.h).div_ceil(self.hmax);
             let dh = (h * c.v).div_ceil(self.vmax);
-            planes.push(upsample(
-                &plane, pw, dw, dh, c.h, c.v, self.hmax, self.vmax, w, h,
-            )?);
+            let geometry = Upsample {
+                pw,
+                dw,
+                dh,
+                h_in: c.h,
+                v_in: c.v,
+                h_out: self.hmax,
+                v_out: self.vmax,
+            };
+            upsample(&plane, &geometry, w, &mut data, ci)?;
         }
-        if n == 1 {
+        if self.comps.len() == 1 {
+            for px in data.chunks_exact_mut(3) {
+                (px[1], px[2]) = (px[0], px[0]);
+            }
             return Ok(JpegImage {
                 width: w,
                 height: h,
-                channels: 1,
-                data: planes.pop().unwrap(),
+                data,
             });
         }
         // jdapimin.c default_decompress_parms: which 3-component files are RGB.
@@ -819,21 +848,34 @@ impl<'a> Decoder<'a> {
         } else {
             ids == (b'R', b'G', b'B')
         };
-        let mut data = vec![0u8; w * h * 3];
-        if is_rgb {
-            for (i, px) in data.chunks_exact_mut(3).enumerate() {
-                px.copy_from_slice(&[planes[0][i], planes[1][i], planes[2][i]]);
-            }
-        } else {
-            ycc_to_rgb(&planes[0], &planes[1], &planes[2], &mut data);
+        if !is_rgb {
+            ycc_to_rgb(&mut data);
         }
         Ok(JpegImage {
             width: w,
             height: h,
-            channels: 3,
             data,
         })
     }
+}
+
+/// Bytes that decoding a frame with these components takes at its peak, following
+/// [`Decoder::output`]: all coefficients (2 bytes a sample, padded to whole MCUs) are held until
+/// the first component is inverse-transformed into a plane of 1 byte a sample; its coefficients
+/// are then freed and the RGB result allocated, and each later component in turn adds its plane
+/// while its coefficients are still held. Tables and row buffers are under a MiB.
+fn decode_bytes(comps: &[Component], width: usize, height: usize) -> usize {
+    let rgb = width * height * 3;
+    let mut coefs: usize = comps.iter().map(|c| c.bw * c.bh * 64 * 2).sum();
+    let mut peak = 0;
+    for (k, c) in comps.iter().enumerate() {
+        let plane = c.bw * c.bh * 64;
+        let result = if k == 0 { 0 } else { rgb };
+        peak = peak.max(coefs + plane + result);
+        coefs -= c.bw * c.bh * 64 * 2;
+        peak = peak.max(coefs + plane + rgb);
+    }
+    peak + (1 << 20)
 }
 
 fn decode_dc_diff(br: &mut BitReader, dc: &Huffman) -> i32 {
@@ -1108,11 +1150,10 @@ fn range_limit(x: i64) -> u8 {
     }
 }
 
-/// jdsample.c, choosing the method as `jinit_upsampler` does. `plane` is the component's
-/// decoded samples (row stride `pw`), of which `dw x dh` are real; returns a `w x h` plane.
-#[allow(clippy::too_many_arguments)]
-fn upsample(
-    plane: &[u8],
+/// Where a component's decoded plane lies and how it maps onto the image: `dw x dh` of the
+/// plane's samples (row stride `pw`) are real; its sampling factors are `h_in x v_in` of the
+/// frame's largest `h_out x v_out`.
+struct Upsample {
     pw: usize,
     dw: usize,
     dh: usize,
@@ -1120,62 +1161,78 @@ fn upsample(
     v_in: usize,
     h_out: usize,
     v_out: usize,
-    w: usize,
-    h: usize,
-) -> Res<Vec<u8>> {
-    let mut out = vec![0u8; w * h];
+}
+
+/// jdsample.c, choosing the method as `jinit_upsampler` does: upsamples `plane` to the image's
+/// `w` columns and writes it into channel `ch` of the interleaved RGB `out`.
+fn upsample(plane: &[u8], g: &Upsample, w: usize, out: &mut [u8], ch: usize) -> Res<()> {
+    let Upsample {
+        pw,
+        dw,
+        dh,
+        h_in,
+        v_in,
+        h_out,
+        v_out,
+    } = *g;
     // Context rows: the row above the first and below the last real row are copies of them.
     let row = |y: isize| -> &[u8] {
         let y = y.clamp(0, dh as isize - 1) as usize;
         &plane[y * pw..y * pw + dw]
     };
+    let rows = out.chunks_exact_mut(w * 3).enumerate();
+    let put = |dst: &mut [u8], src: &[u8]| {
+        for (px, &v) in dst.chunks_exact_mut(3).zip(src) {
+            px[ch] = v;
+        }
+    };
     if h_in == h_out && v_in == v_out {
-        for y in 0..h {
-            out[y * w..(y + 1) * w].copy_from_slice(&row(y as isize)[..w]);
+        for (y, dst) in rows {
+            put(dst, row(y as isize));
         }
     } else if h_in * 2 == h_out && v_in == v_out && dw > 2 {
         // h2v1_fancy_upsample
         let mut buf = vec![0u8; 2 * dw];
-        for y in 0..h {
+        for (y, dst) in rows {
             h2v1_fancy(row(y as isize), &mut buf);
-            out[y * w..(y + 1) * w].copy_from_slice(&buf[..w]);
+            put(dst, &buf);
         }
     } else if h_in == h_out && v_in * 2 == v_out {
         // h1v2_fancy_upsample: bias 1 toward the row above, 2 toward the row below.
-        for y in 0..h {
+        for (y, dst) in rows {
             let (i, far, bias) = if y % 2 == 0 {
                 ((y / 2) as isize, (y / 2) as isize - 1, 1u16)
             } else {
                 ((y / 2) as isize, (y / 2) as isize + 1, 2u16)
             };
             let (near, far) = (row(i), row(far));
-            for x in 0..w {
-                out[y * w + x] = ((near[x] as u16 * 3 + far[x] as u16 + bias) >> 2) as u8;
+            for (x, px) in dst.chunks_exact_mut(3).enumerate() {
+                px[ch] = ((near[x] as u16 * 3 + far[x] as u16 + bias) >> 2) as u8;
             }
         }
     } else if h_in * 2 == h_out && v_in * 2 == v_out && dw > 2 {
         // h2v2_fancy_upsample
         let mut buf = vec![0u8; 2 * dw];
-        for y in 0..h {
+        for (y, dst) in rows {
             let i = (y / 2) as isize;
             let far = if y % 2 == 0 { i - 1 } else { i + 1 };
             h2v2_fancy(row(i), row(far), &mut buf);
-            out[y * w..(y + 1) * w].copy_from_slice(&buf[..w]);
+            put(dst, &buf);
         }
     } else if h_out.is_multiple_of(h_in) && v_out.is_multiple_of(v_in) {
         // int_upsample (also h2v1_upsample/h2v2_upsample for components <= 2 samples wide):
         // plain replication.
         let (hx, vx) = (h_out / h_in, v_out / v_in);
-        for y in 0..h {
+        for (y, dst) in rows {
             let src = row((y / vx) as isize);
-            for x in 0..w {
-                out[y * w + x] = src[x / hx];
+            for (x, px) in dst.chunks_exact_mut(3).enumerate() {
+                px[ch] = src[x / hx];
             }
         }
     } else {
         return Err("JPEG with fractional sampling ratios is not supported".into());
     }
-    Ok(out)
+    Ok(())
 }
 
 fn h2v1_fancy(inp: &[u8], out: &mut [u8]) {
@@ -1213,8 +1270,9 @@ fn h2v2_fancy(near: &[u8], far: &[u8], out: &mut [u8]) {
     out[2 * n - 1] = ((this * 4 + 7) >> 4) as u8;
 }
 
-/// jdcolor.c `ycc_rgb_convert` with the tables of `build_ycc_rgb_table` (16-bit fixed point).
-fn ycc_to_rgb(y: &[u8], cb: &[u8], cr: &[u8], out: &mut [u8]) {
+/// jdcolor.c `ycc_rgb_convert` with the tables of `build_ycc_rgb_table` (16-bit fixed point), in
+/// place on interleaved (Y, Cb, Cr) pixels.
+fn ycc_to_rgb(data: &mut [u8]) {
     const SCALEBITS: i64 = 16;
     const ONE_HALF: i64 = 1 << (SCALEBITS - 1);
     let fix = |x: f64| (x * (1i64 << SCALEBITS) as f64 + 0.5) as i64;
@@ -1230,8 +1288,8 @@ fn ycc_to_rgb(y: &[u8], cb: &[u8], cr: &[u8], out: &mut [u8]) {
         cb_g[i] = -fix(0.34414) * x + ONE_HALF;
     }
     let clamp = |v: i32| v.clamp(0, 255) as u8;
-    for (i, px) in out.chunks_exact_mut(3).enumerate() {
-        let (yy, b, r) = (y[i] as i32, cb[i] as usize, cr[i] as usize);
+    for px in data.chunks_exact_mut(3) {
+        let (yy, b, r) = (px[0] as i32, px[1] as usize, px[2] as usize);
         px[0] = clamp(yy + cr_r[r]);
         px[1] = clamp(yy + ((cb_g[b] + cr_g[r]) >> SCALEBITS) as i32);
         px[2] = clamp(yy + cb_b[b]);

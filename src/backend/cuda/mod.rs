@@ -264,8 +264,9 @@ fn alloc_bytes<U>(n: usize) -> usize {
 enum Device {
     #[cfg(feature = "cuda")]
     Gpu(Gpu),
+    /// The host simulator, its memory a pool with an optional budget.
     #[cfg(feature = "sim")]
-    Sim,
+    Sim(Arc<sim::Pool>),
 }
 
 #[cfg(feature = "cuda")]
@@ -322,10 +323,16 @@ pub struct Cuda<T: Elem> {
     _t: PhantomData<T>,
 }
 
+/// The error of an allocation the device refused (the driver's `CUDA_ERROR_OUT_OF_MEMORY`, or
+/// the simulator's pool running out); `what` names the allocation.
+fn out_of_memory(what: &str) -> Error {
+    Error::OutOfMemory(format!("GPU memory ({what})"))
+}
+
 #[cfg(feature = "cuda")]
 fn drv_err(what: &str, e: drv::DriverError) -> Error {
     if e.0 == drv_sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
-        Error::OutOfMemory(format!("GPU memory ({what})"))
+        out_of_memory(what)
     } else {
         Error::Backend(format!("CUDA {what}: {e:?}"))
     }
@@ -414,7 +421,40 @@ impl<T: Elem> Cuda<T> {
     /// the host, for tests where no GPU exists.
     #[cfg(feature = "sim")]
     pub fn simulated() -> Self {
-        Self::on(Device::Sim)
+        Self::simulated_with_memory(usize::MAX)
+    }
+
+    /// The simulated device holding at most `bytes` of allocations: one that would exceed it fails
+    /// as a full GPU's does, with [`Error::OutOfMemory`].
+    #[cfg(feature = "sim")]
+    pub fn simulated_with_memory(bytes: usize) -> Self {
+        Self::on(Device::Sim(sim::Pool::new(bytes)))
+    }
+
+    /// On the simulated device, `(bytes allocated now, most allocated at once)`.
+    pub fn simulated_memory(&self) -> Option<(usize, usize)> {
+        match &self.dev {
+            #[cfg(feature = "cuda")]
+            Device::Gpu(_) => None,
+            #[cfg(feature = "sim")]
+            Device::Sim(pool) => Some(pool.usage()),
+        }
+    }
+
+    /// The simulated device for the command line: its memory is bounded by the environment
+    /// variable `FASTRM_SIM_DEVICE_MEMORY` (bytes) where set, so the CLI's and the server's
+    /// handling of a full device can be tried without a GPU.
+    #[cfg(feature = "sim")]
+    pub fn simulated_from_env() -> Result<Self> {
+        const VAR: &str = "FASTRM_SIM_DEVICE_MEMORY";
+        match std::env::var(VAR) {
+            Err(_) => Ok(Self::simulated()),
+            Ok(v) => v
+                .trim()
+                .parse()
+                .map(Self::simulated_with_memory)
+                .map_err(|_| Error::input(format!("{VAR}={v:?}: expected a number of bytes"))),
+        }
     }
 
     fn on(dev: Device) -> Self {
@@ -465,7 +505,7 @@ impl<T: Elem> Cuda<T> {
             #[cfg(feature = "cuda")]
             Device::Gpu(_) => false,
             #[cfg(feature = "sim")]
-            Device::Sim => true,
+            Device::Sim(_) => true,
         }
     }
 
@@ -474,7 +514,7 @@ impl<T: Elem> Cuda<T> {
             #[cfg(feature = "cuda")]
             Device::Gpu(g) => g.ctx.name().unwrap_or_else(|_| "unknown GPU".into()),
             #[cfg(feature = "sim")]
-            Device::Sim => "simulated device on the host".into(),
+            Device::Sim(_) => "simulated device on the host".into(),
         }
     }
 
@@ -491,7 +531,7 @@ impl<T: Elem> Cuda<T> {
                 .synchronize()
                 .map_err(|e| drv_err("synchronize", e)),
             #[cfg(feature = "sim")]
-            Device::Sim => Ok(()),
+            Device::Sim(_) => Ok(()),
         }
     }
 
@@ -529,7 +569,7 @@ impl<T: Elem> Cuda<T> {
                 Ok(Event::Gpu(e))
             }
             #[cfg(feature = "sim")]
-            Device::Sim => Ok(Event::Sim(std::time::Instant::now())),
+            Device::Sim(_) => Ok(Event::Sim(std::time::Instant::now())),
         }
     }
 
@@ -543,7 +583,7 @@ impl<T: Elem> Cuda<T> {
                 .map(Some)
                 .map_err(|e| drv_err("memory info", e)),
             #[cfg(feature = "sim")]
-            Device::Sim => Ok(None),
+            Device::Sim(_) => Ok(None),
         }
     }
 
@@ -565,7 +605,6 @@ impl<T: Elem> Cuda<T> {
 
     /// Uninitialised (or, with `poison`, NaN-filled) memory for `n` values of `U`; `what` names
     /// it in an out-of-memory error.
-    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
     fn mem<U: Repr>(&self, n: usize, what: impl FnOnce() -> String) -> Result<Mem<U>> {
         let bytes = alloc_bytes::<U>(n);
         let m = match &self.dev {
@@ -576,7 +615,10 @@ impl<T: Elem> Cuda<T> {
                 Mem::Gpu(unsafe { g.stream.alloc::<U>(n.max(1)) }.map_err(|e| drv_err(&what(), e))?)
             }
             #[cfg(feature = "sim")]
-            Device::Sim => Mem::Sim(sim::HostMem::new(bytes)?, PhantomData),
+            Device::Sim(pool) => Mem::Sim(
+                sim::HostMem::alloc(Some(pool), bytes).ok_or_else(|| out_of_memory(&what()))?,
+                PhantomData,
+            ),
         };
         if self.poison {
             self.fill_bytes(self.addr(&m), 0xff, bytes)?;
@@ -591,7 +633,7 @@ impl<T: Elem> Cuda<T> {
             #[cfg(feature = "sim")]
             (Mem::Sim(h, _), _) => h.addr(),
             #[cfg(all(feature = "cuda", feature = "sim"))]
-            (Mem::Gpu(_), Device::Sim) => unreachable!("GPU memory on the simulator"),
+            (Mem::Gpu(_), Device::Sim(_)) => unreachable!("GPU memory on the simulator"),
         }
     }
 
@@ -608,7 +650,7 @@ impl<T: Elem> Cuda<T> {
                 .map_err(|e| drv_err("upload", e)),
             #[cfg(feature = "sim")]
             // SAFETY: as above; dst is a host address of a simulator allocation.
-            Device::Sim => unsafe {
+            Device::Sim(_) => unsafe {
                 std::ptr::copy_nonoverlapping(host.as_ptr(), dst as *mut U, host.len());
                 Ok(())
             },
@@ -631,7 +673,7 @@ impl<T: Elem> Cuda<T> {
             }
             #[cfg(feature = "sim")]
             // SAFETY: as above; src is a host address of a simulator allocation.
-            Device::Sim => unsafe {
+            Device::Sim(_) => unsafe {
                 std::ptr::copy_nonoverlapping(src as *const U, host.as_mut_ptr(), host.len());
                 Ok(())
             },
@@ -652,7 +694,7 @@ impl<T: Elem> Cuda<T> {
             }
             #[cfg(feature = "sim")]
             // SAFETY: as above.
-            Device::Sim => unsafe {
+            Device::Sim(_) => unsafe {
                 std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, bytes);
                 Ok(())
             },
@@ -669,7 +711,7 @@ impl<T: Elem> Cuda<T> {
             }
             #[cfg(feature = "sim")]
             // SAFETY: as above.
-            Device::Sim => unsafe {
+            Device::Sim(_) => unsafe {
                 std::ptr::write_bytes(dst as *mut u8, byte, bytes);
                 Ok(())
             },
@@ -740,7 +782,7 @@ impl<T: Elem> Cuda<T> {
                     .map_err(|e| drv_err(&format!("launching {op}_{}", T::NAME), e))
             }
             #[cfg(feature = "sim")]
-            Device::Sim => {
+            Device::Sim(_) => {
                 let ptrs: Vec<_> = args.iter().map(|a| a.host_ptr()).collect();
                 let sizes: Vec<_> = args.iter().map(|a| a.width()).collect();
                 sim::launch(
@@ -763,7 +805,7 @@ impl<T: Elem> Cuda<T> {
             #[cfg(feature = "cuda")]
             Device::Gpu(gpu) => cublas_gemm(&gpu.blas, g, T::BLAS),
             #[cfg(feature = "sim")]
-            Device::Sim => sim::gemm(&g, T::NAME),
+            Device::Sim(_) => sim::gemm(&g, T::NAME),
         }
     }
 

@@ -7,6 +7,8 @@
 //! Its speed means nothing.
 
 use std::ffi::{c_char, c_void, CString};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use super::Gemm;
 use crate::error::{Error, Result};
@@ -51,10 +53,37 @@ extern "C" {
     ) -> i32;
 }
 
+/// The simulated device's memory: the bytes allocated on it and how many it may hold, so a test
+/// can make an allocation fail as it does on a full GPU.
+pub struct Pool {
+    budget: usize,
+    used: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+impl Pool {
+    pub fn new(budget: usize) -> Arc<Self> {
+        Arc::new(Pool {
+            budget,
+            used: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+        })
+    }
+
+    /// `(bytes allocated now, most allocated at once)`.
+    pub fn usage(&self) -> (usize, usize) {
+        (
+            self.used.load(Ordering::Relaxed),
+            self.peak.load(Ordering::Relaxed),
+        )
+    }
+}
+
 /// One simulated device allocation.
 pub struct HostMem {
     ptr: *mut c_void,
     bytes: usize,
+    pool: Option<Arc<Pool>>,
 }
 
 // SAFETY: the allocation is owned by this value alone; like device memory it is only touched
@@ -63,16 +92,37 @@ unsafe impl Send for HostMem {}
 unsafe impl Sync for HostMem {}
 
 impl HostMem {
+    /// An allocation outside any pool (the simulator's self-tests).
+    #[cfg(test)]
     pub fn new(bytes: usize) -> Result<Self> {
+        Self::alloc(None, bytes).ok_or_else(|| {
+            Error::Backend(format!(
+                "simulated device: could not allocate {bytes} bytes"
+            ))
+        })
+    }
+
+    /// `bytes` charged to `pool`, or `None` where `cuMemAlloc` would answer out of memory: the
+    /// pool's budget would be exceeded, or the host refused the pages.
+    pub fn alloc(pool: Option<&Arc<Pool>>, bytes: usize) -> Option<Self> {
         let bytes = bytes.max(1);
+        if let Some(p) = pool {
+            let before = p.used.fetch_add(bytes, Ordering::Relaxed);
+            if before.saturating_add(bytes) > p.budget {
+                p.used.fetch_sub(bytes, Ordering::Relaxed);
+                return None;
+            }
+            p.peak.fetch_max(before + bytes, Ordering::Relaxed);
+        }
         // SAFETY: plain allocation; null is handled.
         let ptr = unsafe { fastrm_sim_alloc(bytes) };
-        if ptr.is_null() {
-            return Err(Error::Backend(format!(
-                "simulated device: could not allocate {bytes} bytes"
-            )));
-        }
-        Ok(HostMem { ptr, bytes })
+        let mem = HostMem {
+            ptr,
+            bytes,
+            pool: pool.cloned(),
+        };
+        // Dropping `mem` when the host refused returns the pool's charge and frees nothing.
+        (!ptr.is_null()).then_some(mem)
     }
 
     pub fn addr(&self) -> u64 {
@@ -82,7 +132,11 @@ impl HostMem {
 
 impl Drop for HostMem {
     fn drop(&mut self) {
-        // SAFETY: ptr/bytes are exactly what fastrm_sim_alloc returned and was asked for.
+        if let Some(p) = &self.pool {
+            p.used.fetch_sub(self.bytes, Ordering::Relaxed);
+        }
+        // SAFETY: ptr/bytes are exactly what fastrm_sim_alloc returned and was asked for (the
+        // simulator's free ignores null).
         unsafe { fastrm_sim_free(self.ptr, self.bytes) }
     }
 }
