@@ -4,7 +4,8 @@
 //! indexing); op-level parity against [`cpu::Cpu`] is then all a new backend has to prove.
 //!
 //! Every tensor is a row-major matrix `[rows, cols]` with f32 semantics; a backend may store it in a
-//! narrower type (the CUDA backend keeps f16/bf16 with f32 accumulation). Sequences are rows,
+//! narrower type (the CUDA backend keeps f16/bf16 with f32 accumulation; the CPU backend can keep
+//! checkpoint weights in f16/bf16, see [`cpu::CpuWeights`]). Sequences are rows,
 //! features are columns; multi-head tensors pack heads along the columns (`[n, heads * head_dim]`),
 //! exactly the layout of the projections' outputs, so no op needs a transpose.
 //!
