@@ -1,5 +1,7 @@
 // Row norms, forward and backward. One block per row; statistics in f32.
 //   rms_norm_fwd:   out = x * rsqrt(mean(x^2) + eps) * w                        (Llama)
+//   add_rms_norm_fwd: sum = a + b (rounded to T, as add_fwd stores it), out = rms_norm_fwd(sum):
+//                   the decoder's residual add and the norm after it in one launch
 //   rms_norm_bwd:   dx  = r (w*dy) - x r^3 mean((w*dy) x)
 //   layer_norm_fwd: out = (x - mu) * rsqrt(var + eps) * w + b                   (CLIP, FastRM)
 //   layer_norm_bwd: dx  = r (g - mean(g) - xhat mean(g xhat)), g = w*dy; also saves each row's
@@ -24,6 +26,26 @@ __device__ void rms_norm_fwd_impl(T* out, const T* x, const T* w, int cols, floa
 }
 #define RMS_PARAMS(T) (T* out, const T* x, const T* w, int cols, float eps)
 FASTRM_INSTANTIATE(rms_norm_fwd, RMS_PARAMS, (out, x, w, cols, eps))
+
+// grid: (rows), block: NORM_BLOCK. Each thread re-reads only the sums it wrote itself, so the
+// barrier inside block_sum is the only ordering the second loop needs.
+template <typename T>
+__device__ void add_rms_norm_fwd_impl(T* sum, T* out, const T* a, const T* b, const T* w, int cols, float eps) {
+    __shared__ float scratch[32];
+    const long long base = (long long)blockIdx.x * cols;
+    float ss = 0.f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        const T s = from_f32<T>(to_f32(a[base + c]) + to_f32(b[base + c]));
+        sum[base + c] = s;
+        const float v = to_f32(s);
+        ss += v * v;
+    }
+    const float r = rsqrtf(block_sum(ss, scratch) / cols + eps);
+    for (int c = threadIdx.x; c < cols; c += blockDim.x)
+        out[base + c] = from_f32<T>(to_f32(sum[base + c]) * r * to_f32(w[c]));
+}
+#define ADD_RMS_PARAMS(T) (T* sum, T* out, const T* a, const T* b, const T* w, int cols, float eps)
+FASTRM_INSTANTIATE(add_rms_norm_fwd, ADD_RMS_PARAMS, (sum, out, a, b, w, cols, eps))
 
 template <typename T>
 __device__ void rms_norm_bwd_impl(T* dx, const T* x, const T* w, const T* dy, int cols, float eps) {

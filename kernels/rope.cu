@@ -6,23 +6,47 @@
 // result matches the CPU reference at every position. grid: (n rows), block: any.
 #include "common.cuh"
 
+// Rotates pair p of row `row` (a split-halves pair of one head).
+template <typename T>
+__device__ __forceinline__ void rope_pair(T* out, const T* x, const float* inv_freq, int cols, int head_dim,
+                                          long long row, float pos, int p, float sign) {
+    const int half = head_dim >> 1;
+    const int head = p / half, i = p - head * half;
+    const float a32 = inv_freq[i] * pos;
+    double s, c;
+    sincos((double)a32, &s, &c);
+    const float cs = (float)c, sn = sign * (float)s;
+    const long long base = row * cols + (long long)head * head_dim;
+    const float a = to_f32(x[base + i]), b = to_f32(x[base + i + half]);
+    out[base + i] = from_f32<T>(a * cs - b * sn);
+    out[base + i + half] = from_f32<T>(b * cs + a * sn);
+}
+
 template <typename T>
 __device__ void rope_fwd_impl(T* out, const T* x, const float* inv_freq, int cols, int head_dim, int pos0, float sign) {
     const long long row = blockIdx.x;
-    const int half = head_dim >> 1;
     const float pos = (float)(pos0 + (int)row);
-    const int pairs = cols >> 1;
-    for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
-        const int head = p / half, i = p - head * half;
-        const float a32 = inv_freq[i] * pos;
-        double s, c;
-        sincos((double)a32, &s, &c);
-        const float cs = (float)c, sn = sign * (float)s;
-        const long long base = row * cols + (long long)head * head_dim;
-        const float a = to_f32(x[base + i]), b = to_f32(x[base + i + half]);
-        out[base + i] = from_f32<T>(a * cs - b * sn);
-        out[base + i + half] = from_f32<T>(b * cs + a * sn);
-    }
+    for (int p = threadIdx.x; p < (cols >> 1); p += blockDim.x)
+        rope_pair(out, x, inv_freq, cols, head_dim, row, pos, p, sign);
 }
 #define ROPE_PARAMS(T) (T* out, const T* x, const float* inv_freq, int cols, int head_dim, int pos0, float sign)
 FASTRM_INSTANTIATE(rope_fwd, ROPE_PARAMS, (out, x, inv_freq, cols, head_dim, pos0, sign))
+
+// The queries and keys of the same rows rotated forward in one launch (q [n, q_cols], k
+// [n, k_cols]; the pairs of a row are q's, then k's).
+template <typename T>
+__device__ void rope_qk_fwd_impl(T* q_out, const T* q, T* k_out, const T* k, const float* inv_freq, int q_cols,
+                                 int k_cols, int head_dim, int pos0) {
+    const long long row = blockIdx.x;
+    const float pos = (float)(pos0 + (int)row);
+    const int q_pairs = q_cols >> 1, pairs = q_pairs + (k_cols >> 1);
+    for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
+        if (p < q_pairs)
+            rope_pair(q_out, q, inv_freq, q_cols, head_dim, row, pos, p, 1.f);
+        else
+            rope_pair(k_out, k, inv_freq, k_cols, head_dim, row, pos, p - q_pairs, 1.f);
+    }
+}
+#define ROPE_QK_PARAMS(T) (T* q_out, const T* q, T* k_out, const T* k, const float* inv_freq, int q_cols, int k_cols, \
+                           int head_dim, int pos0)
+FASTRM_INSTANTIATE(rope_qk_fwd, ROPE_QK_PARAMS, (q_out, q, k_out, k, inv_freq, q_cols, k_cols, head_dim, pos0))

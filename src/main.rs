@@ -107,6 +107,14 @@ enum Cmd {
     /// safetensors + index, config, preprocessor config, tokenizer, a random FastRM head): a
     /// real-size checkpoint without a download.
     SynthModel(SynthModelArgs),
+    /// Device check's pre-flight: open the CUDA backend, run one cuBLAS GEMM against the CPU and
+    /// print the loaded driver/cuBLAS/NVML files, driver version and device name as JSON.
+    #[command(hide = true)]
+    GpuCheck {
+        /// The simulated device instead of GPU 0 (builds with `--features sim`).
+        #[arg(long)]
+        sim: bool,
+    },
 }
 
 #[derive(Args)]
@@ -225,6 +233,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Profile(args) => job(StatusLine::plain(), || fastrm::profile::run(args)),
         Cmd::Serve(args) => job(StatusLine::plain(), || fastrm::serve::run(args)),
         Cmd::SynthModel(args) => job(StatusLine::timed(), || synth_model(&args)),
+        Cmd::GpuCheck { sim } => gpu_check(sim),
     }
 }
 
@@ -586,4 +595,29 @@ impl Progress {
     fn clear(&self) {
         self.status.clear()
     }
+}
+
+/// `fastrm gpu-check`: see [`fastrm::backend::cuda::preflight`].
+#[cfg(any(feature = "cuda", feature = "sim"))]
+fn gpu_check(sim: bool) -> Result<()> {
+    use fastrm::backend::cuda::{preflight, Cuda};
+    let b = if sim {
+        #[cfg(feature = "sim")]
+        {
+            Cuda::<half::f16>::simulated()
+        }
+        #[cfg(not(feature = "sim"))]
+        return Err(Error::input(
+            "gpu-check --sim needs a build with --features sim",
+        ));
+    } else {
+        Cuda::<half::f16>::new(0)?
+    };
+    println!("{}", preflight::check(&b)?);
+    Ok(())
+}
+
+#[cfg(not(any(feature = "cuda", feature = "sim")))]
+fn gpu_check(_sim: bool) -> Result<()> {
+    Err(Error::input(fastrm::backend::NO_CUDA))
 }

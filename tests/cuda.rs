@@ -2,7 +2,8 @@
 //! poisoned outputs, at small shapes and at LLaVA-7B's; then end to end on the fixtures.
 //!
 //! Without a GPU (CI, most dev machines) each GPU test prints why it is skipped and returns; the
-//! tests that need no GPU — the embedded PTX, the error a missing GPU gives — always run.
+//! tests that need no GPU — the embedded PTX, the error a missing GPU gives — always run. With
+//! `FASTRM_REQUIRE_GPU=1` (the device check) a GPU test that cannot reach a GPU panics instead.
 //!
 //! Inputs go to the GPU first and come back rounded to the storage type, and the CPU op runs on
 //! those rounded values, so the tolerances below measure the kernel (its f32 arithmetic and the
@@ -37,7 +38,12 @@ fn skip(test: &str, why: &str) {
 /// device (the backend's own launchers and the kernels' sources, run on the host); otherwise a
 /// printed skip. Every allocation is poisoned.
 fn gpu<T: Elem>(test: &str) -> Option<Cuda<T>> {
-    let Some(why) = cuda::unavailable() else {
+    let why = cuda::unavailable();
+    // On the device machine a missing GPU or cuBLAS must fail the run, not pass it as skips.
+    if let (Some(why), Ok("1")) = (&why, std::env::var("FASTRM_REQUIRE_GPU").as_deref()) {
+        panic!("FASTRM_REQUIRE_GPU=1 but the GPU cannot be used: {why}");
+    }
+    let Some(why) = why else {
         return Some(
             Cuda::<T>::new(0)
                 .unwrap_or_else(|e| panic!("a GPU is visible but the backend failed: {e}"))
@@ -118,21 +124,47 @@ fn ops<T: Elem>(test: &str) {
     let pick = |real: usize, sim: usize| if gpu_size { real } else { sim };
 
     // Products: small odd shapes and LLaVA-7B's decode and prefill shapes.
+    // Up to four rows take the decode GEMV kernel (16-byte loads where every row is a multiple
+    // of 16 bytes, as 264 and 72 columns are in each storage type; element loads at 17 and 300
+    // columns in f16), more take cuBLAS; each product runs both ways.
     let products = if gpu_size {
-        [(3, 17, 5), (1, 4096, 11008), (616, 4096, 4096)]
+        [
+            (3, 17, 5),
+            (1, 4096, 11008),
+            (1, 11008, 4096),
+            (4, 72, 9),
+            (616, 4096, 4096),
+        ]
     } else {
-        [(3, 17, 5), (1, 300, 700), (37, 130, 260)]
+        [
+            (3, 17, 5),
+            (1, 300, 700),
+            (1, 264, 70),
+            (4, 72, 9),
+            (37, 130, 260),
+        ]
     };
     for &(m, k, n) in &products {
         let x = pair(&g, &rand(r, m * k, 1.0), m, k);
         let w = pair(&g, &rand(r, n * k, 0.05), n, k);
         let b = pair(&g, &rand(r, n, 1.0), 1, n);
-        check(
-            &format!("linear {m}x{k}x{n}"),
-            &g,
-            &g.linear(&x.g, &w.g, Some(&b.g)).unwrap(),
-            &Cpu.linear(&x.c, &w.c, Some(&b.c)).unwrap(),
-        );
+        for gemv in [true, false] {
+            g.set_gemv(gemv);
+            let path = if gemv { "gemv" } else { "cuBLAS" };
+            check(
+                &format!("linear {m}x{k}x{n} ({path})"),
+                &g,
+                &g.linear(&x.g, &w.g, Some(&b.g)).unwrap(),
+                &Cpu.linear(&x.c, &w.c, Some(&b.c)).unwrap(),
+            );
+            check(
+                &format!("linear {m}x{k}x{n} without bias ({path})"),
+                &g,
+                &g.linear(&x.g, &w.g, None).unwrap(),
+                &Cpu.linear(&x.c, &w.c, None).unwrap(),
+            );
+        }
+        g.set_gemv(true);
         let dy = pair(&g, &rand(r, m * n, 1.0), m, n);
         check(
             &format!("linear_bwd {m}x{k}x{n}"),
@@ -186,6 +218,10 @@ fn ops<T: Elem>(test: &str) {
             &g.rms_norm(&x.g, &w.g, 1e-5).unwrap(),
             &Cpu.rms_norm(&x.c, &w.c, 1e-5).unwrap(),
         );
+        let (g_sum, g_norm) = g.add_rms_norm(&x.g, &y.g, &w.g, 1e-5).unwrap();
+        let (c_sum, c_norm) = Cpu.add_rms_norm(&x.c, &y.c, &w.c, 1e-5).unwrap();
+        check(&format!("add_rms_norm sum {s}"), &g, &g_sum, &c_sum);
+        check(&format!("add_rms_norm norm {s}"), &g, &g_norm, &c_norm);
         check(
             &format!("layer_norm {s}"),
             &g,
@@ -248,6 +284,22 @@ fn ops<T: Elem>(test: &str) {
             &g.rope(&x.g, hd, pos0, 10000.0).unwrap(),
             &Cpu.rope(&x.c, hd, pos0, 10000.0).unwrap(),
         );
+        // Queries and keys in one launch (keys with half the heads, as grouped queries have).
+        let kh = heads.div_ceil(2);
+        let k = pair(&g, &rand(r, rows * kh * hd, 1.0), rows, kh * hd);
+        let (gq, gk) = g.rope_qk(&x.g, &k.g, hd, pos0, 10000.0).unwrap();
+        check(
+            &format!("rope_qk q {s}"),
+            &g,
+            &gq,
+            &Cpu.rope(&x.c, hd, pos0, 10000.0).unwrap(),
+        );
+        check(
+            &format!("rope_qk k {s}"),
+            &g,
+            &gk,
+            &Cpu.rope(&k.c, hd, pos0, 10000.0).unwrap(),
+        );
         check(
             &format!("rope_bwd {s}"),
             &g,
@@ -258,7 +310,9 @@ fn ops<T: Elem>(test: &str) {
 
     // Attention: both kernels paths (≤ 8 queries: flash-decoding; more: cuBLAS + softmax),
     // causal and not, grouped queries, and LLaVA-7B's prefill and decode.
-    let cases: &[(usize, usize, usize, usize, usize, Option<usize>)] = &[
+    // (n_q, kv_rows, heads, kv_heads, head_dim, causal q_pos0)
+    type Case = (usize, usize, usize, usize, usize, Option<usize>);
+    let cases: &[Case] = &[
         // (n_q, kv_rows, heads, kv_heads, head_dim, causal q_pos0)
         (5, 5, 4, 2, 16, Some(0)),
         (1, 300, 4, 2, 16, Some(299)),
@@ -320,7 +374,7 @@ fn ops<T: Elem>(test: &str) {
             );
         }
         // Hidden keys (fastrm eval's perturbation): about a third of them, on both paths.
-        let keep: Vec<bool> = (0..kvr).map(|_| r.next_u64() % 3 != 0).collect();
+        let keep: Vec<bool> = (0..kvr).map(|_| !r.next_u64().is_multiple_of(3)).collect();
         check(
             &format!("attention_masked q{nq} kv{kv_len} h{h}/{hk} d{d} {causal:?}"),
             &g,
@@ -656,6 +710,82 @@ fn synthetic_7b_generates() {
         .unwrap();
     assert_eq!(out.generated_ids.len(), 3);
     assert_eq!(out.input_ids.len(), 1 + cfg.vision.num_patches() + 40);
+}
+
+/// A decode step queues the same launches at every position (nothing in it grows with the
+/// sequence; the split-K attention grows its grid, not its launch count), the fused launches save
+/// three per layer, and a decode linear is one launch on the GEMV path where cuBLAS plus the bias
+/// add would be two.
+#[test]
+fn decode_launches_do_not_grow() {
+    let Some(g) = gpu::<f32>("decode_launches_do_not_grow") else {
+        return;
+    };
+    let text =
+        std::fs::read_to_string(common::repo_root().join("assets/demo/model/config.json")).unwrap();
+    let cfg = fastrm::config::LlavaConfig::from_json_str(&text).unwrap();
+    let engine = Engine::synthetic(g, &cfg, 0).unwrap();
+    let b = &engine.backend;
+    let (prompt, pixels) = engine
+        .resolve(&Request::Ids { n_text: 8, seed: 1 })
+        .unwrap();
+    let opts = GenerateOptions {
+        max_new_tokens: 6,
+        stop_at_eos: false,
+        ..Default::default()
+    };
+    let (_, image) = engine.model.encode_image(b, &pixels).unwrap();
+    let mut s = fastrm::model::session::Session::prefill(
+        b,
+        &engine.model,
+        prompt,
+        &image,
+        &opts,
+        fastrm::model::session::Mode::Plain,
+    )
+    .unwrap();
+    // Steps 1 and 2 one launch per op, the rest fused.
+    let mut per_step = Vec::new();
+    loop {
+        b.set_fuse(per_step.len() > 2);
+        let before = b.launch_count();
+        if s.step().unwrap().is_none() {
+            break;
+        }
+        per_step.push(b.launch_count() - before);
+    }
+    assert_eq!(per_step.len(), 6);
+    let layers = cfg.text.num_hidden_layers as u64;
+    // Fused: each layer's two residual adds ride on the norms after them, and q and k rotate in
+    // one launch.
+    assert_eq!(
+        per_step[1] - per_step[3],
+        3 * layers,
+        "launches per step one per op vs fused: {per_step:?}"
+    );
+    assert_eq!(per_step[1], per_step[2], "{per_step:?}");
+    // Step 0 only projects the prefill's last hidden state; steps 1.. are full decoder steps.
+    let steps = &per_step[3..];
+    assert!(
+        steps.iter().all(|&n| n == steps[0]),
+        "launches per decode step vary with position: {per_step:?}"
+    );
+    assert!(
+        steps[0] >= 7 * layers,
+        "a decode step of {layers} layers queued only {} launches",
+        steps[0]
+    );
+
+    let x = b.upload(&vec![0.5; 64], 1, 64).unwrap();
+    let w = b.upload(&vec![0.25; 64 * 32], 32, 64).unwrap();
+    let bias = b.upload(&[1.0; 32], 1, 32).unwrap();
+    let count = |gemv: bool| {
+        b.set_gemv(gemv);
+        let before = b.launch_count();
+        b.linear(&x, &w, Some(&bias)).unwrap();
+        b.launch_count() - before
+    };
+    assert_eq!((count(true), count(false)), (1, 2));
 }
 
 // ---- The command line on the simulated device: rehearsals of what tools/device-check.sh runs.

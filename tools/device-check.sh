@@ -1,99 +1,196 @@
 #!/usr/bin/env bash
 # The one command to run on the lent GPU machine (device tool), after tools/stage-device.sh here:
-#   run(command="bash tools/device-check.sh", carry=["stage/device"], timeout_s=600)
-# Runs every GPU test, the GPU benches, a short end-to-end profile on synthetic LLaVA-1.5-7B
-# shapes and the transformers comparison; writes full logs to $OUT and prints a compact table
-# last. Each step has its own time limit, so the whole check fits in ~8 minutes.
-#   --reference   also run the PyTorch relevancy baseline (tools/reference_baseline.py; ~4 min more)
+#   run(command="bash tools/device-check.sh --reference", carry=["stage/device"], timeout_s=420)
+#
+# Steps, most important first, each under its own limit (`timeout -k`):
+#   preflight  fastrm gpu-check: the driver/cuBLAS/NVML files actually loaded (paths), driver
+#              version, device name, one cuBLAS GEMM against the CPU. If it fails the run stops:
+#              every later step is recorded as not run and the script exits non-zero.
+#   bench      the CUDA bench: copy bandwidth, prefill, decode step, FastRM step, baseline maps
+#   profile    fastrm profile, synthetic 7B, all methods at 10 and 100 tokens (latency median and
+#              spread, NVML and ledger peaks)
+#   tests      every GPU test with FASTRM_REQUIRE_GPU=1 (a test that cannot reach the GPU fails)
+#   reference  (--reference) the PyTorch relevancy baseline at 10 and 100 tokens
+#   write-7b   (--with-7b, off by default; run it alone: --only write-7b) writes a 7B hub-layout
+#              checkpoint to local disk, times loading it on the GPU, deletes it
+# The default limits add up to 287 s, 360 s with --reference (kill grace included), so a rerun
+# fits in the device budget.
+#
+# What comes back: at most 3 files in $OUT, none in a folder — summary.txt (the numbers first),
+# results.json (machine-readable) and logs.tar.gz (every log, the profile's table/JSON/plots).
+# All three are rewritten after every step, so a run cut off by the device tool still returns
+# what finished.
+#
+# Options: --only STEP[,STEP] (a targeted rerun), --limit STEP=SECONDS, --reference, --with-7b, --dry-run (or
+# DEVICE_CHECK_DRY=1: stub commands and a fake library tree instead of the GPU; tests/device_check.rs
+# runs it on the CPU). Test knobs (dry run): DEVICE_CHECK_TIME_SCALE scales every limit;
+# DEVICE_CHECK_STUB_HANG / DEVICE_CHECK_STUB_FAIL name steps whose stub hangs / fails.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 OUT=${OUT:-$root/device-out}
 mkdir -p "$OUT"
-bin=$root/stage/device
-summary=$OUT/summary.txt
-: > "$summary"
-export FASTRM_ROOT=$root
 
-if [ ! -x "$bin/fastrm" ]; then
-    echo "device-check: no binaries in stage/device; run tools/stage-device.sh first and carry stage/device" >&2
-    exit 2
-fi
-echo "commit $(cat "$bin/COMMIT" 2>/dev/null || echo unknown)" >> "$summary"
+all_steps=(preflight bench profile tests reference write-7b)
+declare -A limit=([preflight]=15 [bench]=60 [profile]=130 [tests]=70 [reference]=70 [write-7b]=240)
+grace=3 # seconds between timeout's TERM and its KILL
 
-# cuBLAS: the CUDA toolkit's, else the one pip installed beside torch.
-libs=""
-for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
-    [ -d "$d" ] && libs="$libs:$d"
+only="" reference=0 with7b=0 dry=${DEVICE_CHECK_DRY:-0}
+while [ $# -gt 0 ]; do
+    case $1 in
+        --only) only=${2:-}; shift 2 || { echo "device-check: --only needs STEP[,STEP]" >&2; exit 2; } ;;
+        --only=*) only=${1#--only=}; shift ;;
+        --reference) reference=1; shift ;;
+        --with-7b) with7b=1; shift ;;
+        --dry-run) dry=1; shift ;;
+        --limit)
+            # STEP=SECONDS: a targeted rerun of a step that ran out of time.
+            l=${2:-}; st=${l%%=*}; sec=${l#*=}
+            if [ -z "${limit[$st]:-}" ] || ! [[ $sec =~ ^[0-9]+$ ]] || [ "$sec" -lt 1 ]; then
+                echo "device-check: --limit wants STEP=SECONDS with a known step, got '$l'" >&2; exit 2
+            fi
+            limit[$st]=$sec; shift 2 ;;
+        *) echo "device-check: unknown argument '$1' (--only STEP[,STEP] --limit STEP=SECONDS --reference --with-7b --dry-run)" >&2; exit 2 ;;
+    esac
 done
-pylibs=$(python3 - 2>/dev/null <<'PY'
-import glob, os, sys
+
+# The steps this run takes, in their fixed order.
+selected=()
+if [ -n "$only" ]; then
+    IFS=, read -ra want <<< "$only"
+    for w in "${want[@]}"; do
+        [ -n "${limit[$w]:-}" ] || { echo "device-check: --only: no step '$w' (steps: ${all_steps[*]})" >&2; exit 2; }
+    done
+    for s in "${all_steps[@]}"; do
+        for w in "${want[@]}"; do [ "$s" = "$w" ] && selected+=("$s"); done
+    done
+else
+    selected=(preflight bench profile tests)
+    [ "$reference" = 1 ] && selected+=(reference)
+    [ "$with7b" = 1 ] && selected+=(write-7b)
+fi
+
+# Logs and the profile's files live outside $OUT; only the archive of them goes back.
+work=$(mktemp -d "${TMPDIR:-/tmp}/device-check.XXXXXX")
+mkdir -p "$work/logs" "$work/profile"
+scale=${DEVICE_CHECK_TIME_SCALE:-1}
+
+if [ "$dry" = 1 ]; then
+    # Stand-ins for the binaries, the Python steps and the CUDA libraries (tested on the CPU).
+    bin=$work/stub
+    mkdir -p "$bin" "$work/fakelib/cuda/lib64" "$work/fakelib/nvidia/cublas/lib"
+    : > "$work/fakelib/cuda/lib64/libcudart.so.13"
+    : > "$work/fakelib/nvidia/cublas/lib/libcublas.so.13"
+    lib_roots="$work/fakelib/cuda/lib64 $work/fakelib/nvidia/cublas/lib"
+    for s in fastrm cuda-tests cuda-bench reference; do
+        printf '#!/usr/bin/env bash\nexec python3 %q %q "$@"\n' "$root/tools/device_check_stub.py" "$s" > "$bin/$s"
+        chmod +x "$bin/$s"
+    done
+    python_cmd=("$bin/reference")
+    echo "dry run" > "$bin/COMMIT"
+else
+    bin=$root/stage/device
+    if [ ! -x "$bin/fastrm" ]; then
+        echo "device-check: no binaries in stage/device; run tools/stage-device.sh first and carry stage/device" >&2
+        exit 2
+    fi
+    # cuBLAS: the CUDA toolkit's, else the one pip installed beside torch.
+    lib_roots="/usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib $(python3 - 2>/dev/null <<'PY'
+import glob, os
 try:
     import nvidia
     for p in nvidia.__path__:
-        for d in glob.glob(os.path.join(p, "*", "lib")):
-            print(d)
+        print(" ".join(glob.glob(os.path.join(p, "*", "lib"))))
 except Exception:
     pass
 PY
-)
-for d in $pylibs; do libs="$libs:$d"; done
-export LD_LIBRARY_PATH="${libs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+)"
+    python_cmd=(python3)
+fi
+libs=""
+for d in $lib_roots; do [ -d "$d" ] && libs="$libs:$d"; done
+# Our binaries only: the Python steps keep the environment they came with (torch brings its own).
+ours_env=(env "LD_LIBRARY_PATH=${libs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" FASTRM_REQUIRE_GPU=1)
 
-step() { # name limit_s command... : runs with a time limit, logs to $OUT/name.log
-    local name=$1 limit=$2
-    shift 2
-    local t0=$(date +%s.%N)
-    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-    local rc=$?
-    local secs=$(python3 -c "print(f'{$(date +%s.%N) - $t0:.1f}')")
-    local note=""
-    [ $rc = 124 ] && note=" (timed out after ${limit}s)"
-    printf '%-22s rc=%-3s %6ss%s\n' "$name" "$rc" "$secs" "$note" >> "$summary"
-    echo "== $name: rc=$rc ${secs}s$note"
-    return 0
+dir7b=${DEVICE_CHECK_7B_DIR:-/tmp/fastrm-7b}
+[ "$dry" = 1 ] && dir7b=$work/7b
+export DC_WORK=$work DC_OUT=$OUT DC_COMMIT="$(cat "$bin/COMMIT" 2>/dev/null || echo unknown)"
+export DC_DRY=$dry DC_SCALE=$scale DC_GRACE=$grace
+steps_file=$work/steps.tsv # name limit scaled_limit status rc seconds
+: > "$steps_file"
+for s in "${selected[@]}"; do printf '%s\t%s\t\t%s\t\t\n' "$s" "${limit[$s]}" "pending" >> "$steps_file"; done
+
+report() { # rewrites summary.txt, results.json and logs.tar.gz from what has finished
+    python3 "$root/tools/device_check_report.py" "$steps_file" ||
+        echo "device-check: the report failed (logs are still in $work)" >&2
+    tar -czf "$OUT/logs.tar.gz.part" -C "$work" logs profile && mv "$OUT/logs.tar.gz.part" "$OUT/logs.tar.gz"
 }
 
-step nvidia-smi 20 nvidia-smi
-step cuda-tests 170 "$bin/cuda-tests" --test-threads=1
-step cuda-bench 110 "$bin/cuda-bench" --bench
-step generate-7b 45 "$bin/fastrm" generate --model synthetic:llava-1.5-7b --device cuda \
-    --prompt "-" --max-new-tokens 100 --json
-step profile-7b 130 "$bin/fastrm" profile --model synthetic:llava-1.5-7b --device cuda \
-    --tokens 10,20,50,100 --methods generate,fastrm,baseline,baseline-incremental \
-    --out "$OUT/profile"
-step transformers-7b 100 python3 tools/gpu_transformers_bench.py --config 7b --tokens 100 \
-    --json "$OUT/transformers.json"
-if [ "${1:-}" = "--reference" ]; then
-    step reference-baseline 260 python3 tools/reference_baseline.py --config 7b \
-        --tokens 10,20,50,100 --budget-s 180 --json "$OUT/reference_baseline.json"
-fi
-
-{
-    echo
-    echo "---- tests"
-    grep -E "^test result|FAILED|panicked|^SKIPPED" "$OUT/cuda-tests.log" | head -20
-    echo "---- bench"
-    grep "^RESULT" "$OUT/cuda-bench.log"
-    echo "---- 7B id-level runs (timings_ms)"
-    for f in generate-7b; do
-        python3 - "$OUT/$f.log" "$f" <<'PY'
-import json, sys
-try:
-    lines = [l for l in open(sys.argv[1]) if l.startswith("{")]
-    d = json.loads(lines[-1])
-    t = d["timings_ms"]
-    n = len(d["generated_ids"])
-    print(f"{sys.argv[2]}: {n} tokens, " + ", ".join(f"{k} {v:.1f}" for k, v in t.items())
-          + f", decode/token {t['decode'] / max(n - 1, 1):.2f}")
-except Exception as e:
-    print(f"{sys.argv[2]}: no JSON ({e})")
+set_step() { # name status rc seconds scaled_limit
+    python3 - "$steps_file" "$@" <<'PY'
+import sys
+path, name, status, rc, secs, lim = sys.argv[1:]
+rows = [l.rstrip("\n").split("\t") for l in open(path)]
+for r in rows:
+    if r[0] == name:
+        r[2:6] = [lim, status, rc, secs]
+open(path, "w").write("".join("\t".join(r) + "\n" for r in rows))
 PY
-    done
-    echo "---- profile (synthetic 7B, f16)"
-    tail -n 25 "$OUT/profile-7b.log"
-    echo "---- transformers (same GPU)"
-    tail -n 8 "$OUT/transformers-7b.log"
-} >> "$summary"
+}
+
+cmd_for() { # step -> the command line in array `cmd`
+    case $1 in
+        preflight) cmd=("${ours_env[@]}" "$bin/fastrm" gpu-check) ;;
+        bench) cmd=("${ours_env[@]}" FASTRM_BENCH_QUICK=1 "$bin/cuda-bench" --bench) ;;
+        profile) cmd=("${ours_env[@]}" "$bin/fastrm" profile --model synthetic:llava-1.5-7b --device cuda
+                      --tokens 10,100 --methods generate,fastrm,baseline,baseline-incremental
+                      --repeat 3 --out "$work/profile") ;;
+        tests) cmd=("${ours_env[@]}" "$bin/cuda-tests" --test-threads=1) ;;
+        reference) cmd=("${python_cmd[@]}" tools/reference_baseline.py --config 7b --tokens 10,100
+                        --budget-s 50 --json "$work/logs/reference.json") ;;
+        write-7b)
+            # The checkpoint goes to the machine's local disk, never under $OUT; info logging
+            # prints the "model loaded ... seconds=" line the report reads.
+            cmd=(bash -c 'set -e; dir=$1; shift; cleanup() { rm -rf "$dir"; }; trap cleanup EXIT
+                "$@" synth-model --like llava-1.5-7b --out "$dir"
+                RUST_LOG=fastrm=info "$@" generate --model "$dir" --device cuda \
+                    --prompt "Describe the image." -n 4 --json' write-7b "$dir7b" "${ours_env[@]}" "$bin/fastrm") ;;
+    esac
+}
+
+status=0
+stopped=""
+for s in "${selected[@]}"; do
+    if [ -n "$stopped" ]; then
+        set_step "$s" "not run ($stopped)" "" "" ""
+        continue
+    fi
+    read -r lim kill_after < <(awk -v l="${limit[$s]}" -v s="$scale" -v g="$grace" 'BEGIN {
+        lim = l * s; if (lim < 1) lim = 1
+        k = g * (s * 10 < 1 ? s * 10 : 1); if (k < 0.2) k = 0.2
+        printf "%g %g\n", lim, k }')
+    set_step "$s" "running" "" "" "$lim"
+    report
+    cmd_for "$s"
+    t0=$(date +%s.%N)
+    DC_STEP=$s timeout -k "$kill_after" "$lim" "${cmd[@]}" > "$work/logs/$s.log" 2>&1
+    rc=$?
+    [ "$s" = write-7b ] && rm -rf "$dir7b" # in case the limit's KILL skipped the step's own cleanup
+    secs=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
+    case $rc in
+        0) st=pass ;;
+        124|137) st="timed out after ${lim}s"; status=1 ;;
+        *) st=fail; status=1 ;;
+    esac
+    set_step "$s" "$st" "$rc" "$secs" "$lim"
+    echo "== $s: $st (rc=$rc, ${secs}s)"
+    if [ "$s" = preflight ] && [ "$rc" != 0 ]; then
+        stopped="pre-flight failed: the GPU is not usable"
+    fi
+done
+report
 echo
-cat "$summary"
+cat "$OUT/summary.txt"
+rm -rf "$work"
+[ -n "$stopped" ] && exit 1
+exit $status

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Builds what tools/device-check.sh runs on the lent GPU machine (which has no Rust toolchain):
-# the release CLI, the CUDA test binary and the CUDA bench binary, stripped, into stage/device/
-# (git-ignored). Carry that folder with the device tool: carry=["stage/device"].
+# the release CLI (its hidden `gpu-check` is the run's pre-flight), the CUDA test binary and the
+# CUDA bench binary, stripped, into stage/device/ (git-ignored). Carry that folder with the device
+# tool: carry=["stage/device"]. The run's Python helpers (tools/device_check_*.py,
+# reference_baseline.py) are tracked files and travel with the working tree.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=stage/device
@@ -24,4 +26,13 @@ cp "$(exe bench bench --no-run --bench cuda)" "$out/cuda-bench"
 strip "$out"/*
 git rev-parse HEAD > "$out/COMMIT"
 du -sh "$out"/*
+kib=$(du -sk "$out" | cut -f1)
+if [ "$kib" -gt $((64 * 1024)) ]; then
+    echo "stage-device: $out is $((kib / 1024)) MiB, over the device tool's 64 MiB for carried paths" >&2
+    exit 1
+fi
 echo "staged $(du -sh "$out" | cut -f1) in $out (device tool limit: 64 MiB)"
+# The pre-flight command exists in what was staged, and a dry run of the device check (stubs, no
+# GPU) passes: a broken run is caught here, before it costs device time.
+"$out/fastrm" gpu-check --help > /dev/null
+OUT=$(mktemp -d) DEVICE_CHECK_TIME_SCALE=0.03 bash tools/device-check.sh --dry-run --reference > /dev/null

@@ -60,6 +60,11 @@ inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fmul_rn(float a, float b) { return a * b; }
 
+// CUDA's 16-byte vector type, for kernels that load four words at once.
+struct alignas(16) uint4 {
+    unsigned int x, y, z, w;
+};
+
 // Storage types: bit patterns with round-to-nearest-even conversions, as cuda_fp16.h and
 // cuda_bf16.h define them.
 struct __half {

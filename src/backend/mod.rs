@@ -84,9 +84,26 @@ pub trait Backend {
         MemTag::Activations
     }
     /// `(tag, live bytes, peak bytes)` per tag, for backends that keep a breakdown (empty
-    /// otherwise).
+    /// otherwise). Peaks count from the start or the last [`Backend::trim_and_sync`].
     fn memory_breakdown(&self) -> Vec<(MemTag, usize, usize)> {
         Vec::new()
+    }
+    /// The most bytes live at once, all tags together, since the start or the last
+    /// [`Backend::trim_and_sync`]; `None` for backends without a breakdown.
+    fn memory_peak(&self) -> Option<usize> {
+        None
+    }
+    /// Waits until every queued operation has finished, so a host clock read afterwards times
+    /// the work itself, not its queueing. A no-op where ops finish before they return (the CPU).
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+    /// Starts a measurement on a clean slate: waits for queued work, returns every cached free
+    /// block to the driver (so device memory in use is exactly what is live) and restarts the
+    /// breakdown's peaks from the live bytes. A no-op on the CPU, whose heap `profile` trims
+    /// itself.
+    fn trim_and_sync(&self) -> Result<()> {
+        self.synchronize()
     }
 
     /// `y = x · wᵀ (+ bias)`; x `[m, k]`, w `[n, k]` (PyTorch Linear layout), bias `[1, n]`.
@@ -100,6 +117,19 @@ pub trait Backend {
     fn add(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
     /// Row-wise RMSNorm (Llama): `x / sqrt(mean(x²) + eps) * w`, w `[1, cols]`.
     fn rms_norm(&self, x: &Self::Tensor, w: &Self::Tensor, eps: f32) -> Result<Self::Tensor>;
+    /// `(a + b, rms_norm(a + b, w))`: a residual add and the norm after it (one launch on a
+    /// GPU). Both results are exactly what [`Backend::add`] then [`Backend::rms_norm`] give.
+    fn add_rms_norm(
+        &self,
+        a: &Self::Tensor,
+        b: &Self::Tensor,
+        w: &Self::Tensor,
+        eps: f32,
+    ) -> Result<(Self::Tensor, Self::Tensor)> {
+        let sum = self.add(a, b)?;
+        let normed = self.rms_norm(&sum, w, eps)?;
+        Ok((sum, normed))
+    }
     /// Row-wise LayerNorm: `(x - mean) / sqrt(var + eps) * w + b`.
     fn layer_norm(
         &self,
@@ -123,6 +153,20 @@ pub trait Backend {
         pos0: usize,
         theta: f32,
     ) -> Result<Self::Tensor>;
+    /// [`Backend::rope`] of the queries and of the keys of the same rows (one launch on a GPU).
+    fn rope_qk(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        head_dim: usize,
+        pos0: usize,
+        theta: f32,
+    ) -> Result<(Self::Tensor, Self::Tensor)> {
+        Ok((
+            self.rope(q, head_dim, pos0, theta)?,
+            self.rope(k, head_dim, pos0, theta)?,
+        ))
+    }
     /// Scaled dot-product attention: q `[n_q, H·d]`, k and v `[≥kv_len, Hkv·d]` → `[n_q, H·d]`,
     /// softmax in f32, scale `1/√d`.
     fn attention(
@@ -251,15 +295,18 @@ pub enum MemTag {
     Saved = 3,
     /// The FastRM head and its folded keys.
     Head = 4,
+    /// One op's intermediate buffers (attention scores, split-K partials), freed when it returns.
+    Scratch = 5,
 }
 
 impl MemTag {
-    pub const ALL: [MemTag; 5] = [
+    pub const ALL: [MemTag; 6] = [
         MemTag::Activations,
         MemTag::Weights,
         MemTag::KvCache,
         MemTag::Saved,
         MemTag::Head,
+        MemTag::Scratch,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -268,6 +315,7 @@ impl MemTag {
             MemTag::KvCache => "kv cache",
             MemTag::Saved => "saved for backward",
             MemTag::Head => "fastrm head",
+            MemTag::Scratch => "op scratch",
         }
     }
 }

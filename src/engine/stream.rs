@@ -159,9 +159,8 @@ impl<'e, B: Backend> Stream<'e, B> {
                 self.state = State::Resolved { prompt, pixels };
             }
             State::Resolved { prompt, pixels } => {
-                let t0 = Instant::now();
-                let (_, image) = model.encode_image(b, &pixels)?;
-                self.timings.vision_s = t0.elapsed().as_secs_f64();
+                let ((_, image), secs) = timed(b, || model.encode_image(b, &pixels))?;
+                self.timings.vision_s = secs;
                 self.pending.push_back(Item::ImageEncoded);
                 self.state = State::Encoded { prompt, image };
             }
@@ -170,9 +169,8 @@ impl<'e, B: Backend> Stream<'e, B> {
                 let s = Session::prefill(b, model, prompt, &image, &self.opts.generate, mode)?;
                 drop(image);
                 if let Some(m) = self.mapper.as_mut() {
-                    let t0 = Instant::now();
-                    m.prefilled(&s)?;
-                    self.maps_s += t0.elapsed().as_secs_f64();
+                    let ((), secs) = timed(b, || m.prefilled(&s))?;
+                    self.maps_s += secs;
                 }
                 let image_hidden = if self.opts.hidden_states {
                     Some(b.download(&s.image_hidden()?)?)
@@ -192,9 +190,8 @@ impl<'e, B: Backend> Stream<'e, B> {
                 let index = s.generated().len() - 1;
                 let map = match self.mapper.as_mut() {
                     Some(m) => {
-                        let t0 = Instant::now();
-                        let map = m.token(&s)?;
-                        self.maps_s += t0.elapsed().as_secs_f64();
+                        let (map, secs) = timed(b, || m.token(&s))?;
+                        self.maps_s += secs;
                         map.map(|map| self.token_map(index, id, map)).transpose()?
                     }
                     None => None,
@@ -222,9 +219,8 @@ impl<'e, B: Backend> Stream<'e, B> {
                     .mapper
                     .as_ref()
                     .expect("maps after generation need a mapper");
-                let t0 = Instant::now();
-                let map = m.after(&s, index)?;
-                self.maps_s += t0.elapsed().as_secs_f64();
+                let (map, secs) = timed(b, || m.after(&s, index))?;
+                self.maps_s += secs;
                 let id = s.generated()[index];
                 let tm = self.token_map(index, id, map)?;
                 self.pending.push_back(Item::Map(tm));
@@ -393,4 +389,16 @@ pub fn collect<B: Backend>(
         }
     }
     Err(Error::Backend("the run ended without a summary".into()))
+}
+
+/// Runs `f` and returns its seconds from a synchronised start to a synchronised end: a device
+/// backend queues work and returns early, so without the waits a phase's clock would stop
+/// before its work ran (and the next phase would be charged for it). Between decode steps the
+/// stream is already idle (each step reads its token back), so the first wait costs nothing.
+fn timed<B: Backend, T>(b: &B, f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
+    b.synchronize()?;
+    let t0 = Instant::now();
+    let out = f()?;
+    b.synchronize()?;
+    Ok((out, t0.elapsed().as_secs_f64()))
 }

@@ -263,11 +263,19 @@ impl<B: Backend> Llama<B> {
             causal_q_pos0: Some(pos0),
             kv_len: pos0 + n,
         };
+        // Each residual add is fused with the norm that reads its sum: the MLP's norm, then the
+        // next layer's attention norm (the final norm after the last layer).
+        let first_norm = self.layers.first().map_or(&self.norm, |l| &l.attn_norm);
+        let mut h = b.rms_norm(&x, first_norm, eps)?;
         let mut x = x;
         for (li, l) in self.layers.iter().enumerate() {
-            let h = b.rms_norm(&x, &l.attn_norm, eps)?;
-            let q = b.rope(&b.linear(&h, &l.q, None)?, t.head_dim, pos0, theta)?;
-            let k = b.rope(&b.linear(&h, &l.k, None)?, t.head_dim, pos0, theta)?;
+            let (q, k) = b.rope_qk(
+                &b.linear(&h, &l.q, None)?,
+                &b.linear(&h, &l.k, None)?,
+                t.head_dim,
+                pos0,
+                theta,
+            )?;
             let v = b.linear(&h, &l.v, None)?;
             b.copy_rows_into(&mut cache.k[li], pos0, &k)?;
             b.copy_rows_into(&mut cache.v[li], pos0, &v)?;
@@ -277,12 +285,15 @@ impl<B: Backend> Llama<B> {
                     b.attention_masked(&q, &cache.k[li], &cache.v[li], shape, keep)?
                 }
             };
-            let x_mid = b.add(&x, &b.linear(&a, &l.o, None)?)?;
-            let h = b.rms_norm(&x_mid, &l.mlp_norm, eps)?;
-            let gate = b.linear(&h, &l.gate, None)?;
-            let up = b.linear(&h, &l.up, None)?;
+            let (x_mid, h_mlp) =
+                b.add_rms_norm(&x, &b.linear(&a, &l.o, None)?, &l.mlp_norm, eps)?;
+            let gate = b.linear(&h_mlp, &l.gate, None)?;
+            let up = b.linear(&h_mlp, &l.up, None)?;
             let g = b.silu_mul(&gate, &up)?;
-            let x_out = b.add(&x_mid, &b.linear(&g, &l.down, None)?)?;
+            let next_norm = self.layers.get(li + 1).map_or(&self.norm, |n| &n.attn_norm);
+            let (x_out, h_next) =
+                b.add_rms_norm(&x_mid, &b.linear(&g, &l.down, None)?, next_norm, eps)?;
+            h = h_next;
             let x_in = std::mem::replace(&mut x, x_out);
             if let Some(s) = save.as_deref_mut() {
                 let row = pos0 - s.pos0;
@@ -297,7 +308,7 @@ impl<B: Backend> Llama<B> {
             }
         }
         cache.len = pos0 + n;
-        let out = b.rms_norm(&x, &self.norm, eps)?;
+        let out = h;
         if let Some(s) = save {
             let row = pos0 - s.pos0;
             match s.x_out.as_mut() {

@@ -147,8 +147,11 @@ impl<B: Backend> Llava<B> {
         pixels: &[f32],
         opts: &GenerateOptions,
     ) -> Result<IdGeneration> {
+        // Synchronised at both ends so the clock times the tower's device work, not its queueing.
+        b.synchronize()?;
         let t0 = std::time::Instant::now();
         let (_, image) = self.encode_image(b, pixels)?;
+        b.synchronize()?;
         let vision_s = t0.elapsed().as_secs_f64();
         let mut s = Session::prefill(b, self, prompt, &image, opts, Mode::Plain)?;
         s.run_to_end()?;

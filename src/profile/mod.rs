@@ -1,12 +1,17 @@
 //! `fastrm profile`: latency and peak memory of plain generation, FastRM and the gradient
 //! baselines over forced output lengths — the paper's latency/memory comparison (figure 14).
 //!
-//! For every output length and method the same prompt runs once (or `--repeat` times, median
-//! latency, largest peak) with EOS ignored, so every run produces exactly the asked number of
-//! tokens. Each run is bracketed by a [`timer::PhaseClock`] (wall clock on the CPU; device events
-//! on a device backend) and a [`memory::PhaseMemory`] (process peak RSS on the CPU; NVML device
-//! memory on a GPU). What the maps cost is each method's figure minus plain generation's at the
-//! same length. [`report`] turns the runs into a table, JSON and plots.
+//! For every output length and method the same prompt runs `--repeat` times (default 5: the
+//! median and the spread are reported, the largest peak) with EOS ignored, so every run produces
+//! exactly the asked number of tokens. Every method runs once, unrecorded, before anything is
+//! measured (first-call costs: kernel loading, library handles, the pool's growth). Before each
+//! measured run the backend is synchronised and its memory pool trimmed
+//! ([`Backend::trim_and_sync`]), so the run's memory figures are its own whatever ran before.
+//! Each run is bracketed by a [`timer::PhaseClock`] (wall clock on the CPU; device events on a
+//! device backend) and a [`memory::PhaseMemory`] (process peak RSS on the CPU; NVML device memory
+//! on a GPU); a backend with a memory ledger also gives the run's peak of live tensor bytes. A
+//! method's map latency is the engine's own synchronised timer around its map work, never a
+//! difference of two runs. [`report`] turns the runs into a table, JSON and plots.
 //!
 //! The backend is chosen in exactly one place, [`run`]; a device backend plugs in there with its
 //! clock and memory source and reuses [`profile`] unchanged.
@@ -78,8 +83,9 @@ pub struct ProfileArgs {
     /// Question for models with a tokenizer (synthetic models use a fixed-length id prompt).
     #[arg(long)]
     pub prompt: Option<String>,
-    /// Runs per method and length: the median latency and the largest peak are reported.
-    #[arg(long, default_value_t = 1)]
+    /// Runs per method and length: the median latency with its spread (min, max, standard
+    /// deviation) and the largest peak are reported.
+    #[arg(long, default_value_t = 5)]
     pub repeat: usize,
     /// Memory sampling interval in milliseconds.
     #[arg(long, default_value_t = 10)]
@@ -531,8 +537,9 @@ fn call<B: Backend>(
     })
 }
 
-/// Runs the plan on an open engine: at each length an unrecorded warm-up generation, then every
-/// method (`generate` first) `plan.repeat` times.
+/// Runs the plan on an open engine: every method once unrecorded at the shortest length, then at
+/// each length an unrecorded plain generation and every method (`generate` first) `plan.repeat`
+/// times.
 pub fn profile<B: Backend, C: PhaseClock>(
     engine: &Engine<B>,
     clock: &C,
@@ -594,7 +601,11 @@ pub fn profile<B: Backend, C: PhaseClock>(
             full_r: plan.full_r,
             repeat: plan.repeat,
             head: head_note(engine, plan),
-            warmup: "one plain generation at each length before its runs, not recorded".into(),
+            warmup: format!(
+                "every method once at {} tokens before any measurement, and one plain generation \
+                 at each length before its runs; none recorded",
+                plan.tokens[0]
+            ),
         },
         memory,
         plan.interval,
@@ -612,6 +623,13 @@ fn run_all<B: Backend, C: PhaseClock>(
     let total = plan.tokens.len() * plan.methods.len() * plan.repeat;
     let mut done = 0;
     let mut runs = Vec::new();
+    // Each method's first call pays for what later calls reuse (device kernels loaded on first
+    // launch, cuBLAS's per-shape setup, the pool's first growth); none of that is the method's
+    // cost.
+    for &method in &plan.methods {
+        status::say(&format!("profile: warm-up of {}", method.name()));
+        call(engine, method, plan.tokens[0], req, plan.full_r)?;
+    }
     for &n in &plan.tokens {
         // Warm-up, not recorded: the first run after a heavy one (the previous length's
         // baselines) pays for the allocator's changed state — fresh page faults, a moved mmap
@@ -627,10 +645,22 @@ fn run_all<B: Backend, C: PhaseClock>(
                     "profile: {} at {n} tokens (run {done}/{total})",
                     method.name()
                 ));
+                // What the previous run left in the pool is released and the ledger's peaks
+                // restart, so this run's peaks are its own.
+                engine.backend.trim_and_sync()?;
                 let mem = PhaseMemory::begin(memory, plan.interval)?;
                 let timed = clock.time(|| call(engine, method, n, req, plan.full_r));
                 let used: MemoryUse = mem.end()?;
                 let (out, secs) = timed?;
+                let ledger = report::LedgerUse {
+                    peak_bytes: engine.backend.memory_peak().map(|b| b as u64),
+                    tag_peaks: engine
+                        .backend
+                        .memory_breakdown()
+                        .into_iter()
+                        .map(|(tag, _, peak)| (tag, peak as u64))
+                        .collect(),
+                };
                 if out.generated != n {
                     return Err(Error::Backend(format!(
                         "{} produced {} tokens where {n} were forced",
@@ -638,19 +668,20 @@ fn run_all<B: Backend, C: PhaseClock>(
                         out.generated
                     )));
                 }
-                reps.push((out, secs, used));
+                reps.push((out, secs, used, ledger));
             }
             runs.push(RunRecord::from_repeats(
                 method,
                 n,
                 reps.into_iter()
-                    .map(|(o, s, u)| report::Rep {
+                    .map(|(o, s, u, l)| report::Rep {
                         latency_s: s,
                         vision_s: o.timings.vision_s,
                         prefill_s: o.timings.prefill_s,
                         decode_s: o.timings.decode_s,
-                        engine_maps_s: o.maps_s,
+                        maps_s: o.maps_s,
                         memory: u,
+                        ledger: l,
                     })
                     .collect(),
             ));

@@ -1,15 +1,18 @@
 //! The profile's results: per-run records, FastRM-vs-baseline ratios, and their three forms — a
-//! text table, a JSON document (`fastrm-profile-1`) and two PNG plots (latency and peak memory
+//! text table, a JSON document (`fastrm-profile-2`) and two PNG plots (latency and peak memory
 //! against output length, one line per method: the paper's figure 14).
 //!
 //! Definitions (also written into the JSON):
 //! - `latency`: end-to-end time of one call — vision tower, prefill, every decode step and every
-//!   map — from the phase clock.
-//! - `map latency`: a method's latency minus plain generation's at the same length (so exactly 0
-//!   for `generate`; within noise it can be slightly negative for a method that adds almost nothing).
+//!   map — from the phase clock; the median over the repetitions, with min, max and standard
+//!   deviation.
+//! - `map latency`: the engine's own timer around the map work of the call (synchronised with the
+//!   device at both ends), so 0 for `generate` and never negative; the median over repetitions.
 //! - `peak memory`: the most memory in use during the call (process RSS on the CPU — weights
 //!   included —, device memory on a GPU); `run memory`: peak minus the amount in use at the call's
 //!   start; `map memory`: a method's run memory minus plain generation's at the same length.
+//! - `ledger peak`: on a backend that keeps a memory ledger, the most bytes of live tensors and
+//!   op scratch at once during the call (weights included), and per tag.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -18,12 +21,13 @@ use serde_json::{json, Value};
 
 use super::memory::{MemorySource, MemoryUse};
 use super::{Plan, ProfMethod};
+use crate::backend::MemTag;
 use crate::error::{Error, Result};
 use crate::render::plot::{line_plot, Axis, LinePlot, Series, PALETTE};
 use crate::render::write_png;
 use crate::vision::RgbImage;
 
-pub const FORMAT: &str = "fastrm-profile-1";
+pub const FORMAT: &str = "fastrm-profile-2";
 pub const JSON_FILE: &str = "profile.json";
 pub const TABLE_FILE: &str = "profile.txt";
 pub const LATENCY_PLOT: &str = "latency.png";
@@ -54,16 +58,66 @@ pub struct Meta {
     pub warmup: String,
 }
 
+/// What a backend's memory ledger saw during one call.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LedgerUse {
+    /// Most bytes live at once, all tags together; `None` without a ledger (the CPU).
+    pub peak_bytes: Option<u64>,
+    /// Each tag's own peak.
+    pub tag_peaks: Vec<(MemTag, u64)>,
+}
+
 /// One repetition of one call.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Rep {
     pub latency_s: f64,
     pub vision_s: f64,
     pub prefill_s: f64,
     pub decode_s: f64,
-    /// The engine's own count of seconds spent on maps (explain methods; 0 for generate).
-    pub engine_maps_s: f64,
+    /// The engine's own synchronised timer around the map work (0 for generate).
+    pub maps_s: f64,
     pub memory: MemoryUse,
+    pub ledger: LedgerUse,
+}
+
+/// Median (the upper one of an even count: always one of the values), min, max and sample
+/// standard deviation of some repetitions.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Spread {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    pub sd: f64,
+}
+
+impl Spread {
+    pub fn of(values: &[f64]) -> Spread {
+        assert!(!values.is_empty(), "at least one value");
+        let mut v = values.to_vec();
+        v.sort_by(f64::total_cmp);
+        let n = v.len() as f64;
+        let mean = v.iter().sum::<f64>() / n;
+        let var = if v.len() > 1 {
+            v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)
+        } else {
+            0.0
+        };
+        Spread {
+            median: v[v.len() / 2],
+            min: v[0],
+            max: v[v.len() - 1],
+            sd: var.sqrt(),
+        }
+    }
+
+    fn json_ms(&self) -> Value {
+        json!({
+            "median": self.median * 1e3,
+            "min": self.min * 1e3,
+            "max": self.max * 1e3,
+            "sd": self.sd * 1e3,
+        })
+    }
 }
 
 /// One method at one output length, over its repetitions.
@@ -74,14 +128,18 @@ pub struct RunRecord {
     /// The median repetition's phases (by latency).
     pub median: Rep,
     pub latencies_s: Vec<f64>,
+    pub latency: Spread,
+    /// Each repetition's map time and their spread; `map.median` is the map latency.
+    pub maps_s: Vec<f64>,
+    pub map: Spread,
     /// Largest peak and largest run memory over the repetitions, smallest start.
     pub peak_bytes: u64,
     pub start_bytes: u64,
     pub run_bytes: u64,
     pub samples: usize,
     pub exact_peak: bool,
-    /// Filled by [`Report::new`]: latency minus generate's at this length.
-    pub map_latency_s: f64,
+    /// Largest ledger peak over the repetitions (all tags, then per tag).
+    pub ledger: LedgerUse,
     /// Filled by [`Report::new`]: run memory minus generate's at this length.
     pub map_bytes: i64,
 }
@@ -90,6 +148,21 @@ impl RunRecord {
     pub fn from_repeats(method: ProfMethod, tokens: usize, mut reps: Vec<Rep>) -> Self {
         assert!(!reps.is_empty(), "at least one repetition");
         let latencies_s: Vec<f64> = reps.iter().map(|r| r.latency_s).collect();
+        let maps_s: Vec<f64> = reps.iter().map(|r| r.maps_s).collect();
+        let ledger = LedgerUse {
+            peak_bytes: reps.iter().filter_map(|r| r.ledger.peak_bytes).max(),
+            tag_peaks: MemTag::ALL
+                .iter()
+                .filter_map(|&t| {
+                    reps.iter()
+                        .flat_map(|r| &r.ledger.tag_peaks)
+                        .filter(|(tag, _)| *tag == t)
+                        .map(|&(_, b)| b)
+                        .max()
+                        .map(|b| (t, b))
+                })
+                .collect(),
+        };
         let peak_bytes = reps.iter().map(|r| r.memory.peak_bytes).max().unwrap_or(0);
         let start_bytes = reps
             .iter()
@@ -100,24 +173,32 @@ impl RunRecord {
         let samples = reps.iter().map(|r| r.memory.samples).sum();
         let exact_peak = reps.iter().all(|r| r.memory.exact_peak);
         reps.sort_by(|a, b| a.latency_s.total_cmp(&b.latency_s));
-        let median = reps[reps.len() / 2];
+        let median = reps.swap_remove(reps.len() / 2);
         RunRecord {
             method,
             tokens,
             median,
+            latency: Spread::of(&latencies_s),
             latencies_s,
+            map: Spread::of(&maps_s),
+            maps_s,
             peak_bytes,
             start_bytes,
             run_bytes,
             samples,
             exact_peak,
-            map_latency_s: 0.0,
+            ledger,
             map_bytes: 0,
         }
     }
 
     pub fn latency_s(&self) -> f64 {
         self.median.latency_s
+    }
+
+    /// The map latency: the median of the direct map timers.
+    pub fn map_latency_s(&self) -> f64 {
+        self.map.median
     }
 }
 
@@ -129,14 +210,13 @@ pub struct Ratio {
     pub versus: ProfMethod,
     /// Baseline latency / FastRM latency (end to end).
     pub latency_speedup: f64,
-    /// Baseline map latency / FastRM map latency; `None` when FastRM's is not positive (its maps
-    /// cost less than this machine's timing noise).
+    /// Baseline map latency / FastRM map latency (both direct timers); `None` when FastRM's
+    /// is 0 (below the clock's resolution).
     pub map_latency_speedup: Option<f64>,
-    /// Baseline map time / FastRM map time, both from the engine's own timers around the map
-    /// work (direct, so meaningful even where FastRM's cost is below the end-to-end noise).
-    pub timed_map_speedup: Option<f64>,
     /// FastRM peak / baseline peak.
     pub peak_memory_ratio: f64,
+    /// FastRM ledger peak / baseline ledger peak, where the backend keeps a ledger.
+    pub ledger_peak_ratio: Option<f64>,
     /// FastRM map memory (0 when measured ≤ 0: below the resolution of process memory) /
     /// baseline map memory; `None` when the baseline's is not positive.
     pub map_memory_ratio: Option<f64>,
@@ -171,17 +251,16 @@ impl Report {
                 format!("GPU {device} used memory from NVML, sampled every {ms} ms")
             }
         };
-        let generate: Vec<(usize, f64, u64)> = runs
+        let generate: Vec<(usize, u64)> = runs
             .iter()
             .filter(|r| r.method == ProfMethod::Generate)
-            .map(|r| (r.tokens, r.latency_s(), r.run_bytes))
+            .map(|r| (r.tokens, r.run_bytes))
             .collect();
         for r in &mut runs {
             if r.method == ProfMethod::Generate {
                 continue;
             }
-            if let Some(&(_, lat, bytes)) = generate.iter().find(|g| g.0 == r.tokens) {
-                r.map_latency_s = r.latency_s() - lat;
+            if let Some(&(_, bytes)) = generate.iter().find(|g| g.0 == r.tokens) {
                 r.map_bytes = r.run_bytes as i64 - bytes as i64;
             }
         }
@@ -197,11 +276,13 @@ impl Report {
                     tokens: n,
                     versus,
                     latency_speedup: b.latency_s() / f.latency_s(),
-                    map_latency_speedup: (f.map_latency_s > 0.0)
-                        .then(|| b.map_latency_s / f.map_latency_s),
-                    timed_map_speedup: (f.median.engine_maps_s > 0.0)
-                        .then(|| b.median.engine_maps_s / f.median.engine_maps_s),
+                    map_latency_speedup: (f.map_latency_s() > 0.0)
+                        .then(|| b.map_latency_s() / f.map_latency_s()),
                     peak_memory_ratio: f.peak_bytes as f64 / b.peak_bytes as f64,
+                    ledger_peak_ratio: match (f.ledger.peak_bytes, b.ledger.peak_bytes) {
+                        (Some(f), Some(b)) if b > 0 => Some(f as f64 / b as f64),
+                        _ => None,
+                    },
                     map_memory_ratio: (b.map_bytes > 0)
                         .then(|| f.map_bytes.max(0) as f64 / b.map_bytes as f64),
                 });
@@ -212,7 +293,6 @@ impl Report {
 
     pub fn to_json(&self) -> Value {
         let m = &self.meta;
-        let ms = |s: f64| s * 1e3;
         json!({
             "format": FORMAT,
             "model": m.model,
@@ -235,43 +315,29 @@ impl Report {
             "warmup": m.warmup,
             "eos": "ignored: every run generates exactly `tokens` tokens",
             "definitions": {
-                "latency_ms": "end-to-end time of one call (vision, prefill, decode, maps)",
-                "map_latency_ms": "latency_ms minus generate's at the same length",
-                "engine_maps_ms": "the engine's own timer around the map computations",
-                "peak_memory_bytes": "most memory in use during the call (weights included)",
+                "latency_ms": "end-to-end time of one call (vision, prefill, decode, maps): the median over the repetitions",
+                "latency_spread_ms": "median, min, max and sample standard deviation of latency_ms_repeats",
+                "map_latency_ms": "the engine's own timer around the map work, synchronised with the device at both ends: the median of map_latency_ms_repeats (0 for generate)",
+                "peak_memory_bytes": "most memory in use during the call (weights included); the pool is trimmed before each call",
                 "run_memory_bytes": "peak_memory_bytes minus the memory in use at the call's start",
                 "map_memory_bytes": "run_memory_bytes minus generate's at the same length",
+                "ledger_peak_bytes": "most bytes of live tensors and op scratch at once during the call, weights included (null without a ledger: the CPU)",
+                "ledger_tag_peak_bytes": "each memory tag's own peak during the call",
                 "latency_speedup": "versus latency_ms / fastrm latency_ms",
-                "map_latency_speedup": "versus map_latency_ms / fastrm map_latency_ms (null when fastrm's is not positive)",
-                "timed_map_speedup": "versus engine_maps_ms / fastrm engine_maps_ms",
+                "map_latency_speedup": "versus map_latency_ms / fastrm map_latency_ms (null when fastrm's is 0)",
                 "peak_memory_ratio": "fastrm peak_memory_bytes / versus peak_memory_bytes",
+                "ledger_peak_ratio": "fastrm ledger_peak_bytes / versus ledger_peak_bytes",
                 "map_memory_ratio": "max(0, fastrm map_memory_bytes) / versus map_memory_bytes (null when versus's is not positive)",
             },
-            "runs": self.runs.iter().map(|r| json!({
-                "method": r.method.name(),
-                "tokens": r.tokens,
-                "latency_ms": ms(r.latency_s()),
-                "map_latency_ms": ms(r.map_latency_s),
-                "engine_maps_ms": ms(r.median.engine_maps_s),
-                "vision_ms": ms(r.median.vision_s),
-                "prefill_ms": ms(r.median.prefill_s),
-                "decode_ms": ms(r.median.decode_s),
-                "latency_ms_repeats": r.latencies_s.iter().map(|&s| ms(s)).collect::<Vec<_>>(),
-                "peak_memory_bytes": r.peak_bytes,
-                "start_memory_bytes": r.start_bytes,
-                "run_memory_bytes": r.run_bytes,
-                "map_memory_bytes": r.map_bytes,
-                "memory_samples": r.samples,
-                "exact_peak": r.exact_peak,
-            })).collect::<Vec<_>>(),
+            "runs": self.runs.iter().map(run_json).collect::<Vec<_>>(),
             "ratios": self.ratios.iter().map(|q| json!({
                 "tokens": q.tokens,
                 "versus": q.versus.name(),
                 "latency_speedup": q.latency_speedup,
                 "map_latency_speedup": q.map_latency_speedup,
-                "timed_map_speedup": q.timed_map_speedup,
                 "peak_memory_ratio": q.peak_memory_ratio,
                 "peak_memory_reduction_pct": (1.0 - q.peak_memory_ratio) * 100.0,
+                "ledger_peak_ratio": q.ledger_peak_ratio,
                 "map_memory_ratio": q.map_memory_ratio,
             })).collect::<Vec<_>>(),
         })
@@ -299,7 +365,8 @@ impl Report {
         }
         let _ = writeln!(
             s,
-            "EOS ignored (every run makes exactly N tokens); {} run(s) each, median latency{}",
+            "EOS ignored (every run makes exactly N tokens); {} run(s) each: median ± sample \
+             standard deviation{}",
             m.repeat,
             if m.full_r {
                 "; baseline with --full-r"
@@ -310,28 +377,44 @@ impl Report {
         let _ = writeln!(s);
         let _ = writeln!(
             s,
-            "{:>6}  {:<20} {:>11} {:>10} {:>10} {:>9} {:>9} {:>9}",
-            "tokens", "method", "latency ms", "maps ms", "maps ms*", "peak MB", "run MB", "maps MB"
+            "{:>6}  {:<20} {:>11} {:>8} {:>10} {:>8} {:>9} {:>9} {:>9} {:>9}",
+            "tokens",
+            "method",
+            "latency ms",
+            "± ms",
+            "maps ms",
+            "± ms",
+            "peak MB",
+            "run MB",
+            "maps MB",
+            "ledger MB"
         );
         for r in &self.runs {
+            let ledger = r
+                .ledger
+                .peak_bytes
+                .map_or("-".to_string(), |b| format!("{:.1}", mb(b as f64)));
             let _ = writeln!(
                 s,
-                "{:>6}  {:<20} {:>11.1} {:>10.1} {:>10.1} {:>9.1} {:>9.1} {:>9.1}",
+                "{:>6}  {:<20} {:>11.1} {:>8.1} {:>10.1} {:>8.1} {:>9.1} {:>9.1} {:>9.1} {:>9}",
                 r.tokens,
                 r.method.name(),
                 r.latency_s() * 1e3,
-                r.map_latency_s * 1e3,
-                r.median.engine_maps_s * 1e3,
+                r.latency.sd * 1e3,
+                r.map_latency_s() * 1e3,
+                r.map.sd * 1e3,
                 mb(r.peak_bytes as f64),
                 mb(r.run_bytes as f64),
                 mb(r.map_bytes as f64),
+                ledger,
             );
         }
         let _ = writeln!(
             s,
-            "maps ms: latency minus generate's at the same length; maps ms*: the engine's own \
-             timer around the map work; run MB: peak minus the memory in use at the run's start; \
-             maps MB: run MB minus generate's (MB = 10^6 bytes)"
+            "maps ms: the engine's own timer around the map work (not a difference of runs); \
+             run MB: peak minus the memory in use at the run's start; maps MB: run MB minus \
+             generate's; ledger MB: peak of live tensors and scratch, weights included, where the \
+             backend keeps a ledger (MB = 10^6 bytes)"
         );
         if !self.ratios.is_empty() {
             let _ = writeln!(s);
@@ -341,27 +424,27 @@ impl Report {
             );
             let _ = writeln!(
                 s,
-                "{:>6}  {:<20} {:>9} {:>13} {:>14} {:>11} {:>11}",
+                "{:>6}  {:<20} {:>9} {:>13} {:>11} {:>13} {:>11}",
                 "tokens",
                 "versus",
                 "speedup",
                 "maps speedup",
-                "maps speedup*",
                 "peak ratio",
+                "ledger ratio",
                 "maps ratio"
             );
-            let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
+            let opt = |v: Option<f64>, p: usize| v.map_or("-".to_string(), |v| format!("{v:.p$}"));
             for q in &self.ratios {
                 let _ = writeln!(
                     s,
-                    "{:>6}  {:<20} {:>9.2} {:>13} {:>14} {:>11.3} {:>11}",
+                    "{:>6}  {:<20} {:>9.2} {:>13} {:>11.3} {:>13} {:>11}",
                     q.tokens,
                     q.versus.name(),
                     q.latency_speedup,
-                    opt(q.map_latency_speedup),
-                    opt(q.timed_map_speedup),
+                    opt(q.map_latency_speedup, 2),
                     q.peak_memory_ratio,
-                    opt(q.map_memory_ratio),
+                    opt(q.ledger_peak_ratio, 3),
+                    opt(q.map_memory_ratio, 2),
                 );
             }
         }
@@ -498,6 +581,34 @@ impl Report {
         }
         Ok(())
     }
+}
+
+/// One run in the JSON document.
+fn run_json(r: &RunRecord) -> Value {
+    let ms = |s: f64| s * 1e3;
+    json!({
+            "method": r.method.name(),
+            "tokens": r.tokens,
+            "latency_ms": ms(r.latency_s()),
+            "latency_spread_ms": r.latency.json_ms(),
+            "map_latency_ms": ms(r.map_latency_s()),
+            "map_latency_spread_ms": r.map.json_ms(),
+            "vision_ms": ms(r.median.vision_s),
+            "prefill_ms": ms(r.median.prefill_s),
+            "decode_ms": ms(r.median.decode_s),
+            "latency_ms_repeats": r.latencies_s.iter().map(|&s| ms(s)).collect::<Vec<_>>(),
+            "map_latency_ms_repeats": r.maps_s.iter().map(|&s| ms(s)).collect::<Vec<_>>(),
+            "peak_memory_bytes": r.peak_bytes,
+            "start_memory_bytes": r.start_bytes,
+            "run_memory_bytes": r.run_bytes,
+            "map_memory_bytes": r.map_bytes,
+            "ledger_peak_bytes": r.ledger.peak_bytes,
+            "ledger_tag_peak_bytes": r.ledger.tag_peaks.iter()
+                .map(|(t, b)| (t.name().to_string(), json!(b)))
+                .collect::<serde_json::Map<String, Value>>(),
+            "memory_samples": r.samples,
+            "exact_peak": r.exact_peak,
+    })
 }
 
 /// One colour per method, the same in every plot.

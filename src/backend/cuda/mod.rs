@@ -15,10 +15,11 @@
 //! missing; nothing here panics on a machine without CUDA.
 
 mod ops;
+pub mod preflight;
 #[cfg(feature = "sim")]
 mod sim;
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
@@ -49,6 +50,7 @@ pub const PTX: &[(&str, &str)] = &[
         include_str!("../../../kernels/ptx/elementwise.ptx"),
     ),
     ("fastrm", include_str!("../../../kernels/ptx/fastrm.ptx")),
+    ("linear", include_str!("../../../kernels/ptx/linear.ptx")),
     ("misc", include_str!("../../../kernels/ptx/misc.ptx")),
     ("norm", include_str!("../../../kernels/ptx/norm.ptx")),
     ("rope", include_str!("../../../kernels/ptx/rope.ptx")),
@@ -157,6 +159,16 @@ impl Ledger {
     fn sub(&self, tag: MemTag, bytes: usize) {
         self.live[tag as usize].fetch_sub(bytes, Ordering::Relaxed);
     }
+    /// Restarts every peak from the bytes live now, so the next peaks are one run's own.
+    fn reset_peaks(&self) {
+        let mut total = 0;
+        for (live, peak) in self.live.iter().zip(&self.peak) {
+            let now = live.load(Ordering::Relaxed);
+            peak.store(now, Ordering::Relaxed);
+            total += now;
+        }
+        self.total_peak.store(total, Ordering::Relaxed);
+    }
     fn current(&self) -> MemTag {
         MemTag::ALL[self.tag.load(Ordering::Relaxed) as usize]
     }
@@ -187,20 +199,51 @@ enum Mem<U> {
     Sim(sim::HostMem, PhantomData<U>),
 }
 
+/// Bytes charged to a tag in the ledger until dropped.
+struct Charge {
+    tag: MemTag,
+    bytes: usize,
+    ledger: Arc<Ledger>,
+}
+
+impl Charge {
+    fn new(ledger: &Arc<Ledger>, tag: MemTag, bytes: usize) -> Self {
+        ledger.add(tag, bytes);
+        Charge {
+            tag,
+            bytes,
+            ledger: ledger.clone(),
+        }
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.ledger.sub(self.tag, self.bytes);
+    }
+}
+
+/// Device memory that is not a tensor (an op's scratch, uploaded indices), charged to a tag
+/// while it lives like every tensor.
+struct Buffer<U> {
+    mem: Mem<U>,
+    _charge: Charge,
+}
+
+impl<U> std::ops::Deref for Buffer<U> {
+    type Target = Mem<U>;
+    fn deref(&self) -> &Mem<U> {
+        &self.mem
+    }
+}
+
 /// A device matrix `[rows, cols]`, row-major. Its bytes stay charged to the tag that was current
 /// when it was allocated until it is dropped.
 pub struct CudaTensor<T: Elem> {
     buf: Mem<T>,
     rows: usize,
     cols: usize,
-    tag: MemTag,
-    ledger: Arc<Ledger>,
-}
-
-impl<T: Elem> Drop for CudaTensor<T> {
-    fn drop(&mut self) {
-        self.ledger.sub(self.tag, alloc_bytes::<T>(self.len()));
-    }
+    _charge: Charge,
 }
 
 impl<T: Elem> CudaTensor<T> {
@@ -262,11 +305,20 @@ impl Event {
 /// The CUDA backend over storage type `T` (`f16`, `bf16`, or `f32` for tight parity tests).
 pub struct Cuda<T: Elem> {
     dev: Device,
-    inv_freq: RefCell<HashMap<(usize, u32), Mem<f32>>>,
+    inv_freq: RefCell<HashMap<(usize, u32), Buffer<f32>>>,
     ledger: Arc<Ledger>,
     /// Fill every new allocation with NaN bytes (tests): a kernel that forgets to write an output
     /// element then shows up as NaN instead of passing on leftover zeros.
     poison: bool,
+    /// Decode-sized linears (a few rows) by `linear_gemv_fwd` rather than cuBLAS; both stay
+    /// available so one run can measure them side by side (`FASTRM_CUDA_GEMV=0` turns it off).
+    gemv: Cell<bool>,
+    /// The decoder's fused launches (residual add + RMSNorm, RoPE of q and k) rather than one
+    /// launch per op, for the same side-by-side measurement (`FASTRM_CUDA_FUSE=0` turns it off).
+    fuse: Cell<bool>,
+    /// Kernel launches and cuBLAS calls queued so far (a decode step's count must not grow with
+    /// its position).
+    launches: Cell<u64>,
     _t: PhantomData<T>,
 }
 
@@ -371,6 +423,9 @@ impl<T: Elem> Cuda<T> {
             inv_freq: RefCell::new(HashMap::new()),
             ledger: Arc::new(Ledger::default()),
             poison: false,
+            gemv: Cell::new(std::env::var("FASTRM_CUDA_GEMV").map_or(true, |v| v != "0")),
+            fuse: Cell::new(std::env::var("FASTRM_CUDA_FUSE").map_or(true, |v| v != "0")),
+            launches: Cell::new(0),
             _t: PhantomData,
         }
     }
@@ -379,6 +434,29 @@ impl<T: Elem> Cuda<T> {
     pub fn poisoned(mut self) -> Self {
         self.poison = true;
         self
+    }
+
+    /// Chooses the decode linears' path: `linear_gemv_fwd` (`true`) or cuBLAS.
+    pub fn set_gemv(&self, on: bool) {
+        self.gemv.set(on);
+    }
+
+    pub fn gemv_enabled(&self) -> bool {
+        self.gemv.get()
+    }
+
+    /// Chooses between the fused decoder launches (`true`) and one launch per op.
+    pub fn set_fuse(&self, on: bool) {
+        self.fuse.set(on);
+    }
+
+    pub fn fuse_enabled(&self) -> bool {
+        self.fuse.get()
+    }
+
+    /// Kernel launches plus cuBLAS calls queued on this backend so far.
+    pub fn launch_count(&self) -> u64 {
+        self.launches.get()
     }
 
     /// Whether this is the host simulator rather than a GPU.
@@ -415,6 +493,26 @@ impl<T: Elem> Cuda<T> {
             #[cfg(feature = "sim")]
             Device::Sim => Ok(()),
         }
+    }
+
+    /// Waits for queued work, returns the pool's cached free blocks to the driver (so the GPU's
+    /// used memory is what is live: weights, caches the engine holds) and restarts the ledger's
+    /// peaks. The next allocations come from the driver again, which a measured run pays for.
+    pub fn trim_and_sync(&self) -> Result<()> {
+        self.synchronize()?;
+        #[cfg(feature = "cuda")]
+        if let Device::Gpu(g) = &self.dev {
+            if g.ctx.has_async_alloc() {
+                let pool = default_pool(&g.ctx)?;
+                // SAFETY: a plain driver call on the device's own pool; after the synchronisation
+                // every block freed on our stream is free in the pool.
+                unsafe { drv_sys::cuMemPoolTrimTo(pool, 0) }
+                    .result()
+                    .map_err(|e| drv_err("memory pool trim", e))?;
+            }
+        }
+        self.ledger.reset_peaks();
+        Ok(())
     }
 
     /// Records a timing event on the stream (`CU_EVENT_DEFAULT`: cudarc's default flags disable
@@ -588,25 +686,34 @@ impl<T: Elem> Cuda<T> {
                 self.ledger.current().name()
             )
         })?;
-        let tag = self.ledger.current();
-        self.ledger.add(tag, bytes);
         Ok(CudaTensor {
             buf,
             rows,
             cols,
-            tag,
-            ledger: self.ledger.clone(),
+            _charge: Charge::new(&self.ledger, self.ledger.current(), bytes),
         })
     }
 
-    /// Scratch memory for one op's intermediate values (not charged to a tag).
-    fn scratch<U: Repr>(&self, n: usize) -> Result<Mem<U>> {
-        self.mem::<U>(n, || format!("allocating {n} scratch values"))
+    /// `n` values of `U` charged to `tag` while they live.
+    fn buffer<U: Repr>(&self, n: usize, tag: MemTag) -> Result<Buffer<U>> {
+        let bytes = alloc_bytes::<U>(n);
+        let mem = self.mem::<U>(n, || {
+            format!("allocating {:.1} MB ({})", bytes as f64 / 1e6, tag.name())
+        })?;
+        Ok(Buffer {
+            mem,
+            _charge: Charge::new(&self.ledger, tag, bytes),
+        })
     }
 
-    /// `host` copied into fresh device memory.
-    fn to_device<U: Repr>(&self, host: &[U]) -> Result<Mem<U>> {
-        let m = self.scratch::<U>(host.len())?;
+    /// Scratch memory for one op's intermediate values.
+    fn scratch<U: Repr>(&self, n: usize) -> Result<Buffer<U>> {
+        self.buffer(n, MemTag::Scratch)
+    }
+
+    /// `host` copied into fresh device memory charged to `tag`.
+    fn to_device<U: Repr>(&self, host: &[U], tag: MemTag) -> Result<Buffer<U>> {
+        let m = self.buffer::<U>(host.len(), tag)?;
         self.write(self.addr(&m), host)?;
         Ok(m)
     }
@@ -617,6 +724,7 @@ impl<T: Elem> Cuda<T> {
 
     /// Launches `op` with `args` (each a reference to a `DeviceRepr` value: raw pointers as u64).
     fn launch(&self, op: &'static str, cfg: LaunchConfig, args: &[&dyn KernelArg]) -> Result<()> {
+        self.launches.set(self.launches.get() + 1);
         match &self.dev {
             #[cfg(feature = "cuda")]
             Device::Gpu(g) => {
@@ -650,6 +758,7 @@ impl<T: Elem> Cuda<T> {
     /// One cuBLAS GEMM (column-major, as cuBLAS sees it) with f32 accumulation; `c_f32` writes
     /// an f32 output instead of `T`. `batch > 1` strides every operand. `C = α·op(A)·op(B) + β·C`.
     fn gemm(&self, g: Gemm) -> Result<()> {
+        self.launches.set(self.launches.get() + 1);
         match &self.dev {
             #[cfg(feature = "cuda")]
             Device::Gpu(gpu) => cublas_gemm(&gpu.blas, g, T::BLAS),
@@ -664,7 +773,9 @@ impl<T: Elem> Cuda<T> {
         if let Some(m) = self.inv_freq.borrow().get(&key) {
             return Ok(self.addr(m));
         }
-        let m = self.to_device(&crate::backend::cpu::rope_inv_freq(head_dim, theta))?;
+        // A constant table kept for the engine's life, like the weights.
+        let inv = crate::backend::cpu::rope_inv_freq(head_dim, theta);
+        let m = self.to_device(&inv, MemTag::Weights)?;
         let p = self.addr(&m);
         self.inv_freq.borrow_mut().insert(key, m);
         Ok(p)
@@ -724,13 +835,10 @@ fn cublas_gemm(blas: &CudaBlas, g: Gemm, ab: blas_sys::cudaDataType) -> Result<(
 /// synchronisation, so steady-state decoding never allocates from the driver.
 #[cfg(feature = "cuda")]
 fn keep_pool_memory(ctx: &Arc<CudaContext>) -> Result<()> {
-    let mut pool: drv_sys::CUmemoryPool = std::ptr::null_mut();
+    let pool = default_pool(ctx)?;
     let mut threshold: u64 = u64::MAX;
-    // SAFETY: plain driver calls on the context's own device with valid out-pointers.
+    // SAFETY: a plain driver call on the device's own pool with a valid value pointer.
     unsafe {
-        drv_sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
-            .result()
-            .map_err(|e| drv_err("memory pool", e))?;
         drv_sys::cuMemPoolSetAttribute(
             pool,
             drv_sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
@@ -740,6 +848,17 @@ fn keep_pool_memory(ctx: &Arc<CudaContext>) -> Result<()> {
         .map_err(|e| drv_err("memory pool threshold", e))?;
     }
     Ok(())
+}
+
+/// The device's default stream-ordered pool, which `cuMemAllocAsync` allocates from.
+#[cfg(feature = "cuda")]
+fn default_pool(ctx: &Arc<CudaContext>) -> Result<drv_sys::CUmemoryPool> {
+    let mut pool: drv_sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: a plain driver call on the context's own device with a valid out-pointer.
+    unsafe { drv_sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) }
+        .result()
+        .map_err(|e| drv_err("memory pool", e))?;
+    Ok(pool)
 }
 
 /// cuBLAS's view of one product `C = op(A)·op(B)` (column-major; pointers are raw device

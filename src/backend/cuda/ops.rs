@@ -11,6 +11,10 @@ use crate::checkpoint::{StoredTensor, TensorRef};
 use crate::error::{Error, Result};
 
 const NORM_BLOCK: u32 = 256;
+/// Rows of x that `linear_gemv_fwd` takes (its `GEMV_MAX_ROWS`); more go to cuBLAS.
+const GEMV_MAX_ROWS: usize = 4;
+/// Warps per `linear_gemv_fwd` block, one output column each.
+const GEMV_WARPS: usize = 8;
 /// Query rows up to which attention takes the flash-decoding kernels rather than cuBLAS.
 const DECODE_MAX_QUERIES: usize = 8;
 /// Keys per block in the decoding kernel.
@@ -28,6 +32,20 @@ fn same(op: &str, a: (usize, usize), b: (usize, usize)) -> Result<()> {
 fn row_vec(op: &str, v: (usize, usize), cols: usize) -> Result<()> {
     if v != (1, cols) {
         return Err(shape_err(op, format!("expected [1, {cols}], got {v:?}")));
+    }
+    Ok(())
+}
+
+/// Rotary embedding needs whole heads of even size.
+fn check_heads<T: Elem>(x: &CudaTensor<T>, head_dim: usize) -> Result<()> {
+    if head_dim == 0 || !head_dim.is_multiple_of(2) || !x.cols.is_multiple_of(head_dim) {
+        return Err(shape_err(
+            "rope",
+            format!(
+                "{} columns do not split into heads of even size {head_dim}",
+                x.cols
+            ),
+        ));
     }
     Ok(())
 }
@@ -67,15 +85,7 @@ impl<T: Elem> Cuda<T> {
         theta: f32,
         sign: f32,
     ) -> Result<CudaTensor<T>> {
-        if head_dim == 0 || head_dim % 2 != 0 || x.cols % head_dim != 0 {
-            return Err(shape_err(
-                "rope",
-                format!(
-                    "{} columns do not split into heads of even size {head_dim}",
-                    x.cols
-                ),
-            ));
-        }
+        check_heads(x, head_dim)?;
         let inv = self.inv_freq(head_dim, theta)?;
         let out = self.alloc(x.rows, x.cols)?;
         if x.rows > 0 {
@@ -155,7 +165,7 @@ impl<T: Elem> Cuda<T> {
             }
             Some(m) => {
                 let bytes: Vec<u8> = m[..kv].iter().map(|&b| b as u8).collect();
-                Some(self.to_device(&bytes)?)
+                Some(self.to_device(&bytes, MemTag::Scratch)?)
             }
             None => None,
         };
@@ -336,6 +346,38 @@ impl<T: Elem> Cuda<T> {
         Ok(())
     }
 
+    /// `x · wᵀ (+ b)` for a decode step's few rows, by `linear_gemv_fwd` (shapes checked by
+    /// `linear`). The 16-byte path needs every row of `x` and `w` to start on 16 bytes.
+    fn gemv(
+        &self,
+        x: &CudaTensor<T>,
+        w: &CudaTensor<T>,
+        bias: Option<&CudaTensor<T>>,
+    ) -> Result<CudaTensor<T>> {
+        let y = self.alloc(x.rows, w.rows)?;
+        let (xp, wp) = (self.ptr(x), self.ptr(w));
+        let bp = bias.map_or(0, |b| self.ptr(b));
+        let row_bytes = x.cols * std::mem::size_of::<T>();
+        let vec = i32::from(
+            row_bytes.is_multiple_of(16) && xp.is_multiple_of(16) && wp.is_multiple_of(16),
+        );
+        let (m, k, n) = (
+            i32_dim("linear", x.rows)?,
+            i32_dim("linear", x.cols)?,
+            i32_dim("linear", w.rows)?,
+        );
+        self.launch(
+            "linear_gemv_fwd",
+            LaunchConfig {
+                grid_dim: (w.rows.div_ceil(GEMV_WARPS) as u32, 1, 1),
+                block_dim: (GEMV_WARPS as u32 * 32, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            &[&self.ptr(&y), &xp, &wp, &bp, &m, &k, &n, &vec],
+        )?;
+        Ok(y)
+    }
+
     /// Row-major `out[m, n] = a[m, k] · b` where `b` is `[k, n]` (`b_t = false`) or `[n, k]`
     /// (`b_t = true`).
     fn product(
@@ -438,6 +480,18 @@ impl<T: Elem> Backend for Cuda<T> {
         self.ledger.report().0
     }
 
+    fn memory_peak(&self) -> Option<usize> {
+        Some(self.ledger.report().1)
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        Cuda::synchronize(self)
+    }
+
+    fn trim_and_sync(&self) -> Result<()> {
+        Cuda::trim_and_sync(self)
+    }
+
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor<T>> {
         if data.len() != rows * cols {
             return Err(shape_err(
@@ -510,6 +564,9 @@ impl<T: Elem> Backend for Cuda<T> {
         if let Some(b) = bias {
             row_vec("linear bias", b.dims(), w.rows)?;
         }
+        if self.gemv_enabled() && x.rows <= GEMV_MAX_ROWS && x.len() > 0 && w.len() > 0 {
+            return self.gemv(x, w, bias);
+        }
         let y = self.product(x, w, true, x.rows, w.rows, x.cols)?;
         if let Some(b) = bias {
             if y.len() > 0 {
@@ -542,6 +599,45 @@ impl<T: Elem> Backend for Cuda<T> {
             )?;
         }
         Ok(out)
+    }
+
+    fn add_rms_norm(
+        &self,
+        a: &CudaTensor<T>,
+        b: &CudaTensor<T>,
+        w: &CudaTensor<T>,
+        eps: f32,
+    ) -> Result<(CudaTensor<T>, CudaTensor<T>)> {
+        if a.dims() != b.dims() {
+            return Err(shape_err(
+                "add_rms_norm",
+                format!("{:?} + {:?}", a.dims(), b.dims()),
+            ));
+        }
+        row_vec("rms_norm weight", w.dims(), a.cols)?;
+        if !self.fuse_enabled() {
+            let sum = self.add(a, b)?;
+            let out = self.rms_norm(&sum, w, eps)?;
+            return Ok((sum, out));
+        }
+        let (sum, out) = (self.alloc(a.rows, a.cols)?, self.alloc(a.rows, a.cols)?);
+        if a.len() > 0 {
+            let cols = i32_dim("add_rms_norm", a.cols)?;
+            self.launch(
+                "add_rms_norm_fwd",
+                per_row(a.rows, NORM_BLOCK, 0),
+                &[
+                    &self.ptr(&sum),
+                    &self.ptr(&out),
+                    &self.ptr(a),
+                    &self.ptr(b),
+                    &self.ptr(w),
+                    &cols,
+                    &eps,
+                ],
+            )?;
+        }
+        Ok((sum, out))
     }
 
     fn layer_norm(
@@ -602,6 +698,61 @@ impl<T: Elem> Backend for Cuda<T> {
         self.rotate(x, head_dim, pos0, theta, 1.0)
     }
 
+    fn rope_qk(
+        &self,
+        q: &CudaTensor<T>,
+        k: &CudaTensor<T>,
+        head_dim: usize,
+        pos0: usize,
+        theta: f32,
+    ) -> Result<(CudaTensor<T>, CudaTensor<T>)> {
+        if q.rows != k.rows {
+            return Err(shape_err(
+                "rope",
+                format!(
+                    "queries {:?} and keys {:?} differ in rows",
+                    q.dims(),
+                    k.dims()
+                ),
+            ));
+        }
+        for x in [q, k] {
+            check_heads(x, head_dim)?;
+        }
+        if !self.fuse_enabled() {
+            return Ok((
+                self.rope(q, head_dim, pos0, theta)?,
+                self.rope(k, head_dim, pos0, theta)?,
+            ));
+        }
+        let inv = self.inv_freq(head_dim, theta)?;
+        let (q_out, k_out) = (self.alloc(q.rows, q.cols)?, self.alloc(k.rows, k.cols)?);
+        if q.rows > 0 {
+            let (qc, kc, hd, p0) = (
+                i32_dim("rope", q.cols)?,
+                i32_dim("rope", k.cols)?,
+                head_dim as i32,
+                i32_dim("rope", pos0 + q.rows)? - q.rows as i32,
+            );
+            self.launch(
+                "rope_qk_fwd",
+                per_row(q.rows, 128, 0),
+                &[
+                    &self.ptr(&q_out),
+                    &self.ptr(q),
+                    &self.ptr(&k_out),
+                    &self.ptr(k),
+                    &inv,
+                    &qc,
+                    &kc,
+                    &hd,
+                    &p0,
+                ],
+            )?;
+        }
+        Ok((q_out, k_out))
+    }
+
     fn attention(
         &self,
         q: &CudaTensor<T>,
@@ -632,7 +783,7 @@ impl<T: Elem> Backend for Cuda<T> {
         }
         let out = self.alloc(ids.len(), table.cols)?;
         if !ids.is_empty() {
-            let dev_ids = self.to_device(ids)?;
+            let dev_ids = self.to_device(ids, MemTag::Scratch)?;
             let d = i32_dim("embedding", table.cols)?;
             self.launch(
                 "embedding_fwd",

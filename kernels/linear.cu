@@ -1,0 +1,56 @@
+// The decode step's linears: y[i, n] = x[i, :] . w[n, :] (+ b[n]) for a few rows of x (batch 1 is
+// one row). cuBLAS runs these as GEMMs with n = 1 and leaves much of the bandwidth unused at 4096²;
+// the product is a pure read of w, so this kernel streams w once with 16-byte loads, keeps every
+// partial sum in f32, and adds the bias before the single rounding of y (no second launch).
+// Reads x [m, K], w [N, K], b [N] or null; writes y [m, N]. Nothing is saved.
+//   linear_gemv_fwd   grid: (ceil(N / warps per block)), block: 256; m <= GEMV_MAX_ROWS
+// Each warp owns one output column n: its lanes walk w[n, :] in 16-byte packs (`vec` set when K
+// and every pointer allow it; the launcher checks), four packs in flight per lane, so a warp has
+// 2 KB of w outstanding. x is re-read by every warp and stays in L1/L2.
+#include "common.cuh"
+
+#define GEMV_MAX_ROWS 4
+
+template <typename T>
+__device__ void linear_gemv_fwd_impl(T* y, const T* x, const T* w, const T* b, int m, int K, int N, int vec) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+    const long long n = (long long)blockIdx.x * n_warps + warp;
+    if (n >= N) return;  // whole warps leave together: no shuffle below runs in a partial warp
+    const T* wr = w + n * K;
+    float acc[GEMV_MAX_ROWS] = {0.f, 0.f, 0.f, 0.f};
+    if (vec) {
+        constexpr int V = 16 / sizeof(T);
+        const int packs = K / V;
+        const uint4* wp = reinterpret_cast<const uint4*>(wr);
+#pragma unroll 4
+        for (int c = lane; c < packs; c += 32) {
+            const uint4 wv = wp[c];
+            T we[V];
+            memcpy(we, &wv, 16);
+#pragma unroll
+            for (int i = 0; i < GEMV_MAX_ROWS; ++i) {
+                if (i >= m) break;
+                const uint4 xv = reinterpret_cast<const uint4*>(x + (long long)i * K)[c];
+                T xe[V];
+                memcpy(xe, &xv, 16);
+                float s = 0.f;
+#pragma unroll
+                for (int j = 0; j < V; ++j) s += to_f32(we[j]) * to_f32(xe[j]);
+                acc[i] += s;
+            }
+        }
+    } else {
+        for (int t = lane; t < K; t += 32) {
+            const float wv = to_f32(wr[t]);
+            for (int i = 0; i < m; ++i) acc[i] += wv * to_f32(x[(long long)i * K + t]);
+        }
+    }
+    const float bias = b ? to_f32(b[n]) : 0.f;
+#pragma unroll
+    for (int i = 0; i < GEMV_MAX_ROWS; ++i) {
+        const float s = warp_sum(acc[i]);  // every lane takes part, whatever m is
+        if (lane == 0 && i < m) y[(long long)i * N + n] = from_f32<T>(s + bias);
+    }
+}
+#define GEMV_PARAMS(T) (T* y, const T* x, const T* w, const T* b, int m, int K, int N, int vec)
+FASTRM_INSTANTIATE(linear_gemv_fwd, GEMV_PARAMS, (y, x, w, b, m, K, N, vec))
