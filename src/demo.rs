@@ -38,6 +38,14 @@ const FILES: &[(&str, &[u8])] = &[
     ("image.png", include_bytes!("../assets/demo/image.png")),
 ];
 
+/// The demo model's `tokenizer.json`, as embedded.
+pub fn tokenizer_json() -> &'static [u8] {
+    FILES
+        .iter()
+        .find(|(p, _)| *p == "model/tokenizer.json")
+        .map_or(&[], |(_, b)| b)
+}
+
 /// The demo model folder (HF llava-hf layout).
 pub fn model_dir() -> Result<PathBuf> {
     Ok(dir()?.join("model"))

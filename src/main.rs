@@ -103,6 +103,10 @@ enum Cmd {
     /// An OpenAI-compatible chat-completions server (SSE streaming) whose answers can carry each
     /// token's relevancy map; one engine behind a bounded queue.
     Serve(fastrm::serve::ServeArgs),
+    /// Write a model folder in the llava-hf hub layout with seeded synthetic weights (sharded
+    /// safetensors + index, config, preprocessor config, tokenizer, a random FastRM head): a
+    /// real-size checkpoint without a download.
+    SynthModel(SynthModelArgs),
     /// Device check's pre-flight: open the CUDA backend, run one cuBLAS GEMM against the CPU and
     /// print the loaded driver/cuBLAS/NVML files, driver version and device name as JSON.
     #[command(hide = true)]
@@ -111,6 +115,28 @@ enum Cmd {
         #[arg(long)]
         sim: bool,
     },
+}
+
+#[derive(Args)]
+struct SynthModelArgs {
+    /// The folder to create (must not exist).
+    #[arg(long)]
+    out: PathBuf,
+    /// A published config to write: llava-1.5-7b (the llava-hf config.json, 14 GB in f16).
+    #[arg(long, conflicts_with = "config", required_unless_present = "config")]
+    like: Option<String>,
+    /// A config.json file to write instead (e.g. benches/midsize_config.json: 0.1 GB in f16).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Stored dtype of the weights.
+    #[arg(long, value_enum, default_value = "f16")]
+    dtype: fastrm::Dtype,
+    /// Number of safetensors shards (model-0000N-of-0000S.safetensors + index; 1: model.safetensors).
+    #[arg(long, default_value_t = 3)]
+    shards: usize,
+    /// Seed of the weights (the values `synthetic:` models draw with the same seed).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 fn main() -> ExitCode {
@@ -206,6 +232,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Eval(args) => job(StatusLine::timed(), || fastrm::eval::run(args)),
         Cmd::Profile(args) => job(StatusLine::plain(), || fastrm::profile::run(args)),
         Cmd::Serve(args) => job(StatusLine::plain(), || fastrm::serve::run(args)),
+        Cmd::SynthModel(args) => job(StatusLine::timed(), || synth_model(&args)),
         Cmd::GpuCheck { sim } => gpu_check(sim),
     }
 }
@@ -216,6 +243,41 @@ fn job(line: StatusLine, f: impl FnOnce() -> Result<()>) -> Result<()> {
     let r = f();
     fastrm::status::clear();
     r
+}
+
+fn synth_model(args: &SynthModelArgs) -> Result<()> {
+    use fastrm::checkpoint::{synth, DType};
+    let config = match (&args.like, &args.config) {
+        (Some(name), _) if name == "llava-1.5-7b" => fastrm::config::HUB_7B.to_string(),
+        (Some(name), _) => {
+            return Err(Error::input(format!(
+                "--like {name}: known: llava-1.5-7b (or pass --config FILE)"
+            )))
+        }
+        (None, Some(path)) => std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?,
+        (None, None) => return Err(Error::input("give --like NAME or --config FILE")),
+    };
+    let opts = synth::SynthOptions {
+        dtype: match args.dtype {
+            fastrm::Dtype::F16 => DType::F16,
+            fastrm::Dtype::Bf16 => DType::BF16,
+            fastrm::Dtype::F32 => DType::F32,
+        },
+        shards: args.shards,
+        seed: args.seed,
+    };
+    let t0 = std::time::Instant::now();
+    let w = synth::write_model(&args.out, &config, &opts)?;
+    fastrm::status::clear();
+    outln!(
+        "{}: {} tensors, {:.2} B parameters, {:.2} GB in {} shard(s), {:.1} s",
+        w.dir.display(),
+        w.tensors,
+        w.parameters as f64 / 1e9,
+        w.bytes as f64 / 1e9,
+        w.shards.len(),
+        t0.elapsed().as_secs_f64()
+    )
 }
 
 struct ExplainArgs {

@@ -280,7 +280,15 @@ fn demo_model_runs_outside_the_source_tree() {
 /// flags sharing a short name, which would otherwise panic at run time.
 #[test]
 fn every_command_has_help() {
-    for cmd in ["generate", "explain", "train", "distill", "eval", "profile"] {
+    for cmd in [
+        "generate",
+        "explain",
+        "train",
+        "distill",
+        "eval",
+        "profile",
+        "synth-model",
+    ] {
         let out = fastrm(&[cmd, "--help"]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{cmd} --help: {stderr}");
@@ -294,6 +302,39 @@ fn every_command_has_help() {
         }
     }
     assert!(fastrm(&["--help"]).status.success());
+}
+
+/// `synth-model` refuses what it cannot write before writing anything, naming the problem.
+#[test]
+fn synth_model_refuses_bad_arguments() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fresh = tmp.path().join("new");
+    let fresh = fresh.to_str().unwrap();
+    let existing = tmp.path().to_str().unwrap();
+    let cases: [(&[&str], &[&str]); 4] = [
+        (
+            &["--like", "llava-9b", "--out", fresh],
+            &["llava-9b", "llava-1.5-7b"],
+        ),
+        (
+            &["--like", "llava-1.5-7b", "--out", existing],
+            &["already exists"],
+        ),
+        (
+            &["--config", "/no/such.json", "--out", fresh],
+            &["/no/such.json"],
+        ),
+        (
+            &["--like", "llava-1.5-7b", "--shards", "0", "--out", fresh],
+            &["--shards"],
+        ),
+    ];
+    for (args, needles) in cases {
+        let mut all = vec!["synth-model"];
+        all.extend(args);
+        assert_fails(&fastrm(&all), needles);
+    }
+    assert!(!tmp.path().join("new").exists(), "nothing written");
 }
 
 /// A build without the `cuda` feature refuses a GPU with a reason, not a crash.

@@ -6,7 +6,7 @@ mod common;
 
 use common::{fixture_dir, fixture_image, read_safetensors};
 use fastrm::backend::cpu::Cpu;
-use fastrm::checkpoint::{Checkpoint, DType};
+use fastrm::checkpoint::{Checkpoint, DType, StoredTensor};
 use fastrm::{Engine, GenerateOptions, Request};
 
 #[test]
@@ -116,9 +116,14 @@ fn synthetic_weights_build_the_same_program() {
 fn models_too_large_for_memory_are_refused_before_loading() {
     use fastrm::backend::Backend;
     // 2^50 f32 values: 4.5 PB, more than any machine this runs on.
-    let e = Cpu.check_weight_memory(1 << 50).unwrap_err();
+    let f32s = |values: usize| StoredTensor {
+        dtype: DType::F32,
+        rows: 1 << 10,
+        cols: values >> 10,
+    };
+    let e = Cpu.check_weight_memory(&[f32s(1 << 50)]).unwrap_err();
     assert!(matches!(e, fastrm::Error::OutOfMemory(_)), "{e:?}");
     let e = e.to_string();
     assert!(e.contains("GB") && e.contains("available"), "{e}");
-    Cpu.check_weight_memory(1000).unwrap();
+    Cpu.check_weight_memory(&[f32s(1 << 20)]).unwrap();
 }

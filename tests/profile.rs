@@ -326,7 +326,17 @@ fn argument_errors_are_one_line() {
         vec!["--device", "cuda:1"],
         vec!["rebuild with the `cuda` feature"],
     ));
-    cases.push((vec!["--device", "cpu", "--dtype", "f16"], vec!["--dtype"]));
+    cases.push((
+        vec![
+            "--model",
+            "synthetic:tiny",
+            "--device",
+            "cpu",
+            "--dtype",
+            "f16",
+        ],
+        vec!["--dtype"],
+    ));
     for (args, needles) in cases {
         let mut all = vec!["profile"];
         all.extend(&args);

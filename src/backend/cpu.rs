@@ -1,20 +1,30 @@
-//! The CPU reference backend: f32 everywhere, GEMMs through the `gemm` crate (multi-threaded with
-//! rayon), everything else plain loops. It is the oracle the CUDA backend is tested against and the
-//! engine CI runs, so it favours obvious code over cleverness, except for the matrix products that
-//! dominate its time.
+//! The CPU reference backend: f32 arithmetic everywhere, GEMMs through the `gemm` crate
+//! (multi-threaded with rayon), everything else plain loops. It is the oracle the CUDA backend is
+//! tested against and the engine CI runs, so it favours obvious code over cleverness, except for
+//! the matrix products that dominate its time.
+//!
+//! Weights are f32 copies ([`Cpu`], the exact-parity path) or, with [`CpuWeights::Stored`] and
+//! [`CpuWeights::Half`], half-precision matrices kept in the memory-mapped checkpoint
+//! ([`super::cpu_half`]), which the linear layers, the embedding lookup and the linear backward
+//! read directly; everything else sees f32.
 
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use super::cpu_half::{self, HalfKind, HalfWeight};
 use super::{shape_err, AttnGrads, AttnShape, Backend, Cam};
-use crate::checkpoint::TensorRef;
-use crate::error::Result;
+use crate::checkpoint::{DType, StoredTensor, TensorRef};
+use crate::error::{Error, Result};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct CpuTensor {
     pub rows: usize,
     pub cols: usize,
+    /// The values; empty for a half-precision weight.
     pub data: Vec<f32>,
+    /// A weight matrix held in half precision (see [`CpuWeights`]): only the ops that take weights
+    /// (linear, embedding, row slices, download, the linear backward) accept one.
+    pub half: Option<HalfWeight>,
 }
 
 impl CpuTensor {
@@ -25,27 +35,98 @@ impl CpuTensor {
                 format!("{} values cannot form [{rows}, {cols}]", data.len()),
             ));
         }
-        Ok(CpuTensor { rows, cols, data })
+        Ok(CpuTensor {
+            rows,
+            cols,
+            data,
+            half: None,
+        })
     }
     pub fn row(&self, r: usize) -> &[f32] {
         &self.data[r * self.cols..(r + 1) * self.cols]
     }
 }
 
+/// How the CPU backend holds a checkpoint's weights. Vectors (norms, biases) are f32 in every
+/// mode; the choice is about the matrices, which are nearly all of a model's bytes.
+#[derive(Default, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CpuWeights {
+    /// f32 copies of everything: the exact-parity path, and anonymous memory of 4 bytes a value.
+    #[default]
+    F32,
+    /// As the checkpoint stores them: f16/bf16 matrices stay in the mapped file, f32 ones are
+    /// copied. f16 and bf16 widen to f32 exactly, so this computes what `F32` does up to the order
+    /// of f32 sums.
+    Stored,
+    /// In f16 or bf16: mapped where the checkpoint stores that type, rounded copies otherwise.
+    Half(HalfKind),
+}
+
 #[derive(Default, Clone, Copy, Debug)]
-pub struct Cpu;
+pub struct Cpu {
+    pub weights: CpuWeights,
+}
+
+/// The CPU backend with f32 weights. A constant of the type's own name, so `Cpu` reads as the
+/// reference backend wherever one is passed by value.
+#[allow(non_upper_case_globals)]
+pub const Cpu: Cpu = Cpu {
+    weights: CpuWeights::F32,
+};
+
+/// How a CPU backend holds one stored weight.
+enum Held {
+    /// A view of the mapped file: no anonymous memory.
+    Mapped(HalfKind),
+    /// A converted copy in this half format (2 bytes a value).
+    HalfCopy(HalfKind),
+    /// An f32 copy (4 bytes a value).
+    F32,
+}
+
+impl Cpu {
+    /// A backend holding weights as `weights` says.
+    pub fn with_weights(weights: CpuWeights) -> Cpu {
+        Cpu { weights }
+    }
+
+    /// The one rule both loading and the memory check follow.
+    fn held(&self, dtype: DType, rows: usize) -> Held {
+        if rows <= 1 {
+            return Held::F32;
+        }
+        match (self.weights, HalfKind::of(dtype)) {
+            (CpuWeights::F32, _) | (CpuWeights::Stored, None) => Held::F32,
+            (CpuWeights::Stored, Some(k)) => Held::Mapped(k),
+            (CpuWeights::Half(k), stored) if stored == Some(k) => Held::Mapped(k),
+            (CpuWeights::Half(k), _) => Held::HalfCopy(k),
+        }
+    }
+}
+
+/// A half-precision weight where an op needs f32 values is a bug in the caller (weights only
+/// reach the ops that take weights); it is an error rather than a wrong answer.
+fn dense(op: &str, ts: &[&CpuTensor]) -> Result<()> {
+    if ts.iter().any(|t| t.half.is_some()) {
+        return Err(shape_err(
+            op,
+            "a half-precision weight where f32 values are needed",
+        ));
+    }
+    Ok(())
+}
 
 /// A strided matrix view for [`matmul`]: element (i, j) lives at `data[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
-struct View<'a> {
-    data: &'a [f32],
-    rs: usize,
-    cs: usize,
+pub(crate) struct View<'a> {
+    pub data: &'a [f32],
+    pub rs: usize,
+    pub cs: usize,
 }
 
 /// `dst[m, n] = lhs[m, k] · rhs[k, n]` over strided views, `dst` row-major with row stride `dst_rs`.
 /// Bounds are checked here so the unsafe call below only sees in-range strides.
-fn matmul(
+pub(crate) fn matmul(
     m: usize,
     n: usize,
     k: usize,
@@ -136,6 +217,7 @@ fn available_memory_bytes() -> Option<u64> {
 const PAR_CHUNK: usize = 1 << 14;
 
 fn same_shape(op: &str, a: &CpuTensor, b: &CpuTensor) -> Result<()> {
+    dense(op, &[a, b])?;
     if a.rows != b.rows || a.cols != b.cols {
         return Err(shape_err(
             op,
@@ -146,6 +228,7 @@ fn same_shape(op: &str, a: &CpuTensor, b: &CpuTensor) -> Result<()> {
 }
 
 fn row_vector(op: &str, v: &CpuTensor, cols: usize) -> Result<()> {
+    dense(op, &[v])?;
     if v.rows != 1 || v.cols != cols {
         return Err(shape_err(
             op,
@@ -163,6 +246,7 @@ fn map(x: &CpuTensor, f: impl Fn(f32) -> f32 + Sync) -> CpuTensor {
         rows: x.rows,
         cols: x.cols,
         data: x.data.iter().map(|&v| f(v)).collect(),
+        half: None,
     }
 }
 
@@ -184,6 +268,7 @@ fn check_attention(
     v: &CpuTensor,
     s: AttnShape,
 ) -> Result<()> {
+    dense(op, &[q, k, v])?;
     let (h, hk, d) = (s.n_heads, s.n_kv_heads, s.head_dim);
     if h == 0 || hk == 0 || h % hk != 0 || q.cols != h * d || k.cols != hk * d || v.cols != hk * d {
         return Err(shape_err(
@@ -389,6 +474,7 @@ fn rotate(
     theta: f32,
     sign: f32,
 ) -> Result<CpuTensor> {
+    dense(op, &[x])?;
     if head_dim == 0 || !head_dim.is_multiple_of(2) || !x.cols.is_multiple_of(head_dim) {
         return Err(shape_err(
             op,
@@ -426,19 +512,64 @@ impl Backend for Cpu {
     type Tensor = CpuTensor;
 
     fn name(&self) -> String {
-        format!("cpu (f32, {} threads)", rayon::current_num_threads())
+        let weights = match self.weights {
+            CpuWeights::F32 => "f32",
+            CpuWeights::Stored => "f32, weights as stored",
+            CpuWeights::Half(HalfKind::F16) => "f32, f16 weights",
+            CpuWeights::Half(HalfKind::Bf16) => "f32, bf16 weights",
+        };
+        format!("cpu ({weights}, {} threads)", rayon::current_num_threads())
     }
 
-    fn check_weight_memory(&self, n_values: usize) -> Result<()> {
-        let need = n_values as u64 * 4;
-        if let Some(avail) = available_memory_bytes() {
-            if need > avail {
-                return Err(crate::error::Error::OutOfMemory(format!(
-                    "the model's weights need {:.1} GB at f32 on the CPU backend but only {:.1} GB of memory is available",
-                    need as f64 / 1e9,
-                    avail as f64 / 1e9
-                )));
+    fn check_weight_memory(&self, weights: &[StoredTensor]) -> Result<()> {
+        // Mapped weights are file pages: the kernel pages them in and out, so only the copies
+        // count against the memory available; the mapped ones only decide whether running will
+        // keep re-reading the disk.
+        let (mut copies, mut mapped) = (0u64, 0u64);
+        for w in weights {
+            let n = (w.rows * w.cols) as u64;
+            match self.held(w.dtype, w.rows) {
+                Held::Mapped(_) => mapped += 2 * n,
+                Held::HalfCopy(_) => copies += 2 * n,
+                Held::F32 => copies += 4 * n,
             }
+        }
+        let Some(avail) = available_memory_bytes() else {
+            return Ok(());
+        };
+        let gb = |b: u64| b as f64 / 1e9;
+        if copies > avail {
+            let what = match self.weights {
+                CpuWeights::F32 => "at f32",
+                _ => "in converted copies",
+            };
+            // A checkpoint that could stay mapped: say so.
+            let could_map: u64 = weights
+                .iter()
+                .filter(|w| w.rows > 1 && HalfKind::of(w.dtype).is_some())
+                .map(|w| (w.rows * w.cols) as u64 * 2)
+                .sum();
+            let hint = if self.weights == CpuWeights::F32 && could_map > 0 {
+                format!(
+                    "; without --dtype f32 its half-precision weights ({:.1} GB) stay memory-mapped as stored",
+                    gb(could_map)
+                )
+            } else {
+                String::new()
+            };
+            return Err(Error::OutOfMemory(format!(
+                "the model's weights need {:.1} GB {what} on the CPU backend but only {:.1} GB of memory is available{hint}",
+                gb(copies),
+                gb(avail)
+            )));
+        }
+        if copies + mapped > avail {
+            tracing::warn!(
+                mapped_gb = gb(mapped),
+                copies_gb = gb(copies),
+                available_gb = gb(avail),
+                "the memory-mapped weights do not fit in the memory available: they will be re-read from disk as they are used (slow)"
+            );
         }
         Ok(())
     }
@@ -462,11 +593,22 @@ impl Backend for Cpu {
                 ),
             ));
         }
-        CpuTensor::new(t.to_f32(), rows, cols)
+        match self.held(t.dtype, rows) {
+            Held::F32 => CpuTensor::new(t.to_f32(), rows, cols),
+            Held::Mapped(kind) | Held::HalfCopy(kind) => Ok(CpuTensor {
+                rows,
+                cols,
+                data: Vec::new(),
+                half: Some(HalfWeight::from_tensor(t, kind)),
+            }),
+        }
     }
 
     fn download(&self, t: &CpuTensor) -> Result<Vec<f32>> {
-        Ok(t.data.clone())
+        Ok(match &t.half {
+            Some(h) => h.to_f32(0..h.len()),
+            None => t.data.clone(),
+        })
     }
 
     fn zeros(&self, rows: usize, cols: usize) -> Result<CpuTensor> {
@@ -474,6 +616,7 @@ impl Backend for Cpu {
             rows,
             cols,
             data: vec![0.0; rows * cols],
+            half: None,
         })
     }
 
@@ -487,28 +630,33 @@ impl Backend for Cpu {
                 ),
             ));
         }
+        dense("linear input", &[x])?;
         let (m, k, n) = (x.rows, x.cols, w.rows);
         if let Some(b) = bias {
             row_vector("linear bias", b, n)?;
         }
         let mut out = vec![0.0f32; m * n];
-        par_matmul(
-            m,
-            n,
-            k,
-            &mut out,
-            View {
-                data: &x.data,
-                rs: k,
-                cs: 1,
-            },
-            // wᵀ as a [k, n] view of the row-major [n, k] weight.
-            View {
-                data: &w.data,
-                rs: 1,
-                cs: k,
-            },
-        );
+        if let Some(h) = &w.half {
+            out = cpu_half::linear(&x.data, m, k, h, n);
+        } else {
+            par_matmul(
+                m,
+                n,
+                k,
+                &mut out,
+                View {
+                    data: &x.data,
+                    rs: k,
+                    cs: 1,
+                },
+                // wᵀ as a [k, n] view of the row-major [n, k] weight.
+                View {
+                    data: &w.data,
+                    rs: 1,
+                    cs: k,
+                },
+            );
+        }
         if let Some(b) = bias {
             for row in out.chunks_exact_mut(n) {
                 for (o, bv) in row.iter_mut().zip(&b.data) {
@@ -576,6 +724,7 @@ impl Backend for Cpu {
     }
 
     fn gelu(&self, x: &CpuTensor) -> Result<CpuTensor> {
+        dense("gelu", &[x])?;
         Ok(map(x, |v| {
             let v = v as f64;
             (0.5 * v * (1.0 + libm::erf(v / std::f64::consts::SQRT_2))) as f32
@@ -583,6 +732,7 @@ impl Backend for Cpu {
     }
 
     fn quick_gelu(&self, x: &CpuTensor) -> Result<CpuTensor> {
+        dense("quick_gelu", &[x])?;
         Ok(map(x, |v| v * (1.0 / (1.0 + (-1.702 * v).exp()))))
     }
 
@@ -644,7 +794,11 @@ impl Backend for Cpu {
                     format!("token id {id} is outside the table of {} rows", table.rows),
                 ));
             }
-            data.extend_from_slice(table.row(id as usize));
+            let r = id as usize * table.cols;
+            match &table.half {
+                Some(h) => data.extend(h.to_f32(r..r + table.cols)),
+                None => data.extend_from_slice(table.row(id as usize)),
+            }
         }
         CpuTensor::new(data, ids.len(), table.cols)
     }
@@ -656,14 +810,16 @@ impl Backend for Cpu {
                 format!("rows {start}..{} of a {}-row tensor", start + n, x.rows),
             ));
         }
-        CpuTensor::new(
-            x.data[start * x.cols..(start + n) * x.cols].to_vec(),
-            n,
-            x.cols,
-        )
+        let range = start * x.cols..(start + n) * x.cols;
+        let data = match &x.half {
+            Some(h) => h.to_f32(range),
+            None => x.data[range].to_vec(),
+        };
+        CpuTensor::new(data, n, x.cols)
     }
 
     fn copy_rows_into(&self, dst: &mut CpuTensor, dst_row: usize, src: &CpuTensor) -> Result<()> {
+        dense("copy_rows_into", &[dst, src])?;
         if src.cols != dst.cols || dst_row + src.rows > dst.rows {
             return Err(shape_err(
                 "copy_rows_into",
@@ -697,6 +853,7 @@ impl Backend for Cpu {
             ));
         }
         row_vector("fastrm_scores bias", c, folded.rows)?;
+        dense("fastrm_scores", &[x, folded])?;
         let u = self.layer_norm(x, ln_w, ln_b, eps)?;
         let mut z = self.linear(&u, folded, Some(c))?;
         z.data
@@ -706,6 +863,7 @@ impl Backend for Cpu {
     }
 
     fn argmax_rows(&self, x: &CpuTensor) -> Result<Vec<u32>> {
+        dense("argmax_rows", &[x])?;
         if x.cols == 0 {
             return Err(shape_err("argmax_rows", "tensor has no columns"));
         }
@@ -725,6 +883,7 @@ impl Backend for Cpu {
     }
 
     fn matmul(&self, a: &CpuTensor, b: &CpuTensor) -> Result<CpuTensor> {
+        dense("matmul", &[a, b])?;
         if a.cols != b.rows {
             return Err(shape_err(
                 "matmul",
@@ -757,6 +916,11 @@ impl Backend for Cpu {
                 "linear_bwd",
                 format!("dy [{}, {}] · w [{}, {}]", dy.rows, dy.cols, w.rows, w.cols),
             ));
+        }
+        if let Some(h) = &w.half {
+            dense("linear_bwd dy", &[dy])?;
+            let dx = cpu_half::linear_bwd(&dy.data, dy.rows, dy.cols, h, w.cols);
+            return CpuTensor::new(dx, dy.rows, w.cols);
         }
         self.matmul(dy, w)
     }
@@ -1018,6 +1182,7 @@ impl Backend for Cpu {
     }
 
     fn linear_wgrad(&self, dy: &CpuTensor, x: &CpuTensor) -> Result<CpuTensor> {
+        dense("linear_wgrad", &[dy, x])?;
         if dy.rows != x.rows {
             return Err(shape_err(
                 "linear_wgrad",
@@ -1050,6 +1215,7 @@ impl Backend for Cpu {
     }
 
     fn sum_rows(&self, x: &CpuTensor) -> Result<CpuTensor> {
+        dense("sum_rows", &[x])?;
         let mut acc = vec![0.0f64; x.cols];
         for row in x.data.chunks_exact(x.cols.max(1)) {
             for (a, &v) in acc.iter_mut().zip(row) {

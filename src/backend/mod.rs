@@ -4,7 +4,8 @@
 //! indexing); op-level parity against [`cpu::Cpu`] is then all a new backend has to prove.
 //!
 //! Every tensor is a row-major matrix `[rows, cols]` with f32 semantics; a backend may store it in a
-//! narrower type (the CUDA backend keeps f16/bf16 with f32 accumulation). Sequences are rows,
+//! narrower type (the CUDA backend keeps f16/bf16 with f32 accumulation; the CPU backend can keep
+//! checkpoint weights in f16/bf16, see [`cpu::CpuWeights`]). Sequences are rows,
 //! features are columns; multi-head tensors pack heads along the columns (`[n, heads * head_dim]`),
 //! exactly the layout of the projections' outputs, so no op needs a transpose.
 //!
@@ -13,6 +14,7 @@
 //! touching memory.
 
 pub mod cpu;
+pub mod cpu_half;
 /// Built with the `cuda` feature (GPUs through cudarc) or the `sim` feature (the simulated device
 /// alone, which needs no cudarc).
 #[cfg(any(feature = "cuda", feature = "sim"))]
@@ -21,7 +23,7 @@ pub mod cuda;
 /// What a request for a GPU gets in a build without the `cuda` feature.
 pub const NO_CUDA: &str = "this build has no CUDA backend; rebuild with the `cuda` feature";
 
-use crate::checkpoint::TensorRef;
+use crate::checkpoint::{StoredTensor, TensorRef};
 use crate::error::{Error, Result};
 
 /// Attention geometry shared by the vision tower (no mask, all heads distinct) and the decoder
@@ -46,9 +48,10 @@ pub trait Backend {
     /// `[rows, cols]` of a tensor.
     fn dims(&self, t: &Self::Tensor) -> (usize, usize);
 
-    /// Fails with a clear message when `n_values` weights cannot fit in this backend's memory, so a
-    /// model too large for the machine is refused before loading starts rather than killed midway.
-    fn check_weight_memory(&self, n_values: usize) -> Result<()>;
+    /// Fails with a clear message when `weights` (as stored) cannot fit in this backend's memory,
+    /// so a model too large for the machine is refused before loading starts rather than killed
+    /// midway.
+    fn check_weight_memory(&self, weights: &[StoredTensor]) -> Result<()>;
 
     /// Host f32 data, row-major, to a tensor.
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<Self::Tensor>;

@@ -6,9 +6,12 @@
 //! the shard's name, long before any weight is read. Tensors are looked up by their hub name; the
 //! transformers-5 spelling is tried when the hub name is absent.
 
+pub mod synth;
+
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
@@ -39,6 +42,9 @@ pub struct TensorRef<'a> {
     pub dtype: DType,
     pub shape: &'a [usize],
     pub bytes: &'a [u8],
+    /// The mapped file `bytes` lie in, for a backend that keeps the tensor where it is instead of
+    /// copying it (the CPU backend's half-precision weights); `None` for bytes held elsewhere.
+    pub mapping: Option<&'a Arc<Mmap>>,
 }
 
 impl TensorRef<'_> {
@@ -64,6 +70,14 @@ impl TensorRef<'_> {
     }
 }
 
+/// A tensor's stored dtype and the `[rows, cols]` it is loaded as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredTensor {
+    pub dtype: DType,
+    pub rows: usize,
+    pub cols: usize,
+}
+
 struct Entry {
     shard: usize,
     dtype: Result<DType, Dtype>,
@@ -74,7 +88,7 @@ struct Entry {
 
 struct Shard {
     path: PathBuf,
-    mmap: Mmap,
+    mmap: Arc<Mmap>,
 }
 
 pub struct Checkpoint {
@@ -162,7 +176,10 @@ impl Checkpoint {
                 }
             }
         }
-        self.shards.push(Shard { path, mmap });
+        self.shards.push(Shard {
+            path,
+            mmap: Arc::new(mmap),
+        });
         Ok(())
     }
 
@@ -176,6 +193,25 @@ impl Checkpoint {
             .values()
             .map(|e| e.shape.iter().product::<usize>())
             .sum()
+    }
+
+    /// Every tensor as stored (unsupported dtypes left out: loading refuses them anyway), for
+    /// [`crate::backend::Backend::check_weight_memory`].
+    pub fn census(&self) -> Vec<StoredTensor> {
+        self.tensors
+            .values()
+            .filter_map(|e| {
+                let dtype = e.dtype.ok()?;
+                let values = e.shape.iter().product::<usize>();
+                // Loaded as `[rows, cols]`: a vector is one row, anything else its first axis.
+                let rows = if e.shape.len() >= 2 { e.shape[0] } else { 1 };
+                Some(StoredTensor {
+                    dtype,
+                    rows,
+                    cols: values.checked_div(rows).unwrap_or(0),
+                })
+            })
+            .collect()
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
@@ -225,6 +261,7 @@ impl Checkpoint {
             dtype,
             shape: &e.shape,
             bytes: &shard.mmap[e.start..e.end],
+            mapping: Some(&shard.mmap),
         })
     }
 

@@ -5,7 +5,8 @@ use std::path::Path;
 use std::str::FromStr;
 
 use super::{CancelToken, Engine, Item, Request, RunOptions};
-use crate::backend::cpu::Cpu;
+use crate::backend::cpu::{Cpu, CpuWeights};
+use crate::backend::cpu_half::HalfKind;
 #[cfg(any(feature = "cuda", feature = "sim"))]
 use crate::backend::cuda::Cuda;
 use crate::backend::{Backend, MemTag};
@@ -16,7 +17,7 @@ use crate::explain::fastrm::HeadWeights;
 /// Where a model runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Device {
-    /// The CPU reference backend (f32).
+    /// The CPU backend (f32 arithmetic; weights as [`Dtype`] says).
     Cpu,
     /// A GPU by ordinal (`cuda` is `cuda:0`).
     Cuda(usize),
@@ -52,7 +53,9 @@ impl std::fmt::Display for Device {
     }
 }
 
-/// Storage type of the weights and activations on a CUDA device (arithmetic is f32 either way).
+/// Storage type of the weights and activations on a CUDA device, of the weight matrices on the CPU
+/// (arithmetic is f32 either way). Default: f16 on a CUDA device; on the CPU the checkpoint's own
+/// dtype (its f16/bf16 matrices stay memory-mapped), see [`cpu_backend`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Dtype {
     F16,
@@ -150,11 +153,7 @@ pub fn with_backend<W: WithBackend>(
     body: W,
 ) -> Result<W::Output> {
     match (device, dtype) {
-        (Device::Cpu, None | Some(Dtype::F32)) => body.run(Cpu),
-        (Device::Cpu, Some(d)) => Err(Error::input(format!(
-            "--dtype {}: the CPU backend computes in f32",
-            dtype_name(d)
-        ))),
+        (Device::Cpu, dtype) => body.run(cpu_backend(dtype)),
         #[cfg(any(feature = "cuda", feature = "sim"))]
         (device, None | Some(Dtype::F16)) => body.run(cuda_backend::<half::f16>(device)?),
         #[cfg(any(feature = "cuda", feature = "sim"))]
@@ -191,6 +190,33 @@ fn no_cuda_backend(device: Device) -> Error {
             "--device sim: this build has no simulated device (build with --features sim)",
         ),
         _ => Error::input(format!("--device {device}: {}", crate::backend::NO_CUDA)),
+    }
+}
+
+/// The CPU backend for `--dtype`: f32 copies of every weight (`f32`, the exact-parity path), the
+/// weight matrices in f16 or bf16 (`f16`, `bf16`: mapped where the checkpoint stores that type),
+/// or, by default, as the checkpoint stores them. Half-precision values widen to f32 exactly, so
+/// the default computes what `f32` does (up to the order of f32 sums) in half the memory, none of
+/// it copied.
+pub fn cpu_backend(dtype: Option<Dtype>) -> Cpu {
+    Cpu::with_weights(match dtype {
+        None => CpuWeights::Stored,
+        Some(Dtype::F32) => CpuWeights::F32,
+        Some(Dtype::F16) => CpuWeights::Half(HalfKind::F16),
+        Some(Dtype::Bf16) => CpuWeights::Half(HalfKind::Bf16),
+    })
+}
+
+/// Synthetic weights are drawn in f32 on the CPU: a half-precision `--dtype` there would be
+/// silently ignored, so it is refused.
+pub fn check_synthetic_dtype(device: Device, dtype: Option<Dtype>) -> Result<()> {
+    match (device, dtype) {
+        (Device::Cpu, Some(d @ (Dtype::F16 | Dtype::Bf16))) => Err(Error::input(format!(
+            "--dtype {} on the CPU applies to model folders (how their weights are held); \
+             synthetic weights are f32 there",
+            dtype_name(d)
+        ))),
+        _ => Ok(()),
     }
 }
 
@@ -232,6 +258,7 @@ impl AnyEngine {
         seed: u64,
     ) -> Result<Self> {
         tracing::debug!(%device, ?dtype, "making a synthetic model");
+        check_synthetic_dtype(device, dtype)?;
         with_backend(device, dtype, Open::Synthetic(cfg, seed))
     }
 

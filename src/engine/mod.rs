@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::backend::{with_memory_tag, Backend, MemTag};
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, DType, StoredTensor};
 use crate::config::LlavaConfig;
 use crate::error::{Error, Result};
 use crate::explain::fastrm::{FastRmHead, HeadWeights};
@@ -22,7 +22,10 @@ use crate::vision::{self, PreprocessConfig, RgbImage};
 
 pub use crate::explain::{Confidence, Method};
 pub use crate::model::llava::{GenerateOptions, StopReason, Timings};
-pub use any::{with_backend, AnyBackend, AnyEngine, Device, Dtype, WithBackend};
+pub use any::{
+    check_synthetic_dtype, cpu_backend, with_backend, AnyBackend, AnyEngine, Device, Dtype,
+    WithBackend,
+};
 pub use stream::{collect, CancelToken, Collected, Item, RunOptions, Stream, Summary, TokenStep};
 
 pub struct Engine<B: Backend> {
@@ -195,7 +198,7 @@ impl<B: Backend> Engine<B> {
             });
         }
         let ck = Checkpoint::open(dir)?;
-        backend.check_weight_memory(ck.total_elements())?;
+        backend.check_weight_memory(&ck.census())?;
         let model = with_memory_tag(&backend, MemTag::Weights, || {
             Llava::load(&backend, &ck, &cfg)
         })?;
@@ -222,7 +225,12 @@ impl<B: Backend> Engine<B> {
     /// Random weights of the shapes `cfg` implies; no tokenizer.
     pub fn synthetic(backend: B, cfg: &LlavaConfig, seed: u64) -> Result<Self> {
         let t0 = std::time::Instant::now();
-        backend.check_weight_memory(cfg.loaded_parameters())?;
+        // Synthetic weights are drawn in f32 wherever they are made.
+        backend.check_weight_memory(&[StoredTensor {
+            dtype: DType::F32,
+            rows: 1,
+            cols: cfg.loaded_parameters(),
+        }])?;
         let model = with_memory_tag(&backend, MemTag::Weights, || {
             Llava::load(&backend, &Synthetic { seed }, cfg)
         })?;

@@ -61,6 +61,22 @@ impl<B: Backend> WeightSource<B> for Synthetic {
         rows: usize,
         cols: usize,
     ) -> Result<B::Tensor> {
+        let d = self.draw(hub_name, shape);
+        b.uniform(rows, cols, d.seed, d.center, d.spread)
+    }
+}
+
+/// How [`Synthetic`] draws one tensor: value `i` is `center + spread · u_i`, `u_i` the i-th draw of
+/// [`SplitMix64`] seeded with `seed`.
+#[derive(Debug, Clone, Copy)]
+pub struct Draw {
+    pub seed: u64,
+    pub center: f32,
+    pub spread: f32,
+}
+
+impl Synthetic {
+    pub fn draw(&self, hub_name: &str, shape: &[usize]) -> Draw {
         let seed = self.seed ^ fnv1a(hub_name.as_bytes());
         let is_norm = hub_name.ends_with("norm.weight")
             || hub_name.contains("layer_norm")
@@ -71,9 +87,17 @@ impl<B: Backend> WeightSource<B> for Synthetic {
             shape.first().copied().unwrap_or(1)
         };
         if is_norm && hub_name.ends_with("weight") {
-            b.uniform(rows, cols, seed, 1.0, 0.1)
+            Draw {
+                seed,
+                center: 1.0,
+                spread: 0.1,
+            }
         } else {
-            b.uniform(rows, cols, seed, 0.0, (3.0 / fan_in as f32).sqrt())
+            Draw {
+                seed,
+                center: 0.0,
+                spread: (3.0 / fan_in as f32).sqrt(),
+            }
         }
     }
 }
@@ -94,8 +118,14 @@ impl SplitMix64 {
     pub fn new(seed: u64) -> Self {
         SplitMix64(seed)
     }
+    /// The generator seeded with `seed` after `n` draws: the state advances by a constant per
+    /// draw, so any stretch of a stream can be drawn on its own (in parallel).
+    pub fn skipped(seed: u64, n: u64) -> Self {
+        SplitMix64(seed.wrapping_add(n.wrapping_mul(Self::GAMMA)))
+    }
+    const GAMMA: u64 = 0x9E3779B97F4A7C15;
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
+        self.0 = self.0.wrapping_add(Self::GAMMA);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);

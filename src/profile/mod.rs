@@ -23,7 +23,6 @@ pub mod timer;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::backend::cpu::Cpu;
 #[cfg(any(feature = "cuda", feature = "sim"))]
 use crate::backend::cuda::Cuda;
 use crate::backend::Backend;
@@ -289,7 +288,7 @@ impl ModelSpec {
 pub struct Plan {
     pub model: ModelSpec,
     pub device: Device,
-    /// The CUDA storage type (default f16, as the paper's measurements); `None` on the CPU.
+    /// The storage type (CUDA default f16, as the paper's measurements; CPU default: as stored).
     pub dtype: Option<Dtype>,
     pub tokens: Vec<usize>,
     pub methods: Vec<ProfMethod>,
@@ -330,6 +329,7 @@ impl Plan {
         if !matches!(device, Device::Cuda(_)) {
             if let ModelSpec::Synthetic(m) = model {
                 m.cpu_config()?;
+                crate::engine::check_synthetic_dtype(device, dtype)?;
             }
         }
         if let Some(h) = &a.head {
@@ -371,12 +371,7 @@ pub fn run(args: ProfileArgs) -> Result<()> {
     }
     let report = match plan.device {
         Device::Cpu => {
-            if plan.dtype.is_some_and(|d| d != Dtype::F32) {
-                return Err(Error::input(
-                    "--dtype f16/bf16 applies to CUDA devices; the CPU backend computes in f32",
-                ));
-            }
-            let engine = open_engine(Cpu, &plan)?;
+            let engine = open_engine(crate::engine::cpu_backend(plan.dtype), &plan)?;
             profile(
                 &engine,
                 &WallClock,

@@ -7,7 +7,7 @@ use super::LaunchConfig;
 
 use super::{grid_1d, per_row, Cuda, CudaTensor, Elem, Gemm};
 use crate::backend::{shape_err, AttnGrads, AttnShape, Backend, Cam, MemTag};
-use crate::checkpoint::TensorRef;
+use crate::checkpoint::{StoredTensor, TensorRef};
 use crate::error::{Error, Result};
 
 const NORM_BLOCK: u32 = 256;
@@ -451,7 +451,8 @@ impl<T: Elem> Backend for Cuda<T> {
         t.dims()
     }
 
-    fn check_weight_memory(&self, n_values: usize) -> Result<()> {
+    fn check_weight_memory(&self, weights: &[StoredTensor]) -> Result<()> {
+        let n_values: usize = weights.iter().map(|w| w.rows * w.cols).sum();
         let need = n_values as u64 * std::mem::size_of::<T>() as u64;
         let Some((free, total)) = self.memory_info()? else {
             // The simulator runs every CUDA thread as a fiber on one core: a model of LLaVA's
