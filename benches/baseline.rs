@@ -4,6 +4,7 @@
 //! - `exact_token_full_r`: the same with every cam kept and R materialised (the paper's baseline);
 //! - `incremental_token`: one later token of the LVLM-Interpret variant (a saving decode step plus
 //!   its single-row backward and fold) beside `decode_step`, a plain decode step at the same position.
+//!
 //! It also prints the bytes of saved activations the backward holds. `tools/make_fixtures.py
 //! --bench` times PyTorch autograd on the same shapes; both go in docs/PERF.md.
 //!

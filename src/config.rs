@@ -186,7 +186,7 @@ impl LlavaConfig {
             num_hidden_layers: tc.usize_or("num_hidden_layers", 32)?,
             num_attention_heads: heads,
             num_key_value_heads: tc.usize_or("num_key_value_heads", heads)?,
-            head_dim: tc.usize_or("head_dim", if heads > 0 { hidden / heads } else { 0 })?,
+            head_dim: tc.usize_or("head_dim", hidden.checked_div(heads).unwrap_or(0))?,
             // The top-level vocab_size is the padded one on the hub (32064); text_config's wins
             // when both exist because it is what the embedding table was built with.
             vocab_size: match tc.opt_usize("vocab_size")? {
@@ -333,25 +333,25 @@ impl LlavaConfig {
                 v.num_channels
             ));
         }
-        if v.hidden_size % v.num_attention_heads != 0 {
+        if !v.hidden_size.is_multiple_of(v.num_attention_heads) {
             return Err(format!(
                 "vision_config.hidden_size {} is not divisible by num_attention_heads {}",
                 v.hidden_size, v.num_attention_heads
             ));
         }
-        if v.image_size % v.patch_size != 0 {
+        if !v.image_size.is_multiple_of(v.patch_size) {
             return Err(format!(
                 "vision_config.image_size {} is not a multiple of patch_size {}",
                 v.image_size, v.patch_size
             ));
         }
-        if t.num_attention_heads % t.num_key_value_heads != 0 {
+        if !t.num_attention_heads.is_multiple_of(t.num_key_value_heads) {
             return Err(format!(
                 "text_config.num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 t.num_attention_heads, t.num_key_value_heads
             ));
         }
-        if t.head_dim % 2 != 0 {
+        if !t.head_dim.is_multiple_of(2) {
             return Err(format!(
                 "text_config head_dim {} must be even for RoPE",
                 t.head_dim

@@ -63,10 +63,9 @@ fn norms_match_naive() {
         let ms = row.iter().map(|v| v * v).sum::<f64>() / 48.0;
         let mean = row.iter().sum::<f64>() / 48.0;
         let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / 48.0;
-        for j in 0..48 {
-            want_rms.push(row[j] / (ms + 1e-5).sqrt() * w.data[j] as f64);
-            want_ln
-                .push((row[j] - mean) / (var + 1e-5).sqrt() * w.data[j] as f64 + b.data[j] as f64);
+        for (j, &v) in row.iter().enumerate() {
+            want_rms.push(v / (ms + 1e-5).sqrt() * w.data[j] as f64);
+            want_ln.push((v - mean) / (var + 1e-5).sqrt() * w.data[j] as f64 + b.data[j] as f64);
         }
     }
     close("rms_norm", &rms.data, &want_rms, 1e-5);

@@ -343,7 +343,7 @@ fn planted(dir: &Path, seed: u64, n_samples: usize, per_shard: usize) {
                 } else {
                     // Another class's direction, so the key alone does not give the label.
                     let o = (c + 1 + (rng.next_u64() % (classes as u64 - 1)) as usize) % classes;
-                    if rng.next_u64() % 2 == 0 {
+                    if rng.next_u64().is_multiple_of(2) {
                         v[o] += 4.0;
                     }
                 }

@@ -475,7 +475,7 @@ fn rotate(
     sign: f32,
 ) -> Result<CpuTensor> {
     dense(op, &[x])?;
-    if head_dim == 0 || head_dim % 2 != 0 || x.cols % head_dim != 0 {
+    if head_dim == 0 || !head_dim.is_multiple_of(2) || !x.cols.is_multiple_of(head_dim) {
         return Err(shape_err(
             op,
             format!(

@@ -338,7 +338,7 @@ fn load_samples<B: Backend>(
     Ok(samples)
 }
 
-/// 1. Classification: confusion counts of the head's probabilities against the binarised
+/// Step 1, classification: confusion counts of the head's probabilities against the binarised
 /// baseline maps (labels at `tau`·max), at every threshold of [`metrics::THRESHOLDS`].
 fn classify(samples: &[Sample], tau: f32) -> [Counts; metrics::THRESHOLDS.len()] {
     let mut counts = [Counts::default(); metrics::THRESHOLDS.len()];
@@ -643,8 +643,11 @@ impl Accuracy {
     }
 }
 
-/// 2. Perturbation: per method, direction and step, the sum over samples of whether the answer
+/// Step 2, perturbation: per method, direction and step, the sum over samples of whether the answer
 /// survived (random orders: summed over seeds too).
+/// A method's accuracy curves under perturbation: (name, [positive, negative]).
+type MethodCurves = (&'static str, [Vec<f64>; 2]);
+
 struct Perturbation {
     curves: HashMap<&'static str, [Vec<f64>; 2]>,
 }
@@ -726,7 +729,7 @@ impl Perturbation {
         n_samples: usize,
         schedule: &[(f64, usize)],
         gradcam_layer: usize,
-    ) -> (Value, Vec<(&'static str, [Vec<f64>; 2])>) {
+    ) -> (Value, Vec<MethodCurves>) {
         let fractions: Vec<f64> = schedule.iter().map(|&(f, _)| f).collect();
         let n = n_samples as f64;
         let mut methods = serde_json::Map::new();
@@ -763,7 +766,7 @@ impl Perturbation {
     }
 }
 
-/// 3. Entropy confidence: why no threshold could be calibrated, when none could.
+/// Step 3, entropy confidence: why no threshold could be calibrated, when none could.
 fn calibration_note(cal: &metrics::Calibration, has_ground_truth: bool) -> Option<&'static str> {
     match (cal.correct.is_empty(), cal.incorrect.is_empty()) {
         _ if !has_ground_truth => Some(
@@ -794,7 +797,7 @@ fn calibration_json(cal: &metrics::Calibration, note: Option<&str>, written: boo
     })
 }
 
-/// 4. Pointing game, for samples whose question has a target mask.
+/// Step 4, pointing game, for samples whose question has a target mask.
 #[derive(Default)]
 struct Pointing {
     points: HashMap<&'static str, PointSums>,
@@ -887,7 +890,7 @@ impl Pointing {
     }
 }
 
-/// 5. The report's files: eval.json and the plots, moved into `--out` together.
+/// Step 5, the report's files: eval.json and the plots, moved into `--out` together.
 fn write_report(
     st: Staging,
     doc: &Value,
@@ -1115,9 +1118,9 @@ fn print_report(doc: &Value) -> Result<()> {
         ))?;
     }
     if let Some(m) = doc["perturbation"]["methods"].as_object() {
-        crate::status::out(&format!(
-            "\nPerturbation AUC (positive: lower is better; negative: higher is better)"
-        ))?;
+        crate::status::out(
+            "\nPerturbation AUC (positive: lower is better; negative: higher is better)",
+        )?;
         crate::status::out(&format!(
             "{:<22} {:>9} {:>9}",
             "method", "positive", "negative"
@@ -1132,9 +1135,7 @@ fn print_report(doc: &Value) -> Result<()> {
         }
     }
     let c = &doc["confidence"];
-    crate::status::out(&format!(
-        "\nEntropy confidence (Gaussian KDE, Scott's bandwidth)"
-    ))?;
+    crate::status::out("\nEntropy confidence (Gaussian KDE, Scott's bandwidth)")?;
     crate::status::out(&format!(
         "correct: {} answers, mean {}; incorrect: {} answers, mean {}",
         c["correct"]["count"],
@@ -1155,7 +1156,7 @@ fn print_report(doc: &Value) -> Result<()> {
                 ""
             }
         ))?,
-        None => crate::status::out(&format!("{}", c["note"].as_str().unwrap_or("no threshold")))?,
+        None => crate::status::out(c["note"].as_str().unwrap_or("no threshold"))?,
     }
     if let Some(m) = doc["pointing"]["methods"].as_object() {
         crate::status::out(&format!(

@@ -238,6 +238,10 @@ impl Incremental {
         self.len
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     /// Forgets the rows of positions `len ..` so they can be recomputed (benches re-run one step).
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);

@@ -51,22 +51,6 @@ impl PhaseClock for WallClock {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn wall_clock_times_a_sleep() {
-        let ((), s) = WallClock
-            .time(|| {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-                Ok(())
-            })
-            .unwrap();
-        assert!((0.019..5.0).contains(&s), "{s}");
-    }
-}
-
 #[cfg(any(feature = "cuda", feature = "sim"))]
 /// Device time between CUDA events recorded on the backend's stream (created with
 /// `CU_EVENT_DEFAULT`: the default flags of cudarc disable timing).
@@ -95,5 +79,21 @@ impl<T: crate::backend::cuda::Elem> PhaseClock for CudaEventClock<'_, T> {
 
     fn describe(&self) -> &'static str {
         "CUDA events"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wall_clock_times_a_sleep() {
+        let ((), s) = WallClock
+            .time(|| {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                Ok(())
+            })
+            .unwrap();
+        assert!((0.019..5.0).contains(&s), "{s}");
     }
 }

@@ -163,7 +163,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     // Every sender of the queue is gone with the router: the worker drains and ends.
     drop(rt);
     let _ = worker.join();
-    crate::status::note(&format!("fastrm serve: stopped"));
+    crate::status::note("fastrm serve: stopped");
     served
 }
 
@@ -186,9 +186,7 @@ async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = term => {},
     }
-    crate::status::note(&format!(
-        "fastrm serve: shutting down (finishing requests in flight)"
-    ));
+    crate::status::note("fastrm serve: shutting down (finishing requests in flight)");
 }
 
 fn router(state: Arc<AppState>) -> Router {

@@ -1162,7 +1162,7 @@ fn upsample(
             h2v2_fancy(row(i), row(far), &mut buf);
             out[y * w..(y + 1) * w].copy_from_slice(&buf[..w]);
         }
-    } else if h_out % h_in == 0 && v_out % v_in == 0 {
+    } else if h_out.is_multiple_of(h_in) && v_out.is_multiple_of(v_in) {
         // int_upsample (also h2v1_upsample/h2v2_upsample for components <= 2 samples wide):
         // plain replication.
         let (hx, vx) = (h_out / h_in, v_out / v_in);

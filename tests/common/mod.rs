@@ -92,7 +92,8 @@ pub fn rel_err(got: &[f32], want: &[f32]) -> (f32, usize) {
     let mut worst = (0.0f32, 0usize);
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         let e = (g - w).abs() / scale;
-        if !(e <= worst.0) {
+        // NaN counts as the worst error, not as no error.
+        if e.is_nan() || e > worst.0 {
             worst = (if e.is_nan() { f32::INFINITY } else { e }, i);
         }
     }

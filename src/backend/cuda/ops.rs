@@ -67,7 +67,7 @@ impl<T: Elem> Cuda<T> {
         theta: f32,
         sign: f32,
     ) -> Result<CudaTensor<T>> {
-        if head_dim == 0 || head_dim % 2 != 0 || x.cols % head_dim != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) || !x.cols.is_multiple_of(head_dim) {
             return Err(shape_err(
                 "rope",
                 format!(
