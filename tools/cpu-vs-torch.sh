@@ -10,7 +10,7 @@
 # committed tools/bench_transformers.json). The exact token is compared with torch.autograd.grad
 # (forward with the attention maps kept + gradient to them: what a PyTorch user runs for the same
 # map); fastrm's figure is the backward alone, as its saving forward is shared by every token of an
-# answer. Takes about five minutes on a 2-core machine, plus the build.
+# answer. Takes about six minutes on a 2-core machine, plus the build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${1:-target/torchenv/bin/python}
