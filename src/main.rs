@@ -141,6 +141,7 @@ struct SynthModelArgs {
 
 fn main() -> ExitCode {
     term::default_sigpipe();
+    fastrm::profile::memory::keep_freed_memory();
     init_logging();
     let cli = Cli::parse();
     match run(cli) {

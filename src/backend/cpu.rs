@@ -11,6 +11,7 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use super::cpu_gemm;
 use super::cpu_half::{self, HalfKind, HalfWeight};
 use super::{shape_err, AttnGrads, AttnShape, Backend, Cam};
 use crate::checkpoint::{DType, StoredTensor, TensorRef};
@@ -369,23 +370,8 @@ fn head_probs_masked(
                 }
             }
         }
-        let mut mx = f32::NEG_INFINITY;
-        for x in row.iter_mut() {
-            *x *= scale;
-            mx = mx.max(*x);
-        }
-        if mx == f32::NEG_INFINITY {
-            // Every visible key is hidden: no attention at all.
-            row.fill(0.0);
-            continue;
-        }
-        let mut sum = 0.0f32;
-        for x in row.iter_mut() {
-            *x = (*x - mx).exp();
-            sum += *x;
-        }
-        let inv = 1.0 / sum;
-        row.iter_mut().for_each(|x| *x *= inv);
+        // Every visible key hidden: all zeros, no attention at all.
+        cpu_gemm::softmax_scaled(row, scale);
     }
     scores
 }
@@ -638,6 +624,8 @@ impl Backend for Cpu {
         let mut out = vec![0.0f32; m * n];
         if let Some(h) = &w.half {
             out = cpu_half::linear(&x.data, m, k, h, n);
+        } else if m <= cpu_gemm::GEMV_ROWS {
+            out = cpu_gemm::linear_rows(&x.data, m, k, &w.data, n);
         } else {
             par_matmul(
                 m,

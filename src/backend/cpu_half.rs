@@ -88,7 +88,7 @@ impl HalfWeight {
             if let Some(map) = t.mapping {
                 let start = t.bytes.as_ptr() as usize - map.as_ptr() as usize;
                 // A mapping starts on a page, so the offset decides the alignment of the `u16`s.
-                if start % 2 == 0 {
+                if start.is_multiple_of(2) {
                     return HalfWeight {
                         kind,
                         bits: Bits::Mapped {

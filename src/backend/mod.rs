@@ -14,6 +14,7 @@
 //! touching memory.
 
 pub mod cpu;
+pub(crate) mod cpu_gemm;
 pub mod cpu_half;
 /// Built with the `cuda` feature (GPUs through cudarc) or the `sim` feature (the simulated device
 /// alone, which needs no cudarc).

@@ -1,0 +1,457 @@
+//! f32 kernels of the CPU backend beside the `gemm` crate's GEMM: the product of a few activation
+//! rows with a row-major weight (`x · wᵀ`, a decode step's linear layers), which is bound by
+//! reading the weight once from memory. Each output is a dot product of an activation row with a
+//! contiguous weight row; the weight rows are split across the rayon pool. And the attention's
+//! softmax, whose `exp` is a third of a prefill's attention time when it is called per value.
+//!
+//! The dots use AVX-512F where the CPU has it, AVX2 + FMA otherwise, and portable code (which the
+//! compiler vectorises for its baseline) on other CPUs; the choice is made at run time.
+
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+/// Up to this many activation rows take the dot-product path: each weight row is read from memory
+/// once and dotted with every activation row while it is in the L1 cache. Taller products are
+/// GEMMs (the `gemm` crate), which reuse the weight from registers.
+pub(crate) const GEMV_ROWS: usize = 4;
+
+/// Weight values per rayon task: large enough that scheduling is noise next to streaming them,
+/// small enough that a decode step's small projections still spread over every core.
+const TASK_VALUES: usize = 1 << 15;
+
+/// The instruction sets the dot kernel is compiled for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Isa {
+    Avx512,
+    Avx2,
+    Portable,
+}
+
+impl Isa {
+    /// The best one this CPU runs (detected once).
+    pub(crate) fn best() -> Isa {
+        static BEST: OnceLock<Isa> = OnceLock::new();
+        *BEST.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if is_x86_feature_detected!("avx512f") {
+                    return Isa::Avx512;
+                }
+                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                    return Isa::Avx2;
+                }
+            }
+            Isa::Portable
+        })
+    }
+
+    /// Whether this CPU can run kernels compiled for `self`.
+    pub(crate) fn runs_here(self) -> bool {
+        match (self, Isa::best()) {
+            (Isa::Portable, _) => true,
+            (Isa::Avx2, Isa::Avx512 | Isa::Avx2) => true,
+            (a, b) => a == b,
+        }
+    }
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Isa::Avx512 => "AVX-512F",
+            Isa::Avx2 => "AVX2+FMA",
+            Isa::Portable => "portable",
+        }
+    }
+}
+
+/// `out[m, n] = x[m, k] · wᵀ` for a row-major f32 weight `w` `[n, k]`, with the best kernel.
+pub(crate) fn linear_rows(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+    linear_rows_with(Isa::best(), x, m, k, w, n)
+}
+
+/// [`linear_rows`] with the kernel for `isa`, which must run on this CPU (the tests force each).
+pub(crate) fn linear_rows_with(
+    isa: Isa,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    n: usize,
+) -> Vec<f32> {
+    assert!(
+        isa.runs_here(),
+        "linear_rows: {} is not available",
+        isa.name()
+    );
+    assert_eq!(x.len(), m * k, "linear_rows: x is not [{m}, {k}]");
+    assert_eq!(w.len(), n * k, "linear_rows: w is not [{n}, {k}]");
+    if m == 0 || n == 0 {
+        return vec![0.0; m * n];
+    }
+    // Output transposed, [n, m]: a task owns a contiguous run of weight rows and their outputs.
+    let mut out_t = vec![0.0f32; n * m];
+    let rows_per_task = (TASK_VALUES / k.max(1)).max(1);
+    out_t
+        .par_chunks_mut(rows_per_task * m)
+        .enumerate()
+        .for_each(|(t, chunk)| {
+            let r0 = t * rows_per_task;
+            for (j, o) in chunk.chunks_exact_mut(m).enumerate() {
+                let wr = &w[(r0 + j) * k..(r0 + j + 1) * k];
+                for (oi, xr) in o.iter_mut().zip(x.chunks_exact(k.max(1))) {
+                    *oi = dot(isa, xr, wr);
+                }
+            }
+        });
+    if m == 1 {
+        return out_t;
+    }
+    let mut out = vec![0.0f32; m * n];
+    for (j, o) in out_t.chunks_exact(m).enumerate() {
+        for (i, &v) in o.iter().enumerate() {
+            out[i * n + j] = v;
+        }
+    }
+    out
+}
+
+/// A row of attention logits in place: `x ← softmax(scale · x)`. Entries at −∞ (hidden keys)
+/// come out exactly 0; a row with no finite entry comes out all zeros.
+pub(crate) fn softmax_scaled(row: &mut [f32], scale: f32) {
+    softmax_scaled_with(Isa::best(), row, scale)
+}
+
+/// [`softmax_scaled`] with the kernel for `isa`, which must run on this CPU. Only AVX-512 has a
+/// vector kernel (its `exp` is within 2 ulp of the libm one); the others call libm per value.
+pub(crate) fn softmax_scaled_with(isa: Isa, row: &mut [f32], scale: f32) {
+    assert!(isa.runs_here(), "softmax: {} is not available", isa.name());
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 {
+        // SAFETY: the CPU has AVX-512F (asserted above); the kernel stays inside `row`.
+        unsafe { x86::softmax_avx512(row, scale) };
+        return;
+    }
+    let mut mx = f32::NEG_INFINITY;
+    for x in row.iter_mut() {
+        *x *= scale;
+        mx = mx.max(*x);
+    }
+    if mx == f32::NEG_INFINITY {
+        row.fill(0.0);
+        return;
+    }
+    let mut sum = 0.0f32;
+    for x in row.iter_mut() {
+        *x = (*x - mx).exp();
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|x| *x *= inv);
+}
+
+/// `Σ a_i b_i` in f32 with the kernel for `isa` (which the caller has checked runs here).
+fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "dot: operands of different lengths");
+    match isa {
+        // SAFETY: `isa.runs_here()` was asserted by the caller, so the CPU has the features the
+        // kernel is compiled for; the kernels read only indices below the common length.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { x86::dot_avx512(a, b) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { x86::dot_avx2(a, b) },
+        _ => dot_portable(a, b),
+    }
+}
+
+/// Independent lanes the compiler can vectorise for any target.
+fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
+    const L: usize = 16;
+    let mut acc = [0.0f32; L];
+    let (ca, cb) = (a.chunks_exact(L), b.chunks_exact(L));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..L {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// Lanes `i..min(i + 16, n)` as a mask.
+    #[inline(always)]
+    fn lanes(i: usize, n: usize) -> __mmask16 {
+        let k = (n - i).min(16);
+        ((1u32 << k) - 1) as __mmask16
+    }
+
+    /// `exp` of sixteen lanes (the single-precision Cephes scheme: `x = k ln 2 + r`, a degree-6
+    /// polynomial in `r`, `2^k` by `scalef`); −∞ and anything below −104 give exactly 0, where
+    /// libm gives 0 or a denormal.
+    #[inline(always)]
+    unsafe fn exp16(x: __m512) -> __m512 {
+        let finite = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, _mm512_set1_ps(-104.0));
+        let x = _mm512_max_ps(x, _mm512_set1_ps(-104.0));
+        let k = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693_359_4), x);
+        let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.121_944_4e-4), r);
+        let c = |v: f32| _mm512_set1_ps(v);
+        let mut p = c(1.987_569_1e-4);
+        p = _mm512_fmadd_ps(p, r, c(1.398_2e-3));
+        p = _mm512_fmadd_ps(p, r, c(8.333_452e-3));
+        p = _mm512_fmadd_ps(p, r, c(4.166_579_6e-2));
+        p = _mm512_fmadd_ps(p, r, c(1.666_666_5e-1));
+        p = _mm512_fmadd_ps(p, r, c(0.5));
+        let r2 = _mm512_mul_ps(r, r);
+        let e = _mm512_add_ps(_mm512_fmadd_ps(p, r2, r), c(1.0));
+        _mm512_maskz_mov_ps(finite, _mm512_scalef_ps(e, k))
+    }
+
+    /// # Safety
+    /// The CPU must have AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn softmax_avx512(row: &mut [f32], scale: f32) {
+        let n = row.len();
+        let p = row.as_mut_ptr();
+        let (vs, ninf) = (_mm512_set1_ps(scale), _mm512_set1_ps(f32::NEG_INFINITY));
+        let mut mx = ninf;
+        for i in (0..n).step_by(16) {
+            let m = lanes(i, n);
+            let x = _mm512_mul_ps(_mm512_mask_loadu_ps(ninf, m, p.add(i)), vs);
+            _mm512_mask_storeu_ps(p.add(i), m, x);
+            mx = _mm512_max_ps(mx, x);
+        }
+        let mx = _mm512_reduce_max_ps(mx);
+        if mx == f32::NEG_INFINITY {
+            row.fill(0.0);
+            return;
+        }
+        let vmx = _mm512_set1_ps(mx);
+        let mut sum = _mm512_setzero_ps();
+        for i in (0..n).step_by(16) {
+            let m = lanes(i, n);
+            let e = exp16(_mm512_sub_ps(_mm512_mask_loadu_ps(ninf, m, p.add(i)), vmx));
+            _mm512_mask_storeu_ps(p.add(i), m, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(sum));
+        for i in (0..n).step_by(16) {
+            let m = lanes(i, n);
+            let x = _mm512_maskz_loadu_ps(m, p.add(i));
+            _mm512_mask_storeu_ps(p.add(i), m, _mm512_mul_ps(x, inv));
+        }
+    }
+
+    /// Four independent accumulators of sixteen lanes; the tail is a masked load, so no value is
+    /// read past the end.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; `a` and `b` must have the same length.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (ap, bp) = (a.as_ptr(), b.as_ptr());
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 64 <= n {
+            for (j, s) in acc.iter_mut().enumerate() {
+                let o = i + 16 * j;
+                *s = _mm512_fmadd_ps(_mm512_loadu_ps(ap.add(o)), _mm512_loadu_ps(bp.add(o)), *s);
+            }
+            i += 64;
+        }
+        while i + 16 <= n {
+            acc[0] = _mm512_fmadd_ps(
+                _mm512_loadu_ps(ap.add(i)),
+                _mm512_loadu_ps(bp.add(i)),
+                acc[0],
+            );
+            i += 16;
+        }
+        if i < n {
+            let mask: __mmask16 = (1u32 << (n - i)) as u16 - 1;
+            let x = _mm512_maskz_loadu_ps(mask, ap.add(i));
+            let y = _mm512_maskz_loadu_ps(mask, bp.add(i));
+            acc[1] = _mm512_fmadd_ps(x, y, acc[1]);
+        }
+        let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+        _mm512_reduce_add_ps(sum)
+    }
+
+    /// Four independent accumulators of eight lanes; the tail goes through a zero-padded buffer.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; `a` and `b` must have the same length.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (ap, bp) = (a.as_ptr(), b.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 32 <= n {
+            for (j, s) in acc.iter_mut().enumerate() {
+                let o = i + 8 * j;
+                *s = _mm256_fmadd_ps(_mm256_loadu_ps(ap.add(o)), _mm256_loadu_ps(bp.add(o)), *s);
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            acc[0] = _mm256_fmadd_ps(
+                _mm256_loadu_ps(ap.add(i)),
+                _mm256_loadu_ps(bp.add(i)),
+                acc[0],
+            );
+            i += 8;
+        }
+        if i < n {
+            let (mut xt, mut yt) = ([0.0f32; 8], [0.0f32; 8]);
+            xt[..n - i].copy_from_slice(&a[i..n]);
+            yt[..n - i].copy_from_slice(&b[i..n]);
+            acc[1] = _mm256_fmadd_ps(
+                _mm256_loadu_ps(xt.as_ptr()),
+                _mm256_loadu_ps(yt.as_ptr()),
+                acc[1],
+            );
+        }
+        let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let mut lanes = [0.0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
+        lanes.iter().sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [−1, 1) with no structure a kernel could get right by accident.
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    /// The f64 triple loop every kernel is checked against: each value with the sum of its
+    /// terms' magnitudes (what bounds the error of a sum in f32).
+    fn naive(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<(f64, f64)> {
+        let mut out = vec![(0.0, 0.0); m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let terms = (0..k).map(|c| x[i * k + c] as f64 * w[j * k + c] as f64);
+                out[i * n + j] = terms.fold((0.0, 0.0), |(s, a), t| (s + t, a + t.abs()));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn linear_rows_matches_f64_on_odd_shapes_with_every_kernel() {
+        let isas: Vec<Isa> = [Isa::Avx512, Isa::Avx2, Isa::Portable]
+            .into_iter()
+            .filter(|i| i.runs_here())
+            .collect();
+        assert!(isas.contains(&Isa::Portable));
+        let dims = [1usize, 3, 15, 17, 64, 257];
+        for isa in isas {
+            for m in 1..=GEMV_ROWS {
+                for &k in &dims {
+                    for &n in &dims {
+                        let x = values(m * k, (m * 1000 + k) as u64);
+                        let w = values(n * k, (n * 7 + k) as u64);
+                        let got = linear_rows_with(isa, &x, m, k, &w, n);
+                        let want = naive(&x, m, k, &w, n);
+                        assert_eq!(got.len(), want.len());
+                        for (idx, (&g, &(e, mag))) in got.iter().zip(&want).enumerate() {
+                            // Any order of f32 sums of k rounded products: |error| ≤ (k+1)·u·Σ|terms|.
+                            let tol = (k + 1) as f64 * f32::EPSILON as f64 * mag;
+                            assert!(
+                                (g as f64 - e).abs() <= tol,
+                                "{}: m {m} k {k} n {n} at {idx}: {g} vs {e}",
+                                isa.name()
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn best_kernel_runs_here_and_agrees_with_portable() {
+        let (m, k, n) = (2, 4099, 33);
+        let x = values(m * k, 1);
+        let w = values(n * k, 2);
+        let best = linear_rows(&x, m, k, &w, n);
+        let portable = linear_rows_with(Isa::Portable, &x, m, k, &w, n);
+        for (a, b) in best.iter().zip(&portable) {
+            assert!((a - b).abs() <= 1e-3, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn softmax_matches_f64_with_every_kernel() {
+        for isa in [Isa::Avx512, Isa::Avx2, Isa::Portable] {
+            if !isa.runs_here() {
+                continue;
+            }
+            for &n in &[1usize, 3, 15, 16, 17, 64, 257] {
+                let mut row: Vec<f32> = values(n, n as u64).iter().map(|v| 40.0 * v).collect();
+                // Hidden keys and a far-below-the-max logit (whose exp underflows to 0).
+                if n > 2 {
+                    row[1] = f32::NEG_INFINITY;
+                    row[n - 1] = -1e4;
+                }
+                let scale = 0.125;
+                let mx = row
+                    .iter()
+                    .fold(f64::NEG_INFINITY, |m, &v| m.max((v * scale) as f64));
+                let e: Vec<f64> = row
+                    .iter()
+                    .map(|&v| ((v * scale) as f64 - mx).exp())
+                    .collect();
+                let total: f64 = e.iter().sum();
+                let mut got = row.clone();
+                softmax_scaled_with(isa, &mut got, scale);
+                for (j, (&g, &w)) in got.iter().zip(&e).enumerate() {
+                    let want = w / total;
+                    // A few ulp per exp plus the f32 sum over n values.
+                    let tol = 1e-6 * want + (n as f64 + 4.0) * f32::EPSILON as f64 * want + 1e-30;
+                    assert!(
+                        (g as f64 - want).abs() <= tol,
+                        "{}: n {n} at {j}: {g} vs {want}",
+                        isa.name()
+                    );
+                }
+                if n > 2 {
+                    assert_eq!(got[1], 0.0, "{}: a hidden key is exactly 0", isa.name());
+                }
+            }
+            let mut hidden = vec![f32::NEG_INFINITY; 19];
+            softmax_scaled_with(isa, &mut hidden, 0.5);
+            assert!(hidden.iter().all(|&v| v == 0.0), "{}", isa.name());
+        }
+    }
+
+    #[test]
+    fn empty_shapes() {
+        assert!(linear_rows(&[], 0, 3, &[0.0; 6], 2).is_empty());
+        assert_eq!(linear_rows(&[1.0; 3], 1, 3, &[], 0), Vec::<f32>::new());
+        assert_eq!(linear_rows(&[], 2, 0, &[], 3), vec![0.0; 6]);
+    }
+}

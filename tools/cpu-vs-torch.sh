@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The CPU backend against transformers on the same machine, one sitting, f32 on both sides:
+# prefill, one decode step and one exact-baseline token on benches/midsize_config.json, 2 threads.
+# Prints ours, theirs, the ratio (theirs / ours: above 1 = fastrm faster) and the CPU model.
+#
+#   tools/cpu-vs-torch.sh [PYTHON]     # default target/torchenv/bin/python (tools/torch-cpu-env.sh)
+#
+# Ours: criterion medians of `cargo bench --bench cpu_step --bench baseline`. Theirs:
+# `tools/make_fixtures.py --bench --out target/cpu-vs-torch` (medians; written there, not over the
+# committed tools/bench_transformers.json). The exact token is compared with torch.autograd.grad
+# (forward with the attention maps kept + gradient to them: what a PyTorch user runs for the same
+# map); fastrm's figure is the backward alone, as its saving forward is shared by every token of an
+# answer. Takes about six minutes on a 2-core machine, plus the build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${1:-target/torchenv/bin/python}
+OUT=target/cpu-vs-torch
+export RAYON_NUM_THREADS=2
+echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+cargo bench --bench cpu_step --bench baseline -- --noplot 2>&1 | grep -E '^(cpu|baseline)/|time:|positions|kernel' || true
+"$PY" tools/make_fixtures.py --bench --out "$OUT" > /dev/null
+echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
+"$PY" - "$OUT/tools/bench_transformers.json" <<'PY'
+import json, sys
+from pathlib import Path
+
+def ours(group, name):
+    est = json.loads(Path(f"target/criterion/{group}/{name}/new/estimates.json").read_text())
+    return est["median"]["point_estimate"] / 1e6
+
+t = json.loads(Path(sys.argv[1]).read_text())
+flags = next((l for l in open("/proc/cpuinfo") if l.startswith("flags")), "").split()
+isa = "AVX-512F" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+print(f"\nCPU: {t['cpu']} ({isa}), torch {t['versions']['torch']} ({t['torch_threads']} threads), "
+      f"transformers {t['versions']['transformers']}")
+rows = [
+    ("prefill", ours("cpu", "prefill"), t["prefill_ms_median"]),
+    ("decode step", ours("cpu", "decode_step"), t["decode_ms_median"]),
+    ("exact baseline token (vs autograd.grad)", ours("baseline", "exact_token"),
+     t["exact_token_grad"]["total_ms_median"]),
+]
+print(f"{'':42} {'fastrm ms':>10} {'torch ms':>10} {'torch/fastrm':>13}")
+for name, a, b in rows:
+    print(f"{name:42} {a:10.2f} {b:10.2f} {b / a:12.2f}x")
+PY
