@@ -1,7 +1,8 @@
 //! CPU reference backend: prefill (vision tower + projector + decoder over the whole prompt) and
 //! one decode step, on the mid-size config `benches/midsize_config.json` (336 px, 576 patches,
-//! hidden 512, 8 layers) with synthetic weights. `tools/make_fixtures.py --bench` times
-//! transformers on the same shapes; both numbers go in docs/PERF.md.
+//! hidden 512, 8 layers) with synthetic weights: group `cpu` in f32, group `cpu_bf16` with the
+//! same shapes stored as bf16 and read from the mapped file. `tools/make_fixtures.py --bench`
+//! times transformers on the same shapes in f32 and bf16; `tools/cpu-vs-torch.sh` prints both.
 //!
 //! `cargo bench --bench cpu_step`
 
@@ -12,13 +13,18 @@ use fastrm::model::llama::KvCache;
 mod common;
 
 fn bench(c: &mut Criterion) {
+    steps(c, "cpu", common::midsize());
+    steps(c, "cpu_bf16", common::midsize_bf16());
+}
+
+fn steps(c: &mut Criterion, group: &str, setup: common::Midsize) {
     let common::Midsize {
         path,
         cfg,
         engine,
         ids,
         pixels,
-    } = common::midsize();
+    } = setup;
     let prompt = engine.model.prompt(ids.clone()).unwrap();
     let (b, m) = (&engine.backend, &engine.model);
     eprintln!(
@@ -28,7 +34,7 @@ fn bench(c: &mut Criterion) {
         b.name()
     );
 
-    let mut g = c.benchmark_group("cpu");
+    let mut g = c.benchmark_group(group);
     g.sample_size(10);
     g.bench_function("prefill", |bench| {
         bench.iter(|| {

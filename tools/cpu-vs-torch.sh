@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The CPU backend against transformers on the same machine, one sitting, f32 on both sides:
-# prefill, one decode step and one exact-baseline token on benches/midsize_config.json, 2 threads.
+# prefill, one decode step and one exact-baseline token on benches/midsize_config.json, 2 threads;
+# then prefill and decode with the same shapes in bf16 (ours: bf16 weights read from the mapped file,
+# f32 arithmetic; theirs: model.to(torch.bfloat16), bf16 activations too).
 # Prints ours, theirs, the ratio (theirs / ours: above 1 = fastrm faster) and the CPU model.
 #
 #   tools/cpu-vs-torch.sh [PYTHON]     # default target/torchenv/bin/python (tools/torch-cpu-env.sh)
@@ -10,7 +12,7 @@
 # committed tools/bench_transformers.json). The exact token is compared with torch.autograd.grad
 # (forward with the attention maps kept + gradient to them: what a PyTorch user runs for the same
 # map); fastrm's figure is the backward alone, as its saving forward is shared by every token of an
-# answer. Takes about six minutes on a 2-core machine, plus the build.
+# answer. Takes about eight minutes on a 2-core machine, plus the build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${1:-target/torchenv/bin/python}
@@ -38,6 +40,8 @@ rows = [
     ("decode step", ours("cpu", "decode_step"), t["decode_ms_median"]),
     ("exact baseline token (vs autograd.grad)", ours("baseline", "exact_token"),
      t["exact_token_grad"]["total_ms_median"]),
+    ("bf16 weights: prefill", ours("cpu_bf16", "prefill"), t["bf16"]["prefill_ms_median"]),
+    ("bf16 weights: decode step", ours("cpu_bf16", "decode_step"), t["bf16"]["decode_ms_median"]),
 ]
 print(f"{'':42} {'fastrm ms':>10} {'torch ms':>10} {'torch/fastrm':>13}")
 for name, a, b in rows:

@@ -1240,15 +1240,12 @@ def gc_collect():
     malloc_trim()
 
 
-def bench(root: Path):
-    spec, model, P, pv, ids = bench_setup()
-    n = ids.shape[1]
-    n_params = sum(p.numel() for p in model.parameters())
+def time_generation(model, ids, pv, n):
+    """Prefill (5 timed after a warm-up) and N_DECODE consecutive decode steps, in seconds."""
 
     def prefill():
         return model(input_ids=ids, pixel_values=pv, use_cache=True, logits_to_keep=1)
 
-    load_before = os.getloadavg()
     with torch.no_grad():
         prefill()  # warm-up
         pre = []
@@ -1266,6 +1263,16 @@ def bench(root: Path):
             dec.append(time.perf_counter() - t0)
             cache = o.past_key_values
             tok = o.logits[:, -1].argmax(-1, keepdim=True)
+    return pre, dec
+
+
+def bench(root: Path):
+    spec, model, P, pv, ids = bench_setup()
+    n = ids.shape[1]
+    n_params = sum(p.numel() for p in model.parameters())
+
+    load_before = os.getloadavg()
+    pre, dec = time_generation(model, ids, pv, n)
     cpu = "unknown"
     try:
         for line in open("/proc/cpuinfo"):
@@ -1298,6 +1305,16 @@ def bench(root: Path):
         "loadavg_1_5_15_after": [round(x, 2) for x in os.getloadavg()],
     }
     res.update(bench_relevancy(model, spec, pv, ids))
+    # The same shapes in bf16 (weights and activations, as a PyTorch user runs a bf16 checkpoint),
+    # after the f32 measurements so they are unchanged.
+    pre16, dec16 = time_generation(model.to(torch.bfloat16), ids, pv.to(torch.bfloat16), n)
+    res["bf16"] = {
+        "note": "model.to(torch.bfloat16), bf16 pixel values; same prefill and decode as above",
+        "prefill_ms_median": round(statistics.median(pre16) * 1e3, 2),
+        "prefill_ms_all": [round(x * 1e3, 2) for x in pre16],
+        "decode_ms_median": round(statistics.median(dec16) * 1e3, 2),
+        "decode_ms_all": [round(x * 1e3, 2) for x in dec16],
+    }
     print(json.dumps(res, indent=2))
     dump_json(res, root / "tools" / "bench_transformers.json")
     return res

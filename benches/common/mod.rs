@@ -5,7 +5,9 @@
 
 use std::path::{Path, PathBuf};
 
-use fastrm::backend::cpu::Cpu;
+use fastrm::backend::cpu::{Cpu, CpuWeights};
+use fastrm::checkpoint::synth::{write_model, SynthOptions};
+use fastrm::checkpoint::DType;
 use fastrm::config::LlavaConfig;
 use fastrm::Engine;
 
@@ -18,11 +20,37 @@ pub struct Midsize {
 }
 
 pub fn midsize() -> Midsize {
-    // The allocator setting the binary makes, so the benches time what it runs.
-    fastrm::profile::memory::keep_freed_memory();
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/midsize_config.json");
     let cfg = LlavaConfig::from_file(&path).expect("midsize config");
     let engine = Engine::synthetic(Cpu, &cfg, 1).expect("synthetic model");
+    with_engine(path, cfg, engine)
+}
+
+/// The same shapes stored as bf16 safetensors (written once under `target/`, by
+/// `fastrm synth-model`'s writer) and loaded as a user's bf16 checkpoint is: matrices read from
+/// the mapped file, f32 arithmetic.
+pub fn midsize_bf16() -> Midsize {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/midsize_config.json");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-midsize-bf16");
+    if !dir.join("model.safetensors").exists() {
+        let _ = std::fs::remove_dir_all(&dir);
+        let json = std::fs::read_to_string(&path).expect("midsize config");
+        let opts = SynthOptions {
+            dtype: DType::BF16,
+            shards: 1,
+            seed: 1,
+        };
+        write_model(&dir, &json, &opts).expect("write the bf16 mid-size model");
+    }
+    let engine =
+        Engine::load(Cpu::with_weights(CpuWeights::Stored), &dir).expect("load the bf16 model");
+    let cfg = engine.model.cfg.clone();
+    with_engine(dir, cfg, engine)
+}
+
+fn with_engine(path: PathBuf, cfg: LlavaConfig, engine: Engine<Cpu>) -> Midsize {
+    // The allocator setting the binary makes, so the benches time what it runs.
+    fastrm::profile::memory::keep_freed_memory();
     let mut ids: Vec<u32> = vec![cfg.bos_token_id, 3148, 1001, 29901];
     ids.extend(std::iter::repeat_n(
         cfg.image_token_id,

@@ -540,9 +540,9 @@ impl<T: Elem> Cuda<T> {
     /// peaks. The next allocations come from the driver again, which a measured run pays for.
     pub fn trim_and_sync(&self) -> Result<()> {
         self.synchronize()?;
-        #[cfg(feature = "cuda")]
-        if let Device::Gpu(g) = &self.dev {
-            if g.ctx.has_async_alloc() {
+        match &self.dev {
+            #[cfg(feature = "cuda")]
+            Device::Gpu(g) if g.ctx.has_async_alloc() => {
                 let pool = default_pool(&g.ctx)?;
                 // SAFETY: a plain driver call on the device's own pool; after the synchronisation
                 // every block freed on our stream is free in the pool.
@@ -550,6 +550,7 @@ impl<T: Elem> Cuda<T> {
                     .result()
                     .map_err(|e| drv_err("memory pool trim", e))?;
             }
+            _ => {}
         }
         self.ledger.reset_peaks();
         Ok(())
