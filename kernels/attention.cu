@@ -53,18 +53,21 @@ __device__ void attn_softmax_fwd_impl(T* p, const float* s, int n_q, int kv_len,
 #define SOFTMAX_PARAMS(T) (T* p, const float* s, int n_q, int kv_len, int q_pos0, float scale, const unsigned char* key_keep)
 FASTRM_INSTANTIATE(attn_softmax_fwd, SOFTMAX_PARAMS, (p, s, n_q, kv_len, q_pos0, scale, key_keep))
 
-// grid: (H, n_splits, n_q), block: a multiple of 32 (128), dynamic shared: (head_dim + chunk) f32.
+// grid: (H, n_splits, n_q), block: a multiple of 32 (128), dynamic shared: (head_dim + chunk) f32,
+// plus blockDim * 16 / sizeof(T) f32 when val_lanes > 0.
 // q [n_q, H*d], k/v [>= kv_len, Hkv*d]; writes part_o [n_q*H*n_splits, d] and part_ml
 // [n_q*H*n_splits, 2] (f32), entry (i*H + h)*n_splits + split. key_lanes > 0 (set by the launcher
 // when a key row is that many 16-byte packs, a divisor of 32, and k is 16-byte aligned) scores
 // several keys per warp pass with 16-byte loads; 0 walks one key per warp with element loads.
+// val_lanes, the same for a value row (and v), gives the weighted sum of values 16-byte loads.
 template <typename T>
 __device__ void attn_decode_fwd_impl(float* part_o, float* part_ml, const T* q, const T* k, const T* v,
                                      int kv_len, int n_heads, int n_kv_heads, int d, int q_pos0,
-                                     float scale, int chunk, const unsigned char* key_keep, int key_lanes) {
+                                     float scale, int chunk, const unsigned char* key_keep, int key_lanes,
+                                     int val_lanes) {
     FASTRM_DYNAMIC_SHARED(float, smem);
     float* qs = smem;          // [d]
-    float* sc = smem + d;      // [chunk]
+    float* sc = smem + d;      // [chunk], then (val_lanes > 0) [blockDim / val_lanes, d]
     __shared__ float scratch[32];
     const int h = blockIdx.x, split = blockIdx.y, i = blockIdx.z, n_splits = gridDim.y;
     const int kvh = h / (n_heads / n_kv_heads);
@@ -113,10 +116,39 @@ __device__ void attn_decode_fwd_impl(float* part_o, float* part_ml, const T* q, 
     }
     sum = block_sum(sum, scratch);  // its leading barrier also publishes sc
     const long long part = ((long long)i * n_heads + h) * n_splits + split;
-    for (int t = threadIdx.x; t < d; t += blockDim.x) {
-        float acc = 0.f;
-        for (int j = j0; j < j1; ++j) acc += sc[j - j0] * to_f32(v[(long long)j * kcols + kvh * d + t]);
-        part_o[part * d + t] = acc;
+    if (val_lanes > 0) {
+        // A value row is val_lanes 16-byte packs: the block splits into groups of val_lanes
+        // threads, each group walks every (blockDim / val_lanes)-th key of the chunk, a thread
+        // one pack; the groups' sums meet in shared memory.
+        constexpr int V = 16 / sizeof(T);
+        const int groups = blockDim.x / val_lanes, g = threadIdx.x / val_lanes;
+        const int pack = threadIdx.x - g * val_lanes;
+        float acc[V];
+#pragma unroll
+        for (int e = 0; e < V; ++e) acc[e] = 0.f;
+        for (int j = j0 + g; j < j1; j += groups) {
+            const uint4 v4 = reinterpret_cast<const uint4*>(v + (long long)j * kcols + kvh * d)[pack];
+            T ve[V];
+            memcpy(ve, &v4, 16);
+            const float pj = sc[j - j0];
+#pragma unroll
+            for (int e = 0; e < V; ++e) acc[e] += pj * to_f32(ve[e]);
+        }
+        float* red = sc + chunk;  // [groups, d]
+#pragma unroll
+        for (int e = 0; e < V; ++e) red[g * d + pack * V + e] = acc[e];
+        __syncthreads();
+        for (int t = threadIdx.x; t < d; t += blockDim.x) {
+            float o = 0.f;
+            for (int gg = 0; gg < groups; ++gg) o += red[gg * d + t];
+            part_o[part * d + t] = o;
+        }
+    } else {
+        for (int t = threadIdx.x; t < d; t += blockDim.x) {
+            float acc = 0.f;
+            for (int j = j0; j < j1; ++j) acc += sc[j - j0] * to_f32(v[(long long)j * kcols + kvh * d + t]);
+            part_o[part * d + t] = acc;
+        }
     }
     if (threadIdx.x == 0) {
         part_ml[2 * part] = mx;
@@ -125,9 +157,10 @@ __device__ void attn_decode_fwd_impl(float* part_o, float* part_ml, const T* q, 
 }
 #define DECODE_PARAMS(T) (float* part_o, float* part_ml, const T* q, const T* k, const T* v, int kv_len, int n_heads, \
                           int n_kv_heads, int d, int q_pos0, float scale, int chunk, const unsigned char* key_keep, \
-                          int key_lanes)
+                          int key_lanes, int val_lanes)
 FASTRM_INSTANTIATE(attn_decode_fwd, DECODE_PARAMS,
-                   (part_o, part_ml, q, k, v, kv_len, n_heads, n_kv_heads, d, q_pos0, scale, chunk, key_keep, key_lanes))
+                   (part_o, part_ml, q, k, v, kv_len, n_heads, n_kv_heads, d, q_pos0, scale, chunk, key_keep, key_lanes,
+                    val_lanes))
 
 // grid: (H, n_q), block: any. Writes out [n_q, H*d].
 template <typename T>

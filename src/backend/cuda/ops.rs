@@ -189,18 +189,25 @@ impl<T: Elem> Cuda<T> {
             let chunk = DECODE_CHUNK as i32;
             let esz = std::mem::size_of::<T>();
             let packs = d * esz / 16;
-            let aligned = (d * esz).is_multiple_of(16)
-                && (k.cols * esz).is_multiple_of(16)
-                && self.ptr(k).is_multiple_of(16);
-            let key_lanes: i32 = if aligned && packs > 0 && 32 % packs == 0 {
-                packs as i32
-            } else {
-                0
+            // 16-byte loads where a head's row is whole packs (a divisor of 32 of them) and
+            // every row of the cache starts on a 16-byte boundary; element loads otherwise.
+            let lanes = |t: &CudaTensor<T>| -> i32 {
+                let aligned = (d * esz).is_multiple_of(16)
+                    && (t.cols * esz).is_multiple_of(16)
+                    && self.ptr(t).is_multiple_of(16);
+                if aligned && packs > 0 && 32 % packs == 0 {
+                    packs as i32
+                } else {
+                    0
+                }
             };
+            let (key_lanes, val_lanes) = (lanes(k), lanes(v));
+            const BLOCK: usize = 128;
+            let reduce = if val_lanes > 0 { BLOCK * 16 / esz } else { 0 };
             let cfg = LaunchConfig {
                 grid_dim: (h as u32, splits as u32, nq as u32),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: ((d + DECODE_CHUNK) * 4) as u32,
+                block_dim: (BLOCK as u32, 1, 1),
+                shared_mem_bytes: ((d + DECODE_CHUNK + reduce) * 4) as u32,
             };
             self.launch(
                 "attn_decode_fwd",
@@ -220,6 +227,7 @@ impl<T: Elem> Cuda<T> {
                     &chunk,
                     &keep_ptr,
                     &key_lanes,
+                    &val_lanes,
                 ],
             )?;
             let cfg = LaunchConfig {
