@@ -11,11 +11,10 @@
 
 #define GEMV_MAX_ROWS 4
 
+// One warp's output column n of y = x . w^T (+ b); every lane of the warp calls it.
 template <typename T>
-__device__ void linear_gemv_fwd_impl(T* y, const T* x, const T* w, const T* b, int m, int K, int N, int vec) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
-    const long long n = (long long)blockIdx.x * n_warps + warp;
-    if (n >= N) return;  // whole warps leave together: no shuffle below runs in a partial warp
+__device__ void gemv_column(T* y, const T* x, const T* w, const T* b, int m, int K, int N, long long n, int vec) {
+    const int lane = threadIdx.x & 31;
     const T* wr = w + n * K;
     float acc[GEMV_MAX_ROWS] = {0.f, 0.f, 0.f, 0.f};
     if (vec) {
@@ -52,5 +51,31 @@ __device__ void linear_gemv_fwd_impl(T* y, const T* x, const T* w, const T* b, i
         if (lane == 0 && i < m) y[(long long)i * N + n] = from_f32<T>(s + bias);
     }
 }
+
+template <typename T>
+__device__ void linear_gemv_fwd_impl(T* y, const T* x, const T* w, const T* b, int m, int K, int N, int vec) {
+    const long long n = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (n >= N) return;  // whole warps leave together: no shuffle runs in a partial warp
+    gemv_column(y, x, w, b, m, K, N, n, vec);
+}
 #define GEMV_PARAMS(T) (T* y, const T* x, const T* w, const T* b, int m, int K, int N, int vec)
 FASTRM_INSTANTIATE(linear_gemv_fwd, GEMV_PARAMS, (y, x, w, b, m, K, N, vec))
+
+// Up to three linears of the same x in one launch (the decode step's q, k, v; gate, up): the
+// warps' columns run through w0's rows, then w1's, then w2's (n2 = 0 for two). No bias.
+//   linear_gemv_group_fwd   grid: (ceil((n0 + n1 + n2) / warps per block)), block: 256
+template <typename T>
+__device__ void linear_gemv_group_fwd_impl(T* y0, T* y1, T* y2, const T* x, const T* w0, const T* w1,
+                                           const T* w2, int m, int K, int n0, int n1, int n2, int vec) {
+    long long n = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (n < n0) {
+        gemv_column(y0, x, w0, (const T*)nullptr, m, K, n0, n, vec);
+    } else if ((n -= n0) < n1) {
+        gemv_column(y1, x, w1, (const T*)nullptr, m, K, n1, n, vec);
+    } else if ((n -= n1) < n2) {
+        gemv_column(y2, x, w2, (const T*)nullptr, m, K, n2, n, vec);
+    }
+}
+#define GEMV_GROUP_PARAMS(T) (T* y0, T* y1, T* y2, const T* x, const T* w0, const T* w1, const T* w2, int m, \
+                              int K, int n0, int n1, int n2, int vec)
+FASTRM_INSTANTIATE(linear_gemv_group_fwd, GEMV_GROUP_PARAMS, (y0, y1, y2, x, w0, w1, w2, m, K, n0, n1, n2, vec))

@@ -165,6 +165,36 @@ fn ops<T: Elem>(test: &str) {
             );
         }
         g.set_gemv(true);
+        // The same x by two and three weights of different heights: one grouped launch (≤ 4
+        // rows, fused) or separate linears, each against the CPU's separate products.
+        let ws: Vec<Pair<T>> = [n, n + 3, 2 * n + 1]
+            .iter()
+            .map(|&rows| pair(&g, &rand(r, rows * k, 0.05), rows, k))
+            .collect();
+        for count in [2, 3] {
+            for fuse in [true, false] {
+                g.set_fuse(fuse);
+                let gw: Vec<_> = ws[..count].iter().map(|w| &w.g).collect();
+                let got = g.linear_group(&x.g, &gw).unwrap();
+                assert_eq!(got.len(), count);
+                for (i, (y, w)) in got.iter().zip(&ws).enumerate() {
+                    check(
+                        &format!("linear_group {m}x{k} weight {i} of {count} (fuse {fuse})"),
+                        &g,
+                        y,
+                        &Cpu.linear(&x.c, &w.c, None).unwrap(),
+                    );
+                }
+            }
+        }
+        g.set_fuse(true);
+        let narrow = pair(&g, &rand(r, n * (k + 1), 0.05), n, k + 1);
+        let err = g.linear_group(&x.g, &[&ws[0].g, &narrow.g]);
+        assert!(
+            err.as_ref()
+                .is_err_and(|e| e.to_string().contains("linear")),
+            "a weight of another width is a shape error"
+        );
         let dy = pair(&g, &rand(r, m * n, 1.0), m, n);
         check(
             &format!("linear_bwd {m}x{k}x{n}"),
@@ -758,11 +788,11 @@ fn decode_launches_do_not_grow() {
     }
     assert_eq!(per_step.len(), 6);
     let layers = cfg.text.num_hidden_layers as u64;
-    // Fused: each layer's two residual adds ride on the norms after them, and q and k rotate in
-    // one launch.
+    // Fused: each layer's two residual adds ride on the norms after them, q and k rotate in one
+    // launch, q, k, v are one launch (3 -> 1) and so are gate and up (2 -> 1).
     assert_eq!(
         per_step[1] - per_step[3],
-        3 * layers,
+        6 * layers,
         "launches per step one per op vs fused: {per_step:?}"
     );
     assert_eq!(per_step[1], per_step[2], "{per_step:?}");

@@ -107,6 +107,11 @@ pub trait Backend {
         self.synchronize()
     }
 
+    /// [`Backend::linear`] of one `x` by each of `ws` (no bias): the decoder's q, k, v and its
+    /// gate, up (one launch on a GPU for a decode step's rows). Exactly what separate linears give.
+    fn linear_group(&self, x: &Self::Tensor, ws: &[&Self::Tensor]) -> Result<Vec<Self::Tensor>> {
+        ws.iter().map(|w| self.linear(x, w, None)).collect()
+    }
     /// `y = x · wᵀ (+ bias)`; x `[m, k]`, w `[n, k]` (PyTorch Linear layout), bias `[1, n]`.
     fn linear(
         &self,

@@ -269,14 +269,8 @@ impl<B: Backend> Llama<B> {
         let mut h = b.rms_norm(&x, first_norm, eps)?;
         let mut x = x;
         for (li, l) in self.layers.iter().enumerate() {
-            let (q, k) = b.rope_qk(
-                &b.linear(&h, &l.q, None)?,
-                &b.linear(&h, &l.k, None)?,
-                t.head_dim,
-                pos0,
-                theta,
-            )?;
-            let v = b.linear(&h, &l.v, None)?;
+            let [q, k, v] = array(b.linear_group(&h, &[&l.q, &l.k, &l.v])?)?;
+            let (q, k) = b.rope_qk(&q, &k, t.head_dim, pos0, theta)?;
             b.copy_rows_into(&mut cache.k[li], pos0, &k)?;
             b.copy_rows_into(&mut cache.v[li], pos0, &v)?;
             let a = match pass {
@@ -287,8 +281,7 @@ impl<B: Backend> Llama<B> {
             };
             let (x_mid, h_mlp) =
                 b.add_rms_norm(&x, &b.linear(&a, &l.o, None)?, &l.mlp_norm, eps)?;
-            let gate = b.linear(&h_mlp, &l.gate, None)?;
-            let up = b.linear(&h_mlp, &l.up, None)?;
+            let [gate, up] = array(b.linear_group(&h_mlp, &[&l.gate, &l.up])?)?;
             let g = b.silu_mul(&gate, &up)?;
             let next_norm = self.layers.get(li + 1).map_or(&self.norm, |n| &n.attn_norm);
             let (x_out, h_next) =
@@ -323,4 +316,12 @@ impl<B: Backend> Llama<B> {
     pub fn logits(&self, b: &B, hidden: &B::Tensor) -> Result<B::Tensor> {
         b.linear(hidden, &self.lm_head, None)
     }
+}
+
+/// The `N` results of a [`Backend::linear_group`] of `N` weights, as an array.
+fn array<T, const N: usize>(ys: Vec<T>) -> Result<[T; N]> {
+    let got = ys.len();
+    ys.try_into().map_err(|_| {
+        crate::Error::Backend(format!("linear_group gave {got} results for {N} weights"))
+    })
 }

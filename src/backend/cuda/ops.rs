@@ -595,6 +595,65 @@ impl<T: Elem> Backend for Cuda<T> {
         Ok(y)
     }
 
+    fn linear_group(&self, x: &CudaTensor<T>, ws: &[&CudaTensor<T>]) -> Result<Vec<CudaTensor<T>>> {
+        let one_launch = self.fuse_enabled()
+            && self.gemv_enabled()
+            && (2..=3).contains(&ws.len())
+            && x.rows <= GEMV_MAX_ROWS
+            && x.len() > 0
+            && ws.iter().all(|w| w.len() > 0);
+        if !one_launch {
+            return ws.iter().map(|w| self.linear(x, w, None)).collect();
+        }
+        for w in ws {
+            if w.cols != x.cols {
+                return Err(shape_err(
+                    "linear_group",
+                    format!("x {:?} · wᵀ with w {:?}", x.dims(), w.dims()),
+                ));
+            }
+        }
+        let ys = ws
+            .iter()
+            .map(|w| self.alloc(x.rows, w.rows))
+            .collect::<Result<Vec<_>>>()?;
+        let xp = self.ptr(x);
+        let row_bytes = x.cols * std::mem::size_of::<T>();
+        let vec = i32::from(
+            row_bytes.is_multiple_of(16)
+                && xp.is_multiple_of(16)
+                && ws.iter().all(|w| self.ptr(w).is_multiple_of(16)),
+        );
+        // A third slot of zero rows when there are two weights; the kernel never reads it.
+        let slot = |i: usize| {
+            ws.get(i)
+                .map_or((0, 0, 0), |w| (self.ptr(w), self.ptr(&ys[i]), w.rows))
+        };
+        let ((w0, y0, n0), (w1, y1, n1), (w2, y2, n2)) = (slot(0), slot(1), slot(2));
+        let (m, k) = (
+            i32_dim("linear_group", x.rows)?,
+            i32_dim("linear_group", x.cols)?,
+        );
+        let (n0i, n1i, n2i) = (
+            i32_dim("linear_group", n0)?,
+            i32_dim("linear_group", n1)?,
+            i32_dim("linear_group", n2)?,
+        );
+        let total = i32_dim("linear_group", n0 + n1 + n2)? as usize;
+        self.launch(
+            "linear_gemv_group_fwd",
+            LaunchConfig {
+                grid_dim: (total.div_ceil(GEMV_WARPS) as u32, 1, 1),
+                block_dim: (GEMV_WARPS as u32 * 32, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            &[
+                &y0, &y1, &y2, &xp, &w0, &w1, &w2, &m, &k, &n0i, &n1i, &n2i, &vec,
+            ],
+        )?;
+        Ok(ys)
+    }
+
     fn add(&self, a: &CudaTensor<T>, b: &CudaTensor<T>) -> Result<CudaTensor<T>> {
         if b.dims() != a.dims() && b.dims() != (1, a.cols) {
             return Err(shape_err("add", format!("{:?} + {:?}", a.dims(), b.dims())));
