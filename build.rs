@@ -83,7 +83,12 @@ fn stale(out: &Path, inputs: &[&Path]) -> bool {
 /// the kernels' static registrations are linked whenever the runtime is.
 #[cfg(feature = "sim")]
 fn build_simulator() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // Read when the script runs, not baked in when it is compiled: cargo may reuse one compiled
+    // build script for checkouts of the same package in other folders.
+    let root = PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"),
+    );
+    let root = root.as_path();
     let mut kernels: Vec<PathBuf> = std::fs::read_dir(root.join("kernels"))
         .expect("kernels/ is readable")
         .flatten()
