@@ -15,6 +15,26 @@ const NORM_BLOCK: u32 = 256;
 const GEMV_MAX_ROWS: usize = 4;
 /// Warps per `linear_gemv_fwd` block, one output column each.
 const GEMV_WARPS: usize = 8;
+
+/// `x · wᵀ` needs as many columns in `w` as in `x`.
+fn linear_shape<T: Elem>(op: &str, x: &CudaTensor<T>, w: &CudaTensor<T>) -> Result<()> {
+    if x.cols == w.cols {
+        return Ok(());
+    }
+    Err(shape_err(
+        op,
+        format!("x {:?} · wᵀ with w {:?}", x.dims(), w.dims()),
+    ))
+}
+
+/// The GEMV kernels' launch over `rows` output columns in all: one warp each.
+fn gemv_config(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.div_ceil(GEMV_WARPS) as u32, 1, 1),
+        block_dim: (GEMV_WARPS as u32 * 32, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
 /// Query rows up to which attention takes the flash-decoding kernels rather than cuBLAS.
 const DECODE_MAX_QUERIES: usize = 8;
 /// Keys per block in the decoding kernel.
@@ -374,12 +394,7 @@ impl<T: Elem> Cuda<T> {
         bias: Option<&CudaTensor<T>>,
     ) -> Result<CudaTensor<T>> {
         let y = self.alloc(x.rows, w.rows)?;
-        let (xp, wp) = (self.ptr(x), self.ptr(w));
         let bp = bias.map_or(0, |b| self.ptr(b));
-        let row_bytes = x.cols * std::mem::size_of::<T>();
-        let vec = i32::from(
-            row_bytes.is_multiple_of(16) && xp.is_multiple_of(16) && wp.is_multiple_of(16),
-        );
         let (m, k, n) = (
             i32_dim("linear", x.rows)?,
             i32_dim("linear", x.cols)?,
@@ -387,14 +402,30 @@ impl<T: Elem> Cuda<T> {
         );
         self.launch(
             "linear_gemv_fwd",
-            LaunchConfig {
-                grid_dim: (w.rows.div_ceil(GEMV_WARPS) as u32, 1, 1),
-                block_dim: (GEMV_WARPS as u32 * 32, 1, 1),
-                shared_mem_bytes: 0,
-            },
-            &[&self.ptr(&y), &xp, &wp, &bp, &m, &k, &n, &vec],
+            gemv_config(w.rows),
+            &[
+                &self.ptr(&y),
+                &self.ptr(x),
+                &self.ptr(w),
+                &bp,
+                &m,
+                &k,
+                &n,
+                &self.gemv_vec(x, &[w]),
+            ],
         )?;
         Ok(y)
+    }
+
+    /// 1 when the GEMV kernels may read `x` and every weight in 16-byte packs: rows a multiple of
+    /// 16 bytes, every pointer on 16 bytes.
+    fn gemv_vec(&self, x: &CudaTensor<T>, ws: &[&CudaTensor<T>]) -> i32 {
+        let row_bytes = x.cols * std::mem::size_of::<T>();
+        i32::from(
+            row_bytes.is_multiple_of(16)
+                && self.ptr(x).is_multiple_of(16)
+                && ws.iter().all(|w| self.ptr(w).is_multiple_of(16)),
+        )
     }
 
     /// Row-major `out[m, n] = a[m, k] · b` where `b` is `[k, n]` (`b_t = false`) or `[n, k]`
@@ -574,12 +605,7 @@ impl<T: Elem> Backend for Cuda<T> {
         w: &CudaTensor<T>,
         bias: Option<&CudaTensor<T>>,
     ) -> Result<CudaTensor<T>> {
-        if x.cols != w.cols {
-            return Err(shape_err(
-                "linear",
-                format!("x {:?} · wᵀ with w {:?}", x.dims(), w.dims()),
-            ));
-        }
+        linear_shape("linear", x, w)?;
         if let Some(b) = bias {
             row_vec("linear bias", b.dims(), w.rows)?;
         }
@@ -606,24 +632,12 @@ impl<T: Elem> Backend for Cuda<T> {
             return ws.iter().map(|w| self.linear(x, w, None)).collect();
         }
         for w in ws {
-            if w.cols != x.cols {
-                return Err(shape_err(
-                    "linear_group",
-                    format!("x {:?} · wᵀ with w {:?}", x.dims(), w.dims()),
-                ));
-            }
+            linear_shape("linear_group", x, w)?;
         }
         let ys = ws
             .iter()
             .map(|w| self.alloc(x.rows, w.rows))
             .collect::<Result<Vec<_>>>()?;
-        let xp = self.ptr(x);
-        let row_bytes = x.cols * std::mem::size_of::<T>();
-        let vec = i32::from(
-            row_bytes.is_multiple_of(16)
-                && xp.is_multiple_of(16)
-                && ws.iter().all(|w| self.ptr(w).is_multiple_of(16)),
-        );
         // A third slot of zero rows when there are two weights; the kernel never reads it.
         let slot = |i: usize| {
             ws.get(i)
@@ -634,21 +648,26 @@ impl<T: Elem> Backend for Cuda<T> {
             i32_dim("linear_group", x.rows)?,
             i32_dim("linear_group", x.cols)?,
         );
-        let (n0i, n1i, n2i) = (
-            i32_dim("linear_group", n0)?,
-            i32_dim("linear_group", n1)?,
-            i32_dim("linear_group", n2)?,
-        );
+        // Each height fits an i32 when their sum does.
         let total = i32_dim("linear_group", n0 + n1 + n2)? as usize;
+        let (n0i, n1i, n2i) = (n0 as i32, n1 as i32, n2 as i32);
         self.launch(
             "linear_gemv_group_fwd",
-            LaunchConfig {
-                grid_dim: (total.div_ceil(GEMV_WARPS) as u32, 1, 1),
-                block_dim: (GEMV_WARPS as u32 * 32, 1, 1),
-                shared_mem_bytes: 0,
-            },
+            gemv_config(total),
             &[
-                &y0, &y1, &y2, &xp, &w0, &w1, &w2, &m, &k, &n0i, &n1i, &n2i, &vec,
+                &y0,
+                &y1,
+                &y2,
+                &self.ptr(x),
+                &w0,
+                &w1,
+                &w2,
+                &m,
+                &k,
+                &n0i,
+                &n1i,
+                &n2i,
+                &self.gemv_vec(x, ws),
             ],
         )?;
         Ok(ys)
