@@ -176,6 +176,8 @@ fn attention_bwd_fd_and_cams() {
         (2, 2, 4, 5, 5, Some(0)),
         (4, 2, 4, 2, 6, Some(4)),
         (2, 1, 4, 3, 3, None),
+        // Past the CPU's 64-row blocks: the second key block's sums start at query 34.
+        (2, 1, 4, 70, 100, Some(30)),
     ] {
         let s = AttnShape {
             n_heads: h,

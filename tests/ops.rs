@@ -29,7 +29,14 @@ fn close(what: &str, got: &[f32], want: &[f64], tol: f64) {
 #[test]
 fn linear_matches_naive() {
     let mut rng = SplitMix64::new(1);
-    for &(m, k, n) in &[(1, 7, 5), (13, 64, 33), (70, 129, 65)] {
+    // The last two split the output columns across threads (the second into a ragged last block).
+    for &(m, k, n) in &[
+        (1, 7, 5),
+        (13, 64, 33),
+        (70, 129, 65),
+        (64, 33, 129),
+        (150, 70, 300),
+    ] {
         let x = rand(&mut rng, m, k, 1.0);
         let w = rand(&mut rng, n, k, 1.0);
         let b = rand(&mut rng, 1, n, 1.0);
@@ -45,6 +52,18 @@ fn linear_matches_naive() {
         }
         close("linear", &y.data, &want, 1e-5);
     }
+    // A plain product too (a linear's input gradient), tall and wide enough to split by columns.
+    let (a, b) = (rand(&mut rng, 100, 50, 1.0), rand(&mut rng, 50, 200, 1.0));
+    let ab = Cpu.matmul(&a, &b).unwrap();
+    let mut want = vec![0.0f64; 100 * 200];
+    for i in 0..100 {
+        for j in 0..200 {
+            want[i * 200 + j] = (0..50)
+                .map(|t| a.data[i * 50 + t] as f64 * b.data[t * 200 + j] as f64)
+                .sum::<f64>();
+        }
+    }
+    close("matmul", &ab.data, &want, 1e-5);
     let x = rand(&mut rng, 2, 3, 1.0);
     assert!(Cpu.linear(&x, &rand(&mut rng, 4, 5, 1.0), None).is_err());
 }
@@ -105,6 +124,9 @@ fn rope_rotates_split_halves_at_absolute_positions() {
     let mut rng = SplitMix64::new(4);
     let (hd, heads, n, pos0) = (16, 3, 4, 573);
     let x = rand(&mut rng, n, heads * hd, 1.0);
+    // Angles are tabulated once per head size and base: another head size and a short range first,
+    // so the call under test finds a table it has to replace and grow.
+    Cpu.rope(&rand(&mut rng, 2, 8, 1.0), 8, 0, 500.0).unwrap();
     let y = Cpu.rope(&x, hd, pos0, 10000.0).unwrap();
     let mut want = vec![0.0f64; n * heads * hd];
     for r in 0..n {

@@ -140,55 +140,112 @@ pub(crate) fn matmul(
     if m == 0 || n == 0 {
         return;
     }
-    let last = |v: &View, r: usize, c: usize| (r - 1) * v.rs + (c - 1) * v.cs;
     assert!(
         dst.len() > (m - 1) * dst_rs + (n - 1),
         "matmul: dst too small"
     );
+    // SAFETY: `dst` holds every (i, j) written (asserted above) and is a distinct &mut.
+    unsafe { matmul_into(m, n, k, dst.as_mut_ptr(), dst_rs, lhs, rhs, par) }
+}
+
+/// [`matmul`] into a raw destination, so that threads can fill disjoint column blocks of one
+/// matrix. The operands' bounds are checked here.
+///
+/// # Safety
+/// `dst + i·dst_rs + j` must be valid for writes for every `i < m`, `j < n`, must not alias `lhs`
+/// or `rhs`, and no other thread may touch those elements during the call.
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul_into(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    lhs: View,
+    rhs: View,
+    par: Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
     if k == 0 {
         for i in 0..m {
-            dst[i * dst_rs..i * dst_rs + n].fill(0.0);
+            std::slice::from_raw_parts_mut(dst.add(i * dst_rs), n).fill(0.0);
         }
         return;
     }
+    let last = |v: &View, r: usize, c: usize| (r - 1) * v.rs + (c - 1) * v.cs;
     assert!(lhs.data.len() > last(&lhs, m, k), "matmul: lhs too small");
     assert!(rhs.data.len() > last(&rhs, k, n), "matmul: rhs too small");
     // SAFETY: every index gemm touches is (i, j) with i < rows, j < cols of each operand; the
-    // asserts above prove the largest such offset is inside each slice, and `dst` does not alias
-    // the inputs (it is a distinct &mut).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            false,
-            lhs.data.as_ptr(),
-            lhs.cs as isize,
-            lhs.rs as isize,
-            rhs.data.as_ptr(),
-            rhs.cs as isize,
-            rhs.rs as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        );
+    // asserts above prove the largest such offset is inside each slice, and the caller vouches
+    // for `dst`. With `read_dst` false gemm only writes `dst`, so it may start uninitialised.
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        false,
+        lhs.data.as_ptr(),
+        lhs.cs as isize,
+        lhs.rs as isize,
+        rhs.data.as_ptr(),
+        rhs.cs as isize,
+        rhs.rs as isize,
+        0.0,
+        1.0,
+        false,
+        false,
+        false,
+        par,
+    );
+}
+
+/// A raw pointer that rayon tasks may share: each writes only its own elements.
+#[derive(Clone, Copy)]
+struct SharedDst(*mut f32);
+// SAFETY: the tasks that share one write disjoint elements (see `par_matmul`).
+unsafe impl Send for SharedDst {}
+unsafe impl Sync for SharedDst {}
+
+impl SharedDst {
+    /// The element `offset` along (a method, so closures capture the Send wrapper, not the field).
+    fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
     }
 }
 
-/// [`matmul`] across the rayon pool. Tall products (prefill, backward) are split into row blocks,
-/// each a single-threaded GEMM: on few cores this scales better than the GEMM's own threading,
-/// whose packing is shared and synchronised. Short ones (decode) use the GEMM's threading.
+/// [`matmul`] across the rayon pool into a row-major `dst` `[m, n]`, each task a single-threaded
+/// GEMM (on few cores this scales better than the GEMM's own threading, whose packing is shared
+/// and synchronised). The gemm crate packs `rhs` (it computes the transposed product, so `rhs`
+/// is its left operand) and, where `lhs` is not contiguous along `k`, `lhs` too. Where only `rhs`
+/// is packed (a linear layer's weight), tasks split the columns, so each packs its own slice of
+/// `rhs` once; otherwise they split the rows. Short products (decode) use the GEMM's threading.
 fn par_matmul(m: usize, n: usize, k: usize, dst: &mut [f32], lhs: View, rhs: View) {
     let threads = rayon::current_num_threads().max(1);
     const MIN_ROWS: usize = 32;
+    // Column blocks stay whole cache lines of `dst` where `n` allows.
+    const MIN_COLS: usize = 64;
     if threads == 1 || m < 2 * MIN_ROWS {
         matmul(m, n, k, dst, n, lhs, rhs, Parallelism::Rayon(0));
+        return;
+    }
+    if lhs.cs == 1 && n >= 2 * MIN_COLS {
+        assert!(dst.len() >= m * n, "matmul: dst too small");
+        let block = n.div_ceil(threads).next_multiple_of(16).max(MIN_COLS);
+        let out = SharedDst(dst.as_mut_ptr());
+        (0..n.div_ceil(block)).into_par_iter().for_each(|b| {
+            let (c0, c1) = (b * block, ((b + 1) * block).min(n));
+            let sub = View {
+                data: &rhs.data[c0 * rhs.cs..],
+                ..rhs
+            };
+            // SAFETY: columns c0..c1 of rows 0..m lie inside `dst` (m·n elements, asserted
+            // above); the blocks are disjoint, and `dst` is borrowed mutably for the whole loop.
+            unsafe { matmul_into(m, c1 - c0, k, out.at(c0), n, lhs, sub, Parallelism::None) };
+        });
         return;
     }
     let block = m.div_ceil(threads).max(MIN_ROWS);
@@ -395,6 +452,27 @@ fn query_blocks(nq: usize, s: AttnShape) -> impl Iterator<Item = (usize, usize, 
     })
 }
 
+/// Key row blocks `(first key, keys, first query that sees any of them)` for the products over
+/// queries (`dK = dSᵀ·Q`, `dV = Pᵀ·dO`): under a causal mask query `i` sees keys up to
+/// `p0 + i`, so a block starting at key `j0` starts its sum at query `j0 − p0`. Keys no query
+/// sees (none, for a prompt's own keys) get a zero-length sum. Without a mask: one block.
+fn key_blocks(nq: usize, s: AttnShape) -> impl Iterator<Item = (usize, usize, usize)> {
+    const BLOCK: usize = 64;
+    let kv = s.kv_len;
+    let step = if s.causal_q_pos0.is_some() {
+        BLOCK
+    } else {
+        kv.max(1)
+    };
+    (0..kv).step_by(step).map(move |j0| {
+        let keys = step.min(kv - j0);
+        let first = s
+            .causal_q_pos0
+            .map_or(0, |p0| j0.saturating_sub(p0).min(nq));
+        (j0, keys, first)
+    })
+}
+
 /// `out[nq, d] = P[nq, kv] · V_h[kv, d]` skipping the masked (zero) part of P.
 fn probs_times(p: &[f32], v: View, nq: usize, s: AttnShape, out: &mut [f32]) {
     let (kv, d) = (s.kv_len, s.head_dim);
@@ -451,6 +529,60 @@ fn scatter_head(out: &mut CpuTensor, hi: usize, d: usize, block: &[f32]) {
     }
 }
 
+/// cos and sin of every rotary angle for positions `0..positions`, `[pos][head_dim / 2]`.
+struct RopeTable {
+    head_dim: usize,
+    theta: f32,
+    positions: usize,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl RopeTable {
+    fn new(head_dim: usize, theta: f32, positions: usize) -> RopeTable {
+        let inv = rope_inv_freq(head_dim, theta);
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for p in 0..positions {
+            for &f in &inv {
+                // cos/sin of the f32 angle, evaluated accurately and rounded once, like torch.
+                let a = (f * p as f32) as f64;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        RopeTable {
+            head_dim,
+            theta,
+            positions,
+            cos,
+            sin,
+        }
+    }
+}
+
+/// The table covering positions `..end` for this head size and base. Every layer's q and k (and
+/// the backward's) rotate by the same angles, so they are computed once per process and grown by
+/// doubling, not per call (sin/cos were 1% of a prefill).
+fn rope_table(head_dim: usize, theta: f32, end: usize) -> std::sync::Arc<RopeTable> {
+    use std::sync::{Arc, Mutex};
+    static TABLE: Mutex<Option<Arc<RopeTable>>> = Mutex::new(None);
+    let mut held = TABLE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(t) = held.as_ref() {
+        if t.head_dim == head_dim && t.theta.to_bits() == theta.to_bits() && t.positions >= end {
+            return t.clone();
+        }
+    }
+    let grown = match held.as_ref() {
+        Some(t) if t.head_dim == head_dim && t.theta.to_bits() == theta.to_bits() => {
+            end.max(2 * t.positions)
+        }
+        _ => end.max(64),
+    };
+    let t = Arc::new(RopeTable::new(head_dim, theta, grown));
+    *held = Some(t.clone());
+    t
+}
+
 /// RoPE rotation (`sign` = 1) or its inverse (`sign` = −1, the backward) on every head of every row.
 fn rotate(
     op: &str,
@@ -470,24 +602,17 @@ fn rotate(
             ),
         ));
     }
-    let inv = rope_inv_freq(head_dim, theta);
     let half = head_dim / 2;
+    let table = rope_table(head_dim, theta, pos0 + x.rows);
     let mut out = x.clone();
     for (r, row) in out.data.chunks_exact_mut(x.cols).enumerate() {
-        let pos = (pos0 + r) as f32;
-        // cos/sin of the f32 angle, evaluated accurately and rounded once, like torch.
-        let (cos, sin): (Vec<f32>, Vec<f32>) = inv
-            .iter()
-            .map(|&f| {
-                let a = (f * pos) as f64;
-                (a.cos() as f32, sign * a.sin() as f32)
-            })
-            .unzip();
+        let at = (pos0 + r) * half;
+        let (cos, sin) = (&table.cos[at..at + half], &table.sin[at..at + half]);
         for head in row.chunks_exact_mut(head_dim) {
             for i in 0..half {
-                let (a, b) = (head[i], head[i + half]);
-                head[i] = a * cos[i] - b * sin[i];
-                head[i + half] = b * cos[i] + a * sin[i];
+                let (a, b, s) = (head[i], head[i + half], sign * sin[i]);
+                head[i] = a * cos[i] - b * s;
+                head[i + half] = b * cos[i] + a * s;
             }
         }
     }
@@ -721,18 +846,14 @@ impl Backend for Cpu {
 
     fn quick_gelu(&self, x: &CpuTensor) -> Result<CpuTensor> {
         dense("quick_gelu", &[x])?;
-        Ok(map(x, |v| v * (1.0 / (1.0 + (-1.702 * v).exp()))))
+        let data = cpu_gemm::gate(cpu_gemm::Gate::QuickGelu, &x.data, &[]);
+        CpuTensor::new(data, x.rows, x.cols)
     }
 
     fn silu_mul(&self, gate: &CpuTensor, up: &CpuTensor) -> Result<CpuTensor> {
         same_shape("silu_mul", gate, up)?;
-        let data = gate
-            .data
-            .par_iter()
-            .zip(&up.data)
-            .with_min_len(PAR_CHUNK)
-            .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u)
-            .collect();
+        dense("silu_mul", &[gate, up])?;
+        let data = cpu_gemm::gate(cpu_gemm::Gate::SiluMul, &gate.data, &up.data);
         CpuTensor::new(data, gate.rows, gate.cols)
     }
 
@@ -951,20 +1072,8 @@ impl Backend for Cpu {
     ) -> Result<(CpuTensor, CpuTensor)> {
         same_shape("silu_mul_bwd", gate, up)?;
         same_shape("silu_mul_bwd", gate, dy)?;
-        let mut dg = vec![0.0f32; gate.data.len()];
-        let mut du = vec![0.0f32; gate.data.len()];
-        dg.par_chunks_mut(PAR_CHUNK)
-            .zip(du.par_chunks_mut(PAR_CHUNK))
-            .enumerate()
-            .for_each(|(c, (dg, du))| {
-                let at = c * PAR_CHUNK;
-                for i in 0..dg.len() {
-                    let (g, u, d) = (gate.data[at + i], up.data[at + i], dy.data[at + i]);
-                    let sig = 1.0 / (1.0 + (-g).exp());
-                    du[i] = d * g * sig;
-                    dg[i] = d * u * sig * (1.0 + g * (1.0 - sig));
-                }
-            });
+        dense("silu_mul_bwd", &[gate, up, dy])?;
+        let (dg, du) = cpu_gemm::silu_mul_bwd(&gate.data, &up.data, &dy.data);
         Ok((
             CpuTensor::new(dg, gate.rows, gate.cols)?,
             CpuTensor::new(du, gate.rows, gate.cols)?,
@@ -1028,62 +1137,78 @@ impl Backend for Cpu {
                         Parallelism::None,
                     );
                 }
+                // Row i sees keys ..visible(i); P and dS are exactly 0 past it, so the
+                // element-wise work stops there and the block products skip what is all zeros.
+                let visible = |i: usize| s.causal_q_pos0.map_or(kv, |p0| (p0 + i + 1).min(kv));
                 let mut cam_h = Vec::new();
                 if let Some(kind) = cam {
-                    cam_h = p
-                        .iter()
-                        .zip(&dp)
-                        .map(|(&a, &g)| match kind {
-                            Cam::Chefer => (a * g).max(0.0),
-                            Cam::GradCam => a * g.max(0.0),
-                        })
-                        .collect();
+                    cam_h = vec![0.0f32; nq * kv];
+                    for (i, ((c, a), g)) in cam_h
+                        .chunks_exact_mut(kv)
+                        .zip(p.chunks_exact(kv))
+                        .zip(dp.chunks_exact(kv))
+                        .enumerate()
+                    {
+                        let w = visible(i);
+                        for ((c, &a), &g) in c[..w].iter_mut().zip(&a[..w]).zip(&g[..w]) {
+                            *c = match kind {
+                                Cam::Chefer => (a * g).max(0.0),
+                                Cam::GradCam => a * g.max(0.0),
+                            };
+                        }
+                    }
                 }
-                // dS = P ⊙ (dP − rowsum(dP ⊙ P)), scaled into the logits' units.
+                // dS = P ⊙ (dP − rowsum(dP ⊙ P)), scaled into the logits' units. Past a row's
+                // visible keys dP holds products with masked keys; dS is 0 there.
                 let mut ds = dp;
-                for (drow, prow) in ds.chunks_exact_mut(kv).zip(p.chunks_exact(kv)) {
-                    let dot: f32 = drow.iter().zip(prow).map(|(a, b)| a * b).sum();
-                    for (x, &pp) in drow.iter_mut().zip(prow) {
+                for (i, (drow, prow)) in ds.chunks_exact_mut(kv).zip(p.chunks_exact(kv)).enumerate()
+                {
+                    let w = visible(i);
+                    let (drow, masked) = drow.split_at_mut(w);
+                    masked.fill(0.0);
+                    let dot = cpu_gemm::dot_best(drow, &prow[..w]);
+                    for (x, &pp) in drow.iter_mut().zip(&prow[..w]) {
                         *x = pp * (*x - dot) * scale;
                     }
                 }
                 let mut dq = vec![0.0f32; nq * d];
                 probs_times(&ds, head_view(k, s, hi), nq, s, &mut dq);
+                // dK = dSᵀ · Q and dV = Pᵀ · dO over key blocks: a key is seen only by the
+                // queries at or after it, so each block's product starts at its first such query.
                 let mut dk = vec![0.0f32; kv * d];
-                let qv = View {
-                    data: &q.data[hi * d..],
-                    rs: q.cols,
-                    cs: 1,
-                };
-                matmul(
-                    kv,
-                    d,
-                    nq,
-                    &mut dk,
-                    d,
-                    View {
-                        data: &ds,
-                        rs: 1,
-                        cs: kv,
-                    },
-                    qv,
-                    Parallelism::None,
-                );
                 let mut dv = vec![0.0f32; kv * d];
-                matmul(
-                    kv,
-                    d,
-                    nq,
-                    &mut dv,
-                    d,
-                    View {
-                        data: &p,
-                        rs: 1,
-                        cs: kv,
-                    },
-                    dov,
-                    Parallelism::None,
-                );
+                for (j0, keys, first) in key_blocks(nq, s) {
+                    if first == nq {
+                        continue; // seen by no query: its gradients stay 0
+                    }
+                    let n_q = nq - first;
+                    let qv = View {
+                        data: &q.data[first * q.cols + hi * d..],
+                        rs: q.cols,
+                        cs: 1,
+                    };
+                    let dob = View {
+                        data: &dov.data[first * dov.rs..],
+                        ..dov
+                    };
+                    for (dst, probs, rhs) in [(&mut dk, &ds, qv), (&mut dv, &p, dob)] {
+                        let lhs = View {
+                            data: &probs[first * kv + j0..],
+                            rs: 1,
+                            cs: kv,
+                        };
+                        matmul(
+                            keys,
+                            d,
+                            n_q,
+                            &mut dst[j0 * d..],
+                            d,
+                            lhs,
+                            rhs,
+                            Parallelism::None,
+                        );
+                    }
+                }
                 Head {
                     dq,
                     dk,
