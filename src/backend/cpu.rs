@@ -206,7 +206,8 @@ unsafe fn matmul_into(
 /// A raw pointer that rayon tasks may share: each writes only its own elements.
 #[derive(Clone, Copy)]
 struct SharedDst(*mut f32);
-// SAFETY: the tasks that share one write disjoint elements (see `par_matmul`).
+// SAFETY: the tasks that share one write disjoint elements (see `par_matmul`,
+// `causal_products`).
 unsafe impl Send for SharedDst {}
 unsafe impl Sync for SharedDst {}
 
@@ -217,49 +218,62 @@ impl SharedDst {
     }
 }
 
-/// [`matmul`] across the rayon pool into a row-major `dst` `[m, n]`, each task a single-threaded
-/// GEMM (on few cores this scales better than the GEMM's own threading, whose packing is shared
-/// and synchronised). The gemm crate packs `rhs` (it computes the transposed product, so `rhs`
-/// is its left operand) and, where `lhs` is not contiguous along `k`, `lhs` too. Where only `rhs`
-/// is packed (a linear layer's weight), tasks split the columns, so each packs its own slice of
-/// `rhs` once; otherwise they split the rows. Short products (decode) use the GEMM's threading.
-fn par_matmul(m: usize, n: usize, k: usize, dst: &mut [f32], lhs: View, rhs: View) {
+/// `lhs[m, k] · rhs[k, n]` as a new row-major `[m, n]` across the rayon pool, each task a
+/// single-threaded GEMM (on few cores this scales better than the GEMM's own threading, whose
+/// packing is shared and synchronised). The gemm crate packs `rhs` (it computes the transposed
+/// product, so `rhs` is its left operand) and, where `lhs` is not contiguous along `k`, `lhs` too.
+/// Where only `rhs` is packed (a linear layer's weight), tasks split the columns, so each packs
+/// its own slice of `rhs` once; otherwise they split the rows. Short products (decode) use the
+/// GEMM's threading. The output is not zeroed first: the GEMMs write every value.
+fn par_matmul(m: usize, n: usize, k: usize, lhs: View, rhs: View) -> Vec<f32> {
     let threads = rayon::current_num_threads().max(1);
     const MIN_ROWS: usize = 32;
-    // Column blocks stay whole cache lines of `dst` where `n` allows.
+    // Column blocks stay whole cache lines of the output where `n` allows.
     const MIN_COLS: usize = 64;
+    let mut out: Vec<f32> = Vec::with_capacity(m * n);
+    let dst = SharedDst(out.spare_capacity_mut().as_mut_ptr().cast());
     if threads == 1 || m < 2 * MIN_ROWS {
-        matmul(m, n, k, dst, n, lhs, rhs, Parallelism::Rayon(0));
-        return;
-    }
-    if lhs.cs == 1 && n >= 2 * MIN_COLS {
-        assert!(dst.len() >= m * n, "matmul: dst too small");
+        // SAFETY: the capacity holds [m, n] row-major; nothing else touches it.
+        unsafe { matmul_into(m, n, k, dst.at(0), n, lhs, rhs, Parallelism::Rayon(0)) };
+    } else if lhs.cs == 1 && n >= 2 * MIN_COLS {
         let block = n.div_ceil(threads).next_multiple_of(16).max(MIN_COLS);
-        let out = SharedDst(dst.as_mut_ptr());
         (0..n.div_ceil(block)).into_par_iter().for_each(|b| {
             let (c0, c1) = (b * block, ((b + 1) * block).min(n));
             let sub = View {
                 data: &rhs.data[c0 * rhs.cs..],
                 ..rhs
             };
-            // SAFETY: columns c0..c1 of rows 0..m lie inside `dst` (m·n elements, asserted
-            // above); the blocks are disjoint, and `dst` is borrowed mutably for the whole loop.
-            unsafe { matmul_into(m, c1 - c0, k, out.at(c0), n, lhs, sub, Parallelism::None) };
+            // SAFETY: columns c0..c1 of rows 0..m lie inside the [m, n] capacity; the column
+            // blocks are disjoint.
+            unsafe { matmul_into(m, c1 - c0, k, dst.at(c0), n, lhs, sub, Parallelism::None) };
         });
-        return;
-    }
-    let block = m.div_ceil(threads).max(MIN_ROWS);
-    dst.par_chunks_mut(block * n)
-        .enumerate()
-        .for_each(|(i, chunk)| {
-            let r0 = i * block;
-            let rows = chunk.len() / n;
+    } else {
+        let block = m.div_ceil(threads).max(MIN_ROWS);
+        (0..m.div_ceil(block)).into_par_iter().for_each(|b| {
+            let (r0, r1) = (b * block, ((b + 1) * block).min(m));
             let sub = View {
                 data: &lhs.data[r0 * lhs.rs..],
                 ..lhs
             };
-            matmul(rows, n, k, chunk, n, sub, rhs, Parallelism::None);
+            // SAFETY: rows r0..r1 lie inside the [m, n] capacity; the row blocks are disjoint.
+            unsafe {
+                matmul_into(
+                    r1 - r0,
+                    n,
+                    k,
+                    dst.at(r0 * n),
+                    n,
+                    sub,
+                    rhs,
+                    Parallelism::None,
+                )
+            };
         });
+    }
+    // SAFETY: the blocks above cover every row and column, and matmul_into writes every element
+    // of its destination (zeros where k = 0).
+    unsafe { out.set_len(m * n) };
+    out
 }
 
 /// `MemAvailable` from /proc/meminfo (Linux); `None` where it cannot be read.
@@ -392,29 +406,17 @@ fn head_probs_masked(
 ) -> Vec<f32> {
     let (kv, d) = (s.kv_len, s.head_dim);
     let scale = 1.0 / (d as f32).sqrt();
-    let mut scores = vec![0.0f32; q.rows * kv];
     let kt = View {
         rs: 1,
         cs: k.cols,
         ..head_view(k, s, hi)
     };
-    for (i0, rows, width) in query_blocks(q.rows, s) {
-        let qv = View {
-            data: &q.data[i0 * q.cols + hi * d..],
-            rs: q.cols,
-            cs: 1,
-        };
-        matmul(
-            rows,
-            width,
-            d,
-            &mut scores[i0 * kv..],
-            kv,
-            qv,
-            kt,
-            Parallelism::None,
-        );
-    }
+    let qv = View {
+        data: &q.data[hi * d..],
+        rs: q.cols,
+        cs: 1,
+    };
+    let mut scores = causal_products(q.rows, s, qv, kt);
     for (i, row) in scores.chunks_exact_mut(kv).enumerate() {
         let visible = s.causal_q_pos0.map_or(kv, |p0| p0 + i + 1);
         let (row, masked) = row.split_at_mut(visible);
@@ -431,6 +433,41 @@ fn head_probs_masked(
         cpu_gemm::softmax_scaled(row, scale);
     }
     scores
+}
+
+/// `lhs[nq, d] · rhs[d, kv]` row-major over the query blocks of `s`: each block's product covers
+/// only the keys its queries see, and the rest of its rows are 0 (attention logits, or the
+/// gradient of the probabilities, for one head). Not zeroed first: every value is written once.
+fn causal_products(nq: usize, s: AttnShape, lhs: View, rhs: View) -> Vec<f32> {
+    let kv = s.kv_len;
+    let mut out: Vec<f32> = Vec::with_capacity(nq * kv);
+    let dst = SharedDst(out.spare_capacity_mut().as_mut_ptr().cast());
+    for (i0, rows, width) in query_blocks(nq, s) {
+        let block = View {
+            data: &lhs.data[i0 * lhs.rs..],
+            ..lhs
+        };
+        // SAFETY: rows i0..i0 + rows of the [nq, kv] capacity: columns ..width by the GEMM,
+        // the rest of each row by write_bytes (0.0 is all zero bits).
+        unsafe {
+            matmul_into(
+                rows,
+                width,
+                s.head_dim,
+                dst.at(i0 * kv),
+                kv,
+                block,
+                rhs,
+                Parallelism::None,
+            );
+            for i in i0..i0 + rows {
+                std::ptr::write_bytes(dst.at(i * kv + width), 0, kv - width);
+            }
+        }
+    }
+    // SAFETY: the query blocks cover rows 0..nq and each row was written in full above.
+    unsafe { out.set_len(nq * kv) };
+    out
 }
 
 /// Query row blocks `(first row, rows, visible keys)`: under a causal mask a block of queries sees
@@ -746,17 +783,15 @@ impl Backend for Cpu {
         if let Some(b) = bias {
             row_vector("linear bias", b, n)?;
         }
-        let mut out = vec![0.0f32; m * n];
-        if let Some(h) = &w.half {
-            out = cpu_half::linear(&x.data, m, k, h, n);
+        let mut out = if let Some(h) = &w.half {
+            cpu_half::linear(&x.data, m, k, h, n)
         } else if m <= cpu_gemm::GEMV_ROWS {
-            out = cpu_gemm::linear_rows(&x.data, m, k, &w.data, n);
+            cpu_gemm::linear_rows(&x.data, m, k, &w.data, n)
         } else {
             par_matmul(
                 m,
                 n,
                 k,
-                &mut out,
                 View {
                     data: &x.data,
                     rs: k,
@@ -768,8 +803,8 @@ impl Backend for Cpu {
                     rs: 1,
                     cs: k,
                 },
-            );
-        }
+            )
+        };
         if let Some(b) = bias {
             for row in out.chunks_exact_mut(n) {
                 for (o, bv) in row.iter_mut().zip(&b.data) {
@@ -999,12 +1034,10 @@ impl Backend for Cpu {
                 format!("[{}, {}] · [{}, {}]", a.rows, a.cols, b.rows, b.cols),
             ));
         }
-        let mut out = vec![0.0f32; a.rows * b.cols];
-        par_matmul(
+        let out = par_matmul(
             a.rows,
             b.cols,
             a.cols,
-            &mut out,
             View {
                 data: &a.data,
                 rs: a.cols,
@@ -1115,47 +1148,25 @@ impl Backend for Cpu {
                 let p = head_probs(q, k, s, hi);
                 let dov = head_view(dout, s, hi);
                 // dP = dO · Vᵀ  (= ∂s/∂A for this head)
-                let mut dp = vec![0.0f32; nq * kv];
                 let vt = View {
                     rs: 1,
                     cs: v.cols,
                     ..head_view(v, s, hi)
                 };
-                for (i0, rows, width) in query_blocks(nq, s) {
-                    let dob = View {
-                        data: &dov.data[i0 * dov.rs..],
-                        ..dov
-                    };
-                    matmul(
-                        rows,
-                        width,
-                        d,
-                        &mut dp[i0 * kv..],
-                        kv,
-                        dob,
-                        vt,
-                        Parallelism::None,
-                    );
-                }
+                let dp = causal_products(nq, s, dov, vt);
                 // Row i sees keys ..visible(i); P and dS are exactly 0 past it, so the
                 // element-wise work stops there and the block products skip what is all zeros.
                 let visible = |i: usize| s.causal_q_pos0.map_or(kv, |p0| (p0 + i + 1).min(kv));
                 let mut cam_h = Vec::new();
                 if let Some(kind) = cam {
-                    cam_h = vec![0.0f32; nq * kv];
-                    for (i, ((c, a), g)) in cam_h
-                        .chunks_exact_mut(kv)
-                        .zip(p.chunks_exact(kv))
-                        .zip(dp.chunks_exact(kv))
-                        .enumerate()
-                    {
+                    cam_h.reserve_exact(nq * kv);
+                    for (i, (a, g)) in p.chunks_exact(kv).zip(dp.chunks_exact(kv)).enumerate() {
                         let w = visible(i);
-                        for ((c, &a), &g) in c[..w].iter_mut().zip(&a[..w]).zip(&g[..w]) {
-                            *c = match kind {
-                                Cam::Chefer => (a * g).max(0.0),
-                                Cam::GradCam => a * g.max(0.0),
-                            };
-                        }
+                        cam_h.extend(a[..w].iter().zip(&g[..w]).map(|(&a, &g)| match kind {
+                            Cam::Chefer => (a * g).max(0.0),
+                            Cam::GradCam => a * g.max(0.0),
+                        }));
+                        cam_h.extend(std::iter::repeat_n(0.0, kv - w));
                     }
                 }
                 // dS = P ⊙ (dP − rowsum(dP ⊙ P)), scaled into the logits' units. Past a row's
@@ -1306,12 +1317,10 @@ impl Backend for Cpu {
             ));
         }
         let (m, n, k) = (dy.rows, dy.cols, x.cols);
-        let mut out = vec![0.0f32; n * k];
-        par_matmul(
+        let out = par_matmul(
             n,
             k,
             m,
-            &mut out,
             // dyᵀ as an [n, m] view of the row-major [m, n] gradient.
             View {
                 data: &dy.data,

@@ -187,8 +187,9 @@ pub(crate) fn gate_with(isa: Isa, g: Gate, a: &[f32], b: &[f32]) -> Vec<f32> {
         }
         Gate::QuickGelu => a,
     };
-    let mut out = vec![0.0f32; a.len()];
-    out.par_chunks_mut(GATE_CHUNK)
+    let mut out: Vec<f32> = Vec::with_capacity(a.len());
+    out.spare_capacity_mut()[..a.len()]
+        .par_chunks_mut(GATE_CHUNK)
         .zip(a.par_chunks(GATE_CHUNK).zip(b.par_chunks(GATE_CHUNK)))
         .for_each(|(o, (a, b))| {
             #[cfg(target_arch = "x86_64")]
@@ -198,9 +199,11 @@ pub(crate) fn gate_with(isa: Isa, g: Gate, a: &[f32], b: &[f32]) -> Vec<f32> {
                 return;
             }
             for ((o, &x), &y) in o.iter_mut().zip(a).zip(b) {
-                *o = g.scalar(x, y);
+                o.write(g.scalar(x, y));
             }
         });
+    // SAFETY: the chunks cover all `a.len()` values and every kernel writes each of its chunk's.
+    unsafe { out.set_len(a.len()) };
     out
 }
 
@@ -226,9 +229,11 @@ pub(crate) fn silu_mul_bwd_with(
         g.len() == u.len() && g.len() == dy.len(),
         "silu_mul_bwd: operands of different lengths"
     );
-    let (mut dg, mut du) = (vec![0.0f32; g.len()], vec![0.0f32; g.len()]);
-    dg.par_chunks_mut(GATE_CHUNK)
-        .zip(du.par_chunks_mut(GATE_CHUNK))
+    let n = g.len();
+    let (mut dg, mut du): (Vec<f32>, Vec<f32>) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    dg.spare_capacity_mut()[..n]
+        .par_chunks_mut(GATE_CHUNK)
+        .zip(du.spare_capacity_mut()[..n].par_chunks_mut(GATE_CHUNK))
         .zip(g.par_chunks(GATE_CHUNK))
         .zip(u.par_chunks(GATE_CHUNK).zip(dy.par_chunks(GATE_CHUNK)))
         .for_each(|(((dg, du), g), (u, dy))| {
@@ -241,10 +246,15 @@ pub(crate) fn silu_mul_bwd_with(
             for i in 0..g.len() {
                 let (g, u, d) = (g[i], u[i], dy[i]);
                 let sig = 1.0 / (1.0 + (-g).exp());
-                du[i] = d * g * sig;
-                dg[i] = d * u * sig * (1.0 + g * (1.0 - sig));
+                du[i].write(d * g * sig);
+                dg[i].write(d * u * sig * (1.0 + g * (1.0 - sig)));
             }
         });
+    // SAFETY: the chunks cover all `n` values and every kernel writes each of its chunk's.
+    unsafe {
+        dg.set_len(n);
+        du.set_len(n);
+    }
     (dg, du)
 }
 
@@ -289,6 +299,7 @@ fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
+    use std::mem::MaybeUninit;
 
     /// Lanes `i..min(i + 16, n)` as a mask.
     #[inline(always)]
@@ -356,12 +367,14 @@ mod x86 {
         }
     }
 
+    /// Writes every value of `out`.
+    ///
     /// # Safety
     /// The CPU must have AVX-512F; `a`, `b` and `out` must have the same length.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn gate_avx512(g: super::Gate, a: &[f32], b: &[f32], out: &mut [f32]) {
+    pub unsafe fn gate_avx512(g: super::Gate, a: &[f32], b: &[f32], out: &mut [MaybeUninit<f32>]) {
         let n = out.len().min(a.len()).min(b.len());
-        let (ap, bp, op) = (a.as_ptr(), b.as_ptr(), out.as_mut_ptr());
+        let (ap, bp, op) = (a.as_ptr(), b.as_ptr(), out.as_mut_ptr().cast::<f32>());
         let one = _mm512_set1_ps(1.0);
         for i in (0..n).step_by(16) {
             let m = lanes(i, n);
@@ -381,6 +394,8 @@ mod x86 {
         }
     }
 
+    /// Writes every value of `dg` and `du`.
+    ///
     /// # Safety
     /// The CPU must have AVX-512F; the five slices must have the same length.
     #[target_feature(enable = "avx512f")]
@@ -388,8 +403,8 @@ mod x86 {
         g: &[f32],
         u: &[f32],
         dy: &[f32],
-        dg: &mut [f32],
-        du: &mut [f32],
+        dg: &mut [MaybeUninit<f32>],
+        du: &mut [MaybeUninit<f32>],
     ) {
         let n = g
             .len()
@@ -408,8 +423,8 @@ mod x86 {
             let dur = _mm512_mul_ps(_mm512_mul_ps(d, gv), sig);
             let t = _mm512_add_ps(one, _mm512_mul_ps(gv, _mm512_sub_ps(one, sig)));
             let dgr = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(d, uv), sig), t);
-            _mm512_mask_storeu_ps(du.as_mut_ptr().add(i), m, dur);
-            _mm512_mask_storeu_ps(dg.as_mut_ptr().add(i), m, dgr);
+            _mm512_mask_storeu_ps(du.as_mut_ptr().cast::<f32>().add(i), m, dur);
+            _mm512_mask_storeu_ps(dg.as_mut_ptr().cast::<f32>().add(i), m, dgr);
         }
     }
 
