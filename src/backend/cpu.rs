@@ -8,6 +8,8 @@
 //! ([`super::cpu_half`]), which the linear layers, the embedding lookup and the linear backward
 //! read directly; everything else sees f32.
 
+use std::mem::MaybeUninit;
+
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -318,6 +320,35 @@ fn map(x: &CpuTensor, f: impl Fn(f32) -> f32 + Sync) -> CpuTensor {
         rows: x.rows,
         cols: x.cols,
         data: x.data.iter().map(|&v| f(v)).collect(),
+        half: None,
+    }
+}
+
+/// A tensor of `x`'s shape whose row `r` is `f(r, x's row r, out row)`, rows on the rayon pool,
+/// written straight into the new buffer (no copy of `x` to overwrite, no zeroing).
+///
+/// # Safety
+/// `f` must write every value of the output row it is given.
+unsafe fn map_rows(
+    x: &CpuTensor,
+    f: impl Fn(usize, &[f32], &mut [MaybeUninit<f32>]) + Sync,
+) -> CpuTensor {
+    let (rows, cols) = (x.rows, x.cols);
+    if cols == 0 {
+        return x.clone();
+    }
+    let mut data: Vec<f32> = Vec::with_capacity(rows * cols);
+    data.spare_capacity_mut()[..rows * cols]
+        .par_chunks_exact_mut(cols)
+        .zip(x.data.par_chunks_exact(cols))
+        .enumerate()
+        .for_each(|(r, (o, src))| f(r, src, o));
+    // SAFETY: every row was written by `f` (the caller's promise).
+    unsafe { data.set_len(rows * cols) };
+    CpuTensor {
+        rows,
+        cols,
+        data,
         half: None,
     }
 }
@@ -641,18 +672,23 @@ fn rotate(
     }
     let half = head_dim / 2;
     let table = rope_table(head_dim, theta, pos0 + x.rows);
-    let mut out = x.clone();
-    for (r, row) in out.data.chunks_exact_mut(x.cols).enumerate() {
-        let at = (pos0 + r) * half;
-        let (cos, sin) = (&table.cos[at..at + half], &table.sin[at..at + half]);
-        for head in row.chunks_exact_mut(head_dim) {
-            for i in 0..half {
-                let (a, b, s) = (head[i], head[i + half], sign * sin[i]);
-                head[i] = a * cos[i] - b * s;
-                head[i + half] = b * cos[i] + a * s;
+    // SAFETY: each head's two halves are written in full.
+    let out = unsafe {
+        map_rows(x, |r, src, row| {
+            let at = (pos0 + r) * half;
+            let (cos, sin) = (&table.cos[at..at + half], &table.sin[at..at + half]);
+            for (head, x) in row
+                .chunks_exact_mut(head_dim)
+                .zip(src.chunks_exact(head_dim))
+            {
+                for i in 0..half {
+                    let (a, b, s) = (x[i], x[i + half], sign * sin[i]);
+                    head[i].write(a * cos[i] - b * s);
+                    head[i + half].write(b * cos[i] + a * s);
+                }
             }
-        }
-    }
+        })
+    };
     Ok(out)
 }
 
@@ -827,25 +863,31 @@ impl Backend for Cpu {
             return Ok(out);
         }
         same_shape("add", a, b)?;
-        let mut out = a.clone();
-        out.data
-            .par_chunks_mut(PAR_CHUNK)
-            .zip(b.data.par_chunks(PAR_CHUNK))
-            .for_each(|(o, y)| o.iter_mut().zip(y).for_each(|(o, y)| *o += y));
-        Ok(out)
+        dense("add", &[a, b])?;
+        let data = a
+            .data
+            .par_iter()
+            .zip(&b.data)
+            .with_min_len(PAR_CHUNK)
+            .map(|(x, y)| x + y)
+            .collect();
+        CpuTensor::new(data, a.rows, a.cols)
     }
 
     fn rms_norm(&self, x: &CpuTensor, w: &CpuTensor, eps: f32) -> Result<CpuTensor> {
         row_vector("rms_norm weight", w, x.cols)?;
-        let mut out = x.clone();
-        out.data.par_chunks_exact_mut(x.cols).for_each(|row| {
-            let ms = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / x.cols as f64;
-            // transformers: hidden * rsqrt(variance + eps) in f32, then weight * hidden.
-            let inv = 1.0f32 / ((ms as f32) + eps).sqrt();
-            for (o, wv) in row.iter_mut().zip(&w.data) {
-                *o = wv * (*o * inv);
-            }
-        });
+        dense("rms_norm", &[x])?;
+        // SAFETY: every value of the row is written (w has x.cols values, checked above).
+        let out = unsafe {
+            map_rows(x, |_, src, row| {
+                let ms = src.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / x.cols as f64;
+                // transformers: hidden * rsqrt(variance + eps) in f32, then weight * hidden.
+                let inv = 1.0f32 / ((ms as f32) + eps).sqrt();
+                for ((o, &v), wv) in row.iter_mut().zip(src).zip(&w.data) {
+                    o.write(wv * (v * inv));
+                }
+            })
+        };
         Ok(out)
     }
 
