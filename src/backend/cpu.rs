@@ -470,7 +470,28 @@ fn head_probs_masked(
 /// only the keys its queries see, and the rest of its rows are 0 (attention logits, or the
 /// gradient of the probabilities, for one head). Not zeroed first: every value is written once.
 fn causal_products(nq: usize, s: AttnShape, lhs: View, rhs: View) -> Vec<f32> {
-    let kv = s.kv_len;
+    let (kv, d) = (s.kv_len, s.head_dim);
+    // `rhs` is Kᵀ or Vᵀ of one head: a strided view of row-major rows. The GEMM would re-pack it
+    // for every query block, one scalar at a time (more time than the block's arithmetic at
+    // d = 64); a contiguous [d, kv] copy made once packs with vector copies.
+    let mut dense_rhs = Vec::new();
+    let rhs = if rhs.rs == 1 && rhs.cs != 1 && kv > 0 && d > 0 {
+        assert!(
+            rhs.data.len() >= (kv - 1) * rhs.cs + d,
+            "attention: keys too small"
+        );
+        dense_rhs.reserve_exact(d * kv);
+        for r in 0..d {
+            dense_rhs.extend((0..kv).map(|c| rhs.data[c * rhs.cs + r]));
+        }
+        View {
+            data: &dense_rhs,
+            rs: kv,
+            cs: 1,
+        }
+    } else {
+        rhs
+    };
     let mut out: Vec<f32> = Vec::with_capacity(nq * kv);
     let dst = SharedDst(out.spare_capacity_mut().as_mut_ptr().cast());
     for (i0, rows, width) in query_blocks(nq, s) {
@@ -484,7 +505,7 @@ fn causal_products(nq: usize, s: AttnShape, lhs: View, rhs: View) -> Vec<f32> {
             matmul_into(
                 rows,
                 width,
-                s.head_dim,
+                d,
                 dst.at(i0 * kv),
                 kv,
                 block,
