@@ -172,7 +172,8 @@ unsafe fn matmul_into(
     }
     if k == 0 {
         for i in 0..m {
-            std::slice::from_raw_parts_mut(dst.add(i * dst_rs), n).fill(0.0);
+            // 0.0 is all zero bits; the destination may be uninitialised, so no slice of it.
+            std::ptr::write_bytes(dst.add(i * dst_rs), 0, n);
         }
         return;
     }
@@ -522,18 +523,22 @@ fn causal_products(nq: usize, s: AttnShape, lhs: View, rhs: View) -> Vec<f32> {
     out
 }
 
+/// `(start, len)` blocks of `0..n` rows: 64 under a causal mask (whose products skip what each
+/// block cannot see), one block over everything without one.
+fn causal_blocks(n: usize, s: AttnShape) -> impl Iterator<Item = (usize, usize)> {
+    let step = if s.causal_q_pos0.is_some() {
+        64
+    } else {
+        n.max(1)
+    };
+    (0..n).step_by(step).map(move |i0| (i0, step.min(n - i0)))
+}
+
 /// Query row blocks `(first row, rows, visible keys)`: under a causal mask a block of queries sees
 /// only the keys up to its last row's position, so products over the masked remainder (half of a
 /// prefill's attention work) are skipped. Without a mask: one block over everything.
 fn query_blocks(nq: usize, s: AttnShape) -> impl Iterator<Item = (usize, usize, usize)> {
-    const BLOCK: usize = 64;
-    let step = if s.causal_q_pos0.is_some() {
-        BLOCK
-    } else {
-        nq.max(1)
-    };
-    (0..nq).step_by(step).map(move |i0| {
-        let rows = step.min(nq - i0);
+    causal_blocks(nq, s).map(move |(i0, rows)| {
         let width = s
             .causal_q_pos0
             .map_or(s.kv_len, |p0| (p0 + i0 + rows).min(s.kv_len));
@@ -546,15 +551,7 @@ fn query_blocks(nq: usize, s: AttnShape) -> impl Iterator<Item = (usize, usize, 
 /// `p0 + i`, so a block starting at key `j0` starts its sum at query `j0 − p0`. Keys no query
 /// sees (none, for a prompt's own keys) get a zero-length sum. Without a mask: one block.
 fn key_blocks(nq: usize, s: AttnShape) -> impl Iterator<Item = (usize, usize, usize)> {
-    const BLOCK: usize = 64;
-    let kv = s.kv_len;
-    let step = if s.causal_q_pos0.is_some() {
-        BLOCK
-    } else {
-        kv.max(1)
-    };
-    (0..kv).step_by(step).map(move |j0| {
-        let keys = step.min(kv - j0);
+    causal_blocks(s.kv_len, s).map(move |(j0, keys)| {
         let first = s
             .causal_q_pos0
             .map_or(0, |p0| j0.saturating_sub(p0).min(nq));

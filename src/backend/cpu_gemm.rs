@@ -2,7 +2,8 @@
 //! rows with a row-major weight (`x · wᵀ`, a decode step's linear layers), which is bound by
 //! reading the weight once from memory. Each output is a dot product of an activation row with a
 //! contiguous weight row; the weight rows are split across the rayon pool. And the attention's
-//! softmax, whose `exp` is a third of a prefill's attention time when it is called per value.
+//! softmax, whose `exp` is a third of a prefill's attention time when it is called per value, and
+//! the MLP gates (SiLU·up, quick_gelu, the SiLU backward) with the same vector `exp`.
 //!
 //! The dots use AVX-512F where the CPU has it, AVX2 + FMA otherwise, and portable code (which the
 //! compiler vectorises for its baseline) on other CPUs; the choice is made at run time.
