@@ -746,8 +746,11 @@ fn synthetic_7b_generates() {
 
 /// A decode step queues the same launches at every position (nothing in it grows with the
 /// sequence; the split-K attention grows its grid, not its launch count), the fused launches save
-/// three per layer, and a decode linear is one launch on the GEMV path where cuBLAS plus the bias
-/// add would be two.
+/// six per layer, and a decode linear is one launch on the GEMV path where cuBLAS plus the bias
+/// add would be two. What a CUDA graph of the step would hold: the same kernels and GEMMs in the
+/// same order with the same shapes at every position, except the decode attention's grid, which
+/// gains a split when the keys pass a 128-key chunk (the prompt is sized so the fused steps
+/// cross one).
 #[test]
 fn decode_launches_do_not_grow() {
     let Some(g) = gpu::<f32>("decode_launches_do_not_grow") else {
@@ -759,7 +762,11 @@ fn decode_launches_do_not_grow() {
     let engine = Engine::synthetic(g, &cfg, 0).unwrap();
     let b = &engine.backend;
     let (prompt, pixels) = engine
-        .resolve(&Request::Ids { n_text: 8, seed: 1 })
+        // 1 + 64 image + 60 text = 125 positions: the fused steps see 128 and then 129+ keys.
+        .resolve(&Request::Ids {
+            n_text: 60,
+            seed: 1,
+        })
         .unwrap();
     let opts = GenerateOptions {
         max_new_tokens: 6,
@@ -777,14 +784,19 @@ fn decode_launches_do_not_grow() {
     )
     .unwrap();
     // Steps 1 and 2 one launch per op, the rest fused.
-    let mut per_step = Vec::new();
+    let (mut per_step, mut logs) = (Vec::new(), Vec::new());
     loop {
         b.set_fuse(per_step.len() > 2);
         let before = b.launch_count();
-        if s.step().unwrap().is_none() {
+        b.record_launches(true);
+        let more = s.step().unwrap().is_some();
+        let log = b.record_launches(false);
+        if !more {
             break;
         }
         per_step.push(b.launch_count() - before);
+        assert_eq!(log.len() as u64, per_step[per_step.len() - 1]);
+        logs.push(log);
     }
     assert_eq!(per_step.len(), 6);
     let layers = cfg.text.num_hidden_layers as u64;
@@ -806,6 +818,28 @@ fn decode_launches_do_not_grow() {
         steps[0] >= 7 * layers,
         "a decode step of {layers} layers queued only {} launches",
         steps[0]
+    );
+    let mut grid_changes = 0;
+    for pair in logs[3..].windows(2) {
+        let ops = |l: &[cuda::Launch]| l.iter().map(|x| x.op).collect::<Vec<_>>();
+        assert_eq!(
+            ops(&pair[0]),
+            ops(&pair[1]),
+            "decode steps queue different kernels"
+        );
+        for (a, z) in pair[0].iter().zip(&pair[1]) {
+            if a != z {
+                assert_eq!(
+                    a.op, "attn_decode_fwd",
+                    "{a:?} became {z:?} one position later"
+                );
+                grid_changes += 1;
+            }
+        }
+    }
+    assert_eq!(
+        grid_changes, layers,
+        "the decode attention's grid should gain a split once per layer across 128 keys"
     );
 
     let x = b.upload(&vec![0.5; 64], 1, 64).unwrap();

@@ -320,7 +320,20 @@ pub struct Cuda<T: Elem> {
     /// Kernel launches and cuBLAS calls queued so far (a decode step's count must not grow with
     /// its position).
     launches: Cell<u64>,
+    /// Each launch's op and shape while recording (`record_launches`): what a CUDA graph of a
+    /// step would capture, so tests can compare two steps' sequences.
+    log: RefCell<Option<Vec<Launch>>>,
     _t: PhantomData<T>,
+}
+
+/// One queued launch as a captured graph would hold it, without its argument values: a kernel
+/// with its grid and block, or a cuBLAS GEMM with its sizes (`grid` = (m, n, batch), `block` =
+/// (k, 0, 0)).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Launch {
+    pub op: &'static str,
+    pub grid: (u32, u32, u32),
+    pub block: (u32, u32, u32),
 }
 
 /// The error of an allocation the device refused (the driver's `CUDA_ERROR_OUT_OF_MEMORY`, or
@@ -466,6 +479,7 @@ impl<T: Elem> Cuda<T> {
             gemv: Cell::new(std::env::var("FASTRM_CUDA_GEMV").map_or(true, |v| v != "0")),
             fuse: Cell::new(std::env::var("FASTRM_CUDA_FUSE").map_or(true, |v| v != "0")),
             launches: Cell::new(0),
+            log: RefCell::new(None),
             _t: PhantomData,
         }
     }
@@ -497,6 +511,19 @@ impl<T: Elem> Cuda<T> {
     /// Kernel launches plus cuBLAS calls queued on this backend so far.
     pub fn launch_count(&self) -> u64 {
         self.launches.get()
+    }
+
+    /// Starts (`true`) or stops recording each launch; stopping returns what was recorded.
+    pub fn record_launches(&self, on: bool) -> Vec<Launch> {
+        let old = self.log.replace(on.then(Vec::new));
+        old.unwrap_or_default()
+    }
+
+    fn count_launch(&self, launch: impl FnOnce() -> Launch) {
+        self.launches.set(self.launches.get() + 1);
+        if let Some(log) = self.log.borrow_mut().as_mut() {
+            log.push(launch());
+        }
     }
 
     /// Whether this is the host simulator rather than a GPU.
@@ -767,7 +794,11 @@ impl<T: Elem> Cuda<T> {
 
     /// Launches `op` with `args` (each a reference to a `DeviceRepr` value: raw pointers as u64).
     fn launch(&self, op: &'static str, cfg: LaunchConfig, args: &[&dyn KernelArg]) -> Result<()> {
-        self.launches.set(self.launches.get() + 1);
+        self.count_launch(|| Launch {
+            op,
+            grid: cfg.grid_dim,
+            block: cfg.block_dim,
+        });
         match &self.dev {
             #[cfg(feature = "cuda")]
             Device::Gpu(g) => {
@@ -801,7 +832,11 @@ impl<T: Elem> Cuda<T> {
     /// One cuBLAS GEMM (column-major, as cuBLAS sees it) with f32 accumulation; `c_f32` writes
     /// an f32 output instead of `T`. `batch > 1` strides every operand. `C = α·op(A)·op(B) + β·C`.
     fn gemm(&self, g: Gemm) -> Result<()> {
-        self.launches.set(self.launches.get() + 1);
+        self.count_launch(|| Launch {
+            op: "cublas_gemm",
+            grid: (g.m as u32, g.n as u32, g.batch as u32),
+            block: (g.k as u32, 0, 0),
+        });
         match &self.dev {
             #[cfg(feature = "cuda")]
             Device::Gpu(gpu) => cublas_gemm(&gpu.blas, g, T::BLAS),
