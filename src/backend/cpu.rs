@@ -629,12 +629,7 @@ impl RopeTable {
         let inv = rope_inv_freq(head_dim, theta);
         let (mut cos, mut sin) = (Vec::new(), Vec::new());
         for p in 0..positions {
-            for &f in &inv {
-                // cos/sin of the f32 angle, evaluated accurately and rounded once, like torch.
-                let a = (f * p as f32) as f64;
-                cos.push(a.cos() as f32);
-                sin.push(a.sin() as f32);
-            }
+            angles(&inv, p, &mut cos, &mut sin);
         }
         RopeTable {
             head_dim,
@@ -645,6 +640,20 @@ impl RopeTable {
         }
     }
 }
+
+/// Appends cos and sin of position `p`'s angles: the f32 angle evaluated accurately and rounded
+/// once, like torch.
+fn angles(inv: &[f32], p: usize, cos: &mut Vec<f32>, sin: &mut Vec<f32>) {
+    for &f in inv {
+        let a = (f * p as f32) as f64;
+        cos.push(a.cos() as f32);
+        sin.push(a.sin() as f32);
+    }
+}
+
+/// Positions the shared table covers at most (32 MB at head size 128); rows past it compute
+/// their angles directly, so a far position costs time, never a table of its size.
+const ROPE_TABLE_MAX: usize = 1 << 16;
 
 /// The table covering positions `..end` for this head size and base. Every layer's q and k (and
 /// the backward's) rotate by the same angles, so they are computed once per process and grown by
@@ -660,7 +669,7 @@ fn rope_table(head_dim: usize, theta: f32, end: usize) -> std::sync::Arc<RopeTab
     }
     let grown = match held.as_ref() {
         Some(t) if t.head_dim == head_dim && t.theta.to_bits() == theta.to_bits() => {
-            end.max(2 * t.positions)
+            end.max(2 * t.positions).min(ROPE_TABLE_MAX.max(end))
         }
         _ => end.max(64),
     };
@@ -689,12 +698,25 @@ fn rotate(
         ));
     }
     let half = head_dim / 2;
-    let table = rope_table(head_dim, theta, pos0 + x.rows);
+    let end = pos0
+        .checked_add(x.rows)
+        .ok_or_else(|| shape_err(op, format!("positions from {pos0} overflow")))?;
+    let table = (end <= ROPE_TABLE_MAX).then(|| rope_table(head_dim, theta, end));
+    let inv = rope_inv_freq(head_dim, theta);
     // SAFETY: each head's two halves are written in full.
     let out = unsafe {
         map_rows(x, |r, src, row| {
-            let at = (pos0 + r) * half;
-            let (cos, sin) = (&table.cos[at..at + half], &table.sin[at..at + half]);
+            let (mut c, mut s) = (Vec::new(), Vec::new());
+            let (cos, sin) = match &table {
+                Some(t) => {
+                    let at = (pos0 + r) * half;
+                    (&t.cos[at..at + half], &t.sin[at..at + half])
+                }
+                None => {
+                    angles(&inv, pos0 + r, &mut c, &mut s);
+                    (&c[..], &s[..])
+                }
+            };
             for (head, x) in row
                 .chunks_exact_mut(head_dim)
                 .zip(src.chunks_exact(head_dim))
@@ -1405,5 +1427,28 @@ impl Backend for Cpu {
             }
         }
         CpuTensor::new(acc.into_iter().map(|v| v as f32).collect(), 1, x.cols)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rows past the shared table's reach compute the same angles directly; a far position
+    /// allocates nothing of its size, and an overflowing one is an error.
+    #[test]
+    fn rope_past_the_table_matches_it_and_stays_small() {
+        // Two equal rows, so one position's rotation can be compared across calls.
+        let x =
+            CpuTensor::new((0..16).map(|i| (i % 8) as f32 * 0.2 - 0.7).collect(), 2, 8).unwrap();
+        let row0 = |t: CpuTensor| t.data[..8].to_vec();
+        let inside = rotate("rope", &x, 8, ROPE_TABLE_MAX - 2, 1e4, 1.0).unwrap();
+        let across = rotate("rope", &x, 8, ROPE_TABLE_MAX - 1, 1e4, 1.0).unwrap();
+        // Row 1 of `inside` and row 0 of `across` are both at ROPE_TABLE_MAX − 1: from the table
+        // and computed directly.
+        assert_eq!(inside.data[8..].to_vec(), row0(across));
+        let far = rotate("rope", &x, 8, 1 << 40, 1e4, 1.0).unwrap();
+        assert!(far.data.iter().all(|v| v.is_finite()));
+        assert!(rotate("rope", &x, 8, usize::MAX - 1, 1e4, 1.0).is_err());
     }
 }
