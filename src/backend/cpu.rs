@@ -450,8 +450,7 @@ fn head_probs_masked(
     };
     let mut scores = causal_products(q.rows, s, qv, kt);
     for (i, row) in scores.chunks_exact_mut(kv).enumerate() {
-        let visible = s.causal_q_pos0.map_or(kv, |p0| p0 + i + 1);
-        let (row, masked) = row.split_at_mut(visible);
+        let (row, masked) = row.split_at_mut(visible_keys(s, i));
         masked.fill(0.0);
         if let Some(keep) = keep {
             // Hidden keys: −∞ scores, so exp gives exactly 0 and the sum skips them.
@@ -521,6 +520,12 @@ fn causal_products(nq: usize, s: AttnShape, lhs: View, rhs: View) -> Vec<f32> {
     // SAFETY: the query blocks cover rows 0..nq and each row was written in full above.
     unsafe { out.set_len(nq * kv) };
     out
+}
+
+/// Keys query row `i` sees: those up to its position under a causal mask, all without one.
+fn visible_keys(s: AttnShape, i: usize) -> usize {
+    s.causal_q_pos0
+        .map_or(s.kv_len, |p0| (p0 + i + 1).min(s.kv_len))
 }
 
 /// `(start, len)` blocks of `0..n` rows: 64 under a causal mask (whose products skip what each
@@ -702,7 +707,10 @@ fn rotate(
         .checked_add(x.rows)
         .ok_or_else(|| shape_err(op, format!("positions from {pos0} overflow")))?;
     let table = (end <= ROPE_TABLE_MAX).then(|| rope_table(head_dim, theta, end));
-    let inv = rope_inv_freq(head_dim, theta);
+    let inv = match table {
+        Some(_) => Vec::new(),
+        None => rope_inv_freq(head_dim, theta),
+    };
     // SAFETY: each head's two halves are written in full.
     let out = unsafe {
         map_rows(x, |r, src, row| {
@@ -1236,14 +1244,13 @@ impl Backend for Cpu {
                     ..head_view(v, s, hi)
                 };
                 let dp = causal_products(nq, s, dov, vt);
-                // Row i sees keys ..visible(i); P and dS are exactly 0 past it, so the
+                // Row i sees keys ..visible_keys(s, i); P and dS are exactly 0 past it, so the
                 // element-wise work stops there and the block products skip what is all zeros.
-                let visible = |i: usize| s.causal_q_pos0.map_or(kv, |p0| (p0 + i + 1).min(kv));
                 let mut cam_h = Vec::new();
                 if let Some(kind) = cam {
                     cam_h.reserve_exact(nq * kv);
                     for (i, (a, g)) in p.chunks_exact(kv).zip(dp.chunks_exact(kv)).enumerate() {
-                        let w = visible(i);
+                        let w = visible_keys(s, i);
                         cam_h.extend(a[..w].iter().zip(&g[..w]).map(|(&a, &g)| match kind {
                             Cam::Chefer => (a * g).max(0.0),
                             Cam::GradCam => a * g.max(0.0),
@@ -1256,7 +1263,7 @@ impl Backend for Cpu {
                 let mut ds = dp;
                 for (i, (drow, prow)) in ds.chunks_exact_mut(kv).zip(p.chunks_exact(kv)).enumerate()
                 {
-                    let w = visible(i);
+                    let w = visible_keys(s, i);
                     let (drow, masked) = drow.split_at_mut(w);
                     masked.fill(0.0);
                     let dot = cpu_gemm::dot_best(drow, &prow[..w]);
