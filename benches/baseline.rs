@@ -25,7 +25,7 @@ fn bench(c: &mut Criterion) {
         pixels,
         ..
     } = common::midsize();
-    let (b, m) = (&engine.backend, &engine.model);
+    let (b, m) = (engine.backend(), engine.model());
     let n = ids.len();
     let (_, img) = m.encode_image(b, &pixels).unwrap();
     let x = m

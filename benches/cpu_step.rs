@@ -25,8 +25,8 @@ fn steps(c: &mut Criterion, group: &str, setup: common::Midsize) {
         ids,
         pixels,
     } = setup;
-    let prompt = engine.model.prompt(ids.clone()).unwrap();
-    let (b, m) = (&engine.backend, &engine.model);
+    let prompt = engine.model().prompt(ids.clone()).unwrap();
+    let (b, m) = (engine.backend(), engine.model());
     eprintln!(
         "{} | prompt {} positions | {}",
         path.display(),

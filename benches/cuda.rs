@@ -72,7 +72,7 @@ fn bench(c: &mut Criterion) {
     eprintln!("{card}: measured device-to-device copy bandwidth {bw:.0} GB/s");
 
     let engine = Engine::synthetic(backend, &cfg, 0).expect("synthetic model");
-    let (b, m) = (&engine.backend, &engine.model);
+    let (b, m) = (engine.backend(), engine.model());
     let (prompt, pixels) = engine
         .resolve(&Request::Ids {
             n_text: 40,

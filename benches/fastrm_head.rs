@@ -7,7 +7,7 @@
 use criterion::{criterion_group, criterion_main, Criterion};
 use fastrm::backend::cpu::{Cpu, CpuTensor};
 use fastrm::explain::fastrm::{FastRmHead, HeadWeights};
-use fastrm::model::SplitMix64;
+use fastrm::util::SplitMix64;
 
 fn bench(c: &mut Criterion) {
     let (dm, d, p) = (4096, 4096, 576);

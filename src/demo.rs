@@ -88,14 +88,11 @@ pub fn dir() -> Result<PathBuf> {
 /// FNV-1a over every file's name and bytes: a new build with changed demo files gets a new folder
 /// instead of reading stale ones.
 fn content_hash() -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut h = crate::util::Fnv1a::default();
     for (name, bytes) in FILES {
-        for &b in name.as_bytes().iter().chain(&[0]).chain(*bytes) {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
+        h.update(name.as_bytes()).update(&[0]).update(bytes);
     }
-    h
+    h.finish()
 }
 
 /// Where the cache may live, best first.

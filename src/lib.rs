@@ -36,6 +36,7 @@
 
 pub mod backend;
 pub mod checkpoint;
+#[cfg(feature = "cli")]
 pub mod cli;
 pub mod config;
 pub mod demo;
@@ -44,14 +45,16 @@ pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod explain;
-pub mod fsutil;
 pub mod model;
 pub mod profile;
 pub mod render;
+#[cfg(feature = "serve")]
 pub mod serve;
 pub mod status;
+pub mod synth;
 pub mod text;
 pub mod train;
+pub mod util;
 pub mod vision;
 
 pub use engine::{

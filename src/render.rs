@@ -27,10 +27,7 @@ mod colormap;
 mod font;
 pub mod plot;
 
-use std::fs::{self, OpenOptions};
-use std::io::{self, Write};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use rayon::prelude::*;
 
@@ -670,57 +667,16 @@ pub fn encode_png(img: &RgbImage) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// Distinguishes the temporary files of concurrent writes within one process.
-static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
-
-/// Writes `img` to `path` as a PNG, atomically: the bytes go to a hidden temporary file in the
-/// same directory (`.<name>.<pid>-<n>.tmp`), are flushed to disk, and the file is renamed over
-/// `path`. An interrupted run leaves either the old file or the complete new one under `path`
-/// (possibly a stray temporary file, never a truncated PNG). Errors name `path` (missing or
-/// unwritable directory, a parent that is a file, `path` being a directory); on error the
-/// temporary file is removed.
+/// Writes `img` to `path` as a PNG, atomically ([`crate::util::write_atomic`]): an interrupted
+/// run leaves either the old file or the complete new one under `path`, never a truncated PNG.
+/// Errors name `path` (missing or unwritable directory, a parent that is a file, `path` being a
+/// directory).
 pub fn write_png(path: &Path, img: &RgbImage) -> Result<()> {
-    let bytes = encode_png(img)?;
-    let name = path.file_name().ok_or_else(|| {
-        Error::input(format!(
+    if path.file_name().is_none() {
+        return Err(Error::input(format!(
             "{}: PNG output path does not name a file",
             path.display()
-        ))
-    })?;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    // Keep the temporary name short enough for NAME_MAX whatever the target's length.
-    let short: String = name.to_string_lossy().chars().take(64).collect();
-    let tmp = dir.join(format!(
-        ".{short}.{}-{}.tmp",
-        std::process::id(),
-        TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .map_err(|e| {
-            Error::io(
-                path,
-                io::Error::new(
-                    e.kind(),
-                    format!("cannot create a temporary file in {}: {e}", dir.display()),
-                ),
-            )
-        })?;
-    let written = file
-        .write_all(&bytes)
-        .and_then(|()| file.sync_all())
-        .and_then(|()| {
-            drop(file);
-            fs::rename(&tmp, path)
-        });
-    if let Err(e) = written {
-        let _ = fs::remove_file(&tmp);
-        return Err(Error::io(path, e));
+        )));
     }
-    Ok(())
+    crate::util::write_atomic(path, &encode_png(img)?)
 }

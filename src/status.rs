@@ -64,3 +64,36 @@ pub fn bar(done: usize, total: usize) -> String {
     let fill = W * done.min(total) / total.max(1);
     (0..W).map(|i| if i < fill { '#' } else { '.' }).collect()
 }
+
+/// `mm:ss`, or `h:mm:ss` from an hour on: how progress lines and summaries show durations.
+pub fn clock(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    if s >= 3600 {
+        format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+    } else {
+        format!("{:02}:{:02}", s / 60, s % 60)
+    }
+}
+
+/// `ETA mm:ss` for the `left` units of a job whose `done` units (of this run) took `elapsed`
+/// seconds; `ETA --:--` before the first is done.
+pub fn eta(elapsed: f64, done: usize, left: usize) -> String {
+    if done == 0 {
+        return "ETA --:--".into();
+    }
+    format!("ETA {}", clock(elapsed / done as f64 * left as f64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clock_and_eta() {
+        assert_eq!(clock(0.4), "00:00");
+        assert_eq!(clock(83.0), "01:23");
+        assert_eq!(clock(3723.0), "1:02:03");
+        assert_eq!(eta(10.0, 0, 5), "ETA --:--");
+        assert_eq!(eta(10.0, 2, 3), "ETA 00:15");
+    }
+}

@@ -5,7 +5,7 @@
 
 use fastrm::backend::cpu::{rope_inv_freq, Cpu};
 use fastrm::backend::{AttnShape, Backend, Cam};
-use fastrm::model::SplitMix64;
+use fastrm::util::SplitMix64;
 
 #[path = "common/fd.rs"]
 mod fd;

@@ -24,7 +24,7 @@ use fastrm::backend::{AttnShape, Backend, Cam};
 use fastrm::engine::{Method, Request};
 use fastrm::explain::fastrm::HeadWeights;
 use fastrm::explain::RowMode;
-use fastrm::model::SplitMix64;
+use fastrm::util::SplitMix64;
 use fastrm::{Engine, GenerateOptions};
 use half::{bf16, f16};
 
@@ -536,17 +536,17 @@ fn end_to_end<T: Elem>(test: &str, tol: f32) {
     let (_, px) = exp.f32("pixel_values");
     let mut full = ids.clone();
     full.extend_from_slice(&want_gen[..want_gen.len() - 1]);
-    let gb = &gpu_engine.backend;
-    let gh = gpu_engine.model.forward_full(gb, &full, px).unwrap();
-    let ch = cpu_engine.model.forward_full(&Cpu, &full, px).unwrap();
+    let gb = gpu_engine.backend();
+    let gh = gpu_engine.model().forward_full(gb, &full, px).unwrap();
+    let ch = cpu_engine.model().forward_full(&Cpu, &full, px).unwrap();
     assert_close(
         &format!("{test} hidden"),
         &gb.download(&gh).unwrap(),
         &Cpu.download(&ch).unwrap(),
         tol,
     );
-    let gl = gpu_engine.model.llm.logits(gb, &gh).unwrap();
-    let cl = cpu_engine.model.llm.logits(&Cpu, &ch).unwrap();
+    let gl = gpu_engine.model().llm.logits(gb, &gh).unwrap();
+    let cl = cpu_engine.model().llm.logits(&Cpu, &ch).unwrap();
     assert_close(
         &format!("{test} logits"),
         &gb.download(&gl).unwrap(),
@@ -760,7 +760,7 @@ fn decode_launches_do_not_grow() {
         std::fs::read_to_string(common::repo_root().join("assets/demo/model/config.json")).unwrap();
     let cfg = fastrm::config::LlavaConfig::from_json_str(&text).unwrap();
     let engine = Engine::synthetic(g, &cfg, 0).unwrap();
-    let b = &engine.backend;
+    let b = engine.backend();
     let (prompt, pixels) = engine
         // 1 + 64 image + 60 text = 125 positions: the fused steps see 128 and then 129+ keys.
         .resolve(&Request::Ids {
@@ -773,10 +773,10 @@ fn decode_launches_do_not_grow() {
         stop_at_eos: false,
         ..Default::default()
     };
-    let (_, image) = engine.model.encode_image(b, &pixels).unwrap();
+    let (_, image) = engine.model().encode_image(b, &pixels).unwrap();
     let mut s = fastrm::model::session::Session::prefill(
         b,
-        &engine.model,
+        engine.model(),
         prompt,
         &image,
         &opts,
@@ -1020,7 +1020,7 @@ fn masked_run<B: Backend>(
     keep: &[bool],
 ) -> fastrm::model::llava::IdGeneration {
     use fastrm::model::session::{Mode, Session};
-    let (b, m) = (&e.backend, &e.model);
+    let (b, m) = (e.backend(), e.model());
     let (_, f) = m.encode_image(b, pixels).unwrap();
     let mode = Mode::Masked(keep.to_vec());
     let mut s = Session::prefill(b, m, prompt.clone(), &f, opts, mode).unwrap();
@@ -1082,9 +1082,9 @@ fn device_out_of_memory_is_a_named_error() {
     };
     // What loading and a whole run take, measured on an unbounded pool (both deterministic).
     let engine = Engine::load(Cuda::<f32>::simulated(), &dir).unwrap();
-    let (_, loaded) = engine.backend.simulated_memory().unwrap();
+    let (_, loaded) = engine.backend().simulated_memory().unwrap();
     engine.generate(&request, &opts).unwrap();
-    let (_, run) = engine.backend.simulated_memory().unwrap();
+    let (_, run) = engine.backend().simulated_memory().unwrap();
     assert!(run > loaded, "a run allocates beyond the weights");
     drop(engine);
 
@@ -1099,7 +1099,7 @@ fn device_out_of_memory_is_a_named_error() {
         Ok(_) => panic!("a run needing {run} bytes succeeded within {budget}"),
     }
     // What failed was freed: the pool holds what it held after loading.
-    let (now, _) = engine.backend.simulated_memory().unwrap();
+    let (now, _) = engine.backend().simulated_memory().unwrap();
     assert!(now <= budget);
 
     // The command line: one `error:` line and a failing exit; a malformed budget is named.

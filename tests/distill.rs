@@ -111,10 +111,10 @@ fn check_against_engine(dir: &Path, method: Method, suffix: &str) {
             full.extend_from_slice(&rec.generated_ids[..n - 1]);
             let pixels = engine.pixels(&image.into()).unwrap();
             let h = engine
-                .model
-                .forward_full(&engine.backend, &full, &pixels)
+                .model()
+                .forward_full(engine.backend(), &full, &pixels)
                 .unwrap();
-            let h = engine.backend.download(&h).unwrap();
+            let h = engine.backend().download(&h).unwrap();
             let img_pos: Vec<usize> = (0..ids.len())
                 .filter(|&i| ids[i] == engine.config().image_token_id)
                 .collect();
@@ -513,24 +513,25 @@ fn bad_inputs() {
     std::fs::copy(images().join("tiny.png"), imgs.join("bad.png")).unwrap();
     let line = ok(&run(&o13));
     assert!(line.contains("distilled 1 samples"), "{line}");
-    // A folder another distill is writing (this test's own, live pid) is refused; a lock left by
-    // a process that is gone is taken over, and released at the end.
+    // A folder another distill is writing (here: this test holding the lock) is refused; a lock
+    // file its process left behind (a crash) holds no lock and is taken over, and released at
+    // the end.
     let locked = t.join("locked");
     std::fs::create_dir(&locked).unwrap();
-    std::fs::write(locked.join(".distill.lock"), std::process::id().to_string()).unwrap();
+    let held = std::fs::File::create(locked.join(".distill.lock")).unwrap();
+    held.try_lock().unwrap();
     fails(
         &distill(&vqa(), &locked, &["--limit", "1"]),
-        &["another distill", ".distill.lock"],
+        &["another distill", "wait for it to end"],
     );
-    if Path::new("/proc/self").exists() {
-        std::fs::write(locked.join(".distill.lock"), "4000000000").unwrap();
-        ok(&distill(
-            &vqa(),
-            &locked,
-            &["--limit", "1", "--max-new-tokens", "2"],
-        ));
-        assert!(!locked.join(".distill.lock").exists());
-    }
+    drop(held);
+    std::fs::write(locked.join(".distill.lock"), "4000000000").unwrap();
+    ok(&distill(
+        &vqa(),
+        &locked,
+        &["--limit", "1", "--max-new-tokens", "2"],
+    ));
+    assert!(!locked.join(".distill.lock").exists());
     // An output folder holding something else.
     let busy = t.join("busy");
     std::fs::create_dir(&busy).unwrap();
@@ -771,4 +772,47 @@ fn a_failed_first_sample_does_not_bind_the_folder() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let (m, _) = shards(&out);
     assert_eq!(m.samples, 1);
+}
+
+/// A run whose first question fails (a corrupt image) leaves nothing behind: no manifest binding
+/// the folder's settings, and no folder when the run made it.
+#[test]
+fn a_run_failing_on_its_first_question_leaves_no_empty_data_set() {
+    let tmp = tempfile::tempdir().unwrap();
+    let imgs = tmp.path().join("imgs");
+    std::fs::create_dir(&imgs).unwrap();
+    std::fs::write(
+        imgs.join("broken.png"),
+        b"\x89PNG\r\n\x1a\nnot a png at all",
+    )
+    .unwrap();
+    let q = tmp.path().join("q.jsonl");
+    std::fs::write(
+        &q,
+        "{\"image\": \"broken.png\", \"question\": \"What is it?\"}\n",
+    )
+    .unwrap();
+    let run = |out: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_fastrm"))
+            .arg("distill")
+            .arg("--model")
+            .arg(fixture_dir("tiny"))
+            .arg("--questions")
+            .arg(&q)
+            .arg("--images")
+            .arg(&imgs)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let fresh = tmp.path().join("fresh");
+    fails(&run(&fresh), &["broken.png"]);
+    assert!(!fresh.exists(), "the failed run left its new folder behind");
+    // A folder that existed stays, empty: the manifest the run wrote before failing is gone.
+    let given = tmp.path().join("given");
+    std::fs::create_dir(&given).unwrap();
+    fails(&run(&given), &["broken.png"]);
+    let left: Vec<_> = std::fs::read_dir(&given).unwrap().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
 }

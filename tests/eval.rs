@@ -15,7 +15,7 @@ use fastrm::eval::metrics::{self, Counts};
 use fastrm::explain::fastrm::HeadWeights;
 use fastrm::model::llama::{KvCache, Pass};
 use fastrm::model::session::{Mode, Session};
-use fastrm::model::SplitMix64;
+use fastrm::util::SplitMix64;
 use fastrm::vision::{PreprocessConfig, RgbImage};
 use fastrm::{Engine, GenerateOptions};
 
@@ -390,7 +390,7 @@ fn hidden_positions_cannot_influence_the_rest() {
     // Decoder level: with position j hidden, changing row j's input changes no other row's output
     // (bit for bit); without the mask it does. Masking nothing is the plain forward exactly.
     let engine = Engine::load(Cpu, &fixture_dir("tiny")).unwrap();
-    let (b, m) = (&engine.backend, &engine.model);
+    let (b, m) = (engine.backend(), engine.model());
     let dm = m.cfg.text.hidden_size;
     let n = 9;
     let mut rng = SplitMix64::new(5);
@@ -674,7 +674,7 @@ fn cli_end_to_end_with_a_pointing_set() {
     assert_eq!(pm.len(), 5);
     let engine = Engine::load(Cpu, &model).unwrap();
     let mask = fastrm::vision::load_image(&root.join("set/masks/00001.png")).unwrap();
-    let on = metrics::mask_patches(&mask, (45, 37), &engine.preprocess, 5).unwrap();
+    let on = metrics::mask_patches(&mask, (45, 37), engine.preprocess(), 5).unwrap();
     let share = on.iter().filter(|&&x| x).count() as f64 / 25.0;
     assert!(share > 0.0 && share < 1.0);
     for (name, r) in pm {

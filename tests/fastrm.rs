@@ -9,7 +9,7 @@ use std::process::Command;
 use common::{fixture_dir, fixture_image, Expected};
 use fastrm::backend::cpu::{Cpu, CpuTensor};
 use fastrm::explain::fastrm::{FastRmHead, HeadWeights};
-use fastrm::model::SplitMix64;
+use fastrm::util::SplitMix64;
 use fastrm::{Engine, GenerateOptions, Method, Request};
 
 /// `sigmoid((W_q LN(h) + b_q) · (W_k LN(k_j) + b_k) / √d)` in f64, straight from the definition.
@@ -101,7 +101,7 @@ fn maps_during_generation_match_the_formula_on_oracle_hidden_states() {
     };
     let (_, px) = exp.f32("pixel_values");
     let req = Request::Prepared {
-        prompt: engine.model.prompt(ids.clone()).unwrap(),
+        prompt: engine.model().prompt(ids.clone()).unwrap(),
         pixels: px.to_vec(),
     };
     let e = engine

@@ -15,10 +15,11 @@ use common::{fixture_dir, fixture_image};
 use fastrm::backend::cpu::{Cpu, CpuTensor, CpuWeights};
 use fastrm::backend::cpu_half::HalfKind;
 use fastrm::backend::Backend;
-use fastrm::checkpoint::synth::{write_model, SynthOptions};
 use fastrm::checkpoint::{Checkpoint, DType, TensorRef};
 use fastrm::explain::RowMode;
-use fastrm::model::{SplitMix64, Synthetic, WeightSource};
+use fastrm::model::{Synthetic, WeightSource};
+use fastrm::synth::{write_model, SynthOptions};
+use fastrm::util::SplitMix64;
 use fastrm::{Engine, GenerateOptions, Method, Request};
 
 fn half(kind: HalfKind) -> Cpu {
@@ -149,8 +150,8 @@ fn run(engine: &Engine<Cpu>, steps: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
         keep_steps: true,
     };
     let g = engine
-        .model
-        .generate(&engine.backend, prompt, &pixels, &opts)
+        .model()
+        .generate(engine.backend(), prompt, &pixels, &opts)
         .unwrap();
     (g.generated_ids, g.step_logits)
 }
@@ -167,7 +168,7 @@ fn half_weights_as_stored_compute_what_their_f32_copies_do() {
         let f32s = Engine::load(Cpu, &dir).unwrap();
         for b in [stored(), half(kind)] {
             let e = Engine::load(b, &dir).unwrap();
-            for w in [&e.model.llm.layers[0].q, &e.model.llm.lm_head] {
+            for w in [&e.model().llm.layers[0].q, &e.model().llm.lm_head] {
                 assert!(
                     w.half.as_ref().is_some_and(|h| h.is_mapped()),
                     "{sub}: mapped"
@@ -263,7 +264,7 @@ fn a_three_shard_hub_folder_loads_the_synthetic_weights_it_was_written_with() {
     // Every tensor: hub name, f16, and the values `synthetic` draws, rounded.
     let ck = Checkpoint::open(&dir).unwrap();
     let cfg = fastrm::config::LlavaConfig::from_json_str(&config).unwrap();
-    let tensors = fastrm::checkpoint::synth::hub_tensors(&cfg);
+    let tensors = fastrm::synth::hub_tensors(&cfg);
     assert_eq!(ck.names().count(), tensors.len());
     let src = Synthetic { seed: 5 };
     for (name, shape) in &tensors {

@@ -4,7 +4,7 @@
 
 use fastrm::backend::cpu::Cpu;
 use fastrm::backend::Backend;
-use fastrm::model::SplitMix64;
+use fastrm::util::SplitMix64;
 
 #[path = "common/fd.rs"]
 mod fd;

@@ -96,18 +96,18 @@ fn synthetic_weights_build_the_same_program() {
         stop_at_eos: false,
         keep_steps: true,
     };
-    let prompt = engine.model.prompt(ids).unwrap();
+    let prompt = engine.model().prompt(ids).unwrap();
     let g = engine
-        .model
-        .generate(&engine.backend, prompt.clone(), &pixels, &opts)
+        .model()
+        .generate(engine.backend(), prompt.clone(), &pixels, &opts)
         .unwrap();
     assert_eq!(g.generated_ids.len(), 3);
     assert!(g.step_logits.iter().flatten().all(|x| x.is_finite()));
     // Same seed, same weights, same answer.
     let again = Engine::synthetic(Cpu, &cfg, 7).unwrap();
     let g2 = again
-        .model
-        .generate(&again.backend, prompt, &pixels, &opts)
+        .model()
+        .generate(again.backend(), prompt, &pixels, &opts)
         .unwrap();
     assert_eq!(g.step_logits, g2.step_logits);
 }

@@ -5,7 +5,7 @@
 
 use fastrm::backend::cpu::{Cpu, CpuTensor};
 use fastrm::backend::{AttnShape, Backend};
-use fastrm::model::SplitMix64;
+use fastrm::util::SplitMix64;
 
 fn rand(rng: &mut SplitMix64, rows: usize, cols: usize, scale: f32) -> CpuTensor {
     CpuTensor::new(

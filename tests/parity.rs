@@ -15,7 +15,7 @@ const TOL: f32 = 1e-4;
 fn parity(name: &str) {
     let exp = Expected::load(name);
     let engine = Engine::load(Cpu, &fixture_dir(name)).expect("fixture model loads");
-    let b = &engine.backend;
+    let b = engine.backend();
     let question = &exp.meta["question"];
 
     // Image and text inputs, each from the raw file / string.
@@ -35,7 +35,7 @@ fn parity(name: &str) {
     assert_eq!(ids, exp.ids("input_ids"), "{name}: expanded prompt ids");
 
     // Vision tower and projector on the oracle's pixels, so their errors are their own.
-    let (feats, proj) = engine.model.encode_image(b, want_px).unwrap();
+    let (feats, proj) = engine.model().encode_image(b, want_px).unwrap();
     assert_close(
         &format!("{name} vision_features"),
         &b.download(&feats).unwrap(),
@@ -56,7 +56,7 @@ fn parity(name: &str) {
         stop_at_eos: false,
         keep_steps: true,
     };
-    let g = engine.model.generate(b, prompt, want_px, &opts).unwrap();
+    let g = engine.model().generate(b, prompt, want_px, &opts).unwrap();
     assert_eq!(g.generated_ids, want_gen, "{name}: generated ids");
     let (lshape, want_logits) = exp.f32("logits");
     let vocab = lshape[1];
@@ -82,7 +82,7 @@ fn parity(name: &str) {
     // Full recompute without cache reuse over prompt + generated (teacher forcing).
     let mut full_ids = ids.clone();
     full_ids.extend_from_slice(&want_gen[..want_gen.len() - 1]);
-    let hidden = engine.model.forward_full(b, &full_ids, want_px).unwrap();
+    let hidden = engine.model().forward_full(b, &full_ids, want_px).unwrap();
     let rows = full_ids.len();
     assert_close(
         &format!("{name} full hidden"),
@@ -91,7 +91,7 @@ fn parity(name: &str) {
         TOL,
     );
     let tail = b.slice_rows(&hidden, n - 1, want_gen.len()).unwrap();
-    let logits = engine.model.llm.logits(b, &tail).unwrap();
+    let logits = engine.model().llm.logits(b, &tail).unwrap();
     assert_close(
         &format!("{name} full logits"),
         &b.download(&logits).unwrap(),

@@ -43,7 +43,7 @@ fn baseline_maps_clip336() {
 fn cams_at_step0_and_full_r() {
     let exp = Expected::load("tiny");
     let engine = Engine::load(Cpu, &fixture_dir("tiny")).unwrap();
-    let (b, m) = (&engine.backend, &engine.model);
+    let (b, m) = (engine.backend(), engine.model());
     let (ids, gen) = (exp.ids("input_ids"), exp.ids("generated_ids"));
     let (_, px) = exp.f32("pixel_values");
     let (_, img) = m.encode_image(b, px).unwrap();
@@ -107,7 +107,7 @@ fn explain_prepared(
         keep_steps: false,
     };
     let req = Request::Prepared {
-        prompt: engine.model.prompt(ids.to_vec()).unwrap(),
+        prompt: engine.model().prompt(ids.to_vec()).unwrap(),
         pixels: px.to_vec(),
     };
     let e = engine.explain(&req, &opts, method, &mut |_| {}).unwrap();

@@ -170,7 +170,7 @@ fn incremental_maps_during_generation_equal_those_after_it() {
         )
         .unwrap();
     let (prompt, pixels) = e.resolve(&req("What is it?")).unwrap();
-    let (b, m) = (&e.backend, &e.model);
+    let (b, m) = (e.backend(), e.model());
     let (_, image) = m.encode_image(b, &pixels).unwrap();
     let mut s = Session::prefill(b, m, prompt, &image, &o.generate, Mode::SaveAll).unwrap();
     s.run_to_end().unwrap();

@@ -12,11 +12,11 @@ use fastrm::distill::{
     InputInfo, Manifest, SampleRecord, ShardInfo, MANIFEST_FORMAT, MANIFEST_VERSION,
 };
 use fastrm::explain::fastrm::{FastRmHead, HeadWeights};
-use fastrm::model::SplitMix64;
 use fastrm::train::{
     bce_with_logits, head_pass, labels, probabilities, train, Adam, Batch, BatchToken, Dataset,
     Grads, TrainOptions,
 };
+use fastrm::util::SplitMix64;
 
 // ---------------------------------------------------------------- f64 reference of the loss
 

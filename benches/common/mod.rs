@@ -6,9 +6,9 @@
 use std::path::{Path, PathBuf};
 
 use fastrm::backend::cpu::{Cpu, CpuWeights};
-use fastrm::checkpoint::synth::{write_model, SynthOptions};
 use fastrm::checkpoint::DType;
 use fastrm::config::LlavaConfig;
+use fastrm::synth::{write_model, SynthOptions};
 use fastrm::Engine;
 
 pub struct Midsize {
@@ -44,7 +44,7 @@ pub fn midsize_bf16() -> Midsize {
     }
     let engine =
         Engine::load(Cpu::with_weights(CpuWeights::Stored), &dir).expect("load the bf16 model");
-    let cfg = engine.model.cfg.clone();
+    let cfg = engine.model().cfg.clone();
     with_engine(dir, cfg, engine)
 }
 

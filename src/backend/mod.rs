@@ -27,6 +27,28 @@ pub const NO_CUDA: &str = "this build has no CUDA backend; rebuild with the `cud
 use crate::checkpoint::{StoredTensor, TensorRef};
 use crate::error::{Error, Result};
 
+/// A point in a backend's timeline, for timing phases of work ([`Backend::mark`]).
+pub enum Mark {
+    /// The host's clock: right for backends whose ops finish before they return.
+    Wall(std::time::Instant),
+    /// An event recorded on a device's stream.
+    #[cfg(any(feature = "cuda", feature = "sim"))]
+    Device(cuda::Event),
+}
+
+impl Mark {
+    /// Seconds from `self` to `end` (on a device: waits for `end` to complete).
+    pub fn seconds_to(&self, end: &Mark) -> Result<f64> {
+        match (self, end) {
+            (Mark::Wall(a), Mark::Wall(b)) => Ok(b.saturating_duration_since(*a).as_secs_f64()),
+            #[cfg(any(feature = "cuda", feature = "sim"))]
+            (Mark::Device(a), Mark::Device(b)) => a.seconds_to(b),
+            #[cfg(any(feature = "cuda", feature = "sim"))]
+            _ => Err(Error::Backend("marks of two different clocks".into())),
+        }
+    }
+}
+
 /// Attention geometry shared by the vision tower (no mask, all heads distinct) and the decoder
 /// (causal, grouped-query).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -62,7 +84,7 @@ pub trait Backend {
     fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
     fn zeros(&self, rows: usize, cols: usize) -> Result<Self::Tensor>;
     /// `[rows, cols]` of `center + spread · u_i`, where `u_i ∈ [-1, 1)` is the i-th draw of
-    /// [`crate::model::SplitMix64`] seeded with `seed`: synthetic weights, made where they live
+    /// [`crate::util::SplitMix64`] seeded with `seed`: synthetic weights, made where they live
     /// (on the GPU for a 7B model) and identical on every backend.
     fn uniform(
         &self,
@@ -72,7 +94,7 @@ pub trait Backend {
         center: f32,
         spread: f32,
     ) -> Result<Self::Tensor> {
-        let mut rng = crate::model::SplitMix64::new(seed);
+        let mut rng = crate::util::SplitMix64::new(seed);
         let data: Vec<f32> = (0..rows * cols)
             .map(|_| center + spread * rng.uniform_sym())
             .collect();
@@ -105,6 +127,18 @@ pub trait Backend {
     /// itself.
     fn trim_and_sync(&self) -> Result<()> {
         self.synchronize()
+    }
+
+    /// Marks "now" in the backend's timeline: on a device, after all the work queued so far, so
+    /// the time between two marks is the device's time for the work queued between them, not the
+    /// host's time to queue it.
+    fn mark(&self) -> Result<Mark> {
+        Ok(Mark::Wall(std::time::Instant::now()))
+    }
+
+    /// What [`Backend::mark`]s measure, for reports.
+    fn clock_name(&self) -> &'static str {
+        "wall clock"
     }
 
     /// [`Backend::linear`] of one `x` by each of `ws` (no bias): the decoder's q, k, v and its

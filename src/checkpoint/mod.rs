@@ -6,8 +6,6 @@
 //! the shard's name, long before any weight is read. Tensors are looked up by their hub name; the
 //! transformers-5 spelling is tried when the hub name is absent.
 
-pub mod synth;
-
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};

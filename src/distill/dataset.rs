@@ -65,21 +65,11 @@ pub struct Dataset {
     pub fingerprint: String,
 }
 
-/// FNV-1a, 64 bit: a cheap content fingerprint (not a security hash).
-pub fn fnv1a64(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
-}
-
 impl Dataset {
     /// Reads and validates a question file; the format is detected from the content.
     pub fn load(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let fingerprint = format!("{:016x}", fnv1a64(&bytes));
+        let fingerprint = format!("{:016x}", crate::util::fnv1a64(&bytes));
         let text = String::from_utf8(bytes)
             .map_err(|e| Error::input(format!("{}: not UTF-8 text: {e}", path.display())))?;
         if text.trim().is_empty() {

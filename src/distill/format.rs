@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use super::ShardSpec;
 use crate::error::{Error, Result};
-use crate::fsutil::write_atomic;
+use crate::util::write_atomic;
 
 pub const MANIFEST_FORMAT: &str = "fastrm-distill";
 pub const MANIFEST_VERSION: u32 = 1;

@@ -22,7 +22,6 @@
 //! manifest records the spec; [`merge`] interleaves the N folders back into the data set one
 //! unsharded run writes, shard files and manifest included.
 
-pub mod cli;
 pub mod dataset;
 pub mod format;
 
@@ -40,7 +39,6 @@ use crate::error::{Error, Result};
 use crate::explain::MethodName;
 use crate::status;
 
-pub use cli::{DistillArgs, MergeArgs};
 pub use dataset::{Dataset, Entry, Format, ImageRef};
 pub use format::{
     shard_name, InputInfo, Manifest, SampleRecord, SampleRef, Shard, ShardFile, ShardInfo, Token,
@@ -105,45 +103,82 @@ impl std::fmt::Display for ShardSpec {
     }
 }
 
+/// What `distill` is asked for (the `fastrm distill` flags, as values; errors name the flags).
+#[derive(Debug, Clone)]
+pub struct DistillOptions {
+    /// Model folder in the HF llava-hf layout.
+    pub model: PathBuf,
+    /// The VQA v2 questions JSON or JSONL.
+    pub questions: PathBuf,
+    /// Images folder (the base of relative paths).
+    pub images: PathBuf,
+    /// Output folder; an existing one made with the same settings is resumed.
+    pub out: PathBuf,
+    /// The gradient method that labels the maps (baseline or baseline-incremental).
+    pub method: MethodName,
+    pub limit: Option<usize>,
+    pub max_new_tokens: usize,
+    /// Leave the questions as they are instead of appending [`SUFFIX`].
+    pub no_suffix: bool,
+    /// Samples per shard (default [`DEFAULT_SHARD_SIZE`]; a resumed folder keeps its own).
+    pub shard_size: Option<usize>,
+    /// Only this share of the question file.
+    pub shard: Option<ShardSpec>,
+    pub device: Device,
+    pub dtype: Option<Dtype>,
+}
+
+/// What `merge` joins: the folders of `distill --shard I/N` runs into `out`.
+#[derive(Debug, Clone)]
+pub struct MergeOptions {
+    pub out: PathBuf,
+    pub inputs: Vec<PathBuf>,
+}
+
 const LOCK: &str = ".distill.lock";
 
-/// `DIR/.distill.lock` holding the writer's pid, removed when the run ends: a second `distill`
-/// into the same folder is refused instead of deleting the first one's temporary files. A lock
-/// whose process is gone (checked through `/proc` where there is one) is taken over.
-struct Lock(PathBuf);
+/// `DIR/.distill.lock`, locked by the writer for as long as it runs (an OS file lock, so it ends
+/// with the process however the process ends) and holding its pid for the message: a second
+/// `distill` into the same folder is refused instead of deleting the first one's temporary files.
+/// The file is removed when the run ends.
+struct Lock {
+    path: PathBuf,
+    _file: std::fs::File,
+}
 
 impl Lock {
     fn take(dir: &Path) -> Result<Self> {
+        use std::io::Write;
         let path = dir.join(LOCK);
-        for _ in 0..2 {
-            match std::fs::OpenOptions::new()
+        // The holder removes the file when it is done: a lock taken on a file that was removed
+        // meanwhile guards nothing, so it is taken again on the file now at `path`.
+        for _ in 0..3 {
+            let mut file = std::fs::OpenOptions::new()
+                .read(true)
                 .write(true)
-                .create_new(true)
+                .create(true)
+                .truncate(false)
                 .open(&path)
-            {
-                Ok(mut f) => {
-                    use std::io::Write;
-                    let _ = write!(f, "{}", std::process::id());
-                    return Ok(Lock(path));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                .map_err(|e| Error::io(&path, e))?;
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) => {
                     let pid = std::fs::read_to_string(&path).unwrap_or_default();
-                    let pid = pid.trim();
-                    let gone = Path::new("/proc/self").exists()
-                        && !pid.is_empty()
-                        && !Path::new("/proc").join(pid).exists();
-                    if !gone {
-                        return Err(Error::input(format!(
-                            "{} is being written by another distill (pid {pid}); if none is \
-                             running, delete {}",
-                            dir.display(),
-                            path.display()
-                        )));
-                    }
-                    let _ = std::fs::remove_file(&path);
+                    return Err(Error::input(format!(
+                        "{} is being written by another distill (pid {}); wait for it to end",
+                        dir.display(),
+                        pid.trim()
+                    )));
                 }
-                Err(e) => return Err(Error::io(&path, e)),
+                Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&path, e)),
             }
+            if !same_file(&file, &path) {
+                continue;
+            }
+            file.set_len(0)
+                .and_then(|()| write!(file, "{}", std::process::id()))
+                .map_err(|e| Error::io(&path, e))?;
+            return Ok(Lock { path, _file: file });
         }
         Err(Error::input(format!(
             "{}: could not take the lock",
@@ -152,9 +187,27 @@ impl Lock {
     }
 }
 
+/// Whether `path` still names the open `file`.
+fn same_file(file: &std::fs::File, path: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        match (file.metadata(), std::fs::metadata(path)) {
+            (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+            _ => false,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (file, path);
+        true
+    }
+}
+
 impl Drop for Lock {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        // Removed while still locked (the file closes after this), so no one locks it in between.
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -179,7 +232,7 @@ fn weights_fingerprint(model: &Path) -> Result<String> {
         let name = f.file_name().unwrap_or_default().to_string_lossy();
         desc.push_str(&format!("{name}:{}:{mtime};", meta.len()));
     }
-    Ok(format!("{:016x}", dataset::fnv1a64(desc.as_bytes())))
+    Ok(format!("{:016x}", crate::util::fnv1a64(desc.as_bytes())))
 }
 
 fn canonical(p: &Path) -> Result<String> {
@@ -293,12 +346,7 @@ impl Progress {
 
     /// `done` of `total` samples, `fresh` of them in this run (the rate and ETA come from those).
     fn bar(&mut self, done: usize, total: usize, fresh: usize) {
-        let eta = if fresh > 0 {
-            let s = self.start.elapsed().as_secs_f64() / fresh as f64 * (total - done) as f64;
-            format!("ETA {}", clock(s))
-        } else {
-            "ETA --:--".into()
-        };
+        let eta = status::eta(self.start.elapsed().as_secs_f64(), fresh, total - done);
         self.line = format!(
             "samples [{}] {done}/{total} {eta}",
             status::bar(done, total)
@@ -319,23 +367,37 @@ impl Progress {
     }
 }
 
-fn clock(s: f64) -> String {
-    let s = s.max(0.0).round() as u64;
-    if s >= 3600 {
-        format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
-    } else {
-        format!("{:02}:{:02}", s / 60, s % 60)
+/// `fastrm distill`.
+pub fn run(args: DistillOptions) -> Result<()> {
+    let plan = Plan::new(&args)?;
+    let created = !args.out.exists();
+    std::fs::create_dir_all(&args.out).map_err(|e| Error::io(&args.out, e))?;
+    let result = Lock::take(&args.out).and_then(|_lock| {
+        let result = distill_locked(&args, &plan);
+        if result.is_err() {
+            forget_empty_manifest(&args.out);
+        }
+        result
+    });
+    if result.is_err() && created {
+        // Fails, as it should, unless the folder is empty.
+        let _ = std::fs::remove_dir(&args.out);
+    }
+    result
+}
+
+/// After a failed run, under its lock: a manifest that lists no shard holds no data, so it goes.
+fn forget_empty_manifest(out: &Path) {
+    let path = out.join(MANIFEST);
+    if path.exists() && Manifest::read(out).is_ok_and(|m| m.shards.is_empty()) {
+        let _ = std::fs::remove_file(&path);
     }
 }
 
-/// `fastrm distill`.
-pub fn run(args: DistillArgs) -> Result<()> {
+fn distill_locked(args: &DistillOptions, plan: &Plan) -> Result<()> {
     let t0 = Instant::now();
-    let plan = Plan::new(&args)?;
-    std::fs::create_dir_all(&args.out).map_err(|e| Error::io(&args.out, e))?;
     let out = args.out.as_path();
-    let _lock = Lock::take(out)?;
-    let identity = Identity::of(&args)?;
+    let identity = Identity::of(args)?;
     let existing = if out.join(MANIFEST).exists() {
         Some(Manifest::read(out)?)
     } else {
@@ -352,7 +414,7 @@ pub fn run(args: DistillArgs) -> Result<()> {
         other => other,
     };
     match &existing {
-        Some(m) => check_same_run(m, &args, &plan, &identity)?,
+        Some(m) => check_same_run(m, args, plan, &identity)?,
         None => require_fresh(out)?,
     }
     let shard_size = existing
@@ -364,7 +426,7 @@ pub fn run(args: DistillArgs) -> Result<()> {
     let mut progress = Progress::new();
     let shards = existing
         .as_ref()
-        .map_or(Vec::new(), |m| completed_prefix(out, m, &plan));
+        .map_or(Vec::new(), |m| completed_prefix(out, m, plan));
     remove_leftovers(out, &shards)?;
     let listed_samples: usize = shards.iter().map(|s| s.samples).sum();
     // Every image of the run must exist before any expensive work starts.
@@ -382,7 +444,7 @@ pub fn run(args: DistillArgs) -> Result<()> {
         status::clear();
         e?
     };
-    let mut manifest = new_manifest(&args, &plan, identity, engine.config(), shard_size, shards);
+    let mut manifest = new_manifest(args, plan, identity, engine.config(), shard_size, shards);
     if let Some(m) = &existing {
         if (m.hidden_size, m.n_patches) != (manifest.hidden_size, manifest.n_patches) {
             return Err(Error::input(format!(
@@ -409,8 +471,8 @@ pub fn run(args: DistillArgs) -> Result<()> {
     }
 
     let run = Remaining {
-        args: &args,
-        plan: &plan,
+        args,
+        plan,
         images: &images,
         first: listed_samples,
     };
@@ -441,7 +503,7 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(args: &DistillArgs) -> Result<Self> {
+    fn new(args: &DistillOptions) -> Result<Self> {
         if !matches!(
             args.method,
             MethodName::Baseline | MethodName::BaselineIncremental
@@ -460,8 +522,8 @@ impl Plan {
         if args.shard_size == Some(0) {
             return Err(Error::input("--shard-size must be at least 1"));
         }
-        let spec = args.shard.as_deref().map(ShardSpec::parse).transpose()?;
-        let (device, dtype) = args.device.get()?;
+        let spec = args.shard;
+        let (device, dtype) = (args.device, args.dtype);
         Error::require_dir("--model", &args.model)?;
         Error::require_dir("--images", &args.images)?;
         let data = Dataset::load(&args.questions)?;
@@ -495,7 +557,7 @@ struct Identity {
 }
 
 impl Identity {
-    fn of(args: &DistillArgs) -> Result<Self> {
+    fn of(args: &DistillOptions) -> Result<Self> {
         Ok(Identity {
             model: canonical(&args.model)?,
             questions: canonical(&args.questions)?,
@@ -507,7 +569,7 @@ impl Identity {
 
 /// An existing folder is resumed only by the run that made it: the same model, weights, method,
 /// suffix, questions, images and settings.
-fn check_same_run(m: &Manifest, args: &DistillArgs, plan: &Plan, id: &Identity) -> Result<()> {
+fn check_same_run(m: &Manifest, args: &DistillOptions, plan: &Plan, id: &Identity) -> Result<()> {
     let out = &args.out;
     let mismatch = |what: &str, was: &dyn std::fmt::Debug, now: &dyn std::fmt::Debug| {
         Err(Error::input(format!(
@@ -630,7 +692,7 @@ fn remove_leftovers(out: &Path, shards: &[ShardInfo]) -> Result<()> {
 
 /// The manifest of this run, listing the completed `shards`.
 fn new_manifest(
-    args: &DistillArgs,
+    args: &DistillOptions,
     plan: &Plan,
     id: Identity,
     cfg: &crate::config::LlavaConfig,
@@ -670,7 +732,7 @@ fn new_manifest(
 
 /// The samples a run still has to distill: this folder's positions `first..plan.total`.
 struct Remaining<'a> {
-    args: &'a DistillArgs,
+    args: &'a DistillOptions,
     plan: &'a Plan,
     /// The images of those positions, in order.
     images: &'a [PathBuf],
@@ -808,7 +870,7 @@ impl FolderSamples<'_> {
 /// `fastrm merge`: the folders of `distill --shard I/N` for every I of one N, joined into the
 /// folder one unsharded `distill` with the same settings writes (the same shard files and
 /// manifest), which `train`, `eval` and a further `distill` (to extend it) take as their own.
-pub fn merge(args: MergeArgs) -> Result<()> {
+pub fn merge(args: MergeOptions) -> Result<()> {
     let t0 = Instant::now();
     let inputs = &args.inputs;
     let manifests: Vec<Manifest> = inputs

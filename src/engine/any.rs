@@ -56,7 +56,7 @@ impl std::fmt::Display for Device {
 /// Storage type of the weights and activations on a CUDA device, of the weight matrices on the CPU
 /// (arithmetic is f32 either way). Default: f16 on a CUDA device; on the CPU the checkpoint's own
 /// dtype (its f16/bf16 matrices stay memory-mapped), see [`cpu_backend`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dtype {
     F16,
     Bf16,
@@ -220,12 +220,26 @@ pub fn check_synthetic_dtype(device: Device, dtype: Option<Dtype>) -> Result<()>
     }
 }
 
-fn dtype_name(d: Dtype) -> &'static str {
-    match d {
-        Dtype::F16 => "f16",
-        Dtype::Bf16 => "bf16",
-        Dtype::F32 => "f32",
+impl crate::util::Named for Dtype {
+    const ALL: &'static [Self] = &[Dtype::F16, Dtype::Bf16, Dtype::F32];
+    fn name(self) -> &'static str {
+        match self {
+            Dtype::F16 => "f16",
+            Dtype::Bf16 => "bf16",
+            Dtype::F32 => "f32",
+        }
     }
+    fn help(self) -> &'static str {
+        match self {
+            Dtype::F16 => "IEEE half precision",
+            Dtype::Bf16 => "bfloat16",
+            Dtype::F32 => "single precision",
+        }
+    }
+}
+
+fn dtype_name(d: Dtype) -> &'static str {
+    crate::util::Named::name(d)
 }
 
 /// The CUDA backend `device` names: a GPU, or the simulated device.

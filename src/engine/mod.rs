@@ -4,6 +4,7 @@
 //! time.
 
 mod any;
+pub mod report;
 mod stream;
 
 use std::path::{Path, PathBuf};
@@ -15,7 +16,7 @@ use crate::checkpoint::{Checkpoint, DType, StoredTensor};
 use crate::config::LlavaConfig;
 use crate::error::{Error, Result};
 use crate::explain::fastrm::{FastRmHead, HeadWeights};
-use crate::model::session::Prompt;
+pub use crate::model::session::{Mode, Prompt, Session};
 use crate::model::{Llava, Synthetic};
 use crate::text::TextProcessor;
 use crate::vision::{self, PreprocessConfig, RgbImage};
@@ -28,15 +29,22 @@ pub use any::{
 };
 pub use stream::{collect, CancelToken, Collected, Item, RunOptions, Stream, Summary, TokenStep};
 
+/// A model on a backend, with its tokenizer, image preprocessing and (once loaded) FastRM head.
+/// Its parts are read through accessors: an engine is changed only through its own calls.
 pub struct Engine<B: Backend> {
-    pub backend: B,
-    pub model: Llava<B>,
+    backend: B,
+    model: Llava<B>,
     /// Absent for synthetic models, which run at the id level only.
-    pub text: Option<TextProcessor>,
-    pub preprocess: PreprocessConfig,
-    pub dir: Option<PathBuf>,
+    text: Option<TextProcessor>,
+    preprocess: PreprocessConfig,
+    dir: Option<PathBuf>,
     /// The FastRM head, once loaded with [`Engine::load_head`].
-    pub head: Option<FastRmHead<B>>,
+    head: Option<FastRmHead<B>>,
+}
+
+/// An image's projected features on the engine's backend ([`Engine::encode`]).
+pub struct EncodedImage<B: Backend> {
+    features: B::Tensor,
 }
 
 /// An image as a request carries it.
@@ -269,7 +277,35 @@ impl<B: Backend> Engine<B> {
         &self.model.cfg
     }
 
-    fn text(&self) -> Result<&TextProcessor> {
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// The model program: for tests and benches that drive its stages directly.
+    pub fn model(&self) -> &Llava<B> {
+        &self.model
+    }
+
+    /// The tokenizer and chat template; `None` for synthetic models.
+    pub fn text(&self) -> Option<&TextProcessor> {
+        self.text.as_ref()
+    }
+
+    pub fn preprocess(&self) -> &PreprocessConfig {
+        &self.preprocess
+    }
+
+    /// The model folder; `None` for synthetic models.
+    pub fn dir(&self) -> Option<&std::path::Path> {
+        self.dir.as_deref()
+    }
+
+    /// The FastRM head, once loaded.
+    pub fn head(&self) -> Option<&FastRmHead<B>> {
+        self.head.as_ref()
+    }
+
+    fn tokenizer(&self) -> Result<&TextProcessor> {
         self.text.as_ref().ok_or_else(|| {
             Error::input("this model has no tokenizer (synthetic models run on token ids only)")
         })
@@ -287,11 +323,38 @@ impl<B: Backend> Engine<B> {
             .map_err(|e| name_image(image, e))
     }
 
+    /// An image run through the vision tower and the projector once, for many runs over it
+    /// ([`Engine::session`]): eval's perturbations answer the same question about one image
+    /// hundreds of times with different patches hidden.
+    pub fn encode(&self, pixels: &[f32]) -> Result<EncodedImage<B>> {
+        let (_, features) = self.model.encode_image(&self.backend, pixels)?;
+        Ok(EncodedImage { features })
+    }
+
+    /// A generation session over an [`EncodedImage`], prefilled: `Mode::Masked` hides prompt
+    /// positions from attention, `Mode::SaveAll` keeps what the gradient methods' backwards need.
+    pub fn session(
+        &self,
+        prompt: Prompt,
+        image: &EncodedImage<B>,
+        opts: &GenerateOptions,
+        mode: Mode,
+    ) -> Result<Session<'_, B>> {
+        Session::prefill(
+            &self.backend,
+            &self.model,
+            prompt,
+            &image.features,
+            opts,
+            mode,
+        )
+    }
+
     /// The checked prompt of a question.
     pub fn prompt(&self, question: &str) -> Result<Prompt> {
         let cfg = self.config();
         let ids =
-            self.text()?
+            self.tokenizer()?
                 .prompt_ids(question, cfg.image_token_id, cfg.vision.num_patches())?;
         Prompt::new(cfg, ids)
     }
@@ -319,7 +382,7 @@ impl<B: Backend> Engine<B> {
                 let cfg = self.config();
                 let n_img = cfg.vision.num_patches();
                 let vocab = cfg.text.vocab_size as u64;
-                let mut rng = crate::model::SplitMix64::new(seed);
+                let mut rng = crate::util::SplitMix64::new(seed);
                 let mut ids = vec![cfg.bos_token_id];
                 ids.extend(std::iter::repeat_n(cfg.image_token_id, n_img));
                 // Ordinary text ids: below the image token, which the llava-hf vocabularies

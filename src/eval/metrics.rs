@@ -126,7 +126,7 @@ pub fn removal_order(relevance: &[f64], positive: bool) -> Vec<usize> {
 
 /// A random removal order (Fisher–Yates on SplitMix64).
 pub fn random_order(n: usize, seed: u64) -> Vec<usize> {
-    let mut rng = crate::model::SplitMix64::new(seed);
+    let mut rng = crate::util::SplitMix64::new(seed);
     let mut idx: Vec<usize> = (0..n).collect();
     for i in (1..n).rev() {
         let j = (rng.next_u64() % (i as u64 + 1)) as usize;

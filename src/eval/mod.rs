@@ -27,14 +27,15 @@ use serde_json::{json, Value};
 
 use crate::backend::Backend;
 use crate::distill::{dataset, Entry, Manifest, SampleRecord};
-use crate::engine::{AnyEngine, Engine, GenerateOptions, Method};
+use crate::engine::report::Staging;
+use crate::engine::{
+    AnyEngine, Device, Dtype, EncodedImage, Engine, GenerateOptions, Method, Mode, Session,
+};
 use crate::error::{Error, Result};
 use crate::explain::fastrm::{FastRmHead, HeadWeights};
-use crate::explain::report::Staging;
 use crate::explain::{
     default_gradcam_layer, gradient_map, incremental_maps, map_entropy, Confidence, RowMode,
 };
-use crate::model::session::{Mode, Session};
 use crate::render::plot::{line_plot, Axis, LinePlot, Marker, Series, PALETTE};
 use crate::render::write_png;
 use crate::status;
@@ -49,44 +50,32 @@ pub const POINTING_PNG: &str = "pointing.png";
 /// Random removal orders averaged per curve.
 pub const RANDOM_SEEDS: u64 = 5;
 
-/// `fastrm eval`.
-#[derive(clap::Args, Debug, Clone)]
-pub struct EvalArgs {
-    /// Model folder the data set was distilled with (the perturbation and pointing sections run it).
-    #[arg(long)]
+/// What `eval` is asked for (the `fastrm eval` flags, as values; errors name the flags).
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    /// Model folder the data set was distilled with.
     pub model: PathBuf,
-    /// The FastRM head file (head.safetensors).
-    #[arg(long)]
+    /// The FastRM head file.
     pub head: PathBuf,
-    /// A `fastrm distill` output folder (manifest.json and shards).
-    #[arg(long)]
+    /// A `distill` output folder.
     pub data: PathBuf,
-    /// Write eval.json and the plots (classification, perturbation, entropy KDE) into this folder.
-    #[arg(long)]
+    /// Where eval.json and the plots go.
     pub out: Option<PathBuf>,
-    /// Print the report as one JSON object on stdout instead of tables.
-    #[arg(long)]
+    /// The report as one JSON object on stdout instead of tables.
     pub json: bool,
-    /// The question file, when it is no longer where the manifest says (must be the same file).
-    #[arg(long)]
+    /// The question file, when it is no longer where the manifest says (the same file).
     pub questions: Option<PathBuf>,
     /// The images folder, when it is no longer where the manifest says.
-    #[arg(long)]
     pub images: Option<PathBuf>,
-    /// Only the first N samples of the data set.
-    #[arg(long)]
     pub limit: Option<usize>,
-    /// Skip the perturbation curves (the expensive part: ~300 masked generations per sample).
-    #[arg(long)]
+    /// Skip the perturbation curves.
     pub no_perturbation: bool,
-    /// Store the calibrated entropy threshold in the head file (`confidence_threshold`).
-    #[arg(long)]
+    /// Store the calibrated entropy threshold in the head file.
     pub write_threshold: bool,
     /// GradCAM's decoder layer (default: the middle one).
-    #[arg(long)]
     pub layer: Option<usize>,
-    #[command(flatten)]
-    pub device: crate::cli::DeviceArgs,
+    pub device: Device,
+    pub dtype: Option<Dtype>,
 }
 
 /// One sample of the data set with its maps.
@@ -115,13 +104,9 @@ impl Sample {
 /// The sample bar with the current step, on the status line.
 fn sample_bar(start: Instant, done: usize, total: usize, step: &str) {
     let t = start.elapsed().as_secs_f64();
-    let eta = if done > 0 {
-        format!(" ETA {:.0}s", t / done as f64 * (total - done) as f64)
-    } else {
-        String::new()
-    };
+    let eta = status::eta(t, done, total - done);
     status::say(&format!(
-        "samples [{}] {done}/{total}{eta} · {step}",
+        "samples [{}] {done}/{total} {eta} · {step}",
         crate::status::bar(done, total)
     ));
 }
@@ -143,12 +128,12 @@ const POINT_METHODS: [&str; 5] = [
 const PERTURB_METHODS: [&str; 4] = ["fastrm", "baseline", "gradcam", "random"];
 
 /// `fastrm eval`.
-pub fn run(args: EvalArgs) -> Result<()> {
+pub fn run(args: EvalOptions) -> Result<()> {
     let t0 = Instant::now();
     if args.limit == Some(0) {
         return Err(Error::input("--limit must be at least 1"));
     }
-    let (device, dtype) = args.device.get()?;
+    let (device, dtype) = (args.device, args.dtype);
     if !args.data.is_dir() {
         return Err(Error::input(format!(
             "--data {}: no such folder (make one with `fastrm distill`)",
@@ -185,7 +170,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
 /// Everything after the model is loaded, on its backend: the sections in turn, then the report.
 fn run_on<B: Backend>(
     engine: &Engine<B>,
-    args: &EvalArgs,
+    args: &EvalOptions,
     manifest: &Manifest,
     mut head_w: HeadWeights,
     staging: Option<Staging>,
@@ -295,7 +280,7 @@ fn load_samples<B: Backend>(
     data: &Path,
     limit: Option<usize>,
 ) -> Result<Vec<Sample>> {
-    let b = &engine.backend;
+    let b = engine.backend();
     let head = FastRmHead::new(b, head_w, manifest.hidden_size)?;
     let (p, d) = (manifest.n_patches, manifest.hidden_size);
     let mut samples: Vec<Sample> = Vec::new();
@@ -384,7 +369,7 @@ struct Setup<'e, B: Backend> {
 }
 
 impl<'e, B: Backend> Setup<'e, B> {
-    fn new(engine: &'e Engine<B>, args: &EvalArgs, manifest: &'e Manifest) -> Result<Self> {
+    fn new(engine: &'e Engine<B>, args: &EvalOptions, manifest: &'e Manifest) -> Result<Self> {
         let cfg = engine.config();
         let (p, d) = (manifest.n_patches, manifest.hidden_size);
         if (cfg.text.hidden_size, cfg.vision.num_patches()) != (d, p) {
@@ -395,7 +380,7 @@ impl<'e, B: Backend> Setup<'e, B> {
                 cfg.vision.num_patches()
             )));
         }
-        if engine.text.is_none() {
+        if engine.text().is_none() {
             return Err(Error::input("the model has no tokenizer"));
         }
         let qpath = args
@@ -457,7 +442,7 @@ struct SampleRun<'s, 'e, B: Backend> {
     image_path: PathBuf,
     /// Width and height of the image file (the target masks are drawn at its size).
     image_size: (usize, usize),
-    features: B::Tensor,
+    features: EncodedImage<B>,
     reference: Session<'e, B>,
     ok0: bool,
     has_answers: bool,
@@ -489,23 +474,14 @@ impl<'s, 'e, B: Backend> SampleRun<'s, 'e, B> {
         };
         let ctx = |e: Error| sample_error(s, &image_path, e);
         let img = crate::vision::load_image(&image_path).map_err(ctx)?;
-        let pixels = crate::vision::preprocess(&img, &engine.preprocess).map_err(ctx)?;
+        let pixels = crate::vision::preprocess(&img, engine.preprocess()).map_err(ctx)?;
         let prompt = engine
             .prompt(&format!("{}{}", entry.question, setup.manifest.suffix))
             .map_err(ctx)?;
-        let (_, features) = engine
-            .model
-            .encode_image(&engine.backend, &pixels)
+        let features = engine.encode(&pixels).map_err(ctx)?;
+        let mut reference = engine
+            .session(prompt, &features, &setup.opts, Mode::SaveAll)
             .map_err(ctx)?;
-        let mut reference = Session::prefill(
-            &engine.backend,
-            &engine.model,
-            prompt,
-            &features,
-            &setup.opts,
-            Mode::SaveAll,
-        )
-        .map_err(ctx)?;
         reference.run_to_end().map_err(ctx)?;
         if reference.generated() != s.record.generated_ids {
             return Err(Error::input(format!(
@@ -572,15 +548,9 @@ impl<'s, 'e, B: Backend> SampleRun<'s, 'e, B> {
         for &j in removed {
             keep[prompt.image_positions()[j]] = false;
         }
-        let mut run = Session::prefill(
-            &engine.backend,
-            &engine.model,
-            prompt,
-            &self.features,
-            &self.setup.opts,
-            Mode::Masked(keep),
-        )
-        .map_err(|e| self.ctx(e))?;
+        let mut run = engine
+            .session(prompt, &self.features, &self.setup.opts, Mode::Masked(keep))
+            .map_err(|e| self.ctx(e))?;
         run.run_to_end().map_err(|e| self.ctx(e))?;
         self.generations += 1;
         let answer = engine.decode(run.generated())?;
@@ -824,7 +794,7 @@ impl Pointing {
         let on = metrics::mask_patches(
             &mask,
             w.image_size,
-            &setup.engine.preprocess,
+            setup.engine.preprocess(),
             setup.engine.config().vision.grid(),
         )
         .map_err(|e| {

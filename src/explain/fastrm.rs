@@ -15,7 +15,7 @@ use std::path::Path;
 
 use crate::backend::{with_memory_tag, Backend, MemTag};
 use crate::error::{Error, Result};
-use crate::model::SplitMix64;
+use crate::util::SplitMix64;
 
 /// Which hidden state the head reads. Only one exists so far; the name is in the file so a head
 /// trained on another one is refused rather than silently misused.
@@ -133,7 +133,7 @@ impl HeadWeights {
             data.extend_from_slice(bytemuck::cast_slice(values));
         }
         // Atomic: never a half-written head.
-        crate::fsutil::write_atomic(path, &data)
+        crate::util::write_atomic(path, &data)
     }
 
     /// Reads a head file: the header is read and checked first (its length, JSON, the metadata,

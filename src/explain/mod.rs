@@ -5,7 +5,6 @@
 
 pub mod baseline;
 pub mod fastrm;
-pub mod report;
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
@@ -29,7 +28,7 @@ pub enum Method {
 
 /// A method by name, without its parameters: what command lines, request fields and data-set
 /// manifests write (`fastrm`, `baseline`, `baseline-incremental`, `gradcam`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum MethodName {
     /// The learned FastRM head: one fused op per token on the decode step (needs a head).
     Fastrm,
@@ -39,6 +38,27 @@ pub enum MethodName {
     BaselineIncremental,
     /// LLM-layer GradCAM at one decoder layer (default: the middle one).
     Gradcam,
+}
+
+impl crate::util::Named for MethodName {
+    const ALL: &'static [Self] = &MethodName::ALL;
+    fn name(self) -> &'static str {
+        self.as_str()
+    }
+    fn help(self) -> &'static str {
+        match self {
+            MethodName::Fastrm => {
+                "The learned FastRM head: one fused op per token on the decode step (needs a head)"
+            }
+            MethodName::Baseline => {
+                "Exact Chefer gradient relevancy per token (one backward over the whole prefix each)"
+            }
+            MethodName::BaselineIncremental => {
+                "LVLM-Interpret's incremental rows: about two decode steps per later token"
+            }
+            MethodName::Gradcam => "LLM-layer GradCAM at one decoder layer (default: the middle one)",
+        }
+    }
 }
 
 impl MethodName {

@@ -67,7 +67,7 @@ impl<B: Backend> WeightSource<B> for Synthetic {
 }
 
 /// How [`Synthetic`] draws one tensor: value `i` is `center + spread · u_i`, `u_i` the i-th draw of
-/// [`SplitMix64`] seeded with `seed`.
+/// [`crate::util::SplitMix64`] seeded with `seed`.
 #[derive(Debug, Clone, Copy)]
 pub struct Draw {
     pub seed: u64,
@@ -77,7 +77,7 @@ pub struct Draw {
 
 impl Synthetic {
     pub fn draw(&self, hub_name: &str, shape: &[usize]) -> Draw {
-        let seed = self.seed ^ fnv1a(hub_name.as_bytes());
+        let seed = self.seed ^ crate::util::fnv1a64(hub_name.as_bytes());
         let is_norm = hub_name.ends_with("norm.weight")
             || hub_name.contains("layer_norm")
             || hub_name.contains("layrnorm.weight");
@@ -99,40 +99,5 @@ impl Synthetic {
                 spread: (3.0 / fan_in as f32).sqrt(),
             }
         }
-    }
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf29ce484222325;
-    for &c in bytes {
-        h ^= c as u64;
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    h
-}
-
-/// Small, fast, seedable generator (SplitMix64); good enough for test data and synthetic weights.
-pub struct SplitMix64(u64);
-
-impl SplitMix64 {
-    pub fn new(seed: u64) -> Self {
-        SplitMix64(seed)
-    }
-    /// The generator seeded with `seed` after `n` draws: the state advances by a constant per
-    /// draw, so any stretch of a stream can be drawn on its own (in parallel).
-    pub fn skipped(seed: u64, n: u64) -> Self {
-        SplitMix64(seed.wrapping_add(n.wrapping_mul(Self::GAMMA)))
-    }
-    const GAMMA: u64 = 0x9E3779B97F4A7C15;
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(Self::GAMMA);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [-1, 1).
-    pub fn uniform_sym(&mut self) -> f32 {
-        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
 }

@@ -23,12 +23,12 @@ pub mod timer;
 use std::path::PathBuf;
 use std::time::Duration;
 
-#[cfg(any(feature = "cuda", feature = "sim"))]
-use crate::backend::cuda::Cuda;
 use crate::backend::Backend;
-use crate::cli::DeviceArgs;
 use crate::config::LlavaConfig;
-use crate::engine::{collect, CancelToken, Device, Dtype, Engine, Request, RunOptions};
+use crate::engine::{
+    collect, with_backend, AnyBackend, CancelToken, Device, Dtype, Engine, Request, RunOptions,
+    WithBackend,
+};
 use crate::error::{Error, Result};
 use crate::explain::fastrm::HeadWeights;
 use crate::explain::MethodName;
@@ -37,7 +37,7 @@ use crate::status;
 
 use memory::{MemorySource, MemoryUse, PhaseMemory};
 use report::{Report, RunRecord};
-use timer::{PhaseClock, WallClock};
+use timer::{BackendClock, PhaseClock};
 
 const TINY_CONFIG: &str = include_str!("../../assets/demo/model/config.json");
 const MIDSIZE_CONFIG: &str = include_str!("../../benches/midsize_config.json");
@@ -50,51 +50,33 @@ const MAX_REPEAT: usize = 1000;
 const MAX_TOKENS: usize = 1 << 20;
 const DEFAULT_QUESTION: &str = "What color is the star?";
 
-/// `fastrm profile`.
-#[derive(clap::Args, Debug, Clone)]
-pub struct ProfileArgs {
-    /// Model folder (HF llava-hf layout), or synthetic:tiny (the demo model's shapes),
-    /// synthetic:midsize (benches/midsize_config.json), synthetic:llava-1.5-7b / -13b (device
-    /// backends only): random weights, no tokenizer. Default: the bundled demo model.
-    #[arg(short, long)]
+/// What `profile` is asked for (the `fastrm profile` flags, as values; errors name the flags).
+#[derive(Debug, Clone)]
+pub struct ProfileOptions {
+    /// A model folder, or `synthetic:tiny|midsize|llava-1.5-7b|llava-1.5-13b`; default: the
+    /// bundled demo model.
     pub model: Option<String>,
-    // On a GPU memory comes from NVML (the GPU's used memory); on `sim` it is the process's own
-    // (host memory, for rehearsals; the simulator's times mean nothing). Not a doc comment: clap
-    // drops those on flattened groups.
-    #[command(flatten)]
-    pub device: DeviceArgs,
-    /// Output lengths, comma-separated; every run generates exactly this many tokens (EOS is
-    /// ignored so runs are comparable).
-    #[arg(long, default_value = "10,20,50,100")]
-    pub tokens: String,
-    /// Comma-separated: generate, fastrm, baseline, baseline-incremental. generate is always run:
-    /// the maps' cost is measured against it.
-    #[arg(long, default_value = "generate,fastrm,baseline,baseline-incremental")]
-    pub methods: String,
-    /// baseline: materialise every layer's cam and the full R, as the paper's baseline does.
-    #[arg(long)]
+    pub device: Device,
+    pub dtype: Option<Dtype>,
+    /// Output lengths: every run generates exactly this many tokens.
+    pub tokens: Vec<usize>,
+    /// The methods measured; generate is always added (the maps' cost is measured against it).
+    pub methods: Vec<ProfMethod>,
+    /// The baseline materialises every layer's cam and the full R.
     pub full_r: bool,
-    /// FastRM head file; default: a random head of the model's size (same cost as a trained one).
-    #[arg(long)]
+    /// FastRM head file; default: a random head of the model's size.
     pub head: Option<PathBuf>,
-    /// Image for the prompt (default: the bundled demo photo; its content does not change costs).
-    #[arg(long)]
+    /// The prompt's image (default: the bundled demo photo).
     pub image: Option<PathBuf>,
-    /// Question for models with a tokenizer (synthetic models use a fixed-length id prompt).
-    #[arg(long)]
+    /// The question, for models with a tokenizer.
     pub prompt: Option<String>,
-    /// Runs per method and length: the median latency with its spread (min, max, standard
-    /// deviation) and the largest peak are reported.
-    #[arg(long, default_value_t = 5)]
+    /// Runs per method and length.
     pub repeat: usize,
     /// Memory sampling interval in milliseconds.
-    #[arg(long, default_value_t = 10)]
     pub sample_ms: u64,
-    /// Write profile.json, profile.txt, latency.png and memory.png into this folder.
-    #[arg(long)]
+    /// Where profile.json, profile.txt and the plots go.
     pub out: Option<PathBuf>,
-    /// Print the JSON report on stdout instead of the table.
-    #[arg(long)]
+    /// The JSON report on stdout instead of the table.
     pub json: bool,
 }
 
@@ -145,54 +127,63 @@ impl ProfMethod {
 /// `--methods`: known names, generate added first when missing, duplicates dropped, in the order
 /// given otherwise.
 pub fn parse_methods(s: &str) -> Result<Vec<ProfMethod>> {
+    let given = s
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(ProfMethod::parse)
+        .collect::<Result<Vec<_>>>()?;
+    methods_plan(&given)
+}
+
+/// Generate first, then the others in the order given, once each.
+fn methods_plan(given: &[ProfMethod]) -> Result<Vec<ProfMethod>> {
+    if given.is_empty() {
+        return Err(Error::input("--methods is empty"));
+    }
     let mut out = vec![ProfMethod::Generate];
-    let mut any = false;
-    for part in s.split(',').map(str::trim) {
-        if part.is_empty() {
-            continue;
-        }
-        any = true;
-        let m = ProfMethod::parse(part)?;
+    for &m in given {
         if !out.contains(&m) {
             out.push(m);
         }
-    }
-    if !any {
-        return Err(Error::input("--methods is empty"));
     }
     Ok(out)
 }
 
 /// `--tokens`: positive integers, sorted ascending, duplicates dropped.
 pub fn parse_tokens(s: &str) -> Result<Vec<usize>> {
-    let mut out = Vec::new();
-    for part in s.split(',').map(str::trim) {
-        if part.is_empty() {
-            continue;
-        }
-        let n: usize = part.parse().map_err(|_| {
-            Error::input(format!(
-                "--tokens: `{part}` is not a whole number (expected e.g. 10,20,50,100)"
-            ))
-        })?;
-        if n == 0 {
-            return Err(Error::input("--tokens: output lengths must be at least 1"));
-        }
-        if n > MAX_TOKENS {
-            return Err(Error::input(format!(
-                "--tokens: `{part}` is more than {MAX_TOKENS}, far past any model's context"
-            )));
-        }
-        out.push(n);
-    }
-    if out.is_empty() {
+    let given = s
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|part| {
+            part.parse().map_err(|_| {
+                Error::input(format!(
+                    "--tokens: `{part}` is not a whole number (expected e.g. 10,20,50,100)"
+                ))
+            })
+        })
+        .collect::<Result<Vec<usize>>>()?;
+    tokens_plan(given)
+}
+
+fn tokens_plan(mut tokens: Vec<usize>) -> Result<Vec<usize>> {
+    if tokens.is_empty() {
         return Err(Error::input(
             "--tokens is empty (expected output lengths, e.g. 10,20,50,100)",
         ));
     }
-    out.sort_unstable();
-    out.dedup();
-    Ok(out)
+    if tokens.contains(&0) {
+        return Err(Error::input("--tokens: output lengths must be at least 1"));
+    }
+    if let Some(n) = tokens.iter().find(|&&n| n > MAX_TOKENS) {
+        return Err(Error::input(format!(
+            "--tokens: `{n}` is more than {MAX_TOKENS}, far past any model's context"
+        )));
+    }
+    tokens.sort_unstable();
+    tokens.dedup();
+    Ok(tokens)
 }
 
 /// Synthetic models `profile` knows by name.
@@ -303,10 +294,10 @@ pub struct Plan {
 }
 
 impl Plan {
-    pub fn from_args(a: &ProfileArgs) -> Result<Self> {
-        let (device, dtype) = a.device.get()?;
-        let methods = parse_methods(&a.methods)?;
-        let tokens = parse_tokens(&a.tokens)?;
+    pub fn new(a: &ProfileOptions) -> Result<Self> {
+        let (device, dtype) = (a.device, a.dtype);
+        let methods = methods_plan(&a.methods)?;
+        let tokens = tokens_plan(a.tokens.clone())?;
         let model = ModelSpec::parse(a.model.as_deref())?;
         if a.full_r && !methods.contains(&ProfMethod::Baseline) {
             return Err(Error::input("--full-r applies to the baseline method only"));
@@ -363,81 +354,61 @@ impl Plan {
 }
 
 /// `fastrm profile`: validates everything cheap first (arguments, the output folder), then opens
-/// the model on the chosen backend and runs [`profile`].
-pub fn run(args: ProfileArgs) -> Result<()> {
-    let plan = Plan::from_args(&args)?;
+/// the model on the chosen backend ([`with_backend`], as every job does) and runs [`profile`].
+pub fn run(args: ProfileOptions) -> Result<()> {
+    let plan = Plan::new(&args)?;
     if let Some(out) = &plan.out {
         report::prepare_out(out)?;
     }
-    let report = match plan.device {
-        Device::Cpu => {
-            let engine = open_engine(crate::engine::cpu_backend(plan.dtype), &plan)?;
-            profile(
-                &engine,
-                &WallClock,
-                MemorySource::ProcessRss,
-                &cpu_card(),
-                &plan,
-            )?
-        }
-        _ => profile_device(&plan)?,
-    };
-    report.emit(&plan)
+    let memory = memory_source(plan.device)?;
+    with_backend(
+        plan.device,
+        plan.dtype,
+        ProfileOn {
+            plan: &plan,
+            memory,
+        },
+    )?
+    .emit(&plan)
 }
 
-/// `plan` on the CUDA backend `plan.device` names, in its storage type (default f16).
-#[cfg(any(feature = "cuda", feature = "sim"))]
-fn profile_device(plan: &Plan) -> Result<Report> {
-    match plan.dtype {
-        None | Some(Dtype::F16) => profile_cuda::<half::f16>(plan),
-        Some(Dtype::Bf16) => profile_cuda::<half::bf16>(plan),
-        Some(Dtype::F32) => profile_cuda::<f32>(plan),
-    }
-}
-
-#[cfg(not(any(feature = "cuda", feature = "sim")))]
-fn profile_device(plan: &Plan) -> Result<Report> {
-    Err(match plan.device {
-        Device::Sim => Error::input(
-            "--device sim: this build has no simulated device (build with --features sim)",
-        ),
-        d => Error::input(format!("--device {d}: {}", crate::backend::NO_CUDA)),
+/// Where a run's memory figures come from: the process on the CPU and the simulated device (the
+/// simulator's memory is the host's), NVML's view of GPU `N` for `cuda:N`. NVML numbers GPUs in
+/// PCI bus order, which is the driver's order on single-GPU hosts and wherever
+/// `CUDA_DEVICE_ORDER=PCI_BUS_ID` is set without `CUDA_VISIBLE_DEVICES`.
+fn memory_source(device: Device) -> Result<MemorySource> {
+    Ok(match device {
+        Device::Cpu | Device::Sim => MemorySource::ProcessRss,
+        Device::Cuda(n) => MemorySource::Nvml {
+            device: u32::try_from(n)
+                .map_err(|_| Error::input(format!("--device cuda:{n}: no such GPU")))?,
+        },
     })
 }
 
-/// `plan` on a CUDA backend, timed by device events. NVML samples GPU `N`'s whole memory for
-/// `cuda:N`: NVML numbers GPUs in PCI bus order, which is the driver's order on single-GPU hosts
-/// and wherever `CUDA_DEVICE_ORDER=PCI_BUS_ID` is set without `CUDA_VISIBLE_DEVICES`. The
-/// simulated device's memory is the process's own.
-#[cfg(any(feature = "cuda", feature = "sim"))]
-fn profile_cuda<T: crate::backend::cuda::Elem>(plan: &Plan) -> Result<Report> {
-    let (backend, memory) = match plan.device {
-        Device::Cuda(n) => (
-            Cuda::<T>::new(n)?,
-            MemorySource::Nvml {
-                device: u32::try_from(n)
-                    .map_err(|_| Error::input(format!("--device cuda:{n}: no such GPU")))?,
-            },
-        ),
-        #[cfg(feature = "sim")]
-        Device::Sim => (Cuda::<T>::simulated_from_env()?, MemorySource::ProcessRss),
-        #[cfg(not(feature = "sim"))]
-        Device::Sim => {
-            return Err(Error::input(
-                "--device sim: this build has no simulated device (build with --features sim)",
-            ))
-        }
-        Device::Cpu => unreachable!("the CPU is profiled by `run` itself"),
-    };
-    let engine = open_engine(backend, plan)?;
-    let card = engine.backend_name();
-    profile(
-        &engine,
-        &timer::CudaEventClock::new(&engine.backend),
-        memory,
-        &card,
-        plan,
-    )
+/// [`profile`] as a body for [`with_backend`]: the backend's own clock, the plan's memory source.
+struct ProfileOn<'a> {
+    plan: &'a Plan,
+    memory: MemorySource,
+}
+
+impl WithBackend for ProfileOn<'_> {
+    type Output = Report;
+    fn run<B: AnyBackend>(self, backend: B) -> Result<Report> {
+        let plan = self.plan;
+        let engine = open_engine(backend, plan)?;
+        let card = match plan.device {
+            Device::Cpu => cpu_card(),
+            _ => engine.backend_name(),
+        };
+        profile(
+            &engine,
+            &BackendClock(engine.backend()),
+            self.memory,
+            &card,
+            plan,
+        )
+    }
 }
 
 /// The model the plan names, on backend `b`, with the plan's head.
@@ -487,7 +458,7 @@ pub fn install_head<B: Backend>(engine: &mut Engine<B>, plan: &Plan) -> Result<(
 
 /// How the report describes the head.
 fn head_note<B: Backend>(engine: &Engine<B>, plan: &Plan) -> Option<String> {
-    let h = engine.head.as_ref()?;
+    let h = engine.head()?;
     let d = engine.config().text.hidden_size;
     Some(match &plan.head {
         Some(p) => format!("head {} ({})", p.display(), h.cfg.provenance),
@@ -550,7 +521,7 @@ pub fn profile<B: Backend, C: PhaseClock>(
     let cfg = engine.config().clone();
     // The prompt: tokenized question with the image when the model has a tokenizer, else the
     // engine's id-level request (what `--model synthetic:…` runs everywhere).
-    let (req, prompt_desc) = if engine.text.is_some() {
+    let (req, prompt_desc) = if engine.text().is_some() {
         (
             Request::question(plan.image.as_path(), plan.prompt.as_str()),
             format!("{:?} with the image", plan.prompt),
@@ -647,15 +618,15 @@ fn run_all<B: Backend, C: PhaseClock>(
                 ));
                 // What the previous run left in the pool is released and the ledger's peaks
                 // restart, so this run's peaks are its own.
-                engine.backend.trim_and_sync()?;
+                engine.backend().trim_and_sync()?;
                 let mem = PhaseMemory::begin(memory, plan.interval)?;
                 let timed = clock.time(|| call(engine, method, n, req, plan.full_r));
                 let used: MemoryUse = mem.end()?;
                 let (out, secs) = timed?;
                 let ledger = report::LedgerUse {
-                    peak_bytes: engine.backend.memory_peak().map(|b| b as u64),
+                    peak_bytes: engine.backend().memory_peak().map(|b| b as u64),
                     tag_peaks: engine
-                        .backend
+                        .backend()
                         .memory_breakdown()
                         .into_iter()
                         .map(|(tag, _, peak)| (tag, peak as u64))

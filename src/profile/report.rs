@@ -550,12 +550,12 @@ impl Report {
             .collect();
         write_png(&files[2], &self.latency_plot()?)?;
         write_png(&files[3], &self.memory_plot()?)?;
-        crate::fsutil::write_atomic(&files[1], self.table().as_bytes())?;
+        crate::util::write_atomic(&files[1], self.table().as_bytes())?;
         let mut doc = self.to_json();
         doc["files"] = json!([JSON_FILE, TABLE_FILE, LATENCY_PLOT, MEMORY_PLOT]);
         let text = serde_json::to_string_pretty(&doc)
             .map_err(|e| Error::input(format!("profile JSON: {e}")))?;
-        crate::fsutil::write_atomic(&files[0], text.as_bytes())?;
+        crate::util::write_atomic(&files[0], text.as_bytes())?;
         Ok((files, doc))
     }
 

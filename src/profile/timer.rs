@@ -1,12 +1,11 @@
 //! Phase timers. A profile run asks its [`PhaseClock`] for a mark before and after each phase and
-//! for the seconds between the two. On the CPU the marks are wall-clock instants ([`WallClock`]);
-//! a device backend supplies its own clock whose marks are events recorded on its stream (CUDA:
+//! for the seconds between the two: the backend's own clock ([`BackendClock`]). On the CPU the
+//! marks are wall-clock instants; a device backend's marks are events recorded on its stream (CUDA:
 //! `cuEventRecord` with `CU_EVENT_DEFAULT` flags — the default flags disable timing — then
 //! `cuEventSynchronize` on the later mark and `cuEventElapsedTime`), so a phase's time is the
 //! device's time for the work queued between the marks, not the host's time to queue it.
 
-use std::time::Instant;
-
+use crate::backend::{Backend, Mark};
 use crate::error::Result;
 
 pub trait PhaseClock {
@@ -31,54 +30,23 @@ pub trait PhaseClock {
     }
 }
 
-/// Wall-clock time: right for the CPU backend, whose ops finish before they return.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct WallClock;
+/// A backend's own clock ([`Backend::mark`]): wall-clock instants on the CPU, events recorded on
+/// the stream on a device.
+pub struct BackendClock<'a, B: Backend>(pub &'a B);
 
-impl PhaseClock for WallClock {
-    type Mark = Instant;
+impl<B: Backend> PhaseClock for BackendClock<'_, B> {
+    type Mark = Mark;
 
-    fn mark(&self) -> Result<Instant> {
-        Ok(Instant::now())
+    fn mark(&self) -> Result<Mark> {
+        self.0.mark()
     }
 
-    fn seconds(&self, start: &Instant, end: &Instant) -> Result<f64> {
-        Ok(end.saturating_duration_since(*start).as_secs_f64())
-    }
-
-    fn describe(&self) -> &'static str {
-        "wall clock"
-    }
-}
-
-#[cfg(any(feature = "cuda", feature = "sim"))]
-/// Device time between CUDA events recorded on the backend's stream (created with
-/// `CU_EVENT_DEFAULT`: the default flags of cudarc disable timing).
-pub struct CudaEventClock<'a, T: crate::backend::cuda::Elem> {
-    backend: &'a crate::backend::cuda::Cuda<T>,
-}
-
-#[cfg(any(feature = "cuda", feature = "sim"))]
-impl<'a, T: crate::backend::cuda::Elem> CudaEventClock<'a, T> {
-    pub fn new(backend: &'a crate::backend::cuda::Cuda<T>) -> Self {
-        CudaEventClock { backend }
-    }
-}
-
-#[cfg(any(feature = "cuda", feature = "sim"))]
-impl<T: crate::backend::cuda::Elem> PhaseClock for CudaEventClock<'_, T> {
-    type Mark = crate::backend::cuda::Event;
-
-    fn mark(&self) -> Result<Self::Mark> {
-        self.backend.record_event()
-    }
-
-    fn seconds(&self, start: &Self::Mark, end: &Self::Mark) -> Result<f64> {
+    fn seconds(&self, start: &Mark, end: &Mark) -> Result<f64> {
         start.seconds_to(end)
     }
 
     fn describe(&self) -> &'static str {
-        "CUDA events"
+        self.0.clock_name()
     }
 }
 
@@ -87,8 +55,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn wall_clock_times_a_sleep() {
-        let ((), s) = WallClock
+    fn the_cpu_clock_times_a_sleep() {
+        let cpu = crate::backend::cpu::Cpu::default();
+        let clock = BackendClock(&cpu);
+        assert_eq!(clock.describe(), "wall clock");
+        let ((), s) = clock
             .time(|| {
                 std::thread::sleep(std::time::Duration::from_millis(20));
                 Ok(())

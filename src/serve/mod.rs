@@ -35,38 +35,46 @@ use metrics::Metrics;
 use openai::{ApiError, Limits};
 use worker::{Event, Job};
 
-#[derive(clap::Args, Debug, Clone)]
-pub struct ServeArgs {
-    /// Model folder in the HF llava-hf layout. Default: the bundled demo model and its head.
-    #[arg(short, long)]
+/// What `serve` is asked for (the `fastrm serve` flags, as values; errors name the flags).
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Model folder in the HF llava-hf layout; default: the bundled demo model and its head.
     pub model: Option<PathBuf>,
-    /// FastRM head file (head.safetensors) for `"relevancy": {"method": "fastrm"}`. Default with
-    /// the demo model: its own head.
-    #[arg(long)]
+    /// FastRM head file; default with the demo model: its own head.
     pub head: Option<PathBuf>,
-    #[command(flatten)]
-    pub device: crate::cli::DeviceArgs,
-    #[arg(long, default_value = "127.0.0.1")]
+    pub device: crate::engine::Device,
+    pub dtype: Option<crate::engine::Dtype>,
     pub host: String,
-    /// 0 picks a free port (the chosen address is printed).
-    #[arg(long, default_value_t = 8080)]
+    /// 0 picks a free port (the chosen address is reported).
     pub port: u16,
     /// Requests that may wait for the engine while it runs another; more get 429.
-    #[arg(long, default_value_t = 16)]
     pub max_queue: usize,
     /// Largest accepted image, in bytes after base64 decoding.
-    #[arg(long, default_value_t = 16 << 20)]
     pub max_image_bytes: usize,
-    /// Largest accepted image, in pixels (width × height).
-    #[arg(long, default_value_t = 50_000_000)]
+    /// Largest accepted image, in pixels.
     pub max_image_pixels: usize,
     /// Largest accepted request body, in bytes.
-    #[arg(long, default_value_t = 24 << 20)]
     pub max_body_bytes: usize,
-    /// Sleep this many milliseconds after each generated token. For tests: the demo model
-    /// answers faster than a test can observe a queue or a disconnect.
-    #[arg(long, default_value_t = 0, hide = true)]
+    /// A sleep after each generated token, for tests that must observe a queue or a disconnect.
     pub test_token_delay_ms: u64,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            model: None,
+            head: None,
+            device: crate::engine::Device::Cpu,
+            dtype: None,
+            host: "127.0.0.1".into(),
+            port: 8080,
+            max_queue: 16,
+            max_image_bytes: 16 << 20,
+            max_image_pixels: 50_000_000,
+            max_body_bytes: 24 << 20,
+            test_token_delay_ms: 0,
+        }
+    }
 }
 
 struct AppState {
@@ -84,11 +92,11 @@ struct AppState {
 
 /// `fastrm serve`: loads the engine, serves until SIGINT/SIGTERM, then finishes the requests in
 /// flight and returns.
-pub fn run(args: ServeArgs) -> Result<()> {
+pub fn run(args: ServeOptions) -> Result<()> {
     if args.max_queue == 0 {
         return Err(Error::input("--max-queue must be at least 1"));
     }
-    let (device, dtype) = args.device.get()?;
+    let (device, dtype) = (args.device, args.dtype);
     let (model_dir, head, model_id) = match &args.model {
         None => (
             crate::demo::model_dir()?,

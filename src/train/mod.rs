@@ -22,11 +22,11 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::backend::Backend;
-use crate::engine::{with_backend, AnyBackend, WithBackend};
+use crate::engine::{with_backend, AnyBackend, Device, Dtype, WithBackend};
 use crate::error::{Error, Result};
 use crate::explain::fastrm::HeadWeights;
-use crate::model::SplitMix64;
 use crate::status::{self, bar};
+use crate::util::SplitMix64;
 
 /// The distilled data set as training reads it: the one reader of the format, in
 /// [`crate::distill::format`].
@@ -640,40 +640,17 @@ pub fn curve_csv(curve: &[CurvePoint]) -> String {
 
 pub use plot::loss_plot;
 
-/// `fastrm train`.
-#[derive(clap::Args, Debug, Clone)]
-pub struct TrainArgs {
-    /// Data folder written by `fastrm distill` (manifest.json and shards).
-    #[arg(long)]
+/// A `fastrm train` run: the data set, where the head goes, the optimiser's settings and the
+/// device.
+#[derive(Debug, Clone)]
+pub struct TrainJob {
+    /// Data folder written by `distill` (manifest.json and shards).
     pub data: PathBuf,
-    /// Where to write the head (head.safetensors); the loss curve goes next to it as
-    /// `<out>.loss.csv` and `<out>.loss.png`.
-    #[arg(long)]
+    /// The head file; the loss curve goes next to it as `<out>.loss.csv` and `<out>.loss.png`.
     pub out: PathBuf,
-    #[arg(long, default_value_t = 3500)]
-    pub steps: usize,
-    /// Tokens per step.
-    #[arg(long, default_value_t = 128)]
-    pub batch: usize,
-    #[arg(long, default_value_t = 2e-5)]
-    pub lr: f64,
-    /// A patch is relevant when its baseline value is at least this fraction of the map's max.
-    /// Default: the data set's (manifest.json).
-    #[arg(long)]
-    pub label_threshold: Option<f32>,
-    /// The head's query/key width. Default: the hidden size.
-    #[arg(long)]
-    pub head_dim: Option<usize>,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Fraction of the samples held out for the validation loss (0: none).
-    #[arg(long, default_value_t = 0.1)]
-    pub val_fraction: f64,
-    /// Validation loss every N steps (default: about 50 points over the run).
-    #[arg(long)]
-    pub eval_every: Option<usize>,
-    #[command(flatten)]
-    pub device: crate::cli::DeviceArgs,
+    pub options: TrainOptions,
+    pub device: Device,
+    pub dtype: Option<Dtype>,
 }
 
 /// [`train`] as a body for [`with_backend`].
@@ -697,32 +674,12 @@ fn side_path(out: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(s)
 }
 
-fn fmt_secs(s: f64) -> String {
-    let s = s.max(0.0).round() as u64;
-    if s >= 3600 {
-        format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
-    } else if s >= 60 {
-        format!("{}m{:02}s", s / 60, s % 60)
-    } else {
-        format!("{s}s")
-    }
-}
-
 /// The `fastrm train` command: trains on the `--device` backend, writes the head, the CSV and the
 /// plot, prints a one-line summary.
-pub fn run(args: TrainArgs) -> Result<()> {
-    let opts = TrainOptions {
-        steps: args.steps,
-        batch: args.batch,
-        lr: args.lr,
-        label_threshold: args.label_threshold,
-        head_dim: args.head_dim,
-        seed: args.seed,
-        val_fraction: args.val_fraction,
-        eval_every: args.eval_every,
-    };
+pub fn run(args: TrainJob) -> Result<()> {
+    let opts = args.options;
     opts.validate()?;
-    let (device, dtype) = args.device.get()?;
+    let (device, dtype) = (args.device, args.dtype);
     let out = &args.out;
     if out.is_dir() {
         return Err(Error::input(format!(
@@ -750,12 +707,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
             return;
         }
         last_draw = t;
-        let eta = t / step as f64 * (total - step) as f64;
         status::say(&format!(
-            "train [{}] {step}/{total} loss {loss:.4} elapsed {} ETA {}",
+            "train [{}] {step}/{total} loss {loss:.4} elapsed {} {}",
             bar(step, total),
-            fmt_secs(t),
-            fmt_secs(eta)
+            status::clock(t),
+            status::eta(t, step, total - step)
         ));
     };
     let report = with_backend(
@@ -782,7 +738,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         report.val_samples,
         report.train_tokens,
         report.val_tokens,
-        fmt_secs(report.seconds),
+        status::clock(report.seconds),
         report.final_train_loss(),
         val(report.final_val_loss()),
         val(report.initial_val_loss()),

@@ -2,7 +2,7 @@
 //! from them, central-difference gradients, and the comparison both files use.
 
 use fastrm::backend::cpu::CpuTensor;
-use fastrm::model::SplitMix64;
+use fastrm::util::SplitMix64;
 
 pub fn rand(rng: &mut SplitMix64, n: usize, scale: f64) -> Vec<f64> {
     (0..n).map(|_| scale * rng.uniform_sym() as f64).collect()

@@ -542,6 +542,14 @@ impl<T: Elem> Backend for Cuda<T> {
         Cuda::trim_and_sync(self)
     }
 
+    fn mark(&self) -> Result<crate::backend::Mark> {
+        self.record_event().map(crate::backend::Mark::Device)
+    }
+
+    fn clock_name(&self) -> &'static str {
+        "CUDA events"
+    }
+
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor<T>> {
         if data.len() != rows * cols {
             return Err(shape_err(

@@ -9,7 +9,7 @@ use super::{Cuda, Elem};
 use crate::backend::cpu::Cpu;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::model::SplitMix64;
+use crate::util::SplitMix64;
 
 /// The libraries whose mapped files are reported (matched against the file's name).
 const LIBRARIES: [&str; 3] = ["libcuda.so", "libcublas", "libnvidia-ml"];

@@ -18,11 +18,12 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use serde_json::{json, Value};
 
-use super::{DType, INDEX_FILE};
+use crate::checkpoint::{DType, INDEX_FILE};
 use crate::config::LlavaConfig;
 use crate::error::{Error, Result};
 use crate::explain::fastrm::HeadWeights;
-use crate::model::{SplitMix64, Synthetic};
+use crate::model::Synthetic;
+use crate::util::SplitMix64;
 
 /// What to write.
 #[derive(Debug, Clone)]
@@ -117,7 +118,7 @@ fn fill(dir: &Path, config_json: &str, cfg: &LlavaConfig, opts: &SynthOptions) -
     let n_shards = shard + 1;
     let file = |i: usize| {
         if n_shards == 1 {
-            super::SINGLE_FILE.to_string()
+            crate::checkpoint::SINGLE_FILE.to_string()
         } else {
             format!("model-{:05}-of-{n_shards:05}.safetensors", i + 1)
         }

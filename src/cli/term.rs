@@ -8,7 +8,7 @@ use std::io::{IsTerminal, Write};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use fastrm::{Error, Result};
+use crate::{Error, Result};
 
 /// Writes `args` to stdout and flushes, so a failure shows at the line that caused it.
 pub fn write(args: std::fmt::Arguments<'_>) -> Result<()> {
@@ -21,7 +21,7 @@ pub fn write(args: std::fmt::Arguments<'_>) -> Result<()> {
 /// `println!` that returns a [`Result`] instead of panicking.
 macro_rules! outln {
     ($($arg:tt)*) => {
-        $crate::term::write(format_args!("{}\n", format_args!($($arg)*)))
+        $crate::cli::term::write(format_args!("{}\n", format_args!($($arg)*)))
     };
 }
 pub(crate) use outln;
@@ -101,7 +101,7 @@ impl Drop for StatusLine {
 /// The library's jobs report through this: their status line, notes and report.
 pub struct Terminal(pub StatusLine);
 
-impl fastrm::status::Ui for Terminal {
+impl crate::status::Ui for Terminal {
     fn status(&self, msg: &str) {
         self.0.say(msg)
     }

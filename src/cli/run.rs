@@ -1,0 +1,420 @@
+//! `fastrm generate` and `fastrm explain`: one request through the engine, printed as the answer
+//! (and a table of maps) or as one JSON object, with the heatmaps written on request.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use serde_json::{json, Value};
+
+use super::args::named;
+use super::term::{outln, StatusLine};
+use crate::engine::report;
+use crate::engine::{
+    collect, AnyEngine, CancelToken, Explained, Generation, ImageInput, Item, Method, Request,
+    RunOptions,
+};
+use crate::explain::{MethodName, RowMode};
+use crate::status::bar;
+use crate::{Error, GenerateOptions, Result};
+
+/// Text tokens after the image in an id-level (synthetic model) request: about a short question.
+const SYNTHETIC_TEXT_TOKENS: usize = 40;
+
+/// What every run needs: which model, which image, which question, how long an answer.
+#[derive(Args)]
+pub struct RunArgs {
+    /// Model folder in the HF llava-hf layout (config.json, safetensors, tokenizer.json), or
+    /// `synthetic:llava-1.5-7b` / `synthetic:llava-1.5-13b` (random weights of those shapes, made
+    /// on the device; id-level: the prompt is a fixed image + 40 text ids, the answer is ids).
+    /// Default: the bundled tiny demo model.
+    #[arg(short, long)]
+    model: Option<String>,
+    /// Image file (PNG or JPEG). Default with the demo model: the bundled demo scene.
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// The user's question (`-`: read it from standard input); the LLaVA-1.5 chat template is
+    /// applied by the engine.
+    #[arg(short, long)]
+    prompt: String,
+    /// Stop after this many generated tokens (EOS stops earlier).
+    #[arg(short = 'n', long, default_value_t = 64)]
+    max_new_tokens: usize,
+    #[command(flatten)]
+    device: super::args::DeviceArgs,
+    /// Print one JSON object on stdout instead of the human-readable answer.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `--prompt -`: the question from standard input, without its final line break. Synthetic
+/// models run at the id level and take no question, so nothing is read for them.
+fn read_prompt(run: &mut RunArgs) -> Result<()> {
+    if run.prompt != "-" || is_synthetic(run) {
+        return Ok(());
+    }
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::stdin(), &mut bytes)
+        .map_err(|e| Error::io("<stdin>", e))?;
+    let text = String::from_utf8(bytes)
+        .map_err(|_| Error::input("--prompt -: standard input is not UTF-8 text"))?;
+    let text = text.strip_suffix('\n').unwrap_or(&text);
+    let text = text.strip_suffix('\r').unwrap_or(text);
+    if text.trim().is_empty() {
+        return Err(Error::input("--prompt -: standard input is empty"));
+    }
+    run.prompt = text.to_string();
+    Ok(())
+}
+
+/// What `explain` adds to a run.
+#[derive(Args)]
+pub struct ExplainArgs {
+    /// Default: fastrm (the bundled demo model carries its trained head; other models need
+    /// --head).
+    #[arg(long, value_parser = named::<MethodName>(), default_value = "fastrm")]
+    method: MethodName,
+    /// Baseline only: materialise every layer's cam and the full relevance matrix R, as the
+    /// paper's baseline does (same maps, the paper's cost).
+    #[arg(long)]
+    full_r: bool,
+    /// GradCAM only: the decoder layer (0-based; default: the middle layer).
+    #[arg(long)]
+    layer: Option<usize>,
+    /// FastRM only: the head file (head.safetensors).
+    #[arg(long)]
+    head: Option<PathBuf>,
+    /// Write one heatmap PNG per token, a contact sheet and explain.json into this folder.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// `fastrm generate`.
+pub fn generate(mut run: RunArgs) -> Result<()> {
+    read_prompt(&mut run)?;
+    if run.max_new_tokens == 0 {
+        return Err(Error::input("--max-new-tokens must be at least 1"));
+    }
+    let run = &run;
+    let (engine, input, progress) = start(run)?;
+    let opts = options(run);
+    let req = input.request(run);
+    let run_opts = RunOptions {
+        generate: opts,
+        ..Default::default()
+    };
+    let c = crate::with_engine!(&engine, |e| collect(
+        e.stream(&req, &run_opts, &CancelToken::default()),
+        &mut |item| progress.event(item)
+    ));
+    progress.clear();
+    let g = c?.generation;
+    if run.json {
+        outln!("{}", generation_json(&engine, run, &input, &g))
+    } else {
+        outln!("{}", g.text.trim())
+    }
+}
+
+/// `fastrm explain`.
+pub fn explain(mut run: RunArgs, args: ExplainArgs) -> Result<()> {
+    if run.max_new_tokens == 0 {
+        return Err(Error::input("--max-new-tokens must be at least 1"));
+    }
+    read_prompt(&mut run)?;
+    let method = args.method;
+    if args.full_r && method != MethodName::Baseline {
+        return Err(Error::input("--full-r applies to --method baseline only"));
+    }
+    if args.layer.is_some() && method != MethodName::Gradcam {
+        return Err(Error::input("--layer applies to --method gradcam only"));
+    }
+    if args.head.is_some() && method != MethodName::Fastrm {
+        return Err(Error::input("--head applies to --method fastrm only"));
+    }
+    let (run, args) = (&run, &args);
+    // FastRM's head: --head, else the bundled demo model's own head, else (synthetic models) a
+    // random head of the model's size, which costs what a trained one does.
+    let head = match (&args.head, run.model.is_none()) {
+        (Some(h), _) => Some(h.clone()),
+        (None, true) if args.method == MethodName::Fastrm => Some(crate::demo::head_path()?),
+        _ => None,
+    };
+    if head.is_none() && args.method == MethodName::Fastrm && !is_synthetic(run) {
+        return Err(Error::input(
+            "--method fastrm needs --head FILE (only the bundled demo model comes with a head)",
+        ));
+    }
+    // Fail on an unusable output folder before any expensive work.
+    let staging = args.out.as_deref().map(report::Staging::new).transpose()?;
+    let (mut engine, input, progress) = start(run)?;
+    if let Some(h) = &head {
+        engine.load_head(h)?;
+    } else if args.method == MethodName::Fastrm {
+        // A synthetic model gets a random head of its size: it costs what a trained one does.
+        let d = engine.config().text.hidden_size;
+        engine.set_head(&crate::explain::fastrm::HeadWeights::random(d, d, 7))?;
+    }
+    let n_layers = engine.config().text.num_hidden_layers;
+    let method = args.method.method(args.full_r, args.layer, n_layers)?;
+    let opts = options(run);
+    let req = input.request(run);
+    let ex = crate::with_engine!(&engine, |e| e
+        .explain(&req, &opts, method, &mut |item| { progress.event(item) }));
+    let ex = match ex {
+        Ok(ex) => ex,
+        Err(e) => {
+            progress.clear();
+            return Err(e);
+        }
+    };
+    let mut doc = generation_json(&engine, run, &input, &ex.generation);
+    add_maps(&mut doc, &ex);
+    if let Some(staging) = staging {
+        let Input::Image(image) = &input else {
+            progress.clear();
+            return Err(Error::input(
+                "--out needs an image to draw on; synthetic models have none",
+            ));
+        };
+        progress.say("writing heatmaps");
+        let view = legible(engine.model_view(&ImageInput::Path(image.clone()))?);
+        let written = staging.write(&view, &ex, &doc);
+        progress.clear();
+        written?;
+    }
+    progress.clear();
+    if run.json {
+        outln!("{doc}")
+    } else {
+        print_table(&ex)
+    }
+}
+
+/// Where a run's inputs come from.
+enum Input {
+    Image(PathBuf),
+    Synthetic,
+}
+
+impl Input {
+    fn request(&self, run: &RunArgs) -> Request {
+        match self {
+            Input::Image(image) => Request::question(image.as_path(), run.prompt.as_str()),
+            Input::Synthetic => Request::Ids {
+                n_text: SYNTHETIC_TEXT_TOKENS,
+                seed: 0,
+            },
+        }
+    }
+}
+
+fn is_synthetic(run: &RunArgs) -> bool {
+    run.model
+        .as_deref()
+        .is_some_and(|m| m.starts_with("synthetic:"))
+}
+
+/// Heatmaps are drawn on the image as the model sees it; a small model's view (the demo model's is
+/// 112x112) is enlarged by an integer factor, nearest neighbour, to at least 336 pixels wide so the
+/// maps and their captions stay legible.
+fn legible(view: crate::vision::RgbImage) -> crate::vision::RgbImage {
+    const MIN_WIDTH: usize = 336;
+    let k = MIN_WIDTH.div_ceil(view.width.max(1));
+    if k <= 1 {
+        return view;
+    }
+    let (w, h) = (view.width * k, view.height * k);
+    let mut data = Vec::with_capacity(w * h * 3);
+    for y in 0..h {
+        for x in 0..w {
+            let i = ((y / k) * view.width + x / k) * 3;
+            data.extend_from_slice(&view.data[i..i + 3]);
+        }
+    }
+    crate::vision::RgbImage {
+        width: w,
+        height: h,
+        data,
+    }
+}
+
+/// Loads the engine, resolving the demo defaults, with a progress line started.
+fn start(run: &RunArgs) -> Result<(AnyEngine, Input, Progress)> {
+    let progress = Progress::new(run.max_new_tokens);
+    let (device, dtype) = run.device.get()?;
+    if let Some(name) = run
+        .model
+        .as_deref()
+        .and_then(|m| m.strip_prefix("synthetic:"))
+    {
+        if run.image.is_some() {
+            return Err(Error::input(
+                "--image does not apply to synthetic models (they run at the id level)",
+            ));
+        }
+        let cfg = crate::config::LlavaConfig::named(name).map_err(Error::Input)?;
+        progress.say(&format!("making random weights for {name}"));
+        let engine = AnyEngine::synthetic(device, dtype, &cfg, 0);
+        progress.clear();
+        return Ok((engine?, Input::Synthetic, progress));
+    }
+    let (model_dir, image) = match (&run.model, &run.image) {
+        (None, image) => (
+            crate::demo::model_dir()?,
+            match image {
+                Some(i) => i.clone(),
+                None => crate::demo::image_path()?,
+            },
+        ),
+        (Some(m), Some(i)) => (PathBuf::from(m), i.clone()),
+        (Some(_), None) => return Err(Error::input("--image is required with --model")),
+    };
+    progress.say(&format!("loading {}", model_dir.display()));
+    let engine = AnyEngine::load(device, dtype, &model_dir);
+    progress.clear();
+    Ok((engine?, Input::Image(image), progress))
+}
+
+fn options(run: &RunArgs) -> GenerateOptions {
+    GenerateOptions {
+        max_new_tokens: run.max_new_tokens,
+        ..Default::default()
+    }
+}
+
+fn generation_json(engine: &AnyEngine, run: &RunArgs, input: &Input, g: &Generation) -> Value {
+    let grid = engine.config().vision.grid();
+    let model = match engine.dir() {
+        Some(d) => Some(d.display().to_string()),
+        None => run.model.clone(),
+    };
+    let image = match input {
+        Input::Image(p) => Some(p.display().to_string()),
+        Input::Synthetic => None,
+    };
+    // The library's own serialisation, with the run's context around it and the timings in the
+    // CLI's milliseconds.
+    let mut doc = serde_json::to_value(g).unwrap_or_default();
+    let timings_ms = json!({
+        "vision": g.timings.vision_s * 1e3,
+        "prefill": g.timings.prefill_s * 1e3,
+        "decode": g.timings.decode_s * 1e3,
+    });
+    if let Some(o) = doc.as_object_mut() {
+        o.remove("timings");
+        o.insert("model".into(), json!(model));
+        o.insert("image".into(), json!(image));
+        o.insert("prompt".into(), json!(run.prompt));
+        o.insert("device".into(), json!(engine.backend_name()));
+        o.insert("grid".into(), json!([grid, grid]));
+        o.insert("timings_ms".into(), timings_ms);
+    }
+    let memory = engine.memory_breakdown();
+    if !memory.is_empty() {
+        doc["memory_bytes"] = memory
+            .iter()
+            .map(|&(tag, live, peak)| (tag.name().to_string(), json!({"live": live, "peak": peak})))
+            .collect::<serde_json::Map<_, _>>()
+            .into();
+    }
+    doc
+}
+
+fn add_maps(doc: &mut Value, ex: &Explained) {
+    doc["method"] = json!(ex.method.name());
+    if let Method::GradCam { layer } = ex.method {
+        doc["layer"] = json!(layer);
+    }
+    if let Method::Baseline { mode } = ex.method {
+        doc["full_r"] = json!(mode == RowMode::FullR);
+    }
+    doc["timings_ms"]["maps"] = json!(ex.maps_s * 1e3);
+    doc["confidence"] = serde_json::to_value(ex.confidence).unwrap_or_default();
+    doc["tokens"] = serde_json::to_value(&ex.tokens).unwrap_or_default();
+}
+
+/// The human-readable form: the answer, then one line per token with its entropy and the grid
+/// cell holding the most relevance.
+fn print_table(ex: &Explained) -> Result<()> {
+    outln!("{}", ex.generation.text.trim())?;
+    outln!(
+        "{:>4}  {:<16} {:>8}  peak (row, col)",
+        "#",
+        "token",
+        "entropy"
+    )?;
+    for t in &ex.tokens {
+        let (best, _) =
+            t.map
+                .iter()
+                .enumerate()
+                .fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b });
+        let shown: String = format!("{:?}", t.text).chars().take(16).collect();
+        outln!(
+            "{:>4}  {:<16} {:>8.4}  ({}, {})",
+            t.index,
+            shown,
+            t.entropy,
+            best / ex.grid.1,
+            best % ex.grid.1
+        )?;
+    }
+    let c = &ex.confidence;
+    match c.threshold {
+        Some(t) => outln!(
+            "confidence: {} (mean entropy {:.4} vs threshold {t:.4})",
+            c.verdict(),
+            c.mean_entropy
+        ),
+        None => outln!(
+            "mean entropy {:.4} (no calibrated threshold)",
+            c.mean_entropy
+        ),
+    }
+}
+
+/// Token and map progress of one generation on the status line.
+struct Progress {
+    status: StatusLine,
+    max_new: usize,
+    tokens: std::cell::Cell<usize>,
+}
+
+impl Progress {
+    fn new(max_new: usize) -> Self {
+        Progress {
+            status: StatusLine::timed(),
+            max_new,
+            tokens: std::cell::Cell::new(0),
+        }
+    }
+
+    fn say(&self, msg: &str) {
+        self.status.say(msg)
+    }
+
+    fn bar(&self, what: &str, done: usize, total: usize) {
+        let total = total.max(done);
+        self.say(&format!("{what} [{}] {done}/{total}", bar(done, total)));
+    }
+
+    fn event(&self, item: &Item) {
+        match item {
+            Item::ImageEncoded => self.say("prefill"),
+            Item::Prefilled { prompt_len, .. } => {
+                self.say(&format!("prefilled {prompt_len} positions"))
+            }
+            Item::Token(t) => {
+                self.tokens.set(t.index + 1);
+                self.bar("tokens", t.index + 1, self.max_new)
+            }
+            // Maps after generation: count against the tokens generated.
+            Item::Map(m) => self.bar("maps  ", m.index + 1, self.tokens.get()),
+            _ => {}
+        }
+    }
+
+    fn clear(&self) {
+        self.status.clear()
+    }
+}

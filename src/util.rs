@@ -1,0 +1,135 @@
+//! Small pieces every layer uses and none owns: the seeded generator, the content hash, atomic
+//! file writes and names for the enums that command lines and request fields spell out. Nothing
+//! here imports from the rest of the crate but the error type.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::error::{Error, Result};
+
+/// An enum named by strings on command lines, in request fields and in files.
+pub trait Named: Copy + PartialEq + Send + Sync + 'static {
+    /// Every value, in the order help texts list them.
+    const ALL: &'static [Self];
+    fn name(self) -> &'static str;
+    /// One line for help texts.
+    fn help(self) -> &'static str;
+    /// The value called `s`, if any.
+    fn from_name(s: &str) -> Option<Self> {
+        Self::ALL.iter().copied().find(|v| v.name() == s)
+    }
+}
+
+/// Small, fast, seedable generator (SplitMix64); good enough for test data and synthetic weights.
+pub struct SplitMix64(u64);
+
+impl SplitMix64 {
+    pub fn new(seed: u64) -> Self {
+        SplitMix64(seed)
+    }
+    /// The generator seeded with `seed` after `n` draws: the state advances by a constant per
+    /// draw, so any stretch of a stream can be drawn on its own (in parallel).
+    pub fn skipped(seed: u64, n: u64) -> Self {
+        SplitMix64(seed.wrapping_add(n.wrapping_mul(Self::GAMMA)))
+    }
+    const GAMMA: u64 = 0x9E3779B97F4A7C15;
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(Self::GAMMA);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [-1, 1).
+    pub fn uniform_sym(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+}
+
+/// FNV-1a, 64 bit, fed in pieces: a cheap content fingerprint (not a security hash).
+#[derive(Debug, Clone, Copy)]
+pub struct Fnv1a(u64);
+
+impl Default for Fnv1a {
+    fn default() -> Self {
+        Fnv1a(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv1a {
+    pub fn update(&mut self, bytes: &[u8]) -> &mut Self {
+        for &b in bytes {
+            self.0 ^= b as u64;
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        self
+    }
+    pub fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// FNV-1a 64 of `bytes`.
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    Fnv1a::default().update(bytes).finish()
+}
+
+/// Distinguishes the temporary files of concurrent writes within one process.
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Writes `path` so that a reader (or a crash) never sees half of it: the bytes go to a new hidden
+/// file in the same folder (`.<name>.<pid>-<n>.tmp`: the same file system, so the rename is
+/// atomic), which is synced before it is renamed over the target; the folder is synced after, so
+/// the rename itself survives a power loss. Errors name `path`; a failed write removes its
+/// temporary file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |w| w.write_all(bytes))
+}
+
+/// [`write_atomic`] with the content streamed by `fill` (large files need not be held in memory).
+pub fn write_atomic_with(
+    path: &Path,
+    fill: impl FnOnce(&mut BufWriter<&File>) -> io::Result<()>,
+) -> Result<()> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::input(format!("{}: does not name a file", path.display())))?;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    // Keep the temporary name short enough for NAME_MAX whatever the target's length.
+    let short: String = name.to_string_lossy().chars().take(64).collect();
+    let tmp = dir.join(format!(
+        ".{short}.{}-{}.tmp",
+        std::process::id(),
+        TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(|e| {
+            let why = format!("cannot create a temporary file in {}: {e}", dir.display());
+            Error::io(path, io::Error::new(e.kind(), why))
+        })?;
+    let written = (|| {
+        let mut w = BufWriter::new(&file);
+        fill(&mut w)?;
+        w.flush()?;
+        drop(w);
+        file.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(Error::io(path, e));
+    }
+    // A folder opened read-only can be synced on Unix; elsewhere this is best effort.
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
