@@ -8,6 +8,12 @@
 //! its text and, for FastRM, its relevancy map as soon as it exists; [`Engine::generate`] and
 //! [`Engine::explain`] collect a whole run. `examples/shared_engine.rs` shows a server's use.
 //!
+//! Features: without any (`default-features = false`) this is the engine, the model, the backends,
+//! the relevancy methods and the jobs (`distill`, `train`, `eval`, `profile`), with neither clap,
+//! axum nor tokio among the dependencies. `cuda` adds the GPU backend, `serve` the HTTP server
+//! (the `serve` module, axum on tokio), `cli` the `fastrm` command (the `cli` module, clap); the
+//! defaults are all three.
+//!
 //! ```
 //! use fastrm::{AnyEngine, CancelToken, Device, ImageInput, Item, Method, Request, RunOptions};
 //!
