@@ -27,6 +27,11 @@ fn distill(questions: &Path, out: &Path, extra: &[&str]) -> Output {
 }
 
 fn distill_with(model: &Path, questions: &Path, out: &Path, extra: &[&str]) -> Output {
+    distill_from(model, questions, &images(), out, extra)
+}
+
+/// `fastrm distill` over the images in `imgs`.
+fn distill_from(model: &Path, questions: &Path, imgs: &Path, out: &Path, extra: &[&str]) -> Output {
     let mut args = vec![
         "distill".to_string(),
         "--model".into(),
@@ -34,7 +39,7 @@ fn distill_with(model: &Path, questions: &Path, out: &Path, extra: &[&str]) -> O
         "--questions".into(),
         questions.display().to_string(),
         "--images".into(),
-        images().display().to_string(),
+        imgs.display().to_string(),
         "--out".into(),
         out.display().to_string(),
     ];
@@ -494,18 +499,13 @@ fn bad_inputs() {
         "{\"image\": \"good.png\", \"question\": \"Why?\"}\n{\"image\": \"bad.png\", \"question\": \"Why?\"}\n",
     );
     let run = |out: &Path| {
-        Command::new(env!("CARGO_BIN_EXE_fastrm"))
-            .args(["distill", "--model"])
-            .arg(fixture_dir("tiny"))
-            .arg("--questions")
-            .arg(&q)
-            .arg("--images")
-            .arg(&imgs)
-            .arg("--out")
-            .arg(out)
-            .args(["--shard-size", "1", "--max-new-tokens", "2"])
-            .output()
-            .unwrap()
+        distill_from(
+            &fixture_dir("tiny"),
+            &q,
+            &imgs,
+            out,
+            &["--shard-size", "1", "--max-new-tokens", "2"],
+        )
     };
     let o13 = t.join("o13");
     fails(&run(&o13), &["question 2", "bad.png"]);
@@ -792,20 +792,7 @@ fn a_run_failing_on_its_first_question_leaves_no_empty_data_set() {
         "{\"image\": \"broken.png\", \"question\": \"What is it?\"}\n",
     )
     .unwrap();
-    let run = |out: &Path| {
-        Command::new(env!("CARGO_BIN_EXE_fastrm"))
-            .arg("distill")
-            .arg("--model")
-            .arg(fixture_dir("tiny"))
-            .arg("--questions")
-            .arg(&q)
-            .arg("--images")
-            .arg(&imgs)
-            .arg("--out")
-            .arg(out)
-            .output()
-            .unwrap()
-    };
+    let run = |out: &Path| distill_from(&fixture_dir("tiny"), &q, &imgs, out, &[]);
     let fresh = tmp.path().join("fresh");
     fails(&run(&fresh), &["broken.png"]);
     assert!(!fresh.exists(), "the failed run left its new folder behind");

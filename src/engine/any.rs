@@ -214,7 +214,7 @@ pub fn check_synthetic_dtype(device: Device, dtype: Option<Dtype>) -> Result<()>
         (Device::Cpu, Some(d @ (Dtype::F16 | Dtype::Bf16))) => Err(Error::input(format!(
             "--dtype {} on the CPU applies to model folders (how their weights are held); \
              synthetic weights are f32 there",
-            dtype_name(d)
+            crate::util::Named::name(d)
         ))),
         _ => Ok(()),
     }
@@ -236,10 +236,6 @@ impl crate::util::Named for Dtype {
             Dtype::F32 => "single precision",
         }
     }
-}
-
-fn dtype_name(d: Dtype) -> &'static str {
-    crate::util::Named::name(d)
 }
 
 /// The CUDA backend `device` names: a GPU, or the simulated device.
