@@ -12,7 +12,8 @@
 //! the relevancy methods and the jobs (`distill`, `train`, `eval`, `profile`), with neither clap,
 //! axum nor tokio among the dependencies. `cuda` adds the GPU backend, `serve` the HTTP server
 //! (the `serve` module, axum on tokio), `cli` the `fastrm` command (the `cli` module, clap); the
-//! defaults are all three.
+//! defaults are all three. `python` is the Python package's native module (PyO3), which maturin
+//! builds from `pyproject.toml`.
 //!
 //! ```
 //! use fastrm::{AnyEngine, CancelToken, Device, ImageInput, Item, Method, Request, RunOptions};
@@ -53,6 +54,8 @@ pub mod eval;
 pub mod explain;
 pub mod model;
 pub mod profile;
+#[cfg(feature = "python")]
+mod python;
 pub mod render;
 #[cfg(feature = "serve")]
 pub mod serve;

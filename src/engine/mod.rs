@@ -27,7 +27,9 @@ pub use any::{
     check_synthetic_dtype, cpu_backend, with_backend, AnyBackend, AnyEngine, Device, Dtype,
     WithBackend,
 };
-pub use stream::{collect, CancelToken, Collected, Item, RunOptions, Stream, Summary, TokenStep};
+pub use stream::{
+    collect, collect_items, CancelToken, Collected, Item, RunOptions, Stream, Summary, TokenStep,
+};
 
 /// A model on a backend, with its tokenizer, image preprocessing and (once loaded) FastRM head.
 /// Its parts are read through accessors: an engine is changed only through its own calls.
@@ -449,18 +451,7 @@ impl<B: Backend> Engine<B> {
             ..Default::default()
         };
         let c = collect(self.stream(req, &run, &CancelToken::default()), observer)?;
-        Ok(Explained {
-            generation: c.generation,
-            method,
-            grid: c.grid,
-            tokens: c.tokens,
-            maps_s: c.maps_s,
-            confidence: c.confidence.unwrap_or(Confidence {
-                mean_entropy: 1.0,
-                threshold: None,
-                tokens: 0,
-            }),
-        })
+        Ok(c.explained(method))
     }
 
     pub fn backend_name(&self) -> String {

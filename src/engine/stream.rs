@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::{Engine, Generation, Request, TokenMap};
+use super::{Engine, Explained, Generation, Request, TokenMap};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::explain::{map_entropy, Confidence, Mapper, Method};
@@ -364,8 +364,18 @@ pub fn collect<B: Backend>(
     observer: &mut dyn FnMut(&Item),
 ) -> Result<Collected> {
     let g = stream.engine.config().vision.grid();
+    collect_items(stream, (g, g), observer)
+}
+
+/// Gathers a run's items, from a [`Stream`] or from wherever they were carried (another thread,
+/// a channel), up to its [`Item::Done`]; `grid` is the model's patch grid.
+pub fn collect_items(
+    items: impl IntoIterator<Item = Result<Item>>,
+    grid: (usize, usize),
+    observer: &mut dyn FnMut(&Item),
+) -> Result<Collected> {
     let mut tokens = Vec::new();
-    for item in stream {
+    for item in items {
         let item = item?;
         observer(&item);
         match item {
@@ -379,7 +389,7 @@ pub fn collect<B: Backend>(
                         stop_reason: summary.stop_reason,
                         timings: summary.timings,
                     },
-                    grid: (g, g),
+                    grid,
                     tokens,
                     maps_s: summary.maps_s,
                     confidence: summary.confidence,
@@ -389,6 +399,24 @@ pub fn collect<B: Backend>(
         }
     }
     Err(Error::Backend("the run ended without a summary".into()))
+}
+
+impl Collected {
+    /// The explain run these items make, for the relevancy `method` they were run with.
+    pub fn explained(self, method: Method) -> Explained {
+        Explained {
+            generation: self.generation,
+            method,
+            grid: self.grid,
+            tokens: self.tokens,
+            maps_s: self.maps_s,
+            confidence: self.confidence.unwrap_or(Confidence {
+                mean_entropy: 1.0,
+                threshold: None,
+                tokens: 0,
+            }),
+        }
+    }
 }
 
 /// Runs `f` and returns its seconds from a synchronised start to a synchronised end: a device

@@ -1,0 +1,257 @@
+"""The Python package against the `fastrm` command's --json output on the bundled demo model.
+
+Run by tests/python.rs (`cargo test --test python -- --ignored`), which installs the package
+into target/pyenv with maturin and points FASTRM_BIN at the command cargo built.
+"""
+
+import gc
+import io
+import json
+import os
+import pathlib
+import subprocess
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import fastrm
+from fastrm import _fastrm
+
+QUESTION = "What color is the star?"
+MAX_NEW = 8
+
+
+def cli(*args):
+    exe = os.environ.get("FASTRM_BIN")
+    if not exe:
+        pytest.fail("FASTRM_BIN must name the fastrm command to compare with")
+    out = subprocess.run(
+        [exe, *args, "--json", "--threads", str(os.cpu_count())],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(out.stdout)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return fastrm.Engine()
+
+
+@pytest.fixture(scope="module")
+def image_path():
+    return str(fastrm.demo_image())
+
+
+def as_f32(values):
+    # serde_json writes each f32 in its shortest round-tripping form: parsed and narrowed
+    # to float32 it is the engine's exact value.
+    return np.asarray(values, dtype=np.float64).astype(np.float32)
+
+
+def assert_same_run(ex, doc):
+    assert ex.input_ids == doc["input_ids"]
+    assert ex.generated_ids == doc["generated_ids"]
+    assert ex.text == doc["text"]
+    assert ex.stop_reason == doc["stop_reason"]
+
+
+@pytest.mark.parametrize("method", ["fastrm", "baseline", "baseline-incremental", "gradcam"])
+def test_explain_matches_the_cli_bit_for_bit(engine, image_path, method):
+    doc = cli("explain", "--prompt", QUESTION, "-n", str(MAX_NEW), "--method", method)
+    ex = engine.explain(image_path, QUESTION, method=method, max_new_tokens=MAX_NEW)
+    assert_same_run(ex, doc)
+    assert ex.method == doc["method"] == method
+    assert ex.grid == tuple(doc["grid"]) == engine.grid
+    assert len(ex.tokens) == len(doc["tokens"]) == len(ex.generated_ids)
+    for t, d in zip(ex.tokens, doc["tokens"]):
+        assert (t.index, t.id, t.text) == (d["index"], d["id"], d["text"])
+        assert t.map.dtype == np.float32 and t.map.shape == engine.grid
+        expected = as_f32(d["map"]).reshape(engine.grid)
+        assert np.array_equal(t.map, expected), f"token {t.index}: maps differ"
+        assert np.float32(t.entropy) == as_f32(d["entropy"])
+    c = doc["confidence"]
+    assert np.float32(ex.confidence.mean_entropy) == as_f32(c["mean_entropy"])
+    assert ex.confidence.verdict == c["verdict"]
+    assert ex.confidence.tokens == c["tokens"]
+    if method == "gradcam":
+        assert ex.layer == doc["layer"]
+
+
+def test_generate_matches_the_cli(engine, image_path):
+    doc = cli("generate", "--prompt", "What shape is red?", "-n", str(MAX_NEW))
+    g = engine.generate(image_path, "What shape is red?", max_new_tokens=MAX_NEW)
+    assert_same_run(g, doc)
+    assert g.timings.maps_s == 0.0
+
+
+def test_every_image_form_gives_the_same_maps(engine, image_path):
+    from PIL import Image
+
+    reference = engine.explain(image_path, QUESTION)
+    raw = pathlib.Path(image_path).read_bytes()
+    pil = Image.open(io.BytesIO(raw))
+    pixels = np.asarray(pil.convert("RGB"))
+    # A strided view of the same pixels (mirrored twice) exercises the non-contiguous path.
+    strided = np.ascontiguousarray(pixels[:, ::-1])[:, ::-1]
+    assert not strided.flags["C_CONTIGUOUS"]
+    forms = {
+        "pathlib": pathlib.Path(image_path),
+        "bytes": raw,
+        "bytearray": bytearray(raw),
+        "pil": pil,
+        "pil-rgba": pil.convert("RGBA"),
+        "numpy": pixels,
+        "numpy-strided": strided,
+    }
+    for name, image in forms.items():
+        ex = engine.explain(image, QUESTION)
+        assert ex.generated_ids == reference.generated_ids, name
+        for a, b in zip(ex.tokens, reference.tokens):
+            assert np.array_equal(a.map, b.map), name
+
+
+def test_stream_yields_what_explain_collects(engine, image_path):
+    ex = engine.explain(image_path, QUESTION, max_new_tokens=MAX_NEW)
+    events = list(engine.stream(image_path, QUESTION, max_new_tokens=MAX_NEW))
+    kinds = [e.kind for e in events]
+    assert kinds[:2] == ["image_encoded", "prefilled"]
+    assert kinds[-1] == "done" and kinds.count("done") == 1
+    tokens = [e for e in events if isinstance(e, fastrm.Token)]
+    assert [t.id for t in tokens] == ex.generated_ids
+    assert "".join(t.text_delta for t in tokens) == ex.text
+    for t, m in zip(tokens, ex.tokens):
+        assert np.array_equal(t.map.map, m.map)
+    done = events[-1]
+    assert done.generation.generated_ids == ex.generated_ids
+    assert done.confidence.mean_entropy == ex.confidence.mean_entropy
+
+
+def test_the_baseline_streams_its_maps_after_the_tokens(engine, image_path):
+    events = list(engine.stream(image_path, QUESTION, method="baseline", max_new_tokens=MAX_NEW))
+    kinds = [e.kind for e in events]
+    n = kinds.count("token")
+    assert n >= 1 and kinds.count("map") == n
+    assert kinds.index("map") > max(i for i, k in enumerate(kinds) if k == "token")
+    assert all(e.map is None for e in events if e.kind == "token")
+    ex = engine.explain(image_path, QUESTION, method="baseline", max_new_tokens=MAX_NEW)
+    maps = [e for e in events if e.kind == "map"]
+    for a, b in zip(maps, ex.tokens):
+        assert np.array_equal(a.map, b.map)
+
+
+def test_generation_only_stream(engine, image_path):
+    events = list(engine.stream(image_path, QUESTION, method=None))
+    assert all(e.map is None for e in events if e.kind == "token")
+    assert events[-1].confidence is None
+
+
+def wait_for_runs(live):
+    deadline = time.monotonic() + 20
+    while _fastrm._runs()[0] != live:
+        assert time.monotonic() < deadline, f"run threads still alive: {_fastrm._runs()}"
+        time.sleep(0.01)
+
+
+def test_a_dropped_stream_stops_its_run(engine, image_path):
+    live, abandoned = _fastrm._runs()
+    stream = engine.stream(image_path, QUESTION, method="baseline", max_new_tokens=MAX_NEW)
+    assert next(stream).kind == "image_encoded"
+    del stream
+    gc.collect()
+    wait_for_runs(live)
+    assert _fastrm._runs()[1] == abandoned + 1
+    # The engine is free again.
+    assert engine.explain(image_path, QUESTION).text.strip() == "yellow"
+
+
+def test_a_closed_stream_yields_nothing_more(engine, image_path):
+    live, abandoned = _fastrm._runs()
+    with engine.stream(image_path, QUESTION) as stream:
+        next(stream)
+    with pytest.raises(StopIteration):
+        next(stream)
+    wait_for_runs(live)
+    assert _fastrm._runs()[1] == abandoned + 1
+    # A stream read to its end is not abandoned.
+    list(engine.stream(image_path, QUESTION))
+    wait_for_runs(live)
+    assert _fastrm._runs()[1] == abandoned + 1
+
+
+def test_a_run_beside_an_open_stream_in_the_same_thread_is_refused(engine, image_path):
+    stream = engine.stream(image_path, QUESTION)
+    next(stream)
+    with pytest.raises(fastrm.EngineBusyError, match="unfinished stream"):
+        engine.explain(image_path, QUESTION)
+    stream.close()
+    assert engine.explain(image_path, QUESTION).text.strip() == "yellow"
+
+
+def test_a_run_in_another_thread_waits_for_the_stream(engine, image_path):
+    stream = engine.stream(image_path, QUESTION)
+    next(stream)
+    result = {}
+    worker = threading.Thread(
+        target=lambda: result.setdefault("ex", engine.explain(image_path, QUESTION))
+    )
+    worker.start()
+    time.sleep(0.2)
+    assert "ex" not in result, "the other run did not wait for the engine"
+    rest = list(stream)  # the waiting thread released the GIL, or this would hang
+    assert rest[-1].kind == "done"
+    worker.join(timeout=30)
+    assert not worker.is_alive()
+    assert result["ex"].text.strip() == "yellow"
+
+
+def test_bad_inputs_raise_with_the_engines_messages(engine, image_path, tmp_path):
+    with pytest.raises(fastrm.InputError, match="unknown method"):
+        engine.explain(image_path, QUESTION, method="nope")
+    with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):
+        engine.explain(image_path, QUESTION, max_new_tokens=0)
+    with pytest.raises(fastrm.InputError, match="full R applies to the baseline"):
+        engine.explain(image_path, QUESTION, full_r=True)
+    with pytest.raises(fastrm.InputError, match="layer"):
+        engine.explain(image_path, QUESTION, method="gradcam", layer=99)
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        engine.explain(tmp_path / "missing.png", QUESTION)
+    with pytest.raises(fastrm.InputError, match="<bytes>"):
+        engine.explain(b"not an image", QUESTION)
+    with pytest.raises(fastrm.InputError, match=r"uint8 RGB of shape \(height, width, 3\)"):
+        engine.explain(np.zeros((8, 8, 3), dtype=np.float32), QUESTION)
+    with pytest.raises(fastrm.InputError, match=r"shape \[8, 8\]"):
+        engine.explain(np.zeros((8, 8), dtype=np.uint8), QUESTION)
+    with pytest.raises(TypeError, match="not int"):
+        engine.explain(42, QUESTION)
+    with pytest.raises(fastrm.InputError, match="unknown device"):
+        fastrm.Engine(device="tpu")
+    with pytest.raises(fastrm.InputError, match="unknown dtype"):
+        fastrm.Engine(dtype="f8")
+    with pytest.raises(fastrm.ModelError, match="not a folder"):
+        fastrm.Engine(model=tmp_path / "no-model")
+    with pytest.raises(FileNotFoundError):
+        fastrm.Engine(head=tmp_path / "no-head.safetensors")
+    (tmp_path / "head.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(fastrm.FastrmError):
+        fastrm.Engine(head=tmp_path / "head.safetensors")
+    # Errors leave the engine usable.
+    assert engine.explain(image_path, QUESTION).text.strip() == "yellow"
+
+
+def test_fastrm_needs_a_head(image_path):
+    bare = fastrm.Engine(model=pathlib.Path(fastrm.Engine().model))
+    assert not bare.has_head
+    with pytest.raises(fastrm.InputError, match="head"):
+        bare.explain(image_path, QUESTION)
+    assert bare.explain(image_path, QUESTION, method="gradcam").text.strip() == "yellow"
+
+
+def test_maps_are_arrays_the_caller_owns(engine, image_path):
+    ex = engine.explain(image_path, QUESTION)
+    m = ex.tokens[0].map
+    m[0, 0] = -1.0  # writable, and the engine keeps no reference to it
+    assert engine.explain(image_path, QUESTION).tokens[0].map[0, 0] != -1.0
