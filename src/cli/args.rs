@@ -282,7 +282,6 @@ impl EvalArgs {
             head: self.head,
             data: self.data,
             out: self.out,
-            json: self.json,
             questions: self.questions,
             images: self.images,
             limit: self.limit,

@@ -3,6 +3,7 @@
 //! non-zero; nothing here panics on user input. The library below never sees clap.
 
 pub mod args;
+mod reports;
 pub mod run;
 pub mod term;
 
@@ -109,7 +110,11 @@ fn run(cli: Cli) -> Result<()> {
             crate::distill::merge(args.options())
         }),
         Cmd::Train(args) => job(StatusLine::plain(), || crate::train::run(args.job()?)),
-        Cmd::Eval(args) => job(StatusLine::timed(), || crate::eval::run(args.options()?)),
+        Cmd::Eval(args) => job(StatusLine::timed(), || {
+            let json = args.json;
+            let report = crate::eval::run(args.options()?)?;
+            reports::eval(&report, json)
+        }),
         Cmd::Profile(args) => job(StatusLine::plain(), || crate::profile::run(args.options()?)),
         #[cfg(feature = "serve")]
         Cmd::Serve(args) => job(StatusLine::plain(), || crate::serve::run(args.options()?)),

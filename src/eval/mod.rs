@@ -17,13 +17,19 @@
 //!
 //! See `docs/NOTES.md` ("Eval") for the decisions.
 
-pub mod metrics;
+//!
+//! The sections live in their modules (`classification`, `perturbation`, `confidence`, `pointing`);
+//! this one runs them over the samples; `report` is what the job returns and writes.
 
-use std::collections::HashMap;
+mod classification;
+mod confidence;
+pub mod metrics;
+mod perturbation;
+mod pointing;
+pub mod report;
+
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-
-use serde_json::{json, Value};
 
 use crate::backend::Backend;
 use crate::distill::{dataset, Entry, Manifest, SampleRecord};
@@ -33,20 +39,13 @@ use crate::engine::{
 };
 use crate::error::{Error, Result};
 use crate::explain::fastrm::{FastRmHead, HeadWeights};
-use crate::explain::{
-    default_gradcam_layer, gradient_map, incremental_maps, map_entropy, Confidence, RowMode,
-};
-use crate::render::plot::{line_plot, Axis, LinePlot, Marker, Series, PALETTE};
-use crate::render::write_png;
+use crate::explain::{default_gradcam_layer, gradient_map, map_entropy, Confidence};
 use crate::status;
-use metrics::Counts;
+use confidence::{calibration_note, CalibrationReport};
+use perturbation::Perturbation;
+use pointing::{Accuracy, Pointing};
+pub use report::{EvalReport, SampleReport};
 
-pub const JSON_FILE: &str = "eval.json";
-pub const CLASSIFICATION_PNG: &str = "classification.png";
-pub const POSITIVE_PNG: &str = "perturbation_positive.png";
-pub const NEGATIVE_PNG: &str = "perturbation_negative.png";
-pub const ENTROPY_PNG: &str = "entropy_kde.png";
-pub const POINTING_PNG: &str = "pointing.png";
 /// Random removal orders averaged per curve.
 pub const RANDOM_SEEDS: u64 = 5;
 
@@ -61,8 +60,6 @@ pub struct EvalOptions {
     pub data: PathBuf,
     /// Where eval.json and the plots go.
     pub out: Option<PathBuf>,
-    /// The report as one JSON object on stdout instead of tables.
-    pub json: bool,
     /// The question file, when it is no longer where the manifest says (the same file).
     pub questions: Option<PathBuf>,
     /// The images folder, when it is no longer where the manifest says.
@@ -111,24 +108,8 @@ fn sample_bar(start: Instant, done: usize, total: usize, step: &str) {
     ));
 }
 
-/// The pointing game for one method: the hits' sum and every answer token's mask mass.
-#[derive(Default, Clone)]
-struct PointSums {
-    hits: f64,
-    masses: Vec<f64>,
-}
-
-const POINT_METHODS: [&str; 5] = [
-    "fastrm",
-    "baseline",
-    "baseline-incremental",
-    "gradcam",
-    "random",
-];
-const PERTURB_METHODS: [&str; 4] = ["fastrm", "baseline", "gradcam", "random"];
-
 /// `fastrm eval`.
-pub fn run(args: EvalOptions) -> Result<()> {
+pub fn run(args: EvalOptions) -> Result<EvalReport> {
     let t0 = Instant::now();
     if args.limit == Some(0) {
         return Err(Error::input("--limit must be at least 1"));
@@ -175,11 +156,11 @@ fn run_on<B: Backend>(
     mut head_w: HeadWeights,
     staging: Option<Staging>,
     t0: Instant,
-) -> Result<()> {
+) -> Result<EvalReport> {
     status::say("reading the data set");
     let samples = load_samples(engine, &head_w, manifest, &args.data, args.limit)?;
     let n_tokens: usize = samples.iter().map(|s| s.ids.len()).sum();
-    let counts = classify(&samples, head_w.cfg.label_threshold);
+    let counts = classification::classify(&samples, head_w.cfg.label_threshold);
 
     let setup = Setup::new(engine, args, manifest)?;
     let p = manifest.n_patches;
@@ -187,7 +168,7 @@ fn run_on<B: Backend>(
     let (mut entropies, mut correct) = (Vec::new(), Vec::new());
     let mut perturbation = (!args.no_perturbation).then(|| Perturbation::new(&setup.schedule));
     let mut pointing = Pointing::default();
-    let mut per_sample: Vec<Value> = Vec::new();
+    let mut per_sample = Vec::new();
     let mut generations = 0usize;
     let total = samples.len();
     for (k, s) in samples.iter().enumerate() {
@@ -206,19 +187,19 @@ fn run_on<B: Backend>(
         }
         pointing.add(&mut w, &bar)?;
         generations += w.generations;
-        per_sample.push(json!({
-            "sample": s.record.sample,
-            "question_id": s.record.question_id,
-            "answer": s.record.answer,
-            "correct": if w.has_answers { json!(w.ok0) } else { Value::Null },
-            "mean_entropy": conf.mean_entropy,
-            "tokens": s.ids.len(),
-        }));
+        per_sample.push(SampleReport {
+            sample: s.record.sample,
+            question_id: s.record.question_id,
+            answer: s.record.answer.clone(),
+            correct: w.has_answers.then_some(w.ok0),
+            mean_entropy: conf.mean_entropy,
+            tokens: s.ids.len(),
+        });
     }
     status::clear();
 
     let cal = metrics::calibrate(&entropies, &correct);
-    let cal_note = calibration_note(&cal, accuracy.all.1 > 0);
+    let cal_note = calibration_note(&cal, accuracy.has_ground_truth());
     let mut written = false;
     if args.write_threshold {
         match cal.threshold {
@@ -235,41 +216,30 @@ fn run_on<B: Backend>(
         }
     }
 
-    let (perturbation_json, curves) = match &perturbation {
-        Some(pert) => {
-            let (v, c) = pert.report(samples.len(), &setup.schedule, setup.gradcam_layer);
-            (v, c)
-        }
-        None => (Value::Null, Vec::new()),
+    let report = EvalReport {
+        data: args.data.display().to_string(),
+        model: args.model.display().to_string(),
+        head: args.head.display().to_string(),
+        baseline_method: manifest.method.clone(),
+        samples: samples.len(),
+        tokens: n_tokens,
+        n_patches: p,
+        grid: manifest.grid,
+        label_threshold: head_w.cfg.label_threshold,
+        classification: classification::rows(&counts),
+        perturbation: perturbation
+            .map(|pert| pert.report(samples.len(), &setup.schedule, setup.gradcam_layer)),
+        confidence: CalibrationReport::new(&cal, cal_note, written),
+        pointing: pointing.report(),
+        accuracy: accuracy.report(),
+        per_sample,
+        generations,
+        seconds: t0.elapsed().as_secs_f64(),
     };
-    let doc = json!({
-        "data": args.data.display().to_string(),
-        "model": args.model.display().to_string(),
-        "head": args.head.display().to_string(),
-        "baseline_method": manifest.method,
-        "samples": samples.len(),
-        "tokens": n_tokens,
-        "n_patches": p,
-        "grid": manifest.grid,
-        "label_threshold": head_w.cfg.label_threshold,
-        "classification": classification_json(&counts),
-        "perturbation": perturbation_json,
-        "confidence": calibration_json(&cal, cal_note, written),
-        "pointing": pointing.report(),
-        "accuracy": accuracy.report(),
-        "per_sample": per_sample,
-        "generations": generations,
-        "seconds": t0.elapsed().as_secs_f64(),
-    });
     if let Some(st) = staging {
-        write_report(st, &doc, &counts, &cal, &setup.schedule, &curves, &pointing)?;
+        report::write_files(st, &report, &counts, &cal, &pointing)?;
     }
-    if args.json {
-        crate::status::out(&format!("{doc}"))?;
-    } else {
-        print_report(&doc)?;
-    }
-    Ok(())
+    Ok(report)
 }
 
 /// The data set's samples (the first `limit`), each with the head's maps of its tokens.
@@ -321,35 +291,6 @@ fn load_samples<B: Backend>(
         )));
     }
     Ok(samples)
-}
-
-/// Step 1, classification: confusion counts of the head's probabilities against the binarised
-/// baseline maps (labels at `tau`·max), at every threshold of [`metrics::THRESHOLDS`].
-fn classify(samples: &[Sample], tau: f32) -> [Counts; metrics::THRESHOLDS.len()] {
-    let mut counts = [Counts::default(); metrics::THRESHOLDS.len()];
-    for s in samples {
-        for (probs, map) in s.fastrm.iter().zip(&s.baseline) {
-            let labels = crate::train::labels(map, tau);
-            for (c, &t) in counts.iter_mut().zip(&metrics::THRESHOLDS) {
-                metrics::classify_into(c, probs, &labels, t);
-            }
-        }
-    }
-    counts
-}
-
-fn classification_json(counts: &[Counts]) -> Vec<Value> {
-    counts
-        .iter()
-        .zip(&metrics::THRESHOLDS)
-        .map(|(c, &t)| {
-            json!({
-                "threshold": t, "accuracy": c.accuracy(), "precision": c.precision(),
-                "recall": c.recall(), "f1": c.f1(),
-                "tp": c.tp, "fp": c.fp, "tn": c.tn, "fn": c.fn_,
-            })
-        })
-        .collect()
 }
 
 /// What the sections that run the model share: the question file, where images are, the
@@ -569,683 +510,4 @@ fn sample_error(s: &Sample, image: &Path, e: Error) -> Error {
         s.record.sample,
         image.display()
     ))
-}
-
-/// Model accuracy over the samples with ground truth: overall, per question type, on
-/// multi-object scenes (`(correct, samples)` each).
-#[derive(Default)]
-struct Accuracy {
-    all: (usize, usize),
-    by_type: std::collections::BTreeMap<String, (usize, usize)>,
-    multi: (usize, usize),
-}
-
-impl Accuracy {
-    fn add(&mut self, entry: &Entry, ok: bool, has_answers: bool) {
-        if !has_answers {
-            return;
-        }
-        let bump = |t: &mut (usize, usize)| {
-            t.0 += ok as usize;
-            t.1 += 1;
-        };
-        bump(&mut self.all);
-        if let Some(t) = &entry.qtype {
-            bump(self.by_type.entry(t.clone()).or_default());
-        }
-        if entry.n_objects.is_some_and(|n| n > 1) {
-            bump(&mut self.multi);
-        }
-    }
-
-    fn report(&self) -> Value {
-        let acc = |t: (usize, usize)| -> Value {
-            json!({"accuracy": (t.1 > 0).then(|| t.0 as f64 / t.1 as f64), "correct": t.0, "samples": t.1})
-        };
-        if self.all.1 == 0 {
-            return Value::Null;
-        }
-        json!({
-            "overall": acc(self.all),
-            "by_type": self.by_type.iter().map(|(k, &v)| (k.clone(), acc(v))).collect::<serde_json::Map<_, _>>(),
-            "multi_object": acc(self.multi),
-        })
-    }
-}
-
-/// Step 2, perturbation: per method, direction and step, the sum over samples of whether the answer
-/// survived (random orders: summed over seeds too).
-/// A method's accuracy curves under perturbation: (name, [positive, negative]).
-type MethodCurves = (&'static str, [Vec<f64>; 2]);
-
-struct Perturbation {
-    curves: HashMap<&'static str, [Vec<f64>; 2]>,
-}
-
-impl Perturbation {
-    fn new(schedule: &[(f64, usize)]) -> Self {
-        let n = schedule.len();
-        Perturbation {
-            curves: PERTURB_METHODS
-                .iter()
-                .map(|&m| (m, [vec![0.0; n], vec![0.0; n]]))
-                .collect(),
-        }
-    }
-
-    fn add<B: Backend>(
-        &mut self,
-        w: &mut SampleRun<'_, '_, B>,
-        p: usize,
-        bar: &dyn Fn(&str),
-    ) -> Result<()> {
-        let s = w.sample;
-        let answer_tok = s.answer_tokens(&w.setup.engine.config().eos_token_ids);
-        let sel = |maps: &[Vec<f32>]| -> Vec<f64> {
-            let picked: Vec<&[f32]> = answer_tok.iter().map(|&i| maps[i].as_slice()).collect();
-            metrics::combine_maps(&picked)
-        };
-        bar("gradcam maps");
-        let gc = w.gradcam_maps()?;
-        let mut orders: Vec<(&'static str, Vec<usize>, Vec<usize>)> = vec![];
-        for (name, rel) in [
-            ("fastrm", sel(&s.fastrm)),
-            ("baseline", sel(&s.baseline)),
-            ("gradcam", sel(&gc)),
-        ] {
-            orders.push((
-                name,
-                metrics::removal_order(&rel, true),
-                metrics::removal_order(&rel, false),
-            ));
-        }
-        for seed in 0..RANDOM_SEEDS {
-            // Negative removal with a random order is the reversed positive order: random either
-            // way, and a different draw than the positive one.
-            let o = metrics::random_order(p, seed.wrapping_mul(0x9E37) ^ s.record.sample as u64);
-            let rev: Vec<usize> = o.iter().rev().copied().collect();
-            orders.push(("random", o, rev));
-        }
-        // Results by removed set: 0% and 100% are shared by every order, and orders agree on many
-        // prefixes.
-        let mut cache: HashMap<Vec<usize>, bool> = HashMap::new();
-        let n_orders = orders.len();
-        let schedule = w.setup.schedule.clone();
-        for (oi, (name, pos, neg)) in orders.iter().enumerate() {
-            bar(&format!("perturbation {}/{n_orders} ({name})", oi + 1));
-            for (dir, order) in [pos, neg].into_iter().enumerate() {
-                for (si, &(_, n_removed)) in schedule.iter().enumerate() {
-                    let mut removed: Vec<usize> = order[..n_removed].to_vec();
-                    removed.sort_unstable();
-                    let ok = match cache.get(&removed) {
-                        Some(&ok) => ok,
-                        None => {
-                            let ok = w.correct_without(&removed)?;
-                            cache.insert(removed, ok);
-                            ok
-                        }
-                    };
-                    self.curves.get_mut(name).expect("a known method")[dir][si] +=
-                        if ok { 1.0 } else { 0.0 };
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// The section's JSON and its accuracy curves (per method: positive, negative).
-    fn report(
-        &self,
-        n_samples: usize,
-        schedule: &[(f64, usize)],
-        gradcam_layer: usize,
-    ) -> (Value, Vec<MethodCurves>) {
-        let fractions: Vec<f64> = schedule.iter().map(|&(f, _)| f).collect();
-        let n = n_samples as f64;
-        let mut methods = serde_json::Map::new();
-        let mut curves = Vec::new();
-        for &m in &PERTURB_METHODS {
-            let div = if m == "random" {
-                n * RANDOM_SEEDS as f64
-            } else {
-                n
-            };
-            let c = &self.curves[m];
-            let acc = [
-                c[0].iter().map(|v| v / div).collect::<Vec<f64>>(),
-                c[1].iter().map(|v| v / div).collect::<Vec<f64>>(),
-            ];
-            methods.insert(
-                m.to_string(),
-                json!({
-                    "positive": {"accuracy": acc[0], "auc": metrics::trapezoid_auc(&fractions, &acc[0])},
-                    "negative": {"accuracy": acc[1], "auc": metrics::trapezoid_auc(&fractions, &acc[1])},
-                }),
-            );
-            curves.push((m, acc));
-        }
-        let doc = json!({
-            "fractions": fractions,
-            "removed_patches": schedule.iter().map(|&(_, k)| k).collect::<Vec<_>>(),
-            "random_seeds": RANDOM_SEEDS,
-            "gradcam_layer": gradcam_layer,
-            "correct_means": "matches a ground-truth answer, or equals the unperturbed answer where the question has none",
-            "methods": Value::Object(methods),
-        });
-        (doc, curves)
-    }
-}
-
-/// Step 3, entropy confidence: why no threshold could be calibrated, when none could.
-fn calibration_note(cal: &metrics::Calibration, has_ground_truth: bool) -> Option<&'static str> {
-    match (cal.correct.is_empty(), cal.incorrect.is_empty()) {
-        _ if !has_ground_truth => Some(
-            "no question has ground-truth answers: correctness is unknown, no threshold can be \
-             calibrated",
-        ),
-        (_, true) => Some("every answer is correct: no threshold can be calibrated"),
-        (true, _) => Some("every answer is wrong: no threshold can be calibrated"),
-        _ => None,
-    }
-}
-
-fn calibration_json(cal: &metrics::Calibration, note: Option<&str>, written: bool) -> Value {
-    let side = |xs: &[f64], mean: Option<f64>, h: f64| json!({"count": xs.len(), "mean_entropy": mean, "bandwidth": h});
-    let c = cal.counts;
-    json!({
-        "bandwidth_rule": "scott",
-        "correct_means": "matches a ground-truth answer (questions without `answers` are left out)",
-        "correct": side(&cal.correct, cal.mean_correct, cal.bandwidth_correct),
-        "incorrect": side(&cal.incorrect, cal.mean_incorrect, cal.bandwidth_incorrect),
-        "threshold": cal.threshold,
-        "note": note,
-        "below": {"tp": c.tp, "fp": c.fp,
-                  "tp_rate": cal.threshold.map(|_| frac(c.tp, c.tp + c.fp))},
-        "above": {"fn": c.fn_, "tn": c.tn,
-                  "tn_rate": cal.threshold.map(|_| frac(c.tn, c.tn + c.fn_))},
-        "written_to_head": written,
-    })
-}
-
-/// Step 4, pointing game, for samples whose question has a target mask.
-#[derive(Default)]
-struct Pointing {
-    points: HashMap<&'static str, PointSums>,
-    with_target: usize,
-    empty_targets: usize,
-}
-
-impl Pointing {
-    fn add<B: Backend>(&mut self, w: &mut SampleRun<'_, '_, B>, bar: &dyn Fn(&str)) -> Result<()> {
-        let Some(mask_rel) = &w.entry.target_mask else {
-            return Ok(());
-        };
-        bar("pointing game");
-        let s = w.sample;
-        let setup = w.setup;
-        let mp = Path::new(mask_rel);
-        let mask_path = if mp.is_absolute() {
-            mp.to_path_buf()
-        } else {
-            setup.qdir.join(mp)
-        };
-        let mask = crate::vision::load_image(&mask_path)
-            .map_err(|e| Error::input(format!("sample {}: target mask: {e}", s.record.sample)))?;
-        let on = metrics::mask_patches(
-            &mask,
-            w.image_size,
-            setup.engine.preprocess(),
-            setup.engine.config().vision.grid(),
-        )
-        .map_err(|e| {
-            Error::input(format!(
-                "sample {}: target mask {}: {e}",
-                s.record.sample,
-                mask_path.display()
-            ))
-        })?;
-        if !on.iter().any(|&x| x) {
-            self.empty_targets += 1;
-            return Ok(());
-        }
-        self.with_target += 1;
-        let (exact, incr) = if setup.manifest.method == "baseline-incremental" {
-            let mode = RowMode::Streamed;
-            (w.maps(Method::Baseline { mode })?, s.baseline.clone())
-        } else {
-            let incr = incremental_maps(&w.reference).map_err(|e| w.ctx(e))?;
-            (s.baseline.clone(), incr)
-        };
-        let uniform = vec![vec![1.0f32; setup.manifest.n_patches]; s.ids.len()];
-        let gc = w.gradcam_maps()?;
-        let answer_tok = s.answer_tokens(&setup.engine.config().eos_token_ids);
-        for (name, maps) in [
-            ("fastrm", &s.fastrm),
-            ("baseline", &exact),
-            ("baseline-incremental", &incr),
-            ("gradcam", &gc),
-            ("random", &uniform),
-        ] {
-            let e = self.points.entry(name).or_default();
-            for &t in &answer_tok {
-                let (hit, mass) = metrics::pointing(&maps[t], &on);
-                e.hits += hit;
-                e.masses.push(mass);
-            }
-        }
-        Ok(())
-    }
-
-    fn report(&self) -> Value {
-        if self.with_target + self.empty_targets == 0 {
-            return Value::Null;
-        }
-        let mut methods = serde_json::Map::new();
-        for &m in &POINT_METHODS {
-            let e = self.points.get(m).cloned().unwrap_or_default();
-            let n = e.masses.len();
-            let mass: f64 = e.masses.iter().sum();
-            methods.insert(
-                m.to_string(),
-                json!({"hit_rate": (n > 0).then(|| e.hits / n as f64),
-                       "mask_mass": (n > 0).then(|| mass / n as f64), "tokens": n}),
-            );
-        }
-        json!({
-            "samples": self.with_target,
-            "empty_targets": self.empty_targets,
-            "random": "expected value of a uniformly random map (the target's share of the patches)",
-            "methods": Value::Object(methods),
-        })
-    }
-}
-
-/// Step 5, the report's files: eval.json and the plots, moved into `--out` together.
-fn write_report(
-    st: Staging,
-    doc: &Value,
-    counts: &[Counts],
-    cal: &metrics::Calibration,
-    schedule: &[(f64, usize)],
-    curves: &[(&str, [Vec<f64>; 2])],
-    pointing: &Pointing,
-) -> Result<()> {
-    let mut names = vec![CLASSIFICATION_PNG, ENTROPY_PNG];
-    write_png(&st.path(CLASSIFICATION_PNG), &classification_plot(counts)?)?;
-    write_png(&st.path(ENTROPY_PNG), &entropy_plot(cal)?)?;
-    if !curves.is_empty() {
-        let fractions: Vec<f64> = schedule.iter().map(|&(f, _)| f).collect();
-        for (dir, name) in [(0, POSITIVE_PNG), (1, NEGATIVE_PNG)] {
-            write_png(&st.path(name), &perturbation_plot(&fractions, curves, dir)?)?;
-            names.push(name);
-        }
-    }
-    if pointing.points.values().any(|e| !e.masses.is_empty()) {
-        write_png(&st.path(POINTING_PNG), &pointing_plot(&pointing.points)?)?;
-        names.push(POINTING_PNG);
-    }
-    let text = serde_json::to_string_pretty(doc).map_err(|e| Error::input(format!("JSON: {e}")))?;
-    std::fs::write(st.path(JSON_FILE), text).map_err(|e| Error::io(st.path(JSON_FILE), e))?;
-    names.push(JSON_FILE);
-    st.commit(&names).map(|_| ())
-}
-
-fn frac(a: u64, b: u64) -> Option<f64> {
-    (b > 0).then(|| a as f64 / b as f64)
-}
-
-fn classification_plot(counts: &[Counts]) -> Result<crate::vision::RgbImage> {
-    let ts = metrics::THRESHOLDS;
-    let series = |i: usize, name: &str, f: &dyn Fn(&Counts) -> f64| Series {
-        name: name.into(),
-        color: PALETTE[i],
-        points: ts
-            .iter()
-            .zip(counts)
-            .map(|(&t, c)| (t as f64, f(c)))
-            .collect(),
-        markers: true,
-    };
-    let mut plot = LinePlot::new(
-        "FastRM vs binarised baseline",
-        fixed(Axis::linear("classification threshold"), 0.1, 0.9),
-        fixed(Axis::linear("score"), 0.0, 1.0),
-    );
-    plot.series = vec![
-        series(0, "accuracy", &|c| c.accuracy()),
-        series(1, "precision", &|c| c.precision()),
-        series(2, "recall", &|c| c.recall()),
-        series(3, "F1", &|c| c.f1()),
-    ];
-    line_plot(&plot)
-}
-
-fn fixed(axis: Axis, lo: f64, hi: f64) -> Axis {
-    Axis {
-        range: Some((lo, hi)),
-        ..axis
-    }
-}
-
-fn perturbation_plot(
-    fractions: &[f64],
-    curves: &[(&str, [Vec<f64>; 2])],
-    dir: usize,
-) -> Result<crate::vision::RgbImage> {
-    let mut plot = LinePlot::new(
-        if dir == 0 {
-            "positive perturbation (most relevant removed first)"
-        } else {
-            "negative perturbation (least relevant removed first)"
-        },
-        fixed(Axis::linear("fraction of image patches removed"), 0.0, 1.0),
-        fixed(Axis::linear("accuracy"), 0.0, 1.0),
-    );
-    plot.series = curves
-        .iter()
-        .enumerate()
-        .map(|(i, (name, acc))| {
-            let auc = metrics::trapezoid_auc(fractions, &acc[dir]);
-            Series {
-                name: format!("{name} (AUC {auc:.3})"),
-                color: PALETTE[i % PALETTE.len()],
-                points: fractions
-                    .iter()
-                    .copied()
-                    .zip(acc[dir].iter().copied())
-                    .collect(),
-                markers: false,
-            }
-        })
-        .collect();
-    line_plot(&plot)
-}
-
-/// Share of answer tokens whose map puts at least x of its mass on the target, per method (the
-/// hit rate and mean mass in the legend).
-fn pointing_plot(points: &HashMap<&str, PointSums>) -> Result<crate::vision::RgbImage> {
-    let xs: Vec<f64> = (0..=100).map(|i| i as f64 / 100.0).collect();
-    let mut plot = LinePlot::new(
-        "pointing game: map mass on the target object",
-        fixed(
-            Axis::linear("share of the map's mass on the target, at least"),
-            0.0,
-            1.0,
-        ),
-        fixed(Axis::linear("share of answer tokens"), 0.0, 1.0),
-    );
-    plot.series = POINT_METHODS
-        .iter()
-        .enumerate()
-        .filter_map(|(i, m)| {
-            let e = points.get(m).filter(|e| !e.masses.is_empty())?;
-            let n = e.masses.len() as f64;
-            let mean = e.masses.iter().sum::<f64>() / n;
-            Some(Series {
-                name: format!("{m} (hit {:.3}, mass {mean:.3})", e.hits / n),
-                color: PALETTE[i % PALETTE.len()],
-                points: xs
-                    .iter()
-                    .copied()
-                    .zip(metrics::at_least(&e.masses, &xs))
-                    .collect(),
-                markers: false,
-            })
-        })
-        .collect();
-    line_plot(&plot)
-}
-
-fn entropy_plot(cal: &metrics::Calibration) -> Result<crate::vision::RgbImage> {
-    const N: usize = 400;
-    // The x range: the data ± 3 bandwidths, within [0, 1] (entropies are normalised).
-    let all = cal.correct.iter().chain(&cal.incorrect);
-    let (lo, hi) = all.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| {
-        (a.min(x), b.max(x))
-    });
-    let h = cal.bandwidth_correct.max(cal.bandwidth_incorrect);
-    let (lo, hi) = if lo.is_finite() {
-        ((lo - 3.0 * h).max(0.0), (hi + 3.0 * h).min(1.0))
-    } else {
-        (0.0, 1.0)
-    };
-    let (lo, hi) = if hi - lo < 1e-6 { (0.0, 1.0) } else { (lo, hi) };
-    let curve = |xs: &[f64], h: f64| -> Vec<(f64, f64)> {
-        (0..=N)
-            .map(|i| {
-                let x = lo + (hi - lo) * i as f64 / N as f64;
-                (x, metrics::kde(xs, h, x))
-            })
-            .collect()
-    };
-    let groups = [
-        ("correct", &cal.correct, cal.bandwidth_correct, PALETTE[2]),
-        (
-            "incorrect",
-            &cal.incorrect,
-            cal.bandwidth_incorrect,
-            PALETTE[3],
-        ),
-    ];
-    let series: Vec<Series> = groups
-        .into_iter()
-        .filter(|(_, xs, _, _)| !xs.is_empty())
-        .map(|(name, xs, bw, color)| Series {
-            name: format!("{name} ({})", xs.len()),
-            color,
-            points: curve(xs, bw),
-            markers: false,
-        })
-        .collect();
-    let ymax = series
-        .iter()
-        .flat_map(|s| s.points.iter().map(|p| p.1))
-        .fold(1e-9, f64::max);
-    let mut plot = LinePlot::new(
-        "mean map entropy per answer (Gaussian KDE, Scott)",
-        fixed(Axis::linear("normalised entropy"), lo, hi),
-        fixed(Axis::linear("density"), 0.0, ymax * 1.08),
-    );
-    plot.series = series;
-    plot.markers = cal
-        .threshold
-        .map(|t| Marker {
-            x: t,
-            label: format!("threshold {t:.3}"),
-            color: [200, 0, 0],
-        })
-        .into_iter()
-        .collect();
-    line_plot(&plot)
-}
-
-/// The human-readable report.
-fn print_report(doc: &Value) -> Result<()> {
-    let f = |v: &Value| v.as_f64().map_or("n/a".to_string(), |x| format!("{x:.4}"));
-    crate::status::out(&format!(
-        "{} samples, {} tokens, {} patches; label threshold {}",
-        doc["samples"],
-        doc["tokens"],
-        doc["n_patches"],
-        f(&doc["label_threshold"])
-    ))?;
-    crate::status::out(&format!(
-        "\nFastRM vs binarised {} map",
-        doc["baseline_method"].as_str().unwrap_or("")
-    ))?;
-    crate::status::out(&format!(
-        "{:>9} {:>9} {:>9} {:>9} {:>9}",
-        "threshold", "accuracy", "precision", "recall", "F1"
-    ))?;
-    for r in doc["classification"].as_array().into_iter().flatten() {
-        crate::status::out(&format!(
-            "{:>9} {:>9} {:>9} {:>9} {:>9}",
-            f(&r["threshold"]).trim_end_matches('0'),
-            f(&r["accuracy"]),
-            f(&r["precision"]),
-            f(&r["recall"]),
-            f(&r["f1"])
-        ))?;
-    }
-    if let Some(m) = doc["perturbation"]["methods"].as_object() {
-        crate::status::out(
-            "\nPerturbation AUC (positive: lower is better; negative: higher is better)",
-        )?;
-        crate::status::out(&format!(
-            "{:<22} {:>9} {:>9}",
-            "method", "positive", "negative"
-        ))?;
-        for (name, v) in m {
-            crate::status::out(&format!(
-                "{:<22} {:>9} {:>9}",
-                name,
-                f(&v["positive"]["auc"]),
-                f(&v["negative"]["auc"])
-            ))?;
-        }
-    }
-    let c = &doc["confidence"];
-    crate::status::out("\nEntropy confidence (Gaussian KDE, Scott's bandwidth)")?;
-    crate::status::out(&format!(
-        "correct: {} answers, mean {}; incorrect: {} answers, mean {}",
-        c["correct"]["count"],
-        f(&c["correct"]["mean_entropy"]),
-        c["incorrect"]["count"],
-        f(&c["incorrect"]["mean_entropy"])
-    ))?;
-    match c["threshold"].as_f64() {
-        Some(t) => crate::status::out(&format!(
-            "threshold {t:.4}: below TP {} FP {}, above FN {} TN {}{}",
-            c["below"]["tp"],
-            c["below"]["fp"],
-            c["above"]["fn"],
-            c["above"]["tn"],
-            if c["written_to_head"] == json!(true) {
-                " (written to the head)"
-            } else {
-                ""
-            }
-        ))?,
-        None => crate::status::out(c["note"].as_str().unwrap_or("no threshold"))?,
-    }
-    if let Some(m) = doc["pointing"]["methods"].as_object() {
-        crate::status::out(&format!(
-            "\nPointing game ({} samples with a target)",
-            doc["pointing"]["samples"]
-        ))?;
-        crate::status::out(&format!(
-            "{:<22} {:>9} {:>9} {:>7}",
-            "method", "hit rate", "mass", "tokens"
-        ))?;
-        for (name, v) in m {
-            crate::status::out(&format!(
-                "{:<22} {:>9} {:>9} {:>7}",
-                name,
-                f(&v["hit_rate"]),
-                f(&v["mask_mass"]),
-                v["tokens"]
-            ))?;
-        }
-    }
-    if let Some(a) = doc["accuracy"].as_object() {
-        crate::status::out(&format!(
-            "\nModel accuracy: {}",
-            f(&a["overall"]["accuracy"])
-        ))?;
-        if let Some(t) = a["by_type"].as_object() {
-            for (k, v) in t {
-                crate::status::out(&format!(
-                    "  {k}: {} ({} samples)",
-                    f(&v["accuracy"]),
-                    v["samples"]
-                ))?;
-            }
-        }
-        crate::status::out(&format!(
-            "  multi-object scenes: {} ({} samples)",
-            f(&a["multi_object"]["accuracy"]),
-            a["multi_object"]["samples"]
-        ))?;
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn sample(baseline: Vec<Vec<f32>>, fastrm: Vec<Vec<f32>>) -> Sample {
-        let ids = vec![5; baseline.len()];
-        Sample {
-            record: SampleRecord {
-                sample: 0,
-                question_id: 0,
-                question: String::new(),
-                image: String::new(),
-                answer: String::new(),
-                answers: None,
-                generated_ids: ids.clone(),
-                stop_reason: "eos".into(),
-                qtype: None,
-                n_objects: None,
-                target_mask: None,
-            },
-            ids,
-            baseline,
-            fastrm,
-        }
-    }
-
-    #[test]
-    fn classification_section_counts_every_token_and_patch() {
-        // Labels at 0.3·max: [1, 0, 1, 0]; probabilities at threshold 0.5 → [1, 1, 0, 0].
-        let s = sample(
-            vec![vec![1.0, 0.1, 0.5, 0.0]],
-            vec![vec![0.9, 0.6, 0.2, 0.1]],
-        );
-        let counts = classify(&[s], 0.3);
-        let at_half = metrics::THRESHOLDS.iter().position(|&t| t == 0.5).unwrap();
-        let c = counts[at_half];
-        assert_eq!((c.tp, c.fp, c.fn_, c.tn), (1, 1, 1, 1));
-        let json = classification_json(&counts);
-        assert_eq!(json.len(), metrics::THRESHOLDS.len());
-        assert_eq!(json[at_half]["f1"], json!(0.5));
-    }
-
-    #[test]
-    fn accuracy_section_counts_only_answers_with_ground_truth() {
-        let entry = |qtype: &str, n: u64| Entry {
-            id: 0,
-            image: dataset::ImageRef::Path(String::new()),
-            question: String::new(),
-            answers: None,
-            qtype: Some(qtype.into()),
-            n_objects: Some(n),
-            target_mask: None,
-        };
-        let mut a = Accuracy::default();
-        assert_eq!(a.report(), Value::Null);
-        a.add(&entry("colour", 1), true, true);
-        a.add(&entry("colour", 3), false, true);
-        a.add(&entry("shape", 2), true, true);
-        a.add(&entry("shape", 2), false, false);
-        let r = a.report();
-        assert_eq!(r["overall"]["samples"], json!(3));
-        assert_eq!(r["by_type"]["colour"]["correct"], json!(1));
-        assert_eq!(r["multi_object"]["samples"], json!(2));
-    }
-
-    #[test]
-    fn calibration_section_says_why_there_is_no_threshold() {
-        let cal = metrics::calibrate(&[0.2, 0.3], &[true, true]);
-        assert!(calibration_note(&cal, true)
-            .unwrap()
-            .contains("every answer is correct"));
-        assert!(calibration_note(&cal, false)
-            .unwrap()
-            .contains("no question"));
-        let cal = metrics::calibrate(&[0.2, 0.8], &[true, false]);
-        assert_eq!(calibration_note(&cal, true), None);
-        assert_eq!(calibration_json(&cal, None, false)["threshold"], json!(0.5));
-    }
 }

@@ -59,6 +59,14 @@ impl Axis {
         }
     }
 
+    /// The axis with fixed ends.
+    pub fn within(self, lo: f64, hi: f64) -> Self {
+        Axis {
+            range: Some((lo, hi)),
+            ..self
+        }
+    }
+
     pub fn log(title: &str) -> Self {
         Axis {
             scale: Scale::Log,
