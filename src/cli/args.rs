@@ -358,7 +358,6 @@ impl ProfileArgs {
             repeat: self.repeat,
             sample_ms: self.sample_ms,
             out: self.out,
-            json: self.json,
         })
     }
 }

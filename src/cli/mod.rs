@@ -105,17 +105,24 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Generate { run } => run::generate(run),
         Cmd::Explain { run, ex } => run::explain(run, ex),
         // The library's jobs draw nothing themselves: they report through this terminal.
-        Cmd::Distill(args) => job(StatusLine::timed(), || crate::distill::run(args.options()?)),
-        Cmd::Merge(args) => job(StatusLine::plain(), || {
-            crate::distill::merge(args.options())
+        Cmd::Distill(args) => job(StatusLine::timed(), || {
+            reports::distilled(&crate::distill::run(args.options()?)?)
         }),
-        Cmd::Train(args) => job(StatusLine::plain(), || crate::train::run(args.job()?)),
+        Cmd::Merge(args) => job(StatusLine::plain(), || {
+            reports::merged(&crate::distill::merge(args.options())?)
+        }),
+        Cmd::Train(args) => job(StatusLine::plain(), || {
+            reports::trained(&crate::train::run(args.job()?)?)
+        }),
         Cmd::Eval(args) => job(StatusLine::timed(), || {
             let json = args.json;
             let report = crate::eval::run(args.options()?)?;
             reports::eval(&report, json)
         }),
-        Cmd::Profile(args) => job(StatusLine::plain(), || crate::profile::run(args.options()?)),
+        Cmd::Profile(args) => job(StatusLine::plain(), || {
+            let json = args.json;
+            reports::profile(&crate::profile::run(args.options()?)?, json)
+        }),
         #[cfg(feature = "serve")]
         Cmd::Serve(args) => job(StatusLine::plain(), || crate::serve::run(args.options()?)),
         Cmd::SynthModel(args) => job(StatusLine::timed(), || synth_model(&args)),

@@ -3,8 +3,11 @@
 
 use serde::Serialize;
 
+use crate::distill::{DistillSummary, MergeSummary};
 use crate::eval::EvalReport;
+use crate::profile::Profiled;
 use crate::status::out;
+use crate::train::TrainSummary;
 use crate::{Error, Result};
 
 /// `value` as one line of JSON on stdout.
@@ -112,4 +115,68 @@ pub fn eval(r: &EvalReport, as_json: bool) -> Result<()> {
         ))?;
     }
     Ok(())
+}
+
+/// `fastrm profile`'s report: the table and the files written, or the JSON.
+pub fn profile(p: &Profiled, as_json: bool) -> Result<()> {
+    if as_json {
+        return json(p);
+    }
+    out(p.report.table().trim_end())?;
+    if !p.files.is_empty() {
+        out("")?;
+        for f in &p.files {
+            out(&format!("wrote {}", f.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// `fastrm distill`'s one line.
+pub fn distilled(d: &DistillSummary) -> Result<()> {
+    out(&format!(
+        "distilled {} samples ({} tokens) in {:.1}s on {}; {}{}: {} samples, {} tokens, {} shards",
+        d.new_samples,
+        d.new_tokens,
+        d.seconds,
+        d.backend,
+        d.out.display(),
+        d.shard.map_or(String::new(), |s| format!(" (shard {s})")),
+        d.samples,
+        d.tokens,
+        d.shards
+    ))
+}
+
+/// `fastrm merge`'s one line.
+pub fn merged(m: &MergeSummary) -> Result<()> {
+    out(&format!(
+        "merged {} shards in {:.1}s; {}: {} samples, {} tokens, {} shards",
+        m.inputs,
+        m.seconds,
+        m.out.display(),
+        m.samples,
+        m.tokens,
+        m.shards
+    ))
+}
+
+/// `fastrm train`'s one line.
+pub fn trained(t: &TrainSummary) -> Result<()> {
+    out(&format!(
+        "trained {} steps ({} train / {} val samples, {} / {} tokens) in {} on {}: train loss \
+         {:.4}, val loss {} (initial {}, label-mean predictor {}) → {}",
+        t.steps,
+        t.train_samples,
+        t.val_samples,
+        t.train_tokens,
+        t.val_tokens,
+        crate::status::clock(t.seconds),
+        t.backend,
+        t.train_loss,
+        f(t.val_loss),
+        f(t.initial_val_loss),
+        f(t.label_mean_val_loss),
+        t.head_file.display()
+    ))
 }

@@ -4,18 +4,25 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use serde_json::{json, Value};
+use std::collections::BTreeMap;
+
+use serde::Serialize;
 
 use super::args::named;
 use super::term::{outln, StatusLine};
 use crate::engine::report;
 use crate::engine::{
-    collect, AnyEngine, CancelToken, Explained, Generation, ImageInput, Item, Method, Request,
-    RunOptions,
+    collect, AnyEngine, CancelToken, Confidence, Explained, Generation, ImageInput, Item, Method,
+    Request, RunOptions, TokenMap,
 };
 use crate::explain::{MethodName, RowMode};
+use crate::model::llava::StopReason;
 use crate::status::bar;
 use crate::{Error, GenerateOptions, Result};
+
+fn to_json(doc: &impl Serialize) -> Result<String> {
+    serde_json::to_string(doc).map_err(|e| Error::input(format!("JSON: {e}")))
+}
 
 /// Text tokens after the image in an id-level (synthetic model) request: about a short question.
 const SYNTHETIC_TEXT_TOKENS: usize = 40;
@@ -109,7 +116,7 @@ pub fn generate(mut run: RunArgs) -> Result<()> {
     progress.clear();
     let g = c?.generation;
     if run.json {
-        outln!("{}", generation_json(&engine, run, &input, &g))
+        outln!("{}", to_json(&run_doc(&engine, run, &input, &g, None))?)
     } else {
         outln!("{}", g.text.trim())
     }
@@ -167,8 +174,7 @@ pub fn explain(mut run: RunArgs, args: ExplainArgs) -> Result<()> {
             return Err(e);
         }
     };
-    let mut doc = generation_json(&engine, run, &input, &ex.generation);
-    add_maps(&mut doc, &ex);
+    let doc = run_doc(&engine, run, &input, &ex.generation, Some(&ex));
     if let Some(staging) = staging {
         let Input::Image(image) = &input else {
             progress.clear();
@@ -184,7 +190,7 @@ pub fn explain(mut run: RunArgs, args: ExplainArgs) -> Result<()> {
     }
     progress.clear();
     if run.json {
-        outln!("{doc}")
+        outln!("{}", to_json(&doc)?)
     } else {
         print_table(&ex)
     }
@@ -282,7 +288,61 @@ fn options(run: &RunArgs) -> GenerateOptions {
     }
 }
 
-fn generation_json(engine: &AnyEngine, run: &RunArgs, input: &Input, g: &Generation) -> Value {
+/// The `--json` document (and `--out`'s explain.json): the run's context, the generation, and
+/// for `explain` its maps.
+#[derive(Serialize)]
+struct RunDoc<'a> {
+    model: Option<String>,
+    image: Option<String>,
+    prompt: &'a str,
+    device: String,
+    grid: [usize; 2],
+    input_ids: &'a [u32],
+    generated_ids: &'a [u32],
+    text: &'a str,
+    stop_reason: StopReason,
+    timings_ms: TimingsMs,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    memory_bytes: BTreeMap<&'static str, MemoryUse>,
+    #[serde(flatten)]
+    maps: Option<MapsDoc<'a>>,
+}
+
+/// The phases in milliseconds, the maps' with `explain`.
+#[derive(Serialize)]
+struct TimingsMs {
+    vision: f64,
+    prefill: f64,
+    decode: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    maps: Option<f64>,
+}
+
+#[derive(Serialize)]
+struct MemoryUse {
+    live: usize,
+    peak: usize,
+}
+
+/// What `explain` adds.
+#[derive(Serialize)]
+struct MapsDoc<'a> {
+    method: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    layer: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    full_r: Option<bool>,
+    confidence: Confidence,
+    tokens: &'a [TokenMap],
+}
+
+fn run_doc<'a>(
+    engine: &AnyEngine,
+    run: &'a RunArgs,
+    input: &Input,
+    g: &'a Generation,
+    ex: Option<&'a Explained>,
+) -> RunDoc<'a> {
     let grid = engine.config().vision.grid();
     let model = match engine.dir() {
         Some(d) => Some(d.display().to_string()),
@@ -292,45 +352,41 @@ fn generation_json(engine: &AnyEngine, run: &RunArgs, input: &Input, g: &Generat
         Input::Image(p) => Some(p.display().to_string()),
         Input::Synthetic => None,
     };
-    // The library's own serialisation, with the run's context around it and the timings in the
-    // CLI's milliseconds.
-    let mut doc = serde_json::to_value(g).unwrap_or_default();
-    let timings_ms = json!({
-        "vision": g.timings.vision_s * 1e3,
-        "prefill": g.timings.prefill_s * 1e3,
-        "decode": g.timings.decode_s * 1e3,
-    });
-    if let Some(o) = doc.as_object_mut() {
-        o.remove("timings");
-        o.insert("model".into(), json!(model));
-        o.insert("image".into(), json!(image));
-        o.insert("prompt".into(), json!(run.prompt));
-        o.insert("device".into(), json!(engine.backend_name()));
-        o.insert("grid".into(), json!([grid, grid]));
-        o.insert("timings_ms".into(), timings_ms);
+    RunDoc {
+        model,
+        image,
+        prompt: &run.prompt,
+        device: engine.backend_name(),
+        grid: [grid, grid],
+        input_ids: &g.input_ids,
+        generated_ids: &g.generated_ids,
+        text: &g.text,
+        stop_reason: g.stop_reason,
+        timings_ms: TimingsMs {
+            vision: g.timings.vision_s * 1e3,
+            prefill: g.timings.prefill_s * 1e3,
+            decode: g.timings.decode_s * 1e3,
+            maps: ex.map(|ex| ex.maps_s * 1e3),
+        },
+        memory_bytes: engine
+            .memory_breakdown()
+            .into_iter()
+            .map(|(tag, live, peak)| (tag.name(), MemoryUse { live, peak }))
+            .collect(),
+        maps: ex.map(|ex| MapsDoc {
+            method: ex.method.name(),
+            layer: match ex.method {
+                Method::GradCam { layer } => Some(layer),
+                _ => None,
+            },
+            full_r: match ex.method {
+                Method::Baseline { mode } => Some(mode == RowMode::FullR),
+                _ => None,
+            },
+            confidence: ex.confidence,
+            tokens: &ex.tokens,
+        }),
     }
-    let memory = engine.memory_breakdown();
-    if !memory.is_empty() {
-        doc["memory_bytes"] = memory
-            .iter()
-            .map(|&(tag, live, peak)| (tag.name().to_string(), json!({"live": live, "peak": peak})))
-            .collect::<serde_json::Map<_, _>>()
-            .into();
-    }
-    doc
-}
-
-fn add_maps(doc: &mut Value, ex: &Explained) {
-    doc["method"] = json!(ex.method.name());
-    if let Method::GradCam { layer } = ex.method {
-        doc["layer"] = json!(layer);
-    }
-    if let Method::Baseline { mode } = ex.method {
-        doc["full_r"] = json!(mode == RowMode::FullR);
-    }
-    doc["timings_ms"]["maps"] = json!(ex.maps_s * 1e3);
-    doc["confidence"] = serde_json::to_value(ex.confidence).unwrap_or_default();
-    doc["tokens"] = serde_json::to_value(&ex.tokens).unwrap_or_default();
 }
 
 /// The human-readable form: the answer, then one line per token with its entropy and the grid

@@ -368,7 +368,7 @@ impl Progress {
 }
 
 /// `fastrm distill`.
-pub fn run(args: DistillOptions) -> Result<()> {
+pub fn run(args: DistillOptions) -> Result<DistillSummary> {
     let plan = Plan::new(&args)?;
     let created = !args.out.exists();
     std::fs::create_dir_all(&args.out).map_err(|e| Error::io(&args.out, e))?;
@@ -394,7 +394,7 @@ fn forget_empty_manifest(out: &Path) {
     }
 }
 
-fn distill_locked(args: &DistillOptions, plan: &Plan) -> Result<()> {
+fn distill_locked(args: &DistillOptions, plan: &Plan) -> Result<DistillSummary> {
     let t0 = Instant::now();
     let out = args.out.as_path();
     let identity = Identity::of(args)?;
@@ -478,17 +478,45 @@ fn distill_locked(args: &DistillOptions, plan: &Plan) -> Result<()> {
     };
     let (new_samples, new_tokens) =
         run.distill(&engine, &mut manifest, &mut writer, &mut progress)?;
-    crate::status::out(&format!(
-        "distilled {new_samples} samples ({new_tokens} tokens) in {:.1}s on {}; {}{}: {} samples, {} tokens, {} shards",
-        t0.elapsed().as_secs_f64(),
-        engine.backend_name(),
-        out.display(),
-        plan.spec.map_or(String::new(), |s| format!(" (shard {s})")),
-        manifest.samples,
-        manifest.tokens,
-        manifest.shards.len()
-    ))?;
-    Ok(())
+    Ok(DistillSummary {
+        out: out.to_path_buf(),
+        shard: plan.spec,
+        backend: engine.backend_name(),
+        new_samples,
+        new_tokens,
+        seconds: t0.elapsed().as_secs_f64(),
+        samples: manifest.samples,
+        tokens: manifest.tokens,
+        shards: manifest.shards.len(),
+    })
+}
+
+/// What a `distill` run did, and the data set it leaves.
+#[derive(Debug, Clone, Serialize)]
+pub struct DistillSummary {
+    pub out: PathBuf,
+    pub shard: Option<ShardSpec>,
+    pub backend: String,
+    /// Samples and tokens this run added (a resumed run adds what was missing).
+    pub new_samples: usize,
+    pub new_tokens: usize,
+    pub seconds: f64,
+    /// The data set's totals.
+    pub samples: usize,
+    pub tokens: usize,
+    pub shards: usize,
+}
+
+/// What a `merge` made.
+#[derive(Debug, Clone, Serialize)]
+pub struct MergeSummary {
+    pub out: PathBuf,
+    /// How many shard folders went in.
+    pub inputs: usize,
+    pub seconds: f64,
+    pub samples: usize,
+    pub tokens: usize,
+    pub shards: usize,
 }
 
 /// What a `distill` run is asked for, its arguments checked before anything is touched.
@@ -870,7 +898,7 @@ impl FolderSamples<'_> {
 /// `fastrm merge`: the folders of `distill --shard I/N` for every I of one N, joined into the
 /// folder one unsharded `distill` with the same settings writes (the same shard files and
 /// manifest), which `train`, `eval` and a further `distill` (to extend it) take as their own.
-pub fn merge(args: MergeOptions) -> Result<()> {
+pub fn merge(args: MergeOptions) -> Result<MergeSummary> {
     let t0 = Instant::now();
     let inputs = &args.inputs;
     let manifests: Vec<Manifest> = inputs
@@ -941,15 +969,14 @@ pub fn merge(args: MergeOptions) -> Result<()> {
     }
     // Listed only now, so that an interrupted merge leaves no folder that looks complete.
     manifest.write(out)?;
-    crate::status::out(&format!(
-        "merged {n} shards in {:.1}s; {}: {} samples, {} tokens, {} shards",
-        t0.elapsed().as_secs_f64(),
-        out.display(),
-        manifest.samples,
-        manifest.tokens,
-        manifest.shards.len()
-    ))?;
-    Ok(())
+    Ok(MergeSummary {
+        out: out.to_path_buf(),
+        inputs: n,
+        seconds: t0.elapsed().as_secs_f64(),
+        samples: manifest.samples,
+        tokens: manifest.tokens,
+        shards: manifest.shards.len(),
+    })
 }
 
 /// Every setting but the shard spec and the contents must agree between the folders of a split.

@@ -8,8 +8,6 @@
 
 use std::path::{Path, PathBuf};
 
-use serde_json::Value;
-
 use crate::engine::Explained;
 use crate::error::{Error, Result};
 use crate::render::{contact_sheet, heatmap_overlay, token_caption, write_png, OverlayOptions};
@@ -67,7 +65,12 @@ impl Staging {
     /// Renders every token's overlay on `view` (the image as the model saw it), the contact sheet
     /// and the JSON document, then moves them into the output folder, replacing a previous run's
     /// files. Returns the final paths.
-    pub fn write(mut self, view: &RgbImage, ex: &Explained, doc: &Value) -> Result<Vec<PathBuf>> {
+    pub fn write(
+        mut self,
+        view: &RgbImage,
+        ex: &Explained,
+        doc: &impl serde::Serialize,
+    ) -> Result<Vec<PathBuf>> {
         let mut names = Vec::with_capacity(ex.tokens.len() + 2);
         let mut tiles = Vec::with_capacity(ex.tokens.len());
         for t in &ex.tokens {

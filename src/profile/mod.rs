@@ -36,6 +36,7 @@ use crate::model::llava::{GenerateOptions, Timings};
 use crate::status;
 
 use memory::{MemorySource, MemoryUse, PhaseMemory};
+pub use report::Profiled;
 use report::{Report, RunRecord};
 use timer::{BackendClock, PhaseClock};
 
@@ -76,8 +77,6 @@ pub struct ProfileOptions {
     pub sample_ms: u64,
     /// Where profile.json, profile.txt and the plots go.
     pub out: Option<PathBuf>,
-    /// The JSON report on stdout instead of the table.
-    pub json: bool,
 }
 
 /// What `profile` can measure: plain generation, or generation with one relevancy method's maps
@@ -290,7 +289,6 @@ pub struct Plan {
     pub repeat: usize,
     pub interval: Duration,
     pub out: Option<PathBuf>,
-    pub json: bool,
 }
 
 impl Plan {
@@ -348,28 +346,31 @@ impl Plan {
             repeat: a.repeat,
             interval: Duration::from_millis(a.sample_ms),
             out: a.out.clone(),
-            json: a.json,
         })
     }
 }
 
 /// `fastrm profile`: validates everything cheap first (arguments, the output folder), then opens
 /// the model on the chosen backend ([`with_backend`], as every job does) and runs [`profile`].
-pub fn run(args: ProfileOptions) -> Result<()> {
+pub fn run(args: ProfileOptions) -> Result<Profiled> {
     let plan = Plan::new(&args)?;
     if let Some(out) = &plan.out {
         report::prepare_out(out)?;
     }
     let memory = memory_source(plan.device)?;
-    with_backend(
+    let report = with_backend(
         plan.device,
         plan.dtype,
         ProfileOn {
             plan: &plan,
             memory,
         },
-    )?
-    .emit(&plan)
+    )?;
+    let files = match &plan.out {
+        Some(out) => report.write(out)?,
+        None => Vec::new(),
+    };
+    Ok(Profiled { report, files })
 }
 
 /// Where a run's memory figures come from: the process on the CPU and the simulated device (the

@@ -20,7 +20,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::memory::{MemorySource, MemoryUse};
-use super::{Plan, ProfMethod};
+use super::ProfMethod;
 use crate::backend::MemTag;
 use crate::error::{Error, Result};
 use crate::render::plot::{line_plot, Axis, LinePlot, Series, PALETTE};
@@ -542,44 +542,47 @@ impl Report {
     }
 
     /// Writes the files into `out` (already proven writable by [`prepare_out`]) and returns their
-    /// paths; the JSON lists them.
-    pub fn write(&self, out: &Path) -> Result<(Vec<PathBuf>, Value)> {
-        let files: Vec<PathBuf> = [JSON_FILE, TABLE_FILE, LATENCY_PLOT, MEMORY_PLOT]
-            .iter()
-            .map(|f| out.join(f))
-            .collect();
+    /// paths.
+    pub fn write(&self, out: &Path) -> Result<Vec<PathBuf>> {
+        let files: Vec<PathBuf> = FILES.iter().map(|f| out.join(f)).collect();
         write_png(&files[2], &self.latency_plot()?)?;
         write_png(&files[3], &self.memory_plot()?)?;
         crate::util::write_atomic(&files[1], self.table().as_bytes())?;
-        let mut doc = self.to_json();
-        doc["files"] = json!([JSON_FILE, TABLE_FILE, LATENCY_PLOT, MEMORY_PLOT]);
+        let doc = self.to_json_listing(&FILES);
         let text = serde_json::to_string_pretty(&doc)
             .map_err(|e| Error::input(format!("profile JSON: {e}")))?;
         crate::util::write_atomic(&files[0], text.as_bytes())?;
-        Ok((files, doc))
+        Ok(files)
     }
 
-    /// The end of `fastrm profile`: files into `--out`, then the JSON or the table on stdout.
-    pub fn emit(&self, plan: &Plan) -> Result<()> {
-        let (files, doc) = match &plan.out {
-            Some(out) => {
-                let (f, d) = self.write(out)?;
-                (f, d)
-            }
-            None => (Vec::new(), self.to_json()),
-        };
-        if plan.json {
-            crate::status::out(&format!("{doc}"))?;
-        } else {
-            crate::status::out(self.table().trim_end())?;
-            if !files.is_empty() {
-                crate::status::out("")?;
-                for f in &files {
-                    crate::status::out(&format!("wrote {}", f.display()))?;
-                }
-            }
+    /// [`Report::to_json`] with the names of the files written beside it, if any.
+    fn to_json_listing(&self, files: &[&str]) -> Value {
+        let mut doc = self.to_json();
+        if !files.is_empty() {
+            doc["files"] = json!(files);
         }
-        Ok(())
+        doc
+    }
+}
+
+/// The files `--out` receives, in the order [`Report::write`] returns them.
+const FILES: [&str; 4] = [JSON_FILE, TABLE_FILE, LATENCY_PLOT, MEMORY_PLOT];
+
+/// What `fastrm profile` returns: the report and the files written from it (none without `out`).
+pub struct Profiled {
+    pub report: Report,
+    pub files: Vec<PathBuf>,
+}
+
+/// The JSON document profile.json holds (`files` listed when there are any).
+impl serde::Serialize for Profiled {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        let files = if self.files.is_empty() {
+            &[][..]
+        } else {
+            &FILES[..]
+        };
+        self.report.to_json_listing(files).serialize(s)
     }
 }
 

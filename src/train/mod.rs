@@ -676,7 +676,7 @@ fn side_path(out: &Path, suffix: &str) -> PathBuf {
 
 /// The `fastrm train` command: trains on the `--device` backend, writes the head, the CSV and the
 /// plot, prints a one-line summary.
-pub fn run(args: TrainJob) -> Result<()> {
+pub fn run(args: TrainJob) -> Result<TrainSummary> {
     let opts = args.options;
     opts.validate()?;
     let (device, dtype) = (args.device, args.dtype);
@@ -729,21 +729,38 @@ pub fn run(args: TrainJob) -> Result<()> {
     let csv_path = side_path(out, ".loss.csv");
     std::fs::write(&csv_path, curve_csv(&report.curve)).map_err(|e| Error::io(&csv_path, e))?;
     crate::render::write_png(&side_path(out, ".loss.png"), &loss_plot(&report.curve)?)?;
-    let val = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.4}"));
-    crate::status::out(&format!(
-        "trained {} steps ({} train / {} val samples, {} / {} tokens) in {} on {backend}: train \
-         loss {:.4}, val loss {} (initial {}, label-mean predictor {}) → {}",
-        opts.steps,
-        report.train_samples,
-        report.val_samples,
-        report.train_tokens,
-        report.val_tokens,
-        status::clock(report.seconds),
-        report.final_train_loss(),
-        val(report.final_val_loss()),
-        val(report.initial_val_loss()),
-        val(report.label_mean_val_loss),
-        out.display()
-    ))?;
-    Ok(())
+    Ok(TrainSummary {
+        head_file: out.to_path_buf(),
+        backend,
+        steps: opts.steps,
+        train_samples: report.train_samples,
+        val_samples: report.val_samples,
+        train_tokens: report.train_tokens,
+        val_tokens: report.val_tokens,
+        seconds: report.seconds,
+        train_loss: report.final_train_loss(),
+        val_loss: report.final_val_loss(),
+        initial_val_loss: report.initial_val_loss(),
+        label_mean_val_loss: report.label_mean_val_loss,
+    })
+}
+
+/// What `fastrm train` returns: the run behind the head, loss CSV and plot it wrote.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TrainSummary {
+    pub head_file: PathBuf,
+    pub backend: String,
+    pub steps: usize,
+    pub train_samples: usize,
+    pub val_samples: usize,
+    pub train_tokens: usize,
+    pub val_tokens: usize,
+    pub seconds: f64,
+    /// The last logged mean batch loss.
+    pub train_loss: f64,
+    /// Validation loss at the end and before training; `None` without a validation split.
+    pub val_loss: Option<f64>,
+    pub initial_val_loss: Option<f64>,
+    /// The constant predictor's validation loss (mean training label), for comparison.
+    pub label_mean_val_loss: Option<f64>,
 }
