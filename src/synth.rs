@@ -12,12 +12,12 @@
 //! model's size is written too (`head.safetensors`), for `explain --method fastrm`.
 
 use std::collections::BTreeMap;
-use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 use serde_json::{json, Value};
 
+use crate::checkpoint::write::{self, Data, Tensor};
 use crate::checkpoint::{DType, INDEX_FILE};
 use crate::config::LlavaConfig;
 use crate::error::{Error, Result};
@@ -238,9 +238,9 @@ pub fn hub_tensors(cfg: &LlavaConfig) -> Vec<(String, Vec<usize>)> {
     t
 }
 
-/// One safetensors file: header (8-byte aligned, `{"format": "pt"}` metadata as transformers
-/// writes), then each tensor's values drawn and rounded one tensor at a time, so memory stays at
-/// one tensor whatever the model's size.
+/// One safetensors file (`{"format": "pt"}` metadata, as transformers writes), each tensor's
+/// values drawn and rounded when its turn comes, so memory stays at one tensor whatever the
+/// model's size.
 fn write_shard(
     path: &Path,
     members: &[usize],
@@ -248,38 +248,24 @@ fn write_shard(
     draw: &Synthetic,
     dtype: DType,
 ) -> Result<()> {
-    let mut header = serde_json::Map::new();
-    header.insert("__metadata__".into(), json!({"format": "pt"}));
-    let mut offset = 0usize;
-    for &i in members {
-        let (name, shape) = &tensors[i];
-        let len = shape.iter().product::<usize>() * dtype.size();
-        let dt = match dtype {
-            DType::F32 => "F32",
-            DType::F16 => "F16",
-            DType::BF16 => "BF16",
-        };
-        header.insert(
-            name.clone(),
-            json!({"dtype": dt, "shape": shape, "data_offsets": [offset, offset + len]}),
-        );
-        offset += len;
-    }
-    let mut head = serde_json::to_vec(&Value::Object(header))
-        .map_err(|e| Error::input(format!("safetensors header: {e}")))?;
-    head.resize(head.len().div_ceil(8) * 8, b' ');
-    let f = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
-    let mut w = BufWriter::with_capacity(8 << 20, f);
-    let io = |e| Error::io(path, e);
-    w.write_all(&(head.len() as u64).to_le_bytes())
-        .map_err(io)?;
-    w.write_all(&head).map_err(io)?;
-    for &i in members {
-        let (name, shape) = &tensors[i];
-        let bytes = values(draw, name, shape, dtype);
-        w.write_all(&bytes).map_err(io)?;
-    }
-    w.flush().map_err(io)
+    let st_dtype = match dtype {
+        DType::F32 => safetensors::Dtype::F32,
+        DType::F16 => safetensors::Dtype::F16,
+        DType::BF16 => safetensors::Dtype::BF16,
+    };
+    let files: Vec<Tensor<'_>> = members
+        .iter()
+        .map(|&i| {
+            let (name, shape) = &tensors[i];
+            Tensor {
+                name: name.clone(),
+                dtype: st_dtype,
+                shape: shape.clone(),
+                data: Data::Made(Box::new(move || values(draw, name, shape, dtype))),
+            }
+        })
+        .collect();
+    write::write_file(path, &[("format", "pt".into())], &files)
 }
 
 /// A tensor's values as `dtype` little-endian bytes, drawn in parallel stretches of the seeded

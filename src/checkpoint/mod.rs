@@ -6,6 +6,9 @@
 //! the shard's name, long before any weight is read. Tensors are looked up by their hub name; the
 //! transformers-5 spelling is tried when the hub name is absent.
 
+pub mod head;
+pub mod write;
+
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};

@@ -9,7 +9,7 @@
 //!   `[M]` i64, and the per-sample records ([`SampleRecord`]) as JSON under the header metadata key
 //!   `samples`.
 //!
-//! Both are written atomically ([`write_atomic`]). Reading checks a shard whole — tensor names,
+//! Both are written atomically (shards by [`crate::checkpoint::write`], deterministically). Reading checks a shard whole — tensor names,
 //! dtypes and shapes, the manifest's geometry and entry, finite values, and every record against
 //! its token rows — so a reader can index without further checks, and errors name the file.
 //!
@@ -18,13 +18,13 @@
 //! a data set larger than memory still trains.
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
 use super::ShardSpec;
+use crate::checkpoint::write::{self, Tensor};
 use crate::error::{Error, Result};
 use crate::util::write_atomic;
 
@@ -264,60 +264,32 @@ impl Shard {
         self.samples.push(record);
     }
 
-    fn to_bytes(&self) -> Result<Vec<u8>> {
+    /// Writes the shard file atomically; the same shard is the same bytes.
+    pub fn write(&self, path: &Path) -> Result<()> {
         let (s, m, p, d) = (
             self.samples.len(),
             self.n_tokens(),
             self.n_patches,
             self.hidden_size,
         );
-        let f = |v: &[f32]| bytemuck::cast_slice::<f32, u8>(v).to_vec();
-        let i = |v: &[i64]| bytemuck::cast_slice::<i64, u8>(v).to_vec();
-        let tensors: Vec<(&str, Dtype, Vec<usize>, Vec<u8>)> = vec![
-            (
-                "image_hidden",
-                Dtype::F32,
-                vec![s, p, d],
-                f(&self.image_hidden),
-            ),
-            (
-                "token_hidden",
-                Dtype::F32,
-                vec![m, d],
-                f(&self.token_hidden),
-            ),
-            ("maps", Dtype::F32, vec![m, p], f(&self.maps)),
-            ("token_ids", Dtype::I64, vec![m], i(&self.token_ids)),
-            ("token_sample", Dtype::I64, vec![m], i(&self.token_sample)),
-            ("token_index", Dtype::I64, vec![m], i(&self.token_index)),
+        let tensors = [
+            Tensor::f32("image_hidden", vec![s, p, d], &self.image_hidden),
+            Tensor::f32("token_hidden", vec![m, d], &self.token_hidden),
+            Tensor::f32("maps", vec![m, p], &self.maps),
+            Tensor::i64("token_ids", vec![m], &self.token_ids),
+            Tensor::i64("token_sample", vec![m], &self.token_sample),
+            Tensor::i64("token_index", vec![m], &self.token_index),
         ];
-        let views = tensors
-            .iter()
-            .map(|(name, dt, shape, b)| {
-                safetensors::tensor::TensorView::new(*dt, shape.clone(), b)
-                    .map(|v| (name.to_string(), v))
-            })
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| Error::input(format!("shard tensors: {e}")))?;
         let samples = serde_json::to_string(&self.samples)
             .map_err(|e| Error::input(format!("shard records: {e}")))?;
-        let meta: HashMap<String, String> = [
+        let meta = [
             ("format", SHARD_FORMAT.to_string()),
             ("first_sample", self.first_sample.to_string()),
             ("n_samples", s.to_string()),
             ("n_tokens", m.to_string()),
             ("samples", samples),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
-        safetensors::tensor::serialize(views, Some(meta))
-            .map_err(|e| Error::input(format!("shard: {e}")))
-    }
-
-    /// Writes the shard file atomically.
-    pub fn write(&self, path: &Path) -> Result<()> {
-        write_atomic(path, &self.to_bytes()?)
+        ];
+        write::write_file(path, &meta, &tensors)
     }
 
     /// Reads and checks a shard file completely.
@@ -669,39 +641,27 @@ fn shard_meta(
 pub(super) fn read_shard_header(
     path: &Path,
 ) -> std::result::Result<(usize, Vec<SampleRecord>, usize), String> {
-    let mut f = std::fs::File::open(path).map_err(|e| e.to_string())?;
-    let mut n = [0u8; 8];
-    f.read_exact(&mut n).map_err(|e| e.to_string())?;
-    let n = u64::from_le_bytes(n);
-    if n > 1 << 30 {
-        return Err("header too large".into());
-    }
-    let mut header = vec![0u8; n as usize];
-    f.read_exact(&mut header).map_err(|e| e.to_string())?;
-    let v: serde_json::Value = serde_json::from_slice(&header).map_err(|e| e.to_string())?;
+    let (header, data_len) = write::read_header(path, 1 << 30).map_err(|e| e.to_string())?;
     let meta: HashMap<String, String> =
-        serde_json::from_value(v.get("__metadata__").cloned().unwrap_or_default())
+        serde_json::from_value(header.get("__metadata__").cloned().unwrap_or_default())
             .map_err(|e| e.to_string())?;
     let (first, samples) = shard_meta(&meta)?;
-    let tokens = v
+    let tokens = header
         .get("token_ids")
         .and_then(|t| t.get("shape"))
         .and_then(|s| s.get(0))
         .and_then(|x| x.as_u64())
         .ok_or("no token_ids tensor")? as usize;
-    // The file must be complete: its size is the header plus the last tensor's end.
-    let end = v
-        .as_object()
-        .map(|o| {
-            o.values()
-                .filter_map(|t| t.get("data_offsets")?.get(1)?.as_u64())
-                .max()
-                .unwrap_or(0)
-        })
+    // The file must be complete: its data is exactly up to the last tensor's end.
+    let end = header
+        .values()
+        .filter_map(|t| t.get("data_offsets")?.get(1)?.as_u64())
+        .max()
         .unwrap_or(0);
-    let len = f.metadata().map_err(|e| e.to_string())?.len();
-    if len != 8 + n + end {
-        return Err(format!("truncated ({len} bytes, expected {})", 8 + n + end));
+    if data_len != end {
+        return Err(format!(
+            "truncated ({data_len} bytes of data, expected {end})"
+        ));
     }
     Ok((first, samples, tokens))
 }
