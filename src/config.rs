@@ -8,7 +8,7 @@
 
 use std::path::Path;
 
-use serde_json::Value;
+use serde::Deserialize;
 
 use crate::error::{Error, Result};
 
@@ -115,18 +115,24 @@ impl LlavaConfig {
     }
 
     pub fn from_json_str(text: &str) -> std::result::Result<Self, String> {
-        let root: Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
-        let root = Obj::new(&root, "")?;
-        if let Some(mt) = root.opt_str("model_type")? {
+        let root: RawConfig = parse_json(text)?;
+        if let Some(mt) = &root.model_type {
             if mt != "llava" {
                 return Err(format!(
                     "model_type is {mt:?}; only LLaVA-1.5 (\"llava\") is supported"
                 ));
             }
         }
-        let tc = root.child("text_config")?;
-        let vc = root.child("vision_config")?;
-        if let Some(mt) = tc.opt_str("model_type")? {
+        let missing = |k: &str| format!("missing `{k}` (is this a LLaVA config.json?)");
+        let tc = root
+            .text_config
+            .as_ref()
+            .ok_or_else(|| missing("text_config"))?;
+        let vc = root
+            .vision_config
+            .as_ref()
+            .ok_or_else(|| missing("vision_config"))?;
+        if let Some(mt) = &tc.model_type {
             if mt != "llama" {
                 return Err(format!(
                     "text_config.model_type is {mt:?}; only \"llama\" is supported"
@@ -135,7 +141,7 @@ impl LlavaConfig {
         }
 
         // Defaults: transformers' CLIPVisionConfig.
-        let v_act = match vc.opt_str("hidden_act")?.unwrap_or("quick_gelu") {
+        let v_act = match vc.hidden_act.as_deref().unwrap_or("quick_gelu") {
             "quick_gelu" => VisionAct::QuickGelu,
             "gelu" => VisionAct::Gelu,
             other => {
@@ -145,110 +151,83 @@ impl LlavaConfig {
             }
         };
         let vision = VisionConfig {
-            hidden_size: vc.usize_or("hidden_size", 768)?,
-            intermediate_size: vc.usize_or("intermediate_size", 3072)?,
-            num_hidden_layers: vc.usize_or("num_hidden_layers", 12)?,
-            num_attention_heads: vc.usize_or("num_attention_heads", 12)?,
-            image_size: vc.usize_or("image_size", 224)?,
-            patch_size: vc.usize_or("patch_size", 32)?,
-            num_channels: vc.usize_or("num_channels", 3)?,
-            layer_norm_eps: vc.f64_or("layer_norm_eps", 1e-5)?,
+            hidden_size: vc.hidden_size.unwrap_or(768),
+            intermediate_size: vc.intermediate_size.unwrap_or(3072),
+            num_hidden_layers: vc.num_hidden_layers.unwrap_or(12),
+            num_attention_heads: vc.num_attention_heads.unwrap_or(12),
+            image_size: vc.image_size.unwrap_or(224),
+            patch_size: vc.patch_size.unwrap_or(32),
+            num_channels: vc.num_channels.unwrap_or(3),
+            layer_norm_eps: vc.layer_norm_eps.unwrap_or(1e-5),
             hidden_act: v_act,
         };
 
         // Defaults: transformers' LlamaConfig (what the hub's llava-1.5 files rely on).
-        let hidden = tc.usize_or("hidden_size", 4096)?;
-        let heads = tc.usize_or("num_attention_heads", 32)?;
-        let rope_theta = match tc.opt_f64("rope_theta")? {
-            Some(t) => t,
-            None => match tc.opt_child("rope_parameters")? {
-                Some(rp) => {
-                    if let Some(kind) = rp.opt_str("rope_type")? {
-                        if kind != "default" {
-                            return Err(format!(
-                                "text_config.rope_parameters.rope_type {kind:?} is not supported"
-                            ));
-                        }
-                    }
-                    rp.f64_or("rope_theta", 10000.0)?
+        let hidden = tc.hidden_size.unwrap_or(4096);
+        let heads = tc.num_attention_heads.unwrap_or(32);
+        let rope_theta = match (tc.rope_theta, &tc.rope_parameters) {
+            (Some(t), _) => t,
+            (None, Some(rp)) => {
+                if let Some(kind) = rp.rope_type.as_deref().filter(|k| *k != "default") {
+                    return Err(format!(
+                        "text_config.rope_parameters.rope_type {kind:?} is not supported"
+                    ));
                 }
-                None => 10000.0,
-            },
+                rp.rope_theta.unwrap_or(10000.0)
+            }
+            (None, None) => 10000.0,
         };
-        if tc.opt_child("rope_scaling")?.is_some() {
+        if tc.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
             return Err(
                 "text_config.rope_scaling is not supported (LLaVA-1.5 uses plain RoPE)".into(),
             );
         }
         let text = TextConfig {
             hidden_size: hidden,
-            intermediate_size: tc.usize_or("intermediate_size", 11008)?,
-            num_hidden_layers: tc.usize_or("num_hidden_layers", 32)?,
+            intermediate_size: tc.intermediate_size.unwrap_or(11008),
+            num_hidden_layers: tc.num_hidden_layers.unwrap_or(32),
             num_attention_heads: heads,
-            num_key_value_heads: tc.usize_or("num_key_value_heads", heads)?,
-            head_dim: tc.usize_or("head_dim", hidden.checked_div(heads).unwrap_or(0))?,
+            num_key_value_heads: tc.num_key_value_heads.unwrap_or(heads),
+            head_dim: tc
+                .head_dim
+                .unwrap_or(hidden.checked_div(heads).unwrap_or(0)),
             // The top-level vocab_size is the padded one on the hub (32064); text_config's wins
             // when both exist because it is what the embedding table was built with.
-            vocab_size: match tc.opt_usize("vocab_size")? {
-                Some(v) => v,
-                None => root.usize_or("vocab_size", 32000)?,
-            },
-            rms_norm_eps: tc.f64_or("rms_norm_eps", 1e-6)?,
+            vocab_size: tc.vocab_size.or(root.vocab_size).unwrap_or(32000),
+            rms_norm_eps: tc.rms_norm_eps.unwrap_or(1e-6),
             rope_theta,
-            max_position_embeddings: tc.usize_or("max_position_embeddings", 2048)?,
+            max_position_embeddings: tc.max_position_embeddings.unwrap_or(2048),
         };
 
-        let image_token_id = match root.opt_usize("image_token_index")? {
-            Some(v) => v,
-            None => root.usize_or("image_token_id", 32000)?,
-        } as u32;
-        let eos_token_ids = match tc.get("eos_token_id").or_else(|| root.get("eos_token_id")) {
-            None | Some(Value::Null) => vec![2],
-            Some(Value::Array(a)) => a
-                .iter()
-                .map(|v| {
-                    as_u32(v).ok_or_else(|| "eos_token_id entries must be integers".to_string())
-                })
-                .collect::<std::result::Result<_, _>>()?,
-            Some(v) => vec![as_u32(v).ok_or("eos_token_id must be an integer or a list")?],
+        let image_token_id = root
+            .image_token_index
+            .or(root.image_token_id)
+            .unwrap_or(32000);
+        let eos_token_ids = match tc.eos_token_id.as_ref().or(root.eos_token_id.as_ref()) {
+            None => vec![2],
+            Some(OneOrMany::One(id)) => vec![*id],
+            Some(OneOrMany::Many(ids)) => ids.clone(),
         };
-        let bos_token_id = match tc.get("bos_token_id").or_else(|| root.get("bos_token_id")) {
-            None | Some(Value::Null) => 1,
-            Some(v) => as_u32(v).ok_or("bos_token_id must be an integer")?,
-        };
-        let pad_token_id = match root.get("pad_token_id").or_else(|| tc.get("pad_token_id")) {
-            None | Some(Value::Null) => None,
-            Some(v) => Some(as_u32(v).ok_or("pad_token_id must be an integer")?),
-        };
+        let bos_token_id = tc.bos_token_id.or(root.bos_token_id).unwrap_or(1);
+        let pad_token_id = root.pad_token_id.or(tc.pad_token_id);
         let strategy = root
-            .opt_str("vision_feature_select_strategy")?
+            .vision_feature_select_strategy
+            .as_deref()
             .unwrap_or("default");
         if strategy != "default" {
             return Err(format!(
                 "vision_feature_select_strategy {strategy:?} is not supported (LLaVA-1.5 uses \"default\")"
             ));
         }
-        let vision_feature_layer = match root.get("vision_feature_layer") {
-            None => -2,
-            Some(Value::Number(n)) if n.as_i64().is_some() => n.as_i64().unwrap(),
-            Some(_) => {
-                return Err(
-                    "vision_feature_layer must be a single integer (lists are not supported)"
-                        .into(),
-                )
-            }
-        };
-        if let Some(act) = root.opt_str("projector_hidden_act")? {
+        let vision_feature_layer = root.vision_feature_layer.unwrap_or(-2);
+        if let Some(act) = root.projector_hidden_act.as_deref() {
             if act != "gelu" {
                 return Err(format!(
                     "projector_hidden_act {act:?} is not supported (expected \"gelu\")"
                 ));
             }
         }
-        let dtype = match root.opt_str("torch_dtype")? {
-            Some(d) => Some(d.to_string()),
-            None => root.opt_str("dtype")?.map(str::to_string),
-        };
+        let dtype = root.torch_dtype.or(root.dtype);
         let cfg = LlavaConfig {
             vision,
             text,
@@ -379,80 +358,113 @@ impl LlavaConfig {
     }
 }
 
-fn as_u32(v: &Value) -> Option<u32> {
-    v.as_u64().and_then(|x| u32::try_from(x).ok())
-}
-
-/// A JSON object with typed accessors that report the field's full path on a type mismatch.
-struct Obj<'a> {
-    map: &'a serde_json::Map<String, Value>,
-    path: String,
-}
-
-impl<'a> Obj<'a> {
-    fn new(v: &'a Value, path: &str) -> std::result::Result<Self, String> {
-        match v {
-            Value::Object(map) => Ok(Obj {
-                map,
-                path: path.to_string(),
-            }),
-            _ => Err(if path.is_empty() {
-                "top level must be a JSON object".to_string()
-            } else {
-                format!("{path} must be a JSON object")
-            }),
-        }
-    }
-    fn key(&self, k: &str) -> String {
-        if self.path.is_empty() {
-            k.to_string()
+/// `text` as `T`, errors naming the field's path (`vision_config.patch_size: invalid type: …`).
+fn parse_json<T: serde::de::DeserializeOwned>(text: &str) -> std::result::Result<T, String> {
+    let de = &mut serde_json::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            format!("not valid JSON: {inner}")
+        } else if path == "." {
+            format!("top level must be a JSON object ({inner})")
         } else {
-            format!("{}.{k}", self.path)
+            format!("`{path}`: {inner}")
         }
-    }
-    fn get(&self, k: &str) -> Option<&'a Value> {
-        self.map.get(k)
-    }
-    fn child(&self, k: &str) -> std::result::Result<Obj<'a>, String> {
-        self.opt_child(k)?
-            .ok_or_else(|| format!("missing `{}` (is this a LLaVA config.json?)", self.key(k)))
-    }
-    fn opt_child(&self, k: &str) -> std::result::Result<Option<Obj<'a>>, String> {
-        match self.map.get(k) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => Obj::new(v, &self.key(k)).map(Some),
+    })
+}
+
+/// `config.json` as written: every field optional (transformers' class defaults fill the gaps),
+/// other fields ignored.
+#[derive(Deserialize)]
+struct RawConfig {
+    model_type: Option<String>,
+    text_config: Option<RawText>,
+    vision_config: Option<RawVision>,
+    vocab_size: Option<usize>,
+    image_token_index: Option<u32>,
+    image_token_id: Option<u32>,
+    eos_token_id: Option<OneOrMany>,
+    bos_token_id: Option<u32>,
+    pad_token_id: Option<u32>,
+    vision_feature_select_strategy: Option<String>,
+    /// One layer; transformers also allows a list, which LLaVA-1.5 never uses.
+    vision_feature_layer: Option<i64>,
+    projector_hidden_act: Option<String>,
+    torch_dtype: Option<String>,
+    dtype: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawText {
+    model_type: Option<String>,
+    hidden_size: Option<usize>,
+    intermediate_size: Option<usize>,
+    num_hidden_layers: Option<usize>,
+    num_attention_heads: Option<usize>,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    vocab_size: Option<usize>,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    rope_parameters: Option<RawRope>,
+    rope_scaling: Option<serde_json::Value>,
+    max_position_embeddings: Option<usize>,
+    eos_token_id: Option<OneOrMany>,
+    bos_token_id: Option<u32>,
+    pad_token_id: Option<u32>,
+}
+
+#[derive(Deserialize)]
+struct RawRope {
+    rope_type: Option<String>,
+    rope_theta: Option<f64>,
+}
+
+#[derive(Deserialize)]
+struct RawVision {
+    hidden_act: Option<String>,
+    hidden_size: Option<usize>,
+    intermediate_size: Option<usize>,
+    num_hidden_layers: Option<usize>,
+    num_attention_heads: Option<usize>,
+    image_size: Option<usize>,
+    patch_size: Option<usize>,
+    num_channels: Option<usize>,
+    layer_norm_eps: Option<f64>,
+}
+
+/// An id or a list of ids (`eos_token_id`).
+enum OneOrMany {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl<'de> Deserialize<'de> for OneOrMany {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Ids;
+        impl<'de> serde::de::Visitor<'de> for Ids {
+            type Value = OneOrMany;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a token id or a list of token ids")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> std::result::Result<OneOrMany, E> {
+                u32::try_from(v)
+                    .map(OneOrMany::One)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> std::result::Result<OneOrMany, A::Error> {
+                let mut ids = Vec::new();
+                while let Some(id) = seq.next_element::<u32>()? {
+                    ids.push(id);
+                }
+                Ok(OneOrMany::Many(ids))
+            }
         }
-    }
-    fn opt_str(&self, k: &str) -> std::result::Result<Option<&'a str>, String> {
-        match self.map.get(k) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s)),
-            Some(_) => Err(format!("`{}` must be a string", self.key(k))),
-        }
-    }
-    fn opt_usize(&self, k: &str) -> std::result::Result<Option<usize>, String> {
-        match self.map.get(k) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| {
-                format!("`{}` must be a non-negative integer, got {v}", self.key(k))
-            }),
-        }
-    }
-    fn usize_or(&self, k: &str, d: usize) -> std::result::Result<usize, String> {
-        Ok(self.opt_usize(k)?.unwrap_or(d))
-    }
-    fn opt_f64(&self, k: &str) -> std::result::Result<Option<f64>, String> {
-        match self.map.get(k) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .filter(|x| x.is_finite())
-                .map(Some)
-                .ok_or_else(|| format!("`{}` must be a number, got {v}", self.key(k))),
-        }
-    }
-    fn f64_or(&self, k: &str, d: f64) -> std::result::Result<f64, String> {
-        Ok(self.opt_f64(k)?.unwrap_or(d))
+        d.deserialize_any(Ids)
     }
 }
 
@@ -536,6 +548,17 @@ mod tests {
                     "\"vision_feature_layer\": -40",
                 ),
                 "out of range",
+            ),
+            (
+                &HUB_7B.replace("\"pad_token_id\": 32001", "\"eos_token_id\": \"x\""),
+                "`eos_token_id`: invalid type: string \"x\", expected a token id or a list",
+            ),
+            (
+                &HUB_7B.replace(
+                    "\"model_type\": \"llama\"",
+                    "\"model_type\": \"llama\", \"eos_token_id\": [2, -1]",
+                ),
+                "`text_config.eos_token_id[1]`",
             ),
         ];
         for (text, needle) in cases {

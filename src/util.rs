@@ -22,6 +22,20 @@ pub trait Named: Copy + PartialEq + Send + Sync + 'static {
     }
 }
 
+/// A report or response as JSON text (`pretty`: indented). Through [`serde_json::Value`], which
+/// holds every number as an `f64`: an `f32` field is written as the `f64` it converts to exactly
+/// (`0.4160856902599334`, not `0.4160857`), the same digits in every document the command line
+/// and the server write, and what a JSON reader's doubles hold.
+pub fn json_text(value: &impl serde::Serialize, pretty: bool) -> Result<String> {
+    let v = serde_json::to_value(value).map_err(|e| Error::input(format!("JSON: {e}")))?;
+    let text = if pretty {
+        serde_json::to_string_pretty(&v)
+    } else {
+        serde_json::to_string(&v)
+    };
+    text.map_err(|e| Error::input(format!("JSON: {e}")))
+}
+
 /// Small, fast, seedable generator (SplitMix64); good enough for test data and synthetic weights.
 pub struct SplitMix64(u64);
 

@@ -8,11 +8,11 @@ use crate::eval::EvalReport;
 use crate::profile::Profiled;
 use crate::status::out;
 use crate::train::TrainSummary;
-use crate::{Error, Result};
+use crate::Result;
 
 /// `value` as one line of JSON on stdout.
 fn json(value: &impl Serialize) -> Result<()> {
-    let text = serde_json::to_string(value).map_err(|e| Error::input(format!("JSON: {e}")))?;
+    let text = crate::util::json_text(value, false)?;
     out(&text)
 }
 

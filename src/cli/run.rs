@@ -21,7 +21,7 @@ use crate::status::bar;
 use crate::{Error, GenerateOptions, Result};
 
 fn to_json(doc: &impl Serialize) -> Result<String> {
-    serde_json::to_string(doc).map_err(|e| Error::input(format!("JSON: {e}")))
+    crate::util::json_text(doc, false)
 }
 
 /// Text tokens after the image in an id-level (synthetic model) request: about a short question.

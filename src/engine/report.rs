@@ -91,8 +91,7 @@ impl Staging {
             &contact_sheet(&tiles, columns, &title)?,
         )?;
         names.push(SHEET_FILE.to_string());
-        let json =
-            serde_json::to_string_pretty(doc).map_err(|e| Error::input(format!("JSON: {e}")))?;
+        let json = crate::util::json_text(doc, true)?;
         std::fs::write(self.tmp.join(JSON_FILE), json)
             .map_err(|e| Error::io(self.tmp.join(JSON_FILE), e))?;
         names.push(JSON_FILE.to_string());

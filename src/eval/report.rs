@@ -84,8 +84,7 @@ pub(super) fn write_files(
         plot(POINTING_PNG, pointing::pointing_plot(pointing))?;
         names.push(POINTING_PNG);
     }
-    let text =
-        serde_json::to_string_pretty(report).map_err(|e| Error::input(format!("JSON: {e}")))?;
+    let text = crate::util::json_text(report, true)?;
     std::fs::write(st.path(JSON_FILE), text).map_err(|e| Error::io(st.path(JSON_FILE), e))?;
     names.push(JSON_FILE);
     st.commit(&names).map(|_| ())

@@ -2,7 +2,9 @@
 //! name the field, as OpenAI's do), the response objects and chunks, and the relevancy extension.
 
 use base64::Engine as _;
-use serde_json::{json, Map, Value};
+use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+use serde_json::{json, Value};
 
 use crate::engine::{Confidence, StopReason, TokenMap};
 use crate::explain::{Method, MethodName};
@@ -99,8 +101,113 @@ fn type_error(p: &str, want: &str) -> ApiError {
     ApiError::invalid(param(p), "invalid_type", format!("`{p}` must be {want}"))
 }
 
-/// Checks a request body. `n_layers` picks GradCAM's default layer.
-pub fn parse_chat(body: &[u8], limits: Limits, n_layers: usize) -> Result<ChatRequest, ApiError> {
+/// The request body as clients send it: every field optional here (what is required, and
+/// each value's range, is checked after, with OpenAI's error codes); fields not listed are
+/// ignored.
+#[derive(Deserialize)]
+struct RawChat {
+    messages: Option<Vec<RawMessage>>,
+    max_tokens: Option<u64>,
+    max_completion_tokens: Option<u64>,
+    stream: Option<bool>,
+    stream_options: Option<RawStreamOptions>,
+    n: Option<u64>,
+    ignore_eos: Option<bool>,
+    relevancy: Option<RawRelevancy>,
+}
+
+#[derive(Deserialize)]
+struct RawMessage {
+    role: Option<String>,
+    content: Option<RawContent>,
+}
+
+/// A message's content: plain text, or parts.
+enum RawContent {
+    /// Refused (it holds no image), but typed, so that content of another type is an error
+    /// naming it.
+    Text,
+    Parts(Vec<RawPart>),
+}
+
+/// A content part; which fields it needs depends on its `type`.
+#[derive(Deserialize)]
+struct RawPart {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    text: Option<String>,
+    image_url: Option<RawImageUrl>,
+}
+
+/// OpenAI's shape is `{"url": ...}`; a bare string is accepted too, as many clients send it.
+struct RawImageUrl(String);
+
+// Hand-written rather than `#[serde(untagged)]`, whose error ("did not match any variant")
+// would hide which field inside the content was wrong.
+impl<'de> Deserialize<'de> for RawContent {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawContent;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string or an array of content parts")
+            }
+            fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<RawContent, E> {
+                Ok(RawContent::Text)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<RawContent, A::Error> {
+                let mut parts = Vec::new();
+                while let Some(p) = seq.next_element()? {
+                    parts.push(p);
+                }
+                Ok(RawContent::Parts(parts))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for RawImageUrl {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawImageUrl;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object {\"url\": ...} or a URL string")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawImageUrl, E> {
+                Ok(RawImageUrl(v.to_string()))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawImageUrl, A::Error> {
+                let mut url = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    if key == "url" {
+                        url = Some(map.next_value::<String>()?);
+                    } else {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+                url.map(RawImageUrl)
+                    .ok_or_else(|| serde::de::Error::missing_field("url"))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[derive(Deserialize)]
+struct RawStreamOptions {
+    include_usage: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct RawRelevancy {
+    method: Option<String>,
+    layer: Option<u64>,
+}
+
+/// The body as [`RawChat`]; a value of the wrong type is an error naming its field's path.
+fn parse_raw(body: &[u8]) -> Result<RawChat, ApiError> {
     let v: Value = serde_json::from_slice(body).map_err(|e| {
         ApiError::invalid(
             None,
@@ -108,23 +215,33 @@ pub fn parse_chat(body: &[u8], limits: Limits, n_layers: usize) -> Result<ChatRe
             format!("the body is not valid JSON: {e}"),
         )
     })?;
-    let Some(o) = v.as_object() else {
+    // Checked here: serde would also read a struct from an array of its fields in order.
+    if !v.is_object() {
         return Err(ApiError::invalid(
             None,
             "invalid_json",
             "the body must be a JSON object",
         ));
-    };
-    let messages = match o.get("messages") {
-        None | Some(Value::Null) => {
-            return Err(ApiError::invalid(
-                param("messages"),
-                "missing_required_parameter",
-                "`messages` is required",
-            ))
-        }
-        Some(Value::Array(m)) => m,
-        Some(_) => return Err(type_error("messages", "an array of messages")),
+    }
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        ApiError::invalid(
+            param(&path),
+            "invalid_type",
+            format!("`{path}`: {}", e.into_inner()),
+        )
+    })
+}
+
+/// Checks a request body. `n_layers` picks GradCAM's default layer.
+pub fn parse_chat(body: &[u8], limits: Limits, n_layers: usize) -> Result<ChatRequest, ApiError> {
+    let raw = parse_raw(body)?;
+    let Some(messages) = raw.messages else {
+        return Err(ApiError::invalid(
+            param("messages"),
+            "missing_required_parameter",
+            "`messages` is required",
+        ));
     };
     if messages.len() != 1 {
         return Err(ApiError::invalid(
@@ -137,10 +254,8 @@ pub fn parse_chat(body: &[u8], limits: Limits, n_layers: usize) -> Result<ChatRe
             ),
         ));
     }
-    let msg = messages[0]
-        .as_object()
-        .ok_or_else(|| type_error("messages[0]", "an object"))?;
-    match msg.get("role").and_then(Value::as_str) {
+    let msg = &messages[0];
+    match msg.role.as_deref() {
         Some("user") => {}
         Some(r) => {
             return Err(ApiError::invalid(
@@ -151,74 +266,52 @@ pub fn parse_chat(body: &[u8], limits: Limits, n_layers: usize) -> Result<ChatRe
         }
         None => return Err(type_error("messages[0].role", "the string \"user\"")),
     }
-    let (question, image_url, image_param) = parse_content(msg.get("content"))?;
+    let (question, image_url, image_param) = parse_content(msg.content.as_ref())?;
 
     let mut max_tokens = None;
     let mut max_tokens_param = "max_tokens";
     // The newer name wins when a client sends both, as OpenAI's does.
-    for name in ["max_tokens", "max_completion_tokens"] {
-        match o.get(name) {
-            None | Some(Value::Null) => {}
-            Some(Value::Number(n)) => match n.as_u64() {
-                Some(0) => {
-                    return Err(ApiError::invalid(
-                        param(name),
-                        "invalid_value",
-                        format!("`{name}` must be at least 1"),
-                    ))
-                }
-                Some(k) if k as usize >= limits.context => {
-                    return Err(ApiError::invalid(
-                        param(name),
-                        "context_length_exceeded",
-                        format!(
-                            "`{name}` is {k} but the model's whole context is {} positions, the \
-                             prompt included",
-                            limits.context
-                        ),
-                    ))
-                }
-                Some(k) => {
-                    max_tokens = Some(k as usize);
-                    max_tokens_param = name;
-                }
-                None => return Err(type_error(name, "a positive integer")),
-            },
-            Some(_) => return Err(type_error(name, "a positive integer")),
+    for (name, value) in [
+        ("max_tokens", raw.max_tokens),
+        ("max_completion_tokens", raw.max_completion_tokens),
+    ] {
+        match value {
+            None => {}
+            Some(0) => {
+                return Err(ApiError::invalid(
+                    param(name),
+                    "invalid_value",
+                    format!("`{name}` must be at least 1"),
+                ))
+            }
+            Some(k) if k >= limits.context as u64 => {
+                return Err(ApiError::invalid(
+                    param(name),
+                    "context_length_exceeded",
+                    format!(
+                        "`{name}` is {k} but the model's whole context is {} positions, the \
+                         prompt included",
+                        limits.context
+                    ),
+                ))
+            }
+            Some(k) => {
+                max_tokens = Some(k as usize);
+                max_tokens_param = name;
+            }
         }
     }
-    let stream = bool_field(o, "stream")?.unwrap_or(false);
-    let include_usage = match o.get("stream_options") {
-        None | Some(Value::Null) => false,
-        Some(Value::Object(so)) => match so.get("include_usage") {
-            None | Some(Value::Null) => false,
-            Some(Value::Bool(b)) => *b,
-            Some(_) => return Err(type_error("stream_options.include_usage", "a boolean")),
-        },
-        Some(_) => return Err(type_error("stream_options", "an object")),
-    };
-    match o.get("n") {
-        None | Some(Value::Null) => {}
-        Some(n) if n.as_u64() == Some(1) => {}
-        Some(_) => {
-            return Err(ApiError::invalid(
-                param("n"),
-                "unsupported_value",
-                "`n` must be 1: generation is greedy, every choice would be the same",
-            ))
-        }
+    if raw.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::invalid(
+            param("n"),
+            "unsupported_value",
+            "`n` must be 1: generation is greedy, every choice would be the same",
+        ));
     }
-    let ignore_eos = bool_field(o, "ignore_eos")?.unwrap_or(false);
-    let relevancy = match o.get("relevancy") {
-        None | Some(Value::Null) => None,
-        Some(Value::Object(r)) => Some(parse_method(r, n_layers)?),
-        Some(_) => {
-            return Err(type_error(
-                "relevancy",
-                "an object like {\"method\": \"fastrm\"}",
-            ))
-        }
-    };
+    let relevancy = raw
+        .relevancy
+        .map(|r| parse_method(&r, n_layers))
+        .transpose()?;
     // The image last: every cheap check first, so an error names the first thing wrong that
     // costs nothing to find.
     let image = decode_data_url(&image_url, &image_param, limits.max_image_bytes)?;
@@ -228,44 +321,33 @@ pub fn parse_chat(body: &[u8], limits: Limits, n_layers: usize) -> Result<ChatRe
         image_param,
         max_tokens,
         max_tokens_param,
-        stream,
-        include_usage,
+        stream: raw.stream.unwrap_or(false),
+        include_usage: raw
+            .stream_options
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false),
         relevancy,
-        ignore_eos,
+        ignore_eos: raw.ignore_eos.unwrap_or(false),
     })
-}
-
-fn bool_field(o: &Map<String, Value>, name: &str) -> Result<Option<bool>, ApiError> {
-    match o.get(name) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Bool(b)) => Ok(Some(*b)),
-        Some(_) => Err(type_error(name, "a boolean")),
-    }
 }
 
 pub const METHODS: &str = "fastrm, baseline, baseline-incremental, gradcam";
 
-fn parse_method(r: &Map<String, Value>, n_layers: usize) -> Result<Method, ApiError> {
-    let name = match r.get("method") {
-        None | Some(Value::Null) => "fastrm",
-        Some(Value::String(s)) => s.as_str(),
-        Some(_) => return Err(type_error("relevancy.method", &format!("one of {METHODS}"))),
-    };
-    let layer = match r.get("layer") {
-        None | Some(Value::Null) => None,
-        Some(l) => match l.as_u64() {
-            Some(k) if (k as usize) < n_layers => Some(k as usize),
-            _ => {
-                return Err(ApiError::invalid(
-                    param("relevancy.layer"),
-                    "invalid_value",
-                    format!(
-                        "`relevancy.layer` must be a decoder layer, 0 to {}",
-                        n_layers - 1
-                    ),
-                ))
-            }
-        },
+fn parse_method(r: &RawRelevancy, n_layers: usize) -> Result<Method, ApiError> {
+    let name = r.method.as_deref().unwrap_or("fastrm");
+    let layer = match r.layer {
+        None => None,
+        Some(k) if (k as usize) < n_layers => Some(k as usize),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                param("relevancy.layer"),
+                "invalid_value",
+                format!(
+                    "`relevancy.layer` must be a decoder layer, 0 to {}",
+                    n_layers - 1
+                ),
+            ))
+        }
     };
     if layer.is_some() && name != "gradcam" {
         return Err(ApiError::invalid(
@@ -286,45 +368,32 @@ fn parse_method(r: &Map<String, Value>, n_layers: usize) -> Result<Method, ApiEr
 }
 
 /// The question and the image URL of a user message's content, with the URL's field path.
-fn parse_content(content: Option<&Value>) -> Result<(String, String, String), ApiError> {
+fn parse_content(content: Option<&RawContent>) -> Result<(String, String, String), ApiError> {
     let p = "messages[0].content";
     let parts = match content {
-        None | Some(Value::Null) => {
+        None => {
             return Err(ApiError::invalid(
                 param(p),
                 "missing_required_parameter",
                 format!("`{p}` is required"),
             ))
         }
-        Some(Value::String(_)) => {
-            return Err(missing_image(p));
-        }
-        Some(Value::Array(parts)) => parts,
-        Some(_) => return Err(type_error(p, "a string or an array of content parts")),
+        Some(RawContent::Text) => return Err(missing_image(p)),
+        Some(RawContent::Parts(parts)) => parts,
     };
     let mut texts = Vec::new();
     let mut image: Option<(String, String)> = None;
     for (i, part) in parts.iter().enumerate() {
         let pp = format!("{p}[{i}]");
-        let part = part
-            .as_object()
-            .ok_or_else(|| type_error(&pp, "a content part object"))?;
-        match part.get("type").and_then(Value::as_str) {
-            Some("text") => match part.get("text") {
-                Some(Value::String(t)) => texts.push(t.as_str()),
-                _ => return Err(type_error(&format!("{pp}.text"), "a string")),
+        match part.kind.as_deref() {
+            Some("text") => match &part.text {
+                Some(t) => texts.push(t.as_str()),
+                None => return Err(type_error(&format!("{pp}.text"), "a string")),
             },
             Some("image_url") => {
-                let up = format!("{pp}.image_url.url");
-                // OpenAI's shape is {"url": ...}; a bare string is accepted too, as many
-                // clients send it.
-                let url = match part.get("image_url") {
-                    Some(Value::Object(iu)) => match iu.get("url") {
-                        Some(Value::String(u)) => u.clone(),
-                        _ => return Err(type_error(&up, "a string (a data: URL)")),
-                    },
-                    Some(Value::String(u)) => u.clone(),
-                    _ => {
+                let url = match &part.image_url {
+                    Some(RawImageUrl(url)) => url.clone(),
+                    None => {
                         return Err(type_error(
                             &format!("{pp}.image_url"),
                             "an object {\"url\": ...}",
@@ -338,7 +407,7 @@ fn parse_content(content: Option<&Value>) -> Result<(String, String, String), Ap
                         "the message holds more than one image; this model answers about exactly one",
                     ));
                 }
-                image = Some((url, up));
+                image = Some((url, format!("{pp}.image_url.url")));
             }
             Some(t) => {
                 return Err(ApiError::invalid(
@@ -502,4 +571,70 @@ pub fn decode_map_b64(s: &str) -> Option<Vec<f32>> {
 
 pub fn confidence_json(c: &Confidence) -> Value {
     serde_json::to_value(c).unwrap_or(Value::Null)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error_of(body: &str) -> ApiError {
+        let limits = Limits {
+            max_image_bytes: 1 << 20,
+            max_image_pixels: 1 << 20,
+            context: 2048,
+        };
+        parse_chat(body.as_bytes(), limits, 4).unwrap_err()
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_is_named_by_its_path() {
+        let msg =
+            |content: &str| format!(r#"{{"messages":[{{"role":"user","content":{content}}}]}}"#);
+        for (body, param, says) in [
+            (
+                msg(r#"[{"type":"image_url","image_url":{"url":5}}]"#),
+                "messages[0].content[0].image_url.url",
+                "invalid type: integer `5`, expected a string",
+            ),
+            (
+                msg(r#"[{"type":"text","text":"hi"},{"type":"image_url","image_url":[1]}]"#),
+                "messages[0].content[1].image_url",
+                "expected an object {\"url\": ...} or a URL string",
+            ),
+            (
+                msg("7"),
+                "messages[0].content",
+                "expected a string or an array of content parts",
+            ),
+            (
+                r#"{"messages":[],"stream_options":{"include_usage":"yes"}}"#.into(),
+                "stream_options.include_usage",
+                "expected a boolean",
+            ),
+            (
+                r#"{"relevancy":{"layer":-1}}"#.into(),
+                "relevancy.layer",
+                "invalid value: integer `-1`",
+            ),
+        ] {
+            let e = error_of(&body);
+            assert_eq!(e.param.as_deref(), Some(param), "{body}: {}", e.message);
+            assert_eq!(e.code, Some("invalid_type"), "{body}");
+            assert!(
+                e.message.starts_with(&format!("`{param}`: ")),
+                "{}",
+                e.message
+            );
+            assert!(e.message.contains(says), "{body}: {}", e.message);
+            assert!(!e.message.contains(" at line "), "{}", e.message);
+        }
+    }
+
+    #[test]
+    fn bodies_that_are_not_json_objects_are_invalid_json() {
+        for body in ["{not json", "[1, 2]", "\"text\""] {
+            let e = error_of(body);
+            assert_eq!((e.param, e.code), (None, Some("invalid_json")), "{body}");
+        }
+    }
 }
