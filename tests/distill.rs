@@ -449,7 +449,7 @@ fn bad_inputs() {
     );
     fails(
         &distill(&q, &t.join("o3"), &[]),
-        &["line 2", "missing `question`"],
+        &["line 2", "missing field `question`"],
     );
     let q = write(
         "ans.jsonl",

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
@@ -79,8 +80,9 @@ impl Dataset {
             )));
         }
         let (format, entries) = match serde_json::from_str::<Value>(&text) {
-            Ok(Value::Object(o)) if o.contains_key("questions") => {
-                (Format::Vqa, parse_vqa(path, &o["questions"])?)
+            Ok(Value::Object(mut o)) if o.contains_key("questions") => {
+                let questions = o.remove("questions").unwrap_or_default();
+                (Format::Vqa, parse_vqa(path, questions)?)
             }
             Ok(Value::Object(_)) => (Format::Jsonl, parse_jsonl(path, &text)?),
             Ok(_) => {
@@ -119,35 +121,58 @@ impl Dataset {
     }
 }
 
-fn parse_vqa(path: &Path, questions: &Value) -> Result<Vec<Entry>> {
-    let list = questions
-        .as_array()
-        .ok_or_else(|| Error::input(format!("{}: `questions` must be an array", path.display())))?;
-    list.iter()
+/// A VQA v2 question as the file has it (other fields ignored).
+#[derive(Deserialize)]
+struct VqaQuestion {
+    image_id: u64,
+    question: String,
+    question_id: u64,
+}
+
+/// A JSONL line as written.
+#[derive(Deserialize)]
+struct JsonlLine {
+    image: String,
+    question: String,
+    answers: Option<Vec<String>>,
+    #[serde(rename = "type")]
+    qtype: Option<String>,
+    n_objects: Option<u64>,
+    target_mask: Option<String>,
+}
+
+/// `value` as `T`; a field that is missing or of the wrong type is an error naming its path.
+fn typed<T: serde::de::DeserializeOwned>(value: Value) -> std::result::Result<T, String> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        match path.as_str() {
+            "." => e.into_inner().to_string(),
+            _ => format!("`{path}`: {}", e.into_inner()),
+        }
+    })
+}
+
+fn parse_vqa(path: &Path, questions: Value) -> Result<Vec<Entry>> {
+    #[derive(Deserialize)]
+    struct File {
+        questions: Vec<VqaQuestion>,
+    }
+    let file: File = typed(serde_json::json!({ "questions": questions }))
+        .map_err(|e| Error::input(format!("{}: {e}", path.display())))?;
+    file.questions
+        .into_iter()
         .enumerate()
         .map(|(i, q)| {
-            let bad =
-                |msg: &str| Error::input(format!("{}: questions[{i}]: {msg}", path.display()));
-            let o = q.as_object().ok_or_else(|| bad("not an object"))?;
-            let int = |k: &str| -> Result<u64> {
-                o.get(k)
-                    .ok_or_else(|| bad(&format!("missing `{k}`")))?
-                    .as_u64()
-                    .ok_or_else(|| bad(&format!("`{k}` must be a non-negative integer")))
-            };
-            let question = o
-                .get("question")
-                .ok_or_else(|| bad("missing `question`"))?
-                .as_str()
-                .ok_or_else(|| bad("`question` must be a string"))?
-                .to_string();
-            if question.trim().is_empty() {
-                return Err(bad("`question` is empty"));
+            if q.question.trim().is_empty() {
+                return Err(Error::input(format!(
+                    "{}: `questions[{i}].question` is empty",
+                    path.display()
+                )));
             }
             Ok(Entry {
-                id: int("question_id")?,
-                image: ImageRef::Coco(int("image_id")?),
-                question,
+                id: q.question_id,
+                image: ImageRef::Coco(q.image_id),
+                question: q.question,
                 answers: None,
                 qtype: None,
                 n_objects: None,
@@ -167,53 +192,28 @@ fn parse_jsonl(path: &Path, text: &str) -> Result<Vec<Entry>> {
         let bad = |msg: &str| Error::input(format!("{}: line {line_no}: {msg}", path.display()));
         let v: Value =
             serde_json::from_str(line).map_err(|e| bad(&format!("invalid JSON: {e}")))?;
-        let o = v.as_object().ok_or_else(|| bad("not a JSON object"))?;
-        let string = |k: &str| -> Result<String> {
-            let s = o
-                .get(k)
-                .ok_or_else(|| bad(&format!("missing `{k}`")))?
-                .as_str()
-                .ok_or_else(|| bad(&format!("`{k}` must be a string")))?;
+        if !v.is_object() {
+            return Err(bad("not a JSON object"));
+        }
+        let l: JsonlLine = typed(v).map_err(|e| bad(&e))?;
+        for (k, s) in [("image", &l.image), ("question", &l.question)] {
             if s.trim().is_empty() {
                 return Err(bad(&format!("`{k}` is empty")));
             }
-            Ok(s.to_string())
-        };
-        let answers = match o.get("answers") {
-            None | Some(Value::Null) => None,
-            Some(Value::Array(a)) => Some(
-                a.iter()
-                    .map(|x| {
-                        x.as_str()
-                            .map(str::to_string)
-                            .ok_or_else(|| bad("`answers` must be an array of strings"))
-                    })
-                    .collect::<Result<Vec<_>>>()?,
-            ),
-            Some(_) => return Err(bad("`answers` must be an array of strings")),
-        };
-        let opt_string = |k: &str| -> Result<Option<String>> {
-            match o.get(k) {
-                None | Some(Value::Null) => Ok(None),
-                Some(Value::String(s)) if !s.trim().is_empty() => Ok(Some(s.clone())),
-                Some(_) => Err(bad(&format!("`{k}` must be a non-empty string or null"))),
+        }
+        for (k, s) in [("type", &l.qtype), ("target_mask", &l.target_mask)] {
+            if s.as_ref().is_some_and(|s| s.trim().is_empty()) {
+                return Err(bad(&format!("`{k}` must be a non-empty string or null")));
             }
-        };
-        let n_objects = match o.get("n_objects") {
-            None | Some(Value::Null) => None,
-            Some(v) => Some(
-                v.as_u64()
-                    .ok_or_else(|| bad("`n_objects` must be a non-negative integer or null"))?,
-            ),
-        };
+        }
         out.push(Entry {
             id: line_no as u64,
-            question: string("question")?,
-            image: ImageRef::Path(string("image")?),
-            answers,
-            qtype: opt_string("type")?,
-            n_objects,
-            target_mask: opt_string("target_mask")?,
+            question: l.question,
+            image: ImageRef::Path(l.image),
+            answers: l.answers,
+            qtype: l.qtype,
+            n_objects: l.n_objects,
+            target_mask: l.target_mask,
         });
     }
     Ok(out)
