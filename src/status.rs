@@ -10,6 +10,14 @@ use crate::error::Result;
 pub trait Ui: Send + Sync {
     /// The current step of a long job; replaces the previous one.
     fn status(&self, msg: &str);
+    /// Progress of a long job: `done` of `total` units of `what`, and a `detail` (the ETA, the
+    /// current step). Replaces the status. By default drawn as a text bar in the status.
+    fn progress(&self, what: &str, done: usize, total: usize, detail: &str) {
+        self.status(&format!(
+            "{what} [{}] {done}/{total} {detail}",
+            bar(done, total)
+        ))
+    }
     /// Removes the status.
     fn clear(&self);
     /// A remark for the user (a skipped step, a redone shard).
@@ -23,6 +31,7 @@ pub struct Quiet;
 
 impl Ui for Quiet {
     fn status(&self, _: &str) {}
+    fn progress(&self, _: &str, _: usize, _: usize, _: &str) {}
     fn clear(&self) {}
     fn note(&self, _: &str) {}
     fn out(&self, _: &str) -> Result<()> {
@@ -43,6 +52,11 @@ fn ui() -> &'static dyn Ui {
 
 pub fn say(msg: &str) {
     ui().status(msg)
+}
+
+/// See [`Ui::progress`].
+pub fn progress(what: &str, done: usize, total: usize, detail: &str) {
+    ui().progress(what, done, total, detail)
 }
 
 pub fn clear() {

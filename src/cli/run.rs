@@ -17,7 +17,6 @@ use crate::engine::{
 };
 use crate::explain::{MethodName, RowMode};
 use crate::model::llava::StopReason;
-use crate::status::bar;
 use crate::{Error, GenerateOptions, Result};
 
 fn to_json(doc: &impl Serialize) -> Result<String> {
@@ -450,8 +449,7 @@ impl Progress {
     }
 
     fn bar(&self, what: &str, done: usize, total: usize) {
-        let total = total.max(done);
-        self.say(&format!("{what} [{}] {done}/{total}", bar(done, total)));
+        self.status.progress(what, done, total, "")
     }
 
     fn event(&self, item: &Item) {

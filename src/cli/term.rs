@@ -8,6 +8,8 @@ use std::io::{IsTerminal, Write};
 use std::sync::Mutex;
 use std::time::Instant;
 
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
 use crate::{Error, Result};
 
 /// Writes `args` to stdout and flushes, so a failure shows at the line that caused it.
@@ -37,14 +39,16 @@ pub fn default_sigpipe() {
     }
 }
 
-/// One status line on stderr.
+/// One status line on stderr, drawn by indicatif (a message, or a bar with its position and a
+/// detail), only when stderr is a terminal.
 pub struct StatusLine {
     enabled: bool,
     start: Instant,
     /// Print the elapsed time before each message, and nothing during the first second (short
     /// runs stay quiet).
     timed: bool,
-    shown: Mutex<bool>,
+    /// The line while it is shown.
+    shown: Mutex<Option<ProgressBar>>,
 }
 
 impl StatusLine {
@@ -63,31 +67,57 @@ impl StatusLine {
             enabled: std::io::stderr().is_terminal(),
             start: Instant::now(),
             timed,
-            shown: Mutex::new(false),
+            shown: Mutex::new(None),
         }
     }
 
-    pub fn say(&self, msg: &str) {
+    /// Draws `template` (indicatif's) with `set` applied to the line; the elapsed time first
+    /// when timed.
+    fn draw(&self, template: &str, set: impl FnOnce(&ProgressBar)) {
         if !self.enabled {
             return;
         }
         let t = self.start.elapsed().as_secs_f64();
-        if self.timed {
-            if t <= 1.0 {
-                return;
-            }
-            eprint!("\r\x1b[2K[{t:7.1}s] {msg}");
-        } else {
-            eprint!("\r\x1b[2K{msg}");
+        if self.timed && t <= 1.0 {
+            return;
         }
-        let _ = std::io::stderr().flush();
-        *self.shown.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        let template = if self.timed {
+            format!("[{{prefix}}s] {template}")
+        } else {
+            template.to_string()
+        };
+        let Ok(style) = ProgressStyle::with_template(&template) else {
+            return;
+        };
+        let mut shown = self.shown.lock().unwrap_or_else(|e| e.into_inner());
+        let bar = shown.get_or_insert_with(|| {
+            ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr())
+        });
+        bar.set_style(style.progress_chars("#>."));
+        if self.timed {
+            bar.set_prefix(format!("{t:7.1}"));
+        }
+        set(bar);
+    }
+
+    pub fn say(&self, msg: &str) {
+        self.draw("{msg}", |bar| bar.set_message(msg.to_string()));
+    }
+
+    /// `what [####....] done/total detail`.
+    pub fn progress(&self, what: &str, done: usize, total: usize, detail: &str) {
+        let template = format!("{what} [{{bar:24}}] {{pos}}/{{len}} {{msg}}");
+        self.draw(&template, |bar| {
+            bar.set_length(total.max(done) as u64);
+            bar.set_position(done as u64);
+            bar.set_message(detail.to_string());
+        });
     }
 
     pub fn clear(&self) {
         let mut shown = self.shown.lock().unwrap_or_else(|e| e.into_inner());
-        if std::mem::replace(&mut *shown, false) {
-            eprint!("\r\x1b[2K");
+        if let Some(bar) = shown.take() {
+            bar.finish_and_clear();
         }
     }
 }
@@ -104,6 +134,9 @@ pub struct Terminal(pub StatusLine);
 impl crate::status::Ui for Terminal {
     fn status(&self, msg: &str) {
         self.0.say(msg)
+    }
+    fn progress(&self, what: &str, done: usize, total: usize, detail: &str) {
+        self.0.progress(what, done, total, detail)
     }
     fn clear(&self) {
         self.0.clear()

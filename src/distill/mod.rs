@@ -332,26 +332,27 @@ pub fn distill_sample<B: Backend>(
 /// A sample-level progress bar with an ETA on the status line, the current sample's step appended.
 struct Progress {
     start: std::time::Instant,
-    /// The sample bar, to which the current sample's step is appended.
-    line: String,
+    /// The sample bar's position, to which the current sample's step is appended.
+    done: usize,
+    total: usize,
+    eta: String,
 }
 
 impl Progress {
     fn new() -> Self {
         Progress {
             start: std::time::Instant::now(),
-            line: String::new(),
+            done: 0,
+            total: 0,
+            eta: String::new(),
         }
     }
 
     /// `done` of `total` samples, `fresh` of them in this run (the rate and ETA come from those).
     fn bar(&mut self, done: usize, total: usize, fresh: usize) {
-        let eta = status::eta(self.start.elapsed().as_secs_f64(), fresh, total - done);
-        self.line = format!(
-            "samples [{}] {done}/{total} {eta}",
-            status::bar(done, total)
-        );
-        status::say(&self.line);
+        self.eta = status::eta(self.start.elapsed().as_secs_f64(), fresh, total - done);
+        (self.done, self.total) = (done, total);
+        status::progress("samples", done, total, &self.eta);
     }
 
     /// Within a sample: which token is generated or explained.
@@ -363,7 +364,8 @@ impl Progress {
             Item::Map(m) => format!("map {}", m.index + 1),
             _ => return,
         };
-        status::say(&format!("{} · {step}", self.line));
+        let detail = format!("{} · {step}", self.eta);
+        status::progress("samples", self.done, self.total, &detail);
     }
 }
 

@@ -102,10 +102,7 @@ impl Sample {
 fn sample_bar(start: Instant, done: usize, total: usize, step: &str) {
     let t = start.elapsed().as_secs_f64();
     let eta = status::eta(t, done, total - done);
-    status::say(&format!(
-        "samples [{}] {done}/{total} {eta} · {step}",
-        crate::status::bar(done, total)
-    ));
+    status::progress("samples", done, total, &format!("{eta} · {step}"));
 }
 
 /// `fastrm eval`.

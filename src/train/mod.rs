@@ -25,7 +25,7 @@ use crate::backend::Backend;
 use crate::engine::{with_backend, AnyBackend, Device, Dtype, WithBackend};
 use crate::error::{Error, Result};
 use crate::explain::fastrm::HeadWeights;
-use crate::status::{self, bar};
+use crate::status;
 use crate::util::SplitMix64;
 
 /// The distilled data set as training reads it: the one reader of the format, in
@@ -707,12 +707,12 @@ pub fn run(args: TrainJob) -> Result<TrainSummary> {
             return;
         }
         last_draw = t;
-        status::say(&format!(
-            "train [{}] {step}/{total} loss {loss:.4} elapsed {} {}",
-            bar(step, total),
+        let detail = format!(
+            "loss {loss:.4} elapsed {} {}",
             status::clock(t),
             status::eta(t, step, total - step)
-        ));
+        );
+        status::progress("train", step, total, &detail);
     };
     let report = with_backend(
         device,
