@@ -9,6 +9,7 @@ import io
 import json
 import os
 import pathlib
+import re
 import subprocess
 import threading
 import time
@@ -255,3 +256,14 @@ def test_maps_are_arrays_the_caller_owns(engine, image_path):
     m = ex.tokens[0].map
     m[0, 0] = -1.0  # writable, and the engine keeps no reference to it
     assert engine.explain(image_path, QUESTION).tokens[0].map[0, 0] != -1.0
+
+
+def test_the_readme_example_runs(capsys):
+    readme = (pathlib.Path(__file__).parents[2] / "README.md").read_text()
+    block = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    assert len(block.strip().splitlines()) == 3, block
+    exec(compile(block, "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    # The 8x8 map as NumPy prints it: 64 numbers in 8 bracketed rows.
+    numbers = re.findall(r"[-+]?\d+\.?\d*(?:e[-+]?\d+)?", printed)
+    assert len(numbers) == 64 and printed.count("[") == 9, printed
