@@ -62,6 +62,7 @@ fn main() -> Result<(), Error> {
                     // Request 3 runs to its limit unless cancelled, so a cancel has work to stop.
                     stop_at_eos: i != 3,
                     keep_steps: false,
+                    ..Default::default()
                 },
                 method: Some(Method::FastRm),
                 hidden_states: false,

@@ -1043,6 +1043,7 @@ fn masked_sessions_f32() {
         max_new_tokens: 4,
         stop_at_eos: false,
         keep_steps: true,
+        ..Default::default()
     };
     // Every other image patch hidden, then all of them.
     let img = prompt.image_positions().to_vec();

@@ -35,6 +35,7 @@ fn demo_model_reproduces_transformers_answers() {
         max_new_tokens: max_new,
         stop_at_eos: true,
         keep_steps: false,
+        ..Default::default()
     };
     let cases = exp["cases"].as_array().unwrap();
     assert!(

@@ -428,6 +428,7 @@ fn hidden_positions_cannot_influence_the_rest() {
         max_new_tokens: 4,
         stop_at_eos: false,
         keep_steps: true,
+        ..Default::default()
     };
     let pix = |seed: u64| -> Vec<f32> {
         let mut r = SplitMix64::new(seed);

@@ -98,6 +98,7 @@ fn maps_during_generation_match_the_formula_on_oracle_hidden_states() {
         max_new_tokens: gen.len(),
         stop_at_eos: false,
         keep_steps: false,
+        ..Default::default()
     };
     let (_, px) = exp.f32("pixel_values");
     let req = Request::Prepared {

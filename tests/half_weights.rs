@@ -148,6 +148,7 @@ fn run(engine: &Engine<Cpu>, steps: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
         max_new_tokens: steps,
         stop_at_eos: false,
         keep_steps: true,
+        ..Default::default()
     };
     let g = engine
         .model()
@@ -187,6 +188,7 @@ fn half_weights_as_stored_compute_what_their_f32_copies_do() {
             max_new_tokens: 2,
             stop_at_eos: false,
             keep_steps: false,
+            ..Default::default()
         };
         let method = Method::Baseline {
             mode: RowMode::Streamed,
@@ -286,6 +288,7 @@ fn a_three_shard_hub_folder_loads_the_synthetic_weights_it_was_written_with() {
         max_new_tokens: 2,
         stop_at_eos: false,
         keep_steps: false,
+        ..Default::default()
     };
     let g = Engine::load(stored(), &dir)
         .unwrap()

@@ -71,6 +71,7 @@ fn every_layout_and_dtype_gives_the_same_weights() {
             max_new_tokens: 1,
             stop_at_eos: false,
             keep_steps: false,
+            ..Default::default()
         };
         let req = Request::question(fixture_image("tiny"), "What is this?");
         let g = engine.generate(&req, &opts).unwrap();
@@ -95,6 +96,7 @@ fn synthetic_weights_build_the_same_program() {
         max_new_tokens: 3,
         stop_at_eos: false,
         keep_steps: true,
+        ..Default::default()
     };
     let prompt = engine.model().prompt(ids).unwrap();
     let g = engine

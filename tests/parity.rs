@@ -55,6 +55,7 @@ fn parity(name: &str) {
         max_new_tokens: want_gen.len(),
         stop_at_eos: false,
         keep_steps: true,
+        ..Default::default()
     };
     let g = engine.model().generate(b, prompt, want_px, &opts).unwrap();
     assert_eq!(g.generated_ids, want_gen, "{name}: generated ids");

@@ -105,6 +105,7 @@ fn explain_prepared(
         max_new_tokens: gen.len(),
         stop_at_eos: false,
         keep_steps: false,
+        ..Default::default()
     };
     let req = Request::Prepared {
         prompt: engine.model().prompt(ids.to_vec()).unwrap(),

@@ -28,6 +28,7 @@ fn run(n: usize, method: Option<Method>) -> RunOptions {
             max_new_tokens: n,
             stop_at_eos: false,
             keep_steps: false,
+            ..Default::default()
         },
         method,
         hidden_states: false,

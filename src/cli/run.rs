@@ -11,12 +11,14 @@ use serde::Serialize;
 use super::args::named;
 use super::term::{outln, StatusLine};
 use crate::engine::report;
+use crate::engine::TokenLogprobs;
 use crate::engine::{
     collect, AnyEngine, CancelToken, Confidence, Explained, Generation, ImageInput, Item, Method,
     Request, RunOptions, TokenMap,
 };
 use crate::explain::{MethodName, RowMode};
 use crate::model::llava::StopReason;
+use crate::model::sampling::Sampling;
 use crate::{Error, GenerateOptions, Result};
 
 fn to_json(doc: &impl Serialize) -> Result<String> {
@@ -46,10 +48,60 @@ pub struct RunArgs {
     #[arg(short = 'n', long, default_value_t = 64)]
     max_new_tokens: usize,
     #[command(flatten)]
+    sampling: SamplingArgs,
+    #[command(flatten)]
     device: super::args::DeviceArgs,
     /// Print one JSON object on stdout instead of the human-readable answer.
     #[arg(long)]
     json: bool,
+}
+
+/// How tokens are chosen; the defaults are greedy decoding.
+#[derive(Args)]
+struct SamplingArgs {
+    /// Sample at this temperature (0: greedy, the default).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    temperature: f32,
+    /// Sample only from the most likely tokens whose probabilities add up to this (0 < p ≤ 1).
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    top_p: f32,
+    /// Sample only from the K most likely tokens.
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// The random stream's seed: the same seed, the same answer.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Penalise tokens already in the answer (transformers' repetition_penalty; 1: off).
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    repetition_penalty: f32,
+    /// Subtract this from the logits of tokens already in the answer (-2 … 2).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    presence_penalty: f32,
+    /// Subtract this per occurrence from the logits of tokens already in the answer (-2 … 2).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    frequency_penalty: f32,
+    /// End the answer where this text first appears (left out); repeat for several.
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Report each token's log-probability and its N most likely alternatives (0 … 20).
+    #[arg(long, value_name = "N")]
+    logprobs: Option<usize>,
+}
+
+impl SamplingArgs {
+    fn sampling(&self) -> Sampling {
+        Sampling {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            repetition_penalty: self.repetition_penalty,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            seed: self.seed,
+            logprobs: self.logprobs,
+            stop_ids: Vec::new(),
+        }
+    }
 }
 
 /// `--prompt -`: the question from standard input, without its final line break. Synthetic
@@ -101,8 +153,8 @@ pub fn generate(mut run: RunArgs) -> Result<()> {
         return Err(Error::input("--max-new-tokens must be at least 1"));
     }
     let run = &run;
+    let opts = options(run)?;
     let (engine, input, progress) = start(run)?;
-    let opts = options(run);
     let req = input.request(run);
     let run_opts = RunOptions {
         generate: opts,
@@ -150,6 +202,7 @@ pub fn explain(mut run: RunArgs, args: ExplainArgs) -> Result<()> {
             "--method fastrm needs --head FILE (only the bundled demo model comes with a head)",
         ));
     }
+    let opts = options(run)?;
     // Fail on an unusable output folder before any expensive work.
     let staging = args.out.as_deref().map(report::Staging::new).transpose()?;
     let (mut engine, input, progress) = start(run)?;
@@ -162,7 +215,6 @@ pub fn explain(mut run: RunArgs, args: ExplainArgs) -> Result<()> {
     }
     let n_layers = engine.config().text.num_hidden_layers;
     let method = args.method.method(args.full_r, args.layer, n_layers)?;
-    let opts = options(run);
     let req = input.request(run);
     let ex = crate::with_engine!(&engine, |e| e
         .explain(&req, &opts, method, &mut |item| { progress.event(item) }));
@@ -280,11 +332,15 @@ fn start(run: &RunArgs) -> Result<(AnyEngine, Input, Progress)> {
     Ok((engine?, Input::Image(image), progress))
 }
 
-fn options(run: &RunArgs) -> GenerateOptions {
-    GenerateOptions {
+fn options(run: &RunArgs) -> Result<GenerateOptions> {
+    let opts = GenerateOptions {
         max_new_tokens: run.max_new_tokens,
+        sampling: run.sampling.sampling(),
+        stop: run.sampling.stop.clone(),
         ..Default::default()
-    }
+    };
+    opts.validate()?;
+    Ok(opts)
 }
 
 /// The `--json` document (and `--out`'s explain.json): the run's context, the generation, and
@@ -300,6 +356,8 @@ struct RunDoc<'a> {
     generated_ids: &'a [u32],
     text: &'a str,
     stop_reason: StopReason,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    logprobs: &'a [TokenLogprobs],
     timings_ms: TimingsMs,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     memory_bytes: BTreeMap<&'static str, MemoryUse>,
@@ -361,6 +419,7 @@ fn run_doc<'a>(
         generated_ids: &g.generated_ids,
         text: &g.text,
         stop_reason: g.stop_reason,
+        logprobs: &g.logprobs,
         timings_ms: TimingsMs {
             vision: g.timings.vision_s * 1e3,
             prefill: g.timings.prefill_s * 1e3,

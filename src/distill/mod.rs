@@ -785,6 +785,7 @@ impl Remaining<'_> {
             max_new_tokens: self.args.max_new_tokens,
             stop_at_eos: true,
             keep_steps: false,
+            ..Default::default()
         };
         let (plan, total) = (self.plan, self.plan.total);
         let (mut new_samples, mut new_tokens) = (0usize, 0usize);

@@ -28,7 +28,8 @@ pub use any::{
     WithBackend,
 };
 pub use stream::{
-    collect, collect_items, CancelToken, Collected, Item, RunOptions, Stream, Summary, TokenStep,
+    collect, collect_items, CancelToken, Collected, Item, RunOptions, Stream, Summary,
+    TokenLogprobs, TokenStep, TopLogprob,
 };
 
 /// A model on a backend, with its tokenizer, image preprocessing and (once loaded) FastRM head.
@@ -147,6 +148,9 @@ pub struct Generation {
     pub text: String,
     pub stop_reason: StopReason,
     pub timings: Timings,
+    /// One per generated token, when asked for.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub logprobs: Vec<TokenLogprobs>,
 }
 
 /// One generated token with its relevancy map.

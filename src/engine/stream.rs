@@ -19,6 +19,7 @@ use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::explain::{map_entropy, Confidence, Mapper, Method};
 use crate::model::llava::{GenerateOptions, StopReason, Timings};
+use crate::model::sampling::Choice;
 use crate::model::session::{check_finite, Mode, Prompt, Session};
 
 /// Stops a run from another thread: clones share one flag.
@@ -59,6 +60,9 @@ pub struct TokenStep {
     pub text_delta: String,
     /// The token's map, for the methods that map during generation.
     pub map: Option<TokenMap>,
+    /// With [`crate::model::sampling::Sampling::logprobs`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<TokenLogprobs>,
     /// `[D]`, with [`RunOptions::hidden_states`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hidden: Option<Vec<f32>>,
@@ -76,6 +80,25 @@ pub struct Summary {
     pub maps_s: f64,
     /// The answer's confidence, for runs with maps.
     pub confidence: Option<Confidence>,
+    /// One per generated token, with [`crate::model::sampling::Sampling::logprobs`].
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub logprobs: Vec<TokenLogprobs>,
+}
+
+/// A generated token's log-probability under the model and the most likely alternatives.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TokenLogprobs {
+    pub logprob: f32,
+    /// Most likely first.
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TopLogprob {
+    pub id: u32,
+    /// The token's own text.
+    pub token: String,
+    pub logprob: f32,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -118,6 +141,9 @@ pub struct Stream<'e, B: Backend> {
     maps_s: f64,
     /// Text already given out in deltas.
     emitted: String,
+    /// The answer's text once a stop string cut it.
+    cut: Option<String>,
+    logprobs: Vec<TokenLogprobs>,
     /// Per token: id and map entropy, for the confidence.
     entropies: Vec<f32>,
 }
@@ -139,6 +165,8 @@ impl<'e, B: Backend> Stream<'e, B> {
             timings: Timings::default(),
             maps_s: 0.0,
             emitted: String::new(),
+            cut: None,
+            logprobs: Vec::new(),
             entropies: Vec::new(),
         }
     }
@@ -149,9 +177,8 @@ impl<'e, B: Backend> Stream<'e, B> {
         let (b, model) = (&e.backend, &e.model);
         match std::mem::replace(&mut self.state, State::Finished) {
             State::Start(req) => {
-                if self.opts.generate.max_new_tokens == 0 {
-                    return Err(Error::input("max_new_tokens must be at least 1"));
-                }
+                // Every option checked before any work.
+                self.opts.generate.validate()?;
                 if let Some(m) = self.opts.method {
                     self.mapper = Some(Mapper::new(m, e.head.as_ref(), model)?);
                 }
@@ -201,13 +228,18 @@ impl<'e, B: Backend> Stream<'e, B> {
                 } else {
                     None
                 };
-                let text_delta = self.delta(s.generated(), s.stop_reason().is_some())?;
+                let text_delta = self.delta(&mut s)?;
+                let logprobs = s.choice().and_then(|c| self.token_logprobs(c));
+                if let Some(l) = &logprobs {
+                    self.logprobs.push(l.clone());
+                }
                 self.pending.push_back(Item::Token(TokenStep {
                     index,
                     id,
                     text_delta,
                     map,
                     hidden,
+                    logprobs,
                 }));
                 if s.stop_reason().is_some() {
                     return self.after_generation(s);
@@ -275,14 +307,19 @@ impl<'e, B: Backend> Stream<'e, B> {
             method = self.opts.method.map(|m| m.name()),
             "run finished"
         );
+        let text = match self.cut.take() {
+            Some(text) => text,
+            None => e.decode(&generated_ids)?,
+        };
         self.pending.push_back(Item::Done(Summary {
             input_ids: s.prompt().ids().to_vec(),
-            text: e.decode(&generated_ids)?,
+            text,
             generated_ids,
             stop_reason: s.stop_reason().unwrap_or(StopReason::MaxNewTokens),
             timings,
             maps_s: self.maps_s,
             confidence,
+            logprobs: std::mem::take(&mut self.logprobs),
         }));
         Ok(())
     }
@@ -300,16 +337,52 @@ impl<'e, B: Backend> Stream<'e, B> {
         })
     }
 
+    fn token_logprobs(&self, c: &Choice) -> Option<TokenLogprobs> {
+        Some(TokenLogprobs {
+            logprob: c.logprob?,
+            top_logprobs: c
+                .top_logprobs
+                .iter()
+                .map(|&(id, logprob)| TopLogprob {
+                    id,
+                    token: self.engine.token_text(id),
+                    logprob,
+                })
+                .collect(),
+        })
+    }
+
     /// The new text of the answer so far: the decoding of every id minus what was given out. A
     /// run of byte-fallback tokens waits until it ends (its decoding can change with each byte
     /// added), unless this is the last token, so the deltas join to exactly the final decoding.
-    fn delta(&mut self, ids: &[u32], last: bool) -> Result<String> {
+    /// A stop string ends the answer where it first appears, left out; text that could still
+    /// become one waits until it cannot.
+    fn delta(&mut self, s: &mut Session<'e, B>) -> Result<String> {
         let e = self.engine;
+        let ids = s.generated();
+        let mut last = s.stop_reason().is_some();
         let open_run = e.text.as_ref().is_some_and(|t| t.ends_in_byte_run(ids));
         if open_run && !last {
             return Ok(String::new());
         }
-        let full = e.decode(ids)?;
+        let mut full = e.decode(ids)?;
+        let stops = &self.opts.generate.stop;
+        if let Some(at) = stops
+            .iter()
+            .filter_map(|stop| full.find(stop.as_str()))
+            .min()
+        {
+            full.truncate(at);
+            s.stop_now(StopReason::Stop);
+            self.cut = Some(full.clone());
+            last = true;
+        }
+        let shown = if last {
+            full.len()
+        } else {
+            full.len() - held_back(&full, stops)
+        };
+        let full = &full[..shown];
         let delta = match full.strip_prefix(self.emitted.as_str()) {
             Some(d) => d.to_string(),
             // The decoder re-spelled text already given out (not seen with closed byte runs):
@@ -319,9 +392,23 @@ impl<'e, B: Backend> Stream<'e, B> {
                 .nth(self.emitted.chars().count())
                 .map_or(String::new(), |(i, _)| full[i..].to_string()),
         };
-        self.emitted = full;
+        self.emitted = full.to_string();
         Ok(delta)
     }
+}
+
+/// How many bytes at the end of `text` could be the start of a stop string (on a character
+/// boundary): they wait for the next token.
+fn held_back(text: &str, stops: &[String]) -> usize {
+    stops
+        .iter()
+        .flat_map(|stop| {
+            (1..stop.len())
+                .filter(|&k| stop.is_char_boundary(k) && text.ends_with(&stop[..k]))
+                .max()
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 impl<B: Backend> Iterator for Stream<'_, B> {
@@ -388,6 +475,7 @@ pub fn collect_items(
                         text: summary.text,
                         stop_reason: summary.stop_reason,
                         timings: summary.timings,
+                        logprobs: summary.logprobs,
                     },
                     grid,
                     tokens,

@@ -364,6 +364,7 @@ impl<'e, B: Backend> Setup<'e, B> {
                 max_new_tokens: manifest.max_new_tokens,
                 stop_at_eos: manifest.stop_at_eos,
                 keep_steps: false,
+                ..Default::default()
             },
             gradcam_layer,
             schedule: metrics::removal_schedule(p, metrics::PERTURBATION_STEPS),

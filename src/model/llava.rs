@@ -3,6 +3,7 @@
 
 use super::clip::ClipVision;
 use super::llama::{KvCache, Llama};
+use super::sampling::Sampling;
 use super::session::{Mode, Prompt, Session};
 use super::WeightSource;
 use crate::backend::Backend;
@@ -31,6 +32,8 @@ pub enum StopReason {
     MaxNewTokens,
     /// The context (`max_position_embeddings`) is full.
     Context,
+    /// A stop id or stop string ended the answer.
+    Stop,
 }
 
 impl StopReason {
@@ -39,6 +42,7 @@ impl StopReason {
             StopReason::Eos => "eos",
             StopReason::MaxNewTokens => "max_new_tokens",
             StopReason::Context => "context",
+            StopReason::Stop => "stop",
         }
     }
 }
@@ -68,6 +72,42 @@ pub struct GenerateOptions {
     pub stop_at_eos: bool,
     /// Keep each step's logits and hidden state (tests, tools).
     pub keep_steps: bool,
+    /// How each token is chosen (default: greedy).
+    pub sampling: Sampling,
+    /// Strings that end the answer where they first appear in its text (across token
+    /// boundaries), left out of the text (checked by the engine's stream, which decodes).
+    pub stop: Vec<String>,
+}
+
+impl GenerateOptions {
+    /// The most stop strings a request may give, and their longest length in bytes.
+    pub const MAX_STOPS: usize = 8;
+    pub const MAX_STOP_BYTES: usize = 256;
+
+    /// Errors name the option.
+    pub fn validate(&self) -> Result<()> {
+        if self.max_new_tokens == 0 {
+            return Err(Error::input("max_new_tokens must be at least 1"));
+        }
+        self.sampling.validate()?;
+        if self.stop.len() > Self::MAX_STOPS {
+            return Err(Error::input(format!(
+                "at most {} stop strings, not {}",
+                Self::MAX_STOPS,
+                self.stop.len()
+            )));
+        }
+        for s in &self.stop {
+            if s.is_empty() || s.len() > Self::MAX_STOP_BYTES {
+                return Err(Error::input(format!(
+                    "a stop string must be 1 to {} bytes long, not {}",
+                    Self::MAX_STOP_BYTES,
+                    s.len()
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for GenerateOptions {
@@ -76,6 +116,8 @@ impl Default for GenerateOptions {
             max_new_tokens: 64,
             stop_at_eos: true,
             keep_steps: false,
+            sampling: Sampling::default(),
+            stop: Vec::new(),
         }
     }
 }

@@ -8,6 +8,7 @@ pub mod clip;
 pub mod llama;
 pub mod llama_backward;
 pub mod llava;
+pub mod sampling;
 pub mod session;
 
 use crate::backend::Backend;

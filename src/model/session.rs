@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use super::llama::{KvCache, Pass, Saved};
 use super::llava::{GenerateOptions, IdGeneration, StopReason, Timings};
+use super::sampling::{Choice, Sampler};
 use super::Llava;
 use crate::backend::Backend;
 use crate::config::LlavaConfig;
@@ -153,6 +154,9 @@ pub struct Session<'m, B: Backend> {
     timings: Timings,
     step_logits: Vec<Vec<f32>>,
     step_hidden: Vec<Vec<f32>>,
+    sampler: Sampler,
+    /// The latest token's choice (its log-probabilities when asked for).
+    choice: Option<Choice>,
 }
 
 impl<'m, B: Backend> Session<'m, B> {
@@ -166,9 +170,7 @@ impl<'m, B: Backend> Session<'m, B> {
         opts: &GenerateOptions,
         mode: Mode,
     ) -> Result<Self> {
-        if opts.max_new_tokens == 0 {
-            return Err(Error::input("max_new_tokens must be at least 1"));
-        }
+        opts.validate()?;
         let t0 = Instant::now();
         let n = prompt.len();
         let capacity = prompt.capacity(opts.max_new_tokens, model.cfg.text.max_position_embeddings);
@@ -220,6 +222,8 @@ impl<'m, B: Backend> Session<'m, B> {
             },
             step_logits: Vec::new(),
             step_hidden: Vec::new(),
+            sampler: Sampler::new(&opts.sampling),
+            choice: None,
         })
     }
 
@@ -253,9 +257,22 @@ impl<'m, B: Backend> Session<'m, B> {
         if index == 0 {
             check_finite(&b.download(&logits)?, "the logits of token 0")?;
         }
-        let next = b.argmax_rows(&logits)?[0];
+        // Greedy without log-probabilities needs only the device's argmax; anything else
+        // chooses from the row on the host.
+        let (next, row) = if self.opts.sampling.on_device() {
+            (b.argmax_rows(&logits)?[0], None)
+        } else {
+            let row = b.download(&logits)?;
+            let choice = self.sampler.choose(&row);
+            let id = choice.id;
+            self.choice = Some(choice);
+            (id, Some(row))
+        };
         if self.opts.keep_steps {
-            self.step_logits.push(b.download(&logits)?);
+            self.step_logits.push(match row {
+                Some(row) => row,
+                None => b.download(&logits)?,
+            });
             self.step_hidden.push(b.download(&self.last)?);
         }
         self.logits = Some(logits);
@@ -270,6 +287,8 @@ impl<'m, B: Backend> Session<'m, B> {
         let last = *self.generated.last()?;
         if self.opts.stop_at_eos && self.model.cfg.eos_token_ids.contains(&last) {
             Some(StopReason::Eos)
+        } else if self.opts.sampling.stop_ids.contains(&last) {
+            Some(StopReason::Stop)
         } else if self.generated.len() >= self.opts.max_new_tokens {
             Some(StopReason::MaxNewTokens)
         } else if self.cache.len >= self.cache.capacity {
@@ -277,6 +296,17 @@ impl<'m, B: Backend> Session<'m, B> {
         } else {
             None
         }
+    }
+
+    /// Ends the run after the token just chosen (a stop string the caller found in the text).
+    pub fn stop_now(&mut self, reason: StopReason) {
+        self.stop.get_or_insert(reason);
+    }
+
+    /// How the latest token was chosen, when it was chosen on the host (sampling, penalties or
+    /// log-probabilities); `None` for the device's greedy argmax.
+    pub fn choice(&self) -> Option<&Choice> {
+        self.choice.as_ref()
     }
 
     /// Runs the remaining steps.

@@ -484,6 +484,7 @@ fn call<B: Backend>(
             max_new_tokens: n,
             stop_at_eos: false,
             keep_steps: false,
+            ..Default::default()
         },
         method: method
             .relevancy()

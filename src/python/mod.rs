@@ -19,7 +19,7 @@ use std::time::Duration;
 use numpy::{PyArray1, PyArray2, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyOSError, PyTypeError};
 use pyo3::prelude::*;
-use pyo3::types::{PyByteArray, PyBytes, PyType};
+use pyo3::types::{PyByteArray, PyBytes, PyDict, PyType};
 
 use crate::engine::{
     collect_items, AnyEngine, CancelToken, Device, Dtype, ImageInput, Item, Method, Request,
@@ -212,7 +212,8 @@ impl Engine {
     }
 
     /// Greedy generation with one relevancy map per generated token.
-    #[pyo3(signature = (image, prompt, method="fastrm", max_new_tokens=64, full_r=false, layer=None))]
+    #[pyo3(signature = (image, prompt, method="fastrm", max_new_tokens=64, full_r=false, layer=None, **sampling))]
+    #[allow(clippy::too_many_arguments)]
     fn explain(
         &self,
         py: Python<'_>,
@@ -222,10 +223,12 @@ impl Engine {
         max_new_tokens: usize,
         full_r: bool,
         layer: Option<usize>,
+        sampling: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Explanation> {
         let method = self.method(method, full_r, layer)?;
+        let opts = options(max_new_tokens, Some(method), sampling)?;
         let req = Request::question(image_input(image)?, prompt);
-        let mut run = self.start(py, req, options(max_new_tokens, Some(method))?, false)?;
+        let mut run = self.start(py, req, opts, false)?;
         let items = run.drain(py)?;
         let grid = (self.shared.grid, self.shared.grid);
         let ex = collect_items(items.into_iter().map(Ok), grid, &mut |_| {}).map_err(to_py)?;
@@ -233,16 +236,18 @@ impl Engine {
     }
 
     /// Greedy generation without maps.
-    #[pyo3(signature = (image, prompt, max_new_tokens=64))]
+    #[pyo3(signature = (image, prompt, max_new_tokens=64, **sampling))]
     fn generate(
         &self,
         py: Python<'_>,
         image: &Bound<'_, PyAny>,
         prompt: String,
         max_new_tokens: usize,
+        sampling: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Generation> {
+        let opts = options(max_new_tokens, None, sampling)?;
         let req = Request::question(image_input(image)?, prompt);
-        let mut run = self.start(py, req, options(max_new_tokens, None)?, false)?;
+        let mut run = self.start(py, req, opts, false)?;
         let items = run.drain(py)?;
         let grid = (self.shared.grid, self.shared.grid);
         let c = collect_items(items.into_iter().map(Ok), grid, &mut |_| {}).map_err(to_py)?;
@@ -251,7 +256,7 @@ impl Engine {
 
     /// The run as an iterator of events, each as soon as it exists; `method=None` generates
     /// without maps. Dropping or closing the iterator stops the run.
-    #[pyo3(signature = (image, prompt, method=Some("fastrm"), max_new_tokens=64, full_r=false, layer=None))]
+    #[pyo3(signature = (image, prompt, method=Some("fastrm"), max_new_tokens=64, full_r=false, layer=None, **sampling))]
     #[allow(clippy::too_many_arguments)]
     fn stream(
         &self,
@@ -262,6 +267,7 @@ impl Engine {
         max_new_tokens: usize,
         full_r: bool,
         layer: Option<usize>,
+        sampling: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Stream> {
         let method = match method {
             Some(m) => Some(self.method(m, full_r, layer)?),
@@ -270,8 +276,9 @@ impl Engine {
             }
             None => None,
         };
+        let opts = options(max_new_tokens, method, sampling)?;
         let req = Request::question(image_input(image)?, prompt);
-        let run = self.start(py, req, options(max_new_tokens, method)?, true)?;
+        let run = self.start(py, req, opts, true)?;
         Ok(Stream {
             cancel: run.cancel.clone(),
             run: Mutex::new(run),
@@ -321,15 +328,48 @@ impl Engine {
     }
 }
 
-fn options(max_new_tokens: usize, method: Option<Method>) -> PyResult<RunOptions> {
-    if max_new_tokens == 0 {
-        return Err(input_error("max_new_tokens must be at least 1"));
+/// A run's options; `sampling` holds the keyword arguments that choose tokens (the CLI's
+/// sampling flags, with underscores). An unknown keyword is a TypeError, never ignored.
+fn options(
+    max_new_tokens: usize,
+    method: Option<Method>,
+    sampling: Option<&Bound<'_, PyDict>>,
+) -> PyResult<RunOptions> {
+    let mut generate = GenerateOptions {
+        max_new_tokens,
+        ..Default::default()
+    };
+    let s = &mut generate.sampling;
+    for (key, value) in sampling.into_iter().flat_map(|d| d.iter()) {
+        let key: String = key.extract()?;
+        match key.as_str() {
+            "temperature" => s.temperature = value.extract()?,
+            "top_p" => s.top_p = value.extract()?,
+            "top_k" => s.top_k = value.extract()?,
+            "seed" => s.seed = value.extract()?,
+            "repetition_penalty" => s.repetition_penalty = value.extract()?,
+            "presence_penalty" => s.presence_penalty = value.extract()?,
+            "frequency_penalty" => s.frequency_penalty = value.extract()?,
+            "logprobs" => s.logprobs = value.extract()?,
+            "stop_ids" => s.stop_ids = value.extract()?,
+            "stop" => {
+                generate.stop = match value.extract::<String>() {
+                    Ok(one) => vec![one],
+                    Err(_) => value.extract()?,
+                }
+            }
+            _ => {
+                return Err(PyTypeError::new_err(format!(
+                    "unexpected keyword argument '{key}' (the sampling options are temperature, \
+                     top_p, top_k, seed, repetition_penalty, presence_penalty, \
+                     frequency_penalty, logprobs, stop, stop_ids)"
+                )))
+            }
+        }
     }
+    generate.validate().map_err(to_py)?;
     Ok(RunOptions {
-        generate: GenerateOptions {
-            max_new_tokens,
-            ..Default::default()
-        },
+        generate,
         method,
         hidden_states: false,
     })
@@ -615,9 +655,24 @@ struct Generation {
     text: String,
     input_ids: Vec<u32>,
     generated_ids: Vec<u32>,
-    /// "eos", "max_new_tokens" or "context".
+    /// "eos", "max_new_tokens", "context" or "stop".
     stop_reason: &'static str,
     timings: Timings,
+    /// With `logprobs=N`: per token, its log-probability and the N most likely
+    /// `(id, token, logprob)`.
+    logprobs: Vec<LogprobRow>,
+}
+
+/// A token's log-probability and its most likely alternatives `(id, token, logprob)`.
+type LogprobRow = (f32, Vec<(u32, String, f32)>);
+
+fn logprob_row(l: &crate::engine::TokenLogprobs) -> LogprobRow {
+    let top = l
+        .top_logprobs
+        .iter()
+        .map(|t| (t.id, t.token.clone(), t.logprob))
+        .collect();
+    (l.logprob, top)
 }
 
 #[pymethods]
@@ -637,6 +692,7 @@ impl Generation {
     fn with_maps_s(g: crate::engine::Generation, maps_s: f64) -> Self {
         Generation {
             timings: Timings::new(&g.timings, maps_s),
+            logprobs: g.logprobs.iter().map(logprob_row).collect(),
             text: g.text,
             input_ids: g.input_ids,
             generated_ids: g.generated_ids,
@@ -737,6 +793,7 @@ struct Explanation {
     tokens: Vec<Py<TokenMap>>,
     confidence: Py<Confidence>,
     timings: Timings,
+    logprobs: Vec<LogprobRow>,
 }
 
 #[pymethods]
@@ -773,6 +830,7 @@ impl Explanation {
             tokens,
             confidence: Py::new(py, Confidence::new(ex.confidence))?,
             timings: g.timings,
+            logprobs: g.logprobs,
         })
     }
 }
@@ -822,6 +880,8 @@ struct Token {
     /// The token's map for methods that map while generating (fastrm, baseline-incremental);
     /// the others send their maps as TokenMap events after the last token.
     map: Option<Py<TokenMap>>,
+    /// With `logprobs=N`: the token's log-probability and the N most likely.
+    logprobs: Option<LogprobRow>,
 }
 
 #[pymethods]
@@ -921,6 +981,7 @@ fn event(py: Python<'_>, item: Item, grid: usize) -> PyResult<Py<PyAny>> {
             id,
             text_delta,
             map,
+            logprobs,
             ..
         }) => {
             let map = map
@@ -933,6 +994,7 @@ fn event(py: Python<'_>, item: Item, grid: usize) -> PyResult<Py<PyAny>> {
                     id,
                     text_delta,
                     map,
+                    logprobs: logprobs.as_ref().map(logprob_row),
                 },
             )?
             .into_any()
@@ -945,6 +1007,7 @@ fn event(py: Python<'_>, item: Item, grid: usize) -> PyResult<Py<PyAny>> {
                 text: s.text,
                 stop_reason: s.stop_reason,
                 timings: s.timings,
+                logprobs: s.logprobs,
             };
             Py::new(
                 py,

@@ -533,7 +533,7 @@ fn decode_data_url(url: &str, p: &str, max_bytes: usize) -> Result<Vec<u8>, ApiE
 /// `finish_reason` of a stop: an EOS is a natural stop; a token or context limit is a length stop.
 pub fn finish_reason(r: StopReason) -> &'static str {
     match r {
-        StopReason::Eos => "stop",
+        StopReason::Eos | StopReason::Stop => "stop",
         StopReason::MaxNewTokens | StopReason::Context => "length",
     }
 }

@@ -126,6 +126,7 @@ fn run_job(engine: &AnyEngine, job: Job, metrics: &Metrics, token_delay: Duratio
             max_new_tokens: max_new,
             stop_at_eos: !job.ignore_eos,
             keep_steps: false,
+            ..Default::default()
         },
         method: job.method,
         hidden_states: false,

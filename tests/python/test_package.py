@@ -158,6 +158,8 @@ def wait_for_runs(live):
 
 
 def test_a_dropped_stream_stops_its_run(engine, image_path):
+    # Earlier runs' threads end just after their last item: let them.
+    wait_for_runs(0)
     live, abandoned = _fastrm._runs()
     stream = engine.stream(image_path, QUESTION, method="baseline", max_new_tokens=MAX_NEW)
     assert next(stream).kind == "image_encoded"
@@ -170,6 +172,7 @@ def test_a_dropped_stream_stops_its_run(engine, image_path):
 
 
 def test_a_closed_stream_yields_nothing_more(engine, image_path):
+    wait_for_runs(0)
     live, abandoned = _fastrm._runs()
     with engine.stream(image_path, QUESTION) as stream:
         next(stream)
@@ -267,3 +270,39 @@ def test_the_readme_example_runs(capsys):
     # The 8x8 map as NumPy prints it: 64 numbers in 8 bracketed rows.
     numbers = re.findall(r"[-+]?\d+\.?\d*(?:e[-+]?\d+)?", printed)
     assert len(numbers) == 64 and printed.count("[") == 9, printed
+
+
+def test_sampling_keywords_match_the_cli(engine, image_path):
+    args = ["--temperature", "1.5", "--seed", "11", "--logprobs", "2", "-n", str(MAX_NEW)]
+    doc = cli("generate", "--prompt", QUESTION, *args)
+    kw = dict(temperature=1.5, seed=11, logprobs=2)
+    g = engine.generate(image_path, QUESTION, max_new_tokens=MAX_NEW, **kw)
+    assert_same_run(g, doc)
+    assert len(g.logprobs) == len(g.generated_ids) == len(doc["logprobs"])
+    for (lp, top), d in zip(g.logprobs, doc["logprobs"]):
+        assert np.float32(lp) == as_f32(d["logprob"])
+        assert [(i, t) for i, t, _ in top] == [(x["id"], x["token"]) for x in d["top_logprobs"]]
+    # The same seed, the same answer, in a stream too; its tokens carry their log-probabilities.
+    events = list(engine.stream(image_path, QUESTION, max_new_tokens=MAX_NEW, **kw))
+    tokens = [e for e in events if e.kind == "token"]
+    assert [t.id for t in tokens] == g.generated_ids
+    assert [t.logprobs for t in tokens] == g.logprobs
+
+
+def test_a_stop_string_is_left_out(engine, image_path):
+    g = engine.generate(image_path, QUESTION, stop="llo")
+    assert (g.text, g.stop_reason) == ("ye", "stop")
+    ex = engine.explain(image_path, QUESTION, stop=["xyz", "ow"])
+    assert (ex.text, ex.stop_reason) == ("yell", "stop")
+    assert len(ex.tokens) == len(ex.generated_ids)
+
+
+def test_bad_sampling_keywords_raise(engine, image_path):
+    with pytest.raises(TypeError, match="unexpected keyword argument 'temprature'"):
+        engine.generate(image_path, QUESTION, temprature=1.0)
+    with pytest.raises(fastrm.InputError, match="temperature"):
+        engine.generate(image_path, QUESTION, temperature=-1.0)
+    with pytest.raises(fastrm.InputError, match="top-p"):
+        engine.stream(image_path, QUESTION, top_p=2.0)
+    with pytest.raises(TypeError):
+        engine.explain(image_path, QUESTION, top_k="many")

@@ -1,6 +1,8 @@
 # Type stubs for the native module (src/python/mod.rs); the package re-exports every name.
 import os
-from typing import Iterator, Literal, Optional, Tuple, Union
+from typing import Iterator, Literal, Optional, Tuple, TypedDict, Union
+
+from typing_extensions import Unpack
 
 import numpy as np
 import numpy.typing as npt
@@ -11,6 +13,9 @@ __version__: str
 #: (height, width, 3), or a PIL image (any mode; converted to RGB).
 ImageLike = Union[str, os.PathLike, bytes, bytearray, npt.NDArray[np.uint8], "PIL.Image.Image"]  # noqa: F821
 Method = Literal["fastrm", "baseline", "baseline-incremental", "gradcam"]
+StopReason = Literal["eos", "max_new_tokens", "context", "stop"]
+#: A token's log-probability and its most likely alternatives, (id, token, logprob) each.
+LogprobRow = Tuple[float, list[Tuple[int, str, float]]]
 
 def demo_image() -> str:
     """The bundled demo scene (a yellow star, a white circle, a red cross), as a file path."""
@@ -25,8 +30,10 @@ class Generation:
     text: str
     input_ids: list[int]
     generated_ids: list[int]
-    stop_reason: Literal["eos", "max_new_tokens", "context"]
+    stop_reason: StopReason
     timings: Timings
+    #: With logprobs=N: one row per generated token.
+    logprobs: list[LogprobRow]
 
 class TokenMap:
     kind: Literal["map"]
@@ -47,13 +54,14 @@ class Explanation:
     text: str
     input_ids: list[int]
     generated_ids: list[int]
-    stop_reason: Literal["eos", "max_new_tokens", "context"]
+    stop_reason: StopReason
     method: Method
     layer: Optional[int]
     grid: Tuple[int, int]
     tokens: list[TokenMap]
     confidence: Confidence
     timings: Timings
+    logprobs: list[LogprobRow]
 
 class ImageEncoded:
     kind: Literal["image_encoded"]
@@ -68,6 +76,7 @@ class Token:
     id: int
     text_delta: str
     map: Optional[TokenMap]
+    logprobs: Optional[LogprobRow]
 
 class Done:
     kind: Literal["done"]
@@ -82,6 +91,22 @@ class Stream(Iterator[Event]):
     def close(self) -> None: ...
     def __enter__(self) -> "Stream": ...
     def __exit__(self, *args: object) -> None: ...
+
+class Sampling(TypedDict, total=False):
+    """The keyword arguments that choose tokens (greedy without them); as the CLI's flags."""
+
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+    repetition_penalty: float
+    presence_penalty: float
+    frequency_penalty: float
+    #: Report each token's log-probability and this many alternatives (0 to 20).
+    logprobs: int
+    #: End the answer where one of these first appears in its text (left out).
+    stop: Union[str, list[str]]
+    stop_ids: list[int]
 
 class Engine:
     device: str
@@ -103,8 +128,15 @@ class Engine:
         max_new_tokens: int = 64,
         full_r: bool = False,
         layer: Optional[int] = None,
+        **sampling: Unpack[Sampling],
     ) -> Explanation: ...
-    def generate(self, image: ImageLike, prompt: str, max_new_tokens: int = 64) -> Generation: ...
+    def generate(
+        self,
+        image: ImageLike,
+        prompt: str,
+        max_new_tokens: int = 64,
+        **sampling: Unpack[Sampling],
+    ) -> Generation: ...
     def stream(
         self,
         image: ImageLike,
@@ -113,6 +145,7 @@ class Engine:
         max_new_tokens: int = 64,
         full_r: bool = False,
         layer: Optional[int] = None,
+        **sampling: Unpack[Sampling],
     ) -> Stream: ...
 
 def _runs() -> Tuple[int, int]: ...
