@@ -1114,3 +1114,29 @@ fn device_out_of_memory_is_a_named_error() {
     common::cli_fails(&cli("100000"), &["out of memory", "GPU memory"]);
     common::cli_fails(&cli("lots"), &["FASTRM_SIM_DEVICE_MEMORY", "bytes"]);
 }
+
+/// The device run executes this binary prebuilt, from a copy of the tree in another folder:
+/// `FASTRM_ROOT` must decide where the fixtures are, and every fixture the GPU tests read must be
+/// there (`tools/stage-device.sh` runs this test from a copy before any device time is spent).
+#[test]
+fn the_fixtures_are_found_under_fastrm_root() {
+    let root = common::repo_root();
+    if let Some(r) = std::env::var_os("FASTRM_ROOT") {
+        assert_eq!(
+            root,
+            std::path::PathBuf::from(r),
+            "FASTRM_ROOT is not the root used"
+        );
+    }
+    let tiny = fixture_dir("tiny");
+    for f in ["config.json", "tokenizer.json", "expected.safetensors"] {
+        let p = tiny.join(f);
+        assert!(
+            p.is_file(),
+            "{} is missing (FASTRM_ROOT unset or wrong?)",
+            p.display()
+        );
+    }
+    assert!(fixture_image("tiny").is_file());
+    Expected::load("tiny");
+}

@@ -247,3 +247,58 @@ fn gpu_check_runs_a_gemm_on_the_simulator() {
         assert!(v["libraries"][lib].is_array(), "{v}");
     }
 }
+
+/// The real run refuses a stage that is incomplete (naming each missing file) or built from other
+/// sources than the tree it runs in (an edit after staging), before it spends device time.
+#[test]
+fn an_incomplete_or_stale_stage_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path();
+    std::fs::create_dir_all(root.join("tools")).unwrap();
+    std::fs::copy(
+        common::repo_root().join("tools/device-check.sh"),
+        root.join("tools/device-check.sh"),
+    )
+    .unwrap();
+    std::fs::create_dir_all(root.join("src")).unwrap();
+    std::fs::write(root.join("Cargo.toml"), "[package]\n").unwrap();
+    std::fs::write(root.join("src/lib.rs"), "// one\n").unwrap();
+    let run = |args: &[&str]| {
+        Command::new("bash")
+            .arg(root.join("tools/device-check.sh"))
+            .args(args)
+            .env("OUT", root.join("out"))
+            .output()
+            .unwrap()
+    };
+    let out = run(&[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("lacks fastrm cuda-tests cuda-bench COMMIT SOURCE_HASH"),
+        "{err}"
+    );
+    // A complete stage of these very sources, then an edit.
+    let stage = root.join("stage/device");
+    std::fs::create_dir_all(&stage).unwrap();
+    for f in ["fastrm", "cuda-tests", "cuda-bench"] {
+        std::fs::write(stage.join(f), "#!/bin/sh\nexit 0\n").unwrap();
+        Command::new("chmod")
+            .arg("+x")
+            .arg(stage.join(f))
+            .status()
+            .unwrap();
+    }
+    std::fs::write(stage.join("COMMIT"), "abc123\n").unwrap();
+    let hash = run(&["--source-hash"]);
+    assert!(hash.status.success());
+    let hash = String::from_utf8(hash.stdout).unwrap();
+    assert_eq!(hash.trim().len(), 64, "{hash}");
+    std::fs::write(stage.join("SOURCE_HASH"), &hash).unwrap();
+    assert_eq!(run(&["--source-hash"]).stdout, hash.as_bytes(), "stable");
+    std::fs::write(root.join("src/lib.rs"), "// two\n").unwrap();
+    let out = run(&[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("built from other sources (abc123"), "{err}");
+}

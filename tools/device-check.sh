@@ -21,6 +21,9 @@
 # All three are rewritten after every step, so a run cut off by the device tool still returns
 # what finished.
 #
+# Before anything runs, the real run refuses a stage that lacks a binary or was built from other
+# sources than this tree (tools/stage-device.sh records their hash; --source-hash prints it).
+#
 # Options: --only STEP[,STEP] (a targeted rerun), --limit STEP=SECONDS, --reference, --with-7b, --dry-run (or
 # DEVICE_CHECK_DRY=1: stub commands and a fake library tree instead of the GPU; tests/device_check.rs
 # runs it on the CPU). Test knobs (dry run): DEVICE_CHECK_TIME_SCALE scales every limit;
@@ -28,6 +31,18 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
+
+# The hash of the sources the staged binaries must have been built from: every file under these
+# paths, by name and content, in a fixed order (sha256sum exists on both machines; git may not be
+# on the device machine's copy).
+source_hash() {
+    find Cargo.toml Cargo.lock build.rs src kernels tests benches -type f -not -path '*/__pycache__/*' \
+        -print0 2>/dev/null | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1
+}
+if [ "${1:-}" = --source-hash ]; then
+    source_hash
+    exit 0
+fi
 OUT=${OUT:-$root/device-out}
 mkdir -p "$OUT"
 
@@ -90,8 +105,16 @@ if [ "$dry" = 1 ]; then
     echo "dry run" > "$bin/COMMIT"
 else
     bin=$root/stage/device
-    if [ ! -x "$bin/fastrm" ]; then
-        echo "device-check: no binaries in stage/device; run tools/stage-device.sh first and carry stage/device" >&2
+    missing=()
+    for f in fastrm cuda-tests cuda-bench; do [ -x "$bin/$f" ] || missing+=("$f"); done
+    for f in COMMIT SOURCE_HASH; do [ -f "$bin/$f" ] || missing+=("$f"); done
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "device-check: stage/device lacks ${missing[*]}; run tools/stage-device.sh and carry stage/device" >&2
+        exit 2
+    fi
+    staged=$(cat "$bin/SOURCE_HASH") here=$(source_hash)
+    if [ "$staged" != "$here" ]; then
+        echo "device-check: stage/device was built from other sources ($(cat "$bin/COMMIT"), hash ${staged:0:12}) than this tree (hash ${here:0:12}); run tools/stage-device.sh again" >&2
         exit 2
     fi
     # cuBLAS: the CUDA toolkit's, else the one pip installed beside torch.
@@ -110,7 +133,9 @@ fi
 libs=""
 for d in $lib_roots; do [ -d "$d" ] && libs="$libs:$d"; done
 # Our binaries only: the Python steps keep the environment they came with (torch brings its own).
-ours_env=(env "LD_LIBRARY_PATH=${libs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" FASTRM_REQUIRE_GPU=1)
+# FASTRM_ROOT: the prebuilt test binaries look for their fixtures here, not at the build's path.
+ours_env=(env "LD_LIBRARY_PATH=${libs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" FASTRM_REQUIRE_GPU=1
+          "FASTRM_ROOT=$root")
 
 dir7b=${DEVICE_CHECK_7B_DIR:-/tmp/fastrm-7b}
 [ "$dry" = 1 ] && dir7b=$work/7b

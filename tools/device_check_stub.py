@@ -25,6 +25,14 @@ if listed("DEVICE_CHECK_STUB_FAIL"):
     print(f"error: stub {name} told to fail", file=sys.stderr)
     sys.exit(1)
 
+# Our prebuilt binaries find the fixtures through FASTRM_ROOT (the build's path does not exist on
+# the device machine): its stand-ins fail without it, as the real test binary would.
+if name in ("cuda-tests", "cuda-bench"):
+    root = os.environ.get("FASTRM_ROOT", "")
+    if not root or not os.path.isdir(os.path.join(root, "tests", "fixtures")):
+        print(f"error: stub {name}: FASTRM_ROOT ({root!r}) holds no tests/fixtures", file=sys.stderr)
+        sys.exit(1)
+
 # The library files the dynamic loader would find for our binaries: the path set on our command
 # lines, which the Python steps must not see.
 lib_path = [d for d in os.environ.get("LD_LIBRARY_PATH", "").split(":") if d]

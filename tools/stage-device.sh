@@ -24,7 +24,11 @@ cp target/release/fastrm "$out/fastrm"
 cp "$(exe test test --release --no-run --test cuda)" "$out/cuda-tests"
 cp "$(exe bench bench --no-run --bench cuda)" "$out/cuda-bench"
 strip "$out"/*
-git rev-parse HEAD > "$out/COMMIT"
+# What the binaries were built from: the commit, and a hash of the sources as they are (edits
+# not committed included), which tools/device-check.sh recomputes on the device machine's copy of
+# the tree and refuses to run against when it differs.
+git describe --always --dirty --abbrev=12 > "$out/COMMIT"
+bash tools/device-check.sh --source-hash > "$out/SOURCE_HASH"
 du -sh "$out"/*
 kib=$(du -sk "$out" | cut -f1)
 if [ "$kib" -gt $((64 * 1024)) ]; then
@@ -32,7 +36,18 @@ if [ "$kib" -gt $((64 * 1024)) ]; then
     exit 1
 fi
 echo "staged $(du -sh "$out" | cut -f1) in $out (device tool limit: 64 MiB)"
-# The pre-flight command exists in what was staged, and a dry run of the device check (stubs, no
-# GPU) passes: a broken run is caught here, before it costs device time.
+# The pre-flight command exists in what was staged, the staged test binary finds its fixtures
+# from a copy of the tree in another folder (as on the device machine, through FASTRM_ROOT), and
+# a dry run of the device check (stubs, no GPU) passes: a broken run is caught here, before it
+# costs device time.
 "$out/fastrm" gpu-check --help > /dev/null
+copy=$(mktemp -d)
+trap 'rm -rf "$copy"' EXIT
+mkdir -p "$copy/tests"
+cp -r tests/fixtures "$copy/tests/"
+(cd "$copy" && FASTRM_ROOT="$copy" "$OLDPWD/$out/cuda-tests" --exact \
+    the_fixtures_are_found_under_fastrm_root --quiet > /dev/null) || {
+    echo "stage-device: the staged cuda-tests does not find its fixtures from a copy of the tree" >&2
+    exit 1
+}
 OUT=$(mktemp -d) DEVICE_CHECK_TIME_SCALE=0.03 bash tools/device-check.sh --dry-run --reference > /dev/null
