@@ -747,3 +747,135 @@ fn an_image_over_the_pixel_limit_is_413() {
     );
     assert!(String::from_utf8_lossy(&resp.2).contains("pixels"));
 }
+
+/// The sampling fields do what the command line's flags do (the same answers, the same
+/// log-probabilities), in both response shapes; fields that would change the answer and are not
+/// implemented, unknown fields and out-of-range values are 400s naming the field.
+#[test]
+fn sampling_fields_match_the_command_line_and_the_rest_is_refused() {
+    let server = Server::start(&[]);
+    let a = server.addr;
+    let cli = |args: &[&str]| -> Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_fastrm"))
+            .args(["generate", "--json", "-t", "1", "--prompt", QUESTION])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let answer = |extra: Value| -> Value {
+        let r = post(a, &chat_body(QUESTION, extra));
+        assert_eq!(r.0, 200, "{}", String::from_utf8_lossy(&r.2));
+        serde_json::from_slice(&r.2).unwrap()
+    };
+    // Sampled with a seed: the server's answer is the command line's, every time.
+    let want = cli(&["--temperature", "1.8", "--seed", "5", "-n", "8"]);
+    for _ in 0..2 {
+        let v = answer(json!({"temperature": 1.8, "seed": 5, "max_tokens": 8}));
+        assert_eq!(v["choices"][0]["message"]["content"], want["text"]);
+    }
+    // A stop string cuts the answer and is left out.
+    let v = answer(json!({"stop": ["llo", "zz"]}));
+    assert_eq!(v["choices"][0]["message"]["content"], "ye");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    // Log-probabilities, non-streamed and streamed, equal the command line's.
+    let want = cli(&["--logprobs", "2"]);
+    let v = answer(json!({"logprobs": true, "top_logprobs": 2}));
+    let content = v["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let want_lp = want["logprobs"].as_array().unwrap();
+    assert_eq!(content.len(), want_lp.len());
+    for (c, w) in content.iter().zip(want_lp) {
+        assert_eq!(c["logprob"], w["logprob"]);
+        assert_eq!(c["token"], w["token"]);
+        assert_eq!(c["bytes"], json!(w["token"].as_str().unwrap().as_bytes()));
+        let tops: Vec<&Value> = c["top_logprobs"].as_array().unwrap().iter().collect();
+        assert_eq!(tops.len(), 2);
+        assert_eq!(tops[0]["token"], w["top_logprobs"][0]["token"]);
+    }
+    let r = post(
+        a,
+        &chat_body(
+            QUESTION,
+            json!({"logprobs": true, "top_logprobs": 2, "stream": true}),
+        ),
+    );
+    let streamed: Vec<Value> = sse_events(&r.2)
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter_map(|c| {
+            let l = &c["choices"][0]["logprobs"]["content"];
+            l.as_array().map(|a| a[0].clone())
+        })
+        .collect();
+    assert_eq!(streamed, content);
+    // Refused, each naming its field.
+    let cases: Vec<(Value, Option<&str>, &str)> = vec![
+        (
+            json!({"temperature": "hot"}),
+            Some("temperature"),
+            "ill-typed temperature",
+        ),
+        (
+            json!({"temperature": 2.5}),
+            Some("temperature"),
+            "temperature out of range",
+        ),
+        (json!({"top_p": 0}), Some("top_p"), "top_p 0"),
+        (json!({"stop": 42}), Some("stop"), "ill-typed stop"),
+        (
+            json!({"stop": ["a", "b", "c", "d", "e"]}),
+            Some("stop"),
+            "five stops",
+        ),
+        (
+            json!({"top_logprobs": 3}),
+            Some("top_logprobs"),
+            "top_logprobs without logprobs",
+        ),
+        (
+            json!({"logprobs": true, "top_logprobs": 21}),
+            Some("top_logprobs"),
+            "21",
+        ),
+        (
+            json!({"presence_penalty": -3}),
+            Some("presence_penalty"),
+            "presence",
+        ),
+        (
+            json!({"logit_bias": {"383": -100}}),
+            Some("logit_bias"),
+            "logit_bias",
+        ),
+        (
+            json!({"response_format": {"type": "json_object"}}),
+            Some("response_format"),
+            "json",
+        ),
+        (
+            json!({"tools": [{"type": "function"}]}),
+            Some("tools"),
+            "tools",
+        ),
+        (
+            json!({"frobnicate": 1}),
+            Some("frobnicate"),
+            "unknown field",
+        ),
+    ];
+    for (extra, param, what) in cases {
+        assert_error(&post(a, &chat_body(QUESTION, extra)), 400, param, what);
+    }
+    // Inert fields and the defaults of the refused ones pass.
+    let v = answer(json!({"user": "u1", "response_format": {"type": "text"}, "store": false}));
+    assert_eq!(v["choices"][0]["message"]["content"], "yellow");
+}

@@ -97,6 +97,37 @@ def main():
     if r.usage.total_tokens != r.usage.prompt_tokens + r.usage.completion_tokens:
         fail(f"usage {r.usage!r}")
 
+    # Sampling: a seed repeats its answer; a stop string is left out; log-probabilities parse into
+    # the client's own types.
+    sampled = [
+        client.chat.completions.create(
+            model=model, messages=messages, max_tokens=8, temperature=1.8, seed=5
+        ).choices[0].message.content
+        for _ in range(2)
+    ]
+    if sampled[0] != sampled[1]:
+        fail(f"the same seed gave {sampled!r}")
+    cut = client.chat.completions.create(model=model, messages=messages, stop=[expected[2:4]])
+    if cut.choices[0].message.content != expected[:2] or cut.choices[0].finish_reason != "stop":
+        fail(f"stop {expected[2:4]!r}: {cut.choices[0]!r}")
+    r = client.chat.completions.create(
+        model=model, messages=messages, logprobs=True, top_logprobs=2
+    )
+    content = r.choices[0].logprobs.content
+    if len(content) != r.usage.completion_tokens or any(len(c.top_logprobs) != 2 for c in content):
+        fail(f"logprobs {content!r}")
+    if content[0].token != expected or not content[0].logprob <= 0.0:
+        fail(f"first token's logprob {content[0]!r}")
+    # A field that would change the answer and is not implemented is refused by name.
+    try:
+        client.chat.completions.create(
+            model=model, messages=messages, response_format={"type": "json_object"}
+        )
+        fail("response_format json_object was accepted")
+    except openai.BadRequestError as e:
+        if "response_format" not in str(e):
+            fail(f"response_format error: {e}")
+
     # A refused request surfaces as the client's own error type, with the server's message.
     bad = [
         {

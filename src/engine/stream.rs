@@ -88,6 +88,8 @@ pub struct Summary {
 /// A generated token's log-probability under the model and the most likely alternatives.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TokenLogprobs {
+    /// The token's own text.
+    pub token: String,
     pub logprob: f32,
     /// Most likely first.
     pub top_logprobs: Vec<TopLogprob>,
@@ -339,6 +341,7 @@ impl<'e, B: Backend> Stream<'e, B> {
 
     fn token_logprobs(&self, c: &Choice) -> Option<TokenLogprobs> {
         Some(TokenLogprobs {
+            token: self.engine.token_text(c.id),
             logprob: c.logprob?,
             top_logprobs: c
                 .top_logprobs

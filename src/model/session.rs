@@ -298,9 +298,10 @@ impl<'m, B: Backend> Session<'m, B> {
         }
     }
 
-    /// Ends the run after the token just chosen (a stop string the caller found in the text).
+    /// Ends the run after the token just chosen, for `reason` (a stop string the caller found in
+    /// the text: it names why the text ends even when the token also reached the length limit).
     pub fn stop_now(&mut self, reason: StopReason) {
-        self.stop.get_or_insert(reason);
+        self.stop = Some(reason);
     }
 
     /// How the latest token was chosen, when it was chosen on the host (sampling, penalties or

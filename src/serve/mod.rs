@@ -387,6 +387,8 @@ async fn chat_inner(
         max_tokens_param: req.max_tokens_param,
         method: req.relevancy,
         ignore_eos: req.ignore_eos,
+        sampling: req.sampling.clone(),
+        stop: req.stop.clone(),
         cancel,
         events: tx,
         arrived,
@@ -545,6 +547,9 @@ async fn next_frames(s: &mut Streaming) -> Option<String> {
             Some(Event::Item(Item::Token(t))) => {
                 s.completion += 1;
                 let mut c = r.chunk(json!({"content": t.text_delta}), None);
+                if let Some(l) = &t.logprobs {
+                    c["choices"][0]["logprobs"] = json!({"content": [openai::logprob_json(l)]});
+                }
                 if let Some(m) = &t.map {
                     c["relevancy"] = openai::token_map_json(m, r.grid);
                 }
@@ -615,7 +620,11 @@ async fn collect_response(
                     "choices": [{
                         "index": 0,
                         "message": {"role": "assistant", "content": sum.text, "refusal": null},
-                        "logprobs": null,
+                        "logprobs": if sum.logprobs.is_empty() {
+                            Value::Null
+                        } else {
+                            json!({"content": sum.logprobs.iter().map(openai::logprob_json).collect::<Vec<_>>()})
+                        },
                         "finish_reason": openai::finish_reason(sum.stop_reason),
                     }],
                     "usage": r.usage(sum.generated_ids.len()),

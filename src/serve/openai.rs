@@ -6,8 +6,9 @@ use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::engine::{Confidence, StopReason, TokenMap};
+use crate::engine::{Confidence, StopReason, TokenLogprobs, TokenMap};
 use crate::explain::{Method, MethodName};
+use crate::model::sampling::Sampling;
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}` with its status.
 #[derive(Debug, Clone)]
@@ -81,6 +82,9 @@ pub struct ChatRequest {
     pub include_usage: bool,
     pub relevancy: Option<Method>,
     pub ignore_eos: bool,
+    /// Temperature, top-p, seed, penalties, log-probabilities.
+    pub sampling: Sampling,
+    pub stop: Vec<String>,
 }
 
 /// What a request may carry at most.
@@ -114,6 +118,73 @@ struct RawChat {
     n: Option<u64>,
     ignore_eos: Option<bool>,
     relevancy: Option<RawRelevancy>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    seed: Option<i64>,
+    stop: Option<RawStop>,
+    logprobs: Option<bool>,
+    top_logprobs: Option<u64>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    /// Every other field: accepted only when it cannot change the answer ([`INERT_FIELDS`]).
+    #[serde(flatten)]
+    other: serde_json::Map<String, Value>,
+}
+
+/// Fields a client may send that do not change the answer (the model is the one this server
+/// serves; the rest is bookkeeping on OpenAI's side).
+const INERT_FIELDS: &[&str] = &[
+    "model",
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "safety_identifier",
+    "prompt_cache_key",
+    "parallel_tool_calls",
+];
+
+/// Fields OpenAI defines that would change the answer and this server does not implement: a
+/// 400 naming them, never a silent default.
+const UNSUPPORTED_FIELDS: &[&str] = &[
+    "logit_bias",
+    "response_format",
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "audio",
+    "modalities",
+    "prediction",
+    "reasoning_effort",
+    "web_search_options",
+    "verbosity",
+];
+
+/// `stop`: a string or a list of strings.
+struct RawStop(Vec<String>);
+
+impl<'de> Deserialize<'de> for RawStop {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawStop;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string or an array of strings")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawStop, E> {
+                Ok(RawStop(vec![v.to_string()]))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<RawStop, A::Error> {
+                let mut all = Vec::new();
+                while let Some(s) = seq.next_element()? {
+                    all.push(s);
+                }
+                Ok(RawStop(all))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 #[derive(Deserialize)]
@@ -235,7 +306,9 @@ fn parse_raw(body: &[u8]) -> Result<RawChat, ApiError> {
 
 /// Checks a request body. `n_layers` picks GradCAM's default layer.
 pub fn parse_chat(body: &[u8], limits: Limits, n_layers: usize) -> Result<ChatRequest, ApiError> {
-    let raw = parse_raw(body)?;
+    let mut raw = parse_raw(body)?;
+    check_other_fields(&raw.other)?;
+    let (sampling, stop) = parse_sampling(&mut raw)?;
     let Some(messages) = raw.messages else {
         return Err(ApiError::invalid(
             param("messages"),
@@ -328,7 +401,113 @@ pub fn parse_chat(body: &[u8], limits: Limits, n_layers: usize) -> Result<ChatRe
             .unwrap_or(false),
         relevancy,
         ignore_eos: raw.ignore_eos.unwrap_or(false),
+        sampling,
+        stop,
     })
+}
+
+/// Fields outside the ones parsed: inert ones pass, the rest are refused by name.
+fn check_other_fields(other: &serde_json::Map<String, Value>) -> Result<(), ApiError> {
+    for (k, v) in other {
+        if INERT_FIELDS.contains(&k.as_str()) || v.is_null() {
+            continue;
+        }
+        // The defaults of two of them ask for nothing different.
+        let default = match k.as_str() {
+            "response_format" => v.get("type").and_then(Value::as_str) == Some("text"),
+            "modalities" => v == &json!(["text"]),
+            _ => false,
+        };
+        if default {
+            continue;
+        }
+        let msg = if UNSUPPORTED_FIELDS.contains(&k.as_str()) {
+            format!("`{k}` is not supported by this server")
+        } else {
+            format!("unrecognized request argument `{k}`")
+        };
+        return Err(ApiError::invalid(param(k), "unsupported_parameter", msg));
+    }
+    Ok(())
+}
+
+/// The sampling fields in OpenAI's ranges, as the engine's options.
+fn parse_sampling(raw: &mut RawChat) -> Result<(Sampling, Vec<String>), ApiError> {
+    let range = |name: &str, v: Option<f32>, lo: f32, hi: f32| match v {
+        Some(x) if !(lo..=hi).contains(&x) => Err(ApiError::invalid(
+            param(name),
+            "invalid_value",
+            format!("`{name}` must be between {lo} and {hi}, not {x}"),
+        )),
+        _ => Ok(()),
+    };
+    range("temperature", raw.temperature, 0.0, 2.0)?;
+    range("presence_penalty", raw.presence_penalty, -2.0, 2.0)?;
+    range("frequency_penalty", raw.frequency_penalty, -2.0, 2.0)?;
+    if raw.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
+        return Err(ApiError::invalid(
+            param("top_p"),
+            "invalid_value",
+            "`top_p` must be greater than 0 and at most 1",
+        ));
+    }
+    let logprobs = match (raw.logprobs.unwrap_or(false), raw.top_logprobs) {
+        (_, Some(n)) if n > Sampling::MAX_LOGPROBS as u64 => {
+            return Err(ApiError::invalid(
+                param("top_logprobs"),
+                "invalid_value",
+                format!("`top_logprobs` must be at most {}", Sampling::MAX_LOGPROBS),
+            ))
+        }
+        (false, Some(_)) => {
+            return Err(ApiError::invalid(
+                param("top_logprobs"),
+                "invalid_value",
+                "`top_logprobs` needs `logprobs: true`",
+            ))
+        }
+        (true, n) => Some(n.unwrap_or(0) as usize),
+        (false, None) => None,
+    };
+    let stop = raw.stop.take().map_or(Vec::new(), |s| s.0);
+    if stop.len() > MAX_STOP || stop.iter().any(|s| s.is_empty()) {
+        return Err(ApiError::invalid(
+            param("stop"),
+            "invalid_value",
+            format!("`stop` takes 1 to {MAX_STOP} non-empty strings"),
+        ));
+    }
+    let sampling = Sampling {
+        // OpenAI's default temperature is 1; a request that names none is answered greedily,
+        // which the README states.
+        temperature: raw.temperature.unwrap_or(0.0),
+        top_p: raw.top_p.unwrap_or(1.0),
+        presence_penalty: raw.presence_penalty.unwrap_or(0.0),
+        frequency_penalty: raw.frequency_penalty.unwrap_or(0.0),
+        seed: raw.seed.map_or(0, |s| s as u64),
+        logprobs,
+        ..Default::default()
+    };
+    // Anything else the engine would refuse is named here with its field.
+    sampling
+        .validate()
+        .map_err(|e| ApiError::invalid(None, "invalid_value", e.to_string()))?;
+    Ok((sampling, stop))
+}
+
+/// OpenAI's limit on stop sequences.
+const MAX_STOP: usize = 4;
+
+/// A token's log-probabilities in OpenAI's shape (`choices[].logprobs.content[]`).
+pub fn logprob_json(l: &TokenLogprobs) -> Value {
+    let entry = |token: &str, logprob: f32| json!({"token": token, "logprob": logprob, "bytes": token.as_bytes()});
+    let mut v = entry(&l.token, l.logprob);
+    v["top_logprobs"] = l
+        .top_logprobs
+        .iter()
+        .map(|t| entry(&t.token, t.logprob))
+        .collect();
+    v
 }
 
 pub const METHODS: &str = "fastrm, baseline, baseline-incremental, gradcam";

@@ -34,6 +34,8 @@ pub struct Job {
     pub max_tokens_param: &'static str,
     pub method: Option<Method>,
     pub ignore_eos: bool,
+    pub sampling: crate::model::sampling::Sampling,
+    pub stop: Vec<String>,
     pub cancel: CancelToken,
     /// Unbounded: the engine never waits for a client, so a slow reader cannot stall the
     /// requests queued behind it; one answer's chunks are at most a context's worth.
@@ -126,7 +128,8 @@ fn run_job(engine: &AnyEngine, job: Job, metrics: &Metrics, token_delay: Duratio
             max_new_tokens: max_new,
             stop_at_eos: !job.ignore_eos,
             keep_steps: false,
-            ..Default::default()
+            sampling: job.sampling.clone(),
+            stop: job.stop.clone(),
         },
         method: job.method,
         hidden_states: false,
