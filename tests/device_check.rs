@@ -264,10 +264,17 @@ fn an_incomplete_or_stale_stage_is_refused() {
     std::fs::write(root.join("Cargo.toml"), "[package]\n").unwrap();
     std::fs::write(root.join("src/lib.rs"), "// one\n").unwrap();
     let run = |args: &[&str]| {
+        let list = root.join("stage/device/SOURCE_FILES");
+        let stdin = match std::fs::File::open(&list) {
+            Ok(f) => std::process::Stdio::from(f),
+            Err(_) => std::process::Stdio::null(),
+        };
         Command::new("bash")
             .arg(root.join("tools/device-check.sh"))
             .args(args)
+            .current_dir(root)
             .env("OUT", root.join("out"))
+            .stdin(stdin)
             .output()
             .unwrap()
     };
@@ -275,7 +282,7 @@ fn an_incomplete_or_stale_stage_is_refused() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("lacks fastrm cuda-tests cuda-bench COMMIT SOURCE_HASH"),
+        err.contains("lacks fastrm cuda-tests cuda-bench COMMIT SOURCE_FILES SOURCE_HASH"),
         "{err}"
     );
     // A complete stage of these very sources, then an edit.
@@ -290,15 +297,24 @@ fn an_incomplete_or_stale_stage_is_refused() {
             .unwrap();
     }
     std::fs::write(stage.join("COMMIT"), "abc123\n").unwrap();
+    std::fs::write(stage.join("SOURCE_FILES"), "src/lib.rs\0Cargo.toml\0").unwrap();
     let hash = run(&["--source-hash"]);
     assert!(hash.status.success());
     let hash = String::from_utf8(hash.stdout).unwrap();
     assert_eq!(hash.trim().len(), 64, "{hash}");
     std::fs::write(stage.join("SOURCE_HASH"), &hash).unwrap();
     assert_eq!(run(&["--source-hash"]).stdout, hash.as_bytes(), "stable");
+    let stale = || {
+        let out = run(&[]);
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(err.contains("built from other sources (abc123"), "{err}");
+    };
     std::fs::write(root.join("src/lib.rs"), "// two\n").unwrap();
-    let out = run(&[]);
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("built from other sources (abc123"), "{err}");
+    stale();
+    // A listed file that is gone is a different tree too.
+    std::fs::write(root.join("src/lib.rs"), "// one\n").unwrap();
+    assert_eq!(run(&["--source-hash"]).stdout, hash.as_bytes());
+    std::fs::remove_file(root.join("Cargo.toml")).unwrap();
+    stale();
 }

@@ -22,7 +22,8 @@
 # what finished.
 #
 # Before anything runs, the real run refuses a stage that lacks a binary or was built from other
-# sources than this tree (tools/stage-device.sh records their hash; --source-hash prints it).
+# sources than this tree (tools/stage-device.sh records their list and hash; --source-hash prints
+# the hash of the NUL-separated list on stdin).
 #
 # Options: --only STEP[,STEP] (a targeted rerun), --limit STEP=SECONDS, --reference, --with-7b, --dry-run (or
 # DEVICE_CHECK_DRY=1: stub commands and a fake library tree instead of the GPU; tests/device_check.rs
@@ -32,12 +33,12 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 
-# The hash of the sources the staged binaries must have been built from: every file under these
-# paths, by name and content, in a fixed order (sha256sum exists on both machines; git may not be
-# on the device machine's copy).
+# The hash of the sources the staged binaries were built from: the files tools/stage-device.sh
+# listed (NUL-separated on stdin: what git tracks or would carry under the source folders) by
+# name and content. sha256sum exists on both machines; git may not be on the device machine's
+# copy. A listed file that is missing makes a different hash.
 source_hash() {
-    find Cargo.toml Cargo.lock build.rs src kernels tests benches -type f -not -path '*/__pycache__/*' \
-        -print0 2>/dev/null | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1
+    LC_ALL=C sort -z | xargs -0 sha256sum 2>&1 | sha256sum | cut -d' ' -f1
 }
 if [ "${1:-}" = --source-hash ]; then
     source_hash
@@ -107,12 +108,12 @@ else
     bin=$root/stage/device
     missing=()
     for f in fastrm cuda-tests cuda-bench; do [ -x "$bin/$f" ] || missing+=("$f"); done
-    for f in COMMIT SOURCE_HASH; do [ -f "$bin/$f" ] || missing+=("$f"); done
+    for f in COMMIT SOURCE_FILES SOURCE_HASH; do [ -f "$bin/$f" ] || missing+=("$f"); done
     if [ ${#missing[@]} -gt 0 ]; then
         echo "device-check: stage/device lacks ${missing[*]}; run tools/stage-device.sh and carry stage/device" >&2
         exit 2
     fi
-    staged=$(cat "$bin/SOURCE_HASH") here=$(source_hash)
+    staged=$(cat "$bin/SOURCE_HASH") here=$(source_hash < "$bin/SOURCE_FILES")
     if [ "$staged" != "$here" ]; then
         echo "device-check: stage/device was built from other sources ($(cat "$bin/COMMIT"), hash ${staged:0:12}) than this tree (hash ${here:0:12}); run tools/stage-device.sh again" >&2
         exit 2

@@ -28,7 +28,9 @@ strip "$out"/*
 # not committed included), which tools/device-check.sh recomputes on the device machine's copy of
 # the tree and refuses to run against when it differs.
 git describe --always --dirty --abbrev=12 > "$out/COMMIT"
-bash tools/device-check.sh --source-hash > "$out/SOURCE_HASH"
+git ls-files -z --cached --others --exclude-standard -- Cargo.toml Cargo.lock build.rs src kernels \
+    tests benches > "$out/SOURCE_FILES"
+bash tools/device-check.sh --source-hash < "$out/SOURCE_FILES" > "$out/SOURCE_HASH"
 du -sh "$out"/*
 kib=$(du -sk "$out" | cut -f1)
 if [ "$kib" -gt $((64 * 1024)) ]; then
