@@ -879,3 +879,80 @@ fn sampling_fields_match_the_command_line_and_the_rest_is_refused() {
     let v = answer(json!({"user": "u1", "response_format": {"type": "text"}, "store": false}));
     assert_eq!(v["choices"][0]["message"]["content"], "yellow");
 }
+
+/// The server's peak resident memory (`VmHWM`), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+/// Image bombs: a 8192x8192 PNG of a few kilobytes (192 MiB as RGB) and a JPEG header claiming
+/// 20000x20000 are refused from their headers, four at once, before a pixel is decoded: the
+/// server's peak memory grows by less than 32 MiB.
+#[test]
+fn image_bombs_are_refused_from_their_headers() {
+    let side = 8192u32;
+    let mut png_bytes = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut png_bytes, side, side);
+        enc.set_color(png::ColorType::Grayscale);
+        enc.set_depth(png::BitDepth::Eight);
+        let mut w = enc.write_header().unwrap();
+        w.write_image_data(&vec![0u8; (side * side) as usize])
+            .unwrap();
+    }
+    assert!(png_bytes.len() < 1 << 20, "{} bytes", png_bytes.len());
+    // SOI, then a baseline frame header: precision 8, height, width, 3 components.
+    let mut jpeg = vec![0xFF, 0xD8, 0xFF, 0xC0, 0x00, 0x11, 0x08];
+    jpeg.extend_from_slice(&20000u16.to_be_bytes());
+    jpeg.extend_from_slice(&20000u16.to_be_bytes());
+    jpeg.extend_from_slice(&[3, 1, 0x22, 0, 2, 0x11, 1, 3, 0x11, 1, 0xFF, 0xD9]);
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let body = |url: String| {
+        json!({"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}},
+            {"type": "text", "text": QUESTION},
+        ]}]})
+    };
+    let server = Server::start(&["--max-image-pixels", "4000000"]);
+    let a = server.addr;
+    // Warm up (the first request sets up what every request uses), then measure.
+    assert_eq!(
+        post(a, &chat_body(QUESTION, json!({"max_tokens": 1}))).0,
+        200
+    );
+    let before = peak_rss(server.child.id());
+    let bombs = [
+        format!("data:image/png;base64,{}", b64(&png_bytes)),
+        format!("data:image/jpeg;base64,{}", b64(&jpeg)),
+    ];
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|i| {
+                let b = body(bombs[i % 2].clone());
+                s.spawn(move || post(a, &b))
+            })
+            .collect();
+        for h in handles {
+            let r = h.join().unwrap();
+            assert_error(
+                &r,
+                413,
+                Some("messages[0].content[0].image_url.url"),
+                "image bomb",
+            );
+            let text = String::from_utf8_lossy(&r.2);
+            assert!(
+                text.contains("8192x8192") || text.contains("20000x20000"),
+                "{text}"
+            );
+        }
+    });
+    let grew = peak_rss(server.child.id()).saturating_sub(before);
+    assert!(grew < 32 << 20, "peak RSS grew by {} MiB", grew >> 20);
+}

@@ -88,6 +88,9 @@ struct AppState {
     has_head: bool,
     started: u64,
     next_id: AtomicU64,
+    /// Requests checked and decoded at once (as many as the queue holds): each holds an image
+    /// of up to the pixel limit while it is decoded.
+    decodes: tokio::sync::Semaphore,
 }
 
 /// `fastrm serve`: loads the engine, serves until SIGINT/SIGTERM, then finishes the requests in
@@ -138,6 +141,7 @@ pub fn run(args: ServeOptions) -> Result<()> {
         grid: (g, g),
         has_head: engine.has_head(),
         started: unix_now(),
+        decodes: tokio::sync::Semaphore::new(args.max_queue),
         next_id: AtomicU64::new(1),
     });
     let worker_metrics = Arc::clone(&metrics);
@@ -348,20 +352,39 @@ async fn chat_inner(
     // Parsing, base64 and the image's decoding are CPU work off the async threads and off the
     // engine: a bad image is refused before it takes a place in the queue.
     let (limits, n_layers) = (st.limits, st.n_layers);
+    let decoding = st
+        .decodes
+        .acquire()
+        .await
+        .map_err(|_| ApiError::server("the server is shutting down"))?;
     let (req, image) = tokio::task::spawn_blocking(move || {
         let req = openai::parse_chat(&body, limits, n_layers)?;
-        let image = crate::vision::load_image_bytes(&req.image, Path::new("image"))
-            .map_err(|e| worker::engine_error(e, Some(req.image_param.clone())))?;
-        if image.width * image.height > limits.max_image_pixels {
+        // The pixel limit from the header, before a pixel is decoded: a small file can declare
+        // an image of gigabytes.
+        let (w, h) = crate::vision::image_dimensions(&req.image).map_err(|msg| {
+            ApiError::invalid(Some(req.image_param.clone()), "invalid_image", msg)
+        })?;
+        if w.saturating_mul(h) > limits.max_image_pixels {
             return Err(ApiError::too_large(
                 Some(req.image_param.clone()),
                 "image_too_large",
                 format!(
-                    "the image is {}x{} = {} pixels, over the server's limit of {}",
-                    image.width,
-                    image.height,
-                    image.width * image.height,
+                    "the image is {w}x{h} = {} pixels, over the server's limit of {}",
+                    w.saturating_mul(h),
                     limits.max_image_pixels
+                ),
+            ));
+        }
+        let image = crate::vision::load_image_bytes(&req.image, Path::new("image"))
+            .map_err(|e| worker::engine_error(e, Some(req.image_param.clone())))?;
+        // The decoded image is the truth (a header that lied is refused by the decoder or here).
+        if (image.width, image.height) != (w, h) {
+            return Err(ApiError::invalid(
+                Some(req.image_param.clone()),
+                "invalid_image",
+                format!(
+                    "the image header says {w}x{h} but the image is {}x{}",
+                    image.width, image.height
                 ),
             ));
         }
@@ -369,6 +392,7 @@ async fn chat_inner(
     })
     .await
     .map_err(|e| ApiError::server(format!("request check failed: {e}")))??;
+    drop(decoding);
     if req.relevancy == Some(Method::FastRm) && !st.has_head {
         return Err(ApiError::invalid(
             Some("relevancy.method".into()),

@@ -99,6 +99,55 @@ pub fn load_image(path: &Path) -> Result<RgbImage> {
     load_image_bytes(&bytes, path)
 }
 
+/// Width and height of an in-memory PNG or JPEG from its header alone (PNG: `IHDR`; JPEG: the
+/// first frame header), without decoding a pixel: a server checks its pixel limit with this
+/// before spending memory on the image. Errors say what is wrong with the header.
+pub fn image_dimensions(bytes: &[u8]) -> std::result::Result<(usize, usize), String> {
+    let be16 = |b: &[u8]| u16::from_be_bytes([b[0], b[1]]) as usize;
+    match ImageFormat::detect(bytes) {
+        Some(ImageFormat::Png) => {
+            // Signature (8), IHDR length (4) and type (4), then width and height (4 each).
+            match bytes.get(12..24) {
+                Some(h) if &h[..4] == b"IHDR" => {
+                    let w = u32::from_be_bytes([h[4], h[5], h[6], h[7]]) as usize;
+                    let ht = u32::from_be_bytes([h[8], h[9], h[10], h[11]]) as usize;
+                    Ok((w, ht))
+                }
+                _ => Err("PNG without its IHDR header (truncated or corrupt)".into()),
+            }
+        }
+        Some(ImageFormat::Jpeg) => {
+            // Segments after SOI: 0xFF, a marker, a big-endian length (that counts itself).
+            let mut at = 2;
+            while let Some(seg) = bytes.get(at..at + 4) {
+                if seg[0] != 0xFF {
+                    return Err(format!("JPEG: no marker at byte {at} (corrupt header)"));
+                }
+                let marker = seg[1];
+                // Fill bytes before a marker.
+                if marker == 0xFF {
+                    at += 1;
+                    continue;
+                }
+                let len = be16(&seg[2..4]);
+                // SOF0–SOF15 but DHT (C4), JPG (C8) and DAC (CC): precision, height, width.
+                if matches!(marker, 0xC0..=0xCF) && !matches!(marker, 0xC4 | 0xC8 | 0xCC) {
+                    return match bytes.get(at + 5..at + 9) {
+                        Some(f) => Ok((be16(&f[2..4]), be16(&f[0..2]))),
+                        None => Err("JPEG frame header cut short".into()),
+                    };
+                }
+                if marker == 0xDA || marker == 0xD9 {
+                    break;
+                }
+                at += 2 + len;
+            }
+            Err("JPEG without a frame header before its data (truncated or corrupt)".into())
+        }
+        None => Err(unknown_format_message(bytes)),
+    }
+}
+
 /// Decodes an in-memory PNG or JPEG; `name_for_errors` is only used in error messages.
 pub fn load_image_bytes(bytes: &[u8], name_for_errors: &Path) -> Result<RgbImage> {
     let path = name_for_errors;
@@ -538,5 +587,29 @@ mod tests {
         for cut in 2..ok.len() {
             assert!(!jpeg_reaches_eoi(&ok[..cut]), "cut at {cut}");
         }
+    }
+}
+
+#[cfg(test)]
+mod dimension_tests {
+    use super::*;
+
+    #[test]
+    fn dimensions_come_from_the_header_alone() {
+        let png = include_bytes!("../../assets/demo/image.png");
+        let img = load_image_bytes(png, Path::new("demo.png")).unwrap();
+        assert_eq!(image_dimensions(png), Ok((img.width, img.height)));
+        // Only the signature and IHDR: enough for the size, far too little to decode.
+        assert_eq!(image_dimensions(&png[..24]), Ok((img.width, img.height)));
+        assert!(image_dimensions(&png[..20]).is_err());
+        let jpeg = include_bytes!("../../tests/fixtures/clip336/image.jpg");
+        let img = load_image_bytes(jpeg, Path::new("x.jpg")).unwrap();
+        assert_eq!(image_dimensions(jpeg), Ok((img.width, img.height)));
+        assert!(image_dimensions(&jpeg[..40]).is_err());
+        assert!(image_dimensions(b"GIF89a").is_err());
+        // Fill bytes between segments, as the standard allows.
+        let mut padded = vec![0xFF, 0xD8, 0xFF, 0xFF, 0xC2, 0x00, 0x0B, 0x08, 0x00, 0x10];
+        padded.extend_from_slice(&[0x00, 0x20, 0x01, 0x01, 0x11, 0x00]);
+        assert_eq!(image_dimensions(&padded), Ok((32, 16)));
     }
 }

@@ -20,7 +20,8 @@ mod preprocess;
 mod resize;
 
 pub use decode::{
-    load_image, load_image_bytes, ImageFormat, MAX_DECODE_BYTES, MAX_PIXELS, MAX_SIDE,
+    image_dimensions, load_image, load_image_bytes, ImageFormat, MAX_DECODE_BYTES, MAX_PIXELS,
+    MAX_SIDE,
 };
 pub use preprocess::{
     center_crop, load_and_preprocess, preprocess, resize_and_crop, resize_output_size,
