@@ -956,3 +956,85 @@ fn image_bombs_are_refused_from_their_headers() {
     let grew = peak_rss(server.child.id()).saturating_sub(before);
     assert!(grew < 32 << 20, "peak RSS grew by {} MiB", grew >> 20);
 }
+
+/// A request written by hand: `head_lines` after the request line (each ending in CRLF), then
+/// `body` as it is (the declared length may lie). The response read to its end.
+fn raw_request(
+    addr: SocketAddr,
+    request_line: &str,
+    head_lines: &str,
+    body: &[u8],
+) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let head = format!("{request_line}\r\nHost: {addr}\r\nConnection: close\r\n{head_lines}\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    let _ = s.write_all(body);
+    let mut r = BufReader::new(s);
+    let (status, headers) = read_head(&mut r);
+    let mut body = Vec::new();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
+    if chunked {
+        while let Some(c) = read_chunk(&mut r) {
+            body.extend(c);
+        }
+    } else {
+        r.read_to_end(&mut body).unwrap();
+    }
+    (status, headers, body)
+}
+
+/// What a web page could send from a visitor's browser (a `text/plain` POST, a request from
+/// another origin) is refused unless the origin was allowed; a body declared over the limit is
+/// refused at once, without waiting for it; a wrong method gets an error body too.
+#[test]
+fn forged_browser_requests_and_lying_lengths_are_refused() {
+    let server = Server::start(&["--cors-origin", "http://app.example"]);
+    let a = server.addr;
+    let body = chat_body(QUESTION, json!({"max_tokens": 2})).to_string();
+    let post_with = |head: &str| {
+        raw_request(
+            a,
+            "POST /v1/chat/completions HTTP/1.1",
+            &format!("{head}Content-Length: {}\r\n", body.len()),
+            body.as_bytes(),
+        )
+    };
+    let r = post_with("Content-Type: text/plain\r\n");
+    assert_error(&r, 415, None, "text/plain");
+    let r = post_with("Content-Type: application/json\r\nOrigin: http://evil.example\r\n");
+    assert_error(&r, 403, None, "another origin");
+    assert!(String::from_utf8_lossy(&r.2).contains("--cors-origin http://evil.example"));
+    let same = format!("Content-Type: application/json; charset=utf-8\r\nOrigin: http://{a}\r\n");
+    assert_eq!(post_with(&same).0, 200, "same origin");
+    let r = post_with("Content-Type: application/json\r\nOrigin: http://app.example\r\n");
+    assert_eq!(r.0, 200, "an allowed origin");
+    let acao = |h: &[(String, String)]| {
+        h.iter()
+            .find(|(k, _)| k == "access-control-allow-origin")
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(acao(&r.1).as_deref(), Some("http://app.example"));
+    let pre = raw_request(
+        a,
+        "OPTIONS /v1/chat/completions HTTP/1.1",
+        "Origin: http://app.example\r\nAccess-Control-Request-Method: POST\r\n",
+        b"",
+    );
+    assert_eq!(pre.0, 204);
+    assert_eq!(acao(&pre.1).as_deref(), Some("http://app.example"));
+    // A declared 100 MB body with a few bytes sent: refused at once.
+    let t0 = Instant::now();
+    let r = raw_request(
+        a,
+        "POST /v1/chat/completions HTTP/1.1",
+        "Content-Type: application/json\r\nContent-Length: 100000000\r\n",
+        b"{\"messages\"",
+    );
+    assert_error(&r, 413, None, "lying length");
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    let r = request(a, "GET", "/v1/chat/completions", None);
+    assert_error(&r, 405, None, "GET on the chat endpoint");
+}

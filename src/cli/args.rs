@@ -392,6 +392,11 @@ pub struct ServeArgs {
     /// Largest accepted request body, in bytes.
     #[arg(long, default_value_t = ServeOptions::default().max_body_bytes)]
     pub max_body_bytes: usize,
+    /// Accept browser requests from this origin (e.g. https://app.example.com; repeat for
+    /// several). Requests whose Origin is another site are refused, so that a web page cannot
+    /// drive a server on its visitor's machine; the viewer at / is same-origin.
+    #[arg(long = "cors-origin", value_name = "ORIGIN")]
+    pub cors_origins: Vec<String>,
     /// Sleep this many milliseconds after each generated token. For tests: the demo model
     /// answers faster than a test can observe a queue or a disconnect.
     #[arg(long, default_value_t = 0, hide = true)]
@@ -416,6 +421,7 @@ impl ServeArgs {
             max_image_bytes: self.max_image_bytes,
             max_image_pixels: self.max_image_pixels,
             max_body_bytes: self.max_body_bytes,
+            cors_origins: self.cors_origins,
             test_token_delay_ms: self.test_token_delay_ms,
         })
     }

@@ -55,6 +55,9 @@ pub struct ServeOptions {
     pub max_image_pixels: usize,
     /// Largest accepted request body, in bytes.
     pub max_body_bytes: usize,
+    /// Origins (`scheme://host[:port]`) whose browser requests are accepted besides the server's
+    /// own; any other `Origin` is refused (403).
+    pub cors_origins: Vec<String>,
     /// A sleep after each generated token, for tests that must observe a queue or a disconnect.
     pub test_token_delay_ms: u64,
 }
@@ -72,6 +75,7 @@ impl Default for ServeOptions {
             max_image_bytes: 16 << 20,
             max_image_pixels: 50_000_000,
             max_body_bytes: 24 << 20,
+            cors_origins: Vec::new(),
             test_token_delay_ms: 0,
         }
     }
@@ -83,6 +87,7 @@ struct AppState {
     model_id: String,
     limits: Limits,
     max_body_bytes: usize,
+    cors_origins: Vec<String>,
     n_layers: usize,
     grid: (usize, usize),
     has_head: bool,
@@ -137,6 +142,7 @@ pub fn run(args: ServeOptions) -> Result<()> {
             context: cfg.text.max_position_embeddings,
         },
         max_body_bytes: args.max_body_bytes,
+        cors_origins: args.cors_origins.clone(),
         n_layers: cfg.text.num_hidden_layers,
         grid: (g, g),
         has_head: engine.has_head(),
@@ -210,6 +216,11 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            guard,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state),
             count_responses,
@@ -238,6 +249,124 @@ async fn count_responses(
     let resp = next.run(req).await;
     st.metrics.request(route, resp.status().as_u16());
     resp
+}
+
+/// What is checked before a request reaches its handler: its origin (a page on another site may
+/// not drive this server from a visitor's browser), and for the chat endpoint its content type
+/// (a browser sends `text/plain` cross-site without asking first) and its declared length (refused
+/// at once rather than after waiting for a body that may never come).
+async fn guard(State(st): State<Arc<AppState>>, req: HttpRequest, next: Next) -> Response {
+    let origin = req
+        .headers()
+        .get(header::ORIGIN)
+        .and_then(|o| o.to_str().ok())
+        .map(str::to_string);
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    let allowed = match &origin {
+        None => true,
+        Some(o) => {
+            o.strip_prefix("http://")
+                .or_else(|| o.strip_prefix("https://"))
+                == Some(host)
+                || st.cors_origins.iter().any(|c| c == o)
+        }
+    };
+    if !allowed {
+        return ApiError {
+            status: 403,
+            message: format!(
+                "requests from the web origin {} are refused (start the server with \
+                 --cors-origin {} to accept them)",
+                origin.as_deref().unwrap_or(""),
+                origin.as_deref().unwrap_or("")
+            ),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("origin_not_allowed"),
+        }
+        .into_response();
+    }
+    // A cross-origin page that is allowed: the browser's preflight, then the headers it checks.
+    let cross = origin
+        .as_deref()
+        .filter(|o| st.cors_origins.iter().any(|c| c == o));
+    if req.method() == axum::http::Method::OPTIONS {
+        if let Some(o) = cross {
+            let mut r = StatusCode::NO_CONTENT.into_response();
+            cors_headers(&mut r, o);
+            return r;
+        }
+    }
+    if req.method() == axum::http::Method::POST && req.uri().path() == "/v1/chat/completions" {
+        let json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"));
+        if !json {
+            return ApiError {
+                status: 415,
+                message: "the body must be JSON sent as Content-Type: application/json".into(),
+                kind: "invalid_request_error",
+                param: None,
+                code: Some("unsupported_media_type"),
+            }
+            .into_response();
+        }
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > st.max_body_bytes as u64) {
+            return ApiError::too_large(
+                None,
+                "body_too_large",
+                format!(
+                    "the request body is declared as {} bytes, over the server's limit of {}",
+                    declared.unwrap_or(0),
+                    st.max_body_bytes
+                ),
+            )
+            .into_response();
+        }
+    }
+    let mut r = next.run(req).await;
+    if let Some(o) = cross {
+        cors_headers(&mut r, o);
+    }
+    r
+}
+
+fn cors_headers(r: &mut Response, origin: &str) {
+    let h = r.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(origin) {
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, v);
+    }
+    h.insert(header::VARY, HeaderValue::from_static("Origin"));
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, POST, OPTIONS"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("content-type, authorization"),
+    );
+}
+
+async fn method_not_allowed(req: HttpRequest) -> ApiError {
+    ApiError {
+        status: 405,
+        message: format!("{} is not allowed on {}", req.method(), req.uri().path()),
+        kind: "invalid_request_error",
+        param: None,
+        code: Some("method_not_allowed"),
+    }
 }
 
 fn unix_now() -> u64 {
