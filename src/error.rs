@@ -36,6 +36,11 @@ pub enum Error {
     /// The model, its cache or a run's activations do not fit the device's memory.
     #[error("out of memory: {0}")]
     OutOfMemory(String),
+    /// A prompt (or a prompt and its answer) longer than the model's context: the message says
+    /// by how much. The caller's input, like [`Error::Input`], but a server answers it with its
+    /// own code.
+    #[error("invalid input: {0}")]
+    ContextLength(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1038,3 +1038,54 @@ fn forged_browser_requests_and_lying_lengths_are_refused() {
     let r = request(a, "GET", "/v1/chat/completions", None);
     assert_error(&r, 405, None, "GET on the chat endpoint");
 }
+
+/// A question longer than the context can hold is refused from its size before it is
+/// tokenised (a 20 MB one) or by the prompt's length after (a few kilobytes), both with the
+/// context-length code and the content's field; neither holds up a valid request beside it.
+#[test]
+fn oversized_questions_are_refused_off_the_engine_thread() {
+    let server = Server::start(&[]);
+    let a = server.addr;
+    let valid = || {
+        let t0 = Instant::now();
+        let r = post(a, &chat_body(QUESTION, json!({"max_tokens": 2})));
+        assert_eq!(r.0, 200);
+        t0.elapsed()
+    };
+    valid();
+    let alone = (0..3).map(|_| valid()).min().unwrap();
+    let huge = "why ".repeat(5 << 20);
+    let long = "why ".repeat(3000);
+    for (q, what) in [(&huge, "20 MB"), (&long, "12 KB")] {
+        let body = chat_body(q, json!({}));
+        // The best of three: a machine busy with other tests slows a run, not every run, while
+        // a refusal that held the engine would slow each.
+        let beside = (0..3)
+            .map(|_| {
+                std::thread::scope(|s| {
+                    let refused = s.spawn(|| {
+                        let t0 = Instant::now();
+                        (post(a, &body), t0.elapsed())
+                    });
+                    std::thread::sleep(Duration::from_millis(20));
+                    let t = valid();
+                    let (r, took) = refused.join().unwrap();
+                    // Tokenising 20 MB takes seconds; its size alone refuses it at once.
+                    assert!(
+                        took < Duration::from_secs(3),
+                        "{what}: refused after {took:?}"
+                    );
+                    assert_error(&r, 400, Some("messages[0].content"), what);
+                    let v: Value = serde_json::from_slice(&r.2).unwrap();
+                    assert_eq!(v["error"]["code"], "context_length_exceeded", "{what}: {v}");
+                    t
+                })
+            })
+            .min()
+            .unwrap();
+        assert!(
+            beside < alone + Duration::from_millis(100),
+            "{what}: a valid request took {beside:?} beside it, {alone:?} alone"
+        );
+    }
+}

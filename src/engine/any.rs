@@ -327,6 +327,11 @@ impl AnyEngine {
         with_engine!(self, |e| e.model_view(image))
     }
 
+    /// See [`Engine::preparer`].
+    pub fn preparer(&self) -> super::Preparer {
+        with_engine!(self, |e| e.preparer())
+    }
+
     pub fn dir(&self) -> Option<&Path> {
         with_engine!(self, |e| e.dir.as_deref())
     }

@@ -311,12 +311,6 @@ impl<B: Backend> Engine<B> {
         self.head.as_ref()
     }
 
-    fn tokenizer(&self) -> Result<&TextProcessor> {
-        self.text.as_ref().ok_or_else(|| {
-            Error::input("this model has no tokenizer (synthetic models run on token ids only)")
-        })
-    }
-
     /// Decoded, preprocessed CHW pixels of an image.
     pub fn pixels(&self, image: &ImageInput) -> Result<Vec<f32>> {
         vision::preprocess(&image.decode()?, &self.preprocess).map_err(|e| name_image(image, e))
@@ -358,49 +352,29 @@ impl<B: Backend> Engine<B> {
 
     /// The checked prompt of a question.
     pub fn prompt(&self, question: &str) -> Result<Prompt> {
-        let cfg = self.config();
-        let ids =
-            self.tokenizer()?
-                .prompt_ids(question, cfg.image_token_id, cfg.vision.num_patches())?;
-        Prompt::new(cfg, ids)
+        self.inputs().prompt(question)
     }
 
     /// The prompt and the preprocessed pixels of a request.
     pub fn resolve(&self, req: &Request) -> Result<(Prompt, Vec<f32>)> {
-        match req {
-            Request::Prepared { prompt, pixels } => {
-                let side = self.config().vision.image_size;
-                if pixels.len() != 3 * side * side {
-                    return Err(Error::input(format!(
-                        "prepared pixels: {} values, the model takes 3x{side}x{side}",
-                        pixels.len()
-                    )));
-                }
-                Ok((
-                    Prompt::new(self.config(), prompt.ids().to_vec())?,
-                    pixels.clone(),
-                ))
-            }
-            Request::Question { image, question } => {
-                Ok((self.prompt(question)?, self.pixels(image)?))
-            }
-            &Request::Ids { n_text, seed } => {
-                let cfg = self.config();
-                let n_img = cfg.vision.num_patches();
-                let vocab = cfg.text.vocab_size as u64;
-                let mut rng = crate::util::SplitMix64::new(seed);
-                let mut ids = vec![cfg.bos_token_id];
-                ids.extend(std::iter::repeat_n(cfg.image_token_id, n_img));
-                // Ordinary text ids: below the image token, which the llava-hf vocabularies
-                // place after the base vocabulary.
-                let text_vocab = vocab.min(cfg.image_token_id as u64).max(4);
-                ids.extend((0..n_text).map(|_| 3 + (rng.next_u64() % (text_vocab - 3)) as u32));
-                let side = cfg.vision.image_size;
-                let pixels = (0..3 * side * side)
-                    .map(|_| 2.0 * rng.uniform_sym())
-                    .collect();
-                Ok((Prompt::new(cfg, ids)?, pixels))
-            }
+        self.inputs().resolve(req)
+    }
+
+    fn inputs(&self) -> Inputs<'_> {
+        Inputs {
+            cfg: self.config(),
+            text: self.text.as_ref(),
+            preprocess: &self.preprocess,
+        }
+    }
+
+    /// What turns requests into prompts and pixels, without the model: a server tokenises and
+    /// preprocesses on its request threads with it, so the engine's thread only runs the model.
+    pub fn preparer(&self) -> Preparer {
+        Preparer {
+            cfg: self.config().clone(),
+            text: self.text.clone(),
+            preprocess: self.preprocess.clone(),
         }
     }
 
@@ -460,5 +434,85 @@ impl<B: Backend> Engine<B> {
 
     pub fn backend_name(&self) -> String {
         self.backend.name()
+    }
+}
+
+/// What [`Engine::resolve`] needs, borrowed from an engine or owned by a [`Preparer`].
+struct Inputs<'a> {
+    cfg: &'a LlavaConfig,
+    text: Option<&'a TextProcessor>,
+    preprocess: &'a PreprocessConfig,
+}
+
+impl Inputs<'_> {
+    fn prompt(&self, question: &str) -> Result<Prompt> {
+        let text = self.text.ok_or_else(|| {
+            Error::input("this model has no tokenizer (synthetic models run on token ids only)")
+        })?;
+        let ids = text.prompt_ids(
+            question,
+            self.cfg.image_token_id,
+            self.cfg.vision.num_patches(),
+        )?;
+        Prompt::new(self.cfg, ids)
+    }
+
+    fn resolve(&self, req: &Request) -> Result<(Prompt, Vec<f32>)> {
+        let cfg = self.cfg;
+        match req {
+            Request::Prepared { prompt, pixels } => {
+                let side = cfg.vision.image_size;
+                if pixels.len() != 3 * side * side {
+                    return Err(Error::input(format!(
+                        "prepared pixels: {} values, the model takes 3x{side}x{side}",
+                        pixels.len()
+                    )));
+                }
+                Ok((Prompt::new(cfg, prompt.ids().to_vec())?, pixels.clone()))
+            }
+            Request::Question { image, question } => {
+                let pixels = vision::preprocess(&image.decode()?, self.preprocess)
+                    .map_err(|e| name_image(image, e))?;
+                Ok((self.prompt(question)?, pixels))
+            }
+            &Request::Ids { n_text, seed } => {
+                let n_img = cfg.vision.num_patches();
+                let vocab = cfg.text.vocab_size as u64;
+                let mut rng = crate::util::SplitMix64::new(seed);
+                let mut ids = vec![cfg.bos_token_id];
+                ids.extend(std::iter::repeat_n(cfg.image_token_id, n_img));
+                // Ordinary text ids: below the image token, which the llava-hf vocabularies
+                // place after the base vocabulary.
+                let text_vocab = vocab.min(cfg.image_token_id as u64).max(4);
+                ids.extend((0..n_text).map(|_| 3 + (rng.next_u64() % (text_vocab - 3)) as u32));
+                let side = cfg.vision.image_size;
+                let pixels = (0..3 * side * side)
+                    .map(|_| 2.0 * rng.uniform_sym())
+                    .collect();
+                Ok((Prompt::new(cfg, ids)?, pixels))
+            }
+        }
+    }
+}
+
+/// An engine's tokenizer, preprocessing and configuration, owned and `Send`: turns requests into
+/// a [`Request::Prepared`] away from the engine's thread ([`Engine::preparer`]).
+#[derive(Clone)]
+pub struct Preparer {
+    cfg: LlavaConfig,
+    text: Option<TextProcessor>,
+    preprocess: PreprocessConfig,
+}
+
+impl Preparer {
+    /// The request's prompt and pixels, checked as [`Engine::resolve`] checks them.
+    pub fn prepare(&self, req: &Request) -> Result<Request> {
+        let inputs = Inputs {
+            cfg: &self.cfg,
+            text: self.text.as_ref(),
+            preprocess: &self.preprocess,
+        };
+        let (prompt, pixels) = inputs.resolve(req)?;
+        Ok(Request::Prepared { prompt, pixels })
     }
 }

@@ -63,7 +63,7 @@ impl Prompt {
             )));
         }
         if ids.len() >= ctx {
-            return Err(Error::input(format!(
+            return Err(Error::ContextLength(format!(
                 "the prompt is {} tokens (with the image's {n_img} patch tokens) but the model's \
                  context is {ctx}; shorten the question",
                 ids.len()

@@ -60,7 +60,7 @@ fn to_py(e: Error) -> PyErr {
                 _ => PyOSError::new_err(msg),
             };
         }
-        Error::Input(_) | Error::Image { .. } => "InputError",
+        Error::Input(_) | Error::ContextLength(_) | Error::Image { .. } => "InputError",
         Error::Config { .. }
         | Error::Checkpoint { .. }
         | Error::Tensor { .. }

@@ -96,6 +96,9 @@ struct AppState {
     /// Requests checked and decoded at once (as many as the queue holds): each holds an image
     /// of up to the pixel limit while it is decoded.
     decodes: tokio::sync::Semaphore,
+    /// Tokenises and preprocesses on the request threads, so the engine's thread only runs the
+    /// model.
+    preparer: crate::engine::Preparer,
 }
 
 /// `fastrm serve`: loads the engine, serves until SIGINT/SIGTERM, then finishes the requests in
@@ -148,6 +151,7 @@ pub fn run(args: ServeOptions) -> Result<()> {
         has_head: engine.has_head(),
         started: unix_now(),
         decodes: tokio::sync::Semaphore::new(args.max_queue),
+        preparer: engine.preparer(),
         next_id: AtomicU64::new(1),
     });
     let worker_metrics = Arc::clone(&metrics);
@@ -369,6 +373,14 @@ async fn method_not_allowed(req: HttpRequest) -> ApiError {
     }
 }
 
+/// The most bytes one token of text takes (the longest vocabulary entries are about this long):
+/// questions longer than the context times this are refused before they are tokenised.
+const MAX_TOKEN_BYTES: usize = 32;
+
+fn param_of(p: &str) -> Option<String> {
+    Some(p.to_string())
+}
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -481,12 +493,13 @@ async fn chat_inner(
     // Parsing, base64 and the image's decoding are CPU work off the async threads and off the
     // engine: a bad image is refused before it takes a place in the queue.
     let (limits, n_layers) = (st.limits, st.n_layers);
+    let preparer = st.preparer.clone();
     let decoding = st
         .decodes
         .acquire()
         .await
         .map_err(|_| ApiError::server("the server is shutting down"))?;
-    let (req, image) = tokio::task::spawn_blocking(move || {
+    let (req, prepared) = tokio::task::spawn_blocking(move || {
         let req = openai::parse_chat(&body, limits, n_layers)?;
         // The pixel limit from the header, before a pixel is decoded: a small file can declare
         // an image of gigabytes.
@@ -517,7 +530,28 @@ async fn chat_inner(
                 ),
             ));
         }
-        Ok::<_, ApiError>((req, image))
+        // The question's size is bounded before it is tokenised: no token takes more than
+        // MAX_TOKEN_BYTES, so a longer question cannot fit the context anyway.
+        let max_prompt = limits.context * MAX_TOKEN_BYTES;
+        if req.question.len() > max_prompt {
+            return Err(ApiError::invalid(
+                param_of("messages[0].content"),
+                "context_length_exceeded",
+                format!(
+                    "the question is {} bytes; the model's context of {} positions holds no \
+                     more than {max_prompt}",
+                    req.question.len(),
+                    limits.context
+                ),
+            ));
+        }
+        let prepared = preparer
+            .prepare(&crate::engine::Request::question(
+                image,
+                req.question.as_str(),
+            ))
+            .map_err(|e| worker::engine_error(e, param_of("messages[0].content")))?;
+        Ok::<_, ApiError>((req, prepared))
     })
     .await
     .map_err(|e| ApiError::server(format!("request check failed: {e}")))??;
@@ -534,8 +568,7 @@ async fn chat_inner(
     let cancel = CancelToken::new();
     let guard = CancelOnDrop(cancel.clone());
     let job = Job {
-        image,
-        question: req.question.clone(),
+        request: prepared,
         max_tokens: req.max_tokens,
         max_tokens_param: req.max_tokens_param,
         method: req.relevancy,

@@ -14,7 +14,7 @@ use super::metrics::Metrics;
 use super::openai::ApiError;
 use crate::engine::{AnyEngine, CancelToken, Item, Request, RunOptions};
 use crate::error::Error;
-use crate::{with_engine, GenerateOptions, Method};
+use crate::{GenerateOptions, Method};
 
 /// What the worker sends a request's handler.
 #[derive(Debug)]
@@ -28,8 +28,8 @@ pub enum Event {
 }
 
 pub struct Job {
-    pub image: crate::vision::RgbImage,
-    pub question: String,
+    /// Tokenised and preprocessed by the handler ([`Request::Prepared`]).
+    pub request: Request,
     pub max_tokens: Option<usize>,
     pub max_tokens_param: &'static str,
     pub method: Option<Method>,
@@ -89,14 +89,9 @@ fn run_job(engine: &AnyEngine, job: Job, metrics: &Metrics, token_delay: Duratio
             true
         }
     };
-    let req = Request::question(job.image.clone(), job.question.clone());
-    let resolved = with_engine!(engine, |e| e.resolve(&req));
-    let (prompt, pixels) = match resolved {
-        Ok(r) => r,
-        Err(e) => {
-            send(Event::Failed(engine_error(e, None)));
-            return;
-        }
+    let Request::Prepared { prompt, .. } = &job.request else {
+        send(Event::Failed(ApiError::server("a job must come prepared")));
+        return;
     };
     let ctx = engine.config().text.max_position_embeddings;
     let room = ctx.saturating_sub(prompt.len());
@@ -134,9 +129,8 @@ fn run_job(engine: &AnyEngine, job: Job, metrics: &Metrics, token_delay: Duratio
         method: job.method,
         hidden_states: false,
     };
-    let req = Request::Prepared { prompt, pixels };
     let mut last: Option<Instant> = None;
-    for item in engine.stream(&req, &opts, &job.cancel) {
+    for item in engine.stream(&job.request, &opts, &job.cancel) {
         match item {
             Ok(item) => {
                 match &item {
@@ -179,6 +173,7 @@ fn run_job(engine: &AnyEngine, job: Job, metrics: &Metrics, token_delay: Duratio
 pub fn engine_error(e: Error, param: Option<String>) -> ApiError {
     match e {
         Error::Input(msg) => ApiError::invalid(param, "invalid_value", msg),
+        Error::ContextLength(msg) => ApiError::invalid(param, "context_length_exceeded", msg),
         Error::Image { msg, .. } => ApiError::invalid(param, "invalid_image", msg),
         Error::OutOfMemory(msg) => ApiError {
             status: 503,

@@ -19,6 +19,7 @@ pub fn chat_prompt(question: &str) -> String {
     format!("USER: {IMAGE_TOKEN}\n{question} ASSISTANT:")
 }
 
+#[derive(Clone)]
 pub struct TextProcessor {
     tok: Tokenizer,
     path: PathBuf,
