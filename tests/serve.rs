@@ -1089,3 +1089,30 @@ fn oversized_questions_are_refused_off_the_engine_thread() {
         );
     }
 }
+
+/// `model` names the served model or the request is a 404 naming it; `GET /v1/models/{id}`
+/// answers for the served one only.
+#[test]
+fn the_model_is_checked_and_retrievable() {
+    let server = Server::start(&[]);
+    let a = server.addr;
+    let (status, _, body) = request(a, "GET", "/v1/models", None);
+    assert_eq!(status, 200);
+    let list: Value = serde_json::from_slice(&body).unwrap();
+    let id = list["data"][0]["id"].as_str().unwrap().to_string();
+    let (status, _, body) = request(a, "GET", &format!("/v1/models/{id}"), None);
+    assert_eq!(status, 200);
+    let one: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(one, list["data"][0]);
+    let r = request(a, "GET", "/v1/models/gpt-4o", None);
+    assert_error(&r, 404, Some("model"), "another model's page");
+    let mut body = chat_body(QUESTION, json!({"max_tokens": 2}));
+    body["model"] = json!("gpt-4o");
+    let r = post(a, &body);
+    assert_error(&r, 404, Some("model"), "another model");
+    assert!(String::from_utf8_lossy(&r.2).contains("model_not_found"));
+    body["model"] = json!(id);
+    assert_eq!(post(a, &body).0, 200);
+    body.as_object_mut().unwrap().remove("model");
+    assert_eq!(post(a, &body).0, 200, "no model: the served one");
+}

@@ -27,6 +27,8 @@ def main():
 
     models = client.models.list()
     model = models.data[0].id
+    if client.models.retrieve(model).id != model:
+        fail(f"models.retrieve({model!r})")
     with open(image, "rb") as f:
         url = "data:image/png;base64," + base64.b64encode(f.read()).decode()
     messages = [
@@ -127,6 +129,14 @@ def main():
     except openai.BadRequestError as e:
         if "response_format" not in str(e):
             fail(f"response_format error: {e}")
+
+    # Another model is not found, in the client's own error type.
+    try:
+        client.chat.completions.create(model="gpt-4o", messages=messages)
+        fail("an unknown model was accepted")
+    except openai.NotFoundError as e:
+        if "model_not_found" not in str(e) and "does not exist" not in str(e):
+            fail(f"unknown model error: {e}")
 
     # A refused request surfaces as the client's own error type, with the server's message.
     bad = [

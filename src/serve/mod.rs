@@ -217,6 +217,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/", get(viewer_page))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model_by_id))
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
         .fallback(not_found)
@@ -431,13 +432,42 @@ async fn health() -> axum::Json<Value> {
 async fn models(State(st): State<Arc<AppState>>) -> axum::Json<Value> {
     axum::Json(json!({
         "object": "list",
-        "data": [{
-            "id": st.model_id,
-            "object": "model",
-            "created": st.started,
-            "owned_by": "fastrm",
-        }],
+        "data": [model_object(&st)],
     }))
+}
+
+/// `GET /v1/models/{id}`: the served model, or a 404 naming the one that is.
+async fn model_by_id(
+    State(st): State<Arc<AppState>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    if id == st.model_id {
+        axum::Json(model_object(&st)).into_response()
+    } else {
+        model_not_found(&st, &id).into_response()
+    }
+}
+
+fn model_object(st: &AppState) -> Value {
+    json!({
+        "id": st.model_id,
+        "object": "model",
+        "created": st.started,
+        "owned_by": "fastrm",
+    })
+}
+
+fn model_not_found(st: &AppState, id: &str) -> ApiError {
+    ApiError {
+        status: 404,
+        message: format!(
+            "the model {id:?} does not exist here; this server serves {:?}",
+            st.model_id
+        ),
+        kind: "invalid_request_error",
+        param: Some("model".into()),
+        code: Some("model_not_found"),
+    }
 }
 
 async fn metrics_text(State(st): State<Arc<AppState>>) -> Response {
@@ -556,6 +586,9 @@ async fn chat_inner(
     .await
     .map_err(|e| ApiError::server(format!("request check failed: {e}")))??;
     drop(decoding);
+    if let Some(m) = req.model.as_deref().filter(|m| *m != st.model_id) {
+        return Err(model_not_found(&st, m));
+    }
     if req.relevancy == Some(Method::FastRm) && !st.has_head {
         return Err(ApiError::invalid(
             Some("relevancy.method".into()),

@@ -85,6 +85,8 @@ pub struct ChatRequest {
     /// Temperature, top-p, seed, penalties, log-probabilities.
     pub sampling: Sampling,
     pub stop: Vec<String>,
+    /// The model asked for, checked by the server against the one it serves.
+    pub model: Option<String>,
 }
 
 /// What a request may carry at most.
@@ -126,15 +128,14 @@ struct RawChat {
     top_logprobs: Option<u64>,
     presence_penalty: Option<f32>,
     frequency_penalty: Option<f32>,
+    model: Option<String>,
     /// Every other field: accepted only when it cannot change the answer ([`INERT_FIELDS`]).
     #[serde(flatten)]
     other: serde_json::Map<String, Value>,
 }
 
-/// Fields a client may send that do not change the answer (the model is the one this server
-/// serves; the rest is bookkeeping on OpenAI's side).
+/// Fields a client may send that do not change the answer (bookkeeping on OpenAI's side).
 const INERT_FIELDS: &[&str] = &[
-    "model",
     "user",
     "metadata",
     "store",
@@ -403,6 +404,7 @@ pub fn parse_chat(body: &[u8], limits: Limits, n_layers: usize) -> Result<ChatRe
         ignore_eos: raw.ignore_eos.unwrap_or(false),
         sampling,
         stop,
+        model: raw.model.take(),
     })
 }
 
