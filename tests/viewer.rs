@@ -481,8 +481,21 @@ fn viewer_streams_the_answer_and_overlays_the_selected_tokens_map() {
         "brightest overlay cell vs the map's maximum"
     );
 
-    // Hovering another token shows its map; leaving it returns to the clicked one.
+    // Hovering another token shows its map; leaving it returns to the clicked one. The demo
+    // model answers in one token (the server leaves `</s>` out), so a second one is added through
+    // the page's own function, with a map of the same grid.
+    b.script(
+        "const g = tokens[0].grid, n = g[0] * g[1]; \
+         addToken(' more', {index: 1, id: 1, text: ' more', entropy: 1, grid: g, \
+                  map_b64: btoa(String.fromCharCode(...new Uint8Array(2 * n)))}); \
+         return null",
+    );
     let shown = "return document.getElementById('overlay').dataset.index";
+    assert_eq!(
+        b.script(shown),
+        "0",
+        "a new token does not take over the selection"
+    );
     b.hover(&b.find("#answer .tok[data-index='1']"));
     assert_eq!(b.script(shown), "1", "hover shows the hovered token's map");
     b.hover(&b.find("#question"));

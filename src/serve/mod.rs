@@ -99,6 +99,7 @@ struct AppState {
     /// Tokenises and preprocesses on the request threads, so the engine's thread only runs the
     /// model.
     preparer: crate::engine::Preparer,
+    eos: Vec<u32>,
 }
 
 /// `fastrm serve`: loads the engine, serves until SIGINT/SIGTERM, then finishes the requests in
@@ -152,6 +153,7 @@ pub fn run(args: ServeOptions) -> Result<()> {
         started: unix_now(),
         decodes: tokio::sync::Semaphore::new(args.max_queue),
         preparer: engine.preparer(),
+        eos: cfg.eos_token_ids.clone(),
         next_id: AtomicU64::new(1),
     });
     let worker_metrics = Arc::clone(&metrics);
@@ -659,6 +661,7 @@ async fn chat_inner(
         grid: st.grid,
         method: req.relevancy,
         prompt_tokens,
+        eos: st.eos.clone(),
     };
     if req.stream {
         Ok(stream_response(ctx, rx, guard, req.include_usage))
@@ -677,6 +680,9 @@ struct Reply {
     grid: (usize, usize),
     method: Option<Method>,
     prompt_tokens: usize,
+    /// End-of-sequence ids: not answer tokens (no chunk of their own, no map, not in `usage`),
+    /// as OpenAI counts them.
+    eos: Vec<u32>,
 }
 
 impl Reply {
@@ -763,6 +769,13 @@ async fn next_frames(s: &mut Streaming) -> Option<String> {
         let ev = s.rx.recv().await;
         let r = &s.reply;
         let mut chunk = match ev {
+            Some(Event::Item(Item::Token(t))) if r.eos.contains(&t.id) => {
+                // Text held back until the end (a partial stop string, a byte run) still goes out.
+                if t.text_delta.is_empty() {
+                    continue;
+                }
+                r.chunk(json!({"content": t.text_delta}), None)
+            }
             Some(Event::Item(Item::Token(t))) => {
                 s.completion += 1;
                 let mut c = r.chunk(json!({"content": t.text_delta}), None);
@@ -774,6 +787,7 @@ async fn next_frames(s: &mut Streaming) -> Option<String> {
                 }
                 c
             }
+            Some(Event::Item(Item::Map(m))) if r.eos.contains(&m.id) => continue,
             Some(Event::Item(Item::Map(m))) => {
                 let mut c = r.chunk(json!({}), None);
                 c["relevancy"] = openai::token_map_json(&m, r.grid);
@@ -824,12 +838,22 @@ async fn collect_response(
     loop {
         match rx.recv().await {
             Some(Event::Item(Item::Token(t))) => {
-                if let Some(m) = &t.map {
+                if let Some(m) = t.map.as_ref().filter(|m| !r.eos.contains(&m.id)) {
                     maps.push(openai::token_map_json(m, r.grid));
                 }
             }
+            Some(Event::Item(Item::Map(m))) if r.eos.contains(&m.id) => {}
             Some(Event::Item(Item::Map(m))) => maps.push(openai::token_map_json(&m, r.grid)),
             Some(Event::Item(Item::Done(sum))) => {
+                // Per answer token, end-of-sequence ids left out.
+                let answer: Vec<usize> = (0..sum.generated_ids.len())
+                    .filter(|&i| !r.eos.contains(&sum.generated_ids[i]))
+                    .collect();
+                let logprobs: Vec<Value> = answer
+                    .iter()
+                    .filter_map(|&i| sum.logprobs.get(i))
+                    .map(openai::logprob_json)
+                    .collect();
                 let mut v = json!({
                     "id": r.id,
                     "object": "chat.completion",
@@ -842,11 +866,11 @@ async fn collect_response(
                         "logprobs": if sum.logprobs.is_empty() {
                             Value::Null
                         } else {
-                            json!({"content": sum.logprobs.iter().map(openai::logprob_json).collect::<Vec<_>>()})
+                            json!({"content": logprobs})
                         },
                         "finish_reason": openai::finish_reason(sum.stop_reason),
                     }],
-                    "usage": r.usage(sum.generated_ids.len()),
+                    "usage": r.usage(answer.len()),
                 });
                 if let Some(m) = r.method {
                     v["relevancy"] = json!({
