@@ -109,7 +109,11 @@ fn greedy_on_the_host_is_the_device_argmax_and_logprobs_are_the_log_softmax() {
             .top_logprobs
             .windows(2)
             .all(|w| w[0].logprob >= w[1].logprob));
-        assert_eq!(lp.top_logprobs[0].token, e.token_text(t.id));
+        assert_eq!(
+            (&lp.top_logprobs[0].token, &lp.top_logprobs[0].bytes),
+            (&lp.token, &lp.bytes)
+        );
+        assert_eq!((lp.token.clone(), lp.bytes.clone()), e.token_piece(t.id));
     }
 }
 

@@ -810,7 +810,7 @@ fn sampling_fields_match_the_command_line_and_the_rest_is_refused() {
     for (c, w) in content.iter().zip(want_lp) {
         assert_eq!(c["logprob"], w["logprob"]);
         assert_eq!(c["token"], w["token"]);
-        assert_eq!(c["bytes"], json!(w["token"].as_str().unwrap().as_bytes()));
+        assert_eq!(c["bytes"], w["bytes"]);
         let tops: Vec<&Value> = c["top_logprobs"].as_array().unwrap().iter().collect();
         assert_eq!(tops.len(), 2);
         assert_eq!(tops[0]["token"], w["top_logprobs"][0]["token"]);
@@ -890,6 +890,10 @@ fn sampling_fields_match_the_command_line_and_the_rest_is_refused() {
     for (extra, param, what) in cases {
         assert_error(&post(a, &chat_body(QUESTION, extra)), 400, param, what);
     }
+    // With ignore_eos an end-of-sequence id is an answer token like any other.
+    let v = answer(json!({"ignore_eos": true, "max_tokens": 4}));
+    assert_eq!(v["usage"]["completion_tokens"], 4);
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
     // Inert fields and the defaults of the refused ones pass.
     let v = answer(json!({"user": "u1", "response_format": {"type": "text"}, "store": false}));
     assert_eq!(v["choices"][0]["message"]["content"], "yellow");
@@ -982,7 +986,13 @@ fn raw_request(
 ) -> (u16, Vec<(String, String)>, Vec<u8>) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let head = format!("{request_line}\r\nHost: {addr}\r\nConnection: close\r\n{head_lines}\r\n");
+    // Our Host unless the caller gives its own.
+    let host = if head_lines.starts_with("Host:") {
+        String::new()
+    } else {
+        format!("Host: {addr}\r\n")
+    };
+    let head = format!("{request_line}\r\n{host}Connection: close\r\n{head_lines}\r\n");
     s.write_all(head.as_bytes()).unwrap();
     let _ = s.write_all(body);
     let mut r = BufReader::new(s);
@@ -1019,6 +1029,20 @@ fn forged_browser_requests_and_lying_lengths_are_refused() {
     };
     let r = post_with("Content-Type: text/plain\r\n");
     assert_error(&r, 415, None, "text/plain");
+    // DNS rebinding: another site's name pointed at the loopback server, in Host and Origin.
+    let port = a.port();
+    let r = post_with(&format!(
+        "Host: evil.example:{port}\r\nContent-Type: application/json\r\nOrigin: http://evil.example:{port}\r\n"
+    ));
+    assert_error(&r, 421, None, "a rebound name");
+    let r = post_with("Content-Type: text/plain\r\nOrigin: http://app.example\r\n");
+    assert_eq!(r.0, 415);
+    assert!(
+        r.1.iter()
+            .any(|(k, v)| k == "access-control-allow-origin" && v == "http://app.example"),
+        "an allowed page can read the error: {:?}",
+        r.1
+    );
     let r = post_with("Content-Type: application/json\r\nOrigin: http://evil.example\r\n");
     assert_error(&r, 403, None, "another origin");
     assert!(String::from_utf8_lossy(&r.2).contains("--cors-origin http://evil.example"));
@@ -1035,11 +1059,19 @@ fn forged_browser_requests_and_lying_lengths_are_refused() {
     let pre = raw_request(
         a,
         "OPTIONS /v1/chat/completions HTTP/1.1",
-        "Origin: http://app.example\r\nAccess-Control-Request-Method: POST\r\n",
+        "Origin: http://app.example\r\nAccess-Control-Request-Method: POST\r\n\
+         Access-Control-Request-Headers: content-type, x-stainless-os\r\n",
         b"",
     );
     assert_eq!(pre.0, 204);
     assert_eq!(acao(&pre.1).as_deref(), Some("http://app.example"));
+    assert!(
+        pre.1.iter().any(
+            |(k, v)| k == "access-control-allow-headers" && v == "content-type, x-stainless-os"
+        ),
+        "{:?}",
+        pre.1
+    );
     // A declared 100 MB body with a few bytes sent: refused at once.
     let t0 = Instant::now();
     let r = raw_request(

@@ -73,3 +73,29 @@ fn errors() {
     let e = TextProcessor::from_file(&bad).err().unwrap().to_string();
     assert!(e.contains("cannot load"), "{e}");
 }
+
+/// Per-token pieces (what log-probabilities report): SentencePiece's `▁` is the space it stands
+/// for, a byte-fallback token is its one raw byte, and a word's pieces add up to its text.
+#[test]
+fn token_pieces_keep_spaces_and_raw_bytes() {
+    let t = tokenizer();
+    assert_eq!(t.token_piece(305), (" the".to_string(), b" the".to_vec()));
+    assert_eq!(t.token_piece(13), ("\n".to_string(), vec![b'\n']));
+    // 0xE2 starts a three-byte character: alone it is not text.
+    let e2 = (0..512u32)
+        .find(|&id| t.token_piece(id).1 == [0xE2])
+        .expect("a byte token for 0xE2");
+    assert_eq!(t.token_piece(e2).0, "\u{FFFD}");
+    assert_eq!(t.token_piece(2).0, "</s>");
+    let ids = t.encode("the cat\nsat").unwrap();
+    // Without the BOS the encoding starts with.
+    let joined: Vec<u8> = ids
+        .iter()
+        .filter(|&&id| id != 1)
+        .flat_map(|&id| t.token_piece(id).1)
+        .collect();
+    assert_eq!(
+        String::from_utf8(joined).unwrap().trim_start(),
+        "the cat\nsat"
+    );
+}

@@ -387,6 +387,19 @@ impl<B: Backend> Engine<B> {
         }
     }
 
+    /// A token's text and bytes as they stand inside the answer (see
+    /// [`TextProcessor::token_piece`]); ids for a synthetic model.
+    pub fn token_piece(&self, id: u32) -> (String, Vec<u8>) {
+        match &self.text {
+            Some(t) => t.token_piece(id),
+            None => {
+                let s = format!("<{id}>");
+                let b = s.as_bytes().to_vec();
+                (s, b)
+            }
+        }
+    }
+
     /// A token's own text, as shown next to its map.
     pub fn token_text(&self, id: u32) -> String {
         match &self.text {

@@ -88,8 +88,10 @@ pub struct Summary {
 /// A generated token's log-probability under the model and the most likely alternatives.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TokenLogprobs {
-    /// The token's own text.
+    /// The token as it stands in the answer (leading space included).
     pub token: String,
+    /// Its bytes (one raw byte for a byte-fallback token).
+    pub bytes: Vec<u8>,
     pub logprob: f32,
     /// Most likely first.
     pub top_logprobs: Vec<TopLogprob>,
@@ -98,8 +100,9 @@ pub struct TokenLogprobs {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TopLogprob {
     pub id: u32,
-    /// The token's own text.
+    /// The token as it would stand in the answer.
     pub token: String,
+    pub bytes: Vec<u8>,
     pub logprob: f32,
 }
 
@@ -340,16 +343,22 @@ impl<'e, B: Backend> Stream<'e, B> {
     }
 
     fn token_logprobs(&self, c: &Choice) -> Option<TokenLogprobs> {
+        let (token, bytes) = self.engine.token_piece(c.id);
         Some(TokenLogprobs {
-            token: self.engine.token_text(c.id),
+            token,
+            bytes,
             logprob: c.logprob?,
             top_logprobs: c
                 .top_logprobs
                 .iter()
-                .map(|&(id, logprob)| TopLogprob {
-                    id,
-                    token: self.engine.token_text(id),
-                    logprob,
+                .map(|&(id, logprob)| {
+                    let (token, bytes) = self.engine.token_piece(id);
+                    TopLogprob {
+                        id,
+                        token,
+                        bytes,
+                        logprob,
+                    }
                 })
                 .collect(),
         })

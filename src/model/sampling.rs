@@ -217,6 +217,11 @@ impl Sampler {
         };
         let t = o.temperature as f64;
         let top = z[first as usize] as f64;
+        // An infinite logit (a tiny repetition penalty can make one) is certain: the first of
+        // them; all -inf leaves nothing to weigh either.
+        if !top.is_finite() {
+            return first;
+        }
         let mut p: Vec<f64> = order
             .iter()
             .map(|&i| ((z[i as usize] as f64 - top) / t).exp())
@@ -398,6 +403,20 @@ mod tests {
         };
         assert_eq!(draws(7), draws(7));
         assert_ne!(draws(7), draws(8));
+    }
+
+    #[test]
+    fn infinite_logits_do_not_break_the_draw() {
+        let mut s = Sampler::new(&sampling(1.0));
+        assert_eq!(s.choose(&[0.0, f32::INFINITY, 1.0]).id, 1);
+        assert_eq!(s.choose(&[f32::NEG_INFINITY; 3]).id, 0);
+        // A tiny repetition penalty turns a repeated positive logit into +inf: it is chosen.
+        let mut s = Sampler::new(&Sampling {
+            repetition_penalty: 1e-39,
+            ..sampling(1.0)
+        });
+        s.note(2);
+        assert_eq!(s.choose(&[5.0, 4.0, 1.0]).id, 2);
     }
 
     #[test]

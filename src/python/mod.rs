@@ -38,6 +38,22 @@ const SIGNAL_POLL: Duration = Duration::from_millis(20);
 static LIVE_RUNS: AtomicUsize = AtomicUsize::new(0);
 static ABANDONED_RUNS: AtomicUsize = AtomicUsize::new(0);
 
+/// One live run thread, counted in [`LIVE_RUNS`] until dropped.
+struct Live;
+
+impl Live {
+    fn new() -> Self {
+        LIVE_RUNS.fetch_add(1, Ordering::SeqCst);
+        Live
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        LIVE_RUNS.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic inside a run is reported to its caller; the engine itself holds no state between
     // runs that the panic could have left half-updated.
@@ -220,7 +236,7 @@ impl Engine {
         image: &Bound<'_, PyAny>,
         prompt: String,
         method: &str,
-        max_new_tokens: usize,
+        max_new_tokens: i64,
         full_r: bool,
         layer: Option<usize>,
         sampling: Option<&Bound<'_, PyDict>>,
@@ -242,7 +258,7 @@ impl Engine {
         py: Python<'_>,
         image: &Bound<'_, PyAny>,
         prompt: String,
-        max_new_tokens: usize,
+        max_new_tokens: i64,
         sampling: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Generation> {
         let opts = options(max_new_tokens, None, sampling)?;
@@ -264,7 +280,7 @@ impl Engine {
         image: &Bound<'_, PyAny>,
         prompt: String,
         method: Option<&str>,
-        max_new_tokens: usize,
+        max_new_tokens: i64,
         full_r: bool,
         layer: Option<usize>,
         sampling: Option<&Bound<'_, PyDict>>,
@@ -331,12 +347,16 @@ impl Engine {
 /// A run's options; `sampling` holds the keyword arguments that choose tokens (the CLI's
 /// sampling flags, with underscores). An unknown keyword is a TypeError, never ignored.
 fn options(
-    max_new_tokens: usize,
+    max_new_tokens: i64,
     method: Option<Method>,
     sampling: Option<&Bound<'_, PyDict>>,
 ) -> PyResult<RunOptions> {
+    // Python ints of any sign: a negative one is the caller's mistake, named, not an overflow.
+    let count = |name: &str, v: i64| {
+        usize::try_from(v).map_err(|_| input_error(format!("{name} must be ≥ 0, not {v}")))
+    };
     let mut generate = GenerateOptions {
-        max_new_tokens,
+        max_new_tokens: count("max_new_tokens", max_new_tokens)?,
         ..Default::default()
     };
     let s = &mut generate.sampling;
@@ -345,12 +365,23 @@ fn options(
         match key.as_str() {
             "temperature" => s.temperature = value.extract()?,
             "top_p" => s.top_p = value.extract()?,
-            "top_k" => s.top_k = value.extract()?,
-            "seed" => s.seed = value.extract()?,
+            "top_k" => {
+                s.top_k = value
+                    .extract::<Option<i64>>()?
+                    .map(|k| count("top_k", k))
+                    .transpose()?
+            }
+            // Any integer seeds the stream (a negative one by its two's complement).
+            "seed" => s.seed = value.extract::<i64>()? as u64,
             "repetition_penalty" => s.repetition_penalty = value.extract()?,
             "presence_penalty" => s.presence_penalty = value.extract()?,
             "frequency_penalty" => s.frequency_penalty = value.extract()?,
-            "logprobs" => s.logprobs = value.extract()?,
+            "logprobs" => {
+                s.logprobs = value
+                    .extract::<Option<i64>>()?
+                    .map(|n| count("logprobs", n))
+                    .transpose()?
+            }
             "stop_ids" => s.stop_ids = value.extract()?,
             "stop" => {
                 generate.stop = match value.extract::<String>() {
@@ -449,7 +480,7 @@ fn rgb_image(width: usize, height: usize, data: Vec<u8>) -> PyResult<ImageInput>
 enum Msg {
     /// The thread holds the engine.
     Ready,
-    Item(crate::Result<Item>),
+    Item(Box<crate::Result<Item>>),
 }
 
 struct Run {
@@ -470,18 +501,18 @@ impl Run {
         let (item_tx, item_rx) = sync_channel::<Msg>(1);
         let cancel = CancelToken::new();
         let (engine, token) = (shared.clone(), cancel.clone());
-        LIVE_RUNS.fetch_add(1, Ordering::SeqCst);
+        let live = Live::new();
         let spawned = std::thread::Builder::new()
             .name("fastrm-run".into())
             .spawn(move || {
+                // Counted down however the thread ends, a panic included.
+                let _live = live;
                 let finished = work(&engine, &req, &opts, &token, pull_rx, item_tx);
                 if !finished {
                     ABANDONED_RUNS.fetch_add(1, Ordering::SeqCst);
                 }
-                LIVE_RUNS.fetch_sub(1, Ordering::SeqCst);
             });
         if let Err(e) = spawned {
-            LIVE_RUNS.fetch_sub(1, Ordering::SeqCst);
             return Err(PyOSError::new_err(format!(
                 "could not start a run thread: {e}"
             )));
@@ -535,22 +566,46 @@ impl Run {
                 "the run's thread ended without a result".into(),
             ));
         }
-        match self.recv(py)? {
-            Msg::Item(Ok(item)) => {
-                if matches!(item, Item::Done(_)) {
-                    self.finish();
+        let msg = self.recv(py)?;
+        // Closed from another thread while this one waited: the run is over, whatever came.
+        if self.cancel.is_cancelled() {
+            self.finish();
+            return Ok(None);
+        }
+        match msg {
+            Msg::Item(item) => match *item {
+                Ok(item) => {
+                    if matches!(item, Item::Done(_)) {
+                        self.finish();
+                    }
+                    Ok(Some(item))
                 }
-                Ok(Some(item))
-            }
-            Msg::Item(Err(e)) => {
-                self.finish();
-                Err(to_py(e))
-            }
+                Err(e) => {
+                    self.finish();
+                    Err(to_py(e))
+                }
+            },
             Msg::Ready => Err(error(
                 "EngineError",
                 "the run's thread said it was ready twice".into(),
             )),
         }
+    }
+
+    /// [`Run::next`] for a stream: the thread advancing it becomes the one a second run would
+    /// deadlock (it alone can move the stream on), whichever thread opened it.
+    fn advance_from_here(&mut self, py: Python<'_>) -> PyResult<Option<Item>> {
+        if !self.finished {
+            let me = std::thread::current().id();
+            if self.owner != Some(me) {
+                let mut owner = lock(&self.shared.stream_owner);
+                if *owner == self.owner {
+                    *owner = Some(me);
+                }
+                self.owner = Some(me);
+            }
+        }
+        self.next(py)
     }
 
     /// Every item up to the last.
@@ -604,7 +659,7 @@ fn work(
             return true;
         };
         let last = matches!(item, Err(_) | Ok(Item::Done(_)));
-        if items.send(Msg::Item(item)).is_err() {
+        if items.send(Msg::Item(Box::new(item))).is_err() {
             return false;
         }
         if last {
@@ -939,8 +994,8 @@ impl Stream {
         // another thread must not wait for it with the GIL held: like a generator, a stream
         // already being advanced refuses.
         let item = match self.run.try_lock() {
-            Ok(mut run) => run.next(py)?,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner().next(py)?,
+            Ok(mut run) => run.advance_from_here(py)?,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner().advance_from_here(py)?,
             Err(std::sync::TryLockError::WouldBlock) => {
                 return Err(pyo3::exceptions::PyValueError::new_err(
                     "stream already executing in another thread",

@@ -88,6 +88,8 @@ struct AppState {
     limits: Limits,
     max_body_bytes: usize,
     cors_origins: Vec<String>,
+    /// The address the server listens on, as given (`--host`).
+    bind_host: String,
     n_layers: usize,
     grid: (usize, usize),
     has_head: bool,
@@ -147,6 +149,7 @@ pub fn run(args: ServeOptions) -> Result<()> {
         },
         max_body_bytes: args.max_body_bytes,
         cors_origins: args.cors_origins.clone(),
+        bind_host: args.host.clone(),
         n_layers: cfg.text.num_hidden_layers,
         grid: (g, g),
         has_head: engine.has_head(),
@@ -273,6 +276,27 @@ async fn guard(State(st): State<Arc<AppState>>, req: HttpRequest, next: Next) ->
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .unwrap_or("");
+    // DNS rebinding: a page on another site whose name was pointed at 127.0.0.1 reaches a
+    // loopback server with its own name in Host (and in Origin). A loopback server answers only
+    // to loopback names.
+    let host_name = host
+        .rsplit_once(':')
+        .filter(|(h, port)| !h.is_empty() && port.bytes().all(|b| b.is_ascii_digit()))
+        .map_or(host, |(h, _)| h);
+    let loopback = |h: &str| matches!(h, "localhost" | "127.0.0.1" | "[::1]" | "::1");
+    if loopback(&st.bind_host) && !loopback(host_name) {
+        return ApiError {
+            status: 421,
+            message: format!(
+                "this server listens on {} and answers only to a loopback Host, not {host:?}",
+                st.bind_host
+            ),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("misdirected_request"),
+        }
+        .into_response();
+    }
     let allowed = match &origin {
         None => true,
         Some(o) => {
@@ -301,12 +325,21 @@ async fn guard(State(st): State<Arc<AppState>>, req: HttpRequest, next: Next) ->
     let cross = origin
         .as_deref()
         .filter(|o| st.cors_origins.iter().any(|c| c == o));
-    if req.method() == axum::http::Method::OPTIONS {
+    let with_cors = |mut r: Response| {
         if let Some(o) = cross {
-            let mut r = StatusCode::NO_CONTENT.into_response();
             cors_headers(&mut r, o);
-            return r;
         }
+        r
+    };
+    if req.method() == axum::http::Method::OPTIONS && cross.is_some() {
+        // The preflight names the headers the page will send (client libraries add their own):
+        // set after the defaults, so they are the ones allowed.
+        let mut r = with_cors(StatusCode::NO_CONTENT.into_response());
+        if let Some(asked) = req.headers().get(header::ACCESS_CONTROL_REQUEST_HEADERS) {
+            r.headers_mut()
+                .insert(header::ACCESS_CONTROL_ALLOW_HEADERS, asked.clone());
+        }
+        return r;
     }
     if req.method() == axum::http::Method::POST && req.uri().path() == "/v1/chat/completions" {
         let json = req
@@ -316,14 +349,16 @@ async fn guard(State(st): State<Arc<AppState>>, req: HttpRequest, next: Next) ->
             .and_then(|v| v.split(';').next())
             .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"));
         if !json {
-            return ApiError {
-                status: 415,
-                message: "the body must be JSON sent as Content-Type: application/json".into(),
-                kind: "invalid_request_error",
-                param: None,
-                code: Some("unsupported_media_type"),
-            }
-            .into_response();
+            return with_cors(
+                ApiError {
+                    status: 415,
+                    message: "the body must be JSON sent as Content-Type: application/json".into(),
+                    kind: "invalid_request_error",
+                    param: None,
+                    code: Some("unsupported_media_type"),
+                }
+                .into_response(),
+            );
         }
         let declared = req
             .headers()
@@ -331,23 +366,21 @@ async fn guard(State(st): State<Arc<AppState>>, req: HttpRequest, next: Next) ->
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > st.max_body_bytes as u64) {
-            return ApiError::too_large(
-                None,
-                "body_too_large",
-                format!(
-                    "the request body is declared as {} bytes, over the server's limit of {}",
-                    declared.unwrap_or(0),
-                    st.max_body_bytes
-                ),
-            )
-            .into_response();
+            return with_cors(
+                ApiError::too_large(
+                    None,
+                    "body_too_large",
+                    format!(
+                        "the request body is declared as {} bytes, over the server's limit of {}",
+                        declared.unwrap_or(0),
+                        st.max_body_bytes
+                    ),
+                )
+                .into_response(),
+            );
         }
     }
-    let mut r = next.run(req).await;
-    if let Some(o) = cross {
-        cors_headers(&mut r, o);
-    }
-    r
+    with_cors(next.run(req).await)
 }
 
 fn cors_headers(r: &mut Response, origin: &str) {
@@ -661,7 +694,12 @@ async fn chat_inner(
         grid: st.grid,
         method: req.relevancy,
         prompt_tokens,
-        eos: st.eos.clone(),
+        // With ignore_eos an end-of-sequence id is just another token of the answer.
+        eos: if req.ignore_eos {
+            Vec::new()
+        } else {
+            st.eos.clone()
+        },
     };
     if req.stream {
         Ok(stream_response(ctx, rx, guard, req.include_usage))

@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 use crate::engine::{Confidence, StopReason, TokenLogprobs, TokenMap};
 use crate::explain::{Method, MethodName};
 use crate::model::sampling::Sampling;
+use crate::GenerateOptions;
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}` with its status.
 #[derive(Debug, Clone)]
@@ -472,11 +473,15 @@ fn parse_sampling(raw: &mut RawChat) -> Result<(Sampling, Vec<String>), ApiError
         (false, None) => None,
     };
     let stop = raw.stop.take().map_or(Vec::new(), |s| s.0);
-    if stop.len() > MAX_STOP || stop.iter().any(|s| s.is_empty()) {
+    let too_long = |s: &String| s.is_empty() || s.len() > GenerateOptions::MAX_STOP_BYTES;
+    if stop.len() > MAX_STOP || stop.iter().any(too_long) {
         return Err(ApiError::invalid(
             param("stop"),
             "invalid_value",
-            format!("`stop` takes 1 to {MAX_STOP} non-empty strings"),
+            format!(
+                "`stop` takes 1 to {MAX_STOP} strings of 1 to {} bytes",
+                GenerateOptions::MAX_STOP_BYTES
+            ),
         ));
     }
     let sampling = Sampling {

@@ -126,4 +126,27 @@ impl TextProcessor {
     pub fn token_text(&self, id: u32) -> String {
         self.tok.decode(&[id], false).unwrap_or_default()
     }
+
+    /// A token as it stands inside a text: its vocabulary piece with SentencePiece's `▁` as the
+    /// space it is (a lone decode strips a leading one), and its bytes — for a byte-fallback
+    /// token (`<0xE2>`) the one raw byte, which alone is not UTF-8 (its text is then U+FFFD).
+    /// What log-probabilities report per token, so that the pieces add up to the answer.
+    pub fn token_piece(&self, id: u32) -> (String, Vec<u8>) {
+        let Some(piece) = self.tok.id_to_token(id) else {
+            return (String::new(), Vec::new());
+        };
+        let byte = piece
+            .strip_prefix("<0x")
+            .and_then(|h| h.strip_suffix('>'))
+            .filter(|h| h.len() == 2)
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match byte {
+            Some(b) => (String::from_utf8_lossy(&[b]).into_owned(), vec![b]),
+            None => {
+                let text = piece.replace('\u{2581}', " ");
+                let bytes = text.as_bytes().to_vec();
+                (text, bytes)
+            }
+        }
+    }
 }

@@ -195,6 +195,26 @@ def test_a_run_beside_an_open_stream_in_the_same_thread_is_refused(engine, image
     assert engine.explain(image_path, QUESTION).text.strip() == "yellow"
 
 
+def test_the_thread_advancing_a_stream_is_the_one_refused(engine, image_path):
+    stream = engine.stream(image_path, QUESTION)
+    refused = {}
+
+    def advance_then_run():
+        next(stream)
+        try:
+            engine.explain(image_path, QUESTION)
+        except fastrm.EngineBusyError as e:
+            refused["error"] = e
+
+    worker = threading.Thread(target=advance_then_run)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "the thread advancing the stream deadlocked"
+    assert "error" in refused
+    stream.close()
+    assert engine.explain(image_path, QUESTION).text.strip() == "yellow"
+
+
 def test_a_run_in_another_thread_waits_for_the_stream(engine, image_path):
     stream = engine.stream(image_path, QUESTION)
     next(stream)
@@ -217,6 +237,10 @@ def test_bad_inputs_raise_with_the_engines_messages(engine, image_path, tmp_path
         engine.explain(image_path, QUESTION, method="nope")
     with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):
         engine.explain(image_path, QUESTION, max_new_tokens=0)
+    with pytest.raises(fastrm.InputError, match="max_new_tokens must be ≥ 0, not -1"):
+        engine.generate(image_path, QUESTION, max_new_tokens=-1)
+    with pytest.raises(fastrm.InputError, match="top_k must be ≥ 0"):
+        engine.generate(image_path, QUESTION, top_k=-5)
     with pytest.raises(fastrm.InputError, match="full R applies to the baseline"):
         engine.explain(image_path, QUESTION, full_r=True)
     with pytest.raises(fastrm.InputError, match="layer"):
