@@ -272,3 +272,30 @@ fn bad_options_are_named_before_any_work() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("temperature"), "{err}");
 }
+
+/// A stop string inside a byte-fallback run ("\n" is the byte token `<0x0A>`) ends the answer at
+/// the token that completes it, not one token later when the run would close.
+#[test]
+fn a_stop_string_in_a_byte_token_ends_at_that_token() {
+    let e = tiny();
+    let newline = 13; // `<0x0A>` in the tiny vocabulary
+                      // A sampled answer with a newline before its end (the first seed that gives one).
+    let (seed, whole) = (0..200)
+        .find_map(|seed| {
+            let (_, s) = run(&e, &options(16, sampled(1.5, seed), &[]));
+            let at = s.generated_ids.iter().position(|&id| id == newline)?;
+            (at + 1 < s.generated_ids.len() && s.text.contains('\n')).then_some((seed, s))
+        })
+        .expect("a seed whose answer has a newline inside");
+    let at = whole
+        .generated_ids
+        .iter()
+        .position(|&id| id == newline)
+        .unwrap();
+    let (tokens, s) = run(&e, &options(16, sampled(1.5, seed), &["\n"]));
+    assert_eq!(s.stop_reason, StopReason::Stop);
+    assert_eq!(s.generated_ids, whole.generated_ids[..=at], "seed {seed}");
+    assert_eq!(s.text, whole.text[..whole.text.find('\n').unwrap()]);
+    let shown: String = tokens.iter().map(|t| t.text_delta.as_str()).collect();
+    assert_eq!(shown, s.text);
+}

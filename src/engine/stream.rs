@@ -374,11 +374,20 @@ impl<'e, B: Backend> Stream<'e, B> {
         let ids = s.generated();
         let mut last = s.stop_reason().is_some();
         let open_run = e.text.as_ref().is_some_and(|t| t.ends_in_byte_run(ids));
-        if open_run && !last {
+        let stops = &self.opts.generate.stop;
+        if open_run && !last && stops.is_empty() {
             return Ok(String::new());
         }
         let mut full = e.decode(ids)?;
-        let stops = &self.opts.generate.stop;
+        if open_run && !last {
+            // The run's text may still change, but what its complete characters already spell
+            // cannot: a stop string there (a "\n" is a byte token) ends the answer now.
+            let settled = full.trim_end_matches('\u{FFFD}');
+            if !stops.iter().any(|stop| settled.contains(stop.as_str())) {
+                return Ok(String::new());
+            }
+            full.truncate(settled.len());
+        }
         if let Some(at) = stops
             .iter()
             .filter_map(|stop| full.find(stop.as_str()))
