@@ -73,7 +73,11 @@ fn request(
     path: &str,
     body: Option<&[u8]>,
 ) -> (u16, Vec<(String, String)>, Vec<u8>) {
-    let s = send_request(addr, method, path, body);
+    read_response(send_request(addr, method, path, body))
+}
+
+/// Status, headers (lower-case names) and body (chunked decoded) of the response on `s`.
+fn read_response(s: TcpStream) -> (u16, Vec<(String, String)>, Vec<u8>) {
     let mut r = BufReader::new(s);
     let (status, headers) = read_head(&mut r);
     let chunked = headers
@@ -165,10 +169,11 @@ fn sse_events(body: &[u8]) -> Vec<String> {
         .collect()
 }
 
-fn explain_json(max_new: usize) -> Value {
+/// The command line's `--json` answer to QUESTION (one thread, as the server runs).
+fn cli_json(args: &[&str]) -> Value {
     let out = Command::new(env!("CARGO_BIN_EXE_fastrm"))
-        .args(["explain", "--json", "--method", "fastrm", "-t", "1"])
-        .args(["--prompt", QUESTION, "-n", &max_new.to_string()])
+        .args(args)
+        .args(["--json", "-t", "1", "--prompt", QUESTION])
         .output()
         .unwrap();
     assert!(
@@ -177,6 +182,10 @@ fn explain_json(max_new: usize) -> Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn explain_json(max_new: usize) -> Value {
+    cli_json(&["explain", "--method", "fastrm", "-n", &max_new.to_string()])
 }
 
 fn decode_map(s: &str) -> Vec<f32> {
@@ -763,19 +772,7 @@ fn an_image_over_the_pixel_limit_is_413() {
 fn sampling_fields_match_the_command_line_and_the_rest_is_refused() {
     let server = Server::start(&[]);
     let a = server.addr;
-    let cli = |args: &[&str]| -> Value {
-        let out = Command::new(env!("CARGO_BIN_EXE_fastrm"))
-            .args(["generate", "--json", "-t", "1", "--prompt", QUESTION])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    };
+    let cli = |args: &[&str]| cli_json(&[&["generate"][..], args].concat());
     let answer = |extra: Value| -> Value {
         let r = post(a, &chat_body(QUESTION, extra));
         assert_eq!(r.0, 200, "{}", String::from_utf8_lossy(&r.2));
@@ -995,20 +992,7 @@ fn raw_request(
     let head = format!("{request_line}\r\n{host}Connection: close\r\n{head_lines}\r\n");
     s.write_all(head.as_bytes()).unwrap();
     let _ = s.write_all(body);
-    let mut r = BufReader::new(s);
-    let (status, headers) = read_head(&mut r);
-    let mut body = Vec::new();
-    let chunked = headers
-        .iter()
-        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
-    if chunked {
-        while let Some(c) = read_chunk(&mut r) {
-            body.extend(c);
-        }
-    } else {
-        r.read_to_end(&mut body).unwrap();
-    }
-    (status, headers, body)
+    read_response(s)
 }
 
 /// What a web page could send from a visitor's browser (a `text/plain` POST, a request from

@@ -313,7 +313,7 @@ impl<B: Backend> Engine<B> {
 
     /// Decoded, preprocessed CHW pixels of an image.
     pub fn pixels(&self, image: &ImageInput) -> Result<Vec<f32>> {
-        vision::preprocess(&image.decode()?, &self.preprocess).map_err(|e| name_image(image, e))
+        self.inputs().pixels(image)
     }
 
     /// The image as the model sees it, before rescaling: resized and center-cropped 8-bit RGB, the
@@ -458,6 +458,10 @@ struct Inputs<'a> {
 }
 
 impl Inputs<'_> {
+    fn pixels(&self, image: &ImageInput) -> Result<Vec<f32>> {
+        vision::preprocess(&image.decode()?, self.preprocess).map_err(|e| name_image(image, e))
+    }
+
     fn prompt(&self, question: &str) -> Result<Prompt> {
         let text = self.text.ok_or_else(|| {
             Error::input("this model has no tokenizer (synthetic models run on token ids only)")
@@ -484,9 +488,7 @@ impl Inputs<'_> {
                 Ok((Prompt::new(cfg, prompt.ids().to_vec())?, pixels.clone()))
             }
             Request::Question { image, question } => {
-                let pixels = vision::preprocess(&image.decode()?, self.preprocess)
-                    .map_err(|e| name_image(image, e))?;
-                Ok((self.prompt(question)?, pixels))
+                Ok((self.prompt(question)?, self.pixels(image)?))
             }
             &Request::Ids { n_text, seed } => {
                 let n_img = cfg.vision.num_patches();
