@@ -13,7 +13,6 @@
 use criterion::{criterion_group, criterion_main, Criterion};
 use fastrm::backend::Backend;
 use fastrm::explain::{chefer_row, Incremental, RowMode};
-use fastrm::model::llama::KvCache;
 
 mod common;
 
@@ -32,7 +31,7 @@ fn bench(c: &mut Criterion) {
         .embed_prompt(b, &m.prompt(ids.clone()).unwrap(), &img)
         .unwrap();
 
-    let mut cache = KvCache::new(b, &cfg.text, n + 1).unwrap();
+    let mut cache = m.kv.admit(b, n + 1).unwrap();
     let (h, saved) = m.llm.forward_saving(b, x, &mut cache).unwrap();
     let last = b.slice_rows(&h, n - 1, 1).unwrap();
     let y = b.argmax_rows(&m.llm.logits(b, &last).unwrap()).unwrap()[0];

@@ -4,23 +4,67 @@
 //! same shapes stored as bf16 and read from the mapped file. `tools/make_fixtures.py --bench`
 //! times transformers on the same shapes in f32 and bf16; `tools/cpu-vs-torch.sh` prints both.
 //!
+//! Group `cpu_batch`: one batched decode step (decoder and lm_head) of B = 1, 2, 4, 8, 16
+//! sequences, each at its own position in the paged cache; throughput in tokens (rows) per second.
+//!
 //! `cargo bench --bench cpu_step`
 
+use criterion::Throughput;
 use criterion::{criterion_group, criterion_main, Criterion};
 use fastrm::backend::Backend;
-use fastrm::model::llama::KvCache;
 
 mod common;
 
 fn bench(c: &mut Criterion) {
     steps(c, "cpu", common::midsize());
     steps(c, "cpu_bf16", common::midsize_bf16());
+    batched(c, common::midsize());
+}
+
+/// Aggregate decode throughput: B sequences prefilled once (prompts of different lengths), then
+/// the step at each one's next position, rewound every iteration.
+fn batched(c: &mut Criterion, setup: common::Midsize) {
+    let common::Midsize {
+        engine,
+        ids,
+        pixels,
+        ..
+    } = setup;
+    let (b, m) = (engine.backend(), engine.model());
+    let (_, img) = m.encode_image(b, &pixels).unwrap();
+    let mut seqs = Vec::new();
+    for i in 0..16 {
+        // Prompts of different lengths: the text after the image cut short by i tokens.
+        let n = ids.len() - i;
+        let prompt = m.prompt(ids[..n].to_vec()).unwrap();
+        let x = m.embed_prompt(b, &prompt, &img).unwrap();
+        let mut kv = m.kv.admit(b, n + 1).unwrap();
+        m.llm.forward(b, x, &mut kv).unwrap();
+        seqs.push(kv);
+    }
+    let mut g = c.benchmark_group("cpu_batch");
+    g.sample_size(10);
+    for rows in [1usize, 2, 4, 8, 16] {
+        g.throughput(Throughput::Elements(rows as u64));
+        g.bench_function(format!("decode_step_b{rows}"), |bench| {
+            bench.iter(|| {
+                let mut batch: Vec<_> = seqs.iter_mut().take(rows).collect();
+                for s in batch.iter_mut() {
+                    s.len = s.capacity - 1;
+                }
+                let x = b.embedding(&m.llm.embed, &vec![42; rows]).unwrap();
+                let h = m.llm.decode(b, x, &mut batch).unwrap();
+                b.argmax_rows(&m.llm.logits(b, &h).unwrap()).unwrap()
+            })
+        });
+    }
+    g.finish();
 }
 
 fn steps(c: &mut Criterion, group: &str, setup: common::Midsize) {
     let common::Midsize {
         path,
-        cfg,
+        cfg: _,
         engine,
         ids,
         pixels,
@@ -40,7 +84,7 @@ fn steps(c: &mut Criterion, group: &str, setup: common::Midsize) {
         bench.iter(|| {
             let (_, img) = m.encode_image(b, &pixels).unwrap();
             let x = m.embed_prompt(b, &prompt, &img).unwrap();
-            let mut cache = KvCache::new(b, &cfg.text, ids.len() + 1).unwrap();
+            let mut cache = m.kv.admit(b, ids.len() + 1).unwrap();
             let h = m.llm.forward(b, x, &mut cache).unwrap();
             let last = b.slice_rows(&h, ids.len() - 1, 1).unwrap();
             b.argmax_rows(&m.llm.logits(b, &last).unwrap()).unwrap()
@@ -49,7 +93,7 @@ fn steps(c: &mut Criterion, group: &str, setup: common::Midsize) {
 
     let (_, img) = m.encode_image(b, &pixels).unwrap();
     let x = m.embed_prompt(b, &prompt, &img).unwrap();
-    let mut cache = KvCache::new(b, &cfg.text, ids.len() + 1).unwrap();
+    let mut cache = m.kv.admit(b, ids.len() + 1).unwrap();
     m.llm.forward(b, x, &mut cache).unwrap();
     let n = ids.len();
     g.bench_function("decode_step", |bench| {

@@ -22,7 +22,7 @@ use fastrm::config::LlavaConfig;
 use fastrm::engine::Request;
 use fastrm::explain::fastrm::{FastRmHead, HeadWeights};
 use fastrm::explain::{chefer_row, Incremental, RowMode};
-use fastrm::model::llama::KvCache;
+
 use fastrm::Engine;
 use half::f16;
 
@@ -84,7 +84,7 @@ fn bench(c: &mut Criterion) {
     let prefill = || {
         let (_, img) = m.encode_image(b, &pixels).unwrap();
         let x = m.embed_prompt(b, &prompt, &img).unwrap();
-        let mut cache = KvCache::new(b, &cfg.text, n + 1).unwrap();
+        let mut cache = m.kv.admit(b, n + 1).unwrap();
         let h = m.llm.forward(b, x, &mut cache).unwrap();
         let last = b.slice_rows(&h, n - 1, 1).unwrap();
         b.argmax_rows(&m.llm.logits(b, &last).unwrap()).unwrap()
@@ -96,7 +96,7 @@ fn bench(c: &mut Criterion) {
 
     let (_, img) = m.encode_image(b, &pixels).unwrap();
     let x = m.embed_prompt(b, &prompt, &img).unwrap();
-    let mut cache = KvCache::new(b, &cfg.text, n + 1).unwrap();
+    let mut cache = m.kv.admit(b, n + 1).unwrap();
     let hidden = m.llm.forward(b, x, &mut cache).unwrap();
     let mut step = || {
         // The step at position n, again and again: rewind and overwrite that cache row.
@@ -171,7 +171,7 @@ fn bench(c: &mut Criterion) {
     // The decoder's prefill alone (vision excluded), for its achieved TFLOP/s: 2 flops per
     // weight per position in the linears, plus the causal attention's two products.
     // (The embedding gather each time is one small launch beside the decoder's.)
-    let mut pcache = KvCache::new(b, &cfg.text, n + 1).unwrap();
+    let mut pcache = m.kv.admit(b, n + 1).unwrap();
     let decoder_prefill_s = per_iter(b, 3, || {
         pcache.len = 0;
         let x = m.embed_prompt(b, &prompt, &img).unwrap();
@@ -209,7 +209,7 @@ fn bench(c: &mut Criterion) {
     // One baseline map at this context: the exact row (a backward over every position) and an
     // incremental token (a saving decode step plus a one-row backward).
     let x = m.embed_prompt(b, &prompt, &img).unwrap();
-    let mut bcache = KvCache::new(b, &cfg.text, n + 1).unwrap();
+    let mut bcache = m.kv.admit(b, n + 1).unwrap();
     let (bh, saved) = m.llm.forward_saving(b, x, &mut bcache).unwrap();
     let last = b.slice_rows(&bh, n - 1, 1).unwrap();
     let y = b.argmax_rows(&m.llm.logits(b, &last).unwrap()).unwrap()[0];

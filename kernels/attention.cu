@@ -8,6 +8,10 @@
 // Masks: query i sits at position q_pos0 + i and sees keys 0 ..= q_pos0 + i (q_pos0 < 0: every
 // key); `key_keep` (nullable, one byte per key) hides keys whose byte is 0 from every query.
 // A query that sees no key at all gets a zero output.
+// Paged keys (decode only, `pages` not null): query i is its own sequence's next position and
+// sees that sequence's lens[i] keys; key j lives in row pages[i * max_pages + j / page] * page +
+// j % page of k and v (a layer of the KV pool). Splits past a row's keys are empty partials, so a
+// row's numbers do not depend on the longest row of its batch.
 #include "common.cuh"
 
 __device__ __forceinline__ int visible_keys(int q_pos0, int i, int kv_len) {
@@ -64,7 +68,7 @@ template <typename T>
 __device__ void attn_decode_fwd_impl(float* part_o, float* part_ml, const T* q, const T* k, const T* v,
                                      int kv_len, int n_heads, int n_kv_heads, int d, int q_pos0,
                                      float scale, int chunk, const unsigned char* key_keep, int key_lanes,
-                                     int val_lanes) {
+                                     int val_lanes, const int* pages, int max_pages, int page, const int* lens) {
     FASTRM_DYNAMIC_SHARED(float, smem);
     float* qs = smem;          // [d]
     float* sc = smem + d;      // [chunk], then (val_lanes > 0) [blockDim / val_lanes, d]
@@ -72,7 +76,12 @@ __device__ void attn_decode_fwd_impl(float* part_o, float* part_ml, const T* q, 
     const int h = blockIdx.x, split = blockIdx.y, i = blockIdx.z, n_splits = gridDim.y;
     const int kvh = h / (n_heads / n_kv_heads);
     const int qcols = n_heads * d, kcols = n_kv_heads * d;
-    const int vis = visible_keys(q_pos0, i, kv_len);
+    const int vis = pages ? lens[i] : visible_keys(q_pos0, i, kv_len);
+    const int* table = pages ? pages + (long long)i * max_pages : nullptr;
+    // The cache row of key j: j itself, or its place in the row's pages.
+    auto row_of = [&](int j) -> long long {
+        return table ? (long long)table[j / page] * page + j % page : (long long)j;
+    };
     const int j0 = split * chunk, j1 = min(j0 + chunk, vis);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
     for (int t = threadIdx.x; t < d; t += blockDim.x) qs[t] = to_f32(q[(long long)i * qcols + h * d + t]);
@@ -86,7 +95,7 @@ __device__ void attn_decode_fwd_impl(float* part_o, float* part_ml, const T* q, 
             const int j = jb + sub;
             float dot = 0.f;
             if (j < j1) {
-                const uint4 kv4 = reinterpret_cast<const uint4*>(k + (long long)j * kcols + kvh * d)[pack];
+                const uint4 kv4 = reinterpret_cast<const uint4*>(k + row_of(j) * kcols + kvh * d)[pack];
                 T ke[V];
                 memcpy(ke, &kv4, 16);
 #pragma unroll
@@ -97,7 +106,7 @@ __device__ void attn_decode_fwd_impl(float* part_o, float* part_ml, const T* q, 
         }
     } else {
         for (int j = j0 + warp; j < j1; j += n_warps) {
-            const T* kr = k + (long long)j * kcols + kvh * d;
+            const T* kr = k + row_of(j) * kcols + kvh * d;
             float dot = 0.f;
             for (int t = lane; t < d; t += 32) dot += qs[t] * to_f32(kr[t]);
             dot = warp_sum(dot);
@@ -127,7 +136,7 @@ __device__ void attn_decode_fwd_impl(float* part_o, float* part_ml, const T* q, 
 #pragma unroll
         for (int e = 0; e < V; ++e) acc[e] = 0.f;
         for (int j = j0 + g; j < j1; j += groups) {
-            const uint4 v4 = reinterpret_cast<const uint4*>(v + (long long)j * kcols + kvh * d)[pack];
+            const uint4 v4 = reinterpret_cast<const uint4*>(v + row_of(j) * kcols + kvh * d)[pack];
             T ve[V];
             memcpy(ve, &v4, 16);
             const float pj = sc[j - j0];
@@ -146,7 +155,7 @@ __device__ void attn_decode_fwd_impl(float* part_o, float* part_ml, const T* q, 
     } else {
         for (int t = threadIdx.x; t < d; t += blockDim.x) {
             float acc = 0.f;
-            for (int j = j0; j < j1; ++j) acc += sc[j - j0] * to_f32(v[(long long)j * kcols + kvh * d + t]);
+            for (int j = j0; j < j1; ++j) acc += sc[j - j0] * to_f32(v[row_of(j) * kcols + kvh * d + t]);
             part_o[part * d + t] = acc;
         }
     }
@@ -157,10 +166,10 @@ __device__ void attn_decode_fwd_impl(float* part_o, float* part_ml, const T* q, 
 }
 #define DECODE_PARAMS(T) (float* part_o, float* part_ml, const T* q, const T* k, const T* v, int kv_len, int n_heads, \
                           int n_kv_heads, int d, int q_pos0, float scale, int chunk, const unsigned char* key_keep, \
-                          int key_lanes, int val_lanes)
+                          int key_lanes, int val_lanes, const int* pages, int max_pages, int page, const int* lens)
 FASTRM_INSTANTIATE(attn_decode_fwd, DECODE_PARAMS,
                    (part_o, part_ml, q, k, v, kv_len, n_heads, n_kv_heads, d, q_pos0, scale, chunk, key_keep, key_lanes,
-                    val_lanes))
+                    val_lanes, pages, max_pages, page, lens))
 
 // grid: (H, n_q), block: any. Writes out [n_q, H*d].
 template <typename T>

@@ -1,5 +1,8 @@
-// Gathers and reductions that index rather than compute.
+// Gathers, scatters and reductions that index rather than compute.
 //   embedding_fwd: out[r, :] = table[ids[r], :]          grid: (n rows), block: any
+//                  (also a sequence's keys or values gathered from the KV pool's pages)
+//   scatter_rows:  dst[rows[r], :] = src[r, :]           grid: (n rows), block: any
+//                  (a step's keys and values into their pages)
 //   argmax_rows:   out[r] = first index of the row maximum (NaN never wins, as the CPU backend)
 #include "common.cuh"
 
@@ -11,6 +14,15 @@ __device__ void embedding_fwd_impl(T* out, const T* table, const unsigned int* i
 }
 #define EMB_PARAMS(T) (T* out, const T* table, const unsigned int* ids, int d)
 FASTRM_INSTANTIATE(embedding_fwd, EMB_PARAMS, (out, table, ids, d))
+
+template <typename T>
+__device__ void scatter_rows_impl(T* dst, const T* src, const unsigned int* rows, int d) {
+    const long long r = blockIdx.x;
+    T* out = dst + (long long)rows[r] * d;
+    for (int t = threadIdx.x; t < d; t += blockDim.x) out[t] = src[r * d + t];
+}
+#define SCATTER_PARAMS(T) (T* dst, const T* src, const unsigned int* rows, int d)
+FASTRM_INSTANTIATE(scatter_rows, SCATTER_PARAMS, (dst, src, rows, d))
 
 // grid: (rows), block: 256 (a power of two).
 template <typename T>

@@ -33,12 +33,13 @@ __device__ void rope_fwd_impl(T* out, const T* x, const float* inv_freq, int col
 FASTRM_INSTANTIATE(rope_fwd, ROPE_PARAMS, (out, x, inv_freq, cols, head_dim, pos0, sign))
 
 // The queries and keys of the same rows rotated forward in one launch (q [n, q_cols], k
-// [n, k_cols]; the pairs of a row are q's, then k's).
+// [n, k_cols]; the pairs of a row are q's, then k's); row r sits at position pos[r] (a batched
+// decode step's rows each at their own sequence's position).
 template <typename T>
 __device__ void rope_qk_fwd_impl(T* q_out, const T* q, T* k_out, const T* k, const float* inv_freq, int q_cols,
-                                 int k_cols, int head_dim, int pos0) {
+                                 int k_cols, int head_dim, const int* positions) {
     const long long row = blockIdx.x;
-    const float pos = (float)(pos0 + (int)row);
+    const float pos = (float)positions[row];
     const int q_pairs = q_cols >> 1, pairs = q_pairs + (k_cols >> 1);
     for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
         if (p < q_pairs)
@@ -48,5 +49,5 @@ __device__ void rope_qk_fwd_impl(T* q_out, const T* q, T* k_out, const T* k, con
     }
 }
 #define ROPE_QK_PARAMS(T) (T* q_out, const T* q, T* k_out, const T* k, const float* inv_freq, int q_cols, int k_cols, \
-                           int head_dim, int pos0)
-FASTRM_INSTANTIATE(rope_qk_fwd, ROPE_QK_PARAMS, (q_out, q, k_out, k, inv_freq, q_cols, k_cols, head_dim, pos0))
+                           int head_dim, const int* positions)
+FASTRM_INSTANTIATE(rope_qk_fwd, ROPE_QK_PARAMS, (q_out, q, k_out, k, inv_freq, q_cols, k_cols, head_dim, positions))

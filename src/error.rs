@@ -41,6 +41,10 @@ pub enum Error {
     /// own code.
     #[error("invalid input: {0}")]
     ContextLength(String),
+    /// The KV cache has no room for a sequence now (pages are held by others): a scheduler
+    /// admits it later; a lone run is told how much is missing.
+    #[error("KV cache full: {0}")]
+    KvFull(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -13,7 +13,7 @@ use fastrm::backend::cpu::Cpu;
 use fastrm::backend::{AttnShape, Backend};
 use fastrm::eval::metrics::{self, Counts};
 use fastrm::explain::fastrm::HeadWeights;
-use fastrm::model::llama::{KvCache, Pass};
+use fastrm::model::llama::Pass;
 use fastrm::model::session::{Mode, Session};
 use fastrm::util::SplitMix64;
 use fastrm::vision::{PreprocessConfig, RgbImage};
@@ -400,7 +400,7 @@ fn hidden_positions_cannot_influence_the_rest() {
         *v = rng.uniform_sym() * 3.0;
     }
     let run = |x: &[f32], keep: Option<&[bool]>| -> Vec<f32> {
-        let mut cache = KvCache::new(b, &m.cfg.text, n).unwrap();
+        let mut cache = m.kv.admit(b, n).unwrap();
         let t = b.upload(x, n, dm).unwrap();
         let h = match keep {
             None => m.llm.forward(b, t, &mut cache).unwrap(),

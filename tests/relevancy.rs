@@ -7,7 +7,7 @@ mod common;
 use common::{assert_close, fixture_dir, Expected};
 use fastrm::backend::cpu::Cpu;
 use fastrm::explain::{chefer_row, default_gradcam_layer, Method, RowMode};
-use fastrm::model::llama::KvCache;
+
 use fastrm::{Engine, GenerateOptions, Request};
 
 fn maps_match(name: &str) {
@@ -50,7 +50,7 @@ fn cams_at_step0_and_full_r() {
     let x = m
         .embed_prompt(b, &m.prompt(ids.clone()).unwrap(), &img)
         .unwrap();
-    let mut cache = KvCache::new(b, &m.cfg.text, ids.len()).unwrap();
+    let mut cache = m.kv.admit(b, ids.len()).unwrap();
     let (_, saved) = m.llm.forward_saving(b, x, &mut cache).unwrap();
     let p = ids.len() - 1;
     let streamed = chefer_row(

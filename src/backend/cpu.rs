@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use super::cpu_gemm;
 use super::cpu_half::{self, HalfKind, HalfWeight};
-use super::{shape_err, AttnGrads, AttnShape, Backend, Cam};
+use super::{shape_err, AttnGrads, AttnShape, Backend, Cam, PagedRow};
 use crate::checkpoint::{DType, StoredTensor, TensorRef};
 use crate::error::{Error, Result};
 
@@ -683,12 +683,28 @@ fn rope_table(head_dim: usize, theta: f32, end: usize) -> std::sync::Arc<RopeTab
     t
 }
 
+/// Where the rows of a rotation sit: consecutive from a first position, or each its own.
+#[derive(Clone, Copy)]
+enum Positions<'a> {
+    From(usize),
+    Each(&'a [u32]),
+}
+
+impl Positions<'_> {
+    fn at(self, row: usize) -> usize {
+        match self {
+            Positions::From(p0) => p0 + row,
+            Positions::Each(ps) => ps[row] as usize,
+        }
+    }
+}
+
 /// RoPE rotation (`sign` = 1) or its inverse (`sign` = −1, the backward) on every head of every row.
 fn rotate(
     op: &str,
     x: &CpuTensor,
     head_dim: usize,
-    pos0: usize,
+    pos: Positions<'_>,
     theta: f32,
     sign: f32,
 ) -> Result<CpuTensor> {
@@ -703,9 +719,20 @@ fn rotate(
         ));
     }
     let half = head_dim / 2;
-    let end = pos0
-        .checked_add(x.rows)
-        .ok_or_else(|| shape_err(op, format!("positions from {pos0} overflow")))?;
+    let end = match pos {
+        Positions::From(p0) => p0
+            .checked_add(x.rows)
+            .ok_or_else(|| shape_err(op, format!("positions from {p0} overflow")))?,
+        Positions::Each(ps) => {
+            if ps.len() != x.rows {
+                return Err(shape_err(
+                    op,
+                    format!("{} positions for {} rows", ps.len(), x.rows),
+                ));
+            }
+            ps.iter().max().map_or(0, |&p| p as usize + 1)
+        }
+    };
     let table = (end <= ROPE_TABLE_MAX).then(|| rope_table(head_dim, theta, end));
     let inv = match table {
         Some(_) => Vec::new(),
@@ -717,11 +744,11 @@ fn rotate(
             let (mut c, mut s) = (Vec::new(), Vec::new());
             let (cos, sin) = match &table {
                 Some(t) => {
-                    let at = (pos0 + r) * half;
+                    let at = pos.at(r) * half;
                     (&t.cos[at..at + half], &t.sin[at..at + half])
                 }
                 None => {
-                    angles(&inv, pos0 + r, &mut c, &mut s);
+                    angles(&inv, pos.at(r), &mut c, &mut s);
                     (&c[..], &s[..])
                 }
             };
@@ -983,7 +1010,22 @@ impl Backend for Cpu {
     }
 
     fn rope(&self, x: &CpuTensor, head_dim: usize, pos0: usize, theta: f32) -> Result<CpuTensor> {
-        rotate("rope", x, head_dim, pos0, theta, 1.0)
+        rotate("rope", x, head_dim, Positions::From(pos0), theta, 1.0)
+    }
+
+    fn rope_qk(
+        &self,
+        q: &CpuTensor,
+        k: &CpuTensor,
+        head_dim: usize,
+        positions: &[u32],
+        theta: f32,
+    ) -> Result<(CpuTensor, CpuTensor)> {
+        let pos = Positions::Each(positions);
+        Ok((
+            rotate("rope", q, head_dim, pos, theta, 1.0)?,
+            rotate("rope", k, head_dim, pos, theta, 1.0)?,
+        ))
     }
 
     fn attention(
@@ -1065,6 +1107,64 @@ impl Backend for Cpu {
         }
         dst.data[dst_row * dst.cols..(dst_row + src.rows) * dst.cols].copy_from_slice(&src.data);
         Ok(())
+    }
+
+    fn scatter_rows(&self, dst: &mut CpuTensor, rows: &[u32], src: &CpuTensor) -> Result<()> {
+        dense("scatter_rows", &[dst, src])?;
+        if src.cols != dst.cols || src.rows != rows.len() {
+            return Err(shape_err(
+                "scatter_rows",
+                format!(
+                    "[{}, {}] to {} rows of [{}, {}]",
+                    src.rows,
+                    src.cols,
+                    rows.len(),
+                    dst.rows,
+                    dst.cols
+                ),
+            ));
+        }
+        if let Some(&r) = rows.iter().find(|&&r| r as usize >= dst.rows) {
+            return Err(shape_err(
+                "scatter_rows",
+                format!("row {r} outside [{}, {}]", dst.rows, dst.cols),
+            ));
+        }
+        let c = dst.cols;
+        for (i, &r) in rows.iter().enumerate() {
+            let r = r as usize;
+            dst.data[r * c..(r + 1) * c].copy_from_slice(src.row(i));
+        }
+        Ok(())
+    }
+
+    fn paged_attention(
+        &self,
+        q: &CpuTensor,
+        k: &CpuTensor,
+        v: &CpuTensor,
+        rows: &[PagedRow<'_>],
+        page: usize,
+        shape: AttnShape,
+    ) -> Result<CpuTensor> {
+        super::check_paged(q.rows, rows, page, k.rows.min(v.rows))?;
+        let mut out = CpuTensor::new(vec![0.0; q.rows * q.cols], q.rows, q.cols)?;
+        // Row by row, each through the dense attention over its own keys gathered in order: the
+        // numbers of a sequence decoded alone, whatever the batch.
+        for (i, r) in rows.iter().enumerate() {
+            let slots = r.slots(page);
+            let (kr, vr) = (self.embedding(k, &slots)?, self.embedding(v, &slots)?);
+            let s = AttnShape {
+                causal_q_pos0: Some(r.len - 1),
+                kv_len: r.len,
+                ..shape
+            };
+            let qi = self.slice_rows(q, i, 1)?;
+            check_attention("paged_attention", &qi, &kr, &vr, s)?;
+            let o = attention_impl(&qi, &kr, &vr, s, None)?;
+            out.data[i * q.cols..(i + 1) * q.cols].copy_from_slice(&o.data);
+        }
+        Ok(out)
     }
 
     fn fastrm_scores(
@@ -1210,7 +1310,7 @@ impl Backend for Cpu {
         pos0: usize,
         theta: f32,
     ) -> Result<CpuTensor> {
-        rotate("rope_bwd", dy, head_dim, pos0, theta, -1.0)
+        rotate("rope_bwd", dy, head_dim, Positions::From(pos0), theta, -1.0)
     }
 
     fn attention_bwd(
@@ -1449,13 +1549,13 @@ mod tests {
         let x =
             CpuTensor::new((0..16).map(|i| (i % 8) as f32 * 0.2 - 0.7).collect(), 2, 8).unwrap();
         let row0 = |t: CpuTensor| t.data[..8].to_vec();
-        let inside = rotate("rope", &x, 8, ROPE_TABLE_MAX - 2, 1e4, 1.0).unwrap();
-        let across = rotate("rope", &x, 8, ROPE_TABLE_MAX - 1, 1e4, 1.0).unwrap();
+        let inside = rotate("rope", &x, 8, Positions::From(ROPE_TABLE_MAX - 2), 1e4, 1.0).unwrap();
+        let across = rotate("rope", &x, 8, Positions::From(ROPE_TABLE_MAX - 1), 1e4, 1.0).unwrap();
         // Row 1 of `inside` and row 0 of `across` are both at ROPE_TABLE_MAX − 1: from the table
         // and computed directly.
         assert_eq!(inside.data[8..].to_vec(), row0(across));
-        let far = rotate("rope", &x, 8, 1 << 40, 1e4, 1.0).unwrap();
+        let far = rotate("rope", &x, 8, Positions::From(1 << 40), 1e4, 1.0).unwrap();
         assert!(far.data.iter().all(|v| v.is_finite()));
-        assert!(rotate("rope", &x, 8, usize::MAX - 1, 1e4, 1.0).is_err());
+        assert!(rotate("rope", &x, 8, Positions::From(usize::MAX - 1), 1e4, 1.0).is_err());
     }
 }

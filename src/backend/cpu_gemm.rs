@@ -13,9 +13,10 @@ use std::sync::OnceLock;
 use rayon::prelude::*;
 
 /// Up to this many activation rows take the dot-product path: each weight row is read from memory
-/// once and dotted with every activation row while it is in the L1 cache. Taller products are
-/// GEMMs (the `gemm` crate), which reuse the weight from registers.
-pub(crate) const GEMV_ROWS: usize = 4;
+/// once and dotted with every activation row while it is in the L1 cache, each output by the same
+/// dot whatever the other rows (the batch invariance of [`crate::backend::INVARIANT_ROWS`]).
+/// Taller products are GEMMs (the `gemm` crate), which reuse the weight from registers.
+pub(crate) const GEMV_ROWS: usize = crate::backend::INVARIANT_ROWS;
 
 /// Weight values per rayon task: large enough that scheduling is noise next to streaming them,
 /// small enough that a decode step's small projections still spread over every core.

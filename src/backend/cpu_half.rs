@@ -190,8 +190,9 @@ fn convert(kind: HalfKind, src: &[u16], dst: &mut [f32]) {
 /// panel, so panels are as large as the cache allows.
 const GEMM_PANEL_VALUES: usize = 1 << 20;
 /// Up to this many activation rows take the dot-product (GEMV) path: each weight row is read from
-/// memory once and dotted, straight from its half-precision bits, with every activation row.
-const GEMV_ROWS: usize = 4;
+/// memory once and dotted, straight from its half-precision bits, with every activation row (each
+/// output by the same dot whatever the other rows: [`crate::backend::INVARIANT_ROWS`]).
+const GEMV_ROWS: usize = crate::backend::INVARIANT_ROWS;
 /// Weight rows per GEMV block (one rayon task).
 const GEMV_BLOCK: usize = 64;
 

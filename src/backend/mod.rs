@@ -21,6 +21,11 @@ pub mod cpu_half;
 #[cfg(any(feature = "cuda", feature = "sim"))]
 pub mod cuda;
 
+/// Products ([`Backend::linear`], [`Backend::linear_group`]) of at most this many rows compute
+/// each output row by the same arithmetic whatever the other rows are: a batched decode step of
+/// up to this many sequences gives each sequence the numbers it gets alone.
+pub const INVARIANT_ROWS: usize = 32;
+
 /// What a request for a GPU gets in a build without the `cuda` feature.
 pub const NO_CUDA: &str = "this build has no CUDA backend; rebuild with the `cuda` feature";
 
@@ -63,6 +68,67 @@ pub struct AttnShape {
     pub kv_len: usize,
 }
 
+/// One row of a [`Backend::paged_attention`]: its sequence's page table and how many keys its
+/// query sees.
+#[derive(Debug, Clone, Copy)]
+pub struct PagedRow<'a> {
+    pub pages: &'a [u32],
+    pub len: usize,
+}
+
+impl PagedRow<'_> {
+    /// Rows of the pool holding keys `0 .. len`, in order.
+    pub fn slots(&self, page: usize) -> Vec<u32> {
+        (0..self.len)
+            .map(|j| self.pages[j / page] * page as u32 + (j % page) as u32)
+            .collect()
+    }
+}
+
+/// Shape errors of a paged decode attention, shared by the backends: `q` has one row per entry of
+/// `rows`, every row sees at least one key, its pages cover its keys and lie in the pool of
+/// `pool_rows` rows.
+pub(crate) fn check_paged(
+    q_rows: usize,
+    rows: &[PagedRow<'_>],
+    page: usize,
+    pool_rows: usize,
+) -> Result<()> {
+    let op = "paged_attention";
+    if q_rows != rows.len() {
+        return Err(shape_err(
+            op,
+            format!("{q_rows} queries for {} rows", rows.len()),
+        ));
+    }
+    if page == 0 {
+        return Err(shape_err(op, "pages of 0 positions"));
+    }
+    for (i, r) in rows.iter().enumerate() {
+        if r.len == 0 || r.pages.len() * page < r.len {
+            return Err(shape_err(
+                op,
+                format!(
+                    "row {i}: {} keys in {} pages of {page}",
+                    r.len,
+                    r.pages.len()
+                ),
+            ));
+        }
+        if let Some(p) = r
+            .pages
+            .iter()
+            .find(|&&p| (p as usize + 1) * page > pool_rows)
+        {
+            return Err(shape_err(
+                op,
+                format!("row {i}: page {p} outside a pool of {pool_rows} rows"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 pub trait Backend {
     type Tensor;
 
@@ -76,6 +142,10 @@ pub trait Backend {
     /// midway.
     fn check_weight_memory(&self, weights: &[StoredTensor]) -> Result<()>;
 
+    /// Bytes a value takes in the tensors this backend makes (activations, the KV cache).
+    fn storage_bytes(&self) -> usize {
+        4
+    }
     /// Host f32 data, row-major, to a tensor.
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<Self::Tensor>;
     /// A checkpoint tensor (any supported dtype) viewed as `[rows, cols]`.
@@ -193,20 +263,17 @@ pub trait Backend {
         pos0: usize,
         theta: f32,
     ) -> Result<Self::Tensor>;
-    /// [`Backend::rope`] of the queries and of the keys of the same rows (one launch on a GPU).
+    /// [`Backend::rope`] of the queries and of the keys of the same rows (one launch on a GPU),
+    /// row `i` at position `positions[i]` (a prefill's rows are consecutive; a batched decode
+    /// step's rows each sit at their own sequence's position).
     fn rope_qk(
         &self,
         q: &Self::Tensor,
         k: &Self::Tensor,
         head_dim: usize,
-        pos0: usize,
+        positions: &[u32],
         theta: f32,
-    ) -> Result<(Self::Tensor, Self::Tensor)> {
-        Ok((
-            self.rope(q, head_dim, pos0, theta)?,
-            self.rope(k, head_dim, pos0, theta)?,
-        ))
-    }
+    ) -> Result<(Self::Tensor, Self::Tensor)>;
     /// Scaled dot-product attention: q `[n_q, H·d]`, k and v `[≥kv_len, Hkv·d]` → `[n_q, H·d]`,
     /// softmax in f32, scale `1/√d`.
     fn attention(
@@ -236,8 +303,27 @@ pub trait Backend {
         shape: AttnShape,
         key_keep: &[bool],
     ) -> Result<Self::Tensor>;
-    /// Gathers rows of an embedding table `[vocab, d]`; every id must be `< vocab`.
+    /// Gathers rows of an embedding table `[vocab, d]`; every id must be `< vocab`. Also what
+    /// reads a sequence's keys or values out of the pages of a KV pool.
     fn embedding(&self, table: &Self::Tensor, ids: &[u32]) -> Result<Self::Tensor>;
+    /// Writes row `i` of `src` into row `rows[i]` of `dst` (keys and values into their pages);
+    /// the rows must be distinct and inside `dst`.
+    fn scatter_rows(&self, dst: &mut Self::Tensor, rows: &[u32], src: &Self::Tensor) -> Result<()>;
+    /// Decode attention of a batch over paged keys and values. Row `i` of `q` `[B, H·d]` is one
+    /// query at position `rows[i].len - 1`, seeing keys `0 .. rows[i].len`; key `j` of row `i` is
+    /// row `rows[i].pages[j / page] · page + j % page` of `k` and `v` (the pool's tensors of one
+    /// layer). `shape` gives the heads (its `kv_len` and `causal_q_pos0` are not read). Each row's
+    /// result is exactly what [`Backend::attention`] gives for its query over its keys gathered in
+    /// order, whatever else is in the batch.
+    fn paged_attention(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        rows: &[PagedRow<'_>],
+        page: usize,
+        shape: AttnShape,
+    ) -> Result<Self::Tensor>;
     /// Rows `start .. start + n` as a new tensor.
     fn slice_rows(&self, x: &Self::Tensor, start: usize, n: usize) -> Result<Self::Tensor>;
     /// Writes all of `src` into `dst` at row `dst_row` (KV-cache append, image-feature scatter).

@@ -5,6 +5,7 @@
 
 mod any;
 pub mod report;
+mod scheduler;
 mod stream;
 
 use std::path::{Path, PathBuf};
@@ -27,6 +28,7 @@ pub use any::{
     check_synthetic_dtype, cpu_backend, with_backend, AnyBackend, AnyEngine, Device, Dtype,
     WithBackend,
 };
+pub use scheduler::{Scheduler, SeqId};
 pub use stream::{
     collect, collect_items, CancelToken, Collected, Item, RunOptions, Stream, Summary,
     TokenLogprobs, TokenStep, TopLogprob,
@@ -447,6 +449,19 @@ impl<B: Backend> Engine<B> {
 
     pub fn backend_name(&self) -> String {
         self.backend.name()
+    }
+
+    /// Fixes the KV cache at `bytes` (taken at its first use, never more; a sequence that does
+    /// not fit gets [`Error::KvFull`]), or lets it grow with demand (`None`, the default). Refused
+    /// while runs hold pages.
+    pub fn set_kv_memory(&self, bytes: Option<u64>) -> Result<()> {
+        self.model.kv.set_budget(&self.backend, bytes)
+    }
+
+    /// `(pages in use, pages the KV cache may hold)`; a page is [`crate::model::kv::PAGE`]
+    /// positions of every layer.
+    pub fn kv_usage(&self) -> (usize, usize) {
+        self.model.kv.usage()
     }
 }
 

@@ -198,7 +198,22 @@ impl<'e, B: Backend> Stream<'e, B> {
             }
             State::Encoded { prompt, image } => {
                 let mode = self.mapper.as_ref().map_or(Mode::Plain, |m| m.mode());
-                let s = Session::prefill(b, model, prompt, &image, &self.opts.generate, mode)?;
+                let s = match Session::prefill(
+                    b,
+                    model,
+                    prompt.clone(),
+                    &image,
+                    &self.opts.generate,
+                    mode,
+                ) {
+                    Ok(s) => s,
+                    // No pages now: the run can wait for them (a scheduler retries it).
+                    Err(e @ Error::KvFull(_)) => {
+                        self.state = State::Encoded { prompt, image };
+                        return Err(e);
+                    }
+                    Err(e) => return Err(e),
+                };
                 drop(image);
                 if let Some(m) = self.mapper.as_mut() {
                     let ((), secs) = timed(b, || m.prefilled(&s))?;
@@ -216,40 +231,8 @@ impl<'e, B: Backend> Stream<'e, B> {
                 self.state = State::Decoding(s);
             }
             State::Decoding(mut s) => {
-                let Some(id) = s.step()? else {
-                    return self.after_generation(s);
-                };
-                let index = s.generated().len() - 1;
-                let map = match self.mapper.as_mut() {
-                    Some(m) => {
-                        let (map, secs) = timed(b, || m.token(&s))?;
-                        self.maps_s += secs;
-                        map.map(|map| self.token_map(index, id, map)).transpose()?
-                    }
-                    None => None,
-                };
-                let hidden = if self.opts.hidden_states {
-                    Some(b.download(s.hidden())?)
-                } else {
-                    None
-                };
-                let text_delta = self.delta(&mut s)?;
-                let logprobs = s.choice().and_then(|c| self.token_logprobs(c));
-                if let Some(l) = &logprobs {
-                    self.logprobs.push(l.clone());
-                }
-                self.pending.push_back(Item::Token(TokenStep {
-                    index,
-                    id,
-                    text_delta,
-                    map,
-                    hidden,
-                    logprobs,
-                }));
-                if s.stop_reason().is_some() {
-                    return self.after_generation(s);
-                }
-                self.state = State::Decoding(s);
+                let step = s.step();
+                self.stepped(s, step)?;
             }
             State::Maps(s, index) => {
                 let m = self
@@ -269,6 +252,94 @@ impl<'e, B: Backend> Stream<'e, B> {
             }
             State::Finished => {}
         }
+        Ok(())
+    }
+
+    /// The session of a run that is decoding, for a batched step ([`super::Scheduler`]); the
+    /// step's result goes back through [`Self::stepped`].
+    pub(super) fn decoding(&mut self) -> Option<&mut Session<'e, B>> {
+        match &mut self.state {
+            State::Decoding(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// Whether the run's next unit of work is a decode step.
+    pub(super) fn is_decoding(&self) -> bool {
+        matches!(self.state, State::Decoding(_))
+    }
+
+    /// Whether the run has ended (its last item given out or an error met).
+    pub(super) fn is_finished(&self) -> bool {
+        matches!(self.state, State::Finished)
+    }
+
+    /// Ends the run where it stands (its session's pages go back to the pool).
+    pub(super) fn finish(&mut self) {
+        self.state = State::Finished;
+    }
+
+    /// One unit of work; its items wait in the run's queue ([`Self::take_items`]).
+    pub(super) fn work(&mut self) -> Result<()> {
+        if self.cancel.is_cancelled() {
+            self.state = State::Finished;
+            return Err(Error::Cancelled);
+        }
+        self.advance()
+    }
+
+    pub(super) fn take_items(&mut self) -> impl Iterator<Item = Item> + '_ {
+        self.pending.drain(..)
+    }
+
+    /// What follows a decode step of the run's session (taken from the decoding state): the
+    /// token's map, text and item, and the end of generation when the step ended it.
+    pub(super) fn stepped_from_state(&mut self, step: Result<Option<u32>>) -> Result<()> {
+        match std::mem::replace(&mut self.state, State::Finished) {
+            State::Decoding(s) => self.stepped(s, step),
+            other => {
+                self.state = other;
+                Err(Error::input("a step result for a run that is not decoding"))
+            }
+        }
+    }
+
+    fn stepped(&mut self, mut s: Session<'e, B>, step: Result<Option<u32>>) -> Result<()> {
+        let b = &self.engine.backend;
+        let Some(id) = step? else {
+            return self.after_generation(s);
+        };
+        let index = s.generated().len() - 1;
+        let map = match self.mapper.as_mut() {
+            Some(m) => {
+                let (map, secs) = timed(b, || m.token(&s))?;
+                self.maps_s += secs;
+                map.map(|map| self.token_map(index, id, map)).transpose()?
+            }
+            None => None,
+        };
+        let hidden = if self.opts.hidden_states {
+            Some(b.download(s.hidden())?)
+        } else {
+            None
+        };
+        let text_delta = self.delta(&mut s)?;
+        let logprobs = s.choice().and_then(|c| self.token_logprobs(c));
+        if let Some(l) = &logprobs {
+            self.logprobs.push(l.clone());
+        }
+        self.pending.push_back(Item::Token(TokenStep {
+            index,
+            id,
+            text_delta,
+            map,
+            hidden,
+            logprobs,
+        }));
+        if s.stop_reason().is_some() {
+            return self.after_generation(s);
+        }
+        self.state = State::Decoding(s);
         Ok(())
     }
 

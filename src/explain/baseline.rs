@@ -17,7 +17,8 @@
 
 use crate::backend::{Backend, Cam};
 use crate::error::{Error, Result};
-use crate::model::llama::{KvCache, Llama, Saved};
+use crate::model::kv::SeqKv;
+use crate::model::llama::{Llama, Saved};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RowMode {
@@ -56,7 +57,7 @@ pub fn chefer_row<B: Backend>(
     b: &B,
     llm: &Llama<B>,
     saved: &Saved<B>,
-    cache: &KvCache<B>,
+    cache: &SeqKv<'_, B>,
     p: usize,
     target: u32,
     mode: RowMode,
@@ -120,7 +121,7 @@ pub fn gradcam_row<B: Backend>(
     b: &B,
     llm: &Llama<B>,
     saved: &Saved<B>,
-    cache: &KvCache<B>,
+    cache: &SeqKv<'_, B>,
     p: usize,
     target: u32,
     layer: usize,
@@ -173,7 +174,7 @@ impl Incremental {
         b: &B,
         llm: &Llama<B>,
         saved: &Saved<B>,
-        cache: &KvCache<B>,
+        cache: &SeqKv<'_, B>,
         n: usize,
         target: u32,
         capacity: usize,
@@ -209,7 +210,7 @@ impl Incremental {
         b: &B,
         llm: &Llama<B>,
         saved: &Saved<B>,
-        cache: &KvCache<B>,
+        cache: &SeqKv<'_, B>,
         target: u32,
     ) -> Result<Vec<f32>> {
         let p = self.len;

@@ -1,9 +1,12 @@
-//! The Llama decoder with a KV cache. One `forward` serves prefill (many rows) and decode (one
-//! row): rows are positions `pos0 .. pos0 + n`, keys and values are appended to the cache at those
-//! positions, and attention runs over the cache's first `pos0 + n` rows with a causal offset.
+//! The Llama decoder over a paged KV cache ([`super::kv`]). [`Llama::run`] serves one sequence's
+//! rows (a prefill, or a decode step that is masked or saves for a backward): rows are positions
+//! `pos0 .. pos0 + n`, their keys and values go to the sequence's pages, and attention runs over
+//! its first `pos0 + n` positions with a causal offset. [`Llama::decode`] advances a batch of
+//! sequences by one position each.
 
+use super::kv::{SeqKv, PAGE};
 use super::WeightSource;
-use crate::backend::{with_memory_tag, AttnShape, Backend, MemTag};
+use crate::backend::{with_memory_tag, AttnShape, Backend, MemTag, PagedRow};
 use crate::config::{LlavaConfig, TextConfig};
 use crate::error::{Error, Result};
 
@@ -25,35 +28,6 @@ pub struct Llama<B: Backend> {
     pub layers: Vec<LlamaLayer<B>>,
     pub norm: B::Tensor,
     pub lm_head: B::Tensor,
-}
-
-/// Keys and values of every layer for positions `0 .. len`, with room for `capacity` positions.
-pub struct KvCache<B: Backend> {
-    pub k: Vec<B::Tensor>,
-    pub v: Vec<B::Tensor>,
-    pub len: usize,
-    pub capacity: usize,
-}
-
-impl<B: Backend> KvCache<B> {
-    pub fn new(b: &B, cfg: &TextConfig, capacity: usize) -> Result<Self> {
-        let w = cfg.num_key_value_heads * cfg.head_dim;
-        let mut k = Vec::new();
-        let mut v = Vec::new();
-        with_memory_tag(b, MemTag::KvCache, || -> Result<()> {
-            for _ in 0..cfg.num_hidden_layers {
-                k.push(b.zeros(capacity, w)?);
-                v.push(b.zeros(capacity, w)?);
-            }
-            Ok(())
-        })?;
-        Ok(KvCache {
-            k,
-            v,
-            len: 0,
-            capacity,
-        })
-    }
 }
 
 /// Activations of one decoder layer kept for the backward, all `[rows, ·]` over the positions the
@@ -151,7 +125,7 @@ impl<B: Backend> Saved<B> {
 pub enum Pass<'a> {
     Plain,
     /// Cache positions `j` with `key_keep[j] == false` are hidden from every query of every layer
-    /// ([`Backend::attention_masked`]); `key_keep` covers positions `0 .. cache.len + n`.
+    /// ([`Backend::attention_masked`]); `key_keep` covers positions `0 .. kv.len + n`.
     Masked(&'a [bool]),
 }
 
@@ -192,10 +166,10 @@ impl<B: Backend> Llama<B> {
         })
     }
 
-    /// Runs the decoder on input embeddings `x` `[n, D]` at positions `cache.len ..`, appending to
-    /// the cache. Returns the last hidden states after the final RMSNorm, `[n, D]`.
-    pub fn forward(&self, b: &B, x: B::Tensor, cache: &mut KvCache<B>) -> Result<B::Tensor> {
-        self.run(b, x, cache, Pass::Plain, None)
+    /// Runs the decoder on input embeddings `x` `[n, D]` at positions `kv.len ..`, appending to
+    /// the sequence's cache. Returns the last hidden states after the final RMSNorm, `[n, D]`.
+    pub fn forward(&self, b: &B, x: B::Tensor, kv: &mut SeqKv<'_, B>) -> Result<B::Tensor> {
+        self.run(b, x, kv, Pass::Plain, None)
     }
 
     /// [`Self::forward`] that also keeps, in a fresh [`Saved`] of exactly these rows, what the
@@ -204,35 +178,36 @@ impl<B: Backend> Llama<B> {
         &self,
         b: &B,
         x: B::Tensor,
-        cache: &mut KvCache<B>,
+        kv: &mut SeqKv<'_, B>,
     ) -> Result<(B::Tensor, Saved<B>)> {
-        let mut saved = Saved::new(cache.len, b.dims(&x).0);
-        let h = self.run(b, x, cache, Pass::Plain, Some(&mut saved))?;
+        let mut saved = Saved::new(kv.len, b.dims(&x).0);
+        let h = self.run(b, x, kv, Pass::Plain, Some(&mut saved))?;
         Ok((h, saved))
     }
 
-    /// The decoder forward in every form: `pass` chooses the attention, and `save`, when given,
-    /// receives (appended at its next row, which must be this call's first position) what the
-    /// activation backward needs: per layer the residual stream before attention and before the
-    /// MLP, the rotated queries, and the MLP's gate and up projections; keys and values stay in the
-    /// cache. Hidden positions of a masked pass still run through the layers (their own rows are
-    /// computed and cached as usual); nothing reads them.
+    /// The decoder forward of one sequence's rows in every form (a prefill, or a decode step that
+    /// is masked or saves): `pass` chooses the attention, and `save`, when given, receives
+    /// (appended at its next row, which must be this call's first position) what the activation
+    /// backward needs: per layer the residual stream before attention and before the MLP, the
+    /// rotated queries, and the MLP's gate and up projections; keys and values stay in the cache.
+    /// Hidden positions of a masked pass still run through the layers (their own rows are computed
+    /// and cached as usual); nothing reads them. Attention reads the sequence's keys gathered from
+    /// its pages (a fresh prompt's own keys directly).
     pub fn run(
         &self,
         b: &B,
         x: B::Tensor,
-        cache: &mut KvCache<B>,
+        kv: &mut SeqKv<'_, B>,
         pass: Pass<'_>,
         mut save: Option<&mut Saved<B>>,
     ) -> Result<B::Tensor> {
-        let t = &self.cfg;
         let (n, _) = b.dims(&x);
-        let pos0 = cache.len;
-        if pos0 + n > cache.capacity {
+        let pos0 = kv.len;
+        if pos0 + n > kv.capacity {
             return Err(Error::input(format!(
-                "sequence of {} positions exceeds the KV cache capacity of {}",
+                "sequence of {} positions exceeds its KV cache room of {}",
                 pos0 + n,
-                cache.capacity
+                kv.capacity
             )));
         }
         if let Some(s) = save.as_deref() {
@@ -254,54 +229,40 @@ impl<B: Backend> Llama<B> {
                 )));
             }
         }
-        let eps = t.rms_norm_eps as f32;
-        let theta = t.rope_theta as f32;
         let shape = AttnShape {
-            n_heads: t.num_attention_heads,
-            n_kv_heads: t.num_key_value_heads,
-            head_dim: t.head_dim,
             causal_q_pos0: Some(pos0),
             kv_len: pos0 + n,
+            ..self.heads()
         };
-        // Each residual add is fused with the norm that reads its sum: the MLP's norm, then the
-        // next layer's attention norm (the final norm after the last layer).
-        let first_norm = self.layers.first().map_or(&self.norm, |l| &l.attn_norm);
-        let mut h = b.rms_norm(&x, first_norm, eps)?;
-        let mut x = x;
-        for (li, l) in self.layers.iter().enumerate() {
-            let [q, k, v] = array(b.linear_group(&h, &[&l.q, &l.k, &l.v])?)?;
-            let (q, k) = b.rope_qk(&q, &k, t.head_dim, pos0, theta)?;
-            b.copy_rows_into(&mut cache.k[li], pos0, &k)?;
-            b.copy_rows_into(&mut cache.v[li], pos0, &v)?;
-            let a = match pass {
-                Pass::Plain => b.attention(&q, &cache.k[li], &cache.v[li], shape)?,
-                Pass::Masked(keep) => {
-                    b.attention_masked(&q, &cache.k[li], &cache.v[li], shape, keep)?
+        let positions = (pos0 as u32..(pos0 + n) as u32).collect::<Vec<_>>();
+        let new_slots = kv.slots(pos0..pos0 + n);
+        let all_slots = kv.slots(0..pos0 + n);
+        let pool = kv.pool();
+        let attend = |li: usize, q: &B::Tensor, k: B::Tensor, v: B::Tensor| {
+            let (k, v) = pool.with_layers(|pk, pv| -> Result<_> {
+                b.scatter_rows(&mut pk[li], &new_slots, &k)?;
+                b.scatter_rows(&mut pv[li], &new_slots, &v)?;
+                if pos0 == 0 {
+                    return Ok((k, v));
                 }
-            };
-            let (x_mid, h_mlp) =
-                b.add_rms_norm(&x, &b.linear(&a, &l.o, None)?, &l.mlp_norm, eps)?;
-            let [gate, up] = array(b.linear_group(&h_mlp, &[&l.gate, &l.up])?)?;
-            let g = b.silu_mul(&gate, &up)?;
-            let next_norm = self.layers.get(li + 1).map_or(&self.norm, |n| &n.attn_norm);
-            let (x_out, h_next) =
-                b.add_rms_norm(&x_mid, &b.linear(&g, &l.down, None)?, next_norm, eps)?;
-            h = h_next;
-            let x_in = std::mem::replace(&mut x, x_out);
-            if let Some(s) = save.as_deref_mut() {
-                let row = pos0 - s.pos0;
-                let layer = SavedLayer {
-                    x_in,
-                    q,
-                    x_mid,
-                    gate,
-                    up,
-                };
-                s.store_layer(b, li, row, layer)?;
+                Ok((
+                    b.embedding(&pk[li], &all_slots)?,
+                    b.embedding(&pv[li], &all_slots)?,
+                ))
+            })?;
+            match pass {
+                Pass::Plain => b.attention(q, &k, &v, shape),
+                Pass::Masked(keep) => b.attention_masked(q, &k, &v, shape, keep),
             }
-        }
-        cache.len = pos0 + n;
-        let out = h;
+        };
+        let keep_layer = |li: usize, layer: SavedLayer<B>| -> Result<()> {
+            match save.as_deref_mut() {
+                Some(s) => s.store_layer(b, li, pos0 - s.pos0, layer),
+                None => Ok(()),
+            }
+        };
+        let (out, x) = self.layers_forward(b, x, &positions, attend, keep_layer)?;
+        kv.len = pos0 + n;
         if let Some(s) = save {
             let row = pos0 - s.pos0;
             match s.x_out.as_mut() {
@@ -311,6 +272,115 @@ impl<B: Backend> Llama<B> {
             s.len += n;
         }
         Ok(out)
+    }
+
+    /// One decode step of a batch: row `i` of `x` `[B, D]` is the next position of sequence
+    /// `seqs[i]` (each at its own length, all in one pool). The linears run once over all rows;
+    /// RoPE and attention per row at its own position over its own pages. Every row's arithmetic
+    /// is the same as in a batch of one. Returns the final-norm hidden states `[B, D]`.
+    pub fn decode(&self, b: &B, x: B::Tensor, seqs: &mut [&mut SeqKv<'_, B>]) -> Result<B::Tensor> {
+        let (rows, _) = b.dims(&x);
+        if rows != seqs.len() || rows == 0 {
+            return Err(Error::input(format!(
+                "a decode step of {rows} rows for {} sequences",
+                seqs.len()
+            )));
+        }
+        let pool = seqs[0].pool();
+        if seqs.iter().any(|s| !std::ptr::eq(s.pool(), pool)) {
+            return Err(Error::input(
+                "a decode step's sequences must share one KV pool",
+            ));
+        }
+        if let Some(s) = seqs.iter().find(|s| s.len >= s.capacity) {
+            return Err(Error::input(format!(
+                "a sequence at position {} has no KV cache room left ({} positions)",
+                s.len, s.capacity
+            )));
+        }
+        let positions: Vec<u32> = seqs.iter().map(|s| s.len as u32).collect();
+        let slots: Vec<u32> = seqs
+            .iter()
+            .flat_map(|s| s.slots(s.len..s.len + 1))
+            .collect();
+        let paged: Vec<PagedRow<'_>> = seqs
+            .iter()
+            .map(|s| PagedRow {
+                pages: s.pages(),
+                len: s.len + 1,
+            })
+            .collect();
+        let shape = self.heads();
+        let attend = |li: usize, q: &B::Tensor, k: B::Tensor, v: B::Tensor| {
+            pool.with_layers(|pk, pv| {
+                b.scatter_rows(&mut pk[li], &slots, &k)?;
+                b.scatter_rows(&mut pv[li], &slots, &v)?;
+                b.paged_attention(q, &pk[li], &pv[li], &paged, PAGE, shape)
+            })
+        };
+        let (out, _) = self.layers_forward(b, x, &positions, attend, |_, _| Ok(()))?;
+        for s in seqs.iter_mut() {
+            s.len += 1;
+        }
+        Ok(out)
+    }
+
+    /// The attention geometry (no mask, no length: each forward sets its own).
+    fn heads(&self) -> AttnShape {
+        let t = &self.cfg;
+        AttnShape {
+            n_heads: t.num_attention_heads,
+            n_kv_heads: t.num_key_value_heads,
+            head_dim: t.head_dim,
+            causal_q_pos0: None,
+            kv_len: 0,
+        }
+    }
+
+    /// The layers over rows at `positions`: `attend(layer, q, k, v)` stores the rows' keys and
+    /// values and attends (rotated q and k); `keep(layer, saved)` receives what a backward needs.
+    /// Returns the final-norm hidden states and the residual stream entering the final norm.
+    fn layers_forward(
+        &self,
+        b: &B,
+        x: B::Tensor,
+        positions: &[u32],
+        mut attend: impl FnMut(usize, &B::Tensor, B::Tensor, B::Tensor) -> Result<B::Tensor>,
+        mut keep: impl FnMut(usize, SavedLayer<B>) -> Result<()>,
+    ) -> Result<(B::Tensor, B::Tensor)> {
+        let t = &self.cfg;
+        let eps = t.rms_norm_eps as f32;
+        let theta = t.rope_theta as f32;
+        // Each residual add is fused with the norm that reads its sum: the MLP's norm, then the
+        // next layer's attention norm (the final norm after the last layer).
+        let first_norm = self.layers.first().map_or(&self.norm, |l| &l.attn_norm);
+        let mut h = b.rms_norm(&x, first_norm, eps)?;
+        let mut x = x;
+        for (li, l) in self.layers.iter().enumerate() {
+            let [q, k, v] = array(b.linear_group(&h, &[&l.q, &l.k, &l.v])?)?;
+            let (q, k) = b.rope_qk(&q, &k, t.head_dim, positions, theta)?;
+            let a = attend(li, &q, k, v)?;
+            let (x_mid, h_mlp) =
+                b.add_rms_norm(&x, &b.linear(&a, &l.o, None)?, &l.mlp_norm, eps)?;
+            let [gate, up] = array(b.linear_group(&h_mlp, &[&l.gate, &l.up])?)?;
+            let g = b.silu_mul(&gate, &up)?;
+            let next_norm = self.layers.get(li + 1).map_or(&self.norm, |n| &n.attn_norm);
+            let (x_out, h_next) =
+                b.add_rms_norm(&x_mid, &b.linear(&g, &l.down, None)?, next_norm, eps)?;
+            h = h_next;
+            let x_in = std::mem::replace(&mut x, x_out);
+            keep(
+                li,
+                SavedLayer {
+                    x_in,
+                    q,
+                    x_mid,
+                    gate,
+                    up,
+                },
+            )?;
+        }
+        Ok((h, x))
     }
 
     pub fn logits(&self, b: &B, hidden: &B::Tensor) -> Result<B::Tensor> {

@@ -10,7 +10,8 @@
 use crate::backend::{AttnShape, Backend, Cam};
 use crate::config::TextConfig;
 use crate::error::{Error, Result};
-use crate::model::llama::{KvCache, Llama, LlamaLayer, Saved, SavedLayer};
+use crate::model::kv::SeqKv;
+use crate::model::llama::{Llama, LlamaLayer, Saved, SavedLayer};
 
 /// Rows of one layer's saved activations: the stored tensors themselves when all their rows are
 /// wanted, else copies of the wanted rows (the op set has no borrowed row views).
@@ -127,7 +128,7 @@ impl<B: Backend> Llama<B> {
         &self,
         b: &B,
         saved: &Saved<B>,
-        cache: &KvCache<B>,
+        cache: &SeqKv<'_, B>,
         p: usize,
         d_last: &B::Tensor,
         cam: Option<Cam>,
@@ -141,14 +142,8 @@ impl<B: Backend> Llama<B> {
         let s = layer_rows(b, saved, li, p, 1)?;
         let dx_mid = mlp_backward(b, l, &s, d_last, eps)?;
         let da = b.linear_bwd(&dx_mid, &l.o)?;
-        let g = b.attention_bwd(
-            &s.q,
-            &cache.k[li],
-            &cache.v[li],
-            &da,
-            attn_shape(t, p, 1),
-            cam,
-        )?;
+        let (k, v) = cache.layer(b, li, n)?;
+        let g = b.attention_bwd(&s.q, &k, &v, &da, attn_shape(t, p, 1), cam)?;
         let dq = b.rope_bwd(&g.dq, t.head_dim, p, theta)?;
         let dk = b.rope_bwd(&g.dk, t.head_dim, 0, theta)?;
         let mut dh = b.add(&b.linear_bwd(&dk, &l.k)?, &b.linear_bwd(&g.dv, &l.v)?)?;
@@ -171,7 +166,7 @@ impl<B: Backend> Llama<B> {
         b: &B,
         li: usize,
         saved: &Saved<B>,
-        cache: &KvCache<B>,
+        cache: &SeqKv<'_, B>,
         pos0: usize,
         dx: &B::Tensor,
         cam: Option<Cam>,
@@ -186,7 +181,8 @@ impl<B: Backend> Llama<B> {
         // Attention: x_mid = x_in + o(attn(rope(q), rope(k), v)), q/k/v = W · rms(x_in).
         let da = b.linear_bwd(&dx_mid, &l.o)?;
         let shape = attn_shape(t, pos0, m);
-        let g = b.attention_bwd(&s.q, &cache.k[li], &cache.v[li], &da, shape, cam)?;
+        let (k, v) = cache.layer(b, li, pos0 + m)?;
+        let g = b.attention_bwd(&s.q, &k, &v, &da, shape, cam)?;
         let (dk, dv) = if pos0 == 0 {
             (g.dk, g.dv)
         } else {

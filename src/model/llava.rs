@@ -2,7 +2,8 @@
 //! prompt's embeddings at the image-token positions → Llama decoder; greedy generation.
 
 use super::clip::ClipVision;
-use super::llama::{KvCache, Llama};
+use super::kv::KvPool;
+use super::llama::Llama;
 use super::sampling::Sampling;
 use super::session::{Mode, Prompt, Session};
 use super::WeightSource;
@@ -22,6 +23,8 @@ pub struct Llava<B: Backend> {
     pub vision: ClipVision<B>,
     pub projector: Projector<B>,
     pub llm: Llama<B>,
+    /// The KV cache every sequence of this model takes its pages from.
+    pub kv: KvPool<B>,
 }
 
 /// Why generation ended.
@@ -147,6 +150,7 @@ impl<B: Backend> Llava<B> {
             vision: ClipVision::load(b, src, cfg)?,
             projector,
             llm: Llama::load(b, src, cfg)?,
+            kv: KvPool::new(&cfg.text),
             cfg: cfg.clone(),
         })
     }
@@ -213,7 +217,7 @@ impl<B: Backend> Llava<B> {
         let (_, image) = self.encode_image(b, pixels)?;
         let prompt = Prompt::new(&self.cfg, ids.to_vec())?;
         let x = self.embed_prompt(b, &prompt, &image)?;
-        let mut cache = KvCache::new(b, &self.cfg.text, ids.len())?;
-        self.llm.forward(b, x, &mut cache)
+        let mut kv = self.kv.admit(b, ids.len())?;
+        self.llm.forward(b, x, &mut kv)
     }
 }

@@ -5,6 +5,7 @@
 //! the same loading code, so the shape checks are the same.
 
 pub mod clip;
+pub mod kv;
 pub mod llama;
 pub mod llama_backward;
 pub mod llava;

@@ -10,7 +10,8 @@
 
 use std::time::Instant;
 
-use super::llama::{KvCache, Pass, Saved};
+use super::kv::SeqKv;
+use super::llama::{Pass, Saved};
 use super::llava::{GenerateOptions, IdGeneration, StopReason, Timings};
 use super::sampling::{Choice, Sampler};
 use super::Llava;
@@ -141,7 +142,7 @@ pub struct Session<'m, B: Backend> {
     /// The key mask extended over the whole cache (generated positions visible).
     keep: Option<Vec<bool>>,
     mode: Mode,
-    cache: KvCache<B>,
+    cache: SeqKv<'m, B>,
     saved: Option<Saved<B>>,
     /// `[n, D]` final-norm hidden states of the prompt, until the first decode forward.
     prompt_hidden: Option<B::Tensor>,
@@ -188,8 +189,9 @@ impl<'m, B: Backend> Session<'m, B> {
             }
             _ => None,
         };
+        // Pages first: a run that must wait for them has done no work yet.
+        let mut cache = model.kv.admit(b, capacity)?;
         let x = model.embed_prompt(b, &prompt, image)?;
-        let mut cache = KvCache::new(b, &model.cfg.text, capacity)?;
         let mut saved = match mode {
             Mode::SaveAll => Some(Saved::new(0, capacity)),
             Mode::SaveStep => Some(Saved::new(0, n)),
@@ -227,23 +229,36 @@ impl<'m, B: Backend> Session<'m, B> {
         })
     }
 
-    /// Chooses the next greedy token (feeding the previous one back first) and returns it, or
-    /// `None` once the run has stopped ([`Self::stop_reason`]).
+    /// Chooses the next token (feeding the previous one back first) and returns it, or `None`
+    /// once the run has stopped ([`Self::stop_reason`]): [`step_all`] of this session alone.
     pub fn step(&mut self) -> Result<Option<u32>> {
-        if self.stop.is_some() {
-            return Ok(None);
+        step_all(&mut [self])?.remove(0)
+    }
+
+    /// The token to feed back before the next choice, when there is one and the run goes on.
+    fn pending(&self) -> Option<u32> {
+        match self.stop {
+            Some(_) => None,
+            None => self.generated.last().copied(),
         }
-        let t0 = Instant::now();
+    }
+
+    /// Feeds the previous token back through the decoder alone (masked or saving runs).
+    fn forward_alone(&mut self, prev: u32) -> Result<()> {
         let (b, llm) = (self.b, &self.model.llm);
-        if let Some(&prev) = self.generated.last() {
-            self.prompt_hidden = None;
-            let x = b.embedding(&llm.embed, &[prev])?;
-            let pass = self.keep.as_deref().map_or(Pass::Plain, Pass::Masked);
-            if self.mode == Mode::SaveStep {
-                self.saved = Some(Saved::new(self.cache.len, 1));
-            }
-            self.last = llm.run(b, x, &mut self.cache, pass, self.saved.as_mut())?;
+        self.prompt_hidden = None;
+        let x = b.embedding(&llm.embed, &[prev])?;
+        let pass = self.keep.as_deref().map_or(Pass::Plain, Pass::Masked);
+        if self.mode == Mode::SaveStep {
+            self.saved = Some(Saved::new(self.cache.len, 1));
         }
+        self.last = llm.run(b, x, &mut self.cache, pass, self.saved.as_mut())?;
+        Ok(())
+    }
+
+    /// Chooses the next token from `logits` `[1, vocab]`, which [`Self::hidden`] gave.
+    fn choose(&mut self, logits: B::Tensor) -> Result<u32> {
+        let b = self.b;
         let index = self.generated.len();
         if index > 0 {
             check_finite(
@@ -251,7 +266,6 @@ impl<'m, B: Backend> Session<'m, B> {
                 &format!("the hidden state that chooses token {index}"),
             )?;
         }
-        let logits = llm.logits(b, &self.last)?;
         // The whole row once (a non-finite lm_head row shows there); after that the hidden state
         // each step is the cheaper check of everything upstream.
         if index == 0 {
@@ -278,8 +292,7 @@ impl<'m, B: Backend> Session<'m, B> {
         self.logits = Some(logits);
         self.generated.push(next);
         self.stop = self.check_stop();
-        self.timings.decode_s += t0.elapsed().as_secs_f64();
-        Ok(Some(next))
+        Ok(next)
     }
 
     /// Whether greedy generation ends after the token just chosen.
@@ -381,7 +394,7 @@ impl<'m, B: Backend> Session<'m, B> {
         self.saved.as_ref()
     }
 
-    pub fn cache(&self) -> &KvCache<B> {
+    pub fn cache(&self) -> &SeqKv<'m, B> {
         &self.cache
     }
 
@@ -401,4 +414,83 @@ impl<'m, B: Backend> Session<'m, B> {
     pub fn timings(&self) -> Timings {
         self.timings
     }
+}
+
+/// Advances every session by one token: one result per session, in order — its token, `None` when
+/// it had already stopped, or the error that ended it (a non-finite hidden state). The plain
+/// sessions that feed a token back go through one batched decoder step ([`Llama::decode`]) and one
+/// lm_head product; masked and saving sessions, and sessions choosing their first token, run
+/// alone. A session's token is the one it chooses alone: every row's arithmetic is independent of
+/// its batch-mates. An error of the batched step itself (the backend's) fails the call.
+///
+/// [`Llama::decode`]: super::llama::Llama::decode
+pub fn step_all<'m, B: Backend>(
+    sessions: &mut [&mut Session<'m, B>],
+) -> Result<Vec<Result<Option<u32>>>> {
+    let t0 = Instant::now();
+    let Some(first) = sessions.first() else {
+        return Ok(Vec::new());
+    };
+    let (b, model) = (first.b, first.model);
+    let llm = &model.llm;
+    if sessions.iter().any(|s| !std::ptr::eq(s.model, model)) {
+        return Err(Error::input(
+            "sessions stepped together must share one model",
+        ));
+    }
+    let mut results: Vec<Option<Result<Option<u32>>>> = sessions.iter().map(|_| None).collect();
+    let mut batch: Vec<usize> = Vec::new();
+    for (i, s) in sessions.iter_mut().enumerate() {
+        if s.stop.is_some() {
+            results[i] = Some(Ok(None));
+            continue;
+        }
+        match s.pending() {
+            Some(_) if s.mode == Mode::Plain => batch.push(i),
+            Some(prev) => {
+                if let Err(e) = s.forward_alone(prev) {
+                    results[i] = Some(Err(e));
+                }
+            }
+            None => {}
+        }
+    }
+    // The batch: one embedding, one decoder step, one lm_head product.
+    let mut batch_logits = None;
+    if !batch.is_empty() {
+        let ids: Vec<u32> = batch
+            .iter()
+            .filter_map(|&i| sessions[i].pending())
+            .collect();
+        let x = b.embedding(&llm.embed, &ids)?;
+        let mut kvs: Vec<&mut SeqKv<'m, B>> = Vec::with_capacity(batch.len());
+        for (i, s) in sessions.iter_mut().enumerate() {
+            if batch.contains(&i) {
+                s.prompt_hidden = None;
+                kvs.push(&mut s.cache);
+            }
+        }
+        let hidden = llm.decode(b, x, &mut kvs)?;
+        for (r, &i) in batch.iter().enumerate() {
+            sessions[i].last = b.slice_rows(&hidden, r, 1)?;
+        }
+        batch_logits = Some(llm.logits(b, &hidden)?);
+    }
+    for (i, s) in sessions.iter_mut().enumerate() {
+        if results[i].is_some() {
+            continue;
+        }
+        let logits = match (&batch_logits, batch.iter().position(|&j| j == i)) {
+            (Some(all), Some(r)) => b.slice_rows(all, r, 1),
+            _ => llm.logits(b, &s.last),
+        };
+        results[i] = Some(logits.and_then(|l| s.choose(l)).map(Some));
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    for (s, r) in sessions.iter_mut().zip(&results) {
+        if !matches!(r, Some(Ok(None))) {
+            s.timings.decode_s += secs;
+        }
+    }
+    Ok(results.into_iter().map(|r| r.unwrap_or(Ok(None))).collect())
 }

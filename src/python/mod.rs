@@ -81,7 +81,7 @@ fn to_py(e: Error) -> PyErr {
         | Error::Checkpoint { .. }
         | Error::Tensor { .. }
         | Error::Tokenizer { .. } => "ModelError",
-        Error::OutOfMemory(_) => "OutOfMemoryError",
+        Error::OutOfMemory(_) | Error::KvFull(_) => "OutOfMemoryError",
         Error::Cancelled => "CancelledError",
         _ => "EngineError",
     };

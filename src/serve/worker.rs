@@ -182,6 +182,13 @@ pub fn engine_error(e: Error, param: Option<String>) -> ApiError {
             param: None,
             code: Some("out_of_memory"),
         },
+        Error::KvFull(msg) => ApiError {
+            status: 503,
+            message: format!("KV cache full: {msg}"),
+            kind: "server_error",
+            param: None,
+            code: Some("kv_cache_full"),
+        },
         other => ApiError::server(other.to_string()),
     }
 }

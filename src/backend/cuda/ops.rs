@@ -6,11 +6,24 @@
 use super::LaunchConfig;
 
 use super::{grid_1d, per_row, Cuda, CudaTensor, Elem, Gemm};
-use crate::backend::{shape_err, AttnGrads, AttnShape, Backend, Cam, MemTag};
+use crate::backend::{
+    check_paged, shape_err, AttnGrads, AttnShape, Backend, Cam, MemTag, PagedRow, INVARIANT_ROWS,
+};
 use crate::checkpoint::{StoredTensor, TensorRef};
 use crate::error::{Error, Result};
 
 const NORM_BLOCK: u32 = 256;
+/// One flash-decoding launch: its key splits, the dense geometry (`kv_len`, `q_pos0`, the key
+/// mask's device address or 0), and for paged keys `(page table, pages per row, page size, key
+/// counts)` as device addresses and sizes.
+struct Decode {
+    splits: usize,
+    kv_len: i32,
+    q_pos0: i32,
+    key_keep: u64,
+    pages: Option<(u64, i32, i32, u64)>,
+}
+
 /// Rows of x that `linear_gemv_fwd` takes (its `GEMV_MAX_ROWS`); more go to cuBLAS.
 const GEMV_MAX_ROWS: usize = 4;
 /// Warps per `linear_gemv_fwd` block, one output column each.
@@ -200,74 +213,16 @@ impl<T: Elem> Cuda<T> {
         if nq == 0 {
             return Ok(out);
         }
-        let (kv_i, h_i, hk_i, d_i) = (i32_dim("attention", kv)?, h as i32, hk as i32, d as i32);
+        let kv_i = i32_dim("attention", kv)?;
         if nq <= DECODE_MAX_QUERIES {
-            let splits = kv.div_ceil(DECODE_CHUNK);
-            let parts = nq * h * splits;
-            let part_o = self.scratch::<f32>(parts * d)?;
-            let part_ml = self.scratch::<f32>(parts * 2)?;
-            let chunk = DECODE_CHUNK as i32;
-            let esz = std::mem::size_of::<T>();
-            let packs = d * esz / 16;
-            // 16-byte loads where a head's row is whole packs (a divisor of 32 of them) and
-            // every row of the cache starts on a 16-byte boundary; element loads otherwise.
-            let lanes = |t: &CudaTensor<T>| -> i32 {
-                let aligned = (d * esz).is_multiple_of(16)
-                    && (t.cols * esz).is_multiple_of(16)
-                    && self.ptr(t).is_multiple_of(16);
-                if aligned && packs > 0 && 32 % packs == 0 {
-                    packs as i32
-                } else {
-                    0
-                }
+            let dense = Decode {
+                splits: kv.div_ceil(DECODE_CHUNK),
+                kv_len: kv_i,
+                q_pos0,
+                key_keep: keep_ptr,
+                pages: None,
             };
-            let (key_lanes, val_lanes) = (lanes(k), lanes(v));
-            const BLOCK: usize = 128;
-            let reduce = if val_lanes > 0 { BLOCK * 16 / esz } else { 0 };
-            let cfg = LaunchConfig {
-                grid_dim: (h as u32, splits as u32, nq as u32),
-                block_dim: (BLOCK as u32, 1, 1),
-                shared_mem_bytes: ((d + DECODE_CHUNK + reduce) * 4) as u32,
-            };
-            self.launch(
-                "attn_decode_fwd",
-                cfg,
-                &[
-                    &self.addr(&part_o),
-                    &self.addr(&part_ml),
-                    &self.ptr(q),
-                    &self.ptr(k),
-                    &self.ptr(v),
-                    &kv_i,
-                    &h_i,
-                    &hk_i,
-                    &d_i,
-                    &q_pos0,
-                    &scale,
-                    &chunk,
-                    &keep_ptr,
-                    &key_lanes,
-                    &val_lanes,
-                ],
-            )?;
-            let cfg = LaunchConfig {
-                grid_dim: (h as u32, nq as u32, 1),
-                block_dim: (d.next_multiple_of(32).min(1024) as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let n_splits = splits as i32;
-            self.launch(
-                "attn_decode_combine",
-                cfg,
-                &[
-                    &self.ptr(&out),
-                    &self.addr(&part_o),
-                    &self.addr(&part_ml),
-                    &h_i,
-                    &d_i,
-                    &n_splits,
-                ],
-            )?;
+            self.decode_attention(q, k, v, s, dense, &out)?;
             return Ok(out);
         }
         // Many queries: S = Q Kᵀ (f32) per head, softmax to P, O = P V.
@@ -291,6 +246,92 @@ impl<T: Elem> Cuda<T> {
         )?;
         self.per_head_times(heads, self.addr(&probs), self.ptr(v), self.ptr(&out))?;
         Ok(out)
+    }
+
+    /// Flash-decoding (`attn_decode_fwd` + `attn_decode_combine`) of `q`'s rows into `out`, over
+    /// dense or paged keys.
+    fn decode_attention(
+        &self,
+        q: &CudaTensor<T>,
+        k: &CudaTensor<T>,
+        v: &CudaTensor<T>,
+        s: AttnShape,
+        dec: Decode,
+        out: &CudaTensor<T>,
+    ) -> Result<()> {
+        let (h, d, nq) = (s.n_heads, s.head_dim, q.rows);
+        let (h_i, hk_i, d_i) = (h as i32, s.n_kv_heads as i32, d as i32);
+        let scale = 1.0 / (d as f32).sqrt();
+        let parts = nq * h * dec.splits;
+        let part_o = self.scratch::<f32>(parts * d)?;
+        let part_ml = self.scratch::<f32>(parts * 2)?;
+        let chunk = DECODE_CHUNK as i32;
+        let esz = std::mem::size_of::<T>();
+        let packs = d * esz / 16;
+        // 16-byte loads where a head's row is whole packs (a divisor of 32 of them) and every
+        // row of the cache starts on a 16-byte boundary; element loads otherwise.
+        let lanes = |t: &CudaTensor<T>| -> i32 {
+            let aligned = (d * esz).is_multiple_of(16)
+                && (t.cols * esz).is_multiple_of(16)
+                && self.ptr(t).is_multiple_of(16);
+            if aligned && packs > 0 && 32 % packs == 0 {
+                packs as i32
+            } else {
+                0
+            }
+        };
+        let (key_lanes, val_lanes) = (lanes(k), lanes(v));
+        const BLOCK: usize = 128;
+        let reduce = if val_lanes > 0 { BLOCK * 16 / esz } else { 0 };
+        let cfg = LaunchConfig {
+            grid_dim: (h as u32, dec.splits as u32, nq as u32),
+            block_dim: (BLOCK as u32, 1, 1),
+            shared_mem_bytes: ((d + DECODE_CHUNK + reduce) * 4) as u32,
+        };
+        let (pages, max_pages, page, lens) = dec.pages.unwrap_or((0, 0, 0, 0));
+        self.launch(
+            "attn_decode_fwd",
+            cfg,
+            &[
+                &self.addr(&part_o),
+                &self.addr(&part_ml),
+                &self.ptr(q),
+                &self.ptr(k),
+                &self.ptr(v),
+                &dec.kv_len,
+                &h_i,
+                &hk_i,
+                &d_i,
+                &dec.q_pos0,
+                &scale,
+                &chunk,
+                &dec.key_keep,
+                &key_lanes,
+                &val_lanes,
+                &pages,
+                &max_pages,
+                &page,
+                &lens,
+            ],
+        )?;
+        let cfg = LaunchConfig {
+            grid_dim: (h as u32, nq as u32, 1),
+            block_dim: (d.next_multiple_of(32).min(1024) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let n_splits = dec.splits as i32;
+        self.launch(
+            "attn_decode_combine",
+            cfg,
+            &[
+                &self.ptr(out),
+                &self.addr(&part_o),
+                &self.addr(&part_ml),
+                &h_i,
+                &d_i,
+                &n_splits,
+            ],
+        )
     }
 
     /// Per head, `S_h = X_h · Y_hᵀ` into f32 `[H, n_q, kv]`: X `[n_q, H·d]` (queries, or dO),
@@ -387,6 +428,9 @@ impl<T: Elem> Cuda<T> {
 
     /// `x · wᵀ (+ b)` for a decode step's few rows, by `linear_gemv_fwd` (shapes checked by
     /// `linear`). The 16-byte path needs every row of `x` and `w` to start on 16 bytes.
+    /// The GEMV kernel over `x` in launches of at most [`GEMV_MAX_ROWS`] rows: every row's sums
+    /// are the same whatever the other rows (batch invariance up to
+    /// [`crate::backend::INVARIANT_ROWS`] rows; each launch re-reads `w`).
     fn gemv(
         &self,
         x: &CudaTensor<T>,
@@ -395,25 +439,26 @@ impl<T: Elem> Cuda<T> {
     ) -> Result<CudaTensor<T>> {
         let y = self.alloc(x.rows, w.rows)?;
         let bp = bias.map_or(0, |b| self.ptr(b));
-        let (m, k, n) = (
-            i32_dim("linear", x.rows)?,
-            i32_dim("linear", x.cols)?,
-            i32_dim("linear", w.rows)?,
-        );
-        self.launch(
-            "linear_gemv_fwd",
-            gemv_config(w.rows),
-            &[
-                &self.ptr(&y),
-                &self.ptr(x),
-                &self.ptr(w),
-                &bp,
-                &m,
-                &k,
-                &n,
-                &self.gemv_vec(x, &[w]),
-            ],
-        )?;
+        let (k, n) = (i32_dim("linear", x.cols)?, i32_dim("linear", w.rows)?);
+        let vec = self.gemv_vec(x, &[w]);
+        let esz = std::mem::size_of::<T>() as u64;
+        for r0 in (0..x.rows).step_by(GEMV_MAX_ROWS) {
+            let m = GEMV_MAX_ROWS.min(x.rows - r0) as i32;
+            self.launch(
+                "linear_gemv_fwd",
+                gemv_config(w.rows),
+                &[
+                    &(self.ptr(&y) + (r0 * w.rows) as u64 * esz),
+                    &(self.ptr(x) + (r0 * x.cols) as u64 * esz),
+                    &self.ptr(w),
+                    &bp,
+                    &m,
+                    &k,
+                    &n,
+                    &vec,
+                ],
+            )?;
+        }
         Ok(y)
     }
 
@@ -550,6 +595,10 @@ impl<T: Elem> Backend for Cuda<T> {
         "CUDA events"
     }
 
+    fn storage_bytes(&self) -> usize {
+        std::mem::size_of::<T>()
+    }
+
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor<T>> {
         if data.len() != rows * cols {
             return Err(shape_err(
@@ -617,7 +666,7 @@ impl<T: Elem> Backend for Cuda<T> {
         if let Some(b) = bias {
             row_vec("linear bias", b.dims(), w.rows)?;
         }
-        if self.gemv_enabled() && x.rows <= GEMV_MAX_ROWS && x.len() > 0 && w.len() > 0 {
+        if self.gemv_enabled() && x.rows <= INVARIANT_ROWS && x.len() > 0 && w.len() > 0 {
             return self.gemv(x, w, bias);
         }
         let y = self.product(x, w, true, x.rows, w.rows, x.cols)?;
@@ -633,7 +682,7 @@ impl<T: Elem> Backend for Cuda<T> {
         let one_launch = self.fuse_enabled()
             && self.gemv_enabled()
             && (2..=3).contains(&ws.len())
-            && x.rows <= GEMV_MAX_ROWS
+            && x.rows <= INVARIANT_ROWS
             && x.len() > 0
             && ws.iter().all(|w| w.len() > 0);
         if !one_launch {
@@ -652,32 +701,36 @@ impl<T: Elem> Backend for Cuda<T> {
                 .map_or((0, 0, 0), |w| (self.ptr(w), self.ptr(&ys[i]), w.rows))
         };
         let ((w0, y0, n0), (w1, y1, n1), (w2, y2, n2)) = (slot(0), slot(1), slot(2));
-        let (m, k) = (
-            i32_dim("linear_group", x.rows)?,
-            i32_dim("linear_group", x.cols)?,
-        );
+        let k = i32_dim("linear_group", x.cols)?;
         // Each height fits an i32 when their sum does.
         let total = i32_dim("linear_group", n0 + n1 + n2)? as usize;
         let (n0i, n1i, n2i) = (n0 as i32, n1 as i32, n2 as i32);
-        self.launch(
-            "linear_gemv_group_fwd",
-            gemv_config(total),
-            &[
-                &y0,
-                &y1,
-                &y2,
-                &self.ptr(x),
-                &w0,
-                &w1,
-                &w2,
-                &m,
-                &k,
-                &n0i,
-                &n1i,
-                &n2i,
-                &self.gemv_vec(x, ws),
-            ],
-        )?;
+        let vec = self.gemv_vec(x, ws);
+        let esz = std::mem::size_of::<T>() as u64;
+        // As `gemv`: launches of at most GEMV_MAX_ROWS rows, each row's sums its own.
+        for r0 in (0..x.rows).step_by(GEMV_MAX_ROWS) {
+            let m = GEMV_MAX_ROWS.min(x.rows - r0) as i32;
+            let at = |y: u64, n: usize| if y == 0 { 0 } else { y + (r0 * n) as u64 * esz };
+            self.launch(
+                "linear_gemv_group_fwd",
+                gemv_config(total),
+                &[
+                    &at(y0, n0),
+                    &at(y1, n1),
+                    &at(y2, n2),
+                    &(self.ptr(x) + (r0 * x.cols) as u64 * esz),
+                    &w0,
+                    &w1,
+                    &w2,
+                    &m,
+                    &k,
+                    &n0i,
+                    &n1i,
+                    &n2i,
+                    &vec,
+                ],
+            )?;
+        }
         Ok(ys)
     }
 
@@ -808,36 +861,34 @@ impl<T: Elem> Backend for Cuda<T> {
         q: &CudaTensor<T>,
         k: &CudaTensor<T>,
         head_dim: usize,
-        pos0: usize,
+        positions: &[u32],
         theta: f32,
     ) -> Result<(CudaTensor<T>, CudaTensor<T>)> {
-        if q.rows != k.rows {
+        if q.rows != k.rows || positions.len() != q.rows {
             return Err(shape_err(
                 "rope",
                 format!(
-                    "queries {:?} and keys {:?} differ in rows",
+                    "queries {:?}, keys {:?} and {} positions",
                     q.dims(),
-                    k.dims()
+                    k.dims(),
+                    positions.len()
                 ),
             ));
         }
         for x in [q, k] {
             check_heads(x, head_dim)?;
         }
-        if !self.fuse_enabled() {
-            return Ok((
-                self.rope(q, head_dim, pos0, theta)?,
-                self.rope(k, head_dim, pos0, theta)?,
-            ));
+        if let Some(&p) = positions.iter().find(|&&p| p > i32::MAX as u32) {
+            return Err(shape_err("rope", format!("position {p} over i32")));
         }
         let inv = self.inv_freq(head_dim, theta)?;
         let (q_out, k_out) = (self.alloc(q.rows, q.cols)?, self.alloc(k.rows, k.cols)?);
         if q.rows > 0 {
-            let (qc, kc, hd, p0) = (
+            let pos = self.to_device(positions, MemTag::Scratch)?;
+            let (qc, kc, hd) = (
                 i32_dim("rope", q.cols)?,
                 i32_dim("rope", k.cols)?,
                 head_dim as i32,
-                i32_dim("rope", pos0 + q.rows)? - q.rows as i32,
             );
             self.launch(
                 "rope_qk_fwd",
@@ -851,7 +902,7 @@ impl<T: Elem> Backend for Cuda<T> {
                     &qc,
                     &kc,
                     &hd,
-                    &p0,
+                    &self.addr(&pos),
                 ],
             )?;
         }
@@ -896,6 +947,97 @@ impl<T: Elem> Backend for Cuda<T> {
                 &[&self.ptr(&out), &self.ptr(table), &self.addr(&dev_ids), &d],
             )?;
         }
+        Ok(out)
+    }
+
+    fn scatter_rows(
+        &self,
+        dst: &mut CudaTensor<T>,
+        rows: &[u32],
+        src: &CudaTensor<T>,
+    ) -> Result<()> {
+        if src.cols != dst.cols || src.rows != rows.len() {
+            return Err(shape_err(
+                "scatter_rows",
+                format!(
+                    "{:?} to {} rows of {:?}",
+                    src.dims(),
+                    rows.len(),
+                    dst.dims()
+                ),
+            ));
+        }
+        if let Some(&r) = rows.iter().find(|&&r| r as usize >= dst.rows) {
+            return Err(shape_err(
+                "scatter_rows",
+                format!("row {r} outside {:?}", dst.dims()),
+            ));
+        }
+        if !rows.is_empty() {
+            let dev_rows = self.to_device(rows, MemTag::Scratch)?;
+            let d = i32_dim("scatter_rows", dst.cols)?;
+            self.launch(
+                "scatter_rows",
+                per_row(rows.len(), 256, 0),
+                &[&self.ptr(dst), &self.ptr(src), &self.addr(&dev_rows), &d],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn paged_attention(
+        &self,
+        q: &CudaTensor<T>,
+        k: &CudaTensor<T>,
+        v: &CudaTensor<T>,
+        rows: &[PagedRow<'_>],
+        page: usize,
+        shape: AttnShape,
+    ) -> Result<CudaTensor<T>> {
+        check_paged(q.rows, rows, page, k.rows.min(v.rows))?;
+        let longest = rows.iter().map(|r| r.len).max().unwrap_or(0);
+        self.check_attention(
+            q,
+            k,
+            v,
+            AttnShape {
+                kv_len: longest.max(1).min(k.rows),
+                ..shape
+            },
+        )?;
+        let out = self.alloc(q.rows, q.cols)?;
+        if rows.is_empty() {
+            return Ok(out);
+        }
+        // Every row's page table padded to the longest, as i32 [B, max_pages].
+        let max_pages = rows.iter().map(|r| r.len.div_ceil(page)).max().unwrap_or(1);
+        let mut table = vec![0i32; rows.len() * max_pages];
+        for (i, r) in rows.iter().enumerate() {
+            for (slot, &p) in table[i * max_pages..]
+                .iter_mut()
+                .zip(&r.pages[..r.len.div_ceil(page)])
+            {
+                *slot = p as i32;
+            }
+        }
+        let lens: Vec<i32> = rows.iter().map(|r| r.len as i32).collect();
+        let (table, lens) = (
+            self.to_device(&table, MemTag::Scratch)?,
+            self.to_device(&lens, MemTag::Scratch)?,
+        );
+        let paged = Decode {
+            splits: longest.div_ceil(DECODE_CHUNK),
+            kv_len: i32_dim("paged_attention", longest)?,
+            q_pos0: -1,
+            key_keep: 0,
+            pages: Some((
+                self.addr(&table),
+                i32_dim("paged_attention", max_pages)?,
+                i32_dim("paged_attention", page)?,
+                self.addr(&lens),
+            )),
+        };
+        self.decode_attention(q, k, v, shape, paged, &out)?;
         Ok(out)
     }
 

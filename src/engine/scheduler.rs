@@ -1,0 +1,186 @@
+//! Many runs at once: a [`Scheduler`] holds any number of requests and advances them together.
+//! Each [`Scheduler::step`] does one unit of work for every run that is not decoding (decoding
+//! its image, the vision tower, its prefill, a map after generation — so new sequences are
+//! prefilled between decode steps, whole: prefill is not chunked) and then one batched decode
+//! step for up to [`crate::backend::INVARIANT_ROWS`] decoding runs: one embedding, one decoder
+//! forward over their rows, one lm_head product, and per row the token's choice and its map.
+//! A run's items are the ones [`Engine::stream`] gives it alone, with the same ids and maps:
+//! every row's arithmetic is independent of its batch-mates.
+//!
+//! Admission: a run takes its KV pages (its prompt and every token it may generate) at its
+//! prefill; when the pool has no room it waits, and is refused ([`Error::KvFull`]) only when
+//! nothing else holds pages (it can never fit).
+
+use std::collections::VecDeque;
+
+use super::stream::Stream;
+use super::{CancelToken, Engine, Item, Request, RunOptions};
+use crate::backend::{Backend, INVARIANT_ROWS};
+use crate::error::{Error, Result};
+use crate::model::session::step_all;
+
+/// A run's handle in its [`Scheduler`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SeqId(u64);
+
+struct Slot<'e, B: Backend> {
+    id: SeqId,
+    run: Stream<'e, B>,
+    /// Items (and at most one error, last) not yet taken by [`Scheduler::events`].
+    events: VecDeque<Result<Item>>,
+}
+
+/// Runs advanced together, one token per decoding run per [`Scheduler::step`].
+pub struct Scheduler<'e, B: Backend> {
+    engine: &'e Engine<B>,
+    slots: Vec<Slot<'e, B>>,
+    next: u64,
+    max_batch: usize,
+}
+
+impl<'e, B: Backend> Scheduler<'e, B> {
+    pub(super) fn new(engine: &'e Engine<B>) -> Self {
+        Scheduler {
+            engine,
+            slots: Vec::new(),
+            next: 0,
+            max_batch: INVARIANT_ROWS,
+        }
+    }
+
+    /// Decodes at most `rows` runs per step (1 ..= [`INVARIANT_ROWS`]); the others wait their
+    /// turn (runs take turns in submission order).
+    pub fn set_max_batch(&mut self, rows: usize) -> Result<()> {
+        if !(1..=INVARIANT_ROWS).contains(&rows) {
+            return Err(Error::input(format!(
+                "a decode batch holds 1 to {INVARIANT_ROWS} rows, not {rows}"
+            )));
+        }
+        self.max_batch = rows;
+        Ok(())
+    }
+
+    /// Adds a run; its work starts at the next [`Self::step`].
+    pub fn submit(&mut self, req: Request, opts: RunOptions) -> SeqId {
+        let id = SeqId(self.next);
+        self.next += 1;
+        self.slots.push(Slot {
+            id,
+            run: Stream::new(self.engine, req, opts, CancelToken::new()),
+            events: VecDeque::new(),
+        });
+        id
+    }
+
+    /// Ends a run now: its pages go back to the pool and its last event is
+    /// [`Error::Cancelled`]. A run that already ended, or an unknown id, is left as it is.
+    pub fn cancel(&mut self, id: SeqId) {
+        if let Some(slot) = self.slots.iter_mut().find(|s| s.id == id) {
+            if !slot.run.is_finished() {
+                slot.run.finish();
+                slot.events.push_back(Err(Error::Cancelled));
+            }
+        }
+    }
+
+    /// The events of `id` since the last call: its items in order, then — when it failed or was
+    /// cancelled — the error. A run's entry is dropped once it has ended and its events are taken.
+    pub fn events(&mut self, id: SeqId) -> Vec<Result<Item>> {
+        let Some(i) = self.slots.iter().position(|s| s.id == id) else {
+            return Vec::new();
+        };
+        let slot = &mut self.slots[i];
+        let out: Vec<_> = slot.events.drain(..).collect();
+        if slot.run.is_finished() {
+            self.slots.remove(i);
+        }
+        out
+    }
+
+    /// Runs that have not ended.
+    pub fn active(&self) -> usize {
+        self.slots.iter().filter(|s| !s.run.is_finished()).count()
+    }
+
+    /// Whether every run has ended.
+    pub fn is_idle(&self) -> bool {
+        self.active() == 0
+    }
+
+    /// One unit of work for each run that is not decoding, then one batched decode step. A
+    /// run's failure ends that run (its error is its last event); an error of the batched step
+    /// itself (the backend's) ends every run in it and is returned.
+    pub fn step(&mut self) -> Result<()> {
+        for slot in self.slots.iter_mut() {
+            if slot.run.is_finished() || slot.run.is_decoding() {
+                continue;
+            }
+            match slot.run.work() {
+                Ok(()) => {}
+                // Pages are held by runs that will end: wait for them. When none are held,
+                // this run can never fit.
+                Err(Error::KvFull(_)) if self.engine.model.kv.usage().0 > 0 => {}
+                Err(e) => {
+                    slot.run.finish();
+                    slot.events.push_back(Err(e));
+                }
+            }
+            slot.events.extend(slot.run.take_items().map(Ok));
+        }
+        let batch: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| self.slots[i].run.is_decoding())
+            .take(self.max_batch)
+            .collect();
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let results = {
+            let mut sessions: Vec<_> = self
+                .slots
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| batch.contains(i))
+                .filter_map(|(_, s)| s.run.decoding())
+                .collect();
+            step_all(&mut sessions)
+        };
+        let results = match results {
+            Ok(r) => r,
+            Err(e) => {
+                for &i in &batch {
+                    let slot = &mut self.slots[i];
+                    slot.run.finish();
+                    slot.events.push_back(Err(Error::Backend(format!(
+                        "the batched decode step failed: {e}"
+                    ))));
+                }
+                return Err(e);
+            }
+        };
+        for (&i, r) in batch.iter().zip(results) {
+            let slot = &mut self.slots[i];
+            if let Err(e) = slot.run.stepped_from_state(r) {
+                slot.run.finish();
+                slot.events.push_back(Err(e));
+            }
+            slot.events.extend(slot.run.take_items().map(Ok));
+        }
+        // Runs that decoded go to the back: with more runs than rows, everyone takes turns.
+        if self.slots.iter().filter(|s| s.run.is_decoding()).count() > self.max_batch {
+            let mut moved = Vec::new();
+            for &i in batch.iter().rev() {
+                moved.push(self.slots.remove(i));
+            }
+            moved.reverse();
+            self.slots.extend(moved);
+        }
+        Ok(())
+    }
+}
+
+impl<B: Backend> Engine<B> {
+    /// A scheduler over this engine's model and KV pool: see [`Scheduler`].
+    pub fn scheduler(&self) -> Scheduler<'_, B> {
+        Scheduler::new(self)
+    }
+}

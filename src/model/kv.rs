@@ -1,0 +1,242 @@
+//! The paged KV cache: one pool of key and value pages per model, shared by every sequence.
+//!
+//! A page holds [`PAGE`] positions of every layer's keys and values: per layer the pool is one
+//! `[pages · PAGE, kv_heads · head_dim]` tensor for keys and one for values, and page `p` is its
+//! rows `p · PAGE ..`. A sequence ([`SeqKv`]) holds a page table; position `j` of the sequence is
+//! row `table[j / PAGE] · PAGE + j % PAGE`. Pages are taken when a sequence is admitted — all it can
+//! use, its prompt and every token it may generate — so a running sequence never waits for pages,
+//! and go back to the pool when the sequence is dropped (finished, failed or cancelled).
+//!
+//! Two ways to size the pool:
+//! - a budget ([`KvPool::set_budget`], `--kv-memory`): the pool takes exactly that many bytes at
+//!   its first use and never more; a sequence that does not fit gets [`Error::KvFull`];
+//! - none (the default): the pool grows with demand, by doubling, up to [`DEFAULT_CONTEXTS`] full
+//!   contexts, and gives its memory back whenever no sequence holds a page (so a single run takes
+//!   what it needs, as a per-run cache would). Growing copies the pages in use into the larger
+//!   storage (both exist for the copy's duration).
+
+use std::sync::{Mutex, MutexGuard};
+
+use crate::backend::{with_memory_tag, Backend, MemTag};
+use crate::config::TextConfig;
+use crate::error::{Error, Result};
+
+/// Positions per page.
+pub const PAGE: usize = 16;
+
+/// Without a budget, the pool holds at most this many full contexts.
+pub const DEFAULT_CONTEXTS: usize = 4;
+
+/// Keys and values of every layer, in pages.
+pub struct KvPool<B: Backend> {
+    layers: usize,
+    width: usize,
+    context: usize,
+    state: Mutex<PoolState<B>>,
+}
+
+struct PoolState<B: Backend> {
+    /// Per layer `[allocated · PAGE, width]`; empty while nothing is allocated.
+    k: Vec<B::Tensor>,
+    v: Vec<B::Tensor>,
+    /// Pages the tensors hold.
+    allocated: usize,
+    /// Free page ids below `allocated`, the most recently freed last (reused first: its memory
+    /// is the warmest).
+    free: Vec<u32>,
+    /// A fixed size in pages, or `None` (grow with demand).
+    budget: Option<usize>,
+}
+
+impl<B: Backend> KvPool<B> {
+    pub fn new(cfg: &TextConfig) -> Self {
+        KvPool {
+            layers: cfg.num_hidden_layers,
+            width: cfg.num_key_value_heads * cfg.head_dim,
+            context: cfg.max_position_embeddings,
+            state: Mutex::new(PoolState {
+                k: Vec::new(),
+                v: Vec::new(),
+                allocated: 0,
+                free: Vec::new(),
+                budget: None,
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, PoolState<B>> {
+        // A panic while the lock was held leaves page lists that are still consistent: every
+        // change to them is a single push, pop or truncate.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Bytes one page takes on `b` (keys and values of every layer).
+    pub fn page_bytes(&self, b: &B) -> usize {
+        PAGE * self.layers * 2 * self.width * b.storage_bytes()
+    }
+
+    /// Fixes the pool at `bytes` (whole pages; at least one) from its next allocation on, or
+    /// returns it to growing with demand (`None`). Refused while sequences hold pages.
+    pub fn set_budget(&self, b: &B, bytes: Option<u64>) -> Result<()> {
+        let mut st = self.lock();
+        if st.allocated - st.free.len() > 0 {
+            return Err(Error::input(
+                "the KV cache's size cannot change while sequences hold pages",
+            ));
+        }
+        let pages = match bytes {
+            None => None,
+            Some(bytes) => {
+                let per = self.page_bytes(b) as u64;
+                let pages = (bytes / per) as usize;
+                if pages == 0 {
+                    return Err(Error::input(format!(
+                        "a KV cache of {bytes} bytes holds no page; one page ({PAGE} positions of \
+                         every layer) takes {per} bytes"
+                    )));
+                }
+                Some(pages)
+            }
+        };
+        Self::release_storage(&mut st);
+        st.budget = pages;
+        Ok(())
+    }
+
+    /// `(pages in use, pages the pool may hold)`.
+    pub fn usage(&self) -> (usize, usize) {
+        let st = self.lock();
+        (st.allocated - st.free.len(), self.limit(&st))
+    }
+
+    /// Pages the pool may hold at most.
+    fn limit(&self, st: &PoolState<B>) -> usize {
+        st.budget
+            .unwrap_or_else(|| DEFAULT_CONTEXTS * self.context.div_ceil(PAGE))
+    }
+
+    fn release_storage(st: &mut PoolState<B>) {
+        st.k.clear();
+        st.v.clear();
+        st.free.clear();
+        st.allocated = 0;
+    }
+
+    /// A sequence with room for `positions` positions, its pages taken now.
+    pub fn admit(&self, b: &B, positions: usize) -> Result<SeqKv<'_, B>> {
+        let need = positions.div_ceil(PAGE).max(1);
+        let mut st = self.lock();
+        let in_use = st.allocated - st.free.len();
+        let limit = self.limit(&st);
+        if in_use + need > limit {
+            return Err(Error::KvFull(format!(
+                "a sequence of {positions} positions needs {need} pages of {PAGE}; {} of the \
+                 KV cache's {limit} are free",
+                limit - in_use
+            )));
+        }
+        if need > st.free.len() {
+            let target = match st.budget {
+                Some(pages) => pages,
+                None => (in_use + need).max(2 * st.allocated).min(limit),
+            };
+            self.grow(b, &mut st, target)?;
+        }
+        let at = st.free.len() - need;
+        let mut pages = st.free.split_off(at);
+        pages.reverse();
+        Ok(SeqKv {
+            pool: self,
+            pages,
+            len: 0,
+            capacity: positions,
+        })
+    }
+
+    /// Storage for `target` pages with the pages in use copied over.
+    fn grow(&self, b: &B, st: &mut PoolState<B>, target: usize) -> Result<()> {
+        let rows = target * PAGE;
+        let old = st.allocated;
+        let (mut k, mut v) = (Vec::new(), Vec::new());
+        with_memory_tag(b, MemTag::KvCache, || -> Result<()> {
+            for li in 0..self.layers {
+                let (mut nk, mut nv) = (b.zeros(rows, self.width)?, b.zeros(rows, self.width)?);
+                if old > 0 {
+                    b.copy_rows_into(&mut nk, 0, &st.k[li])?;
+                    b.copy_rows_into(&mut nv, 0, &st.v[li])?;
+                }
+                k.push(nk);
+                v.push(nv);
+            }
+            Ok(())
+        })?;
+        st.k = k;
+        st.v = v;
+        // New pages go under the free ones, so pages freed earlier are still reused first.
+        let mut free: Vec<u32> = (old as u32..target as u32).rev().collect();
+        free.append(&mut st.free);
+        st.free = free;
+        st.allocated = target;
+        Ok(())
+    }
+
+    fn release(&self, pages: &[u32]) {
+        let mut st = self.lock();
+        st.free.extend(pages.iter().rev());
+        if st.budget.is_none() && st.free.len() == st.allocated {
+            Self::release_storage(&mut st);
+        }
+    }
+
+    /// Runs `f` on the pool's per-layer key and value tensors.
+    pub fn with_layers<R>(&self, f: impl FnOnce(&mut [B::Tensor], &mut [B::Tensor]) -> R) -> R {
+        let mut st = self.lock();
+        let st = &mut *st;
+        f(&mut st.k, &mut st.v)
+    }
+}
+
+/// One sequence's pages: positions `0 .. len` filled, room for `capacity`.
+pub struct SeqKv<'p, B: Backend> {
+    pool: &'p KvPool<B>,
+    pages: Vec<u32>,
+    pub len: usize,
+    pub capacity: usize,
+}
+
+impl<B: Backend> Drop for SeqKv<'_, B> {
+    fn drop(&mut self) {
+        self.pool.release(&self.pages);
+    }
+}
+
+impl<'p, B: Backend> SeqKv<'p, B> {
+    pub fn pool(&self) -> &'p KvPool<B> {
+        self.pool
+    }
+
+    /// The page table.
+    pub fn pages(&self) -> &[u32] {
+        &self.pages
+    }
+
+    /// Pool rows of positions `range`.
+    pub fn slots(&self, range: std::ops::Range<usize>) -> Vec<u32> {
+        range
+            .map(|j| self.pages[j / PAGE] * PAGE as u32 + (j % PAGE) as u32)
+            .collect()
+    }
+
+    /// Layer `li`'s keys and values of positions `0 .. n`, gathered in order `[n, width]`.
+    pub fn layer(&self, b: &B, li: usize, n: usize) -> Result<(B::Tensor, B::Tensor)> {
+        if n > self.len {
+            return Err(Error::input(format!(
+                "{n} cached positions asked of a sequence holding {}",
+                self.len
+            )));
+        }
+        let slots = self.slots(0..n);
+        self.pool
+            .with_layers(|k, v| Ok((b.embedding(&k[li], &slots)?, b.embedding(&v[li], &slots)?)))
+    }
+}

@@ -1,0 +1,272 @@
+//! Many sequences at once: the paged KV cache and the batched decode step. A run in a batch — of
+//! any size, joined mid-flight, beside cancelled runs, sampled with a seed — gives exactly what it
+//! gives alone (ids, text and maps); pages never leak; a full cache is a typed error.
+
+mod common;
+
+use common::fixture_dir;
+use fastrm::backend::cpu::Cpu;
+use fastrm::backend::Backend;
+use fastrm::engine::{Engine, Scheduler, SeqId};
+use fastrm::explain::fastrm::HeadWeights;
+use fastrm::model::sampling::Sampling;
+use fastrm::util::SplitMix64;
+use fastrm::vision::RgbImage;
+use fastrm::{CancelToken, Error, GenerateOptions, Item, Method, Request, RunOptions};
+
+fn tiny<B: Backend>(b: B) -> Engine<B> {
+    let mut e = Engine::load(b, &fixture_dir("tiny")).unwrap();
+    let d = e.config().text.hidden_size;
+    e.set_head(&HeadWeights::random(d, 16, 4)).unwrap();
+    e
+}
+
+/// A seeded picture, so every run sees its own image.
+fn image(seed: u64) -> RgbImage {
+    let mut r = SplitMix64::new(seed);
+    let (w, h) = (24 + (seed as usize % 3) * 8, 30);
+    let data = (0..w * h * 3).map(|_| (r.next_u64() % 256) as u8).collect();
+    RgbImage::new(w, h, data).unwrap()
+}
+
+const QUESTIONS: [&str; 4] = [
+    "What is it?",
+    "What colour is the object on the left of the picture?",
+    "Describe the image.",
+    "Is there a red square anywhere in this picture, and where?",
+];
+
+/// Run `i` of a mixed set: its own image and question, 2 to 9 tokens, FastRM maps or none,
+/// every fourth sampled with its own seed.
+fn case(i: usize) -> (Request, RunOptions) {
+    let req = Request::question(image(i as u64), QUESTIONS[i % 4]);
+    let mut sampling = Sampling::default();
+    if i % 4 == 3 {
+        sampling.temperature = 0.9;
+        sampling.top_p = 0.95;
+        sampling.seed = 100 + i as u64;
+    }
+    let opts = RunOptions {
+        generate: GenerateOptions {
+            max_new_tokens: 2 + i % 8,
+            stop_at_eos: false,
+            sampling,
+            ..Default::default()
+        },
+        method: (i % 3 != 2).then_some(Method::FastRm),
+        hidden_states: false,
+    };
+    (req, opts)
+}
+
+/// What a run gave: per token `(id, text delta, map)`, then the final text.
+type Trace = (Vec<(u32, String, Option<Vec<f32>>)>, String);
+
+fn trace(items: &[Item]) -> Trace {
+    let mut tokens = Vec::new();
+    let mut text = None;
+    for it in items {
+        match it {
+            Item::Token(t) => {
+                tokens.push((t.id, t.text_delta.clone(), t.map.clone().map(|m| m.map)))
+            }
+            Item::Done(s) => text = Some(s.text.clone()),
+            _ => {}
+        }
+    }
+    (tokens, text.expect("the run ended without Done"))
+}
+
+fn alone<B: Backend>(e: &Engine<B>, i: usize) -> Trace {
+    let (req, opts) = case(i);
+    let items: Vec<Item> = e
+        .stream(&req, &opts, &CancelToken::new())
+        .collect::<Result<_, _>>()
+        .unwrap();
+    trace(&items)
+}
+
+/// Steps until every run has ended, gathering each run's events.
+fn drain<B: Backend>(
+    s: &mut Scheduler<'_, B>,
+    ids: &[SeqId],
+    got: &mut [Vec<fastrm::Result<Item>>],
+) {
+    for (k, &id) in ids.iter().enumerate() {
+        got[k].extend(s.events(id));
+    }
+}
+
+fn batched_equals_alone<B: Backend>(e: &Engine<B>, n: usize, cancel: &[usize]) {
+    let want: Vec<Trace> = (0..n).map(|i| alone(e, i)).collect();
+    let mut s = e.scheduler();
+    let mut ids = Vec::new();
+    let mut got: Vec<Vec<fastrm::Result<Item>>> = (0..n).map(|_| Vec::new()).collect();
+    // A third join at once, the rest one per step: sequences join mid-flight.
+    for i in 0..n {
+        let (req, opts) = case(i);
+        ids.push(s.submit(req, opts));
+        if i >= n / 3 {
+            s.step().unwrap();
+            drain(&mut s, &ids, &mut got);
+        }
+        if cancel.contains(&i) {
+            // Cancelled after a step or two: its pages are free for the rest.
+            s.step().unwrap();
+            s.cancel(ids[i]);
+        }
+    }
+    while !s.is_idle() {
+        s.step().unwrap();
+        drain(&mut s, &ids, &mut got);
+    }
+    drain(&mut s, &ids, &mut got);
+    for i in 0..n {
+        if cancel.contains(&i) {
+            assert!(
+                matches!(got[i].last(), Some(Err(Error::Cancelled))),
+                "run {i}: cancelled, but its last event is {:?}",
+                got[i].last()
+            );
+            continue;
+        }
+        let items: Vec<Item> = got[i].drain(..).map(|r| r.unwrap()).collect();
+        let (tokens, text) = trace(&items);
+        let (want_tokens, want_text) = &want[i];
+        assert_eq!(text, *want_text, "run {i}: text");
+        assert_eq!(tokens.len(), want_tokens.len(), "run {i}: tokens");
+        for (t, (a, w)) in tokens.iter().zip(want_tokens).enumerate() {
+            assert_eq!((a.0, &a.1), (w.0, &w.1), "run {i} token {t}");
+            assert_eq!(a.2, w.2, "run {i} token {t}: map");
+        }
+    }
+    assert_eq!(e.kv_usage().0, 0, "pages still held after every run ended");
+}
+
+#[test]
+fn every_run_in_a_batch_gives_what_it_gives_alone() {
+    let e = tiny(Cpu);
+    for n in [1, 2, 5, 16] {
+        batched_equals_alone(&e, n, &[]);
+    }
+    batched_equals_alone(&e, 12, &[1, 6]);
+}
+
+/// The batched step's rows against the same sequences stepped one by one, at the decoder level:
+/// hidden states bit for bit.
+#[test]
+fn a_batched_decoder_step_is_each_row_alone() {
+    let e = tiny(Cpu);
+    let (b, m) = (e.backend(), e.model());
+    let d = m.cfg.text.hidden_size;
+    let mut r = SplitMix64::new(3);
+    let mut seqs = Vec::new();
+    for n in [3usize, 17, 40, 1, 33] {
+        let x: Vec<f32> = (0..n * d).map(|_| r.uniform_sym()).collect();
+        let mut kv = m.kv.admit(b, n + 1).unwrap();
+        m.llm
+            .forward(b, b.upload(&x, n, d).unwrap(), &mut kv)
+            .unwrap();
+        seqs.push(kv);
+    }
+    let ids = [5u32, 9, 200, 7, 11];
+    let x = b.embedding(&m.llm.embed, &ids).unwrap();
+    let mut all: Vec<_> = seqs.iter_mut().collect();
+    let batch = b.download(&m.llm.decode(b, x, &mut all).unwrap()).unwrap();
+    for (i, s) in seqs.iter_mut().enumerate() {
+        s.len -= 1;
+        let x = b.embedding(&m.llm.embed, &ids[i..i + 1]).unwrap();
+        let one = b.download(&m.llm.decode(b, x, &mut [s]).unwrap()).unwrap();
+        assert_eq!(one, batch[i * d..(i + 1) * d], "row {i}");
+    }
+}
+
+#[test]
+fn pages_never_leak_under_random_submit_step_cancel() {
+    let e = tiny(Cpu);
+    // Room for a few runs only, so some wait for pages.
+    let page = fastrm::model::kv::PAGE;
+    let per_page = e.config().text.num_hidden_layers
+        * 2
+        * e.config().text.num_key_value_heads
+        * e.config().text.head_dim
+        * page
+        * 4;
+    e.set_kv_memory(Some((per_page * 12) as u64)).unwrap();
+    let mut s = e.scheduler();
+    let mut r = SplitMix64::new(9);
+    let mut ids = Vec::new();
+    let (mut done, mut cancelled) = (0, 0);
+    for op in 0..1000 {
+        match r.next_u64() % 10 {
+            0..=2 => ids.push(s.submit(case(op % 24).0, case(op % 24).1)),
+            3 if !ids.is_empty() => {
+                let id = ids[(r.next_u64() % ids.len() as u64) as usize];
+                s.cancel(id);
+            }
+            _ => s.step().unwrap(),
+        }
+        let (used, limit) = e.kv_usage();
+        assert!(used <= limit, "op {op}: {used} pages in use of {limit}");
+        ids.retain(|&id| {
+            let ev = s.events(id);
+            for x in &ev {
+                match x {
+                    Ok(Item::Done(_)) => done += 1,
+                    Err(Error::Cancelled) => cancelled += 1,
+                    Err(e) => panic!("op {op}: a run failed: {e}"),
+                    _ => {}
+                }
+            }
+            !ev.iter().any(|x| matches!(x, Ok(Item::Done(_)) | Err(_)))
+        });
+    }
+    while !s.is_idle() {
+        s.step().unwrap();
+    }
+    assert!(
+        done > 20 && cancelled > 10,
+        "{done} done, {cancelled} cancelled"
+    );
+    assert_eq!(e.kv_usage().0, 0, "pages leaked");
+}
+
+#[test]
+fn a_full_kv_cache_is_a_typed_error() {
+    let e = tiny(Cpu);
+    let page_bytes = e.config().text.num_hidden_layers
+        * 2
+        * e.config().text.num_key_value_heads
+        * e.config().text.head_dim
+        * fastrm::model::kv::PAGE
+        * 4;
+    let err = e.set_kv_memory(Some(page_bytes as u64 - 1)).unwrap_err();
+    assert!(err.to_string().contains("holds no page"), "{err}");
+    // One page: no prompt of the tiny model fits.
+    e.set_kv_memory(Some(page_bytes as u64)).unwrap();
+    let (req, opts) = case(0);
+    let err = e.generate(&req, &opts.generate).unwrap_err();
+    assert!(matches!(err, Error::KvFull(_)), "{err}");
+    assert!(err.to_string().contains("pages of 16"), "{err}");
+    // Through a scheduler with nothing else holding pages: refused, not left waiting.
+    let mut s = e.scheduler();
+    let id = s.submit(req.clone(), opts.clone());
+    for _ in 0..5 {
+        s.step().unwrap();
+    }
+    assert!(s.is_idle());
+    assert!(matches!(s.events(id).last(), Some(Err(Error::KvFull(_)))));
+    // Growing with demand again: the same request runs.
+    e.set_kv_memory(None).unwrap();
+    e.generate(&req, &opts.generate).unwrap();
+    assert_eq!(e.kv_usage().0, 0);
+}
+
+/// The same on the simulated CUDA device (its kernels' sources on the host): batch of four, ids,
+/// text and maps equal to the runs alone on that device.
+#[cfg(feature = "sim")]
+#[test]
+fn every_run_in_a_batch_gives_what_it_gives_alone_on_the_simulated_device() {
+    let e = tiny(fastrm::backend::cuda::Cuda::<f32>::simulated());
+    batched_equals_alone(&e, 6, &[]);
+}
