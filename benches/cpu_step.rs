@@ -11,7 +11,8 @@
 
 use criterion::Throughput;
 use criterion::{criterion_group, criterion_main, Criterion};
-use fastrm::backend::Backend;
+use fastrm::backend::{AttnShape, Backend, PagedRow};
+use fastrm::model::kv::PAGE;
 
 mod common;
 
@@ -58,6 +59,43 @@ fn batched(c: &mut Criterion, setup: common::Midsize) {
             })
         });
     }
+    // The parts of the B = 8 step: the decode attention of one layer over the rows' pages, and
+    // the MLP's gate and up products over 8 rows.
+    let rows: Vec<_> = seqs.iter().take(8).collect();
+    let paged: Vec<PagedRow<'_>> = rows
+        .iter()
+        .map(|s| PagedRow {
+            pages: s.pages(),
+            len: s.capacity,
+        })
+        .collect();
+    let t = &m.cfg.text;
+    let shape = AttnShape {
+        n_heads: t.num_attention_heads,
+        n_kv_heads: t.num_key_value_heads,
+        head_dim: t.head_dim,
+        causal_q_pos0: None,
+        kv_len: 0,
+    };
+    let q = b
+        .upload(&vec![0.01; 8 * t.hidden_size], 8, t.hidden_size)
+        .unwrap();
+    g.throughput(Throughput::Elements(8));
+    m.kv.with_layers(|k, v| {
+        g.bench_function("paged_attention_layer_b8", |bench| {
+            bench.iter(|| {
+                b.paged_attention(&q, &k[0], &v[0], &paged, PAGE, shape)
+                    .unwrap()
+            })
+        });
+    });
+    let l = &m.llm.layers[0];
+    g.bench_function("gate_up_b8", |bench| {
+        bench.iter(|| b.linear_group(&q, &[&l.gate, &l.up]).unwrap())
+    });
+    g.bench_function("lm_head_b8", |bench| {
+        bench.iter(|| b.linear(&q, &m.llm.lm_head, None).unwrap())
+    });
     g.finish();
 }
 

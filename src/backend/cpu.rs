@@ -471,6 +471,14 @@ fn head_probs_masked(
 /// gradient of the probabilities, for one head). Not zeroed first: every value is written once.
 fn causal_products(nq: usize, s: AttnShape, lhs: View, rhs: View) -> Vec<f32> {
     let (kv, d) = (s.kv_len, s.head_dim);
+    if nq == 1 && lhs.cs == 1 && rhs.rs == 1 {
+        // One query (a decode step): a dot per visible key, as the paged decode computes it.
+        let mut out = vec![0.0f32; kv];
+        let width = visible_keys(s, 0);
+        let key = |j: usize| &rhs.data[j * rhs.cs..j * rhs.cs + d];
+        key_dots(&lhs.data[..d], key, &mut out[..width]);
+        return out;
+    }
     // `rhs` is Kᵀ or Vᵀ of one head: a strided view of row-major rows. The GEMM would re-pack it
     // for every query block, one scalar at a time (more time than the block's arithmetic at
     // d = 64); a contiguous [d, kv] copy made once packs with vector copies.
@@ -522,6 +530,23 @@ fn causal_products(nq: usize, s: AttnShape, lhs: View, rhs: View) -> Vec<f32> {
     out
 }
 
+/// `out[j] = q · key(j)`: a decode query's scores, one dot per key in key order. The dense and the
+/// paged decode attention both score through here, so a sequence's numbers do not depend on
+/// where its keys are stored.
+fn key_dots<'a>(q: &[f32], key: impl Fn(usize) -> &'a [f32], out: &mut [f32]) {
+    for (j, o) in out.iter_mut().enumerate() {
+        *o = cpu_gemm::dot_best(q, key(j));
+    }
+}
+
+/// `out = Σ_j p[j] · row(j)`, summed in key order (a decode query's output for one head).
+fn weighted_rows<'a>(p: &[f32], row: impl Fn(usize) -> &'a [f32], out: &mut [f32]) {
+    out.fill(0.0);
+    for (j, &pj) in p.iter().enumerate() {
+        cpu_gemm::axpy_best(pj, row(j), out);
+    }
+}
+
 /// Keys query row `i` sees: those up to its position under a causal mask, all without one.
 fn visible_keys(s: AttnShape, i: usize) -> usize {
     s.causal_q_pos0
@@ -567,6 +592,15 @@ fn key_blocks(nq: usize, s: AttnShape) -> impl Iterator<Item = (usize, usize, us
 /// `out[nq, d] = P[nq, kv] · V_h[kv, d]` skipping the masked (zero) part of P.
 fn probs_times(p: &[f32], v: View, nq: usize, s: AttnShape, out: &mut [f32]) {
     let (kv, d) = (s.kv_len, s.head_dim);
+    if nq == 1 && v.cs == 1 {
+        let width = visible_keys(s, 0);
+        weighted_rows(
+            &p[..width],
+            |j| &v.data[j * v.rs..j * v.rs + d],
+            &mut out[..d],
+        );
+        return;
+    }
     for (i0, rows, width) in query_blocks(nq, s) {
         let pv = View {
             data: &p[i0 * kv..],
@@ -1148,21 +1182,52 @@ impl Backend for Cpu {
         shape: AttnShape,
     ) -> Result<CpuTensor> {
         super::check_paged(q.rows, rows, page, k.rows.min(v.rows))?;
+        dense("paged_attention", &[q, k, v])?;
+        let (h, hk, d) = (shape.n_heads, shape.n_kv_heads, shape.head_dim);
+        if h == 0
+            || hk == 0
+            || h % hk != 0
+            || q.cols != h * d
+            || k.cols != hk * d
+            || v.cols != k.cols
+        {
+            return Err(shape_err(
+                "paged_attention",
+                format!(
+                    "q [{}, {}], pools [{}, {}] and [{}, {}] do not fit {h} heads / {hk} kv heads \
+                     of {d}",
+                    q.rows, q.cols, k.rows, k.cols, v.rows, v.cols
+                ),
+            ));
+        }
+        let scale = 1.0 / (d as f32).sqrt();
+        let w = k.cols;
+        // Every (row, head) on its own, straight from the pages: scores, softmax, weighted values
+        // — the dense decode's arithmetic (`key_dots`, `weighted_rows`), so a row's numbers are the
+        // same alone, in any batch, and with its keys gathered.
+        let blocks: Vec<Vec<f32>> = (0..rows.len() * h)
+            .into_par_iter()
+            .map(|t| {
+                let (i, hi) = (t / h, t % h);
+                let r = &rows[i];
+                let col = (hi / (h / hk)) * d;
+                let at = |j: usize| {
+                    let slot = r.pages[j / page] as usize * page + j % page;
+                    slot * w + col
+                };
+                let mut p = vec![0.0f32; r.len];
+                let qh = &q.data[i * q.cols + hi * d..i * q.cols + (hi + 1) * d];
+                key_dots(qh, |j| &k.data[at(j)..at(j) + d], &mut p);
+                cpu_gemm::softmax_scaled(&mut p, scale);
+                let mut o = vec![0.0f32; d];
+                weighted_rows(&p, |j| &v.data[at(j)..at(j) + d], &mut o);
+                o
+            })
+            .collect();
         let mut out = CpuTensor::new(vec![0.0; q.rows * q.cols], q.rows, q.cols)?;
-        // Row by row, each through the dense attention over its own keys gathered in order: the
-        // numbers of a sequence decoded alone, whatever the batch.
-        for (i, r) in rows.iter().enumerate() {
-            let slots = r.slots(page);
-            let (kr, vr) = (self.embedding(k, &slots)?, self.embedding(v, &slots)?);
-            let s = AttnShape {
-                causal_q_pos0: Some(r.len - 1),
-                kv_len: r.len,
-                ..shape
-            };
-            let qi = self.slice_rows(q, i, 1)?;
-            check_attention("paged_attention", &qi, &kr, &vr, s)?;
-            let o = attention_impl(&qi, &kr, &vr, s, None)?;
-            out.data[i * q.cols..(i + 1) * q.cols].copy_from_slice(&o.data);
+        for (t, o) in blocks.iter().enumerate() {
+            let (i, hi) = (t / h, t % h);
+            out.data[i * q.cols + hi * d..i * q.cols + (hi + 1) * d].copy_from_slice(o);
         }
         Ok(out)
     }

@@ -100,9 +100,7 @@ pub(crate) fn linear_rows_with(
             let r0 = t * rows_per_task;
             for (j, o) in chunk.chunks_exact_mut(m).enumerate() {
                 let wr = &w[(r0 + j) * k..(r0 + j + 1) * k];
-                for (oi, xr) in o.iter_mut().zip(x.chunks_exact(k.max(1))) {
-                    *oi = dot(isa, xr, wr);
-                }
+                dots(isa, x, k, wr, o);
             }
         });
     if m == 1 {
@@ -258,6 +256,46 @@ pub(crate) fn silu_mul_bwd_with(
         du.set_len(n);
     }
     (dg, du)
+}
+
+/// `out[i] = x_i · w` for the `out.len()` rows of `x` (each `k` long): exactly [`dot`] per row,
+/// four rows per pass over `w` where the CPU has AVX-512F (each weight vector loaded once for the
+/// four), so a row's result never depends on the rows beside it.
+fn dots(isa: Isa, x: &[f32], k: usize, w: &[f32], out: &mut [f32]) {
+    let rows = x.chunks_exact(k.max(1));
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 && k > 0 {
+        let mut quads = out.chunks_exact_mut(4);
+        let mut xs = rows.clone();
+        for o in quads.by_ref() {
+            let q = [xs.next(), xs.next(), xs.next(), xs.next()].map(|r| r.unwrap_or(&[]));
+            // SAFETY: `isa.runs_here()` was asserted by the caller; the four rows and `w` are
+            // each `k` long (`chunks_exact` of k, and the weight row).
+            o.copy_from_slice(&unsafe { x86::dot4_avx512(q, w) });
+        }
+        for (o, xr) in quads.into_remainder().iter_mut().zip(xs) {
+            *o = dot(isa, xr, w);
+        }
+        return;
+    }
+    for (o, xr) in out.iter_mut().zip(rows) {
+        *o = dot(isa, xr, w);
+    }
+}
+
+/// `y += a · x` with the best kernel (a decode query's weighted sum of values, one key at a time;
+/// AVX-512 fuses the multiply and the add).
+pub(crate) fn axpy_best(a: f32, x: &[f32], y: &mut [f32]) {
+    assert_eq!(x.len(), y.len(), "axpy: operands of different lengths");
+    #[cfg(target_arch = "x86_64")]
+    if Isa::best() == Isa::Avx512 {
+        // SAFETY: the CPU has AVX-512F; `x` and `y` have one length.
+        unsafe { x86::axpy_avx512(a, x, y) };
+        return;
+    }
+    for (o, &v) in y.iter_mut().zip(x) {
+        *o += a * v;
+    }
 }
 
 /// `Σ a_i b_i` in f32 with the best kernel.
@@ -466,6 +504,69 @@ mod x86 {
         _mm512_reduce_add_ps(sum)
     }
 
+    /// [`dot_avx512`] of four rows `xs` with one `w`, each weight vector loaded once: per row the
+    /// same fused multiply-adds into the same accumulators in the same order, so every result is
+    /// bit for bit the row's own `dot_avx512(x, w)`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; every row of `xs` must be as long as `w`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dot4_avx512(xs: [&[f32]; 4], w: &[f32]) -> [f32; 4] {
+        let n = w.len();
+        let wp = w.as_ptr();
+        let xp = xs.map(|x| x.as_ptr());
+        let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+        let mut i = 0;
+        while i + 64 <= n {
+            for j in 0..4 {
+                let o = i + 16 * j;
+                let wv = _mm512_loadu_ps(wp.add(o));
+                for (a, x) in acc.iter_mut().zip(xp) {
+                    a[j] = _mm512_fmadd_ps(_mm512_loadu_ps(x.add(o)), wv, a[j]);
+                }
+            }
+            i += 64;
+        }
+        while i + 16 <= n {
+            let wv = _mm512_loadu_ps(wp.add(i));
+            for (a, x) in acc.iter_mut().zip(xp) {
+                a[0] = _mm512_fmadd_ps(_mm512_loadu_ps(x.add(i)), wv, a[0]);
+            }
+            i += 16;
+        }
+        if i < n {
+            let mask: __mmask16 = (1u32 << (n - i)) as u16 - 1;
+            let wv = _mm512_maskz_loadu_ps(mask, wp.add(i));
+            for (a, x) in acc.iter_mut().zip(xp) {
+                a[1] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, x.add(i)), wv, a[1]);
+            }
+        }
+        acc.map(|a| {
+            let sum = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
+            _mm512_reduce_add_ps(sum)
+        })
+    }
+
+    /// `y += a · x`, sixteen lanes at a time with a masked tail.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; `x` and `y` must have the same length.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn axpy_avx512(a: f32, x: &[f32], y: &mut [f32]) {
+        let n = x.len().min(y.len());
+        let (xp, yp) = (x.as_ptr(), y.as_mut_ptr());
+        let va = _mm512_set1_ps(a);
+        for i in (0..n).step_by(16) {
+            let m = lanes(i, n);
+            let v = _mm512_fmadd_ps(
+                va,
+                _mm512_maskz_loadu_ps(m, xp.add(i)),
+                _mm512_maskz_loadu_ps(m, yp.add(i)),
+            );
+            _mm512_mask_storeu_ps(yp.add(i), m, v);
+        }
+    }
+
     /// Four independent accumulators of eight lanes; the tail goes through a zero-padded buffer.
     ///
     /// # Safety
@@ -511,6 +612,24 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Four rows at once give each row's own dot, bit for bit (batch invariance rests on it).
+    #[test]
+    fn four_row_dots_are_each_rows_dot() {
+        if !Isa::Avx512.runs_here() {
+            return;
+        }
+        for k in [1usize, 15, 16, 17, 63, 64, 65, 200, 512] {
+            let x = values(6 * k, k as u64);
+            let w = values(k, 7 + k as u64);
+            let mut out = [0.0f32; 6];
+            dots(Isa::Avx512, &x, k, &w, &mut out);
+            for (i, o) in out.iter().enumerate() {
+                let alone = dot(Isa::Avx512, &x[i * k..(i + 1) * k], &w);
+                assert_eq!(o.to_bits(), alone.to_bits(), "k {k} row {i}");
+            }
+        }
+    }
 
     /// Deterministic values in [−1, 1) with no structure a kernel could get right by accident.
     fn values(n: usize, seed: u64) -> Vec<f32> {
