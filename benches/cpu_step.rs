@@ -5,13 +5,16 @@
 //! times transformers on the same shapes in f32 and bf16; `tools/cpu-vs-torch.sh` prints both.
 //!
 //! Group `cpu_batch`: one batched decode step (decoder and lm_head) of B = 1, 2, 4, 8, 16
-//! sequences, each at its own position in the paged cache; throughput in tokens (rows) per second.
+//! sequences, each at its own position in the paged cache; throughput in tokens (rows) per second;
+//! and the B = 8 step's parts: one layer's paged attention, the MLP's gate and up, the lm_head,
+//! the eight rows' FastRM maps.
 //!
 //! `cargo bench --bench cpu_step`
 
 use criterion::Throughput;
 use criterion::{criterion_group, criterion_main, Criterion};
 use fastrm::backend::{AttnShape, Backend, PagedRow};
+use fastrm::explain::fastrm::{FastRmHead, HeadWeights};
 use fastrm::model::kv::PAGE;
 
 mod common;
@@ -95,6 +98,27 @@ fn batched(c: &mut Criterion, setup: common::Midsize) {
     });
     g.bench_function("lm_head_b8", |bench| {
         bench.iter(|| b.linear(&q, &m.llm.lm_head, None).unwrap())
+    });
+    // The FastRM maps of a B = 8 step: one fused product per row against that row's folded
+    // image keys (576 patches each).
+    let d = t.hidden_size;
+    let head = FastRmHead::new(b, &HeadWeights::random(d, 64, 1), d).unwrap();
+    let patches = m.cfg.vision.num_patches();
+    let folds: Vec<_> = (0..8)
+        .map(|i| {
+            let img = b.uniform(patches, d, i, 0.0, 1.0).unwrap();
+            head.fold(b, &img).unwrap()
+        })
+        .collect();
+    let hs: Vec<_> = (0..8).map(|i| b.slice_rows(&q, i, 1).unwrap()).collect();
+    g.bench_function("fastrm_maps_b8", |bench| {
+        bench.iter(|| {
+            folds
+                .iter()
+                .zip(&hs)
+                .map(|(f, h)| head.scores(b, f, h).unwrap())
+                .collect::<Vec<_>>()
+        })
     });
     g.finish();
 }

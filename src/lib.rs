@@ -67,7 +67,8 @@ pub mod util;
 pub mod vision;
 
 pub use engine::{
-    AnyEngine, CancelToken, Device, Dtype, ImageInput, Item, Method, Request, RunOptions, TokenStep,
+    AnyEngine, CancelToken, Device, Dtype, ImageInput, Item, Method, Request, RunOptions,
+    Scheduler, SeqId, TokenStep,
 };
 pub use engine::{Engine, GenerateOptions, Generation};
 pub use error::{Error, Result};

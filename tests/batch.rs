@@ -204,7 +204,9 @@ fn pages_never_leak_under_random_submit_step_cancel() {
                 let id = ids[(r.next_u64() % ids.len() as u64) as usize];
                 s.cancel(id);
             }
-            _ => s.step().unwrap(),
+            _ => {
+                s.step().unwrap();
+            }
         }
         let (used, limit) = e.kv_usage();
         assert!(used <= limit, "op {op}: {used} pages in use of {limit}");

@@ -1,5 +1,6 @@
-//! The server author's example (`examples/shared_engine.rs`), which `cargo test` builds, run on the
-//! bundled demo model: three answers streamed from one shared engine and one cancelled request.
+//! The examples `cargo test` builds, run on the bundled demo model: `shared_engine` (three answers
+//! streamed from one engine shared by threads, one cancelled request) and `scheduler` (requests
+//! decoded together, one cancelled, one joining mid-flight).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -41,4 +42,37 @@ fn shared_engine_streams_three_answers_and_cancels_one() {
         .unwrap();
     assert!(n <= 2, "{cancelled}");
     assert!(!stdout.contains("[req 3] done"), "{stdout}");
+}
+
+#[test]
+fn scheduler_example_batches_answers_cancels_one_and_frees_every_page() {
+    let path = example("scheduler");
+    assert!(path.is_file(), "{} was not built", path.display());
+    let out = Command::new(&path).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "exit {:?}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (i, answer) in [(0, "yellow"), (1, "red"), (3, "white")] {
+        let line = format!("done: \"{answer}\"");
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with(&format!("[req {i}]")) && l.ends_with(&line)),
+            "missing [req {i}] … {line:?} in\n{stdout}"
+        );
+    }
+    assert!(
+        stdout.contains("[req 2] cancelled after 2 tokens"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains("[req 2] What shape is yellow? done"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("(3 decoded)"), "no batched step:\n{stdout}");
+    assert!(stdout.contains("KV pages in use at the end: 0"), "{stdout}");
 }

@@ -655,7 +655,15 @@ fn a_client_that_hangs_up_cancels_its_run() {
 
 #[test]
 fn a_full_queue_answers_429_with_retry_after() {
-    let server = Server::start(&["--max-queue", "1", "--test-token-delay-ms", "20"]);
+    // One run at a time, so the second request waits in the queue.
+    let server = Server::start(&[
+        "--max-queue",
+        "1",
+        "--max-batch",
+        "1",
+        "--test-token-delay-ms",
+        "20",
+    ]);
     let running = open_long_stream(server.addr, 300);
     // The second waits in the queue (its handler holds the connection until the worker starts it).
     let body = chat_body(QUESTION, json!({"max_tokens": 2}));
@@ -681,6 +689,74 @@ fn a_full_queue_answers_429_with_retry_after() {
     let mut r = BufReader::new(waiting);
     let (status, _) = read_head(&mut r);
     assert_eq!(status, 200);
+}
+
+/// Requests that arrive together are decoded together (continuous batching), and each answer —
+/// text, maps, usage — is the one it gets alone.
+#[test]
+fn concurrent_requests_share_decode_steps_and_answer_as_alone() {
+    let server = Server::start(&["--test-token-delay-ms", "5"]);
+    let questions = [
+        QUESTION,
+        "What shape is in the picture?",
+        "Is there a circle?",
+        "Describe the image.",
+        "What color is the background?",
+    ];
+    let body = |q: &str, i: usize| {
+        chat_body(
+            q,
+            json!({"max_tokens": 6 + i, "ignore_eos": true, "relevancy": {"method": "fastrm"}}),
+        )
+    };
+    let answer = |r: (u16, Vec<(String, String)>, Vec<u8>)| -> Value {
+        assert_eq!(r.0, 200, "{}", String::from_utf8_lossy(&r.2));
+        let v: Value = serde_json::from_slice(&r.2).unwrap();
+        json!({"choices": v["choices"], "usage": v["usage"]})
+    };
+    let alone: Vec<Value> = questions
+        .iter()
+        .enumerate()
+        .map(|(i, q)| answer(post(server.addr, &body(q, i))))
+        .collect();
+    assert_eq!(
+        server.metric("fastrm_decode_rows_total"),
+        server.metric("fastrm_decode_steps_total"),
+        "one request at a time decodes one row per step"
+    );
+    let (steps, rows) = (
+        server.metric("fastrm_decode_steps_total"),
+        server.metric("fastrm_decode_rows_total"),
+    );
+    let addr = server.addr;
+    let together: Vec<Value> = std::thread::scope(|sc| {
+        let handles: Vec<_> = questions
+            .iter()
+            .enumerate()
+            .map(|(i, q)| {
+                let b = body(q, i);
+                sc.spawn(move || post(addr, &b))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| answer(h.join().unwrap()))
+            .collect()
+    });
+    for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
+        assert_eq!(
+            a, t,
+            "request {i}: its answer in a batch differs from alone"
+        );
+    }
+    let (steps, rows) = (
+        server.metric("fastrm_decode_steps_total") - steps,
+        server.metric("fastrm_decode_rows_total") - rows,
+    );
+    assert!(
+        rows > 1.5 * steps,
+        "{rows} rows in {steps} steps: the concurrent requests were not batched"
+    );
 }
 
 #[cfg(unix)]

@@ -397,8 +397,16 @@ pub struct ServeArgs {
     /// drive a server on its visitor's machine; the viewer at / is same-origin.
     #[arg(long = "cors-origin", value_name = "ORIGIN")]
     pub cors_origins: Vec<String>,
-    /// Sleep this many milliseconds after each generated token. For tests: the demo model
-    /// answers faster than a test can observe a queue or a disconnect.
+    /// Requests decoded together, one token each per batched step (1 to 32); more wait in the
+    /// queue.
+    #[arg(long, default_value_t = ServeOptions::default().max_batch)]
+    pub max_batch: usize,
+    /// A fixed KV cache size (e.g. 4GiB, 512MiB, 2e9), taken once and never exceeded; a request
+    /// that cannot get pages waits while others hold them. Default: grows with demand.
+    #[arg(long, value_parser = crate::util::parse_bytes)]
+    pub kv_memory: Option<u64>,
+    /// Sleep this many milliseconds after each decode step. For tests: the demo model answers
+    /// faster than a test can observe a queue or a disconnect.
     #[arg(long, default_value_t = 0, hide = true)]
     pub test_token_delay_ms: u64,
 }
@@ -422,6 +430,8 @@ impl ServeArgs {
             max_image_pixels: self.max_image_pixels,
             max_body_bytes: self.max_body_bytes,
             cors_origins: self.cors_origins,
+            max_batch: self.max_batch,
+            kv_memory: self.kv_memory,
             test_token_delay_ms: self.test_token_delay_ms,
         })
     }

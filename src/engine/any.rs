@@ -308,6 +308,11 @@ impl AnyEngine {
         with_engine!(self, |e| e.backend_name())
     }
 
+    /// See [`Engine::set_kv_memory`].
+    pub fn set_kv_memory(&self, bytes: Option<u64>) -> Result<()> {
+        with_engine!(self, |e| e.set_kv_memory(bytes))
+    }
+
     /// `(tag, live bytes, peak bytes)` per memory tag, where the backend keeps a breakdown.
     pub fn memory_breakdown(&self) -> Vec<(MemTag, usize, usize)> {
         with_engine!(self, |e| e.backend.memory_breakdown())

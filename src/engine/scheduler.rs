@@ -107,10 +107,11 @@ impl<'e, B: Backend> Scheduler<'e, B> {
         self.active() == 0
     }
 
-    /// One unit of work for each run that is not decoding, then one batched decode step. A
-    /// run's failure ends that run (its error is its last event); an error of the batched step
-    /// itself (the backend's) ends every run in it and is returned.
-    pub fn step(&mut self) -> Result<()> {
+    /// One unit of work for each run that is not decoding, then one batched decode step; returns
+    /// how many runs that step decoded. A run's failure ends that run (its error is its last
+    /// event); an error of the batched step itself (the backend's) ends every run in it and is
+    /// returned.
+    pub fn step(&mut self) -> Result<usize> {
         for slot in self.slots.iter_mut() {
             if slot.run.is_finished() || slot.run.is_decoding() {
                 continue;
@@ -132,7 +133,7 @@ impl<'e, B: Backend> Scheduler<'e, B> {
             .take(self.max_batch)
             .collect();
         if batch.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let results = {
             let mut sessions: Vec<_> = self
@@ -174,7 +175,7 @@ impl<'e, B: Backend> Scheduler<'e, B> {
             moved.reverse();
             self.slots.extend(moved);
         }
-        Ok(())
+        Ok(batch.len())
     }
 }
 

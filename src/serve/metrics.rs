@@ -51,8 +51,11 @@ pub struct Metrics {
     pub rejected_queue_full: AtomicU64,
     /// Jobs accepted and not yet taken by the worker.
     pub queue_depth: AtomicU64,
-    /// 1 while the worker runs a job.
+    /// Jobs the engine is running (a batch, and the runs being prepared to join it).
     pub busy: AtomicU64,
+    /// Batched decode steps, and the rows (runs) they decoded: their ratio is the mean batch.
+    pub decode_steps: AtomicU64,
+    pub decode_rows: AtomicU64,
     ttft: Mutex<Histogram>,
     token_latency: Mutex<Histogram>,
     map_time: Mutex<Histogram>,
@@ -136,8 +139,22 @@ impl Metrics {
             &mut out,
             "fastrm_busy",
             "gauge",
-            "1 while the engine runs a request.",
+            "Requests the engine is running.",
             &self.busy,
+        );
+        scalar(
+            &mut out,
+            "fastrm_decode_steps_total",
+            "counter",
+            "Batched decode steps.",
+            &self.decode_steps,
+        );
+        scalar(
+            &mut out,
+            "fastrm_decode_rows_total",
+            "counter",
+            "Tokens decoded by the batched steps (rows per step, summed).",
+            &self.decode_rows,
         );
         lock(&self.ttft).write(
             &mut out,

@@ -58,7 +58,12 @@ pub struct ServeOptions {
     /// Origins (`scheme://host[:port]`) whose browser requests are accepted besides the server's
     /// own; any other `Origin` is refused (403).
     pub cors_origins: Vec<String>,
-    /// A sleep after each generated token, for tests that must observe a queue or a disconnect.
+    /// Requests decoded together in one batched step; more wait in the queue.
+    pub max_batch: usize,
+    /// A fixed KV cache size in bytes; `None`: it grows with demand.
+    pub kv_memory: Option<u64>,
+    /// A sleep after each decode step that made tokens, for tests that must observe a queue or a
+    /// disconnect.
     pub test_token_delay_ms: u64,
 }
 
@@ -76,6 +81,8 @@ impl Default for ServeOptions {
             max_image_pixels: 50_000_000,
             max_body_bytes: 24 << 20,
             cors_origins: Vec::new(),
+            max_batch: 8,
+            kv_memory: None,
             test_token_delay_ms: 0,
         }
     }
@@ -110,6 +117,13 @@ pub fn run(args: ServeOptions) -> Result<()> {
     if args.max_queue == 0 {
         return Err(Error::input("--max-queue must be at least 1"));
     }
+    let rows = crate::backend::INVARIANT_ROWS;
+    if !(1..=rows).contains(&args.max_batch) {
+        return Err(Error::input(format!(
+            "--max-batch must be 1 to {rows}, not {}",
+            args.max_batch
+        )));
+    }
     let (device, dtype) = (args.device, args.dtype);
     let (model_dir, head, model_id) = match &args.model {
         None => (
@@ -134,6 +148,9 @@ pub fn run(args: ServeOptions) -> Result<()> {
     if let Some(h) = &head {
         engine.load_head(h)?;
     }
+    engine
+        .set_kv_memory(args.kv_memory)
+        .map_err(|e| Error::input(format!("--kv-memory: {e}")))?;
     let cfg = engine.config();
     let g = cfg.vision.grid();
     let metrics = Arc::new(Metrics::default());
@@ -161,9 +178,10 @@ pub fn run(args: ServeOptions) -> Result<()> {
     });
     let worker_metrics = Arc::clone(&metrics);
     let delay = std::time::Duration::from_millis(args.test_token_delay_ms);
+    let max_batch = args.max_batch;
     let worker = std::thread::Builder::new()
         .name("fastrm-engine".into())
-        .spawn(move || worker::run(engine, queue, worker_metrics, delay))
+        .spawn(move || worker::run(engine, queue, worker_metrics, delay, max_batch))
         .map_err(|e| Error::Backend(format!("cannot start the engine thread: {e}")))?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()

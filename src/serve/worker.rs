@@ -1,7 +1,7 @@
-//! The engine's own thread. One job at a time: CUDA engines are not `Sync`, and a GPU runs one
-//! request's steps at a time anyway, so every backend gets the same design — jobs wait in a bounded
-//! queue, each job's items go back over its own channel, and a job whose client is gone is cancelled
-//! at its next unit of work.
+//! The engine's own thread, which owns the engine (CUDA engines are not `Sync`) and runs every job
+//! through one [`Scheduler`]: jobs wait in a bounded queue, join the running batch between two
+//! decode steps (up to `--max-batch` at once), each job's items go back over its own channel, and a
+//! job whose client is gone is cancelled at the next step.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
@@ -12,7 +12,8 @@ use tokio::sync::mpsc;
 
 use super::metrics::Metrics;
 use super::openai::ApiError;
-use crate::engine::{AnyEngine, CancelToken, Item, Request, RunOptions};
+use crate::backend::Backend;
+use crate::engine::{AnyEngine, CancelToken, Engine, Item, Request, RunOptions, Scheduler, SeqId};
 use crate::error::Error;
 use crate::{GenerateOptions, Method};
 
@@ -49,55 +50,136 @@ pub const DEFAULT_MAX_TOKENS: usize = 256;
 /// Runs jobs until every sender of the queue is gone.
 pub fn run(
     engine: AnyEngine,
-    mut jobs: mpsc::Receiver<Job>,
+    jobs: mpsc::Receiver<Job>,
     metrics: Arc<Metrics>,
     token_delay: Duration,
+    max_batch: usize,
 ) {
-    while let Some(job) = jobs.blocking_recv() {
-        metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
-        if job.cancel.is_cancelled() {
-            // Its client left while it waited.
-            metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+    crate::with_engine!(&engine, |e| serve_jobs(
+        e,
+        jobs,
+        &metrics,
+        token_delay,
+        max_batch
+    ))
+}
+
+/// A job the scheduler runs.
+struct Live {
+    id: SeqId,
+    events: mpsc::UnboundedSender<Event>,
+    cancel: CancelToken,
+    method: Option<Method>,
+    arrived: Instant,
+    /// When its latest token went out.
+    last: Option<Instant>,
+}
+
+/// Continuous batching: jobs join the scheduler between its steps (up to `max_batch` at once,
+/// the rest wait in the queue) and leave when they end; every step decodes all of them together.
+fn serve_jobs<B: Backend>(
+    engine: &Engine<B>,
+    mut jobs: mpsc::Receiver<Job>,
+    metrics: &Metrics,
+    token_delay: Duration,
+    max_batch: usize,
+) {
+    let mut sched = engine.scheduler();
+    if let Err(e) = sched.set_max_batch(max_batch) {
+        tracing::error!("{e}");
+        return;
+    }
+    let mut live: Vec<Live> = Vec::new();
+    loop {
+        // Wait for a job when nothing runs; otherwise take the ones already waiting.
+        while live.len() < max_batch {
+            let job = if live.is_empty() {
+                match jobs.blocking_recv() {
+                    Some(j) => j,
+                    None => return,
+                }
+            } else {
+                match jobs.try_recv() {
+                    Ok(j) => j,
+                    Err(_) => break,
+                }
+            };
+            metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+            if let Some(l) = admit(&mut sched, engine.config(), job, metrics) {
+                live.push(l);
+            }
+        }
+        metrics.busy.store(live.len() as u64, Ordering::Relaxed);
+        if live.is_empty() {
             continue;
         }
-        metrics.busy.store(1, Ordering::Relaxed);
-        let events = job.events.clone();
-        let outcome = catch_unwind(AssertUnwindSafe(|| {
-            run_job(&engine, job, &metrics, token_delay)
-        }));
-        if let Err(panic) = outcome {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
-            let _ = events.send(Event::Failed(ApiError::server(format!(
-                "the engine failed on this request: {what}"
-            ))));
+        for l in &live {
+            if l.cancel.is_cancelled() {
+                sched.cancel(l.id);
+            }
         }
-        metrics.busy.store(0, Ordering::Relaxed);
+        match catch_unwind(AssertUnwindSafe(|| sched.step())) {
+            Ok(Ok(rows)) => {
+                if rows > 0 {
+                    metrics.decode_steps.fetch_add(1, Ordering::Relaxed);
+                    metrics
+                        .decode_rows
+                        .fetch_add(rows as u64, Ordering::Relaxed);
+                }
+            }
+            // The runs in the failed step carry the error as their last event.
+            Ok(Err(_)) => {}
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                for l in live.drain(..) {
+                    let _ = l.events.send(Event::Failed(ApiError::server(format!(
+                        "the engine failed on this request: {what}"
+                    ))));
+                }
+                // A fresh scheduler: the old one's runs (and their pages) are dropped with it.
+                sched = engine.scheduler();
+                let _ = sched.set_max_batch(max_batch);
+                metrics.busy.store(0, Ordering::Relaxed);
+                continue;
+            }
+        }
+        let mut tokens = false;
+        live.retain_mut(|l| deliver(&mut sched, l, metrics, &mut tokens));
+        metrics.busy.store(live.len() as u64, Ordering::Relaxed);
+        if tokens && !token_delay.is_zero() {
+            std::thread::sleep(token_delay);
+        }
     }
 }
 
-fn run_job(engine: &AnyEngine, job: Job, metrics: &Metrics, token_delay: Duration) {
-    let send = |ev: Event| -> bool {
-        if job.events.send(ev).is_err() {
-            // The handler is gone (its client disconnected): stop before the next unit of work.
-            job.cancel.cancel();
-            false
-        } else {
-            true
-        }
-    };
+/// Checks a job against the context and hands it to the scheduler; `None` when it ends here
+/// (refused, or its client already left).
+fn admit<B: Backend>(
+    sched: &mut Scheduler<'_, B>,
+    cfg: &crate::config::LlavaConfig,
+    job: Job,
+    metrics: &Metrics,
+) -> Option<Live> {
+    if job.cancel.is_cancelled() {
+        // Its client left while it waited.
+        metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+        return None;
+    }
     let Request::Prepared { prompt, .. } = &job.request else {
-        send(Event::Failed(ApiError::server("a job must come prepared")));
-        return;
+        let _ = job
+            .events
+            .send(Event::Failed(ApiError::server("a job must come prepared")));
+        return None;
     };
-    let ctx = engine.config().text.max_position_embeddings;
+    let ctx = cfg.text.max_position_embeddings;
     let room = ctx.saturating_sub(prompt.len());
     let max_new = match job.max_tokens {
         Some(n) if n > room => {
-            send(Event::Failed(ApiError::invalid(
+            let _ = job.events.send(Event::Failed(ApiError::invalid(
                 Some(job.max_tokens_param.to_string()),
                 "context_length_exceeded",
                 format!(
@@ -107,66 +189,89 @@ fn run_job(engine: &AnyEngine, job: Job, metrics: &Metrics, token_delay: Duratio
                     prompt.len()
                 ),
             )));
-            return;
+            return None;
         }
         Some(n) => n,
         None => room.min(DEFAULT_MAX_TOKENS),
     };
-    if !send(Event::Started {
+    let started = Event::Started {
         prompt_tokens: prompt.len(),
-    }) {
+    };
+    if job.events.send(started).is_err() {
         metrics.cancelled.fetch_add(1, Ordering::Relaxed);
-        return;
+        return None;
     }
     let opts = RunOptions {
         generate: GenerateOptions {
             max_new_tokens: max_new,
             stop_at_eos: !job.ignore_eos,
             keep_steps: false,
-            sampling: job.sampling.clone(),
-            stop: job.stop.clone(),
+            sampling: job.sampling,
+            stop: job.stop,
         },
         method: job.method,
         hidden_states: false,
     };
-    let mut last: Option<Instant> = None;
-    for item in engine.stream(&job.request, &opts, &job.cancel) {
-        match item {
+    Some(Live {
+        id: sched.submit(job.request, opts),
+        events: job.events,
+        cancel: job.cancel,
+        method: job.method,
+        arrived: job.arrived,
+        last: None,
+    })
+}
+
+/// Sends a job's new events to its handler; `false` once the job has ended.
+fn deliver<B: Backend>(
+    sched: &mut Scheduler<'_, B>,
+    l: &mut Live,
+    metrics: &Metrics,
+    tokens: &mut bool,
+) -> bool {
+    for ev in sched.events(l.id) {
+        match ev {
             Ok(item) => {
+                let done = matches!(item, Item::Done(_));
                 match &item {
                     Item::Token(_) => {
+                        *tokens = true;
                         metrics.tokens_generated.fetch_add(1, Ordering::Relaxed);
                         let now = Instant::now();
-                        match last {
-                            None => metrics.time_to_first_token((now - job.arrived).as_secs_f64()),
+                        match l.last {
+                            None => metrics.time_to_first_token((now - l.arrived).as_secs_f64()),
                             Some(t) => metrics.token_latency((now - t).as_secs_f64()),
                         }
-                        last = Some(now);
-                        if !token_delay.is_zero() {
-                            std::thread::sleep(token_delay);
-                        }
+                        l.last = Some(now);
                     }
                     Item::Done(s) => {
-                        if job.method.is_some() {
+                        if l.method.is_some() {
                             metrics.map_time(s.maps_s);
                         }
-                        metrics.request_time(job.arrived.elapsed().as_secs_f64());
+                        metrics.request_time(l.arrived.elapsed().as_secs_f64());
                     }
                     _ => {}
                 }
-                // A failed send cancels; the stream then ends with `Cancelled`.
-                send(Event::Item(item));
+                // A handler that is gone (its client disconnected) cancels the run at the next
+                // step.
+                if l.events.send(Event::Item(item)).is_err() {
+                    l.cancel.cancel();
+                }
+                if done {
+                    return false;
+                }
             }
             Err(Error::Cancelled) => {
                 metrics.cancelled.fetch_add(1, Ordering::Relaxed);
-                return;
+                return false;
             }
             Err(e) => {
-                send(Event::Failed(engine_error(e, None)));
-                return;
+                let _ = l.events.send(Event::Failed(engine_error(e, None)));
+                return false;
             }
         }
     }
+    true
 }
 
 /// The HTTP form of an engine error: what the request caused is a 400, the rest is the server's.
