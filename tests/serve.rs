@@ -437,21 +437,52 @@ fn malformed_requests_and_limits_get_openai_errors() {
         (
             json!({"messages": [{"role": "system", "content": "x"}]}),
             400,
+            Some("messages[0]"),
+            "a system message alone",
+        ),
+        (
+            json!({"messages": [{"role": "tool", "content": "x"}]}),
+            400,
             Some("messages[0].role"),
-            "system role",
+            "tool role",
         ),
         (
-            with(json!(QUESTION)),
+            json!({"messages": [
+                {"role": "user", "content": [url("data:image/png;base64,aGk="), text]},
+                {"role": "assistant", "content": "yellow"},
+            ]}),
             400,
-            Some("messages[0].content"),
-            "text only",
+            Some("messages[1]"),
+            "ends with the assistant",
         ),
         (
-            with(json!([text])),
+            json!({"messages": [
+                {"role": "user", "content": [text]},
+                {"role": "assistant", "content": [url("data:image/png;base64,aGk=")]},
+                {"role": "user", "content": "and?"},
+            ]}),
+            400,
+            Some("messages[1].content[0]"),
+            "an image in an assistant message",
+        ),
+        (
+            json!({"messages": [
+                {"role": "user", "content": [url("data:image/png;base64,aGk="), text]},
+                {"role": "assistant", "content": "yellow"},
+                {"role": "user", "content": [url("data:image/png;base64,aGk="), text]},
+            ]}),
+            400,
+            Some("messages[2].content[0].image_url.url"),
+            "images in two messages",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": [url("data:image/png;base64,aGk="), {"type": "text", "text": "<image> hi"}]}]}),
             400,
             Some("messages[0].content"),
-            "no image part",
+            "<image> in the text",
         ),
+        (with(json!(QUESTION)), 400, Some("messages"), "text only"),
+        (with(json!([text])), 400, Some("messages"), "no image part"),
         (
             with(json!([url("https://example.com/a.png"), text])),
             400,
@@ -489,7 +520,7 @@ fn malformed_requests_and_limits_get_openai_errors() {
                 text
             ])),
             400,
-            Some("messages[0].content[1]"),
+            Some("messages[0].content[1].image_url.url"),
             "two images",
         ),
         (
@@ -689,6 +720,73 @@ fn a_full_queue_answers_429_with_retry_after() {
     let mut r = BufReader::new(waiting);
     let (status, _) = read_head(&mut r);
     assert_eq!(status, 200);
+}
+
+/// A conversation — a system prompt, an earlier exchange, a follow-up without an image — is
+/// answered as the command line answers the same `messages` file (`--messages`).
+#[test]
+fn conversations_with_a_system_prompt_and_history_answer_as_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        repo_root().join("assets/demo/image.png"),
+        dir.path().join("image.png"),
+    )
+    .unwrap();
+    let messages = |url: &str| {
+        json!([
+            {"role": "system", "content": "Answer with one word."},
+            {"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": url}},
+                {"type": "text", "text": QUESTION},
+            ]},
+            {"role": "assistant", "content": "yellow"},
+            {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+            {"role": "user", "content": "What color is the cross?"},
+        ])
+    };
+    let file = dir.path().join("chat.json");
+    std::fs::write(&file, messages("image.png").to_string()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_fastrm"))
+        .args(["generate", "--json", "-t", "1", "-n", "8", "--messages"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let want_ids: Vec<u64> = ids(&want["generated_ids"])
+        .into_iter()
+        .filter(|&id| id != DEMO_EOS)
+        .collect();
+    assert!(want["prompt"]
+        .as_str()
+        .unwrap()
+        .starts_with("Answer with one word. USER: <image>\n"));
+
+    let server = Server::start(&[]);
+    let body = json!({"messages": messages(&image_url()), "max_tokens": 8});
+    let (status, _, body) = post(server.addr, &body);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .trim(),
+        want["text"].as_str().unwrap().trim()
+    );
+    assert_eq!(
+        v["usage"]["prompt_tokens"],
+        json!(ids(&want["input_ids"]).len())
+    );
+    assert_eq!(
+        v["usage"]["completion_tokens"],
+        json!(want_ids.len()),
+        "{v}"
+    );
 }
 
 /// Requests that arrive together are decoded together (continuous batching), and each answer —
@@ -1148,7 +1246,7 @@ fn forged_browser_requests_and_lying_lengths_are_refused() {
 
 /// A question longer than the context can hold is refused from its size before it is
 /// tokenised (a 20 MB one) or by the prompt's length after (a few kilobytes), both with the
-/// context-length code and the content's field; neither holds up a valid request beside it.
+/// context-length code and `messages` as the field; neither holds up a valid request beside it.
 #[test]
 fn oversized_questions_are_refused_off_the_engine_thread() {
     let server = Server::start(&[]);
@@ -1182,7 +1280,7 @@ fn oversized_questions_are_refused_off_the_engine_thread() {
                         took < Duration::from_secs(3),
                         "{what}: refused after {took:?}"
                     );
-                    assert_error(&r, 400, Some("messages[0].content"), what);
+                    assert_error(&r, 400, Some("messages"), what);
                     let v: Value = serde_json::from_slice(&r.2).unwrap();
                     assert_eq!(v["error"]["code"], "context_length_exceeded", "{what}: {v}");
                     t

@@ -19,6 +19,7 @@ use crate::engine::{
 use crate::explain::{MethodName, RowMode};
 use crate::model::llava::StopReason;
 use crate::model::sampling::Sampling;
+use crate::text::Turn;
 use crate::{Error, GenerateOptions, Result};
 
 fn to_json(doc: &impl Serialize) -> Result<String> {
@@ -42,8 +43,14 @@ pub struct RunArgs {
     image: Option<PathBuf>,
     /// The user's question (`-`: read it from standard input); the LLaVA-1.5 chat template is
     /// applied by the engine.
-    #[arg(short, long)]
+    #[arg(short, long, required_unless_present = "messages", default_value = "")]
     prompt: String,
+    /// A conversation instead of --prompt and --image: a JSON file holding OpenAI's `messages`
+    /// array (system, user and assistant messages; text as a string or parts), with exactly one
+    /// image as an `image_url` part of a user message: a file path (relative to the JSON file's
+    /// folder) or a data:image/png;base64,... URL.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["prompt", "image"])]
+    messages: Option<PathBuf>,
     /// Stop after this many generated tokens (EOS stops earlier).
     #[arg(short = 'n', long, default_value_t = 64)]
     max_new_tokens: usize,
@@ -107,7 +114,7 @@ impl SamplingArgs {
 /// `--prompt -`: the question from standard input, without its final line break. Synthetic
 /// models run at the id level and take no question, so nothing is read for them.
 fn read_prompt(run: &mut RunArgs) -> Result<()> {
-    if run.prompt != "-" || is_synthetic(run) {
+    if run.prompt != "-" || is_synthetic(run) || run.messages.is_some() {
         return Ok(());
     }
     let mut bytes = Vec::new();
@@ -227,14 +234,14 @@ pub fn explain(mut run: RunArgs, args: ExplainArgs) -> Result<()> {
     };
     let doc = run_doc(&engine, run, &input, &ex.generation, Some(&ex));
     if let Some(staging) = staging {
-        let Input::Image(image) = &input else {
+        let Some(image) = input.image() else {
             progress.clear();
             return Err(Error::input(
                 "--out needs an image to draw on; synthetic models have none",
             ));
         };
         progress.say("writing heatmaps");
-        let view = legible(engine.model_view(&ImageInput::Path(image.clone()))?);
+        let view = legible(engine.model_view(&image)?);
         let written = staging.write(&view, &ex, &doc);
         progress.clear();
         written?;
@@ -250,6 +257,12 @@ pub fn explain(mut run: RunArgs, args: ExplainArgs) -> Result<()> {
 /// Where a run's inputs come from.
 enum Input {
     Image(PathBuf),
+    /// `--messages`: the conversation and its one image (named for reports).
+    Chat {
+        turns: Vec<Turn>,
+        image: ImageInput,
+        name: String,
+    },
     Synthetic,
 }
 
@@ -257,12 +270,78 @@ impl Input {
     fn request(&self, run: &RunArgs) -> Request {
         match self {
             Input::Image(image) => Request::question(image.as_path(), run.prompt.as_str()),
+            Input::Chat { turns, image, .. } => Request::Chat {
+                turns: turns.clone(),
+                images: vec![image.clone()],
+            },
             Input::Synthetic => Request::Ids {
                 n_text: SYNTHETIC_TEXT_TOKENS,
                 seed: 0,
             },
         }
     }
+
+    /// The image to draw heatmaps on.
+    fn image(&self) -> Option<ImageInput> {
+        match self {
+            Input::Image(p) => Some(ImageInput::Path(p.clone())),
+            Input::Chat { image, .. } => Some(image.clone()),
+            Input::Synthetic => None,
+        }
+    }
+
+    /// What reports call the image.
+    fn image_name(&self) -> Option<String> {
+        match self {
+            Input::Image(p) => Some(p.display().to_string()),
+            Input::Chat { name, .. } => Some(name.clone()),
+            Input::Synthetic => None,
+        }
+    }
+}
+
+/// `--messages FILE`: the conversation, its one image read from a path beside the file or a
+/// `data:` URL.
+fn read_messages(path: &std::path::Path) -> Result<Input> {
+    let json = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let at = |e: crate::engine::chat::MessageError| {
+        Error::input(format!(
+            "--messages {}: {}: {}",
+            path.display(),
+            e.param,
+            e.message
+        ))
+    };
+    let conv = crate::engine::chat::parse_messages(&json).map_err(at)?;
+    let [img] = &conv.images[..] else {
+        return Err(Error::input(format!(
+            "--messages {}: the conversation holds {} images; it needs exactly one, in a user \
+             message",
+            path.display(),
+            conv.images.len()
+        )));
+    };
+    // Files up to the largest image the server takes by default are read whole.
+    let (image, name) =
+        match crate::engine::chat::data_url_bytes(&img.url, &img.param, 64 << 20).map_err(at)? {
+            Some(bytes) => (
+                ImageInput::Bytes(bytes),
+                format!("{} ({})", img.param, "data URL"),
+            ),
+            None => {
+                let file = path
+                    .parent()
+                    .unwrap_or(std::path::Path::new("."))
+                    .join(&img.url);
+                let name = file.display().to_string();
+                (ImageInput::Path(file), name)
+            }
+        };
+    Ok(Input::Chat {
+        turns: conv.turns,
+        image,
+        name,
+    })
 }
 
 fn is_synthetic(run: &RunArgs) -> bool {
@@ -309,11 +388,27 @@ fn start(run: &RunArgs) -> Result<(AnyEngine, Input, Progress)> {
                 "--image does not apply to synthetic models (they run at the id level)",
             ));
         }
+        if run.messages.is_some() {
+            return Err(Error::input(
+                "--messages does not apply to synthetic models (they run at the id level)",
+            ));
+        }
         let cfg = crate::config::LlavaConfig::named(name).map_err(Error::Input)?;
         progress.say(&format!("making random weights for {name}"));
         let engine = AnyEngine::synthetic(device, dtype, &cfg, 0);
         progress.clear();
         return Ok((engine?, Input::Synthetic, progress));
+    }
+    if let Some(m) = &run.messages {
+        let input = read_messages(m)?;
+        let model_dir = match &run.model {
+            Some(m) => PathBuf::from(m),
+            None => crate::demo::model_dir()?,
+        };
+        progress.say(&format!("loading {}", model_dir.display()));
+        let engine = AnyEngine::load(device, dtype, &model_dir);
+        progress.clear();
+        return Ok((engine?, input, progress));
     }
     let (model_dir, image) = match (&run.model, &run.image) {
         (None, image) => (
@@ -349,7 +444,8 @@ fn options(run: &RunArgs) -> Result<GenerateOptions> {
 struct RunDoc<'a> {
     model: Option<String>,
     image: Option<String>,
-    prompt: &'a str,
+    /// The question, or a conversation as the chat template renders it.
+    prompt: String,
     device: String,
     grid: [usize; 2],
     input_ids: &'a [u32],
@@ -405,14 +501,14 @@ fn run_doc<'a>(
         Some(d) => Some(d.display().to_string()),
         None => run.model.clone(),
     };
-    let image = match input {
-        Input::Image(p) => Some(p.display().to_string()),
-        Input::Synthetic => None,
+    let prompt = match input {
+        Input::Chat { turns, .. } => crate::text::render_chat(turns),
+        _ => run.prompt.clone(),
     };
     RunDoc {
         model,
-        image,
-        prompt: &run.prompt,
+        image: input.image_name(),
+        prompt,
         device: engine.backend_name(),
         grid: [grid, grid],
         input_ids: &g.input_ids,

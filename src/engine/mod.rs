@@ -4,6 +4,7 @@
 //! time.
 
 mod any;
+pub mod chat;
 pub mod report;
 mod scheduler;
 mod stream;
@@ -19,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::explain::fastrm::{FastRmHead, HeadWeights};
 pub use crate::model::session::{Mode, Prompt, Session};
 use crate::model::{Llava, Synthetic};
-use crate::text::TextProcessor;
+use crate::text::{TextProcessor, Turn};
 use crate::vision::{self, PreprocessConfig, RgbImage};
 
 pub use crate::explain::{Confidence, Method};
@@ -114,6 +115,13 @@ impl From<RgbImage> for ImageInput {
 pub enum Request {
     /// A question about an image (needs the model's tokenizer).
     Question { image: ImageInput, question: String },
+    /// A conversation (system, user and assistant messages, rendered by LLaVA's chat template)
+    /// and its images in the template's order ([`chat::Conversation`] reads OpenAI's `messages`).
+    /// LLaVA-1.5 answers about exactly one image, in any user message.
+    Chat {
+        turns: Vec<Turn>,
+        images: Vec<ImageInput>,
+    },
     /// An id-level request for models without a tokenizer (synthetic weights): BOS, the image
     /// tokens, `n_text` seeded text ids, and seeded pixel values.
     Ids { n_text: usize, seed: u64 },
@@ -477,16 +485,51 @@ impl Inputs<'_> {
         vision::preprocess(&image.decode()?, self.preprocess).map_err(|e| name_image(image, e))
     }
 
-    fn prompt(&self, question: &str) -> Result<Prompt> {
-        let text = self.text.ok_or_else(|| {
+    fn text(&self) -> Result<&TextProcessor> {
+        self.text.ok_or_else(|| {
             Error::input("this model has no tokenizer (synthetic models run on token ids only)")
-        })?;
-        let ids = text.prompt_ids(
+        })
+    }
+
+    fn prompt(&self, question: &str) -> Result<Prompt> {
+        let ids = self.text()?.prompt_ids(
             question,
             self.cfg.image_token_id,
             self.cfg.vision.num_patches(),
         )?;
         Prompt::new(self.cfg, ids)
+    }
+
+    /// A conversation's prompt and its one image's pixels.
+    fn chat(&self, turns: &[Turn], images: &[ImageInput]) -> Result<(Prompt, Vec<f32>)> {
+        let placed: usize = turns.iter().map(|t| t.images).sum();
+        if placed != images.len() {
+            return Err(Error::input(format!(
+                "the messages place {placed} images but {} were given",
+                images.len()
+            )));
+        }
+        let image =
+            match images {
+                [one] => one,
+                [] => return Err(Error::input(
+                    "the conversation holds no image: send one in a user message (the answer and \
+                     its maps are about it)",
+                )),
+                more => {
+                    return Err(Error::input(format!(
+                    "the conversation holds {} images; LLaVA-1.5 here answers about exactly one \
+                     (several images per prompt are not supported yet)",
+                    more.len()
+                )))
+                }
+            };
+        let ids = self.text()?.chat_ids(
+            turns,
+            self.cfg.image_token_id,
+            self.cfg.vision.num_patches(),
+        )?;
+        Ok((Prompt::new(self.cfg, ids)?, self.pixels(image)?))
     }
 
     fn resolve(&self, req: &Request) -> Result<(Prompt, Vec<f32>)> {
@@ -505,6 +548,7 @@ impl Inputs<'_> {
             Request::Question { image, question } => {
                 Ok((self.prompt(question)?, self.pixels(image)?))
             }
+            Request::Chat { turns, images } => self.chat(turns, images),
             &Request::Ids { n_text, seed } => {
                 let n_img = cfg.vision.num_patches();
                 let vocab = cfg.text.vocab_size as u64;

@@ -613,27 +613,33 @@ async fn chat_inner(
                 ),
             ));
         }
-        // The question's size is bounded before it is tokenised: no token takes more than
-        // MAX_TOKEN_BYTES, so a longer question cannot fit the context anyway.
+        // The conversation's text is bounded before it is tokenised: no token takes more than
+        // MAX_TOKEN_BYTES, so a longer text cannot fit the context anyway.
         let max_prompt = limits.context * MAX_TOKEN_BYTES;
-        if req.question.len() > max_prompt {
+        let text_bytes: usize = req
+            .turns
+            .iter()
+            .flat_map(|t| &t.texts)
+            .map(String::len)
+            .sum();
+        if text_bytes > max_prompt {
             return Err(ApiError::invalid(
-                param_of("messages[0].content"),
+                param_of("messages"),
                 "context_length_exceeded",
                 format!(
-                    "the question is {} bytes; the model's context of {} positions holds no \
-                     more than {max_prompt}",
-                    req.question.len(),
+                    "the messages hold {text_bytes} bytes of text; the model's context of {} \
+                     positions holds no more than {max_prompt}",
                     limits.context
                 ),
             ));
         }
+        let chat = crate::engine::Request::Chat {
+            turns: req.turns.clone(),
+            images: vec![crate::engine::ImageInput::Decoded(image)],
+        };
         let prepared = preparer
-            .prepare(&crate::engine::Request::question(
-                image,
-                req.question.as_str(),
-            ))
-            .map_err(|e| worker::engine_error(e, param_of("messages[0].content")))?;
+            .prepare(&chat)
+            .map_err(|e| worker::engine_error(e, param_of("messages")))?;
         Ok::<_, ApiError>((req, prepared))
     })
     .await

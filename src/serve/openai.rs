@@ -2,13 +2,15 @@
 //! name the field, as OpenAI's do), the response objects and chunks, and the relevancy extension.
 
 use base64::Engine as _;
-use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::engine::chat;
 use crate::engine::{Confidence, StopReason, TokenLogprobs, TokenMap};
 use crate::explain::{Method, MethodName};
 use crate::model::sampling::Sampling;
+use crate::text::Turn;
 use crate::GenerateOptions;
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}` with its status.
@@ -70,7 +72,8 @@ impl ApiError {
 /// A chat request the engine can run.
 #[derive(Debug)]
 pub struct ChatRequest {
-    pub question: String,
+    /// The conversation, for the chat template (its one image placed where it was sent).
+    pub turns: Vec<Turn>,
     /// The encoded image, from the `data:` URL.
     pub image: Vec<u8>,
     /// Where the image came from, for errors about it.
@@ -104,16 +107,12 @@ fn param(p: &str) -> Option<String> {
     Some(p.to_string())
 }
 
-fn type_error(p: &str, want: &str) -> ApiError {
-    ApiError::invalid(param(p), "invalid_type", format!("`{p}` must be {want}"))
-}
-
 /// The request body as clients send it: every field optional here (what is required, and
 /// each value's range, is checked after, with OpenAI's error codes); fields not listed are
 /// ignored.
 #[derive(Deserialize)]
 struct RawChat {
-    messages: Option<Vec<RawMessage>>,
+    messages: Option<Vec<chat::Message>>,
     max_tokens: Option<u64>,
     max_completion_tokens: Option<u64>,
     stream: Option<bool>,
@@ -190,85 +189,6 @@ impl<'de> Deserialize<'de> for RawStop {
 }
 
 #[derive(Deserialize)]
-struct RawMessage {
-    role: Option<String>,
-    content: Option<RawContent>,
-}
-
-/// A message's content: plain text, or parts.
-enum RawContent {
-    /// Refused (it holds no image), but typed, so that content of another type is an error
-    /// naming it.
-    Text,
-    Parts(Vec<RawPart>),
-}
-
-/// A content part; which fields it needs depends on its `type`.
-#[derive(Deserialize)]
-struct RawPart {
-    #[serde(rename = "type")]
-    kind: Option<String>,
-    text: Option<String>,
-    image_url: Option<RawImageUrl>,
-}
-
-/// OpenAI's shape is `{"url": ...}`; a bare string is accepted too, as many clients send it.
-struct RawImageUrl(String);
-
-// Hand-written rather than `#[serde(untagged)]`, whose error ("did not match any variant")
-// would hide which field inside the content was wrong.
-impl<'de> Deserialize<'de> for RawContent {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = RawContent;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a string or an array of content parts")
-            }
-            fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<RawContent, E> {
-                Ok(RawContent::Text)
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<RawContent, A::Error> {
-                let mut parts = Vec::new();
-                while let Some(p) = seq.next_element()? {
-                    parts.push(p);
-                }
-                Ok(RawContent::Parts(parts))
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
-
-impl<'de> Deserialize<'de> for RawImageUrl {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = RawImageUrl;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("an object {\"url\": ...} or a URL string")
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawImageUrl, E> {
-                Ok(RawImageUrl(v.to_string()))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawImageUrl, A::Error> {
-                let mut url = None;
-                while let Some(key) = map.next_key::<String>()? {
-                    if key == "url" {
-                        url = Some(map.next_value::<String>()?);
-                    } else {
-                        map.next_value::<IgnoredAny>()?;
-                    }
-                }
-                url.map(RawImageUrl)
-                    .ok_or_else(|| serde::de::Error::missing_field("url"))
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
-
-#[derive(Deserialize)]
 struct RawStreamOptions {
     include_usage: Option<bool>,
 }
@@ -318,30 +238,22 @@ pub fn parse_chat(body: &[u8], limits: Limits, n_layers: usize) -> Result<ChatRe
             "`messages` is required",
         ));
     };
-    if messages.len() != 1 {
-        return Err(ApiError::invalid(
-            param("messages"),
-            "unsupported_value",
-            format!(
-                "`messages` must hold exactly one user message with the image and the question \
-                 (got {}); the LLaVA-1.5 template has its own system prompt and no earlier turns",
-                messages.len()
-            ),
-        ));
-    }
-    let msg = &messages[0];
-    match msg.role.as_deref() {
-        Some("user") => {}
-        Some(r) => {
-            return Err(ApiError::invalid(
-                param("messages[0].role"),
-                "unsupported_value",
-                format!("`messages[0].role` must be \"user\", not {r:?}"),
-            ))
-        }
-        None => return Err(type_error("messages[0].role", "the string \"user\"")),
-    }
-    let (question, image_url, image_param) = parse_content(msg.content.as_ref())?;
+    let conversation = chat::conversation(&messages).map_err(api_error)?;
+    let image_ref =
+        match &conversation.images[..] {
+            [one] => one.clone(),
+            [] => return Err(ApiError::invalid(
+                param("messages"),
+                "missing_image",
+                "the conversation has no image: send one {\"type\": \"image_url\", \"image_url\": \
+                 {\"url\": \"data:image/png;base64,...\"}} part in a user message",
+            )),
+            [_, second, ..] => return Err(ApiError::invalid(
+                Some(second.param.clone()),
+                "too_many_images",
+                "the conversation holds more than one image; this model answers about exactly one",
+            )),
+        };
 
     let mut max_tokens = None;
     let mut max_tokens_param = "max_tokens";
@@ -389,11 +301,20 @@ pub fn parse_chat(body: &[u8], limits: Limits, n_layers: usize) -> Result<ChatRe
         .transpose()?;
     // The image last: every cheap check first, so an error names the first thing wrong that
     // costs nothing to find.
-    let image = decode_data_url(&image_url, &image_param, limits.max_image_bytes)?;
+    let image = chat::data_url_bytes(&image_ref.url, &image_ref.param, limits.max_image_bytes)
+        .map_err(api_error)?
+        .ok_or_else(|| {
+            ApiError::invalid(
+                Some(image_ref.param.clone()),
+                "invalid_image_url",
+                "the image URL must be a data:image/png;base64,... or data:image/jpeg;base64,... \
+                 URL",
+            )
+        })?;
     Ok(ChatRequest {
-        question,
+        turns: conversation.turns,
         image,
-        image_param,
+        image_param: image_ref.param,
         max_tokens,
         max_tokens_param,
         stream: raw.stream.unwrap_or(false),
@@ -553,167 +474,13 @@ fn parse_method(r: &RawRelevancy, n_layers: usize) -> Result<Method, ApiError> {
         .map_err(|e| ApiError::invalid(param("relevancy"), "invalid_value", e.to_string()))
 }
 
-/// The question and the image URL of a user message's content, with the URL's field path.
-fn parse_content(content: Option<&RawContent>) -> Result<(String, String, String), ApiError> {
-    let p = "messages[0].content";
-    let parts = match content {
-        None => {
-            return Err(ApiError::invalid(
-                param(p),
-                "missing_required_parameter",
-                format!("`{p}` is required"),
-            ))
-        }
-        Some(RawContent::Text) => return Err(missing_image(p)),
-        Some(RawContent::Parts(parts)) => parts,
-    };
-    let mut texts = Vec::new();
-    let mut image: Option<(String, String)> = None;
-    for (i, part) in parts.iter().enumerate() {
-        let pp = format!("{p}[{i}]");
-        match part.kind.as_deref() {
-            Some("text") => match &part.text {
-                Some(t) => texts.push(t.as_str()),
-                None => return Err(type_error(&format!("{pp}.text"), "a string")),
-            },
-            Some("image_url") => {
-                let url = match &part.image_url {
-                    Some(RawImageUrl(url)) => url.clone(),
-                    None => {
-                        return Err(type_error(
-                            &format!("{pp}.image_url"),
-                            "an object {\"url\": ...}",
-                        ))
-                    }
-                };
-                if image.is_some() {
-                    return Err(ApiError::invalid(
-                        param(&pp),
-                        "too_many_images",
-                        "the message holds more than one image; this model answers about exactly one",
-                    ));
-                }
-                image = Some((url, format!("{pp}.image_url.url")));
-            }
-            Some(t) => {
-                return Err(ApiError::invalid(
-                    param(&format!("{pp}.type")),
-                    "unsupported_value",
-                    format!(
-                        "content part type {t:?} is not supported (use \"text\" and \"image_url\")"
-                    ),
-                ))
-            }
-            None => {
-                return Err(type_error(
-                    &format!("{pp}.type"),
-                    "\"text\" or \"image_url\"",
-                ))
-            }
-        }
+/// The HTTP form of a conversation's error: 413 for an image over the size limit, else 400.
+fn api_error(e: chat::MessageError) -> ApiError {
+    if e.code == "image_too_large" {
+        ApiError::too_large(Some(e.param), e.code, e.message)
+    } else {
+        ApiError::invalid(Some(e.param), e.code, e.message)
     }
-    let Some((url, up)) = image else {
-        return Err(missing_image(p));
-    };
-    let question = texts.join("\n").trim().to_string();
-    if question.is_empty() {
-        return Err(ApiError::invalid(
-            param(p),
-            "missing_question",
-            "the message has no text: ask a question about the image",
-        ));
-    }
-    Ok((question, url, up))
-}
-
-fn missing_image(p: &str) -> ApiError {
-    ApiError::invalid(
-        param(p),
-        "missing_image",
-        "the message has no image: send one {\"type\": \"image_url\", \"image_url\": {\"url\": \
-         \"data:image/png;base64,...\"}} part with the question",
-    )
-}
-
-/// The bytes of a `data:image/png;base64,...` or `data:image/jpeg;base64,...` URL.
-fn decode_data_url(url: &str, p: &str, max_bytes: usize) -> Result<Vec<u8>, ApiError> {
-    let lower_start: String = url.chars().take(8).collect::<String>().to_ascii_lowercase();
-    if lower_start.starts_with("http://") || lower_start.starts_with("https:/") {
-        return Err(ApiError::invalid(
-            param(p),
-            "remote_image_unsupported",
-            "remote image URLs are refused: this server fetches nothing; send the image inline \
-             as a data:image/png;base64,... or data:image/jpeg;base64,... URL",
-        ));
-    }
-    let Some(rest) = url.strip_prefix("data:") else {
-        return Err(ApiError::invalid(
-            param(p),
-            "invalid_image_url",
-            "the image URL must be a data:image/png;base64,... or data:image/jpeg;base64,... URL",
-        ));
-    };
-    let Some((meta, payload)) = rest.split_once(',') else {
-        return Err(ApiError::invalid(
-            param(p),
-            "invalid_image_url",
-            "the data: URL has no ',' before its data",
-        ));
-    };
-    let meta = meta.to_ascii_lowercase();
-    let Some(mime) = meta.strip_suffix(";base64") else {
-        return Err(ApiError::invalid(
-            param(p),
-            "invalid_image_url",
-            "the data: URL must be base64 (data:image/png;base64,...)",
-        ));
-    };
-    if !matches!(mime, "image/png" | "image/jpeg" | "image/jpg") {
-        return Err(ApiError::invalid(
-            param(p),
-            "invalid_image_format",
-            format!("image type {mime:?} is not supported: send image/png or image/jpeg"),
-        ));
-    }
-    // Refuse before decoding: base64 carries 3 bytes in 4 characters.
-    let approx = payload.len() / 4 * 3;
-    let too_large = || {
-        ApiError::too_large(
-            param(p),
-            "image_too_large",
-            format!("the image is over the server's limit of {max_bytes} bytes"),
-        )
-    };
-    if approx > max_bytes.saturating_add(3) {
-        return Err(too_large());
-    }
-    let payload: String = payload
-        .chars()
-        .filter(|c| !c.is_ascii_whitespace())
-        .collect();
-    let engine = base64::engine::GeneralPurpose::new(
-        &base64::alphabet::STANDARD,
-        base64::engine::GeneralPurposeConfig::new()
-            .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
-    );
-    let bytes = engine.decode(payload.as_bytes()).map_err(|e| {
-        ApiError::invalid(
-            param(p),
-            "invalid_base64",
-            format!("the image's base64 does not decode: {e}"),
-        )
-    })?;
-    if bytes.len() > max_bytes {
-        return Err(too_large());
-    }
-    if bytes.is_empty() {
-        return Err(ApiError::invalid(
-            param(p),
-            "invalid_image",
-            "the image is empty",
-        ));
-    }
-    Ok(bytes)
 }
 
 /// `finish_reason` of a stop: an EOS is a natural stop; a token or context limit is a length stop.

@@ -1,10 +1,13 @@
 //! Text side: `tokenizer.json` through the `tokenizers` crate, the LLaVA-1.5 chat template, and
 //! `<image>` expansion.
 //!
-//! The template is `USER: <image>\n{question} ASSISTANT:` with BOS (added by the tokenizer's
-//! post-processor) and no EOS. transformers' processor expands `<image>` to `n_patches` copies in the
-//! text before tokenizing; since `<image>` is an added token, the text on either side tokenizes the
-//! same whether one copy or many stand between, so we tokenize once and expand the ids.
+//! The template is llava-hf's: per message, `ROLE: ` (none for a system message), one `<image>\n`
+//! per image, then each text part followed by a space; after the last message the generation
+//! prompt `ASSISTANT:`. One question about one image is `USER: <image>\n{question} ASSISTANT:`.
+//! BOS comes from the tokenizer's post-processor; no EOS. transformers' processor expands
+//! `<image>` to `n_patches` copies in the text before tokenizing; since `<image>` is an added
+//! token, the text on either side tokenizes the same whether one copy or many stand between, so
+//! we tokenize once and expand the ids.
 
 use std::path::{Path, PathBuf};
 
@@ -14,9 +17,107 @@ use crate::error::{Error, Result};
 
 pub const IMAGE_TOKEN: &str = "<image>";
 
-/// The LLaVA-1.5 conversation template for one user turn.
+/// Who says a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+/// One message as the chat template sees it: its images (placed before its text) and its text
+/// parts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Turn {
+    pub role: Role,
+    pub images: usize,
+    pub texts: Vec<String>,
+}
+
+impl Turn {
+    pub fn new(role: Role, images: usize, text: impl Into<String>) -> Self {
+        Turn {
+            role,
+            images,
+            texts: vec![text.into()],
+        }
+    }
+}
+
+/// llava-hf's LLaVA-1.5 chat template with the generation prompt.
+pub fn render_chat(turns: &[Turn]) -> String {
+    let mut out = String::new();
+    for t in turns {
+        match t.role {
+            Role::System => {}
+            Role::User => out.push_str("USER: "),
+            Role::Assistant => out.push_str("ASSISTANT: "),
+        }
+        for _ in 0..t.images {
+            out.push_str(IMAGE_TOKEN);
+            out.push('\n');
+        }
+        for text in &t.texts {
+            out.push_str(text);
+            out.push(' ');
+        }
+    }
+    out.push_str("ASSISTANT:");
+    out
+}
+
+/// The LLaVA-1.5 conversation template for one question about one image.
 pub fn chat_prompt(question: &str) -> String {
-    format!("USER: {IMAGE_TOKEN}\n{question} ASSISTANT:")
+    render_chat(&[Turn::new(Role::User, 1, question)])
+}
+
+/// What the template needs of a conversation: at least one message, the last one the user's,
+/// images in user messages only, no `<image>` in any text, no message without text or image.
+/// Errors are `(message index, why)`.
+pub fn check_conversation(turns: &[Turn]) -> std::result::Result<(), (usize, String)> {
+    let Some(last) = turns.last() else {
+        return Err((0, "the conversation is empty".into()));
+    };
+    for (i, t) in turns.iter().enumerate() {
+        if t.images > 0 && t.role != Role::User {
+            return Err((
+                i,
+                format!(
+                    "a {} message holds an image; only user messages can",
+                    t.role.as_str()
+                ),
+            ));
+        }
+        if t.texts.iter().any(|x| x.contains(IMAGE_TOKEN)) {
+            return Err((
+                i,
+                format!("the text must not contain {IMAGE_TOKEN}: the engine places images itself"),
+            ));
+        }
+        if t.images == 0 && t.texts.iter().all(|x| x.trim().is_empty()) {
+            return Err((i, format!("the {} message is empty", t.role.as_str())));
+        }
+    }
+    if last.role != Role::User {
+        return Err((
+            turns.len() - 1,
+            format!(
+                "the conversation must end with a user message, not a {} one",
+                last.role.as_str()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 #[derive(Clone)]
@@ -57,14 +158,26 @@ impl TextProcessor {
         image_token_id: u32,
         n_patches: usize,
     ) -> Result<Vec<u32>> {
-        if question.contains(IMAGE_TOKEN) {
-            return Err(Error::input(format!(
-                "the question must not contain {IMAGE_TOKEN}: the engine places the image itself"
-            )));
-        }
         if question.trim().is_empty() {
             return Err(Error::input("the question is empty"));
         }
+        self.chat_ids(
+            &[Turn::new(Role::User, 1, question)],
+            image_token_id,
+            n_patches,
+        )
+    }
+
+    /// Expanded prompt ids of a conversation ([`render_chat`]): every `<image>` becomes
+    /// `n_patches` image-token ids.
+    pub fn chat_ids(
+        &self,
+        turns: &[Turn],
+        image_token_id: u32,
+        n_patches: usize,
+    ) -> Result<Vec<u32>> {
+        check_conversation(turns)
+            .map_err(|(i, msg)| Error::input(format!("message {i}: {msg}")))?;
         match self.tok.token_to_id(IMAGE_TOKEN) {
             Some(id) if id == image_token_id => {}
             Some(id) => {
@@ -74,14 +187,15 @@ impl TextProcessor {
             }
             None => return Err(self.err(format!("no {IMAGE_TOKEN} token in the vocabulary"))),
         }
-        let ids = self.encode(&chat_prompt(question))?;
+        let ids = self.encode(&render_chat(turns))?;
+        let want: usize = turns.iter().map(|t| t.images).sum();
         let n_img = ids.iter().filter(|&&i| i == image_token_id).count();
-        if n_img != 1 {
+        if n_img != want {
             return Err(self.err(format!(
-                "the template should yield one {IMAGE_TOKEN} token, got {n_img}"
+                "the template should yield {want} {IMAGE_TOKEN} tokens, got {n_img}"
             )));
         }
-        let mut out = Vec::with_capacity(ids.len() + n_patches);
+        let mut out = Vec::with_capacity(ids.len() + want * n_patches);
         for id in ids {
             if id == image_token_id {
                 out.extend(std::iter::repeat_n(image_token_id, n_patches));

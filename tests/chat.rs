@@ -1,0 +1,192 @@
+//! Conversations: OpenAI-style `messages` read by the one parser the server and `--messages`
+//! share, rendered by LLaVA-1.5's chat template and tokenised exactly as transformers'
+//! `LlavaProcessor.apply_chat_template` + processor do (`tools/make_chat_fixtures.py`), and
+//! answered by the engine; every malformed conversation is a named error.
+
+mod common;
+
+use common::fixture_dir;
+use fastrm::backend::cpu::Cpu;
+use fastrm::engine::chat::parse_messages;
+use fastrm::text::{render_chat, Role, TextProcessor, Turn};
+use fastrm::{Engine, GenerateOptions, ImageInput, Request};
+use serde_json::{json, Value};
+
+fn cases() -> Vec<Value> {
+    let path = common::repo_root().join("tests/fixtures/chat_cases.json");
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    doc["cases"].as_array().unwrap().clone()
+}
+
+/// The fixture's messages as a client sends them: `{"type": "image"}` becomes an `image_url`
+/// part.
+fn openai_messages(messages: &Value) -> String {
+    let mut m = messages.clone();
+    for msg in m.as_array_mut().unwrap() {
+        for part in msg["content"].as_array_mut().unwrap() {
+            if part["type"] == "image" {
+                *part = json!({"type": "image_url", "image_url": {"url": "image.png"}});
+            }
+        }
+    }
+    m.to_string()
+}
+
+#[test]
+fn conversations_render_and_tokenise_as_transformers_does() {
+    let tiny = fixture_dir("tiny");
+    let text = TextProcessor::from_file(&tiny.join("tokenizer.json")).unwrap();
+    let engine = Engine::load(Cpu, &tiny).unwrap();
+    let cfg = engine.config();
+    let cases = cases();
+    assert!(cases.len() >= 6);
+    for case in &cases {
+        let name = case["name"].as_str().unwrap();
+        let conv = parse_messages(&openai_messages(&case["messages"])).unwrap();
+        assert_eq!(
+            render_chat(&conv.turns),
+            case["rendered"].as_str().unwrap(),
+            "{name}: rendered"
+        );
+        let want: Vec<u32> = case["input_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        let ids = text
+            .chat_ids(&conv.turns, cfg.image_token_id, cfg.vision.num_patches())
+            .unwrap();
+        assert_eq!(ids, want, "{name}: ids");
+        // And the engine's prompt for the conversation with its image.
+        let req = Request::Chat {
+            turns: conv.turns.clone(),
+            images: vec![ImageInput::Path(tiny.join("image.png"))],
+        };
+        let (prompt, _) = engine.resolve(&req).unwrap();
+        assert_eq!(prompt.ids(), &want[..], "{name}: engine prompt");
+    }
+}
+
+/// One question through the conversation path is the plain question's prompt, and a follow-up
+/// turn is answered (greedy ids are those of its prompt run alone through `generate`).
+#[test]
+fn a_conversation_runs_and_a_single_question_is_unchanged() {
+    let tiny = fixture_dir("tiny");
+    let engine = Engine::load(Cpu, &tiny).unwrap();
+    let image = ImageInput::Path(tiny.join("image.png"));
+    let q = "What is it?";
+    let plain = engine
+        .resolve(&Request::question(image.clone(), q))
+        .unwrap()
+        .0;
+    let chat = Request::Chat {
+        turns: vec![Turn::new(Role::User, 1, q)],
+        images: vec![image.clone()],
+    };
+    assert_eq!(engine.resolve(&chat).unwrap().0, plain);
+    let opts = GenerateOptions {
+        max_new_tokens: 4,
+        stop_at_eos: false,
+        ..Default::default()
+    };
+    let follow = Request::Chat {
+        turns: vec![
+            Turn::new(Role::System, 0, "Be brief."),
+            Turn::new(Role::User, 1, q),
+            Turn::new(Role::Assistant, 0, "A picture."),
+            Turn::new(Role::User, 0, "Of what?"),
+        ],
+        images: vec![image],
+    };
+    let g = engine.generate(&follow, &opts).unwrap();
+    let (prompt, pixels) = engine.resolve(&follow).unwrap();
+    assert_eq!(g.input_ids, prompt.ids());
+    let again = engine
+        .generate(&Request::Prepared { prompt, pixels }, &opts)
+        .unwrap();
+    assert_eq!(g.generated_ids, again.generated_ids);
+    assert_eq!(g.generated_ids.len(), 4);
+}
+
+#[test]
+fn malformed_conversations_are_named_errors() {
+    let img = json!({"type": "image_url", "image_url": {"url": "image.png"}});
+    let q = json!({"type": "text", "text": "What?"});
+    let cases: Vec<(Value, &str, &str)> = vec![
+        (json!([]), "messages", "empty"),
+        (
+            json!([{"role": "system", "content": "x"}]),
+            "messages[0]",
+            "end with a user message",
+        ),
+        (
+            json!([{"role": "user", "content": [img, q]}, {"role": "assistant", "content": "x"}]),
+            "messages[1]",
+            "end with a user message",
+        ),
+        (
+            json!([{"role": "assistant", "content": [img]}, {"role": "user", "content": [q]}]),
+            "messages[0].content[0]",
+            "only user messages may hold images",
+        ),
+        (
+            json!([{"role": "tool", "content": "x"}]),
+            "messages[0].role",
+            "not supported",
+        ),
+        (json!([{"content": "x"}]), "messages[0].role", "must be"),
+        (
+            json!([{"role": "user"}]),
+            "messages[0].content",
+            "is required",
+        ),
+        (
+            json!([{"role": "user", "content": [{"type": "text", "text": "a <image> b"}]}]),
+            "messages[0].content",
+            "must not contain <image>",
+        ),
+        (
+            json!([{"role": "user", "content": [{"type": "audio"}]}]),
+            "messages[0].content[0].type",
+            "not supported",
+        ),
+        (
+            json!([{"role": "user", "content": [img, {"type": "text", "text": "  "}]}, {"role": "user", "content": ""}]),
+            "messages[1]",
+            "is empty",
+        ),
+        (
+            json!([{"role": "user", "content": 5}]),
+            "messages[0].content",
+            "string or an array",
+        ),
+    ];
+    for (msgs, param, needle) in cases {
+        let e = parse_messages(&msgs.to_string()).unwrap_err();
+        assert_eq!(e.param, param, "{msgs}: {e:?}");
+        assert!(e.message.contains(needle), "{msgs}: {e:?}");
+    }
+    // The engine's own checks: one image, exactly.
+    let tiny = fixture_dir("tiny");
+    let engine = Engine::load(Cpu, &tiny).unwrap();
+    let image = ImageInput::Path(tiny.join("image.png"));
+    let none = Request::Chat {
+        turns: vec![Turn::new(Role::User, 0, "Hi")],
+        images: vec![],
+    };
+    let e = engine.resolve(&none).unwrap_err().to_string();
+    assert!(e.contains("holds no image"), "{e}");
+    let two = Request::Chat {
+        turns: vec![Turn::new(Role::User, 2, "Which?")],
+        images: vec![image.clone(), image.clone()],
+    };
+    let e = engine.resolve(&two).unwrap_err().to_string();
+    assert!(e.contains("exactly one"), "{e}");
+    let mismatch = Request::Chat {
+        turns: vec![Turn::new(Role::User, 1, "Which?")],
+        images: vec![image.clone(), image],
+    };
+    let e = engine.resolve(&mismatch).unwrap_err().to_string();
+    assert!(e.contains("place 1 images but 2"), "{e}");
+}
