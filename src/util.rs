@@ -85,6 +85,15 @@ impl Fnv1a {
     }
 }
 
+/// The message a caught panic carried (`panic!` with a string or a format), for an error.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
 /// A size in bytes as people write it: a number (`2e9`, `1.5`) with an optional unit — `K`, `M`,
 /// `G`, `T` or `KiB`, `MiB`, `GiB`, `TiB` (powers of 1024), `KB`, `MB`, `GB`, `TB` (powers of
 /// 1000), `B` — case-insensitive. Errors name what was wrong.

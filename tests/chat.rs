@@ -190,3 +190,84 @@ fn malformed_conversations_are_named_errors() {
     let e = engine.resolve(&mismatch).unwrap_err().to_string();
     assert!(e.contains("place 1 images but 2"), "{e}");
 }
+
+/// With the image cache on, a conversation's next turn (the same image again) skips the vision
+/// tower and answers exactly as a cold run; a different image under the same text is never
+/// served another image's features.
+#[test]
+fn a_resent_image_is_encoded_once_and_never_confused_with_another() {
+    use fastrm::{CancelToken, Item, Method, RunOptions};
+    let tiny = fixture_dir("tiny");
+    let load = || {
+        let mut e = Engine::load(Cpu, &tiny).unwrap();
+        let d = e.config().text.hidden_size;
+        e.set_head(&fastrm::explain::fastrm::HeadWeights::random(d, 16, 4))
+            .unwrap();
+        e
+    };
+    let (cold, warm) = (load(), load());
+    warm.set_image_cache(2);
+    let run = |e: &Engine<Cpu>, req: &Request| {
+        let opts = RunOptions {
+            generate: GenerateOptions {
+                max_new_tokens: 3,
+                stop_at_eos: false,
+                ..Default::default()
+            },
+            method: Some(Method::FastRm),
+            hidden_states: false,
+        };
+        let items: Vec<Item> = e
+            .stream(req, &opts, &CancelToken::new())
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let maps: Vec<Vec<f32>> = items
+            .iter()
+            .filter_map(|i| match i {
+                Item::Token(t) => t.map.as_ref().map(|m| m.map.clone()),
+                _ => None,
+            })
+            .collect();
+        let Some(Item::Done(s)) = items.last() else {
+            panic!("no Done")
+        };
+        (s.generated_ids.clone(), maps, s.timings.vision_s)
+    };
+    let x = ImageInput::Path(tiny.join("image.png"));
+    let mut img = fastrm::vision::load_image(&tiny.join("image.png")).unwrap();
+    for v in img.data.iter_mut().step_by(7) {
+        *v = v.wrapping_add(97);
+    }
+    let y = ImageInput::Decoded(img);
+    let turn1 = Request::Chat {
+        turns: vec![Turn::new(Role::User, 1, "What is it?")],
+        images: vec![x.clone()],
+    };
+    let turn2 = Request::Chat {
+        turns: vec![
+            Turn::new(Role::User, 1, "What is it?"),
+            Turn::new(Role::Assistant, 0, "A picture."),
+            Turn::new(Role::User, 0, "Of what?"),
+        ],
+        images: vec![x],
+    };
+    let other = Request::Chat {
+        turns: vec![Turn::new(Role::User, 1, "What is it?")],
+        images: vec![y],
+    };
+    let first = run(&warm, &turn1);
+    assert!(first.2 > 0.0, "the first sight of an image runs the tower");
+    let second = run(&warm, &turn2);
+    assert_eq!(second.2, 0.0, "the resent image ran the tower again");
+    let want = run(&cold, &turn2);
+    assert_eq!((&second.0, &second.1), (&want.0, &want.1), "cached != cold");
+    let third = run(&warm, &other);
+    assert!(third.2 > 0.0, "a different image was served from the cache");
+    let want = run(&cold, &other);
+    assert_eq!(
+        (&third.0, &third.1),
+        (&want.0, &want.1),
+        "another image's features were used"
+    );
+    assert_ne!(third.1, first.1, "two images gave the same maps");
+}

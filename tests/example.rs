@@ -12,18 +12,24 @@ fn example(name: &str) -> PathBuf {
     dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX))
 }
 
-#[test]
-fn shared_engine_streams_three_answers_and_cancels_one() {
-    let path = example("shared_engine");
+/// Runs an example to success; its standard output.
+fn run_example(name: &str) -> String {
+    let path = example(name);
     assert!(path.is_file(), "{} was not built", path.display());
     let out = Command::new(&path).output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "exit {:?}\n{stdout}\n{}",
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
+    stdout
+}
+
+#[test]
+fn shared_engine_streams_three_answers_and_cancels_one() {
+    let stdout = run_example("shared_engine");
     // The demo model's answers (tests/demo_world.rs pins the model against transformers).
     for (i, answer) in [(0, "yellow"), (1, "red"), (2, "white")] {
         let line = format!("[req {i}] done: \"{answer}\"");
@@ -46,16 +52,7 @@ fn shared_engine_streams_three_answers_and_cancels_one() {
 
 #[test]
 fn scheduler_example_batches_answers_cancels_one_and_frees_every_page() {
-    let path = example("scheduler");
-    assert!(path.is_file(), "{} was not built", path.display());
-    let out = Command::new(&path).output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "exit {:?}\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = run_example("scheduler");
     for (i, answer) in [(0, "yellow"), (1, "red"), (3, "white")] {
         let line = format!("done: \"{answer}\"");
         assert!(

@@ -308,6 +308,11 @@ impl AnyEngine {
         with_engine!(self, |e| e.backend_name())
     }
 
+    /// See [`Engine::set_image_cache`].
+    pub fn set_image_cache(&self, capacity: usize) {
+        with_engine!(self, |e| e.set_image_cache(capacity))
+    }
+
     /// See [`Engine::set_kv_memory`].
     pub fn set_kv_memory(&self, bytes: Option<u64>) -> Result<()> {
         with_engine!(self, |e| e.set_kv_memory(bytes))

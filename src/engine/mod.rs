@@ -46,6 +46,16 @@ pub struct Engine<B: Backend> {
     dir: Option<PathBuf>,
     /// The FastRM head, once loaded with [`Engine::load_head`].
     head: Option<FastRmHead<B>>,
+    /// Projected features of recently seen images ([`Engine::set_image_cache`]).
+    images: std::sync::Mutex<ImageCache<B>>,
+}
+
+/// The last few images' projected features, most recently used first, each with the pixels it
+/// was computed from: a hit compares the pixels themselves, so two different images never share
+/// features (no hash to collide).
+struct ImageCache<B: Backend> {
+    capacity: usize,
+    entries: std::collections::VecDeque<(Vec<f32>, std::sync::Arc<B::Tensor>)>,
 }
 
 /// An image's projected features on the engine's backend ([`Engine::encode`]).
@@ -243,6 +253,7 @@ impl<B: Backend> Engine<B> {
             preprocess,
             dir: Some(dir.to_path_buf()),
             head: None,
+            images: Default::default(),
         })
     }
 
@@ -272,6 +283,7 @@ impl<B: Backend> Engine<B> {
             preprocess: PreprocessConfig::clip(cfg.vision.image_size),
             dir: None,
             head: None,
+            images: Default::default(),
         })
     }
 
@@ -466,6 +478,43 @@ impl<B: Backend> Engine<B> {
         self.model.kv.set_budget(&self.backend, bytes)
     }
 
+    /// Keeps the projected features of the last `capacity` images (0, the default: none), so a
+    /// run whose image was seen recently — a conversation's next turn resending it — skips the
+    /// vision tower. Off by default because runs that time the tower (`profile`) must run it.
+    pub fn set_image_cache(&self, capacity: usize) {
+        let mut c = self.images.lock().unwrap_or_else(|e| e.into_inner());
+        c.capacity = capacity;
+        c.entries.truncate(capacity);
+    }
+
+    /// The features of `pixels` from the cache, or from the vision tower (then kept), and
+    /// whether the tower ran.
+    pub(crate) fn image_features(
+        &self,
+        pixels: &[f32],
+    ) -> Result<(std::sync::Arc<B::Tensor>, bool)> {
+        let lock = || self.images.lock().unwrap_or_else(|e| e.into_inner());
+        {
+            let mut c = lock();
+            if let Some(i) = c.entries.iter().position(|(p, _)| p[..] == *pixels) {
+                let hit = c.entries.remove(i).expect("the position was just found");
+                let features = std::sync::Arc::clone(&hit.1);
+                c.entries.push_front(hit);
+                return Ok((features, false));
+            }
+        }
+        let (_, features) = self.model.encode_image(&self.backend, pixels)?;
+        let features = std::sync::Arc::new(features);
+        let mut c = lock();
+        if c.capacity > 0 {
+            let keep = c.capacity - 1;
+            c.entries.truncate(keep);
+            c.entries
+                .push_front((pixels.to_vec(), std::sync::Arc::clone(&features)));
+        }
+        Ok((features, true))
+    }
+
     /// `(pages in use, pages the KV cache may hold)`; a page is [`crate::model::kv::PAGE`]
     /// positions of every layer.
     pub fn kv_usage(&self) -> (usize, usize) {
@@ -588,5 +637,14 @@ impl Preparer {
         };
         let (prompt, pixels) = inputs.resolve(req)?;
         Ok(Request::Prepared { prompt, pixels })
+    }
+}
+
+impl<B: Backend> Default for ImageCache<B> {
+    fn default() -> Self {
+        ImageCache {
+            capacity: 0,
+            entries: Default::default(),
+        }
     }
 }

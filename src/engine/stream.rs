@@ -127,8 +127,14 @@ pub enum Item {
 
 enum State<'e, B: Backend> {
     Start(Request),
-    Resolved { prompt: Prompt, pixels: Vec<f32> },
-    Encoded { prompt: Prompt, image: B::Tensor },
+    Resolved {
+        prompt: Prompt,
+        pixels: Vec<f32>,
+    },
+    Encoded {
+        prompt: Prompt,
+        image: std::sync::Arc<B::Tensor>,
+    },
     Decoding(Session<'e, B>),
     Maps(Session<'e, B>, usize),
     Finished,
@@ -191,8 +197,9 @@ impl<'e, B: Backend> Stream<'e, B> {
                 self.state = State::Resolved { prompt, pixels };
             }
             State::Resolved { prompt, pixels } => {
-                let ((_, image), secs) = timed(b, || model.encode_image(b, &pixels))?;
-                self.timings.vision_s = secs;
+                let ((image, ran), secs) = timed(b, || e.image_features(&pixels))?;
+                // A cached image took no tower time.
+                self.timings.vision_s = if ran { secs } else { 0.0 };
                 self.pending.push_back(Item::ImageEncoded);
                 self.state = State::Encoded { prompt, image };
             }

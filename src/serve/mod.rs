@@ -111,6 +111,9 @@ struct AppState {
     eos: Vec<u32>,
 }
 
+/// Images whose projected features the server keeps (a few MB each on a 7B model).
+const IMAGE_CACHE: usize = 16;
+
 /// `fastrm serve`: loads the engine, serves until SIGINT/SIGTERM, then finishes the requests in
 /// flight and returns.
 pub fn run(args: ServeOptions) -> Result<()> {
@@ -151,6 +154,8 @@ pub fn run(args: ServeOptions) -> Result<()> {
     engine
         .set_kv_memory(args.kv_memory)
         .map_err(|e| Error::input(format!("--kv-memory: {e}")))?;
+    // A conversation resends its image every turn: its features are kept for the next one.
+    engine.set_image_cache(IMAGE_CACHE);
     let cfg = engine.config();
     let g = cfg.vision.grid();
     let metrics = Arc::new(Metrics::default());

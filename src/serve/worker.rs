@@ -130,11 +130,7 @@ fn serve_jobs<B: Backend>(
             // The runs in the failed step carry the error as their last event.
             Ok(Err(_)) => {}
             Err(panic) => {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".into());
+                let what = crate::util::panic_message(&*panic);
                 for l in live.drain(..) {
                     let _ = l.events.send(Event::Failed(ApiError::server(format!(
                         "the engine failed on this request: {what}"

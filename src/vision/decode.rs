@@ -169,11 +169,7 @@ pub fn load_image_bytes(bytes: &[u8], name_for_errors: &Path) -> Result<RgbImage
         Ok(Ok(img)) => Ok(img),
         Ok(Err(msg)) => Err(err(msg)),
         Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
+            let what = crate::util::panic_message(&*panic);
             let kind = match format {
                 ImageFormat::Png => "PNG",
                 ImageFormat::Jpeg => "JPEG",
