@@ -59,6 +59,43 @@ impl Error {
     pub fn input(msg: impl Into<String>) -> Self {
         Error::Input(msg.into())
     }
+    /// The same error for a second receiver (the continuations of a run that failed): the same
+    /// variant and message; I/O errors keep their path and kind.
+    pub fn duplicate(&self) -> Self {
+        match self {
+            Error::Io { path, source } => Error::io(
+                path.clone(),
+                std::io::Error::new(source.kind(), source.to_string()),
+            ),
+            Error::Config { path, msg } => Error::Config {
+                path: path.clone(),
+                msg: msg.clone(),
+            },
+            Error::Checkpoint { path, msg } => Error::Checkpoint {
+                path: path.clone(),
+                msg: msg.clone(),
+            },
+            Error::Tensor { name, msg } => Error::Tensor {
+                name: name.clone(),
+                msg: msg.clone(),
+            },
+            Error::Tokenizer { path, msg } => Error::Tokenizer {
+                path: path.clone(),
+                msg: msg.clone(),
+            },
+            Error::Image { path, msg } => Error::Image {
+                path: path.clone(),
+                msg: msg.clone(),
+            },
+            Error::Input(m) => Error::Input(m.clone()),
+            Error::Backend(m) => Error::Backend(m.clone()),
+            Error::Cancelled => Error::Cancelled,
+            Error::NonFinite(m) => Error::NonFinite(m.clone()),
+            Error::OutOfMemory(m) => Error::OutOfMemory(m.clone()),
+            Error::ContextLength(m) => Error::ContextLength(m.clone()),
+            Error::KvFull(m) => Error::KvFull(m.clone()),
+        }
+    }
     /// `Ok` when `path` (given by command-line `flag`) is a folder, else an input error naming
     /// both.
     pub fn require_dir(flag: &str, path: &std::path::Path) -> Result<()> {

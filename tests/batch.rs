@@ -272,3 +272,92 @@ fn every_run_in_a_batch_gives_what_it_gives_alone_on_the_simulated_device() {
     let e = tiny(fastrm::backend::cuda::Cuda::<f32>::simulated());
     batched_equals_alone(&e, 6, &[]);
 }
+
+/// `n` continuations of one prompt: one prefill, the prompt's full pages held once by all of
+/// them, and continuation `i` exactly the run of seed + i alone (ids, text, maps). A failed or
+/// cancelled first run ends the continuations not yet forked with its error; once forked, they
+/// are runs of their own.
+#[test]
+fn n_continuations_share_the_prompt_and_each_is_its_seed_alone() {
+    let e = tiny(Cpu);
+    let (req, mut opts) = case(3);
+    opts.generate.max_new_tokens = 6;
+    let seed = opts.generate.sampling.seed;
+    let alone: Vec<Trace> = (0..4u64)
+        .map(|i| {
+            let mut o = opts.clone();
+            o.generate.sampling.seed = seed + i;
+            let items: Vec<Item> = e
+                .stream(&req, &o, &CancelToken::new())
+                .collect::<Result<_, _>>()
+                .unwrap();
+            trace(&items)
+        })
+        .collect();
+    assert!(
+        alone.iter().any(|t| t.0 != alone[0].0),
+        "four seeds gave one answer: the test would not see a mix-up"
+    );
+    let mut s = e.scheduler();
+    let ids = s.submit_n(req.clone(), opts.clone(), 4).unwrap();
+    let mut got: Vec<Vec<fastrm::Result<Item>>> = (0..4).map(|_| Vec::new()).collect();
+    let mut shared_usage = None;
+    while !s.is_idle() {
+        s.step().unwrap();
+        if shared_usage.is_none() && s.active() == 4 {
+            shared_usage = Some(e.kv_usage().0);
+        }
+        drain(&mut s, &ids, &mut got);
+    }
+    for (i, g) in got.into_iter().enumerate() {
+        let items: Vec<Item> = g.into_iter().map(|r| r.unwrap()).collect();
+        assert_eq!(trace(&items), alone[i], "continuation {i}");
+    }
+    // Pages: the first run's all, and each other one's own beyond the prompt's full pages.
+    let (prompt, _) = e.resolve(&req).unwrap();
+    let page = fastrm::model::kv::PAGE;
+    let cap = prompt.len() + opts.generate.max_new_tokens - 1;
+    let (all, full) = (cap.div_ceil(page), prompt.len() / page);
+    assert!(full > 0, "the prompt fills no page: nothing to share");
+    assert_eq!(
+        shared_usage,
+        Some(all + 3 * (all - full)),
+        "pages held by four continuations"
+    );
+    assert_eq!(e.kv_usage().0, 0, "pages leaked");
+
+    // A bad request: every continuation gets its error.
+    let bad = Request::question(image(1), "");
+    let ids = s.submit_n(bad, opts.clone(), 3).unwrap();
+    s.step().unwrap();
+    for id in ids {
+        let ev = s.events(id);
+        assert!(
+            matches!(ev.last(), Some(Err(Error::Input(m))) if m.contains("empty")),
+            "{ev:?}"
+        );
+    }
+    // One continuation cancelled before the fork; the first run cancelled after it (decoding,
+    // three units of work in: resolve, encode, prefill): the third runs on as if alone.
+    let ids = s.submit_n(req.clone(), opts.clone(), 3).unwrap();
+    s.cancel(ids[1]);
+    for _ in 0..3 {
+        s.step().unwrap();
+    }
+    s.cancel(ids[0]);
+    while !s.is_idle() {
+        s.step().unwrap();
+    }
+    assert!(matches!(
+        s.events(ids[0]).last(),
+        Some(Err(Error::Cancelled))
+    ));
+    assert!(matches!(
+        s.events(ids[1]).last(),
+        Some(Err(Error::Cancelled))
+    ));
+    let third: Vec<Item> = s.events(ids[2]).into_iter().map(|r| r.unwrap()).collect();
+    assert_eq!(trace(&third), alone[2]);
+    assert!(s.submit_n(req, opts, 17).is_err());
+    assert_eq!(e.kv_usage().0, 0, "pages leaked");
+}

@@ -28,6 +28,9 @@ struct Slot<'e, B: Backend> {
     run: Stream<'e, B>,
     /// Items (and at most one error, last) not yet taken by [`Scheduler::events`].
     events: VecDeque<Result<Item>>,
+    /// The other continuations of this run's prompt ([`Scheduler::submit_n`]) and their seeds:
+    /// forked from it once its prompt is prefilled.
+    forks: Vec<(SeqId, u64)>,
 }
 
 /// Runs advanced together, one token per decoding run per [`Scheduler::step`].
@@ -68,8 +71,39 @@ impl<'e, B: Backend> Scheduler<'e, B> {
             id,
             run: Stream::new(self.engine, req, opts, CancelToken::new()),
             events: VecDeque::new(),
+            forks: Vec::new(),
         });
         id
+    }
+
+    /// The most continuations one prompt may have.
+    pub const MAX_N: usize = 16;
+
+    /// `n` continuations of one prompt (OpenAI's `n`): one prefill, whose full KV pages all of
+    /// them share; continuation `i` samples with the request's seed plus `i` and gives exactly
+    /// what that seed gives alone. Greedy continuations are all the same answer.
+    pub fn submit_n(&mut self, req: Request, opts: RunOptions, n: usize) -> Result<Vec<SeqId>> {
+        if !(1..=Self::MAX_N).contains(&n) {
+            return Err(Error::input(format!(
+                "n must be 1 to {}, not {n}",
+                Self::MAX_N
+            )));
+        }
+        let seed = opts.generate.sampling.seed;
+        let first = self.submit(req, opts);
+        let forks: Vec<(SeqId, u64)> = (1..n as u64)
+            .map(|i| {
+                let id = SeqId(self.next);
+                self.next += 1;
+                (id, seed.wrapping_add(i))
+            })
+            .collect();
+        let mut ids = vec![first];
+        ids.extend(forks.iter().map(|f| f.0));
+        if let Some(slot) = self.slots.last_mut() {
+            slot.forks = forks;
+        }
+        Ok(ids)
     }
 
     /// Ends a run now: its pages go back to the pool and its last event is
@@ -80,7 +114,37 @@ impl<'e, B: Backend> Scheduler<'e, B> {
                 slot.run.finish();
                 slot.events.push_back(Err(Error::Cancelled));
             }
+        } else if let Some(leader) = self
+            .slots
+            .iter_mut()
+            .find(|s| s.forks.iter().any(|f| f.0 == id))
+        {
+            // A continuation not forked yet: it ends before it starts.
+            leader.forks.retain(|f| f.0 != id);
+            let mut events = VecDeque::new();
+            events.push_back(Err(Error::Cancelled));
+            let run = self.ended();
+            self.slots.push(Slot {
+                id,
+                run,
+                events,
+                forks: Vec::new(),
+            });
         }
+        // A cancelled run's continuations end with it.
+        self.fork_prefilled();
+    }
+
+    /// A run that has ended, standing in for one that never started.
+    fn ended(&self) -> Stream<'e, B> {
+        let mut r = Stream::new(
+            self.engine,
+            Request::Ids { n_text: 0, seed: 0 },
+            RunOptions::default(),
+            CancelToken::new(),
+        );
+        r.finish();
+        r
     }
 
     /// The events of `id` since the last call: its items in order, then — when it failed or was
@@ -128,6 +192,7 @@ impl<'e, B: Backend> Scheduler<'e, B> {
             }
             slot.events.extend(slot.run.take_items().map(Ok));
         }
+        self.fork_prefilled();
         let batch: Vec<usize> = (0..self.slots.len())
             .filter(|&i| self.slots[i].run.is_decoding())
             .take(self.max_batch)
@@ -176,6 +241,54 @@ impl<'e, B: Backend> Scheduler<'e, B> {
             self.slots.extend(moved);
         }
         Ok(batch.len())
+    }
+}
+
+impl<'e, B: Backend> Scheduler<'e, B> {
+    /// Forks every run with continuations waiting whose prompt is now prefilled; a run that ended
+    /// before (an error, a cancel) ends its continuations with its error.
+    fn fork_prefilled(&mut self) {
+        let mut born = Vec::new();
+        for i in 0..self.slots.len() {
+            let slot = &self.slots[i];
+            if slot.forks.is_empty() {
+                continue;
+            }
+            let failed = slot.run.is_finished();
+            if !failed && !slot.run.is_decoding() {
+                continue;
+            }
+            let forks = std::mem::take(&mut self.slots[i].forks);
+            for (id, seed) in forks {
+                let slot = &self.slots[i];
+                let made = if failed {
+                    Err(match slot.events.back() {
+                        Some(Err(e)) => e.duplicate(),
+                        _ => Error::Cancelled,
+                    })
+                } else {
+                    slot.run.fork(seed)
+                };
+                let mut events = VecDeque::new();
+                let run = match made {
+                    Ok(mut r) => {
+                        events.extend(r.take_items().map(Ok));
+                        r
+                    }
+                    Err(e) => {
+                        events.push_back(Err(e));
+                        self.ended()
+                    }
+                };
+                born.push(Slot {
+                    id,
+                    run,
+                    events,
+                    forks: Vec::new(),
+                });
+            }
+        }
+        self.slots.extend(born);
     }
 }
 

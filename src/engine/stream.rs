@@ -271,6 +271,45 @@ impl<'e, B: Backend> Stream<'e, B> {
         }
     }
 
+    /// Another continuation of this run's prompt with its sampler seeded by `seed`, taken after
+    /// the prefill and before the first token ([`Session::fork`]): its items start with the
+    /// same `ImageEncoded` and `Prefilled` as this run's.
+    pub(super) fn fork(&self, seed: u64) -> Result<Stream<'e, B>> {
+        let State::Decoding(s) = &self.state else {
+            return Err(Error::input(
+                "a run forks after its prefill, before its first token",
+            ));
+        };
+        let e = self.engine;
+        let fork = s.fork(seed)?;
+        let mut opts = self.opts.clone();
+        opts.generate.sampling.seed = seed;
+        let mut run = Stream::new(
+            e,
+            Request::Ids { n_text: 0, seed: 0 },
+            opts,
+            CancelToken::new(),
+        );
+        run.timings = self.timings;
+        if let Some(m) = self.opts.method {
+            let mut mapper = Mapper::new(m, e.head.as_ref(), &e.model)?;
+            mapper.prefilled(&fork)?;
+            run.mapper = Some(mapper);
+        }
+        run.pending.push_back(Item::ImageEncoded);
+        let image_hidden = if self.opts.hidden_states {
+            Some(e.backend.download(&fork.image_hidden()?)?)
+        } else {
+            None
+        };
+        run.pending.push_back(Item::Prefilled {
+            prompt_len: fork.prompt().len(),
+            image_hidden,
+        });
+        run.state = State::Decoding(fork);
+        Ok(run)
+    }
+
     /// Whether the run's next unit of work is a decode step.
     pub(super) fn is_decoding(&self) -> bool {
         matches!(self.state, State::Decoding(_))

@@ -44,6 +44,9 @@ struct PoolState<B: Backend> {
     /// Free page ids below `allocated`, the most recently freed last (reused first: its memory
     /// is the warmest).
     free: Vec<u32>,
+    /// Per page, the sequences holding it (more than one for a prompt's full pages shared by
+    /// its forks, [`SeqKv::fork`]); a page is free at 0.
+    refs: Vec<u32>,
     /// A fixed size in pages, or `None` (grow with demand).
     budget: Option<usize>,
 }
@@ -59,6 +62,7 @@ impl<B: Backend> KvPool<B> {
                 v: Vec::new(),
                 allocated: 0,
                 free: Vec::new(),
+                refs: Vec::new(),
                 budget: None,
             }),
         }
@@ -79,7 +83,7 @@ impl<B: Backend> KvPool<B> {
     /// returns it to growing with demand (`None`). Refused while sequences hold pages.
     pub fn set_budget(&self, b: &B, bytes: Option<u64>) -> Result<()> {
         let mut st = self.lock();
-        if st.allocated - st.free.len() > 0 {
+        if Self::in_use(&st) > 0 {
             return Err(Error::input(
                 "the KV cache's size cannot change while sequences hold pages",
             ));
@@ -106,7 +110,7 @@ impl<B: Backend> KvPool<B> {
     /// `(pages in use, pages the pool may hold)`.
     pub fn usage(&self) -> (usize, usize) {
         let st = self.lock();
-        (st.allocated - st.free.len(), self.limit(&st))
+        (Self::in_use(&st), self.limit(&st))
     }
 
     /// Pages the pool may hold at most.
@@ -115,10 +119,15 @@ impl<B: Backend> KvPool<B> {
             .unwrap_or_else(|| DEFAULT_CONTEXTS * self.context.div_ceil(PAGE))
     }
 
+    fn in_use(st: &PoolState<B>) -> usize {
+        st.allocated - st.free.len()
+    }
+
     fn release_storage(st: &mut PoolState<B>) {
         st.k.clear();
         st.v.clear();
         st.free.clear();
+        st.refs.clear();
         st.allocated = 0;
     }
 
@@ -126,8 +135,26 @@ impl<B: Backend> KvPool<B> {
     pub fn admit(&self, b: &B, positions: usize) -> Result<SeqKv<'_, B>> {
         let need = positions.div_ceil(PAGE).max(1);
         let mut st = self.lock();
-        let in_use = st.allocated - st.free.len();
-        let limit = self.limit(&st);
+        let pages = self.take(b, &mut st, need, positions)?;
+        Ok(SeqKv {
+            pool: self,
+            pages,
+            len: 0,
+            capacity: positions,
+        })
+    }
+
+    /// `need` free pages (growing the storage when allowed), each held once, or
+    /// [`Error::KvFull`] naming the `positions` they are for.
+    fn take(
+        &self,
+        b: &B,
+        st: &mut PoolState<B>,
+        need: usize,
+        positions: usize,
+    ) -> Result<Vec<u32>> {
+        let in_use = Self::in_use(st);
+        let limit = self.limit(st);
         if in_use + need > limit {
             return Err(Error::KvFull(format!(
                 "a sequence of {positions} positions needs {need} pages of {PAGE}; {} of the \
@@ -140,17 +167,15 @@ impl<B: Backend> KvPool<B> {
                 Some(pages) => pages,
                 None => (in_use + need).max(2 * st.allocated).min(limit),
             };
-            self.grow(b, &mut st, target)?;
+            self.grow(b, st, target)?;
         }
         let at = st.free.len() - need;
         let mut pages = st.free.split_off(at);
         pages.reverse();
-        Ok(SeqKv {
-            pool: self,
-            pages,
-            len: 0,
-            capacity: positions,
-        })
+        for &p in &pages {
+            st.refs[p as usize] = 1;
+        }
+        Ok(pages)
     }
 
     /// Storage for `target` pages with the pages in use copied over.
@@ -176,13 +201,20 @@ impl<B: Backend> KvPool<B> {
         let mut free: Vec<u32> = (old as u32..target as u32).rev().collect();
         free.append(&mut st.free);
         st.free = free;
+        st.refs.resize(target, 0);
         st.allocated = target;
         Ok(())
     }
 
     fn release(&self, pages: &[u32]) {
         let mut st = self.lock();
-        st.free.extend(pages.iter().rev());
+        for &p in pages.iter().rev() {
+            let r = &mut st.refs[p as usize];
+            *r -= 1;
+            if *r == 0 {
+                st.free.push(p);
+            }
+        }
         if st.budget.is_none() && st.free.len() == st.allocated {
             Self::release_storage(&mut st);
         }
@@ -225,6 +257,49 @@ impl<'p, B: Backend> SeqKv<'p, B> {
         range
             .map(|j| self.pages[j / PAGE] * PAGE as u32 + (j % PAGE) as u32)
             .collect()
+    }
+
+    /// A second sequence continuing from this one's positions, with room for `capacity`: the
+    /// pages entirely filled are shared (no sequence writes below its length, so neither can
+    /// change them for the other), the partly filled one is copied, the rest are its own.
+    /// Several continuations of one prompt (`n`) hold its pages once.
+    pub fn fork(&self, b: &B, capacity: usize) -> Result<SeqKv<'p, B>> {
+        if capacity < self.len {
+            return Err(Error::input(format!(
+                "a fork with room for {capacity} positions of a sequence holding {}",
+                self.len
+            )));
+        }
+        let full = self.len / PAGE;
+        let need = capacity.div_ceil(PAGE).max(1) - full;
+        let pool = self.pool;
+        let mut st = pool.lock();
+        let own = pool.take(b, &mut st, need, capacity)?;
+        for &p in &self.pages[..full] {
+            st.refs[p as usize] += 1;
+        }
+        let mut pages = self.pages[..full].to_vec();
+        pages.extend(&own);
+        let fork = SeqKv {
+            pool,
+            pages,
+            len: self.len,
+            capacity,
+        };
+        drop(st);
+        if self.len > full * PAGE {
+            // The partly filled page: its rows copied into the fork's first own page.
+            let from = self.slots(full * PAGE..self.len);
+            let to = fork.slots(full * PAGE..self.len);
+            pool.with_layers(|k, v| -> Result<()> {
+                for t in k.iter_mut().chain(v.iter_mut()) {
+                    let rows = b.embedding(t, &from)?;
+                    b.scatter_rows(t, &to, &rows)?;
+                }
+                Ok(())
+            })?;
+        }
+        Ok(fork)
     }
 
     /// Layer `li`'s keys and values of positions `0 .. n`, gathered in order `[n, width]`.

@@ -235,6 +235,45 @@ impl<'m, B: Backend> Session<'m, B> {
         step_all(&mut [self])?.remove(0)
     }
 
+    /// Another continuation of this session's prompt, taken before the first token: the prompt's
+    /// full KV pages shared, the partly filled one copied ([`SeqKv::fork`]), its own sampler
+    /// seeded with `seed`. Its tokens are those a run of the same prompt with that seed gives
+    /// alone. Plain sessions only (the masked and saving modes keep per-run state).
+    pub fn fork(&self, seed: u64) -> Result<Session<'m, B>> {
+        if self.mode != Mode::Plain {
+            return Err(Error::input(
+                "only plain and FastRM runs have several continuations (n)",
+            ));
+        }
+        if !self.generated.is_empty() {
+            return Err(Error::input("a run forks before its first token"));
+        }
+        let b = self.b;
+        let copy = |t: &B::Tensor| b.slice_rows(t, 0, b.dims(t).0);
+        let mut opts = self.opts.clone();
+        opts.sampling.seed = seed;
+        Ok(Session {
+            b,
+            model: self.model,
+            prompt: self.prompt.clone(),
+            sampler: Sampler::new(&opts.sampling),
+            opts,
+            keep: None,
+            mode: Mode::Plain,
+            cache: self.cache.fork(b, self.cache.capacity)?,
+            saved: None,
+            prompt_hidden: self.prompt_hidden.as_ref().map(copy).transpose()?,
+            last: copy(&self.last)?,
+            logits: None,
+            generated: Vec::new(),
+            stop: None,
+            timings: self.timings,
+            step_logits: Vec::new(),
+            step_hidden: Vec::new(),
+            choice: None,
+        })
+    }
+
     /// The token to feed back before the next choice, when there is one and the run goes on.
     fn pending(&self) -> Option<u32> {
         match self.stop {
