@@ -585,7 +585,8 @@ fn malformed_requests_and_limits_get_openai_errors() {
             Some("stream"),
             "stream wrong type",
         ),
-        (good(json!({"n": 3})), 400, Some("n"), "n > 1"),
+        (good(json!({"n": 17})), 400, Some("n"), "n over 16"),
+        (good(json!({"n": 0})), 400, Some("n"), "n of 0"),
         (
             good(json!({"relevancy": {"method": "magic"}})),
             400,
@@ -787,6 +788,80 @@ fn conversations_with_a_system_prompt_and_history_answer_as_the_command_line() {
         json!(want_ids.len()),
         "{v}"
     );
+}
+
+/// `n` choices: one prompt, choice `i` sampled with the seed plus `i`, each exactly the one-choice
+/// answer of that seed (text and maps), in one response and in one stream.
+#[test]
+fn n_choices_are_the_answers_of_consecutive_seeds() {
+    let server = Server::start(&[]);
+    // A question the demo model answers in more than one way when sampled hot.
+    const Q: &str = "What is in the picture?";
+    let extra = |n: usize, seed: u64, stream: bool| {
+        json!({"n": n, "seed": seed, "temperature": 2.0, "max_tokens": 5, "ignore_eos": true,
+               "stream": stream, "relevancy": {"method": "fastrm"}})
+    };
+    let one = |seed: u64| -> Value {
+        let (status, _, body) = post(server.addr, &chat_body(Q, extra(1, seed, false)));
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        serde_json::from_slice(&body).unwrap()
+    };
+    let singles: Vec<Value> = (0..3).map(|i| one(40 + i)).collect();
+    let (status, _, body) = post(server.addr, &chat_body(Q, extra(3, 40, false)));
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    let mut total = 0;
+    for (i, (c, single)) in choices.iter().zip(&singles).enumerate() {
+        assert_eq!(c["index"], json!(i));
+        assert_eq!(c["message"], single["choices"][0]["message"], "choice {i}");
+        let maps = |r: &Value| json!([r["tokens"], r["confidence"]]);
+        assert_eq!(
+            maps(&c["relevancy"]),
+            maps(&single["relevancy"]),
+            "choice {i}: maps"
+        );
+        total += single["usage"]["completion_tokens"].as_u64().unwrap();
+    }
+    assert!(
+        v.get("relevancy").is_none(),
+        "several choices carry their maps each"
+    );
+    assert_eq!(v["usage"]["completion_tokens"], json!(total));
+    let texts: std::collections::BTreeSet<_> = choices
+        .iter()
+        .map(|c| c["message"]["content"].to_string())
+        .collect();
+    assert!(texts.len() > 1, "three seeds gave one text: {texts:?}");
+
+    // Streamed: each choice's deltas, by index, join to its text; one [DONE] after all.
+    let (status, _, body) = post(server.addr, &chat_body(Q, extra(3, 40, true)));
+    assert_eq!(status, 200);
+    let mut text = vec![String::new(); 3];
+    let mut finished = [0; 3];
+    let events = sse_events(&body);
+    assert_eq!(events.iter().filter(|e| *e == "[DONE]").count(), 1);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    for e in events.iter().filter(|e| *e != "[DONE]") {
+        let c: Value = serde_json::from_str(e).unwrap();
+        let ch = &c["choices"][0];
+        let i = ch["index"].as_u64().unwrap() as usize;
+        if let Some(t) = ch["delta"]["content"].as_str() {
+            text[i].push_str(t);
+        }
+        if !ch["finish_reason"].is_null() {
+            finished[i] += 1;
+        }
+    }
+    assert_eq!(finished, [1, 1, 1]);
+    for (i, single) in singles.iter().enumerate() {
+        assert_eq!(
+            json!(text[i]),
+            single["choices"][0]["message"]["content"],
+            "streamed choice {i}"
+        );
+    }
 }
 
 /// Requests that arrive together are decoded together (continuous batching), and each answer —

@@ -672,6 +672,7 @@ async fn chat_inner(
         ignore_eos: req.ignore_eos,
         sampling: req.sampling.clone(),
         stop: req.stop.clone(),
+        n: req.n,
         cancel,
         events: tx,
         arrived,
@@ -709,7 +710,7 @@ async fn chat_inner(
     let prompt_tokens = match rx.recv().await {
         Some(Event::Started { prompt_tokens }) => prompt_tokens,
         Some(Event::Failed(e)) => return Err(e),
-        Some(Event::Item(_)) | None => {
+        Some(Event::Item { .. }) | None => {
             return Err(ApiError::server(
                 "the engine ended the request without an answer",
             ))
@@ -723,6 +724,7 @@ async fn chat_inner(
         grid: st.grid,
         method: req.relevancy,
         prompt_tokens,
+        n: req.n,
         // With ignore_eos an end-of-sequence id is just another token of the answer.
         eos: if req.ignore_eos {
             Vec::new()
@@ -747,13 +749,15 @@ struct Reply {
     grid: (usize, usize),
     method: Option<Method>,
     prompt_tokens: usize,
+    /// Choices.
+    n: usize,
     /// End-of-sequence ids: not answer tokens (no chunk of their own, no map, not in `usage`),
     /// as OpenAI counts them.
     eos: Vec<u32>,
 }
 
 impl Reply {
-    fn chunk(&self, delta: Value, finish: Option<&str>) -> Value {
+    fn chunk(&self, choice: usize, delta: Value, finish: Option<&str>) -> Value {
         json!({
             "id": self.id,
             "object": "chat.completion.chunk",
@@ -761,7 +765,7 @@ impl Reply {
             "model": self.model,
             "system_fingerprint": null,
             "choices": [{
-                "index": 0,
+                "index": choice,
                 "delta": delta,
                 "logprobs": null,
                 "finish_reason": finish,
@@ -787,7 +791,10 @@ struct Streaming {
     rx: mpsc::UnboundedReceiver<Event>,
     _guard: CancelOnDrop,
     include_usage: bool,
+    /// Answer tokens of every choice.
     completion: usize,
+    /// Choices that have ended.
+    ended: usize,
     done: bool,
 }
 
@@ -797,19 +804,23 @@ fn stream_response(
     guard: CancelOnDrop,
     include_usage: bool,
 ) -> Response {
-    let mut first = reply.chunk(json!({"role": "assistant", "content": ""}), None);
-    if include_usage {
-        first["usage"] = Value::Null;
+    let mut first = String::new();
+    for choice in 0..reply.n {
+        let mut c = reply.chunk(choice, json!({"role": "assistant", "content": ""}), None);
+        if include_usage {
+            c["usage"] = Value::Null;
+        }
+        first.push_str(&sse(&c));
     }
-    let head = futures_util::stream::once(std::future::ready(Ok::<_, Infallible>(Bytes::from(
-        sse(&first),
-    ))));
+    let head =
+        futures_util::stream::once(std::future::ready(Ok::<_, Infallible>(Bytes::from(first))));
     let state = Streaming {
         reply,
         rx,
         _guard: guard,
         include_usage,
         completion: 0,
+        ended: 0,
         done: false,
     };
     let rest = futures_util::stream::unfold(state, |mut s| async move {
@@ -836,16 +847,22 @@ async fn next_frames(s: &mut Streaming) -> Option<String> {
         let ev = s.rx.recv().await;
         let r = &s.reply;
         let mut chunk = match ev {
-            Some(Event::Item(Item::Token(t))) if r.eos.contains(&t.id) => {
+            Some(Event::Item {
+                choice,
+                item: Item::Token(t),
+            }) if r.eos.contains(&t.id) => {
                 // Text held back until the end (a partial stop string, a byte run) still goes out.
                 if t.text_delta.is_empty() {
                     continue;
                 }
-                r.chunk(json!({"content": t.text_delta}), None)
+                r.chunk(choice, json!({"content": t.text_delta}), None)
             }
-            Some(Event::Item(Item::Token(t))) => {
+            Some(Event::Item {
+                choice,
+                item: Item::Token(t),
+            }) => {
                 s.completion += 1;
-                let mut c = r.chunk(json!({"content": t.text_delta}), None);
+                let mut c = r.chunk(choice, json!({"content": t.text_delta}), None);
                 if let Some(l) = &t.logprobs {
                     c["choices"][0]["logprobs"] = json!({"content": [openai::logprob_json(l)]});
                 }
@@ -854,15 +871,27 @@ async fn next_frames(s: &mut Streaming) -> Option<String> {
                 }
                 c
             }
-            Some(Event::Item(Item::Map(m))) if r.eos.contains(&m.id) => continue,
-            Some(Event::Item(Item::Map(m))) => {
-                let mut c = r.chunk(json!({}), None);
+            Some(Event::Item {
+                item: Item::Map(m), ..
+            }) if r.eos.contains(&m.id) => continue,
+            Some(Event::Item {
+                choice,
+                item: Item::Map(m),
+            }) => {
+                let mut c = r.chunk(choice, json!({}), None);
                 c["relevancy"] = openai::token_map_json(&m, r.grid);
                 c
             }
-            Some(Event::Item(Item::Done(sum))) => {
-                s.done = true;
-                let mut c = r.chunk(json!({}), Some(openai::finish_reason(sum.stop_reason)));
+            Some(Event::Item {
+                choice,
+                item: Item::Done(sum),
+            }) => {
+                s.ended += 1;
+                let mut c = r.chunk(
+                    choice,
+                    json!({}),
+                    Some(openai::finish_reason(sum.stop_reason)),
+                );
                 if let Some(conf) = &sum.confidence {
                     c["confidence"] = openai::confidence_json(conf);
                 }
@@ -870,8 +899,12 @@ async fn next_frames(s: &mut Streaming) -> Option<String> {
                     c["usage"] = Value::Null;
                 }
                 let mut text = sse(&c);
+                if s.ended < r.n {
+                    return Some(text);
+                }
+                s.done = true;
                 if s.include_usage {
-                    let mut u = r.chunk(json!({}), None);
+                    let mut u = r.chunk(0, json!({}), None);
                     u["choices"] = json!([]);
                     u["usage"] = r.usage(s.completion);
                     text.push_str(&sse(&u));
@@ -879,7 +912,7 @@ async fn next_frames(s: &mut Streaming) -> Option<String> {
                 text.push_str("data: [DONE]\n\n");
                 return Some(text);
             }
-            Some(Event::Item(_)) | Some(Event::Started { .. }) => continue,
+            Some(Event::Item { .. }) | Some(Event::Started { .. }) => continue,
             Some(Event::Failed(e)) => {
                 s.done = true;
                 return Some(format!("{}data: [DONE]\n\n", sse(&e.body())));
@@ -901,56 +934,23 @@ async fn collect_response(
     r: &Reply,
     rx: &mut mpsc::UnboundedReceiver<Event>,
 ) -> std::result::Result<Value, ApiError> {
-    let mut maps = Vec::new();
-    loop {
+    let mut maps: Vec<Vec<Value>> = vec![Vec::new(); r.n];
+    let mut ends: Vec<Option<crate::engine::Summary>> = vec![None; r.n];
+    while ends.iter().any(Option::is_none) {
         match rx.recv().await {
-            Some(Event::Item(Item::Token(t))) => {
-                if let Some(m) = t.map.as_ref().filter(|m| !r.eos.contains(&m.id)) {
-                    maps.push(openai::token_map_json(m, r.grid));
+            Some(Event::Item { choice, item }) => match item {
+                Item::Token(t) => {
+                    if let Some(m) = t.map.as_ref().filter(|m| !r.eos.contains(&m.id)) {
+                        maps[choice].push(openai::token_map_json(m, r.grid));
+                    }
                 }
-            }
-            Some(Event::Item(Item::Map(m))) if r.eos.contains(&m.id) => {}
-            Some(Event::Item(Item::Map(m))) => maps.push(openai::token_map_json(&m, r.grid)),
-            Some(Event::Item(Item::Done(sum))) => {
-                // Per answer token, end-of-sequence ids left out.
-                let answer: Vec<usize> = (0..sum.generated_ids.len())
-                    .filter(|&i| !r.eos.contains(&sum.generated_ids[i]))
-                    .collect();
-                let logprobs: Vec<Value> = answer
-                    .iter()
-                    .filter_map(|&i| sum.logprobs.get(i))
-                    .map(openai::logprob_json)
-                    .collect();
-                let mut v = json!({
-                    "id": r.id,
-                    "object": "chat.completion",
-                    "created": r.created,
-                    "model": r.model,
-                    "system_fingerprint": null,
-                    "choices": [{
-                        "index": 0,
-                        "message": {"role": "assistant", "content": sum.text, "refusal": null},
-                        "logprobs": if sum.logprobs.is_empty() {
-                            Value::Null
-                        } else {
-                            json!({"content": logprobs})
-                        },
-                        "finish_reason": openai::finish_reason(sum.stop_reason),
-                    }],
-                    "usage": r.usage(answer.len()),
-                });
-                if let Some(m) = r.method {
-                    v["relevancy"] = json!({
-                        "method": m.name(),
-                        "grid": [r.grid.0, r.grid.1],
-                        "tokens": maps,
-                        "confidence": sum.confidence.as_ref().map(openai::confidence_json),
-                        "maps_ms": sum.maps_s * 1e3,
-                    });
+                Item::Map(m) if !r.eos.contains(&m.id) => {
+                    maps[choice].push(openai::token_map_json(&m, r.grid))
                 }
-                return Ok(v);
-            }
-            Some(Event::Item(_)) | Some(Event::Started { .. }) => {}
+                Item::Done(sum) => ends[choice] = Some(sum),
+                _ => {}
+            },
+            Some(Event::Started { .. }) => {}
             Some(Event::Failed(e)) => return Err(e),
             None => {
                 return Err(ApiError::server(
@@ -959,4 +959,62 @@ async fn collect_response(
             }
         }
     }
+    let mut choices = Vec::with_capacity(r.n);
+    let mut completion = 0;
+    for (index, (sum, maps)) in ends.into_iter().flatten().zip(maps).enumerate() {
+        // Per answer token, end-of-sequence ids left out.
+        let answer: Vec<usize> = (0..sum.generated_ids.len())
+            .filter(|&i| !r.eos.contains(&sum.generated_ids[i]))
+            .collect();
+        completion += answer.len();
+        let logprobs: Vec<Value> = answer
+            .iter()
+            .filter_map(|&i| sum.logprobs.get(i))
+            .map(openai::logprob_json)
+            .collect();
+        let relevancy = r.method.map(|m| {
+            json!({
+                "method": m.name(),
+                "grid": [r.grid.0, r.grid.1],
+                "tokens": maps,
+                "confidence": sum.confidence.as_ref().map(openai::confidence_json),
+                "maps_ms": sum.maps_s * 1e3,
+            })
+        });
+        let mut choice = json!({
+            "index": index,
+            "message": {"role": "assistant", "content": sum.text, "refusal": null},
+            "logprobs": if sum.logprobs.is_empty() {
+                Value::Null
+            } else {
+                json!({"content": logprobs})
+            },
+            "finish_reason": openai::finish_reason(sum.stop_reason),
+        });
+        // Several choices carry their maps each; one choice keeps them beside `choices`.
+        if r.n > 1 {
+            if let Some(rel) = &relevancy {
+                choice["relevancy"] = rel.clone();
+            }
+        }
+        choices.push((choice, relevancy));
+    }
+    let top = if r.n == 1 {
+        choices.first().and_then(|c| c.1.clone())
+    } else {
+        None
+    };
+    let mut v = json!({
+        "id": r.id,
+        "object": "chat.completion",
+        "created": r.created,
+        "model": r.model,
+        "system_fingerprint": null,
+        "choices": choices.into_iter().map(|c| c.0).collect::<Vec<_>>(),
+        "usage": r.usage(completion),
+    });
+    if let Some(rel) = top {
+        v["relevancy"] = rel;
+    }
+    Ok(v)
 }

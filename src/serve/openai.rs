@@ -72,6 +72,8 @@ impl ApiError {
 /// A chat request the engine can run.
 #[derive(Debug)]
 pub struct ChatRequest {
+    /// Choices: continuations of the one prompt, choice `i` sampled with the seed plus `i`.
+    pub n: usize,
     /// The conversation, for the chat template (its one image placed where it was sent).
     pub turns: Vec<Turn>,
     /// The encoded image, from the `data:` URL.
@@ -288,13 +290,18 @@ pub fn parse_chat(body: &[u8], limits: Limits, n_layers: usize) -> Result<ChatRe
             }
         }
     }
-    if raw.n.is_some_and(|n| n != 1) {
-        return Err(ApiError::invalid(
-            param("n"),
-            "unsupported_value",
-            "`n` must be 1: generation is greedy, every choice would be the same",
-        ));
-    }
+    let max_n = crate::engine::Scheduler::<crate::backend::cpu::Cpu>::MAX_N as u64;
+    let n = match raw.n {
+        None => 1,
+        Some(n) if (1..=max_n).contains(&n) => n as usize,
+        Some(n) => {
+            return Err(ApiError::invalid(
+                param("n"),
+                "invalid_value",
+                format!("`n` must be 1 to {max_n}, not {n}"),
+            ))
+        }
+    };
     let relevancy = raw
         .relevancy
         .map(|r| parse_method(&r, n_layers))
@@ -312,6 +319,7 @@ pub fn parse_chat(body: &[u8], limits: Limits, n_layers: usize) -> Result<ChatRe
             )
         })?;
     Ok(ChatRequest {
+        n,
         turns: conversation.turns,
         image,
         image_param: image_ref.param,

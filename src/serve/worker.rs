@@ -24,7 +24,11 @@ pub enum Event {
     Started {
         prompt_tokens: usize,
     },
-    Item(Item),
+    /// An item of choice `choice` (0 .. n).
+    Item {
+        choice: usize,
+        item: Item,
+    },
     Failed(ApiError),
 }
 
@@ -37,6 +41,8 @@ pub struct Job {
     pub ignore_eos: bool,
     pub sampling: crate::model::sampling::Sampling,
     pub stop: Vec<String>,
+    /// Continuations of the prompt (OpenAI's `n`).
+    pub n: usize,
     pub cancel: CancelToken,
     /// Unbounded: the engine never waits for a client, so a slow reader cannot stall the
     /// requests queued behind it; one answer's chunks are at most a context's worth.
@@ -64,9 +70,9 @@ pub fn run(
     ))
 }
 
-/// A job the scheduler runs.
+/// A job the scheduler runs: its choices' runs, `None` once ended.
 struct Live {
-    id: SeqId,
+    ids: Vec<Option<SeqId>>,
     events: mpsc::UnboundedSender<Event>,
     cancel: CancelToken,
     method: Option<Method>,
@@ -115,7 +121,9 @@ fn serve_jobs<B: Backend>(
         }
         for l in &live {
             if l.cancel.is_cancelled() {
-                sched.cancel(l.id);
+                for id in l.ids.iter().flatten() {
+                    sched.cancel(*id);
+                }
             }
         }
         match catch_unwind(AssertUnwindSafe(|| sched.step())) {
@@ -208,8 +216,17 @@ fn admit<B: Backend>(
         method: job.method,
         hidden_states: false,
     };
+    let ids = match sched.submit_n(job.request, opts, job.n) {
+        Ok(ids) => ids,
+        Err(e) => {
+            let _ = job
+                .events
+                .send(Event::Failed(engine_error(e, Some("n".into()))));
+            return None;
+        }
+    };
     Some(Live {
-        id: sched.submit(job.request, opts),
+        ids: ids.into_iter().map(Some).collect(),
         events: job.events,
         cancel: job.cancel,
         method: job.method,
@@ -218,54 +235,68 @@ fn admit<B: Backend>(
     })
 }
 
-/// Sends a job's new events to its handler; `false` once the job has ended.
+/// Sends a job's new events to its handler; `false` once every choice has ended. A choice that
+/// fails ends the job (its other choices are cancelled) with that error.
 fn deliver<B: Backend>(
     sched: &mut Scheduler<'_, B>,
     l: &mut Live,
     metrics: &Metrics,
     tokens: &mut bool,
 ) -> bool {
-    for ev in sched.events(l.id) {
-        match ev {
-            Ok(item) => {
-                let done = matches!(item, Item::Done(_));
-                match &item {
-                    Item::Token(_) => {
-                        *tokens = true;
-                        metrics.tokens_generated.fetch_add(1, Ordering::Relaxed);
-                        let now = Instant::now();
-                        match l.last {
-                            None => metrics.time_to_first_token((now - l.arrived).as_secs_f64()),
-                            Some(t) => metrics.token_latency((now - t).as_secs_f64()),
+    for choice in 0..l.ids.len() {
+        let Some(id) = l.ids[choice] else {
+            continue;
+        };
+        for ev in sched.events(id) {
+            match ev {
+                Ok(item) => {
+                    let done = matches!(item, Item::Done(_));
+                    match &item {
+                        Item::Token(_) => {
+                            *tokens = true;
+                            metrics.tokens_generated.fetch_add(1, Ordering::Relaxed);
+                            let now = Instant::now();
+                            match l.last {
+                                None => {
+                                    metrics.time_to_first_token((now - l.arrived).as_secs_f64())
+                                }
+                                Some(t) => metrics.token_latency((now - t).as_secs_f64()),
+                            }
+                            l.last = Some(now);
                         }
-                        l.last = Some(now);
+                        Item::Done(s) if l.method.is_some() => metrics.map_time(s.maps_s),
+                        _ => {}
                     }
-                    Item::Done(s) => {
-                        if l.method.is_some() {
-                            metrics.map_time(s.maps_s);
+                    // A handler that is gone (its client disconnected) cancels the runs at the
+                    // next step.
+                    if l.events.send(Event::Item { choice, item }).is_err() {
+                        l.cancel.cancel();
+                    }
+                    if done {
+                        l.ids[choice] = None;
+                    }
+                }
+                Err(e) => {
+                    if matches!(e, Error::Cancelled) {
+                        metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        let _ = l.events.send(Event::Failed(engine_error(e, None)));
+                    }
+                    for other in l.ids.iter_mut() {
+                        if let Some(id) = other.take() {
+                            sched.cancel(id);
+                            // Its cancellation is this job's end, not another cancelled request.
+                            let _ = sched.events(id);
                         }
-                        metrics.request_time(l.arrived.elapsed().as_secs_f64());
                     }
-                    _ => {}
-                }
-                // A handler that is gone (its client disconnected) cancels the run at the next
-                // step.
-                if l.events.send(Event::Item(item)).is_err() {
-                    l.cancel.cancel();
-                }
-                if done {
                     return false;
                 }
             }
-            Err(Error::Cancelled) => {
-                metrics.cancelled.fetch_add(1, Ordering::Relaxed);
-                return false;
-            }
-            Err(e) => {
-                let _ = l.events.send(Event::Failed(engine_error(e, None)));
-                return false;
-            }
         }
+    }
+    if l.ids.iter().all(Option::is_none) {
+        metrics.request_time(l.arrived.elapsed().as_secs_f64());
+        return false;
     }
     true
 }
