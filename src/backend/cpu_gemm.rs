@@ -271,7 +271,7 @@ fn dots(isa: Isa, x: &[f32], k: usize, w: &[f32], out: &mut [f32]) {
             let q = [xs.next(), xs.next(), xs.next(), xs.next()].map(|r| r.unwrap_or(&[]));
             // SAFETY: `isa.runs_here()` was asserted by the caller; the four rows and `w` are
             // each `k` long (`chunks_exact` of k, and the weight row).
-            o.copy_from_slice(&unsafe { x86::dot4_avx512(q, w) });
+            o.copy_from_slice(&unsafe { x86::dots_avx512(q, w) });
         }
         for (o, xr) in quads.into_remainder().iter_mut().zip(xs) {
             *o = dot(isa, xr, w);
@@ -310,7 +310,7 @@ fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
         // SAFETY: `isa.runs_here()` was asserted by the caller, so the CPU has the features the
         // kernel is compiled for; the kernels read only indices below the common length.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { x86::dot_avx512(a, b) },
+        Isa::Avx512 => unsafe { x86::dots_avx512([a], b)[0] },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe { x86::dot_avx2(a, b) },
         _ => dot_portable(a, b),
@@ -468,54 +468,20 @@ mod x86 {
         }
     }
 
-    /// Four independent accumulators of sixteen lanes; the tail is a masked load, so no value is
-    /// read past the end.
-    ///
-    /// # Safety
-    /// The CPU must have AVX-512F; `a` and `b` must have the same length.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
-        let n = a.len().min(b.len());
-        let (ap, bp) = (a.as_ptr(), b.as_ptr());
-        let mut acc = [_mm512_setzero_ps(); 4];
-        let mut i = 0;
-        while i + 64 <= n {
-            for (j, s) in acc.iter_mut().enumerate() {
-                let o = i + 16 * j;
-                *s = _mm512_fmadd_ps(_mm512_loadu_ps(ap.add(o)), _mm512_loadu_ps(bp.add(o)), *s);
-            }
-            i += 64;
-        }
-        while i + 16 <= n {
-            acc[0] = _mm512_fmadd_ps(
-                _mm512_loadu_ps(ap.add(i)),
-                _mm512_loadu_ps(bp.add(i)),
-                acc[0],
-            );
-            i += 16;
-        }
-        if i < n {
-            let mask: __mmask16 = (1u32 << (n - i)) as u16 - 1;
-            let x = _mm512_maskz_loadu_ps(mask, ap.add(i));
-            let y = _mm512_maskz_loadu_ps(mask, bp.add(i));
-            acc[1] = _mm512_fmadd_ps(x, y, acc[1]);
-        }
-        let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
-        _mm512_reduce_add_ps(sum)
-    }
-
-    /// [`dot_avx512`] of four rows `xs` with one `w`, each weight vector loaded once: per row the
-    /// same fused multiply-adds into the same accumulators in the same order, so every result is
-    /// bit for bit the row's own `dot_avx512(x, w)`.
+    /// `x · w` for each of the `N` rows `xs`: per row four independent accumulators of sixteen
+    /// lanes, the tail a masked load (no value is read past the end), each weight vector loaded
+    /// once for all `N` rows. A row's fused multiply-adds, accumulators and order are the same
+    /// whatever `N` is, so `dots_avx512::<4>` gives every row bit for bit what
+    /// `dots_avx512::<1>` gives it alone (the batch invariance of the decode linears).
     ///
     /// # Safety
     /// The CPU must have AVX-512F; every row of `xs` must be as long as `w`.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn dot4_avx512(xs: [&[f32]; 4], w: &[f32]) -> [f32; 4] {
+    pub unsafe fn dots_avx512<const N: usize>(xs: [&[f32]; N], w: &[f32]) -> [f32; N] {
         let n = w.len();
         let wp = w.as_ptr();
         let xp = xs.map(|x| x.as_ptr());
-        let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+        let mut acc = [[_mm512_setzero_ps(); 4]; N];
         let mut i = 0;
         while i + 64 <= n {
             for j in 0..4 {

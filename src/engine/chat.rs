@@ -137,6 +137,17 @@ pub struct Conversation {
 /// images (`image_url` parts) in user messages only. What the template itself requires (a last
 /// user message, no `<image>` in the text) is checked by [`crate::text::check_conversation`].
 pub fn conversation(messages: &[Message]) -> Result<Conversation, MessageError> {
+    read(messages, false)
+}
+
+/// [`conversation`] where images come apart from the messages (transformers' convention, the
+/// Python package's): a `{"type": "image"}` part marks where the next image stands; its
+/// [`ImageRef::url`] is empty.
+pub fn conversation_with_placeholders(messages: &[Message]) -> Result<Conversation, MessageError> {
+    read(messages, true)
+}
+
+fn read(messages: &[Message], placeholders: bool) -> Result<Conversation, MessageError> {
     if messages.is_empty() {
         return Err(MessageError::new(
             "messages",
@@ -196,12 +207,32 @@ pub fn conversation(messages: &[Message]) -> Result<Conversation, MessageError> 
                                 ))
                             }
                         },
-                        Some("image_url") => {
-                            let Some(ImageUrl(url)) = &part.image_url else {
-                                return Err(MessageError::type_error(
-                                    &format!("{pp}.image_url"),
-                                    "an object {\"url\": ...}",
-                                ));
+                        Some(kind @ ("image_url" | "image")) => {
+                            let url = match (kind, &part.image_url) {
+                                ("image", _) if placeholders => String::new(),
+                                ("image", _) => {
+                                    return Err(MessageError::new(
+                                        format!("{pp}.type"),
+                                        "unsupported_value",
+                                        "content part type \"image\" is not supported here: \
+                                         send the image in an \"image_url\" part",
+                                    ))
+                                }
+                                (_, Some(ImageUrl(url))) if !placeholders => url.clone(),
+                                (_, Some(_)) => {
+                                    return Err(MessageError::new(
+                                        &pp,
+                                        "unsupported_value",
+                                        "pass the image apart from the messages and mark its \
+                                         place with a {\"type\": \"image\"} part",
+                                    ))
+                                }
+                                (_, None) => {
+                                    return Err(MessageError::type_error(
+                                        &format!("{pp}.image_url"),
+                                        "an object {\"url\": ...}",
+                                    ))
+                                }
                             };
                             if role != Role::User {
                                 return Err(MessageError::new(
@@ -215,7 +246,7 @@ pub fn conversation(messages: &[Message]) -> Result<Conversation, MessageError> 
                             }
                             turn.images += 1;
                             images.push(ImageRef {
-                                url: url.clone(),
+                                url,
                                 param: format!("{pp}.image_url.url"),
                             });
                         }
@@ -256,6 +287,11 @@ pub fn conversation(messages: &[Message]) -> Result<Conversation, MessageError> 
 /// Reads a `messages` JSON array (the command line's `--messages FILE`); type errors name their
 /// field.
 pub fn parse_messages(json: &str) -> Result<Conversation, MessageError> {
+    conversation(&messages_of(json)?)
+}
+
+/// The messages of a JSON array, type errors naming their field.
+pub fn messages_of(json: &str) -> Result<Vec<Message>, MessageError> {
     let de = &mut serde_json::Deserializer::from_str(json);
     let messages: Vec<Message> = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -266,7 +302,7 @@ pub fn parse_messages(json: &str) -> Result<Conversation, MessageError> {
         };
         MessageError::new(param, "invalid_type", e.inner().to_string())
     })?;
-    conversation(&messages)
+    Ok(messages)
 }
 
 /// The bytes of a `data:image/png;base64,...` or `data:image/jpeg;base64,...` URL; `Ok(None)`

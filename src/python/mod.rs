@@ -234,7 +234,7 @@ impl Engine {
         &self,
         py: Python<'_>,
         image: &Bound<'_, PyAny>,
-        prompt: String,
+        prompt: &Bound<'_, PyAny>,
         method: &str,
         max_new_tokens: i64,
         full_r: bool,
@@ -243,7 +243,7 @@ impl Engine {
     ) -> PyResult<Explanation> {
         let method = self.method(method, full_r, layer)?;
         let opts = options(max_new_tokens, Some(method), sampling)?;
-        let req = Request::question(image_input(image)?, prompt);
+        let req = request(image, prompt)?;
         let mut run = self.start(py, req, opts, false)?;
         let items = run.drain(py)?;
         let grid = (self.shared.grid, self.shared.grid);
@@ -257,12 +257,12 @@ impl Engine {
         &self,
         py: Python<'_>,
         image: &Bound<'_, PyAny>,
-        prompt: String,
+        prompt: &Bound<'_, PyAny>,
         max_new_tokens: i64,
         sampling: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Generation> {
         let opts = options(max_new_tokens, None, sampling)?;
-        let req = Request::question(image_input(image)?, prompt);
+        let req = request(image, prompt)?;
         let mut run = self.start(py, req, opts, false)?;
         let items = run.drain(py)?;
         let grid = (self.shared.grid, self.shared.grid);
@@ -278,7 +278,7 @@ impl Engine {
         &self,
         py: Python<'_>,
         image: &Bound<'_, PyAny>,
-        prompt: String,
+        prompt: &Bound<'_, PyAny>,
         method: Option<&str>,
         max_new_tokens: i64,
         full_r: bool,
@@ -293,7 +293,7 @@ impl Engine {
             None => None,
         };
         let opts = options(max_new_tokens, method, sampling)?;
-        let req = Request::question(image_input(image)?, prompt);
+        let req = request(image, prompt)?;
         let run = self.start(py, req, opts, true)?;
         Ok(Stream {
             cancel: run.cancel.clone(),
@@ -403,6 +403,33 @@ fn options(
         generate,
         method,
         hidden_states: false,
+    })
+}
+
+/// The request of a question (a `str`), or of a conversation: a list of OpenAI-style message
+/// dicts (`{"role": ..., "content": str | [parts]}`) where a `{"type": "image"}` part marks the
+/// place of `image`, transformers' convention.
+fn request(image: &Bound<'_, PyAny>, prompt: &Bound<'_, PyAny>) -> PyResult<Request> {
+    if let Ok(q) = prompt.extract::<String>() {
+        return Ok(Request::question(image_input(image)?, q));
+    }
+    if !prompt.is_instance_of::<pyo3::types::PyList>() {
+        return Err(PyTypeError::new_err(
+            "prompt must be a str (a question) or a list of message dicts (a conversation)",
+        ));
+    }
+    let json: String = prompt
+        .py()
+        .import("json")?
+        .call_method1("dumps", (prompt,))
+        .map_err(|e| input_error(format!("the messages are not JSON data: {e}")))?
+        .extract()?;
+    let conv = crate::engine::chat::messages_of(&json)
+        .and_then(|m| crate::engine::chat::conversation_with_placeholders(&m))
+        .map_err(|e| to_py(e.into()))?;
+    Ok(Request::Chat {
+        turns: conv.turns,
+        images: vec![image_input(image)?],
     })
 }
 

@@ -330,3 +330,28 @@ def test_bad_sampling_keywords_raise(engine, image_path):
         engine.stream(image_path, QUESTION, top_p=2.0)
     with pytest.raises(TypeError):
         engine.explain(image_path, QUESTION, top_k="many")
+
+
+def test_a_conversation_matches_the_cli_messages_file(engine, image_path, tmp_path):
+    # The CLI reads the image from an image_url part; Python takes it apart and marks its place.
+    def messages(image_part):
+        return [
+            {"role": "system", "content": "Answer with one word."},
+            {"role": "user", "content": [image_part, {"type": "text", "text": QUESTION}]},
+            {"role": "assistant", "content": "yellow"},
+            {"role": "user", "content": "What color is the cross?"},
+        ]
+
+    path = tmp_path / "chat.json"
+    part = {"type": "image_url", "image_url": {"url": str(pathlib.Path(image_path).resolve())}}
+    path.write_text(json.dumps(messages(part)))
+    doc = cli("explain", "--messages", str(path), "-n", str(MAX_NEW))
+    ex = engine.explain(image_path, messages({"type": "image"}), max_new_tokens=MAX_NEW)
+    assert_same_run(ex, doc)
+    assert ex.input_ids != engine.explain(image_path, QUESTION, max_new_tokens=1).input_ids
+    with pytest.raises(fastrm.InputError, match="mark its"):
+        engine.generate(image_path, messages(part))
+    with pytest.raises(fastrm.InputError, match="place 0 images but 1"):
+        engine.generate(image_path, [{"role": "user", "content": "Hi"}])
+    with pytest.raises(TypeError, match="list of message dicts"):
+        engine.generate(image_path, 42)

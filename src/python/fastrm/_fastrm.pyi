@@ -1,6 +1,6 @@
 # Type stubs for the native module (src/python/mod.rs); the package re-exports every name.
 import os
-from typing import Iterator, Literal, Optional, Tuple, TypedDict, Union
+from typing import Any, Dict, Iterator, List, Literal, Optional, Tuple, TypedDict, Union
 
 from typing_extensions import Unpack
 
@@ -12,6 +12,10 @@ __version__: str
 #: What `image` arguments take: a path, encoded PNG/JPEG bytes, a NumPy uint8 array of shape
 #: (height, width, 3), or a PIL image (any mode; converted to RGB).
 ImageLike = Union[str, os.PathLike, bytes, bytearray, npt.NDArray[np.uint8], "PIL.Image.Image"]  # noqa: F821
+# A question, or a conversation: OpenAI-style messages ({"role": "system" | "user" | "assistant",
+# "content": str | [{"type": "text", "text": ...} | {"type": "image"}]}), where the one
+# {"type": "image"} part marks the place of the `image` argument.
+Prompt = Union[str, List[Dict[str, Any]]]
 Method = Literal["fastrm", "baseline", "baseline-incremental", "gradcam"]
 StopReason = Literal["eos", "max_new_tokens", "context", "stop"]
 #: A token's log-probability and its most likely alternatives, (id, token, logprob) each.
@@ -123,7 +127,7 @@ class Engine:
     def explain(
         self,
         image: ImageLike,
-        prompt: str,
+        prompt: Prompt,
         method: Method = "fastrm",
         max_new_tokens: int = 64,
         full_r: bool = False,
@@ -133,14 +137,14 @@ class Engine:
     def generate(
         self,
         image: ImageLike,
-        prompt: str,
+        prompt: Prompt,
         max_new_tokens: int = 64,
         **sampling: Unpack[Sampling],
     ) -> Generation: ...
     def stream(
         self,
         image: ImageLike,
-        prompt: str,
+        prompt: Prompt,
         method: Optional[Method] = "fastrm",
         max_new_tokens: int = 64,
         full_r: bool = False,
