@@ -59,6 +59,14 @@ impl Error {
     pub fn input(msg: impl Into<String>) -> Self {
         Error::Input(msg.into())
     }
+    /// An input error about a command-line flag's value, named by the flag; other errors as
+    /// they are.
+    pub fn for_flag(self, flag: &str) -> Self {
+        match self {
+            Error::Input(m) => Error::Input(format!("{flag}: {m}")),
+            e => e,
+        }
+    }
     /// The same error for a second receiver (the continuations of a run that failed): the same
     /// variant and message; I/O errors keep their path and kind.
     pub fn duplicate(&self) -> Self {

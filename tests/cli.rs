@@ -429,3 +429,39 @@ fn extreme_aspect_ratio_names_the_file_and_the_reason() {
     ]);
     assert_fails(&out, &["strip.png", "aspect ratio", "4000x2"]);
 }
+
+/// `--kv-memory` fixes the KV cache: too small for one page, or for the run, is a named error;
+/// enough gives the answer of the default cache.
+#[test]
+fn kv_memory_bounds_the_cache_and_says_what_is_missing() {
+    let q = ["generate", "--prompt", "What color is the star?", "--json"];
+    let run = |extra: &[&str]| fastrm(&[&q[..], extra].concat());
+    assert_fails(
+        &run(&["--kv-memory", "1KiB"]),
+        &["--kv-memory", "holds no page"],
+    );
+    assert_fails(
+        &run(&["--kv-memory", "64KiB"]),
+        &["KV cache full", "pages of 16"],
+    );
+    // A value clap refuses: its usage error (exit 2), naming the flag.
+    let bad = run(&["--kv-memory", "lots"]);
+    assert_eq!(bad.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains("--kv-memory") && stderr.contains("not a size"),
+        "{stderr}"
+    );
+    let want = run(&[]);
+    let got = run(&["--kv-memory", "8MiB"]);
+    assert!(
+        got.status.success(),
+        "{}",
+        String::from_utf8_lossy(&got.stderr)
+    );
+    let ids = |o: &Output| {
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["generated_ids"].clone()
+    };
+    assert_eq!(ids(&got), ids(&want));
+}

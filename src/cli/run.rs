@@ -58,6 +58,10 @@ pub struct RunArgs {
     sampling: SamplingArgs,
     #[command(flatten)]
     device: super::args::DeviceArgs,
+    /// A fixed KV cache size (e.g. 2GiB), taken once and never exceeded; a run that does not
+    /// fit is refused with the pages it needs. Default: what the run needs.
+    #[arg(long, value_parser = crate::util::parse_bytes)]
+    kv_memory: Option<u64>,
     /// Print one JSON object on stdout instead of the human-readable answer.
     #[arg(long)]
     json: bool,
@@ -374,8 +378,17 @@ fn legible(view: crate::vision::RgbImage) -> crate::vision::RgbImage {
     }
 }
 
-/// Loads the engine, resolving the demo defaults, with a progress line started.
+/// Loads the engine, resolving the demo defaults, with a progress line started and the KV cache
+/// sized.
 fn start(run: &RunArgs) -> Result<(AnyEngine, Input, Progress)> {
+    let (engine, input, progress) = load(run)?;
+    engine
+        .set_kv_memory(run.kv_memory)
+        .map_err(|e| e.for_flag("--kv-memory"))?;
+    Ok((engine, input, progress))
+}
+
+fn load(run: &RunArgs) -> Result<(AnyEngine, Input, Progress)> {
     let progress = Progress::new(run.max_new_tokens);
     let (device, dtype) = run.device.get()?;
     if let Some(name) = run

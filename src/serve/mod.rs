@@ -153,7 +153,7 @@ pub fn run(args: ServeOptions) -> Result<()> {
     }
     engine
         .set_kv_memory(args.kv_memory)
-        .map_err(|e| Error::input(format!("--kv-memory: {e}")))?;
+        .map_err(|e| e.for_flag("--kv-memory"))?;
     // A conversation resends its image every turn: its features are kept for the next one.
     engine.set_image_cache(IMAGE_CACHE);
     let cfg = engine.config();
