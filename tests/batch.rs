@@ -271,6 +271,9 @@ fn a_full_kv_cache_is_a_typed_error() {
 fn every_run_in_a_batch_gives_what_it_gives_alone_on_the_simulated_device() {
     let e = tiny(fastrm::backend::cuda::Cuda::<f32>::simulated());
     batched_equals_alone(&e, 6, &[]);
+    // In half-precision storage too: invariance is about the order of the sums, not their type.
+    let e = tiny(fastrm::backend::cuda::Cuda::<half::f16>::simulated());
+    batched_equals_alone(&e, 6, &[2]);
 }
 
 /// `n` continuations of one prompt: one prefill, the prompt's full pages held once by all of
