@@ -752,12 +752,7 @@ fn conversations_with_a_system_prompt_and_history_answer_as_the_command_line() {
         .arg(&file)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let want: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let want: Value = serde_json::from_str(&common::cli_ok(&out)).unwrap();
     let want_ids: Vec<u64> = ids(&want["generated_ids"])
         .into_iter()
         .filter(|&id| id != DEMO_EOS)

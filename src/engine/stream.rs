@@ -226,15 +226,8 @@ impl<'e, B: Backend> Stream<'e, B> {
                     let ((), secs) = timed(b, || m.prefilled(&s))?;
                     self.maps_s += secs;
                 }
-                let image_hidden = if self.opts.hidden_states {
-                    Some(b.download(&s.image_hidden()?)?)
-                } else {
-                    None
-                };
-                self.pending.push_back(Item::Prefilled {
-                    prompt_len: s.prompt().len(),
-                    image_hidden,
-                });
+                let item = self.prefilled(&s)?;
+                self.pending.push_back(item);
                 self.state = State::Decoding(s);
             }
             State::Decoding(mut s) => {
@@ -297,17 +290,23 @@ impl<'e, B: Backend> Stream<'e, B> {
             run.mapper = Some(mapper);
         }
         run.pending.push_back(Item::ImageEncoded);
+        let item = run.prefilled(&fork)?;
+        run.pending.push_back(item);
+        run.state = State::Decoding(fork);
+        Ok(run)
+    }
+
+    /// The `Prefilled` item of a session just prefilled (or forked).
+    fn prefilled(&self, s: &Session<'e, B>) -> Result<Item> {
         let image_hidden = if self.opts.hidden_states {
-            Some(e.backend.download(&fork.image_hidden()?)?)
+            Some(self.engine.backend.download(&s.image_hidden()?)?)
         } else {
             None
         };
-        run.pending.push_back(Item::Prefilled {
-            prompt_len: fork.prompt().len(),
+        Ok(Item::Prefilled {
+            prompt_len: s.prompt().len(),
             image_hidden,
-        });
-        run.state = State::Decoding(fork);
-        Ok(run)
+        })
     }
 
     /// Whether the run's next unit of work is a decode step.
