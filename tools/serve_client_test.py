@@ -152,7 +152,7 @@ def main():
         client.chat.completions.create(model=model, messages=bad)
         fail("a remote image URL was accepted")
     except openai.BadRequestError as e:
-        if e.status_code != 400 or "fetches nothing" not in str(e):
+        if e.status_code != 400 or "nothing is fetched" not in str(e):
             fail(f"remote URL error: {e}")
 
     print(f"ok: {text!r} ({maps} maps, {confidence['verdict']})")
