@@ -1211,10 +1211,7 @@ impl Backend for Cpu {
                 let (i, hi) = (t / h, t % h);
                 let r = &rows[i];
                 let col = (hi / (h / hk)) * d;
-                let at = |j: usize| {
-                    let slot = r.pages[j / page] as usize * page + j % page;
-                    slot * w + col
-                };
+                let at = |j: usize| super::page_slot(r.pages, page, j) * w + col;
                 let mut p = vec![0.0f32; r.len];
                 let qh = &q.data[i * q.cols + hi * d..i * q.cols + (hi + 1) * d];
                 key_dots(qh, |j| &k.data[at(j)..at(j) + d], &mut p);

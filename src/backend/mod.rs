@@ -76,13 +76,10 @@ pub struct PagedRow<'a> {
     pub len: usize,
 }
 
-impl PagedRow<'_> {
-    /// Rows of the pool holding keys `0 .. len`, in order.
-    pub fn slots(&self, page: usize) -> Vec<u32> {
-        (0..self.len)
-            .map(|j| self.pages[j / page] * page as u32 + (j % page) as u32)
-            .collect()
-    }
+/// The row of a KV pool holding position `j` of a sequence whose page table is `pages` (pages of
+/// `page` positions).
+pub fn page_slot(pages: &[u32], page: usize, j: usize) -> usize {
+    pages[j / page] as usize * page + j % page
 }
 
 /// Shape errors of a paged decode attention, shared by the backends: `q` has one row per entry of

@@ -17,7 +17,7 @@
 
 use std::sync::{Mutex, MutexGuard};
 
-use crate::backend::{with_memory_tag, Backend, MemTag};
+use crate::backend::{page_slot, with_memory_tag, Backend, MemTag};
 use crate::config::TextConfig;
 use crate::error::{Error, Result};
 
@@ -255,7 +255,7 @@ impl<'p, B: Backend> SeqKv<'p, B> {
     /// Pool rows of positions `range`.
     pub fn slots(&self, range: std::ops::Range<usize>) -> Vec<u32> {
         range
-            .map(|j| self.pages[j / PAGE] * PAGE as u32 + (j % PAGE) as u32)
+            .map(|j| page_slot(&self.pages, PAGE, j) as u32)
             .collect()
     }
 

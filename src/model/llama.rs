@@ -236,7 +236,12 @@ impl<B: Backend> Llama<B> {
         };
         let positions = (pos0 as u32..(pos0 + n) as u32).collect::<Vec<_>>();
         let new_slots = kv.slots(pos0..pos0 + n);
-        let all_slots = kv.slots(0..pos0 + n);
+        // A fresh prompt attends to its own keys; later rows read the whole sequence back.
+        let all_slots = if pos0 > 0 {
+            kv.slots(0..pos0 + n)
+        } else {
+            Vec::new()
+        };
         let pool = kv.pool();
         let attend = |li: usize, q: &B::Tensor, k: B::Tensor, v: B::Tensor| {
             let (k, v) = pool.with_layers(|pk, pv| -> Result<_> {
