@@ -9,6 +9,8 @@
 //! and the B = 8 step's parts: one layer's paged attention, the MLP's gate and up, the lm_head,
 //! the eight rows' FastRM maps.
 //!
+//! Group `cpu_prefix`: a follow-up turn's time to first token, cold and with the prefix cache.
+//!
 //! `cargo bench --bench cpu_step`
 
 use criterion::Throughput;
@@ -23,6 +25,68 @@ fn bench(c: &mut Criterion) {
     steps(c, "cpu", common::midsize());
     steps(c, "cpu_bf16", common::midsize_bf16());
     batched(c, common::midsize());
+    follow_up(c, common::midsize());
+}
+
+/// Group `cpu_prefix`: a conversation's second turn (the first turn's prompt, a 40-token answer,
+/// a 20-token question), time to its first token: a cold prefill of the whole conversation
+/// against a prefill that reads the first turn's pages from the prefix cache. The image's
+/// features are at hand in both (the image cache's job); the cache is refilled with the first
+/// turn before every timed run.
+fn follow_up(c: &mut Criterion, setup: common::Midsize) {
+    use fastrm::model::session::{Mode, Session};
+    use fastrm::GenerateOptions;
+    use std::sync::Arc;
+    let common::Midsize {
+        engine,
+        ids,
+        pixels,
+        ..
+    } = setup;
+    let (b, m) = (engine.backend(), engine.model());
+    let (_, img) = m.encode_image(b, &pixels).unwrap();
+    let img = Arc::new(img);
+    let mut turn1 = ids.clone();
+    turn1.extend((0..40).map(|i| 1000 + i));
+    let mut turn2 = turn1.clone();
+    turn2.extend((0..20).map(|i| 2000 + i));
+    let opts = GenerateOptions {
+        max_new_tokens: 1,
+        ..Default::default()
+    };
+    let first_token = |s: &mut Session<'_, _>| s.step().unwrap().unwrap();
+    let mut g = c.benchmark_group("cpu_prefix");
+    g.sample_size(10);
+    g.bench_function(format!("cold_turn2_{}_positions", turn2.len()), |bench| {
+        bench.iter(|| {
+            let prompt = m.prompt(turn2.clone()).unwrap();
+            let mut s = Session::prefill(b, m, prompt, &img, &opts, Mode::Plain).unwrap();
+            first_token(&mut s)
+        })
+    });
+    let cached_turn1 = || {
+        m.kv.set_prefix_cache(0);
+        m.kv.set_prefix_cache(1 << 20);
+        let p = m.prompt(turn1.clone()).unwrap();
+        drop(Session::prefill_cached(b, m, p, &img, &opts).unwrap());
+    };
+    cached_turn1();
+    let s = Session::prefill_cached(b, m, m.prompt(turn2.clone()).unwrap(), &img, &opts).unwrap();
+    let computed = turn2.len() - s.cached_len();
+    drop(s);
+    g.bench_function(format!("cached_turn2_{computed}_computed"), |bench| {
+        bench.iter_batched(
+            cached_turn1,
+            |()| {
+                let prompt = m.prompt(turn2.clone()).unwrap();
+                let mut s = Session::prefill_cached(b, m, prompt, &img, &opts).unwrap();
+                first_token(&mut s)
+            },
+            criterion::BatchSize::PerIteration,
+        )
+    });
+    m.kv.set_prefix_cache(0);
+    g.finish();
 }
 
 /// Aggregate decode throughput: B sequences prefilled once (prompts of different lengths), then

@@ -193,10 +193,14 @@ fn pages_never_leak_under_random_submit_step_cancel() {
         * page
         * 4;
     e.set_kv_memory(Some((per_page * 12) as u64)).unwrap();
+    // With the prefix cache taking part: repeated cases read their pages from it, and its pages
+    // give way to runs that need room.
+    e.set_image_cache(24);
+    e.set_prefix_cache(Some((per_page * 6) as u64));
     let mut s = e.scheduler();
     let mut r = SplitMix64::new(9);
     let mut ids = Vec::new();
-    let (mut done, mut cancelled) = (0, 0);
+    let (mut done, mut cancelled, mut hits) = (0, 0, 0);
     for op in 0..1000 {
         match r.next_u64() % 10 {
             0..=2 => ids.push(s.submit(case(op % 24).0, case(op % 24).1)),
@@ -214,7 +218,10 @@ fn pages_never_leak_under_random_submit_step_cancel() {
             let ev = s.events(id);
             for x in &ev {
                 match x {
-                    Ok(Item::Done(_)) => done += 1,
+                    Ok(Item::Done(d)) => {
+                        done += 1;
+                        hits += (d.cached_tokens > 0) as usize;
+                    }
                     Err(Error::Cancelled) => cancelled += 1,
                     Err(e) => panic!("op {op}: a run failed: {e}"),
                     _ => {}
@@ -227,9 +234,12 @@ fn pages_never_leak_under_random_submit_step_cancel() {
         s.step().unwrap();
     }
     assert!(
-        done > 20 && cancelled > 10,
-        "{done} done, {cancelled} cancelled"
+        done > 20 && cancelled > 10 && hits > 0,
+        "{done} done ({hits} from cached prefixes), {cancelled} cancelled"
     );
+    assert!(e.prefix_pages() > 0 && e.prefix_pages() <= 6);
+    assert_eq!(e.kv_usage().0, e.prefix_pages(), "pages leaked");
+    e.set_prefix_cache(None);
     assert_eq!(e.kv_usage().0, 0, "pages leaked");
 }
 

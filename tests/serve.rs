@@ -763,8 +763,8 @@ fn conversations_with_a_system_prompt_and_history_answer_as_the_command_line() {
         .starts_with("Answer with one word. USER: <image>\n"));
 
     let server = Server::start(&[]);
-    let body = json!({"messages": messages(&image_url()), "max_tokens": 8});
-    let (status, _, body) = post(server.addr, &body);
+    let request = json!({"messages": messages(&image_url()), "max_tokens": 8});
+    let (status, _, body) = post(server.addr, &request);
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     let v: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(
@@ -783,6 +783,18 @@ fn conversations_with_a_system_prompt_and_history_answer_as_the_command_line() {
         json!(want_ids.len()),
         "{v}"
     );
+    assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    // Sent again (a client retrying, or the next turn's shared beginning): the prompt's pages
+    // come from the prefix cache and the answer is the same.
+    let (status, _, again) = post(server.addr, &request);
+    assert_eq!(status, 200);
+    let again: Value = serde_json::from_slice(&again).unwrap();
+    assert_eq!(again["choices"], v["choices"]);
+    let cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    let prompt = v["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(cached > 0 && cached < prompt, "{cached} of {prompt}");
 }
 
 /// `n` choices: one prompt, choice `i` sampled with the seed plus `i`, each exactly the one-choice

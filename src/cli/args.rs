@@ -405,6 +405,12 @@ pub struct ServeArgs {
     /// that cannot get pages waits while others hold them. Default: grows with demand.
     #[arg(long, value_parser = crate::util::parse_bytes)]
     pub kv_memory: Option<u64>,
+    /// KV pages of earlier prompts and answers kept so that a conversation's next turn, or
+    /// another question about the same image, computes only its new tokens (e.g. 2GiB; 0: off).
+    /// Cached pages are part of the KV cache and give way to requests that need room. Default:
+    /// one full context's worth.
+    #[arg(long, value_parser = crate::util::parse_bytes)]
+    pub prefix_cache: Option<u64>,
     /// Sleep this many milliseconds after each decode step. For tests: the demo model answers
     /// faster than a test can observe a queue or a disconnect.
     #[arg(long, default_value_t = 0, hide = true)]
@@ -432,6 +438,7 @@ impl ServeArgs {
             cors_origins: self.cors_origins,
             max_batch: self.max_batch,
             kv_memory: self.kv_memory,
+            prefix_cache: self.prefix_cache,
             test_token_delay_ms: self.test_token_delay_ms,
         })
     }

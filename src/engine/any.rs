@@ -313,6 +313,21 @@ impl AnyEngine {
         with_engine!(self, |e| e.set_image_cache(capacity))
     }
 
+    /// See [`Engine::set_prefix_cache`].
+    pub fn set_prefix_cache(&self, bytes: Option<u64>) {
+        with_engine!(self, |e| e.set_prefix_cache(bytes))
+    }
+
+    /// See [`Engine::prefix_pages`].
+    pub fn prefix_pages(&self) -> usize {
+        with_engine!(self, |e| e.prefix_pages())
+    }
+
+    /// See [`Engine::kv_page_bytes`].
+    pub fn kv_page_bytes(&self) -> usize {
+        with_engine!(self, |e| e.kv_page_bytes())
+    }
+
     /// See [`Engine::set_kv_memory`].
     pub fn set_kv_memory(&self, bytes: Option<u64>) -> Result<()> {
         with_engine!(self, |e| e.set_kv_memory(bytes))

@@ -478,6 +478,30 @@ impl<B: Backend> Engine<B> {
         self.model.kv.set_budget(&self.backend, bytes)
     }
 
+    /// Keeps up to `bytes` of KV pages (whole pages) of finished prompts and answers, so a run
+    /// whose prompt starts the same way — a conversation's next turn, another question about the
+    /// same image, a shared system prompt — reads those positions instead of computing them
+    /// (`None` or 0, the default: off, and the cache emptied). Plain and FastRM runs use it; the
+    /// gradient methods and masked runs need every position computed. An image matches only
+    /// through the image cache ([`Self::set_image_cache`]), which gives one set of features per
+    /// picture: with it off, only the text before an image can match. Cached pages never turn a
+    /// run away: one that needs room takes them, least recently used first.
+    pub fn set_prefix_cache(&self, bytes: Option<u64>) {
+        let per = self.model.kv.page_bytes(&self.backend) as u64;
+        let pages = bytes.map_or(0, |b| b / per) as usize;
+        self.model.kv.set_prefix_cache(pages);
+    }
+
+    /// Pages the prefix cache holds.
+    pub fn prefix_pages(&self) -> usize {
+        self.model.kv.prefix_pages()
+    }
+
+    /// Bytes one KV page takes ([`crate::model::kv::PAGE`] positions of every layer).
+    pub fn kv_page_bytes(&self) -> usize {
+        self.model.kv.page_bytes(&self.backend)
+    }
+
     /// Keeps the projected features of the last `capacity` images (0, the default: none), so a
     /// run whose image was seen recently — a conversation's next turn resending it — skips the
     /// vision tower. Off by default because runs that time the tower (`profile`) must run it.

@@ -184,7 +184,7 @@ impl<'e, B: Backend> Scheduler<'e, B> {
                 Ok(()) => {}
                 // Pages are held by runs that will end: wait for them. When none are held,
                 // this run can never fit.
-                Err(Error::KvFull(_)) if self.engine.model.kv.usage().0 > 0 => {}
+                Err(Error::KvFull(_)) if self.engine.model.kv.runs_hold_pages() => {}
                 Err(e) => {
                     slot.run.finish();
                     slot.events.push_back(Err(e));

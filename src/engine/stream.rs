@@ -72,6 +72,9 @@ pub struct TokenStep {
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
     pub input_ids: Vec<u32>,
+    /// Prompt positions read from the prefix cache rather than computed
+    /// ([`super::Engine::set_prefix_cache`]).
+    pub cached_tokens: usize,
     pub generated_ids: Vec<u32>,
     pub text: String,
     pub stop_reason: StopReason,
@@ -112,10 +115,11 @@ pub struct TopLogprob {
 pub enum Item {
     /// The vision tower and projector are done.
     ImageEncoded,
-    /// The prompt has been run through the decoder. `image_hidden` `[P·D]` with
-    /// [`RunOptions::hidden_states`].
+    /// The prompt has been run through the decoder (its first `cached_len` positions read from
+    /// the prefix cache). `image_hidden` `[P·D]` with [`RunOptions::hidden_states`].
     Prefilled {
         prompt_len: usize,
+        cached_len: usize,
         #[serde(skip_serializing_if = "Option::is_none")]
         image_hidden: Option<Vec<f32>>,
     },
@@ -205,14 +209,12 @@ impl<'e, B: Backend> Stream<'e, B> {
             }
             State::Encoded { prompt, image } => {
                 let mode = self.mapper.as_ref().map_or(Mode::Plain, |m| m.mode());
-                let s = match Session::prefill(
-                    b,
-                    model,
-                    prompt.clone(),
-                    &image,
-                    &self.opts.generate,
-                    mode,
-                ) {
+                let (p, o) = (prompt.clone(), &self.opts.generate);
+                let s = match if mode == Mode::Plain {
+                    Session::prefill_cached(b, model, p, &image, o)
+                } else {
+                    Session::prefill(b, model, p, &image, o, mode)
+                } {
                     Ok(s) => s,
                     // No pages now: the run can wait for them (a scheduler retries it).
                     Err(e @ Error::KvFull(_)) => {
@@ -305,6 +307,7 @@ impl<'e, B: Backend> Stream<'e, B> {
         };
         Ok(Item::Prefilled {
             prompt_len: s.prompt().len(),
+            cached_len: s.cached_len(),
             image_hidden,
         })
     }
@@ -434,6 +437,7 @@ impl<'e, B: Backend> Stream<'e, B> {
         };
         self.pending.push_back(Item::Done(Summary {
             input_ids: s.prompt().ids().to_vec(),
+            cached_tokens: s.cached_len(),
             text,
             generated_ids,
             stop_reason: s.stop_reason().unwrap_or(StopReason::MaxNewTokens),
@@ -510,7 +514,7 @@ impl<'e, B: Backend> Stream<'e, B> {
             .min()
         {
             full.truncate(at);
-            s.stop_now(StopReason::Stop);
+            s.stop_now(StopReason::Stop)?;
             self.cut = Some(full.clone());
             last = true;
         }

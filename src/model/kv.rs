@@ -15,8 +15,9 @@
 //!   what it needs, as a per-run cache would). Growing copies the pages in use into the larger
 //!   storage (both exist for the copy's duration).
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
+use super::prefix::{PageKey, Prefixes, Tok, ROOT};
 use crate::backend::{page_slot, with_memory_tag, Backend, MemTag};
 use crate::config::TextConfig;
 use crate::error::{Error, Result};
@@ -49,6 +50,26 @@ struct PoolState<B: Backend> {
     refs: Vec<u32>,
     /// A fixed size in pages, or `None` (grow with demand).
     budget: Option<usize>,
+    /// Full pages kept for later runs with the same prefix; the cache holds one reference to each.
+    prefixes: Prefixes<Cached<B>>,
+}
+
+/// What a cached page keeps beside its keys and values.
+struct Cached<B: Backend> {
+    /// The images its positions name (their addresses stay theirs while the node lives).
+    _images: Vec<Arc<B::Tensor>>,
+    /// The final-norm hidden states of its image positions, `[k, D]` (FastRM reads them), or
+    /// `None` when it has none.
+    image_hidden: Option<B::Tensor>,
+}
+
+/// A sequence admitted with the longest cached prefix of its prompt ([`KvPool::admit_prefix`]).
+pub struct PrefixHit<'p, B: Backend> {
+    /// Its pages, the cached ones first; `kv.len` is the number of positions they hold.
+    pub kv: SeqKv<'p, B>,
+    /// The cached pages' image-position hidden states, in order (one tensor per page that has
+    /// image positions).
+    pub image_hidden: Vec<B::Tensor>,
 }
 
 impl<B: Backend> KvPool<B> {
@@ -64,6 +85,7 @@ impl<B: Backend> KvPool<B> {
                 free: Vec::new(),
                 refs: Vec::new(),
                 budget: None,
+                prefixes: Prefixes::default(),
             }),
         }
     }
@@ -83,6 +105,7 @@ impl<B: Backend> KvPool<B> {
     /// returns it to growing with demand (`None`). Refused while sequences hold pages.
     pub fn set_budget(&self, b: &B, bytes: Option<u64>) -> Result<()> {
         let mut st = self.lock();
+        Self::clear_prefixes(&mut st);
         if Self::in_use(&st) > 0 {
             return Err(Error::input(
                 "the KV cache's size cannot change while sequences hold pages",
@@ -107,7 +130,7 @@ impl<B: Backend> KvPool<B> {
         Ok(())
     }
 
-    /// `(pages in use, pages the pool may hold)`.
+    /// `(pages in use, pages the pool may hold)`; pages in use include the prefix cache's.
     pub fn usage(&self) -> (usize, usize) {
         let st = self.lock();
         (Self::in_use(&st), self.limit(&st))
@@ -153,8 +176,16 @@ impl<B: Backend> KvPool<B> {
         need: usize,
         positions: usize,
     ) -> Result<Vec<u32>> {
-        let in_use = Self::in_use(st);
         let limit = self.limit(st);
+        // Cached pages no run holds make room before a run is refused.
+        while Self::in_use(st) + need > limit {
+            let refs = &st.refs;
+            let Some(p) = st.prefixes.evict(|p| refs[p as usize] == 1) else {
+                break;
+            };
+            Self::drop_ref(st, p);
+        }
+        let in_use = Self::in_use(st);
         if in_use + need > limit {
             return Err(Error::KvFull(format!(
                 "a sequence of {positions} positions needs {need} pages of {PAGE}; {} of the \
@@ -209,15 +240,176 @@ impl<B: Backend> KvPool<B> {
     fn release(&self, pages: &[u32]) {
         let mut st = self.lock();
         for &p in pages.iter().rev() {
-            let r = &mut st.refs[p as usize];
-            *r -= 1;
-            if *r == 0 {
-                st.free.push(p);
+            Self::drop_ref(&mut st, p);
+        }
+        Self::release_if_idle(&mut st);
+    }
+
+    fn drop_ref(st: &mut PoolState<B>, p: u32) {
+        let r = &mut st.refs[p as usize];
+        *r -= 1;
+        if *r == 0 {
+            st.free.push(p);
+        }
+    }
+
+    /// Without a budget, the storage goes when no page is held (by a run or the prefix cache).
+    fn release_if_idle(st: &mut PoolState<B>) {
+        if st.budget.is_none() && st.free.len() == st.allocated {
+            Self::release_storage(st);
+        }
+    }
+
+    fn clear_prefixes(st: &mut PoolState<B>) {
+        for p in st.prefixes.clear() {
+            Self::drop_ref(st, p);
+        }
+        Self::release_if_idle(st);
+    }
+
+    /// Keeps at most `pages` full pages of finished prompts and answers for later runs that
+    /// start the same way ([`Self::admit_prefix`]); 0 (the default) keeps none and empties the
+    /// cache. Cached pages count as used, but a run that needs room takes them (least recently
+    /// used first) before it is refused, so the cache never turns a run away.
+    pub fn set_prefix_cache(&self, pages: usize) {
+        let mut st = self.lock();
+        st.prefixes.max_pages = pages;
+        Self::trim_prefixes(&mut st);
+    }
+
+    /// Pages the prefix cache holds.
+    pub fn prefix_pages(&self) -> usize {
+        self.lock().prefixes.len()
+    }
+
+    /// Whether any run (not only the prefix cache) holds a page: a run refused for room can wait
+    /// for them.
+    pub fn runs_hold_pages(&self) -> bool {
+        let st = self.lock();
+        let refs: usize = st.refs.iter().map(|&r| r as usize).sum();
+        refs > st.prefixes.len()
+    }
+
+    fn trim_prefixes(st: &mut PoolState<B>) {
+        while st.prefixes.len() > st.prefixes.max_pages {
+            let Some(p) = st.prefixes.evict(|_| true) else {
+                break;
+            };
+            Self::drop_ref(st, p);
+        }
+        Self::release_if_idle(st);
+    }
+
+    /// [`Self::admit`] with the longest cached prefix of `keys` (the prompt's full pages that may
+    /// come from the cache) already in place: the sequence's length is the positions found.
+    pub fn admit_prefix(
+        &self,
+        b: &B,
+        positions: usize,
+        keys: &[PageKey],
+    ) -> Result<PrefixHit<'_, B>> {
+        let need = positions.div_ceil(PAGE).max(1);
+        let mut st = self.lock();
+        let st = &mut *st;
+        let found = st.prefixes.lookup(&keys[..keys.len().min(need)]);
+        // Held before taking the rest, so making room cannot evict them.
+        for &(_, p) in &found {
+            st.refs[p as usize] += 1;
+        }
+        let own = match self.take(b, st, need - found.len(), positions) {
+            Ok(own) => own,
+            Err(e) => {
+                for &(_, p) in &found {
+                    Self::drop_ref(st, p);
+                }
+                Self::release_if_idle(st);
+                return Err(e);
+            }
+        };
+        let mut image_hidden = Vec::new();
+        for &(id, _) in &found {
+            if let Some(h) = &st.prefixes.payload(id).image_hidden {
+                image_hidden.push(b.slice_rows(h, 0, b.dims(h).0)?);
             }
         }
-        if st.budget.is_none() && st.free.len() == st.allocated {
-            Self::release_storage(&mut st);
+        let mut pages: Vec<u32> = found.iter().map(|&(_, p)| p).collect();
+        pages.extend(own);
+        Ok(PrefixHit {
+            kv: SeqKv {
+                pool: self,
+                pages,
+                len: found.len() * PAGE,
+                capacity: positions,
+            },
+            image_hidden,
+        })
+    }
+
+    /// Caches `seq`'s full pages whose positions are `keys` (from the first page on; pages
+    /// already cached are skipped). A page with image positions is cached only with their hidden
+    /// states, `image_hidden(i)` for page `i` (`None` when they are not at hand: the chain stops
+    /// there). `images` are the features the keys' image positions name.
+    pub fn remember(
+        &self,
+        seq: &SeqKv<'_, B>,
+        keys: &[PageKey],
+        images: &[Arc<B::Tensor>],
+        mut image_hidden: impl FnMut(usize) -> Result<Option<B::Tensor>>,
+    ) -> Result<()> {
+        let mut st = self.lock();
+        let st = &mut *st;
+        if st.prefixes.max_pages == 0 {
+            return Ok(());
         }
+        let full = (seq.len / PAGE).min(keys.len());
+        let mut parent = ROOT;
+        for (i, key) in keys[..full].iter().enumerate() {
+            if let Some(id) = st.prefixes.child(parent, key) {
+                parent = id;
+                continue;
+            }
+            let mut named: Vec<usize> = key
+                .iter()
+                .filter_map(|t| match t {
+                    Tok::Image { image, .. } => Some(*image),
+                    Tok::Text(_) => None,
+                })
+                .collect();
+            named.sort_unstable();
+            named.dedup();
+            let hidden = if named.is_empty() {
+                None
+            } else {
+                match image_hidden(i)? {
+                    Some(h) => Some(h),
+                    None => break,
+                }
+            };
+            let pinned: Vec<Arc<B::Tensor>> = images
+                .iter()
+                .filter(|a| named.contains(&(Arc::as_ptr(a) as usize)))
+                .cloned()
+                .collect();
+            if pinned.len() != named.len() {
+                // An address no node keeps alive could be another image's later.
+                return Err(Error::input(
+                    "a cached page names an image whose features were not given",
+                ));
+            }
+            let page = seq.pages[i];
+            st.refs[page as usize] += 1;
+            parent = st.prefixes.insert(
+                parent,
+                *key,
+                page,
+                Cached {
+                    _images: pinned,
+                    image_hidden: hidden,
+                },
+            );
+        }
+        Self::trim_prefixes(st);
+        Ok(())
     }
 
     /// Runs `f` on the pool's per-layer key and value tensors.

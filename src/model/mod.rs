@@ -9,6 +9,7 @@ pub mod kv;
 pub mod llama;
 pub mod llama_backward;
 pub mod llava;
+pub mod prefix;
 pub mod sampling;
 pub mod session;
 

@@ -8,11 +8,13 @@
 //! and can stop at any point (cancellation, a client that left). What other engines pass as hooks
 //! is the caller's own code between two steps.
 
+use std::sync::Arc;
 use std::time::Instant;
 
-use super::kv::SeqKv;
+use super::kv::{SeqKv, PAGE};
 use super::llama::{Pass, Saved};
 use super::llava::{GenerateOptions, IdGeneration, StopReason, Timings};
+use super::prefix::{PageKey, Tok};
 use super::sampling::{Choice, Sampler};
 use super::Llava;
 use crate::backend::Backend;
@@ -144,8 +146,16 @@ pub struct Session<'m, B: Backend> {
     mode: Mode,
     cache: SeqKv<'m, B>,
     saved: Option<Saved<B>>,
-    /// `[n, D]` final-norm hidden states of the prompt, until the first decode forward.
+    /// `[n - cached, D]` final-norm hidden states of the prompt positions computed by the
+    /// prefill, until the first decode forward.
     prompt_hidden: Option<B::Tensor>,
+    /// Prompt positions read from the prefix cache (a multiple of the page size).
+    cached: usize,
+    /// `[k, D]` final-norm hidden states of the image positions below `cached`, from the cache.
+    cached_image: Option<B::Tensor>,
+    /// The image's features, when the run takes part in the prefix cache (their address names
+    /// the image in the cache's keys).
+    shared: Option<Arc<B::Tensor>>,
     /// `[1, D]` the hidden state that chose the latest token (before the first step: the prompt's
     /// last position).
     last: B::Tensor,
@@ -171,6 +181,35 @@ impl<'m, B: Backend> Session<'m, B> {
         opts: &GenerateOptions,
         mode: Mode,
     ) -> Result<Self> {
+        Self::prefill_with(b, model, prompt, image, None, opts, mode)
+    }
+
+    /// A plain session through the model's prefix cache ([`KvPool::set_prefix_cache`]): the
+    /// longest cached prefix of the prompt is read, not computed, and the prompt's full pages
+    /// (then, when the run ends, its answer's) are cached for later runs. `image` names the
+    /// image in the cache: the same features (the engine's image cache hands out one per
+    /// picture) match, anything else does not.
+    ///
+    /// [`KvPool::set_prefix_cache`]: super::kv::KvPool::set_prefix_cache
+    pub fn prefill_cached(
+        b: &'m B,
+        model: &'m Llava<B>,
+        prompt: Prompt,
+        image: &Arc<B::Tensor>,
+        opts: &GenerateOptions,
+    ) -> Result<Self> {
+        Self::prefill_with(b, model, prompt, image, Some(image), opts, Mode::Plain)
+    }
+
+    fn prefill_with(
+        b: &'m B,
+        model: &'m Llava<B>,
+        prompt: Prompt,
+        image: &B::Tensor,
+        shared: Option<&Arc<B::Tensor>>,
+        opts: &GenerateOptions,
+        mode: Mode,
+    ) -> Result<Self> {
         opts.validate()?;
         let t0 = Instant::now();
         let n = prompt.len();
@@ -190,8 +229,20 @@ impl<'m, B: Backend> Session<'m, B> {
             _ => None,
         };
         // Pages first: a run that must wait for them has done no work yet.
-        let mut cache = model.kv.admit(b, capacity)?;
-        let x = model.embed_prompt(b, &prompt, image)?;
+        let (mut cache, cached_image) = match shared {
+            Some(img) => {
+                // The last position is always computed: its hidden state chooses token 0.
+                let keys = page_keys(&prompt, &[], img, (n - 1) / PAGE);
+                let hit = model.kv.admit_prefix(b, capacity, &keys)?;
+                (hit.kv, concat_rows(b, &hit.image_hidden)?)
+            }
+            None => (model.kv.admit(b, capacity)?, None),
+        };
+        let cached = cache.len;
+        let mut x = model.embed_prompt(b, &prompt, image)?;
+        if cached > 0 {
+            x = b.slice_rows(&x, cached, n - cached)?;
+        }
         let mut saved = match mode {
             Mode::SaveAll => Some(Saved::new(0, capacity)),
             Mode::SaveStep => Some(Saved::new(0, n)),
@@ -199,11 +250,27 @@ impl<'m, B: Backend> Session<'m, B> {
         };
         let pass = keep.as_deref().map_or(Pass::Plain, Pass::Masked);
         let hidden = model.llm.run(b, x, &mut cache, pass, saved.as_mut())?;
-        let last = b.slice_rows(&hidden, n - 1, 1)?;
+        let last = b.slice_rows(&hidden, n - 1 - cached, 1)?;
         check_finite(
             &b.download(&last)?,
             "the hidden state at the end of prefill",
         )?;
+        if let Some(img) = shared {
+            let keys = page_keys(&prompt, &[], img, n / PAGE);
+            model
+                .kv
+                .remember(&cache, &keys, std::slice::from_ref(img), |page| {
+                    // Pages below `cached` are in the cache already; the others' image rows are
+                    // in this prefill's hidden states.
+                    let rows: Vec<u32> = prompt
+                        .image_positions()
+                        .iter()
+                        .filter(|&&j| j / PAGE == page && j >= cached)
+                        .map(|&j| (j - cached) as u32)
+                        .collect();
+                    Ok(Some(b.embedding(&hidden, &rows)?))
+                })?;
+        }
         Ok(Session {
             b,
             model,
@@ -214,6 +281,9 @@ impl<'m, B: Backend> Session<'m, B> {
             cache,
             saved,
             prompt_hidden: Some(hidden),
+            cached,
+            cached_image,
+            shared: shared.cloned(),
             last,
             logits: None,
             generated: Vec::new(),
@@ -263,6 +333,9 @@ impl<'m, B: Backend> Session<'m, B> {
             cache: self.cache.fork(b, self.cache.capacity)?,
             saved: None,
             prompt_hidden: self.prompt_hidden.as_ref().map(copy).transpose()?,
+            cached: self.cached,
+            cached_image: self.cached_image.as_ref().map(copy).transpose()?,
+            shared: self.shared.clone(),
             last: copy(&self.last)?,
             logits: None,
             generated: Vec::new(),
@@ -331,7 +404,23 @@ impl<'m, B: Backend> Session<'m, B> {
         self.logits = Some(logits);
         self.generated.push(next);
         self.stop = self.check_stop();
+        if self.stop.is_some() {
+            self.remember_answer()?;
+        }
         Ok(next)
+    }
+
+    /// At the end of a run in the prefix cache: its answer's full pages too, for the
+    /// conversation's next turn (the prompt's are cached already; an image page no longer cached
+    /// cannot be, its hidden states are gone).
+    fn remember_answer(&self) -> Result<()> {
+        let Some(img) = &self.shared else {
+            return Ok(());
+        };
+        let keys = page_keys(&self.prompt, &self.generated, img, self.cache.len / PAGE);
+        self.model
+            .kv
+            .remember(&self.cache, &keys, std::slice::from_ref(img), |_| Ok(None))
     }
 
     /// Whether greedy generation ends after the token just chosen.
@@ -352,8 +441,9 @@ impl<'m, B: Backend> Session<'m, B> {
 
     /// Ends the run after the token just chosen, for `reason` (a stop string the caller found in
     /// the text: it names why the text ends even when the token also reached the length limit).
-    pub fn stop_now(&mut self, reason: StopReason) {
+    pub fn stop_now(&mut self, reason: StopReason) -> Result<()> {
         self.stop = Some(reason);
+        self.remember_answer()
     }
 
     /// How the latest token was chosen, when it was chosen on the host (sampling, penalties or
@@ -391,30 +481,32 @@ impl<'m, B: Backend> Session<'m, B> {
         self.model
     }
 
-    /// The prompt's final-norm hidden states `[n, D]`: available after prefill, until the first
-    /// token is fed back.
-    pub fn prompt_hidden(&self) -> Option<&B::Tensor> {
-        self.prompt_hidden.as_ref()
+    /// Prompt positions the prefill read from the prefix cache instead of computing.
+    pub fn cached_len(&self) -> usize {
+        self.cached
     }
 
-    /// The image positions' rows of [`Self::prompt_hidden`], gathered into one `[P, D]` tensor.
+    /// The final-norm hidden states of the image positions, `[P, D]` in order: available after
+    /// prefill, until the first token is fed back (those below [`Self::cached_len`] come from
+    /// the prefix cache).
     pub fn image_hidden(&self) -> Result<B::Tensor> {
         let b = self.b;
         let hidden = self.prompt_hidden.as_ref().ok_or_else(|| {
             Error::input("the prompt's hidden states are gone once decoding has started")
         })?;
-        let (_, d) = b.dims(hidden);
-        let runs = self.prompt.image_runs();
-        if let [(start, n)] = runs[..] {
-            return b.slice_rows(hidden, start, n);
+        let rows: Vec<u32> = self
+            .prompt
+            .image_pos
+            .iter()
+            .filter(|&&j| j >= self.cached)
+            .map(|&j| (j - self.cached) as u32)
+            .collect();
+        let computed = b.embedding(hidden, &rows)?;
+        match &self.cached_image {
+            None => Ok(computed),
+            Some(c) => concat_rows(b, &[b.slice_rows(c, 0, b.dims(c).0)?, computed])
+                .map(|t| t.expect("two parts")),
         }
-        let mut img = b.zeros(self.prompt.image_pos.len(), d)?;
-        let mut row = 0;
-        for (start, n) in runs {
-            b.copy_rows_into(&mut img, row, &b.slice_rows(hidden, start, n)?)?;
-            row += n;
-        }
-        Ok(img)
     }
 
     /// `[1, D]`: the final-norm hidden state that chose the latest token.
@@ -532,4 +624,50 @@ pub fn step_all<'m, B: Backend>(
         }
     }
     Ok(results.into_iter().map(|r| r.unwrap_or(Ok(None))).collect())
+}
+
+/// The cache keys of the first `pages` full pages of `prompt` followed by `generated`.
+fn page_keys<T>(prompt: &Prompt, generated: &[u32], image: &Arc<T>, pages: usize) -> Vec<PageKey> {
+    let image = Arc::as_ptr(image) as usize;
+    let mut patch = 0u32;
+    let mut next_image = prompt.image_pos.iter().peekable();
+    let toks = prompt
+        .ids
+        .iter()
+        .enumerate()
+        .map(|(j, &id)| {
+            if next_image.next_if_eq(&&j).is_some() {
+                patch += 1;
+                Tok::Image {
+                    image,
+                    patch: patch - 1,
+                }
+            } else {
+                Tok::Text(id)
+            }
+        })
+        .chain(generated.iter().map(|&id| Tok::Text(id)))
+        .collect::<Vec<_>>();
+    toks.chunks_exact(PAGE)
+        .take(pages)
+        .map(|c| c.try_into().expect("a chunk of PAGE"))
+        .collect()
+}
+
+/// `parts` stacked into one tensor (`None` for no parts).
+fn concat_rows<B: Backend>(b: &B, parts: &[B::Tensor]) -> Result<Option<B::Tensor>> {
+    let Some(first) = parts.first() else {
+        return Ok(None);
+    };
+    if parts.len() == 1 {
+        return Ok(Some(b.slice_rows(first, 0, b.dims(first).0)?));
+    }
+    let rows: usize = parts.iter().map(|t| b.dims(t).0).sum();
+    let mut out = b.zeros(rows, b.dims(first).1)?;
+    let mut at = 0;
+    for t in parts {
+        b.copy_rows_into(&mut out, at, t)?;
+        at += b.dims(t).0;
+    }
+    Ok(Some(out))
 }

@@ -62,6 +62,9 @@ pub struct ServeOptions {
     pub max_batch: usize,
     /// A fixed KV cache size in bytes; `None`: it grows with demand.
     pub kv_memory: Option<u64>,
+    /// KV pages of finished prompts and answers kept for the runs that start the same way, in
+    /// bytes (0: none); `None`: one full context's worth.
+    pub prefix_cache: Option<u64>,
     /// A sleep after each decode step that made tokens, for tests that must observe a queue or a
     /// disconnect.
     pub test_token_delay_ms: u64,
@@ -83,6 +86,7 @@ impl Default for ServeOptions {
             cors_origins: Vec::new(),
             max_batch: 8,
             kv_memory: None,
+            prefix_cache: None,
             test_token_delay_ms: 0,
         }
     }
@@ -154,8 +158,18 @@ pub fn run(args: ServeOptions) -> Result<()> {
     engine
         .set_kv_memory(args.kv_memory)
         .map_err(|e| e.for_flag("--kv-memory"))?;
-    // A conversation resends its image every turn: its features are kept for the next one.
+    // A conversation resends its image every turn: its features are kept for the next one,
+    // and its earlier turns' pages for the next turn's prefill.
     engine.set_image_cache(IMAGE_CACHE);
+    let prefix = args.prefix_cache.unwrap_or_else(|| {
+        let cfg = engine.config();
+        let pages = cfg
+            .text
+            .max_position_embeddings
+            .div_ceil(crate::model::kv::PAGE);
+        (pages * engine.kv_page_bytes()) as u64
+    });
+    engine.set_prefix_cache(Some(prefix));
     let cfg = engine.config();
     let g = cfg.vision.grid();
     let metrics = Arc::new(Metrics::default());
@@ -773,11 +787,13 @@ impl Reply {
         })
     }
 
-    fn usage(&self, completion: usize) -> Value {
+    /// `cached`: prompt positions read from the prefix cache.
+    fn usage(&self, completion: usize, cached: usize) -> Value {
         json!({
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": completion,
             "total_tokens": self.prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
         })
     }
 }
@@ -793,6 +809,8 @@ struct Streaming {
     include_usage: bool,
     /// Answer tokens of every choice.
     completion: usize,
+    /// Prompt positions read from the prefix cache.
+    cached: usize,
     /// Choices that have ended.
     ended: usize,
     done: bool,
@@ -820,6 +838,7 @@ fn stream_response(
         _guard: guard,
         include_usage,
         completion: 0,
+        cached: 0,
         ended: 0,
         done: false,
     };
@@ -887,6 +906,7 @@ async fn next_frames(s: &mut Streaming) -> Option<String> {
                 item: Item::Done(sum),
             }) => {
                 s.ended += 1;
+                s.cached = sum.cached_tokens;
                 let mut c = r.chunk(
                     choice,
                     json!({}),
@@ -906,7 +926,7 @@ async fn next_frames(s: &mut Streaming) -> Option<String> {
                 if s.include_usage {
                     let mut u = r.chunk(0, json!({}), None);
                     u["choices"] = json!([]);
-                    u["usage"] = r.usage(s.completion);
+                    u["usage"] = r.usage(s.completion, s.cached);
                     text.push_str(&sse(&u));
                 }
                 text.push_str("data: [DONE]\n\n");
@@ -961,6 +981,12 @@ async fn collect_response(
     }
     let mut choices = Vec::with_capacity(r.n);
     let mut completion = 0;
+    let cached = ends
+        .iter()
+        .flatten()
+        .map(|s| s.cached_tokens)
+        .max()
+        .unwrap_or(0);
     for (index, (sum, maps)) in ends.into_iter().flatten().zip(maps).enumerate() {
         // Per answer token, end-of-sequence ids left out.
         let answer: Vec<usize> = (0..sum.generated_ids.len())
@@ -1011,7 +1037,7 @@ async fn collect_response(
         "model": r.model,
         "system_fingerprint": null,
         "choices": choices.into_iter().map(|c| c.0).collect::<Vec<_>>(),
-        "usage": r.usage(completion),
+        "usage": r.usage(completion, cached),
     });
     if let Some(rel) = top {
         v["relevancy"] = rel;
