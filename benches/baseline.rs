@@ -28,7 +28,7 @@ fn bench(c: &mut Criterion) {
     let n = ids.len();
     let (_, img) = m.encode_image(b, &pixels).unwrap();
     let x = m
-        .embed_prompt(b, &m.prompt(ids.clone()).unwrap(), &img)
+        .embed_prompt(b, &m.prompt(ids.clone()).unwrap(), &[&img])
         .unwrap();
 
     let mut cache = m.kv.admit(b, n + 1).unwrap();

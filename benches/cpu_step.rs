@@ -68,10 +68,17 @@ fn follow_up(c: &mut Criterion, setup: common::Midsize) {
         m.kv.set_prefix_cache(0);
         m.kv.set_prefix_cache(1 << 20);
         let p = m.prompt(turn1.clone()).unwrap();
-        drop(Session::prefill_cached(b, m, p, &img, &opts).unwrap());
+        drop(Session::prefill_cached(b, m, p, std::slice::from_ref(&img), &opts).unwrap());
     };
     cached_turn1();
-    let s = Session::prefill_cached(b, m, m.prompt(turn2.clone()).unwrap(), &img, &opts).unwrap();
+    let s = Session::prefill_cached(
+        b,
+        m,
+        m.prompt(turn2.clone()).unwrap(),
+        std::slice::from_ref(&img),
+        &opts,
+    )
+    .unwrap();
     let computed = turn2.len() - s.cached_len();
     drop(s);
     g.bench_function(format!("cached_turn2_{computed}_computed"), |bench| {
@@ -79,7 +86,9 @@ fn follow_up(c: &mut Criterion, setup: common::Midsize) {
             cached_turn1,
             |()| {
                 let prompt = m.prompt(turn2.clone()).unwrap();
-                let mut s = Session::prefill_cached(b, m, prompt, &img, &opts).unwrap();
+                let mut s =
+                    Session::prefill_cached(b, m, prompt, std::slice::from_ref(&img), &opts)
+                        .unwrap();
                 first_token(&mut s)
             },
             criterion::BatchSize::PerIteration,
@@ -105,7 +114,7 @@ fn batched(c: &mut Criterion, setup: common::Midsize) {
         // Prompts of different lengths: the text after the image cut short by i tokens.
         let n = ids.len() - i;
         let prompt = m.prompt(ids[..n].to_vec()).unwrap();
-        let x = m.embed_prompt(b, &prompt, &img).unwrap();
+        let x = m.embed_prompt(b, &prompt, &[&img]).unwrap();
         let mut kv = m.kv.admit(b, n + 1).unwrap();
         m.llm.forward(b, x, &mut kv).unwrap();
         seqs.push(kv);
@@ -209,7 +218,7 @@ fn steps(c: &mut Criterion, group: &str, setup: common::Midsize) {
     g.bench_function("prefill", |bench| {
         bench.iter(|| {
             let (_, img) = m.encode_image(b, &pixels).unwrap();
-            let x = m.embed_prompt(b, &prompt, &img).unwrap();
+            let x = m.embed_prompt(b, &prompt, &[&img]).unwrap();
             let mut cache = m.kv.admit(b, ids.len() + 1).unwrap();
             let h = m.llm.forward(b, x, &mut cache).unwrap();
             let last = b.slice_rows(&h, ids.len() - 1, 1).unwrap();
@@ -218,7 +227,7 @@ fn steps(c: &mut Criterion, group: &str, setup: common::Midsize) {
     });
 
     let (_, img) = m.encode_image(b, &pixels).unwrap();
-    let x = m.embed_prompt(b, &prompt, &img).unwrap();
+    let x = m.embed_prompt(b, &prompt, &[&img]).unwrap();
     let mut cache = m.kv.admit(b, ids.len() + 1).unwrap();
     m.llm.forward(b, x, &mut cache).unwrap();
     let n = ids.len();

@@ -83,7 +83,7 @@ fn bench(c: &mut Criterion) {
 
     let prefill = || {
         let (_, img) = m.encode_image(b, &pixels).unwrap();
-        let x = m.embed_prompt(b, &prompt, &img).unwrap();
+        let x = m.embed_prompt(b, &prompt, &[&img]).unwrap();
         let mut cache = m.kv.admit(b, n + 1).unwrap();
         let h = m.llm.forward(b, x, &mut cache).unwrap();
         let last = b.slice_rows(&h, n - 1, 1).unwrap();
@@ -95,7 +95,7 @@ fn bench(c: &mut Criterion) {
     });
 
     let (_, img) = m.encode_image(b, &pixels).unwrap();
-    let x = m.embed_prompt(b, &prompt, &img).unwrap();
+    let x = m.embed_prompt(b, &prompt, &[&img]).unwrap();
     let mut cache = m.kv.admit(b, n + 1).unwrap();
     let hidden = m.llm.forward(b, x, &mut cache).unwrap();
     let mut step = || {
@@ -174,7 +174,7 @@ fn bench(c: &mut Criterion) {
     let mut pcache = m.kv.admit(b, n + 1).unwrap();
     let decoder_prefill_s = per_iter(b, 3, || {
         pcache.len = 0;
-        let x = m.embed_prompt(b, &prompt, &img).unwrap();
+        let x = m.embed_prompt(b, &prompt, &[&img]).unwrap();
         drop(m.llm.forward(b, x, &mut pcache).unwrap());
     });
     drop(pcache);
@@ -208,7 +208,7 @@ fn bench(c: &mut Criterion) {
 
     // One baseline map at this context: the exact row (a backward over every position) and an
     // incremental token (a saving decode step plus a one-row backward).
-    let x = m.embed_prompt(b, &prompt, &img).unwrap();
+    let x = m.embed_prompt(b, &prompt, &[&img]).unwrap();
     let mut bcache = m.kv.admit(b, n + 1).unwrap();
     let (bh, saved) = m.llm.forward_saving(b, x, &mut bcache).unwrap();
     let last = b.slice_rows(&bh, n - 1, 1).unwrap();

@@ -38,6 +38,12 @@ impl VisionConfig {
     pub fn num_patches(&self) -> usize {
         self.grid() * self.grid()
     }
+
+    /// Preprocessed values of one image (3 × side × side, CHW).
+    pub fn pixels_per_image(&self) -> usize {
+        3 * self.image_size * self.image_size
+    }
+
     pub fn head_dim(&self) -> usize {
         self.hidden_size / self.num_attention_heads
     }

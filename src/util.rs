@@ -130,6 +130,14 @@ pub fn parse_bytes(text: &str) -> std::result::Result<u64, String> {
     Ok(bytes as u64)
 }
 
+/// [`parse_bytes`] that also takes `0` (a cache that is off).
+pub fn parse_bytes_or_zero(text: &str) -> std::result::Result<u64, String> {
+    match text.trim() {
+        "0" => Ok(0),
+        _ => parse_bytes(text),
+    }
+}
+
 /// FNV-1a 64 of `bytes`.
 pub fn fnv1a64(bytes: &[u8]) -> u64 {
     Fnv1a::default().update(bytes).finish()

@@ -315,3 +315,96 @@ fn concurrent_writers_and_failed_runs_leave_consistent_folders() {
     assert_eq!(o.status.code(), Some(1));
     assert!(!fresh.exists(), "a failed run left {}", fresh.display());
 }
+
+/// Several `--image` flags: one `<image>` each, in order; every output says which image a map
+/// is of: a PNG per token per image, and per token in the JSON the image count and a map of
+/// every image's patches.
+#[test]
+fn several_images_give_a_map_per_image_in_every_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let second = tmp.path().join("second.png");
+    let mut img = fastrm::vision::load_image(&fixture_image("tiny")).unwrap();
+    for v in img.data.iter_mut().step_by(3) {
+        *v = 255 - *v;
+    }
+    fastrm::render::write_png(&second, &img).unwrap();
+    let out_dir = tmp.path().join("maps");
+    let out = explain(&[
+        "--image",
+        second.to_str().unwrap(),
+        "--method",
+        "baseline",
+        "--max-new-tokens",
+        "2",
+        "--json",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    let doc = json_of(&out);
+    assert_eq!(doc["images"].as_array().unwrap().len(), 2, "{doc}");
+    let patches = 25;
+    for t in doc["tokens"].as_array().unwrap() {
+        assert_eq!(t["images"], 2);
+        assert_eq!(t["map"].as_array().unwrap().len(), 2 * patches);
+    }
+    // One <image> per flag, in order, before the question.
+    assert!(doc["prompt"].as_str().is_some());
+    let ids: Vec<u64> = doc["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    let image_token = 512;
+    assert_eq!(
+        ids.iter().filter(|&&i| i == image_token).count(),
+        2 * patches
+    );
+    assert_eq!(
+        file_names(&out_dir),
+        [
+            "explain.json",
+            "sheet.png",
+            "token_000_image1.png",
+            "token_000_image2.png",
+            "token_001_image1.png",
+            "token_001_image2.png",
+        ]
+    );
+    // The two images' overlays of one token differ: each is drawn from its own part of the map.
+    let a = std::fs::read(out_dir.join("token_000_image1.png")).unwrap();
+    let b = std::fs::read(out_dir.join("token_000_image2.png")).unwrap();
+    assert_ne!(a, b);
+}
+
+/// A conversation without images is answered; asking for its maps is a named error.
+#[test]
+fn a_text_only_conversation_is_answered_and_its_maps_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("chat.json");
+    std::fs::write(
+        &file,
+        r#"[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello?"}]"#,
+    )
+    .unwrap();
+    let model = fixture_dir("tiny");
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_fastrm"))
+            .args(args)
+            .args(["--model", model.to_str().unwrap(), "--messages"])
+            .arg(&file)
+            .args(["-n", "3", "--json"])
+            .output()
+            .unwrap()
+    };
+    let doc = json_of(&run(&["generate"]));
+    assert_eq!(doc["generated_ids"].as_array().unwrap().len(), 3);
+    assert_eq!(doc["images"], serde_json::json!([]));
+    let out = run(&["explain", "--method", "baseline"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no image") && !err.contains("panicked"),
+        "{err}"
+    );
+}

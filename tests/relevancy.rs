@@ -48,7 +48,7 @@ fn cams_at_step0_and_full_r() {
     let (_, px) = exp.f32("pixel_values");
     let (_, img) = m.encode_image(b, px).unwrap();
     let x = m
-        .embed_prompt(b, &m.prompt(ids.clone()).unwrap(), &img)
+        .embed_prompt(b, &m.prompt(ids.clone()).unwrap(), &[&img])
         .unwrap();
     let mut cache = m.kv.admit(b, ids.len()).unwrap();
     let (_, saved) = m.llm.forward_saving(b, x, &mut cache).unwrap();

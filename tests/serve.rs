@@ -425,6 +425,18 @@ fn malformed_requests_and_limits_get_openai_errors() {
     let png = std::fs::read(repo_root().join("assets/demo/image.png")).unwrap();
     let small = "data:image/png;base64,".to_string()
         + &base64::engine::general_purpose::STANDARD.encode(&png[..png.len().min(15000)]);
+    // A valid image under this server's byte limit.
+    let dir = tempfile::tempdir().unwrap();
+    let small_png = dir.path().join("small.png");
+    let pixels = fastrm::vision::RgbImage::new(16, 16, vec![200; 16 * 16 * 3]).unwrap();
+    fastrm::render::write_png(&small_png, &pixels).unwrap();
+    let png_url = "data:image/png;base64,".to_string()
+        + &base64::engine::general_purpose::STANDARD.encode(std::fs::read(&small_png).unwrap());
+    let maps = |v: Value| {
+        let mut v = v;
+        v["relevancy"] = json!({"method": "baseline"});
+        v
+    };
     let cases: Vec<(Value, u16, Option<&str>, &str)> = vec![
         (json!({}), 400, Some("messages"), "no messages"),
         (
@@ -467,13 +479,13 @@ fn malformed_requests_and_limits_get_openai_errors() {
         ),
         (
             json!({"messages": [
-                {"role": "user", "content": [url("data:image/png;base64,aGk="), text]},
+                {"role": "user", "content": [url(&png_url), text]},
                 {"role": "assistant", "content": "yellow"},
                 {"role": "user", "content": [url("data:image/png;base64,aGk="), text]},
             ]}),
             400,
             Some("messages[2].content[0].image_url.url"),
-            "images in two messages",
+            "a bad image in a later message",
         ),
         (
             json!({"messages": [{"role": "user", "content": [url("data:image/png;base64,aGk="), {"type": "text", "text": "<image> hi"}]}]}),
@@ -481,8 +493,18 @@ fn malformed_requests_and_limits_get_openai_errors() {
             Some("messages[0].content"),
             "<image> in the text",
         ),
-        (with(json!(QUESTION)), 400, Some("messages"), "text only"),
-        (with(json!([text])), 400, Some("messages"), "no image part"),
+        (
+            maps(with(json!(QUESTION))),
+            400,
+            Some("messages"),
+            "maps of a text-only conversation",
+        ),
+        (
+            maps(with(json!([text]))),
+            400,
+            Some("messages"),
+            "maps without an image part",
+        ),
         (
             with(json!([url("https://example.com/a.png"), text])),
             400,
@@ -515,13 +537,13 @@ fn malformed_requests_and_limits_get_openai_errors() {
         ),
         (
             with(json!([
-                url("data:image/png;base64,aGk="),
+                url(&png_url),
                 url("data:image/png;base64,aGk="),
                 text
             ])),
             400,
             Some("messages[0].content[1].image_url.url"),
-            "two images",
+            "a bad second image",
         ),
         (
             with(json!([{"type": "image_url", "image_url": 5}, text])),
@@ -546,9 +568,9 @@ fn malformed_requests_and_limits_get_openai_errors() {
         assert_error(&post(a, &body), status, param, what);
     }
     // Fields beside the message, on an otherwise good request.
-    let png_url = image_url();
+    let scene_url = image_url();
     let good = |extra: Value| {
-        let mut v = with(json!([url(&png_url), text]));
+        let mut v = with(json!([url(&scene_url), text]));
         for (k, x) in extra.as_object().unwrap() {
             v[k] = x.clone();
         }
@@ -801,7 +823,9 @@ fn conversations_with_a_system_prompt_and_history_answer_as_the_command_line() {
 /// answer of that seed (text and maps), in one response and in one stream.
 #[test]
 fn n_choices_are_the_answers_of_consecutive_seeds() {
-    let server = Server::start(&[]);
+    // Bit-exact against the command line, which keeps no prefix cache (a cached prefix equals
+    // a cold one only to rounding).
+    let server = Server::start(&["--prefix-cache", "0"]);
     // A question the demo model answers in more than one way when sampled hot.
     const Q: &str = "What is in the picture?";
     let extra = |n: usize, seed: u64, stream: bool| {
@@ -875,7 +899,9 @@ fn n_choices_are_the_answers_of_consecutive_seeds() {
 /// text, maps, usage — is the one it gets alone.
 #[test]
 fn concurrent_requests_share_decode_steps_and_answer_as_alone() {
-    let server = Server::start(&["--test-token-delay-ms", "5"]);
+    // Exact equality of a run alone and in a batch: without the prefix cache, whose hits
+    // compute fewer rows per forward (equal only to rounding).
+    let server = Server::start(&["--test-token-delay-ms", "5", "--prefix-cache", "0"]);
     let questions = [
         QUESTION,
         "What shape is in the picture?",
@@ -1026,7 +1052,9 @@ fn an_image_over_the_pixel_limit_is_413() {
 /// implemented, unknown fields and out-of-range values are 400s naming the field.
 #[test]
 fn sampling_fields_match_the_command_line_and_the_rest_is_refused() {
-    let server = Server::start(&[]);
+    // Bit-exact against the command line, which keeps no prefix cache (a cached prefix equals
+    // a cold one only to rounding).
+    let server = Server::start(&["--prefix-cache", "0"]);
     let a = server.addr;
     let cli = |args: &[&str]| cli_json(&[&["generate"][..], args].concat());
     let answer = |extra: Value| -> Value {
@@ -1402,4 +1430,82 @@ fn the_model_is_checked_and_retrievable() {
     assert_eq!(post(a, &body).0, 200);
     body.as_object_mut().unwrap().remove("model");
     assert_eq!(post(a, &body).0, 200, "no model: the served one");
+}
+
+/// Several images in a conversation, each with its own map, and a conversation without images
+/// (answered, without maps): what the command line answers for the same conversations.
+#[test]
+fn several_images_and_none_answer_as_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let scene = repo_root().join("assets/demo/image.png");
+    std::fs::copy(&scene, dir.path().join("a.png")).unwrap();
+    let mut img = fastrm::vision::load_image(&scene).unwrap();
+    img.data.iter_mut().step_by(2).for_each(|v| *v = 255 - *v);
+    fastrm::render::write_png(&dir.path().join("b.png"), &img).unwrap();
+    let data_url = |name: &str| {
+        let bytes = std::fs::read(dir.path().join(name)).unwrap();
+        format!(
+            "data:image/png;base64,{}",
+            base64::engine::general_purpose::STANDARD.encode(bytes)
+        )
+    };
+    let two = |a: &str, b: &str| {
+        json!([{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": a}},
+            {"type": "text", "text": "Which star is yellow?"},
+            {"type": "image_url", "image_url": {"url": b}},
+        ]}])
+    };
+    let text_only = json!([{"role": "user", "content": "Say hello."}]);
+    let cli = |messages: &Value, cmd: &str| {
+        let file = dir.path().join("chat.json");
+        std::fs::write(&file, messages.to_string()).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_fastrm"))
+            .args([cmd, "--json", "-t", "1", "-n", "4", "--messages"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        serde_json::from_str::<Value>(&common::cli_ok(&out)).unwrap()
+    };
+    let server = Server::start(&[]);
+    let grid = 8;
+
+    let want = cli(&two("a.png", "b.png"), "explain");
+    let body = json!({
+        "messages": two(&data_url("a.png"), &data_url("b.png")),
+        "max_tokens": 4,
+        "relevancy": {"method": "fastrm"},
+    });
+    let (status, _, got) = post(server.addr, &body);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&got));
+    let got: Value = serde_json::from_slice(&got).unwrap();
+    assert_eq!(
+        got["usage"]["prompt_tokens"],
+        json!(ids(&want["input_ids"]).len())
+    );
+    let tokens = got["relevancy"]["tokens"].as_array().unwrap();
+    assert!(!tokens.is_empty());
+    for (t, w) in tokens.iter().zip(want["tokens"].as_array().unwrap()) {
+        assert_eq!(t["images"], 2);
+        assert_eq!(
+            decode_map(t["map_b64"].as_str().unwrap()).len(),
+            2 * grid * grid
+        );
+        assert_map_close("two images", t, w);
+    }
+
+    let want = cli(&text_only, "generate");
+    let (status, _, got) = post(
+        server.addr,
+        &json!({"messages": text_only, "max_tokens": 4}),
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&got));
+    let got: Value = serde_json::from_slice(&got).unwrap();
+    assert_eq!(
+        got["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .trim(),
+        want["text"].as_str().unwrap().trim()
+    );
 }

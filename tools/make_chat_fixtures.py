@@ -75,6 +75,26 @@ CASES = [
         ],
     ),
     (
+        "two_images_one_turn",
+        [{"role": "user", "content": [IMAGE, IMAGE, text("What differs between them?")]}],
+    ),
+    (
+        "images_in_two_turns",
+        [
+            {"role": "system", "content": [text("Compare carefully.")]},
+            {"role": "user", "content": [IMAGE, text("What is here?")]},
+            {"role": "assistant", "content": [text("A star.")]},
+            {"role": "user", "content": [text("And here?"), IMAGE]},
+        ],
+    ),
+    (
+        "text_only",
+        [
+            {"role": "system", "content": [text("Answer briefly.")]},
+            {"role": "user", "content": [text("What is a relevancy map?")]},
+        ],
+    ),
+    (
         "unicode_and_spaces",
         [
             {"role": "user", "content": [IMAGE, text("  Qu'est-ce que c'est ?  ")]},
@@ -93,7 +113,9 @@ def main() -> None:
         rendered = processor.apply_chat_template(
             messages, chat_template=LLAVA_15_TEMPLATE, add_generation_prompt=True, tokenize=False
         )
-        ids = processor(text=rendered, images=[image], return_tensors="np")["input_ids"][0]
+        count = sum(1 for m in messages for part in m["content"] if part["type"] == "image")
+        images = [image] * count if count else None
+        ids = processor(text=rendered, images=images, return_tensors="np")["input_ids"][0]
         cases.append(
             {
                 "name": name,

@@ -409,7 +409,7 @@ pub struct ServeArgs {
     /// another question about the same image, computes only its new tokens (e.g. 2GiB; 0: off).
     /// Cached pages are part of the KV cache and give way to requests that need room. Default:
     /// one full context's worth.
-    #[arg(long, value_parser = crate::util::parse_bytes)]
+    #[arg(long, value_parser = crate::util::parse_bytes_or_zero)]
     pub prefix_cache: Option<u64>,
     /// Sleep this many milliseconds after each decode step. For tests: the demo model answers
     /// faster than a test can observe a queue or a disconnect.

@@ -38,17 +38,18 @@ pub struct RunArgs {
     /// Default: the bundled tiny demo model.
     #[arg(short, long)]
     model: Option<String>,
-    /// Image file (PNG or JPEG). Default with the demo model: the bundled demo scene.
+    /// Image file (PNG or JPEG); repeat for several images, placed in this order before the
+    /// question (one `<image>` each). Default with the demo model: the bundled demo scene.
     #[arg(long)]
-    image: Option<PathBuf>,
+    image: Vec<PathBuf>,
     /// The user's question (`-`: read it from standard input); the LLaVA-1.5 chat template is
     /// applied by the engine.
     #[arg(short, long, required_unless_present = "messages", default_value = "")]
     prompt: String,
     /// A conversation instead of --prompt and --image: a JSON file holding OpenAI's `messages`
-    /// array (system, user and assistant messages; text as a string or parts), with exactly one
-    /// image as an `image_url` part of a user message: a file path (relative to the JSON file's
-    /// folder) or a data:image/png;base64,... URL.
+    /// array (system, user and assistant messages; text as a string or parts), its images (any
+    /// number, none included) as `image_url` parts of user messages: file paths (relative to the
+    /// JSON file's folder) or data:image/png;base64,... URLs.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["prompt", "image"])]
     messages: Option<PathBuf>,
     /// Stop after this many generated tokens (EOS stops earlier).
@@ -238,15 +239,19 @@ pub fn explain(mut run: RunArgs, args: ExplainArgs) -> Result<()> {
     };
     let doc = run_doc(&engine, run, &input, &ex.generation, Some(&ex));
     if let Some(staging) = staging {
-        let Some(image) = input.image() else {
+        let images = input.images();
+        if images.is_empty() {
             progress.clear();
             return Err(Error::input(
-                "--out needs an image to draw on; synthetic models have none",
+                "--out needs an image to draw on; synthetic models and text-only prompts have none",
             ));
-        };
+        }
         progress.say("writing heatmaps");
-        let view = legible(engine.model_view(&image)?);
-        let written = staging.write(&view, &ex, &doc);
+        let views = images
+            .iter()
+            .map(|i| Ok(legible(engine.model_view(i)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let written = staging.write(&views, &ex, &doc);
         progress.clear();
         written?;
     }
@@ -260,12 +265,12 @@ pub fn explain(mut run: RunArgs, args: ExplainArgs) -> Result<()> {
 
 /// Where a run's inputs come from.
 enum Input {
-    Image(PathBuf),
-    /// `--messages`: the conversation and its one image (named for reports).
+    /// `--image` (one or more) and `--prompt`.
+    Images(Vec<PathBuf>),
+    /// `--messages`: the conversation and its images, each with what reports call it.
     Chat {
         turns: Vec<Turn>,
-        image: ImageInput,
-        name: String,
+        images: Vec<(ImageInput, String)>,
     },
     Synthetic,
 }
@@ -273,10 +278,23 @@ enum Input {
 impl Input {
     fn request(&self, run: &RunArgs) -> Request {
         match self {
-            Input::Image(image) => Request::question(image.as_path(), run.prompt.as_str()),
-            Input::Chat { turns, image, .. } => Request::Chat {
+            Input::Images(paths) => match &paths[..] {
+                [one] => Request::question(one.as_path(), run.prompt.as_str()),
+                several => Request::Chat {
+                    turns: vec![Turn::new(
+                        crate::text::Role::User,
+                        several.len(),
+                        run.prompt.as_str(),
+                    )],
+                    images: several
+                        .iter()
+                        .map(|p| ImageInput::Path(p.clone()))
+                        .collect(),
+                },
+            },
+            Input::Chat { turns, images } => Request::Chat {
                 turns: turns.clone(),
-                images: vec![image.clone()],
+                images: images.iter().map(|(i, _)| i.clone()).collect(),
             },
             Input::Synthetic => Request::Ids {
                 n_text: SYNTHETIC_TEXT_TOKENS,
@@ -285,27 +303,27 @@ impl Input {
         }
     }
 
-    /// The image to draw heatmaps on.
-    fn image(&self) -> Option<ImageInput> {
+    /// The images to draw heatmaps on, in the prompt's order.
+    fn images(&self) -> Vec<ImageInput> {
         match self {
-            Input::Image(p) => Some(ImageInput::Path(p.clone())),
-            Input::Chat { image, .. } => Some(image.clone()),
-            Input::Synthetic => None,
+            Input::Images(paths) => paths.iter().map(|p| ImageInput::Path(p.clone())).collect(),
+            Input::Chat { images, .. } => images.iter().map(|(i, _)| i.clone()).collect(),
+            Input::Synthetic => Vec::new(),
         }
     }
 
-    /// What reports call the image.
-    fn image_name(&self) -> Option<String> {
+    /// What reports call the images.
+    fn image_names(&self) -> Vec<String> {
         match self {
-            Input::Image(p) => Some(p.display().to_string()),
-            Input::Chat { name, .. } => Some(name.clone()),
-            Input::Synthetic => None,
+            Input::Images(paths) => paths.iter().map(|p| p.display().to_string()).collect(),
+            Input::Chat { images, .. } => images.iter().map(|(_, n)| n.clone()).collect(),
+            Input::Synthetic => Vec::new(),
         }
     }
 }
 
-/// `--messages FILE`: the conversation, its one image read from a path beside the file or a
-/// `data:` URL.
+/// `--messages FILE`: the conversation, its images read from paths beside the file or `data:`
+/// URLs.
 fn read_messages(path: &std::path::Path) -> Result<Input> {
     let json = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let at = |e: crate::engine::chat::MessageError| {
@@ -317,34 +335,29 @@ fn read_messages(path: &std::path::Path) -> Result<Input> {
         ))
     };
     let conv = crate::engine::chat::parse_messages(&json).map_err(at)?;
-    let [img] = &conv.images[..] else {
-        return Err(Error::input(format!(
-            "--messages {}: the conversation holds {} images; it needs exactly one, in a user \
-             message",
-            path.display(),
-            conv.images.len()
-        )));
-    };
-    // Files up to the largest image the server takes by default are read whole.
-    let (image, name) =
-        match crate::engine::chat::data_url_bytes(&img.url, &img.param, 64 << 20).map_err(at)? {
-            Some(bytes) => (
-                ImageInput::Bytes(bytes),
-                format!("{} ({})", img.param, "data URL"),
-            ),
-            None => {
-                let file = path
-                    .parent()
-                    .unwrap_or(std::path::Path::new("."))
-                    .join(&img.url);
-                let name = file.display().to_string();
-                (ImageInput::Path(file), name)
-            }
-        };
+    let mut images = Vec::with_capacity(conv.images.len());
+    for img in &conv.images {
+        // Files up to the largest image the server takes by default are read whole.
+        images.push(
+            match crate::engine::chat::data_url_bytes(&img.url, &img.param, 64 << 20).map_err(at)? {
+                Some(bytes) => (
+                    ImageInput::Bytes(bytes),
+                    format!("{} ({})", img.param, "data URL"),
+                ),
+                None => {
+                    let file = path
+                        .parent()
+                        .unwrap_or(std::path::Path::new("."))
+                        .join(&img.url);
+                    let name = file.display().to_string();
+                    (ImageInput::Path(file), name)
+                }
+            },
+        );
+    }
     Ok(Input::Chat {
         turns: conv.turns,
-        image,
-        name,
+        images,
     })
 }
 
@@ -396,7 +409,7 @@ fn load(run: &RunArgs) -> Result<(AnyEngine, Input, Progress)> {
         .as_deref()
         .and_then(|m| m.strip_prefix("synthetic:"))
     {
-        if run.image.is_some() {
+        if !run.image.is_empty() {
             return Err(Error::input(
                 "--image does not apply to synthetic models (they run at the id level)",
             ));
@@ -423,21 +436,16 @@ fn load(run: &RunArgs) -> Result<(AnyEngine, Input, Progress)> {
         progress.clear();
         return Ok((engine?, input, progress));
     }
-    let (model_dir, image) = match (&run.model, &run.image) {
-        (None, image) => (
-            crate::demo::model_dir()?,
-            match image {
-                Some(i) => i.clone(),
-                None => crate::demo::image_path()?,
-            },
-        ),
-        (Some(m), Some(i)) => (PathBuf::from(m), i.clone()),
-        (Some(_), None) => return Err(Error::input("--image is required with --model")),
+    let (model_dir, images) = match (&run.model, &run.image[..]) {
+        (None, []) => (crate::demo::model_dir()?, vec![crate::demo::image_path()?]),
+        (None, images) => (crate::demo::model_dir()?, images.to_vec()),
+        (Some(_), []) => return Err(Error::input("--image is required with --model")),
+        (Some(m), images) => (PathBuf::from(m), images.to_vec()),
     };
     progress.say(&format!("loading {}", model_dir.display()));
     let engine = AnyEngine::load(device, dtype, &model_dir);
     progress.clear();
-    Ok((engine?, Input::Image(image), progress))
+    Ok((engine?, Input::Images(images), progress))
 }
 
 fn options(run: &RunArgs) -> Result<GenerateOptions> {
@@ -456,7 +464,8 @@ fn options(run: &RunArgs) -> Result<GenerateOptions> {
 #[derive(Serialize)]
 struct RunDoc<'a> {
     model: Option<String>,
-    image: Option<String>,
+    /// The prompt's images, in order.
+    images: Vec<String>,
     /// The question, or a conversation as the chat template renders it.
     prompt: String,
     device: String,
@@ -520,7 +529,7 @@ fn run_doc<'a>(
     };
     RunDoc {
         model,
-        image: input.image_name(),
+        images: input.image_names(),
         prompt,
         device: engine.backend_name(),
         grid: [grid, grid],
@@ -573,13 +582,20 @@ fn print_table(ex: &Explained) -> Result<()> {
                 .enumerate()
                 .fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b });
         let shown: String = format!("{:?}", t.text).chars().take(16).collect();
+        let cells = ex.grid.0 * ex.grid.1;
+        let (image, cell) = (best / cells, best % cells);
+        let which = if t.images > 1 {
+            format!("image {} ", image + 1)
+        } else {
+            String::new()
+        };
         outln!(
-            "{:>4}  {:<16} {:>8.4}  ({}, {})",
+            "{:>4}  {:<16} {:>8.4}  {which}({}, {})",
             t.index,
             shown,
             t.entropy,
-            best / ex.grid.1,
-            best % ex.grid.1
+            cell / ex.grid.1,
+            cell % ex.grid.1
         )?;
     }
     let c = &ex.confidence;

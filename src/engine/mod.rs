@@ -126,8 +126,9 @@ pub enum Request {
     /// A question about an image (needs the model's tokenizer).
     Question { image: ImageInput, question: String },
     /// A conversation (system, user and assistant messages, rendered by LLaVA's chat template)
-    /// and its images in the template's order ([`chat::Conversation`] reads OpenAI's `messages`).
-    /// LLaVA-1.5 answers about exactly one image, in any user message.
+    /// and its images in the template's order ([`chat::Conversation`] reads OpenAI's `messages`):
+    /// any number, in any user messages, each with its own patch span and its own map; none for
+    /// a text-only conversation (answered, without maps).
     Chat {
         turns: Vec<Turn>,
         images: Vec<ImageInput>,
@@ -135,8 +136,8 @@ pub enum Request {
     /// An id-level request for models without a tokenizer (synthetic weights): BOS, the image
     /// tokens, `n_text` seeded text ids, and seeded pixel values.
     Ids { n_text: usize, seed: u64 },
-    /// A prompt and preprocessed CHW pixels made earlier ([`Engine::resolve`]): repeated runs of
-    /// one request (benchmarks) skip decoding and tokenizing.
+    /// A prompt and preprocessed CHW pixels made earlier ([`Engine::resolve`]; several images one
+    /// after another): repeated runs of one request (benchmarks) skip decoding and tokenizing.
     Prepared { prompt: Prompt, pixels: Vec<f32> },
 }
 
@@ -180,10 +181,21 @@ pub struct TokenMap {
     pub id: u32,
     /// The token's own text (special tokens shown as themselves).
     pub text: String,
-    /// Raw relevancy over the image patches, row-major over the grid.
+    /// How many images the map covers (the prompt's, in order).
+    pub images: usize,
+    /// Raw relevancy over the image patches, row-major over each image's grid, image after image.
     pub map: Vec<f32>,
-    /// Normalised entropy of the map, in [0, 1] (see [`crate::explain::map_entropy`]).
+    /// Normalised entropy of the whole map (every image's patches), in [0, 1] (see
+    /// [`crate::explain::map_entropy`]).
     pub entropy: f32,
+}
+
+impl TokenMap {
+    /// The map of each image, in the prompt's order.
+    pub fn per_image(&self) -> std::slice::Chunks<'_, f32> {
+        self.map
+            .chunks((self.map.len() / self.images.max(1)).max(1))
+    }
 }
 
 /// A finished explain run.
@@ -573,7 +585,7 @@ impl Inputs<'_> {
         Prompt::new(self.cfg, ids)
     }
 
-    /// A conversation's prompt and its one image's pixels.
+    /// A conversation's prompt and its images' pixels, one image after another.
     fn chat(&self, turns: &[Turn], images: &[ImageInput]) -> Result<(Prompt, Vec<f32>)> {
         let placed: usize = turns.iter().map(|t| t.images).sum();
         if placed != images.len() {
@@ -582,41 +594,40 @@ impl Inputs<'_> {
                 images.len()
             )));
         }
-        let image =
-            match images {
-                [one] => one,
-                [] => return Err(Error::input(
-                    "the conversation holds no image: send one in a user message (the answer and \
-                     its maps are about it)",
-                )),
-                more => {
-                    return Err(Error::input(format!(
-                    "the conversation holds {} images; LLaVA-1.5 here answers about exactly one \
-                     (several images per prompt are not supported yet)",
-                    more.len()
-                )))
-                }
-            };
+        // The prompt first: a conversation with too many images for the context is refused
+        // before any of them is decoded.
+        let prompt = self.chat_prompt(turns)?;
+        let mut pixels = Vec::with_capacity(images.len() * self.cfg.vision.pixels_per_image());
+        for image in images {
+            pixels.extend(self.pixels(image)?);
+        }
+        Ok((prompt, pixels))
+    }
+
+    fn chat_prompt(&self, turns: &[Turn]) -> Result<Prompt> {
         let ids = self.text()?.chat_ids(
             turns,
             self.cfg.image_token_id,
             self.cfg.vision.num_patches(),
         )?;
-        Ok((Prompt::new(self.cfg, ids)?, self.pixels(image)?))
+        Prompt::new(self.cfg, ids)
     }
 
     fn resolve(&self, req: &Request) -> Result<(Prompt, Vec<f32>)> {
         let cfg = self.cfg;
         match req {
             Request::Prepared { prompt, pixels } => {
+                let prompt = Prompt::new(cfg, prompt.ids().to_vec())?;
                 let side = cfg.vision.image_size;
-                if pixels.len() != 3 * side * side {
+                if pixels.len() != prompt.images() * cfg.vision.pixels_per_image() {
                     return Err(Error::input(format!(
-                        "prepared pixels: {} values, the model takes 3x{side}x{side}",
-                        pixels.len()
+                        "prepared pixels: {} values for a prompt of {} images; the model takes \
+                         3x{side}x{side} per image",
+                        pixels.len(),
+                        prompt.images()
                     )));
                 }
-                Ok((Prompt::new(cfg, prompt.ids().to_vec())?, pixels.clone()))
+                Ok((prompt, pixels.clone()))
             }
             Request::Question { image, question } => {
                 Ok((self.prompt(question)?, self.pixels(image)?))
@@ -652,15 +663,29 @@ pub struct Preparer {
 }
 
 impl Preparer {
-    /// The request's prompt and pixels, checked as [`Engine::resolve`] checks them.
-    pub fn prepare(&self, req: &Request) -> Result<Request> {
-        let inputs = Inputs {
+    fn inputs(&self) -> Inputs<'_> {
+        Inputs {
             cfg: &self.cfg,
             text: self.text.as_ref(),
             preprocess: &self.preprocess,
-        };
-        let (prompt, pixels) = inputs.resolve(req)?;
+        }
+    }
+
+    /// The request's prompt and pixels, checked as [`Engine::resolve`] checks them.
+    pub fn prepare(&self, req: &Request) -> Result<Request> {
+        let (prompt, pixels) = self.inputs().resolve(req)?;
         Ok(Request::Prepared { prompt, pixels })
+    }
+
+    /// A conversation's checked prompt alone (its images counted, none decoded): a server
+    /// refuses a conversation that cannot fit before it decodes an image.
+    pub fn chat_prompt(&self, turns: &[Turn]) -> Result<Prompt> {
+        self.inputs().chat_prompt(turns)
+    }
+
+    /// An image's preprocessed CHW pixels (one image of a [`Request::Prepared`]).
+    pub fn pixels(&self, image: &ImageInput) -> Result<Vec<f32>> {
+        self.inputs().pixels(image)
     }
 }
 

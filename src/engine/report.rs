@@ -16,8 +16,14 @@ use crate::vision::RgbImage;
 pub const JSON_FILE: &str = "explain.json";
 pub const SHEET_FILE: &str = "sheet.png";
 
-pub fn token_file(index: usize) -> String {
-    format!("token_{index:03}.png")
+/// The overlay of token `index`'s map on image `image` (from 0) of `images`: `token_NNN.png` for
+/// a prompt of one image, `token_NNN_imageK.png` (K from 1) for several.
+pub fn token_file(index: usize, image: usize, images: usize) -> String {
+    if images > 1 {
+        format!("token_{index:03}_image{}.png", image + 1)
+    } else {
+        format!("token_{index:03}.png")
+    }
 }
 
 pub struct Staging {
@@ -62,27 +68,42 @@ impl Staging {
         Ok(f)
     }
 
-    /// Renders every token's overlay on `view` (the image as the model saw it), the contact sheet
-    /// and the JSON document, then moves them into the output folder, replacing a previous run's
-    /// files. Returns the final paths.
+    /// Renders every token's overlay on each of `views` (the prompt's images as the model saw
+    /// them, in order: one overlay per token per image), the contact sheet and the JSON document,
+    /// then moves them into the output folder, replacing a previous run's files. Returns the
+    /// final paths.
     pub fn write(
         mut self,
-        view: &RgbImage,
+        views: &[RgbImage],
         ex: &Explained,
         doc: &impl serde::Serialize,
     ) -> Result<Vec<PathBuf>> {
-        let mut names = Vec::with_capacity(ex.tokens.len() + 2);
-        let mut tiles = Vec::with_capacity(ex.tokens.len());
+        let mut names = Vec::with_capacity(ex.tokens.len() * views.len() + 2);
+        let mut tiles = Vec::with_capacity(ex.tokens.len() * views.len());
         for t in &ex.tokens {
-            let opts = OverlayOptions {
-                caption: token_caption(t.index, &t.text, Some(t.entropy)),
-                ..Default::default()
-            };
-            let img = heatmap_overlay(view, &t.map, ex.grid, &opts)?;
-            let name = token_file(t.index);
-            write_png(&self.tmp.join(&name), &img)?;
-            names.push(name);
-            tiles.push(img);
+            if t.images != views.len() {
+                return Err(Error::input(format!(
+                    "token {}'s map covers {} images; {} were given to draw on",
+                    t.index,
+                    t.images,
+                    views.len()
+                )));
+            }
+            for (k, (view, map)) in views.iter().zip(t.per_image()).enumerate() {
+                let mut caption = token_caption(t.index, &t.text, Some(t.entropy));
+                if views.len() > 1 {
+                    caption = format!("{caption} (image {})", k + 1);
+                }
+                let opts = OverlayOptions {
+                    caption,
+                    ..Default::default()
+                };
+                let img = heatmap_overlay(view, map, ex.grid, &opts)?;
+                let name = token_file(t.index, k, views.len());
+                write_png(&self.tmp.join(&name), &img)?;
+                names.push(name);
+                tiles.push(img);
+            }
         }
         let columns = (tiles.len() as f64).sqrt().ceil() as usize;
         let title = format!("{}: {}", ex.method.name(), ex.generation.text.trim());

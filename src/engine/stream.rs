@@ -137,7 +137,7 @@ enum State<'e, B: Backend> {
     },
     Encoded {
         prompt: Prompt,
-        image: std::sync::Arc<B::Tensor>,
+        images: Vec<std::sync::Arc<B::Tensor>>,
     },
     Decoding(Session<'e, B>),
     Maps(Session<'e, B>, usize),
@@ -198,32 +198,45 @@ impl<'e, B: Backend> Stream<'e, B> {
                     self.mapper = Some(Mapper::new(m, e.head.as_ref(), model)?);
                 }
                 let (prompt, pixels) = e.resolve(&req)?;
+                if self.opts.method.is_some() && prompt.images() == 0 {
+                    return Err(Error::input(
+                        "the prompt holds no image: a relevancy map needs one (send an image, or \
+                         ask without a map)",
+                    ));
+                }
                 self.state = State::Resolved { prompt, pixels };
             }
             State::Resolved { prompt, pixels } => {
-                let ((image, ran), secs) = timed(b, || e.image_features(&pixels))?;
-                // A cached image took no tower time.
-                self.timings.vision_s = if ran { secs } else { 0.0 };
+                let mut images = Vec::with_capacity(prompt.images());
+                let mut tower_s = 0.0;
+                for p in pixels.chunks(e.config().vision.pixels_per_image()) {
+                    let ((image, ran), secs) = timed(b, || e.image_features(p))?;
+                    // A cached image took no tower time.
+                    tower_s += if ran { secs } else { 0.0 };
+                    images.push(image);
+                }
+                self.timings.vision_s = tower_s;
                 self.pending.push_back(Item::ImageEncoded);
-                self.state = State::Encoded { prompt, image };
+                self.state = State::Encoded { prompt, images };
             }
-            State::Encoded { prompt, image } => {
+            State::Encoded { prompt, images } => {
                 let mode = self.mapper.as_ref().map_or(Mode::Plain, |m| m.mode());
                 let (p, o) = (prompt.clone(), &self.opts.generate);
                 let s = match if mode == Mode::Plain {
-                    Session::prefill_cached(b, model, p, &image, o)
+                    Session::prefill_cached(b, model, p, &images, o)
                 } else {
-                    Session::prefill(b, model, p, &image, o, mode)
+                    let refs: Vec<&B::Tensor> = images.iter().map(|a| &**a).collect();
+                    Session::prefill_images(b, model, p, &refs, o, mode)
                 } {
                     Ok(s) => s,
                     // No pages now: the run can wait for them (a scheduler retries it).
                     Err(e @ Error::KvFull(_)) => {
-                        self.state = State::Encoded { prompt, image };
+                        self.state = State::Encoded { prompt, images };
                         return Err(e);
                     }
                     Err(e) => return Err(e),
                 };
-                drop(image);
+                drop(images);
                 if let Some(m) = self.mapper.as_mut() {
                     let ((), secs) = timed(b, || m.prefilled(&s))?;
                     self.maps_s += secs;
@@ -457,6 +470,7 @@ impl<'e, B: Backend> Stream<'e, B> {
             index,
             id,
             text: self.engine.token_text(id),
+            images: map.len() / self.engine.config().vision.num_patches(),
             map,
             entropy,
         })

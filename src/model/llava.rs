@@ -164,24 +164,55 @@ impl<B: Backend> Llava<B> {
         Ok((feats, proj))
     }
 
-    /// Prompt embeddings `[n, D]`: token embeddings with the image-token rows replaced, in order, by
-    /// the projected image features `[P, D]`.
-    pub fn embed_prompt(&self, b: &B, prompt: &Prompt, image: &B::Tensor) -> Result<B::Tensor> {
-        let (n_img, _) = b.dims(image);
-        if prompt.image_positions().len() != n_img {
+    /// Prompt embeddings `[n, D]`: token embeddings with image `i`'s block of image-token rows
+    /// replaced, in order, by its projected features `images[i]` `[P, D]`.
+    pub fn embed_prompt(&self, b: &B, prompt: &Prompt, images: &[&B::Tensor]) -> Result<B::Tensor> {
+        if images.len() != prompt.images() {
             return Err(Error::input(format!(
-                "prompt has {} image tokens but the image yields {n_img} features",
-                prompt.image_positions().len()
+                "prompt holds {} images but {} were encoded",
+                prompt.images(),
+                images.len()
             )));
         }
         let mut x = b.embedding(&self.llm.embed, prompt.ids())?;
-        let mut feat_row = 0;
-        for (start, n) in prompt.image_runs() {
-            let run = b.slice_rows(image, feat_row, n)?;
-            b.copy_rows_into(&mut x, start, &run)?;
-            feat_row += n;
+        let patches = self.cfg.vision.num_patches();
+        for (img, positions) in images.iter().zip(prompt.image_positions().chunks(patches)) {
+            let (rows, _) = b.dims(img);
+            if rows != patches {
+                return Err(Error::input(format!(
+                    "an image's features have {rows} rows; the prompt gives it {patches} tokens"
+                )));
+            }
+            // Contiguous runs of the image's tokens, each one copy.
+            let mut row = 0;
+            while row < patches {
+                let start = positions[row];
+                let n = positions[row..]
+                    .iter()
+                    .enumerate()
+                    .take_while(|&(k, &p)| p == start + k)
+                    .count();
+                b.copy_rows_into(&mut x, start, &b.slice_rows(img, row, n)?)?;
+                row += n;
+            }
         }
         Ok(x)
+    }
+
+    /// Each image of `pixels` (preprocessed CHW values, one image after another) through the
+    /// vision tower and the projector: projected features `[P, D]` per image.
+    pub fn encode_images(&self, b: &B, pixels: &[f32]) -> Result<Vec<B::Tensor>> {
+        let per = self.cfg.vision.pixels_per_image();
+        if !pixels.len().is_multiple_of(per) {
+            return Err(Error::input(format!(
+                "{} pixel values are not whole images of {per}",
+                pixels.len()
+            )));
+        }
+        pixels
+            .chunks(per)
+            .map(|p| Ok(self.encode_image(b, p)?.1))
+            .collect()
     }
 
     /// Greedy generation from a prompt and preprocessed pixels: the image encoded, then one
@@ -196,10 +227,11 @@ impl<B: Backend> Llava<B> {
         // Synchronised at both ends so the clock times the tower's device work, not its queueing.
         b.synchronize()?;
         let t0 = std::time::Instant::now();
-        let (_, image) = self.encode_image(b, pixels)?;
+        let images = self.encode_images(b, pixels)?;
         b.synchronize()?;
         let vision_s = t0.elapsed().as_secs_f64();
-        let mut s = Session::prefill(b, self, prompt, &image, opts, Mode::Plain)?;
+        let images: Vec<&B::Tensor> = images.iter().collect();
+        let mut s = Session::prefill_images(b, self, prompt, &images, opts, Mode::Plain)?;
         s.run_to_end()?;
         let mut g = s.finish();
         g.timings.vision_s = vision_s;
@@ -214,9 +246,9 @@ impl<B: Backend> Llava<B> {
     /// Teacher-forced full recompute (no reuse of a cache across calls): final hidden states of
     /// every position of `ids` `[N, D]`. The oracle's layout for parity tests.
     pub fn forward_full(&self, b: &B, ids: &[u32], pixels: &[f32]) -> Result<B::Tensor> {
-        let (_, image) = self.encode_image(b, pixels)?;
+        let images = self.encode_images(b, pixels)?;
         let prompt = Prompt::new(&self.cfg, ids.to_vec())?;
-        let x = self.embed_prompt(b, &prompt, &image)?;
+        let x = self.embed_prompt(b, &prompt, &images.iter().collect::<Vec<_>>())?;
         let mut kv = self.kv.admit(b, ids.len())?;
         self.llm.forward(b, x, &mut kv)
     }

@@ -38,11 +38,14 @@ pub fn check_finite(values: &[f32], what: &str) -> Result<()> {
 pub struct Prompt {
     ids: Vec<u32>,
     image_pos: Vec<usize>,
+    /// Image tokens per image.
+    patches: usize,
 }
 
 impl Prompt {
-    /// Checks `ids` against the model: not empty, every id in the vocabulary, exactly the image's
-    /// patch count of image tokens, and room in the context for at least one generated token.
+    /// Checks `ids` against the model: not empty, every id in the vocabulary, a whole number of
+    /// images' patch tokens (none for a text-only prompt; image `i` is the `i`-th block of
+    /// `patches` image tokens), and room in the context for at least one generated token.
     pub fn new(cfg: &LlavaConfig, ids: Vec<u32>) -> Result<Self> {
         let vocab = cfg.text.vocab_size;
         let ctx = cfg.text.max_position_embeddings;
@@ -57,22 +60,32 @@ impl Prompt {
         let image_pos: Vec<usize> = (0..ids.len())
             .filter(|&i| ids[i] == cfg.image_token_id)
             .collect();
-        let n_img = cfg.vision.num_patches();
-        if image_pos.len() != n_img {
+        let patches = cfg.vision.num_patches();
+        if !image_pos.len().is_multiple_of(patches) {
             return Err(Error::input(format!(
-                "prompt has {} image tokens (id {}) but the image yields {n_img} features",
+                "prompt has {} image tokens (id {}) but each image yields {patches} features",
                 image_pos.len(),
                 cfg.image_token_id
             )));
         }
         if ids.len() >= ctx {
+            let images = image_pos.len() / patches;
             return Err(Error::ContextLength(format!(
-                "the prompt is {} tokens (with the image's {n_img} patch tokens) but the model's \
-                 context is {ctx}; shorten the question",
+                "the prompt is {} tokens (with {images} images of {patches} patch tokens each) \
+                 but the model's context is {ctx}; shorten the conversation or send fewer images",
                 ids.len()
             )));
         }
-        Ok(Prompt { ids, image_pos })
+        Ok(Prompt {
+            ids,
+            image_pos,
+            patches,
+        })
+    }
+
+    /// How many images the prompt holds.
+    pub fn images(&self) -> usize {
+        self.image_pos.len() / self.patches
     }
 
     pub fn ids(&self) -> &[u32] {
@@ -90,18 +103,6 @@ impl Prompt {
     /// Positions of the image tokens, in order.
     pub fn image_positions(&self) -> &[usize] {
         &self.image_pos
-    }
-
-    /// The image tokens as contiguous runs `(start, len)` (LLaVA-1.5 prompts have one).
-    pub fn image_runs(&self) -> Vec<(usize, usize)> {
-        let mut runs: Vec<(usize, usize)> = Vec::new();
-        for &p in &self.image_pos {
-            match runs.last_mut() {
-                Some((s, n)) if *s + *n == p => *n += 1,
-                _ => runs.push((p, 1)),
-            }
-        }
-        runs
     }
 
     /// The image columns of a row over positions (a relevance row) — the token's map.
@@ -153,9 +154,9 @@ pub struct Session<'m, B: Backend> {
     cached: usize,
     /// `[k, D]` final-norm hidden states of the image positions below `cached`, from the cache.
     cached_image: Option<B::Tensor>,
-    /// The image's features, when the run takes part in the prefix cache (their address names
-    /// the image in the cache's keys).
-    shared: Option<Arc<B::Tensor>>,
+    /// The images' features, when the run takes part in the prefix cache (their addresses name
+    /// the images in the cache's keys).
+    shared: Option<Vec<Arc<B::Tensor>>>,
     /// `[1, D]` the hidden state that chose the latest token (before the first step: the prompt's
     /// last position).
     last: B::Tensor,
@@ -172,7 +173,8 @@ pub struct Session<'m, B: Backend> {
 
 impl<'m, B: Backend> Session<'m, B> {
     /// Embeds the prompt with the projected image features `image` `[P, D]`
-    /// ([`Llava::encode_image`]) and runs it through the decoder.
+    /// ([`Llava::encode_image`]) and runs it through the decoder: [`Self::prefill_images`] of one
+    /// image.
     pub fn prefill(
         b: &'m B,
         model: &'m Llava<B>,
@@ -181,13 +183,26 @@ impl<'m, B: Backend> Session<'m, B> {
         opts: &GenerateOptions,
         mode: Mode,
     ) -> Result<Self> {
-        Self::prefill_with(b, model, prompt, image, None, opts, mode)
+        Self::prefill_with(b, model, prompt, &[image], None, opts, mode)
+    }
+
+    /// Embeds the prompt with each of its images' projected features `[P, D]`, in order (none
+    /// for a text-only prompt), and runs it through the decoder.
+    pub fn prefill_images(
+        b: &'m B,
+        model: &'m Llava<B>,
+        prompt: Prompt,
+        images: &[&B::Tensor],
+        opts: &GenerateOptions,
+        mode: Mode,
+    ) -> Result<Self> {
+        Self::prefill_with(b, model, prompt, images, None, opts, mode)
     }
 
     /// A plain session through the model's prefix cache ([`KvPool::set_prefix_cache`]): the
     /// longest cached prefix of the prompt is read, not computed, and the prompt's full pages
-    /// (then, when the run ends, its answer's) are cached for later runs. `image` names the
-    /// image in the cache: the same features (the engine's image cache hands out one per
+    /// (then, when the run ends, its answer's) are cached for later runs. Each image is named in
+    /// the cache by its features: the same features (the engine's image cache hands out one per
     /// picture) match, anything else does not.
     ///
     /// [`KvPool::set_prefix_cache`]: super::kv::KvPool::set_prefix_cache
@@ -195,22 +210,30 @@ impl<'m, B: Backend> Session<'m, B> {
         b: &'m B,
         model: &'m Llava<B>,
         prompt: Prompt,
-        image: &Arc<B::Tensor>,
+        images: &[Arc<B::Tensor>],
         opts: &GenerateOptions,
     ) -> Result<Self> {
-        Self::prefill_with(b, model, prompt, image, Some(image), opts, Mode::Plain)
+        let refs: Vec<&B::Tensor> = images.iter().map(|a| &**a).collect();
+        Self::prefill_with(b, model, prompt, &refs, Some(images), opts, Mode::Plain)
     }
 
     fn prefill_with(
         b: &'m B,
         model: &'m Llava<B>,
         prompt: Prompt,
-        image: &B::Tensor,
-        shared: Option<&Arc<B::Tensor>>,
+        images: &[&B::Tensor],
+        shared: Option<&[Arc<B::Tensor>]>,
         opts: &GenerateOptions,
         mode: Mode,
     ) -> Result<Self> {
         opts.validate()?;
+        if images.len() != prompt.images() {
+            return Err(Error::input(format!(
+                "the prompt holds {} images but {} were given",
+                prompt.images(),
+                images.len()
+            )));
+        }
         let t0 = Instant::now();
         let n = prompt.len();
         let capacity = prompt.capacity(opts.max_new_tokens, model.cfg.text.max_position_embeddings);
@@ -230,16 +253,16 @@ impl<'m, B: Backend> Session<'m, B> {
         };
         // Pages first: a run that must wait for them has done no work yet.
         let (mut cache, cached_image) = match shared {
-            Some(img) => {
+            Some(imgs) => {
                 // The last position is always computed: its hidden state chooses token 0.
-                let keys = page_keys(&prompt, &[], img, (n - 1) / PAGE);
+                let keys = page_keys(&prompt, &[], imgs, (n - 1) / PAGE);
                 let hit = model.kv.admit_prefix(b, capacity, &keys)?;
                 (hit.kv, concat_rows(b, &hit.image_hidden)?)
             }
             None => (model.kv.admit(b, capacity)?, None),
         };
         let cached = cache.len;
-        let mut x = model.embed_prompt(b, &prompt, image)?;
+        let mut x = model.embed_prompt(b, &prompt, images)?;
         if cached > 0 {
             x = b.slice_rows(&x, cached, n - cached)?;
         }
@@ -255,21 +278,19 @@ impl<'m, B: Backend> Session<'m, B> {
             &b.download(&last)?,
             "the hidden state at the end of prefill",
         )?;
-        if let Some(img) = shared {
-            let keys = page_keys(&prompt, &[], img, n / PAGE);
-            model
-                .kv
-                .remember(&cache, &keys, std::slice::from_ref(img), |page| {
-                    // Pages below `cached` are in the cache already; the others' image rows are
-                    // in this prefill's hidden states.
-                    let rows: Vec<u32> = prompt
-                        .image_positions()
-                        .iter()
-                        .filter(|&&j| j / PAGE == page && j >= cached)
-                        .map(|&j| (j - cached) as u32)
-                        .collect();
-                    Ok(Some(b.embedding(&hidden, &rows)?))
-                })?;
+        if let Some(imgs) = shared {
+            let keys = page_keys(&prompt, &[], imgs, n / PAGE);
+            model.kv.remember(&cache, &keys, imgs, |page| {
+                // Pages below `cached` are in the cache already; the others' image rows are
+                // in this prefill's hidden states.
+                let rows: Vec<u32> = prompt
+                    .image_positions()
+                    .iter()
+                    .filter(|&&j| j / PAGE == page && j >= cached)
+                    .map(|&j| (j - cached) as u32)
+                    .collect();
+                Ok(Some(b.embedding(&hidden, &rows)?))
+            })?;
         }
         Ok(Session {
             b,
@@ -283,7 +304,7 @@ impl<'m, B: Backend> Session<'m, B> {
             prompt_hidden: Some(hidden),
             cached,
             cached_image,
-            shared: shared.cloned(),
+            shared: shared.map(<[_]>::to_vec),
             last,
             logits: None,
             generated: Vec::new(),
@@ -414,13 +435,13 @@ impl<'m, B: Backend> Session<'m, B> {
     /// conversation's next turn (the prompt's are cached already; an image page no longer cached
     /// cannot be, its hidden states are gone).
     fn remember_answer(&self) -> Result<()> {
-        let Some(img) = &self.shared else {
+        let Some(imgs) = &self.shared else {
             return Ok(());
         };
-        let keys = page_keys(&self.prompt, &self.generated, img, self.cache.len / PAGE);
+        let keys = page_keys(&self.prompt, &self.generated, imgs, self.cache.len / PAGE);
         self.model
             .kv
-            .remember(&self.cache, &keys, std::slice::from_ref(img), |_| Ok(None))
+            .remember(&self.cache, &keys, imgs, |_| Ok(None))
     }
 
     /// Whether greedy generation ends after the token just chosen.
@@ -626,25 +647,25 @@ pub fn step_all<'m, B: Backend>(
     Ok(results.into_iter().map(|r| r.unwrap_or(Ok(None))).collect())
 }
 
-/// The cache keys of the first `pages` full pages of `prompt` followed by `generated`.
-fn page_keys<T>(prompt: &Prompt, generated: &[u32], image: &Arc<T>, pages: usize) -> Vec<PageKey> {
-    let image = Arc::as_ptr(image) as usize;
-    let mut patch = 0u32;
-    let mut next_image = prompt.image_pos.iter().peekable();
+/// The cache keys of the first `pages` full pages of `prompt` followed by `generated`; image `i`'s
+/// patches are named by `images[i]`'s address.
+fn page_keys<T>(
+    prompt: &Prompt,
+    generated: &[u32],
+    images: &[Arc<T>],
+    pages: usize,
+) -> Vec<PageKey> {
+    let mut next_image = prompt.image_pos.iter().enumerate().peekable();
     let toks = prompt
         .ids
         .iter()
         .enumerate()
-        .map(|(j, &id)| {
-            if next_image.next_if_eq(&&j).is_some() {
-                patch += 1;
-                Tok::Image {
-                    image,
-                    patch: patch - 1,
-                }
-            } else {
-                Tok::Text(id)
-            }
+        .map(|(j, &id)| match next_image.next_if(|&(_, &p)| p == j) {
+            Some((k, _)) => Tok::Image {
+                image: Arc::as_ptr(&images[k / prompt.patches]) as usize,
+                patch: (k % prompt.patches) as u32,
+            },
+            None => Tok::Text(id),
         })
         .chain(generated.iter().map(|&id| Tok::Text(id)))
         .collect::<Vec<_>>();

@@ -603,35 +603,6 @@ async fn chat_inner(
         .map_err(|_| ApiError::server("the server is shutting down"))?;
     let (req, prepared) = tokio::task::spawn_blocking(move || {
         let req = openai::parse_chat(&body, limits, n_layers)?;
-        // The pixel limit from the header, before a pixel is decoded: a small file can declare
-        // an image of gigabytes.
-        let (w, h) = crate::vision::image_dimensions(&req.image).map_err(|msg| {
-            ApiError::invalid(Some(req.image_param.clone()), "invalid_image", msg)
-        })?;
-        if w.saturating_mul(h) > limits.max_image_pixels {
-            return Err(ApiError::too_large(
-                Some(req.image_param.clone()),
-                "image_too_large",
-                format!(
-                    "the image is {w}x{h} = {} pixels, over the server's limit of {}",
-                    w.saturating_mul(h),
-                    limits.max_image_pixels
-                ),
-            ));
-        }
-        let image = crate::vision::load_image_bytes(&req.image, Path::new("image"))
-            .map_err(|e| worker::engine_error(e, Some(req.image_param.clone())))?;
-        // The decoded image is the truth (a header that lied is refused by the decoder or here).
-        if (image.width, image.height) != (w, h) {
-            return Err(ApiError::invalid(
-                Some(req.image_param.clone()),
-                "invalid_image",
-                format!(
-                    "the image header says {w}x{h} but the image is {}x{}",
-                    image.width, image.height
-                ),
-            ));
-        }
         // The conversation's text is bounded before it is tokenised: no token takes more than
         // MAX_TOKEN_BYTES, so a longer text cannot fit the context anyway.
         let max_prompt = limits.context * MAX_TOKEN_BYTES;
@@ -652,13 +623,21 @@ async fn chat_inner(
                 ),
             ));
         }
-        let chat = crate::engine::Request::Chat {
-            turns: req.turns.clone(),
-            images: vec![crate::engine::ImageInput::Decoded(image)],
-        };
-        let prepared = preparer
-            .prepare(&chat)
+        // The prompt, images counted, before any image is decoded: a conversation with more
+        // images than the context holds costs no decoding.
+        let prompt = preparer
+            .chat_prompt(&req.turns)
             .map_err(|e| worker::engine_error(e, param_of("messages")))?;
+        let mut pixels = Vec::new();
+        for (bytes, at) in &req.images {
+            // One decoded image at a time, kept only as the model's pixels.
+            let image = decode_image(bytes, at, limits.max_image_pixels)?;
+            let p = preparer
+                .pixels(&crate::engine::ImageInput::Decoded(image))
+                .map_err(|e| worker::engine_error(e, Some(at.clone())))?;
+            pixels.extend(p);
+        }
+        let prepared = crate::engine::Request::Prepared { prompt, pixels };
         Ok::<_, ApiError>((req, prepared))
     })
     .await
@@ -753,6 +732,41 @@ async fn chat_inner(
         drop(guard);
         out.map(|v| axum::Json(v).into_response())
     }
+}
+
+/// An uploaded image decoded, its size read from its header and checked against the pixel limit
+/// first (a small file can declare an image of gigabytes); `at` names the field it came from.
+fn decode_image(
+    bytes: &[u8],
+    at: &str,
+    max_pixels: usize,
+) -> std::result::Result<crate::vision::RgbImage, ApiError> {
+    let (w, h) = crate::vision::image_dimensions(bytes)
+        .map_err(|msg| ApiError::invalid(Some(at.to_string()), "invalid_image", msg))?;
+    if w.saturating_mul(h) > max_pixels {
+        return Err(ApiError::too_large(
+            Some(at.to_string()),
+            "image_too_large",
+            format!(
+                "the image is {w}x{h} = {} pixels, over the server's limit of {max_pixels}",
+                w.saturating_mul(h),
+            ),
+        ));
+    }
+    let image = crate::vision::load_image_bytes(bytes, Path::new("image"))
+        .map_err(|e| worker::engine_error(e, Some(at.to_string())))?;
+    // The decoded image is the truth (a header that lied is refused by the decoder or here).
+    if (image.width, image.height) != (w, h) {
+        return Err(ApiError::invalid(
+            Some(at.to_string()),
+            "invalid_image",
+            format!(
+                "the image header says {w}x{h} but the image is {}x{}",
+                image.width, image.height
+            ),
+        ));
+    }
+    Ok(image)
 }
 
 /// What every chunk or response of one request repeats.

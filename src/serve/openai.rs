@@ -74,12 +74,11 @@ impl ApiError {
 pub struct ChatRequest {
     /// Choices: continuations of the one prompt, choice `i` sampled with the seed plus `i`.
     pub n: usize,
-    /// The conversation, for the chat template (its one image placed where it was sent).
+    /// The conversation, for the chat template (each image placed where it was sent).
     pub turns: Vec<Turn>,
-    /// The encoded image, from the `data:` URL.
-    pub image: Vec<u8>,
-    /// Where the image came from, for errors about it.
-    pub image_param: String,
+    /// The encoded images, from their `data:` URLs, in order, each with the field it came from
+    /// (for errors about it).
+    pub images: Vec<(Vec<u8>, String)>,
     /// `None`: as many as fit, up to the server's default.
     pub max_tokens: Option<usize>,
     /// The field that set `max_tokens`, for errors about it.
@@ -241,21 +240,6 @@ pub fn parse_chat(body: &[u8], limits: Limits, n_layers: usize) -> Result<ChatRe
         ));
     };
     let conversation = chat::conversation(&messages).map_err(api_error)?;
-    let image_ref =
-        match &conversation.images[..] {
-            [one] => one.clone(),
-            [] => return Err(ApiError::invalid(
-                param("messages"),
-                "missing_image",
-                "the conversation has no image: send one {\"type\": \"image_url\", \"image_url\": \
-                 {\"url\": \"data:image/png;base64,...\"}} part in a user message",
-            )),
-            [_, second, ..] => return Err(ApiError::invalid(
-                Some(second.param.clone()),
-                "too_many_images",
-                "the conversation holds more than one image; this model answers about exactly one",
-            )),
-        };
 
     let mut max_tokens = None;
     let mut max_tokens_param = "max_tokens";
@@ -306,23 +290,38 @@ pub fn parse_chat(body: &[u8], limits: Limits, n_layers: usize) -> Result<ChatRe
         .relevancy
         .map(|r| parse_method(&r, n_layers))
         .transpose()?;
-    // The image last: every cheap check first, so an error names the first thing wrong that
+    if relevancy.is_some() && conversation.images.is_empty() {
+        return Err(ApiError::invalid(
+            param("messages"),
+            "missing_image",
+            "a relevancy map needs an image and the conversation has none: send a {\"type\": \
+             \"image_url\", \"image_url\": {\"url\": \"data:image/png;base64,...\"}} part in a user \
+             message, or leave out `relevancy`",
+        ));
+    }
+    // The images last: every cheap check first, so an error names the first thing wrong that
     // costs nothing to find.
-    let image = chat::data_url_bytes(&image_ref.url, &image_ref.param, limits.max_image_bytes)
-        .map_err(api_error)?
-        .ok_or_else(|| {
-            ApiError::invalid(
-                Some(image_ref.param.clone()),
-                "invalid_image_url",
-                "the image URL must be a data:image/png;base64,... or data:image/jpeg;base64,... \
-                 URL",
-            )
-        })?;
+    let images = conversation
+        .images
+        .iter()
+        .map(|r| {
+            let bytes = chat::data_url_bytes(&r.url, &r.param, limits.max_image_bytes)
+                .map_err(api_error)?
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        Some(r.param.clone()),
+                        "invalid_image_url",
+                        "the image URL must be a data:image/png;base64,... or \
+                         data:image/jpeg;base64,... URL",
+                    )
+                })?;
+            Ok((bytes, r.param.clone()))
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
     Ok(ChatRequest {
         n,
         turns: conversation.turns,
-        image,
-        image_param: image_ref.param,
+        images,
         max_tokens,
         max_tokens_param,
         stream: raw.stream.unwrap_or(false),
@@ -511,6 +510,7 @@ pub fn token_map_json(m: &TokenMap, grid: (usize, usize)) -> Value {
         "id": m.id,
         "text": m.text,
         "grid": [grid.0, grid.1],
+        "images": m.images,
         "map_b64": base64::engine::general_purpose::STANDARD.encode(bytes),
         "entropy": m.entropy,
     })
