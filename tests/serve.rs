@@ -1509,3 +1509,110 @@ fn several_images_and_none_answer_as_the_command_line() {
         want["text"].as_str().unwrap().trim()
     );
 }
+
+/// Under a 256-descriptor limit, 300 connections that never finish a request head (silent, or
+/// half a head) neither keep a fresh `/health` from an answer nor SIGTERM from ending the server:
+/// the header timeout closes them, and shutdown has a deadline.
+#[test]
+fn stalled_connections_stop_neither_health_nor_sigterm() {
+    let mut child = Command::new("sh")
+        .args(["-c", "ulimit -n 256 && exec \"$0\" \"$@\""])
+        .arg(env!("CARGO_BIN_EXE_fastrm"))
+        .args(["serve", "--port", "0", "-t", "1"])
+        .args(["--header-timeout", "1", "--shutdown-timeout", "2"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr: SocketAddr = line
+        .trim()
+        .strip_prefix("listening on http://")
+        .unwrap_or_else(|| panic!("first line {line:?}"))
+        .parse()
+        .unwrap();
+    let stall = |n: usize| -> Vec<TcpStream> {
+        (0..n)
+            .map(|i| {
+                let mut s = TcpStream::connect(addr).unwrap();
+                if i % 2 == 0 {
+                    s.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+                        .unwrap();
+                }
+                s
+            })
+            .collect()
+    };
+    let stalled = stall(300);
+    let t0 = Instant::now();
+    let (status, _, _) = request(addr, "GET", "/health", None);
+    assert_eq!(status, 200);
+    let waited = t0.elapsed();
+    assert!(
+        waited < Duration::from_secs(8),
+        "/health answered after {waited:?}"
+    );
+    // The server closed the stalled connections it took (reads see the end).
+    drop(stalled);
+    let _more = stall(100);
+    assert!(Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let t0 = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert_eq!(status.code(), Some(0));
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the server did not end after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A body declared and not sent is answered 408 once the body timeout passes, not waited for.
+#[test]
+fn a_body_that_never_arrives_is_408() {
+    let server = Server::start(&["--body-timeout", "1"]);
+    let mut s = TcpStream::connect(server.addr).unwrap();
+    s.write_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+          Content-Length: 1000\r\n\r\n{\"messages\":",
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    let (status, _, body) = read_response(s);
+    assert_eq!(status, 408, "{}", String::from_utf8_lossy(&body));
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["error"]["code"], "request_timeout");
+    assert!(t0.elapsed() < Duration::from_secs(5));
+}
+
+/// Shutdown with a deadline: a stream still running when it passes ends with an error chunk
+/// (never a truncated stream that looks complete) and the server exits.
+#[test]
+fn a_stream_cut_by_the_shutdown_deadline_says_so() {
+    let mut server = Server::start(&["--test-token-delay-ms", "100", "--shutdown-timeout", "1"]);
+    let mut r = open_long_stream(server.addr, 400);
+    assert!(Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let mut rest = Vec::new();
+    while let Some(c) = read_chunk(&mut r) {
+        rest.extend(c);
+    }
+    let rest = String::from_utf8(rest).unwrap();
+    assert!(rest.ends_with("data: [DONE]\n\n"), "{rest}");
+    assert!(rest.contains("\"code\":\"shutting_down\""), "{rest}");
+    assert!(!rest.contains("\"finish_reason\":\"length\""), "{rest}");
+    assert_eq!(server.child.wait().unwrap().code(), Some(0));
+}

@@ -411,6 +411,17 @@ pub struct ServeArgs {
     /// one full context's worth.
     #[arg(long, value_parser = crate::util::parse_bytes_or_zero)]
     pub prefix_cache: Option<u64>,
+    /// Seconds a connection may take to send a whole request head — new, between two requests
+    /// (idle) or sending slowly — before it is closed.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0, value_parser = parse_seconds)]
+    pub header_timeout: f64,
+    /// Seconds a request body may take to arrive after its head (408 otherwise).
+    #[arg(long, value_name = "SECS", default_value_t = 30.0, value_parser = parse_seconds)]
+    pub body_timeout: f64,
+    /// Seconds requests in flight get to finish after SIGINT/SIGTERM; streams still running
+    /// then end with an error chunk and stalled connections are dropped.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0, value_parser = parse_seconds)]
+    pub shutdown_timeout: f64,
     /// Sleep this many milliseconds after each decode step. For tests: the demo model answers
     /// faster than a test can observe a queue or a disconnect.
     #[arg(long, default_value_t = 0, hide = true)]
@@ -439,6 +450,11 @@ impl ServeArgs {
             max_batch: self.max_batch,
             kv_memory: self.kv_memory,
             prefix_cache: self.prefix_cache,
+            timeouts: crate::serve::conn::Timeouts {
+                header: std::time::Duration::from_secs_f64(self.header_timeout),
+                body: std::time::Duration::from_secs_f64(self.body_timeout),
+                shutdown: std::time::Duration::from_secs_f64(self.shutdown_timeout),
+            },
             test_token_delay_ms: self.test_token_delay_ms,
         })
     }
@@ -465,4 +481,13 @@ pub struct SynthModelArgs {
     /// Seed of the weights (the values `synthetic:` models draw with the same seed).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+}
+
+/// A positive, finite number of seconds (at most a day).
+#[cfg(feature = "serve")]
+fn parse_seconds(text: &str) -> std::result::Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(s) if s > 0.0 && s <= 86_400.0 => Ok(s),
+        _ => Err(format!("`{text}` is not a number of seconds in (0, 86400]")),
+    }
 }

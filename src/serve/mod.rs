@@ -7,6 +7,7 @@
 //! own channel; when the client goes away the handler's side is dropped and the job's
 //! [`CancelToken`] stops the run before its next unit of work.
 
+pub mod conn;
 pub mod metrics;
 pub mod openai;
 pub mod viewer;
@@ -19,7 +20,6 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Request as HttpRequest, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
@@ -65,6 +65,8 @@ pub struct ServeOptions {
     /// KV pages of finished prompts and answers kept for the runs that start the same way, in
     /// bytes (0: none); `None`: one full context's worth.
     pub prefix_cache: Option<u64>,
+    /// Request head, body and shutdown time limits.
+    pub timeouts: conn::Timeouts,
     /// A sleep after each decode step that made tokens, for tests that must observe a queue or a
     /// disconnect.
     pub test_token_delay_ms: u64,
@@ -87,6 +89,7 @@ impl Default for ServeOptions {
             max_batch: 8,
             kv_memory: None,
             prefix_cache: None,
+            timeouts: conn::Timeouts::default(),
             test_token_delay_ms: 0,
         }
     }
@@ -112,6 +115,10 @@ struct AppState {
     /// Tokenises and preprocesses on the request threads, so the engine's thread only runs the
     /// model.
     preparer: crate::engine::Preparer,
+    /// How long a request body may take to arrive.
+    body_timeout: std::time::Duration,
+    /// Set when shutdown's deadline passes: running streams end.
+    deadline: conn::ShutdownDeadline,
     eos: Vec<u32>,
 }
 
@@ -174,6 +181,7 @@ pub fn run(args: ServeOptions) -> Result<()> {
     let g = cfg.vision.grid();
     let metrics = Arc::new(Metrics::default());
     let (jobs, queue) = mpsc::channel::<Job>(args.max_queue);
+    let (deadline_tx, deadline) = conn::deadline();
     let state = Arc::new(AppState {
         jobs,
         metrics: Arc::clone(&metrics),
@@ -194,6 +202,8 @@ pub fn run(args: ServeOptions) -> Result<()> {
         preparer: engine.preparer(),
         eos: cfg.eos_token_ids.clone(),
         next_id: AtomicU64::new(1),
+        body_timeout: args.timeouts.body,
+        deadline,
     });
     let worker_metrics = Arc::clone(&metrics);
     let delay = std::time::Duration::from_millis(args.test_token_delay_ms);
@@ -219,10 +229,15 @@ pub fn run(args: ServeOptions) -> Result<()> {
             .map_err(|e| Error::Backend(format!("listener address: {e}")))?;
         // Scripts and tests read the address (the port may have been 0) from this line.
         crate::status::out(&format!("listening on http://{addr}"))?;
-        axum::serve(listener, router(state))
-            .with_graceful_shutdown(shutdown_signal())
-            .await
-            .map_err(|e| Error::Backend(format!("server: {e}")))
+        conn::serve(
+            listener,
+            router(state),
+            args.timeouts,
+            shutdown_signal(),
+            deadline_tx,
+        )
+        .await;
+        Ok(())
     });
     // Every sender of the queue is gone with the router: the worker drains and ends.
     drop(rt);
@@ -563,35 +578,50 @@ impl Drop for CancelOnDrop {
     }
 }
 
-async fn chat(
-    State(st): State<Arc<AppState>>,
-    body: std::result::Result<Bytes, BytesRejection>,
-) -> Response {
+async fn chat(State(st): State<Arc<AppState>>, body: Body) -> Response {
     match chat_inner(st, body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
 }
 
-async fn chat_inner(
-    st: Arc<AppState>,
-    body: std::result::Result<Bytes, BytesRejection>,
-) -> std::result::Result<Response, ApiError> {
-    let arrived = Instant::now();
-    let body = body.map_err(|rej| {
-        if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::too_large(
-                None,
-                "body_too_large",
-                format!(
-                    "the request body is over the server's limit of {} bytes",
-                    st.max_body_bytes
-                ),
-            )
-        } else {
-            ApiError::invalid(None, "invalid_body", format!("cannot read the body: {rej}"))
+/// The request body, within the body limit and the body timeout (a client that declares a body
+/// and does not send it is answered 408, not waited for).
+async fn read_body(st: &AppState, body: Body) -> std::result::Result<Bytes, ApiError> {
+    let limit = st.max_body_bytes;
+    match tokio::time::timeout(st.body_timeout, axum::body::to_bytes(body, limit)).await {
+        Err(_) => Err(ApiError {
+            status: 408,
+            message: format!(
+                "the request body did not arrive within {} s",
+                st.body_timeout.as_secs_f64()
+            ),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("request_timeout"),
+        }),
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(e)) => {
+            // The limit is the only error a complete body can meet; anything else is the
+            // connection's.
+            let over = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            Err(if over {
+                ApiError::too_large(
+                    None,
+                    "body_too_large",
+                    format!("the request body is over the server's limit of {limit} bytes"),
+                )
+            } else {
+                ApiError::invalid(None, "invalid_body", format!("cannot read the body: {e}"))
+            })
         }
-    })?;
+    }
+}
+
+async fn chat_inner(st: Arc<AppState>, body: Body) -> std::result::Result<Response, ApiError> {
+    let arrived = Instant::now();
+    let body = read_body(&st, body).await?;
     // Parsing, base64 and the image's decoding are CPU work off the async threads and off the
     // engine: a bad image is refused before it takes a place in the queue.
     let (limits, n_layers) = (st.limits, st.n_layers);
@@ -726,9 +756,15 @@ async fn chat_inner(
         },
     };
     if req.stream {
-        Ok(stream_response(ctx, rx, guard, req.include_usage))
+        Ok(stream_response(
+            ctx,
+            rx,
+            guard,
+            req.include_usage,
+            st.deadline.clone(),
+        ))
     } else {
-        let out = collect_response(&ctx, &mut rx).await;
+        let out = collect_response(&ctx, &mut rx, st.deadline.clone()).await;
         drop(guard);
         out.map(|v| axum::Json(v).into_response())
     }
@@ -828,6 +864,20 @@ struct Streaming {
     /// Choices that have ended.
     ended: usize,
     done: bool,
+    deadline: conn::ShutdownDeadline,
+}
+
+/// The error a response cut by the shutdown deadline ends with.
+fn cut_by_shutdown() -> ApiError {
+    ApiError {
+        status: 503,
+        message: "the server is shutting down and its deadline has passed: this answer ends here, \
+                  incomplete"
+            .into(),
+        kind: "server_error",
+        param: None,
+        code: Some("shutting_down"),
+    }
 }
 
 fn stream_response(
@@ -835,6 +885,7 @@ fn stream_response(
     rx: mpsc::UnboundedReceiver<Event>,
     guard: CancelOnDrop,
     include_usage: bool,
+    deadline: conn::ShutdownDeadline,
 ) -> Response {
     let mut first = String::new();
     for choice in 0..reply.n {
@@ -855,6 +906,7 @@ fn stream_response(
         cached: 0,
         ended: 0,
         done: false,
+        deadline,
     };
     let rest = futures_util::stream::unfold(state, |mut s| async move {
         let text = next_frames(&mut s).await?;
@@ -877,7 +929,13 @@ async fn next_frames(s: &mut Streaming) -> Option<String> {
         return None;
     }
     loop {
-        let ev = s.rx.recv().await;
+        let ev = tokio::select! {
+            ev = s.rx.recv() => ev,
+            () = s.deadline.passed() => {
+                s.done = true;
+                return Some(format!("{}data: [DONE]\n\n", sse(&cut_by_shutdown().body())));
+            }
+        };
         let r = &s.reply;
         let mut chunk = match ev {
             Some(Event::Item {
@@ -967,11 +1025,16 @@ async fn next_frames(s: &mut Streaming) -> Option<String> {
 async fn collect_response(
     r: &Reply,
     rx: &mut mpsc::UnboundedReceiver<Event>,
+    mut deadline: conn::ShutdownDeadline,
 ) -> std::result::Result<Value, ApiError> {
     let mut maps: Vec<Vec<Value>> = vec![Vec::new(); r.n];
     let mut ends: Vec<Option<crate::engine::Summary>> = vec![None; r.n];
     while ends.iter().any(Option::is_none) {
-        match rx.recv().await {
+        let ev = tokio::select! {
+            ev = rx.recv() => ev,
+            () = deadline.passed() => return Err(cut_by_shutdown()),
+        };
+        match ev {
             Some(Event::Item { choice, item }) => match item {
                 Item::Token(t) => {
                     if let Some(m) = t.map.as_ref().filter(|m| !r.eos.contains(&m.id)) {
