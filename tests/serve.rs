@@ -817,6 +817,19 @@ fn conversations_with_a_system_prompt_and_history_answer_as_the_command_line() {
         .unwrap();
     let prompt = v["usage"]["prompt_tokens"].as_u64().unwrap();
     assert!(cached > 0 && cached < prompt, "{cached} of {prompt}");
+    // And in the metrics: both prompts counted, the second's cached part, the cache's pages.
+    assert_eq!(
+        server.metric("fastrm_prompt_tokens_total"),
+        2.0 * prompt as f64
+    );
+    assert_eq!(
+        server.metric("fastrm_prompt_tokens_cached_total"),
+        cached as f64
+    );
+    let pages = server.metric("fastrm_prefix_cache_pages");
+    assert!(pages > 0.0 && server.metric("fastrm_kv_pages_used") >= pages);
+    assert!(server.metric("fastrm_kv_pages_limit") >= server.metric("fastrm_kv_pages_used"));
+    assert_eq!(server.metric("fastrm_queue_wait_seconds_count"), 2.0);
 }
 
 /// `n` choices: one prompt, choice `i` sampled with the seed plus `i`, each exactly the one-choice
@@ -1485,6 +1498,16 @@ fn several_images_and_none_answer_as_the_command_line() {
     );
     let tokens = got["relevancy"]["tokens"].as_array().unwrap();
     assert!(!tokens.is_empty());
+    // Every answer token's map in the entropy histogram, the answer under its verdict.
+    assert_eq!(
+        server.metric("fastrm_map_entropy_count"),
+        tokens.len() as f64
+    );
+    let verdict = got["relevancy"]["confidence"]["verdict"].as_str().unwrap();
+    assert_eq!(
+        server.metric(&format!("fastrm_answers_total{{verdict=\"{verdict}\"}}")),
+        1.0
+    );
     for (t, w) in tokens.iter().zip(want["tokens"].as_array().unwrap()) {
         assert_eq!(t["images"], 2);
         assert_eq!(

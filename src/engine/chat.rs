@@ -322,19 +322,27 @@ pub fn data_url_bytes(
              data:image/png;base64,... or data:image/jpeg;base64,... URL",
         ));
     }
-    let Some(rest) = url.strip_prefix("data:") else {
+    // The scheme is case-insensitive (RFC 3986), and the media type may carry parameters
+    // (`data:image/png;name=a.png;base64,...`, RFC 2397), which say nothing about the pixels.
+    if !url
+        .get(..5)
+        .is_some_and(|s| s.eq_ignore_ascii_case("data:"))
+    {
         return Ok(None);
-    };
+    }
+    let rest = &url[5..];
     let invalid = |msg: &str| MessageError::new(param, "invalid_image_url", msg);
     let Some((meta, payload)) = rest.split_once(',') else {
         return Err(invalid("the data: URL has no ',' before its data"));
     };
     let meta = meta.to_ascii_lowercase();
-    let Some(mime) = meta.strip_suffix(";base64") else {
+    let mut parts = meta.split(';').map(str::trim);
+    let mime = parts.next().unwrap_or_default();
+    if parts.next_back() != Some("base64") {
         return Err(invalid(
             "the data: URL must be base64 (data:image/png;base64,...)",
         ));
-    };
+    }
     if !matches!(mime, "image/png" | "image/jpeg" | "image/jpg") {
         return Err(MessageError::new(
             param,
@@ -381,4 +389,34 @@ pub fn data_url_bytes(
         ));
     }
     Ok(Some(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::data_url_bytes;
+
+    #[test]
+    fn data_urls_take_any_case_and_media_type_parameters() {
+        let hi = Some(b"hi".to_vec());
+        for url in [
+            "data:image/png;base64,aGk=",
+            "DATA:image/png;base64,aGk=",
+            "Data:IMAGE/PNG;BASE64,aGk=",
+            "data:image/png;name=a.png;base64,aGk=",
+            "data:image/jpeg; charset=binary ;base64,aGk=",
+        ] {
+            assert_eq!(data_url_bytes(url, "p", 100).unwrap(), hi, "{url}");
+        }
+        assert_eq!(data_url_bytes("image.png", "p", 100).unwrap(), None);
+        for (url, code) in [
+            ("data:image/png,aGk=", "invalid_image_url"),
+            ("data:image/png;base64;x=1,aGk=", "invalid_image_url"),
+            ("data:image/gif;base64,aGk=", "invalid_image_format"),
+            ("data:;base64,aGk=", "invalid_image_format"),
+            ("HTTPS://example.com/a.png", "remote_image_unsupported"),
+        ] {
+            let e = data_url_bytes(url, "p", 100).unwrap_err();
+            assert_eq!(e.code, code, "{url}: {e:?}");
+        }
+    }
 }

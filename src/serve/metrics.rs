@@ -12,16 +12,34 @@ const BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
-#[derive(Default)]
+/// Upper bounds of the map-entropy histogram: entropies are normalised to [0, 1].
+const ENTROPY_BUCKETS: [f64; 10] = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0];
+
 struct Histogram {
-    counts: [u64; BUCKETS.len()],
+    bounds: &'static [f64],
+    counts: Vec<u64>,
     count: u64,
     sum: f64,
 }
 
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram::new(&BUCKETS)
+    }
+}
+
 impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Histogram {
+            bounds,
+            counts: vec![0; bounds.len()],
+            count: 0,
+            sum: 0.0,
+        }
+    }
+
     fn observe(&mut self, v: f64) {
-        for (c, &le) in self.counts.iter_mut().zip(&BUCKETS) {
+        for (c, &le) in self.counts.iter_mut().zip(self.bounds) {
             if v <= le {
                 *c += 1;
             }
@@ -32,7 +50,7 @@ impl Histogram {
 
     fn write(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        for (c, le) in self.counts.iter().zip(BUCKETS) {
+        for (c, le) in self.counts.iter().zip(self.bounds) {
             let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {c}");
         }
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
@@ -42,7 +60,6 @@ impl Histogram {
 }
 
 /// Every number `/metrics` shows. Shared by the HTTP handlers and the engine's worker.
-#[derive(Default)]
 pub struct Metrics {
     /// `(route, status)` → responses.
     requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
@@ -56,10 +73,49 @@ pub struct Metrics {
     /// Batched decode steps, and the rows (runs) they decoded: their ratio is the mean batch.
     pub decode_steps: AtomicU64,
     pub decode_rows: AtomicU64,
+    /// KV cache pages in use (runs and the prefix cache), the pool's limit, and the prefix
+    /// cache's share.
+    pub kv_pages_used: AtomicU64,
+    pub kv_pages_limit: AtomicU64,
+    pub prefix_pages: AtomicU64,
+    /// Prompt positions of finished answers, and those of them read from the prefix cache.
+    pub prompt_tokens: AtomicU64,
+    pub prompt_tokens_cached: AtomicU64,
+    /// Answers with maps by the confidence's verdict.
+    answers: Mutex<BTreeMap<&'static str, u64>>,
     ttft: Mutex<Histogram>,
     token_latency: Mutex<Histogram>,
     map_time: Mutex<Histogram>,
     request_time: Mutex<Histogram>,
+    queue_wait: Mutex<Histogram>,
+    entropy: Mutex<Histogram>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            requests: Default::default(),
+            tokens_generated: Default::default(),
+            cancelled: Default::default(),
+            rejected_queue_full: Default::default(),
+            queue_depth: Default::default(),
+            busy: Default::default(),
+            decode_steps: Default::default(),
+            decode_rows: Default::default(),
+            kv_pages_used: Default::default(),
+            kv_pages_limit: Default::default(),
+            prefix_pages: Default::default(),
+            prompt_tokens: Default::default(),
+            prompt_tokens_cached: Default::default(),
+            answers: Default::default(),
+            ttft: Default::default(),
+            token_latency: Default::default(),
+            map_time: Default::default(),
+            request_time: Default::default(),
+            queue_wait: Default::default(),
+            entropy: Mutex::new(Histogram::new(&ENTROPY_BUCKETS)),
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -86,6 +142,21 @@ impl Metrics {
 
     pub fn request_time(&self, s: f64) {
         lock(&self.request_time).observe(s)
+    }
+
+    pub fn queue_wait(&self, s: f64) {
+        lock(&self.queue_wait).observe(s)
+    }
+
+    /// A token's map entropy (normalised, in [0, 1]).
+    pub fn map_entropy(&self, h: f32) {
+        lock(&self.entropy).observe(h as f64)
+    }
+
+    /// An answer with maps, by its confidence's verdict (`confident`, `uncertain`,
+    /// `uncalibrated`).
+    pub fn answer(&self, verdict: &'static str) {
+        *lock(&self.answers).entry(verdict).or_default() += 1;
     }
 
     pub fn render(&self) -> String {
@@ -155,6 +226,57 @@ impl Metrics {
             "counter",
             "Tokens decoded by the batched steps (rows per step, summed).",
             &self.decode_rows,
+        );
+        for (name, help, v) in [
+            (
+                "fastrm_kv_pages_used",
+                "KV cache pages in use (runs and the prefix cache).",
+                &self.kv_pages_used,
+            ),
+            (
+                "fastrm_kv_pages_limit",
+                "KV cache pages the pool may hold.",
+                &self.kv_pages_limit,
+            ),
+            (
+                "fastrm_prefix_cache_pages",
+                "KV cache pages the prefix cache holds.",
+                &self.prefix_pages,
+            ),
+        ] {
+            scalar(&mut out, name, "gauge", help, v);
+        }
+        scalar(
+            &mut out,
+            "fastrm_prompt_tokens_total",
+            "counter",
+            "Prompt positions of finished answers.",
+            &self.prompt_tokens,
+        );
+        scalar(
+            &mut out,
+            "fastrm_prompt_tokens_cached_total",
+            "counter",
+            "Prompt positions read from the prefix cache instead of computed.",
+            &self.prompt_tokens_cached,
+        );
+        out.push_str(
+            "# HELP fastrm_answers_total Answers with maps by their confidence's verdict \
+             (uncertain: the maps say the answer is not grounded in the image).\n\
+             # TYPE fastrm_answers_total counter\n",
+        );
+        for (verdict, n) in lock(&self.answers).iter() {
+            let _ = writeln!(out, "fastrm_answers_total{{verdict=\"{verdict}\"}} {n}");
+        }
+        lock(&self.queue_wait).write(
+            &mut out,
+            "fastrm_queue_wait_seconds",
+            "From a request's arrival to the engine taking it.",
+        );
+        lock(&self.entropy).write(
+            &mut out,
+            "fastrm_map_entropy",
+            "Normalised entropy of each answer token's map (low: focused on a few patches).",
         );
         lock(&self.ttft).write(
             &mut out,

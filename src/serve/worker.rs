@@ -111,6 +111,7 @@ fn serve_jobs<B: Backend>(
                 }
             };
             metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+            metrics.queue_wait(job.arrived.elapsed().as_secs_f64());
             if let Some(l) = admit(&mut sched, engine.config(), job, metrics) {
                 live.push(l);
             }
@@ -152,8 +153,17 @@ fn serve_jobs<B: Backend>(
             }
         }
         let mut tokens = false;
-        live.retain_mut(|l| deliver(&mut sched, l, metrics, &mut tokens));
+        let eos = &engine.config().eos_token_ids;
+        live.retain_mut(|l| deliver(&mut sched, l, metrics, eos, &mut tokens));
         metrics.busy.store(live.len() as u64, Ordering::Relaxed);
+        let (used, limit) = engine.kv_usage();
+        metrics.kv_pages_used.store(used as u64, Ordering::Relaxed);
+        metrics
+            .kv_pages_limit
+            .store(limit as u64, Ordering::Relaxed);
+        metrics
+            .prefix_pages
+            .store(engine.prefix_pages() as u64, Ordering::Relaxed);
         if tokens && !token_delay.is_zero() {
             std::thread::sleep(token_delay);
         }
@@ -241,8 +251,15 @@ fn deliver<B: Backend>(
     sched: &mut Scheduler<'_, B>,
     l: &mut Live,
     metrics: &Metrics,
+    eos: &[u32],
     tokens: &mut bool,
 ) -> bool {
+    // End-of-sequence maps are not answer tokens' (as in the confidence).
+    let entropy = |m: &crate::engine::TokenMap| {
+        if !eos.contains(&m.id) {
+            metrics.map_entropy(m.entropy)
+        }
+    };
     for choice in 0..l.ids.len() {
         let Some(id) = l.ids[choice] else {
             continue;
@@ -252,7 +269,10 @@ fn deliver<B: Backend>(
                 Ok(item) => {
                     let done = matches!(item, Item::Done(_));
                     match &item {
-                        Item::Token(_) => {
+                        Item::Token(t) => {
+                            if let Some(m) = &t.map {
+                                entropy(m);
+                            }
                             *tokens = true;
                             metrics.tokens_generated.fetch_add(1, Ordering::Relaxed);
                             let now = Instant::now();
@@ -264,7 +284,21 @@ fn deliver<B: Backend>(
                             }
                             l.last = Some(now);
                         }
-                        Item::Done(s) if l.method.is_some() => metrics.map_time(s.maps_s),
+                        Item::Map(m) => entropy(m),
+                        Item::Done(s) => {
+                            metrics
+                                .prompt_tokens
+                                .fetch_add(s.input_ids.len() as u64, Ordering::Relaxed);
+                            metrics
+                                .prompt_tokens_cached
+                                .fetch_add(s.cached_tokens as u64, Ordering::Relaxed);
+                            if l.method.is_some() {
+                                metrics.map_time(s.maps_s);
+                            }
+                            if let Some(c) = &s.confidence {
+                                metrics.answer(c.verdict());
+                            }
+                        }
                         _ => {}
                     }
                     // A handler that is gone (its client disconnected) cancels the runs at the
