@@ -1586,18 +1586,12 @@ fn stalled_connections_stop_neither_health_nor_sigterm() {
         .status()
         .unwrap()
         .success());
-    let t0 = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            assert_eq!(status.code(), Some(0));
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "the server did not end after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut status = None;
+    wait_for("the server to end after SIGTERM", || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    });
+    assert_eq!(status.and_then(|s| s.code()), Some(0));
 }
 
 /// A body declared and not sent is answered 408 once the body timeout passes, not waited for.

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::ThreadId;
 use std::time::Duration;
 
-use numpy::{PyArray1, PyArray2, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods};
+use numpy::{PyArray1, PyArrayDyn, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyOSError, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyType};
@@ -407,11 +407,23 @@ fn options(
 }
 
 /// The request of a question (a `str`), or of a conversation: a list of OpenAI-style message
-/// dicts (`{"role": ..., "content": str | [parts]}`) where a `{"type": "image"}` part marks the
-/// place of `image`, transformers' convention.
+/// dicts (`{"role": ..., "content": str | [parts]}`) where each `{"type": "image"}` part marks the
+/// place of the next image, transformers' convention. `image` is one image, a list or tuple of
+/// them (a question's go before it, one `<image>` each, in order), or `None` (text only).
 fn request(image: &Bound<'_, PyAny>, prompt: &Bound<'_, PyAny>) -> PyResult<Request> {
+    let mut images = images_input(image)?;
     if let Ok(q) = prompt.extract::<String>() {
-        return Ok(Request::question(image_input(image)?, q));
+        if images.len() == 1 {
+            return Ok(Request::question(images.remove(0), q));
+        }
+        return Ok(Request::Chat {
+            turns: vec![crate::text::Turn::new(
+                crate::text::Role::User,
+                images.len(),
+                q.as_str(),
+            )],
+            images,
+        });
     }
     if !prompt.is_instance_of::<pyo3::types::PyList>() {
         return Err(PyTypeError::new_err(
@@ -429,8 +441,19 @@ fn request(image: &Bound<'_, PyAny>, prompt: &Bound<'_, PyAny>) -> PyResult<Requ
         .map_err(|e| to_py(e.into()))?;
     Ok(Request::Chat {
         turns: conv.turns,
-        images: vec![image_input(image)?],
+        images,
     })
+}
+
+/// `None` (no image), a list or tuple of images, or one image.
+fn images_input(obj: &Bound<'_, PyAny>) -> PyResult<Vec<ImageInput>> {
+    if obj.is_none() {
+        return Ok(Vec::new());
+    }
+    if obj.is_instance_of::<pyo3::types::PyList>() || obj.is_instance_of::<pyo3::types::PyTuple>() {
+        return obj.try_iter()?.map(|i| image_input(&i?)).collect();
+    }
+    Ok(vec![image_input(obj)?])
 }
 
 /// An image from Python: a path (str or os.PathLike), encoded bytes (PNG/JPEG), a NumPy uint8
@@ -790,8 +813,9 @@ struct TokenMap {
     id: u32,
     /// The token's own text.
     text: String,
-    /// float32 (rows, cols) over the image's patch grid: the method's raw relevancy.
-    map: Py<PyArray2<f32>>,
+    /// float32 (rows, cols) over the image's patch grid — (images, rows, cols) for a prompt of
+    /// several images: the method's raw relevancy.
+    map: Py<PyArrayDyn<f32>>,
     /// Normalised entropy of the map, in [0, 1].
     entropy: f32,
 }
@@ -814,7 +838,11 @@ impl TokenMap {
 impl TokenMap {
     /// The map moves into its array without a copy.
     fn new(py: Python<'_>, m: crate::engine::TokenMap, grid: usize) -> PyResult<Self> {
-        let map = PyArray1::from_vec(py, m.map).reshape([grid, grid])?;
+        let shape = match m.images {
+            0 | 1 => vec![grid, grid],
+            k => vec![k, grid, grid],
+        };
+        let map = PyArray1::from_vec(py, m.map).reshape(shape)?;
         Ok(TokenMap {
             index: m.index,
             id: m.id,

@@ -355,3 +355,33 @@ def test_a_conversation_matches_the_cli_messages_file(engine, image_path, tmp_pa
         engine.generate(image_path, [{"role": "user", "content": "Hi"}])
     with pytest.raises(TypeError, match="list of message dicts"):
         engine.generate(image_path, 42)
+
+
+def test_several_images_and_none_match_the_cli(engine, image_path, tmp_path):
+    # Two images: a list, one <image> each before the question (as repeated --image flags); each
+    # token's map is (images, rows, cols).
+    other = tmp_path / "other.png"
+    from PIL import Image
+
+    img = Image.open(image_path).convert("RGB")
+    Image.fromarray(255 - np.asarray(img)).save(other)
+    doc = cli(
+        "explain", "--image", image_path, "--image", str(other),
+        "--prompt", QUESTION, "-n", "3", "--method", "baseline",
+    )
+    ex = engine.explain([image_path, str(other)], QUESTION, method="baseline", max_new_tokens=3)
+    assert_same_run(ex, doc)
+    for t, d in zip(ex.tokens, doc["tokens"]):
+        assert t.map.shape == (2, *engine.grid)
+        assert np.array_equal(t.map, as_f32(d["map"]).reshape(2, *engine.grid))
+    # One image in a list is the single image, maps (rows, cols).
+    one = engine.explain([image_path], QUESTION, method="baseline", max_new_tokens=3)
+    assert one.tokens[0].map.shape == engine.grid
+    # No image: a text-only conversation is answered; its maps are refused by name.
+    chat = [{"role": "user", "content": "Say hello."}]
+    path = tmp_path / "chat.json"
+    path.write_text(json.dumps(chat))
+    g = engine.generate(None, chat, max_new_tokens=3)
+    assert_same_run(g, cli("generate", "--messages", str(path), "-n", "3"))
+    with pytest.raises(fastrm.InputError, match="no image"):
+        engine.explain(None, chat, method="baseline", max_new_tokens=3)

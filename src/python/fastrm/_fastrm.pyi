@@ -12,9 +12,12 @@ __version__: str
 #: What `image` arguments take: a path, encoded PNG/JPEG bytes, a NumPy uint8 array of shape
 #: (height, width, 3), or a PIL image (any mode; converted to RGB).
 ImageLike = Union[str, os.PathLike, bytes, bytearray, npt.NDArray[np.uint8], "PIL.Image.Image"]  # noqa: F821
+# One image, several (a question gets one <image> per image before it, in order; a conversation
+# places them at its {"type": "image"} parts, in order), or None (text only: answered, no maps).
+Images = Union[None, ImageLike, List[ImageLike], Tuple[ImageLike, ...]]
 # A question, or a conversation: OpenAI-style messages ({"role": "system" | "user" | "assistant",
-# "content": str | [{"type": "text", "text": ...} | {"type": "image"}]}), where the one
-# {"type": "image"} part marks the place of the `image` argument.
+# "content": str | [{"type": "text", "text": ...} | {"type": "image"}]}), where each
+# {"type": "image"} part marks the place of the next of the `image` argument's images.
 Prompt = Union[str, List[Dict[str, Any]]]
 Method = Literal["fastrm", "baseline", "baseline-incremental", "gradcam"]
 StopReason = Literal["eos", "max_new_tokens", "context", "stop"]
@@ -44,7 +47,8 @@ class TokenMap:
     index: int
     id: int
     text: str
-    #: float32, shape (rows, cols) of the engine's grid.
+    #: float32, shape (rows, cols) of the engine's grid; (images, rows, cols) for a prompt of
+    #: several images.
     map: npt.NDArray[np.float32]
     entropy: float
 
@@ -126,7 +130,7 @@ class Engine:
     ) -> None: ...
     def explain(
         self,
-        image: ImageLike,
+        image: Images,
         prompt: Prompt,
         method: Method = "fastrm",
         max_new_tokens: int = 64,
@@ -136,14 +140,14 @@ class Engine:
     ) -> Explanation: ...
     def generate(
         self,
-        image: ImageLike,
+        image: Images,
         prompt: Prompt,
         max_new_tokens: int = 64,
         **sampling: Unpack[Sampling],
     ) -> Generation: ...
     def stream(
         self,
-        image: ImageLike,
+        image: Images,
         prompt: Prompt,
         method: Optional[Method] = "fastrm",
         max_new_tokens: int = 64,
