@@ -15,6 +15,11 @@ Standard library only. Without --url it starts the server itself (release build 
     tools/serve_load.py --clients 4 --seconds 20
     tools/serve_load.py --clients 16 --seconds 20 --max-queue 4
     tools/serve_load.py --url http://127.0.0.1:8080 --pid 1234 --clients 4 --seconds 20
+    tools/serve_load.py --clients 16 --max-tokens 32 --serve-arg=--max-batch=16
+
+--max-tokens N asks for N tokens past the end of the answer (`ignore_eos`), so decode steps, not
+prefills, dominate: the answer must then start with the expected word and have N tokens.
+--no-maps asks for plain completions (no relevancy).
 """
 
 import argparse
@@ -70,7 +75,7 @@ class Stats:
             self.errors[kind] = self.errors.get(kind, 0) + 1
 
 
-def one_request(host, port, body, timeout):
+def one_request(host, port, body, timeout, maps=True):
     """One streamed completion: ("ok", ttft, gaps, n_tokens, text) | ("429", retry_after)
     | ("error", kind)."""
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
@@ -108,7 +113,7 @@ def one_request(host, port, body, timeout):
             content = delta.get("content")
             if content or "relevancy" in chunk:
                 stamps.append(time.perf_counter())
-                if "relevancy" not in chunk:
+                if maps and "relevancy" not in chunk:
                     return ("error", "token without a map")
             if content:
                 text.append(content)
@@ -126,13 +131,21 @@ def one_request(host, port, body, timeout):
         conn.close()
 
 
-def client(host, port, body, deadline, stats, timeout, retry_cap):
+def right_answer(text, n, max_tokens, answer):
+    """The expected answer (any, when `answer` is empty); with --max-tokens, one that starts with
+    it and has that many tokens."""
+    if max_tokens is None:
+        return not answer or text.strip() == answer
+    return text.strip().startswith(answer) and n == max_tokens
+
+
+def client(host, port, body, deadline, stats, timeout, retry_cap, maps, max_tokens, answer):
     while time.monotonic() < deadline:
-        r = one_request(host, port, body, timeout)
+        r = one_request(host, port, body, timeout, maps)
         if r[0] == "ok":
             _, ttft, gaps, n, text = r
-            if text.strip() != ANSWER:
-                stats.error(f"wrong answer {text!r}")
+            if not right_answer(text, n, max_tokens, answer):
+                stats.error(f"wrong answer {text!r} ({n} tokens)")
                 continue
             with stats.lock:
                 stats.ok += 1
@@ -194,6 +207,13 @@ def main():
         default=1.0,
         help="longest wait after a 429, seconds (the server asks for 1)",
     )
+    ap.add_argument("--max-tokens", type=int, help="tokens per answer, past its end (ignore_eos)")
+    ap.add_argument("--no-maps", action="store_true", help="plain completions, no relevancy")
+    ap.add_argument(
+        "--answer",
+        default=ANSWER,
+        help="the expected answer (the demo model's); '' accepts any (a synthetic model's)",
+    )
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args()
     if not 1 <= a.clients <= MAX_CLIENTS:
@@ -214,11 +234,9 @@ def main():
     with open(a.image, "rb") as f:
         png = base64.b64encode(f.read()).decode()
     mime = "image/jpeg" if a.image.lower().endswith((".jpg", ".jpeg")) else "image/png"
-    body = json.dumps(
-        {
-            "model": "fastrm-demo",
+    # No `model`: the server answers with the one it serves (the demo's, or --model's).
+    request = {
             "stream": True,
-            "relevancy": {"method": "fastrm"},
             "messages": [
                 {
                     "role": "user",
@@ -229,13 +247,21 @@ def main():
                 }
             ],
         }
-    ).encode()
+    maps = not a.no_maps
+    if maps:
+        request["relevancy"] = {"method": "fastrm"}
+    if a.max_tokens is not None:
+        if not 1 <= a.max_tokens <= 4096:
+            sys.exit("--max-tokens must be in 1..4096")
+        request["max_tokens"] = a.max_tokens
+        request["ignore_eos"] = True
+    body = json.dumps(request).encode()
 
     try:
         rss_before = rss_kib(pid) if pid else (None, None)
         # One request first: the answer must be right before timing anything.
-        warm = one_request(host, port, body, a.timeout)
-        if warm[0] != "ok" or warm[4].strip() != ANSWER:
+        warm = one_request(host, port, body, a.timeout, maps)
+        if warm[0] != "ok" or not right_answer(warm[4], warm[3], a.max_tokens, a.answer):
             sys.exit(f"warm-up request failed: {warm}")
         stats = Stats()
         t0 = time.monotonic()
@@ -243,7 +269,10 @@ def main():
         threads = [
             threading.Thread(
                 target=client,
-                args=(host, port, body, deadline, stats, a.timeout, a.retry_after_cap),
+                args=(
+                    host, port, body, deadline, stats, a.timeout, a.retry_after_cap, maps,
+                    a.max_tokens, a.answer,
+                ),
                 daemon=True,
             )
             for _ in range(a.clients)
@@ -275,6 +304,9 @@ def main():
         "rejected_429": stats.rejected,
         "errors": stats.errors,
         "tokens": stats.tokens,
+        "tokens_per_s": round(stats.tokens / elapsed, 1),
+        "max_tokens": a.max_tokens,
+        "maps": maps,
         "ttft_ms": {"p50": ms(percentile(stats.ttft, 50)), "p99": ms(percentile(stats.ttft, 99))},
         "per_token_ms": {
             "p50": ms(percentile(stats.gaps, 50)),
