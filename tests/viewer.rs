@@ -295,9 +295,9 @@ impl Drop for Browser {
     }
 }
 
-fn explain_token0() -> (Vec<usize>, Vec<f32>, String, Value) {
+fn explain_token0(method: &str) -> (Vec<usize>, Vec<f32>, String, Value) {
     let out = Command::new(env!("CARGO_BIN_EXE_fastrm"))
-        .args(["explain", "--json", "--method", "fastrm", "-t", "1"])
+        .args(["explain", "--json", "--method", method, "-t", "1"])
         .args(["--prompt", QUESTION, "-n", "16"])
         .output()
         .unwrap();
@@ -328,6 +328,76 @@ fn explain_token0() -> (Vec<usize>, Vec<f32>, String, Value) {
     )
 }
 
+/// The overlay's pixels `px` (RGBA, `size` = (w, h)) draw `map` (`grid` = (rows, cols)) as the
+/// PNG overlays do. Each cell's centre: an opaque entry of the PNG overlays' table, the one for
+/// the CLI's map upsampled as the PNGs are (pixel centres at (x + 0.5) · cells / pixels − 0.5 in
+/// cells, bilinear, constant beyond the outer centres); one step of slack: the wire carries half
+/// precision. Along the peak's row every pixel is checked too (blocks would be off wherever the
+/// map changes between cells), and the brightest cell is the map's peak.
+fn assert_overlay_shows(
+    px: &[u8],
+    (w, h): (usize, usize),
+    (rows, cols): (usize, usize),
+    map: &[f32],
+    what: &str,
+) {
+    let table = fastrm::render::colormap_table();
+    let top = map.iter().copied().fold(0.0f32, f32::max);
+    let tap = |x: usize, n: usize, cells: usize| {
+        let u = ((x as f32 + 0.5) * cells as f32 / n as f32 - 0.5).clamp(0.0, (cells - 1) as f32);
+        let i0 = u.floor() as usize;
+        (i0, (i0 + 1).min(cells - 1), u - i0 as f32)
+    };
+    let upsampled = |x: usize, y: usize| {
+        let ((q0, q1, fx), (r0, r1, fy)) = (tap(x, w, cols), tap(y, h, rows));
+        let at = |r: usize, q: usize| map[r * cols + q];
+        let a = at(r0, q0) * (1.0 - fx) + at(r0, q1) * fx;
+        let b = at(r1, q0) * (1.0 - fx) + at(r1, q1) * fx;
+        a * (1.0 - fy) + b * fy
+    };
+    let entry = |x: usize, y: usize| {
+        let p = &px[(y * w + x) * 4..(y * w + x) * 4 + 4];
+        assert_eq!(p[3], 255, "{what}: pixel ({x}, {y}) is not drawn");
+        let i = table
+            .iter()
+            .position(|t| t[..] == p[..3])
+            .unwrap_or_else(|| panic!("{what}: pixel ({x}, {y}): {p:?} is not a viridis colour"));
+        let want = lut_index(upsampled(x, y), top);
+        assert!(
+            i.abs_diff(want) <= 1,
+            "{what}: pixel ({x}, {y}): colour entry {i}, the upsampled map says {want}"
+        );
+        i
+    };
+    let mut got_idx = Vec::with_capacity(rows * cols);
+    for r in 0..rows {
+        for c in 0..cols {
+            got_idx.push(entry(
+                (2 * c + 1) * w / (2 * cols),
+                (2 * r + 1) * h / (2 * rows),
+            ));
+        }
+    }
+    let argmax = |xs: &[f32]| (0..xs.len()).fold(0, |b, i| if xs[i] > xs[b] { i } else { b });
+    let want_peak = argmax(map);
+    let y = (2 * (want_peak / cols) + 1) * h / (2 * rows);
+    for x in 0..w {
+        entry(x, y);
+    }
+    let got_f: Vec<f32> = got_idx.iter().map(|&i| i as f32).collect();
+    let got_peak = argmax(&got_f);
+    assert!(
+        got_idx[want_peak] >= 245,
+        "{what}: the map's peak is not near the top colour: {}",
+        got_idx[want_peak]
+    );
+    assert_eq!(
+        (got_peak / cols, got_peak % cols),
+        (want_peak / cols, want_peak % cols),
+        "{what}: brightest overlay cell vs the map's maximum"
+    );
+}
+
 /// The colour table entry the PNG overlays use for `v` on a map whose maximum is `top`.
 fn lut_index(v: f32, top: f32) -> usize {
     let t = if top > 0.0 { v / top } else { 0.0 };
@@ -341,7 +411,8 @@ fn viewer_streams_the_answer_and_overlays_the_selected_tokens_map() {
         Ok(b) => b,
         Err(why) => panic!("the browser test cannot run: {why}"),
     };
-    let (grid, want_map, want_text, want_conf) = explain_token0();
+    let (grid, want_map, want_text, want_conf) = explain_token0("fastrm");
+    let (_, baseline_map, _, _) = explain_token0("baseline");
     assert_eq!(want_text, "yellow", "the demo model's answer changed");
     let (rows, cols) = (grid[0], grid[1]);
 
@@ -362,6 +433,8 @@ fn viewer_streams_the_answer_and_overlays_the_selected_tokens_map() {
     );
     let q = b.find("#question");
     b.send_keys(&q, QUESTION);
+    // The exact baseline's map beside FastRM's.
+    b.script("document.getElementById('method').value = 'baseline'; return null");
     b.click(&b.find("#ask"));
     let state = b.wait_for(
         "the streamed answer",
@@ -443,68 +516,29 @@ fn viewer_streams_the_answer_and_overlays_the_selected_tokens_map() {
         .unwrap();
     assert_eq!(px.len(), w * h * 4);
 
-    // Each cell's centre: an opaque entry of the PNG overlays' table, the one for the CLI's map
-    // upsampled as the PNGs are (pixel centres at (x + 0.5) · cells / pixels − 0.5 in cells,
-    // bilinear, constant beyond the outer centres); one step of slack: the wire carries half
-    // precision.
-    let table = fastrm::render::colormap_table();
-    let top = want_map.iter().copied().fold(0.0f32, f32::max);
-    let tap = |x: usize, n: usize, cells: usize| {
-        let u = ((x as f32 + 0.5) * cells as f32 / n as f32 - 0.5).clamp(0.0, (cells - 1) as f32);
-        let i0 = u.floor() as usize;
-        (i0, (i0 + 1).min(cells - 1), u - i0 as f32)
-    };
-    let upsampled = |x: usize, y: usize| {
-        let ((q0, q1, fx), (r0, r1, fy)) = (tap(x, w, cols), tap(y, h, rows));
-        let at = |r: usize, q: usize| want_map[r * cols + q];
-        let a = at(r0, q0) * (1.0 - fx) + at(r0, q1) * fx;
-        let b = at(r1, q0) * (1.0 - fx) + at(r1, q1) * fx;
-        a * (1.0 - fy) + b * fy
-    };
-    let mut got_idx = Vec::with_capacity(rows * cols);
-    for r in 0..rows {
-        for c in 0..cols {
-            let (x, y) = ((2 * c + 1) * w / (2 * cols), (2 * r + 1) * h / (2 * rows));
-            let p = &px[(y * w + x) * 4..(y * w + x) * 4 + 4];
-            assert_eq!(p[3], 255, "cell ({r}, {c}) is not drawn");
-            let i = table
-                .iter()
-                .position(|t| t[..] == p[..3])
-                .unwrap_or_else(|| panic!("cell ({r}, {c}): {p:?} is not a viridis colour"));
-            let want = lut_index(upsampled(x, y), top);
-            assert!(
-                i.abs_diff(want) <= 1,
-                "cell ({r}, {c}): colour entry {i}, the map says {want}"
-            );
-            got_idx.push(i);
-        }
-    }
-    // Smooth, as the PNGs are: along the peak's row every pixel, not only the cell centres, is
-    // the upsampled map's colour (blocks would be off wherever the map changes between cells).
-    let argmax = |xs: &[f32]| (0..xs.len()).fold(0, |b, i| if xs[i] > xs[b] { i } else { b });
-    let y = (2 * (argmax(&want_map) / cols) + 1) * h / (2 * rows);
-    for x in 0..w {
-        let p = &px[(y * w + x) * 4..(y * w + x) * 4 + 3];
-        let i = table.iter().position(|t| t[..] == p[..]).expect("a table colour");
-        let want = lut_index(upsampled(x, y), top);
-        assert!(
-            i.abs_diff(want) <= 1,
-            "pixel ({x}, {y}): colour entry {i}, the upsampled map says {want}"
-        );
-    }
-    let want_peak = argmax(&want_map);
-    let got_f: Vec<f32> = got_idx.iter().map(|&i| i as f32).collect();
-    let got_peak = argmax(&got_f);
-    assert!(
-        got_idx[want_peak] >= 245,
-        "the map's peak is not near the top colour: {}",
-        got_idx[want_peak]
+    assert_overlay_shows(&px, (w, h), (rows, cols), &want_map, "FastRM");
+
+    // Beside it, the same token's exact-baseline map, the CLI's.
+    let second = b.script(
+        "const s = document.getElementById('second'), o = document.getElementById('overlay2'); \
+         const d = o.getContext('2d').getImageData(0, 0, o.width, o.height).data; \
+         let p = ''; for (let k = 0; k < d.length; k++) p += String.fromCharCode(d[k]); \
+         return {hidden: s.hidden, state: s.dataset.state, method: s.dataset.method, \
+                 index: o.dataset.index, caption: document.getElementById('caption2').textContent, \
+                 pixels: btoa(p)}",
     );
-    assert_eq!(
-        (got_peak / cols, got_peak % cols),
-        (want_peak / cols, want_peak % cols),
-        "brightest overlay cell vs the map's maximum"
-    );
+    assert_eq!(second["hidden"], false);
+    assert_eq!(second["state"], "done");
+    assert_eq!(second["method"], "baseline");
+    assert_eq!(second["index"], "0");
+    assert!(second["caption"]
+        .as_str()
+        .unwrap()
+        .starts_with("exact baseline #0"));
+    let px2 = base64::engine::general_purpose::STANDARD
+        .decode(second["pixels"].as_str().unwrap())
+        .unwrap();
+    assert_overlay_shows(&px2, (w, h), (rows, cols), &baseline_map, "exact baseline");
 
     // Hovering another token shows its map; leaving it returns to the clicked one. The demo
     // model answers in one token (the server leaves `</s>` out), so a second one is added through
