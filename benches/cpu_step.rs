@@ -10,6 +10,7 @@
 //! the eight rows' FastRM maps.
 //!
 //! Group `cpu_prefix`: a follow-up turn's time to first token, cold and with the prefix cache.
+//! Group `cpu_batch_7b` (with `FASTRM_BENCH_7B=DIR`): the batched decode step at 7B shapes.
 //!
 //! `cargo bench --bench cpu_step`
 
@@ -26,6 +27,44 @@ fn bench(c: &mut Criterion) {
     steps(c, "cpu_bf16", common::midsize_bf16());
     batched(c, common::midsize());
     follow_up(c, common::midsize());
+    batched_7b(c);
+}
+
+/// Group `cpu_batch_7b` (only with `FASTRM_BENCH_7B=DIR`, a `synth-model --like llava-1.5-7b`
+/// folder, f16, weights memory-mapped as stored): one batched decode step of B = 1, 4, 8
+/// sequences at 600 positions each. The step's cost does not depend on what the cache holds, so
+/// the sequences are admitted at that length without a prefill (eight 7B prefills would take
+/// longer than the measurement).
+fn batched_7b(c: &mut Criterion) {
+    use fastrm::backend::cpu::{Cpu, CpuWeights};
+    let Some(dir) = std::env::var_os("FASTRM_BENCH_7B") else {
+        eprintln!("cpu_batch_7b: skipped (set FASTRM_BENCH_7B to a 7B synth-model folder)");
+        return;
+    };
+    let engine = fastrm::Engine::load(Cpu::with_weights(CpuWeights::Stored), dir.as_ref())
+        .expect("the 7B folder loads");
+    let (b, m) = (engine.backend(), engine.model());
+    let positions = 600;
+    let mut seqs: Vec<_> = (0..8)
+        .map(|_| m.kv.admit(b, positions).expect("KV pages for 8 sequences"))
+        .collect();
+    let mut g = c.benchmark_group("cpu_batch_7b");
+    g.sample_size(10);
+    for rows in [1usize, 4, 8] {
+        g.throughput(Throughput::Elements(rows as u64));
+        g.bench_function(format!("decode_step_b{rows}"), |bench| {
+            bench.iter(|| {
+                let mut batch: Vec<_> = seqs.iter_mut().take(rows).collect();
+                for s in batch.iter_mut() {
+                    s.len = positions - 1;
+                }
+                let x = b.embedding(&m.llm.embed, &vec![42; rows]).unwrap();
+                let h = m.llm.decode(b, x, &mut batch).unwrap();
+                b.argmax_rows(&m.llm.logits(b, &h).unwrap()).unwrap()
+            })
+        });
+    }
+    g.finish();
 }
 
 /// Group `cpu_prefix`: a conversation's second turn (the first turn's prompt, a 40-token answer,
