@@ -1633,3 +1633,107 @@ fn a_stream_cut_by_the_shutdown_deadline_says_so() {
     assert!(!rest.contains("\"finish_reason\":\"length\""), "{rest}");
     assert_eq!(server.child.wait().unwrap().code(), Some(0));
 }
+
+/// `relevancy.ungrounded`: the answer's running confidence (mean map entropy of its tokens so far)
+/// against the head's calibrated threshold — flagged at the token where it is first reached, or
+/// the streamed answer ended there. Tokens forced past the end of the answer (`ignore_eos`) have
+/// unfocused maps, so the running mean climbs to the threshold.
+#[test]
+fn an_ungrounded_answer_is_flagged_or_stopped() {
+    let server = Server::start(&["--prefix-cache", "0"]);
+    let body = |mode: &str, stream: bool| {
+        chat_body(
+            QUESTION,
+            json!({"stream": stream, "max_tokens": 12, "ignore_eos": true,
+                   "relevancy": {"method": "fastrm", "ungrounded": mode}}),
+        )
+    };
+    let chunks = |v: &Value| -> Vec<Value> {
+        let (status, _, b) = post(server.addr, v);
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&b));
+        let events = sse_events(&b);
+        assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+        events[..events.len() - 1]
+            .iter()
+            .map(|e| serde_json::from_str(e).unwrap())
+            .collect()
+    };
+    // Flagged: every token comes; the last chunk names the first token where the running mean
+    // reached the threshold, recomputed here from the tokens' own entropies.
+    let flagged = chunks(&body("flag", true));
+    let last = flagged.last().unwrap();
+    let threshold = last["confidence"]["threshold"].as_f64().unwrap() as f32;
+    let entropies: Vec<f32> = flagged
+        .iter()
+        .filter_map(|c| c["relevancy"]["entropy"].as_f64())
+        .map(|h| h as f32)
+        .collect();
+    assert_eq!(entropies.len(), 12);
+    let mut sum = 0.0f64;
+    let want = (0..entropies.len()).find(|&k| {
+        sum += entropies[k] as f64;
+        (sum / (k + 1) as f64) as f32 >= threshold
+    });
+    let k = want.expect("the running mean never reached the threshold: the test needs it to");
+    assert!(k > 0, "the answer's own first token is grounded");
+    assert_eq!(last["ungrounded"]["token"], json!(k), "{last}");
+    assert_eq!(last["choices"][0]["finish_reason"], "length");
+
+    // Stopped: tokens up to that one, then the end.
+    let stopped = chunks(&body("stop", true));
+    let n_tokens = stopped
+        .iter()
+        .filter(|c| c.get("relevancy").is_some())
+        .count();
+    assert_eq!(n_tokens, k + 1);
+    let end = stopped.last().unwrap();
+    assert_eq!(end["choices"][0]["finish_reason"], "content_filter");
+    assert_eq!(end["ungrounded"]["token"], json!(k));
+
+    // Not streamed: the response's relevancy says the same.
+    let (status, _, b) = post(server.addr, &body("flag", false));
+    assert_eq!(status, 200);
+    let v: Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(v["relevancy"]["ungrounded"]["token"], json!(k), "{v}");
+    // A grounded answer (the model's own, ending at its end) is not flagged.
+    let plain = chat_body(
+        QUESTION,
+        json!({"relevancy": {"method": "fastrm", "ungrounded": "flag"}}),
+    );
+    let (_, _, b) = post(server.addr, &plain);
+    let v: Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(v["relevancy"]["ungrounded"], Value::Null, "{v}");
+
+    for (extra, what) in [
+        (
+            json!({"relevancy": {"method": "gradcam", "ungrounded": "flag"}}),
+            "not fastrm",
+        ),
+        (
+            json!({"relevancy": {"method": "fastrm", "ungrounded": "stop"}}),
+            "stop unstreamed",
+        ),
+        (
+            json!({"n": 2, "relevancy": {"method": "fastrm", "ungrounded": "flag"}}),
+            "n of 2",
+        ),
+        (
+            json!({"relevancy": {"method": "fastrm", "ungrounded": "maybe"}}),
+            "unknown mode",
+        ),
+    ] {
+        assert_error(
+            &post(server.addr, &chat_body(QUESTION, extra)),
+            400,
+            Some("relevancy.ungrounded"),
+            what,
+        );
+    }
+    let unknown = chat_body(
+        QUESTION,
+        json!({"relevancy": {"method": "fastrm", "colour": 1}}),
+    );
+    let r = post(server.addr, &unknown);
+    assert_eq!(r.0, 400, "{}", String::from_utf8_lossy(&r.2));
+    assert!(String::from_utf8_lossy(&r.2).contains("colour"));
+}

@@ -300,6 +300,11 @@ impl AnyEngine {
         with_engine!(self, |e| e.head.is_some())
     }
 
+    /// The FastRM head's calibrated entropy threshold, when a head with one is loaded.
+    pub fn confidence_threshold(&self) -> Option<f32> {
+        with_engine!(self, |e| e.head().and_then(|h| h.cfg.confidence_threshold))
+    }
+
     pub fn has_tokenizer(&self) -> bool {
         with_engine!(self, |e| e.text.is_some())
     }

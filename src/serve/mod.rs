@@ -107,6 +107,8 @@ struct AppState {
     n_layers: usize,
     grid: (usize, usize),
     has_head: bool,
+    /// The FastRM head's calibrated entropy threshold, when it has one.
+    threshold: Option<f32>,
     started: u64,
     next_id: AtomicU64,
     /// Requests checked and decoded at once (as many as the queue holds): each holds an image
@@ -197,6 +199,7 @@ pub fn run(args: ServeOptions) -> Result<()> {
         n_layers: cfg.text.num_hidden_layers,
         grid: (g, g),
         has_head: engine.has_head(),
+        threshold: engine.confidence_threshold(),
         started: unix_now(),
         decodes: tokio::sync::Semaphore::new(args.max_queue),
         preparer: engine.preparer(),
@@ -676,6 +679,18 @@ async fn chat_inner(st: Arc<AppState>, body: Body) -> std::result::Result<Respon
     if let Some(m) = req.model.as_deref().filter(|m| *m != st.model_id) {
         return Err(model_not_found(&st, m));
     }
+    let ungrounded = match (req.ungrounded, st.threshold) {
+        (None, _) => None,
+        (Some(mode), Some(t)) => Some((mode, t)),
+        (Some(_), None) => {
+            return Err(ApiError::invalid(
+                Some("relevancy.ungrounded".into()),
+                "unsupported_value",
+                "this server's FastRM head has no calibrated threshold to call an answer \
+                 ungrounded by (`fastrm eval` calibrates one into the head file)",
+            ))
+        }
+    };
     if req.relevancy == Some(Method::FastRm) && !st.has_head {
         return Err(ApiError::invalid(
             Some("relevancy.method".into()),
@@ -748,6 +763,7 @@ async fn chat_inner(st: Arc<AppState>, body: Body) -> std::result::Result<Respon
         method: req.relevancy,
         prompt_tokens,
         n: req.n,
+        ungrounded,
         // With ignore_eos an end-of-sequence id is just another token of the answer.
         eos: if req.ignore_eos {
             Vec::new()
@@ -815,6 +831,8 @@ struct Reply {
     prompt_tokens: usize,
     /// Choices.
     n: usize,
+    /// `relevancy.ungrounded` and the threshold it compares with.
+    ungrounded: Option<(openai::Ungrounded, f32)>,
     /// End-of-sequence ids: not answer tokens (no chunk of their own, no map, not in `usage`),
     /// as OpenAI counts them.
     eos: Vec<u32>,
@@ -848,6 +866,14 @@ impl Reply {
     }
 }
 
+/// `chunk` with the `usage: null` every chunk but the last carries when usage was asked for.
+fn with_usage_slot(mut chunk: Value, include_usage: bool) -> Value {
+    if include_usage {
+        chunk["usage"] = Value::Null;
+    }
+    chunk
+}
+
 fn sse(v: &Value) -> String {
     format!("data: {v}\n\n")
 }
@@ -865,6 +891,8 @@ struct Streaming {
     ended: usize,
     done: bool,
     deadline: conn::ShutdownDeadline,
+    /// The answer's running confidence, with `relevancy.ungrounded`.
+    running: openai::RunningConfidence,
 }
 
 /// The error a response cut by the shutdown deadline ends with.
@@ -907,6 +935,7 @@ fn stream_response(
         ended: 0,
         done: false,
         deadline,
+        running: Default::default(),
     };
     let rest = futures_util::stream::unfold(state, |mut s| async move {
         let text = next_frames(&mut s).await?;
@@ -959,6 +988,26 @@ async fn next_frames(s: &mut Streaming) -> Option<String> {
                 }
                 if let Some(m) = &t.map {
                     c["relevancy"] = openai::token_map_json(m, r.grid);
+                    if let Some((mode, threshold)) = r.ungrounded {
+                        let crossed = s.running.add(m.index, m.entropy, threshold);
+                        if crossed && mode == openai::Ungrounded::Stop {
+                            // The answer ends here: this token, then the end of the choice (the
+                            // run is cancelled when the stream is dropped).
+                            let mut text = sse(&with_usage_slot(c, s.include_usage));
+                            let mut end = r.chunk(choice, json!({}), Some("content_filter"));
+                            end["ungrounded"] = s.running.json(threshold);
+                            text.push_str(&sse(&with_usage_slot(end, s.include_usage)));
+                            s.done = true;
+                            if s.include_usage {
+                                let mut u = r.chunk(0, json!({}), None);
+                                u["choices"] = json!([]);
+                                u["usage"] = r.usage(s.completion, 0);
+                                text.push_str(&sse(&u));
+                            }
+                            text.push_str("data: [DONE]\n\n");
+                            return Some(text);
+                        }
+                    }
                 }
                 c
             }
@@ -986,6 +1035,9 @@ async fn next_frames(s: &mut Streaming) -> Option<String> {
                 );
                 if let Some(conf) = &sum.confidence {
                     c["confidence"] = openai::confidence_json(conf);
+                }
+                if let Some((_, threshold)) = r.ungrounded {
+                    c["ungrounded"] = s.running.json(threshold);
                 }
                 if s.include_usage {
                     c["usage"] = Value::Null;
@@ -1076,13 +1128,24 @@ async fn collect_response(
             .map(openai::logprob_json)
             .collect();
         let relevancy = r.method.map(|m| {
-            json!({
+            let mut rel = json!({
                 "method": m.name(),
                 "grid": [r.grid.0, r.grid.1],
                 "tokens": maps,
                 "confidence": sum.confidence.as_ref().map(openai::confidence_json),
                 "maps_ms": sum.maps_s * 1e3,
-            })
+            });
+            if let Some((_, threshold)) = r.ungrounded {
+                let mut running = openai::RunningConfidence::default();
+                for t in &maps {
+                    let (index, entropy) = (t["index"].as_u64(), t["entropy"].as_f64());
+                    if let (Some(i), Some(h)) = (index, entropy) {
+                        running.add(i as usize, h as f32, threshold);
+                    }
+                }
+                rel["ungrounded"] = running.json(threshold);
+            }
+            rel
         });
         let mut choice = json!({
             "index": index,

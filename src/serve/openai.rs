@@ -86,6 +86,8 @@ pub struct ChatRequest {
     pub stream: bool,
     pub include_usage: bool,
     pub relevancy: Option<Method>,
+    /// `relevancy.ungrounded`: FastRM only, one choice; `Stop` only when streamed.
+    pub ungrounded: Option<Ungrounded>,
     pub ignore_eos: bool,
     /// Temperature, top-p, seed, penalties, log-probabilities.
     pub sampling: Sampling,
@@ -195,9 +197,21 @@ struct RawStreamOptions {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawRelevancy {
     method: Option<String>,
     layer: Option<u64>,
+    ungrounded: Option<String>,
+}
+
+/// What to do when an answer's running confidence (the mean map entropy of its tokens so far)
+/// reaches the head's calibrated threshold: the maps say the answer is not grounded in the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ungrounded {
+    /// Say so (the token where it happened) in the final chunk or the response.
+    Flag,
+    /// End the answer there (`finish_reason` `content_filter`), saying so in its last chunk.
+    Stop,
 }
 
 /// The body as [`RawChat`]; a value of the wrong type is an error naming its field's path.
@@ -288,8 +302,44 @@ pub fn parse_chat(body: &[u8], limits: Limits, n_layers: usize) -> Result<ChatRe
     };
     let relevancy = raw
         .relevancy
-        .map(|r| parse_method(&r, n_layers))
+        .as_ref()
+        .map(|r| parse_method(r, n_layers))
         .transpose()?;
+    let stream = raw.stream.unwrap_or(false);
+    let ungrounded = match raw.relevancy.as_ref().and_then(|r| r.ungrounded.as_deref()) {
+        None => None,
+        Some(u) => {
+            let at = param("relevancy.ungrounded");
+            let mode = match u {
+                "flag" => Ungrounded::Flag,
+                "stop" => Ungrounded::Stop,
+                other => {
+                    return Err(ApiError::invalid(
+                        at,
+                        "unsupported_value",
+                        format!("`relevancy.ungrounded` is \"flag\" or \"stop\", not {other:?}"),
+                    ))
+                }
+            };
+            let refuse = |why: &str| Err(ApiError::invalid(at.clone(), "unsupported_value", why));
+            if relevancy != Some(Method::FastRm) {
+                return refuse(
+                    "`relevancy.ungrounded` needs the fastrm method: its threshold is the FastRM \
+                     head's, calibrated on its maps",
+                );
+            }
+            if n != 1 {
+                return refuse("`relevancy.ungrounded` takes one choice (`n` of 1)");
+            }
+            if mode == Ungrounded::Stop && !stream {
+                return refuse(
+                    "`relevancy.ungrounded: \"stop\"` ends a streamed answer; without `stream` use \
+                     \"flag\"",
+                );
+            }
+            Some(mode)
+        }
+    };
     if relevancy.is_some() && conversation.images.is_empty() {
         return Err(ApiError::invalid(
             param("messages"),
@@ -324,12 +374,13 @@ pub fn parse_chat(body: &[u8], limits: Limits, n_layers: usize) -> Result<ChatRe
         images,
         max_tokens,
         max_tokens_param,
-        stream: raw.stream.unwrap_or(false),
+        stream,
         include_usage: raw
             .stream_options
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
         relevancy,
+        ungrounded,
         ignore_eos: raw.ignore_eos.unwrap_or(false),
         sampling,
         stop,
@@ -596,6 +647,41 @@ mod tests {
         for body in ["{not json", "[1, 2]", "\"text\""] {
             let e = error_of(body);
             assert_eq!((e.param, e.code), (None, Some("invalid_json")), "{body}");
+        }
+    }
+}
+
+/// Where an answer's running confidence first reaches `threshold`: the mean entropy of its first
+/// `k + 1` answer tokens' maps is at or above it (the verdict `uncertain` of a prefix).
+#[derive(Debug, Default, Clone)]
+pub struct RunningConfidence {
+    sum: f64,
+    count: usize,
+    /// `(token index, mean entropy)` at the first crossing.
+    pub crossed: Option<(usize, f32)>,
+}
+
+impl RunningConfidence {
+    /// Adds an answer token's map entropy; `true` when this token is the crossing.
+    pub fn add(&mut self, index: usize, entropy: f32, threshold: f32) -> bool {
+        self.sum += entropy as f64;
+        self.count += 1;
+        let mean = (self.sum / self.count as f64) as f32;
+        if self.crossed.is_none() && mean >= threshold {
+            self.crossed = Some((index, mean));
+            return true;
+        }
+        false
+    }
+
+    pub fn json(&self, threshold: f32) -> Value {
+        match self.crossed {
+            None => Value::Null,
+            Some((token, mean)) => json!({
+                "token": token,
+                "mean_entropy": mean,
+                "threshold": threshold,
+            }),
         }
     }
 }
