@@ -174,3 +174,20 @@ fn a_conversation_without_images_is_answered_and_has_no_maps() {
         assert!(err.to_string().contains("no image"), "{err}");
     }
 }
+
+/// The same picture twice in one prompt: one set of features from the image cache for both
+/// spans, cached pages naming it once, and the answer of a cold run, first and when repeated.
+#[test]
+fn the_same_picture_twice_in_one_prompt() {
+    let (cold, warm) = (tiny(), tiny());
+    warm.set_image_cache(4);
+    warm.set_prefix_cache(Some(1 << 30));
+    let a = picture(1);
+    let want = run(&cold, &two(&a, &a), Some(Method::FastRm)).unwrap();
+    for pass in 0..2 {
+        let got = run(&warm, &two(&a, &a), Some(Method::FastRm)).unwrap();
+        assert_eq!(got.cached > 0, pass == 1, "pass {pass}");
+        assert_eq!(got.ids, want.ids, "pass {pass}");
+        assert!(max_diff(&got.hidden, &want.hidden) <= 1e-5, "pass {pass}");
+    }
+}

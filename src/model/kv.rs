@@ -105,6 +105,11 @@ impl<B: Backend> KvPool<B> {
     /// returns it to growing with demand (`None`). Refused while sequences hold pages.
     pub fn set_budget(&self, b: &B, bytes: Option<u64>) -> Result<()> {
         let mut st = self.lock();
+        if Self::runs_hold(&st) {
+            return Err(Error::input(
+                "the KV cache's size cannot change while sequences hold pages",
+            ));
+        }
         Self::clear_prefixes(&mut st);
         if Self::in_use(&st) > 0 {
             return Err(Error::input(
@@ -285,7 +290,10 @@ impl<B: Backend> KvPool<B> {
     /// Whether any run (not only the prefix cache) holds a page: a run refused for room can wait
     /// for them.
     pub fn runs_hold_pages(&self) -> bool {
-        let st = self.lock();
+        Self::runs_hold(&self.lock())
+    }
+
+    fn runs_hold(st: &PoolState<B>) -> bool {
         let refs: usize = st.refs.iter().map(|&r| r as usize).sum();
         refs > st.prefixes.len()
     }
@@ -312,6 +320,13 @@ impl<B: Backend> KvPool<B> {
         let mut st = self.lock();
         let st = &mut *st;
         let found = st.prefixes.lookup(&keys[..keys.len().min(need)]);
+        // Copied before any page is taken, so a failed copy leaves nothing held.
+        let mut image_hidden = Vec::new();
+        for &(id, _) in &found {
+            if let Some(h) = &st.prefixes.payload(id).image_hidden {
+                image_hidden.push(b.slice_rows(h, 0, b.dims(h).0)?);
+            }
+        }
         // Held before taking the rest, so making room cannot evict them.
         for &(_, p) in &found {
             st.refs[p as usize] += 1;
@@ -326,12 +341,6 @@ impl<B: Backend> KvPool<B> {
                 return Err(e);
             }
         };
-        let mut image_hidden = Vec::new();
-        for &(id, _) in &found {
-            if let Some(h) = &st.prefixes.payload(id).image_hidden {
-                image_hidden.push(b.slice_rows(h, 0, b.dims(h).0)?);
-            }
-        }
         let mut pages: Vec<u32> = found.iter().map(|&(_, p)| p).collect();
         pages.extend(own);
         Ok(PrefixHit {
@@ -385,9 +394,10 @@ impl<B: Backend> KvPool<B> {
                     None => break,
                 }
             };
-            let pinned: Vec<Arc<B::Tensor>> = images
+            // One clone per address (a prompt may hold the same picture twice).
+            let pinned: Vec<Arc<B::Tensor>> = named
                 .iter()
-                .filter(|a| named.contains(&(Arc::as_ptr(a) as usize)))
+                .filter_map(|&at| images.iter().find(|a| Arc::as_ptr(a) as usize == at))
                 .cloned()
                 .collect();
             if pinned.len() != named.len() {

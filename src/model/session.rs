@@ -281,8 +281,12 @@ impl<'m, B: Backend> Session<'m, B> {
         if let Some(imgs) = shared {
             let keys = page_keys(&prompt, &[], imgs, n / PAGE);
             model.kv.remember(&cache, &keys, imgs, |page| {
-                // Pages below `cached` are in the cache already; the others' image rows are
-                // in this prefill's hidden states.
+                // The others' image rows are in this prefill's hidden states. Pages below
+                // `cached` were read from the cache; one evicted meanwhile has its image rows
+                // nowhere at hand, so the chain stops there.
+                if page < cached / PAGE {
+                    return Ok(None);
+                }
                 let rows: Vec<u32> = prompt
                     .image_positions()
                     .iter()

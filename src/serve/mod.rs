@@ -745,7 +745,13 @@ async fn chat_inner(st: Arc<AppState>, body: Body) -> std::result::Result<Respon
             },
         });
     }
-    let prompt_tokens = match rx.recv().await {
+    // Waiting for the engine to take the request, until the shutdown deadline.
+    let mut deadline = st.deadline.clone();
+    let started = tokio::select! {
+        ev = rx.recv() => ev,
+        () = deadline.passed() => return Err(cut_by_shutdown()),
+    };
+    let prompt_tokens = match started {
         Some(Event::Started { prompt_tokens }) => prompt_tokens,
         Some(Event::Failed(e)) => return Err(e),
         Some(Event::Item { .. }) | None => {

@@ -286,12 +286,15 @@ fn deliver<B: Backend>(
                         }
                         Item::Map(m) => entropy(m),
                         Item::Done(s) => {
-                            metrics
-                                .prompt_tokens
-                                .fetch_add(s.input_ids.len() as u64, Ordering::Relaxed);
-                            metrics
-                                .prompt_tokens_cached
-                                .fetch_add(s.cached_tokens as u64, Ordering::Relaxed);
+                            // One prompt per request, whatever its choices.
+                            if choice == 0 {
+                                metrics
+                                    .prompt_tokens
+                                    .fetch_add(s.input_ids.len() as u64, Ordering::Relaxed);
+                                metrics
+                                    .prompt_tokens_cached
+                                    .fetch_add(s.cached_tokens as u64, Ordering::Relaxed);
+                            }
                             if l.method.is_some() {
                                 metrics.map_time(s.maps_s);
                             }
