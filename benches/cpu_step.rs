@@ -22,6 +22,22 @@ use fastrm::model::kv::PAGE;
 
 mod common;
 
+/// One batched decode step (decoder, lm_head, argmax) of `seqs`, each at its last position:
+/// rewound every call, so every call times the same step.
+fn decode_step<B: Backend>(
+    b: &B,
+    m: &fastrm::model::Llava<B>,
+    seqs: &mut [fastrm::model::kv::SeqKv<'_, B>],
+) -> Vec<u32> {
+    let mut batch: Vec<_> = seqs.iter_mut().collect();
+    for s in batch.iter_mut() {
+        s.len = s.capacity - 1;
+    }
+    let x = b.embedding(&m.llm.embed, &vec![42; batch.len()]).unwrap();
+    let h = m.llm.decode(b, x, &mut batch).unwrap();
+    b.argmax_rows(&m.llm.logits(b, &h).unwrap()).unwrap()
+}
+
 fn bench(c: &mut Criterion) {
     steps(c, "cpu", common::midsize());
     steps(c, "cpu_bf16", common::midsize_bf16());
@@ -53,15 +69,7 @@ fn batched_7b(c: &mut Criterion) {
     for rows in [1usize, 4, 8] {
         g.throughput(Throughput::Elements(rows as u64));
         g.bench_function(format!("decode_step_b{rows}"), |bench| {
-            bench.iter(|| {
-                let mut batch: Vec<_> = seqs.iter_mut().take(rows).collect();
-                for s in batch.iter_mut() {
-                    s.len = positions - 1;
-                }
-                let x = b.embedding(&m.llm.embed, &vec![42; rows]).unwrap();
-                let h = m.llm.decode(b, x, &mut batch).unwrap();
-                b.argmax_rows(&m.llm.logits(b, &h).unwrap()).unwrap()
-            })
+            bench.iter(|| decode_step(b, m, &mut seqs[..rows]))
         });
     }
     g.finish();
@@ -163,15 +171,7 @@ fn batched(c: &mut Criterion, setup: common::Midsize) {
     for rows in [1usize, 2, 4, 8, 16] {
         g.throughput(Throughput::Elements(rows as u64));
         g.bench_function(format!("decode_step_b{rows}"), |bench| {
-            bench.iter(|| {
-                let mut batch: Vec<_> = seqs.iter_mut().take(rows).collect();
-                for s in batch.iter_mut() {
-                    s.len = s.capacity - 1;
-                }
-                let x = b.embedding(&m.llm.embed, &vec![42; rows]).unwrap();
-                let h = m.llm.decode(b, x, &mut batch).unwrap();
-                b.argmax_rows(&m.llm.logits(b, &h).unwrap()).unwrap()
-            })
+            bench.iter(|| decode_step(b, m, &mut seqs[..rows]))
         });
     }
     // The parts of the B = 8 step: the decode attention of one layer over the rows' pages, and

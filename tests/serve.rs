@@ -677,6 +677,20 @@ fn open_long_stream(addr: SocketAddr, max_tokens: usize) -> BufReader<TcpStream>
     r
 }
 
+/// Sends the server SIGTERM and reads what is left of the open stream `r`.
+fn sigterm_and_read_rest(server: &Server, mut r: BufReader<TcpStream>) -> String {
+    assert!(Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let mut rest = Vec::new();
+    while let Some(c) = read_chunk(&mut r) {
+        rest.extend(c);
+    }
+    String::from_utf8(rest).unwrap()
+}
+
 fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
     let t0 = Instant::now();
     while !ok() {
@@ -982,18 +996,8 @@ fn concurrent_requests_share_decode_steps_and_answer_as_alone() {
 #[test]
 fn sigterm_finishes_the_request_in_flight_and_exits_0() {
     let mut server = Server::start(&["--test-token-delay-ms", "20"]);
-    let mut r = open_long_stream(server.addr, 20);
-    let pid = server.child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let mut rest = Vec::new();
-    while let Some(c) = read_chunk(&mut r) {
-        rest.extend(c);
-    }
-    let rest = String::from_utf8(rest).unwrap();
+    let r = open_long_stream(server.addr, 20);
+    let rest = sigterm_and_read_rest(&server, r);
     assert!(rest.ends_with("data: [DONE]\n\n"), "{rest}");
     assert!(rest.contains("\"finish_reason\":\"length\""), "{rest}");
     let status = server.child.wait().unwrap();
@@ -1617,17 +1621,8 @@ fn a_body_that_never_arrives_is_408() {
 #[test]
 fn a_stream_cut_by_the_shutdown_deadline_says_so() {
     let mut server = Server::start(&["--test-token-delay-ms", "100", "--shutdown-timeout", "1"]);
-    let mut r = open_long_stream(server.addr, 400);
-    assert!(Command::new("kill")
-        .args(["-TERM", &server.child.id().to_string()])
-        .status()
-        .unwrap()
-        .success());
-    let mut rest = Vec::new();
-    while let Some(c) = read_chunk(&mut r) {
-        rest.extend(c);
-    }
-    let rest = String::from_utf8(rest).unwrap();
+    let r = open_long_stream(server.addr, 400);
+    let rest = sigterm_and_read_rest(&server, r);
     assert!(rest.ends_with("data: [DONE]\n\n"), "{rest}");
     assert!(rest.contains("\"code\":\"shutting_down\""), "{rest}");
     assert!(!rest.contains("\"finish_reason\":\"length\""), "{rest}");
