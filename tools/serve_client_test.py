@@ -120,6 +120,54 @@ def main():
         fail(f"logprobs {content!r}")
     if content[0].token.strip() != expected or not content[0].logprob <= 0.0:
         fail(f"first token's logprob {content[0]!r}")
+    # A system prompt and a two-turn conversation, the image in the first turn; the second time
+    # the prompt's pages come from the prefix cache, which usage reports in the client's type.
+    chat = [
+        {"role": "system", "content": "Answer with one word."},
+        messages[0],
+        {"role": "assistant", "content": expected},
+        {"role": "user", "content": "And the cross?"},
+    ]
+    first = client.chat.completions.create(model=model, messages=chat, max_tokens=4)
+    again = client.chat.completions.create(model=model, messages=chat, max_tokens=4)
+    if not first.choices[0].message.content or first.usage.prompt_tokens <= 64:
+        fail(f"conversation: {first!r}")
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    if not 0 < cached < again.usage.prompt_tokens:
+        fail(f"cached tokens {cached} of {again.usage.prompt_tokens}")
+    # n = 2 with a seed: two choices, and the same two again.
+    pairs = [
+        [
+            c.message.content
+            for c in client.chat.completions.create(
+                model=model, messages=messages, max_tokens=6, temperature=1.5, seed=3, n=2
+            ).choices
+        ]
+        for _ in range(2)
+    ]
+    if len(pairs[0]) != 2 or pairs[0] != pairs[1]:
+        fail(f"n = 2 with a seed: {pairs!r}")
+    # Two images in one message, each with its own map; and a chat with no image at all.
+    two = [{"role": "user", "content": [messages[0]["content"][0], *messages[0]["content"]]}]
+    r = client.chat.completions.create(
+        model=model, messages=two, max_tokens=4, extra_body={"relevancy": {"method": "fastrm"}}
+    )
+    if any(t["images"] != 2 for t in r.model_extra["relevancy"]["tokens"]):
+        fail(f"two images: {r.model_extra['relevancy']!r}")
+    r = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Say hello."}], max_tokens=4
+    )
+    if r.usage.completion_tokens < 1:
+        fail(f"text only: {r!r}")
+    # The answer's running confidence against the head's threshold, flagged or not.
+    r = client.chat.completions.create(
+        model=model,
+        messages=messages,
+        extra_body={"relevancy": {"method": "fastrm", "ungrounded": "flag"}},
+    )
+    if "ungrounded" not in r.model_extra["relevancy"]:
+        fail(f"ungrounded: {r.model_extra['relevancy']!r}")
+
     # A field that would change the answer and is not implemented is refused by name.
     try:
         client.chat.completions.create(
