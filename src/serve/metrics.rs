@@ -60,6 +60,7 @@ impl Histogram {
 }
 
 /// Every number `/metrics` shows. Shared by the HTTP handlers and the engine's worker.
+#[derive(Default)]
 pub struct Metrics {
     /// `(route, status)` → responses.
     requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
@@ -88,33 +89,15 @@ pub struct Metrics {
     map_time: Mutex<Histogram>,
     request_time: Mutex<Histogram>,
     queue_wait: Mutex<Histogram>,
-    entropy: Mutex<Histogram>,
+    entropy: Mutex<EntropyHistogram>,
 }
 
-impl Default for Metrics {
+/// The map-entropy histogram: its own buckets, over [0, 1].
+struct EntropyHistogram(Histogram);
+
+impl Default for EntropyHistogram {
     fn default() -> Self {
-        Metrics {
-            requests: Default::default(),
-            tokens_generated: Default::default(),
-            cancelled: Default::default(),
-            rejected_queue_full: Default::default(),
-            queue_depth: Default::default(),
-            busy: Default::default(),
-            decode_steps: Default::default(),
-            decode_rows: Default::default(),
-            kv_pages_used: Default::default(),
-            kv_pages_limit: Default::default(),
-            prefix_pages: Default::default(),
-            prompt_tokens: Default::default(),
-            prompt_tokens_cached: Default::default(),
-            answers: Default::default(),
-            ttft: Default::default(),
-            token_latency: Default::default(),
-            map_time: Default::default(),
-            request_time: Default::default(),
-            queue_wait: Default::default(),
-            entropy: Mutex::new(Histogram::new(&ENTROPY_BUCKETS)),
-        }
+        EntropyHistogram(Histogram::new(&ENTROPY_BUCKETS))
     }
 }
 
@@ -150,7 +133,7 @@ impl Metrics {
 
     /// A token's map entropy (normalised, in [0, 1]).
     pub fn map_entropy(&self, h: f32) {
-        lock(&self.entropy).observe(h as f64)
+        lock(&self.entropy).0.observe(h as f64)
     }
 
     /// An answer with maps, by its confidence's verdict (`confident`, `uncertain`,
@@ -273,7 +256,7 @@ impl Metrics {
             "fastrm_queue_wait_seconds",
             "From a request's arrival to the engine taking it.",
         );
-        lock(&self.entropy).write(
+        lock(&self.entropy).0.write(
             &mut out,
             "fastrm_map_entropy",
             "Normalised entropy of each answer token's map (low: focused on a few patches).",

@@ -901,6 +901,21 @@ struct Streaming {
     running: openai::RunningConfidence,
 }
 
+impl Streaming {
+    /// The stream's last frames after `text`: the usage chunk when asked for, then `[DONE]`.
+    fn end(&mut self, mut text: String) -> String {
+        self.done = true;
+        if self.include_usage {
+            let mut u = self.reply.chunk(0, json!({}), None);
+            u["choices"] = json!([]);
+            u["usage"] = self.reply.usage(self.completion, self.cached);
+            text.push_str(&sse(&u));
+        }
+        text.push_str("data: [DONE]\n\n");
+        text
+    }
+}
+
 /// The error a response cut by the shutdown deadline ends with.
 fn cut_by_shutdown() -> ApiError {
     ApiError {
@@ -923,11 +938,8 @@ fn stream_response(
 ) -> Response {
     let mut first = String::new();
     for choice in 0..reply.n {
-        let mut c = reply.chunk(choice, json!({"role": "assistant", "content": ""}), None);
-        if include_usage {
-            c["usage"] = Value::Null;
-        }
-        first.push_str(&sse(&c));
+        let c = reply.chunk(choice, json!({"role": "assistant", "content": ""}), None);
+        first.push_str(&sse(&with_usage_slot(c, include_usage)));
     }
     let head =
         futures_util::stream::once(std::future::ready(Ok::<_, Infallible>(Bytes::from(first))));
@@ -972,7 +984,7 @@ async fn next_frames(s: &mut Streaming) -> Option<String> {
             }
         };
         let r = &s.reply;
-        let mut chunk = match ev {
+        let chunk = match ev {
             Some(Event::Item {
                 choice,
                 item: Item::Token(t),
@@ -1003,15 +1015,7 @@ async fn next_frames(s: &mut Streaming) -> Option<String> {
                             let mut end = r.chunk(choice, json!({}), Some("content_filter"));
                             end["ungrounded"] = s.running.json(threshold);
                             text.push_str(&sse(&with_usage_slot(end, s.include_usage)));
-                            s.done = true;
-                            if s.include_usage {
-                                let mut u = r.chunk(0, json!({}), None);
-                                u["choices"] = json!([]);
-                                u["usage"] = r.usage(s.completion, 0);
-                                text.push_str(&sse(&u));
-                            }
-                            text.push_str("data: [DONE]\n\n");
-                            return Some(text);
+                            return Some(s.end(text));
                         }
                     }
                 }
@@ -1045,22 +1049,11 @@ async fn next_frames(s: &mut Streaming) -> Option<String> {
                 if let Some((_, threshold)) = r.ungrounded {
                     c["ungrounded"] = s.running.json(threshold);
                 }
-                if s.include_usage {
-                    c["usage"] = Value::Null;
-                }
-                let mut text = sse(&c);
+                let text = sse(&with_usage_slot(c, s.include_usage));
                 if s.ended < r.n {
                     return Some(text);
                 }
-                s.done = true;
-                if s.include_usage {
-                    let mut u = r.chunk(0, json!({}), None);
-                    u["choices"] = json!([]);
-                    u["usage"] = r.usage(s.completion, s.cached);
-                    text.push_str(&sse(&u));
-                }
-                text.push_str("data: [DONE]\n\n");
-                return Some(text);
+                return Some(s.end(text));
             }
             Some(Event::Item { .. }) | Some(Event::Started { .. }) => continue,
             Some(Event::Failed(e)) => {
@@ -1073,10 +1066,7 @@ async fn next_frames(s: &mut Streaming) -> Option<String> {
                 return Some(format!("{}data: [DONE]\n\n", sse(&e.body())));
             }
         };
-        if s.include_usage {
-            chunk["usage"] = Value::Null;
-        }
-        return Some(sse(&chunk));
+        return Some(sse(&with_usage_slot(chunk, s.include_usage)));
     }
 }
 
