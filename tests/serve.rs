@@ -844,6 +844,19 @@ fn conversations_with_a_system_prompt_and_history_answer_as_the_command_line() {
     assert!(pages > 0.0 && server.metric("fastrm_kv_pages_used") >= pages);
     assert!(server.metric("fastrm_kv_pages_limit") >= server.metric("fastrm_kv_pages_used"));
     assert_eq!(server.metric("fastrm_queue_wait_seconds_count"), 2.0);
+    // Streamed, the usage chunk says the same.
+    let mut streamed = request.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let (status, _, b) = post(server.addr, &streamed);
+    assert_eq!(status, 200);
+    let events = sse_events(&b);
+    let usage: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(
+        usage["usage"]["prompt_tokens_details"]["cached_tokens"],
+        json!(cached),
+        "{usage}"
+    );
 }
 
 /// `n` choices: one prompt, choice `i` sampled with the seed plus `i`, each exactly the one-choice

@@ -1037,7 +1037,6 @@ async fn next_frames(s: &mut Streaming) -> Option<String> {
                 item: Item::Done(sum),
             }) => {
                 s.ended += 1;
-                s.cached = sum.cached_tokens;
                 let mut c = r.chunk(
                     choice,
                     json!({}),
@@ -1054,6 +1053,15 @@ async fn next_frames(s: &mut Streaming) -> Option<String> {
                     return Some(text);
                 }
                 return Some(s.end(text));
+            }
+            // The prompt's cached positions are known from the prefill: an answer the server
+            // ends early (`ungrounded: stop`) reports them too.
+            Some(Event::Item {
+                item: Item::Prefilled { cached_len, .. },
+                ..
+            }) => {
+                s.cached = cached_len;
+                continue;
             }
             Some(Event::Item { .. }) | Some(Event::Started { .. }) => continue,
             Some(Event::Failed(e)) => {
