@@ -127,6 +127,17 @@ pub(crate) struct View<'a> {
     pub cs: usize,
 }
 
+impl<'a> View<'a> {
+    /// A row-major matrix with row stride `rs`.
+    pub fn rows(data: &'a [f32], rs: usize) -> Self {
+        View { data, rs, cs: 1 }
+    }
+    /// The transpose of a row-major matrix with row stride `cs`: element (i, j) at `data[j · cs + i]`.
+    pub fn cols(data: &'a [f32], cs: usize) -> Self {
+        View { data, rs: 1, cs }
+    }
+}
+
 /// `dst[m, n] = lhs[m, k] · rhs[k, n]` over strided views, `dst` row-major with row stride `dst_rs`.
 /// Bounds are checked here so the unsafe call below only sees in-range strides.
 pub(crate) fn matmul(
@@ -414,11 +425,7 @@ fn head_view(t: &CpuTensor, s: AttnShape, hi: usize) -> View<'_> {
     } else {
         (hi / (s.n_heads / s.n_kv_heads)) * s.head_dim
     };
-    View {
-        data: &t.data[col..],
-        rs: t.cols,
-        cs: 1,
-    }
+    View::rows(&t.data[col..], t.cols)
 }
 
 /// Attention probabilities of head `hi`, `[n_q, kv_len]`, masked entries exactly 0 — the same
@@ -443,11 +450,7 @@ fn head_probs_masked(
         cs: k.cols,
         ..head_view(k, s, hi)
     };
-    let qv = View {
-        data: &q.data[hi * d..],
-        rs: q.cols,
-        cs: 1,
-    };
+    let qv = View::rows(&q.data[hi * d..], q.cols);
     let mut scores = causal_products(q.rows, s, qv, kt);
     for (i, row) in scores.chunks_exact_mut(kv).enumerate() {
         let (row, masked) = row.split_at_mut(visible_keys(s, i));
@@ -492,11 +495,7 @@ fn causal_products(nq: usize, s: AttnShape, lhs: View, rhs: View) -> Vec<f32> {
         for r in 0..d {
             dense_rhs.extend((0..kv).map(|c| rhs.data[c * rhs.cs + r]));
         }
-        View {
-            data: &dense_rhs,
-            rs: kv,
-            cs: 1,
-        }
+        View::rows(&dense_rhs, kv)
     } else {
         rhs
     };
@@ -602,11 +601,7 @@ fn probs_times(p: &[f32], v: View, nq: usize, s: AttnShape, out: &mut [f32]) {
         return;
     }
     for (i0, rows, width) in query_blocks(nq, s) {
-        let pv = View {
-            data: &p[i0 * kv..],
-            rs: kv,
-            cs: 1,
-        };
+        let pv = View::rows(&p[i0 * kv..], kv);
         matmul(
             rows,
             d,
@@ -937,17 +932,9 @@ impl Backend for Cpu {
                 m,
                 n,
                 k,
-                View {
-                    data: &x.data,
-                    rs: k,
-                    cs: 1,
-                },
+                View::rows(&x.data, k),
                 // wᵀ as a [k, n] view of the row-major [n, k] weight.
-                View {
-                    data: &w.data,
-                    rs: 1,
-                    cs: k,
-                },
+                View::cols(&w.data, k),
             )
         };
         if let Some(b) = bias {
@@ -1290,16 +1277,8 @@ impl Backend for Cpu {
             a.rows,
             b.cols,
             a.cols,
-            View {
-                data: &a.data,
-                rs: a.cols,
-                cs: 1,
-            },
-            View {
-                data: &b.data,
-                rs: b.cols,
-                cs: 1,
-            },
+            View::rows(&a.data, a.cols),
+            View::rows(&b.data, b.cols),
         );
         CpuTensor::new(out, a.rows, b.cols)
     }
@@ -1444,21 +1423,13 @@ impl Backend for Cpu {
                         continue; // seen by no query: its gradients stay 0
                     }
                     let n_q = nq - first;
-                    let qv = View {
-                        data: &q.data[first * q.cols + hi * d..],
-                        rs: q.cols,
-                        cs: 1,
-                    };
+                    let qv = View::rows(&q.data[first * q.cols + hi * d..], q.cols);
                     let dob = View {
                         data: &dov.data[first * dov.rs..],
                         ..dov
                     };
                     for (dst, probs, rhs) in [(&mut dk, &ds, qv), (&mut dv, &p, dob)] {
-                        let lhs = View {
-                            data: &probs[first * kv + j0..],
-                            rs: 1,
-                            cs: kv,
-                        };
+                        let lhs = View::cols(&probs[first * kv + j0..], kv);
                         matmul(
                             keys,
                             d,
@@ -1573,16 +1544,8 @@ impl Backend for Cpu {
             k,
             m,
             // dyᵀ as an [n, m] view of the row-major [m, n] gradient.
-            View {
-                data: &dy.data,
-                rs: 1,
-                cs: n,
-            },
-            View {
-                data: &x.data,
-                rs: k,
-                cs: 1,
-            },
+            View::cols(&dy.data, n),
+            View::rows(&x.data, k),
         );
         CpuTensor::new(out, n, k)
     }

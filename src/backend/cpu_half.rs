@@ -225,16 +225,8 @@ pub fn linear(x: &[f32], m: usize, k: usize, w: &HalfWeight, n: usize) -> Vec<f3
         w.to_f32_into(r0 * k..r1 * k, panel);
         let mut out = vec![0.0f32; m * nb];
         // The panel is W[r0..r1] row-major: as wᵀ, a [k, nb] view with column stride k.
-        let lhs = View {
-            data: x,
-            rs: k,
-            cs: 1,
-        };
-        let rhs = View {
-            data: panel,
-            rs: 1,
-            cs: k,
-        };
+        let lhs = View::rows(x, k);
+        let rhs = View::cols(panel, k);
         matmul(m, nb, k, &mut out, nb, lhs, rhs, Parallelism::None);
         out
     })
@@ -251,16 +243,8 @@ pub fn linear_bwd(dy: &[f32], m: usize, n: usize, w: &HalfWeight, k: usize) -> V
             w.to_f32_into(r * k + c0..r * k + c1, dst);
         }
         let mut out = vec![0.0f32; m * cb];
-        let lhs = View {
-            data: dy,
-            rs: n,
-            cs: 1,
-        };
-        let rhs = View {
-            data: panel,
-            rs: cb,
-            cs: 1,
-        };
+        let lhs = View::rows(dy, n);
+        let rhs = View::rows(panel, cb);
         matmul(m, cb, n, &mut out, cb, lhs, rhs, Parallelism::None);
         out
     })

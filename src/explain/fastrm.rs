@@ -18,12 +18,13 @@ pub use crate::checkpoint::head::{HeadConfig, HeadWeights, HIDDEN_STATE, MAX_HEA
 /// A head on a backend.
 pub struct FastRmHead<B: Backend> {
     pub cfg: HeadConfig,
-    ln_w: B::Tensor,
-    ln_b: B::Tensor,
-    wq: B::Tensor,
-    bq: B::Tensor,
-    wk: B::Tensor,
-    bk: B::Tensor,
+    // Crate-visible so training runs its forward and backward on the same device tensors.
+    pub(crate) ln_w: B::Tensor,
+    pub(crate) ln_b: B::Tensor,
+    pub(crate) wq: B::Tensor,
+    pub(crate) bq: B::Tensor,
+    pub(crate) wk: B::Tensor,
+    pub(crate) bk: B::Tensor,
 }
 
 /// The keys folded into the query projection for one prompt: `P = K·W_q` `[n_patches, D]` and

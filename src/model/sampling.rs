@@ -468,58 +468,24 @@ mod tests {
 
     #[test]
     fn bad_options_are_named() {
+        let with = |set: fn(&mut Sampling)| {
+            let mut s = Sampling::default();
+            set(&mut s);
+            s
+        };
         for (opts, needle) in [
             (sampling(-1.0), "temperature"),
             (sampling(f32::NAN), "temperature"),
+            (with(|s| s.top_p = 0.0), "top-p"),
+            (with(|s| s.top_p = 1.5), "top-p"),
+            (with(|s| s.top_k = Some(0)), "top-k"),
+            (with(|s| s.repetition_penalty = 0.0), "repetition-penalty"),
+            (with(|s| s.presence_penalty = 3.0), "presence-penalty"),
             (
-                Sampling {
-                    top_p: 0.0,
-                    ..Default::default()
-                },
-                "top-p",
-            ),
-            (
-                Sampling {
-                    top_p: 1.5,
-                    ..Default::default()
-                },
-                "top-p",
-            ),
-            (
-                Sampling {
-                    top_k: Some(0),
-                    ..Default::default()
-                },
-                "top-k",
-            ),
-            (
-                Sampling {
-                    repetition_penalty: 0.0,
-                    ..Default::default()
-                },
-                "repetition-penalty",
-            ),
-            (
-                Sampling {
-                    presence_penalty: 3.0,
-                    ..Default::default()
-                },
-                "presence-penalty",
-            ),
-            (
-                Sampling {
-                    frequency_penalty: f32::INFINITY,
-                    ..Default::default()
-                },
+                with(|s| s.frequency_penalty = f32::INFINITY),
                 "frequency-penalty",
             ),
-            (
-                Sampling {
-                    logprobs: Some(21),
-                    ..Default::default()
-                },
-                "logprobs",
-            ),
+            (with(|s| s.logprobs = Some(21)), "logprobs"),
         ] {
             let e = opts.validate().unwrap_err().to_string();
             assert!(e.contains(needle), "{e}");

@@ -622,62 +622,61 @@ async fn read_body(st: &AppState, body: Body) -> std::result::Result<Bytes, ApiE
     }
 }
 
-async fn chat_inner(st: Arc<AppState>, body: Body) -> std::result::Result<Response, ApiError> {
-    let arrived = Instant::now();
-    let body = read_body(&st, body).await?;
-    // Parsing, base64 and the image's decoding are CPU work off the async threads and off the
-    // engine: a bad image is refused before it takes a place in the queue.
-    let (limits, n_layers) = (st.limits, st.n_layers);
-    let preparer = st.preparer.clone();
-    let decoding = st
-        .decodes
-        .acquire()
-        .await
-        .map_err(|_| ApiError::server("the server is shutting down"))?;
-    let (req, prepared) = tokio::task::spawn_blocking(move || {
-        let req = openai::parse_chat(&body, limits, n_layers)?;
-        // The conversation's text is bounded before it is tokenised: no token takes more than
-        // MAX_TOKEN_BYTES, so a longer text cannot fit the context anyway.
-        let max_prompt = limits.context * MAX_TOKEN_BYTES;
-        let text_bytes: usize = req
-            .turns
-            .iter()
-            .flat_map(|t| &t.texts)
-            .map(String::len)
-            .sum();
-        if text_bytes > max_prompt {
-            return Err(ApiError::invalid(
-                param_of("messages"),
-                "context_length_exceeded",
-                format!(
-                    "the messages hold {text_bytes} bytes of text; the model's context of {} \
-                     positions holds no more than {max_prompt}",
-                    limits.context
-                ),
-            ));
-        }
-        // The prompt, images counted, before any image is decoded: a conversation with more
-        // images than the context holds costs no decoding.
-        let prompt = preparer
-            .chat_prompt(&req.turns)
-            .map_err(|e| worker::engine_error(e, param_of("messages")))?;
-        let mut pixels = Vec::new();
-        for (bytes, at) in &req.images {
-            // One decoded image at a time, kept only as the model's pixels.
-            let image = decode_image(bytes, at, limits.max_image_pixels)?;
-            let p = preparer
-                .pixels(&crate::engine::ImageInput::Decoded(image))
-                .map_err(|e| worker::engine_error(e, Some(at.clone())))?;
-            pixels.extend(p);
-        }
-        let prepared = crate::engine::Request::Prepared { prompt, pixels };
-        Ok::<_, ApiError>((req, prepared))
-    })
-    .await
-    .map_err(|e| ApiError::server(format!("request check failed: {e}")))??;
-    drop(decoding);
+/// A request's body read as a chat: parsed, its text bounded, its prompt built (images counted)
+/// and its images decoded into the model's pixels, one at a time. Blocking CPU work.
+fn prepare_chat(
+    body: &[u8],
+    limits: Limits,
+    n_layers: usize,
+    preparer: &crate::engine::Preparer,
+) -> std::result::Result<(openai::ChatRequest, crate::engine::Request), ApiError> {
+    let req = openai::parse_chat(body, limits, n_layers)?;
+    // The conversation's text is bounded before it is tokenised: no token takes more than
+    // MAX_TOKEN_BYTES, so a longer text cannot fit the context anyway.
+    let max_prompt = limits.context * MAX_TOKEN_BYTES;
+    let text_bytes: usize = req
+        .turns
+        .iter()
+        .flat_map(|t| &t.texts)
+        .map(String::len)
+        .sum();
+    if text_bytes > max_prompt {
+        return Err(ApiError::invalid(
+            param_of("messages"),
+            "context_length_exceeded",
+            format!(
+                "the messages hold {text_bytes} bytes of text; the model's context of {} \
+                 positions holds no more than {max_prompt}",
+                limits.context
+            ),
+        ));
+    }
+    // The prompt, images counted, before any image is decoded: a conversation with more
+    // images than the context holds costs no decoding.
+    let prompt = preparer
+        .chat_prompt(&req.turns)
+        .map_err(|e| worker::engine_error(e, param_of("messages")))?;
+    let mut pixels = Vec::new();
+    for (bytes, at) in &req.images {
+        // One decoded image at a time, kept only as the model's pixels.
+        let image = decode_image(bytes, at, limits.max_image_pixels)?;
+        let p = preparer
+            .pixels(&crate::engine::ImageInput::Decoded(image))
+            .map_err(|e| worker::engine_error(e, Some(at.clone())))?;
+        pixels.extend(p);
+    }
+    let prepared = crate::engine::Request::Prepared { prompt, pixels };
+    Ok((req, prepared))
+}
+
+/// The request's options this server cannot serve, refused by name; the `ungrounded` mode with
+/// the head's threshold when asked for.
+fn refuse_unsupported(
+    st: &AppState,
+    req: &openai::ChatRequest,
+) -> std::result::Result<Option<(openai::Ungrounded, f32)>, ApiError> {
     if let Some(m) = req.model.as_deref().filter(|m| *m != st.model_id) {
-        return Err(model_not_found(&st, m));
+        return Err(model_not_found(st, m));
     }
     let ungrounded = match (req.ungrounded, st.threshold) {
         (None, _) => None,
@@ -699,6 +698,42 @@ async fn chat_inner(st: Arc<AppState>, body: Body) -> std::result::Result<Respon
              (baseline, baseline-incremental, gradcam) need none",
         ));
     }
+    Ok(ungrounded)
+}
+
+/// 429 with `Retry-After`: the queue of waiting requests is full.
+fn queue_full() -> Response {
+    let mut r = ApiError {
+        status: 429,
+        message: "the server is busy: its queue is full; retry shortly".into(),
+        kind: "rate_limit_error",
+        param: None,
+        code: Some("queue_full"),
+    }
+    .into_response();
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
+}
+
+async fn chat_inner(st: Arc<AppState>, body: Body) -> std::result::Result<Response, ApiError> {
+    let arrived = Instant::now();
+    let body = read_body(&st, body).await?;
+    // Parsing, base64 and the image's decoding are CPU work off the async threads and off the
+    // engine: a bad image is refused before it takes a place in the queue.
+    let (limits, n_layers) = (st.limits, st.n_layers);
+    let preparer = st.preparer.clone();
+    let decoding = st
+        .decodes
+        .acquire()
+        .await
+        .map_err(|_| ApiError::server("the server is shutting down"))?;
+    let (req, prepared) =
+        tokio::task::spawn_blocking(move || prepare_chat(&body, limits, n_layers, &preparer))
+            .await
+            .map_err(|e| ApiError::server(format!("request check failed: {e}")))??;
+    drop(decoding);
+    let ungrounded = refuse_unsupported(&st, &req)?;
     let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
     let cancel = CancelToken::new();
     let guard = CancelOnDrop(cancel.clone());
@@ -724,25 +759,11 @@ async fn chat_inner(st: Arc<AppState>, body: Body) -> std::result::Result<Respon
                 st.metrics
                     .rejected_queue_full
                     .fetch_add(1, Ordering::Relaxed);
-                let mut r = ApiError {
-                    status: 429,
-                    message: "the server is busy: its queue is full; retry shortly".into(),
-                    kind: "rate_limit_error",
-                    param: None,
-                    code: Some("queue_full"),
-                }
-                .into_response();
-                r.headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-                return Ok(r);
+                return Ok(queue_full());
             }
-            mpsc::error::TrySendError::Closed(_) => ApiError {
-                status: 503,
-                message: "the server is shutting down".into(),
-                kind: "server_error",
-                param: None,
-                code: Some("shutting_down"),
-            },
+            mpsc::error::TrySendError::Closed(_) => {
+                ApiError::unavailable("shutting_down", "the server is shutting down")
+            }
         });
     }
     // Waiting for the engine to take the request, until the shutdown deadline.
@@ -918,15 +939,11 @@ impl Streaming {
 
 /// The error a response cut by the shutdown deadline ends with.
 fn cut_by_shutdown() -> ApiError {
-    ApiError {
-        status: 503,
-        message: "the server is shutting down and its deadline has passed: this answer ends here, \
-                  incomplete"
-            .into(),
-        kind: "server_error",
-        param: None,
-        code: Some("shutting_down"),
-    }
+    ApiError::unavailable(
+        "shutting_down",
+        "the server is shutting down and its deadline has passed: this answer ends here, \
+         incomplete",
+    )
 }
 
 fn stream_response(

@@ -49,6 +49,15 @@ impl ApiError {
         }
     }
 
+    /// 503: the server cannot take the request now (memory, KV cache, shutting down).
+    pub fn unavailable(code: &'static str, msg: impl Into<String>) -> Self {
+        ApiError {
+            status: 503,
+            code: Some(code),
+            ..Self::server(msg)
+        }
+    }
+
     pub fn server(msg: impl Into<String>) -> Self {
         ApiError {
             status: 500,

@@ -344,20 +344,12 @@ pub fn engine_error(e: Error, param: Option<String>) -> ApiError {
         Error::Input(msg) => ApiError::invalid(param, "invalid_value", msg),
         Error::ContextLength(msg) => ApiError::invalid(param, "context_length_exceeded", msg),
         Error::Image { msg, .. } => ApiError::invalid(param, "invalid_image", msg),
-        Error::OutOfMemory(msg) => ApiError {
-            status: 503,
-            message: format!("out of memory: {msg}"),
-            kind: "server_error",
-            param: None,
-            code: Some("out_of_memory"),
-        },
-        Error::KvFull(msg) => ApiError {
-            status: 503,
-            message: format!("KV cache full: {msg}"),
-            kind: "server_error",
-            param: None,
-            code: Some("kv_cache_full"),
-        },
+        Error::OutOfMemory(msg) => {
+            ApiError::unavailable("out_of_memory", format!("out of memory: {msg}"))
+        }
+        Error::KvFull(msg) => {
+            ApiError::unavailable("kv_cache_full", format!("KV cache full: {msg}"))
+        }
         other => ApiError::server(other.to_string()),
     }
 }

@@ -24,7 +24,7 @@ use std::time::Instant;
 use crate::backend::Backend;
 use crate::engine::{with_backend, AnyBackend, Device, Dtype, WithBackend};
 use crate::error::{Error, Result};
-use crate::explain::fastrm::HeadWeights;
+use crate::explain::fastrm::{FastRmHead, HeadWeights};
 use crate::status;
 use crate::util::SplitMix64;
 
@@ -118,27 +118,6 @@ pub struct Pass {
     pub grads: Option<Grads>,
 }
 
-struct Dev<B: Backend> {
-    ln_w: B::Tensor,
-    ln_b: B::Tensor,
-    wq: B::Tensor,
-    bq: B::Tensor,
-    wk: B::Tensor,
-    bk: B::Tensor,
-}
-
-fn upload_head<B: Backend>(b: &B, w: &HeadWeights) -> Result<Dev<B>> {
-    let (dm, d) = (w.cfg.hidden_size, w.cfg.head_dim);
-    Ok(Dev {
-        ln_w: b.upload(&w.ln_w, 1, dm)?,
-        ln_b: b.upload(&w.ln_b, 1, dm)?,
-        wq: b.upload(&w.wq, d, dm)?,
-        bq: b.upload(&w.bq, 1, d)?,
-        wk: b.upload(&w.wk, d, dm)?,
-        bk: b.upload(&w.bk, 1, d)?,
-    })
-}
-
 fn accumulate<B: Backend>(b: &B, acc: &mut Option<B::Tensor>, t: B::Tensor) -> Result<()> {
     *acc = Some(match acc.take() {
         None => t,
@@ -170,7 +149,7 @@ pub fn head_pass<B: Backend>(b: &B, w: &HeadWeights, batch: &Batch, grads: bool)
             return Err(Error::input("a training batch with inconsistent shapes"));
         }
     }
-    let dev = upload_head(b, w)?;
+    let dev = FastRmHead::new(b, w, dm)?;
     let scale = 1.0 / (d as f64).sqrt();
     // Tokens grouped by image (stable), so each image's queries are one contiguous row block.
     let mut order: Vec<usize> = (0..n).collect();
