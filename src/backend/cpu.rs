@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use super::cpu_gemm;
 use super::cpu_half::{self, HalfKind, HalfWeight};
-use super::{shape_err, AttnGrads, AttnShape, Backend, Cam, PagedRow};
+use super::{check_weight_view, shape_err, AttnGrads, AttnShape, Backend, Cam, PagedRow};
 use crate::checkpoint::{DType, StoredTensor, TensorRef};
 use crate::error::{Error, Result};
 
@@ -871,16 +871,7 @@ impl Backend for Cpu {
     }
 
     fn load_weight(&self, t: &TensorRef<'_>, rows: usize, cols: usize) -> Result<CpuTensor> {
-        let n: usize = t.shape.iter().product();
-        if n != rows * cols {
-            return Err(shape_err(
-                "load_weight",
-                format!(
-                    "`{}` has {n} values, cannot view as [{rows}, {cols}]",
-                    t.name
-                ),
-            ));
-        }
+        check_weight_view(t, rows, cols)?;
         match self.held(t.dtype, rows) {
             Held::F32 => CpuTensor::new(t.to_f32(), rows, cols),
             Held::Mapped(kind) | Held::HalfCopy(kind) => Ok(CpuTensor {

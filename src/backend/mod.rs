@@ -472,3 +472,18 @@ pub fn with_memory_tag<B: Backend, R>(b: &B, tag: MemTag, f: impl FnOnce() -> R)
 pub(crate) fn shape_err(op: &str, msg: impl std::fmt::Display) -> Error {
     Error::Backend(format!("{op}: {msg}"))
 }
+
+/// A checkpoint tensor may be viewed as `[rows, cols]` only when it holds exactly that many values.
+pub(crate) fn check_weight_view(t: &TensorRef<'_>, rows: usize, cols: usize) -> Result<()> {
+    let n: usize = t.shape.iter().product();
+    if n != rows * cols {
+        return Err(shape_err(
+            "load_weight",
+            format!(
+                "`{}` of shape {:?} ({n} values) cannot be viewed as [{rows}, {cols}]",
+                t.name, t.shape
+            ),
+        ));
+    }
+    Ok(())
+}

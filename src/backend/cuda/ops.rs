@@ -7,7 +7,8 @@ use super::LaunchConfig;
 
 use super::{grid_1d, per_row, Cuda, CudaTensor, Elem, Gemm};
 use crate::backend::{
-    check_paged, shape_err, AttnGrads, AttnShape, Backend, Cam, MemTag, PagedRow, INVARIANT_ROWS,
+    check_paged, check_weight_view, shape_err, AttnGrads, AttnShape, Backend, Cam, MemTag,
+    PagedRow, INVARIANT_ROWS,
 };
 use crate::checkpoint::{StoredTensor, TensorRef};
 use crate::error::{Error, Result};
@@ -613,16 +614,7 @@ impl<T: Elem> Backend for Cuda<T> {
     }
 
     fn load_weight(&self, t: &TensorRef<'_>, rows: usize, cols: usize) -> Result<CudaTensor<T>> {
-        let n: usize = t.shape.iter().product();
-        if n != rows * cols {
-            return Err(shape_err(
-                "load_weight",
-                format!(
-                    "{} of shape {:?} viewed as [{rows}, {cols}]",
-                    t.name, t.shape
-                ),
-            ));
-        }
+        check_weight_view(t, rows, cols)?;
         self.upload(&t.to_f32(), rows, cols)
     }
 
