@@ -509,7 +509,7 @@ fn malformed_requests_and_limits_get_openai_errors() {
             with(json!([url("https://example.com/a.png"), text])),
             400,
             Some("messages[0].content[0].image_url.url"),
-            "remote URL",
+            "remote URL without --allow-image-urls",
         ),
         (
             with(json!([url("data:image/png;base64,@@@@"), text])),
@@ -1044,11 +1044,14 @@ fn the_official_openai_python_client_reads_the_answers() {
         );
     };
     let server = Server::start(&[]);
+    // A second server fetches image URLs, from loopback too: the script serves one itself.
+    let fetching = Server::start(&["--allow-image-urls", "--allow-private-image-urls"]);
     let out = Command::new(py)
         .arg(repo_root().join("tools/serve_client_test.py"))
         .arg(format!("http://{}", server.addr))
         .arg(repo_root().join("assets/demo/image.png"))
         .args([QUESTION, "yellow"])
+        .arg(format!("http://{}", fetching.addr))
         .output()
         .unwrap();
     assert!(
@@ -1057,6 +1060,8 @@ fn the_official_openai_python_client_reads_the_answers() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("ok by URL"), "{stdout}");
 }
 
 /// An image over `--max-image-pixels` is a 413 naming the image field, checked before it takes a
@@ -1744,4 +1749,174 @@ fn an_ungrounded_answer_is_flagged_or_stopped() {
     let r = post(server.addr, &unknown);
     assert_eq!(r.0, 400, "{}", String::from_utf8_lossy(&r.2));
     assert!(String::from_utf8_lossy(&r.2).contains("colour"));
+}
+
+/// A loopback HTTP/1.1 server for image URLs, one thread per connection: `/image.png` (the demo
+/// image), `/hop/N` (a 302 to `/hop/N-1`, `/hop/0` to the image), `/big` (a `Content-Length`
+/// over any limit), `/endless` (no length, bytes until the client stops), `/slow` (a head, then
+/// nothing for 30 s); anything else 404.
+fn image_host() -> u16 {
+    let png = std::fs::read(repo_root().join("assets/demo/image.png")).unwrap();
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            let png = png.clone();
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut first = String::new();
+                r.read_line(&mut first).unwrap_or(0);
+                let mut line = String::new();
+                while r.read_line(&mut line).is_ok_and(|n| n > 2) {
+                    line.clear();
+                }
+                let path = first.split(' ').nth(1).unwrap_or("/").to_string();
+                let mut w = &s;
+                let head = |status: &str, extra: &str| {
+                    format!("HTTP/1.1 {status}\r\n{extra}Connection: close\r\n\r\n")
+                };
+                let _ = match path.as_str() {
+                    "/image.png" => w
+                        .write_all(
+                            head("200 OK", &format!("Content-Length: {}\r\n", png.len()))
+                                .as_bytes(),
+                        )
+                        .and_then(|()| w.write_all(&png)),
+                    "/big" => {
+                        w.write_all(head("200 OK", "Content-Length: 999999999\r\n").as_bytes())
+                    }
+                    "/endless" => w
+                        .write_all(head("200 OK", "").as_bytes())
+                        .and_then(|()| loop {
+                            w.write_all(&[0u8; 65536])?;
+                        }),
+                    "/slow" => {
+                        let r = w.write_all(head("200 OK", "Content-Length: 10\r\n").as_bytes());
+                        std::thread::sleep(Duration::from_secs(30));
+                        r
+                    }
+                    p => match p.strip_prefix("/hop/").and_then(|n| n.parse::<u32>().ok()) {
+                        Some(0) => w.write_all(
+                            head("302 Found", "Location: /image.png\r\nContent-Length: 0\r\n")
+                                .as_bytes(),
+                        ),
+                        Some(n) => w.write_all(
+                            head(
+                                "302 Found",
+                                &format!("Location: /hop/{}\r\nContent-Length: 0\r\n", n - 1),
+                            )
+                            .as_bytes(),
+                        ),
+                        None => {
+                            w.write_all(head("404 Not Found", "Content-Length: 0\r\n").as_bytes())
+                        }
+                    },
+                };
+            });
+        }
+    });
+    port
+}
+
+/// Image URLs: refused by name unless the server is started with `--allow-image-urls`; then only
+/// from public addresses unless `--allow-private-image-urls`; then fetched (redirects followed
+/// up to a bound) under the byte limit and the time limit, and answered as the same image sent
+/// inline.
+#[test]
+fn image_urls_are_fetched_only_when_allowed_and_within_limits() {
+    let port = image_host();
+    let at = |path: &str| format!("http://127.0.0.1:{port}{path}");
+    let with_url = |url: String| {
+        let mut body = chat_body(QUESTION, json!({"max_tokens": 6}));
+        body["messages"][0]["content"][0]["image_url"]["url"] = json!(url);
+        body
+    };
+    let param = Some("messages[0].content[0].image_url.url");
+    let code_of = |r: &(u16, Vec<(String, String)>, Vec<u8>)| -> String {
+        let v: Value = serde_json::from_slice(&r.2).unwrap();
+        v["error"]["code"].as_str().unwrap_or_default().to_string()
+    };
+
+    let plain = Server::start(&[]);
+    let r = post(plain.addr, &with_url(at("/image.png")));
+    assert_error(&r, 400, param, "a URL by default");
+    assert_eq!(code_of(&r), "remote_image_unsupported");
+    assert!(String::from_utf8_lossy(&r.2).contains("--allow-image-urls"));
+    drop(plain);
+
+    let public_only = Server::start(&["--allow-image-urls"]);
+    for url in [
+        at("/image.png"),
+        format!("http://localhost:{port}/image.png"),
+    ] {
+        let r = post(public_only.addr, &with_url(url.clone()));
+        assert_error(&r, 400, param, &url);
+        assert_eq!(code_of(&r), "image_url_refused", "{url}");
+        assert!(String::from_utf8_lossy(&r.2).contains("--allow-private-image-urls"));
+    }
+    drop(public_only);
+
+    let server = Server::start(&[
+        "--allow-image-urls",
+        "--allow-private-image-urls",
+        "--image-url-timeout",
+        "1",
+        "--max-image-bytes",
+        "200000",
+        "--prefix-cache",
+        "0",
+    ]);
+    let inline = post(server.addr, &chat_body(QUESTION, json!({"max_tokens": 6})));
+    assert_eq!(inline.0, 200, "{}", String::from_utf8_lossy(&inline.2));
+    let inline: Value = serde_json::from_slice(&inline.2).unwrap();
+    for path in ["/image.png", "/hop/3"] {
+        let r = post(server.addr, &with_url(at(path)));
+        assert_eq!(r.0, 200, "{path}: {}", String::from_utf8_lossy(&r.2));
+        let v: Value = serde_json::from_slice(&r.2).unwrap();
+        assert_eq!(
+            v["choices"][0]["message"]["content"], inline["choices"][0]["message"]["content"],
+            "{path}"
+        );
+        assert_eq!(v["usage"], inline["usage"], "{path}");
+    }
+    let refused = [
+        ("/hop/9", 400, "image_url_failed", "more than 5 redirects"),
+        ("/missing", 400, "image_url_failed", "HTTP 404"),
+        ("/big", 413, "image_too_large", "200000 bytes"),
+        ("/endless", 413, "image_too_large", "200000 bytes"),
+        ("/slow", 400, "image_url_failed", "longer than 1 s"),
+    ];
+    for (path, status, code, says) in refused {
+        let t0 = Instant::now();
+        let r = post(server.addr, &with_url(at(path)));
+        assert_error(&r, status, param, path);
+        assert_eq!(code_of(&r), code, "{path}");
+        let body = String::from_utf8_lossy(&r.2);
+        assert!(body.contains(says), "{path}: {body}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{path} took {:?}",
+            t0.elapsed()
+        );
+    }
+    // The server still answers after every failed fetch.
+    assert_eq!(post(server.addr, &with_url(at("/image.png"))).0, 200);
+}
+
+/// The companions of `--allow-image-urls` are refused without it rather than ignored.
+#[test]
+fn image_url_flags_need_allow_image_urls() {
+    for flag in [
+        &["--allow-private-image-urls"][..],
+        &["--image-url-timeout", "5"][..],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_fastrm"))
+            .arg("serve")
+            .args(flag)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{flag:?} was accepted alone");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--allow-image-urls"), "{flag:?}: {err}");
+    }
 }

@@ -3,13 +3,19 @@
 client parses the server's responses, streamed and not, and its errors.
 
     python3 tools/serve_client_test.py http://127.0.0.1:8080 assets/demo/image.png \
-        "What color is the star?" yellow
+        "What color is the star?" yellow [http://127.0.0.1:8081]
+
+The optional last argument is a second server started with `--allow-image-urls
+--allow-private-image-urls`: the image is then also sent by URL, served from a loopback HTTP server
+this script runs, and must be answered as when sent inline.
 
 Exits non-zero with a message on the first check that fails.
 """
 
 import base64
+import http.server
 import sys
+import threading
 
 import openai
 
@@ -20,9 +26,9 @@ def fail(msg):
 
 
 def main():
-    if len(sys.argv) != 5:
-        fail("usage: serve_client_test.py BASE_URL IMAGE QUESTION EXPECTED_WORD")
-    base, image, question, expected = sys.argv[1:]
+    if len(sys.argv) not in (5, 6):
+        fail("usage: serve_client_test.py BASE_URL IMAGE QUESTION EXPECTED_WORD [URL_SERVER]")
+    base, image, question, expected = sys.argv[1:5]
     client = openai.OpenAI(base_url=base.rstrip("/") + "/v1", api_key="unused", max_retries=0)
 
     models = client.models.list()
@@ -200,10 +206,69 @@ def main():
         client.chat.completions.create(model=model, messages=bad)
         fail("a remote image URL was accepted")
     except openai.BadRequestError as e:
-        if e.status_code != 400 or "nothing is fetched" not in str(e):
+        if e.status_code != 400 or "--allow-image-urls" not in str(e):
             fail(f"remote URL error: {e}")
 
+    if len(sys.argv) == 6:
+        image_by_url(sys.argv[5], image, question)
+
     print(f"ok: {text!r} ({maps} maps, {confidence['verdict']})")
+
+
+def image_by_url(base, image, question):
+    """The same question with the image inline and by URL (from a loopback server) to a server
+    that fetches URLs: the same answer; a missing image is the client's BadRequestError."""
+    with open(image, "rb") as f:
+        png = f.read()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path != "/image.png":
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(png)))
+            self.end_headers()
+            self.wfile.write(png)
+
+        def log_message(self, *args):
+            pass
+
+    host = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=host.serve_forever, daemon=True).start()
+    client = openai.OpenAI(base_url=base.rstrip("/") + "/v1", api_key="unused", max_retries=0)
+    model = client.models.list().data[0].id
+
+    def ask(url):
+        return client.chat.completions.create(
+            model=model,
+            max_tokens=8,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": url}},
+                        {"type": "text", "text": question},
+                    ],
+                }
+            ],
+        )
+
+    inline = ask("data:image/png;base64," + base64.b64encode(png).decode())
+    fetched = ask(f"http://127.0.0.1:{host.server_port}/image.png")
+    if fetched.choices[0].message.content != inline.choices[0].message.content:
+        fail(f"by URL {fetched.choices[0].message.content!r}, inline {inline.choices[0].message.content!r}")
+    if fetched.usage.prompt_tokens != inline.usage.prompt_tokens:
+        fail(f"prompt tokens by URL {fetched.usage.prompt_tokens}, inline {inline.usage.prompt_tokens}")
+    try:
+        ask(f"http://127.0.0.1:{host.server_port}/missing.png")
+        fail("a missing image URL was accepted")
+    except openai.BadRequestError as e:
+        if "HTTP 404" not in str(e):
+            fail(f"missing image URL error: {e}")
+    host.shutdown()
+    print(f"ok by URL: {fetched.choices[0].message.content!r}")
 
 
 if __name__ == "__main__":

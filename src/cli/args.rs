@@ -422,6 +422,18 @@ pub struct ServeArgs {
     /// then end with an error chunk and stalled connections are dropped.
     #[arg(long, value_name = "SECS", default_value_t = 30.0, value_parser = parse_seconds)]
     pub shutdown_timeout: f64,
+    /// Fetch http(s) image URLs in requests (otherwise refused by name): from public addresses
+    /// only, every redirect checked again, under --image-url-timeout and --max-image-bytes.
+    #[arg(long)]
+    pub allow_image_urls: bool,
+    /// With --allow-image-urls, fetch from private, loopback and link-local addresses too (a
+    /// client could then make the server read from its own network).
+    #[arg(long, requires = "allow_image_urls")]
+    pub allow_private_image_urls: bool,
+    /// With --allow-image-urls, seconds one image's whole fetch may take (redirects and body
+    /// included).
+    #[arg(long, value_name = "SECS", requires = "allow_image_urls", value_parser = parse_seconds)]
+    pub image_url_timeout: Option<f64>,
     /// Sleep this many milliseconds after each decode step. For tests: the demo model answers
     /// faster than a test can observe a queue or a disconnect.
     #[arg(long, default_value_t = 0, hide = true)]
@@ -455,6 +467,15 @@ impl ServeArgs {
                 body: std::time::Duration::from_secs_f64(self.body_timeout),
                 shutdown: std::time::Duration::from_secs_f64(self.shutdown_timeout),
             },
+            image_urls: self
+                .allow_image_urls
+                .then(|| crate::serve::fetch::ImageUrls {
+                    allow_private: self.allow_private_image_urls,
+                    timeout: self.image_url_timeout.map_or(
+                        crate::serve::fetch::ImageUrls::default().timeout,
+                        std::time::Duration::from_secs_f64,
+                    ),
+                }),
             test_token_delay_ms: self.test_token_delay_ms,
         })
     }

@@ -1,13 +1,15 @@
 //! `fastrm serve`: OpenAI's chat-completions protocol over HTTP, with each token's relevancy map as
 //! an opt-in extension.
 //!
-//! Handlers check a request (JSON, the `data:` URL, the image's decoding) off the engine, then hand
+//! Handlers check a request (JSON, the image's `data:` URL or — opted in — its fetch, its decoding)
+//! off the engine, then hand
 //! it to the engine's worker ([`worker`]) through a bounded queue: a full queue answers 429 at
 //! once rather than letting latency grow without bound. Each job streams its items back over its
 //! own channel; when the client goes away the handler's side is dropped and the job's
 //! [`CancelToken`] stops the run before its next unit of work.
 
 pub mod conn;
+pub mod fetch;
 pub mod metrics;
 pub mod openai;
 pub mod viewer;
@@ -67,6 +69,8 @@ pub struct ServeOptions {
     pub prefix_cache: Option<u64>,
     /// Request head, body and shutdown time limits.
     pub timeouts: conn::Timeouts,
+    /// Image URLs are fetched (`Some`) or refused (`None`, the default).
+    pub image_urls: Option<fetch::ImageUrls>,
     /// A sleep after each decode step that made tokens, for tests that must observe a queue or a
     /// disconnect.
     pub test_token_delay_ms: u64,
@@ -90,6 +94,7 @@ impl Default for ServeOptions {
             kv_memory: None,
             prefix_cache: None,
             timeouts: conn::Timeouts::default(),
+            image_urls: None,
             test_token_delay_ms: 0,
         }
     }
@@ -117,6 +122,8 @@ struct AppState {
     /// Tokenises and preprocesses on the request threads, so the engine's thread only runs the
     /// model.
     preparer: crate::engine::Preparer,
+    /// Present with `--allow-image-urls`.
+    fetcher: Option<Arc<fetch::ImageFetcher>>,
     /// How long a request body may take to arrive.
     body_timeout: std::time::Duration,
     /// Set when shutdown's deadline passes: running streams end.
@@ -190,6 +197,7 @@ pub fn run(args: ServeOptions) -> Result<()> {
         model_id,
         limits: Limits {
             max_image_bytes: args.max_image_bytes,
+            image_urls: args.image_urls.is_some(),
             max_image_pixels: args.max_image_pixels,
             context: cfg.text.max_position_embeddings,
         },
@@ -203,6 +211,9 @@ pub fn run(args: ServeOptions) -> Result<()> {
         started: unix_now(),
         decodes: tokio::sync::Semaphore::new(args.max_queue),
         preparer: engine.preparer(),
+        fetcher: args
+            .image_urls
+            .map(|o| Arc::new(fetch::ImageFetcher::new(o, args.max_image_bytes))),
         eos: cfg.eos_token_ids.clone(),
         next_id: AtomicU64::new(1),
         body_timeout: args.timeouts.body,
@@ -629,6 +640,7 @@ fn prepare_chat(
     limits: Limits,
     n_layers: usize,
     preparer: &crate::engine::Preparer,
+    fetcher: Option<&fetch::ImageFetcher>,
 ) -> std::result::Result<(openai::ChatRequest, crate::engine::Request), ApiError> {
     let req = openai::parse_chat(body, limits, n_layers)?;
     // The conversation's text is bounded before it is tokenised: no token takes more than
@@ -657,8 +669,18 @@ fn prepare_chat(
         .chat_prompt(&req.turns)
         .map_err(|e| worker::engine_error(e, param_of("messages")))?;
     let mut pixels = Vec::new();
-    for (bytes, at) in &req.images {
-        // One decoded image at a time, kept only as the model's pixels.
+    for (source, at) in &req.images {
+        // One image at a time, fetched and decoded, kept only as the model's pixels.
+        let fetched;
+        let bytes = match source {
+            openai::ImageSource::Inline(b) => b,
+            openai::ImageSource::Url(url) => {
+                // parse_chat takes URLs only when the server fetches them.
+                let f = fetcher.ok_or_else(|| ApiError::server("no image fetcher"))?;
+                fetched = f.fetch(url, at)?;
+                &fetched
+            }
+        };
         let image = decode_image(bytes, at, limits.max_image_pixels)?;
         let p = preparer
             .pixels(&crate::engine::ImageInput::Decoded(image))
@@ -723,15 +745,17 @@ async fn chat_inner(st: Arc<AppState>, body: Body) -> std::result::Result<Respon
     // engine: a bad image is refused before it takes a place in the queue.
     let (limits, n_layers) = (st.limits, st.n_layers);
     let preparer = st.preparer.clone();
+    let fetcher = st.fetcher.clone();
     let decoding = st
         .decodes
         .acquire()
         .await
         .map_err(|_| ApiError::server("the server is shutting down"))?;
-    let (req, prepared) =
-        tokio::task::spawn_blocking(move || prepare_chat(&body, limits, n_layers, &preparer))
-            .await
-            .map_err(|e| ApiError::server(format!("request check failed: {e}")))??;
+    let (req, prepared) = tokio::task::spawn_blocking(move || {
+        prepare_chat(&body, limits, n_layers, &preparer, fetcher.as_deref())
+    })
+    .await
+    .map_err(|e| ApiError::server(format!("request check failed: {e}")))??;
     drop(decoding);
     let ungrounded = refuse_unsupported(&st, &req)?;
     let (tx, mut rx) = mpsc::unbounded_channel::<Event>();

@@ -85,9 +85,8 @@ pub struct ChatRequest {
     pub n: usize,
     /// The conversation, for the chat template (each image placed where it was sent).
     pub turns: Vec<Turn>,
-    /// The encoded images, from their `data:` URLs, in order, each with the field it came from
-    /// (for errors about it).
-    pub images: Vec<(Vec<u8>, String)>,
+    /// The images in order, each with the field it came from (`messages[i].content[j].image_url`).
+    pub images: Vec<(ImageSource, String)>,
     /// `None`: as many as fit, up to the server's default.
     pub max_tokens: Option<usize>,
     /// The field that set `max_tokens`, for errors about it.
@@ -109,10 +108,27 @@ pub struct ChatRequest {
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_image_bytes: usize,
+    /// Whether http(s) image URLs are taken (`--allow-image-urls`); refused by name otherwise.
+    pub image_urls: bool,
     /// Largest accepted image in pixels (width × height, after decoding).
     pub max_image_pixels: usize,
     /// The model's context: no answer can be longer.
     pub context: usize,
+}
+
+/// Where a request's image comes from.
+#[derive(Debug)]
+pub enum ImageSource {
+    /// A `data:` URL's bytes.
+    Inline(Vec<u8>),
+    /// An http(s) URL, fetched after every cheap check ([`super::fetch::ImageFetcher`]).
+    Url(String),
+}
+
+/// Whether a URL asks for a fetch (any case, as schemes are case-insensitive).
+fn is_remote(url: &str) -> bool {
+    let start = url.get(..8).unwrap_or(url).to_ascii_lowercase();
+    start.starts_with("http://") || start.starts_with("https://")
 }
 
 fn param(p: &str) -> Option<String> {
@@ -364,6 +380,18 @@ pub fn parse_chat(body: &[u8], limits: Limits, n_layers: usize) -> Result<ChatRe
         .images
         .iter()
         .map(|r| {
+            if is_remote(&r.url) {
+                if !limits.image_urls {
+                    return Err(ApiError::invalid(
+                        Some(r.param.clone()),
+                        "remote_image_unsupported",
+                        "this server does not fetch image URLs (start it with --allow-image-urls \
+                         to fetch from public addresses); send the image inline as a \
+                         data:image/png;base64,... or data:image/jpeg;base64,... URL",
+                    ));
+                }
+                return Ok((ImageSource::Url(r.url.clone()), r.param.clone()));
+            }
             let bytes = chat::data_url_bytes(&r.url, &r.param, limits.max_image_bytes)
                 .map_err(api_error)?
                 .ok_or_else(|| {
@@ -371,10 +399,11 @@ pub fn parse_chat(body: &[u8], limits: Limits, n_layers: usize) -> Result<ChatRe
                         Some(r.param.clone()),
                         "invalid_image_url",
                         "the image URL must be a data:image/png;base64,... or \
-                         data:image/jpeg;base64,... URL",
+                         data:image/jpeg;base64,... URL, or an http(s) URL where the server \
+                         fetches them (--allow-image-urls)",
                     )
                 })?;
-            Ok((bytes, r.param.clone()))
+            Ok((ImageSource::Inline(bytes), r.param.clone()))
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
     Ok(ChatRequest {
@@ -601,6 +630,7 @@ mod tests {
     fn error_of(body: &str) -> ApiError {
         let limits = Limits {
             max_image_bytes: 1 << 20,
+            image_urls: false,
             max_image_pixels: 1 << 20,
             context: 2048,
         };
