@@ -198,6 +198,8 @@ fn pages_never_leak_under_random_submit_step_cancel() {
     e.set_image_cache(24);
     e.set_prefix_cache(Some((per_page * 6) as u64));
     let mut s = e.scheduler();
+    // Prompts in chunks: runs are cancelled mid-prefill too.
+    s.set_prefill_chunk(Some(11)).unwrap();
     let mut r = SplitMix64::new(9);
     let mut ids = Vec::new();
     let (mut done, mut cancelled, mut hits) = (0, 0, 0);
@@ -373,4 +375,173 @@ fn n_continuations_share_the_prompt_and_each_is_its_seed_alone() {
     assert_eq!(trace(&third), alone[2]);
     assert!(s.submit_n(req, opts, 17).is_err());
     assert_eq!(e.kv_usage().0, 0, "pages leaked");
+}
+
+/// A run's ids and every map it gave (in its tokens or after them), in order.
+fn ids_and_maps(items: &[Item]) -> (Vec<u32>, Vec<Vec<f32>>) {
+    let mut ids = Vec::new();
+    let mut maps = Vec::new();
+    for it in items {
+        match it {
+            Item::Token(t) => {
+                ids.push(t.id);
+                maps.extend(t.map.as_ref().map(|m| m.map.clone()));
+            }
+            Item::Map(m) => maps.push(m.map.clone()),
+            _ => {}
+        }
+    }
+    (ids, maps)
+}
+
+/// The items of `req` run alone through a scheduler whose prefill runs `chunk` prompt rows at a
+/// time.
+fn chunked<B: Backend>(e: &Engine<B>, req: &Request, opts: &RunOptions, chunk: usize) -> Vec<Item> {
+    let mut s = e.scheduler();
+    s.set_prefill_chunk(Some(chunk)).unwrap();
+    let id = s.submit(req.clone(), opts.clone());
+    let mut items = Vec::new();
+    while !s.is_idle() {
+        s.step().unwrap();
+        items.extend(s.events(id).into_iter().map(|r| r.unwrap()));
+    }
+    items.extend(s.events(id).into_iter().map(|r| r.unwrap()));
+    items
+}
+
+/// A prompt run through the decoder in chunks answers as the whole prefill does, under every
+/// method (the exact and incremental baselines read the chunks' saved activations; FastRM the
+/// image rows gathered across chunks): ids exact, maps to rounding — a chunk is another row count
+/// for the same products. Chunk sizes cross pages and the image's span.
+fn chunked_equals_whole<B: Backend>(e: &Engine<B>, chunks: &[usize]) {
+    let req = Request::question(image(7), QUESTIONS[3]);
+    for method in [
+        None,
+        Some(Method::FastRm),
+        Some(Method::Baseline {
+            mode: fastrm::explain::baseline::RowMode::Streamed,
+        }),
+        Some(Method::BaselineIncremental),
+        Some(Method::GradCam { layer: 1 }),
+    ] {
+        let opts = RunOptions {
+            generate: GenerateOptions {
+                max_new_tokens: 4,
+                stop_at_eos: false,
+                ..Default::default()
+            },
+            method,
+            hidden_states: false,
+        };
+        let items: Vec<Item> = e
+            .stream(&req, &opts, &CancelToken::new())
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let (want_ids, want_maps) = ids_and_maps(&items);
+        assert_eq!(want_maps.len(), if method.is_some() { 4 } else { 0 });
+        for &chunk in chunks {
+            let (ids, maps) = ids_and_maps(&chunked(e, &req, &opts, chunk));
+            let what = format!("{method:?}, chunks of {chunk}");
+            assert_eq!(ids, want_ids, "{what}");
+            assert_eq!(maps.len(), want_maps.len(), "{what}");
+            for (t, (a, w)) in maps.iter().zip(&want_maps).enumerate() {
+                let peak = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let diff = a.iter().zip(w).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                assert!(
+                    diff <= 1e-4 * peak + 1e-6,
+                    "{what}: map {t} off by {diff} (peak {peak})"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_prefill_in_chunks_answers_as_a_whole_one() {
+    chunked_equals_whole(&tiny(Cpu), &[1, 7, 16, 33]);
+}
+
+#[test]
+fn a_prefill_in_chunks_answers_as_a_whole_one_on_the_simulated_device() {
+    chunked_equals_whole(
+        &tiny(fastrm::backend::cuda::Cuda::<f32>::simulated()),
+        &[13],
+    );
+}
+
+/// The prompt length of a run, from its events so far (0 before its prefill ends).
+fn prefilled_len(events: Vec<fastrm::Result<Item>>) -> usize {
+    events
+        .into_iter()
+        .find_map(|it| match it {
+            Ok(Item::Prefilled { prompt_len, .. }) => Some(prompt_len),
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
+/// With a chunk size, a long prompt joins without stalling the runs already decoding: each step
+/// runs one chunk's worth of prompt rows beside a token for every decoding run, so the newcomer
+/// takes a step per chunk to start and the others never miss a step; newcomers arriving together
+/// share that budget (one whole prompt per step when the chunk is a prompt long).
+#[test]
+fn decoding_runs_keep_stepping_while_a_prompt_is_prefilled_in_chunks() {
+    let e = tiny(Cpu);
+    let chunk = 8;
+    let mut s = e.scheduler();
+    assert!(s.set_prefill_chunk(Some(0)).is_err());
+    s.set_prefill_chunk(Some(chunk)).unwrap();
+    let (req, mut opts) = case(0);
+    opts.generate.max_new_tokens = 200;
+    let first = s.submit(req.clone(), opts.clone());
+    let mut prompt_len = 0;
+    while prompt_len == 0 {
+        s.step().unwrap();
+        prompt_len = prefilled_len(s.events(first));
+    }
+    assert!(prompt_len > 3 * chunk, "a prompt of {prompt_len} rows");
+    let second = s.submit(req.clone(), opts.clone());
+    let mut steps = 0;
+    loop {
+        s.step().unwrap();
+        steps += 1;
+        let tokens = s
+            .events(first)
+            .into_iter()
+            .filter(|it| matches!(it, Ok(Item::Token(_))))
+            .count();
+        assert_eq!(
+            tokens, 1,
+            "step {steps}: the decoding run made {tokens} tokens"
+        );
+        if prefilled_len(s.events(second)) > 0 {
+            break;
+        }
+        assert!(steps < 1000);
+    }
+    // Decoding the image and the vision tower take a step each, then a step per chunk.
+    assert_eq!(
+        steps,
+        2 + prompt_len.div_ceil(chunk),
+        "steps until the second run started"
+    );
+
+    // The first two runs' pages go back (the pool holds four contexts by default).
+    drop(s);
+    let mut s = e.scheduler();
+    s.set_prefill_chunk(Some(prompt_len)).unwrap();
+    let ids: Vec<SeqId> = (0..3)
+        .map(|_| s.submit(req.clone(), opts.clone()))
+        .collect();
+    let mut started_at = Vec::new();
+    for step in 1..=10 {
+        s.step().unwrap();
+        for &id in &ids {
+            if prefilled_len(s.events(id)) > 0 {
+                started_at.push(step);
+            }
+        }
+    }
+    // All three decode their image and run the tower together, then one prompt a step.
+    assert_eq!(started_at, [3, 4, 5]);
 }

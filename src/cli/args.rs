@@ -401,6 +401,10 @@ pub struct ServeArgs {
     /// queue.
     #[arg(long, default_value_t = ServeOptions::default().max_batch)]
     pub max_batch: usize,
+    /// Prompt positions one step runs through the decoder (0: each prompt whole): a new
+    /// request's prefill is spread over steps, so the answers being decoded keep their pace.
+    #[arg(long, value_name = "N", default_value_t = crate::serve::DEFAULT_PREFILL_CHUNK)]
+    pub prefill_chunk: usize,
     /// A fixed KV cache size (e.g. 4GiB, 512MiB, 2e9), taken once and never exceeded; a request
     /// that cannot get pages waits while others hold them. Default: grows with demand.
     #[arg(long, value_parser = crate::util::parse_bytes)]
@@ -460,6 +464,7 @@ impl ServeArgs {
             max_body_bytes: self.max_body_bytes,
             cors_origins: self.cors_origins,
             max_batch: self.max_batch,
+            prefill_chunk: (self.prefill_chunk > 0).then_some(self.prefill_chunk),
             kv_memory: self.kv_memory,
             prefix_cache: self.prefix_cache,
             timeouts: crate::serve::conn::Timeouts {

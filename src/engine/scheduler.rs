@@ -1,11 +1,17 @@
 //! Many runs at once: a [`Scheduler`] holds any number of requests and advances them together.
 //! Each [`Scheduler::step`] does one unit of work for every run that is not decoding (decoding
-//! its image, the vision tower, its prefill, a map after generation — so new sequences are
-//! prefilled between decode steps, whole: prefill is not chunked) and then one batched decode
+//! its image, the vision tower, its prefill, a map after generation) and then one batched decode
 //! step for up to [`crate::backend::INVARIANT_ROWS`] decoding runs: one embedding, one decoder
 //! forward over their rows, one lm_head product, and per row the token's choice and its map.
 //! A run's items are the ones [`Engine::stream`] gives it alone, with the same ids and maps:
 //! every row's arithmetic is independent of its batch-mates.
+//!
+//! Prefill is whole by default: a new run's prompt goes through the decoder in one step, and the
+//! decoding runs wait for it. With [`Scheduler::set_prefill_chunk`] a prompt runs `rows` at a
+//! time, and a step runs prompt chunks only until it has run `rows` prompt rows (one chunk at
+//! least), so a step's cost stays bounded while new runs arrive; chunk boundaries depend only on
+//! the prompt and the chunk size, never on the load, so a run's answer does not depend on what
+//! else is running (it equals the whole prefill's to rounding).
 //!
 //! Admission: a run takes its KV pages (its prompt and every token it may generate) at its
 //! prefill; when the pool has no room it waits, and is refused ([`Error::KvFull`]) only when
@@ -39,6 +45,7 @@ pub struct Scheduler<'e, B: Backend> {
     slots: Vec<Slot<'e, B>>,
     next: u64,
     max_batch: usize,
+    prefill_chunk: Option<usize>,
 }
 
 impl<'e, B: Backend> Scheduler<'e, B> {
@@ -48,6 +55,7 @@ impl<'e, B: Backend> Scheduler<'e, B> {
             slots: Vec::new(),
             next: 0,
             max_batch: INVARIANT_ROWS,
+            prefill_chunk: None,
         }
     }
 
@@ -63,13 +71,26 @@ impl<'e, B: Backend> Scheduler<'e, B> {
         Ok(())
     }
 
+    /// Runs prompts through the decoder `rows` positions at a time (`None`, the default: whole),
+    /// for the runs submitted from now on; a step runs prompt chunks until it has run `rows`
+    /// prompt rows. At least one row.
+    pub fn set_prefill_chunk(&mut self, rows: Option<usize>) -> Result<()> {
+        if rows == Some(0) {
+            return Err(Error::input("a prefill chunk holds at least one position"));
+        }
+        self.prefill_chunk = rows;
+        Ok(())
+    }
+
     /// Adds a run; its work starts at the next [`Self::step`].
     pub fn submit(&mut self, req: Request, opts: RunOptions) -> SeqId {
         let id = SeqId(self.next);
         self.next += 1;
+        let mut run = Stream::new(self.engine, req, opts, CancelToken::new());
+        run.set_prefill_chunk(self.prefill_chunk);
         self.slots.push(Slot {
             id,
-            run: Stream::new(self.engine, req, opts, CancelToken::new()),
+            run,
             events: VecDeque::new(),
             forks: Vec::new(),
         });
@@ -176,11 +197,18 @@ impl<'e, B: Backend> Scheduler<'e, B> {
     /// event); an error of the batched step itself (the backend's) ends every run in it and is
     /// returned.
     pub fn step(&mut self) -> Result<usize> {
+        let mut prompt_rows = 0;
         for slot in self.slots.iter_mut() {
             if slot.run.is_finished() || slot.run.is_decoding() {
                 continue;
             }
-            match slot.run.work() {
+            // With a chunk size, this step's prompt rows are bounded: later runs wait a step.
+            if slot.run.is_prefilling() && self.prefill_chunk.is_some_and(|c| prompt_rows >= c) {
+                continue;
+            }
+            let work = slot.run.work();
+            prompt_rows += slot.run.prefilled_rows();
+            match work {
                 Ok(()) => {}
                 // Pages are held by runs that will end: wait for them. When none are held,
                 // this run can never fit.

@@ -4,8 +4,8 @@
 //! token, then — for the exact baseline and GradCAM, whose backwards need the whole answer's
 //! activations — one [`Item::Map`] per token after generation, and last [`Item::Done`]. FastRM and
 //! the incremental baseline put each token's map in its `Token` item. A [`CancelToken`] stops the
-//! run before its next unit of work (decoding the image, the vision tower, the prefill, a decode
-//! step, a map) with [`Error::Cancelled`].
+//! run before its next unit of work (decoding the image, the vision tower, the prefill or a chunk
+//! of it, a decode step, a map) with [`Error::Cancelled`].
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::explain::{map_entropy, Confidence, Mapper, Method};
 use crate::model::llava::{GenerateOptions, StopReason, Timings};
 use crate::model::sampling::Choice;
-use crate::model::session::{check_finite, Mode, Prompt, Session};
+use crate::model::session::{check_finite, Mode, Prefill, Prompt, Session};
 
 /// Stops a run from another thread: clones share one flag.
 #[derive(Debug, Clone, Default)]
@@ -139,6 +139,8 @@ enum State<'e, B: Backend> {
         prompt: Prompt,
         images: Vec<std::sync::Arc<B::Tensor>>,
     },
+    /// The prompt partly run through the decoder (chunked prefill).
+    Prefilling(Prefill<'e, B>),
     Decoding(Session<'e, B>),
     Maps(Session<'e, B>, usize),
     Finished,
@@ -161,6 +163,10 @@ pub struct Stream<'e, B: Backend> {
     logprobs: Vec<TokenLogprobs>,
     /// Per token: id and map entropy, for the confidence.
     entropies: Vec<f32>,
+    /// Prompt rows a unit of prefill work runs; `None`: the whole prompt in one unit.
+    prefill_chunk: Option<usize>,
+    /// Prompt rows the latest unit of work ran.
+    prefilled_rows: usize,
 }
 
 impl<'e, B: Backend> Stream<'e, B> {
@@ -183,7 +189,25 @@ impl<'e, B: Backend> Stream<'e, B> {
             cut: None,
             logprobs: Vec::new(),
             entropies: Vec::new(),
+            prefill_chunk: None,
+            prefilled_rows: 0,
         }
+    }
+
+    /// Runs the prompt through the decoder `rows` at a time, one chunk per unit of work
+    /// ([`super::Scheduler::set_prefill_chunk`]).
+    pub(super) fn set_prefill_chunk(&mut self, rows: Option<usize>) {
+        self.prefill_chunk = rows;
+    }
+
+    /// Whether the run's next unit of work runs prompt rows through the decoder.
+    pub(super) fn is_prefilling(&self) -> bool {
+        matches!(self.state, State::Encoded { .. } | State::Prefilling(_))
+    }
+
+    /// Prompt rows the latest unit of work ran.
+    pub(super) fn prefilled_rows(&self) -> usize {
+        self.prefilled_rows
     }
 
     /// One unit of work; its items go to `pending`.
@@ -221,30 +245,21 @@ impl<'e, B: Backend> Stream<'e, B> {
             }
             State::Encoded { prompt, images } => {
                 let mode = self.mapper.as_ref().map_or(Mode::Plain, |m| m.mode());
-                let (p, o) = (prompt.clone(), &self.opts.generate);
-                let s = match if mode == Mode::Plain {
-                    Session::prefill_cached(b, model, p, &images, o)
-                } else {
-                    let refs: Vec<&B::Tensor> = images.iter().map(|a| &**a).collect();
-                    Session::prefill_images(b, model, p, &refs, o, mode)
-                } {
-                    Ok(s) => s,
+                let refs: Vec<&B::Tensor> = images.iter().map(|a| &**a).collect();
+                // Plain runs take part in the prefix cache.
+                let shared = (mode == Mode::Plain).then_some(&images[..]);
+                let o = &self.opts.generate;
+                match Prefill::begin(b, model, prompt.clone(), &refs, shared, o, mode) {
+                    Ok(p) => self.prefill(p)?,
                     // No pages now: the run can wait for them (a scheduler retries it).
                     Err(e @ Error::KvFull(_)) => {
                         self.state = State::Encoded { prompt, images };
                         return Err(e);
                     }
                     Err(e) => return Err(e),
-                };
-                drop(images);
-                if let Some(m) = self.mapper.as_mut() {
-                    let ((), secs) = timed(b, || m.prefilled(&s))?;
-                    self.maps_s += secs;
                 }
-                let item = self.prefilled(&s)?;
-                self.pending.push_back(item);
-                self.state = State::Decoding(s);
             }
+            State::Prefilling(p) => self.prefill(p)?,
             State::Decoding(mut s) => {
                 let step = s.step();
                 self.stepped(s, step)?;
@@ -267,6 +282,28 @@ impl<'e, B: Backend> Stream<'e, B> {
             }
             State::Finished => {}
         }
+        Ok(())
+    }
+
+    /// The next chunk of the prompt (all of it without a chunk size); once the last has run, the
+    /// session starts decoding.
+    fn prefill(&mut self, mut p: Prefill<'e, B>) -> Result<()> {
+        let b = &self.engine.backend;
+        let before = p.remaining();
+        p.advance(self.prefill_chunk.unwrap_or(usize::MAX))?;
+        self.prefilled_rows = before - p.remaining();
+        if p.remaining() > 0 {
+            self.state = State::Prefilling(p);
+            return Ok(());
+        }
+        let s = p.finish()?;
+        if let Some(m) = self.mapper.as_mut() {
+            let ((), secs) = timed(b, || m.prefilled(&s))?;
+            self.maps_s += secs;
+        }
+        let item = self.prefilled(&s)?;
+        self.pending.push_back(item);
+        self.state = State::Decoding(s);
         Ok(())
     }
 
@@ -342,6 +379,7 @@ impl<'e, B: Backend> Stream<'e, B> {
 
     /// One unit of work; its items wait in the run's queue ([`Self::take_items`]).
     pub(super) fn work(&mut self) -> Result<()> {
+        self.prefilled_rows = 0;
         if self.cancel.is_cancelled() {
             self.state = State::Finished;
             return Err(Error::Cancelled);

@@ -226,102 +226,9 @@ impl<'m, B: Backend> Session<'m, B> {
         opts: &GenerateOptions,
         mode: Mode,
     ) -> Result<Self> {
-        opts.validate()?;
-        if images.len() != prompt.images() {
-            return Err(Error::input(format!(
-                "the prompt holds {} images but {} were given",
-                prompt.images(),
-                images.len()
-            )));
-        }
-        let t0 = Instant::now();
-        let n = prompt.len();
-        let capacity = prompt.capacity(opts.max_new_tokens, model.cfg.text.max_position_embeddings);
-        let keep = match &mode {
-            Mode::Masked(k) if k.len() != n => {
-                return Err(Error::input(format!(
-                    "key mask has {} entries for a prompt of {n} positions",
-                    k.len()
-                )))
-            }
-            Mode::Masked(k) => {
-                let mut v = k.clone();
-                v.resize(capacity, true);
-                Some(v)
-            }
-            _ => None,
-        };
-        // Pages first: a run that must wait for them has done no work yet.
-        let (mut cache, cached_image) = match shared {
-            Some(imgs) => {
-                // The last position is always computed: its hidden state chooses token 0.
-                let keys = page_keys(&prompt, &[], imgs, (n - 1) / PAGE);
-                let hit = model.kv.admit_prefix(b, capacity, &keys)?;
-                (hit.kv, concat_rows(b, &hit.image_hidden)?)
-            }
-            None => (model.kv.admit(b, capacity)?, None),
-        };
-        let cached = cache.len;
-        let mut x = model.embed_prompt(b, &prompt, images)?;
-        if cached > 0 {
-            x = b.slice_rows(&x, cached, n - cached)?;
-        }
-        let mut saved = match mode {
-            Mode::SaveAll => Some(Saved::new(0, capacity)),
-            Mode::SaveStep => Some(Saved::new(0, n)),
-            _ => None,
-        };
-        let pass = keep.as_deref().map_or(Pass::Plain, Pass::Masked);
-        let hidden = model.llm.run(b, x, &mut cache, pass, saved.as_mut())?;
-        let last = b.slice_rows(&hidden, n - 1 - cached, 1)?;
-        check_finite(
-            &b.download(&last)?,
-            "the hidden state at the end of prefill",
-        )?;
-        if let Some(imgs) = shared {
-            let keys = page_keys(&prompt, &[], imgs, n / PAGE);
-            model.kv.remember(&cache, &keys, imgs, |page| {
-                // The others' image rows are in this prefill's hidden states. Pages below
-                // `cached` were read from the cache; one evicted meanwhile has its image rows
-                // nowhere at hand, so the chain stops there.
-                if page < cached / PAGE {
-                    return Ok(None);
-                }
-                let rows: Vec<u32> = prompt
-                    .image_positions()
-                    .iter()
-                    .filter(|&&j| j / PAGE == page && j >= cached)
-                    .map(|&j| (j - cached) as u32)
-                    .collect();
-                Ok(Some(b.embedding(&hidden, &rows)?))
-            })?;
-        }
-        Ok(Session {
-            b,
-            model,
-            prompt,
-            opts: opts.clone(),
-            keep,
-            mode,
-            cache,
-            saved,
-            prompt_hidden: Some(hidden),
-            cached,
-            cached_image,
-            shared: shared.map(<[_]>::to_vec),
-            last,
-            logits: None,
-            generated: Vec::new(),
-            stop: None,
-            timings: Timings {
-                prefill_s: t0.elapsed().as_secs_f64(),
-                ..Default::default()
-            },
-            step_logits: Vec::new(),
-            step_hidden: Vec::new(),
-            sampler: Sampler::new(&opts.sampling),
-            choice: None,
-        })
+        let mut p = Prefill::begin(b, model, prompt, images, shared, opts, mode)?;
+        p.advance(usize::MAX)?;
+        p.finish()
     }
 
     /// Chooses the next token (feeding the previous one back first) and returns it, or `None`
@@ -572,6 +479,215 @@ impl<'m, B: Backend> Session<'m, B> {
     }
 }
 
+/// A prompt on its way through the decoder, in chunks of rows ([`Prefill::advance`]), so that a
+/// scheduler can run decode steps of other sequences between them; [`Prefill::finish`] makes the
+/// session. Every row computes what a whole prefill computes for it (to rounding: a chunk is
+/// another row count for the same products); the KV pages are all taken at [`Prefill::begin`].
+pub struct Prefill<'m, B: Backend> {
+    b: &'m B,
+    model: &'m Llava<B>,
+    prompt: Prompt,
+    opts: GenerateOptions,
+    keep: Option<Vec<bool>>,
+    mode: Mode,
+    cache: SeqKv<'m, B>,
+    saved: Option<Saved<B>>,
+    /// `[rows, D]`: the embedded rows past the cached ones (taken whole by a one-chunk prefill).
+    x: Option<B::Tensor>,
+    rows: usize,
+    /// Rows of `x` already run.
+    done: usize,
+    /// The final-norm hidden states of the chunks run so far.
+    hidden: Vec<B::Tensor>,
+    cached: usize,
+    cached_image: Option<B::Tensor>,
+    shared: Option<Vec<Arc<B::Tensor>>>,
+    /// Seconds of work so far (not the wall time between chunks).
+    secs: f64,
+}
+
+impl<'m, B: Backend> Prefill<'m, B> {
+    /// Checks the request, takes the KV pages (reading the prompt's longest cached prefix when
+    /// `shared` names its images for the prefix cache) and embeds the prompt; no decoder row runs
+    /// yet. [`Error::KvFull`] when the pool has no room now: nothing has been done.
+    pub fn begin(
+        b: &'m B,
+        model: &'m Llava<B>,
+        prompt: Prompt,
+        images: &[&B::Tensor],
+        shared: Option<&[Arc<B::Tensor>]>,
+        opts: &GenerateOptions,
+        mode: Mode,
+    ) -> Result<Self> {
+        opts.validate()?;
+        if images.len() != prompt.images() {
+            return Err(Error::input(format!(
+                "the prompt holds {} images but {} were given",
+                prompt.images(),
+                images.len()
+            )));
+        }
+        let t0 = Instant::now();
+        let n = prompt.len();
+        let capacity = prompt.capacity(opts.max_new_tokens, model.cfg.text.max_position_embeddings);
+        let keep = match &mode {
+            Mode::Masked(k) if k.len() != n => {
+                return Err(Error::input(format!(
+                    "key mask has {} entries for a prompt of {n} positions",
+                    k.len()
+                )))
+            }
+            Mode::Masked(k) => {
+                let mut v = k.clone();
+                v.resize(capacity, true);
+                Some(v)
+            }
+            _ => None,
+        };
+        if shared.is_some() && mode != Mode::Plain {
+            return Err(Error::input("the prefix cache serves plain sessions only"));
+        }
+        // Pages first: a run that must wait for them has done no work yet.
+        let (cache, cached_image) = match shared {
+            Some(imgs) => {
+                // The last position is always computed: its hidden state chooses token 0.
+                let keys = page_keys(&prompt, &[], imgs, (n - 1) / PAGE);
+                let hit = model.kv.admit_prefix(b, capacity, &keys)?;
+                (hit.kv, concat_rows(b, &hit.image_hidden)?)
+            }
+            None => (model.kv.admit(b, capacity)?, None),
+        };
+        let cached = cache.len;
+        let mut x = model.embed_prompt(b, &prompt, images)?;
+        if cached > 0 {
+            x = b.slice_rows(&x, cached, n - cached)?;
+        }
+        let saved = match mode {
+            Mode::SaveAll => Some(Saved::new(0, capacity)),
+            Mode::SaveStep => Some(Saved::new(0, n)),
+            _ => None,
+        };
+        Ok(Prefill {
+            b,
+            model,
+            prompt,
+            opts: opts.clone(),
+            keep,
+            mode,
+            cache,
+            saved,
+            rows: n - cached,
+            x: Some(x),
+            done: 0,
+            hidden: Vec::new(),
+            cached,
+            cached_image,
+            shared: shared.map(<[_]>::to_vec),
+            secs: t0.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Prompt rows still to run.
+    pub fn remaining(&self) -> usize {
+        self.rows - self.done
+    }
+
+    /// Runs the next `rows` rows (at most what remains) through the decoder.
+    pub fn advance(&mut self, rows: usize) -> Result<()> {
+        let t0 = Instant::now();
+        let b = self.b;
+        let rows = rows.min(self.remaining());
+        if rows == 0 {
+            return Ok(());
+        }
+        let x = if rows == self.rows {
+            // The whole prompt at once: the embedded rows are the input as they are.
+            self.x.take()
+        } else {
+            match &self.x {
+                Some(x) => Some(b.slice_rows(x, self.done, rows)?),
+                None => None,
+            }
+        }
+        .ok_or_else(|| Error::input("the prefill's rows were already run"))?;
+        let pass = self.keep.as_deref().map_or(Pass::Plain, Pass::Masked);
+        let hidden = self
+            .model
+            .llm
+            .run(b, x, &mut self.cache, pass, self.saved.as_mut())?;
+        self.hidden.push(hidden);
+        self.done += rows;
+        self.secs += t0.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// The session, once every row has run: its first token's hidden state checked, the
+    /// prompt's full pages offered to the prefix cache.
+    pub fn finish(self) -> Result<Session<'m, B>> {
+        let t0 = Instant::now();
+        let b = self.b;
+        if self.remaining() > 0 {
+            return Err(Error::input(format!(
+                "the prefill has {} rows still to run",
+                self.remaining()
+            )));
+        }
+        let (prompt, cached) = (self.prompt, self.cached);
+        let n = prompt.len();
+        let hidden = stack_rows(b, self.hidden)?;
+        let last = b.slice_rows(&hidden, n - 1 - cached, 1)?;
+        check_finite(
+            &b.download(&last)?,
+            "the hidden state at the end of prefill",
+        )?;
+        if let Some(imgs) = &self.shared {
+            let keys = page_keys(&prompt, &[], imgs, n / PAGE);
+            self.model.kv.remember(&self.cache, &keys, imgs, |page| {
+                // The others' image rows are in this prefill's hidden states. Pages below
+                // `cached` were read from the cache; one evicted meanwhile has its image rows
+                // nowhere at hand, so the chain stops there.
+                if page < cached / PAGE {
+                    return Ok(None);
+                }
+                let rows: Vec<u32> = prompt
+                    .image_positions()
+                    .iter()
+                    .filter(|&&j| j / PAGE == page && j >= cached)
+                    .map(|&j| (j - cached) as u32)
+                    .collect();
+                Ok(Some(b.embedding(&hidden, &rows)?))
+            })?;
+        }
+        let sampler = Sampler::new(&self.opts.sampling);
+        Ok(Session {
+            b,
+            model: self.model,
+            prompt,
+            opts: self.opts,
+            keep: self.keep,
+            mode: self.mode,
+            cache: self.cache,
+            saved: self.saved,
+            prompt_hidden: Some(hidden),
+            cached,
+            cached_image: self.cached_image,
+            shared: self.shared,
+            last,
+            logits: None,
+            generated: Vec::new(),
+            stop: None,
+            timings: Timings {
+                prefill_s: self.secs + t0.elapsed().as_secs_f64(),
+                ..Default::default()
+            },
+            step_logits: Vec::new(),
+            step_hidden: Vec::new(),
+            sampler,
+            choice: None,
+        })
+    }
+}
+
 /// Advances every session by one token: one result per session, in order — its token, `None` when
 /// it had already stopped, or the error that ended it (a non-finite hidden state). The plain
 /// sessions that feed a token back go through one batched decoder step ([`Llama::decode`]) and one
@@ -677,6 +793,14 @@ fn page_keys<T>(
         .take(pages)
         .map(|c| c.try_into().expect("a chunk of PAGE"))
         .collect()
+}
+
+/// The chunks' rows as one tensor (the only chunk as it is).
+fn stack_rows<B: Backend>(b: &B, mut parts: Vec<B::Tensor>) -> Result<B::Tensor> {
+    if parts.len() == 1 {
+        return Ok(parts.remove(0));
+    }
+    concat_rows(b, &parts)?.ok_or_else(|| Error::input("a prefill of no rows"))
 }
 
 /// `parts` stacked into one tensor (`None` for no parts).

@@ -37,6 +37,10 @@ use metrics::Metrics;
 use openai::{ApiError, Limits};
 use worker::{Event, Job};
 
+/// Prompt positions per step by default: on two CPU cores the mid-size model runs a chunk in
+/// about the time of a batched decode step (docs/PERF.md).
+pub const DEFAULT_PREFILL_CHUNK: usize = 256;
+
 /// What `serve` is asked for (the `fastrm serve` flags, as values; errors name the flags).
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -62,6 +66,9 @@ pub struct ServeOptions {
     pub cors_origins: Vec<String>,
     /// Requests decoded together in one batched step; more wait in the queue.
     pub max_batch: usize,
+    /// Prompt positions one step runs through the decoder, so a new request's prefill never
+    /// stalls the answers being decoded for longer than that; `None`: each prompt whole.
+    pub prefill_chunk: Option<usize>,
     /// A fixed KV cache size in bytes; `None`: it grows with demand.
     pub kv_memory: Option<u64>,
     /// KV pages of finished prompts and answers kept for the runs that start the same way, in
@@ -91,6 +98,7 @@ impl Default for ServeOptions {
             max_body_bytes: 24 << 20,
             cors_origins: Vec::new(),
             max_batch: 8,
+            prefill_chunk: Some(DEFAULT_PREFILL_CHUNK),
             kv_memory: None,
             prefix_cache: None,
             timeouts: conn::Timeouts::default(),
@@ -139,6 +147,12 @@ const IMAGE_CACHE: usize = 16;
 pub fn run(args: ServeOptions) -> Result<()> {
     if args.max_queue == 0 {
         return Err(Error::input("--max-queue must be at least 1"));
+    }
+    if args.prefill_chunk == Some(0) {
+        return Err(Error::input(
+            "--prefill-chunk must be at least 1 position (leave it out, or give 0 on the \
+             command line, for whole prompts)",
+        ));
     }
     let rows = crate::backend::INVARIANT_ROWS;
     if !(1..=rows).contains(&args.max_batch) {
@@ -221,10 +235,13 @@ pub fn run(args: ServeOptions) -> Result<()> {
     });
     let worker_metrics = Arc::clone(&metrics);
     let delay = std::time::Duration::from_millis(args.test_token_delay_ms);
-    let max_batch = args.max_batch;
+    let batching = worker::Batching {
+        max_batch: args.max_batch,
+        prefill_chunk: args.prefill_chunk,
+    };
     let worker = std::thread::Builder::new()
         .name("fastrm-engine".into())
-        .spawn(move || worker::run(engine, queue, worker_metrics, delay, max_batch))
+        .spawn(move || worker::run(engine, queue, worker_metrics, delay, batching))
         .map_err(|e| Error::Backend(format!("cannot start the engine thread: {e}")))?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -14,7 +14,7 @@ use super::metrics::Metrics;
 use super::openai::ApiError;
 use crate::backend::Backend;
 use crate::engine::{AnyEngine, CancelToken, Engine, Item, Request, RunOptions, Scheduler, SeqId};
-use crate::error::Error;
+use crate::error::{Error, Result};
 use crate::{GenerateOptions, Method};
 
 /// What the worker sends a request's handler.
@@ -53,20 +53,37 @@ pub struct Job {
 /// Answers up to this many tokens when a request names no limit (and the context has room).
 pub const DEFAULT_MAX_TOKENS: usize = 256;
 
+/// How the worker batches: requests decoded together and the prefill's chunk size.
+#[derive(Debug, Clone, Copy)]
+pub struct Batching {
+    pub max_batch: usize,
+    /// Prompt positions a step runs (`None`: each prompt whole).
+    pub prefill_chunk: Option<usize>,
+}
+
+impl Batching {
+    fn scheduler<'e, B: Backend>(&self, engine: &'e Engine<B>) -> Result<Scheduler<'e, B>> {
+        let mut s = engine.scheduler();
+        s.set_max_batch(self.max_batch)?;
+        s.set_prefill_chunk(self.prefill_chunk)?;
+        Ok(s)
+    }
+}
+
 /// Runs jobs until every sender of the queue is gone.
 pub fn run(
     engine: AnyEngine,
     jobs: mpsc::Receiver<Job>,
     metrics: Arc<Metrics>,
     token_delay: Duration,
-    max_batch: usize,
+    batching: Batching,
 ) {
     crate::with_engine!(&engine, |e| serve_jobs(
         e,
         jobs,
         &metrics,
         token_delay,
-        max_batch
+        batching
     ))
 }
 
@@ -88,13 +105,16 @@ fn serve_jobs<B: Backend>(
     mut jobs: mpsc::Receiver<Job>,
     metrics: &Metrics,
     token_delay: Duration,
-    max_batch: usize,
+    batching: Batching,
 ) {
-    let mut sched = engine.scheduler();
-    if let Err(e) = sched.set_max_batch(max_batch) {
-        tracing::error!("{e}");
-        return;
-    }
+    let max_batch = batching.max_batch;
+    let mut sched = match batching.scheduler(engine) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("{e}");
+            return;
+        }
+    };
     let mut live: Vec<Live> = Vec::new();
     loop {
         // Wait for a job when nothing runs; otherwise take the ones already waiting.
@@ -146,8 +166,13 @@ fn serve_jobs<B: Backend>(
                     ))));
                 }
                 // A fresh scheduler: the old one's runs (and their pages) are dropped with it.
-                sched = engine.scheduler();
-                let _ = sched.set_max_batch(max_batch);
+                match batching.scheduler(engine) {
+                    Ok(s) => sched = s,
+                    Err(e) => {
+                        tracing::error!("{e}");
+                        return;
+                    }
+                }
                 metrics.busy.store(0, Ordering::Relaxed);
                 continue;
             }
