@@ -81,7 +81,7 @@ fn batched_7b(c: &mut Criterion) {
 /// features are at hand in both (the image cache's job); the cache is refilled with the first
 /// turn before every timed run.
 fn follow_up(c: &mut Criterion, setup: common::Midsize) {
-    use fastrm::model::session::{Mode, Session};
+    use fastrm::model::session::{Mode, Prefill, Session};
     use fastrm::GenerateOptions;
     use std::sync::Arc;
     let common::Midsize {
@@ -142,6 +142,24 @@ fn follow_up(c: &mut Criterion, setup: common::Midsize) {
         )
     });
     m.kv.set_prefix_cache(0);
+    // The first turn's prompt prefilled whole and in chunks (what `serve --prefill-chunk` spreads
+    // over steps): the chunks' own cost.
+    for chunk in [turn1.len(), 256, 128, 64] {
+        g.bench_function(
+            format!("prefill_{}_in_chunks_of_{chunk}", turn1.len()),
+            |bench| {
+                bench.iter(|| {
+                    let prompt = m.prompt(turn1.clone()).unwrap();
+                    let mut p =
+                        Prefill::begin(b, m, prompt, &[&img], None, &opts, Mode::Plain).unwrap();
+                    while p.remaining() > 0 {
+                        p.advance(chunk).unwrap();
+                    }
+                    first_token(&mut p.finish().unwrap())
+                })
+            },
+        );
+    }
     g.finish();
 }
 

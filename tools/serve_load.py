@@ -20,6 +20,11 @@ Standard library only. Without --url it starts the server itself (release build 
 --max-tokens N asks for N tokens past the end of the answer (`ignore_eos`), so decode steps, not
 prefills, dominate: the answer must then start with the expected word and have N tokens.
 --no-maps asks for plain completions (no relevancy).
+--mix sends a mixed workload instead, each client cycling through four kinds of request from its
+own starting point: the question with maps (a short answer), a 48-token answer without maps, a
+follow-up turn (the question, the answer, another question) with maps, and the question with a
+numbered suffix (its last prompt page new to the prefix cache). The server's RSS is sampled every
+few seconds (`rss_samples`), so a long run shows whether memory stays flat.
 """
 
 import argparse
@@ -69,6 +74,7 @@ class Stats:
         self.ttft = []
         self.gaps = []
         self.tokens = 0
+        self.kinds = {}
 
     def error(self, kind):
         with self.lock:
@@ -139,15 +145,23 @@ def right_answer(text, n, max_tokens, answer):
     return text.strip().startswith(answer) and n == max_tokens
 
 
-def client(host, port, body, deadline, stats, timeout, retry_cap, maps, max_tokens, answer):
+def client(host, port, kinds, start, deadline, stats, timeout, retry_cap):
+    """Requests until the deadline, cycling through `kinds` (name, body, maps, max_tokens, answer)
+    from `start`."""
+    i = start
     while time.monotonic() < deadline:
+        name, body, maps, max_tokens, answer = kinds[i % len(kinds)]
+        if callable(body):
+            body = body(i)
         r = one_request(host, port, body, timeout, maps)
         if r[0] == "ok":
+            i += 1
             _, ttft, gaps, n, text = r
             if not right_answer(text, n, max_tokens, answer):
-                stats.error(f"wrong answer {text!r} ({n} tokens)")
+                stats.error(f"wrong answer {text!r} ({n} tokens) to {name}")
                 continue
             with stats.lock:
+                stats.kinds[name] = stats.kinds.get(name, 0) + 1
                 stats.ok += 1
                 stats.ttft.append(ttft)
                 stats.gaps.extend(gaps)
@@ -157,7 +171,16 @@ def client(host, port, body, deadline, stats, timeout, retry_cap, maps, max_toke
                 stats.rejected += 1
             time.sleep(min(r[1], retry_cap))
         else:
+            i += 1
             stats.error(r[1])
+
+
+def sample_rss(pid, stop, samples, t0, every=5.0):
+    """The server's RSS every `every` seconds until `stop` is set: (seconds, KiB) pairs."""
+    while not stop.wait(every):
+        rss = rss_kib(pid)[0]
+        if rss is not None:
+            samples.append((round(time.monotonic() - t0, 1), rss))
 
 
 def start_server(binary, max_queue, threads, extra):
@@ -214,6 +237,7 @@ def main():
         default=ANSWER,
         help="the expected answer (the demo model's); '' accepts any (a synthetic model's)",
     )
+    ap.add_argument("--mix", action="store_true", help="a mixed workload (see above)")
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args()
     if not 1 <= a.clients <= MAX_CLIENTS:
@@ -235,33 +259,53 @@ def main():
         png = base64.b64encode(f.read()).decode()
     mime = "image/jpeg" if a.image.lower().endswith((".jpg", ".jpeg")) else "image/png"
     # No `model`: the server answers with the one it serves (the demo's, or --model's).
-    request = {
-            "stream": True,
-            "messages": [
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{png}"}},
-                        {"type": "text", "text": QUESTION},
-                    ],
-                }
-            ],
-        }
+    image_part = {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{png}"}}
+
+    def chat(messages, maps, max_tokens):
+        req = {"stream": True, "messages": messages}
+        if maps:
+            req["relevancy"] = {"method": "fastrm"}
+        if max_tokens is not None:
+            req["max_tokens"] = max_tokens
+            req["ignore_eos"] = True
+        return json.dumps(req).encode()
+
+    def ask(question):
+        return [{"role": "user", "content": [image_part, {"type": "text", "text": question}]}]
+
+    if a.max_tokens is not None and not 1 <= a.max_tokens <= 4096:
+        sys.exit("--max-tokens must be in 1..4096")
     maps = not a.no_maps
-    if maps:
-        request["relevancy"] = {"method": "fastrm"}
-    if a.max_tokens is not None:
-        if not 1 <= a.max_tokens <= 4096:
-            sys.exit("--max-tokens must be in 1..4096")
-        request["max_tokens"] = a.max_tokens
-        request["ignore_eos"] = True
-    body = json.dumps(request).encode()
+    if a.mix and (a.max_tokens is not None or a.no_maps):
+        sys.exit("--mix sets each request's length and maps itself: leave out --max-tokens and --no-maps")
+    if a.mix:
+        follow_up = ask(QUESTION) + [
+            {"role": "assistant", "content": a.answer or ANSWER},
+            {"role": "user", "content": "What shape is it?"},
+        ]
+        kinds = [
+            ("question with maps", chat(ask(QUESTION), True, None), True, None, a.answer),
+            # Checked for an answer only: past the demo model's end the tokens are end-of-sequence
+            # ids, which a stream does not show.
+            ("48 tokens, no maps", chat(ask(QUESTION), False, 48), False, None, ""),
+            ("follow-up turn with maps", chat(follow_up, True, None), True, None, ""),
+            (
+                "numbered question",
+                lambda i: chat(ask(f"{QUESTION} ({i})"), False, None),
+                False,
+                None,
+                "",
+            ),
+        ]
+    else:
+        kinds = [("question", chat(ask(QUESTION), maps, a.max_tokens), maps, a.max_tokens, a.answer)]
+    body = kinds[0][1]
 
     try:
         rss_before = rss_kib(pid) if pid else (None, None)
         # One request first: the answer must be right before timing anything.
-        warm = one_request(host, port, body, a.timeout, maps)
-        if warm[0] != "ok" or not right_answer(warm[4], warm[3], a.max_tokens, a.answer):
+        warm = one_request(host, port, body, a.timeout, kinds[0][2])
+        if warm[0] != "ok" or not right_answer(warm[4], warm[3], kinds[0][3], kinds[0][4]):
             sys.exit(f"warm-up request failed: {warm}")
         stats = Stats()
         t0 = time.monotonic()
@@ -269,19 +313,22 @@ def main():
         threads = [
             threading.Thread(
                 target=client,
-                args=(
-                    host, port, body, deadline, stats, a.timeout, a.retry_after_cap, maps,
-                    a.max_tokens, a.answer,
-                ),
+                args=(host, port, kinds, c, deadline, stats, a.timeout, a.retry_after_cap),
                 daemon=True,
             )
-            for _ in range(a.clients)
+            for c in range(a.clients)
         ]
+        samples, stop = [], threading.Event()
+        sampler = None
+        if pid:
+            sampler = threading.Thread(target=sample_rss, args=(pid, stop, samples, t0), daemon=True)
+            sampler.start()
         for t in threads:
             t.start()
         for t in threads:
             t.join(a.seconds + a.timeout + 5)
         elapsed = time.monotonic() - t0
+        stop.set()
         rss_after = rss_kib(pid) if pid else (None, None)
     finally:
         if proc:
@@ -307,6 +354,8 @@ def main():
         "tokens_per_s": round(stats.tokens / elapsed, 1),
         "max_tokens": a.max_tokens,
         "maps": maps,
+        "mix": a.mix,
+        "requests_by_kind": stats.kinds,
         "ttft_ms": {"p50": ms(percentile(stats.ttft, 50)), "p99": ms(percentile(stats.ttft, 99))},
         "per_token_ms": {
             "p50": ms(percentile(stats.gaps, 50)),
@@ -318,6 +367,7 @@ def main():
             "after": rss_after[0],
             "peak_after": rss_after[1],
         },
+        "rss_samples": samples,
     }
     if proc is not None:
         res["server_exit"] = proc.returncode

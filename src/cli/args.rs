@@ -401,9 +401,11 @@ pub struct ServeArgs {
     /// queue.
     #[arg(long, default_value_t = ServeOptions::default().max_batch)]
     pub max_batch: usize,
-    /// Prompt positions one step runs through the decoder (0: each prompt whole): a new
-    /// request's prefill is spread over steps, so the answers being decoded keep their pace.
-    #[arg(long, value_name = "N", default_value_t = crate::serve::DEFAULT_PREFILL_CHUNK)]
+    /// Prompt positions one step runs through the decoder (default 0: each prompt whole): a
+    /// new request's prefill is spread over steps, so the answers being decoded are held up by
+    /// at most N positions' work a step. On the CPU each chunk costs extra (the weights are
+    /// repacked for every product).
+    #[arg(long, value_name = "N", default_value_t = 0)]
     pub prefill_chunk: usize,
     /// A fixed KV cache size (e.g. 4GiB, 512MiB, 2e9), taken once and never exceeded; a request
     /// that cannot get pages waits while others hold them. Default: grows with demand.

@@ -37,10 +37,6 @@ use metrics::Metrics;
 use openai::{ApiError, Limits};
 use worker::{Event, Job};
 
-/// Prompt positions per step by default: on two CPU cores the mid-size model runs a chunk in
-/// about the time of a batched decode step (docs/PERF.md).
-pub const DEFAULT_PREFILL_CHUNK: usize = 256;
-
 /// What `serve` is asked for (the `fastrm serve` flags, as values; errors name the flags).
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -66,8 +62,10 @@ pub struct ServeOptions {
     pub cors_origins: Vec<String>,
     /// Requests decoded together in one batched step; more wait in the queue.
     pub max_batch: usize,
-    /// Prompt positions one step runs through the decoder, so a new request's prefill never
-    /// stalls the answers being decoded for longer than that; `None`: each prompt whole.
+    /// Prompt positions one step runs through the decoder, so a new request's prefill stalls the
+    /// answers being decoded for no longer than that; `None` (the default): each prompt whole.
+    /// Off by default: on the CPU every chunk repacks the weights for its products, so chunks
+    /// cost prefill time (docs/PERF.md).
     pub prefill_chunk: Option<usize>,
     /// A fixed KV cache size in bytes; `None`: it grows with demand.
     pub kv_memory: Option<u64>,
@@ -98,7 +96,7 @@ impl Default for ServeOptions {
             max_body_bytes: 24 << 20,
             cors_origins: Vec::new(),
             max_batch: 8,
-            prefill_chunk: Some(DEFAULT_PREFILL_CHUNK),
+            prefill_chunk: None,
             kv_memory: None,
             prefix_cache: None,
             timeouts: conn::Timeouts::default(),
