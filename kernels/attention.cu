@@ -14,6 +14,9 @@
 // row's numbers do not depend on the longest row of its batch.
 #include "common.cuh"
 
+// 16-byte key (and value) packs each thread of attn_decode_fwd has in flight.
+#define DECODE_INFLIGHT 4
+
 __device__ __forceinline__ int visible_keys(int q_pos0, int i, int kv_len) {
     return q_pos0 < 0 ? kv_len : min(kv_len, q_pos0 + i + 1);
 }
@@ -91,18 +94,28 @@ __device__ void attn_decode_fwd_impl(float* part_o, float* part_ml, const T* q, 
         // a group of key_lanes lanes per key, one pack per lane.
         constexpr int V = 16 / sizeof(T);
         const int per_warp = 32 / key_lanes, sub = lane / key_lanes, pack = lane - sub * key_lanes;
-        for (int jb = j0 + warp * per_warp; jb < j1; jb += n_warps * per_warp) {  // warp-uniform
-            const int j = jb + sub;
-            float dot = 0.f;
-            if (j < j1) {
-                const uint4 kv4 = reinterpret_cast<const uint4*>(k + row_of(j) * kcols + kvh * d)[pack];
+        const int pass = n_warps * per_warp;  // keys a block scores per pass
+        // DECODE_INFLIGHT passes' key packs are loaded before any is used (loads in flight,
+        // checked by tools/sass_check.py); each key's dot is what one pass at a time computes.
+        for (int jb = j0 + warp * per_warp; jb < j1; jb += DECODE_INFLIGHT * pass) {  // warp-uniform
+            uint4 kv4[DECODE_INFLIGHT];
+#pragma unroll
+            for (int u = 0; u < DECODE_INFLIGHT; ++u) {
+                const int j = jb + u * pass + sub;
+                kv4[u] = j < j1 ? reinterpret_cast<const uint4*>(k + row_of(j) * kcols + kvh * d)[pack]
+                                : make_uint4(0u, 0u, 0u, 0u);
+            }
+#pragma unroll
+            for (int u = 0; u < DECODE_INFLIGHT; ++u) {
+                const int j = jb + u * pass + sub;
                 T ke[V];
-                memcpy(ke, &kv4, 16);
+                memcpy(ke, &kv4[u], 16);
+                float dot = 0.f;
 #pragma unroll
                 for (int e = 0; e < V; ++e) dot += qs[pack * V + e] * to_f32(ke[e]);
+                for (int o = key_lanes >> 1; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+                if (pack == 0 && j < j1) sc[j - j0] = (!key_keep || key_keep[j]) ? dot * scale : -INFINITY;
             }
-            for (int o = key_lanes >> 1; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-            if (pack == 0 && j < j1) sc[j - j0] = (!key_keep || key_keep[j]) ? dot * scale : -INFINITY;
         }
     } else {
         for (int j = j0 + warp; j < j1; j += n_warps) {
@@ -135,13 +148,26 @@ __device__ void attn_decode_fwd_impl(float* part_o, float* part_ml, const T* q, 
         float acc[V];
 #pragma unroll
         for (int e = 0; e < V; ++e) acc[e] = 0.f;
-        for (int j = j0 + g; j < j1; j += groups) {
-            const uint4 v4 = reinterpret_cast<const uint4*>(v + row_of(j) * kcols + kvh * d)[pack];
-            T ve[V];
-            memcpy(ve, &v4, 16);
-            const float pj = sc[j - j0];
+        // DECODE_INFLIGHT value packs loaded ahead, then added in key order as one at a time.
+        for (int jb = j0 + g; jb < j1; jb += DECODE_INFLIGHT * groups) {
+            uint4 v4[DECODE_INFLIGHT];
 #pragma unroll
-            for (int e = 0; e < V; ++e) acc[e] += pj * to_f32(ve[e]);
+            for (int u = 0; u < DECODE_INFLIGHT; ++u) {
+                const int j = jb + u * groups;
+                v4[u] = j < j1 ? reinterpret_cast<const uint4*>(v + row_of(j) * kcols + kvh * d)[pack]
+                               : make_uint4(0u, 0u, 0u, 0u);
+            }
+#pragma unroll
+            for (int u = 0; u < DECODE_INFLIGHT; ++u) {
+                const int j = jb + u * groups;
+                if (j < j1) {
+                    T ve[V];
+                    memcpy(ve, &v4[u], 16);
+                    const float pj = sc[j - j0];
+#pragma unroll
+                    for (int e = 0; e < V; ++e) acc[e] += pj * to_f32(ve[e]);
+                }
+            }
         }
         float* red = sc + chunk;  // [groups, d]
 #pragma unroll

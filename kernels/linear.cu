@@ -5,11 +5,13 @@
 // Reads x [m, K], w [N, K], b [N] or null; writes y [m, N]. Nothing is saved.
 //   linear_gemv_fwd   grid: (ceil(N / warps per block)), block: 256; m <= GEMV_MAX_ROWS
 // Each warp owns one output column n: its lanes walk w[n, :] in 16-byte packs (`vec` set when K
-// and every pointer allow it; the launcher checks), four packs in flight per lane, so a warp has
-// 2 KB of w outstanding. x is re-read by every warp and stays in L1/L2.
+// and every pointer allow it; the launcher checks), GEMV_INFLIGHT packs loaded ahead per lane, so
+// a warp has 2 KB of w outstanding. x is re-read by every warp and stays in L1/L2.
 #include "common.cuh"
 
 #define GEMV_MAX_ROWS 4
+// 16-byte weight packs each lane has in flight.
+#define GEMV_INFLIGHT 4
 
 // One warp's output column n of y = x . w^T (+ b); every lane of the warp calls it.
 template <typename T>
@@ -21,21 +23,36 @@ __device__ void gemv_column(T* y, const T* x, const T* w, const T* b, int m, int
         constexpr int V = 16 / sizeof(T);
         const int packs = K / V;
         const uint4* wp = reinterpret_cast<const uint4*>(wr);
-#pragma unroll 4
-        for (int c = lane; c < packs; c += 32) {
-            const uint4 wv = wp[c];
-            T we[V];
-            memcpy(we, &wv, 16);
+        // GEMV_INFLIGHT weight packs per lane are loaded before any of them is used, so a warp
+        // keeps 32 * GEMV_INFLIGHT * 16 bytes of w outstanding (tools/sass_check.py counts
+        // them in the machine code). Out-of-range packs load nothing and add nothing; each lane
+        // still sums its packs in increasing order, as one pack at a time would.
+        for (int c0 = lane; c0 < packs; c0 += 32 * GEMV_INFLIGHT) {
+            uint4 wv[GEMV_INFLIGHT];
 #pragma unroll
-            for (int i = 0; i < GEMV_MAX_ROWS; ++i) {
-                if (i >= m) break;
-                const uint4 xv = reinterpret_cast<const uint4*>(x + (long long)i * K)[c];
-                T xe[V];
-                memcpy(xe, &xv, 16);
-                float s = 0.f;
+            for (int u = 0; u < GEMV_INFLIGHT; ++u) {
+                const int c = c0 + 32 * u;
+                wv[u] = c < packs ? wp[c] : make_uint4(0u, 0u, 0u, 0u);
+            }
 #pragma unroll
-                for (int j = 0; j < V; ++j) s += to_f32(we[j]) * to_f32(xe[j]);
-                acc[i] += s;
+            for (int u = 0; u < GEMV_INFLIGHT; ++u) {
+                const int c = c0 + 32 * u;
+                T we[V];
+                memcpy(we, &wv[u], 16);
+#pragma unroll
+                for (int i = 0; i < GEMV_MAX_ROWS; ++i) {
+                    // Predicated, not a break: a break ends the unrolled region and with it
+                    // the loads issued ahead.
+                    if (i < m && c < packs) {
+                        const uint4 xv = reinterpret_cast<const uint4*>(x + (long long)i * K)[c];
+                        T xe[V];
+                        memcpy(xe, &xv, 16);
+                        float s = 0.f;
+#pragma unroll
+                        for (int j = 0; j < V; ++j) s += to_f32(we[j]) * to_f32(xe[j]);
+                        acc[i] += s;
+                    }
+                }
             }
         }
     } else {

@@ -64,6 +64,7 @@ inline float __fmul_rn(float a, float b) { return a * b; }
 struct alignas(16) uint4 {
     unsigned int x, y, z, w;
 };
+inline uint4 make_uint4(unsigned int x, unsigned int y, unsigned int z, unsigned int w) { return uint4{x, y, z, w}; }
 
 // Storage types: bit patterns with round-to-nearest-even conversions, as cuda_fp16.h and
 // cuda_bf16.h define them.
