@@ -376,8 +376,34 @@ pub fn parse_chat(body: &[u8], limits: Limits, n_layers: usize) -> Result<ChatRe
     }
     // The images last: every cheap check first, so an error names the first thing wrong that
     // costs nothing to find.
-    let images = conversation
-        .images
+    let images = image_sources(&conversation.images, limits)?;
+    Ok(ChatRequest {
+        n,
+        turns: conversation.turns,
+        images,
+        max_tokens,
+        max_tokens_param,
+        stream,
+        include_usage: raw
+            .stream_options
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false),
+        relevancy,
+        ungrounded,
+        ignore_eos: raw.ignore_eos.unwrap_or(false),
+        sampling,
+        stop,
+        model: raw.model.take(),
+    })
+}
+
+/// Each image of a conversation as its bytes (a `data:` URL) or the URL the server fetches
+/// (`--allow-image-urls`); anything else refused, naming the field.
+fn image_sources(
+    images: &[chat::ImageRef],
+    limits: Limits,
+) -> Result<Vec<(ImageSource, String)>, ApiError> {
+    images
         .iter()
         .map(|r| {
             if is_remote(&r.url) {
@@ -405,25 +431,7 @@ pub fn parse_chat(body: &[u8], limits: Limits, n_layers: usize) -> Result<ChatRe
                 })?;
             Ok((ImageSource::Inline(bytes), r.param.clone()))
         })
-        .collect::<Result<Vec<_>, ApiError>>()?;
-    Ok(ChatRequest {
-        n,
-        turns: conversation.turns,
-        images,
-        max_tokens,
-        max_tokens_param,
-        stream,
-        include_usage: raw
-            .stream_options
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false),
-        relevancy,
-        ungrounded,
-        ignore_eos: raw.ignore_eos.unwrap_or(false),
-        sampling,
-        stop,
-        model: raw.model.take(),
-    })
+        .collect()
 }
 
 /// Fields outside the ones parsed: inert ones pass, the rest are refused by name.
