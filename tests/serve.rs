@@ -1920,3 +1920,56 @@ fn image_url_flags_need_allow_image_urls() {
         assert!(err.contains("--allow-image-urls"), "{flag:?}: {err}");
     }
 }
+
+/// `--prefill-chunk` reaches the engine: a prompt runs through the decoder in that many chunks
+/// (the metric counts them; a whole prompt is one) and the answer is the whole prefill's.
+#[test]
+fn a_chunked_prefill_answers_as_a_whole_one() {
+    let body = chat_body(
+        QUESTION,
+        json!({"max_tokens": 6, "relevancy": {"method": "fastrm"}}),
+    );
+    let mut answers = Vec::new();
+    for chunk in [None, Some(64)] {
+        let mut flags = vec!["--prefix-cache", "0"];
+        let chunk_flag = chunk.map(|c: usize| c.to_string());
+        if let Some(c) = &chunk_flag {
+            flags.extend(["--prefill-chunk", c.as_str()]);
+        }
+        let server = Server::start(&flags);
+        let r = post(server.addr, &body);
+        assert_eq!(r.0, 200, "{}", String::from_utf8_lossy(&r.2));
+        let v: Value = serde_json::from_slice(&r.2).unwrap();
+        let prompt = v["usage"]["prompt_tokens"].as_u64().unwrap() as usize;
+        let want = chunk.map_or(1, |c| prompt.div_ceil(c));
+        assert_eq!(
+            server.metric("fastrm_prefill_chunks_total") as usize,
+            want,
+            "a prompt of {prompt} positions with --prefill-chunk {chunk:?}"
+        );
+        answers.push(v);
+    }
+    let (whole, chunked) = (&answers[0], &answers[1]);
+    assert_eq!(
+        chunked["choices"][0]["message"]["content"],
+        whole["choices"][0]["message"]["content"]
+    );
+    let maps = |v: &Value| -> Vec<Vec<f32>> {
+        v["relevancy"]["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| decode_map(m["map_b64"].as_str().unwrap()))
+            .collect()
+    };
+    let (a, b) = (maps(chunked), maps(whole));
+    assert!(!b.is_empty() && a.len() == b.len());
+    for (t, (x, y)) in a.iter().zip(&b).enumerate() {
+        for (g, w) in x.iter().zip(y) {
+            assert!(
+                (g - w).abs() <= w.abs() * 1e-3 + 1e-7,
+                "token {t}: {g} vs {w}"
+            );
+        }
+    }
+}

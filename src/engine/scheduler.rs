@@ -46,6 +46,7 @@ pub struct Scheduler<'e, B: Backend> {
     next: u64,
     max_batch: usize,
     prefill_chunk: Option<usize>,
+    prefill_units: u64,
 }
 
 impl<'e, B: Backend> Scheduler<'e, B> {
@@ -56,6 +57,7 @@ impl<'e, B: Backend> Scheduler<'e, B> {
             next: 0,
             max_batch: INVARIANT_ROWS,
             prefill_chunk: None,
+            prefill_units: 0,
         }
     }
 
@@ -80,6 +82,11 @@ impl<'e, B: Backend> Scheduler<'e, B> {
         }
         self.prefill_chunk = rows;
         Ok(())
+    }
+
+    /// Units of prefill work run so far: a whole prompt, or one chunk of it.
+    pub fn prefill_units(&self) -> u64 {
+        self.prefill_units
     }
 
     /// Adds a run; its work starts at the next [`Self::step`].
@@ -207,7 +214,10 @@ impl<'e, B: Backend> Scheduler<'e, B> {
                 continue;
             }
             let work = slot.run.work();
-            prompt_rows += slot.run.prefilled_rows();
+            if slot.run.prefilled_rows() > 0 {
+                prompt_rows += slot.run.prefilled_rows();
+                self.prefill_units += 1;
+            }
             match work {
                 Ok(()) => {}
                 // Pages are held by runs that will end: wait for them. When none are held,

@@ -74,6 +74,9 @@ pub struct Metrics {
     /// Batched decode steps, and the rows (runs) they decoded: their ratio is the mean batch.
     pub decode_steps: AtomicU64,
     pub decode_rows: AtomicU64,
+    /// Prompts run through the decoder, counted in chunks (`--prefill-chunk`; a whole prompt is
+    /// one).
+    pub prefill_chunks: AtomicU64,
     /// KV cache pages in use (runs and the prefix cache), the pool's limit, and the prefix
     /// cache's share.
     pub kv_pages_used: AtomicU64,
@@ -209,6 +212,13 @@ impl Metrics {
             "counter",
             "Tokens decoded by the batched steps (rows per step, summed).",
             &self.decode_rows,
+        );
+        scalar(
+            &mut out,
+            "fastrm_prefill_chunks_total",
+            "counter",
+            "Prompt chunks run through the decoder (a prompt run whole is one).",
+            &self.prefill_chunks,
         );
         for (name, help, v) in [
             (

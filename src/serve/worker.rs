@@ -116,6 +116,8 @@ fn serve_jobs<B: Backend>(
         }
     };
     let mut live: Vec<Live> = Vec::new();
+    // The scheduler's prefill units already added to the metric.
+    let mut counted_units = 0;
     loop {
         // Wait for a job when nothing runs; otherwise take the ones already waiting.
         while live.len() < max_batch {
@@ -147,7 +149,13 @@ fn serve_jobs<B: Backend>(
                 }
             }
         }
-        match catch_unwind(AssertUnwindSafe(|| sched.step())) {
+        let step = catch_unwind(AssertUnwindSafe(|| sched.step()));
+        let units = sched.prefill_units();
+        metrics
+            .prefill_chunks
+            .fetch_add(units - counted_units, Ordering::Relaxed);
+        counted_units = units;
+        match step {
             Ok(Ok(rows)) => {
                 if rows > 0 {
                     metrics.decode_steps.fetch_add(1, Ordering::Relaxed);
@@ -166,6 +174,7 @@ fn serve_jobs<B: Backend>(
                     ))));
                 }
                 // A fresh scheduler: the old one's runs (and their pages) are dropped with it.
+                counted_units = 0;
                 match batching.scheduler(engine) {
                     Ok(s) => sched = s,
                     Err(e) => {
