@@ -139,7 +139,7 @@ impl ImageFetcher {
             .take(self.max_bytes as u64 + 1)
             .read_to_end(&mut bytes)
             .map_err(|e| {
-                if e.kind() == io::ErrorKind::TimedOut || e.kind() == io::ErrorKind::WouldBlock {
+                if is_timeout(&e) {
                     failed(format!("it took longer than {timeout} s"))
                 } else {
                     failed(format!("reading the body: {e}"))
@@ -155,37 +155,47 @@ impl ImageFetcher {
     }
 }
 
-/// The resolver's refusal, when that is why the fetch failed.
-fn refusal(e: &ureq::Error) -> Option<String> {
+/// The first answer `look` finds in the client error's chain of sources.
+fn in_chain<T>(
+    e: &ureq::Error,
+    look: impl Fn(&(dyn std::error::Error + 'static)) -> Option<T>,
+) -> Option<T> {
     let mut src = std::error::Error::source(e);
     while let Some(s) = src {
-        if let Some(r) = s.downcast_ref::<Refused>() {
-            return Some(r.0.clone());
-        }
-        if let Some(io) = s.downcast_ref::<io::Error>() {
-            if let Some(r) = io.get_ref().and_then(|i| i.downcast_ref::<Refused>()) {
-                return Some(r.0.clone());
-            }
+        if let Some(t) = look(s) {
+            return Some(t);
         }
         src = s.source();
     }
     None
 }
 
+/// The resolver's refusal, when that is why the fetch failed.
+fn refusal(e: &ureq::Error) -> Option<String> {
+    in_chain(e, |s| {
+        let inner = s.downcast_ref::<io::Error>().and_then(|io| io.get_ref());
+        let r = s
+            .downcast_ref::<Refused>()
+            .or_else(|| inner?.downcast_ref::<Refused>());
+        r.map(|r| r.0.clone())
+    })
+}
+
+/// An I/O error that is the deadline passing (a socket read or write timed out).
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+    )
+}
+
 fn timed_out(e: &ureq::Error) -> bool {
-    let mut src = std::error::Error::source(e);
-    while let Some(s) = src {
-        if let Some(io) = s.downcast_ref::<io::Error>() {
-            if matches!(
-                io.kind(),
-                io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
-            ) {
-                return true;
-            }
-        }
-        src = s.source();
-    }
-    false
+    in_chain(e, |s| {
+        s.downcast_ref::<io::Error>()
+            .filter(|io| is_timeout(io))
+            .map(|_| ())
+    })
+    .is_some()
 }
 
 /// `host:port` resolved, refused as a whole when any address it resolves to is not `allowed`: a
