@@ -267,3 +267,86 @@ fn a_resent_image_is_encoded_once_and_never_confused_with_another() {
     );
     assert_ne!(third.1, first.1, "two images gave the same maps");
 }
+
+/// Conversations through the model against transformers' `LlavaForConditionalGeneration`
+/// (`tools/make_turn_fixtures.py`): a system prompt with history, two images in one turn, images
+/// in two turns. The prompt's ids and pixels, greedy ids, every step's logits and the exact
+/// baseline's map of every token over every image's patches, as for the single-question fixtures.
+#[test]
+fn conversations_match_transformers_model() {
+    use common::{assert_close, Expected};
+    use fastrm::explain::{Method, RowMode};
+    let exp = Expected::load("turns");
+    let tiny = fixture_dir("tiny");
+    let engine = Engine::load(Cpu, &tiny).unwrap();
+    let (b, m) = (engine.backend(), engine.model());
+    let cases: Vec<Value> = serde_json::from_str(&exp.meta["cases"]).unwrap();
+    assert_eq!(cases.len(), 3);
+    for case in &cases {
+        let name = case["name"].as_str().unwrap();
+        let conv = parse_messages(&case["messages"].to_string()).unwrap();
+        let images: Vec<ImageInput> = conv
+            .images
+            .iter()
+            .map(|i| match i.url.as_str() {
+                "image.png" => ImageInput::Path(tiny.join("image.png")),
+                other => ImageInput::Path(fixture_dir("turns").join(other)),
+            })
+            .collect();
+        let req = Request::Chat {
+            turns: conv.turns,
+            images,
+        };
+        let (prompt, pixels) = engine.resolve(&req).unwrap();
+        assert_eq!(prompt.ids(), exp.ids(&format!("{name}.input_ids")), "{name}: ids");
+        let (_, want_px) = exp.f32(&format!("{name}.pixel_values"));
+        assert_close(&format!("{name} pixels"), &pixels, want_px, 1e-5);
+
+        let gen = exp.ids(&format!("{name}.generated_ids"));
+        let opts = GenerateOptions {
+            max_new_tokens: gen.len(),
+            stop_at_eos: false,
+            keep_steps: true,
+            ..Default::default()
+        };
+        let g = m.generate(b, prompt.clone(), want_px, &opts).unwrap();
+        assert_eq!(g.generated_ids, gen, "{name}: generated ids");
+        let (lshape, want_logits) = exp.f32(&format!("{name}.logits"));
+        let vocab = lshape[1];
+        assert_eq!(g.step_logits.len(), gen.len());
+        for (k, logits) in g.step_logits.iter().enumerate() {
+            assert_close(
+                &format!("{name} step {k} logits"),
+                logits,
+                &want_logits[k * vocab..(k + 1) * vocab],
+                1e-4,
+            );
+        }
+
+        // The exact baseline's maps, each token's over every image, image after image.
+        let (rshape, want_maps) = exp.f32(&format!("{name}.relevancy"));
+        let n_images = pixels.len() / m.cfg.vision.pixels_per_image();
+        let prepared = Request::Prepared {
+            prompt,
+            pixels: want_px.to_vec(),
+        };
+        let mode = RowMode::Streamed;
+        let e = engine
+            .explain(&prepared, &opts, Method::Baseline { mode }, &mut |_| {})
+            .unwrap();
+        assert_eq!(e.generation.generated_ids, gen, "{name}: explained ids");
+        assert_eq!(e.tokens.len(), rshape[0]);
+        for (t, tm) in e.tokens.iter().enumerate() {
+            let want = &want_maps[t * rshape[1]..(t + 1) * rshape[1]];
+            assert_eq!(tm.images, n_images, "{name}: images the map covers");
+            // Every image's share of the oracle's map is non-zero, so none can be dropped unseen.
+            for (i, part) in want.chunks(want.len() / n_images).enumerate() {
+                assert!(
+                    part.iter().any(|&x| x > 0.0),
+                    "{name}: oracle map {t} image {i} is zero"
+                );
+            }
+            assert_close(&format!("{name} exact map token {t}"), &tm.map, want, 1e-4);
+        }
+    }
+}
