@@ -290,10 +290,11 @@ fn steps(c: &mut Criterion, group: &str, setup: common::Midsize) {
     let n = ids.len();
     g.bench_function("decode_step", |bench| {
         bench.iter(|| {
-            // Each iteration is the step at position n: rewind and overwrite that cache row.
+            // Each iteration is the step at position n: rewind and overwrite that cache row. The
+            // decode path generation runs (the batched step with one row), not a one-row prefill.
             cache.len = n;
             let x = b.embedding(&m.llm.embed, &[42]).unwrap();
-            let h = m.llm.forward(b, x, &mut cache).unwrap();
+            let h = m.llm.decode(b, x, &mut [&mut cache]).unwrap();
             b.argmax_rows(&m.llm.logits(b, &h).unwrap()).unwrap()
         })
     });

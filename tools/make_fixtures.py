@@ -1140,6 +1140,65 @@ def exact_token(model, ids_prefix, pv, y, image_pos, mode):
     return t1 - t0, t2 - t1, m
 
 
+def bench_answer(model, pv, ids, image_token_id, lengths=(10, 100)):
+    """Per-answer cost of the exact map the way a PyTorch user shares work across an answer's tokens:
+    one teacher-forced forward over prompt + answer (vision tower included, eager, output_attentions,
+    logits of the answer's positions only), then one torch.autograd.grad per token from the raw logit of
+    its greedy id with retain_graph=True, cams and the streamed row as in exact_token. The fastrm
+    counterpart is `fastrm profile --methods baseline` (one saving forward shared the same way, then a
+    backward per token). Token 0's map is checked against exact_token's prefix-forward map."""
+    n = ids.shape[1]
+    image_pos = (ids[0] == image_token_id).nonzero()[:, 0]
+    with torch.no_grad():  # greedy ids to teacher-force
+        o = model(input_ids=ids, pixel_values=pv, use_cache=True, logits_to_keep=1)
+        gen = [int(o.logits[0, -1].argmax())]
+        cache = o.past_key_values
+        for i in range(max(lengths) - 1):
+            o = model(input_ids=torch.tensor([[gen[-1]]]), past_key_values=cache, use_cache=True,
+                      position_ids=torch.tensor([[n + i]]), cache_position=torch.tensor([n + i]))
+            cache = o.past_key_values
+            gen.append(int(o.logits[0, -1].argmax()))
+        del o, cache
+    _, _, want0 = exact_token(model, ids, pv, gen[0], image_pos, "grad")
+    out = {}
+    for T in lengths:
+        la0 = loadavg()
+        full = torch.cat([ids, torch.tensor([gen[: T - 1]], dtype=ids.dtype)], dim=1)
+        t0 = time.perf_counter()
+        o = model(input_ids=full, pixel_values=pv, use_cache=False, output_attentions=True, logits_to_keep=T)
+        attns = list(o.attentions)
+        t1 = time.perf_counter()
+        bw = []
+        for k in range(T):
+            tb = time.perf_counter()
+            grads = torch.autograd.grad(o.logits[0, k, gen[k]], attns, retain_graph=True)
+            with torch.no_grad():
+                C = [torch.clamp(d[0] * a[0], min=0).mean(0) for d, a in zip(grads, attns)]
+                v = torch.zeros(C[0].shape[0])
+                v[n - 1 + k] = 1.0
+                for c in reversed(C):
+                    v = v + v @ c
+                m = v[image_pos].clone()
+            bw.append(time.perf_counter() - tb)
+            if k == 0:
+                d = float((m - want0).abs().max())
+                assert d <= 1e-5 * float(want0.abs().max()), f"shared-forward map 0 differs by {d}"
+            del grads, C
+        total = time.perf_counter() - t0
+        del o, attns
+        out[str(T)] = {
+            "tokens": T,
+            "positions": n + T - 1,
+            "forward_ms": round((t1 - t0) * 1e3, 1),
+            "backward_ms_median": round(statistics.median(bw) * 1e3, 1),
+            "backward_ms_first_last": [round(bw[0] * 1e3, 1), round(bw[-1] * 1e3, 1)],
+            "total_ms": round(total * 1e3, 1),
+            "loadavg_1_5_15_before": la0, "loadavg_1_5_15_after": loadavg(),
+        }
+        print(f"exact answer of {T} tokens: {out[str(T)]}")
+    return out
+
+
 def incremental_token(model, cache, y_prev, p, y, Chat, image_pos, mode):
     """One later token of the incremental (LVLM-Interpret) map: one-token forward of y_prev at position p
     with the past KV cache detached, output_attentions, backward from the raw logit of y, cam row
@@ -1305,6 +1364,7 @@ def bench(root: Path):
         "loadavg_1_5_15_after": [round(x, 2) for x in os.getloadavg()],
     }
     res.update(bench_relevancy(model, spec, pv, ids))
+    res["exact_answer"] = bench_answer(model, pv, ids, spec["image_token_id"])
     # The same shapes in bf16 (weights and activations, as a PyTorch user runs a bf16 checkpoint),
     # after the f32 measurements so they are unchanged.
     pre16, dec16 = time_generation(model.to(torch.bfloat16), ids, pv.to(torch.bfloat16), n)

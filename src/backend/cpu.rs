@@ -533,17 +533,12 @@ fn causal_products(nq: usize, s: AttnShape, lhs: View, rhs: View) -> Vec<f32> {
 /// paged decode attention both score through here, so a sequence's numbers do not depend on
 /// where its keys are stored.
 fn key_dots<'a>(q: &[f32], key: impl Fn(usize) -> &'a [f32], out: &mut [f32]) {
-    for (j, o) in out.iter_mut().enumerate() {
-        *o = cpu_gemm::dot_best(q, key(j));
-    }
+    cpu_gemm::key_dots_best(q, key, out);
 }
 
 /// `out = Σ_j p[j] · row(j)`, summed in key order (a decode query's output for one head).
 fn weighted_rows<'a>(p: &[f32], row: impl Fn(usize) -> &'a [f32], out: &mut [f32]) {
-    out.fill(0.0);
-    for (j, &pj) in p.iter().enumerate() {
-        cpu_gemm::axpy_best(pj, row(j), out);
-    }
+    cpu_gemm::weighted_sum_best(p, row, out);
 }
 
 /// Keys query row `i` sees: those up to its position under a causal mask, all without one.

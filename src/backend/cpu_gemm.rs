@@ -298,6 +298,36 @@ pub(crate) fn axpy_best(a: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
+/// `out[j] = q · key(j)` for every `j` with the best kernel: each score the dot [`dot_best`] gives
+/// (bit for bit), in one call so the AVX-512 loop keeps no per-key call in it.
+pub(crate) fn key_dots_best<'a>(q: &[f32], key: impl Fn(usize) -> &'a [f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if Isa::best() == Isa::Avx512 {
+        // SAFETY: the CPU has AVX-512F (the kernel checks every key's length).
+        unsafe { x86::key_dots_avx512(q, key, out) };
+        return;
+    }
+    for (j, o) in out.iter_mut().enumerate() {
+        *o = dot_best(q, key(j));
+    }
+}
+
+/// `out = Σ_j p[j] · row(j)` in key order with the best kernel: per value the fused multiply-adds
+/// of [`axpy_best`] called once per key from zero, in the same order (bit for bit), with the sums
+/// kept in registers across keys instead of stored and reloaded every key.
+pub(crate) fn weighted_sum_best<'a>(p: &[f32], row: impl Fn(usize) -> &'a [f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if Isa::best() == Isa::Avx512 {
+        // SAFETY: the CPU has AVX-512F (the kernel checks every row's length).
+        unsafe { x86::weighted_sum_avx512(p, row, out) };
+        return;
+    }
+    out.fill(0.0);
+    for (j, &pj) in p.iter().enumerate() {
+        axpy_best(pj, row(j), out);
+    }
+}
+
 /// `Σ a_i b_i` in f32 with the best kernel.
 pub(crate) fn dot_best(a: &[f32], b: &[f32]) -> f32 {
     dot(Isa::best(), a, b)
@@ -477,6 +507,7 @@ mod x86 {
     /// # Safety
     /// The CPU must have AVX-512F; every row of `xs` must be as long as `w`.
     #[target_feature(enable = "avx512f")]
+    #[inline]
     pub unsafe fn dots_avx512<const N: usize>(xs: [&[f32]; N], w: &[f32]) -> [f32; N] {
         let n = w.len();
         let wp = w.as_ptr();
@@ -511,6 +542,90 @@ mod x86 {
             let sum = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
             _mm512_reduce_add_ps(sum)
         })
+    }
+
+    /// [`dots_avx512`] of `q` with every key, in one loop the compiler can keep `q` and the
+    /// kernel inlined in.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn key_dots_avx512<'a>(
+        q: &[f32],
+        key: impl Fn(usize) -> &'a [f32],
+        out: &mut [f32],
+    ) {
+        for (j, o) in out.iter_mut().enumerate() {
+            let k = key(j);
+            assert_eq!(
+                k.len(),
+                q.len(),
+                "key_dots: key {j} is not as long as the query"
+            );
+            *o = dots_avx512([q], k)[0];
+        }
+    }
+
+    /// `out = Σ_j p[j] · row(j)`: sixteen-lane accumulators, `V` of them in registers for a block
+    /// of `16 V` values, one fused multiply-add per key each, keys in order — per value what
+    /// [`axpy_avx512`] from a zeroed `out` computes, one key at a time.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn weighted_sum_avx512<'a>(
+        p: &[f32],
+        row: impl Fn(usize) -> &'a [f32],
+        out: &mut [f32],
+    ) {
+        let d = out.len();
+        let mut c0 = 0;
+        while c0 < d {
+            let w = (d - c0).min(128);
+            match w.div_ceil(16) {
+                1 => weighted_block::<1>(p, &row, c0, w, out),
+                2 => weighted_block::<2>(p, &row, c0, w, out),
+                3 => weighted_block::<3>(p, &row, c0, w, out),
+                4 => weighted_block::<4>(p, &row, c0, w, out),
+                5 => weighted_block::<5>(p, &row, c0, w, out),
+                6 => weighted_block::<6>(p, &row, c0, w, out),
+                7 => weighted_block::<7>(p, &row, c0, w, out),
+                _ => weighted_block::<8>(p, &row, c0, w, out),
+            }
+            c0 += w;
+        }
+    }
+
+    /// Values `c0..c0 + w` of [`weighted_sum_avx512`] (`V` = ⌈w / 16⌉ accumulators).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn weighted_block<'a, const V: usize>(
+        p: &[f32],
+        row: &impl Fn(usize) -> &'a [f32],
+        c0: usize,
+        w: usize,
+        out: &mut [f32],
+    ) {
+        let masks: [__mmask16; V] = std::array::from_fn(|v| lanes(16 * v, w));
+        let mut acc = [_mm512_setzero_ps(); V];
+        for (j, &pj) in p.iter().enumerate() {
+            let r = row(j);
+            assert_eq!(
+                r.len(),
+                out.len(),
+                "weighted_sum: row {j} is not as long as out"
+            );
+            let a = _mm512_set1_ps(pj);
+            let rp = r.as_ptr().add(c0);
+            for v in 0..V {
+                let x = _mm512_maskz_loadu_ps(masks[v], rp.add(16 * v));
+                acc[v] = _mm512_fmadd_ps(a, x, acc[v]);
+            }
+        }
+        let op = out.as_mut_ptr().add(c0);
+        for v in 0..V {
+            _mm512_mask_storeu_ps(op.add(16 * v), masks[v], acc[v]);
+        }
     }
 
     /// `y += a · x`, sixteen lanes at a time with a masked tail.
@@ -593,6 +708,47 @@ mod tests {
             for (i, o) in out.iter().enumerate() {
                 let alone = dot(Isa::Avx512, &x[i * k..(i + 1) * k], &w);
                 assert_eq!(o.to_bits(), alone.to_bits(), "k {k} row {i}");
+            }
+        }
+    }
+
+    /// The decode attention's key loops in one call give, bit for bit, the per-key dot and the
+    /// per-key axpy they replace (the dense and paged decodes and every earlier result rest on
+    /// it), for head sizes on and off the sixteen-lane grid and past one register block; and
+    /// they are close to the f64 sums.
+    #[test]
+    fn key_loops_are_the_per_key_kernels() {
+        for d in [1usize, 15, 16, 17, 64, 100, 128, 129, 300] {
+            for keys in [0usize, 1, 7, 161] {
+                let q = values(d, d as u64);
+                let kv = values(keys * d, 11 + keys as u64);
+                let p = values(keys, 5 + d as u64);
+                let row = |j: usize| &kv[j * d..(j + 1) * d];
+                let mut scores = vec![f32::NAN; keys];
+                key_dots_best(&q, row, &mut scores);
+                let mut sum = vec![f32::NAN; d];
+                weighted_sum_best(&p, row, &mut sum);
+                let mut want = vec![0.0f32; d];
+                for j in 0..keys {
+                    let dot = dot_best(&q, row(j));
+                    assert_eq!(
+                        scores[j].to_bits(),
+                        dot.to_bits(),
+                        "d {d} keys {keys} score {j}"
+                    );
+                    let exact: f64 = (0..d).map(|c| q[c] as f64 * row(j)[c] as f64).sum();
+                    assert!((scores[j] as f64 - exact).abs() <= 1e-5 * d as f64);
+                    axpy_best(p[j], row(j), &mut want);
+                }
+                for c in 0..d {
+                    assert_eq!(
+                        sum[c].to_bits(),
+                        want[c].to_bits(),
+                        "d {d} keys {keys} value {c}"
+                    );
+                    let exact: f64 = (0..keys).map(|j| p[j] as f64 * row(j)[c] as f64).sum();
+                    assert!((sum[c] as f64 - exact).abs() <= 1e-5 * (keys.max(1)) as f64);
+                }
             }
         }
     }
