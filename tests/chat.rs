@@ -298,7 +298,11 @@ fn conversations_match_transformers_model() {
             images,
         };
         let (prompt, pixels) = engine.resolve(&req).unwrap();
-        assert_eq!(prompt.ids(), exp.ids(&format!("{name}.input_ids")), "{name}: ids");
+        assert_eq!(
+            prompt.ids(),
+            exp.ids(&format!("{name}.input_ids")),
+            "{name}: ids"
+        );
         let (_, want_px) = exp.f32(&format!("{name}.pixel_values"));
         assert_close(&format!("{name} pixels"), &pixels, want_px, 1e-5);
 

@@ -1030,6 +1030,24 @@ fn cli_profile_on_the_simulator() {
     assert_eq!(json["device"], "sim");
     assert_eq!(json["timer"], "CUDA events");
     assert!(json["backend"].as_str().unwrap().starts_with("cuda:f16"));
+    // The weights held in f16: the lm_head's bytes are two per value. The simulator's times are
+    // the host's, so no bandwidth and no floor.
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(common::repo_root().join("assets/demo/model/config.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let t = &cfg["text_config"];
+    let head = 2 * t["vocab_size"].as_u64().unwrap() * t["hidden_size"].as_u64().unwrap();
+    let r = &json["roofline"];
+    assert_eq!(r["lm_head_bytes"].as_u64(), Some(head), "{r}");
+    assert!(r["bandwidth_bytes_per_s"].is_null(), "{r}");
+    let first = &json["runs"][0];
+    assert!(first["decode_floor_share"].is_null(), "{first}");
+    assert!(
+        first["decode_bytes"].as_u64().unwrap() >= 2 * head,
+        "{first}"
+    );
     let runs = json["runs"].as_array().unwrap();
     assert_eq!(runs.len(), 3);
     for r in runs {

@@ -481,3 +481,112 @@ fn ledger_peaks_do_not_depend_on_method_order() {
     let scratch = get("generate")[1]["op scratch"].as_u64().unwrap();
     assert!(scratch > 0, "{a:?}");
 }
+
+/// The decode against the memory floor: the bytes a run's decode reads, counted here from the
+/// model's shapes (synthetic weights are f32 on the CPU), the measured bandwidth, the floor and
+/// its share, the maps' share of a step; and the table that shows them.
+#[test]
+fn decode_roofline_counts_the_bytes_of_every_step() {
+    let out = fastrm(&[
+        "profile",
+        "--model",
+        "synthetic:tiny",
+        "--methods",
+        "fastrm",
+        "--tokens",
+        "1,3",
+        "--repeat",
+        "1",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(common::repo_root().join("assets/demo/model/config.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let t = &cfg["text_config"];
+    let n = |k: &str| t[k].as_u64().unwrap();
+    let (d, layers, inter, vocab) = (
+        n("hidden_size"),
+        n("num_hidden_layers"),
+        n("intermediate_size"),
+        n("vocab_size"),
+    );
+    let head_dim = d / n("num_attention_heads");
+    let kv = n("num_key_value_heads") * head_dim;
+    // q and o are d × d, k and v d × kv, the MLP three d × inter, two norms; then the final norm.
+    let decoder = 4 * (layers * (2 * d * d + 2 * d * kv + 3 * d * inter + 2 * d) + d);
+    let r = &v["roofline"];
+    assert_eq!(r["decoder_bytes"].as_u64(), Some(decoder), "{r}");
+    assert_eq!(r["lm_head_bytes"].as_u64(), Some(4 * vocab * d), "{r}");
+    assert_eq!(
+        r["kv_position_bytes"].as_u64(),
+        Some(4 * layers * 2 * kv),
+        "{r}"
+    );
+    let bw = r["bandwidth_bytes_per_s"]
+        .as_f64()
+        .expect("the CPU's bandwidth is measured");
+    assert!(bw > 0.0, "{r}");
+    assert!(r["bandwidth"].as_str().unwrap().contains("read bandwidth"));
+
+    let prompt = v["prompt_len"].as_u64().unwrap();
+    let runs = v["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 4);
+    for run in runs {
+        let tokens = run["tokens"].as_u64().unwrap();
+        let steps = tokens - 1;
+        // Every token's lm_head; every later token's decoder pass over prompt + k positions.
+        let positions: u64 = (1..=steps).map(|k| prompt + k).sum();
+        let bytes = tokens * 4 * vocab * d + steps * decoder + positions * 4 * layers * 2 * kv;
+        assert_eq!(run["decode_bytes"].as_u64(), Some(bytes), "{run}");
+        let f = |k: &str| run[k].as_f64().unwrap_or_else(|| panic!("{k} in {run}"));
+        let floor_ms = bytes as f64 / bw * 1e3 / tokens as f64;
+        assert!((f("decode_floor_ms_per_token") - floor_ms).abs() <= 1e-9 * floor_ms);
+        let decode_ms = f("decode_ms");
+        assert!((f("decode_ms_per_token") - decode_ms / tokens as f64).abs() < 1e-9);
+        let share = f("decode_floor_share");
+        assert!((share - floor_ms * tokens as f64 / decode_ms).abs() <= 1e-9 * share);
+        if run["method"] == "generate" {
+            assert!(run["map_share_of_step"].is_null(), "{run}");
+        } else {
+            let maps = f("map_latency_ms");
+            let want = maps / (maps + decode_ms);
+            assert!((f("map_share_of_step") - want).abs() < 1e-9, "{run}");
+            assert!(want > 0.0 && want < 1.0, "{run}");
+        }
+    }
+
+    let out = fastrm(&[
+        "profile",
+        "--model",
+        "synthetic:tiny",
+        "--methods",
+        "fastrm",
+        "--tokens",
+        "2",
+        "--repeat",
+        "1",
+    ]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    let at = table
+        .find("Decode against the memory floor")
+        .unwrap_or_else(|| panic!("{table}"));
+    let rows: Vec<Vec<&str>> = table[at..]
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|c| c.len() == 7 && c[0] == "2")
+        .collect();
+    assert_eq!(rows.len(), 2, "{table}");
+    assert_eq!((rows[0][1], rows[0][6]), ("generate", "-"), "{table}");
+    assert!(
+        rows[1][6].parse::<f64>().is_ok(),
+        "fastrm's maps share: {table}"
+    );
+}

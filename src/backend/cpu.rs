@@ -861,6 +861,11 @@ impl Backend for Cpu {
         (t.rows, t.cols)
     }
 
+    fn tensor_bytes(&self, t: &CpuTensor) -> usize {
+        let width = if t.half.is_some() { 2 } else { 4 };
+        t.rows * t.cols * width
+    }
+
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<CpuTensor> {
         CpuTensor::new(data.to_vec(), rows, cols)
     }

@@ -143,6 +143,12 @@ pub trait Backend {
     fn storage_bytes(&self) -> usize {
         4
     }
+    /// Bytes `t`'s values take as held (a weight kept in a narrower type than the backend's
+    /// own counts at its own width): what reading it whole moves.
+    fn tensor_bytes(&self, t: &Self::Tensor) -> usize {
+        let (rows, cols) = self.dims(t);
+        rows * cols * self.storage_bytes()
+    }
     /// Host f32 data, row-major, to a tensor.
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<Self::Tensor>;
     /// A checkpoint tensor (any supported dtype) viewed as `[rows, cols]`.

@@ -18,6 +18,7 @@
 
 pub mod memory;
 pub mod report;
+pub mod roofline;
 pub mod timer;
 
 use std::path::PathBuf;
@@ -552,6 +553,13 @@ pub fn profile<B: Backend, C: PhaseClock>(
             ids.len()
         )));
     }
+    status::say("profile: measuring the memory bandwidth");
+    let roofline = roofline::Roofline::measure(
+        engine.backend(),
+        &engine.model().llm,
+        engine.kv_page_bytes(),
+        plan.device,
+    )?;
     let result = run_all(engine, clock, memory, plan, &req);
     status::clear();
     let runs = result?;
@@ -579,6 +587,7 @@ pub fn profile<B: Backend, C: PhaseClock>(
                  at each length before its runs; none recorded",
                 plan.tokens[0]
             ),
+            roofline,
         },
         memory,
         plan.interval,

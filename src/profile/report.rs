@@ -20,6 +20,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::memory::{MemorySource, MemoryUse};
+use super::roofline::Roofline;
 use super::ProfMethod;
 use crate::backend::MemTag;
 use crate::error::{Error, Result};
@@ -56,6 +57,40 @@ pub struct Meta {
     /// FastRM's head and the note on its cost (absent when fastrm is not profiled).
     pub head: Option<String>,
     pub warmup: String,
+    /// The decode step's bytes and the measured bandwidth they are held against.
+    pub roofline: Roofline,
+}
+
+/// A run's decode phase against the memory floor (see [`Roofline`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Floor {
+    /// Decode time per generated token (the median repetition's).
+    pub ms_per_token: f64,
+    /// Bytes the decode phase reads, all tokens.
+    pub bytes: u64,
+    /// The least time those bytes take at the measured bandwidth, per token.
+    pub floor_ms_per_token: Option<f64>,
+    /// Floor time over decode time: 1 would be a decode at the memory's speed.
+    pub share: Option<f64>,
+    /// The maps' time over decode plus maps (relevancy methods): the map's share of a step.
+    pub map_share: Option<f64>,
+}
+
+impl Meta {
+    /// Run `r`'s decode against the roofline.
+    pub fn floor(&self, r: &RunRecord) -> Floor {
+        let (decode_s, maps_s) = (r.median.decode_s, r.median.maps_s);
+        let per_token = |s: f64| s * 1e3 / r.tokens.max(1) as f64;
+        let floor_s = self.roofline.floor_s(self.prompt_len, r.tokens);
+        Floor {
+            ms_per_token: per_token(decode_s),
+            bytes: self.roofline.decode_bytes(self.prompt_len, r.tokens),
+            floor_ms_per_token: floor_s.map(per_token),
+            share: floor_s.filter(|_| decode_s > 0.0).map(|f| f / decode_s),
+            map_share: (r.method != ProfMethod::Generate && decode_s + maps_s > 0.0)
+                .then(|| maps_s / (decode_s + maps_s)),
+        }
+    }
 }
 
 /// What a backend's memory ledger saw during one call.
@@ -314,6 +349,15 @@ impl Report {
             "head": m.head,
             "warmup": m.warmup,
             "eos": "ignored: every run generates exactly `tokens` tokens",
+            "roofline": {
+                "decoder_bytes": m.roofline.decoder_bytes,
+                "lm_head_bytes": m.roofline.head_bytes,
+                "kv_position_bytes": m.roofline.kv_position_bytes,
+                "bandwidth_bytes_per_s": m.roofline.bandwidth,
+                "bandwidth": m.roofline.bandwidth_how,
+                "last_level_cache_bytes": m.roofline.cache_bytes,
+                "weights_fit_in_cache": m.roofline.fits_in_cache(),
+            },
             "definitions": {
                 "latency_ms": "end-to-end time of one call (vision, prefill, decode, maps): the median over the repetitions",
                 "latency_spread_ms": "median, min, max and sample standard deviation of latency_ms_repeats",
@@ -328,8 +372,13 @@ impl Report {
                 "peak_memory_ratio": "fastrm peak_memory_bytes / versus peak_memory_bytes",
                 "ledger_peak_ratio": "fastrm ledger_peak_bytes / versus ledger_peak_bytes",
                 "map_memory_ratio": "max(0, fastrm map_memory_bytes) / versus map_memory_bytes (null when versus's is not positive)",
+                "decode_ms_per_token": "decode_ms / tokens (every token's lm_head, every later token's decoder pass and its choice)",
+                "decode_bytes": "bytes the decode phase reads: tokens x lm_head + (tokens - 1) x the decoder's weights + the keys and values of every position each pass attends to",
+                "decode_floor_ms_per_token": "decode_bytes / the measured bandwidth (roofline.bandwidth), per token: no decode can be faster (null without a measured bandwidth)",
+                "decode_floor_share": "decode floor / decode time: the share of the memory's speed the decode reaches",
+                "map_share_of_step": "map_latency / (decode + map latency) of the median repetition: the maps' share of the per-token work (null for generate)",
             },
-            "runs": self.runs.iter().map(run_json).collect::<Vec<_>>(),
+            "runs": self.runs.iter().map(|r| run_json(r, &m.floor(r))).collect::<Vec<_>>(),
             "ratios": self.ratios.iter().map(|q| json!({
                 "tokens": q.tokens,
                 "versus": q.versus.name(),
@@ -416,6 +465,7 @@ impl Report {
              generate's; ledger MB: peak of live tensors and scratch, weights included, where the \
              backend keeps a ledger (MB = 10^6 bytes)"
         );
+        self.floor_table(&mut s);
         if !self.ratios.is_empty() {
             let _ = writeln!(s);
             let _ = writeln!(
@@ -449,6 +499,62 @@ impl Report {
             }
         }
         s
+    }
+
+    /// The decode phase of every run against the memory floor.
+    fn floor_table(&self, s: &mut String) {
+        use std::fmt::Write;
+        let r = &self.meta.roofline;
+        let _ = writeln!(s);
+        let _ = match r.bandwidth {
+            Some(bw) => writeln!(
+                s,
+                "Decode against the memory floor: {:.1} GB/s measured ({}); per step the decoder \
+                 reads {:.1} MB of weights, the lm_head {:.1} MB, each cached position {:.1} kB",
+                bw / 1e9,
+                r.bandwidth_how,
+                r.decoder_bytes as f64 / 1e6,
+                r.head_bytes as f64 / 1e6,
+                r.kv_position_bytes as f64 / 1e3
+            ),
+            None => writeln!(s, "Decode against the memory floor: {}", r.bandwidth_how),
+        };
+        if r.fits_in_cache() {
+            let _ = writeln!(
+                s,
+                "(a step's weights fit in the CPU's {:.0} MB last-level cache: steps can read them \
+                 from the cache, faster than the floor)",
+                r.cache_bytes.unwrap_or(0) as f64 / 1e6
+            );
+        }
+        let _ = writeln!(
+            s,
+            "{:>6}  {:<20} {:>12} {:>10} {:>12} {:>9} {:>9}",
+            "tokens", "method", "ms/token", "MB/token", "floor ms", "% floor", "maps %"
+        );
+        let opt = |v: Option<f64>, scale: f64, p: usize| {
+            v.map_or("-".to_string(), |v| format!("{:.p$}", v * scale))
+        };
+        for run in &self.runs {
+            let f = self.meta.floor(run);
+            let _ = writeln!(
+                s,
+                "{:>6}  {:<20} {:>12.2} {:>10.1} {:>12} {:>9} {:>9}",
+                run.tokens,
+                run.method.name(),
+                f.ms_per_token,
+                f.bytes as f64 / 1e6 / run.tokens.max(1) as f64,
+                opt(f.floor_ms_per_token, 1.0, 2),
+                opt(f.share, 100.0, 1),
+                opt(f.map_share, 100.0, 1),
+            );
+        }
+        let _ = writeln!(
+            s,
+            "ms/token: decode time per token; floor ms: the bytes read per token at the measured \
+             bandwidth; % floor: floor / decode (100 = the memory's speed); maps %: the maps' \
+             share of decode + maps"
+        );
     }
 
     fn series(&self, value: impl Fn(&RunRecord) -> f64) -> Vec<Series> {
@@ -587,9 +693,14 @@ impl serde::Serialize for Profiled {
 }
 
 /// One run in the JSON document.
-fn run_json(r: &RunRecord) -> Value {
+fn run_json(r: &RunRecord, floor: &Floor) -> Value {
     let ms = |s: f64| s * 1e3;
     json!({
+            "decode_ms_per_token": floor.ms_per_token,
+            "decode_bytes": floor.bytes,
+            "decode_floor_ms_per_token": floor.floor_ms_per_token,
+            "decode_floor_share": floor.share,
+            "map_share_of_step": floor.map_share,
             "method": r.method.name(),
             "tokens": r.tokens,
             "latency_ms": ms(r.latency_s()),
