@@ -605,6 +605,27 @@ fn cli_end_to_end_with_a_pointing_set() {
         assert_eq!(total, tokens * 25);
         let f1 = r["f1"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&f1));
+        // The interval over the two questions holds values a resample can take.
+        let [lo, hi] = [0, 1].map(|i| r["f1_ci95"][i].as_f64().unwrap());
+        assert!((0.0..=1.0).contains(&lo) && lo <= hi && hi <= 1.0, "{r}");
+    }
+    // Per question type: one question each, so every resample is that question and the
+    // interval is the value itself; the best row is the largest F1.
+    let by_type = v["classification_by_type"].as_object().unwrap();
+    assert_eq!(by_type.keys().collect::<Vec<_>>(), ["color", "count"]);
+    for (t, c) in by_type {
+        assert_eq!(c["samples"], 1, "{t}");
+        let rows = c["rows"].as_array().unwrap();
+        assert_eq!(rows.len(), 9);
+        for r in rows {
+            let f1 = r["f1"].as_f64().unwrap();
+            assert_eq!(r["f1_ci95"], serde_json::json!([f1, f1]), "{t}: {r}");
+        }
+        let best = rows
+            .iter()
+            .map(|r| r["f1"].as_f64().unwrap())
+            .fold(0.0, f64::max);
+        assert_eq!(c["best"]["f1"].as_f64().unwrap(), best, "{t}");
     }
 
     // Perturbation: 21 steps per curve, the unperturbed point shared, AUC = the curve's
@@ -689,6 +710,21 @@ fn cli_end_to_end_with_a_pointing_set() {
     }
     assert!((pm["random"]["hit_rate"].as_f64().unwrap() - share).abs() < 1e-9);
     assert!((pm["random"]["mask_mass"].as_f64().unwrap() - share).abs() < 1e-9);
+    // One scored question: its intervals are its values, and its type's table is the whole's.
+    for (name, r) in pm {
+        for k in ["hit_rate", "mask_mass"] {
+            let x = r[k].as_f64().unwrap();
+            assert_eq!(
+                r[format!("{k}_ci95")],
+                serde_json::json!([x, x]),
+                "{name} {k}"
+            );
+        }
+        assert_eq!(r["samples"], 1, "{name}");
+    }
+    let types = pt["by_type"].as_object().unwrap();
+    assert_eq!(types.keys().collect::<Vec<_>>(), ["color"]);
+    assert_eq!(types["color"], pt["methods"]);
 
     // Accuracy per type and on multi-object scenes.
     let a = &v["accuracy"];

@@ -4,7 +4,7 @@
 use serde::Serialize;
 
 use crate::distill::{DistillSummary, MergeSummary};
-use crate::eval::EvalReport;
+use crate::eval::{EvalReport, PointingScore};
 use crate::profile::Profiled;
 use crate::status::out;
 use crate::train::TrainSummary;
@@ -21,6 +21,11 @@ fn f(x: impl Into<Option<f64>>) -> String {
     x.into().map_or("n/a".to_string(), |x| format!("{x:.4}"))
 }
 
+/// A 95 % interval as `[lo, hi]`, or nothing.
+fn ci(x: Option<[f64; 2]>) -> String {
+    x.map_or(String::new(), |[lo, hi]| format!("  [{lo:.3}, {hi:.3}]"))
+}
+
 /// `fastrm eval`'s report.
 pub fn eval(r: &EvalReport, as_json: bool) -> Result<()> {
     if as_json {
@@ -34,18 +39,32 @@ pub fn eval(r: &EvalReport, as_json: bool) -> Result<()> {
         f(r.label_threshold as f64)
     ))?;
     out(&format!("\nFastRM vs binarised {} map", r.baseline_method))?;
-    let row5 = |a: &str, b: &str, c: &str, d: &str, e: &str| {
-        out(&format!("{a:>9} {b:>9} {c:>9} {d:>9} {e:>9}"))
-    };
-    row5("threshold", "accuracy", "precision", "recall", "F1")?;
+    out(&format!(
+        "{:>9} {:>9} {:>9} {:>9} {:>9}  {}",
+        "threshold", "accuracy", "precision", "recall", "F1", "F1 95% interval"
+    ))?;
     for c in &r.classification {
-        row5(
+        out(&format!(
+            "{:>9} {:>9} {:>9} {:>9} {:>9}  {}",
             f(c.threshold as f64).trim_end_matches('0'),
-            &f(c.accuracy),
-            &f(c.precision),
-            &f(c.recall),
-            &f(c.f1),
-        )?;
+            f(c.accuracy),
+            f(c.precision),
+            f(c.recall),
+            f(c.f1),
+            ci(Some(c.f1_ci95))
+        ))?;
+    }
+    if !r.classification_by_type.is_empty() {
+        out("Best F1 per question type (threshold, 95% interval over its questions)")?;
+        for (t, c) in &r.classification_by_type {
+            out(&format!(
+                "  {t}: {} at {} {} ({} samples)",
+                f(c.best.f1),
+                f(c.best.threshold as f64).trim_end_matches('0'),
+                ci(Some(c.best.f1_ci95)),
+                c.samples
+            ))?;
+        }
     }
     if let Some(p) = &r.perturbation {
         out("\nPerturbation AUC (positive: lower is better; negative: higher is better)")?;
@@ -90,17 +109,28 @@ pub fn eval(r: &EvalReport, as_json: bool) -> Result<()> {
             "\nPointing game ({} samples with a target)",
             p.samples
         ))?;
-        out(&format!(
-            "{:<22} {:>9} {:>9} {:>7}",
-            "method", "hit rate", "mass", "tokens"
-        ))?;
-        for (name, m) in &p.methods {
+        let table = |methods: &std::collections::BTreeMap<String, PointingScore>| -> Result<()> {
             out(&format!(
-                "{name:<22} {:>9} {:>9} {:>7}",
-                f(m.hit_rate),
-                f(m.mask_mass),
-                m.tokens
+                "{:<22} {:>9} {:<17} {:>9} {:<17} {:>7}",
+                "method", "hit rate", "  95% interval", "mass", "  95% interval", "tokens"
             ))?;
+            for (name, m) in methods {
+                out(&format!(
+                    "{name:<22} {:>9} {:<17} {:>9} {:<17} {:>7}",
+                    f(m.hit_rate),
+                    ci(m.hit_rate_ci95),
+                    f(m.mask_mass),
+                    ci(m.mask_mass_ci95),
+                    m.tokens
+                ))?;
+            }
+            Ok(())
+        };
+        table(&p.methods)?;
+        for (t, methods) in &p.by_type {
+            let n = methods.values().map(|m| m.samples).max().unwrap_or(0);
+            out(&format!("question type {t} ({n} samples)"))?;
+            table(methods)?;
         }
     }
     if let Some(a) = &r.accuracy {

@@ -37,6 +37,14 @@ impl Counts {
         }
     }
 
+    /// Adds `other`'s counts to these.
+    pub fn merge(&mut self, other: &Counts) {
+        self.tp += other.tp;
+        self.fp += other.fp;
+        self.tn += other.tn;
+        self.fn_ += other.fn_;
+    }
+
     pub fn total(&self) -> u64 {
         self.tp + self.fp + self.tn + self.fn_
     }

@@ -21,6 +21,7 @@
 //! The sections live in their modules (`classification`, `perturbation`, `confidence`, `pointing`);
 //! this one runs them over the samples; `report` is what the job returns and writes.
 
+pub mod bootstrap;
 mod classification;
 mod confidence;
 pub mod metrics;
@@ -43,6 +44,7 @@ use crate::explain::{default_gradcam_layer, gradient_map, map_entropy, Confidenc
 use crate::status;
 use confidence::{calibration_note, CalibrationReport};
 use perturbation::Perturbation;
+pub use pointing::PointingScore;
 use pointing::{Accuracy, Pointing};
 pub use report::{EvalReport, SampleReport};
 
@@ -224,6 +226,7 @@ fn run_on<B: Backend>(
         grid: manifest.grid,
         label_threshold: head_w.cfg.label_threshold,
         classification: classification::rows(&counts),
+        classification_by_type: classification::by_type(&samples, &counts),
         perturbation: perturbation
             .map(|pert| pert.report(samples.len(), &setup.schedule, setup.gradcam_layer)),
         confidence: CalibrationReport::new(&cal, cal_note, written),
@@ -234,7 +237,13 @@ fn run_on<B: Backend>(
         seconds: t0.elapsed().as_secs_f64(),
     };
     if let Some(st) = staging {
-        report::write_files(st, &report, &counts, &cal, &pointing)?;
+        report::write_files(
+            st,
+            &report,
+            &classification::total(&counts),
+            &cal,
+            &pointing,
+        )?;
     }
     Ok(report)
 }

@@ -7,18 +7,27 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use super::{metrics, SampleRun};
+use super::{bootstrap, metrics, SampleRun};
 use crate::backend::Backend;
 use crate::distill::Entry;
 use crate::error::{Error, Result};
 use crate::explain::{incremental_maps, Method, RowMode};
 use crate::render::plot::{line_plot, Axis, LinePlot, Series, PALETTE};
 
-/// The pointing game for one method: the hits' sum and every answer token's mask mass.
+/// The pointing game for one method: every answer token's mask mass, and per sample (in the
+/// order of [`Pointing::types`]) its hits, mass and token count — the bootstrap's units.
 #[derive(Default, Clone)]
 pub(super) struct PointSums {
     hits: f64,
     masses: Vec<f64>,
+    per_sample: Vec<SampleScore>,
+}
+
+#[derive(Default, Clone, Copy)]
+struct SampleScore {
+    hits: f64,
+    mass: f64,
+    tokens: f64,
 }
 
 pub(super) const POINT_METHODS: [&str; 5] = [
@@ -33,6 +42,8 @@ pub(super) const POINT_METHODS: [&str; 5] = [
 #[derive(Default)]
 pub(super) struct Pointing {
     points: HashMap<&'static str, PointSums>,
+    /// Each scored sample's question type.
+    types: Vec<Option<String>>,
     with_target: usize,
     empty_targets: usize,
 }
@@ -93,12 +104,18 @@ impl Pointing {
             ("random", &uniform),
         ] {
             let e = self.points.entry(name).or_default();
+            let mut one = SampleScore::default();
             for &t in &answer_tok {
                 let (hit, mass) = metrics::pointing(&maps[t], &on);
                 e.hits += hit;
                 e.masses.push(mass);
+                one.hits += hit;
+                one.mass += mass;
+                one.tokens += 1.0;
             }
+            e.per_sample.push(one);
         }
+        self.types.push(w.entry.qtype.clone());
         Ok(())
     }
 
@@ -112,26 +129,55 @@ impl Pointing {
         if self.with_target + self.empty_targets == 0 {
             return None;
         }
-        let methods = POINT_METHODS
-            .iter()
-            .map(|&m| {
-                let e = self.points.get(m).cloned().unwrap_or_default();
-                let n = e.masses.len();
-                let mass: f64 = e.masses.iter().sum();
-                let score = PointingScore {
-                    hit_rate: (n > 0).then(|| e.hits / n as f64),
-                    mask_mass: (n > 0).then(|| mass / n as f64),
-                    tokens: n,
-                };
-                (m.to_string(), score)
+        let all = self.scores(|_| true);
+        let mut types: Vec<&String> = self.types.iter().flatten().collect();
+        types.sort();
+        types.dedup();
+        let by_type = types
+            .into_iter()
+            .map(|t| {
+                (
+                    t.clone(),
+                    self.scores(|i| self.types[i].as_ref() == Some(t)),
+                )
             })
             .collect();
         Some(PointingReport {
             samples: self.with_target,
             empty_targets: self.empty_targets,
             random: "expected value of a uniformly random map (the target's share of the patches)",
-            methods,
+            methods: all,
+            by_type,
         })
+    }
+
+    /// Every method's score over the samples `keep` picks (by their index among the scored).
+    fn scores(&self, keep: impl Fn(usize) -> bool) -> BTreeMap<String, PointingScore> {
+        POINT_METHODS
+            .iter()
+            .map(|&m| {
+                let e = self.points.get(m).cloned().unwrap_or_default();
+                let units: Vec<SampleScore> = e
+                    .per_sample
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| keep(*i))
+                    .map(|(_, u)| *u)
+                    .collect();
+                let hits: Vec<(f64, f64)> = units.iter().map(|u| (u.hits, u.tokens)).collect();
+                let mass: Vec<(f64, f64)> = units.iter().map(|u| (u.mass, u.tokens)).collect();
+                let (hit, mass) = (bootstrap::ratio(&hits), bootstrap::ratio(&mass));
+                let score = PointingScore {
+                    hit_rate: hit.map(|e| e.value),
+                    hit_rate_ci95: hit.map(|e| e.ci95),
+                    mask_mass: mass.map(|e| e.value),
+                    mask_mass_ci95: mass.map(|e| e.ci95),
+                    samples: units.len(),
+                    tokens: units.iter().map(|u| u.tokens as usize).sum(),
+                };
+                (m.to_string(), score)
+            })
+            .collect()
     }
 }
 
@@ -143,15 +189,21 @@ pub struct PointingReport {
     pub empty_targets: usize,
     pub random: &'static str,
     pub methods: BTreeMap<String, PointingScore>,
+    /// The same per question type (the data set's `qtype`; samples without one only count above).
+    pub by_type: BTreeMap<String, BTreeMap<String, PointingScore>>,
 }
 
-/// One method over the answer tokens of the samples with a target.
+/// One method over the answer tokens of the samples with a target; the intervals are 95 %
+/// bootstrap intervals over the samples.
 #[derive(Debug, Clone, Serialize)]
 pub struct PointingScore {
     /// Share of tokens whose map peaks on the target.
     pub hit_rate: Option<f64>,
+    pub hit_rate_ci95: Option<[f64; 2]>,
     /// Mean share of the map's mass on the target.
     pub mask_mass: Option<f64>,
+    pub mask_mass_ci95: Option<[f64; 2]>,
+    pub samples: usize,
     pub tokens: usize,
 }
 

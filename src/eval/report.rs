@@ -1,9 +1,11 @@
 //! Step 5, the report: what `eval` returns (each section a type; `Serialize` gives eval.json and
 //! `--json`), and its files in `--out`.
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
-use super::classification::{self, ClassificationRow};
+use super::classification::{self, ClassificationRow, TypeClassification};
 use super::confidence::{self, CalibrationReport};
 use super::metrics::{Calibration, Counts};
 use super::perturbation::{self, PerturbationReport};
@@ -34,6 +36,8 @@ pub struct EvalReport {
     pub label_threshold: f32,
     /// One row per threshold of [`super::metrics::THRESHOLDS`].
     pub classification: Vec<ClassificationRow>,
+    /// F1 per question type (the data set's `qtype`), with intervals.
+    pub classification_by_type: BTreeMap<String, TypeClassification>,
     /// `None` with `no_perturbation`.
     pub perturbation: Option<PerturbationReport>,
     pub confidence: CalibrationReport,
