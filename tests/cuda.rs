@@ -865,16 +865,18 @@ fn decode_launches_do_not_grow() {
     )
     .unwrap();
     // Steps 1 and 2 one launch per op, the rest fused.
-    let (mut per_step, mut logs) = (Vec::new(), Vec::new());
+    let (mut per_step, mut logs, mut uploads) = (Vec::new(), Vec::new(), Vec::new());
     loop {
         b.set_fuse(per_step.len() > 2);
         let before = b.launch_count();
+        let uploads_before = b.upload_count();
         b.record_launches(true);
         let more = s.step().unwrap().is_some();
         let log = b.record_launches(false);
         if !more {
             break;
         }
+        uploads.push(b.upload_count() - uploads_before);
         per_step.push(b.launch_count() - before);
         assert_eq!(log.len() as u64, per_step[per_step.len() - 1]);
         logs.push(log);
@@ -899,6 +901,12 @@ fn decode_launches_do_not_grow() {
         steps[0] >= 7 * layers,
         "a decode step of {layers} layers queued only {} launches",
         steps[0]
+    );
+    // A step's index arrays (ids, positions, cache slots, page tables, lengths) go to the device
+    // once a step, whatever the number of layers (one upload per layer and array before).
+    assert!(
+        uploads[1..].iter().all(|&n| (1..=5).contains(&n)),
+        "index uploads per decode step of {layers} layers: {uploads:?}"
     );
     let mut grid_changes = 0;
     for pair in logs[3..].windows(2) {

@@ -424,7 +424,8 @@ pub enum MemTag {
     Saved = 3,
     /// The FastRM head and its folded keys.
     Head = 4,
-    /// One op's intermediate buffers (attention scores, split-K partials), freed when it returns.
+    /// One op's intermediate buffers (attention scores, split-K partials), freed when it returns;
+    /// and the few index arrays a decode step's layers share (bytes, kept until the next ones).
     Scratch = 5,
 }
 

@@ -20,7 +20,7 @@ pub mod preflight;
 mod sim;
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -323,8 +323,20 @@ pub struct Cuda<T: Elem> {
     /// Each launch's op and shape while recording (`record_launches`): what a CUDA graph of a
     /// step would capture, so tests can compare two steps' sequences.
     log: RefCell<Option<Vec<Launch>>>,
+    /// The index arrays a decode step's layers pass to their kernels (positions, cache slots,
+    /// page tables, lengths), on the device by content: every layer of a step sends the same
+    /// ones, so each is copied once a step rather than once a layer (an upload is a driver call
+    /// and a copy queued between the step's kernels). Never written on the device; the most
+    /// recent [`INDEX_MEMO`] are kept, none after `trim_and_sync`.
+    indices: RefCell<VecDeque<(Vec<u8>, Buffer<u8>)>>,
+    /// Host-to-device uploads of index arrays so far (memoised ones not counted).
+    uploads: Cell<u64>,
     _t: PhantomData<T>,
 }
+
+/// Index arrays kept on the device for reuse: a decode step passes four distinct ones (positions,
+/// slots, page tables, lengths) and the embedding's ids; twice that covers a step and the next.
+const INDEX_MEMO: usize = 8;
 
 /// One queued launch as a captured graph would hold it, without its argument values: a kernel
 /// with its grid and block, or a cuBLAS GEMM with its sizes (`grid` = (m, n, batch), `block` =
@@ -480,6 +492,8 @@ impl<T: Elem> Cuda<T> {
             fuse: Cell::new(std::env::var("FASTRM_CUDA_FUSE").map_or(true, |v| v != "0")),
             launches: Cell::new(0),
             log: RefCell::new(None),
+            indices: RefCell::new(VecDeque::new()),
+            uploads: Cell::new(0),
             _t: PhantomData,
         }
     }
@@ -517,6 +531,37 @@ impl<T: Elem> Cuda<T> {
     pub fn record_launches(&self, on: bool) -> Vec<Launch> {
         let old = self.log.replace(on.then(Vec::new));
         old.unwrap_or_default()
+    }
+
+    /// Index arrays copied to the device so far (a memoised one counts once).
+    pub fn upload_count(&self) -> u64 {
+        self.uploads.get()
+    }
+
+    /// The device address of `host`'s values, uploaded unless the same bytes are already there
+    /// (see `indices`). Only for arrays kernels read and never write.
+    fn indices<U: Repr>(&self, host: &[U]) -> Result<u64> {
+        // SAFETY: any initialised slice is readable as its bytes.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(host.as_ptr().cast::<u8>(), std::mem::size_of_val(host))
+        };
+        let mut memo = self.indices.borrow_mut();
+        // Least recently used first: an array just used moves to the back, so the arrays of the
+        // op being launched are never the one a new upload evicts.
+        let entry = match memo.iter().position(|(k, _)| k == bytes) {
+            Some(i) => memo.remove(i).expect("found above"),
+            None => {
+                let buf = self.to_device(bytes, MemTag::Scratch)?;
+                self.uploads.set(self.uploads.get() + 1);
+                (bytes.to_vec(), buf)
+            }
+        };
+        let addr = self.addr(&entry.1);
+        memo.push_back(entry);
+        if memo.len() > INDEX_MEMO {
+            memo.pop_front();
+        }
+        Ok(addr)
     }
 
     fn count_launch(&self, launch: impl FnOnce() -> Launch) {
@@ -567,6 +612,7 @@ impl<T: Elem> Cuda<T> {
     /// peaks. The next allocations come from the driver again, which a measured run pays for.
     pub fn trim_and_sync(&self) -> Result<()> {
         self.synchronize()?;
+        self.indices.borrow_mut().clear();
         match &self.dev {
             #[cfg(feature = "cuda")]
             Device::Gpu(g) if g.ctx.has_async_alloc() => {

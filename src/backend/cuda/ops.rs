@@ -876,7 +876,7 @@ impl<T: Elem> Backend for Cuda<T> {
         let inv = self.inv_freq(head_dim, theta)?;
         let (q_out, k_out) = (self.alloc(q.rows, q.cols)?, self.alloc(k.rows, k.cols)?);
         if q.rows > 0 {
-            let pos = self.to_device(positions, MemTag::Scratch)?;
+            let pos = self.indices(positions)?;
             let (qc, kc, hd) = (
                 i32_dim("rope", q.cols)?,
                 i32_dim("rope", k.cols)?,
@@ -894,7 +894,7 @@ impl<T: Elem> Backend for Cuda<T> {
                     &qc,
                     &kc,
                     &hd,
-                    &self.addr(&pos),
+                    &pos,
                 ],
             )?;
         }
@@ -931,12 +931,12 @@ impl<T: Elem> Backend for Cuda<T> {
         }
         let out = self.alloc(ids.len(), table.cols)?;
         if !ids.is_empty() {
-            let dev_ids = self.to_device(ids, MemTag::Scratch)?;
+            let dev_ids = self.indices(ids)?;
             let d = i32_dim("embedding", table.cols)?;
             self.launch(
                 "embedding_fwd",
                 per_row(ids.len(), 256, 0),
-                &[&self.ptr(&out), &self.ptr(table), &self.addr(&dev_ids), &d],
+                &[&self.ptr(&out), &self.ptr(table), &dev_ids, &d],
             )?;
         }
         Ok(out)
@@ -966,12 +966,12 @@ impl<T: Elem> Backend for Cuda<T> {
             ));
         }
         if !rows.is_empty() {
-            let dev_rows = self.to_device(rows, MemTag::Scratch)?;
+            let dev_rows = self.indices(rows)?;
             let d = i32_dim("scatter_rows", dst.cols)?;
             self.launch(
                 "scatter_rows",
                 per_row(rows.len(), 256, 0),
-                &[&self.ptr(dst), &self.ptr(src), &self.addr(&dev_rows), &d],
+                &[&self.ptr(dst), &self.ptr(src), &dev_rows, &d],
             )?;
         }
         Ok(())
@@ -1013,20 +1013,17 @@ impl<T: Elem> Backend for Cuda<T> {
             }
         }
         let lens: Vec<i32> = rows.iter().map(|r| r.len as i32).collect();
-        let (table, lens) = (
-            self.to_device(&table, MemTag::Scratch)?,
-            self.to_device(&lens, MemTag::Scratch)?,
-        );
+        let (table, lens) = (self.indices(&table)?, self.indices(&lens)?);
         let paged = Decode {
             splits: longest.div_ceil(DECODE_CHUNK),
             kv_len: i32_dim("paged_attention", longest)?,
             q_pos0: -1,
             key_keep: 0,
             pages: Some((
-                self.addr(&table),
+                table,
                 i32_dim("paged_attention", max_pages)?,
                 i32_dim("paged_attention", page)?,
-                self.addr(&lens),
+                lens,
             )),
         };
         self.decode_attention(q, k, v, shape, paged, &out)?;
