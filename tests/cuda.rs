@@ -20,7 +20,7 @@ use std::io::Write;
 use common::{assert_close, fixture_dir, fixture_image, pearson, Expected};
 use fastrm::backend::cpu::Cpu;
 use fastrm::backend::cuda::{self, Cuda, Elem};
-use fastrm::backend::{AttnShape, Backend, Cam, PagedRow};
+use fastrm::backend::{AttnShape, Backend, Cam, KvStore, PagedRow};
 use fastrm::engine::{Method, Request};
 use fastrm::explain::fastrm::HeadWeights;
 use fastrm::explain::RowMode;
@@ -427,6 +427,40 @@ fn ops<T: Elem>(test: &str) {
         let (cq, ck) = Cpu.rope_qk(&q.c, &k.c, hd, &positions, 10000.0).unwrap();
         check("rope_qk at row positions q", &g, &gq, &cq);
         check("rope_qk at row positions k", &g, &gk, &ck);
+        // The same rotation with the keys and values written into pool rows (a decode step's
+        // cache writes): one fused launch, and the op-by-op path, against the CPU; every pool
+        // row the slots do not name keeps its value.
+        let v = pair(&g, &rand(r, rows * 2 * hd, 1.0), rows, 2 * hd);
+        let slots = [40u32, 3, 17, 0, 63];
+        for fused in [true, false] {
+            g.set_fuse(fused);
+            let kp = pair(&g, &rand(r, 64 * 2 * hd, 1.0), 64, 2 * hd);
+            let vp = pair(&g, &rand(r, 64 * 2 * hd, 1.0), 64, 2 * hd);
+            let (mut kg, mut kc, mut vg, mut vc) = (kp.g, kp.c, vp.g, vp.c);
+            let before = g.launch_count();
+            let dst = KvStore {
+                keys: &mut kg,
+                values: &mut vg,
+                slots: &slots,
+            };
+            let gq = g
+                .rope_qk_store(&q.g, &k.g, &v.g, hd, &positions, 1e4, dst)
+                .unwrap();
+            assert_eq!(g.launch_count() - before, if fused { 1 } else { 3 });
+            let dst = KvStore {
+                keys: &mut kc,
+                values: &mut vc,
+                slots: &slots,
+            };
+            let cq = Cpu
+                .rope_qk_store(&q.c, &k.c, &v.c, hd, &positions, 1e4, dst)
+                .unwrap();
+            let s = format!("rope_qk_store (fused {fused})");
+            check(&format!("{s} q"), &g, &gq, &cq);
+            check(&format!("{s} key pool"), &g, &kg, &kc);
+            check(&format!("{s} value pool"), &g, &vg, &vc);
+        }
+        g.set_fuse(true);
     }
 
     // Keys and values into their pages, and the paged decode attention over them: rows of
@@ -884,10 +918,11 @@ fn decode_launches_do_not_grow() {
     assert_eq!(per_step.len(), 6);
     let layers = cfg.text.num_hidden_layers as u64;
     // Fused: each layer's two residual adds ride on the norms after them, q, k, v are one launch
-    // (3 -> 1) and so are gate and up (2 -> 1). (q and k always rotate in one launch.)
+    // (3 -> 1) and so are gate and up (2 -> 1), and the keys and values go into the cache from
+    // the RoPE launch (3 -> 1). (q and k always rotate in one launch.)
     assert_eq!(
         per_step[1] - per_step[3],
-        5 * layers,
+        7 * layers,
         "launches per step one per op vs fused: {per_step:?}"
     );
     assert_eq!(per_step[1], per_step[2], "{per_step:?}");

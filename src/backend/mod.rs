@@ -76,6 +76,14 @@ pub struct PagedRow<'a> {
     pub len: usize,
 }
 
+/// Where [`Backend::rope_qk_store`] writes a decode step's keys and values: rows `slots` of one
+/// layer's key and value pools.
+pub struct KvStore<'a, T> {
+    pub keys: &'a mut T,
+    pub values: &'a mut T,
+    pub slots: &'a [u32],
+}
+
 /// The row of a KV pool holding position `j` of a sequence whose page table is `pages` (pages of
 /// `page` positions).
 pub fn page_slot(pages: &[u32], page: usize, j: usize) -> usize {
@@ -312,6 +320,25 @@ pub trait Backend {
     /// Writes row `i` of `src` into row `rows[i]` of `dst` (keys and values into their pages);
     /// the rows must be distinct and inside `dst`.
     fn scatter_rows(&self, dst: &mut Self::Tensor, rows: &[u32], src: &Self::Tensor) -> Result<()>;
+    /// A decode step's RoPE and cache writes: [`Backend::rope_qk`] of the rows, their rotated keys
+    /// and their values `v` [`Backend::scatter_rows`]-written to `dst`; returns the rotated
+    /// queries. One launch where a GPU backend fuses it, the same values either way.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_qk_store(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        head_dim: usize,
+        positions: &[u32],
+        theta: f32,
+        dst: KvStore<'_, Self::Tensor>,
+    ) -> Result<Self::Tensor> {
+        let (q, k) = self.rope_qk(q, k, head_dim, positions, theta)?;
+        self.scatter_rows(dst.keys, dst.slots, &k)?;
+        self.scatter_rows(dst.values, dst.slots, v)?;
+        Ok(q)
+    }
     /// Decode attention of a batch over paged keys and values. Row `i` of `q` `[B, H·d]` is one
     /// query at position `rows[i].len - 1`, seeing keys `0 .. rows[i].len`; key `j` of row `i` is
     /// row `rows[i].pages[j / page] · page + j % page` of `k` and `v` (the pool's tensors of one

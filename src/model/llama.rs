@@ -6,7 +6,7 @@
 
 use super::kv::{SeqKv, PAGE};
 use super::WeightSource;
-use crate::backend::{with_memory_tag, AttnShape, Backend, MemTag, PagedRow};
+use crate::backend::{with_memory_tag, AttnShape, Backend, KvStore, MemTag, PagedRow};
 use crate::config::{LlavaConfig, TextConfig};
 use crate::error::{Error, Result};
 
@@ -243,7 +243,9 @@ impl<B: Backend> Llama<B> {
             Vec::new()
         };
         let pool = kv.pool();
-        let attend = |li: usize, q: &B::Tensor, k: B::Tensor, v: B::Tensor| {
+        let (head_dim, theta) = (self.cfg.head_dim, self.cfg.rope_theta as f32);
+        let attend = |li: usize, q: &B::Tensor, k: &B::Tensor, v: B::Tensor| {
+            let (q, k) = b.rope_qk(q, k, head_dim, &positions, theta)?;
             let (k, v) = pool.with_layers(|pk, pv| -> Result<_> {
                 b.scatter_rows(&mut pk[li], &new_slots, &k)?;
                 b.scatter_rows(&mut pv[li], &new_slots, &v)?;
@@ -255,10 +257,11 @@ impl<B: Backend> Llama<B> {
                     b.embedding(&pv[li], &all_slots)?,
                 ))
             })?;
-            match pass {
-                Pass::Plain => b.attention(q, &k, &v, shape),
-                Pass::Masked(keep) => b.attention_masked(q, &k, &v, shape, keep),
-            }
+            let a = match pass {
+                Pass::Plain => b.attention(&q, &k, &v, shape),
+                Pass::Masked(keep) => b.attention_masked(&q, &k, &v, shape, keep),
+            }?;
+            Ok((a, q))
         };
         let keep_layer = |li: usize, layer: SavedLayer<B>| -> Result<()> {
             match save.as_deref_mut() {
@@ -266,7 +269,7 @@ impl<B: Backend> Llama<B> {
                 None => Ok(()),
             }
         };
-        let (out, x) = self.layers_forward(b, x, &positions, attend, keep_layer)?;
+        let (out, x) = self.layers_forward(b, x, attend, keep_layer)?;
         kv.len = pos0 + n;
         if let Some(s) = save {
             let row = pos0 - s.pos0;
@@ -316,14 +319,21 @@ impl<B: Backend> Llama<B> {
             })
             .collect();
         let shape = self.heads();
-        let attend = |li: usize, q: &B::Tensor, k: B::Tensor, v: B::Tensor| {
+        let (head_dim, theta) = (self.cfg.head_dim, self.cfg.rope_theta as f32);
+        let attend = |li: usize, q: &B::Tensor, k: &B::Tensor, v: B::Tensor| {
             pool.with_layers(|pk, pv| {
-                b.scatter_rows(&mut pk[li], &slots, &k)?;
-                b.scatter_rows(&mut pv[li], &slots, &v)?;
-                b.paged_attention(q, &pk[li], &pv[li], &paged, PAGE, shape)
+                let (keys, values) = (&mut pk[li], &mut pv[li]);
+                let dst = KvStore {
+                    keys,
+                    values,
+                    slots: &slots,
+                };
+                let q = b.rope_qk_store(q, k, &v, head_dim, &positions, theta, dst)?;
+                let a = b.paged_attention(&q, &pk[li], &pv[li], &paged, PAGE, shape)?;
+                Ok((a, q))
             })
         };
-        let (out, _) = self.layers_forward(b, x, &positions, attend, |_, _| Ok(()))?;
+        let (out, _) = self.layers_forward(b, x, attend, |_, _| Ok(()))?;
         for s in seqs.iter_mut() {
             s.len += 1;
         }
@@ -342,20 +352,24 @@ impl<B: Backend> Llama<B> {
         }
     }
 
-    /// The layers over rows at `positions`: `attend(layer, q, k, v)` stores the rows' keys and
-    /// values and attends (rotated q and k); `keep(layer, saved)` receives what a backward needs.
-    /// Returns the final-norm hidden states and the residual stream entering the final norm.
+    /// The layers over the rows of `x`: `attend(layer, q, k, v)` rotates q and k at the rows'
+    /// positions, stores the keys and values, attends, and returns the attention's output with
+    /// the rotated queries; `keep(layer, saved)` receives what a backward needs. Returns the
+    /// final-norm hidden states and the residual stream entering the final norm.
     fn layers_forward(
         &self,
         b: &B,
         x: B::Tensor,
-        positions: &[u32],
-        mut attend: impl FnMut(usize, &B::Tensor, B::Tensor, B::Tensor) -> Result<B::Tensor>,
+        mut attend: impl FnMut(
+            usize,
+            &B::Tensor,
+            &B::Tensor,
+            B::Tensor,
+        ) -> Result<(B::Tensor, B::Tensor)>,
         mut keep: impl FnMut(usize, SavedLayer<B>) -> Result<()>,
     ) -> Result<(B::Tensor, B::Tensor)> {
         let t = &self.cfg;
         let eps = t.rms_norm_eps as f32;
-        let theta = t.rope_theta as f32;
         // Each residual add is fused with the norm that reads its sum: the MLP's norm, then the
         // next layer's attention norm (the final norm after the last layer).
         let first_norm = self.layers.first().map_or(&self.norm, |l| &l.attn_norm);
@@ -363,8 +377,7 @@ impl<B: Backend> Llama<B> {
         let mut x = x;
         for (li, l) in self.layers.iter().enumerate() {
             let [q, k, v] = array(b.linear_group(&h, &[&l.q, &l.k, &l.v])?)?;
-            let (q, k) = b.rope_qk(&q, &k, t.head_dim, positions, theta)?;
-            let a = attend(li, &q, k, v)?;
+            let (a, q) = attend(li, &q, &k, v)?;
             let (x_mid, h_mlp) =
                 b.add_rms_norm(&x, &b.linear(&a, &l.o, None)?, &l.mlp_norm, eps)?;
             let [gate, up] = array(b.linear_group(&h_mlp, &[&l.gate, &l.up])?)?;

@@ -7,7 +7,7 @@ use super::LaunchConfig;
 
 use super::{grid_1d, per_row, Cuda, CudaTensor, Elem, Gemm};
 use crate::backend::{
-    check_paged, check_weight_view, shape_err, AttnGrads, AttnShape, Backend, Cam, MemTag,
+    check_paged, check_weight_view, shape_err, AttnGrads, AttnShape, Backend, Cam, KvStore, MemTag,
     PagedRow, INVARIANT_ROWS,
 };
 use crate::checkpoint::{StoredTensor, TensorRef};
@@ -899,6 +899,92 @@ impl<T: Elem> Backend for Cuda<T> {
             )?;
         }
         Ok((q_out, k_out))
+    }
+
+    fn rope_qk_store(
+        &self,
+        q: &CudaTensor<T>,
+        k: &CudaTensor<T>,
+        v: &CudaTensor<T>,
+        head_dim: usize,
+        positions: &[u32],
+        theta: f32,
+        dst: KvStore<'_, CudaTensor<T>>,
+    ) -> Result<CudaTensor<T>> {
+        if !self.fuse_enabled() {
+            let (q, k) = self.rope_qk(q, k, head_dim, positions, theta)?;
+            self.scatter_rows(dst.keys, dst.slots, &k)?;
+            self.scatter_rows(dst.values, dst.slots, v)?;
+            return Ok(q);
+        }
+        let n = q.rows;
+        if k.rows != n || v.rows != n || positions.len() != n || dst.slots.len() != n {
+            return Err(shape_err(
+                "rope_qk_store",
+                format!(
+                    "queries {:?}, keys {:?}, values {:?}, {} positions and {} slots",
+                    q.dims(),
+                    k.dims(),
+                    v.dims(),
+                    positions.len(),
+                    dst.slots.len()
+                ),
+            ));
+        }
+        for x in [q, k] {
+            check_heads(x, head_dim)?;
+        }
+        for pool in [&*dst.keys, &*dst.values] {
+            if pool.cols != k.cols || v.cols != k.cols {
+                return Err(shape_err(
+                    "rope_qk_store",
+                    format!(
+                        "keys {:?} and values {:?} into a pool of {:?}",
+                        k.dims(),
+                        v.dims(),
+                        pool.dims()
+                    ),
+                ));
+            }
+            if let Some(&r) = dst.slots.iter().find(|&&r| r as usize >= pool.rows) {
+                return Err(shape_err(
+                    "rope_qk_store",
+                    format!("slot {r} outside the pool's {:?}", pool.dims()),
+                ));
+            }
+        }
+        if let Some(&p) = positions.iter().find(|&&p| p > i32::MAX as u32) {
+            return Err(shape_err("rope_qk_store", format!("position {p} over i32")));
+        }
+        let inv = self.inv_freq(head_dim, theta)?;
+        let q_out = self.alloc(q.rows, q.cols)?;
+        if n > 0 {
+            let (pos, slots) = (self.indices(positions)?, self.indices(dst.slots)?);
+            let (qc, kc, hd) = (
+                i32_dim("rope_qk_store", q.cols)?,
+                i32_dim("rope_qk_store", k.cols)?,
+                head_dim as i32,
+            );
+            self.launch(
+                "rope_qk_store_fwd",
+                per_row(n, 128, 0),
+                &[
+                    &self.ptr(&q_out),
+                    &self.ptr(q),
+                    &self.ptr(dst.keys),
+                    &self.ptr(k),
+                    &self.ptr(dst.values),
+                    &self.ptr(v),
+                    &inv,
+                    &qc,
+                    &kc,
+                    &hd,
+                    &pos,
+                    &slots,
+                ],
+            )?;
+        }
+        Ok(q_out)
     }
 
     fn attention(
