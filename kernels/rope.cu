@@ -40,21 +40,29 @@ __device__ void rope_fwd_impl(T* out, const T* x, const float* inv_freq, int col
 #define ROPE_PARAMS(T) (T* out, const T* x, const float* inv_freq, int cols, int head_dim, int pos0, float sign)
 FASTRM_INSTANTIATE(rope_fwd, ROPE_PARAMS, (out, x, inv_freq, cols, head_dim, pos0, sign))
 
-// The queries and keys of the same rows rotated forward in one launch (q [n, q_cols], k
-// [n, k_cols]; the pairs of a row are q's, then k's); row r sits at position pos[r] (a batched
-// decode step's rows each at their own sequence's position).
+// Row `row` of q rotated into the same row of q_out, and of k into row `k_row` of k_out (the row
+// itself, or a cache slot); the pairs of a row are q's, then k's, spread over the block.
 template <typename T>
-__device__ void rope_qk_fwd_impl(T* q_out, const T* q, T* k_out, const T* k, const float* inv_freq, int q_cols,
-                                 int k_cols, int head_dim, const int* positions) {
-    const long long row = blockIdx.x;
-    const float pos = (float)positions[row];
+__device__ __forceinline__ void rope_qk_row(T* q_out, const T* q, T* k_out, long long k_row, const T* k,
+                                            const float* inv_freq, int q_cols, int k_cols, int head_dim,
+                                            long long row, float pos) {
     const int q_pairs = q_cols >> 1, pairs = q_pairs + (k_cols >> 1);
     for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
         if (p < q_pairs)
             rope_pair(q_out, q, inv_freq, q_cols, head_dim, row, pos, p, 1.f);
         else
-            rope_pair(k_out, k, inv_freq, k_cols, head_dim, row, pos, p - q_pairs, 1.f);
+            rope_pair_to(k_out, k_row, k, inv_freq, k_cols, head_dim, row, pos, p - q_pairs, 1.f);
     }
+}
+
+// The queries and keys of the same rows rotated forward in one launch (q [n, q_cols], k
+// [n, k_cols]); row r sits at position pos[r] (a batched decode step's rows each at their own
+// sequence's position).
+template <typename T>
+__device__ void rope_qk_fwd_impl(T* q_out, const T* q, T* k_out, const T* k, const float* inv_freq, int q_cols,
+                                 int k_cols, int head_dim, const int* positions) {
+    const long long row = blockIdx.x;
+    rope_qk_row(q_out, q, k_out, row, k, inv_freq, q_cols, k_cols, head_dim, row, (float)positions[row]);
 }
 #define ROPE_QK_PARAMS(T) (T* q_out, const T* q, T* k_out, const T* k, const float* inv_freq, int q_cols, int k_cols, \
                            int head_dim, const int* positions)
@@ -70,14 +78,7 @@ __device__ void rope_qk_store_fwd_impl(T* q_out, const T* q, T* k_pool, const T*
                                        const int* positions, const unsigned int* slots) {
     const long long row = blockIdx.x;
     const long long slot = slots[row];
-    const float pos = (float)positions[row];
-    const int q_pairs = q_cols >> 1, pairs = q_pairs + (k_cols >> 1);
-    for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
-        if (p < q_pairs)
-            rope_pair(q_out, q, inv_freq, q_cols, head_dim, row, pos, p, 1.f);
-        else
-            rope_pair_to(k_pool, slot, k, inv_freq, k_cols, head_dim, row, pos, p - q_pairs, 1.f);
-    }
+    rope_qk_row(q_out, q, k_pool, slot, k, inv_freq, q_cols, k_cols, head_dim, row, (float)positions[row]);
     for (int c = threadIdx.x; c < k_cols; c += blockDim.x)
         v_pool[slot * k_cols + c] = v[row * k_cols + c];
 }

@@ -437,24 +437,26 @@ fn ops<T: Elem>(test: &str) {
             let kp = pair(&g, &rand(r, 64 * 2 * hd, 1.0), 64, 2 * hd);
             let vp = pair(&g, &rand(r, 64 * 2 * hd, 1.0), 64, 2 * hd);
             let (mut kg, mut kc, mut vg, mut vc) = (kp.g, kp.c, vp.g, vp.c);
+            fn store<B: Backend>(
+                b: &B,
+                [q, k, v]: [&B::Tensor; 3],
+                (keys, values): (&mut B::Tensor, &mut B::Tensor),
+                (head_dim, positions): (usize, &[u32]),
+                slots: &[u32],
+            ) -> B::Tensor {
+                let dst = KvStore {
+                    keys,
+                    values,
+                    slots,
+                };
+                b.rope_qk_store(q, k, v, head_dim, positions, 1e4, dst)
+                    .unwrap()
+            }
             let before = g.launch_count();
-            let dst = KvStore {
-                keys: &mut kg,
-                values: &mut vg,
-                slots: &slots,
-            };
-            let gq = g
-                .rope_qk_store(&q.g, &k.g, &v.g, hd, &positions, 1e4, dst)
-                .unwrap();
+            let at = (hd, &positions[..]);
+            let gq = store(&g, [&q.g, &k.g, &v.g], (&mut kg, &mut vg), at, &slots);
             assert_eq!(g.launch_count() - before, if fused { 1 } else { 3 });
-            let dst = KvStore {
-                keys: &mut kc,
-                values: &mut vc,
-                slots: &slots,
-            };
-            let cq = Cpu
-                .rope_qk_store(&q.c, &k.c, &v.c, hd, &positions, 1e4, dst)
-                .unwrap();
+            let cq = store(&Cpu, [&q.c, &k.c, &v.c], (&mut kc, &mut vc), at, &slots);
             let s = format!("rope_qk_store (fused {fused})");
             check(&format!("{s} q"), &g, &gq, &cq);
             check(&format!("{s} key pool"), &g, &kg, &kc);

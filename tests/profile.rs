@@ -23,6 +23,17 @@ fn fastrm(args: &[&str]) -> Output {
         .expect("binary runs")
 }
 
+/// `fastrm ARGS` run to success; its standard output as one JSON document.
+fn profile_json(args: &[&str]) -> Value {
+    let out = fastrm(args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("stdout is one JSON document")
+}
+
 fn assert_fails(out: &Output, needles: &[&str]) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "exit code; stderr: {stderr}");
@@ -230,7 +241,7 @@ fn synthetic_tiny_prints_the_table() {
     assert!(!stdout.contains("FastRM vs"), "no baseline, no ratios");
 
     // --full-r and --repeat reach the runs and the JSON.
-    let out = fastrm(&[
+    let v = profile_json(&[
         "profile",
         "--model",
         "synthetic:tiny",
@@ -243,12 +254,6 @@ fn synthetic_tiny_prints_the_table() {
         "2",
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["full_r"], true);
     assert_eq!(v["repeat"], 2);
     assert_eq!(v["model"], "synthetic:tiny");
@@ -432,7 +437,7 @@ fn ledger_peaks_do_not_depend_on_method_order() {
     // The smallest model with a tokenizer (two layers, 25 patches): the simulator is slow.
     let (model, image) = (common::fixture_dir("tiny"), common::fixture_image("tiny"));
     let peaks = |methods: &str| -> Vec<(String, Value)> {
-        let out = fastrm(&[
+        let v = profile_json(&[
             "profile",
             "--device",
             "sim",
@@ -448,12 +453,6 @@ fn ledger_peaks_do_not_depend_on_method_order() {
             "1",
             "--json",
         ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
         let mut runs: Vec<(String, Value)> = v["runs"]
             .as_array()
             .unwrap()
@@ -487,7 +486,7 @@ fn ledger_peaks_do_not_depend_on_method_order() {
 /// its share, the maps' share of a step; and the table that shows them.
 #[test]
 fn decode_roofline_counts_the_bytes_of_every_step() {
-    let out = fastrm(&[
+    let v = profile_json(&[
         "profile",
         "--model",
         "synthetic:tiny",
@@ -499,12 +498,6 @@ fn decode_roofline_counts_the_bytes_of_every_step() {
         "1",
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     let cfg: Value = serde_json::from_str(
         &std::fs::read_to_string(common::repo_root().join("assets/demo/model/config.json"))
             .unwrap(),

@@ -100,6 +100,35 @@ struct Heads {
 }
 
 impl<T: Elem> Cuda<T> {
+    /// What the RoPE launchers check before launching: one position per row of q and k, whole
+    /// heads, positions in i32. Their column counts and head size as the kernels take them.
+    fn rope_qk_dims(
+        op: &str,
+        q: &CudaTensor<T>,
+        k: &CudaTensor<T>,
+        head_dim: usize,
+        positions: &[u32],
+    ) -> Result<(i32, i32, i32)> {
+        if q.rows != k.rows || positions.len() != q.rows {
+            return Err(shape_err(
+                op,
+                format!(
+                    "queries {:?}, keys {:?} and {} positions",
+                    q.dims(),
+                    k.dims(),
+                    positions.len()
+                ),
+            ));
+        }
+        for x in [q, k] {
+            check_heads(x, head_dim)?;
+        }
+        if let Some(&p) = positions.iter().find(|&&p| p > i32::MAX as u32) {
+            return Err(shape_err(op, format!("position {p} over i32")));
+        }
+        Ok((i32_dim(op, q.cols)?, i32_dim(op, k.cols)?, head_dim as i32))
+    }
+
     fn unary(&self, op: &'static str, x: &CudaTensor<T>) -> Result<CudaTensor<T>> {
         let out = self.alloc(x.rows, x.cols)?;
         let n = x.len() as i64;
@@ -856,32 +885,11 @@ impl<T: Elem> Backend for Cuda<T> {
         positions: &[u32],
         theta: f32,
     ) -> Result<(CudaTensor<T>, CudaTensor<T>)> {
-        if q.rows != k.rows || positions.len() != q.rows {
-            return Err(shape_err(
-                "rope",
-                format!(
-                    "queries {:?}, keys {:?} and {} positions",
-                    q.dims(),
-                    k.dims(),
-                    positions.len()
-                ),
-            ));
-        }
-        for x in [q, k] {
-            check_heads(x, head_dim)?;
-        }
-        if let Some(&p) = positions.iter().find(|&&p| p > i32::MAX as u32) {
-            return Err(shape_err("rope", format!("position {p} over i32")));
-        }
+        let (qc, kc, hd) = Self::rope_qk_dims("rope", q, k, head_dim, positions)?;
         let inv = self.inv_freq(head_dim, theta)?;
         let (q_out, k_out) = (self.alloc(q.rows, q.cols)?, self.alloc(k.rows, k.cols)?);
         if q.rows > 0 {
             let pos = self.indices(positions)?;
-            let (qc, kc, hd) = (
-                i32_dim("rope", q.cols)?,
-                i32_dim("rope", k.cols)?,
-                head_dim as i32,
-            );
             self.launch(
                 "rope_qk_fwd",
                 per_row(q.rows, 128, 0),
@@ -918,21 +926,16 @@ impl<T: Elem> Backend for Cuda<T> {
             return Ok(q);
         }
         let n = q.rows;
-        if k.rows != n || v.rows != n || positions.len() != n || dst.slots.len() != n {
+        let (qc, kc, hd) = Self::rope_qk_dims("rope_qk_store", q, k, head_dim, positions)?;
+        if v.rows != n || dst.slots.len() != n {
             return Err(shape_err(
                 "rope_qk_store",
                 format!(
-                    "queries {:?}, keys {:?}, values {:?}, {} positions and {} slots",
-                    q.dims(),
-                    k.dims(),
+                    "values {:?} and {} slots for {n} rows",
                     v.dims(),
-                    positions.len(),
                     dst.slots.len()
                 ),
             ));
-        }
-        for x in [q, k] {
-            check_heads(x, head_dim)?;
         }
         for pool in [&*dst.keys, &*dst.values] {
             if pool.cols != k.cols || v.cols != k.cols {
@@ -953,18 +956,10 @@ impl<T: Elem> Backend for Cuda<T> {
                 ));
             }
         }
-        if let Some(&p) = positions.iter().find(|&&p| p > i32::MAX as u32) {
-            return Err(shape_err("rope_qk_store", format!("position {p} over i32")));
-        }
         let inv = self.inv_freq(head_dim, theta)?;
         let q_out = self.alloc(q.rows, q.cols)?;
         if n > 0 {
             let (pos, slots) = (self.indices(positions)?, self.indices(dst.slots)?);
-            let (qc, kc, hd) = (
-                i32_dim("rope_qk_store", q.cols)?,
-                i32_dim("rope_qk_store", k.cols)?,
-                head_dim as i32,
-            );
             self.launch(
                 "rope_qk_store_fwd",
                 per_row(n, 128, 0),
