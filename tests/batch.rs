@@ -461,6 +461,7 @@ fn a_prefill_in_chunks_answers_as_a_whole_one() {
     chunked_equals_whole(&tiny(Cpu), &[1, 7, 16, 33]);
 }
 
+#[cfg(feature = "sim")]
 #[test]
 fn a_prefill_in_chunks_answers_as_a_whole_one_on_the_simulated_device() {
     chunked_equals_whole(

@@ -1,0 +1,237 @@
+//! LLaVA-NeXT (any-resolution tiles, a Mistral language model with grouped-query attention)
+//! against transformers on the tiny random model `tools/make_next_fixtures.py` writes: for
+//! pictures of five sizes and aspect ratios (each a different tile grid or unpadding) and two of
+//! different sizes in one prompt — the tiles' pixel values, the expanded prompt ids, the packed
+//! image features, greedy ids and every step's logits.
+
+mod common;
+
+use std::process::Command;
+
+use common::{assert_close, fixture_dir, Expected};
+use fastrm::backend::cpu::Cpu;
+use fastrm::text::{Role, Turn};
+use fastrm::vision::ImageLayout;
+use fastrm::{Engine, GenerateOptions, ImageInput, Request};
+use serde_json::Value;
+
+fn cases(exp: &Expected) -> Vec<Value> {
+    serde_json::from_str(&exp.meta["cases"]).unwrap()
+}
+
+fn request(case: &Value, question: &str) -> Request {
+    let dir = fixture_dir("next");
+    let images: Vec<ImageInput> = case["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| ImageInput::Path(dir.join(f.as_str().unwrap())))
+        .collect();
+    Request::Chat {
+        turns: vec![Turn::new(Role::User, images.len(), question)],
+        images,
+    }
+}
+
+#[test]
+fn next_matches_transformers() {
+    let exp = Expected::load("next");
+    let engine = Engine::load(Cpu, &fixture_dir("next")).unwrap();
+    let (b, m) = (engine.backend(), engine.model());
+    let cases = cases(&exp);
+    assert_eq!(cases.len(), 6);
+    let mut grids = std::collections::BTreeSet::new();
+    for case in &cases {
+        let name = case["name"].as_str().unwrap();
+        let (prompt, pixels) = engine
+            .resolve(&request(case, &exp.meta["question"]))
+            .unwrap();
+        assert_eq!(
+            prompt.ids(),
+            exp.ids(&format!("{name}.input_ids")),
+            "{name}: prompt ids"
+        );
+        // The layouts agree with the processor's sizes, tiles and token counts.
+        let sizes = exp.ids(&format!("{name}.image_sizes"));
+        let layouts = prompt.layouts();
+        assert_eq!(layouts.len() * 2, sizes.len());
+        for (l, hw) in layouts.iter().zip(sizes.chunks(2)) {
+            let &ImageLayout::AnyRes { size, tiles, .. } = l else {
+                panic!("{name}: a square layout on LLaVA-NeXT")
+            };
+            assert_eq!(size, (hw[0] as usize, hw[1] as usize), "{name}: image size");
+            grids.insert(tiles);
+        }
+        let views: usize = layouts.iter().map(ImageLayout::views).sum();
+        assert_eq!(
+            views as u64,
+            case["tiles"].as_u64().unwrap(),
+            "{name}: views"
+        );
+        let tokens: usize = layouts.iter().map(ImageLayout::tokens).sum();
+        assert_eq!(tokens as u64, case["image_tokens"].as_u64().unwrap());
+
+        // Pixels exactly: the same resize, letterbox and tiles as the PIL processor.
+        let (_, want_px) = exp.f32(&format!("{name}.pixel_values"));
+        assert_eq!(pixels.len(), want_px.len(), "{name}: pixel count");
+        let worst = pixels
+            .iter()
+            .zip(want_px)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert_eq!(worst, 0.0, "{name}: pixels differ by up to {worst}");
+
+        // The packed features: tiles, unpadding and newlines in the processor's token order.
+        let feats = m.encode_images(b, &pixels, layouts).unwrap();
+        let got: Vec<f32> = feats.iter().flat_map(|f| f.data.to_vec()).collect();
+        let (_, want_feats) = exp.f32(&format!("{name}.image_features"));
+        assert_close(&format!("{name} image features"), &got, want_feats, 1e-5);
+
+        let gen = exp.ids(&format!("{name}.generated_ids"));
+        let opts = GenerateOptions {
+            max_new_tokens: gen.len(),
+            stop_at_eos: false,
+            keep_steps: true,
+            ..Default::default()
+        };
+        let g = m.generate(b, prompt, &pixels, &opts).unwrap();
+        assert_eq!(g.generated_ids, gen, "{name}: generated ids");
+        let (lshape, want_logits) = exp.f32(&format!("{name}.logits"));
+        let vocab = lshape[1];
+        for (k, logits) in g.step_logits.iter().enumerate() {
+            let want = &want_logits[k * vocab..(k + 1) * vocab];
+            assert_close(&format!("{name} step {k} logits"), logits, want, 1e-4);
+        }
+    }
+    // The pictures cover distinct tile grids (1x2, 2x1, 1x3, 2x2).
+    assert!(grids.len() >= 4, "tile grids {grids:?}");
+}
+
+/// The engine's own path (the stream, the image cache) and the command line give the oracle's ids.
+#[test]
+fn next_generates_through_the_engine_and_the_cli() {
+    let exp = Expected::load("next");
+    let engine = Engine::load(Cpu, &fixture_dir("next")).unwrap();
+    engine.set_image_cache(4);
+    let question = &exp.meta["question"];
+    for case in &cases(&exp) {
+        let name = case["name"].as_str().unwrap();
+        let gen = exp.ids(&format!("{name}.generated_ids"));
+        let opts = GenerateOptions {
+            max_new_tokens: gen.len(),
+            stop_at_eos: false,
+            ..Default::default()
+        };
+        // Twice: the second run's image features come from the cache.
+        for _ in 0..2 {
+            let g = engine.generate(&request(case, question), &opts).unwrap();
+            assert_eq!(g.generated_ids, gen, "{name}: engine ids");
+        }
+    }
+    // The command line on the two-image case.
+    let case = cases(&exp)
+        .into_iter()
+        .find(|c| c["name"] == "two_sizes")
+        .unwrap();
+    let dir = fixture_dir("next");
+    let gen = exp.ids("two_sizes.generated_ids");
+    let mut args = vec![
+        "generate".to_string(),
+        "--model".into(),
+        dir.to_str().unwrap().into(),
+        "--prompt".into(),
+        question.clone(),
+        "--max-new-tokens".into(),
+        gen.len().to_string(),
+        "--json".into(),
+    ];
+    for f in case["images"].as_array().unwrap() {
+        args.extend([
+            "--image".into(),
+            dir.join(f.as_str().unwrap()).display().to_string(),
+        ]);
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_fastrm"))
+        .args(&args)
+        .output()
+        .unwrap();
+    let stdout = common::cli_ok(&out);
+    let v: Value = serde_json::from_str(&stdout).unwrap();
+    let ids = |k: &str| -> Vec<u32> {
+        v[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    assert_eq!(ids("input_ids"), exp.ids("two_sizes.input_ids"));
+    let got = ids("generated_ids");
+    assert_eq!(got[..], gen[..got.len()], "CLI ids (EOS may end it early)");
+}
+
+/// What is not built for tiled images yet is refused by name, not run wrong.
+#[test]
+fn next_refuses_maps_until_they_exist() {
+    let exp = Expected::load("next");
+    let engine = Engine::load(Cpu, &fixture_dir("next")).unwrap();
+    let case = &cases(&exp)[0];
+    let opts = GenerateOptions {
+        max_new_tokens: 2,
+        ..Default::default()
+    };
+    let method = fastrm::explain::Method::Baseline {
+        mode: fastrm::explain::RowMode::Streamed,
+    };
+    let err = engine
+        .explain(&request(case, "What?"), &opts, method, &mut |_| {})
+        .expect_err("a map on a tiled image is refused");
+    assert!(err.to_string().contains("LLaVA-NeXT"), "{err}");
+    // A question's prompt alone cannot be made without its image's size.
+    let err = engine.prompt("What?").unwrap_err().to_string();
+    assert!(err.contains("size"), "{err}");
+}
+
+/// The processor's tiling must be the model's: a preprocessor_config.json that disagrees is an
+/// error naming the field, not a silent choice of one.
+#[test]
+fn next_refuses_a_processor_that_tiles_differently() {
+    let m = common::copy_model("next", "");
+    let path = m.path().join("preprocessor_config.json");
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    v["image_grid_pinpoints"] = serde_json::json!([[30, 60], [60, 30]]);
+    std::fs::write(&path, v.to_string()).unwrap();
+    let err = Engine::load(Cpu, m.path())
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.contains("image_grid_pinpoints"), "{err}");
+}
+
+/// A checkpoint whose chat template is another family's (LLaVA-NeXT on Mistral ships
+/// `[INST] … [/INST]`) is refused by name: only LLaVA-1.5's template is rendered, and a prompt
+/// in the wrong template would answer, worse, without a word.
+#[test]
+fn next_refuses_a_chat_template_it_does_not_render() {
+    let m = common::copy_model("next", "");
+    let template =
+        "{% for message in messages %}[INST] {{ message['content'] }} [/INST]{% endfor %}";
+    let json = serde_json::json!({ "chat_template": template }).to_string();
+    std::fs::write(m.path().join("chat_template.json"), json).unwrap();
+    let engine = Engine::load(Cpu, m.path()).unwrap();
+    let dir = fixture_dir("next");
+    let req = Request::Chat {
+        turns: vec![Turn::new(Role::User, 1, "What?")],
+        images: vec![ImageInput::Path(dir.join("wide.png"))],
+    };
+    let err = engine
+        .generate(&req, &GenerateOptions::default())
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        err.contains("[INST]") && err.contains("chat_template.json"),
+        "{err}"
+    );
+    // The fixture's own folder (no template file) renders LLaVA-1.5's.
+    let plain = Engine::load(Cpu, &dir).unwrap();
+    assert!(plain.generate(&req, &GenerateOptions::default()).is_ok());
+}
