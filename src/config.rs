@@ -1,4 +1,5 @@
-//! `config.json` of a LLaVA-1.5 checkpoint.
+//! `config.json` of a LLaVA-1.5 (`llava`) or LLaVA-NeXT (`llava_next`) checkpoint, its language
+//! model a Llama or a Mistral (without sliding-window attention).
 //!
 //! Two field styles exist in the wild: the hub's transformers-4.x files, which leave most
 //! of `text_config`/`vision_config` at the class defaults (LlamaConfig, CLIPVisionConfig), and
@@ -11,6 +12,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::vision::ImageLayout;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum VisionAct {
@@ -75,9 +77,32 @@ pub struct LlavaConfig {
     pub vision_feature_layer: i64,
     /// Checkpoint storage dtype as written in the config (informational; tensors carry their own).
     pub dtype: Option<String>,
+    /// LLaVA-NeXT's any-resolution tiling; `None` for LLaVA-1.5's one square view per image.
+    pub anyres: Option<AnyRes>,
+}
+
+/// `image_grid_pinpoints`: the `(height, width)` resolutions, whole multiples of the tower's
+/// side, that an image may be resized into and tiled at.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AnyRes {
+    pub pinpoints: Vec<(usize, usize)>,
 }
 
 impl LlavaConfig {
+    /// How a `height × width` picture becomes image tokens on this model.
+    pub fn image_layout(&self, height: usize, width: usize) -> ImageLayout {
+        let grid = self.vision.grid();
+        match &self.anyres {
+            None => ImageLayout::Square { grid },
+            Some(a) => crate::vision::anyres::layout(
+                (height, width),
+                self.vision.image_size,
+                grid,
+                &a.pinpoints,
+            ),
+        }
+    }
+
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => Error::Config {
@@ -122,13 +147,16 @@ impl LlavaConfig {
 
     pub fn from_json_str(text: &str) -> std::result::Result<Self, String> {
         let root: RawConfig = parse_json(text)?;
-        if let Some(mt) = &root.model_type {
-            if mt != "llava" {
+        let next = match root.model_type.as_deref() {
+            None | Some("llava") => false,
+            Some("llava_next") => true,
+            Some(mt) => {
                 return Err(format!(
-                    "model_type is {mt:?}; only LLaVA-1.5 (\"llava\") is supported"
-                ));
+                    "model_type is {mt:?}; supported: \"llava\" (LLaVA-1.5), \"llava_next\" \
+                     (LLaVA-NeXT)"
+                ))
             }
-        }
+        };
         let missing = |k: &str| format!("missing `{k}` (is this a LLaVA config.json?)");
         let tc = root
             .text_config
@@ -138,13 +166,15 @@ impl LlavaConfig {
             .vision_config
             .as_ref()
             .ok_or_else(|| missing("vision_config"))?;
-        if let Some(mt) = &tc.model_type {
-            if mt != "llama" {
+        let mistral = match tc.model_type.as_deref() {
+            None | Some("llama") => false,
+            Some("mistral") => true,
+            Some(mt) => {
                 return Err(format!(
-                    "text_config.model_type is {mt:?}; only \"llama\" is supported"
-                ));
+                    "text_config.model_type is {mt:?}; supported: \"llama\", \"mistral\""
+                ))
             }
-        }
+        };
 
         // Defaults: transformers' CLIPVisionConfig.
         let v_act = match vc.hidden_act.as_deref().unwrap_or("quick_gelu") {
@@ -168,7 +198,8 @@ impl LlavaConfig {
             hidden_act: v_act,
         };
 
-        // Defaults: transformers' LlamaConfig (what the hub's llava-1.5 files rely on).
+        // Defaults: transformers' LlamaConfig (what the hub's llava-1.5 files rely on) or
+        // MistralConfig.
         let hidden = tc.hidden_size.unwrap_or(4096);
         let heads = tc.num_attention_heads.unwrap_or(32);
         let rope_theta = match (tc.rope_theta, &tc.rope_parameters) {
@@ -190,10 +221,14 @@ impl LlavaConfig {
         }
         let text = TextConfig {
             hidden_size: hidden,
-            intermediate_size: tc.intermediate_size.unwrap_or(11008),
+            intermediate_size: tc
+                .intermediate_size
+                .unwrap_or(if mistral { 14336 } else { 11008 }),
             num_hidden_layers: tc.num_hidden_layers.unwrap_or(32),
             num_attention_heads: heads,
-            num_key_value_heads: tc.num_key_value_heads.unwrap_or(heads),
+            num_key_value_heads: tc
+                .num_key_value_heads
+                .unwrap_or(if mistral { 8 } else { heads }),
             head_dim: tc
                 .head_dim
                 .unwrap_or(hidden.checked_div(heads).unwrap_or(0)),
@@ -202,8 +237,29 @@ impl LlavaConfig {
             vocab_size: tc.vocab_size.or(root.vocab_size).unwrap_or(32000),
             rms_norm_eps: tc.rms_norm_eps.unwrap_or(1e-6),
             rope_theta,
-            max_position_embeddings: tc.max_position_embeddings.unwrap_or(2048),
+            max_position_embeddings: tc.max_position_embeddings.unwrap_or(if mistral {
+                4096 * 32
+            } else {
+                2048
+            }),
         };
+        if mistral {
+            // MistralConfig's default window is 4096; `null` turns it off.
+            let window = match &tc.sliding_window {
+                None => Some(4096),
+                Some(v) if v.is_null() => None,
+                Some(v) => Some(v.as_u64().ok_or_else(|| {
+                    format!("text_config.sliding_window must be a number or null, got {v}")
+                })? as usize),
+            };
+            if let Some(w) = window.filter(|&w| w < text.max_position_embeddings) {
+                return Err(format!(
+                    "text_config.sliding_window {w} is shorter than the context ({}): \
+                     sliding-window attention is not supported",
+                    text.max_position_embeddings
+                ));
+            }
+        }
 
         let image_token_id = root
             .image_token_index
@@ -234,6 +290,12 @@ impl LlavaConfig {
             }
         }
         let dtype = root.torch_dtype.or(root.dtype);
+        let anyres = next.then(|| AnyRes {
+            // LlavaNextConfig's default: llava-hf's 336 px tiles, 1x2, 2x1, 2x2, 3x1, 1x3.
+            pinpoints: root.image_grid_pinpoints.clone().unwrap_or_else(|| {
+                vec![(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)]
+            }),
+        });
         let cfg = LlavaConfig {
             vision,
             text,
@@ -243,6 +305,7 @@ impl LlavaConfig {
             pad_token_id,
             vision_feature_layer,
             dtype,
+            anyres,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -354,6 +417,24 @@ impl LlavaConfig {
                 "vision_feature_layer selects the embeddings; at least one layer must run".into(),
             );
         }
+        if let Some(a) = &self.anyres {
+            let side = v.image_size;
+            if a.pinpoints.is_empty() {
+                return Err("image_grid_pinpoints is empty".into());
+            }
+            if let Some(&(h, w)) = a.pinpoints.iter().find(|&&(h, w)| {
+                h == 0
+                    || w == 0
+                    || !h.is_multiple_of(side)
+                    || !w.is_multiple_of(side)
+                    || h * w > 64 * side * side
+            }) {
+                return Err(format!(
+                    "image_grid_pinpoints [{h}, {w}] must be whole multiples of the vision \
+                     tower's image_size {side}, at most 64 tiles"
+                ));
+            }
+        }
         if self.image_token_id as usize >= t.vocab_size {
             return Err(format!(
                 "image token id {} is outside the vocabulary ({})",
@@ -397,6 +478,7 @@ struct RawConfig {
     /// One layer; transformers also allows a list, which LLaVA-1.5 never uses.
     vision_feature_layer: Option<i64>,
     projector_hidden_act: Option<String>,
+    image_grid_pinpoints: Option<Vec<(usize, usize)>>,
     torch_dtype: Option<String>,
     dtype: Option<String>,
 }
@@ -416,6 +498,9 @@ struct RawText {
     rope_parameters: Option<RawRope>,
     rope_scaling: Option<serde_json::Value>,
     max_position_embeddings: Option<usize>,
+    /// `Some(Null)` when written as `null` (no window), `None` when absent (the class default).
+    #[serde(default, deserialize_with = "present")]
+    sliding_window: Option<serde_json::Value>,
     eos_token_id: Option<OneOrMany>,
     bos_token_id: Option<u32>,
     pad_token_id: Option<u32>,
@@ -438,6 +523,13 @@ struct RawVision {
     patch_size: Option<usize>,
     num_channels: Option<usize>,
     layer_norm_eps: Option<f64>,
+}
+
+/// A field that is present, `null` included (serde reads a `null` `Option` as absent).
+fn present<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<serde_json::Value>, D::Error> {
+    serde_json::Value::deserialize(d).map(Some)
 }
 
 /// An id or a list of ids (`eos_token_id`).
@@ -569,6 +661,67 @@ mod tests {
         ];
         for (text, needle) in cases {
             let err = LlavaConfig::from_json_str(text).unwrap_err();
+            assert!(
+                err.contains(needle),
+                "error {err:?} should mention {needle:?}"
+            );
+        }
+    }
+
+    /// llava-hf's llava-v1.6-mistral-7b-hf as the hub writes it: LlavaNextConfig's and
+    /// MistralConfig's defaults fill in, no sliding window.
+    const HUB_NEXT_MISTRAL: &str = r#"{
+      "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+      "image_token_index": 32000, "model_type": "llava_next", "projector_hidden_act": "gelu",
+      "text_config": {"architectures": ["MistralForCausalLM"], "intermediate_size": 14336,
+        "max_position_embeddings": 32768, "model_type": "mistral", "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "sliding_window": null,
+        "torch_dtype": "bfloat16", "vocab_size": 32064},
+      "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
+        "model_type": "clip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 24,
+        "patch_size": 14, "projection_dim": 768, "vocab_size": 32000},
+      "vision_feature_layer": -2, "vision_feature_select_strategy": "default"
+    }"#;
+
+    #[test]
+    fn llava_next_with_mistral() {
+        let c = LlavaConfig::from_json_str(HUB_NEXT_MISTRAL).unwrap();
+        assert_eq!(c.text.num_key_value_heads, 8);
+        assert_eq!(c.text.max_position_embeddings, 32768);
+        assert_eq!(c.text.rope_theta, 1e6);
+        let pins = &c.anyres.as_ref().expect("tiled").pinpoints;
+        assert_eq!(pins[2], (672, 672));
+        // A 640x480 photo: 2x2 tiles, 36 of the 48 grid rows kept (see vision::anyres).
+        assert_eq!(c.image_layout(480, 640).tokens(), 576 + 36 * 49);
+        // Absent pinpoints take LlavaNextConfig's default (the same list).
+        let no_pins = HUB_NEXT_MISTRAL.replace(
+            r#""image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],"#,
+            "",
+        );
+        assert_eq!(
+            LlavaConfig::from_json_str(&no_pins).unwrap().anyres,
+            c.anyres
+        );
+        // LLaVA-1.5's images stay one square view.
+        let old = LlavaConfig::from_json_str(HUB_7B).unwrap();
+        assert_eq!(old.image_layout(480, 640), ImageLayout::Square { grid: 24 });
+
+        for (from, to, needle) in [
+            // A window shorter than the context, written or by MistralConfig's default.
+            (
+                r#""sliding_window": null"#,
+                r#""sliding_window": 4096"#,
+                "sliding_window 4096",
+            ),
+            (r#""sliding_window": null,"#, "", "sliding_window 4096"),
+            ("[1008, 336]", "[1000, 336]", "whole multiples"),
+            (
+                r#""model_type": "mistral""#,
+                r#""model_type": "qwen2""#,
+                "text_config.model_type",
+            ),
+        ] {
+            let err = LlavaConfig::from_json_str(&HUB_NEXT_MISTRAL.replace(from, to)).unwrap_err();
             assert!(
                 err.contains(needle),
                 "error {err:?} should mention {needle:?}"

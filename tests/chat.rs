@@ -54,12 +54,13 @@ fn conversations_render_and_tokenise_as_transformers_does() {
             .iter()
             .map(|x| x.as_u64().unwrap() as u32)
             .collect();
+        let count: usize = conv.turns.iter().map(|t| t.images).sum();
+        let tokens = vec![cfg.vision.num_patches(); count];
         let ids = text
-            .chat_ids(&conv.turns, cfg.image_token_id, cfg.vision.num_patches())
+            .chat_ids(&conv.turns, cfg.image_token_id, &tokens)
             .unwrap();
         assert_eq!(ids, want, "{name}: ids");
         // And the engine's prompt for the conversation with its images (none, one or several).
-        let count: usize = conv.turns.iter().map(|t| t.images).sum();
         let req = Request::Chat {
             turns: conv.turns.clone(),
             images: vec![ImageInput::Path(tiny.join("image.png")); count],

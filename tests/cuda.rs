@@ -21,7 +21,7 @@ use common::{assert_close, fixture_dir, fixture_image, pearson, Expected};
 use fastrm::backend::cpu::Cpu;
 use fastrm::backend::cuda::{self, Cuda, Elem};
 use fastrm::backend::{AttnShape, Backend, Cam, KvStore, PagedRow};
-use fastrm::engine::{Method, Request};
+use fastrm::engine::{ImageInput, Method, Request};
 use fastrm::explain::fastrm::HeadWeights;
 use fastrm::explain::RowMode;
 use fastrm::util::SplitMix64;
@@ -687,6 +687,47 @@ fn end_to_end<T: Elem>(test: &str, tol: f32) {
             "{test}: greedy ids against the oracle"
         );
     }
+}
+
+/// LLaVA-NeXT on the device: two pictures of different sizes tiled, packed (the newline rows
+/// gathered in) and answered as transformers does (the `next` fixture).
+#[test]
+fn next_end_to_end_f32() {
+    let test = "next_end_to_end_f32";
+    let Some(g) = gpu::<f32>(test) else { return };
+    let exp = Expected::load("next");
+    let dir = fixture_dir("next");
+    let engine = Engine::load(g, &dir).unwrap();
+    let b = engine.backend();
+    let images = ["panorama.png", "tall.png"].map(|f| ImageInput::Path(dir.join(f)));
+    let req = Request::Chat {
+        turns: vec![fastrm::text::Turn::new(
+            fastrm::text::Role::User,
+            2,
+            exp.meta["question"].as_str(),
+        )],
+        images: images.to_vec(),
+    };
+    let (prompt, pixels) = engine.resolve(&req).unwrap();
+    assert_eq!(prompt.ids(), exp.ids("two_sizes.input_ids"));
+    let feats = engine
+        .model()
+        .encode_images(b, &pixels, prompt.layouts())
+        .unwrap();
+    let got: Vec<f32> = feats.iter().flat_map(|f| b.download(f).unwrap()).collect();
+    let (_, want) = exp.f32("two_sizes.image_features");
+    assert_close(&format!("{test} image features"), &got, want, 1e-4);
+    let gen = exp.ids("two_sizes.generated_ids");
+    let opts = GenerateOptions {
+        max_new_tokens: gen.len(),
+        stop_at_eos: false,
+        ..Default::default()
+    };
+    let out = engine.generate(&req, &opts).unwrap();
+    assert_eq!(
+        out.generated_ids, gen,
+        "{test}: greedy ids against the oracle"
+    );
 }
 
 #[test]

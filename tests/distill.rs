@@ -114,7 +114,7 @@ fn check_against_engine(dir: &Path, method: Method, suffix: &str) {
             let ids = &ex.generation.input_ids;
             let mut full = ids.clone();
             full.extend_from_slice(&rec.generated_ids[..n - 1]);
-            let pixels = engine.pixels(&image.into()).unwrap();
+            let (pixels, _) = engine.pixels(&image.into()).unwrap();
             let h = engine
                 .model()
                 .forward_full(engine.backend(), &full, &pixels)

@@ -19,7 +19,7 @@ fn parity(name: &str) {
     let question = &exp.meta["question"];
 
     // Image and text inputs, each from the raw file / string.
-    let pixels = engine.pixels(&fixture_image(name).into()).unwrap();
+    let (pixels, _) = engine.pixels(&fixture_image(name).into()).unwrap();
     let (_, want_px) = exp.f32("pixel_values");
     let max_px = pixels
         .iter()

@@ -360,7 +360,7 @@ def init_weights(model, seed):
                 p.copy_(rn(p.shape, 1.0))
             elif "position_embedding" in name:
                 p.copy_(rn(p.shape, 0.5))
-            elif "embed_tokens" in name:
+            elif "embed_tokens" in name or name.endswith("image_newline"):
                 p.copy_(rn(p.shape, 1.0))
             elif p.dim() >= 2:
                 fan_in = int(np.prod(p.shape[1:]))
@@ -398,6 +398,8 @@ def hub_name(k: str) -> str:
     """transformers-5.24 state-dict name -> llava-hf hub (transformers 4.x) checkpoint name."""
     if k == "lm_head.weight":
         return "language_model.lm_head.weight"
+    if k == "model.image_newline":  # LLaVA-NeXT's row separator
+        return "image_newline"
     if k.startswith("model.language_model."):
         return "language_model.model." + k[len("model.language_model."):]
     if k.startswith("model.multi_modal_projector."):

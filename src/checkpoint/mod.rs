@@ -281,6 +281,8 @@ fn alternative_names(hub: &str) -> Vec<String> {
         v.push(format!("lm_head.{rest}"));
     } else if let Some(rest) = hub.strip_prefix("multi_modal_projector.") {
         v.push(format!("model.multi_modal_projector.{rest}"));
+    } else if hub == "image_newline" {
+        v.push("model.image_newline".into());
     } else if let Some(rest) = hub.strip_prefix("vision_tower.vision_model.") {
         v.push(format!("model.vision_tower.vision_model.{rest}"));
         v.push(format!("model.vision_tower.{rest}"));

@@ -20,8 +20,8 @@ use crate::error::{Error, Result};
 use crate::explain::fastrm::{FastRmHead, HeadWeights};
 pub use crate::model::session::{Mode, Prompt, Session};
 use crate::model::{Llava, Synthetic};
-use crate::text::{TextProcessor, Turn};
-use crate::vision::{self, PreprocessConfig, RgbImage};
+use crate::text::{Role, TextProcessor, Turn};
+use crate::vision::{self, ImageLayout, PreprocessConfig, RgbImage};
 
 pub use crate::explain::{Confidence, Method};
 pub use crate::model::llava::{GenerateOptions, StopReason, Timings};
@@ -55,7 +55,7 @@ pub struct Engine<B: Backend> {
 /// features (no hash to collide).
 struct ImageCache<B: Backend> {
     capacity: usize,
-    entries: std::collections::VecDeque<(Vec<f32>, std::sync::Arc<B::Tensor>)>,
+    entries: std::collections::VecDeque<(Vec<f32>, ImageLayout, std::sync::Arc<B::Tensor>)>,
 }
 
 /// An image's projected features on the engine's backend ([`Engine::encode`]).
@@ -225,7 +225,7 @@ impl<B: Backend> Engine<B> {
             });
         }
         let cfg = LlavaConfig::from_file(&dir.join("config.json"))?;
-        let text = TextProcessor::from_file(&dir.join("tokenizer.json"))?;
+        let text = TextProcessor::from_dir(dir)?;
         let pp_path = dir.join("preprocessor_config.json");
         let preprocess = if pp_path.is_file() {
             PreprocessConfig::from_file(&pp_path)?
@@ -242,6 +242,17 @@ impl<B: Backend> Engine<B> {
                     preprocess.crop_width, preprocess.crop_height, cfg.vision.image_size
                 ),
             });
+        }
+        if let Some(pins) = &preprocess.grid_pinpoints {
+            let model = cfg.anyres.as_ref().map(|a| &a.pinpoints);
+            if model != Some(pins) {
+                return Err(Error::Config {
+                    path: pp_path,
+                    msg: format!(
+                        "image_grid_pinpoints {pins:?} differ from config.json's {model:?}"
+                    ),
+                });
+            }
         }
         let ck = Checkpoint::open(dir)?;
         backend.check_weight_memory(&ck.census())?;
@@ -345,8 +356,9 @@ impl<B: Backend> Engine<B> {
         self.head.as_ref()
     }
 
-    /// Decoded, preprocessed CHW pixels of an image.
-    pub fn pixels(&self, image: &ImageInput) -> Result<Vec<f32>> {
+    /// An image decoded and preprocessed: its views' CHW pixels (one view after another) and how
+    /// its tokens come from them.
+    pub fn pixels(&self, image: &ImageInput) -> Result<(Vec<f32>, ImageLayout)> {
         self.inputs().pixels(image)
     }
 
@@ -523,30 +535,39 @@ impl<B: Backend> Engine<B> {
         c.entries.truncate(capacity);
     }
 
-    /// The features of `pixels` from the cache, or from the vision tower (then kept), and
-    /// whether the tower ran.
+    /// The features of an image's `pixels` laid out as `layout` says from the cache, or from the
+    /// vision tower (then kept), and whether the tower ran.
     pub(crate) fn image_features(
         &self,
         pixels: &[f32],
+        layout: &ImageLayout,
     ) -> Result<(std::sync::Arc<B::Tensor>, bool)> {
         let lock = || self.images.lock().unwrap_or_else(|e| e.into_inner());
         {
             let mut c = lock();
-            if let Some(i) = c.entries.iter().position(|(p, _)| p[..] == *pixels) {
+            let hit = c
+                .entries
+                .iter()
+                .position(|(p, l, _)| l == layout && p[..] == *pixels);
+            if let Some(i) = hit {
                 let hit = c.entries.remove(i).expect("the position was just found");
-                let features = std::sync::Arc::clone(&hit.1);
+                let features = std::sync::Arc::clone(&hit.2);
                 c.entries.push_front(hit);
                 return Ok((features, false));
             }
         }
-        let (_, features) = self.model.encode_image(&self.backend, pixels)?;
+        let features = self.model.encode_layout(&self.backend, pixels, layout)?;
         let features = std::sync::Arc::new(features);
         let mut c = lock();
         if c.capacity > 0 {
             let keep = c.capacity - 1;
             c.entries.truncate(keep);
-            c.entries
-                .push_front((pixels.to_vec(), std::sync::Arc::clone(&features)));
+            let entry = (
+                pixels.to_vec(),
+                layout.clone(),
+                std::sync::Arc::clone(&features),
+            );
+            c.entries.push_front(entry);
         }
         Ok((features, true))
     }
@@ -566,23 +587,25 @@ struct Inputs<'a> {
 }
 
 impl Inputs<'_> {
-    fn pixels(&self, image: &ImageInput) -> Result<Vec<f32>> {
-        vision::preprocess(&image.decode()?, self.preprocess).map_err(|e| name_image(image, e))
+    fn pixels(&self, image: &ImageInput) -> Result<(Vec<f32>, ImageLayout)> {
+        let img = image.decode()?;
+        let layout = self.cfg.image_layout(img.height, img.width);
+        let pixels = match &self.cfg.anyres {
+            None => vision::preprocess(&img, self.preprocess),
+            Some(a) => vision::anyres::preprocess_views(
+                &img,
+                self.preprocess,
+                self.cfg.vision.image_size,
+                &a.pinpoints,
+            ),
+        };
+        Ok((pixels.map_err(|e| name_image(image, e))?, layout))
     }
 
     fn text(&self) -> Result<&TextProcessor> {
         self.text.ok_or_else(|| {
             Error::input("this model has no tokenizer (synthetic models run on token ids only)")
         })
-    }
-
-    fn prompt(&self, question: &str) -> Result<Prompt> {
-        let ids = self.text()?.prompt_ids(
-            question,
-            self.cfg.image_token_id,
-            self.cfg.vision.num_patches(),
-        )?;
-        Prompt::new(self.cfg, ids)
     }
 
     /// A conversation's prompt and its images' pixels, one image after another.
@@ -594,35 +617,72 @@ impl Inputs<'_> {
                 images.len()
             )));
         }
-        // The prompt first: a conversation with too many images for the context is refused
-        // before any of them is decoded.
-        let prompt = self.chat_prompt(turns)?;
-        let mut pixels = Vec::with_capacity(images.len() * self.cfg.vision.pixels_per_image());
+        // A conversation with too many images for the context is refused before any of them
+        // is decoded.
+        self.check_fits(turns)?;
+        let (mut pixels, mut layouts) = (Vec::new(), Vec::with_capacity(images.len()));
         for image in images {
-            pixels.extend(self.pixels(image)?);
+            let (p, l) = self.pixels(image)?;
+            pixels.extend(p);
+            layouts.push(l);
         }
-        Ok((prompt, pixels))
+        Ok((self.chat_prompt(turns, layouts)?, pixels))
     }
 
-    fn chat_prompt(&self, turns: &[Turn]) -> Result<Prompt> {
-        let ids = self.text()?.chat_ids(
-            turns,
-            self.cfg.image_token_id,
-            self.cfg.vision.num_patches(),
-        )?;
-        Prompt::new(self.cfg, ids)
+    /// The prompt of a question about one square-view image (LLaVA-1.5's; a LLaVA-NeXT image's
+    /// tokens depend on its size, so its prompt comes with the image: [`Request::Question`]).
+    fn prompt(&self, question: &str) -> Result<Prompt> {
+        let turns = question_turn(question)?;
+        if self.cfg.anyres.is_some() {
+            return Err(Error::input(
+                "on this model an image's prompt depends on the image's size: ask with the image",
+            ));
+        }
+        let grid = self.cfg.vision.grid();
+        self.chat_prompt(&turns, vec![ImageLayout::Square { grid }])
+    }
+
+    /// A conversation's prompt, its images laid out as `layouts` say.
+    fn chat_prompt(&self, turns: &[Turn], layouts: Vec<ImageLayout>) -> Result<Prompt> {
+        let counts: Vec<usize> = layouts.iter().map(ImageLayout::tokens).collect();
+        let ids = self
+            .text()?
+            .chat_ids(turns, self.cfg.image_token_id, &counts)?;
+        Prompt::with_layouts(self.cfg, ids, layouts)
+    }
+
+    /// Whether a conversation can fit the context before its images are seen: each counted at
+    /// the fewest tokens an image takes on this model (exact for LLaVA-1.5's square images).
+    fn check_fits(&self, turns: &[Turn]) -> Result<()> {
+        let n: usize = turns.iter().map(|t| t.images).sum();
+        let fewest = self.cfg.vision.num_patches();
+        let ids = self
+            .text()?
+            .chat_ids(turns, self.cfg.image_token_id, &vec![fewest; n])?;
+        let ctx = self.cfg.text.max_position_embeddings;
+        if ids.len() >= ctx {
+            return Err(Error::ContextLength(format!(
+                "the prompt is at least {} tokens ({} of them for {n} images) but the model's \
+                 context is {ctx}; shorten the conversation or send fewer images",
+                ids.len(),
+                n * fewest
+            )));
+        }
+        Ok(())
     }
 
     fn resolve(&self, req: &Request) -> Result<(Prompt, Vec<f32>)> {
         let cfg = self.cfg;
         match req {
             Request::Prepared { prompt, pixels } => {
-                let prompt = Prompt::new(cfg, prompt.ids().to_vec())?;
+                let prompt =
+                    Prompt::with_layouts(cfg, prompt.ids().to_vec(), prompt.layouts().to_vec())?;
                 let side = cfg.vision.image_size;
-                if pixels.len() != prompt.images() * cfg.vision.pixels_per_image() {
+                let views: usize = prompt.layouts().iter().map(ImageLayout::views).sum();
+                if pixels.len() != views * cfg.vision.pixels_per_image() {
                     return Err(Error::input(format!(
-                        "prepared pixels: {} values for a prompt of {} images; the model takes \
-                         3x{side}x{side} per image",
+                        "prepared pixels: {} values for a prompt of {} images in {views} views; \
+                         the model takes 3x{side}x{side} per view",
                         pixels.len(),
                         prompt.images()
                     )));
@@ -630,7 +690,7 @@ impl Inputs<'_> {
                 Ok((prompt, pixels.clone()))
             }
             Request::Question { image, question } => {
-                Ok((self.prompt(question)?, self.pixels(image)?))
+                self.chat(&question_turn(question)?, std::slice::from_ref(image))
             }
             Request::Chat { turns, images } => self.chat(turns, images),
             &Request::Ids { n_text, seed } => {
@@ -651,6 +711,14 @@ impl Inputs<'_> {
             }
         }
     }
+}
+
+/// One user message: a question about one image.
+fn question_turn(question: &str) -> Result<[Turn; 1]> {
+    if question.trim().is_empty() {
+        return Err(Error::input("the question is empty"));
+    }
+    Ok([Turn::new(Role::User, 1, question)])
 }
 
 /// An engine's tokenizer, preprocessing and configuration, owned and `Send`: turns requests into
@@ -677,14 +745,19 @@ impl Preparer {
         Ok(Request::Prepared { prompt, pixels })
     }
 
-    /// A conversation's checked prompt alone (its images counted, none decoded): a server
-    /// refuses a conversation that cannot fit before it decodes an image.
-    pub fn chat_prompt(&self, turns: &[Turn]) -> Result<Prompt> {
-        self.inputs().chat_prompt(turns)
+    /// Whether a conversation can fit the context with its images counted at the fewest
+    /// tokens one takes, none decoded: a server refuses one that cannot before it decodes an image.
+    pub fn check_fits(&self, turns: &[Turn]) -> Result<()> {
+        self.inputs().check_fits(turns)
     }
 
-    /// An image's preprocessed CHW pixels (one image of a [`Request::Prepared`]).
-    pub fn pixels(&self, image: &ImageInput) -> Result<Vec<f32>> {
+    /// A conversation's checked prompt, its images laid out as `layouts` say.
+    pub fn chat_prompt(&self, turns: &[Turn], layouts: Vec<ImageLayout>) -> Result<Prompt> {
+        self.inputs().chat_prompt(turns, layouts)
+    }
+
+    /// An image's preprocessed views and layout (one image of a [`Request::Prepared`]).
+    pub fn pixels(&self, image: &ImageInput) -> Result<(Vec<f32>, ImageLayout)> {
         self.inputs().pixels(image)
     }
 }

@@ -218,6 +218,12 @@ impl<'e, B: Backend> Stream<'e, B> {
             State::Start(req) => {
                 // Every option checked before any work.
                 self.opts.generate.validate()?;
+                if self.opts.method.is_some() && e.config().anyres.is_some() {
+                    return Err(Error::input(
+                        "relevancy maps over LLaVA-NeXT's tiled images are not built yet: \
+                         generate without a map",
+                    ));
+                }
                 if let Some(m) = self.opts.method {
                     self.mapper = Some(Mapper::new(m, e.head.as_ref(), model)?);
                 }
@@ -233,8 +239,12 @@ impl<'e, B: Backend> Stream<'e, B> {
             State::Resolved { prompt, pixels } => {
                 let mut images = Vec::with_capacity(prompt.images());
                 let mut tower_s = 0.0;
-                for p in pixels.chunks(e.config().vision.pixels_per_image()) {
-                    let ((image, ran), secs) = timed(b, || e.image_features(p))?;
+                let per_view = e.config().vision.pixels_per_image();
+                let mut at = 0;
+                for layout in prompt.layouts() {
+                    let p = &pixels[at..at + layout.views() * per_view];
+                    at += p.len();
+                    let ((image, ran), secs) = timed(b, || e.image_features(p, layout))?;
                     // A cached image took no tower time.
                     tower_s += if ran { secs } else { 0.0 };
                     images.push(image);

@@ -1,15 +1,19 @@
 //! LLaVA-1.5 = CLIP tower → projector (linear, GELU, linear) → image features spliced into the
 //! prompt's embeddings at the image-token positions → Llama decoder; greedy generation.
+//! LLaVA-NeXT runs the same program on each of an image's views (the squashed whole and its
+//! tiles) and lays their features out by the image's [`ImageLayout`], a learned newline after
+//! each row of the tiles' grid.
 
 use super::clip::ClipVision;
 use super::kv::KvPool;
 use super::llama::Llama;
 use super::sampling::Sampling;
-use super::session::{Mode, Prompt, Session};
+use super::session::{concat_rows, Mode, Prompt, Session};
 use super::WeightSource;
 use crate::backend::Backend;
 use crate::config::LlavaConfig;
 use crate::error::{Error, Result};
+use crate::vision::ImageLayout;
 
 pub struct Projector<B: Backend> {
     w1: B::Tensor,
@@ -23,6 +27,8 @@ pub struct Llava<B: Backend> {
     pub vision: ClipVision<B>,
     pub projector: Projector<B>,
     pub llm: Llama<B>,
+    /// `[1, D]` LLaVA-NeXT's row separator in an image's tiled features (`image_newline`).
+    pub image_newline: Option<B::Tensor>,
     /// The KV cache every sequence of this model takes its pages from.
     pub kv: KvPool<B>,
 }
@@ -146,24 +152,67 @@ impl<B: Backend> Llava<B> {
             )?,
             b2: src.get(b, "multi_modal_projector.linear_2.bias", &[dt], 1, dt)?,
         };
+        let image_newline = match cfg.anyres {
+            Some(_) => Some(src.get(b, "image_newline", &[dt], 1, dt)?),
+            None => None,
+        };
         Ok(Llava {
             vision: ClipVision::load(b, src, cfg)?,
             projector,
+            image_newline,
             llm: Llama::load(b, src, cfg)?,
             kv: KvPool::new(&cfg.text),
             cfg: cfg.clone(),
         })
     }
 
-    /// Vision features `[P, Dv]` and projected features `[P, D]` for preprocessed CHW pixels.
+    /// Vision features `[P, Dv]` and projected features `[P, D]` for one view's preprocessed CHW
+    /// pixels (a LLaVA-1.5 image).
     pub fn encode_image(&self, b: &B, pixels: &[f32]) -> Result<(B::Tensor, B::Tensor)> {
         let feats = self.vision.forward(b, pixels)?;
-        let p = &self.projector;
-        let h = b.gelu(&b.linear(&feats, &p.w1, Some(&p.b1))?)?;
-        let proj = b.linear(&h, &p.w2, Some(&p.b2))?;
+        let proj = self.project(b, &feats)?;
         Ok((feats, proj))
     }
 
+    fn project(&self, b: &B, feats: &B::Tensor) -> Result<B::Tensor> {
+        let p = &self.projector;
+        let h = b.gelu(&b.linear(feats, &p.w1, Some(&p.b1))?)?;
+        b.linear(&h, &p.w2, Some(&p.b2))
+    }
+
+    /// An image's projected features in its token order, `[layout.tokens(), D]`, from its views'
+    /// preprocessed CHW pixels (one view after another): each view through the tower, the
+    /// projector over them all, then the tokens gathered as the layout places them.
+    pub fn encode_layout(&self, b: &B, pixels: &[f32], layout: &ImageLayout) -> Result<B::Tensor> {
+        let per = self.cfg.vision.pixels_per_image();
+        let views = layout.views();
+        if pixels.len() != views * per {
+            return Err(Error::input(format!(
+                "{} pixel values for an image of {views} views of {per}",
+                pixels.len()
+            )));
+        }
+        if let ImageLayout::Square { .. } = layout {
+            return Ok(self.encode_image(b, pixels)?.1);
+        }
+        let newline = self.image_newline.as_ref().ok_or_else(|| {
+            Error::input("a tiled image on a model without an image_newline embedding")
+        })?;
+        let feats = pixels
+            .chunks(per)
+            .map(|v| self.vision.forward(b, v))
+            .collect::<Result<Vec<_>>>()?;
+        let proj = self.project(b, &concat_rows(b, &feats)?)?;
+        // The newline row goes last; the gather lays out every token, newlines included, at once.
+        let rows = b.dims(&proj).0;
+        let table = concat_rows(b, &[proj, b.slice_rows(newline, 0, 1)?])?;
+        let idx: Vec<u32> = layout
+            .token_sources()
+            .into_iter()
+            .map(|s| s.unwrap_or(rows) as u32)
+            .collect();
+        b.embedding(&table, &idx)
+    }
     /// Prompt embeddings `[n, D]`: token embeddings with image `i`'s block of image-token rows
     /// replaced, in order, by its projected features `images[i]` `[P, D]`.
     pub fn embed_prompt(&self, b: &B, prompt: &Prompt, images: &[&B::Tensor]) -> Result<B::Tensor> {
@@ -175,17 +224,17 @@ impl<B: Backend> Llava<B> {
             )));
         }
         let mut x = b.embedding(&self.llm.embed, prompt.ids())?;
-        let patches = self.cfg.vision.num_patches();
-        for (img, positions) in images.iter().zip(prompt.image_positions().chunks(patches)) {
+        for (img, positions) in images.iter().zip(prompt.image_spans()) {
             let (rows, _) = b.dims(img);
-            if rows != patches {
+            let tokens = positions.len();
+            if rows != tokens {
                 return Err(Error::input(format!(
-                    "an image's features have {rows} rows; the prompt gives it {patches} tokens"
+                    "an image's features have {rows} rows; the prompt gives it {tokens} tokens"
                 )));
             }
             // Contiguous runs of the image's tokens, each one copy.
             let mut row = 0;
-            while row < patches {
+            while row < tokens {
                 let start = positions[row];
                 let n = positions[row..]
                     .iter()
@@ -199,19 +248,32 @@ impl<B: Backend> Llava<B> {
         Ok(x)
     }
 
-    /// Each image of `pixels` (preprocessed CHW values, one image after another) through the
-    /// vision tower and the projector: projected features `[P, D]` per image.
-    pub fn encode_images(&self, b: &B, pixels: &[f32]) -> Result<Vec<B::Tensor>> {
+    /// Each image of `pixels` (preprocessed CHW values of its views, one image after another,
+    /// laid out as `layouts` say) through the vision tower and the projector: projected features
+    /// `[tokens, D]` per image.
+    pub fn encode_images(
+        &self,
+        b: &B,
+        pixels: &[f32],
+        layouts: &[ImageLayout],
+    ) -> Result<Vec<B::Tensor>> {
         let per = self.cfg.vision.pixels_per_image();
-        if !pixels.len().is_multiple_of(per) {
+        let want: usize = layouts.iter().map(|l| l.views() * per).sum();
+        if pixels.len() != want {
             return Err(Error::input(format!(
-                "{} pixel values are not whole images of {per}",
-                pixels.len()
+                "{} pixel values for {} images that take {want}",
+                pixels.len(),
+                layouts.len()
             )));
         }
-        pixels
-            .chunks(per)
-            .map(|p| Ok(self.encode_image(b, p)?.1))
+        let mut at = 0;
+        layouts
+            .iter()
+            .map(|l| {
+                let n = l.views() * per;
+                at += n;
+                self.encode_layout(b, &pixels[at - n..at], l)
+            })
             .collect()
     }
 
@@ -227,7 +289,7 @@ impl<B: Backend> Llava<B> {
         // Synchronised at both ends so the clock times the tower's device work, not its queueing.
         b.synchronize()?;
         let t0 = std::time::Instant::now();
-        let images = self.encode_images(b, pixels)?;
+        let images = self.encode_images(b, pixels, prompt.layouts())?;
         b.synchronize()?;
         let vision_s = t0.elapsed().as_secs_f64();
         let images: Vec<&B::Tensor> = images.iter().collect();
@@ -246,8 +308,8 @@ impl<B: Backend> Llava<B> {
     /// Teacher-forced full recompute (no reuse of a cache across calls): final hidden states of
     /// every position of `ids` `[N, D]`. The oracle's layout for parity tests.
     pub fn forward_full(&self, b: &B, ids: &[u32], pixels: &[f32]) -> Result<B::Tensor> {
-        let images = self.encode_images(b, pixels)?;
         let prompt = Prompt::new(&self.cfg, ids.to_vec())?;
+        let images = self.encode_images(b, pixels, prompt.layouts())?;
         let x = self.embed_prompt(b, &prompt, &images.iter().collect::<Vec<_>>())?;
         let mut kv = self.kv.admit(b, ids.len())?;
         self.llm.forward(b, x, &mut kv)

@@ -20,6 +20,7 @@ use super::Llava;
 use crate::backend::Backend;
 use crate::config::LlavaConfig;
 use crate::error::{Error, Result};
+use crate::vision::ImageLayout;
 
 /// An error naming `what` when `values` hold a NaN or an infinity: greedy decoding would go on
 /// choosing token 0 from garbage and report success.
@@ -38,15 +39,43 @@ pub fn check_finite(values: &[f32], what: &str) -> Result<()> {
 pub struct Prompt {
     ids: Vec<u32>,
     image_pos: Vec<usize>,
-    /// Image tokens per image.
-    patches: usize,
+    /// How each image became its tokens; image `i` holds the `i`-th block of image tokens.
+    layouts: Vec<ImageLayout>,
 }
 
 impl Prompt {
-    /// Checks `ids` against the model: not empty, every id in the vocabulary, a whole number of
-    /// images' patch tokens (none for a text-only prompt; image `i` is the `i`-th block of
-    /// `patches` image tokens), and room in the context for at least one generated token.
+    /// Checks `ids` against a model whose images are one square view each (LLaVA-1.5): a whole
+    /// number of images' patch tokens (none for a text-only prompt), and what
+    /// [`Prompt::with_layouts`] checks. A model whose images' token counts depend on their sizes
+    /// (LLaVA-NeXT) takes text-only prompts here.
     pub fn new(cfg: &LlavaConfig, ids: Vec<u32>) -> Result<Self> {
+        let n_img = ids.iter().filter(|&&i| i == cfg.image_token_id).count();
+        let layout = cfg.image_layout(cfg.vision.image_size, cfg.vision.image_size);
+        if n_img > 0 && cfg.anyres.is_some() {
+            return Err(Error::input(format!(
+                "the prompt has {n_img} image tokens; on this model an image's token count \
+                 depends on its size, so the prompt needs its images' layouts"
+            )));
+        }
+        let per = layout.tokens();
+        if !n_img.is_multiple_of(per) {
+            return Err(Error::input(format!(
+                "prompt has {n_img} image tokens (id {}) but each image yields {per} features",
+                cfg.image_token_id
+            )));
+        }
+        Self::with_layouts(cfg, ids, vec![layout; n_img / per])
+    }
+
+    /// Checks `ids` against the model and its images' layouts: not empty, every id in the
+    /// vocabulary, the image tokens exactly the layouts' (image `i` is the `i`-th block of
+    /// `layouts[i].tokens()` of them), each layout the model's for its picture, and room in the
+    /// context for at least one generated token.
+    pub fn with_layouts(
+        cfg: &LlavaConfig,
+        ids: Vec<u32>,
+        layouts: Vec<ImageLayout>,
+    ) -> Result<Self> {
         let vocab = cfg.text.vocab_size;
         let ctx = cfg.text.max_position_embeddings;
         if ids.is_empty() {
@@ -60,32 +89,73 @@ impl Prompt {
         let image_pos: Vec<usize> = (0..ids.len())
             .filter(|&i| ids[i] == cfg.image_token_id)
             .collect();
-        let patches = cfg.vision.num_patches();
-        if !image_pos.len().is_multiple_of(patches) {
+        for l in &layouts {
+            let want = match *l {
+                ImageLayout::Square { .. } => {
+                    cfg.image_layout(cfg.vision.image_size, cfg.vision.image_size)
+                }
+                ImageLayout::AnyRes { size, .. } => cfg.image_layout(size.0, size.1),
+            };
+            if *l != want {
+                return Err(Error::input(format!(
+                    "image layout {l:?} is not this model's ({want:?})"
+                )));
+            }
+        }
+        let tokens: usize = layouts.iter().map(ImageLayout::tokens).sum();
+        if tokens != image_pos.len() {
             return Err(Error::input(format!(
-                "prompt has {} image tokens (id {}) but each image yields {patches} features",
+                "prompt has {} image tokens (id {}) but its {} images yield {tokens} features",
                 image_pos.len(),
-                cfg.image_token_id
+                cfg.image_token_id,
+                layouts.len()
             )));
         }
         if ids.len() >= ctx {
-            let images = image_pos.len() / patches;
             return Err(Error::ContextLength(format!(
-                "the prompt is {} tokens (with {images} images of {patches} patch tokens each) \
-                 but the model's context is {ctx}; shorten the conversation or send fewer images",
-                ids.len()
+                "the prompt is {} tokens ({tokens} of them for {} images) but the model's \
+                 context is {ctx}; shorten the conversation or send fewer images",
+                ids.len(),
+                layouts.len()
             )));
         }
         Ok(Prompt {
             ids,
             image_pos,
-            patches,
+            layouts,
         })
     }
 
     /// How many images the prompt holds.
     pub fn images(&self) -> usize {
-        self.image_pos.len() / self.patches
+        self.layouts.len()
+    }
+
+    /// How each image became its tokens, in order.
+    pub fn layouts(&self) -> &[ImageLayout] {
+        &self.layouts
+    }
+
+    /// For each image token in order, its image and its index among that image's tokens.
+    pub fn image_token_owners(&self) -> Vec<(usize, usize)> {
+        self.layouts
+            .iter()
+            .enumerate()
+            .flat_map(|(i, l)| (0..l.tokens()).map(move |k| (i, k)))
+            .collect()
+    }
+
+    /// The prompt positions of each image's tokens.
+    pub fn image_spans(&self) -> Vec<&[usize]> {
+        let mut rest = &self.image_pos[..];
+        self.layouts
+            .iter()
+            .map(|l| {
+                let (span, tail) = rest.split_at(l.tokens());
+                rest = tail;
+                span
+            })
+            .collect()
     }
 
     pub fn ids(&self) -> &[u32] {
@@ -436,7 +506,7 @@ impl<'m, B: Backend> Session<'m, B> {
         let computed = b.embedding(hidden, &rows)?;
         match &self.cached_image {
             None => Ok(computed),
-            Some(c) => concat_rows(b, &[b.slice_rows(c, 0, b.dims(c).0)?, computed])
+            Some(c) => concat_rows_opt(b, &[b.slice_rows(c, 0, b.dims(c).0)?, computed])
                 .map(|t| t.expect("two parts")),
         }
     }
@@ -553,7 +623,7 @@ impl<'m, B: Backend> Prefill<'m, B> {
                 // The last position is always computed: its hidden state chooses token 0.
                 let keys = page_keys(&prompt, &[], imgs, (n - 1) / PAGE);
                 let hit = model.kv.admit_prefix(b, capacity, &keys)?;
-                (hit.kv, concat_rows(b, &hit.image_hidden)?)
+                (hit.kv, concat_rows_opt(b, &hit.image_hidden)?)
             }
             None => (model.kv.admit(b, capacity)?, None),
         };
@@ -775,6 +845,7 @@ fn page_keys<T>(
     images: &[Arc<T>],
     pages: usize,
 ) -> Vec<PageKey> {
+    let owners = prompt.image_token_owners();
     let mut next_image = prompt.image_pos.iter().enumerate().peekable();
     let toks = prompt
         .ids
@@ -782,8 +853,8 @@ fn page_keys<T>(
         .enumerate()
         .map(|(j, &id)| match next_image.next_if(|&(_, &p)| p == j) {
             Some((k, _)) => Tok::Image {
-                image: Arc::as_ptr(&images[k / prompt.patches]) as usize,
-                patch: (k % prompt.patches) as u32,
+                image: Arc::as_ptr(&images[owners[k].0]) as usize,
+                patch: owners[k].1 as u32,
             },
             None => Tok::Text(id),
         })
@@ -800,11 +871,16 @@ fn stack_rows<B: Backend>(b: &B, mut parts: Vec<B::Tensor>) -> Result<B::Tensor>
     if parts.len() == 1 {
         return Ok(parts.remove(0));
     }
-    concat_rows(b, &parts)?.ok_or_else(|| Error::input("a prefill of no rows"))
+    concat_rows(b, &parts)
+}
+
+/// `parts` (at least one) stacked into one tensor.
+pub(crate) fn concat_rows<B: Backend>(b: &B, parts: &[B::Tensor]) -> Result<B::Tensor> {
+    concat_rows_opt(b, parts)?.ok_or_else(|| Error::input("no rows to stack"))
 }
 
 /// `parts` stacked into one tensor (`None` for no parts).
-fn concat_rows<B: Backend>(b: &B, parts: &[B::Tensor]) -> Result<Option<B::Tensor>> {
+fn concat_rows_opt<B: Backend>(b: &B, parts: &[B::Tensor]) -> Result<Option<B::Tensor>> {
     let Some(first) = parts.first() else {
         return Ok(None);
     };

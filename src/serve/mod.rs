@@ -678,12 +678,11 @@ fn prepare_chat(
             ),
         ));
     }
-    // The prompt, images counted, before any image is decoded: a conversation with more
-    // images than the context holds costs no decoding.
-    let prompt = preparer
-        .chat_prompt(&req.turns)
-        .map_err(|e| worker::engine_error(e, param_of("messages")))?;
-    let mut pixels = Vec::new();
+    // The prompt's length, images counted, before any image is decoded: a conversation with
+    // more images than the context holds costs no decoding.
+    let messages_error = |e| worker::engine_error(e, param_of("messages"));
+    preparer.check_fits(&req.turns).map_err(messages_error)?;
+    let (mut pixels, mut layouts) = (Vec::new(), Vec::new());
     for (source, at) in &req.images {
         // One image at a time, fetched and decoded, kept only as the model's pixels.
         let fetched;
@@ -697,11 +696,15 @@ fn prepare_chat(
             }
         };
         let image = decode_image(bytes, at, limits.max_image_pixels)?;
-        let p = preparer
+        let (p, layout) = preparer
             .pixels(&crate::engine::ImageInput::Decoded(image))
             .map_err(|e| worker::engine_error(e, Some(at.clone())))?;
         pixels.extend(p);
+        layouts.push(layout);
     }
+    let prompt = preparer
+        .chat_prompt(&req.turns, layouts)
+        .map_err(messages_error)?;
     let prepared = crate::engine::Request::Prepared { prompt, pixels };
     Ok((req, prepared))
 }

@@ -124,7 +124,18 @@ pub fn check_conversation(turns: &[Turn]) -> std::result::Result<(), (usize, Str
 pub struct TextProcessor {
     tok: Tokenizer,
     path: PathBuf,
+    /// The model folder's chat template when it is another family's than LLaVA-1.5's (which is
+    /// the only one rendered): every prompt is refused, naming it, rather than built wrong.
+    foreign_template: Option<(PathBuf, &'static str)>,
 }
+
+/// Markers of chat templates other than LLaVA-1.5's `USER: … ASSISTANT:` (the LLaVA-NeXT
+/// checkpoints on Mistral, Yi and Llama 3 use them).
+const FOREIGN_TEMPLATES: [(&str, &str); 3] = [
+    ("[INST]", "Mistral's [INST] … [/INST]"),
+    ("<|im_start|>", "ChatML's <|im_start|>"),
+    ("<|start_header_id|>", "Llama 3's <|start_header_id|>"),
+];
 
 impl TextProcessor {
     pub fn from_file(path: &Path) -> Result<Self> {
@@ -141,7 +152,43 @@ impl TextProcessor {
         Ok(TextProcessor {
             tok,
             path: path.to_path_buf(),
+            foreign_template: None,
         })
+    }
+
+    /// The tokenizer of a model folder, with its chat template checked: a template in
+    /// `chat_template.jinja`, `chat_template.json` or `tokenizer_config.json` that belongs to
+    /// another family than LLaVA-1.5's makes every prompt an error naming it.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let mut t = Self::from_file(&dir.join("tokenizer.json"))?;
+        for name in [
+            "chat_template.jinja",
+            "chat_template.json",
+            "tokenizer_config.json",
+        ] {
+            let path = dir.join(name);
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                continue;
+            };
+            // The JSON files hold the template in their `chat_template` field (a string, or a
+            // list of named templates); nothing else in them is a template.
+            let text = if name.ends_with(".json") {
+                match serde_json::from_str::<serde_json::Value>(&text) {
+                    Ok(v) => v
+                        .get("chat_template")
+                        .map(|t| t.to_string())
+                        .unwrap_or_default(),
+                    Err(_) => continue,
+                }
+            } else {
+                text
+            };
+            if let Some(&(_, what)) = FOREIGN_TEMPLATES.iter().find(|(m, _)| text.contains(m)) {
+                t.foreign_template = Some((path, what));
+                break;
+            }
+        }
+        Ok(t)
     }
 
     fn err(&self, msg: impl Into<String>) -> Error {
@@ -164,18 +211,25 @@ impl TextProcessor {
         self.chat_ids(
             &[Turn::new(Role::User, 1, question)],
             image_token_id,
-            n_patches,
+            &[n_patches],
         )
     }
 
-    /// Expanded prompt ids of a conversation ([`render_chat`]): every `<image>` becomes
-    /// `n_patches` image-token ids.
+    /// Expanded prompt ids of a conversation ([`render_chat`]): image `i`'s `<image>` becomes
+    /// `tokens[i]` image-token ids.
     pub fn chat_ids(
         &self,
         turns: &[Turn],
         image_token_id: u32,
-        n_patches: usize,
+        tokens: &[usize],
     ) -> Result<Vec<u32>> {
+        if let Some((path, what)) = &self.foreign_template {
+            return Err(Error::input(format!(
+                "{} holds {what} chat template; only LLaVA-1.5's USER: … ASSISTANT: template is \
+                 built, so this model takes token ids, not conversations",
+                path.display()
+            )));
+        }
         check_conversation(turns)
             .map_err(|(i, msg)| Error::input(format!("message {i}: {msg}")))?;
         match self.tok.token_to_id(IMAGE_TOKEN) {
@@ -189,16 +243,24 @@ impl TextProcessor {
         }
         let ids = self.encode(&render_chat(turns))?;
         let want: usize = turns.iter().map(|t| t.images).sum();
+        if tokens.len() != want {
+            return Err(Error::input(format!(
+                "the messages place {want} images but {} token counts were given",
+                tokens.len()
+            )));
+        }
         let n_img = ids.iter().filter(|&&i| i == image_token_id).count();
         if n_img != want {
             return Err(self.err(format!(
                 "the template should yield {want} {IMAGE_TOKEN} tokens, got {n_img}"
             )));
         }
-        let mut out = Vec::with_capacity(ids.len() + want * n_patches);
+        let mut out = Vec::with_capacity(ids.len() + tokens.iter().sum::<usize>());
+        let mut next = tokens.iter();
         for id in ids {
             if id == image_token_id {
-                out.extend(std::iter::repeat_n(image_token_id, n_patches));
+                let n = *next.next().expect("one count per image, checked above");
+                out.extend(std::iter::repeat_n(image_token_id, n));
             } else {
                 out.push(id);
             }

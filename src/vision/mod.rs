@@ -10,15 +10,19 @@
 //!   8-bit images (fixed-point separable convolution, with its choice of pass order).
 //! - [`preprocess`]: resize (shortest edge), center crop (zero padding when the image is smaller),
 //!   rescale and normalize, producing the CHW `f32` tensor the vision tower eats.
+//! - [`anyres`]: LLaVA-NeXT's tiling of an image of any size into several such views, and the
+//!   [`ImageLayout`] that says which image token comes from which view's patch.
 //!
 //! Parity with PIL/transformers is checked by `tests/vision.rs` against fixtures written by
 //! `tools/make_vision_fixtures.py`.
 
+pub mod anyres;
 mod decode;
 mod jpeg;
 mod preprocess;
 mod resize;
 
+pub use anyres::ImageLayout;
 pub use decode::{
     image_dimensions, load_image, load_image_bytes, ImageFormat, MAX_DECODE_BYTES, MAX_PIXELS,
     MAX_SIDE,

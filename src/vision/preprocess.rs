@@ -44,6 +44,9 @@ pub struct PreprocessConfig {
     pub rescale_factor: f32,
     pub image_mean: [f32; 3],
     pub image_std: [f32; 3],
+    /// `image_grid_pinpoints` of a `LlavaNextImageProcessor`: the `(height, width)` resolutions
+    /// an image is tiled at. Must equal the model's (its `config.json` is what the engine uses).
+    pub grid_pinpoints: Option<Vec<(usize, usize)>>,
 }
 
 impl PreprocessConfig {
@@ -62,6 +65,7 @@ impl PreprocessConfig {
             rescale_factor: 1.0 / 255.0,
             image_mean: CLIP_IMAGE_MEAN,
             image_std: CLIP_IMAGE_STD,
+            grid_pinpoints: None,
         }
     }
 
@@ -152,6 +156,18 @@ impl PreprocessConfig {
             match obj.get(key) {
                 None | Some(Value::Null) => {}
                 Some(v) => *slot = parse_triplet(v).map_err(|m| err(format!("`{key}`: {m}")))?,
+            }
+        }
+        match obj.get("image_grid_pinpoints") {
+            None | Some(Value::Null) => {}
+            Some(v) => {
+                let pins =
+                    serde_json::from_value::<Vec<(usize, usize)>>(v.clone()).map_err(|_| {
+                        err(format!(
+                        "`image_grid_pinpoints` must be a list of [height, width] pairs, got {v}"
+                    ))
+                    })?;
+                cfg.grid_pinpoints = Some(pins);
             }
         }
         cfg.validate().map_err(|e| match e {
