@@ -117,15 +117,17 @@ impl LlavaConfig {
         })
     }
 
-    /// The shapes of a published LLaVA-1.5 checkpoint, for synthetic (random-weight) runs where
-    /// no checkpoint exists: `llava-1.5-7b` or `llava-1.5-13b` (the llava-hf configs).
+    /// The shapes of a published checkpoint, for synthetic (random-weight) runs where none
+    /// exists: `llava-1.5-7b`, `llava-1.5-13b` or `llava-v1.6-mistral-7b` (the llava-hf configs).
     pub fn named(name: &str) -> std::result::Result<Self, String> {
         let (hidden, inter, layers, heads) = match name {
             "llava-1.5-7b" => (4096, 11008, 32, 32),
             "llava-1.5-13b" => (5120, 13824, 40, 40),
+            "llava-v1.6-mistral-7b" => return Self::from_json_str(HUB_NEXT_MISTRAL_7B),
             _ => {
                 return Err(format!(
-                    "unknown synthetic model {name:?}; known: llava-1.5-7b, llava-1.5-13b"
+                    "unknown synthetic model {name:?}; known: llava-1.5-7b, llava-1.5-13b, \
+                     llava-v1.6-mistral-7b"
                 ))
             }
         };
@@ -331,7 +333,8 @@ impl LlavaConfig {
             + 3 * d * t.intermediate_size
             + 2 * d;
         let text = 2 * t.vocab_size * d + t.num_hidden_layers * layer + d;
-        vision + projector + text
+        let newline = if self.anyres.is_some() { d } else { 0 };
+        vision + projector + text + newline
     }
 
     pub fn vision_layers_used(&self) -> usize {
@@ -582,6 +585,30 @@ pub const HUB_7B: &str = r#"{
   "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "vocab_size": 32064
 }"#;
 
+/// llava-hf's llava-v1.6-mistral-7b-hf as the hub writes it: LlavaNextConfig's and
+/// MistralConfig's defaults fill in, no sliding window.
+pub const HUB_NEXT_MISTRAL_7B: &str = r#"{
+  "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+  "image_token_index": 32000, "model_type": "llava_next", "projector_hidden_act": "gelu",
+  "text_config": {"architectures": ["MistralForCausalLM"], "intermediate_size": 14336,
+    "max_position_embeddings": 32768, "model_type": "mistral", "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "sliding_window": null,
+    "torch_dtype": "bfloat16", "vocab_size": 32064},
+  "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
+    "model_type": "clip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 24,
+    "patch_size": 14, "projection_dim": 768, "vocab_size": 32000},
+  "vision_feature_layer": -2, "vision_feature_select_strategy": "default"
+}"#;
+
+/// The hub `config.json` of a published checkpoint by short name (`synth-model --like`).
+pub fn hub_config(name: &str) -> Option<&'static str> {
+    match name {
+        "llava-1.5-7b" => Some(HUB_7B),
+        "llava-v1.6-mistral-7b" => Some(HUB_NEXT_MISTRAL_7B),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -668,24 +695,9 @@ mod tests {
         }
     }
 
-    /// llava-hf's llava-v1.6-mistral-7b-hf as the hub writes it: LlavaNextConfig's and
-    /// MistralConfig's defaults fill in, no sliding window.
-    const HUB_NEXT_MISTRAL: &str = r#"{
-      "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
-      "image_token_index": 32000, "model_type": "llava_next", "projector_hidden_act": "gelu",
-      "text_config": {"architectures": ["MistralForCausalLM"], "intermediate_size": 14336,
-        "max_position_embeddings": 32768, "model_type": "mistral", "num_key_value_heads": 8,
-        "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "sliding_window": null,
-        "torch_dtype": "bfloat16", "vocab_size": 32064},
-      "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
-        "model_type": "clip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 24,
-        "patch_size": 14, "projection_dim": 768, "vocab_size": 32000},
-      "vision_feature_layer": -2, "vision_feature_select_strategy": "default"
-    }"#;
-
     #[test]
     fn llava_next_with_mistral() {
-        let c = LlavaConfig::from_json_str(HUB_NEXT_MISTRAL).unwrap();
+        let c = LlavaConfig::from_json_str(HUB_NEXT_MISTRAL_7B).unwrap();
         assert_eq!(c.text.num_key_value_heads, 8);
         assert_eq!(c.text.max_position_embeddings, 32768);
         assert_eq!(c.text.rope_theta, 1e6);
@@ -694,7 +706,7 @@ mod tests {
         // A 640x480 photo: 2x2 tiles, 36 of the 48 grid rows kept (see vision::anyres).
         assert_eq!(c.image_layout(480, 640).tokens(), 576 + 36 * 49);
         // Absent pinpoints take LlavaNextConfig's default (the same list).
-        let no_pins = HUB_NEXT_MISTRAL.replace(
+        let no_pins = HUB_NEXT_MISTRAL_7B.replace(
             r#""image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],"#,
             "",
         );
@@ -721,7 +733,8 @@ mod tests {
                 "text_config.model_type",
             ),
         ] {
-            let err = LlavaConfig::from_json_str(&HUB_NEXT_MISTRAL.replace(from, to)).unwrap_err();
+            let err =
+                LlavaConfig::from_json_str(&HUB_NEXT_MISTRAL_7B.replace(from, to)).unwrap_err();
             assert!(
                 err.contains(needle),
                 "error {err:?} should mention {needle:?}"

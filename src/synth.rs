@@ -144,7 +144,7 @@ fn fill(dir: &Path, config_json: &str, cfg: &LlavaConfig, opts: &SynthOptions) -
     write_json(&dir.join("config.json"), &config)?;
     write_json(
         &dir.join("preprocessor_config.json"),
-        &preprocessor_config(cfg.vision.image_size),
+        &preprocessor_config(cfg),
     )?;
     write_json(&dir.join("tokenizer.json"), &tokenizer(cfg)?)?;
     let d = cfg.text.hidden_size;
@@ -161,7 +161,8 @@ fn fill(dir: &Path, config_json: &str, cfg: &LlavaConfig, opts: &SynthOptions) -
     })
 }
 
-/// Every tensor of a llava-hf LLaVA-1.5 checkpoint with its shape, in `state_dict` order.
+/// Every tensor of a llava-hf LLaVA-1.5 or LLaVA-NeXT checkpoint with its shape, in
+/// `state_dict` order.
 pub fn hub_tensors(cfg: &LlavaConfig) -> Vec<(String, Vec<usize>)> {
     let mut t: Vec<(String, Vec<usize>)> = Vec::new();
     let mut add = |name: String, shape: Vec<usize>| t.push((name, shape));
@@ -207,6 +208,9 @@ pub fn hub_tensors(cfg: &LlavaConfig) -> Vec<(String, Vec<usize>)> {
     add(format!("{mp}.linear_1.bias"), vec![d]);
     add(format!("{mp}.linear_2.weight"), vec![d, d]);
     add(format!("{mp}.linear_2.bias"), vec![d]);
+    if cfg.anyres.is_some() {
+        add("image_newline".into(), vec![d]);
+    }
     let lp = "language_model.model";
     add(format!("{lp}.embed_tokens.weight"), vec![tc.vocab_size, d]);
     for l in 0..tc.num_hidden_layers {
@@ -299,9 +303,11 @@ fn write_json(path: &Path, v: &Value) -> Result<()> {
     std::fs::write(path, text).map_err(|e| Error::io(path, e))
 }
 
-/// CLIPImageProcessor at `side` pixels, as llava-hf's `preprocessor_config.json`.
-fn preprocessor_config(side: usize) -> Value {
-    json!({
+/// llava-hf's `preprocessor_config.json` for the model: CLIPImageProcessor at the tower's side,
+/// or LlavaNextImageProcessor with the model's pinpoints.
+fn preprocessor_config(cfg: &LlavaConfig) -> Value {
+    let side = cfg.vision.image_size;
+    let mut v = json!({
         "crop_size": {"height": side, "width": side},
         "do_center_crop": true,
         "do_convert_rgb": true,
@@ -315,7 +321,14 @@ fn preprocessor_config(side: usize) -> Value {
         "resample": 3,
         "rescale_factor": 0.00392156862745098,
         "size": {"shortest_edge": side}
-    })
+    });
+    if let Some(a) = &cfg.anyres {
+        v["image_processor_type"] = json!("LlavaNextImageProcessor");
+        v["processor_class"] = json!("LlavaNextProcessor");
+        v["do_pad"] = json!(true);
+        v["image_grid_pinpoints"] = json!(a.pinpoints);
+    }
+    v
 }
 
 /// The demo tokenizer with `<image>` and `<pad>` moved to the config's ids and the vocabulary

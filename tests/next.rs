@@ -235,3 +235,53 @@ fn next_refuses_a_chat_template_it_does_not_render() {
     let plain = Engine::load(Cpu, &dir).unwrap();
     assert!(plain.generate(&req, &GenerateOptions::default()).is_ok());
 }
+
+/// `synth-model` writes a LLaVA-NeXT folder with exactly the tensors (names and shapes) of the
+/// one transformers saved, its processor tiling as the model does; the engine loads it and runs
+/// an id-level request, which tiles a picture of the tower's side as the model would.
+#[test]
+fn synthetic_next_folders_hold_what_transformers_writes() {
+    let dir = fixture_dir("next");
+    let config = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("next");
+    let opts = fastrm::synth::SynthOptions {
+        dtype: fastrm::checkpoint::DType::F32,
+        shards: 1,
+        seed: 3,
+    };
+    fastrm::synth::write_model(&out, &config, &opts).unwrap();
+    let shapes = |path: &std::path::Path| -> Vec<(String, Vec<usize>)> {
+        common::read_safetensors(path)
+            .into_iter()
+            .map(|t| (t.name, t.shape))
+            .collect()
+    };
+    let written = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.extension().is_some_and(|x| x == "safetensors") && !p.ends_with("head.safetensors")
+        })
+        .unwrap();
+    assert_eq!(shapes(&written), shapes(&dir.join("model.safetensors")));
+    let pp: Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("preprocessor_config.json")).unwrap(),
+    )
+    .unwrap();
+    let model: Value = serde_json::from_str(&config).unwrap();
+    assert_eq!(pp["image_grid_pinpoints"], model["image_grid_pinpoints"]);
+
+    let engine = Engine::load(Cpu, &out).unwrap();
+    let req = Request::Ids { n_text: 4, seed: 1 };
+    let (prompt, pixels) = engine.resolve(&req).unwrap();
+    let side = engine.config().vision.image_size;
+    assert_eq!(prompt.layouts(), [engine.config().image_layout(side, side)]);
+    assert_eq!(pixels.len(), prompt.layouts()[0].views() * 3 * side * side);
+    let opts = GenerateOptions {
+        max_new_tokens: 3,
+        stop_at_eos: false,
+        ..Default::default()
+    };
+    assert_eq!(engine.generate(&req, &opts).unwrap().generated_ids.len(), 3);
+}

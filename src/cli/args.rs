@@ -494,7 +494,8 @@ pub struct SynthModelArgs {
     /// The folder to create (must not exist).
     #[arg(long)]
     pub out: PathBuf,
-    /// A published config to write: llava-1.5-7b (the llava-hf config.json, 14 GB in f16).
+    /// A published config to write: llava-1.5-7b (the llava-hf config.json, 14 GB in f16) or
+    /// llava-v1.6-mistral-7b (15 GB).
     #[arg(long, conflicts_with = "config", required_unless_present = "config")]
     pub like: Option<String>,
     /// A config.json file to write instead (e.g. benches/midsize_config.json: 0.1 GB in f16).

@@ -142,12 +142,15 @@ fn synth_model(args: &SynthModelArgs) -> Result<()> {
     use crate::checkpoint::DType;
     use crate::synth;
     let config = match (&args.like, &args.config) {
-        (Some(name), _) if name == "llava-1.5-7b" => crate::config::HUB_7B.to_string(),
-        (Some(name), _) => {
-            return Err(Error::input(format!(
-                "--like {name}: known: llava-1.5-7b (or pass --config FILE)"
-            )))
-        }
+        (Some(name), _) => match crate::config::hub_config(name) {
+            Some(c) => c.to_string(),
+            None => {
+                return Err(Error::input(format!(
+                    "--like {name}: known: llava-1.5-7b, llava-v1.6-mistral-7b (or pass \
+                     --config FILE)"
+                )))
+            }
+        },
         (None, Some(path)) => std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?,
         (None, None) => return Err(Error::input("give --like NAME or --config FILE")),
     };

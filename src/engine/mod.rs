@@ -694,7 +694,10 @@ impl Inputs<'_> {
             }
             Request::Chat { turns, images } => self.chat(turns, images),
             &Request::Ids { n_text, seed } => {
-                let n_img = cfg.vision.num_patches();
+                // One picture of the tower's side (tiled, on LLaVA-NeXT, as such a picture is).
+                let side = cfg.vision.image_size;
+                let layout = cfg.image_layout(side, side);
+                let n_img = layout.tokens();
                 let vocab = cfg.text.vocab_size as u64;
                 let mut rng = crate::util::SplitMix64::new(seed);
                 let mut ids = vec![cfg.bos_token_id];
@@ -703,11 +706,10 @@ impl Inputs<'_> {
                 // place after the base vocabulary.
                 let text_vocab = vocab.min(cfg.image_token_id as u64).max(4);
                 ids.extend((0..n_text).map(|_| 3 + (rng.next_u64() % (text_vocab - 3)) as u32));
-                let side = cfg.vision.image_size;
-                let pixels = (0..3 * side * side)
+                let pixels = (0..layout.views() * 3 * side * side)
                     .map(|_| 2.0 * rng.uniform_sym())
                     .collect();
-                Ok((Prompt::new(cfg, ids)?, pixels))
+                Ok((Prompt::with_layouts(cfg, ids, vec![layout])?, pixels))
             }
         }
     }
