@@ -102,7 +102,7 @@ fn each_image_fills_its_own_span_in_order() {
     // A map per image per token.
     for m in &ab.maps {
         assert_eq!(m.images, 2);
-        let parts: Vec<&[f32]> = m.per_image().collect();
+        let parts: Vec<&[f32]> = m.per_image();
         assert_eq!(parts.len(), 2);
         assert!(parts.iter().all(|p| p.len() == cfg.vision.num_patches()));
     }

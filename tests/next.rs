@@ -169,26 +169,149 @@ fn next_generates_through_the_engine_and_the_cli() {
     assert_eq!(got[..], gen[..got.len()], "CLI ids (EOS may end it early)");
 }
 
-/// What is not built for tiled images yet is refused by name, not run wrong.
+/// Each generated token's map over every image token — the exact (Chefer) baseline and the
+/// GradCAM of each decoder layer — equals transformers' autograd on the same tiled prompt; the
+/// maps split per image by the layouts and place onto each picture's grid.
 #[test]
-fn next_refuses_maps_until_they_exist() {
+fn next_maps_match_transformers() {
+    use fastrm::explain::{Method, RowMode};
     let exp = Expected::load("next");
     let engine = Engine::load(Cpu, &fixture_dir("next")).unwrap();
-    let case = &cases(&exp)[0];
-    let opts = GenerateOptions {
-        max_new_tokens: 2,
-        ..Default::default()
+    let layers = engine.config().text.num_hidden_layers;
+    for case in &cases(&exp) {
+        let name = case["name"].as_str().unwrap();
+        let gen = exp.ids(&format!("{name}.generated_ids"));
+        let opts = GenerateOptions {
+            max_new_tokens: gen.len(),
+            stop_at_eos: false,
+            ..Default::default()
+        };
+        let req = request(case, &exp.meta["question"]);
+        let (rshape, want) = exp.f32(&format!("{name}.relevancy"));
+        let (cshape, cams) = exp.f32(&format!("{name}.gradcam"));
+        let (t, p) = (rshape[0], rshape[1]);
+        assert_eq!((cshape[0], cshape[1], cshape[2]), (layers, t, p));
+        let mut methods = vec![(
+            Method::Baseline {
+                mode: RowMode::Streamed,
+            },
+            want.to_vec(),
+        )];
+        for l in 0..layers {
+            methods.push((
+                Method::GradCam { layer: l },
+                cams[l * t * p..(l + 1) * t * p].to_vec(),
+            ));
+        }
+        for (method, want) in methods {
+            let e = engine.explain(&req, &opts, method, &mut |_| {}).unwrap();
+            assert_eq!(e.generation.generated_ids, gen, "{name} {method:?}: ids");
+            assert_eq!(e.tokens.len(), t);
+            for (k, tm) in e.tokens.iter().enumerate() {
+                let what = format!("{name} {method:?} token {k}");
+                assert_close(&what, &tm.map, &want[k * p..(k + 1) * p], 1e-4);
+                // Split per image by the layouts, each placed on its picture's grid.
+                let parts = tm.per_image();
+                assert_eq!(parts.len(), e.generation.layouts.len());
+                for (part, layout) in parts.iter().zip(&e.generation.layouts) {
+                    let ((rows, cols), placed) = layout.place(part).unwrap();
+                    assert_eq!(placed.len(), rows * cols);
+                }
+            }
+        }
+    }
+}
+
+/// `explain` on the command line draws each token's map on each tiled picture and reports the
+/// images' layouts in its JSON.
+#[test]
+fn next_explain_draws_tiled_maps() {
+    let dir = fixture_dir("next");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_fastrm"))
+        .args([
+            "explain",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt",
+            "What?",
+        ])
+        .args(["--method", "baseline", "--max-new-tokens", "2", "--out"])
+        .arg(tmp.path())
+        .args(["--image", dir.join("panorama.png").to_str().unwrap()])
+        .args(["--image", dir.join("tall.png").to_str().unwrap()])
+        .output()
+        .unwrap();
+    common::cli_ok(&out);
+    let doc: Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("explain.json")).unwrap())
+            .unwrap();
+    let layouts = doc["image_layouts"].as_array().unwrap();
+    assert_eq!(layouts.len(), 2);
+    assert_eq!(layouts[0]["kind"], "any_res");
+    assert_eq!(layouts[0]["size"], serde_json::json!([40, 100]));
+    let pngs = common::file_names(tmp.path())
+        .into_iter()
+        .filter(|f| f.starts_with("token_") && f.ends_with(".png"))
+        .count();
+    let tokens = doc["tokens"].as_array().unwrap().len();
+    assert_eq!(pngs, 2 * tokens, "one overlay per token per image");
+}
+
+/// The server answers on a tiled model and refuses the relevancy extension by name (it carries
+/// square grids only so far).
+#[test]
+fn next_serves_answers_and_refuses_its_maps_by_name() {
+    let dir = fixture_dir("next");
+    let (child, addr) = common::spawn_server(&["--model", dir.to_str().unwrap()]);
+    // Stopped however the test ends (a panic included), so it never outlives the test.
+    struct Stop(std::process::Child);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _server = Stop(child);
+    let png = std::fs::read(dir.join("wide.png")).unwrap();
+    let url = format!("data:image/png;base64,{}", base64_encode(&png));
+    let mut body = serde_json::json!({
+        "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}},
+            {"type": "text", "text": "What is in the picture?"},
+        ]}],
+        "max_tokens": 3,
+    });
+    let post = |body: &Value| -> (u16, String) {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        let b = body.to_string();
+        let head = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n",
+            b.len()
+        );
+        s.write_all(head.as_bytes()).unwrap();
+        s.write_all(b.as_bytes()).unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        let status = resp[9..12].parse().unwrap();
+        (status, resp)
     };
-    let method = fastrm::explain::Method::Baseline {
-        mode: fastrm::explain::RowMode::Streamed,
-    };
-    let err = engine
-        .explain(&request(case, "What?"), &opts, method, &mut |_| {})
-        .expect_err("a map on a tiled image is refused");
-    assert!(err.to_string().contains("LLaVA-NeXT"), "{err}");
-    // A question's prompt alone cannot be made without its image's size.
-    let err = engine.prompt("What?").unwrap_err().to_string();
-    assert!(err.contains("size"), "{err}");
+    let (status, resp) = post(&body);
+    assert_eq!(status, 200, "{resp}");
+    body["relevancy"] = serde_json::json!({"method": "baseline"});
+    let (status, resp) = post(&body);
+    assert_eq!(status, 400, "{resp}");
+    assert!(
+        resp.contains("\"param\":\"relevancy\"") && resp.contains("tiles"),
+        "{resp}"
+    );
+}
+
+fn base64_encode(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 /// The processor's tiling must be the model's: a preprocessor_config.json that disagrees is an

@@ -3,7 +3,8 @@
 (CLIP tower, Mistral language model with grouped-query attention, f32, eager) and, for pictures of
 several sizes and aspect ratios (each a different tile grid and token count), what transformers'
 processor (PIL backend) and model make of them: the tiles' pixel values, the image sizes, the
-expanded prompt ids, the packed image features, greedy ids and every step's logits.
+expanded prompt ids, the packed image features, greedy ids, every step's logits, and each
+generated token's exact (Chefer) relevancy and LLM-layer GradCAM over every image token.
 
     target/torchenv/bin/python tools/make_next_fixtures.py      # tools/torch-cpu-env.sh makes it
 
@@ -130,8 +131,32 @@ def run_case(model, proc, files):
     logits = torch.stack([l[0] for l in out.logits]).float()
     # Only the tiles an image has (the processor pads a batch's images to the most tiles).
     tiles = [int(mf_tiles(s)) for s in sizes.tolist()]
+    rel, cams = maps(model, ids[0], pv, sizes, gen)
+    assert all(float(r.max()) > 0 for r in rel), "an all-zero map"
     pv = torch.cat([pv[i, :t] for i, t in enumerate(tiles)], dim=0)
-    return ids[0], pv, sizes, feats, gen, logits
+    return ids[0], pv, sizes, feats, gen, logits, rel, cams
+
+
+class WithSizes:
+    """The model called with the images' sizes too (make_fixtures' oracle passes pixels only)."""
+
+    def __init__(self, model, sizes):
+        self.model, self.sizes, self.config = model, sizes, model.config
+
+    def __call__(self, **kw):
+        return self.model(image_sizes=self.sizes, **kw)
+
+
+def maps(model, ids, pv_padded, sizes, gen):
+    """Exact relevancy [T, image tokens] and GradCAM [layers, T, image tokens] of each generated
+    token, by autograd (make_fixtures.relevancy_rows)."""
+    n = len(ids)
+    full = torch.cat([ids, gen])[None]
+    image_pos = (ids == IMAGE_TOKEN).nonzero()[:, 0]
+    with torch.enable_grad():
+        rel, _, _, cams, _ = mf.relevancy_rows(WithSizes(model, sizes), full, pv_padded, gen, n,
+                                               image_pos)
+    return rel, cams
 
 
 def mf_tiles(size):
@@ -163,13 +188,15 @@ def main() -> None:
         seed += 1
     tensors, meta_cases = {}, []
     for name, files in CASES:
-        ids, pv, sizes, feats, gen, logits = results[name]
+        ids, pv, sizes, feats, gen, logits, rel, cams = results[name]
         tensors[f"{name}.input_ids"] = ids.to(torch.int64)
         tensors[f"{name}.pixel_values"] = pv.contiguous()
         tensors[f"{name}.image_sizes"] = sizes.to(torch.int64).contiguous()
         tensors[f"{name}.image_features"] = feats.contiguous()
         tensors[f"{name}.generated_ids"] = gen.to(torch.int64)
         tensors[f"{name}.logits"] = logits.contiguous()
+        tensors[f"{name}.relevancy"] = rel.contiguous()
+        tensors[f"{name}.gradcam"] = cams.contiguous()
         meta_cases.append({"name": name, "images": files, "prompt_len": len(ids),
                            "image_tokens": int((ids == IMAGE_TOKEN).sum()), "tiles": pv.shape[0],
                            "top2_gap": round(gaps[name], 6)})

@@ -469,7 +469,12 @@ struct RunDoc<'a> {
     /// The question, or a conversation as the chat template renders it.
     prompt: String,
     device: String,
+    /// A square view's patch grid (LLaVA-1.5); each image's own geometry is in `image_layouts`.
     grid: [usize; 2],
+    /// How each image became its tokens: `square` (one `grid` view), or `any_res` (LLaVA-NeXT:
+    /// the picture's size, its tiles, the kept `rows` x `cols` of the tiles' patch grid from
+    /// `offset`); a token's map lists the image's tokens in that order.
+    image_layouts: &'a [crate::vision::ImageLayout],
     input_ids: &'a [u32],
     generated_ids: &'a [u32],
     text: &'a str,
@@ -533,6 +538,7 @@ fn run_doc<'a>(
         prompt,
         device: engine.backend_name(),
         grid: [grid, grid],
+        image_layouts: &g.layouts,
         input_ids: &g.input_ids,
         generated_ids: &g.generated_ids,
         text: &g.text,
@@ -576,26 +582,33 @@ fn print_table(ex: &Explained) -> Result<()> {
         "entropy"
     )?;
     for t in &ex.tokens {
-        let (best, _) =
-            t.map
-                .iter()
-                .enumerate()
-                .fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b });
+        // The cell holding the most relevance, on the picture's grid of its image.
+        let mut best = (0, (0, 0), f32::MIN);
+        for (k, (part, layout)) in t
+            .per_image()
+            .into_iter()
+            .zip(&ex.generation.layouts)
+            .enumerate()
+        {
+            let ((_, cols), placed) = layout.place(part)?;
+            for (i, &v) in placed.iter().enumerate() {
+                if v > best.2 {
+                    best = (k, (i / cols, i % cols), v);
+                }
+            }
+        }
         let shown: String = format!("{:?}", t.text).chars().take(16).collect();
-        let cells = ex.grid.0 * ex.grid.1;
-        let (image, cell) = (best / cells, best % cells);
+        let (image, (row, col), _) = best;
         let which = if t.images > 1 {
             format!("image {} ", image + 1)
         } else {
             String::new()
         };
         outln!(
-            "{:>4}  {:<16} {:>8.4}  {which}({}, {})",
+            "{:>4}  {:<16} {:>8.4}  {which}({row}, {col})",
             t.index,
             shown,
             t.entropy,
-            cell / ex.grid.1,
-            cell % ex.grid.1
         )?;
     }
     let c = &ex.confidence;

@@ -172,6 +172,9 @@ pub struct Generation {
     /// One per generated token, when asked for.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub logprobs: Vec<TokenLogprobs>,
+    /// How each of the prompt's images became its tokens.
+    #[serde(skip)]
+    pub layouts: Vec<ImageLayout>,
 }
 
 /// One generated token with its relevancy map.
@@ -183,7 +186,12 @@ pub struct TokenMap {
     pub text: String,
     /// How many images the map covers (the prompt's, in order).
     pub images: usize,
-    /// Raw relevancy over the image patches, row-major over each image's grid, image after image.
+    /// Tokens of each image (equal for LLaVA-1.5's square views; by size for tiled images).
+    #[serde(skip)]
+    pub image_tokens: Vec<usize>,
+    /// Raw relevancy over the image tokens, image after image (row-major over a square view's
+    /// grid; a tiled image's in its [`ImageLayout`]'s order, which [`ImageLayout::place`] puts
+    /// on the picture).
     pub map: Vec<f32>,
     /// Normalised entropy of the whole map (every image's patches), in [0, 1] (see
     /// [`crate::explain::map_entropy`]).
@@ -192,9 +200,16 @@ pub struct TokenMap {
 
 impl TokenMap {
     /// The map of each image, in the prompt's order.
-    pub fn per_image(&self) -> std::slice::Chunks<'_, f32> {
-        self.map
-            .chunks((self.map.len() / self.images.max(1)).max(1))
+    pub fn per_image(&self) -> Vec<&[f32]> {
+        let mut rest = &self.map[..];
+        self.image_tokens
+            .iter()
+            .map(|&n| {
+                let (part, tail) = rest.split_at(n.min(rest.len()));
+                rest = tail;
+                part
+            })
+            .collect()
     }
 }
 
@@ -362,11 +377,21 @@ impl<B: Backend> Engine<B> {
         self.inputs().pixels(image)
     }
 
-    /// The image as the model sees it, before rescaling: resized and center-cropped 8-bit RGB, the
-    /// base that heatmaps are drawn on.
+    /// The image as the model sees it, before rescaling, the base that heatmaps are drawn on:
+    /// resized and center-cropped 8-bit RGB (LLaVA-1.5), or the whole picture at the size its
+    /// tiles hold it (LLaVA-NeXT; a tiled map covers the picture, the letterbox cut away).
     pub fn model_view(&self, image: &ImageInput) -> Result<vision::RgbImage> {
-        vision::resize_and_crop(&image.decode()?, &self.preprocess)
-            .map_err(|e| name_image(image, e))
+        let img = image.decode()?;
+        let view = match &self.model.cfg.anyres {
+            None => vision::resize_and_crop(&img, &self.preprocess),
+            Some(a) => {
+                let size = (img.height, img.width);
+                let best = vision::anyres::best_resolution(size, &a.pinpoints);
+                let (h, w) = vision::anyres::fitted_size(size, best);
+                vision::resize_bicubic(&img, w, h)
+            }
+        };
+        view.map_err(|e| name_image(image, e))
     }
 
     /// An image run through the vision tower and the projector once, for many runs over it

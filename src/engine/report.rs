@@ -98,7 +98,14 @@ impl Staging {
                     caption,
                     ..Default::default()
                 };
-                let img = heatmap_overlay(view, map, ex.grid, &opts)?;
+                let layout = ex.generation.layouts.get(k).ok_or_else(|| {
+                    Error::input(format!(
+                        "token {}'s map has no layout for image {k}",
+                        t.index
+                    ))
+                })?;
+                let (grid, placed) = layout.place(map)?;
+                let img = heatmap_overlay(view, &placed, grid, &opts)?;
                 let name = token_file(t.index, k, views.len());
                 write_png(&self.tmp.join(&name), &img)?;
                 names.push(name);

@@ -21,6 +21,7 @@ use crate::explain::{map_entropy, Confidence, Mapper, Method};
 use crate::model::llava::{GenerateOptions, StopReason, Timings};
 use crate::model::sampling::Choice;
 use crate::model::session::{check_finite, Mode, Prefill, Prompt, Session};
+use crate::vision::ImageLayout;
 
 /// Stops a run from another thread: clones share one flag.
 #[derive(Debug, Clone, Default)]
@@ -86,6 +87,9 @@ pub struct Summary {
     /// One per generated token, with [`crate::model::sampling::Sampling::logprobs`].
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub logprobs: Vec<TokenLogprobs>,
+    /// How each of the prompt's images became its tokens (where each token's map sits).
+    #[serde(skip)]
+    pub layouts: Vec<ImageLayout>,
 }
 
 /// A generated token's log-probability under the model and the most likely alternatives.
@@ -163,6 +167,8 @@ pub struct Stream<'e, B: Backend> {
     logprobs: Vec<TokenLogprobs>,
     /// Per token: id and map entropy, for the confidence.
     entropies: Vec<f32>,
+    /// Tokens of each of the prompt's images (how a map splits per image).
+    image_tokens: Vec<usize>,
     /// Prompt rows a unit of prefill work runs; `None`: the whole prompt in one unit.
     prefill_chunk: Option<usize>,
     /// Prompt rows the latest unit of work ran.
@@ -189,6 +195,7 @@ impl<'e, B: Backend> Stream<'e, B> {
             cut: None,
             logprobs: Vec::new(),
             entropies: Vec::new(),
+            image_tokens: Vec::new(),
             prefill_chunk: None,
             prefilled_rows: 0,
         }
@@ -218,12 +225,6 @@ impl<'e, B: Backend> Stream<'e, B> {
             State::Start(req) => {
                 // Every option checked before any work.
                 self.opts.generate.validate()?;
-                if self.opts.method.is_some() && e.config().anyres.is_some() {
-                    return Err(Error::input(
-                        "relevancy maps over LLaVA-NeXT's tiled images are not built yet: \
-                         generate without a map",
-                    ));
-                }
                 if let Some(m) = self.opts.method {
                     self.mapper = Some(Mapper::new(m, e.head.as_ref(), model)?);
                 }
@@ -358,8 +359,15 @@ impl<'e, B: Backend> Stream<'e, B> {
         Ok(run)
     }
 
-    /// The `Prefilled` item of a session just prefilled (or forked).
-    fn prefilled(&self, s: &Session<'e, B>) -> Result<Item> {
+    /// The `Prefilled` item of a session just prefilled (or forked); from here on its maps split
+    /// per image as the session's prompt lays the images out.
+    fn prefilled(&mut self, s: &Session<'e, B>) -> Result<Item> {
+        self.image_tokens = s
+            .prompt()
+            .layouts()
+            .iter()
+            .map(ImageLayout::tokens)
+            .collect();
         let image_hidden = if self.opts.hidden_states {
             Some(self.engine.backend.download(&s.image_hidden()?)?)
         } else {
@@ -506,6 +514,7 @@ impl<'e, B: Backend> Stream<'e, B> {
             maps_s: self.maps_s,
             confidence,
             logprobs: std::mem::take(&mut self.logprobs),
+            layouts: s.prompt().layouts().to_vec(),
         }));
         Ok(())
     }
@@ -518,7 +527,8 @@ impl<'e, B: Backend> Stream<'e, B> {
             index,
             id,
             text: self.engine.token_text(id),
-            images: map.len() / self.engine.config().vision.num_patches(),
+            images: self.image_tokens.len(),
+            image_tokens: self.image_tokens.clone(),
             map,
             entropy,
         })
@@ -679,6 +689,7 @@ pub fn collect_items(
                         stop_reason: summary.stop_reason,
                         timings: summary.timings,
                         logprobs: summary.logprobs,
+                        layouts: summary.layouts,
                     },
                     grid,
                     tokens,

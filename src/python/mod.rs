@@ -838,7 +838,10 @@ impl TokenMap {
 impl TokenMap {
     /// The map moves into its array without a copy.
     fn new(py: Python<'_>, m: crate::engine::TokenMap, grid: usize) -> PyResult<Self> {
+        // A tiled image's tokens are no square grid: its map stays flat, in the tokens' order.
+        let square = m.image_tokens.iter().all(|&n| n == grid * grid);
         let shape = match m.images {
+            _ if !square => vec![m.map.len()],
             0 | 1 => vec![grid, grid],
             k => vec![k, grid, grid],
         };
@@ -1118,6 +1121,7 @@ fn event(py: Python<'_>, item: Item, grid: usize) -> PyResult<Py<PyAny>> {
                 stop_reason: s.stop_reason,
                 timings: s.timings,
                 logprobs: s.logprobs,
+                layouts: s.layouts,
             };
             Py::new(
                 py,

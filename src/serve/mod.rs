@@ -117,6 +117,8 @@ struct AppState {
     bind_host: String,
     n_layers: usize,
     grid: (usize, usize),
+    /// LLaVA-NeXT: images tiled by size, whose maps the extension cannot carry yet.
+    tiled: bool,
     has_head: bool,
     /// The FastRM head's calibrated entropy threshold, when it has one.
     threshold: Option<f32>,
@@ -218,6 +220,7 @@ pub fn run(args: ServeOptions) -> Result<()> {
         bind_host: args.host.clone(),
         n_layers: cfg.text.num_hidden_layers,
         grid: (g, g),
+        tiled: cfg.anyres.is_some(),
         has_head: engine.has_head(),
         threshold: engine.confidence_threshold(),
         started: unix_now(),
@@ -730,6 +733,15 @@ fn refuse_unsupported(
             ))
         }
     };
+    if req.relevancy.is_some() && st.tiled {
+        return Err(ApiError::invalid(
+            Some("relevancy".into()),
+            "unsupported_value",
+            "this server's model tiles images by size (LLaVA-NeXT), and the relevancy \
+             extension carries square patch grids only so far: leave out `relevancy` (the \
+             command line's explain draws tiled maps)",
+        ));
+    }
     if req.relevancy == Some(Method::FastRm) && !st.has_head {
         return Err(ApiError::invalid(
             Some("relevancy.method".into()),

@@ -13,7 +13,8 @@ use crate::error::{Error, Result};
 
 /// How an image becomes image tokens: the views the vision tower runs and which token comes from
 /// which patch of which view.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum ImageLayout {
     /// One view of the whole image: `grid × grid` patch tokens, row-major (LLaVA-1.5).
     Square { grid: usize },
@@ -79,6 +80,69 @@ impl ImageLayout {
                 out
             }
         }
+    }
+}
+
+impl ImageLayout {
+    /// This image's token map (its tokens' values, in order) placed on the picture: `(rows,
+    /// cols)` and the values, row-major. A square view's grid is the map as it is. A tiled
+    /// image's is the tiles' kept grid (which covers the picture, the letterbox cut away), each
+    /// cell plus its share of the base view's cells over it — a base cell's value spread over the
+    /// cells it overlaps in proportion to the overlap, so each view's total is kept. Newline
+    /// tokens have no place and are left out.
+    pub fn place(&self, map: &[f32]) -> Result<((usize, usize), Vec<f32>)> {
+        if map.len() != self.tokens() {
+            return Err(Error::input(format!(
+                "a map of {} values for an image of {} tokens",
+                map.len(),
+                self.tokens()
+            )));
+        }
+        let (grid, rows, cols) = match *self {
+            ImageLayout::Square { grid } => return Ok(((grid, grid), map.to_vec())),
+            ImageLayout::AnyRes {
+                grid, rows, cols, ..
+            } => (grid, rows, cols),
+        };
+        let (base, tiles) = map.split_at(grid * grid);
+        // Fraction of base band i that fine band r covers, for n fine bands over the same length.
+        let spread = |n: usize| -> Vec<f32> {
+            let mut w = vec![0f32; n * grid];
+            for r in 0..n {
+                let (lo, hi) = (r as f64 / n as f64, (r + 1) as f64 / n as f64);
+                for i in 0..grid {
+                    let (blo, bhi) = (i as f64 / grid as f64, (i + 1) as f64 / grid as f64);
+                    let overlap = (hi.min(bhi) - lo.max(blo)).max(0.0);
+                    w[r * grid + i] = (overlap * grid as f64) as f32;
+                }
+            }
+            w
+        };
+        let (wy, wx) = (spread(rows), spread(cols));
+        // Base rows spread down first ([rows, grid]), then across.
+        let mut down = vec![0f32; rows * grid];
+        for r in 0..rows {
+            for i in 0..grid {
+                let w = wy[r * grid + i];
+                if w > 0.0 {
+                    for j in 0..grid {
+                        down[r * grid + j] += w * base[i * grid + j];
+                    }
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(rows * cols);
+        for r in 0..rows {
+            // The row's tile tokens, its newline (the last of cols + 1) left out.
+            let row = &tiles[r * (cols + 1)..r * (cols + 1) + cols];
+            for (c, &t) in row.iter().enumerate() {
+                let b: f32 = (0..grid)
+                    .map(|j| wx[c * grid + j] * down[r * grid + j])
+                    .sum();
+                out.push(t + b);
+            }
+        }
+        Ok(((rows, cols), out))
     }
 }
 
@@ -241,6 +305,35 @@ mod tests {
         assert_eq!(src[576 + 48], None);
         // Grid row 24, the 18th kept, is the bottom tiles' first (views 3 and 4).
         assert_eq!(src[576 + 18 * 49], Some(3 * 576));
+    }
+
+    #[test]
+    fn placing_keeps_each_views_total() {
+        // 2x2 base grid; 3 rows x 3 cols of tiles kept, each row with its newline.
+        let l = ImageLayout::AnyRes {
+            grid: 2,
+            size: (60, 60),
+            tiles: (2, 2),
+            rows: 3,
+            cols: 3,
+            offset: (0, 0),
+        };
+        let base = [1.0, 2.0, 3.0, 4.0];
+        let mut map = base.to_vec();
+        for r in 0..3 {
+            map.extend([10.0 * r as f32, 0.0, 1.0, 100.0]); // the 100s are newlines
+        }
+        let ((rows, cols), placed) = l.place(&map).unwrap();
+        assert_eq!((rows, cols), (3, 3));
+        let total: f32 = placed.iter().sum();
+        let tiles: f32 = (0..3).map(|r| 10.0 * r as f32 + 1.0).sum();
+        assert!((total - (tiles + 10.0)).abs() < 1e-5, "total {total}");
+        // The top-left fine cell lies wholly in base cell 0 (4/9 of it): 1 * 4/9 on top of 0.
+        assert!((placed[0] - 4.0 / 9.0).abs() < 1e-6, "{}", placed[0]);
+        // A square layout is its own grid.
+        let sq = ImageLayout::Square { grid: 2 };
+        assert_eq!(sq.place(&base).unwrap(), ((2, 2), base.to_vec()));
+        assert!(sq.place(&map).is_err());
     }
 
     #[test]
