@@ -308,12 +308,7 @@ fn conversations_match_transformers_model() {
         assert_close(&format!("{name} pixels"), &pixels, want_px, 1e-5);
 
         let gen = exp.ids(&format!("{name}.generated_ids"));
-        let opts = GenerateOptions {
-            max_new_tokens: gen.len(),
-            stop_at_eos: false,
-            keep_steps: true,
-            ..Default::default()
-        };
+        let opts = common::forced(gen.len(), true);
         let g = m.generate(b, prompt.clone(), want_px, &opts).unwrap();
         assert_eq!(g.generated_ids, gen, "{name}: generated ids");
         let (lshape, want_logits) = exp.f32(&format!("{name}.logits"));

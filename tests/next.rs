@@ -88,12 +88,7 @@ fn next_matches_transformers() {
         assert_close(&format!("{name} image features"), &got, want_feats, 1e-5);
 
         let gen = exp.ids(&format!("{name}.generated_ids"));
-        let opts = GenerateOptions {
-            max_new_tokens: gen.len(),
-            stop_at_eos: false,
-            keep_steps: true,
-            ..Default::default()
-        };
+        let opts = common::forced(gen.len(), true);
         let g = m.generate(b, prompt, &pixels, &opts).unwrap();
         assert_eq!(g.generated_ids, gen, "{name}: generated ids");
         let (lshape, want_logits) = exp.f32(&format!("{name}.logits"));
@@ -117,11 +112,7 @@ fn next_generates_through_the_engine_and_the_cli() {
     for case in &cases(&exp) {
         let name = case["name"].as_str().unwrap();
         let gen = exp.ids(&format!("{name}.generated_ids"));
-        let opts = GenerateOptions {
-            max_new_tokens: gen.len(),
-            stop_at_eos: false,
-            ..Default::default()
-        };
+        let opts = common::forced(gen.len(), false);
         // Twice: the second run's image features come from the cache.
         for _ in 0..2 {
             let g = engine.generate(&request(case, question), &opts).unwrap();
@@ -181,11 +172,7 @@ fn next_maps_match_transformers() {
     for case in &cases(&exp) {
         let name = case["name"].as_str().unwrap();
         let gen = exp.ids(&format!("{name}.generated_ids"));
-        let opts = GenerateOptions {
-            max_new_tokens: gen.len(),
-            stop_at_eos: false,
-            ..Default::default()
-        };
+        let opts = common::forced(gen.len(), false);
         let req = request(case, &exp.meta["question"]);
         let (rshape, want) = exp.f32(&format!("{name}.relevancy"));
         let (cshape, cams) = exp.f32(&format!("{name}.gradcam"));
@@ -401,10 +388,6 @@ fn synthetic_next_folders_hold_what_transformers_writes() {
     let side = engine.config().vision.image_size;
     assert_eq!(prompt.layouts(), [engine.config().image_layout(side, side)]);
     assert_eq!(pixels.len(), prompt.layouts()[0].views() * 3 * side * side);
-    let opts = GenerateOptions {
-        max_new_tokens: 3,
-        stop_at_eos: false,
-        ..Default::default()
-    };
+    let opts = common::forced(3, false);
     assert_eq!(engine.generate(&req, &opts).unwrap().generated_ids.len(), 3);
 }

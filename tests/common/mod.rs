@@ -265,3 +265,14 @@ pub fn spawn_server(extra: &[&str]) -> (std::process::Child, std::net::SocketAdd
         .unwrap();
     (child, addr)
 }
+
+/// Options for exactly `n` tokens whatever they are (EOS does not stop the run), the way the
+/// oracles generate; `keep_steps` keeps each step's logits.
+pub fn forced(n: usize, keep_steps: bool) -> fastrm::GenerateOptions {
+    fastrm::GenerateOptions {
+        max_new_tokens: n,
+        stop_at_eos: false,
+        keep_steps,
+        ..Default::default()
+    }
+}
