@@ -391,3 +391,34 @@ fn synthetic_next_folders_hold_what_transformers_writes() {
     let opts = common::forced(3, false);
     assert_eq!(engine.generate(&req, &opts).unwrap().generated_ids.len(), 3);
 }
+
+/// The incremental baseline and FastRM (a random head of the model's size) run over tiled
+/// images too: a finite, non-zero map over every image token of both pictures per token.
+#[test]
+fn next_incremental_and_fastrm_maps_cover_every_image_token() {
+    use fastrm::explain::fastrm::HeadWeights;
+    use fastrm::explain::Method;
+    let exp = Expected::load("next");
+    let mut engine = Engine::load(Cpu, &fixture_dir("next")).unwrap();
+    let d = engine.config().text.hidden_size;
+    engine.set_head(&HeadWeights::random(d, 16, 1)).unwrap();
+    let case = cases(&exp)
+        .into_iter()
+        .find(|c| c["name"] == "two_sizes")
+        .unwrap();
+    let req = request(&case, &exp.meta["question"]);
+    let tokens = case["image_tokens"].as_u64().unwrap() as usize;
+    for method in [Method::BaselineIncremental, Method::FastRm] {
+        let e = engine
+            .explain(&req, &common::forced(3, false), method, &mut |_| {})
+            .unwrap();
+        assert_eq!(e.tokens.len(), 3);
+        for t in &e.tokens {
+            assert_eq!(t.map.len(), tokens, "{method:?}");
+            assert!(t.map.iter().all(|v| v.is_finite()) && t.map.iter().any(|&v| v > 0.0));
+            let parts: Vec<usize> = t.per_image().iter().map(|p| p.len()).collect();
+            let want: Vec<usize> = e.generation.layouts.iter().map(|l| l.tokens()).collect();
+            assert_eq!(parts, want, "{method:?}: split per image");
+        }
+    }
+}
