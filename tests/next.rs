@@ -156,6 +156,15 @@ fn next_generates_through_the_engine_and_the_cli() {
             .collect()
     };
     assert_eq!(ids("input_ids"), exp.ids("two_sizes.input_ids"));
+    // The first step's logits, for checking parity from outside.
+    let first: Vec<f32> = v["first_step_logits"]
+        .as_array()
+        .expect("generate --json carries first_step_logits")
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect();
+    let (lshape, logits) = exp.f32("two_sizes.logits");
+    assert_close("CLI first_step_logits", &first, &logits[..lshape[1]], 1e-4);
     let got = ids("generated_ids");
     assert_eq!(got[..], gen[..got.len()], "CLI ids (EOS may end it early)");
 }

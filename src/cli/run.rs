@@ -170,6 +170,8 @@ pub fn generate(mut run: RunArgs) -> Result<()> {
     let req = input.request(run);
     let run_opts = RunOptions {
         generate: opts,
+        // The document carries them, so another implementation can be checked against this one.
+        first_logits: run.json,
         ..Default::default()
     };
     let c = crate::with_engine!(&engine, |e| collect(
@@ -476,6 +478,9 @@ struct RunDoc<'a> {
     /// `offset`); a token's map lists the image's tokens in that order.
     image_layouts: &'a [crate::vision::ImageLayout],
     input_ids: &'a [u32],
+    /// `generate --json`: the logits that chose the first token (the whole vocabulary).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    first_step_logits: Option<&'a [f32]>,
     generated_ids: &'a [u32],
     text: &'a str,
     stop_reason: StopReason,
@@ -540,6 +545,7 @@ fn run_doc<'a>(
         grid: [grid, grid],
         image_layouts: &g.layouts,
         input_ids: &g.input_ids,
+        first_step_logits: g.first_step_logits.as_deref(),
         generated_ids: &g.generated_ids,
         text: &g.text,
         stop_reason: g.stop_reason,

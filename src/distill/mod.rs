@@ -272,6 +272,7 @@ pub fn distill_sample<B: Backend>(
         generate: opts.clone(),
         method: Some(method),
         hidden_states: true,
+        ..Default::default()
     };
     let mut image_hidden = Vec::new();
     let mut hidden: Vec<Vec<f32>> = Vec::new();

@@ -175,6 +175,9 @@ pub struct Generation {
     /// How each of the prompt's images became its tokens.
     #[serde(skip)]
     pub layouts: Vec<ImageLayout>,
+    /// The logits that chose the first token, when asked for ([`RunOptions::first_logits`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_step_logits: Option<Vec<f32>>,
 }
 
 /// One generated token with its relevancy map.

@@ -48,6 +48,9 @@ pub struct RunOptions {
     /// Attach the final-norm hidden states (what a FastRM head reads) to the items: the image
     /// positions' after prefill, each token's with its step (`fastrm distill`).
     pub hidden_states: bool,
+    /// Keep the logits that chose the first token ([`Summary::first_step_logits`]): parity with
+    /// another implementation checked from outside (`generate --json`).
+    pub first_logits: bool,
 }
 
 /// One generated token, as soon as it exists.
@@ -90,6 +93,9 @@ pub struct Summary {
     /// How each of the prompt's images became its tokens (where each token's map sits).
     #[serde(skip)]
     pub layouts: Vec<ImageLayout>,
+    /// With [`RunOptions::first_logits`]: the logits that chose the first token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_step_logits: Option<Vec<f32>>,
 }
 
 /// A generated token's log-probability under the model and the most likely alternatives.
@@ -169,6 +175,7 @@ pub struct Stream<'e, B: Backend> {
     entropies: Vec<f32>,
     /// Tokens of each of the prompt's images (how a map splits per image).
     image_tokens: Vec<usize>,
+    first_step_logits: Option<Vec<f32>>,
     /// Prompt rows a unit of prefill work runs; `None`: the whole prompt in one unit.
     prefill_chunk: Option<usize>,
     /// Prompt rows the latest unit of work ran.
@@ -196,6 +203,7 @@ impl<'e, B: Backend> Stream<'e, B> {
             logprobs: Vec::new(),
             entropies: Vec::new(),
             image_tokens: Vec::new(),
+            first_step_logits: None,
             prefill_chunk: None,
             prefilled_rows: 0,
         }
@@ -427,6 +435,11 @@ impl<'e, B: Backend> Stream<'e, B> {
             return self.after_generation(s);
         };
         let index = s.generated().len() - 1;
+        if index == 0 && self.opts.first_logits {
+            if let Some(l) = s.logits() {
+                self.first_step_logits = Some(b.download(l)?);
+            }
+        }
         let map = match self.mapper.as_mut() {
             Some(m) => {
                 let (map, secs) = timed(b, || m.token(&s))?;
@@ -515,6 +528,7 @@ impl<'e, B: Backend> Stream<'e, B> {
             confidence,
             logprobs: std::mem::take(&mut self.logprobs),
             layouts: s.prompt().layouts().to_vec(),
+            first_step_logits: self.first_step_logits.take(),
         }));
         Ok(())
     }
@@ -690,6 +704,7 @@ pub fn collect_items(
                         timings: summary.timings,
                         logprobs: summary.logprobs,
                         layouts: summary.layouts,
+                        first_step_logits: summary.first_step_logits,
                     },
                     grid,
                     tokens,

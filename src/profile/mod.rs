@@ -491,7 +491,7 @@ fn call<B: Backend>(
             .relevancy()
             .map(|m| m.method(full_r && m == MethodName::Baseline, None, 0))
             .transpose()?,
-        hidden_states: false,
+        ..Default::default()
     };
     let c = collect(
         engine.stream(req, &run, &CancelToken::default()),

@@ -402,7 +402,7 @@ fn options(
     Ok(RunOptions {
         generate,
         method,
-        hidden_states: false,
+        ..Default::default()
     })
 }
 
@@ -1122,6 +1122,7 @@ fn event(py: Python<'_>, item: Item, grid: usize) -> PyResult<Py<PyAny>> {
                 timings: s.timings,
                 logprobs: s.logprobs,
                 layouts: s.layouts,
+                first_step_logits: s.first_step_logits,
             };
             Py::new(
                 py,

@@ -258,7 +258,7 @@ fn admit<B: Backend>(
             stop: job.stop,
         },
         method: job.method,
-        hidden_states: false,
+        ..Default::default()
     };
     let ids = match sched.submit_n(job.request, opts, job.n) {
         Ok(ids) => ids,
