@@ -74,6 +74,15 @@ fn json_contract_matches_the_oracle() {
             .collect()
     };
     assert_eq!(ids("input_ids"), exp.ids("input_ids"));
+    // The logits that chose the first token, as transformers computed them.
+    let first: Vec<f32> = v["first_step_logits"]
+        .as_array()
+        .expect("`first_step_logits` is an array")
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect();
+    let (lshape, logits) = exp.f32("logits");
+    common::assert_close("first_step_logits", &first, &logits[..lshape[1]], 1e-4);
     // Generation may stop at EOS before the oracle's forced length; it must agree up to there.
     let got = ids("generated_ids");
     assert!(!got.is_empty() && got.len() <= want.len());
