@@ -25,7 +25,7 @@ fn main() -> Result<(), Error> {
             ..Default::default()
         },
         method: Some(Method::FastRm),
-        hidden_states: false,
+        ..Default::default()
     };
 
     let mut sched = engine.scheduler();

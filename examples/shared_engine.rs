@@ -65,7 +65,7 @@ fn main() -> Result<(), Error> {
                     ..Default::default()
                 },
                 method: Some(Method::FastRm),
-                hidden_states: false,
+                ..Default::default()
             };
             let cancel = CancelToken::new();
             let mut generated = 0;

@@ -54,7 +54,7 @@ fn case(i: usize) -> (Request, RunOptions) {
             ..Default::default()
         },
         method: (i % 3 != 2).then_some(Method::FastRm),
-        hidden_states: false,
+        ..Default::default()
     };
     (req, opts)
 }
@@ -431,7 +431,7 @@ fn chunked_equals_whole<B: Backend>(e: &Engine<B>, chunks: &[usize]) {
                 ..Default::default()
             },
             method,
-            hidden_states: false,
+            ..Default::default()
         };
         let items: Vec<Item> = e
             .stream(&req, &opts, &CancelToken::new())

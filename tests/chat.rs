@@ -212,7 +212,7 @@ fn a_resent_image_is_encoded_once_and_never_confused_with_another() {
                 ..Default::default()
             },
             method: Some(Method::FastRm),
-            hidden_states: false,
+            ..Default::default()
         };
         let items: Vec<Item> = e
             .stream(req, &opts, &CancelToken::new())

@@ -51,6 +51,7 @@ fn run(e: &Engine<Cpu>, req: &Request, method: Option<Method>) -> fastrm::Result
         },
         method,
         hidden_states: true,
+        ..Default::default()
     };
     let mut r = Run {
         ids: Vec::new(),

@@ -46,6 +46,7 @@ fn run<B: Backend>(e: &Engine<B>, req: &Request, max_new: usize) -> Run {
         },
         method: Some(Method::FastRm),
         hidden_states: true,
+        ..Default::default()
     };
     let items: Vec<Item> = e
         .stream(req, &opts, &CancelToken::new())

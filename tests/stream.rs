@@ -31,7 +31,7 @@ fn run(n: usize, method: Option<Method>) -> RunOptions {
             ..Default::default()
         },
         method,
-        hidden_states: false,
+        ..Default::default()
     }
 }
 
