@@ -66,21 +66,10 @@ fn json_contract_matches_the_oracle() {
     );
     let v: serde_json::Value =
         serde_json::from_slice(&out.stdout).expect("stdout is one JSON object");
-    let ids = |k: &str| -> Vec<u32> {
-        v[k].as_array()
-            .unwrap_or_else(|| panic!("`{k}` is an array"))
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect()
-    };
+    let ids = |k: &str| common::json_ids(&v, k);
     assert_eq!(ids("input_ids"), exp.ids("input_ids"));
     // The logits that chose the first token, as transformers computed them.
-    let first: Vec<f32> = v["first_step_logits"]
-        .as_array()
-        .expect("`first_step_logits` is an array")
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect();
+    let first = common::json_f32s(&v, "first_step_logits");
     let (lshape, logits) = exp.f32("logits");
     common::assert_close("first_step_logits", &first, &logits[..lshape[1]], 1e-4);
     // Generation may stop at EOS before the oracle's forced length; it must agree up to there.

@@ -148,21 +148,10 @@ fn next_generates_through_the_engine_and_the_cli() {
         .unwrap();
     let stdout = common::cli_ok(&out);
     let v: Value = serde_json::from_str(&stdout).unwrap();
-    let ids = |k: &str| -> Vec<u32> {
-        v[k].as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect()
-    };
+    let ids = |k: &str| common::json_ids(&v, k);
     assert_eq!(ids("input_ids"), exp.ids("two_sizes.input_ids"));
     // The first step's logits, for checking parity from outside.
-    let first: Vec<f32> = v["first_step_logits"]
-        .as_array()
-        .expect("generate --json carries first_step_logits")
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect();
+    let first = common::json_f32s(&v, "first_step_logits");
     let (lshape, logits) = exp.f32("two_sizes.logits");
     assert_close("CLI first_step_logits", &first, &logits[..lshape[1]], 1e-4);
     let got = ids("generated_ids");

@@ -276,3 +276,23 @@ pub fn forced(n: usize, keep_steps: bool) -> fastrm::GenerateOptions {
         ..Default::default()
     }
 }
+
+/// The array `v[key]` of a JSON document as ids.
+pub fn json_ids(v: &serde_json::Value, key: &str) -> Vec<u32> {
+    v[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("`{key}` is an array"))
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// The array `v[key]` of a JSON document as floats.
+pub fn json_f32s(v: &serde_json::Value, key: &str) -> Vec<f32> {
+    v[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("`{key}` is an array"))
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
