@@ -173,8 +173,6 @@ pub struct Stream<'e, B: Backend> {
     logprobs: Vec<TokenLogprobs>,
     /// Per token: id and map entropy, for the confidence.
     entropies: Vec<f32>,
-    /// Tokens of each of the prompt's images (how a map splits per image).
-    image_tokens: Vec<usize>,
     first_step_logits: Option<Vec<f32>>,
     /// Prompt rows a unit of prefill work runs; `None`: the whole prompt in one unit.
     prefill_chunk: Option<usize>,
@@ -202,7 +200,6 @@ impl<'e, B: Backend> Stream<'e, B> {
             cut: None,
             logprobs: Vec::new(),
             entropies: Vec::new(),
-            image_tokens: Vec::new(),
             first_step_logits: None,
             prefill_chunk: None,
             prefilled_rows: 0,
@@ -291,7 +288,7 @@ impl<'e, B: Backend> Stream<'e, B> {
                 let (map, secs) = timed(b, || m.after(&s, index))?;
                 self.maps_s += secs;
                 let id = s.generated()[index];
-                let tm = self.token_map(index, id, map)?;
+                let tm = self.token_map(s.prompt(), index, id, map)?;
                 self.pending.push_back(Item::Map(tm));
                 if index + 1 < s.generated().len() {
                     self.state = State::Maps(s, index + 1);
@@ -367,15 +364,8 @@ impl<'e, B: Backend> Stream<'e, B> {
         Ok(run)
     }
 
-    /// The `Prefilled` item of a session just prefilled (or forked); from here on its maps split
-    /// per image as the session's prompt lays the images out.
-    fn prefilled(&mut self, s: &Session<'e, B>) -> Result<Item> {
-        self.image_tokens = s
-            .prompt()
-            .layouts()
-            .iter()
-            .map(ImageLayout::tokens)
-            .collect();
+    /// The `Prefilled` item of a session just prefilled (or forked).
+    fn prefilled(&self, s: &Session<'e, B>) -> Result<Item> {
         let image_hidden = if self.opts.hidden_states {
             Some(self.engine.backend.download(&s.image_hidden()?)?)
         } else {
@@ -444,7 +434,8 @@ impl<'e, B: Backend> Stream<'e, B> {
             Some(m) => {
                 let (map, secs) = timed(b, || m.token(&s))?;
                 self.maps_s += secs;
-                map.map(|map| self.token_map(index, id, map)).transpose()?
+                map.map(|map| self.token_map(s.prompt(), index, id, map))
+                    .transpose()?
             }
             None => None,
         };
@@ -533,7 +524,14 @@ impl<'e, B: Backend> Stream<'e, B> {
         Ok(())
     }
 
-    fn token_map(&mut self, index: usize, id: u32, map: Vec<f32>) -> Result<TokenMap> {
+    /// A token's map, split per image as `prompt` lays its images out.
+    fn token_map(
+        &mut self,
+        prompt: &Prompt,
+        index: usize,
+        id: u32,
+        map: Vec<f32>,
+    ) -> Result<TokenMap> {
         check_finite(&map, &format!("the relevancy map of token {index}"))?;
         let entropy = map_entropy(&map);
         self.entropies.push(entropy);
@@ -541,8 +539,8 @@ impl<'e, B: Backend> Stream<'e, B> {
             index,
             id,
             text: self.engine.token_text(id),
-            images: self.image_tokens.len(),
-            image_tokens: self.image_tokens.clone(),
+            images: prompt.images(),
+            image_tokens: prompt.layouts().iter().map(ImageLayout::tokens).collect(),
             map,
             entropy,
         })
