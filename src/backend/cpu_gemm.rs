@@ -259,38 +259,61 @@ pub(crate) fn silu_mul_bwd_with(
 }
 
 /// `out[i] = x_i · w` for the `out.len()` rows of `x` (each `k` long): exactly [`dot`] per row,
-/// four rows per pass over `w` where the CPU has AVX-512F (each weight vector loaded once for the
-/// four), so a row's result never depends on the rows beside it.
+/// several rows per pass over `w` where the CPU has AVX2 or AVX-512F (each weight vector loaded
+/// once for the block: four rows with AVX-512's 32 registers, three with AVX2's 16), so a row's
+/// result never depends on the rows beside it.
 fn dots(isa: Isa, x: &[f32], k: usize, w: &[f32], out: &mut [f32]) {
-    let rows = x.chunks_exact(k.max(1));
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512 && k > 0 {
-        let mut quads = out.chunks_exact_mut(4);
-        let mut xs = rows.clone();
-        for o in quads.by_ref() {
-            let q = [xs.next(), xs.next(), xs.next(), xs.next()].map(|r| r.unwrap_or(&[]));
-            // SAFETY: `isa.runs_here()` was asserted by the caller; the four rows and `w` are
-            // each `k` long (`chunks_exact` of k, and the weight row).
-            o.copy_from_slice(&unsafe { x86::dots_avx512(q, w) });
+    match isa {
+        // SAFETY (both arms): `isa.runs_here()` was asserted by the caller; the rows and `w` are
+        // each `k` long (`chunks_exact` of k, and the weight row).
+        Isa::Avx512 => {
+            return row_blocks(x, k, out, |q: [&[f32]; 4]| unsafe {
+                x86::dots_avx512(q, w)
+            });
         }
-        for (o, xr) in quads.into_remainder().iter_mut().zip(xs) {
-            *o = dot(isa, xr, w);
+        Isa::Avx2 => {
+            return row_blocks(x, k, out, |q: [&[f32]; 3]| unsafe { x86::dots_avx2(q, w) });
         }
-        return;
+        Isa::Portable => {}
     }
-    for (o, xr) in out.iter_mut().zip(rows) {
+    for (o, xr) in out.iter_mut().zip(x.chunks_exact(k.max(1))) {
         *o = dot(isa, xr, w);
     }
 }
 
+/// `out[i] = f(rows)[i]` over the `out.len()` rows of `x` (each `k` long) taken `N` at a time;
+/// a short last block is padded with copies of its first row, whose results are dropped.
+fn row_blocks<const N: usize>(
+    x: &[f32],
+    k: usize,
+    out: &mut [f32],
+    f: impl Fn([&[f32]; N]) -> [f32; N],
+) {
+    for (o, xs) in out.chunks_mut(N).zip(x.chunks(N * k.max(1))) {
+        let block: [&[f32]; N] = std::array::from_fn(|i| {
+            let i = if i < o.len() { i } else { 0 };
+            &xs[i * k..(i + 1) * k]
+        });
+        let r = f(block);
+        o.copy_from_slice(&r[..o.len()]);
+    }
+}
+
 /// `y += a · x` with the best kernel (a decode query's weighted sum of values, one key at a time;
-/// AVX-512 fuses the multiply and the add).
+/// AVX-512 and AVX2 fuse the multiply and the add).
 pub(crate) fn axpy_best(a: f32, x: &[f32], y: &mut [f32]) {
     assert_eq!(x.len(), y.len(), "axpy: operands of different lengths");
     #[cfg(target_arch = "x86_64")]
     if Isa::best() == Isa::Avx512 {
         // SAFETY: the CPU has AVX-512F; `x` and `y` have one length.
         unsafe { x86::axpy_avx512(a, x, y) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if Isa::best() == Isa::Avx2 {
+        // SAFETY: the CPU has AVX2 and FMA; `x` and `y` have one length.
+        unsafe { x86::axpy_avx2(a, x, y) };
         return;
     }
     for (o, &v) in y.iter_mut().zip(x) {
@@ -307,6 +330,12 @@ pub(crate) fn key_dots_best<'a>(q: &[f32], key: impl Fn(usize) -> &'a [f32], out
         unsafe { x86::key_dots_avx512(q, key, out) };
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if Isa::best() == Isa::Avx2 {
+        // SAFETY: the CPU has AVX2 and FMA (the kernel checks every key's length).
+        unsafe { x86::key_dots_avx2(q, key, out) };
+        return;
+    }
     for (j, o) in out.iter_mut().enumerate() {
         *o = dot_best(q, key(j));
     }
@@ -320,6 +349,12 @@ pub(crate) fn weighted_sum_best<'a>(p: &[f32], row: impl Fn(usize) -> &'a [f32],
     if Isa::best() == Isa::Avx512 {
         // SAFETY: the CPU has AVX-512F (the kernel checks every row's length).
         unsafe { x86::weighted_sum_avx512(p, row, out) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if Isa::best() == Isa::Avx2 {
+        // SAFETY: the CPU has AVX2 and FMA (the kernel checks every row's length).
+        unsafe { x86::weighted_sum_avx2(p, row, out) };
         return;
     }
     out.fill(0.0);
@@ -365,6 +400,9 @@ fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     }
     acc.iter().sum::<f32>() + tail
 }
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use x86::reduce8;
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
@@ -648,45 +686,177 @@ mod x86 {
         }
     }
 
-    /// Four independent accumulators of eight lanes; the tail goes through a zero-padded buffer.
+    /// Lanes `i..min(i + 8, n)` as an AVX2 load mask (each selected lane's sign bit set).
+    #[inline(always)]
+    unsafe fn lanes8(i: usize, n: usize) -> __m256i {
+        let k = (n - i).min(8) as i32;
+        _mm256_cmpgt_epi32(
+            _mm256_set1_epi32(k),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        )
+    }
+
+    /// `x · w` for each of the `N` rows `xs`, the AVX2 counterpart of [`dots_avx512`]: per row
+    /// four independent accumulators of eight lanes, the tail a masked load (zeros past the end),
+    /// each weight vector loaded once for all `N` rows, the lanes summed as a tree at the end. A
+    /// row's arithmetic is the same whatever `N` is.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; every row of `xs` must be as long as `w`.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub unsafe fn dots_avx2<const N: usize>(xs: [&[f32]; N], w: &[f32]) -> [f32; N] {
+        let n = w.len();
+        let wp = w.as_ptr();
+        let xp = xs.map(|x| x.as_ptr());
+        let mut acc = [[_mm256_setzero_ps(); 4]; N];
+        let mut i = 0;
+        while i + 32 <= n {
+            for j in 0..4 {
+                let o = i + 8 * j;
+                let wv = _mm256_loadu_ps(wp.add(o));
+                for (a, x) in acc.iter_mut().zip(xp) {
+                    a[j] = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(o)), wv, a[j]);
+                }
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            let wv = _mm256_loadu_ps(wp.add(i));
+            for (a, x) in acc.iter_mut().zip(xp) {
+                a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(i)), wv, a[0]);
+            }
+            i += 8;
+        }
+        if i < n {
+            let mask = lanes8(i, n);
+            let wv = _mm256_maskload_ps(wp.add(i), mask);
+            for (a, x) in acc.iter_mut().zip(xp) {
+                a[1] = _mm256_fmadd_ps(_mm256_maskload_ps(x.add(i), mask), wv, a[1]);
+            }
+        }
+        acc.map(|a| {
+            let sum = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+            reduce8(sum)
+        })
+    }
+
+    /// The eight lanes' sum as a tree (halves, then quarters, then pairs): three dependent adds,
+    /// where a sum in lane order is seven — a decode query's dot with a 64-value key is mostly
+    /// this reduction.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub unsafe fn reduce8(v: __m256) -> f32 {
+        let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)))
+    }
+
+    /// One row's [`dots_avx2`].
     ///
     /// # Safety
     /// The CPU must have AVX2 and FMA; `a` and `b` must have the same length.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-        let n = a.len().min(b.len());
-        let (ap, bp) = (a.as_ptr(), b.as_ptr());
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut i = 0;
-        while i + 32 <= n {
-            for (j, s) in acc.iter_mut().enumerate() {
-                let o = i + 8 * j;
-                *s = _mm256_fmadd_ps(_mm256_loadu_ps(ap.add(o)), _mm256_loadu_ps(bp.add(o)), *s);
+        dots_avx2([a], b)[0]
+    }
+
+    /// [`dots_avx2`] of `q` with every key, in one loop (the AVX2 [`key_dots_avx512`]).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn key_dots_avx2<'a>(q: &[f32], key: impl Fn(usize) -> &'a [f32], out: &mut [f32]) {
+        for (j, o) in out.iter_mut().enumerate() {
+            let k = key(j);
+            assert_eq!(
+                k.len(),
+                q.len(),
+                "key_dots: key {j} is not as long as the query"
+            );
+            *o = dots_avx2([q], k)[0];
+        }
+    }
+
+    /// `out = Σ_j p[j] · row(j)` with eight-lane accumulators kept in registers across keys, up to
+    /// eight of them for a block of 64 values (the AVX2 [`weighted_sum_avx512`]): per value what
+    /// [`axpy_avx2`] from a zeroed `out` computes, one key at a time.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn weighted_sum_avx2<'a>(
+        p: &[f32],
+        row: impl Fn(usize) -> &'a [f32],
+        out: &mut [f32],
+    ) {
+        let d = out.len();
+        let mut c0 = 0;
+        while c0 < d {
+            let w = (d - c0).min(64);
+            match w.div_ceil(8) {
+                1 => weighted_block8::<1>(p, &row, c0, w, out),
+                2 => weighted_block8::<2>(p, &row, c0, w, out),
+                3 => weighted_block8::<3>(p, &row, c0, w, out),
+                4 => weighted_block8::<4>(p, &row, c0, w, out),
+                5 => weighted_block8::<5>(p, &row, c0, w, out),
+                6 => weighted_block8::<6>(p, &row, c0, w, out),
+                7 => weighted_block8::<7>(p, &row, c0, w, out),
+                _ => weighted_block8::<8>(p, &row, c0, w, out),
             }
-            i += 32;
+            c0 += w;
         }
-        while i + 8 <= n {
-            acc[0] = _mm256_fmadd_ps(
-                _mm256_loadu_ps(ap.add(i)),
-                _mm256_loadu_ps(bp.add(i)),
-                acc[0],
+    }
+
+    /// Values `c0..c0 + w` of [`weighted_sum_avx2`] (`V` = ⌈w / 8⌉ accumulators).
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn weighted_block8<'a, const V: usize>(
+        p: &[f32],
+        row: &impl Fn(usize) -> &'a [f32],
+        c0: usize,
+        w: usize,
+        out: &mut [f32],
+    ) {
+        let masks: [__m256i; V] = std::array::from_fn(|v| lanes8(8 * v, w));
+        let mut acc = [_mm256_setzero_ps(); V];
+        for (j, &pj) in p.iter().enumerate() {
+            let r = row(j);
+            assert_eq!(
+                r.len(),
+                out.len(),
+                "weighted_sum: row {j} is not as long as out"
             );
-            i += 8;
+            let a = _mm256_set1_ps(pj);
+            let rp = r.as_ptr().add(c0);
+            for v in 0..V {
+                let x = _mm256_maskload_ps(rp.add(8 * v), masks[v]);
+                acc[v] = _mm256_fmadd_ps(a, x, acc[v]);
+            }
         }
-        if i < n {
-            let (mut xt, mut yt) = ([0.0f32; 8], [0.0f32; 8]);
-            xt[..n - i].copy_from_slice(&a[i..n]);
-            yt[..n - i].copy_from_slice(&b[i..n]);
-            acc[1] = _mm256_fmadd_ps(
-                _mm256_loadu_ps(xt.as_ptr()),
-                _mm256_loadu_ps(yt.as_ptr()),
-                acc[1],
+        let op = out.as_mut_ptr().add(c0);
+        for v in 0..V {
+            _mm256_maskstore_ps(op.add(8 * v), masks[v], acc[v]);
+        }
+    }
+
+    /// `y += a · x`, eight lanes at a time with a masked tail.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; `x` and `y` must have the same length.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn axpy_avx2(a: f32, x: &[f32], y: &mut [f32]) {
+        let n = x.len().min(y.len());
+        let (xp, yp) = (x.as_ptr(), y.as_mut_ptr());
+        let va = _mm256_set1_ps(a);
+        for i in (0..n).step_by(8) {
+            let m = lanes8(i, n);
+            let v = _mm256_fmadd_ps(
+                va,
+                _mm256_maskload_ps(xp.add(i), m),
+                _mm256_maskload_ps(yp.add(i), m),
             );
+            _mm256_maskstore_ps(yp.add(i), m, v);
         }
-        let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-        let mut lanes = [0.0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
-        lanes.iter().sum()
     }
 }
 
@@ -694,20 +864,25 @@ mod x86 {
 mod tests {
     use super::*;
 
-    /// Four rows at once give each row's own dot, bit for bit (batch invariance rests on it).
+    /// A block of rows at once gives each row its own dot, bit for bit (batch invariance rests
+    /// on it), with every kernel this CPU runs and any number of rows (full and short blocks).
     #[test]
-    fn four_row_dots_are_each_rows_dot() {
-        if !Isa::Avx512.runs_here() {
-            return;
-        }
-        for k in [1usize, 15, 16, 17, 63, 64, 65, 200, 512] {
-            let x = values(6 * k, k as u64);
-            let w = values(k, 7 + k as u64);
-            let mut out = [0.0f32; 6];
-            dots(Isa::Avx512, &x, k, &w, &mut out);
-            for (i, o) in out.iter().enumerate() {
-                let alone = dot(Isa::Avx512, &x[i * k..(i + 1) * k], &w);
-                assert_eq!(o.to_bits(), alone.to_bits(), "k {k} row {i}");
+    fn row_blocked_dots_are_each_rows_dot() {
+        for isa in [Isa::Avx512, Isa::Avx2, Isa::Portable] {
+            if !isa.runs_here() {
+                continue;
+            }
+            for k in [1usize, 7, 8, 9, 15, 16, 17, 31, 33, 63, 64, 65, 200, 512] {
+                for rows in 1..=9 {
+                    let x = values(rows * k, k as u64);
+                    let w = values(k, 7 + k as u64);
+                    let mut out = vec![f32::NAN; rows];
+                    dots(isa, &x, k, &w, &mut out);
+                    for (i, o) in out.iter().enumerate() {
+                        let alone = dot(isa, &x[i * k..(i + 1) * k], &w);
+                        assert_eq!(o.to_bits(), alone.to_bits(), "{isa:?} k {k} row {i}/{rows}");
+                    }
+                }
             }
         }
     }
