@@ -315,33 +315,48 @@ fn next_refuses_a_processor_that_tiles_differently() {
     assert!(err.contains("image_grid_pinpoints"), "{err}");
 }
 
-/// A checkpoint whose chat template is another family's (LLaVA-NeXT on Mistral ships
-/// `[INST] … [/INST]`) is refused by name: only LLaVA-1.5's template is rendered, and a prompt
-/// in the wrong template would answer, worse, without a word.
+/// LLaVA-NeXT on its checkpoint's own chat template (Mistral's `[INST] … [/INST]`, a system block,
+/// `</s>` after the assistant's turn) from the folder's `chat_template.json`: a conversation's
+/// prompt ids equal `LlavaNextProcessor.apply_chat_template` + the processor's (any-resolution
+/// token count included; `tools/make_chat_fixtures.py`), and the engine answers it.
 #[test]
-fn next_refuses_a_chat_template_it_does_not_render() {
+fn next_conversations_use_the_checkpoints_own_template() {
+    let doc: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(common::repo_root().join("tests/fixtures/chat_cases.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let case = &doc["next_case"];
+    let source = &doc["templates"][case["template"].as_str().unwrap()];
     let m = common::copy_model("next", "");
-    let template =
-        "{% for message in messages %}[INST] {{ message['content'] }} [/INST]{% endfor %}";
-    let json = serde_json::json!({ "chat_template": template }).to_string();
+    let json = serde_json::json!({ "chat_template": source }).to_string();
     std::fs::write(m.path().join("chat_template.json"), json).unwrap();
     let engine = Engine::load(Cpu, m.path()).unwrap();
-    let dir = fixture_dir("next");
-    let req = Request::Chat {
-        turns: vec![Turn::new(Role::User, 1, "What?")],
-        images: vec![ImageInput::Path(dir.join("wide.png"))],
-    };
-    let err = engine
-        .generate(&req, &GenerateOptions::default())
-        .expect_err("refused")
-        .to_string();
-    assert!(
-        err.contains("[INST]") && err.contains("chat_template.json"),
-        "{err}"
+    let conv = fastrm::engine::chat::conversation_with_placeholders(
+        &fastrm::engine::chat::messages_of(&case["messages"].to_string()).unwrap(),
+    )
+    .unwrap();
+    let text = engine.text().unwrap();
+    assert_eq!(
+        text.render_chat(&conv.turns).unwrap(),
+        case["rendered"].as_str().unwrap()
     );
-    // The fixture's own folder (no template file) renders LLaVA-1.5's.
-    let plain = Engine::load(Cpu, &dir).unwrap();
-    assert!(plain.generate(&req, &GenerateOptions::default()).is_ok());
+    let req = Request::Chat {
+        turns: conv.turns,
+        images: vec![ImageInput::Path(
+            fixture_dir("next").join(case["image"].as_str().unwrap()),
+        )],
+    };
+    let (prompt, _) = engine.resolve(&req).unwrap();
+    assert_eq!(prompt.ids(), &common::json_ids(case, "input_ids")[..]);
+    let opts = GenerateOptions {
+        max_new_tokens: 2,
+        stop_at_eos: false,
+        ..Default::default()
+    };
+    let g = engine.generate(&req, &opts).unwrap();
+    assert_eq!(g.input_ids, common::json_ids(case, "input_ids"));
+    assert_eq!(g.generated_ids.len(), 2);
 }
 
 /// `synth-model` writes a LLaVA-NeXT folder with exactly the tensors (names and shapes) of the

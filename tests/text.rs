@@ -5,7 +5,7 @@
 mod common;
 
 use common::{fixture_dir, Expected};
-use fastrm::text::{chat_prompt, TextProcessor};
+use fastrm::text::{Role, TextProcessor, Turn};
 
 fn tokenizer() -> TextProcessor {
     TextProcessor::from_file(&fixture_dir("tiny").join("tokenizer.json")).unwrap()
@@ -41,7 +41,8 @@ fn ids_and_decoding_match_transformers() {
 fn template_and_image_expansion() {
     let exp = Expected::load("clip336");
     let question = &exp.meta["question"];
-    assert_eq!(exp.meta["prompt"], chat_prompt(question));
+    let turns = [Turn::new(Role::User, 1, question.as_str())];
+    assert_eq!(exp.meta["prompt"], tokenizer().render_chat(&turns).unwrap());
     let image_id: u32 = exp.meta["image_token_id"].parse().unwrap();
     let ids = tokenizer().prompt_ids(question, image_id, 576).unwrap();
     assert_eq!(ids, exp.ids("input_ids"));

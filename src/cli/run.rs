@@ -534,7 +534,10 @@ fn run_doc<'a>(
         None => run.model.clone(),
     };
     let prompt = match input {
-        Input::Chat { turns, .. } => crate::text::render_chat(turns),
+        Input::Chat { turns, .. } => match engine.text().map(|t| t.render_chat(turns)) {
+            Some(Ok(text)) => text,
+            _ => run.prompt.clone(),
+        },
         _ => run.prompt.clone(),
     };
     RunDoc {

@@ -309,6 +309,11 @@ impl AnyEngine {
         with_engine!(self, |e| e.text.is_some())
     }
 
+    /// See [`Engine::text`].
+    pub fn text(&self) -> Option<&crate::text::TextProcessor> {
+        with_engine!(self, |e| e.text())
+    }
+
     pub fn backend_name(&self) -> String {
         with_engine!(self, |e| e.backend_name())
     }

@@ -1,19 +1,21 @@
-//! Text side: `tokenizer.json` through the `tokenizers` crate, the LLaVA-1.5 chat template, and
-//! `<image>` expansion.
+//! Text side: `tokenizer.json` through the `tokenizers` crate, the model folder's chat template
+//! ([`template`]), and `<image>` expansion.
 //!
-//! The template is llava-hf's: per message, `ROLE: ` (none for a system message), one `<image>\n`
-//! per image, then each text part followed by a space; after the last message the generation
-//! prompt `ASSISTANT:`. One question about one image is `USER: <image>\n{question} ASSISTANT:`.
-//! BOS comes from the tokenizer's post-processor; no EOS. transformers' processor expands
-//! `<image>` to `n_patches` copies in the text before tokenizing; since `<image>` is an added
-//! token, the text on either side tokenizes the same whether one copy or many stand between, so
-//! we tokenize once and expand the ids.
+//! The prompt of a conversation is its rendered template, tokenized with the tokenizer's special
+//! tokens (BOS) unless the text already starts with BOS (templates that print `{{ bos_token }}`),
+//! as transformers' processors do. transformers' processor expands `<image>` to each image's
+//! token count in the text before tokenizing; since `<image>` is an added token, the text on
+//! either side tokenizes the same whether one copy or many stand between, so we tokenize once and
+//! expand the ids.
+
+pub mod template;
 
 use std::path::{Path, PathBuf};
 
 use tokenizers::Tokenizer;
 
 use crate::error::{Error, Result};
+use template::{ChatTemplate, SpecialTokens};
 
 pub const IMAGE_TOKEN: &str = "<image>";
 
@@ -52,33 +54,6 @@ impl Turn {
             texts: vec![text.into()],
         }
     }
-}
-
-/// llava-hf's LLaVA-1.5 chat template with the generation prompt.
-pub fn render_chat(turns: &[Turn]) -> String {
-    let mut out = String::new();
-    for t in turns {
-        match t.role {
-            Role::System => {}
-            Role::User => out.push_str("USER: "),
-            Role::Assistant => out.push_str("ASSISTANT: "),
-        }
-        for _ in 0..t.images {
-            out.push_str(IMAGE_TOKEN);
-            out.push('\n');
-        }
-        for text in &t.texts {
-            out.push_str(text);
-            out.push(' ');
-        }
-    }
-    out.push_str("ASSISTANT:");
-    out
-}
-
-/// The LLaVA-1.5 conversation template for one question about one image.
-pub fn chat_prompt(question: &str) -> String {
-    render_chat(&[Turn::new(Role::User, 1, question)])
 }
 
 /// What the template needs of a conversation: at least one message, the last one the user's,
@@ -124,18 +99,9 @@ pub fn check_conversation(turns: &[Turn]) -> std::result::Result<(), (usize, Str
 pub struct TextProcessor {
     tok: Tokenizer,
     path: PathBuf,
-    /// The model folder's chat template when it is another family's than LLaVA-1.5's (which is
-    /// the only one rendered): every prompt is refused, naming it, rather than built wrong.
-    foreign_template: Option<(PathBuf, &'static str)>,
+    template: ChatTemplate,
+    specials: SpecialTokens,
 }
-
-/// Markers of chat templates other than LLaVA-1.5's `USER: … ASSISTANT:` (the LLaVA-NeXT
-/// checkpoints on Mistral, Yi and Llama 3 use them).
-const FOREIGN_TEMPLATES: [(&str, &str); 3] = [
-    ("[INST]", "Mistral's [INST] … [/INST]"),
-    ("<|im_start|>", "ChatML's <|im_start|>"),
-    ("<|start_header_id|>", "Llama 3's <|start_header_id|>"),
-];
 
 impl TextProcessor {
     pub fn from_file(path: &Path) -> Result<Self> {
@@ -152,43 +118,31 @@ impl TextProcessor {
         Ok(TextProcessor {
             tok,
             path: path.to_path_buf(),
-            foreign_template: None,
+            template: ChatTemplate::llava15(),
+            specials: SpecialTokens::default(),
         })
     }
 
-    /// The tokenizer of a model folder, with its chat template checked: a template in
-    /// `chat_template.jinja`, `chat_template.json` or `tokenizer_config.json` that belongs to
-    /// another family than LLaVA-1.5's makes every prompt an error naming it.
+    /// The tokenizer of a model folder with its chat template ([`ChatTemplate::from_dir`]) and
+    /// the special tokens its `tokenizer_config.json` names.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let mut t = Self::from_file(&dir.join("tokenizer.json"))?;
-        for name in [
-            "chat_template.jinja",
-            "chat_template.json",
-            "tokenizer_config.json",
-        ] {
-            let path = dir.join(name);
-            let Ok(text) = std::fs::read_to_string(&path) else {
-                continue;
-            };
-            // The JSON files hold the template in their `chat_template` field (a string, or a
-            // list of named templates); nothing else in them is a template.
-            let text = if name.ends_with(".json") {
-                match serde_json::from_str::<serde_json::Value>(&text) {
-                    Ok(v) => v
-                        .get("chat_template")
-                        .map(|t| t.to_string())
-                        .unwrap_or_default(),
-                    Err(_) => continue,
-                }
-            } else {
-                text
-            };
-            if let Some(&(_, what)) = FOREIGN_TEMPLATES.iter().find(|(m, _)| text.contains(m)) {
-                t.foreign_template = Some((path, what));
-                break;
-            }
-        }
+        t.template = ChatTemplate::from_dir(dir)?;
+        t.specials = SpecialTokens::from_dir(dir)?;
         Ok(t)
+    }
+
+    /// The chat template conversations are rendered with.
+    pub fn template(&self) -> &ChatTemplate {
+        &self.template
+    }
+
+    /// The prompt text of a conversation: its turns checked ([`check_conversation`]), then
+    /// rendered with the generation prompt.
+    pub fn render_chat(&self, turns: &[Turn]) -> Result<String> {
+        check_conversation(turns)
+            .map_err(|(i, msg)| Error::input(format!("message {i}: {msg}")))?;
+        self.template.render(turns, &self.specials)
     }
 
     fn err(&self, msg: impl Into<String>) -> Error {
@@ -215,7 +169,7 @@ impl TextProcessor {
         )
     }
 
-    /// Expanded prompt ids of a conversation ([`render_chat`]): image `i`'s `<image>` becomes
+    /// Expanded prompt ids of a conversation ([`Self::render_chat`]): image `i`'s `<image>` becomes
     /// `tokens[i]` image-token ids.
     pub fn chat_ids(
         &self,
@@ -223,15 +177,7 @@ impl TextProcessor {
         image_token_id: u32,
         tokens: &[usize],
     ) -> Result<Vec<u32>> {
-        if let Some((path, what)) = &self.foreign_template {
-            return Err(Error::input(format!(
-                "{} holds {what} chat template; only LLaVA-1.5's USER: … ASSISTANT: template is \
-                 built, so this model takes token ids, not conversations",
-                path.display()
-            )));
-        }
-        check_conversation(turns)
-            .map_err(|(i, msg)| Error::input(format!("message {i}: {msg}")))?;
+        let text = self.render_chat(turns)?;
         match self.tok.token_to_id(IMAGE_TOKEN) {
             Some(id) if id == image_token_id => {}
             Some(id) => {
@@ -241,7 +187,9 @@ impl TextProcessor {
             }
             None => return Err(self.err(format!("no {IMAGE_TOKEN} token in the vocabulary"))),
         }
-        let ids = self.encode(&render_chat(turns))?;
+        let bos_printed = (self.specials.bos_token.as_deref())
+            .is_some_and(|b| !b.is_empty() && text.starts_with(b));
+        let ids = self.encode_with(&text, !bos_printed)?;
         let want: usize = turns.iter().map(|t| t.images).sum();
         if tokens.len() != want {
             return Err(Error::input(format!(
@@ -270,8 +218,13 @@ impl TextProcessor {
 
     /// Ids of a text with the tokenizer's special tokens (BOS) added, no template, no expansion.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode_with(text, true)
+    }
+
+    /// Ids of a text, with or without the tokenizer's special tokens.
+    fn encode_with(&self, text: &str, special: bool) -> Result<Vec<u32>> {
         self.tok
-            .encode(text, true)
+            .encode(text, special)
             .map(|e| e.get_ids().to_vec())
             .map_err(|e| self.err(format!("cannot encode text: {e}")))
     }
