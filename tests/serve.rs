@@ -1973,3 +1973,97 @@ fn a_chunked_prefill_answers_as_a_whole_one() {
         }
     }
 }
+
+/// A tiled model (LLaVA-NeXT) answers with maps per token like a square one: each image's map is
+/// placed on its picture — exactly `ImageLayout::place` of the command line's raw map — with the
+/// grid of each image (`grids`, different for a wide and a tall picture, so no shared `grid`) and
+/// what it covers (`whole_image`); the request's relevancy says the same.
+#[test]
+fn tiled_images_get_maps_placed_on_each_picture() {
+    let next = common::fixture_dir("next");
+    let dir = tempfile::tempdir().unwrap();
+    let messages = |a: &str, b: &str| {
+        json!([{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": a}},
+            {"type": "image_url", "image_url": {"url": b}},
+            {"type": "text", "text": "Which is taller?"},
+        ]}])
+    };
+    let wide = next.join("wide.png");
+    let tall = next.join("tall.png");
+    let file = dir.path().join("chat.json");
+    std::fs::write(
+        &file,
+        messages(wide.to_str().unwrap(), tall.to_str().unwrap()).to_string(),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_fastrm"))
+        .args([
+            "explain", "--json", "-t", "1", "-n", "3", "--method", "baseline",
+        ])
+        .args(["--model", next.to_str().unwrap(), "--messages"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let want: Value = serde_json::from_str(&common::cli_ok(&out)).unwrap();
+    // The layouts the engine gives these two pictures.
+    let engine = fastrm::Engine::load(fastrm::backend::cpu::Cpu, &next).unwrap();
+    let conv = fastrm::engine::chat::parse_messages(&messages("a", "b").to_string()).unwrap();
+    let req = fastrm::Request::Chat {
+        turns: conv.turns,
+        images: vec![
+            fastrm::ImageInput::Path(wide.clone()),
+            fastrm::ImageInput::Path(tall.clone()),
+        ],
+    };
+    let (prompt, _) = engine.resolve(&req).unwrap();
+    let layouts = prompt.layouts().to_vec();
+    let grids: Vec<(usize, usize)> = layouts.iter().map(|l| l.placed_grid()).collect();
+    assert_ne!(grids[0], grids[1], "a wide and a tall picture");
+
+    let server = Server::start(&["--model", next.to_str().unwrap()]);
+    let url = |p: &std::path::Path| {
+        format!(
+            "data:image/png;base64,{}",
+            base64::engine::general_purpose::STANDARD.encode(std::fs::read(p).unwrap())
+        )
+    };
+    let body = json!({
+        "messages": messages(&url(&wide), &url(&tall)),
+        "max_tokens": 3,
+        "relevancy": {"method": "baseline"},
+    });
+    let (status, _, got) = post(server.addr, &body);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&got));
+    let got: Value = serde_json::from_slice(&got).unwrap();
+    let rel = &got["relevancy"];
+    let wire_grids = json!(grids.iter().map(|g| [g.0, g.1]).collect::<Vec<_>>());
+    assert_eq!(rel["grids"], wire_grids);
+    assert_eq!(rel["covers"], json!(["whole_image", "whole_image"]));
+    assert!(rel.get("grid").is_none(), "no shared grid: {rel}");
+    let tokens = rel["tokens"].as_array().unwrap();
+    let cli_tokens = want["tokens"].as_array().unwrap();
+    assert_eq!(tokens.len(), cli_tokens.len());
+    assert!(!tokens.is_empty());
+    for (t, w) in tokens.iter().zip(cli_tokens) {
+        assert_eq!(t["id"], w["id"]);
+        assert_eq!(t["grids"], wire_grids);
+        let raw: Vec<f32> = common::json_f32s(w, "map");
+        let mut placed = Vec::new();
+        let mut rest = &raw[..];
+        for l in &layouts {
+            let (part, tail) = rest.split_at(l.tokens());
+            rest = tail;
+            placed.extend(l.place(part).unwrap().1);
+        }
+        assert!(rest.is_empty());
+        let wire = decode_map(t["map_b64"].as_str().unwrap());
+        assert_eq!(wire.len(), placed.len());
+        for (i, (g, w)) in wire.iter().zip(&placed).enumerate() {
+            assert!(
+                (g - w).abs() <= w.abs() * 1e-3 + 1e-7,
+                "value {i}: {g} vs {w}"
+            );
+        }
+    }
+}

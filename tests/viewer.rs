@@ -79,8 +79,8 @@ impl Drop for Proc {
     }
 }
 
-fn start_server() -> (Proc, SocketAddr) {
-    let (child, addr) = common::spawn_server(&[]);
+fn start_server(extra: &[&str]) -> (Proc, SocketAddr) {
+    let (child, addr) = common::spawn_server(extra);
     (Proc(child), addr)
 }
 
@@ -416,7 +416,7 @@ fn viewer_streams_the_answer_and_overlays_the_selected_tokens_map() {
     assert_eq!(want_text, "yellow", "the demo model's answer changed");
     let (rows, cols) = (grid[0], grid[1]);
 
-    let (_server, addr) = start_server();
+    let (_server, addr) = start_server(&[]);
     let b = Browser::start(&driver, &chromium);
     let origin = format!("http://{addr}");
     b.goto(&format!("{origin}/"));
@@ -581,4 +581,145 @@ fn viewer_streams_the_answer_and_overlays_the_selected_tokens_map() {
             "the page fetched {r} from elsewhere"
         );
     }
+}
+
+/// A tiled model (LLaVA-NeXT, the tiny fixture with a random FastRM head): the page draws the
+/// whole picture fitted into the canvas, its aspect kept, and the first token's map — the
+/// server's own placed map, asked for apart — over exactly that rectangle, nothing outside it.
+#[test]
+#[ignore = "needs chromium and chromedriver (.ci/run installs them and runs it): cargo test --test viewer -- --ignored"]
+fn viewer_draws_a_tiled_models_map_over_the_whole_picture() {
+    let (driver, chromium) = match browser() {
+        Ok(b) => b,
+        Err(why) => panic!("the browser test cannot run: {why}"),
+    };
+    let next = common::fixture_dir("next");
+    let tmp = tempfile::tempdir().unwrap();
+    let head = tmp.path().join("head.safetensors");
+    let engine = fastrm::Engine::load(fastrm::backend::cpu::Cpu, &next).unwrap();
+    let d = engine.config().text.hidden_size;
+    fastrm::explain::fastrm::HeadWeights::random(d, 16, 4)
+        .save(&head)
+        .unwrap();
+    let (_server, addr) = start_server(&[
+        "--model",
+        next.to_str().unwrap(),
+        "--head",
+        head.to_str().unwrap(),
+    ]);
+    let picture = next.join("wide.png");
+    let question = "What is on the left?";
+    // The server's answer asked for apart: token 0's map placed on the picture.
+    let url = format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(std::fs::read(&picture).unwrap())
+    );
+    let (status, want) = http(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&json!({
+            "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": url}},
+                {"type": "text", "text": question},
+            ]}],
+            "max_tokens": 4,
+            "relevancy": {"method": "fastrm"},
+        })),
+    );
+    assert_eq!(status, 200, "{want}");
+    let t0 = &want["relevancy"]["tokens"][0];
+    assert_eq!(t0["covers"], json!(["whole_image"]));
+    let grid = &t0["grids"][0];
+    let (rows, cols) = (
+        grid[0].as_u64().unwrap() as usize,
+        grid[1].as_u64().unwrap() as usize,
+    );
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(t0["map_b64"].as_str().unwrap())
+        .unwrap();
+    let want_map: Vec<f32> = bytes
+        .chunks_exact(2)
+        .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+        .collect();
+    assert_eq!(want_map.len(), rows * cols);
+
+    let b = Browser::start(&driver, &chromium);
+    b.goto(&format!("http://{addr}/"));
+    let input = b.find("#file");
+    b.send_keys(
+        &input,
+        std::fs::canonicalize(&picture).unwrap().to_str().unwrap(),
+    );
+    b.wait_for(
+        "the image to load",
+        "return document.getElementById('drop').dataset.loaded || null",
+        Duration::from_secs(20),
+    );
+    b.send_keys(&b.find("#question"), question);
+    b.click(&b.find("#ask"));
+    let state = b.wait_for(
+        "the streamed answer",
+        "const s = document.getElementById('answer').dataset.state; \
+         return s === 'streaming' || s === 'idle' ? null : s",
+        Duration::from_secs(120),
+    );
+    assert_eq!(
+        state,
+        "done",
+        "status: {}",
+        b.script("return document.getElementById('status').textContent")
+    );
+    // A head `fastrm eval` never calibrated: the confidence line says there is no threshold.
+    let conf = b.script("return document.getElementById('confidence').textContent");
+    assert!(
+        conf.as_str().unwrap().contains("no calibrated threshold"),
+        "{conf}"
+    );
+    b.script("show(0); return null");
+    let meta = b.script(
+        "const o = document.getElementById('overlay'); \
+         const d = o.getContext('2d').getImageData(0, 0, o.width, o.height).data; \
+         let s = ''; for (let k = 0; k < d.length; k++) s += String.fromCharCode(d[k]); \
+         return {covers: document.getElementById('image').dataset.covers, rect: pictureRect(o), \
+                 rows: Number(o.dataset.rows), cols: Number(o.dataset.cols), \
+                 w: o.width, h: o.height, pixels: btoa(s)}",
+    );
+    assert_eq!(meta["covers"], "whole_image");
+    assert_eq!(
+        (meta["rows"].as_u64(), meta["cols"].as_u64()),
+        (Some(rows as u64), Some(cols as u64))
+    );
+    let (w, h) = (
+        meta["w"].as_u64().unwrap() as usize,
+        meta["h"].as_u64().unwrap() as usize,
+    );
+    let rect: Vec<usize> = meta["rect"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as usize)
+        .collect();
+    let (x0, y0, rw, rh) = (rect[0], rect[1], rect[2], rect[3]);
+    // The rectangle is the picture's aspect, fitted: as wide as the canvas, shorter than it.
+    let img = fastrm::vision::load_image(&picture).unwrap();
+    assert_eq!(rw, w);
+    assert!(rh < h && (rh as f64 / rw as f64 - img.height as f64 / img.width as f64).abs() < 0.02);
+    let px = base64::engine::general_purpose::STANDARD
+        .decode(meta["pixels"].as_str().unwrap())
+        .unwrap();
+    for y in (0..h).filter(|&y| y < y0 || y >= y0 + rh) {
+        for x in 0..w {
+            assert_eq!(
+                px[(y * w + x) * 4 + 3],
+                0,
+                "pixel ({x}, {y}) outside the picture is drawn"
+            );
+        }
+    }
+    let mut inside = Vec::with_capacity(rw * rh * 4);
+    for y in y0..y0 + rh {
+        inside.extend_from_slice(&px[(y * w + x0) * 4..(y * w + x0 + rw) * 4]);
+    }
+    assert_overlay_shows(&inside, (rw, rh), (rows, cols), &want_map, "tiled FastRM");
 }

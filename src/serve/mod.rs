@@ -116,9 +116,6 @@ struct AppState {
     /// The address the server listens on, as given (`--host`).
     bind_host: String,
     n_layers: usize,
-    grid: (usize, usize),
-    /// LLaVA-NeXT: images tiled by size, whose maps the extension cannot carry yet.
-    tiled: bool,
     has_head: bool,
     /// The FastRM head's calibrated entropy threshold, when it has one.
     threshold: Option<f32>,
@@ -201,7 +198,6 @@ pub fn run(args: ServeOptions) -> Result<()> {
     });
     engine.set_prefix_cache(Some(prefix));
     let cfg = engine.config();
-    let g = cfg.vision.grid();
     let metrics = Arc::new(Metrics::default());
     let (jobs, queue) = mpsc::channel::<Job>(args.max_queue);
     let (deadline_tx, deadline) = conn::deadline();
@@ -219,8 +215,6 @@ pub fn run(args: ServeOptions) -> Result<()> {
         cors_origins: args.cors_origins.clone(),
         bind_host: args.host.clone(),
         n_layers: cfg.text.num_hidden_layers,
-        grid: (g, g),
-        tiled: cfg.anyres.is_some(),
         has_head: engine.has_head(),
         threshold: engine.confidence_threshold(),
         started: unix_now(),
@@ -733,15 +727,6 @@ fn refuse_unsupported(
             ))
         }
     };
-    if req.relevancy.is_some() && st.tiled {
-        return Err(ApiError::invalid(
-            Some("relevancy".into()),
-            "unsupported_value",
-            "this server's model tiles images by size (LLaVA-NeXT), and the relevancy \
-             extension carries square patch grids only so far: leave out `relevancy` (the \
-             command line's explain draws tiled maps)",
-        ));
-    }
     if req.relevancy == Some(Method::FastRm) && !st.has_head {
         return Err(ApiError::invalid(
             Some("relevancy.method".into()),
@@ -788,6 +773,10 @@ async fn chat_inner(st: Arc<AppState>, body: Body) -> std::result::Result<Respon
     .map_err(|e| ApiError::server(format!("request check failed: {e}")))??;
     drop(decoding);
     let ungrounded = refuse_unsupported(&st, &req)?;
+    let layouts = match &prepared {
+        crate::engine::Request::Prepared { prompt, .. } => prompt.layouts().to_vec(),
+        _ => Vec::new(),
+    };
     let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
     let cancel = CancelToken::new();
     let guard = CancelOnDrop(cancel.clone());
@@ -840,7 +829,7 @@ async fn chat_inner(st: Arc<AppState>, body: Body) -> std::result::Result<Respon
         id,
         created: unix_now(),
         model: st.model_id.clone(),
-        grid: st.grid,
+        layouts,
         method: req.relevancy,
         prompt_tokens,
         n: req.n,
@@ -907,7 +896,8 @@ struct Reply {
     id: String,
     created: u64,
     model: String,
-    grid: (usize, usize),
+    /// Each image's layout: where its map's values lie on the picture.
+    layouts: Vec<crate::vision::ImageLayout>,
     method: Option<Method>,
     prompt_tokens: usize,
     /// Choices.
@@ -1076,7 +1066,7 @@ async fn next_frames(s: &mut Streaming) -> Option<String> {
                     c["choices"][0]["logprobs"] = json!({"content": [openai::logprob_json(l)]});
                 }
                 if let Some(m) = &t.map {
-                    c["relevancy"] = openai::token_map_json(m, r.grid);
+                    c["relevancy"] = openai::token_map_json(m, &r.layouts);
                     if let Some((mode, threshold)) = r.ungrounded {
                         let crossed = s.running.add(m.index, m.entropy, threshold);
                         if crossed && mode == openai::Ungrounded::Stop {
@@ -1100,7 +1090,7 @@ async fn next_frames(s: &mut Streaming) -> Option<String> {
                 item: Item::Map(m),
             }) => {
                 let mut c = r.chunk(choice, json!({}), None);
-                c["relevancy"] = openai::token_map_json(&m, r.grid);
+                c["relevancy"] = openai::token_map_json(&m, &r.layouts);
                 c
             }
             Some(Event::Item {
@@ -1165,11 +1155,11 @@ async fn collect_response(
             Some(Event::Item { choice, item }) => match item {
                 Item::Token(t) => {
                     if let Some(m) = t.map.as_ref().filter(|m| !r.eos.contains(&m.id)) {
-                        maps[choice].push(openai::token_map_json(m, r.grid));
+                        maps[choice].push(openai::token_map_json(m, &r.layouts));
                     }
                 }
                 Item::Map(m) if !r.eos.contains(&m.id) => {
-                    maps[choice].push(openai::token_map_json(&m, r.grid))
+                    maps[choice].push(openai::token_map_json(&m, &r.layouts))
                 }
                 Item::Done(sum) => ends[choice] = Some(sum),
                 _ => {}
@@ -1205,11 +1195,13 @@ async fn collect_response(
         let relevancy = r.method.map(|m| {
             let mut rel = json!({
                 "method": m.name(),
-                "grid": [r.grid.0, r.grid.1],
                 "tokens": maps,
                 "confidence": sum.confidence.as_ref().map(openai::confidence_json),
                 "maps_ms": sum.maps_s * 1e3,
             });
+            rel.as_object_mut()
+                .unwrap()
+                .extend(openai::layout_fields(&r.layouts));
             if let Some((_, threshold)) = r.ungrounded {
                 let mut running = openai::RunningConfidence::default();
                 for t in &maps {

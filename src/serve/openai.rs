@@ -11,6 +11,7 @@ use crate::engine::{Confidence, StopReason, TokenLogprobs, TokenMap};
 use crate::explain::{Method, MethodName};
 use crate::model::sampling::Sampling;
 use crate::text::Turn;
+use crate::vision::ImageLayout;
 use crate::GenerateOptions;
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}` with its status.
@@ -595,22 +596,57 @@ pub fn finish_reason(r: StopReason) -> &'static str {
     }
 }
 
-/// A token's map on the wire: the raw values as little-endian IEEE half floats, base64 (standard
-/// alphabet, padded), row-major over `grid`.
-pub fn token_map_json(m: &TokenMap, grid: (usize, usize)) -> Value {
+/// A token's map on the wire: each image's map placed on its picture
+/// ([`ImageLayout::place`]: a square view's patch grid as it is, a tiled image's tokens on the
+/// grid of its kept tiles), image after image, as little-endian IEEE half floats, base64
+/// (standard alphabet, padded), each row-major over its grid; with [`layout_fields`].
+pub fn token_map_json(m: &TokenMap, layouts: &[ImageLayout]) -> Value {
     let mut bytes = Vec::with_capacity(m.map.len() * 2);
-    for &v in &m.map {
-        bytes.extend_from_slice(&half::f16::from_f32(v).to_le_bytes());
+    for (part, layout) in m.per_image().into_iter().zip(layouts) {
+        // A map that does not fit its layout cannot be placed: sent as it is, which the grids
+        // below then do not describe — never the case for the engine's own maps.
+        let placed = layout
+            .place(part)
+            .map(|(_, v)| v)
+            .unwrap_or_else(|_| part.to_vec());
+        for v in placed {
+            bytes.extend_from_slice(&half::f16::from_f32(v).to_le_bytes());
+        }
     }
-    json!({
+    let mut v = json!({
         "index": m.index,
         "id": m.id,
         "text": m.text,
-        "grid": [grid.0, grid.1],
         "images": m.images,
         "map_b64": base64::engine::general_purpose::STANDARD.encode(bytes),
         "entropy": m.entropy,
-    })
+    });
+    v.as_object_mut().unwrap().extend(layout_fields(layouts));
+    v
+}
+
+/// What a map's values cover, per image: `grids` (`[rows, cols]` of each image's placed map),
+/// `covers` (`"center_square"`: the centre square a square view crops; `"whole_image"`: a tiled
+/// image's whole picture), and `grid` when every image has the same grid (always for LLaVA-1.5).
+pub fn layout_fields(layouts: &[ImageLayout]) -> serde_json::Map<String, Value> {
+    let grids: Vec<(usize, usize)> = layouts.iter().map(ImageLayout::placed_grid).collect();
+    let covers: Vec<&str> = layouts
+        .iter()
+        .map(|l| match l {
+            ImageLayout::Square { .. } => "center_square",
+            ImageLayout::AnyRes { .. } => "whole_image",
+        })
+        .collect();
+    let mut out = serde_json::Map::new();
+    if let Some(&first) = grids.first().filter(|&&g| grids.iter().all(|&x| x == g)) {
+        out.insert("grid".into(), json!([first.0, first.1]));
+    }
+    out.insert(
+        "grids".into(),
+        json!(grids.iter().map(|g| [g.0, g.1]).collect::<Vec<_>>()),
+    );
+    out.insert("covers".into(), json!(covers));
+    out
 }
 
 /// Inverse of [`token_map_json`]'s encoding.

@@ -84,6 +84,14 @@ impl ImageLayout {
 }
 
 impl ImageLayout {
+    /// `(rows, cols)` of the grid [`Self::place`] puts this image's map on.
+    pub fn placed_grid(&self) -> (usize, usize) {
+        match *self {
+            ImageLayout::Square { grid } => (grid, grid),
+            ImageLayout::AnyRes { rows, cols, .. } => (rows, cols),
+        }
+    }
+
     /// This image's token map (its tokens' values, in order) placed on the picture: `(rows,
     /// cols)` and the values, row-major. A square view's grid is the map as it is. A tiled
     /// image's is the tiles' kept grid (which covers the picture, the letterbox cut away), each
