@@ -243,61 +243,7 @@ fn next_explain_draws_tiled_maps() {
     assert_eq!(pngs, 2 * tokens, "one overlay per token per image");
 }
 
-/// The server answers on a tiled model and refuses the relevancy extension by name (it carries
-/// square grids only so far).
-#[test]
-fn next_serves_answers_and_refuses_its_maps_by_name() {
-    let dir = fixture_dir("next");
-    let (child, addr) = common::spawn_server(&["--model", dir.to_str().unwrap()]);
-    // Stopped however the test ends (a panic included), so it never outlives the test.
-    struct Stop(std::process::Child);
-    impl Drop for Stop {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _server = Stop(child);
-    let png = std::fs::read(dir.join("wide.png")).unwrap();
-    let url = format!("data:image/png;base64,{}", base64_encode(&png));
-    let mut body = serde_json::json!({
-        "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": url}},
-            {"type": "text", "text": "What is in the picture?"},
-        ]}],
-        "max_tokens": 3,
-    });
-    let post = |body: &Value| -> (u16, String) {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(addr).unwrap();
-        let b = body.to_string();
-        let head = format!(
-            "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\nConnection: close\r\n\r\n",
-            b.len()
-        );
-        s.write_all(head.as_bytes()).unwrap();
-        s.write_all(b.as_bytes()).unwrap();
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).unwrap();
-        let status = resp[9..12].parse().unwrap();
-        (status, resp)
-    };
-    let (status, resp) = post(&body);
-    assert_eq!(status, 200, "{resp}");
-    body["relevancy"] = serde_json::json!({"method": "baseline"});
-    let (status, resp) = post(&body);
-    assert_eq!(status, 400, "{resp}");
-    assert!(
-        resp.contains("\"param\":\"relevancy\"") && resp.contains("tiles"),
-        "{resp}"
-    );
-}
-
-fn base64_encode(bytes: &[u8]) -> String {
-    use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD.encode(bytes)
-}
+// The server on a tiled model, maps included: tests/serve.rs (tiled_images_get_maps_placed_on_each_picture).
 
 /// The processor's tiling must be the model's: a preprocessor_config.json that disagrees is an
 /// error naming the field, not a silent choice of one.

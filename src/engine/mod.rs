@@ -189,9 +189,9 @@ pub struct TokenMap {
     pub text: String,
     /// How many images the map covers (the prompt's, in order).
     pub images: usize,
-    /// Tokens of each image (equal for LLaVA-1.5's square views; by size for tiled images).
+    /// Each image's layout: its token count and where its values lie on the picture.
     #[serde(skip)]
-    pub image_tokens: Vec<usize>,
+    pub layouts: Vec<ImageLayout>,
     /// Raw relevancy over the image tokens, image after image (row-major over a square view's
     /// grid; a tiled image's in its [`ImageLayout`]'s order, which [`ImageLayout::place`] puts
     /// on the picture).
@@ -205,13 +205,24 @@ impl TokenMap {
     /// The map of each image, in the prompt's order.
     pub fn per_image(&self) -> Vec<&[f32]> {
         let mut rest = &self.map[..];
-        self.image_tokens
+        self.layouts
             .iter()
-            .map(|&n| {
+            .map(|l| {
+                let n = l.tokens();
                 let (part, tail) = rest.split_at(n.min(rest.len()));
                 rest = tail;
                 part
             })
+            .collect()
+    }
+
+    /// Each image's map placed on its picture ([`ImageLayout::place`]): `(rows, cols)` and the
+    /// values, row-major — a square view's patch grid as it is, a tiled image's kept-tile grid.
+    pub fn placed(&self) -> Result<Vec<vision::Placed>> {
+        self.per_image()
+            .into_iter()
+            .zip(&self.layouts)
+            .map(|(part, layout)| layout.place(part))
             .collect()
     }
 }

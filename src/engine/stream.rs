@@ -540,7 +540,7 @@ impl<'e, B: Backend> Stream<'e, B> {
             id,
             text: self.engine.token_text(id),
             images: prompt.images(),
-            image_tokens: prompt.layouts().iter().map(ImageLayout::tokens).collect(),
+            layouts: prompt.layouts().to_vec(),
             map,
             entropy,
         })

@@ -814,8 +814,13 @@ struct TokenMap {
     /// The token's own text.
     text: String,
     /// float32 (rows, cols) over the image's patch grid — (images, rows, cols) for a prompt of
-    /// several images: the method's raw relevancy.
+    /// several images: the method's raw relevancy. A tiled image's (LLaVA-NeXT) is flat, one
+    /// value per image token in the prompt's order.
     map: Py<PyArrayDyn<f32>>,
+    /// Each image's map placed on its picture, float32 (rows, cols): a square view's patch grid
+    /// as in `map`; a tiled image's grid of kept tiles over the whole picture, the squashed
+    /// view's cells spread over it, newline tokens left out.
+    placed: Vec<Py<PyArrayDyn<f32>>>,
     /// Normalised entropy of the map, in [0, 1].
     entropy: f32,
 }
@@ -839,7 +844,17 @@ impl TokenMap {
     /// The map moves into its array without a copy.
     fn new(py: Python<'_>, m: crate::engine::TokenMap, grid: usize) -> PyResult<Self> {
         // A tiled image's tokens are no square grid: its map stays flat, in the tokens' order.
-        let square = m.image_tokens.iter().all(|&n| n == grid * grid);
+        let square = m.layouts.iter().all(|l| l.tokens() == grid * grid);
+        let placed = m
+            .placed()
+            .map_err(to_py)?
+            .into_iter()
+            .map(|((rows, cols), v)| {
+                Ok(PyArray1::from_vec(py, v)
+                    .reshape(vec![rows, cols])?
+                    .unbind())
+            })
+            .collect::<PyResult<Vec<_>>>()?;
         let shape = match m.images {
             _ if !square => vec![m.map.len()],
             0 | 1 => vec![grid, grid],
@@ -851,6 +866,7 @@ impl TokenMap {
             id: m.id,
             text: m.text,
             map: map.unbind(),
+            placed,
             entropy: m.entropy,
         })
     }

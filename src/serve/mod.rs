@@ -1066,7 +1066,7 @@ async fn next_frames(s: &mut Streaming) -> Option<String> {
                     c["choices"][0]["logprobs"] = json!({"content": [openai::logprob_json(l)]});
                 }
                 if let Some(m) = &t.map {
-                    c["relevancy"] = openai::token_map_json(m, &r.layouts);
+                    c["relevancy"] = openai::token_map_json(m);
                     if let Some((mode, threshold)) = r.ungrounded {
                         let crossed = s.running.add(m.index, m.entropy, threshold);
                         if crossed && mode == openai::Ungrounded::Stop {
@@ -1090,7 +1090,7 @@ async fn next_frames(s: &mut Streaming) -> Option<String> {
                 item: Item::Map(m),
             }) => {
                 let mut c = r.chunk(choice, json!({}), None);
-                c["relevancy"] = openai::token_map_json(&m, &r.layouts);
+                c["relevancy"] = openai::token_map_json(&m);
                 c
             }
             Some(Event::Item {
@@ -1155,11 +1155,11 @@ async fn collect_response(
             Some(Event::Item { choice, item }) => match item {
                 Item::Token(t) => {
                     if let Some(m) = t.map.as_ref().filter(|m| !r.eos.contains(&m.id)) {
-                        maps[choice].push(openai::token_map_json(m, &r.layouts));
+                        maps[choice].push(openai::token_map_json(m));
                     }
                 }
                 Item::Map(m) if !r.eos.contains(&m.id) => {
-                    maps[choice].push(openai::token_map_json(&m, &r.layouts))
+                    maps[choice].push(openai::token_map_json(&m))
                 }
                 Item::Done(sum) => ends[choice] = Some(sum),
                 _ => {}

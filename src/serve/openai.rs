@@ -600,18 +600,12 @@ pub fn finish_reason(r: StopReason) -> &'static str {
 /// ([`ImageLayout::place`]: a square view's patch grid as it is, a tiled image's tokens on the
 /// grid of its kept tiles), image after image, as little-endian IEEE half floats, base64
 /// (standard alphabet, padded), each row-major over its grid; with [`layout_fields`].
-pub fn token_map_json(m: &TokenMap, layouts: &[ImageLayout]) -> Value {
+pub fn token_map_json(m: &TokenMap) -> Value {
     let mut bytes = Vec::with_capacity(m.map.len() * 2);
-    for (part, layout) in m.per_image().into_iter().zip(layouts) {
-        // A map that does not fit its layout cannot be placed: sent as it is, which the grids
-        // below then do not describe — never the case for the engine's own maps.
-        let placed = layout
-            .place(part)
-            .map(|(_, v)| v)
-            .unwrap_or_else(|_| part.to_vec());
-        for v in placed {
-            bytes.extend_from_slice(&half::f16::from_f32(v).to_le_bytes());
-        }
+    // The engine's maps always fit their layouts; one that did not would go as it is.
+    let placed = m.placed().unwrap_or_else(|_| vec![((0, 0), m.map.clone())]);
+    for v in placed.iter().flat_map(|(_, v)| v) {
+        bytes.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes());
     }
     let mut v = json!({
         "index": m.index,
@@ -621,7 +615,7 @@ pub fn token_map_json(m: &TokenMap, layouts: &[ImageLayout]) -> Value {
         "map_b64": base64::engine::general_purpose::STANDARD.encode(bytes),
         "entropy": m.entropy,
     });
-    v.as_object_mut().unwrap().extend(layout_fields(layouts));
+    v.as_object_mut().unwrap().extend(layout_fields(&m.layouts));
     v
 }
 

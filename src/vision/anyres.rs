@@ -83,6 +83,9 @@ impl ImageLayout {
     }
 }
 
+/// A map placed on its picture: `(rows, cols)` and the values, row-major.
+pub type Placed = ((usize, usize), Vec<f32>);
+
 impl ImageLayout {
     /// `(rows, cols)` of the grid [`Self::place`] puts this image's map on.
     pub fn placed_grid(&self) -> (usize, usize) {
@@ -98,7 +101,7 @@ impl ImageLayout {
     /// cell plus its share of the base view's cells over it — a base cell's value spread over the
     /// cells it overlaps in proportion to the overlap, so each view's total is kept. Newline
     /// tokens have no place and are left out.
-    pub fn place(&self, map: &[f32]) -> Result<((usize, usize), Vec<f32>)> {
+    pub fn place(&self, map: &[f32]) -> Result<Placed> {
         if map.len() != self.tokens() {
             return Err(Error::input(format!(
                 "a map of {} values for an image of {} tokens",

@@ -22,7 +22,7 @@ mod jpeg;
 mod preprocess;
 mod resize;
 
-pub use anyres::ImageLayout;
+pub use anyres::{ImageLayout, Placed};
 pub use decode::{
     image_dimensions, load_image, load_image_bytes, ImageFormat, MAX_DECODE_BYTES, MAX_PIXELS,
     MAX_SIDE,

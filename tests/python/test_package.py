@@ -385,3 +385,33 @@ def test_several_images_and_none_match_the_cli(engine, image_path, tmp_path):
     assert_same_run(g, cli("generate", "--messages", str(path), "-n", "3"))
     with pytest.raises(fastrm.InputError, match="no image"):
         engine.explain(None, chat, method="baseline", max_new_tokens=3)
+
+
+def test_placed_maps_are_on_each_picture(engine, image_path):
+    # A square view: the placed map is the patch grid as it is.
+    ex = engine.explain(image_path, QUESTION, method="baseline", max_new_tokens=2)
+    for t in ex.tokens:
+        assert len(t.placed) == 1 and np.array_equal(t.placed[0], t.map)
+    # A tiled image (the tiny LLaVA-NeXT fixture): `map` is flat, one value per image token;
+    # `placed` is on the grid of kept tiles the CLI's layout names, each view's total kept and the
+    # newline tokens (one after each kept row) left out.
+    root = pathlib.Path(__file__).parents[2]
+    next_dir, wide = root / "tests/fixtures/next", root / "tests/fixtures/next/wide.png"
+    doc = cli(
+        "explain", "--model", str(next_dir), "--image", str(wide),
+        "--prompt", QUESTION, "-n", "2", "--method", "baseline",
+    )
+    layout = doc["image_layouts"][0]
+    assert layout["kind"] == "any_res"
+    grid, rows, cols = layout["grid"], layout["rows"], layout["cols"]
+    tiled = fastrm.Engine(str(next_dir))
+    ex = tiled.explain(str(wide), QUESTION, method="baseline", max_new_tokens=2)
+    assert_same_run(ex, doc)
+    for t, d in zip(ex.tokens, doc["tokens"]):
+        assert np.array_equal(t.map, as_f32(d["map"]))
+        assert t.map.ndim == 1 and t.map.size == grid * grid + rows * (cols + 1)
+        (placed,) = t.placed
+        assert placed.shape == (rows, cols) and placed.dtype == np.float32
+        newlines = [grid * grid + r * (cols + 1) + cols for r in range(rows)]
+        kept = np.delete(t.map.astype(np.float64), newlines)
+        assert abs(placed.sum(dtype=np.float64) - kept.sum()) <= 1e-4 * np.abs(kept).sum()

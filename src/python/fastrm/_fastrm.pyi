@@ -48,8 +48,11 @@ class TokenMap:
     id: int
     text: str
     #: float32, shape (rows, cols) of the engine's grid; (images, rows, cols) for a prompt of
-    #: several images.
+    #: several images; flat (one value per image token) for a tiled image (LLaVA-NeXT).
     map: npt.NDArray[np.float32]
+    #: Each image's map placed on its picture, float32 (rows, cols): the patch grid of a square
+    #: view, the kept tiles' grid over the whole picture for a tiled image.
+    placed: List[npt.NDArray[np.float32]]
     entropy: float
 
 class Confidence:
