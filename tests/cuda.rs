@@ -592,22 +592,44 @@ fn ops<T: Elem>(test: &str) {
         "copy_rows_into past the end"
     );
 
-    // argmax: ties go to the first maximum, as torch.argmax.
-    let mut a = rand(r, 3 * 32064, 1.0);
+    // argmax: ties go to the first maximum, as torch.argmax, within a block's stretch of the row
+    // (row 0), across stretches (row 2: 2000 and 31000 lie in different splits), at the row's
+    // end (row 1); NaN never wins (row 3 has one before its maximum, row 4 is all NaN: index 0).
+    let v = 32064;
+    let mut a = rand(r, 5 * v, 1.0);
     a[5] = 9.0;
     a[900] = 9.0;
-    a[32064 + 32063] = 5.0;
-    let at = pair(&g, &a, 3, 32064);
+    a[v + v - 1] = 5.0;
+    a[2 * v + 2000] = 7.0;
+    a[2 * v + 31000] = 7.0;
+    a[3 * v + 10] = f32::NAN;
+    a[3 * v + 20000] = 8.0;
+    a[4 * v..5 * v].fill(f32::NAN);
+    let at = pair(&g, &a, 5, v);
     assert_eq!(
         g.argmax_rows(&at.g).unwrap(),
         Cpu.argmax_rows(&at.c).unwrap(),
         "argmax_rows"
     );
     assert_eq!(
-        g.argmax_rows(&at.g).unwrap()[..2],
-        [5, 32063],
-        "argmax_rows ties"
+        g.argmax_rows(&at.g).unwrap(),
+        [5, v as u32 - 1, 2000, 20000, 0],
+        "argmax_rows ties and NaN"
     );
+    // Rows narrower than one split, and one wider than 256 full splits (the split widens).
+    for cols in [1usize, 300, 1025, 300_001] {
+        let mut a = rand(r, 2 * cols, 1.0);
+        a[cols - 1] = 3.0;
+        a[cols] = 3.0;
+        let at = pair(&g, &a, 2, cols);
+        let want = Cpu.argmax_rows(&at.c).unwrap();
+        assert_eq!(want, [cols as u32 - 1, 0]);
+        assert_eq!(
+            g.argmax_rows(&at.g).unwrap(),
+            want,
+            "argmax_rows over {cols}"
+        );
+    }
 
     // Synthetic weights: the same generator on both sides.
     let gu = g

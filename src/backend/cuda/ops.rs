@@ -49,6 +49,8 @@ fn gemv_config(rows: usize) -> LaunchConfig {
         shared_mem_bytes: 0,
     }
 }
+/// Threads per block of the argmax kernels (their shared arrays hold 256).
+const ARGMAX_BLOCK: usize = 256;
 /// Query rows up to which attention takes the flash-decoding kernels rather than cuBLAS.
 const DECODE_MAX_QUERIES: usize = 8;
 /// Keys per block in the decoding kernel.
@@ -1155,12 +1157,40 @@ impl<T: Elem> Backend for Cuda<T> {
         if x.rows == 0 {
             return Ok(Vec::new());
         }
-        let out = self.scratch::<u32>(x.rows)?;
         let cols = i32_dim("argmax_rows", x.cols)?;
+        // Four columns a thread per split; at most 256 splits, so the second pass is one load a
+        // thread.
+        let per_split = (ARGMAX_BLOCK * 4).max(x.cols.div_ceil(ARGMAX_BLOCK));
+        let splits = x.cols.div_ceil(per_split);
+        let part_v = self.scratch::<f32>(x.rows * splits)?;
+        let part_i = self.scratch::<i32>(x.rows * splits)?;
+        let out = self.scratch::<u32>(x.rows)?;
+        let (per_split_arg, splits_arg) = (per_split as i32, splits as i32);
+        self.launch(
+            "argmax_split",
+            LaunchConfig {
+                grid_dim: (splits as u32, x.rows as u32, 1),
+                block_dim: (ARGMAX_BLOCK as u32, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            &[
+                &self.addr(&part_v),
+                &self.addr(&part_i),
+                &self.ptr(x),
+                &cols,
+                &per_split_arg,
+            ],
+        )?;
         self.launch(
             "argmax_rows",
-            per_row(x.rows, 256, 0),
-            &[&self.addr(&out), &self.ptr(x), &cols],
+            per_row(x.rows, ARGMAX_BLOCK as u32, 0),
+            &[
+                &self.addr(&out),
+                &self.addr(&part_v),
+                &self.addr(&part_i),
+                &splits_arg,
+                &cols,
+            ],
         )?;
         let mut host = vec![0u32; x.rows];
         self.read(self.addr(&out), &mut host)?;
