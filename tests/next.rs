@@ -158,8 +158,9 @@ fn next_generates_through_the_engine_and_the_cli() {
     assert_eq!(got[..], gen[..got.len()], "CLI ids (EOS may end it early)");
 }
 
-/// Each generated token's map over every image token — the exact (Chefer) baseline and the
-/// GradCAM of each decoder layer — equals transformers' autograd on the same tiled prompt; the
+/// Each generated token's map over every image token — the exact (Chefer) baseline, the
+/// incremental one and the GradCAM of each decoder layer — equals transformers' autograd on the
+/// same tiled prompt; the
 /// maps split per image by the layouts and place onto each picture's grid.
 #[test]
 fn next_maps_match_transformers() {
@@ -167,6 +168,7 @@ fn next_maps_match_transformers() {
     let exp = Expected::load("next");
     let engine = Engine::load(Cpu, &fixture_dir("next")).unwrap();
     let layers = engine.config().text.num_hidden_layers;
+    let mut incremental_differs = false;
     for case in &cases(&exp) {
         let name = case["name"].as_str().unwrap();
         let gen = exp.ids(&format!("{name}.generated_ids"));
@@ -176,12 +178,23 @@ fn next_maps_match_transformers() {
         let (cshape, cams) = exp.f32(&format!("{name}.gradcam"));
         let (t, p) = (rshape[0], rshape[1]);
         assert_eq!((cshape[0], cshape[1], cshape[2]), (layers, t, p));
-        let mut methods = vec![(
-            Method::Baseline {
-                mode: RowMode::Streamed,
-            },
-            want.to_vec(),
-        )];
+        let (ishape, inc) = exp.f32(&format!("{name}.relevancy_incremental"));
+        assert_eq!((ishape[0], ishape[1]), (t, p));
+        // The incremental maps really differ from the exact ones after token 0.
+        incremental_differs |= inc[p..]
+            .iter()
+            .zip(&want[p..])
+            .any(|(a, b)| (a - b).abs() > 1e-5);
+        let mut methods = vec![
+            (
+                Method::Baseline {
+                    mode: RowMode::Streamed,
+                },
+                want.to_vec(),
+            ),
+            // LVLM-Interpret's incremental maps over the KV-cached generation.
+            (Method::BaselineIncremental, inc.to_vec()),
+        ];
         for l in 0..layers {
             methods.push((
                 Method::GradCam { layer: l },
@@ -205,6 +218,10 @@ fn next_maps_match_transformers() {
             }
         }
     }
+    assert!(
+        incremental_differs,
+        "the incremental maps equal the exact ones"
+    );
 }
 
 /// `explain` on the command line draws each token's map on each tiled picture and reports the

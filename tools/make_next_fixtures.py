@@ -4,7 +4,8 @@
 several sizes and aspect ratios (each a different tile grid and token count), what transformers'
 processor (PIL backend) and model make of them: the tiles' pixel values, the image sizes, the
 expanded prompt ids, the packed image features, greedy ids, every step's logits, and each
-generated token's exact (Chefer) relevancy and LLM-layer GradCAM over every image token.
+generated token's exact (Chefer) relevancy, LLM-layer GradCAM and incremental (LVLM-Interpret)
+relevancy over every image token.
 
     target/torchenv/bin/python tools/make_next_fixtures.py      # tools/torch-cpu-env.sh makes it
 
@@ -131,10 +132,10 @@ def run_case(model, proc, files):
     logits = torch.stack([l[0] for l in out.logits]).float()
     # Only the tiles an image has (the processor pads a batch's images to the most tiles).
     tiles = [int(mf_tiles(s)) for s in sizes.tolist()]
-    rel, cams = maps(model, ids[0], pv, sizes, gen)
+    rel, cams, inc = maps(model, ids[0], pv, sizes, gen)
     assert all(float(r.max()) > 0 for r in rel), "an all-zero map"
     pv = torch.cat([pv[i, :t] for i, t in enumerate(tiles)], dim=0)
-    return ids[0], pv, sizes, feats, gen, logits, rel, cams
+    return ids[0], pv, sizes, feats, gen, logits, rel, cams, inc
 
 
 class WithSizes:
@@ -149,14 +150,16 @@ class WithSizes:
 
 def maps(model, ids, pv_padded, sizes, gen):
     """Exact relevancy [T, image tokens] and GradCAM [layers, T, image tokens] of each generated
-    token, by autograd (make_fixtures.relevancy_rows)."""
+    token, by autograd (make_fixtures.relevancy_rows); and the incremental (LVLM-Interpret) maps
+    [T, image tokens] of the KV-cached generation (make_fixtures.relevancy_incremental_rows)."""
     n = len(ids)
     full = torch.cat([ids, gen])[None]
     image_pos = (ids == IMAGE_TOKEN).nonzero()[:, 0]
+    m = WithSizes(model, sizes)
     with torch.enable_grad():
-        rel, _, _, cams, _ = mf.relevancy_rows(WithSizes(model, sizes), full, pv_padded, gen, n,
-                                               image_pos)
-    return rel, cams
+        rel, _, _, cams, aux = mf.relevancy_rows(m, full, pv_padded, gen, n, image_pos)
+        inc, _, _, _ = mf.relevancy_incremental_rows(m, full, pv_padded, gen, n, image_pos, rel, aux)
+    return rel, cams, inc
 
 
 def mf_tiles(size):
@@ -188,7 +191,7 @@ def main() -> None:
         seed += 1
     tensors, meta_cases = {}, []
     for name, files in CASES:
-        ids, pv, sizes, feats, gen, logits, rel, cams = results[name]
+        ids, pv, sizes, feats, gen, logits, rel, cams, inc = results[name]
         tensors[f"{name}.input_ids"] = ids.to(torch.int64)
         tensors[f"{name}.pixel_values"] = pv.contiguous()
         tensors[f"{name}.image_sizes"] = sizes.to(torch.int64).contiguous()
@@ -197,6 +200,7 @@ def main() -> None:
         tensors[f"{name}.logits"] = logits.contiguous()
         tensors[f"{name}.relevancy"] = rel.contiguous()
         tensors[f"{name}.gradcam"] = cams.contiguous()
+        tensors[f"{name}.relevancy_incremental"] = inc.contiguous()
         meta_cases.append({"name": name, "images": files, "prompt_len": len(ids),
                            "image_tokens": int((ids == IMAGE_TOKEN).sum()), "tiles": pv.shape[0],
                            "top2_gap": round(gaps[name], 6)})
