@@ -398,3 +398,35 @@ fn next_incremental_and_fastrm_maps_cover_every_image_token() {
         }
     }
 }
+
+/// `distill` refuses a tiled model by name before any work (a training set holds one patch count
+/// for every sample), and leaves no output folder behind.
+#[test]
+fn distill_refuses_a_tiled_model_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixture_dir("next").join("wide.png"),
+        tmp.path().join("wide.png"),
+    )
+    .unwrap();
+    let q = tmp.path().join("q.jsonl");
+    std::fs::write(
+        &q,
+        "{\"image\": \"wide.png\", \"question\": \"What is it?\"}\n",
+    )
+    .unwrap();
+    let out = tmp.path().join("out");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_fastrm"))
+        .args(["distill", "-t", "1", "--model"])
+        .arg(fixture_dir("next"))
+        .arg("--questions")
+        .arg(&q)
+        .arg("--images")
+        .arg(tmp.path())
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    common::cli_fails(&o, &["LLaVA-NeXT", "cannot be distilled"]);
+    assert!(!out.exists(), "a refused run leaves no folder");
+}

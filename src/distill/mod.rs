@@ -447,6 +447,15 @@ fn distill_locked(args: &DistillOptions, plan: &Plan) -> Result<DistillSummary> 
         status::clear();
         e?
     };
+    if engine.config().anyres.is_some() {
+        // Each sample's maps and image keys are stored at the manifest's one `n_patches`; a tiled
+        // image's token count follows its size.
+        return Err(Error::input(format!(
+            "{}: a LLaVA-NeXT model (images tiled by size, a token count per image) cannot be \
+             distilled yet: training sets hold one patch count for every sample (LLaVA-1.5 models)",
+            args.model.display()
+        )));
+    }
     let mut manifest = new_manifest(args, plan, identity, engine.config(), shard_size, shards);
     if let Some(m) = &existing {
         if (m.hidden_size, m.n_patches) != (manifest.hidden_size, manifest.n_patches) {
