@@ -131,35 +131,22 @@ fn conversations_render_and_tokenise_as_transformers_does() {
 #[test]
 fn a_broken_chat_template_is_a_load_error_naming_its_file() {
     let tmp = common::copy_model("tiny", "");
-    std::fs::write(
-        tmp.path().join("chat_template.jinja"),
-        "{% for m in messages %}{{ m",
-    )
-    .unwrap();
-    let e = TextProcessor::from_dir(tmp.path())
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(
-        e.contains("chat_template.jinja") && e.contains("does not parse"),
-        "{e}"
-    );
+    let load_error = |name: &str, content: &str| {
+        std::fs::write(tmp.path().join(name), content).unwrap();
+        let e = TextProcessor::from_dir(tmp.path())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains(name), "{e}");
+        e
+    };
+    let e = load_error("chat_template.jinja", "{% for m in messages %}{{ m");
+    assert!(e.contains("does not parse"), "{e}");
     let e = Engine::load(Cpu, tmp.path()).err().unwrap().to_string();
     assert!(e.contains("chat_template.jinja"), "{e}");
     std::fs::remove_file(tmp.path().join("chat_template.jinja")).unwrap();
-    std::fs::write(
-        tmp.path().join("chat_template.json"),
-        r#"{"chat_template": 42}"#,
-    )
-    .unwrap();
-    let e = TextProcessor::from_dir(tmp.path())
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(
-        e.contains("chat_template.json") && e.contains("neither a string"),
-        "{e}"
-    );
+    let e = load_error("chat_template.json", r#"{"chat_template": 42}"#);
+    assert!(e.contains("neither a string"), "{e}");
     // A template that prints BOS itself: tokenised without a second one, as transformers'
     // apply_chat_template(tokenize=True) does.
     let path = common::repo_root().join("tests/fixtures/chat_cases.json");

@@ -264,6 +264,39 @@ impl Browser {
         )
     }
 
+    /// Picks `image` through the page's file input as a user would, types `question`, chooses
+    /// the compared `method` (if any) and asks; waits until the streamed answer is done.
+    fn ask(&self, image: &Path, question: &str, method: Option<&str>) {
+        let input = self.find("#file");
+        let image = std::fs::canonicalize(image).unwrap();
+        self.send_keys(&input, image.to_str().unwrap());
+        self.wait_for(
+            "the image to load",
+            "return document.getElementById('drop').dataset.loaded || null",
+            Duration::from_secs(20),
+        );
+        let q = self.find("#question");
+        self.send_keys(&q, question);
+        if let Some(m) = method {
+            self.script(&format!(
+                "document.getElementById('method').value = '{m}'; return null"
+            ));
+        }
+        self.click(&self.find("#ask"));
+        let state = self.wait_for(
+            "the streamed answer",
+            "const s = document.getElementById('answer').dataset.state; \
+             return s === 'streaming' || s === 'idle' ? null : s",
+            Duration::from_secs(120),
+        );
+        assert_eq!(
+            state,
+            "done",
+            "status: {}",
+            self.script("return document.getElementById('status').textContent")
+        );
+    }
+
     /// Polls `body` until it returns something other than null/false.
     fn wait_for(&self, what: &str, body: &str, limit: Duration) -> Value {
         let t0 = Instant::now();
@@ -422,32 +455,10 @@ fn viewer_streams_the_answer_and_overlays_the_selected_tokens_map() {
     b.goto(&format!("{origin}/"));
     assert_eq!(b.script("return document.title"), "fastrm viewer");
 
-    // The scene, picked through the page's file input as a user would.
-    let image = std::fs::canonicalize(fastrm::demo::image_path().unwrap()).unwrap();
-    let input = b.find("#file");
-    b.send_keys(&input, image.to_str().unwrap());
-    b.wait_for(
-        "the image to load",
-        "return document.getElementById('drop').dataset.loaded || null",
-        Duration::from_secs(20),
-    );
-    let q = b.find("#question");
-    b.send_keys(&q, QUESTION);
-    // The exact baseline's map beside FastRM's.
-    b.script("document.getElementById('method').value = 'baseline'; return null");
-    b.click(&b.find("#ask"));
-    let state = b.wait_for(
-        "the streamed answer",
-        "const s = document.getElementById('answer').dataset.state; \
-         return s === 'streaming' || s === 'idle' ? null : s",
-        Duration::from_secs(120),
-    );
-    assert_eq!(
-        state,
-        "done",
-        "status: {}",
-        b.script("return document.getElementById('status').textContent")
-    );
+    // The scene, picked through the page's file input as a user would; the exact baseline's map
+    // beside FastRM's.
+    let image = fastrm::demo::image_path().unwrap();
+    b.ask(&image, QUESTION, Some("baseline"));
     let answer = b.script("return document.getElementById('answer').dataset.text");
     assert_eq!(answer, "yellow");
     let toks = b.script(
@@ -646,30 +657,7 @@ fn viewer_draws_a_tiled_models_map_over_the_whole_picture() {
 
     let b = Browser::start(&driver, &chromium);
     b.goto(&format!("http://{addr}/"));
-    let input = b.find("#file");
-    b.send_keys(
-        &input,
-        std::fs::canonicalize(&picture).unwrap().to_str().unwrap(),
-    );
-    b.wait_for(
-        "the image to load",
-        "return document.getElementById('drop').dataset.loaded || null",
-        Duration::from_secs(20),
-    );
-    b.send_keys(&b.find("#question"), question);
-    b.click(&b.find("#ask"));
-    let state = b.wait_for(
-        "the streamed answer",
-        "const s = document.getElementById('answer').dataset.state; \
-         return s === 'streaming' || s === 'idle' ? null : s",
-        Duration::from_secs(120),
-    );
-    assert_eq!(
-        state,
-        "done",
-        "status: {}",
-        b.script("return document.getElementById('status').textContent")
-    );
+    b.ask(&picture, question, None);
     // A head `fastrm eval` never calibrated: the confidence line says there is no threshold.
     let conf = b.script("return document.getElementById('confidence').textContent");
     assert!(

@@ -409,6 +409,64 @@ mod x86 {
     use std::arch::x86_64::*;
     use std::mem::MaybeUninit;
 
+    /// A decode query's two key loops for one instruction set (`$lanes` f32 lanes a register):
+    /// `$key_dots` scores the query against every key with the row dot `$dots` (bit for bit its
+    /// per-key result), `$weighted_sum` sums the value rows weighted by `p` in blocks of up to
+    /// eight registers, each block kept in registers across all keys by `$block::<V>` (per value
+    /// what the set's `axpy` from a zeroed `out` computes, one key at a time).
+    macro_rules! key_loops {
+        ($feature:literal, $lanes:literal, $dots:ident, $block:ident, $key_dots:ident, $weighted_sum:ident) => {
+            /// Scores of `q` against every key (see `key_loops!`).
+            ///
+            /// # Safety
+            /// The CPU must have the instruction set's features.
+            #[target_feature(enable = $feature)]
+            pub unsafe fn $key_dots<'a>(
+                q: &[f32],
+                key: impl Fn(usize) -> &'a [f32],
+                out: &mut [f32],
+            ) {
+                for (j, o) in out.iter_mut().enumerate() {
+                    let k = key(j);
+                    assert_eq!(
+                        k.len(),
+                        q.len(),
+                        "key_dots: key {j} is not as long as the query"
+                    );
+                    *o = $dots([q], k)[0];
+                }
+            }
+
+            /// `out = Σ_j p[j] · row(j)` in key order (see `key_loops!`).
+            ///
+            /// # Safety
+            /// The CPU must have the instruction set's features.
+            #[target_feature(enable = $feature)]
+            pub unsafe fn $weighted_sum<'a>(
+                p: &[f32],
+                row: impl Fn(usize) -> &'a [f32],
+                out: &mut [f32],
+            ) {
+                let d = out.len();
+                let mut c0 = 0;
+                while c0 < d {
+                    let w = (d - c0).min(8 * $lanes);
+                    match w.div_ceil($lanes) {
+                        1 => $block::<1>(p, &row, c0, w, out),
+                        2 => $block::<2>(p, &row, c0, w, out),
+                        3 => $block::<3>(p, &row, c0, w, out),
+                        4 => $block::<4>(p, &row, c0, w, out),
+                        5 => $block::<5>(p, &row, c0, w, out),
+                        6 => $block::<6>(p, &row, c0, w, out),
+                        7 => $block::<7>(p, &row, c0, w, out),
+                        _ => $block::<8>(p, &row, c0, w, out),
+                    }
+                    c0 += w;
+                }
+            }
+        };
+    }
+
     /// Lanes `i..min(i + 16, n)` as a mask.
     #[inline(always)]
     fn lanes(i: usize, n: usize) -> __mmask16 {
@@ -582,57 +640,14 @@ mod x86 {
         })
     }
 
-    /// [`dots_avx512`] of `q` with every key, in one loop the compiler can keep `q` and the
-    /// kernel inlined in.
-    ///
-    /// # Safety
-    /// The CPU must have AVX-512F.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn key_dots_avx512<'a>(
-        q: &[f32],
-        key: impl Fn(usize) -> &'a [f32],
-        out: &mut [f32],
-    ) {
-        for (j, o) in out.iter_mut().enumerate() {
-            let k = key(j);
-            assert_eq!(
-                k.len(),
-                q.len(),
-                "key_dots: key {j} is not as long as the query"
-            );
-            *o = dots_avx512([q], k)[0];
-        }
-    }
-
-    /// `out = Σ_j p[j] · row(j)`: sixteen-lane accumulators, `V` of them in registers for a block
-    /// of `16 V` values, one fused multiply-add per key each, keys in order — per value what
-    /// [`axpy_avx512`] from a zeroed `out` computes, one key at a time.
-    ///
-    /// # Safety
-    /// The CPU must have AVX-512F.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn weighted_sum_avx512<'a>(
-        p: &[f32],
-        row: impl Fn(usize) -> &'a [f32],
-        out: &mut [f32],
-    ) {
-        let d = out.len();
-        let mut c0 = 0;
-        while c0 < d {
-            let w = (d - c0).min(128);
-            match w.div_ceil(16) {
-                1 => weighted_block::<1>(p, &row, c0, w, out),
-                2 => weighted_block::<2>(p, &row, c0, w, out),
-                3 => weighted_block::<3>(p, &row, c0, w, out),
-                4 => weighted_block::<4>(p, &row, c0, w, out),
-                5 => weighted_block::<5>(p, &row, c0, w, out),
-                6 => weighted_block::<6>(p, &row, c0, w, out),
-                7 => weighted_block::<7>(p, &row, c0, w, out),
-                _ => weighted_block::<8>(p, &row, c0, w, out),
-            }
-            c0 += w;
-        }
-    }
+    key_loops!(
+        "avx512f",
+        16,
+        dots_avx512,
+        weighted_block,
+        key_dots_avx512,
+        weighted_sum_avx512
+    );
 
     /// Values `c0..c0 + w` of [`weighted_sum_avx512`] (`V` = ⌈w / 16⌉ accumulators).
     #[target_feature(enable = "avx512f")]
@@ -761,52 +776,14 @@ mod x86 {
         dots_avx2([a], b)[0]
     }
 
-    /// [`dots_avx2`] of `q` with every key, in one loop (the AVX2 [`key_dots_avx512`]).
-    ///
-    /// # Safety
-    /// The CPU must have AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn key_dots_avx2<'a>(q: &[f32], key: impl Fn(usize) -> &'a [f32], out: &mut [f32]) {
-        for (j, o) in out.iter_mut().enumerate() {
-            let k = key(j);
-            assert_eq!(
-                k.len(),
-                q.len(),
-                "key_dots: key {j} is not as long as the query"
-            );
-            *o = dots_avx2([q], k)[0];
-        }
-    }
-
-    /// `out = Σ_j p[j] · row(j)` with eight-lane accumulators kept in registers across keys, up to
-    /// eight of them for a block of 64 values (the AVX2 [`weighted_sum_avx512`]): per value what
-    /// [`axpy_avx2`] from a zeroed `out` computes, one key at a time.
-    ///
-    /// # Safety
-    /// The CPU must have AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn weighted_sum_avx2<'a>(
-        p: &[f32],
-        row: impl Fn(usize) -> &'a [f32],
-        out: &mut [f32],
-    ) {
-        let d = out.len();
-        let mut c0 = 0;
-        while c0 < d {
-            let w = (d - c0).min(64);
-            match w.div_ceil(8) {
-                1 => weighted_block8::<1>(p, &row, c0, w, out),
-                2 => weighted_block8::<2>(p, &row, c0, w, out),
-                3 => weighted_block8::<3>(p, &row, c0, w, out),
-                4 => weighted_block8::<4>(p, &row, c0, w, out),
-                5 => weighted_block8::<5>(p, &row, c0, w, out),
-                6 => weighted_block8::<6>(p, &row, c0, w, out),
-                7 => weighted_block8::<7>(p, &row, c0, w, out),
-                _ => weighted_block8::<8>(p, &row, c0, w, out),
-            }
-            c0 += w;
-        }
-    }
+    key_loops!(
+        "avx2,fma",
+        8,
+        dots_avx2,
+        weighted_block8,
+        key_dots_avx2,
+        weighted_sum_avx2
+    );
 
     /// Values `c0..c0 + w` of [`weighted_sum_avx2`] (`V` = ⌈w / 8⌉ accumulators).
     #[target_feature(enable = "avx2,fma")]
