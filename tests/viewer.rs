@@ -646,13 +646,7 @@ fn viewer_draws_a_tiled_models_map_over_the_whole_picture() {
         grid[0].as_u64().unwrap() as usize,
         grid[1].as_u64().unwrap() as usize,
     );
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(t0["map_b64"].as_str().unwrap())
-        .unwrap();
-    let want_map: Vec<f32> = bytes
-        .chunks_exact(2)
-        .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-        .collect();
+    let want_map = fastrm::serve::openai::decode_map_b64(t0["map_b64"].as_str().unwrap()).unwrap();
     assert_eq!(want_map.len(), rows * cols);
 
     let b = Browser::start(&driver, &chromium);

@@ -284,7 +284,7 @@ fn dots(isa: Isa, x: &[f32], k: usize, w: &[f32], out: &mut [f32]) {
 
 /// `out[i] = f(rows)[i]` over the `out.len()` rows of `x` (each `k` long) taken `N` at a time;
 /// a short last block is padded with copies of its first row, whose results are dropped.
-fn row_blocks<const N: usize>(
+pub(crate) fn row_blocks<const N: usize>(
     x: &[f32],
     k: usize,
     out: &mut [f32],

@@ -296,22 +296,14 @@ fn dots(kind: HalfKind, x: &[f32], k: usize, w: &[u16], out: &mut [f32]) {
     );
     #[cfg(target_arch = "x86_64")]
     if x86::available() {
-        for (o, xs) in out.chunks_mut(3).zip(x.chunks(3 * k.max(1))) {
-            // A short last block is padded with copies of its first row (results dropped).
-            let rows: [&[f32]; 3] = std::array::from_fn(|i| {
-                let i = if i < o.len() { i } else { 0 };
-                &xs[i * k..(i + 1) * k]
-            });
-            // SAFETY: the CPU has the features the kernels are compiled for (checked just above);
-            // every row and `w` are `k` long (asserted above).
-            let r = unsafe {
-                match kind {
-                    HalfKind::F16 => x86::dots_f16(rows, w),
-                    HalfKind::Bf16 => x86::dots_bf16(rows, w),
-                }
-            };
-            o.copy_from_slice(&r[..o.len()]);
-        }
+        // SAFETY: the CPU has the features the kernels are compiled for (checked just above);
+        // every row and `w` are `k` long (asserted above).
+        super::cpu_gemm::row_blocks(x, k, out, |rows: [&[f32]; 3]| unsafe {
+            match kind {
+                HalfKind::F16 => x86::dots_f16(rows, w),
+                HalfKind::Bf16 => x86::dots_bf16(rows, w),
+            }
+        });
         return;
     }
     for (o, xr) in out.iter_mut().zip(x.chunks_exact(k.max(1))) {
